@@ -1,0 +1,1 @@
+"""Wire contracts shared by the workloads and the operator: names, messages, policy."""

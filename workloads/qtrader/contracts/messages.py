@@ -1,0 +1,385 @@
+"""Typed, versioned wire messages, imported by every producer and consumer.
+
+Each message is a frozen pydantic model that carries ``kind`` and ``schema_version``. Money and
+quantities are ``Decimal`` and travel as JSON strings, so no float ever touches a price on the
+wire. ``decode`` turns bytes into a model or raises ``MessageRejected`` with a bounded ``reason``
+that consumers count in a metric before skipping the message; a consumer never crashes on input.
+
+Versioning rule: a change that old readers cannot ignore bumps ``SCHEMA_VERSION`` of that kind;
+readers accept exactly the versions they know (``ACCEPTED_VERSIONS``).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from decimal import Decimal
+from typing import Annotated, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qtrader.contracts.policy import TradingPolicySpec
+
+PositiveDecimal = Annotated[Decimal, Field(gt=0)]
+NonNegativeDecimal = Annotated[Decimal, Field(ge=0)]
+Symbol = Annotated[str, Field(pattern=r"^[A-Z0-9]{2,20}$")]
+Millis = Annotated[int, Field(ge=0)]
+
+
+class Message(BaseModel):
+    """Base of every wire message: frozen, strict about unknown fields, versioned."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    KIND: ClassVar[str]
+    SCHEMA_VERSION: ClassVar[int] = 1
+    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1})
+
+    schema_version: int = 1
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @property
+    def dedup_id(self) -> str:
+        """The Nats-Msg-Id: the same event always gets the same id, so JetStream drops repeats."""
+        raise NotImplementedError(f"{type(self).__name__} must define dedup_id")
+
+
+class RejectReason(enum.StrEnum):
+    """Why a message was skipped; the label values of the rejection metric (bounded)."""
+
+    MALFORMED = "malformed"
+    WRONG_KIND = "wrong_kind"
+    UNKNOWN_VERSION = "unknown_version"
+    INVALID_FIELDS = "invalid_fields"
+
+
+class MessageRejected(Exception):
+    """A message that cannot be decoded; carries the reason for the metric and the log line."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+M = TypeVar("M", bound=Message)
+
+
+def decode(data: bytes, message_type: type[M]) -> M:
+    """Parse ``data`` as ``message_type`` or raise ``MessageRejected`` saying why."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MessageRejected(RejectReason.MALFORMED, f"not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise MessageRejected(RejectReason.MALFORMED, "not a JSON object")
+    kind = raw.get("kind")
+    if kind != message_type.KIND:
+        raise MessageRejected(
+            RejectReason.WRONG_KIND, f"expected kind {message_type.KIND!r}, got {kind!r}"
+        )
+    version = raw.get("schema_version")
+    if version not in message_type.ACCEPTED_VERSIONS:
+        raise MessageRejected(
+            RejectReason.UNKNOWN_VERSION,
+            f"{kind} schema_version {version!r} not in {sorted(message_type.ACCEPTED_VERSIONS)}",
+        )
+    try:
+        return message_type.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise MessageRejected(
+            RejectReason.INVALID_FIELDS, f"{kind}.{where}: {first['msg']}"
+        ) from exc
+
+
+# --- market data ------------------------------------------------------------------------------
+
+
+class CandleSource(enum.StrEnum):
+    REPLAY = "replay"
+    SYNTHETIC = "synthetic"
+    LIVE = "live"
+
+
+class Candle(Message):
+    """One closed kline, as Binance's 12-column format describes it."""
+
+    KIND = "candle"
+    kind: Literal["candle"] = "candle"
+    symbol: Symbol
+    interval: str = Field(pattern=r"^\d+[smhdw]$")
+    open_time_ms: Millis
+    close_time_ms: Millis
+    open: PositiveDecimal
+    high: PositiveDecimal
+    low: PositiveDecimal
+    close: PositiveDecimal
+    volume: NonNegativeDecimal
+    trades: int = Field(ge=0, default=0)
+    source: CandleSource
+
+    @property
+    def dedup_id(self) -> str:
+        return f"candle:{self.symbol}:{self.interval}:{self.open_time_ms}"
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+
+class Direction(enum.StrEnum):
+    """What the model wants the position to be."""
+
+    LONG = "LONG"
+    SHORT = "SHORT"
+    FLAT = "FLAT"
+
+
+class Signal(Message):
+    KIND = "signal"
+    kind: Literal["signal"] = "signal"
+    signal_id: str = Field(min_length=1, max_length=128)
+    symbol: Symbol
+    direction: Direction
+    confidence: float = Field(ge=0.0, le=1.0)
+    model_version: str = Field(min_length=1, max_length=64)
+    candle_open_time_ms: Millis
+    price: PositiveDecimal
+    created_at_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"signal:{self.signal_id}"
+
+
+# --- orders and fills -------------------------------------------------------------------------
+
+
+class Side(enum.StrEnum):
+    BUY = "BUY"
+    SELL = "SELL"
+
+    @property
+    def sign(self) -> int:
+        return 1 if self is Side.BUY else -1
+
+
+class OrderType(enum.StrEnum):
+    MARKET = "MARKET"
+    LIMIT = "LIMIT"
+
+
+class OrderIntent(Message):
+    """The decision to place one order; ``client_order_id`` is derived from it deterministically."""
+
+    KIND = "order_intent"
+    kind: Literal["order_intent"] = "order_intent"
+    intent_id: str = Field(min_length=1, max_length=128)
+    client_order_id: str = Field(pattern=r"^[\.A-Z\:/a-z0-9_-]{1,36}$")
+    symbol: Symbol
+    side: Side
+    quantity: PositiveDecimal
+    order_type: OrderType = OrderType.MARKET
+    limit_price: PositiveDecimal | None = None
+    reduce_only: bool = False
+    reference_price: PositiveDecimal
+    signal_id: str | None = None
+    policy_revision: int = Field(ge=0)
+    created_at_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"intent:{self.intent_id}"
+
+
+class OrderStatus(enum.StrEnum):
+    """Binance's order states plus UNKNOWN: sent, outcome not yet known (never re-sent blindly)."""
+
+    NEW = "NEW"
+    PARTIALLY_FILLED = "PARTIALLY_FILLED"
+    FILLED = "FILLED"
+    CANCELED = "CANCELED"
+    REJECTED = "REJECTED"
+    EXPIRED = "EXPIRED"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL_STATUSES
+
+
+_FINAL_STATUSES = frozenset(
+    {OrderStatus.FILLED, OrderStatus.CANCELED, OrderStatus.REJECTED, OrderStatus.EXPIRED}
+)
+
+
+class OrderUpdate(Message):
+    KIND = "order_update"
+    kind: Literal["order_update"] = "order_update"
+    client_order_id: str
+    intent_id: str
+    symbol: Symbol
+    side: Side
+    status: OrderStatus
+    quantity: PositiveDecimal
+    filled_quantity: NonNegativeDecimal
+    avg_price: NonNegativeDecimal
+    exchange: str
+    reason: str | None = None
+    ts_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"order:{self.client_order_id}:{self.status.value}:{self.filled_quantity}"
+
+
+class Fill(Message):
+    """One execution against an order. ``fill_id`` is unique per exchange trade."""
+
+    KIND = "fill"
+    kind: Literal["fill"] = "fill"
+    fill_id: str = Field(min_length=1, max_length=128)
+    client_order_id: str
+    symbol: Symbol
+    side: Side
+    quantity: PositiveDecimal
+    price: PositiveDecimal
+    fee: NonNegativeDecimal
+    fee_asset: str = "USDT"
+    reduce_only: bool = False
+    ts_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"fill:{self.fill_id}"
+
+
+# --- portfolio --------------------------------------------------------------------------------
+
+
+class PositionView(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    symbol: Symbol
+    quantity: Decimal  # signed: positive long, negative short
+    avg_entry_price: NonNegativeDecimal
+    mark_price: NonNegativeDecimal
+    unrealized_pnl: Decimal
+    realized_pnl: Decimal
+    fees: NonNegativeDecimal
+
+
+class PortfolioSnapshot(Message):
+    KIND = "portfolio_snapshot"
+    kind: Literal["portfolio_snapshot"] = "portfolio_snapshot"
+    sequence: int = Field(ge=0)
+    ts_ms: Millis
+    fills_applied: int = Field(ge=0)
+    initial_capital: Decimal
+    realized_pnl: Decimal
+    unrealized_pnl: Decimal
+    fees: NonNegativeDecimal
+    equity: Decimal
+    peak_equity: Decimal
+    drawdown_pct: NonNegativeDecimal
+    max_drawdown_pct: NonNegativeDecimal
+    positions: tuple[PositionView, ...]
+
+    @property
+    def dedup_id(self) -> str:
+        return f"snapshot:{self.sequence}:{self.fills_applied}:{self.ts_ms}"
+
+    @property
+    def open_positions(self) -> int:
+        return sum(1 for p in self.positions if p.quantity != 0)
+
+
+# --- risk -------------------------------------------------------------------------------------
+
+
+class RiskAlertKind(enum.StrEnum):
+    DRAWDOWN = "drawdown"
+    FLASH_CRASH = "flash_crash"
+    STALE_MARKET_DATA = "stale_market_data"
+    EXECUTION_ERROR_RATE = "execution_error_rate"
+    EXCHANGE_BAN = "exchange_ban"
+
+
+class RiskAlert(Message):
+    """A typed trip input for the EmergencyStop, with the figures behind it."""
+
+    KIND = "risk_alert"
+    kind: Literal["risk_alert"] = "risk_alert"
+    alert_id: str = Field(min_length=1, max_length=128)
+    alert_kind: RiskAlertKind
+    source: str
+    symbol: Symbol | None = None
+    value: Decimal
+    threshold: Decimal
+    detail: str = Field(max_length=1024)
+    ts_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"alert:{self.alert_id}"
+
+
+# --- control plane ----------------------------------------------------------------------------
+
+
+class TradingState(enum.StrEnum):
+    """What the halt latch allows: everything, only exposure-reducing orders, or nothing."""
+
+    ACTIVE = "ACTIVE"
+    REDUCING = "REDUCING"
+    HALTED = "HALTED"
+
+
+class HaltLatch(Message):
+    """The durable halt state in the HALT KV bucket; the control message carries the same body."""
+
+    KIND = "halt_latch"
+    kind: Literal["halt_latch"] = "halt_latch"
+    state: TradingState
+    revision: int = Field(ge=0)
+    reason: str = Field(default="", max_length=1024)
+    issued_by: str = Field(default="", max_length=256)
+    issued_at_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"halt:{self.revision}"
+
+
+class HaltAck(Message):
+    """A worker's confirmation that it obeys latch ``revision`` (sent on CONTROL_HALT_ACK)."""
+
+    KIND = "halt_ack"
+    kind: Literal["halt_ack"] = "halt_ack"
+    worker_id: str
+    revision: int = Field(ge=0)
+    state: TradingState
+    open_orders_cancelled: int = Field(ge=0, default=0)
+    ts_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"halt-ack:{self.worker_id}:{self.revision}"
+
+
+class PolicyRevision(Message):
+    """One published TradingPolicy revision, as the workloads read it from the POLICY bucket."""
+
+    KIND = "policy_revision"
+    kind: Literal["policy_revision"] = "policy_revision"
+    name: str
+    revision: int = Field(ge=1)
+    published_at_ms: Millis
+    spec: TradingPolicySpec
+
+    @property
+    def dedup_id(self) -> str:
+        return f"policy:{self.name}:{self.revision}"

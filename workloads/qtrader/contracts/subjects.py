@@ -1,0 +1,145 @@
+"""Every NATS name the system uses: subjects, streams, durable consumers and KV buckets.
+
+This is the only place a subject string is spelled. Producers and consumers on both sides of the
+wire (workloads, operator, local mode, tests) import these names, so a rename is one edit and a
+typo is an ImportError instead of a silently empty subscription.
+
+Subject layout: ``qtrader.<domain>.<kind>[.<symbol>]``. The symbol is the last token so that a
+consumer can filter one symbol (``qtrader.market.candle.BTCUSDT``) or all (``...candle.*``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROOT = "qtrader"
+
+# --- subjects -------------------------------------------------------------------------------
+
+CANDLE_PREFIX = f"{ROOT}.market.candle"
+SIGNAL_PREFIX = f"{ROOT}.signal"
+ORDER_INTENT_PREFIX = f"{ROOT}.order.intent"
+ORDER_UPDATE_PREFIX = f"{ROOT}.order.update"
+FILL_PREFIX = f"{ROOT}.fill"
+PORTFOLIO_SNAPSHOT = f"{ROOT}.portfolio.snapshot"
+RISK_ALERT_PREFIX = f"{ROOT}.risk.alert"
+
+# Core NATS (not JetStream): the fast halt broadcast and the workers' acknowledgements. The
+# durable truth is the latch in the HALT bucket; these only make the halt arrive quickly.
+CONTROL_HALT = f"{ROOT}.control.halt"
+CONTROL_HALT_ACK = f"{ROOT}.control.halt.ack"
+CONTROL_HEARTBEAT = f"{ROOT}.control.heartbeat"
+
+
+def candle_subject(symbol: str) -> str:
+    return f"{CANDLE_PREFIX}.{symbol}"
+
+
+def signal_subject(symbol: str) -> str:
+    return f"{SIGNAL_PREFIX}.{symbol}"
+
+
+def order_intent_subject(symbol: str) -> str:
+    return f"{ORDER_INTENT_PREFIX}.{symbol}"
+
+
+def order_update_subject(symbol: str) -> str:
+    return f"{ORDER_UPDATE_PREFIX}.{symbol}"
+
+
+def fill_subject(symbol: str) -> str:
+    return f"{FILL_PREFIX}.{symbol}"
+
+
+def risk_alert_subject(kind: str) -> str:
+    return f"{RISK_ALERT_PREFIX}.{kind}"
+
+
+def all_of(prefix: str) -> str:
+    """The wildcard that matches every symbol (or kind) under a prefix."""
+    return f"{prefix}.*"
+
+
+# --- streams ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamSpec:
+    """A JetStream stream as the system declares it (created idempotently at start)."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float
+    # Publishes carry Nats-Msg-Id; the server drops a repeat seen within this window.
+    duplicate_window_s: float = 120.0
+    max_msgs_per_subject: int = -1
+
+
+DAY_S = 86_400.0
+
+MARKET = StreamSpec(name="QT_MARKET", subjects=(all_of(CANDLE_PREFIX),), max_age_s=DAY_S)
+SIGNALS = StreamSpec(name="QT_SIGNALS", subjects=(all_of(SIGNAL_PREFIX),), max_age_s=DAY_S)
+ORDERS = StreamSpec(
+    name="QT_ORDERS",
+    subjects=(all_of(ORDER_INTENT_PREFIX), all_of(ORDER_UPDATE_PREFIX)),
+    max_age_s=30 * DAY_S,
+)
+# Fills are the portfolio's source of truth (it rebuilds from them), so they are kept longest.
+FILLS = StreamSpec(name="QT_FILLS", subjects=(all_of(FILL_PREFIX),), max_age_s=365 * DAY_S)
+PORTFOLIO = StreamSpec(
+    name="QT_PORTFOLIO", subjects=(PORTFOLIO_SNAPSHOT,), max_age_s=DAY_S, max_msgs_per_subject=1000
+)
+RISK = StreamSpec(name="QT_RISK", subjects=(all_of(RISK_ALERT_PREFIX),), max_age_s=30 * DAY_S)
+
+ALL_STREAMS: tuple[StreamSpec, ...] = (MARKET, SIGNALS, ORDERS, FILLS, PORTFOLIO, RISK)
+
+# --- durable consumers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumerSpec:
+    """A durable pull consumer: replicas of one role share it, so each message goes to one."""
+
+    durable: str
+    stream: StreamSpec
+    filter_subject: str
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 1000
+
+
+INFERENCE_CANDLES = ConsumerSpec(
+    durable="inference-candles", stream=MARKET, filter_subject=all_of(CANDLE_PREFIX)
+)
+EXECUTION_SIGNALS = ConsumerSpec(
+    durable="execution-signals", stream=SIGNALS, filter_subject=all_of(SIGNAL_PREFIX)
+)
+EXECUTION_INTENTS = ConsumerSpec(
+    durable="execution-intents", stream=ORDERS, filter_subject=all_of(ORDER_INTENT_PREFIX)
+)
+PORTFOLIO_FILLS = ConsumerSpec(
+    durable="portfolio-fills", stream=FILLS, filter_subject=all_of(FILL_PREFIX)
+)
+PORTFOLIO_CANDLES = ConsumerSpec(
+    durable="portfolio-candles", stream=MARKET, filter_subject=all_of(CANDLE_PREFIX)
+)
+OPERATOR_RISK_ALERTS = ConsumerSpec(
+    durable="operator-risk-alerts", stream=RISK, filter_subject=all_of(RISK_ALERT_PREFIX)
+)
+
+ALL_CONSUMERS: tuple[ConsumerSpec, ...] = (
+    INFERENCE_CANDLES,
+    EXECUTION_SIGNALS,
+    EXECUTION_INTENTS,
+    PORTFOLIO_FILLS,
+    PORTFOLIO_CANDLES,
+    OPERATOR_RISK_ALERTS,
+)
+
+# --- KV buckets -------------------------------------------------------------------------------
+
+POLICY_BUCKET = "qtrader-policy"
+POLICY_KEY = "active"
+HALT_BUCKET = "qtrader-halt"
+HALT_KEY = "latch"
+
+ALL_BUCKETS: tuple[str, ...] = (POLICY_BUCKET, HALT_BUCKET)
