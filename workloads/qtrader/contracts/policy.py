@@ -1,4 +1,4 @@
-"""The TradingPolicy: one typed model for the custom resource, the local YAML file and the KV bucket.
+"""The TradingPolicy: one typed model for the custom resource, the local file and the KV bucket.
 
 The same YAML document (``apiVersion``/``kind``/``metadata``/``spec``) is applied with kubectl in a
 cluster and passed to ``qtrader up --policy`` locally. Field names are the resource's camelCase;

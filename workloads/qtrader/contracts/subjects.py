@@ -94,6 +94,8 @@ RISK = StreamSpec(name="QT_RISK", subjects=(all_of(RISK_ALERT_PREFIX),), max_age
 ALL_STREAMS: tuple[StreamSpec, ...] = (MARKET, SIGNALS, ORDERS, FILLS, PORTFOLIO, RISK)
 
 # --- durable consumers ------------------------------------------------------------------------
+# The portfolio has none on purpose: the FILLS stream is its durable state, replayed from the
+# first message at every start, so a restart cannot lose or double-count a fill.
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,12 +118,6 @@ EXECUTION_SIGNALS = ConsumerSpec(
 EXECUTION_INTENTS = ConsumerSpec(
     durable="execution-intents", stream=ORDERS, filter_subject=all_of(ORDER_INTENT_PREFIX)
 )
-PORTFOLIO_FILLS = ConsumerSpec(
-    durable="portfolio-fills", stream=FILLS, filter_subject=all_of(FILL_PREFIX)
-)
-PORTFOLIO_CANDLES = ConsumerSpec(
-    durable="portfolio-candles", stream=MARKET, filter_subject=all_of(CANDLE_PREFIX)
-)
 OPERATOR_RISK_ALERTS = ConsumerSpec(
     durable="operator-risk-alerts", stream=RISK, filter_subject=all_of(RISK_ALERT_PREFIX)
 )
@@ -130,8 +126,6 @@ ALL_CONSUMERS: tuple[ConsumerSpec, ...] = (
     INFERENCE_CANDLES,
     EXECUTION_SIGNALS,
     EXECUTION_INTENTS,
-    PORTFOLIO_FILLS,
-    PORTFOLIO_CANDLES,
     OPERATOR_RISK_ALERTS,
 )
 

@@ -1,0 +1,1 @@
+"""The health contract served by every workload."""

@@ -103,6 +103,7 @@ class _SymbolPath:
         self._log_price = math.log(level)
         self._anchor = self._log_price
         self._trend_sign = 1.0 if self._rng.random() < 0.5 else -1.0
+        self._regime: Regime | None = None
 
     def _regime_at(self, step: int) -> Regime:
         if self._config.regime is not Regime.MIXED:
@@ -123,8 +124,17 @@ class _SymbolPath:
             return total / cfg.crash_candles
         return 0.0
 
+    def _enter(self, regime: Regime) -> None:
+        """Start a regime from where the price is now, so no regime undoes the previous one."""
+        self._regime = regime
+        self._anchor = self._log_price
+        if regime is Regime.TREND:
+            self._trend_sign = 1.0 if self._rng.random() < 0.5 else -1.0
+
     def next_candle(self, step: int) -> tuple[float, float, float, float, float]:
         regime = self._regime_at(step)
+        if regime is not self._regime:
+            self._enter(regime)
         sigma = self._config.volatility_per_candle
         if regime is Regime.CRASH:
             sigma *= 0.5  # the calm before and after makes the fall stand out

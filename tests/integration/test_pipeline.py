@@ -1,0 +1,297 @@
+"""The four workloads as real processes on a real nats-server, end to end.
+
+Candles in (the synthetic market, seeded), signals from the real ONNX model, orders on the paper
+exchange, fills, and a portfolio snapshot whose positions and PnL must equal what the fills in
+the stream imply, computed here independently with Fractions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from qtrader.bus.nats_bus import Bus
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import (
+    Candle,
+    CandleSource,
+    Fill,
+    OrderIntent,
+    PortfolioSnapshot,
+    Signal,
+    TradingState,
+)
+from qtrader.contracts.policy import TradingPolicy, parse_policy
+from qtrader.local.control import publish_policy, write_latch
+from qtrader.local.nats_server import EmbeddedNats
+from support.streams import publish_raw, read_all
+from support.workers import Worker, start_worker, wait_until
+
+pytestmark = pytest.mark.integration
+
+SYMBOLS = ["BTCUSDT", "ETHUSDT"]
+CAPITAL = Decimal(10_000)
+
+
+def _policy() -> TradingPolicy:
+    return parse_policy(
+        {
+            "apiVersion": "qtrader.dev/v1alpha1",
+            "kind": "TradingPolicy",
+            "metadata": {"name": "pipeline-test"},
+            "spec": {
+                "symbols": SYMBOLS,
+                # Every signal the model makes is acted on, so the run has trades to check.
+                "risk": {"minConfidence": 0.0, "maxPositionUsd": "1000", "maxOpenPositions": 2},
+                "paper": {"initialCapitalUsd": str(CAPITAL), "feeBps": "4", "slippageBps": "2"},
+            },
+        }
+    )
+
+
+@pytest.fixture
+async def control_plane(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
+    """What the operator does: topology, the policy revision and an ACTIVE latch."""
+    bus = Bus(url=nats_server.url, client_name="test-control")
+    await bus.connect()
+    await bus.ensure_topology()
+    await publish_policy(bus, _policy())
+    await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+def _independent_portfolio(
+    fills: list[Fill], marks: dict[str, Decimal]
+) -> tuple[Fraction, Fraction, Fraction, dict[str, Fraction]]:
+    """Realized PnL, fees, unrealized PnL and positions, by plain average-cost accounting."""
+    quantity: dict[str, Fraction] = {}
+    average: dict[str, Fraction] = {}
+    realized = Fraction(0)
+    fees = Fraction(0)
+    for fill in fills:
+        q = quantity.get(fill.symbol, Fraction(0))
+        avg = average.get(fill.symbol, Fraction(0))
+        delta = Fraction(fill.quantity) * fill.side.sign
+        price = Fraction(fill.price)
+        fees += Fraction(fill.fee)
+        if q == 0 or (q > 0) == (delta > 0):
+            average[fill.symbol] = (abs(q) * avg + abs(delta) * price) / (abs(q) + abs(delta))
+            quantity[fill.symbol] = q + delta
+            continue
+        closed = min(abs(q), abs(delta))
+        realized += closed * (price - avg) * (1 if q > 0 else -1)
+        remaining = q + delta
+        quantity[fill.symbol] = remaining
+        if remaining != 0 and (remaining > 0) != (q > 0):
+            average[fill.symbol] = price
+    unrealized = sum(
+        (q * (Fraction(marks[s]) - average[s]) for s, q in quantity.items() if q != 0),
+        Fraction(0),
+    )
+    return realized, fees, unrealized, quantity
+
+
+CENT = Decimal("0.01")
+
+
+def _cents(value: Fraction | Decimal) -> Decimal:
+    """An exact value rounded to the cent (half-even, like Decimal's default)."""
+    exact = Fraction(value)
+    return (Decimal(exact.numerator) / Decimal(exact.denominator)).quantize(CENT)
+
+
+async def _last_snapshot(url: str) -> PortfolioSnapshot | None:
+    snapshots = await read_all(
+        url,
+        stream=subjects.PORTFOLIO.name,
+        subject=subjects.PORTFOLIO_SNAPSHOT,
+        message_type=PortfolioSnapshot,
+    )
+    return max(snapshots, key=lambda s: s.sequence) if snapshots else None
+
+
+async def _wait_async(condition: object, *, timeout_s: float, what: str) -> None:
+    assert callable(condition)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def _stop_all(workers: list[Worker]) -> None:
+    for worker in workers:
+        worker.stop()
+
+
+async def test_pipeline_when_candles_flow_then_portfolio_matches_the_fills(
+    nats_server: EmbeddedNats, control_plane: Bus, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    market_args = ("--seed", "11", "--candles-per-second", "40", "--max-candles", "160")
+    workers = [start_worker("marketdata", nats_url=url, log_dir=tmp_path, args=market_args)]
+    workers += [
+        start_worker(role, nats_url=url, log_dir=tmp_path)
+        for role in ("inference", "execution", "portfolio")
+    ]
+    try:
+        marketdata = workers[0]
+        wait_until(
+            lambda: "ended" in str(marketdata.health()),
+            timeout_s=60,
+            what="the synthetic feed to end",
+            worker=marketdata,
+        )
+        candles = await read_all(
+            url, stream="QT_MARKET", subject="qtrader.market.candle.*", message_type=Candle
+        )
+        last_close = {c.symbol: c.close for c in candles}
+
+        async def settled() -> bool:
+            fills = await read_all(
+                url, stream="QT_FILLS", subject="qtrader.fill.*", message_type=Fill
+            )
+            snapshot = await _last_snapshot(url)
+            if snapshot is None or snapshot.fills_applied != len(fills):
+                return False
+            marks = {p.symbol: p.mark_price for p in snapshot.positions}
+            return all(marks.get(s, last_close[s]) == last_close[s] for s in marks)
+
+        await _wait_async(settled, timeout_s=60, what="the portfolio to apply every fill")
+
+        signals = await read_all(
+            url, stream="QT_SIGNALS", subject="qtrader.signal.*", message_type=Signal
+        )
+        intents = await read_all(
+            url, stream="QT_ORDERS", subject="qtrader.order.intent.*", message_type=OrderIntent
+        )
+        fills = await read_all(url, stream="QT_FILLS", subject="qtrader.fill.*", message_type=Fill)
+        snapshot = await _last_snapshot(url)
+        assert snapshot is not None
+
+        assert len(candles) == 2 * 160
+        # 32 candles fill a window; every later candle of every symbol gives one signal.
+        assert len(signals) == 2 * (160 - 31)
+        assert len(intents) > 0
+        assert len(fills) == len(intents)
+        realized, fees, unrealized, quantities = _independent_portfolio(fills, last_close)
+        assert snapshot.fills_applied == len(fills)
+        assert _cents(snapshot.realized_pnl) == _cents(realized)
+        assert _cents(snapshot.fees) == _cents(fees)
+        assert _cents(snapshot.unrealized_pnl) == _cents(unrealized)
+        assert _cents(snapshot.equity) == _cents(Fraction(CAPITAL) + realized - fees + unrealized)
+        by_symbol = {p.symbol: Fraction(p.quantity) for p in snapshot.positions}
+        for symbol, quantity in quantities.items():
+            assert by_symbol[symbol] == quantity
+        for worker in workers:
+            assert worker.health()["status"] in {"OK", "DEGRADED"}, worker.health()
+    finally:
+        _stop_all(workers)
+
+
+async def test_inference_when_malformed_and_unknown_version_then_skips_counts_and_continues(
+    nats_server: EmbeddedNats, control_plane: Bus, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    inference = start_worker("inference", nats_url=url, log_dir=tmp_path)
+    try:
+        subject = subjects.candle_subject("BTCUSDT")
+        await publish_raw(url, subject, b"{not json", msg_id="bad-1")
+        future = _candle(0).model_dump(mode="json") | {"schema_version": 99}
+        await publish_raw(url, subject, json.dumps(future).encode(), msg_id="bad-2")
+        for index in range(40):
+            candle = _candle(index)
+            await control_plane.publish(subject, candle)
+
+        def counted() -> bool:
+            return (
+                inference.metric(
+                    "qtrader_messages_rejected_total",
+                    consumer="inference-candles",
+                    reason="malformed",
+                )
+                == 1
+                and inference.metric(
+                    "qtrader_messages_rejected_total",
+                    consumer="inference-candles",
+                    reason="unknown_version",
+                )
+                == 1
+            )
+
+        wait_until(counted, timeout_s=20, what="both rejections counted", worker=inference)
+
+        async def nine_signals() -> bool:
+            signals = await read_all(
+                url, stream="QT_SIGNALS", subject="qtrader.signal.*", message_type=Signal
+            )
+            return len(signals) == 40 - 31
+
+        await _wait_async(nine_signals, timeout_s=20, what="signals after the bad messages")
+        assert inference.process.poll() is None
+        assert inference.log().count("skipped a message") == 2
+    finally:
+        inference.stop()
+
+
+def _candle(index: int) -> Candle:
+    price = Decimal(30_000) + index * 10
+    open_time = 1_700_000_000_000 + index * 60_000
+    return Candle(
+        symbol="BTCUSDT",
+        interval="1m",
+        open_time_ms=open_time,
+        close_time_ms=open_time + 59_999,
+        open=price,
+        high=price + 20,
+        low=price - 20,
+        close=price + 5,
+        volume=Decimal(10 + index % 7),
+        source=CandleSource.REPLAY,
+    )
+
+
+async def test_worker_when_nats_stops_then_not_ready_and_critical_and_recovers_on_restart(
+    nats_server: EmbeddedNats, control_plane: Bus, tmp_path: Path
+) -> None:
+    await control_plane.close()
+    worker = start_worker("portfolio", nats_url=nats_server.url, log_dir=tmp_path)
+    try:
+        wait_until(lambda: worker.get("/readyz").status_code == 200, timeout_s=20, what="ready")
+        nats_server.stop()
+        wait_until(
+            lambda: worker.get("/readyz").status_code == 503,
+            timeout_s=20,
+            what="not ready after NATS stopped",
+            worker=worker,
+        )
+        health = worker.health()
+        assert health["status"] == "CRITICAL"
+        dependencies = {d["name"]: d["status"] for d in health["dependencies"]}  # type: ignore[attr-defined]
+        assert dependencies["nats"] == "CRITICAL"
+        nats_server.start()
+        wait_until(
+            lambda: worker.get("/readyz").status_code == 200,
+            timeout_s=30,
+            what="ready again after NATS returned",
+            worker=worker,
+        )
+        wait_until(
+            lambda: worker.health()["status"] == "OK",
+            timeout_s=10,
+            what=f"OK health again: {worker.health()}",
+            worker=worker,
+        )
+        assert worker.metric("qtrader_bus_reconnects_total") >= 1
+    finally:
+        worker.stop()

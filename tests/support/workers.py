@@ -1,0 +1,104 @@
+"""Start real workload processes (``python -m qtrader ROLE``) and talk to their health contract."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from qtrader.local.nats_server import free_port
+
+
+@dataclass
+class Worker:
+    role: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.base_url + path, timeout=3.0)
+
+    def health(self) -> dict[str, object]:
+        body: dict[str, object] = self.get("/health").json()
+        return body
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample in /metrics (0.0 if the sample is not there yet)."""
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            sample, _, label_text = key.partition("{")
+            if sample != name:
+                continue
+            present = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+            if present == wanted:
+                return float(value)
+        return 0.0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_worker(role: str, *, nats_url: str, log_dir: Path, args: tuple[str, ...] = ()) -> Worker:
+    port = free_port()
+    log_path = log_dir / f"{role}-{port}.log"
+    command = [
+        sys.executable, "-m", "qtrader", role,
+        "--nats-url", nats_url,
+        "--health-host", "127.0.0.1",
+        "--health-port", str(port),
+        *args,
+    ]  # fmt: skip
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    worker = Worker(role=role, port=port, process=process, log_path=log_path)
+    wait_until(lambda: _alive(worker), timeout_s=20, what=f"{role} /healthz", worker=worker)
+    return worker
+
+
+def _alive(worker: Worker) -> bool:
+    try:
+        return worker.get("/healthz").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    *,
+    timeout_s: float,
+    what: str,
+    worker: Worker | None = None,
+    interval_s: float = 0.1,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if worker is not None and worker.process.poll() is not None:
+            raise AssertionError(f"{worker.role} exited while waiting for {what}:\n{worker.log()}")
+        time.sleep(interval_s)
+    detail = f"\n--- {worker.role} log ---\n{worker.log()[-4000:]}" if worker else ""
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{detail}")

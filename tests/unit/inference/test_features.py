@@ -1,0 +1,125 @@
+"""Feature computation: the live rolling window and the batch training path agree."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qtrader.contracts.messages import Candle
+from qtrader.inference.features import (
+    FEATURE_NAMES,
+    WINDOW,
+    FeatureWindow,
+    WindowNotReadyError,
+    features_from_arrays,
+)
+from qtrader.instruments import paper_exchange_info
+from qtrader.marketdata.synthetic import Regime, SyntheticConfig, SyntheticMarket
+
+
+def synthetic_candles(count: int, *, symbol: str = "BTCUSDT") -> list[Candle]:
+    config = SyntheticConfig(symbols=(symbol,), seed=11, regime=Regime.MIXED)
+    market = SyntheticMarket(config, paper_exchange_info())
+    return list(itertools.islice(market.candles(), count))
+
+
+def columns(candles: list[Candle]) -> list[np.ndarray]:
+    return [
+        np.array([float(getattr(c, name)) for c in candles])
+        for name in ("open", "high", "low", "close", "volume")
+    ]
+
+
+def test_feature_window_when_fed_candles_then_matches_batch_features() -> None:
+    candles = synthetic_candles(WINDOW + 60)
+    batch = features_from_arrays(*columns(candles))
+    window = FeatureWindow()
+    live = []
+    for candle in candles:
+        window.push(candle)
+        if window.ready:
+            live.append(window.features())
+    assert batch.shape == (len(candles) - WINDOW + 1, len(FEATURE_NAMES))
+    # Same function on same-shaped windows: the numbers are identical, not merely close.
+    np.testing.assert_array_equal(np.stack(live), batch)
+
+
+def test_feature_window_when_fewer_than_window_candles_then_not_ready() -> None:
+    window = FeatureWindow()
+    for candle in synthetic_candles(WINDOW - 1):
+        window.push(candle)
+    assert not window.ready
+    with pytest.raises(WindowNotReadyError):
+        window.features()
+
+
+def test_feature_window_when_window_candles_pushed_then_ready_with_float32_vector() -> None:
+    window = FeatureWindow()
+    for candle in synthetic_candles(WINDOW):
+        window.push(candle)
+    features = window.features()
+    assert window.ready
+    assert features.dtype == np.float32
+    assert features.shape == (len(FEATURE_NAMES),)
+    assert np.all(np.isfinite(features))
+
+
+def test_feature_window_when_candle_repeated_then_it_is_ignored() -> None:
+    candles = synthetic_candles(WINDOW + 1)
+    window = FeatureWindow()
+    for candle in candles[:WINDOW]:
+        window.push(candle)
+    before = window.features()
+    assert window.push(candles[WINDOW - 1]) is False
+    np.testing.assert_array_equal(window.features(), before)
+
+
+def test_feature_window_when_older_candle_arrives_then_it_is_ignored() -> None:
+    candles = synthetic_candles(WINDOW + 1)
+    window = FeatureWindow()
+    for candle in candles[:WINDOW]:
+        window.push(candle)
+    assert window.push(candles[3]) is False
+    assert window.push(candles[WINDOW]) is True
+    assert window.last_open_time_ms == candles[WINDOW].open_time_ms
+
+
+def test_feature_window_when_another_symbol_pushed_then_raises() -> None:
+    window = FeatureWindow()
+    window.push(synthetic_candles(1, symbol="BTCUSDT")[0])
+    with pytest.raises(ValueError, match="ETHUSDT"):
+        window.push(synthetic_candles(2, symbol="ETHUSDT")[1])
+
+
+def test_features_when_prices_and_volumes_rescaled_then_unchanged() -> None:
+    o, h, low, c, v = columns(synthetic_candles(WINDOW + 20))
+    original = features_from_arrays(o, h, low, c, v)
+    rescaled = features_from_arrays(o * 1000, h * 1000, low * 1000, c * 1000, v * 0.01)
+    np.testing.assert_allclose(rescaled, original, rtol=1e-4, atol=1e-6)
+
+
+def test_features_when_market_is_completely_flat_then_finite() -> None:
+    flat = np.full(WINDOW, 50.0)
+    features = features_from_arrays(flat, flat, flat, flat, np.zeros(WINDOW))
+    assert features.shape == (1, len(FEATURE_NAMES))
+    assert np.all(np.isfinite(features))
+
+
+def test_features_from_arrays_when_series_shorter_than_window_then_no_rows() -> None:
+    short = columns(synthetic_candles(WINDOW - 1))
+    assert features_from_arrays(*short).shape == (0, len(FEATURE_NAMES))
+
+
+def test_features_from_arrays_when_columns_differ_in_length_then_raises() -> None:
+    o, h, low, c, v = columns(synthetic_candles(WINDOW))
+    with pytest.raises(ValueError, match="one length"):
+        features_from_arrays(o, h, low, c[:-1], v)
+
+
+def test_features_from_arrays_when_a_price_is_not_positive_then_raises() -> None:
+    o, h, low, c, v = columns(synthetic_candles(WINDOW))
+    c[5] = 0.0
+    with pytest.raises(ValueError, match="positive"):
+        features_from_arrays(o, h, low, c, v)

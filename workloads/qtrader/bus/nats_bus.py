@@ -1,0 +1,430 @@
+"""The NATS JetStream bus: the only module that imports ``nats``.
+
+What it guarantees to the roles above it:
+- the streams, durable consumers and KV buckets of ``contracts.subjects`` exist (created
+  idempotently at start, so any replica of any role can start first);
+- every JetStream publish carries ``Nats-Msg-Id`` = the message's ``dedup_id``, so a repeat
+  inside the stream's duplicate window is dropped by the server, not by luck;
+- durable pull consumers with explicit acks: a message is acked only after its handler returned,
+  nak'ed with a delay when the handler failed, and terminated (never redelivered) when it cannot
+  be decoded, after one log line and a count in ``qtrader_messages_rejected_total``;
+- the client reconnects forever; ``connected`` and the reconnect count are metrics, and the
+  consumer's pending count is exported as its lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    StorageType,
+    StreamConfig,
+)
+from prometheus_client import Counter, Gauge
+
+from qtrader.bus.errors import BusUnavailable, TopologyError
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import Message, MessageRejected, decode
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+Handler = Callable[[M], Awaitable[None]]
+
+BUS_CONNECTED = Gauge("qtrader_bus_connected", "1 while the NATS connection is up, else 0.")
+BUS_RECONNECTS = Counter("qtrader_bus_reconnects_total", "Reconnections to NATS.")
+PUBLISHED = Counter(
+    "qtrader_messages_published_total", "Messages published to JetStream.", ["kind"]
+)
+PUBLISH_FAILURES = Counter(
+    "qtrader_publish_failures_total", "JetStream publishes that got no acknowledgement.", ["kind"]
+)
+CONSUMED = Counter(
+    "qtrader_messages_consumed_total", "Messages handled and acknowledged.", ["consumer"]
+)
+REJECTED = Counter(
+    "qtrader_messages_rejected_total",
+    "Messages skipped because they could not be decoded, by reason.",
+    ["consumer", "reason"],
+)
+HANDLER_ERRORS = Counter(
+    "qtrader_handler_errors_total",
+    "Messages whose handler failed; they are redelivered after a delay.",
+    ["consumer"],
+)
+CONSUMER_PENDING = Gauge(
+    "qtrader_consumer_pending_messages",
+    "Messages in the stream not yet delivered to this durable consumer (its lag).",
+    ["consumer"],
+)
+
+_UNAVAILABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoRespondersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+class Bus:
+    """One NATS connection with JetStream, shared by every task of a process."""
+
+    def __init__(self, *, url: str, client_name: str, request_timeout_s: float = 2.0) -> None:
+        self._url = url
+        self._client_name = client_name
+        self._timeout = request_timeout_s
+        # nats-py's flush takes whole seconds.
+        self._flush_timeout_s = max(1, math.ceil(request_timeout_s))
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._closing = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def connect(self, *, retry_interval_s: float = 0.5) -> None:
+        """Connect, retrying until the broker answers; later outages reconnect by themselves."""
+        while True:
+            try:
+                self._nc = await nats.connect(
+                    self._url,
+                    name=self._client_name,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                )
+            except (nats.errors.NoServersError, *_UNAVAILABLE) as exc:
+                log.warning("NATS at %s not reachable (%s); retrying", self._url, exc)
+                await asyncio.sleep(retry_interval_s)
+                continue
+            self._js = self._nc.jetstream(timeout=self._timeout)
+            BUS_CONNECTED.set(1)
+            log.info("connected to NATS at %s as %s", self._url, self._client_name)
+            return
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await self._nc.drain()
+        BUS_CONNECTED.set(0)
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def _on_disconnected(self) -> None:
+        BUS_CONNECTED.set(0)
+        if not self._closing:
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        BUS_CONNECTED.set(1)
+        BUS_RECONNECTS.inc()
+        log.info("reconnected to NATS")
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS client error: %s", exc)
+
+    @property
+    def _jetstream(self) -> JetStreamContext:
+        if self._js is None:
+            raise BusUnavailable("the bus is not connected; call connect() first")
+        return self._js
+
+    @property
+    def _client(self) -> Client:
+        if self._nc is None:
+            raise BusUnavailable("the bus is not connected; call connect() first")
+        return self._nc
+
+    async def round_trip_s(self) -> float:
+        """Time of one PING/PONG with the server; raises BusUnavailable when it cannot."""
+        if not self.connected:
+            raise BusUnavailable("not connected to NATS")
+        started = time.perf_counter()
+        try:
+            await self._client.flush(timeout=self._flush_timeout_s)
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"NATS did not answer a ping: {exc!r}") from exc
+        return time.perf_counter() - started
+
+    # --- topology ----------------------------------------------------------------------------
+
+    async def ensure_topology(self) -> None:
+        """Create or update every stream, durable consumer and KV bucket (idempotent)."""
+        try:
+            for stream in subjects.ALL_STREAMS:
+                await self._ensure_stream(stream)
+            for consumer in subjects.ALL_CONSUMERS:
+                await self._ensure_consumer(consumer)
+            for bucket in subjects.ALL_BUCKETS:
+                await self._ensure_bucket(bucket)
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"NATS unavailable while creating streams: {exc!r}") from exc
+        except nats.js.errors.APIError as exc:
+            raise TopologyError(f"cannot set up JetStream topology: {exc}") from exc
+
+    async def _ensure_stream(self, spec: subjects.StreamSpec) -> None:
+        config = StreamConfig(
+            name=spec.name,
+            subjects=list(spec.subjects),
+            storage=StorageType.FILE,
+            max_age=spec.max_age_s,
+            duplicate_window=spec.duplicate_window_s,
+            max_msgs_per_subject=spec.max_msgs_per_subject,
+        )
+        try:
+            await self._jetstream.stream_info(spec.name)
+        except nats.js.errors.NotFoundError:
+            await self._jetstream.add_stream(config)
+            return
+        await self._jetstream.update_stream(config)
+
+    async def _ensure_consumer(self, spec: subjects.ConsumerSpec) -> None:
+        config = ConsumerConfig(
+            name=spec.durable,
+            durable_name=spec.durable,
+            filter_subject=spec.filter_subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=spec.ack_wait_s,
+            max_ack_pending=spec.max_ack_pending,
+        )
+        await self._jetstream.add_consumer(spec.stream.name, config=config)
+
+    async def _ensure_bucket(self, bucket: str) -> None:
+        try:
+            await self._jetstream.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            await self._jetstream.create_key_value(
+                KeyValueConfig(bucket=bucket, history=16, storage=StorageType.FILE)
+            )
+
+    # --- publishing --------------------------------------------------------------------------
+
+    async def publish(self, subject: str, message: Message) -> int:
+        """Publish to JetStream and wait for the ack; returns the stream sequence."""
+        try:
+            ack = await self._jetstream.publish(
+                subject,
+                message.encode(),
+                headers={"Nats-Msg-Id": message.dedup_id},
+            )
+        except _UNAVAILABLE as exc:
+            PUBLISH_FAILURES.labels(message.KIND).inc()
+            raise BusUnavailable(f"publish to {subject} not acknowledged: {exc!r}") from exc
+        PUBLISHED.labels(message.KIND).inc()
+        return int(ack.seq)
+
+    async def broadcast(self, subject: str, message: Message) -> None:
+        """A core NATS publish (no persistence): for fast control messages and heartbeats."""
+        try:
+            await self._client.publish(subject, message.encode())
+            await self._client.flush(timeout=self._flush_timeout_s)
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"broadcast on {subject} failed: {exc!r}") from exc
+
+    # --- consuming ---------------------------------------------------------------------------
+
+    async def consume(
+        self,
+        spec: subjects.ConsumerSpec,
+        message_type: type[M],
+        handler: Handler[M],
+        *,
+        batch: int = 64,
+        fetch_timeout_s: float = 1.0,
+    ) -> None:
+        """Run a durable pull consumer until cancelled, acking each message after its handler."""
+        subscription = await self._bind(spec)
+        while True:
+            try:
+                messages = await subscription.fetch(batch, timeout=fetch_timeout_s)
+            except nats.errors.TimeoutError:
+                CONSUMER_PENDING.labels(spec.durable).set(0)
+                continue
+            except _UNAVAILABLE as exc:
+                log.debug("fetch on %s failed (%r); waiting for NATS", spec.durable, exc)
+                await asyncio.sleep(0.2)
+                continue
+            for msg in messages:
+                await self._handle(spec.durable, msg, message_type, handler)
+            CONSUMER_PENDING.labels(spec.durable).set(messages[-1].metadata.num_pending)
+
+    async def _bind(self, spec: subjects.ConsumerSpec) -> JetStreamContext.PullSubscription:
+        while True:
+            try:
+                return await self._jetstream.pull_subscribe_bind(
+                    durable=spec.durable, stream=spec.stream.name
+                )
+            except _UNAVAILABLE as exc:
+                log.warning("cannot bind consumer %s yet (%r)", spec.durable, exc)
+                await asyncio.sleep(0.5)
+
+    async def _handle(
+        self, consumer: str, msg: Msg, message_type: type[M], handler: Handler[M]
+    ) -> None:
+        try:
+            message = decode(msg.data, message_type)
+        except MessageRejected as rejected:
+            REJECTED.labels(consumer, rejected.reason.value).inc()
+            log.warning("%s skipped a message on %s: %s", consumer, msg.subject, rejected)
+            await _settle(msg.term())
+            return
+        try:
+            await handler(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            HANDLER_ERRORS.labels(consumer).inc()
+            log.exception("%s failed to handle %s; it will be redelivered", consumer, msg.subject)
+            await _settle(msg.nak(delay=1.0))
+            return
+        await _settle(msg.ack())
+        CONSUMED.labels(consumer).inc()
+
+    async def subscribe(
+        self, subject: str, message_type: type[M], handler: Handler[M], *, label: str
+    ) -> None:
+        """A core NATS subscription (every replica gets every message) until cancelled."""
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                message = decode(msg.data, message_type)
+            except MessageRejected as rejected:
+                REJECTED.labels(label, rejected.reason.value).inc()
+                log.warning("%s skipped a message on %s: %s", label, msg.subject, rejected)
+                return
+            try:
+                await handler(message)
+            except Exception:
+                HANDLER_ERRORS.labels(label).inc()
+                log.exception("%s failed to handle %s", label, msg.subject)
+
+        subscription = await self._client.subscribe(subject, cb=on_message)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
+                await subscription.unsubscribe()
+
+    async def replay(
+        self,
+        stream: subjects.StreamSpec,
+        filter_subject: str,
+        message_type: type[M],
+        handler: Handler[M],
+        *,
+        label: str,
+    ) -> None:
+        """Deliver every stored message from the first, then new ones, in order, until cancelled.
+
+        An ordered ephemeral consumer: nothing to ack, recreated by the client after a gap or a
+        reconnect. For state that is rebuilt from a stream at every start (the portfolio).
+        """
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                message = decode(msg.data, message_type)
+            except MessageRejected as rejected:
+                REJECTED.labels(label, rejected.reason.value).inc()
+                log.warning("%s skipped a message on %s: %s", label, msg.subject, rejected)
+            else:
+                await handler(message)
+            CONSUMER_PENDING.labels(label).set(msg.metadata.num_pending)
+
+        subscription = await self._jetstream.subscribe(
+            filter_subject,
+            stream=stream.name,
+            cb=on_message,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
+                await subscription.unsubscribe()
+
+    async def last_message(
+        self, stream: subjects.StreamSpec, subject: str, message_type: type[M]
+    ) -> M | None:
+        """The newest message stored on ``subject``, or None if there is none."""
+        try:
+            raw = await self._jetstream.get_last_msg(stream.name, subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot read the last message of {subject}: {exc!r}") from exc
+        return decode(raw.data or b"", message_type)
+
+    # --- key-value ---------------------------------------------------------------------------
+
+    async def kv_put(self, bucket: str, key: str, message: Message) -> int:
+        try:
+            kv = await self._jetstream.key_value(bucket)
+            return int(await kv.put(key, message.encode()))
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot write {bucket}/{key}: {exc!r}") from exc
+
+    async def kv_get(self, bucket: str, key: str, message_type: type[M]) -> M | None:
+        """The current value, None when the key was never written; BusUnavailable on outage."""
+        try:
+            kv = await self._jetstream.key_value(bucket)
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot read {bucket}/{key}: {exc!r}") from exc
+        return decode(entry.value or b"", message_type)
+
+    async def kv_watch(self, bucket: str, key: str, message_type: type[M]) -> AsyncIterator[M]:
+        """Every value written to ``key`` from now on (starting with the current one)."""
+        kv = await self._jetstream.key_value(bucket)
+        watcher = await kv.watch(key)
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]  # untyped in nats-py
+                except nats.errors.TimeoutError:
+                    continue
+                if entry is None or entry.value is None:
+                    continue
+                try:
+                    yield decode(entry.value, message_type)
+                except MessageRejected as rejected:
+                    REJECTED.labels(f"kv:{bucket}", rejected.reason.value).inc()
+                    log.warning("skipped a value of %s/%s: %s", bucket, key, rejected)
+        finally:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await watcher.stop()  # type: ignore[no-untyped-call]  # untyped in nats-py
+
+
+async def _settle(acknowledgement: Awaitable[Any]) -> None:
+    """Send an ack/nak/term; if the connection is gone the server will redeliver anyway."""
+    with contextlib.suppress(*_UNAVAILABLE, nats.errors.MsgAlreadyAckdError):
+        await acknowledgement

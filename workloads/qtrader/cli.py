@@ -1,0 +1,298 @@
+"""``qtrader``: the one command-line entry point.
+
+Subcommands:
+- ``marketdata``, ``inference``, ``execution``, ``portfolio``: run one workload (what a
+  container runs);
+- ``up``: the whole pipeline locally on an embedded NATS server, in paper mode;
+- ``model train``: train the signal model and export it to ONNX (needs the ``train`` extra).
+
+Arguments are checked before anything starts: a bad one prints what is wrong and exits with 2;
+an invalid policy file prints the field and the rule and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from qtrader.contracts.policy import PolicyError, load_policy_file
+from qtrader.marketdata.synthetic import INTERVAL_MS, Regime
+from qtrader.runtime import WorkerOptions
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+# --- argument types: each says what is wrong ----------------------------------------------------
+
+
+def _number(kind: str, *, minimum: float, inclusive: bool = True) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum or (not inclusive and value == minimum):
+            bound = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(f"{kind} must be {bound} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, got {value}")
+    return value
+
+
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_decimal(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value.is_finite() or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+def _nats_url(text: str) -> str:
+    if not text.startswith(("nats://", "tls://", "ws://", "wss://")):
+        raise argparse.ArgumentTypeError(f"NATS URL must start with nats:// or tls://, got {text}")
+    return text
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nats-url",
+        type=_nats_url,
+        default=os.environ.get("QTRADER_NATS_URL", DEFAULT_NATS_URL),
+        help="NATS server URL (env QTRADER_NATS_URL; default %(default)s)",
+    )
+    parser.add_argument("--health-host", default=os.environ.get("QTRADER_HEALTH_HOST", "0.0.0.0"))
+    parser.add_argument(
+        "--health-port",
+        type=_port,
+        default=int(os.environ.get("QTRADER_HEALTH_PORT", "8080")),
+        help="port of /healthz, /readyz, /health and /metrics (env QTRADER_HEALTH_PORT)",
+    )
+    parser.add_argument("--worker-id", default=os.environ.get("QTRADER_WORKER_ID"))
+
+
+def _market_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("market data")
+    group.add_argument("--source", choices=["synthetic", "replay", "live"], default="synthetic")
+    group.add_argument(
+        "--replay",
+        type=_existing_file,
+        nargs="+",
+        default=[],
+        metavar="CSV",
+        help="Binance kline CSV or ZIP files named SYMBOL-INTERVAL-... (implies --source replay)",
+    )
+    group.add_argument("--regime", choices=[r.value for r in Regime], default=Regime.MIXED.value)
+    group.add_argument("--seed", type=_whole, default=7)
+    group.add_argument("--interval", choices=sorted(INTERVAL_MS), default="1m")
+    group.add_argument("--start-price", type=_positive_decimal, default=Decimal(100))
+    group.add_argument(
+        "--candles-per-second",
+        type=_number("--candles-per-second", minimum=0),
+        default=5.0,
+        help="candle steps per second for replay and synthetic data (0: as fast as possible)",
+    )
+    group.add_argument(
+        "--max-candles", type=_whole, default=0, help="stop after N steps (0: never)"
+    )
+    group.add_argument("--testnet", action="store_true", help="live mode: Binance futures testnet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtrader", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    marketdata = commands.add_parser("marketdata", help="run the market data workload")
+    _worker_arguments(marketdata)
+    _market_arguments(marketdata)
+
+    inference = commands.add_parser("inference", help="run the inference workload")
+    _worker_arguments(inference)
+    inference.add_argument(
+        "--model", type=_existing_file, help="ONNX model file (default: the policy's model.ref)"
+    )
+
+    for role in ("execution", "portfolio"):
+        _worker_arguments(commands.add_parser(role, help=f"run the {role} workload"))
+
+    up = commands.add_parser("up", help="run the whole pipeline locally (paper mode)")
+    up.add_argument("--policy", type=_existing_file, required=True, help="TradingPolicy YAML")
+    up.add_argument(
+        "--duration",
+        type=_number("--duration", minimum=0, inclusive=False),
+        help="stop by itself after this many seconds and print the final report",
+    )
+    up.add_argument("--data-dir", type=Path, help="keep NATS data and logs here (default: temp)")
+    up.add_argument("--report", type=Path, help="also write the final report as JSON to this file")
+    _market_arguments(up)
+
+    model = commands.add_parser("model", help="train and export the signal model")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    train = model_commands.add_parser("train", help="train on generated data, export to ONNX")
+    train.add_argument("--output", type=Path, required=True, help="path of the .onnx file")
+    train.add_argument("--seed", type=_whole, default=7)
+    train.add_argument("--epochs", type=_whole, default=None)
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _options(args: argparse.Namespace) -> WorkerOptions:
+    identity = {"worker_id": args.worker_id} if args.worker_id else {}
+    return WorkerOptions(
+        nats_url=args.nats_url,
+        health_host=args.health_host,
+        health_port=args.health_port,
+        **identity,
+    )
+
+
+def _market_config_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The market-data options of ``up``, passed on to the marketdata process as they came."""
+    source = "replay" if args.replay else args.source
+    forwarded = [
+        "--source", source,
+        "--regime", args.regime,
+        "--seed", str(args.seed),
+        "--interval", args.interval,
+        "--start-price", str(args.start_price),
+        "--candles-per-second", str(args.candles_per_second),
+        "--max-candles", str(args.max_candles),
+    ]  # fmt: skip
+    if args.replay:
+        forwarded += ["--replay", *(str(p.resolve()) for p in args.replay)]
+    if args.testnet:
+        forwarded.append("--testnet")
+    return tuple(forwarded)
+
+
+def _run_marketdata(args: argparse.Namespace) -> int:
+    from qtrader.marketdata.service import MarketData, MarketDataConfig, Source
+    from qtrader.runtime import run_worker
+
+    source = Source.REPLAY if args.replay else Source(args.source)
+    if source is Source.REPLAY and not args.replay:
+        raise SystemExit("qtrader marketdata: --source replay needs --replay FILE [FILE ...]")
+    config = MarketDataConfig(
+        source=source,
+        replay_files=tuple(args.replay),
+        regime=Regime(args.regime),
+        seed=args.seed,
+        interval=args.interval,
+        start_price=args.start_price,
+        candles_per_second=args.candles_per_second,
+        max_candles=args.max_candles,
+        testnet=args.testnet,
+    )
+    return run_worker("marketdata", _options(args), lambda ctx: MarketData(ctx, config))
+
+
+def _run_inference(args: argparse.Namespace) -> int:
+    from qtrader.inference.service import Inference, InferenceConfig
+    from qtrader.runtime import run_worker
+
+    config = InferenceConfig(model_path=args.model)
+    return run_worker("inference", _options(args), lambda ctx: Inference(ctx, config))
+
+
+def _run_execution(args: argparse.Namespace) -> int:
+    from qtrader.execution.service import Execution
+    from qtrader.runtime import run_worker
+
+    return run_worker("execution", _options(args), Execution)
+
+
+def _run_portfolio(args: argparse.Namespace) -> int:
+    from qtrader.portfolio.service import Portfolio, PortfolioConfig
+    from qtrader.runtime import run_worker
+
+    return run_worker("portfolio", _options(args), lambda ctx: Portfolio(ctx, PortfolioConfig()))
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from qtrader.local.stack import LocalStack, StackConfig
+
+    try:
+        policy = load_policy_file(args.policy)
+    except PolicyError as exc:
+        print(f"qtrader up: {exc}", file=sys.stderr)
+        return 2
+    config = StackConfig(
+        policy=policy,
+        marketdata_args=_market_config_args(args),
+        duration_s=args.duration,
+        data_dir=args.data_dir,
+        report_path=args.report,
+    )
+    return asyncio.run(LocalStack(config).run(sys.stdout))
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    try:
+        from qtrader.inference.training import train_and_export
+    except ImportError as exc:
+        print(
+            f"qtrader model train needs the training extra (pip install -e '.[train]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    kwargs = {"epochs": args.epochs} if args.epochs else {}
+    card = train_and_export(output=args.output, seed=args.seed, **kwargs)
+    print(card.model_dump_json(indent=2))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "marketdata": _run_marketdata,
+    "inference": _run_inference,
+    "execution": _run_execution,
+    "portfolio": _run_portfolio,
+    "up": _run_up,
+    "model": _run_model,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The pre-trade decision: turn one signal into one order intent, or a denial saying why.
+
+The strategy is "target position": LONG wants a long of about ``risk.max_position_usd`` notional,
+SHORT the same short, FLAT nothing. The order is the difference between that target and the
+current position. Because the order is derived from the position, a redelivered or repeated
+signal after the fill asks for no change, which makes signals naturally idempotent.
+
+``decide`` is a pure function of its inputs (the caller passes the clock as ``now_ms`` and the
+portfolio as a ``DecisionContext``), so a decision can be replayed and tested exactly. A denial
+is an ordinary result carrying a ``DenialReason`` from a small fixed set (a metric label) and a
+human-readable detail. The checks run in a fixed order and the first failing one wins; anything
+unknown (price, equity) fails closed.
+
+Choices worth knowing:
+
+* The target quantity is rounded toward zero to the step before subtracting, so the position
+  after the order never exceeds ``max_position_usd`` at the current price.
+* An order that only reduces the position (same symbol, opposite side, not past zero) is marked
+  ``reduce_only`` and is exempt from the exposure limits (open positions, position size,
+  leverage, minimum notional): refusing to de-risk never makes a portfolio safer.
+* In the REDUCING state an order that would flip the position through zero is cut down to
+  closing it (the exposure-reducing half of what the signal asked), an order that would open or
+  increase a position is denied with ``reducing_only``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Context, Decimal, localcontext
+
+from qtrader.contracts.messages import (
+    Direction,
+    OrderIntent,
+    OrderType,
+    Side,
+    Signal,
+    TradingState,
+)
+from qtrader.contracts.policy import TradingPolicySpec
+from qtrader.instruments import ExchangeInfo, Instrument
+
+_EXACT = Context(prec=60, rounding=ROUND_HALF_EVEN)
+_ZERO = Decimal(0)
+_INTENT_ID_MAX = 128
+_CLIENT_ORDER_ID_PREFIX = "qt-"
+
+
+class DenialReason(enum.StrEnum):
+    """Why a signal did not become an order; bounded, used as a metric label."""
+
+    HALTED = "halted"
+    SYMBOL_NOT_ALLOWED = "symbol_not_allowed"
+    SIGNAL_EXPIRED = "signal_expired"
+    LOW_CONFIDENCE = "low_confidence"
+    NO_MARKET_PRICE = "no_market_price"
+    STALE_MARKET_DATA = "stale_market_data"
+    NO_EQUITY = "no_equity"
+    NO_CHANGE = "no_change"
+    REDUCING_ONLY = "reducing_only"
+    MAX_OPEN_POSITIONS = "max_open_positions"
+    MAX_POSITION_USD = "max_position_usd"
+    MAX_LEVERAGE = "max_leverage"
+    BELOW_MIN_QTY = "below_min_qty"
+    BELOW_MIN_NOTIONAL = "below_min_notional"
+
+
+@dataclass(frozen=True)
+class Denial:
+    reason: DenialReason
+    detail: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecisionContext:
+    """What the decision needs to know about the world, as the caller saw it at ``now_ms``.
+
+    ``positions`` are signed quantities (absent means flat); ``marks`` the latest prices, which
+    must cover every open position; ``equity`` None means unknown (the decision then fails
+    closed). ``market_data_fresh`` says whether the signal symbol's price is recent enough,
+    by the caller's own staleness rule.
+    """
+
+    trading_state: TradingState
+    positions: Mapping[str, Decimal] = field(default_factory=dict)
+    marks: Mapping[str, Decimal] = field(default_factory=dict)
+    equity: Decimal | None = None
+    market_data_fresh: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Order:
+    """The order being decided: ``signed_qty`` > 0 buys; ``position_after`` is the result."""
+
+    instrument: Instrument
+    price: Decimal
+    current: Decimal
+    signed_qty: Decimal
+    reduce_only: bool
+
+    @property
+    def position_after(self) -> Decimal:
+        return self.current + self.signed_qty
+
+    @property
+    def opens(self) -> bool:
+        return self.current == 0 and self.signed_qty != 0
+
+
+def client_order_id_for(intent_id: str) -> str:
+    """The Binance ``newClientOrderId`` of an intent: deterministic, 35 chars of [a-z0-9-]."""
+    return _CLIENT_ORDER_ID_PREFIX + hashlib.sha256(intent_id.encode()).hexdigest()[:32]
+
+
+def intent_id_for(signal_id: str) -> str:
+    """``sig-<signal_id>``, or ``sig-<sha256>`` when that would exceed the 128-char limit."""
+    intent_id = f"sig-{signal_id}"
+    if len(intent_id) <= _INTENT_ID_MAX:
+        return intent_id
+    return "sig-" + hashlib.sha256(signal_id.encode()).hexdigest()
+
+
+def decide(
+    *,
+    signal: Signal,
+    context: DecisionContext,
+    policy: TradingPolicySpec,
+    policy_revision: int,
+    now_ms: int,
+    exchange: ExchangeInfo,
+) -> OrderIntent | Denial:
+    """The order that moves the position toward ``signal``'s target, or why there is none."""
+    with localcontext(_EXACT):
+        denial = _check_signal(signal, context, policy, now_ms, exchange)
+        if denial is not None:
+            return denial
+        order = _plan(signal, context, policy, exchange)
+        if isinstance(order, Denial):
+            return order
+        denial = _check_exposure(order, signal.symbol, context, policy)
+        if denial is not None:
+            return denial
+        return _intent(order, signal, policy_revision=policy_revision, now_ms=now_ms)
+
+
+# --- the checks, in order ---------------------------------------------------------------------
+
+
+def _check_signal(
+    signal: Signal,
+    context: DecisionContext,
+    policy: TradingPolicySpec,
+    now_ms: int,
+    exchange: ExchangeInfo,
+) -> Denial | None:
+    """The checks that need no order: state, symbol, age, confidence, price, equity."""
+    symbol = signal.symbol
+    if context.trading_state is TradingState.HALTED:
+        return Denial(DenialReason.HALTED, "trading is halted")
+    if symbol not in policy.symbols:
+        return Denial(DenialReason.SYMBOL_NOT_ALLOWED, f"{symbol} is not in the policy's symbols")
+    if symbol not in exchange:
+        return Denial(DenialReason.SYMBOL_NOT_ALLOWED, f"{symbol} is not listed by the exchange")
+    age_ms = now_ms - signal.created_at_ms
+    ttl_ms = Decimal(repr(policy.signals.ttl_seconds)) * 1000
+    if age_ms > ttl_ms:
+        return Denial(DenialReason.SIGNAL_EXPIRED, f"signal is {age_ms} ms old, ttl {ttl_ms} ms")
+    if signal.confidence < policy.risk.min_confidence:
+        return Denial(
+            DenialReason.LOW_CONFIDENCE,
+            f"confidence {signal.confidence} < {policy.risk.min_confidence}",
+        )
+    mark = context.marks.get(symbol)
+    if mark is None or mark <= 0:
+        return Denial(DenialReason.NO_MARKET_PRICE, f"no price for {symbol}")
+    if not context.market_data_fresh:
+        return Denial(DenialReason.STALE_MARKET_DATA, f"the price of {symbol} is stale")
+    if context.equity is None:
+        return Denial(DenialReason.NO_EQUITY, "portfolio equity is unknown")
+    return None
+
+
+def _plan(
+    signal: Signal, context: DecisionContext, policy: TradingPolicySpec, exchange: ExchangeInfo
+) -> _Order | Denial:
+    """The order toward the target, cut to a close in REDUCING; no_change / reducing_only."""
+    instrument = exchange.instrument(signal.symbol)
+    price = context.marks[signal.symbol]
+    current = context.positions.get(signal.symbol, _ZERO)
+    target = _target_quantity(signal.direction, policy.risk.max_position_usd, price, instrument)
+    signed_qty = _toward_zero(target - current, instrument.step_size)
+    if signed_qty == 0:
+        return Denial(DenialReason.NO_CHANGE, f"position {current} is already at target {target}")
+    if context.trading_state is TradingState.REDUCING:
+        if not _reduces(current, signed_qty):
+            return Denial(
+                DenialReason.REDUCING_ONLY,
+                f"reducing only: an order of {signed_qty} would not reduce position {current}",
+            )
+        signed_qty = max(signed_qty, -current) if current > 0 else min(signed_qty, -current)
+    reduce_only = _reduces(current, signed_qty) and abs(signed_qty) <= abs(current)
+    return _Order(
+        instrument=instrument,
+        price=price,
+        current=current,
+        signed_qty=signed_qty,
+        reduce_only=reduce_only,
+    )
+
+
+def _check_exposure(
+    order: _Order, symbol: str, context: DecisionContext, policy: TradingPolicySpec
+) -> Denial | None:
+    """Limits on what the order adds; a reduce-only order is exempt from every one."""
+    if order.reduce_only:
+        return _check_min_qty(order)
+    risk = policy.risk
+    open_count = sum(1 for qty in context.positions.values() if qty != 0)
+    if order.opens and open_count >= risk.max_open_positions:
+        return Denial(
+            DenialReason.MAX_OPEN_POSITIONS,
+            f"{open_count} positions open, at most {risk.max_open_positions}",
+        )
+    notional_after = abs(order.position_after) * order.price
+    if notional_after > risk.max_position_usd:
+        return Denial(
+            DenialReason.MAX_POSITION_USD,
+            f"position notional {notional_after} > {risk.max_position_usd}",
+        )
+    denial = _check_leverage(order, symbol, context, risk.max_leverage)
+    if denial is not None:
+        return denial
+    denial = _check_min_qty(order)
+    if denial is not None:
+        return denial
+    notional = abs(order.signed_qty) * order.price
+    if notional < order.instrument.min_notional:
+        return Denial(
+            DenialReason.BELOW_MIN_NOTIONAL,
+            f"order notional {notional} < {order.instrument.min_notional}",
+        )
+    return None
+
+
+def _check_leverage(
+    order: _Order, symbol: str, context: DecisionContext, max_leverage: Decimal
+) -> Denial | None:
+    if context.equity is None:  # already denied by _check_signal; fail closed regardless
+        return Denial(DenialReason.NO_EQUITY, "portfolio equity is unknown")
+    gross = abs(order.position_after) * order.price
+    for other, qty in context.positions.items():
+        if other == symbol or qty == 0:
+            continue
+        mark = context.marks.get(other)
+        if mark is None or mark <= 0:
+            return Denial(DenialReason.NO_MARKET_PRICE, f"no price to value the {other} position")
+        gross += abs(qty) * mark
+    limit = max_leverage * context.equity
+    if gross > limit:
+        return Denial(
+            DenialReason.MAX_LEVERAGE,
+            f"gross notional {gross} > {max_leverage} x equity {context.equity}",
+        )
+    return None
+
+
+def _check_min_qty(order: _Order) -> Denial | None:
+    if abs(order.signed_qty) < order.instrument.min_qty:
+        return Denial(
+            DenialReason.BELOW_MIN_QTY,
+            f"order quantity {abs(order.signed_qty)} < {order.instrument.min_qty}",
+        )
+    return None
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _target_quantity(
+    direction: Direction, max_position_usd: Decimal, price: Decimal, instrument: Instrument
+) -> Decimal:
+    if direction is Direction.FLAT:
+        return _ZERO
+    size = _toward_zero(max_position_usd / price, instrument.step_size)
+    return size if direction is Direction.LONG else -size
+
+
+def _toward_zero(value: Decimal, step: Decimal) -> Decimal:
+    """``value`` rounded toward zero to a multiple of ``step``, never across a step boundary.
+
+    The division runs with ROUND_DOWN, so a quotient like 16.99...9 (more digits than the
+    precision) cannot round up to 17 before it is truncated.
+    """
+    with localcontext(_EXACT) as ctx:
+        ctx.rounding = ROUND_DOWN
+        units = (value / step).to_integral_value(rounding=ROUND_DOWN)
+        return (units * step).quantize(step)
+
+
+def _reduces(current: Decimal, signed_qty: Decimal) -> bool:
+    """True when the order is on the opposite side of a non-flat position."""
+    return current != 0 and (current > 0) != (signed_qty > 0)
+
+
+def _intent(order: _Order, signal: Signal, *, policy_revision: int, now_ms: int) -> OrderIntent:
+    intent_id = intent_id_for(signal.signal_id)
+    return OrderIntent(
+        intent_id=intent_id,
+        client_order_id=client_order_id_for(intent_id),
+        symbol=signal.symbol,
+        side=Side.BUY if order.signed_qty > 0 else Side.SELL,
+        quantity=abs(order.signed_qty),
+        order_type=OrderType.MARKET,
+        reduce_only=order.reduce_only,
+        reference_price=order.price,
+        signal_id=signal.signal_id,
+        policy_revision=policy_revision,
+        created_at_ms=now_ms,
+    )

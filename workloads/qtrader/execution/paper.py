@@ -1,0 +1,232 @@
+"""The paper exchange: fills MARKET orders at the latest candle close, with slippage and fees.
+
+It answers like an exchange, never like a library: a bad order comes back as an ``OrderUpdate``
+with status REJECTED and a bounded ``reason`` (``PaperRejectReason``), not as an exception, so the
+execution service handles paper and Binance rejections on one path.
+
+Pricing, chosen to never flatter a strategy:
+
+* the fill price is the latest close moved against the taker by ``slippage_bps`` and then put on
+  the tick grid adversely (a BUY rounds up, a SELL rounds down), floored at one tick;
+* the fee is ``fill notional x fee_bps / 10_000``, rounded half up to 1e-8 USDT;
+* the minimum-notional check uses the latest close, as Binance uses the last price for MARKET
+  orders; reduce-only orders are exempt, as on Binance.
+
+Idempotency: a ``client_order_id`` is an order's identity. Submitting one that was seen before
+(filled or rejected) creates nothing and returns the original execution again, with the same
+fill ids, so a redelivered intent can never trade twice. The record of seen ids grows for the
+life of the process, one small entry per order.
+
+The exchange keeps its own net position per symbol only to enforce ``reduce_only`` like Binance
+(an order that would open, increase or flip a position is rejected). All arithmetic runs in a
+private ``Decimal`` context, so results never depend on the caller's global context.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from decimal import (
+    ROUND_CEILING,
+    ROUND_FLOOR,
+    ROUND_HALF_EVEN,
+    ROUND_HALF_UP,
+    Context,
+    Decimal,
+    DivisionByZero,
+    InvalidOperation,
+    Overflow,
+    localcontext,
+)
+
+from qtrader.contracts.messages import (
+    Candle,
+    Fill,
+    OrderIntent,
+    OrderStatus,
+    OrderType,
+    OrderUpdate,
+    Side,
+)
+from qtrader.instruments import ExchangeInfo, Instrument
+
+EXCHANGE_NAME = "paper"
+_EXACT = Context(
+    prec=60, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, DivisionByZero, Overflow]
+)
+_USDT = Decimal("1e-8")
+_BPS = Decimal(10_000)
+_ZERO = Decimal(0)
+
+
+class PaperRejectReason(enum.StrEnum):
+    """Why the paper exchange rejected an order; the ``reason`` of the REJECTED update."""
+
+    UNKNOWN_SYMBOL = "unknown_symbol"
+    UNSUPPORTED_ORDER_TYPE = "unsupported_order_type"
+    QUANTITY_OFF_STEP = "quantity_off_step"
+    BELOW_MIN_QTY = "below_min_qty"
+    NO_MARKET_PRICE = "no_market_price"
+    REDUCE_ONLY_REJECTED = "reduce_only_rejected"
+    BELOW_MIN_NOTIONAL = "below_min_notional"
+
+
+@dataclass(frozen=True)
+class PaperExecution:
+    """What one ``submit`` produced: the order's updates in order, and its fills (maybe none)."""
+
+    updates: tuple[OrderUpdate, ...]
+    fills: tuple[Fill, ...]
+
+    @property
+    def final(self) -> OrderUpdate:
+        return self.updates[-1]
+
+
+class PaperExchange:
+    """A synchronous, deterministic exchange simulator for MARKET orders."""
+
+    def __init__(self, *, exchange: ExchangeInfo, fee_bps: Decimal, slippage_bps: Decimal) -> None:
+        if not fee_bps.is_finite() or fee_bps < 0:
+            raise ValueError(f"fee_bps must be >= 0: {fee_bps}")
+        if not slippage_bps.is_finite() or not 0 <= slippage_bps < _BPS:
+            raise ValueError(f"slippage_bps must be in [0, 10000): {slippage_bps}")
+        self._exchange = exchange
+        self._fee_bps = fee_bps
+        self._slippage_bps = slippage_bps
+        self._closes: dict[str, Candle] = {}
+        self._positions: dict[str, Decimal] = {}
+        self._orders: dict[str, PaperExecution] = {}
+
+    def on_candle(self, candle: Candle) -> None:
+        """Remember ``candle``'s close as the symbol's price; an older candle is ignored."""
+        latest = self._closes.get(candle.symbol)
+        if latest is None or candle.open_time_ms >= latest.open_time_ms:
+            self._closes[candle.symbol] = candle
+
+    def latest_price(self, symbol: str) -> Decimal | None:
+        candle = self._closes.get(symbol)
+        return candle.close if candle else None
+
+    def position(self, symbol: str) -> Decimal:
+        """The signed net quantity this exchange has filled for ``symbol``."""
+        return self._positions.get(symbol, _ZERO)
+
+    @property
+    def open_orders(self) -> tuple[OrderUpdate, ...]:
+        """Orders resting on the book: always none, MARKET orders fill or reject at once."""
+        return ()
+
+    def cancel_all(self, symbol: str | None = None) -> int:
+        """Cancel resting orders (of ``symbol``, or all); returns how many: 0 for MARKET only."""
+        return 0
+
+    def submit(self, intent: OrderIntent, *, now_ms: int) -> PaperExecution:
+        """Execute ``intent`` now; a repeated ``client_order_id`` executes nothing.
+
+        The repeat returns the first execution unchanged (same updates, same fill ids), so a
+        caller that failed to publish them can publish them again and the bus drops what it
+        already has: the order itself exists once.
+        """
+        seen = self._orders.get(intent.client_order_id)
+        if seen is not None:
+            return seen
+        with localcontext(_EXACT):
+            execution = self._execute(intent, now_ms)
+        self._orders[intent.client_order_id] = execution
+        return execution
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _execute(self, intent: OrderIntent, now_ms: int) -> PaperExecution:
+        reason = self._reject_reason(intent)
+        if reason is not None:
+            return PaperExecution(updates=(_rejected(intent, reason, now_ms),), fills=())
+        instrument = self._exchange.instrument(intent.symbol)
+        close = self._closes[intent.symbol].close
+        price = _fill_price(close, intent.side, self._slippage_bps, instrument)
+        fill = Fill(
+            fill_id=f"{EXCHANGE_NAME}-{intent.client_order_id}-1",
+            client_order_id=intent.client_order_id,
+            symbol=intent.symbol,
+            side=intent.side,
+            quantity=intent.quantity,
+            price=price,
+            fee=_fee(intent.quantity * price, self._fee_bps),
+            reduce_only=intent.reduce_only,
+            ts_ms=now_ms,
+        )
+        self._positions[intent.symbol] = self.position(intent.symbol) + (
+            intent.side.sign * intent.quantity
+        )
+        new = _update(intent, OrderStatus.NEW, now_ms)
+        filled = _update(
+            intent, OrderStatus.FILLED, now_ms, filled_quantity=intent.quantity, avg_price=price
+        )
+        return PaperExecution(updates=(new, filled), fills=(fill,))
+
+    def _reject_reason(self, intent: OrderIntent) -> PaperRejectReason | None:
+        if intent.symbol not in self._exchange:
+            return PaperRejectReason.UNKNOWN_SYMBOL
+        if intent.order_type is not OrderType.MARKET:
+            return PaperRejectReason.UNSUPPORTED_ORDER_TYPE
+        instrument = self._exchange.instrument(intent.symbol)
+        if intent.quantity % instrument.step_size != 0:
+            return PaperRejectReason.QUANTITY_OFF_STEP
+        if intent.quantity < instrument.min_qty:
+            return PaperRejectReason.BELOW_MIN_QTY
+        close = self.latest_price(intent.symbol)
+        if close is None:
+            return PaperRejectReason.NO_MARKET_PRICE
+        if intent.reduce_only:
+            return self._reduce_only_reason(intent)
+        if intent.quantity * close < instrument.min_notional:
+            return PaperRejectReason.BELOW_MIN_NOTIONAL
+        return None
+
+    def _reduce_only_reason(self, intent: OrderIntent) -> PaperRejectReason | None:
+        position = self.position(intent.symbol)
+        reduces = position != 0 and (position > 0) != (intent.side is Side.BUY)
+        if not reduces or intent.quantity > abs(position):
+            return PaperRejectReason.REDUCE_ONLY_REJECTED
+        return None
+
+
+def _fill_price(close: Decimal, side: Side, slippage_bps: Decimal, inst: Instrument) -> Decimal:
+    """``close`` moved against the taker by the slippage, on the tick grid, adversely."""
+    moved = close * (_BPS + side.sign * slippage_bps) / _BPS
+    rounding = ROUND_CEILING if side is Side.BUY else ROUND_FLOOR
+    ticks = (moved / inst.tick_size).to_integral_value(rounding=rounding)
+    return (max(ticks, Decimal(1)) * inst.tick_size).quantize(inst.tick_size)
+
+
+def _fee(notional: Decimal, fee_bps: Decimal) -> Decimal:
+    return (notional * fee_bps / _BPS).quantize(_USDT, rounding=ROUND_HALF_UP)
+
+
+def _update(
+    intent: OrderIntent,
+    status: OrderStatus,
+    now_ms: int,
+    *,
+    filled_quantity: Decimal = _ZERO,
+    avg_price: Decimal = _ZERO,
+    reason: str | None = None,
+) -> OrderUpdate:
+    return OrderUpdate(
+        client_order_id=intent.client_order_id,
+        intent_id=intent.intent_id,
+        symbol=intent.symbol,
+        side=intent.side,
+        status=status,
+        quantity=intent.quantity,
+        filled_quantity=filled_quantity,
+        avg_price=avg_price,
+        exchange=EXCHANGE_NAME,
+        reason=reason,
+        ts_ms=now_ms,
+    )
+
+
+def _rejected(intent: OrderIntent, reason: PaperRejectReason, now_ms: int) -> OrderUpdate:
+    return _update(intent, OrderStatus.REJECTED, now_ms, reason=reason.value)

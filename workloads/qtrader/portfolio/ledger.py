@@ -1,0 +1,298 @@
+"""The portfolio ledger: positions, exact PnL, fees, equity and drawdown, from fills and marks.
+
+Everything is ``Decimal`` arithmetic in one private context (``_EXACT``: 60 significant digits,
+half-even rounding, errors trapped), never the thread's global context, so the same fills give
+the same figures in every process, whatever else changed ``decimal.getcontext()``.
+
+Why a cost basis and no rounding: an average entry price is a division and often does not
+terminate (three fills at 1, 1 and 2 average 4/3). Rounding it to a display precision on every
+increase makes the error compound over thousands of fills. The ledger keeps each position's
+signed cost basis instead, which opening, increasing and fully closing change exactly; only a
+partial close divides (the closed share of the cost), and at 60 digits that error stays some 40
+orders of magnitude below a cent. Only ``snapshot`` rounds, and only its output: money to 1e-8
+USDT and percentages to 1e-6, half up. The internal state is never rounded.
+
+Position mode is Binance's one-way mode: one signed quantity per symbol, a fill that crosses
+zero closes the position and opens the remainder on the other side at the fill price.
+
+A fill whose quantity or price is off the instrument's grid, or whose fee is not in USDT, is a
+bug upstream (the exchange never produces one) and raises ``ValueError``. A repeated ``fill_id``
+is normal (at-least-once delivery) and is ignored: ``apply_fill`` returns False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import (
+    ROUND_HALF_EVEN,
+    ROUND_HALF_UP,
+    Context,
+    Decimal,
+    DivisionByZero,
+    InvalidOperation,
+    Overflow,
+    localcontext,
+)
+from types import MappingProxyType
+
+from qtrader.contracts.messages import Fill, PortfolioSnapshot, PositionView
+from qtrader.instruments import ExchangeInfo, Instrument
+
+_EXACT = Context(
+    prec=60, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, DivisionByZero, Overflow]
+)
+_USDT = Decimal("1e-8")
+_PCT = Decimal("1e-6")
+_ZERO = Decimal(0)
+_HUNDRED = Decimal(100)
+SETTLEMENT_ASSET = "USDT"
+
+
+@dataclass
+class _Position:
+    """One symbol's mutable state.
+
+    ``cost`` is the signed cost basis of the open quantity (sum of signed quantity x entry
+    price), so the average entry price is ``cost / quantity``. Keeping the cost instead of the
+    average keeps opening, increasing and fully closing exact; only a partial close divides.
+    """
+
+    quantity: Decimal = _ZERO
+    cost: Decimal = _ZERO
+    realized: Decimal = _ZERO
+    fees: Decimal = _ZERO
+
+    @property
+    def avg_entry(self) -> Decimal:
+        return self.cost / self.quantity if self.quantity else _ZERO
+
+    def unrealized(self, mark: Decimal) -> Decimal:
+        # Signed quantity and cost make one formula right for both sides.
+        return self.quantity * mark - self.cost
+
+
+class Ledger:
+    """Applies fills and marks; reads back exact figures or a rounded ``PortfolioSnapshot``."""
+
+    def __init__(self, *, initial_capital: Decimal, exchange: ExchangeInfo) -> None:
+        if not initial_capital.is_finite() or initial_capital <= 0:
+            raise ValueError(f"initial_capital must be a positive amount: {initial_capital}")
+        self._initial_capital = initial_capital
+        self._exchange = exchange
+        self._positions: dict[str, _Position] = {}
+        self._marks: dict[str, Decimal] = {}
+        self._fill_ids: set[str] = set()
+        self._realized = _ZERO
+        self._fees = _ZERO
+        self._peak_equity = initial_capital
+        self._max_drawdown_pct = _ZERO
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def apply_fill(self, fill: Fill) -> bool:
+        """Book ``fill``; False (and nothing changes) when its ``fill_id`` was booked before."""
+        if fill.fill_id in self._fill_ids:
+            return False
+        _check_fill(fill, self._exchange.instrument(fill.symbol))
+        with localcontext(_EXACT):
+            position = self._positions.setdefault(fill.symbol, _Position())
+            realized = _book(position, fill.side.sign * fill.quantity, fill.price)
+            position.fees += fill.fee
+            self._realized += realized
+            self._fees += fill.fee
+            self._marks.setdefault(fill.symbol, fill.price)
+            self._fill_ids.add(fill.fill_id)
+            self._update_drawdown()
+        return True
+
+    def mark(self, symbol: str, price: Decimal) -> None:
+        """Set the price that values ``symbol``'s open position (unrealized PnL)."""
+        self._exchange.instrument(symbol)  # raises for a symbol the exchange does not list
+        if not price.is_finite() or price <= 0:
+            raise ValueError(f"mark price for {symbol} must be positive: {price}")
+        with localcontext(_EXACT):
+            self._marks[symbol] = price
+            self._update_drawdown()
+
+    # --- exact figures ------------------------------------------------------------------------
+
+    @property
+    def initial_capital(self) -> Decimal:
+        return self._initial_capital
+
+    @property
+    def realized_pnl(self) -> Decimal:
+        return self._realized
+
+    @property
+    def fees(self) -> Decimal:
+        return self._fees
+
+    @property
+    def unrealized_pnl(self) -> Decimal:
+        with localcontext(_EXACT):
+            return sum(
+                (p.unrealized(self._marks[s]) for s, p in self._positions.items() if p.quantity),
+                _ZERO,
+            )
+
+    @property
+    def equity(self) -> Decimal:
+        """initial capital + realized PnL - fees + unrealized PnL, exact."""
+        with localcontext(_EXACT):
+            return self._initial_capital + self._realized - self._fees + self.unrealized_pnl
+
+    @property
+    def peak_equity(self) -> Decimal:
+        return self._peak_equity
+
+    @property
+    def drawdown_pct(self) -> Decimal:
+        """How far equity is below its peak now, in percent of the peak (0 at a new high)."""
+        with localcontext(_EXACT):
+            return _drawdown_pct(self._peak_equity, self.equity)
+
+    @property
+    def max_drawdown_pct(self) -> Decimal:
+        """The worst peak-to-trough fall seen after any fill or mark, in percent of its peak."""
+        return self._max_drawdown_pct
+
+    @property
+    def fills_applied(self) -> int:
+        return len(self._fill_ids)
+
+    def position(self, symbol: str) -> PositionView:
+        """``symbol``'s position with exact (unrounded) figures; all zero if never traded."""
+        with localcontext(_EXACT):
+            return self._view(symbol, self._positions.get(symbol, _Position()), exact=True)
+
+    def quantity(self, symbol: str) -> Decimal:
+        """Signed position quantity: positive long, negative short, 0 when flat."""
+        position = self._positions.get(symbol)
+        return position.quantity if position else _ZERO
+
+    @property
+    def open_positions(self) -> int:
+        """How many symbols have a non-zero position (as ``PortfolioSnapshot.open_positions``)."""
+        return sum(1 for p in self._positions.values() if p.quantity)
+
+    @property
+    def positions(self) -> Mapping[str, Decimal]:
+        """Signed quantity of every non-flat symbol, sorted by symbol (a read-only copy)."""
+        return MappingProxyType(
+            {s: p.quantity for s, p in sorted(self._positions.items()) if p.quantity}
+        )
+
+    @property
+    def marks(self) -> Mapping[str, Decimal]:
+        """The latest mark price of every symbol that has one (a read-only copy)."""
+        return MappingProxyType(dict(self._marks))
+
+    # --- output -------------------------------------------------------------------------------
+
+    def snapshot(self, *, sequence: int, ts_ms: int) -> PortfolioSnapshot:
+        """The portfolio rounded for display; every symbol ever traded, flat ones included."""
+        with localcontext(_EXACT):
+            return PortfolioSnapshot(
+                sequence=sequence,
+                ts_ms=ts_ms,
+                fills_applied=self.fills_applied,
+                initial_capital=_money(self._initial_capital),
+                realized_pnl=_money(self._realized),
+                unrealized_pnl=_money(self.unrealized_pnl),
+                fees=_money(self._fees),
+                equity=_money(self.equity),
+                peak_equity=_money(self._peak_equity),
+                drawdown_pct=_pct(self.drawdown_pct),
+                max_drawdown_pct=_pct(self._max_drawdown_pct),
+                positions=tuple(
+                    self._view(s, p, exact=False) for s, p in sorted(self._positions.items())
+                ),
+            )
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _update_drawdown(self) -> None:
+        equity = self.equity
+        if equity > self._peak_equity:
+            self._peak_equity = equity
+        drawdown = _drawdown_pct(self._peak_equity, equity)
+        if drawdown > self._max_drawdown_pct:
+            self._max_drawdown_pct = drawdown
+
+    def _view(self, symbol: str, position: _Position, *, exact: bool) -> PositionView:
+        mark = self._marks.get(symbol, _ZERO)
+        unrealized = position.unrealized(mark) if position.quantity else _ZERO
+        show = _identity if exact else _money
+        return PositionView(
+            symbol=symbol,
+            quantity=position.quantity,
+            avg_entry_price=show(position.avg_entry),
+            mark_price=mark,
+            unrealized_pnl=show(unrealized),
+            realized_pnl=show(position.realized),
+            fees=show(position.fees),
+        )
+
+
+def _book(position: _Position, signed_qty: Decimal, price: Decimal) -> Decimal:
+    """Move ``position`` by ``signed_qty`` at ``price``; returns the PnL realized by the move.
+
+    Must run inside the ``_EXACT`` context.
+    """
+    current = position.quantity
+    if current == 0 or (current > 0) == (signed_qty > 0):
+        position.quantity = current + signed_qty
+        position.cost += signed_qty * price
+        return _ZERO
+    closed = min(abs(signed_qty), abs(current))
+    # The share of the cost basis that leaves with the closed quantity (all of it when the
+    # position closes, so a round trip is exact).
+    closed_cost = position.cost if closed == abs(current) else position.cost * closed / abs(current)
+    direction = 1 if current > 0 else -1
+    realized = direction * closed * price - closed_cost
+    position.realized += realized
+    position.quantity = current + signed_qty
+    position.cost -= closed_cost
+    if position.quantity != 0 and (position.quantity > 0) != (current > 0):
+        position.cost = position.quantity * price  # flipped: the remainder opened at the price
+    return realized
+
+
+def _check_fill(fill: Fill, instrument: Instrument) -> None:
+    if fill.fee_asset != SETTLEMENT_ASSET:
+        raise ValueError(f"fill {fill.fill_id}: fee in {fill.fee_asset}, only USDT is booked")
+    with localcontext(_EXACT):
+        if fill.quantity % instrument.step_size != 0:
+            raise ValueError(
+                f"fill {fill.fill_id}: quantity {fill.quantity} is off the "
+                f"{fill.symbol} step {instrument.step_size}"
+            )
+        if fill.price % instrument.tick_size != 0:
+            raise ValueError(
+                f"fill {fill.fill_id}: price {fill.price} is off the "
+                f"{fill.symbol} tick {instrument.tick_size}"
+            )
+
+
+def _drawdown_pct(peak: Decimal, equity: Decimal) -> Decimal:
+    # peak >= initial capital > 0, so the division is always defined.
+    return (peak - equity) / peak * _HUNDRED if equity < peak else _ZERO
+
+
+def _identity(value: Decimal) -> Decimal:
+    return value
+
+
+def _money(value: Decimal) -> Decimal:
+    return _quantize(value, _USDT)
+
+
+def _pct(value: Decimal) -> Decimal:
+    return _quantize(value, _PCT)
+
+
+def _quantize(value: Decimal, exponent: Decimal) -> Decimal:
+    rounded = value.quantize(exponent, rounding=ROUND_HALF_UP, context=_EXACT)
+    return rounded.copy_abs() if rounded.is_zero() else rounded  # no "-0E-8" on the wire

@@ -1,0 +1,136 @@
+"""The portfolio role: fills and prices in, exact positions, PnL, equity and drawdown out.
+
+Its state is derived, never stored: at every start it replays the FILLS stream from the first
+message (the ledger ignores a fill id it has applied, so a redelivery counts once) and then
+follows new fills. Prices come from the candles as they are published. A snapshot is published
+at start, after the fills it has not yet reported, and on price moves at most every
+``snapshot_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge
+
+from qtrader.bus.errors import BusUnavailable
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import Candle, Fill
+from qtrader.health.contract import DependencyHealth, Status
+from qtrader.instruments import paper_exchange_info
+from qtrader.portfolio.ledger import Ledger
+from qtrader.runtime import Task, WorkerContext
+
+log = logging.getLogger(__name__)
+
+FILLS_APPLIED = Counter("qtrader_portfolio_fills_applied_total", "Fills applied to the ledger.")
+EQUITY = Gauge("qtrader_portfolio_equity_usd", "Equity: capital + realized - fees + unrealized.")
+REALIZED = Gauge("qtrader_portfolio_realized_pnl_usd", "Realized PnL before fees.")
+UNREALIZED = Gauge("qtrader_portfolio_unrealized_pnl_usd", "Unrealized PnL at the latest marks.")
+FEES = Gauge("qtrader_portfolio_fees_usd", "Fees paid since the first fill.")
+DRAWDOWN = Gauge("qtrader_portfolio_drawdown_ratio", "Current drawdown from the equity peak (0-1).")
+MAX_DRAWDOWN = Gauge("qtrader_portfolio_max_drawdown_ratio", "Worst peak-to-trough drawdown (0-1).")
+OPEN_POSITIONS = Gauge("qtrader_portfolio_open_positions", "Symbols with a non-zero position.")
+SNAPSHOTS = Counter("qtrader_portfolio_snapshots_published_total", "Snapshots published.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortfolioConfig:
+    snapshot_interval_s: float = 0.5
+
+
+class Portfolio:
+    def __init__(self, context: WorkerContext, config: PortfolioConfig) -> None:
+        self._context = context
+        self._config = config
+        self._ledger: Ledger | None = None
+        self._sequence = 0
+        self._dirty = asyncio.Event()
+        self._last_publish_error = ""
+        context.monitor.add_check("ledger", self.check)
+
+    def tasks(self) -> dict[str, Task]:
+        return {"portfolio": self._serve()}
+
+    async def _serve(self) -> None:
+        policy = await self._context.policy.wait()
+        self._ledger = Ledger(
+            initial_capital=policy.spec.paper.initial_capital_usd, exchange=paper_exchange_info()
+        )
+        bus = self._context.bus
+        self._dirty.set()  # the first snapshot tells execution the equity it may use
+        await asyncio.gather(
+            bus.replay(
+                subjects.FILLS,
+                subjects.all_of(subjects.FILL_PREFIX),
+                Fill,
+                self._on_fill,
+                label="portfolio-fills",
+            ),
+            bus.subscribe(
+                subjects.all_of(subjects.CANDLE_PREFIX), Candle, self._on_candle, label="marks"
+            ),
+            self._publish_loop(),
+        )
+
+    async def _on_fill(self, fill: Fill) -> None:
+        assert self._ledger is not None
+        if self._ledger.apply_fill(fill):
+            FILLS_APPLIED.inc()
+            self._dirty.set()
+
+    async def _on_candle(self, candle: Candle) -> None:
+        assert self._ledger is not None
+        self._ledger.mark(candle.symbol, candle.close)
+        self._dirty.set()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._publish_snapshot()
+            await asyncio.sleep(self._config.snapshot_interval_s)
+
+    async def _publish_snapshot(self) -> None:
+        ledger = self._ledger
+        assert ledger is not None
+        self._sequence += 1
+        snapshot = ledger.snapshot(sequence=self._sequence, ts_ms=int(time.time() * 1000))
+        _export(snapshot_ledger=ledger)
+        try:
+            await self._context.bus.publish(subjects.PORTFOLIO_SNAPSHOT, snapshot)
+        except BusUnavailable as exc:
+            self._last_publish_error = str(exc)
+            self._dirty.set()  # try again on the next round
+            return
+        self._last_publish_error = ""
+        SNAPSHOTS.inc()
+
+    async def check(self) -> DependencyHealth:
+        if self._ledger is None:
+            return DependencyHealth(
+                name="ledger", status=Status.DEGRADED, detail="waiting for policy"
+            )
+        if self._last_publish_error:
+            return DependencyHealth(
+                name="ledger", status=Status.DEGRADED, detail=self._last_publish_error
+            )
+        return DependencyHealth(
+            name="ledger",
+            status=Status.OK,
+            detail=f"{self._ledger.fills_applied} fills, equity {self._ledger.equity:.2f}",
+        )
+
+
+def _export(*, snapshot_ledger: Ledger) -> None:
+    ledger = snapshot_ledger
+    EQUITY.set(float(ledger.equity))
+    REALIZED.set(float(ledger.realized_pnl))
+    UNREALIZED.set(float(ledger.unrealized_pnl))
+    FEES.set(float(ledger.fees))
+    DRAWDOWN.set(float(ledger.drawdown_pct) / 100)
+    MAX_DRAWDOWN.set(float(ledger.max_drawdown_pct) / 100)
+    OPEN_POSITIONS.set(ledger.open_positions)

@@ -1,0 +1,158 @@
+"""The shell every workload role runs in: bus, health server, policy, signals, named tasks.
+
+A role supplies its health checks and its long-running coroutines; this module does the rest
+the same way for all four roles:
+1. serve the health contract at once (so a probe sees CRITICAL rather than nothing while NATS is
+   still unreachable);
+2. connect to NATS (retrying) and create the topology idempotently;
+3. start the policy watcher and the role's tasks, each named, each guarded: a task that ends or
+   fails stops the worker with a non-zero exit, so Kubernetes restarts it instead of leaving a
+   half-alive process;
+4. on SIGTERM or SIGINT cancel everything and close the connection cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from qtrader.bus.errors import BusUnavailable
+from qtrader.bus.nats_bus import Bus
+from qtrader.health.contract import DependencyHealth, HealthMonitor, Status, create_app, serve
+from qtrader.policy_watch import PolicyWatcher
+
+log = logging.getLogger(__name__)
+
+Task = Coroutine[Any, Any, None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerOptions:
+    nats_url: str
+    health_host: str = "0.0.0.0"
+    health_port: int = 8080
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerContext:
+    """What a role is built from: the shared connection, the policy and its identity."""
+
+    bus: Bus
+    policy: PolicyWatcher
+    monitor: HealthMonitor
+    options: WorkerOptions
+
+
+class Role(Protocol):
+    """A workload role: its tasks run until cancelled."""
+
+    def tasks(self) -> dict[str, Task]: ...
+
+
+RoleFactory = Callable[[WorkerContext], Role]
+
+
+def configure_logging(service: str) -> None:
+    level = os.environ.get("QTRADER_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
+    )
+    logging.getLogger("nats").setLevel(logging.WARNING)
+
+
+def run_worker(service: str, options: WorkerOptions, factory: RoleFactory) -> int:
+    """Run one workload until it is told to stop; returns the process exit code."""
+    configure_logging(service)
+    return asyncio.run(_run(service, options, factory))
+
+
+async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    bus = Bus(url=options.nats_url, client_name=f"{service}:{options.worker_id}")
+    monitor = HealthMonitor(service=service)
+    monitor.add_check("nats", lambda: nats_health(bus))
+    health = asyncio.create_task(
+        serve(create_app(monitor), host=options.health_host, port=options.health_port),
+        name="health-server",
+    )
+    tasks: dict[str, asyncio.Task[None]] = {"health-server": health}
+    try:
+        connected = asyncio.create_task(_connect(bus), name="connect")
+        await _first_of(connected, stop)
+        if stop.is_set():
+            return 0
+        policy = PolicyWatcher(bus)
+        monitor.add_check("policy", policy.check)
+        role = factory(WorkerContext(bus=bus, policy=policy, monitor=monitor, options=options))
+        coroutines = {"policy-watch": policy.run(), "health-refresh": monitor.refresh_forever()}
+        coroutines.update(role.tasks())
+        for name, coroutine in coroutines.items():
+            tasks[name] = asyncio.create_task(coroutine, name=name)
+        log.info("%s started (worker %s)", service, options.worker_id)
+        return await _supervise(tasks, stop)
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await bus.close()
+        log.info("%s stopped", service)
+
+
+async def _connect(bus: Bus) -> None:
+    await bus.connect()
+    while True:
+        try:
+            await bus.ensure_topology()
+            return
+        except BusUnavailable as exc:
+            log.warning("cannot create the JetStream topology yet: %s", exc)
+            await asyncio.sleep(0.5)
+
+
+async def _first_of(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stopper = asyncio.create_task(stop.wait(), name="stop-wait")
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, stopper):
+        if pending not in done:
+            pending.cancel()
+    if task in done:
+        task.result()
+
+
+async def _supervise(tasks: dict[str, asyncio.Task[None]], stop: asyncio.Event) -> int:
+    """Wait for a stop request or for any task to end; an ending task is a failure."""
+    stopper = asyncio.create_task(stop.wait(), name="stop-wait")
+    done, _ = await asyncio.wait({stopper, *tasks.values()}, return_when=asyncio.FIRST_COMPLETED)
+    if stopper in done:
+        return 0
+    stopper.cancel()
+    for task in done:
+        if task.cancelled():
+            log.error("task %s was cancelled unexpectedly", task.get_name())
+        elif (exc := task.exception()) is not None:
+            log.error("task %s failed", task.get_name(), exc_info=exc)
+        else:
+            log.error("task %s ended unexpectedly", task.get_name())
+    return 1
+
+
+async def nats_health(bus: Bus) -> DependencyHealth:
+    try:
+        rtt = await bus.round_trip_s()
+    except BusUnavailable as exc:
+        return DependencyHealth(name="nats", status=Status.CRITICAL, detail=str(exc))
+    return DependencyHealth(
+        name="nats", status=Status.OK, latency_ms=rtt * 1000, detail="connected"
+    )
