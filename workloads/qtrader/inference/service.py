@@ -78,7 +78,12 @@ class Inference:
         model = self._model
         assert model is not None  # the consumer starts only after the model loaded
         window = self._windows.setdefault(candle.symbol, FeatureWindow())
-        if not window.push(candle) or not window.ready:
+        accepted = window.push(candle)
+        # A redelivery of the newest candle (its signal's publish failed) computes the same
+        # signal again; an older candle has nothing left to say.
+        if not accepted and window.last_open_time_ms != candle.open_time_ms:
+            return
+        if not window.ready:
             return
         started = time.perf_counter()
         probabilities = model.predict(window.features()[None, :])

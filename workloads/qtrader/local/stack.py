@@ -171,6 +171,10 @@ class LocalStack:
                 r: {"status": h.status, "detail": h.detail} for r, h in observer.health.items()
             },
             "crashed": crashed,
+            "processes": {
+                **{role: w.process.pid for role, w in self.workers.items()},
+                "nats-server": self.nats.pid,
+            },
             "logs": str(self.data_dir / "logs"),
         }
 

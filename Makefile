@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make run` (the local pipeline) and `make test`.
+# Both set up the virtual environment first; nothing else needs to be installed by hand.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+POLICY ?= examples/policy.yaml
+
+.PHONY: setup run test lint unit integration clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,train]'
+	touch $@
+
+run: setup
+	$(BIN)/qtrader up --policy $(POLICY)
+
+lint: setup
+	$(BIN)/ruff check workloads operator tests bench
+	$(BIN)/ruff format --check workloads operator tests bench
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+integration: setup
+	$(BIN)/pytest -q tests/integration
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
