@@ -95,8 +95,11 @@ def wait_until(
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if condition():
-            return
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass  # not listening (yet, or any more): the exit check below tells which
         if worker is not None and worker.process.poll() is not None:
             raise AssertionError(f"{worker.role} exited while waiting for {what}:\n{worker.log()}")
         time.sleep(interval_s)

@@ -273,7 +273,8 @@ class Bus:
                 continue
             for msg in messages:
                 await self._handle(spec.durable, msg, message_type, handler)
-            CONSUMER_PENDING.labels(spec.durable).set(messages[-1].metadata.num_pending)
+            if messages:  # a fetch may return an empty batch
+                CONSUMER_PENDING.labels(spec.durable).set(messages[-1].metadata.num_pending)
 
     async def _bind(self, spec: subjects.ConsumerSpec) -> JetStreamContext.PullSubscription:
         while True:

@@ -29,7 +29,7 @@ from qtrader.contracts.messages import TradingState
 from qtrader.contracts.policy import TradingPolicy
 from qtrader.local.control import publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats, free_port
-from qtrader.local.observer import Observer, render
+from qtrader.local.observer import Observer, WorkloadHealth, render
 
 ROLES = ("marketdata", "inference", "execution", "portfolio")
 STOP_GRACE_S = 10.0
@@ -65,6 +65,7 @@ class LocalStack:
         self.nats = EmbeddedNats(store_dir=self.data_dir / "nats")
         self.workers: dict[str, WorkerProcess] = {}
         self._keep_dir = False  # kept when a workload died, so its log can be read
+        self._stopped: set[str] = set()  # workloads this stack told to stop
 
     async def run(self, out: TextIO) -> int:
         """Run until stopped; returns the exit code (non-zero if a workload died)."""
@@ -90,9 +91,12 @@ class LocalStack:
             observer_tasks = observer.tasks()
             title = f"Quantum Trader (paper) policy {revision.name} rev {revision.revision}"
             await self._show(observer, stop, started=started, title=title, out=out)
-            await self._final_health(observer)
-            crashed = [r for r, w in self.workers.items() if w.process.poll() is not None]
-            report = self._report(observer, elapsed_s=time.monotonic() - started, crashed=crashed)
+            health = await self._final_health(observer)
+            await self._drain(observer)
+            crashed = self._crashed()
+            report = self._report(
+                observer, health, elapsed_s=time.monotonic() - started, crashed=crashed
+            )
             _print_report(report, out)
             if self._config.report_path:
                 self._config.report_path.write_text(json.dumps(report, indent=2, default=str))
@@ -150,12 +154,47 @@ class LocalStack:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._config.refresh_s)
 
-    async def _final_health(self, observer: Observer) -> None:
+    async def _drain(self, observer: Observer, *, timeout_s: float = 15.0) -> None:
+        """Stop the feed, then let the candles already in flight become signals, orders and
+        fills, so the final report is one consistent state (the portfolio has every fill)."""
+        feed = self.workers["marketdata"].process
+        if feed.poll() is None:
+            feed.send_signal(signal.SIGTERM)
+            self._stopped.add("marketdata")
+        deadline = time.monotonic() + timeout_s
+        last_seen: tuple[int, ...] = ()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            counts = observer.counts
+            seen = (counts.candles, counts.signals, counts.intents, counts.fills)
+            snapshot = observer.snapshot
+            applied = snapshot.fills_applied if snapshot else 0
+            if seen == last_seen and applied == counts.fills:
+                return
+            last_seen = seen
+
+    def _crashed(self) -> list[str]:
+        """Workloads that exited by themselves, or failed to stop cleanly when told to."""
+        crashed = []
+        for role, worker in self.workers.items():
+            code = worker.process.poll()
+            if code is not None and (role not in self._stopped or code != 0):
+                crashed.append(role)
+        return crashed
+
+    async def _final_health(self, observer: Observer) -> dict[str, WorkloadHealth]:
+        """Each workload's health at the end of the run, before anything is stopped."""
         async with httpx.AsyncClient(timeout=2.0) as client:
             await observer.refresh_health(client)
+        return dict(observer.health)
 
     def _report(
-        self, observer: Observer, *, elapsed_s: float, crashed: list[str]
+        self,
+        observer: Observer,
+        health: dict[str, WorkloadHealth],
+        *,
+        elapsed_s: float,
+        crashed: list[str],
     ) -> dict[str, Any]:
         counts = observer.counts
         snapshot = observer.snapshot
@@ -167,9 +206,7 @@ class LocalStack:
             "orders": dict(counts.order_statuses),
             "fills": counts.fills,
             "portfolio": snapshot.model_dump(mode="json") if snapshot else None,
-            "health": {
-                r: {"status": h.status, "detail": h.detail} for r, h in observer.health.items()
-            },
+            "health": {r: {"status": h.status, "detail": h.detail} for r, h in health.items()},
             "crashed": crashed,
             "processes": {
                 **{role: w.process.pid for role, w in self.workers.items()},
