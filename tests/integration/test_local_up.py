@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,26 @@ def test_up_when_bounded_then_trades_prints_report_and_leaves_nothing_running(
     assert report["processes"], "the report names the processes it started"
     for role, pid in report["processes"].items():
         assert not _alive(pid), f"{role} (pid {pid}) still running after qtrader up returned"
+
+
+def test_up_when_interrupted_then_stops_everything_and_exits_0(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    command = [QTRADER, "up", "--policy", "examples/policy.yaml", "--report", str(report_path)]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    first_line = process.stdout.readline()  # the summary has started: everything is up
+    assert "candles" in first_line
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stdout + stderr
+    assert "Final report" in stdout
+    report = json.loads(report_path.read_text())
+    assert report["crashed"] == []
+    for role, pid in report["processes"].items():
+        assert not _alive(pid), f"{role} (pid {pid}) still running after Ctrl-C"
 
 
 def test_up_when_policy_file_missing_then_says_so_and_exits_2() -> None:

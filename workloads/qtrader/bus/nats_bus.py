@@ -27,6 +27,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -289,11 +290,8 @@ class Bus:
     async def _handle(
         self, consumer: str, msg: Msg, message_type: type[M], handler: Handler[M]
     ) -> None:
-        try:
-            message = decode(msg.data, message_type)
-        except MessageRejected as rejected:
-            REJECTED.labels(consumer, rejected.reason.value).inc()
-            log.warning("%s skipped a message on %s: %s", consumer, msg.subject, rejected)
+        message = _decode_counted(consumer, msg, message_type)
+        if message is None:
             await _settle(msg.term())
             return
         try:
@@ -314,24 +312,9 @@ class Bus:
         """A core NATS subscription (every replica gets every message) until cancelled."""
 
         async def on_message(msg: Msg) -> None:
-            try:
-                message = decode(msg.data, message_type)
-            except MessageRejected as rejected:
-                REJECTED.labels(label, rejected.reason.value).inc()
-                log.warning("%s skipped a message on %s: %s", label, msg.subject, rejected)
-                return
-            try:
-                await handler(message)
-            except Exception:
-                HANDLER_ERRORS.labels(label).inc()
-                log.exception("%s failed to handle %s", label, msg.subject)
+            await _deliver(label, msg, message_type, handler)
 
-        subscription = await self._client.subscribe(subject, cb=on_message)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
-                await subscription.unsubscribe()
+        await _hold(await self._client.subscribe(subject, cb=on_message))
 
     async def replay(
         self,
@@ -349,27 +332,18 @@ class Bus:
         """
 
         async def on_message(msg: Msg) -> None:
-            try:
-                message = decode(msg.data, message_type)
-            except MessageRejected as rejected:
-                REJECTED.labels(label, rejected.reason.value).inc()
-                log.warning("%s skipped a message on %s: %s", label, msg.subject, rejected)
-            else:
-                await handler(message)
+            await _deliver(label, msg, message_type, handler)
             CONSUMER_PENDING.labels(label).set(msg.metadata.num_pending)
 
-        subscription = await self._jetstream.subscribe(
-            filter_subject,
-            stream=stream.name,
-            cb=on_message,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
+        await _hold(
+            await self._jetstream.subscribe(
+                filter_subject,
+                stream=stream.name,
+                cb=on_message,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )
         )
-        try:
-            await asyncio.Event().wait()
-        finally:
-            with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
-                await subscription.unsubscribe()
 
     async def last_message(
         self, stream: subjects.StreamSpec, subject: str, message_type: type[M]
@@ -429,3 +403,34 @@ async def _settle(acknowledgement: Awaitable[Any]) -> None:
     """Send an ack/nak/term; if the connection is gone the server will redeliver anyway."""
     with contextlib.suppress(*_UNAVAILABLE, nats.errors.MsgAlreadyAckdError):
         await acknowledgement
+
+
+def _decode_counted(label: str, msg: Msg, message_type: type[M]) -> M | None:
+    """The decoded message, or None after one log line and a count of the reason."""
+    try:
+        return decode(msg.data, message_type)
+    except MessageRejected as rejected:
+        REJECTED.labels(label, rejected.reason.value).inc()
+        log.warning("%s skipped a message on %s: %s", label, msg.subject, rejected)
+        return None
+
+
+async def _deliver(label: str, msg: Msg, message_type: type[M], handler: Handler[M]) -> None:
+    """Decode and handle one message of a subscription that has no acks to give."""
+    message = _decode_counted(label, msg, message_type)
+    if message is None:
+        return
+    try:
+        await handler(message)
+    except Exception:
+        HANDLER_ERRORS.labels(label).inc()
+        log.exception("%s failed to handle %s", label, msg.subject)
+
+
+async def _hold(subscription: Subscription) -> None:
+    """Keep a callback subscription open until cancelled, then close it."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
+            await subscription.unsubscribe()

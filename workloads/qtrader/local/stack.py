@@ -93,7 +93,7 @@ class LocalStack:
             await self._show(observer, stop, started=started, title=title, out=out)
             health = await self._final_health(observer)
             await self._drain(observer)
-            crashed = self._crashed()
+            crashed = self._crashed(interrupted=stop.is_set())
             report = self._report(
                 observer, health, elapsed_s=time.monotonic() - started, crashed=crashed
             )
@@ -158,9 +158,9 @@ class LocalStack:
         """Stop the feed, then let the candles already in flight become signals, orders and
         fills, so the final report is one consistent state (the portfolio has every fill)."""
         feed = self.workers["marketdata"].process
+        self._stopped.add("marketdata")
         if feed.poll() is None:
             feed.send_signal(signal.SIGTERM)
-            self._stopped.add("marketdata")
         deadline = time.monotonic() + timeout_s
         last_seen: tuple[int, ...] = ()
         while time.monotonic() < deadline:
@@ -173,12 +173,17 @@ class LocalStack:
                 return
             last_seen = seen
 
-    def _crashed(self) -> list[str]:
-        """Workloads that exited by themselves, or failed to stop cleanly when told to."""
+    def _crashed(self, *, interrupted: bool) -> list[str]:
+        """Workloads that failed, or exited before anyone asked them to.
+
+        A Ctrl-C in a terminal reaches the whole process group, so after an interrupt a
+        workload that already stopped cleanly (exit 0) is not a crash.
+        """
         crashed = []
         for role, worker in self.workers.items():
             code = worker.process.poll()
-            if code is not None and (role not in self._stopped or code != 0):
+            asked = interrupted or role in self._stopped
+            if code is not None and (code != 0 or not asked):
                 crashed.append(role)
         return crashed
 
