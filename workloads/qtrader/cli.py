@@ -44,24 +44,22 @@ def _number(kind: str, *, minimum: float, inclusive: bool = True) -> Callable[[s
     return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 1-65535, got {value}")
-    return value
+def _integer(*, minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"{minimum}-{maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
 
 
-def _whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_port = _integer(minimum=1, maximum=65535)
+_whole = _integer(minimum=0)
 
 
 def _positive_decimal(text: str) -> Decimal:
@@ -148,8 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=_existing_file, help="ONNX model file (default: the policy's model.ref)"
     )
 
-    for role in ("execution", "portfolio"):
-        _worker_arguments(commands.add_parser(role, help=f"run the {role} workload"))
+    execution = commands.add_parser("execution", help="run the execution workload")
+    _worker_arguments(execution)
+    execution.add_argument(
+        "--max-price-age",
+        type=_number("--max-price-age", minimum=0, inclusive=False),
+        default=30.0,
+        help="seconds after which a price is not trusted for a decision (default %(default)s)",
+    )
+
+    _worker_arguments(commands.add_parser("portfolio", help="run the portfolio workload"))
 
     up = commands.add_parser("up", help="run the whole pipeline locally (paper mode)")
     up.add_argument("--policy", type=_existing_file, required=True, help="TradingPolicy YAML")
@@ -233,10 +239,11 @@ def _run_inference(args: argparse.Namespace) -> int:
 
 
 def _run_execution(args: argparse.Namespace) -> int:
-    from qtrader.execution.service import Execution
+    from qtrader.execution.service import Execution, ExecutionConfig
     from qtrader.runtime import run_worker
 
-    return run_worker("execution", _options(args), Execution)
+    config = ExecutionConfig(max_price_age_s=args.max_price_age)
+    return run_worker("execution", _options(args), lambda ctx: Execution(ctx, config))
 
 
 def _run_portfolio(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from decimal import Decimal
 
 from prometheus_client import Counter, Gauge
@@ -56,9 +57,17 @@ TRADING_STATE = Gauge(
 _STATE_VALUE = {TradingState.ACTIVE: 0, TradingState.REDUCING: 1, TradingState.HALTED: 2}
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExecutionConfig:
+    # A price older than this (wall clock since its candle arrived) is not trusted: a decision
+    # without a trusted price is denied.
+    max_price_age_s: float = 30.0
+
+
 class Execution:
-    def __init__(self, context: WorkerContext) -> None:
+    def __init__(self, context: WorkerContext, config: ExecutionConfig) -> None:
         self._context = context
+        self._config = config
         self._exchange_info: ExchangeInfo = paper_exchange_info()
         self._paper: PaperExchange | None = None
         self._latch: HaltLatch | None = None
@@ -171,10 +180,10 @@ class Execution:
             equity=self._equity,
         )
 
-    def _fresh_marks(self, max_age_s: float = 30.0) -> dict[str, Decimal]:
-        """Prices older than ``max_age_s`` are not trusted: a decision without a price is denied."""
+    def _fresh_marks(self) -> dict[str, Decimal]:
         now = time.monotonic()
-        return {s: p for s, p in self._marks.items() if now - self._marked_at[s] <= max_age_s}
+        max_age = self._config.max_price_age_s
+        return {s: p for s, p in self._marks.items() if now - self._marked_at[s] <= max_age}
 
     # --- stage 2: send -----------------------------------------------------------------------
 

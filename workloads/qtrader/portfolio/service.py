@@ -99,7 +99,7 @@ class Portfolio:
         assert ledger is not None
         self._sequence += 1
         snapshot = ledger.snapshot(sequence=self._sequence, ts_ms=int(time.time() * 1000))
-        _export(snapshot_ledger=ledger)
+        _export(ledger)
         try:
             await self._context.bus.publish(subjects.PORTFOLIO_SNAPSHOT, snapshot)
         except BusUnavailable as exc:
@@ -125,8 +125,7 @@ class Portfolio:
         )
 
 
-def _export(*, snapshot_ledger: Ledger) -> None:
-    ledger = snapshot_ledger
+def _export(ledger: Ledger) -> None:
     EQUITY.set(float(ledger.equity))
     REALIZED.set(float(ledger.realized_pnl))
     UNREALIZED.set(float(ledger.unrealized_pnl))
