@@ -28,10 +28,10 @@ from qtrader.contracts.messages import (
     TradingState,
 )
 from qtrader.contracts.policy import TradingPolicy, parse_policy
-from qtrader.local.control import publish_policy, write_latch
+from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
 from support.streams import publish_raw, read_all
-from support.workers import Worker, start_worker, wait_until
+from support.workers import Worker, eventually, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -63,9 +63,12 @@ async def control_plane(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
     await bus.ensure_topology()
     await publish_policy(bus, _policy())
     await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+    heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test"))
     try:
         yield bus
     finally:
+        heartbeat.cancel()
+        await asyncio.gather(heartbeat, return_exceptions=True)
         await bus.close()
 
 
@@ -146,7 +149,7 @@ async def test_pipeline_when_candles_flow_then_portfolio_matches_the_fills(
     ]
     try:
         marketdata = workers[0]
-        wait_until(
+        await eventually(
             lambda: "ended" in str(marketdata.health()),
             timeout_s=60,
             what="the synthetic feed to end",
@@ -229,7 +232,7 @@ async def test_inference_when_malformed_and_unknown_version_then_skips_counts_an
                 == 1
             )
 
-        wait_until(counted, timeout_s=20, what="both rejections counted", worker=inference)
+        await eventually(counted, timeout_s=20, what="both rejections counted", worker=inference)
 
         async def nine_signals() -> bool:
             signals = await read_all(
@@ -267,9 +270,11 @@ async def test_worker_when_nats_stops_then_not_ready_and_critical_and_recovers_o
     await control_plane.close()
     worker = start_worker("portfolio", nats_url=nats_server.url, log_dir=tmp_path)
     try:
-        wait_until(lambda: worker.get("/readyz").status_code == 200, timeout_s=20, what="ready")
+        await eventually(
+            lambda: worker.get("/readyz").status_code == 200, timeout_s=20, what="ready"
+        )
         nats_server.stop()
-        wait_until(
+        await eventually(
             lambda: worker.get("/readyz").status_code == 503,
             timeout_s=20,
             what="not ready after NATS stopped",
@@ -280,13 +285,13 @@ async def test_worker_when_nats_stops_then_not_ready_and_critical_and_recovers_o
         dependencies = {d["name"]: d["status"] for d in health["dependencies"]}  # type: ignore[attr-defined]
         assert dependencies["nats"] == "CRITICAL"
         nats_server.start()
-        wait_until(
+        await eventually(
             lambda: worker.get("/readyz").status_code == 200,
             timeout_s=30,
             what="ready again after NATS returned",
             worker=worker,
         )
-        wait_until(
+        await eventually(
             lambda: worker.health()["status"] == "OK",
             timeout_s=10,
             what=f"OK health again: {worker.health()}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -83,6 +84,29 @@ def _alive(worker: Worker) -> bool:
         return worker.get("/healthz").status_code == 200
     except httpx.HTTPError:
         return False
+
+
+async def eventually(
+    condition: Callable[[], bool],
+    *,
+    timeout_s: float,
+    what: str,
+    worker: Worker | None = None,
+    interval_s: float = 0.1,
+) -> None:
+    """``wait_until`` for async tests: the event loop keeps running (heartbeats keep going)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        if worker is not None and worker.process.poll() is not None:
+            raise AssertionError(f"{worker.role} exited while waiting for {what}:\n{worker.log()}")
+        await asyncio.sleep(interval_s)
+    detail = f"\n--- {worker.role} log ---\n{worker.log()[-4000:]}" if worker else ""
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{detail}")
 
 
 def wait_until(

@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which a price is not trusted for a decision (default %(default)s)",
     )
 
+    execution.add_argument(
+        "--heartbeat-timeout",
+        type=_number("--heartbeat-timeout", minimum=0, inclusive=False),
+        default=10.0,
+        help="halt without a control-plane heartbeat for this long (default %(default)s s)",
+    )
+
     _worker_arguments(commands.add_parser("portfolio", help="run the portfolio workload"))
 
     up = commands.add_parser("up", help="run the whole pipeline locally (paper mode)")
@@ -242,7 +249,9 @@ def _run_execution(args: argparse.Namespace) -> int:
     from qtrader.execution.service import Execution, ExecutionConfig
     from qtrader.runtime import run_worker
 
-    config = ExecutionConfig(max_price_age_s=args.max_price_age)
+    config = ExecutionConfig(
+        max_price_age_s=args.max_price_age, heartbeat_timeout_s=args.heartbeat_timeout
+    )
     return run_worker("execution", _options(args), lambda ctx: Execution(ctx, config))
 
 

@@ -370,6 +370,24 @@ class HaltAck(Message):
         return f"halt-ack:{self.worker_id}:{self.revision}"
 
 
+class ControlHeartbeat(Message):
+    """The control plane says it is alive (sent on CONTROL_HEARTBEAT every second or so).
+
+    An execution worker that hears none for longer than its timeout halts itself: a control
+    plane that cannot reach it could not halt it either.
+    """
+
+    KIND = "control_heartbeat"
+    kind: Literal["control_heartbeat"] = "control_heartbeat"
+    issued_by: str
+    latch_revision: int = Field(ge=0)
+    ts_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"heartbeat:{self.issued_by}:{self.ts_ms}"
+
+
 class PolicyRevision(Message):
     """One published TradingPolicy revision, as the workloads read it from the POLICY bucket."""
 

@@ -6,9 +6,12 @@ Two stages, each a durable consumer:
 2. *send*: an intent is sent to the exchange (paper here) only if the halt latch, read from the
    HALT bucket, allows it at that moment; the order's updates and fills are published.
 
-Fail closed: no latch (never written, or unreadable) means HALTED; no portfolio equity means no
-decision; stale prices mean no decision. Positions used for decisions are the fills seen so far
-plus intents in flight, so two signals in a row cannot both open the same position.
+Fail closed: no latch (never written, or unreadable) or no control-plane heartbeat within the
+timeout means HALTED (``halt.HaltGate``); no portfolio equity means no decision; stale prices
+mean no decision. A new latch revision, by the fast broadcast or the KV watch, is put in force,
+open orders are cancelled when it halts, and only then is it acknowledged on CONTROL_HALT_ACK.
+Positions used for decisions are the fills seen so far plus intents in flight, so two signals
+in a row cannot both open the same position.
 """
 
 from __future__ import annotations
@@ -25,14 +28,19 @@ from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
+    ControlHeartbeat,
     Fill,
+    HaltAck,
     HaltLatch,
     OrderIntent,
+    OrderStatus,
+    OrderUpdate,
     PortfolioSnapshot,
     Signal,
     TradingState,
 )
 from qtrader.execution.decisions import DecisionContext, Denial, decide
+from qtrader.execution.halt import HaltGate
 from qtrader.execution.paper import PaperExchange
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
@@ -54,6 +62,10 @@ TRADING_STATE = Gauge(
     "qtrader_trading_state",
     "The halt latch as this worker obeys it: 0 ACTIVE, 1 REDUCING, 2 HALTED (or unreadable).",
 )
+HALT_ACKS = Counter("qtrader_halt_acks_total", "Halt latch revisions acknowledged.")
+HEARTBEAT_AGE = Gauge(
+    "qtrader_control_heartbeat_age_seconds", "Seconds since the control plane's last heartbeat."
+)
 _STATE_VALUE = {TradingState.ACTIVE: 0, TradingState.REDUCING: 1, TradingState.HALTED: 2}
 
 
@@ -62,6 +74,8 @@ class ExecutionConfig:
     # A price older than this (wall clock since its candle arrived) is not trusted: a decision
     # without a trusted price is denied.
     max_price_age_s: float = 30.0
+    # Without a control-plane heartbeat for this long the worker halts itself.
+    heartbeat_timeout_s: float = 10.0
 
 
 class Execution:
@@ -70,20 +84,28 @@ class Execution:
         self._config = config
         self._exchange_info: ExchangeInfo = paper_exchange_info()
         self._paper: PaperExchange | None = None
-        self._latch: HaltLatch | None = None
-        self._latch_error = "latch not read yet"
+        self._gate = HaltGate(heartbeat_timeout_s=config.heartbeat_timeout_s)
+        self._acked_revision = -1
         self._positions: dict[str, Decimal] = {}
         self._in_flight: dict[str, tuple[str, Decimal]] = {}  # intent id -> (symbol, signed qty)
         self._seen_fills: set[str] = set()
         self._marks: dict[str, Decimal] = {}
         self._marked_at: dict[str, float] = {}
         self._equity: Decimal | None = None
-        TRADING_STATE.set(2)
+        TRADING_STATE.set_function(lambda: _STATE_VALUE[self._gate.state()[0]])
+        HEARTBEAT_AGE.set_function(lambda: self._gate.heartbeat_age_s() or 0.0)
         context.monitor.add_check("halt-latch", self.check_latch)
 
     def tasks(self) -> dict[str, Task]:
+        bus = self._context.bus
         return {
             "latch": self._follow_latch(),
+            "halt-broadcast": bus.subscribe(
+                subjects.CONTROL_HALT, HaltLatch, self._apply_latch, label="halt"
+            ),
+            "heartbeat": bus.subscribe(
+                subjects.CONTROL_HEARTBEAT, ControlHeartbeat, self._on_heartbeat, label="heartbeat"
+            ),
             "prices": self._context.bus.subscribe(
                 subjects.all_of(subjects.CANDLE_PREFIX), Candle, self._on_candle, label="prices"
             ),
@@ -103,27 +125,61 @@ class Execution:
         bus = self._context.bus
         while True:
             try:
-                self._set_latch(
-                    await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
-                )
+                latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+                if latch is not None:
+                    await self._apply_latch(latch)
                 async for latch in bus.kv_watch(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch):
-                    self._set_latch(latch)
+                    await self._apply_latch(latch)
             except BusUnavailable as exc:
-                self._latch = None
-                self._latch_error = f"latch unreadable: {exc}"
-                TRADING_STATE.set(2)
+                log.warning("halt latch unreadable (%s): halted until it can be read", exc)
+                self._gate.forget()
             await asyncio.sleep(0.5)
 
-    def _set_latch(self, latch: HaltLatch | None) -> None:
-        self._latch = latch
-        self._latch_error = "no latch has been written" if latch is None else ""
-        TRADING_STATE.set(_STATE_VALUE[self.trading_state])
-        if latch is not None:
-            log.info("halt latch revision %d: %s", latch.revision, latch.state.value)
+    async def _apply_latch(self, latch: HaltLatch) -> None:
+        """Put a latch in force, cancel open orders if it halts, then acknowledge it."""
+        async with self._gate.lock:
+            changed = self._gate.apply(latch)
+            cancelled = 0
+            if changed and latch.state is TradingState.HALTED and self._paper is not None:
+                cancelled = self._paper.cancel_all()
+        if changed:
+            log.info("halt latch revision %d in force: %s", latch.revision, latch.state.value)
+        if latch.revision > self._acked_revision or changed:
+            await self._acknowledge(latch, cancelled)
 
-    @property
-    def trading_state(self) -> TradingState:
-        return self._latch.state if self._latch is not None else TradingState.HALTED
+    async def _acknowledge(self, latch: HaltLatch, cancelled: int) -> None:
+        ack = HaltAck(
+            worker_id=self._context.options.worker_id,
+            revision=latch.revision,
+            state=latch.state,
+            open_orders_cancelled=cancelled,
+            ts_ms=int(time.time() * 1000),
+        )
+        try:
+            await self._context.bus.broadcast(subjects.CONTROL_HALT_ACK, ack)
+        except BusUnavailable as exc:
+            log.warning(
+                "halt revision %d in force but not acknowledged yet: %s", latch.revision, exc
+            )
+            return
+        self._acked_revision = latch.revision
+        HALT_ACKS.inc()
+
+    async def _on_heartbeat(self, heartbeat: ControlHeartbeat) -> None:
+        self._gate.heartbeat()
+        if heartbeat.latch_revision > self._acked_revision:
+            await self._follow_up(heartbeat.latch_revision)
+
+    async def _follow_up(self, revision: int) -> None:
+        """The control plane has a newer latch than this worker: read it now."""
+        try:
+            latch = await self._context.bus.kv_get(
+                subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch
+            )
+        except BusUnavailable:
+            return
+        if latch is not None and latch.revision >= revision:
+            await self._apply_latch(latch)
 
     async def _on_candle(self, candle: Candle) -> None:
         self._marks[candle.symbol] = candle.close
@@ -174,7 +230,7 @@ class Execution:
         for symbol, quantity in self._in_flight.values():
             positions[symbol] = positions.get(symbol, Decimal(0)) + quantity
         return DecisionContext(
-            trading_state=self.trading_state,
+            trading_state=self._gate.state()[0],
             positions=positions,
             marks=self._fresh_marks(),
             equity=self._equity,
@@ -196,17 +252,15 @@ class Execution:
         await self._context.bus.consume(subjects.EXECUTION_INTENTS, OrderIntent, self._on_intent)
 
     async def _on_intent(self, intent: OrderIntent) -> None:
-        state = self.trading_state
-        if state is TradingState.HALTED or (
-            state is TradingState.REDUCING and not intent.reduce_only
-        ):
-            ORDERS_BLOCKED.labels(state.value).inc()
-            self._in_flight.pop(intent.intent_id, None)
-            log.info("intent %s not sent: trading is %s", intent.intent_id, state.value)
-            return
         paper = self._paper
         assert paper is not None  # created before the consumer starts
-        execution = paper.submit(intent, now_ms=int(time.time() * 1000))
+        async with self._gate.lock:  # no latch change between this check and the send
+            verdict = self._gate.verdict(intent)
+            if verdict.allowed:
+                execution = paper.submit(intent, now_ms=int(time.time() * 1000))
+        if not verdict.allowed:
+            await self._refuse(intent, f"trading is {verdict.state.value}: {verdict.why}")
+            return
         ORDERS_SENT.labels("paper").inc()
         bus = self._context.bus
         for update in execution.updates:
@@ -218,18 +272,37 @@ class Execution:
             FILLS.labels(fill.symbol).inc()
         self._in_flight.pop(intent.intent_id, None)
 
+    async def _refuse(self, intent: OrderIntent, reason: str) -> None:
+        """An intent the gate stopped: never sent, recorded as REJECTED for the audit trail."""
+        update = OrderUpdate(
+            client_order_id=intent.client_order_id,
+            intent_id=intent.intent_id,
+            symbol=intent.symbol,
+            side=intent.side,
+            status=OrderStatus.REJECTED,
+            quantity=intent.quantity,
+            filled_quantity=Decimal(0),
+            avg_price=Decimal(0),
+            exchange="halt-gate",
+            reason=reason[:256],
+            ts_ms=int(time.time() * 1000),
+        )
+        await self._context.bus.publish(subjects.order_update_subject(intent.symbol), update)
+        ORDERS_BLOCKED.labels(self._gate.state()[0].value).inc()
+        ORDER_UPDATES.labels(update.status.value).inc()
+        self._in_flight.pop(intent.intent_id, None)
+        log.info("intent %s not sent: %s", intent.intent_id, reason)
+
     async def check_latch(self) -> DependencyHealth:
-        if self._latch is None:
+        state, why = self._gate.state()
+        latch = self._gate.latch
+        revision = f"revision {latch.revision}" if latch else "no latch"
+        if state is TradingState.ACTIVE:
             return DependencyHealth(
-                name="halt-latch",
-                status=Status.DEGRADED,
-                detail=f"{self._latch_error}: not trading (fail closed)",
+                name="halt-latch", status=Status.OK, detail=f"{revision}: ACTIVE"
             )
-        latch = self._latch
-        status = Status.OK if latch.state is TradingState.ACTIVE else Status.DEGRADED
-        detail = f"revision {latch.revision}: {latch.state.value}"
         return DependencyHealth(
             name="halt-latch",
-            status=status,
-            detail=detail + (f" ({latch.reason})" if latch.reason else ""),
+            status=Status.DEGRADED,
+            detail=f"{revision}: {state.value}, not trading" + (f" ({why})" if why else ""),
         )

@@ -7,12 +7,17 @@ difference. Revisions only grow: each write reads the current value first.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
+from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltLatch, PolicyRevision, TradingState
+from qtrader.contracts.messages import ControlHeartbeat, HaltLatch, PolicyRevision, TradingState
 from qtrader.contracts.policy import TradingPolicy
+
+log = logging.getLogger(__name__)
 
 
 def _now_ms() -> int:
@@ -42,3 +47,23 @@ async def write_latch(bus: Bus, *, state: TradingState, reason: str, issued_by: 
     )
     await bus.kv_put(subjects.HALT_BUCKET, subjects.HALT_KEY, latch)
     return latch
+
+
+async def heartbeat_forever(bus: Bus, *, issued_by: str, interval_s: float = 1.0) -> None:
+    """Tell the execution workers the control plane is alive, with the latch revision it holds.
+
+    Workers halt themselves when the heartbeat stops; a worker that hears of a newer latch
+    revision than it has acknowledged re-reads the latch at once.
+    """
+    while True:
+        try:
+            latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+            heartbeat = ControlHeartbeat(
+                issued_by=issued_by,
+                latch_revision=latch.revision if latch else 0,
+                ts_ms=_now_ms(),
+            )
+            await bus.broadcast(subjects.CONTROL_HEARTBEAT, heartbeat)
+        except BusUnavailable as exc:
+            log.warning("heartbeat not sent: %s", exc)
+        await asyncio.sleep(interval_s)

@@ -27,7 +27,7 @@ import httpx
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts.messages import TradingState
 from qtrader.contracts.policy import TradingPolicy
-from qtrader.local.control import publish_policy, write_latch
+from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats, free_port
 from qtrader.local.observer import Observer, WorkloadHealth, render
 
@@ -84,11 +84,16 @@ class LocalStack:
             await write_latch(
                 bus, state=TradingState.ACTIVE, reason="local stack started", issued_by="qtrader up"
             )
+            observer_tasks.append(
+                asyncio.create_task(
+                    heartbeat_forever(bus, issued_by="qtrader up"), name="control-heartbeat"
+                )
+            )
             self._start_workers()
             observer = Observer(
                 bus=bus, health_urls={r: w.health_url for r, w in self.workers.items()}
             )
-            observer_tasks = observer.tasks()
+            observer_tasks += observer.tasks()
             title = f"Quantum Trader (paper) policy {revision.name} rev {revision.revision}"
             await self._show(observer, stop, started=started, title=title, out=out)
             health = await self._final_health(observer)

@@ -1,0 +1,77 @@
+"""The halt gate: the one place an execution worker asks whether it may send an order.
+
+The gate holds the halt latch in force and the time of the control plane's last heartbeat. It
+fails closed: with no latch (never read, or unreadable) or with a heartbeat older than the
+timeout, the state is HALTED whatever the last latch said.
+
+Why a lock: the worker acknowledges a halt only after the new latch is in force *and* no order
+is between its check and its send. Sending holds the lock from the check until the exchange
+call returns; applying a latch takes the same lock. So once an acknowledgement is out, no order
+that was checked under the old latch can still reach the exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qtrader.contracts.messages import HaltLatch, OrderIntent, TradingState
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateVerdict:
+    allowed: bool
+    state: TradingState
+    why: str
+
+
+class HaltGate:
+    def __init__(
+        self, *, heartbeat_timeout_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._clock = clock
+        self._latch: HaltLatch | None = None
+        self._last_heartbeat: float | None = None
+        self.lock = asyncio.Lock()
+
+    @property
+    def latch(self) -> HaltLatch | None:
+        return self._latch
+
+    def heartbeat(self) -> None:
+        self._last_heartbeat = self._clock()
+
+    def heartbeat_age_s(self) -> float | None:
+        return None if self._last_heartbeat is None else self._clock() - self._last_heartbeat
+
+    def apply(self, latch: HaltLatch) -> bool:
+        """Put ``latch`` in force if it is newer than the one in force; True if it changed."""
+        if self._latch is not None and latch.revision <= self._latch.revision:
+            return False
+        self._latch = latch
+        return True
+
+    def forget(self) -> None:
+        """The latch can no longer be read: fail closed until it can."""
+        self._latch = None
+
+    def state(self) -> tuple[TradingState, str]:
+        """The state orders obey now, and why when it is not the latch's own."""
+        if self._latch is None:
+            return TradingState.HALTED, "no halt latch could be read"
+        age = self.heartbeat_age_s()
+        if age is None:
+            return TradingState.HALTED, "no control-plane heartbeat heard yet"
+        if age > self._heartbeat_timeout_s:
+            return TradingState.HALTED, f"control-plane heartbeat missing for {age:.1f}s"
+        return self._latch.state, self._latch.reason
+
+    def verdict(self, intent: OrderIntent) -> GateVerdict:
+        state, why = self.state()
+        allowed = state is TradingState.ACTIVE or (
+            state is TradingState.REDUCING and intent.reduce_only
+        )
+        return GateVerdict(allowed=allowed, state=state, why=why)
