@@ -229,6 +229,7 @@ class OrderUpdate(Message):
     avg_price: NonNegativeDecimal
     exchange: str
     reason: str | None = None
+    worker_id: str = ""  # the execution worker that sent (or refused) the order
     ts_ms: Millis
 
     @property

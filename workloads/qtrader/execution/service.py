@@ -112,9 +112,7 @@ class Execution:
             "fills": self._context.bus.subscribe(
                 subjects.all_of(subjects.FILL_PREFIX), Fill, self._on_fill, label="fills"
             ),
-            "equity": self._context.bus.subscribe(
-                subjects.PORTFOLIO_SNAPSHOT, PortfolioSnapshot, self._on_snapshot, label="equity"
-            ),
+            "equity": self._follow_equity(),
             "decide": self._decide_loop(),
             "send": self._send_loop(),
         }
@@ -194,6 +192,22 @@ class Execution:
         signed = fill.quantity * fill.side.sign
         self._positions[fill.symbol] = self._positions.get(fill.symbol, Decimal(0)) + signed
 
+    async def _follow_equity(self) -> None:
+        bus = self._context.bus
+        while self._equity is None:
+            try:
+                last = await bus.last_message(
+                    subjects.PORTFOLIO, subjects.PORTFOLIO_SNAPSHOT, PortfolioSnapshot
+                )
+            except BusUnavailable:
+                last = None
+            if last is not None:
+                await self._on_snapshot(last)
+            break
+        await bus.subscribe(
+            subjects.PORTFOLIO_SNAPSHOT, PortfolioSnapshot, self._on_snapshot, label="equity"
+        )
+
     async def _on_snapshot(self, snapshot: PortfolioSnapshot) -> None:
         self._equity = snapshot.equity
 
@@ -263,7 +277,9 @@ class Execution:
             return
         ORDERS_SENT.labels("paper").inc()
         bus = self._context.bus
+        worker = {"worker_id": self._context.options.worker_id}
         for update in execution.updates:
+            update = update.model_copy(update=worker)
             await bus.publish(subjects.order_update_subject(update.symbol), update)
             ORDER_UPDATES.labels(update.status.value).inc()
         for fill in execution.fills:
@@ -285,6 +301,7 @@ class Execution:
             avg_price=Decimal(0),
             exchange="halt-gate",
             reason=reason[:256],
+            worker_id=self._context.options.worker_id,
             ts_ms=int(time.time() * 1000),
         )
         await self._context.bus.publish(subjects.order_update_subject(intent.symbol), update)

@@ -1,0 +1,1 @@
+"""The control plane's pure decisions: the EmergencyStop (kill switch) state machine."""

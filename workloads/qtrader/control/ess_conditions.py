@@ -1,0 +1,82 @@
+"""The EmergencyStop's status conditions, shaped like ``metav1.Condition``, for kubectl and alerts.
+
+Four conditions, always all present so a missing one never has to be interpreted:
+
+* ``Ready``: True when Armed (trading allowed).
+* ``Halted``: True while the latch says HALTED (Tripped, or CoolingDown after a Halted trip).
+* ``Reducing``: True while the latch says REDUCING (Reducing, or CoolingDown after one).
+* ``ResetRefused``: True while ``reset_refused_until`` is in the future: a reset was refused
+  (reason ``ResetRefused``) or deferred to the cooldown end (reason ``ResetDeferred``).
+
+``lastTransitionTime`` moves only when a condition's status flips, as the Kubernetes API
+conventions ask: it is kept from ``previous`` otherwise, so a reconcile that only rewords a
+message does not make an old halt look new. ``reconcile``'s ``requeue_after`` covers the moment
+``ResetRefused`` turns False by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from qtrader.contracts.messages import TradingState
+from qtrader.control.ess_status import EssState, EssStatus, as_utc, format_time
+
+Condition = dict[str, str | int]
+
+
+def status_conditions(
+    status: EssStatus, *, generation: int, now: datetime, previous: Sequence[Mapping[str, Any]]
+) -> list[Condition]:
+    """The ``status.conditions`` list for ``status`` at ``now``, observed at ``generation``."""
+    now = as_utc(now, "now")
+    earlier = {c.get("type"): c for c in previous}
+    conditions: list[Condition] = []
+    for kind, true, reason, message in _evaluate(status, now=now):
+        flag = "True" if true else "False"
+        before = earlier.get(kind, {})
+        since = before.get("lastTransitionTime") if before.get("status") == flag else None
+        conditions.append(
+            {
+                "type": kind,
+                "status": flag,
+                "observedGeneration": generation,
+                "lastTransitionTime": since if isinstance(since, str) else format_time(now),
+                "reason": reason,
+                "message": message,
+            }
+        )
+    return conditions
+
+
+def _evaluate(status: EssStatus, *, now: datetime) -> list[tuple[str, bool, str, str]]:
+    state = status.state.value
+    latch = status.latch
+    summary = _halt_summary(status)
+    refused_until = status.reset_refused_until
+    if refused_until is None or refused_until <= now:
+        refusal = (False, "NoResetPending", "no reset is refused or deferred")
+    elif status.state is EssState.COOLING_DOWN:
+        until = format_time(refused_until)
+        refusal = (True, "ResetDeferred", f"reset deferred: it completes at {until}")
+    else:
+        until = format_time(refused_until)
+        refusal = (True, "ResetRefused", f"reset refused until {until}; reset again after it")
+    return [
+        ("Ready", latch is TradingState.ACTIVE, state, summary or "trading allowed"),
+        ("Halted", latch is TradingState.HALTED, state, summary or "not halted"),
+        ("Reducing", latch is TradingState.REDUCING, state, summary or "not reducing"),
+        ("ResetRefused", *refusal),
+    ]
+
+
+def _halt_summary(status: EssStatus) -> str:
+    """What the halt in force is, or "" when Armed."""
+    if status.tripped_at is None or status.cooldown_until is None or status.trip_mode is None:
+        return ""
+    since, until = format_time(status.tripped_at), format_time(status.cooldown_until)
+    reason = status.reason or "no reason given"
+    return (
+        f"{status.trip_mode} since {since} by {status.tripped_by}: {reason}; cooldown until {until}"
+    )
