@@ -30,6 +30,9 @@ async def read_all(url: str, *, stream: str, subject: str, message_type: type[M]
             except nats.errors.TimeoutError:
                 return messages
             messages.extend(decode(m.data, message_type) for m in batch)
+            # Stop at what the stream held when we caught up, even while producers keep going.
+            if batch and batch[-1].metadata.num_pending == 0:
+                return messages
     finally:
         await connection.close()
 
