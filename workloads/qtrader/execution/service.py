@@ -62,7 +62,9 @@ TRADING_STATE = Gauge(
     "qtrader_trading_state",
     "The halt latch as this worker obeys it: 0 ACTIVE, 1 REDUCING, 2 HALTED (or unreadable).",
 )
-HALT_ACKS = Counter("qtrader_halt_acks_total", "Halt latch revisions acknowledged.")
+HALT_ACKS = Counter(
+    "qtrader_halt_acks_total", "Answers on CONTROL_HALT_ACK (new latch revisions and presence)."
+)
 HEARTBEAT_AGE = Gauge(
     "qtrader_control_heartbeat_age_seconds", "Seconds since the control plane's last heartbeat."
 )
@@ -164,9 +166,13 @@ class Execution:
         HALT_ACKS.inc()
 
     async def _on_heartbeat(self, heartbeat: ControlHeartbeat) -> None:
+        """Note the control plane is alive and answer with the latch in force (presence)."""
         self._gate.heartbeat()
         if heartbeat.latch_revision > self._acked_revision:
             await self._follow_up(heartbeat.latch_revision)
+        latch = self._gate.latch
+        if latch is not None:
+            await self._acknowledge(latch, 0)
 
     async def _follow_up(self, revision: int) -> None:
         """The control plane has a newer latch than this worker: read it now."""
