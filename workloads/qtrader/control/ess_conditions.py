@@ -8,10 +8,8 @@ Four conditions, always all present so a missing one never has to be interpreted
 * ``ResetRefused``: True while ``reset_refused_until`` is in the future: a reset was refused
   (reason ``ResetRefused``) or deferred to the cooldown end (reason ``ResetDeferred``).
 
-``lastTransitionTime`` moves only when a condition's status flips, as the Kubernetes API
-conventions ask: it is kept from ``previous`` otherwise, so a reconcile that only rewords a
-message does not make an old halt look new. ``reconcile``'s ``requeue_after`` covers the moment
-``ResetRefused`` turns False by itself.
+``lastTransitionTime`` moves only when a condition's status flips (``conditions``).
+``reconcile``'s ``requeue_after`` covers the moment ``ResetRefused`` turns False by itself.
 """
 
 from __future__ import annotations
@@ -21,9 +19,8 @@ from datetime import datetime
 from typing import Any
 
 from qtrader.contracts.messages import TradingState
+from qtrader.control.conditions import Condition, Evaluated, build_conditions
 from qtrader.control.ess_status import EssState, EssStatus, as_utc, format_time
-
-Condition = dict[str, str | int]
 
 
 def status_conditions(
@@ -31,26 +28,12 @@ def status_conditions(
 ) -> list[Condition]:
     """The ``status.conditions`` list for ``status`` at ``now``, observed at ``generation``."""
     now = as_utc(now, "now")
-    earlier = {c.get("type"): c for c in previous}
-    conditions: list[Condition] = []
-    for kind, true, reason, message in _evaluate(status, now=now):
-        flag = "True" if true else "False"
-        before = earlier.get(kind, {})
-        since = before.get("lastTransitionTime") if before.get("status") == flag else None
-        conditions.append(
-            {
-                "type": kind,
-                "status": flag,
-                "observedGeneration": generation,
-                "lastTransitionTime": since if isinstance(since, str) else format_time(now),
-                "reason": reason,
-                "message": message,
-            }
-        )
-    return conditions
+    return build_conditions(
+        _evaluate(status, now=now), generation=generation, now=format_time(now), previous=previous
+    )
 
 
-def _evaluate(status: EssStatus, *, now: datetime) -> list[tuple[str, bool, str, str]]:
+def _evaluate(status: EssStatus, *, now: datetime) -> list[Evaluated]:
     state = status.state.value
     latch = status.latch
     summary = _halt_summary(status)
