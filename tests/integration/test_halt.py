@@ -8,10 +8,7 @@ signals), so it can trip while signals flow and check every order the workers pr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -19,19 +16,14 @@ import pytest
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
-    Candle,
-    CandleSource,
-    Direction,
     HaltAck,
     OrderStatus,
-    OrderUpdate,
-    Signal,
     TradingState,
 )
 from qtrader.contracts.policy import parse_policy
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
-from support.streams import read_all
+from support.flow import flowing, order_updates
 from support.workers import Worker, eventually, start_worker
 
 pytestmark = pytest.mark.integration
@@ -55,58 +47,6 @@ async def _connect(url: str) -> Bus:
     await bus.ensure_topology()
     await publish_policy(bus, POLICY)
     return bus
-
-
-async def _flow(bus: Bus, *, stop: asyncio.Event) -> int:
-    """Candles and alternating LONG/SHORT signals, 20 a second, until stopped."""
-    index = 0
-    while not stop.is_set():
-        now_ms = int(time.time() * 1000)
-        price = Decimal(30_000) + (index % 10) * 10
-        candle = Candle(
-            symbol="BTCUSDT",
-            interval="1m",
-            open_time_ms=1_700_000_000_000 + index * 60_000,
-            close_time_ms=1_700_000_000_000 + index * 60_000 + 59_999,
-            open=price,
-            high=price + 5,
-            low=price - 5,
-            close=price,
-            volume=Decimal(1),
-            source=CandleSource.SYNTHETIC,
-        )
-        await bus.publish(subjects.candle_subject("BTCUSDT"), candle)
-        signal = Signal(
-            signal_id=f"test:{index}",
-            symbol="BTCUSDT",
-            direction=Direction.LONG if index % 2 == 0 else Direction.SHORT,
-            confidence=0.9,
-            model_version="test",
-            candle_open_time_ms=candle.open_time_ms,
-            price=price,
-            created_at_ms=now_ms,
-        )
-        await bus.publish(subjects.signal_subject("BTCUSDT"), signal)
-        index += 1
-        await asyncio.sleep(0.05)
-    return index
-
-
-@contextlib.asynccontextmanager
-async def _flowing(bus: Bus) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(_flow(bus, stop=stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
-
-
-async def _order_updates(url: str) -> list[OrderUpdate]:
-    return await read_all(
-        url, stream="QT_ORDERS", subject="qtrader.order.update.*", message_type=OrderUpdate
-    )
 
 
 def _execution(url: str, tmp_path: Path, worker_id: str, *extra: str) -> Worker:
@@ -133,10 +73,10 @@ async def test_trip_while_signals_flow_then_all_ack_and_no_order_after_any_ack(
     workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
     workers += [_execution(url, tmp_path, f"exec-{n}") for n in (1, 2)]
     try:
-        async with _flowing(bus):
+        async with flowing(bus):
 
             async def filled_by_both() -> bool:
-                updates = await _order_updates(url)
+                updates = await order_updates(url)
                 senders = {u.worker_id for u in updates if u.status is OrderStatus.FILLED}
                 return senders == {"exec-1", "exec-2"}
 
@@ -150,7 +90,7 @@ async def test_trip_while_signals_flow_then_all_ack_and_no_order_after_any_ack(
             await bus.broadcast(subjects.CONTROL_HALT, latch)
             await eventually(lambda: set(acks) == {"exec-1", "exec-2"}, timeout_s=10, what="acks")
             await asyncio.sleep(2.0)  # signals keep coming after the acknowledgements
-        updates = await _order_updates(url)
+        updates = await order_updates(url)
         for update in updates:
             if update.status is OrderStatus.FILLED:
                 ack = acks[update.worker_id]
@@ -181,14 +121,14 @@ async def test_worker_when_no_latch_readable_then_sends_nothing(
     execution = _execution(url, tmp_path, "exec-no-latch")
     workers.append(execution)
     try:
-        async with _flowing(bus):
+        async with flowing(bus):
             await eventually(
                 lambda: execution.metric("qtrader_signals_denied_total", reason="halted") >= 20,
                 timeout_s=20,
                 what="signals denied because no latch is in force",
                 worker=execution,
             )
-        assert await _order_updates(url) == []
+        assert await order_updates(url) == []
         assert "no halt latch could be read" in str(execution.health())
     finally:
         heartbeat.cancel()
@@ -209,7 +149,7 @@ async def test_worker_when_control_heartbeat_stops_then_halts_itself(
     execution = _execution(url, tmp_path, "exec-hb", "--heartbeat-timeout", "1")
     workers.append(execution)
     try:
-        async with _flowing(bus):
+        async with flowing(bus):
             await eventually(
                 lambda: execution.metric("qtrader_orders_sent_total", exchange="paper") >= 1,
                 timeout_s=20,

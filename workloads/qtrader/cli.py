@@ -3,11 +3,16 @@
 Subcommands:
 - ``marketdata``, ``inference``, ``execution``, ``portfolio``: run one workload (what a
   container runs);
-- ``up``: the whole pipeline locally on an embedded NATS server, in paper mode;
+- ``up``: the whole pipeline locally on an embedded NATS server, in paper mode, with the
+  EmergencyStop control plane;
+- ``ess trip | reset | status``: the local kill switch (the EmergencyStop of the running ``up``);
+- ``policy apply | show``: publish a new TradingPolicy revision to the running ``up``, or show it;
 - ``model train``: train the signal model and export it to ONNX (needs the ``train`` extra).
 
 Arguments are checked before anything starts: a bad one prints what is wrong and exits with 2;
-an invalid policy file prints the field and the rule and exits with 2.
+an invalid policy or EmergencyStop file prints the field and the rule and exits with 2. ``ess``
+and ``policy`` find the running stack through ``.qtrader/up.json`` in the current directory (or
+``--nats-url``); without one they say so and exit with 1.
 """
 
 from __future__ import annotations
@@ -15,16 +20,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from qtrader.contracts.policy import PolicyError, load_policy_file
+from qtrader.contracts.policy import PolicyError, TradingPolicy, load_policy_file
+from qtrader.control.ess_resource import (
+    EmergencyStop,
+    EmergencyStopError,
+    default_emergency_stop,
+    load_emergency_stop_file,
+)
+from qtrader.control.ess_status import EssMode
 from qtrader.marketdata.synthetic import INTERVAL_MS, Regime
 from qtrader.runtime import WorkerOptions
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_ESS_FILE = Path("examples") / "emergencystop.yaml"
 
 
 # --- argument types: each says what is wrong ----------------------------------------------------
@@ -82,6 +96,22 @@ def _existing_file(text: str) -> Path:
 def _nats_url(text: str) -> str:
     if not text.startswith(("nats://", "tls://", "ws://", "wss://")):
         raise argparse.ArgumentTypeError(f"NATS URL must start with nats:// or tls://, got {text}")
+    return text
+
+
+def _resource_name(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", text) or len(text) > 63:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a resource name (lowercase letters, digits and '-', at most 63)"
+        )
+    return text
+
+
+def _reason(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a reason is required when tripping")
+    if len(text) > 1024:
+        raise argparse.ArgumentTypeError(f"at most 1024 characters, got {len(text)}")
     return text
 
 
@@ -173,7 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--data-dir", type=Path, help="keep NATS data and logs here (default: temp)")
     up.add_argument("--report", type=Path, help="also write the final report as JSON to this file")
+    up.add_argument(
+        "--ess",
+        type=_existing_file,
+        help=f"EmergencyStop YAML (default: {DEFAULT_ESS_FILE} when it exists here, else a "
+        "built-in armed stop with a 300 s cooldown)",
+    )
     _market_arguments(up)
+    _ess_commands(commands)
+    _policy_commands(commands)
 
     model = commands.add_parser("model", help="train and export the signal model")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -182,6 +220,47 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_whole, default=7)
     train.add_argument("--epochs", type=_whole, default=None)
     return parser
+
+
+def _stack_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nats-url",
+        type=_nats_url,
+        help="the stack's NATS server (default: from .qtrader/up.json, written by qtrader up)",
+    )
+
+
+def _ess_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ess = commands.add_parser("ess", help="the kill switch of the running local stack")
+    actions = ess.add_subparsers(dest="ess_command", required=True, metavar="ACTION")
+    trip = actions.add_parser("trip", help="stop trading (patches spec.tripped to true)")
+    trip.add_argument("--reason", type=_reason, required=True, help="why (required)")
+    trip.add_argument("--mode", choices=[m.value for m in EssMode], help="default: the spec's")
+    reset = actions.add_parser("reset", help="allow trading again (patches spec.tripped to false)")
+    status = actions.add_parser("status", help="show the EmergencyStop, its latch and its acks")
+    status.add_argument("--json", action="store_true", help="the resource as JSON")
+    for action in (trip, reset, status):
+        action.add_argument(
+            "--name", type=_resource_name, help="EmergencyStop name (default: the stack's, main)"
+        )
+        _stack_arguments(action)
+    for action in (trip, reset):
+        action.add_argument(
+            "--wait",
+            type=_number("--wait", minimum=0, inclusive=False),
+            default=3.0,
+            help="seconds to wait for the control plane's answer (default %(default)s)",
+        )
+
+
+def _policy_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    policy = commands.add_parser("policy", help="the TradingPolicy of the running local stack")
+    actions = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    apply = actions.add_parser("apply", help="validate a TradingPolicy file and publish it live")
+    apply.add_argument("file", type=Path, metavar="FILE")
+    show = actions.add_parser("show", help="print the policy revision in force as YAML")
+    for action in (apply, show):
+        _stack_arguments(action)
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -262,16 +341,40 @@ def _run_portfolio(args: argparse.Namespace) -> int:
     return run_worker("portfolio", _options(args), lambda ctx: Portfolio(ctx, PortfolioConfig()))
 
 
+def _emergency_stop(path: Path | None, policy: TradingPolicy) -> EmergencyStop:
+    """The --ess file, else examples/emergencystop.yaml here, else the CRD's defaults (said so)."""
+    if path is None and DEFAULT_ESS_FILE.is_file():
+        path = DEFAULT_ESS_FILE
+    if path is not None:
+        return load_emergency_stop_file(path)
+    name = policy.spec.emergency_stop_ref
+    print(
+        f"qtrader up: no --ess file and no {DEFAULT_ESS_FILE} here: using a built-in "
+        f"EmergencyStop {name!r} (armed, mode Halted, cooldownSeconds 300, requireManualReset)",
+        file=sys.stderr,
+    )
+    return default_emergency_stop(name)
+
+
 def _run_up(args: argparse.Namespace) -> int:
     from qtrader.local.stack import LocalStack, StackConfig
 
     try:
         policy = load_policy_file(args.policy)
-    except PolicyError as exc:
+        ess = _emergency_stop(args.ess, policy)
+    except (PolicyError, EmergencyStopError) as exc:
         print(f"qtrader up: {exc}", file=sys.stderr)
+        return 2
+    if ess.name != policy.spec.emergency_stop_ref:
+        print(
+            f"qtrader up: the policy obeys EmergencyStop {policy.spec.emergency_stop_ref!r} "
+            f"(spec.emergencyStopRef) but the EmergencyStop file defines {ess.name!r}",
+            file=sys.stderr,
+        )
         return 2
     config = StackConfig(
         policy=policy,
+        ess=ess,
         marketdata_args=_market_config_args(args),
         duration_s=args.duration,
         data_dir=args.data_dir,
@@ -295,12 +398,26 @@ def _run_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_ess(args: argparse.Namespace) -> int:
+    from qtrader.local.commands import run_ess
+
+    return run_ess(args)
+
+
+def _run_policy(args: argparse.Namespace) -> int:
+    from qtrader.local.commands import run_policy
+
+    return run_policy(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "marketdata": _run_marketdata,
     "inference": _run_inference,
     "execution": _run_execution,
     "portfolio": _run_portfolio,
     "up": _run_up,
+    "ess": _run_ess,
+    "policy": _run_policy,
     "model": _run_model,
 }
 

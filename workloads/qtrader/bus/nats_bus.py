@@ -129,8 +129,13 @@ class Bus:
     async def close(self) -> None:
         self._closing = True
         if self._nc is not None and not self._nc.is_closed:
-            with contextlib.suppress(*_UNAVAILABLE):
-                await self._nc.drain()
+            try:
+                # Drain delivers what is in flight; it waits on subscriptions whose callbacks
+                # were cancelled with their tasks, so it gets a bound and then a plain close.
+                await asyncio.wait_for(self._nc.drain(), timeout=self._timeout)
+            except (*_UNAVAILABLE, TimeoutError):
+                with contextlib.suppress(*_UNAVAILABLE):
+                    await self._nc.close()
         BUS_CONNECTED.set(0)
 
     @property

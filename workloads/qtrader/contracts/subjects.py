@@ -135,5 +135,9 @@ POLICY_BUCKET = "qtrader-policy"
 POLICY_KEY = "active"
 HALT_BUCKET = "qtrader-halt"
 HALT_KEY = "latch"
+# Local mode's EmergencyStop resources, one key per name (e.g. "main"): spec and status, as the
+# custom resource holds them in a cluster. Written by ``qtrader up``'s control plane and by
+# ``qtrader ess``; the workloads never read it (they obey the HALT latch).
+ESS_BUCKET = "qtrader-ess"
 
-ALL_BUCKETS: tuple[str, ...] = (POLICY_BUCKET, HALT_BUCKET)
+ALL_BUCKETS: tuple[str, ...] = (POLICY_BUCKET, HALT_BUCKET, ESS_BUCKET)

@@ -12,17 +12,36 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import HaltAck, HaltLatch
+from qtrader.control.ess import latch_message
+from qtrader.control.ess_status import EssStatus
 
 
 async def publish_latch(bus: Bus, latch: HaltLatch) -> None:
     """Make ``latch`` the one in force: durable first, then the fast broadcast."""
     await bus.kv_put(subjects.HALT_BUCKET, subjects.HALT_KEY, latch)
     await bus.broadcast(subjects.CONTROL_HALT, latch)
+
+
+async def sync_latch(bus: Bus, status: EssStatus, *, now: datetime) -> EssStatus | None:
+    """Make the latch in the bucket the one ``status`` names, at start of a control plane.
+
+    A fresh stack has no latch at all (and its workers stay halted until one is written); the
+    bucket may also hold a latch from another run. A new revision above both wins. Returns the
+    status with that revision, or None when the bucket already agreed.
+    """
+    latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+    if latch and latch.revision == status.latch_revision and latch.state is status.latch:
+        return None
+    revision = max(status.latch_revision, latch.revision if latch else 0) + 1
+    synced = replace(status, latch_revision=revision)
+    await publish_latch(bus, latch_message(synced, issued_at_ms=int(now.timestamp() * 1000)))
+    return synced
 
 
 @dataclass(frozen=True, kw_only=True)

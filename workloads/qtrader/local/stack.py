@@ -1,10 +1,13 @@
 """``qtrader up``: the whole pipeline on one machine, on an embedded NATS server, in paper mode.
 
 It starts nats-server with JetStream in a data directory, creates the topology, publishes the
-policy revision and an ACTIVE halt latch (what the operator does in a cluster), then starts the
-four workloads as separate processes, exactly as their containers run them. It shows a live
-summary, and on Ctrl-C, SIGTERM or the end of ``--duration`` stops the workloads (SIGTERM, then
-SIGKILL after a grace period) and the server, leaving nothing running.
+policy revision, and runs what the operator runs in a cluster: the EmergencyStop control plane
+(``LocalControlPlane``: the resource in the ESS bucket, the halt latch, acknowledgements) and the
+control heartbeat. Then it starts the four workloads as separate processes, exactly as their
+containers run them, and writes ``.qtrader/up.json`` so ``qtrader ess`` and ``qtrader policy`` in
+another terminal find its NATS server. It shows a live summary, and on Ctrl-C, SIGTERM or the end
+of ``--duration`` stops the workloads (SIGTERM, then SIGKILL after a grace period) and the server,
+leaving nothing running and removing the state file.
 """
 
 from __future__ import annotations
@@ -12,22 +15,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
 
 from qtrader.bus.nats_bus import Bus
-from qtrader.contracts.messages import TradingState
 from qtrader.contracts.policy import TradingPolicy
-from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
+from qtrader.control.ess_resource import EmergencyStop
+from qtrader.local import control_plane, up_state
+from qtrader.local.control import heartbeat_forever, publish_policy
+from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats, free_port
 from qtrader.local.observer import Observer, WorkloadHealth, render
 
@@ -38,11 +45,14 @@ STOP_GRACE_S = 10.0
 @dataclass(frozen=True, kw_only=True)
 class StackConfig:
     policy: TradingPolicy
+    ess: EmergencyStop
     marketdata_args: tuple[str, ...]
     duration_s: float | None = None
     data_dir: Path | None = None
     report_path: Path | None = None
     refresh_s: float = 1.0
+    # Where .qtrader/up.json goes: the directory up runs in.
+    state_dir: Path = field(default_factory=Path.cwd)
 
 
 @dataclass
@@ -66,41 +76,43 @@ class LocalStack:
         self.workers: dict[str, WorkerProcess] = {}
         self._keep_dir = False  # kept when a workload died, so its log can be read
         self._stopped: set[str] = set()  # workloads this stack told to stop
+        self._log_handler: logging.Handler | None = None
 
-    async def run(self, out: TextIO) -> int:
+    async def run(self, out: TextIO, err: TextIO = sys.stderr) -> int:
         """Run until stopped; returns the exit code (non-zero if a workload died)."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         bus = Bus(url=self.nats.url, client_name="qtrader-up")
-        observer_tasks: list[asyncio.Task[None]] = []
+        tasks: list[asyncio.Task[None]] = []
         started = time.monotonic()
         try:
             self.nats.start()
             await bus.connect()
             await bus.ensure_topology()
             revision = await publish_policy(bus, self._config.policy)
-            await write_latch(
-                bus, state=TradingState.ACTIVE, reason="local stack started", issued_by="qtrader up"
-            )
-            observer_tasks.append(
+            control = await self._start_control_plane(bus, err)
+            tasks.append(asyncio.create_task(control.run(), name="control-plane"))
+            tasks.append(
                 asyncio.create_task(
                     heartbeat_forever(bus, issued_by="qtrader up"), name="control-heartbeat"
                 )
             )
             self._start_workers()
+            self._claim_state_file(err)
             observer = Observer(
                 bus=bus, health_urls={r: w.health_url for r, w in self.workers.items()}
             )
-            observer_tasks += observer.tasks()
+            tasks += observer.tasks()
             title = f"Quantum Trader (paper) policy {revision.name} rev {revision.revision}"
-            await self._show(observer, stop, started=started, title=title, out=out)
+            view = _View(observer=observer, control=control, title=title, started=started)
+            await self._show(view, stop, out=out)
             health = await self._final_health(observer)
             await self._drain(observer)
             crashed = self._crashed(interrupted=stop.is_set())
             report = self._report(
-                observer, health, elapsed_s=time.monotonic() - started, crashed=crashed
+                view, health, elapsed_s=time.monotonic() - started, crashed=crashed
             )
             _print_report(report, out)
             if self._config.report_path:
@@ -108,11 +120,46 @@ class LocalStack:
             self._keep_dir = bool(crashed)
             return 1 if crashed else 0
         finally:
-            for task in observer_tasks:
+            up_state.release(self._config.state_dir, pid=os.getpid())
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*observer_tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await bus.close()
+            if self._log_handler is not None:
+                control_plane.log.removeHandler(self._log_handler)
+                self._log_handler.close()
             self.stop()
+
+    async def _start_control_plane(self, bus: Bus, err: TextIO) -> LocalControlPlane:
+        """Store the EmergencyStop (or keep the one a reused --data-dir holds), put its latch in
+        force before any workload starts, and log its events to logs/control-plane.log."""
+        self._log_handler = _log_to_file(
+            control_plane.log, self.data_dir / "logs" / "control-plane.log"
+        )
+        control = LocalControlPlane(bus, resource=self._config.ess)
+        if not await control.start():
+            status = control.status
+            err.write(
+                f"qtrader up: kept the EmergencyStop {control.name!r} stored in the data "
+                f"directory (state {status.state}, latch revision {status.latch_revision}); "
+                "the --ess file's settings were not applied\n"
+            )
+        return control
+
+    def _claim_state_file(self, err: TextIO) -> None:
+        state = up_state.UpState(
+            nats_url=self.nats.url,
+            pid=os.getpid(),
+            ess=self._config.ess.name,
+            health={role: worker.health_url for role, worker in self.workers.items()},
+        )
+        other = up_state.claim(state, self._config.state_dir)
+        if other is not None:
+            err.write(
+                f"qtrader up: another stack (pid {other.pid}) owns {up_state.STATE_FILE} here; "
+                "`qtrader ess` and `qtrader policy` reach this one with "
+                f"--nats-url {self.nats.url}\n"
+            )
 
     def _start_workers(self) -> None:
         logs = self.data_dir / "logs"
@@ -134,10 +181,9 @@ class LocalStack:
                 role=role, port=port, process=process, log_path=log_path
             )
 
-    async def _show(
-        self, observer: Observer, stop: asyncio.Event, *, started: float, title: str, out: TextIO
-    ) -> None:
+    async def _show(self, view: _View, stop: asyncio.Event, *, out: TextIO) -> None:
         interactive = out.isatty()
+        started = view.started
         deadline = started + self._config.duration_s if self._config.duration_s else None
         last_plain = 0.0
         while not stop.is_set():
@@ -145,14 +191,14 @@ class LocalStack:
             if deadline is not None and now >= deadline:
                 return
             if interactive:
-                out.write("\x1b[2J\x1b[H" + render(observer, elapsed_s=now - started, title=title))
-                out.write("\n")
+                out.write("\x1b[2J\x1b[H" + view.render(elapsed_s=now - started) + "\n")
                 out.flush()
             elif now - last_plain >= 5.0:
-                counts = observer.counts
+                counts = view.observer.counts
                 out.write(
                     f"[{now - started:5.0f}s] candles {counts.candles} signals {counts.signals} "
-                    f"intents {counts.intents} fills {counts.fills}\n"
+                    f"intents {counts.intents} fills {counts.fills} "
+                    f"ess {view.control.status.state}\n"
                 )
                 out.flush()
                 last_plain = now
@@ -200,12 +246,13 @@ class LocalStack:
 
     def _report(
         self,
-        observer: Observer,
+        view: _View,
         health: dict[str, WorkloadHealth],
         *,
         elapsed_s: float,
         crashed: list[str],
     ) -> dict[str, Any]:
+        observer = view.observer
         counts = observer.counts
         snapshot = observer.snapshot
         return {
@@ -217,6 +264,7 @@ class LocalStack:
             "fills": counts.fills,
             "portfolio": snapshot.model_dump(mode="json") if snapshot else None,
             "health": {r: {"status": h.status, "detail": h.detail} for r, h in health.items()},
+            "ess": view.control.summary(),
             "crashed": crashed,
             "processes": {
                 **{role: w.process.pid for role, w in self.workers.items()},
@@ -241,6 +289,34 @@ class LocalStack:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _View:
+    """What the live summary shows: the pipeline (observer) and the kill switch."""
+
+    observer: Observer
+    control: LocalControlPlane
+    title: str
+    started: float
+
+    def render(self, *, elapsed_s: float) -> str:
+        lines = [render(self.observer, elapsed_s=elapsed_s, title=self.title), ""]
+        lines.append(self.control.render_line())
+        for event in self.control.events[-3:]:
+            lines.append(f"  {event['at']} {event['reason']}: {event['message']}")
+        return "\n".join(lines)
+
+
+def _log_to_file(logger: logging.Logger, path: Path) -> logging.Handler:
+    """Send a logger's lines to a file (the terminal belongs to the live summary)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return handler
+
+
 def _print_report(report: dict[str, Any], out: TextIO) -> None:
     portfolio = report["portfolio"]
     lines = [
@@ -262,6 +338,11 @@ def _print_report(report: dict[str, Any], out: TextIO) -> None:
     for role, health in report["health"].items():
         detail = f" ({health['detail']})" if health["detail"] else ""
         lines.append(f"  {role:<11} {health['status']}{detail}")
+    ess = report["ess"]
+    lines.append(
+        f"  ess {ess['name']}: {ess['state']}  trips {ess['tripCount']}  resets {ess['resetCount']}"
+        f"  latch rev {ess['latchRevision']} {ess['latch']}"
+    )
     if report["crashed"]:
         died = ", ".join(report["crashed"])
         lines.append(f"  workloads that died: {died}; logs in {report['logs']}")

@@ -1,0 +1,1 @@
+"""Quantum Trader's control plane: the kopf operator for TradingPolicy and EmergencyStop."""

@@ -1,0 +1,415 @@
+"""The kopf handlers: thin shells that read, call the pure cores and apply the difference.
+
+- TradingPolicy (create, update, resume, and a timer for readiness): ``policy_core`` decides the
+  Deployments and the conditions; the handler applies them and publishes the policy revision to
+  the KV bucket the workloads watch. An invalid policy is marked Invalid and changes nothing.
+- EmergencyStop (create, update, resume, and a timer for the cooldown and acknowledgements):
+  ``qtrader.control.ess.reconcile`` decides; the handler writes the latch and broadcasts it
+  (``halt_channel``), posts the events, records every worker's acknowledgement in the status,
+  and once the live workers acknowledged a halt (or the ack timeout passed, which is reported)
+  scales execution and inference of every policy that obeys this stop to 0; a reset restores
+  them from the policy.
+- Risk alerts from the RISK stream become automatic trips: the handler patches the
+  EmergencyStop's spec (and the tripped-by annotation), so every trip is visible in kubectl.
+
+Finalizer and progress storage use the project's own ``qtrader.dev`` prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import PolicyRevision, RiskAlert, RiskAlertKind, TradingState
+from qtrader.contracts.policy import (
+    API_GROUP,
+    API_VERSION,
+    POLICY_KIND,
+    ObjectMeta,
+    TradingPolicy,
+    TradingPolicySpec,
+)
+from qtrader.control.ess import (
+    TRIPPED_BY_ANNOTATION,
+    EssStatus,
+    Transition,
+    ack_overdue,
+    automatic_trip_patch,
+    latch_message,
+    reconcile,
+)
+from qtrader.control.ess_conditions import status_conditions
+from qtrader.control.ess_resource import EmergencyStopError, EmergencyStopSpec, parse_spec
+from qtrader.control.ess_status import format_time
+from qtrader.control.halt_channel import publish_latch, sync_latch
+from qtrader.local.control import heartbeat_forever, publish_policy
+from qtrader_operator import policy_core
+from qtrader_operator.kube import KubeNotFound, custom_path, deployment_path
+from qtrader_operator.runtime import OperatorConfig, OperatorRuntime
+
+log = logging.getLogger(__name__)
+
+registry = kopf.OperatorRegistry()
+POLICIES = (API_GROUP, API_VERSION, "tradingpolicies")
+STOPS = (API_GROUP, API_VERSION, "emergencystops")
+
+# Which EmergencyStop trigger enables which automatic trip; a ban always trips.
+TRIGGER_FOR_ALERT = {
+    RiskAlertKind.DRAWDOWN: "drawdownPct",
+    RiskAlertKind.FLASH_CRASH: "flashCrashPct",
+    RiskAlertKind.STALE_MARKET_DATA: "staleMarketDataSeconds",
+    RiskAlertKind.EXECUTION_ERROR_RATE: "executionErrorRate",
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _runtime(memo: Any) -> OperatorRuntime:
+    runtime: OperatorRuntime = memo.runtime
+    return runtime
+
+
+# --- lifecycle ---------------------------------------------------------------------------------
+
+
+@kopf.on.startup(registry=registry)
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 70
+    settings.scanning.disabled = True
+    config: OperatorConfig = memo.config
+    runtime = await OperatorRuntime.start(config)
+    memo.runtime = runtime
+    runtime.spawn("halt-acks", runtime.acks.run(runtime.bus))
+    runtime.spawn(
+        "heartbeat",
+        heartbeat_forever(
+            runtime.bus, issued_by="qtrader-operator", interval_s=config.heartbeat_interval_s
+        ),
+    )
+    runtime.spawn("risk-alerts", _consume_risk_alerts(runtime))
+
+
+@kopf.on.cleanup(registry=registry)
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    await _runtime(memo).stop()
+
+
+# --- TradingPolicy -----------------------------------------------------------------------------
+
+
+@kopf.on.resume(*POLICIES, registry=registry)
+@kopf.on.create(*POLICIES, registry=registry)
+@kopf.on.update(*POLICIES, registry=registry)
+@kopf.timer(*POLICIES, interval=5.0, idle=1.0, registry=registry)
+async def reconcile_policy(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    runtime = _runtime(memo)
+    owner = policy_core.Owner(
+        name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid") or meta["name"]
+    )
+    previous = list(status.get("conditions") or [])
+    generation = meta.get("generation")
+    result = policy_core.validate(spec, runtime.exchange)
+    if isinstance(result, str):
+        if status.get("invalidReason") != result:
+            kopf.warn(body, reason="Invalid", message=result)
+        patch.status["invalidReason"] = result
+        patch.status["conditions"] = policy_core.policy_conditions(
+            invalid_reason=result,
+            workloads={},
+            halted=False,
+            generation=generation,
+            now=format_time(_now()),
+            previous=previous,
+        )
+        return
+    stop_state = await _stop_state(runtime, owner.namespace, result.emergency_stop_ref)
+    stopped = _stopped_roles(stop_state)
+    readiness = await _apply_workloads(runtime, owner=owner, spec=result, stopped=stopped)
+    revision = await _publish_if_changed(runtime, body=body, name=owner.name, spec=result)
+    patch.status["invalidReason"] = None
+    patch.status["publishedRevision"] = revision
+    patch.status["workloads"] = {
+        r: {"desired": w.desired, "ready": w.ready} for r, w in readiness.items()
+    }
+    patch.status["conditions"] = policy_core.policy_conditions(
+        invalid_reason=None,
+        workloads=readiness,
+        halted=bool(stopped),
+        generation=generation,
+        now=format_time(_now()),
+        previous=previous,
+    )
+    if generation is not None:
+        patch.status["observedGeneration"] = generation
+
+
+def _stopped_roles(stop_state: TradingState) -> frozenset[str]:
+    if stop_state is TradingState.HALTED:
+        return policy_core.HALTED_ROLES
+    if stop_state is TradingState.REDUCING:
+        return policy_core.REDUCING_ROLES
+    return frozenset()
+
+
+async def _stop_state(runtime: OperatorRuntime, namespace: str, name: str) -> TradingState:
+    """What the EmergencyStop a policy obeys says; a missing one halts (fail closed)."""
+    try:
+        stop = await runtime.kube.get(custom_path("emergencystops", namespace, name))
+    except KubeNotFound:
+        return TradingState.HALTED
+    return EssStatus.from_dict(stop.get("status") or {}).latch
+
+
+async def _apply_workloads(
+    runtime: OperatorRuntime,
+    *,
+    owner: policy_core.Owner,
+    spec: TradingPolicySpec,
+    stopped: frozenset[str],
+) -> dict[str, policy_core.WorkloadReadiness]:
+    settings = policy_core.WorkloadSettings(
+        image=runtime.config.workload_image, nats_url=runtime.config.nats_url
+    )
+    readiness = {}
+    manifests = policy_core.desired_deployments(
+        owner=owner, spec=spec, settings=settings, stopped_roles=stopped
+    )
+    for role, manifest in zip(policy_core.ROLES, manifests, strict=True):
+        applied = await runtime.kube.apply_deployment(manifest)
+        ready = int((applied.get("status") or {}).get("readyReplicas") or 0)
+        readiness[role] = policy_core.WorkloadReadiness(
+            desired=manifest["spec"]["replicas"], ready=ready
+        )
+    return readiness
+
+
+async def _publish_if_changed(
+    runtime: OperatorRuntime, *, body: kopf.Body, name: str, spec: TradingPolicySpec
+) -> int:
+    """Publish a new revision only when the spec differs from the one the workloads run."""
+    current = await runtime.bus.kv_get(subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision)
+    if current is not None and current.name == name and current.spec == spec:
+        return current.revision
+    policy = TradingPolicy(
+        api_version=f"{API_GROUP}/{API_VERSION}",
+        kind=POLICY_KIND,
+        metadata=ObjectMeta(name=name),
+        spec=spec,
+    )
+    revision = await publish_policy(runtime.bus, policy)
+    kopf.info(body, reason="PolicyPublished", message=f"revision {revision.revision} published")
+    return revision.revision
+
+
+# --- EmergencyStop -----------------------------------------------------------------------------
+
+
+@kopf.on.resume(*STOPS, registry=registry)
+@kopf.on.create(*STOPS, registry=registry)
+@kopf.on.update(*STOPS, registry=registry)
+@kopf.timer(*STOPS, interval=0.5, registry=registry)
+async def reconcile_stop(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    runtime = _runtime(memo)
+    memory = runtime.memory(meta["name"])
+    async with memory.lock:
+        now = _now()
+        resource = _parse_stop(spec)
+        tripped_by = (meta.get("annotations") or {}).get(TRIPPED_BY_ANNOTATION, "kubectl")
+        before = memory.status or EssStatus.from_dict(status)
+        if memory.status is None:
+            synced = await sync_latch(runtime.bus, before, now=now)
+            if synced is not None:
+                before, memory.latch_written_at = synced, now
+        ess_spec = resource.to_ess_spec(tripped_by=tripped_by)
+        transition = reconcile(spec=ess_spec, status=before, now=now)
+        if transition.spec_patch:
+            patch.spec.update(transition.spec_patch)
+        if transition.latch_changed:
+            latch = latch_message(transition.status, issued_at_ms=int(now.timestamp() * 1000))
+            await publish_latch(runtime.bus, latch)
+            memory.latch_written_at = now
+        memory.status = transition.status
+        for event in transition.events:
+            kopf.event(
+                body, type=event.type.value, reason=event.reason.value, message=event.message
+            )
+        await _follow_acknowledgements(
+            runtime,
+            body=body,
+            meta=meta,
+            transition=transition,
+            ack_timeout_s=resource.ack_timeout_seconds,
+            now=now,
+        )
+        _write_stop_status(
+            runtime, status=status, patch=patch, meta=meta, transition=transition, now=now
+        )
+
+
+async def _follow_acknowledgements(
+    runtime: OperatorRuntime,
+    *,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    transition: Transition,
+    ack_timeout_s: float,
+    now: datetime,
+) -> None:
+    """Report workers that did not acknowledge in time; scale once the halt is confirmed."""
+    status = transition.status
+    memory = runtime.memory(meta["name"])
+    pending = runtime.acks.pending(status.latch_revision)
+    written = memory.latch_written_at
+    overdue = written is not None and ack_overdue(
+        latch_written_at=written, now=now, timeout_s=ack_timeout_s
+    )
+    if pending and overdue and memory.overdue_reported_for != status.latch_revision:
+        memory.overdue_reported_for = status.latch_revision
+        kopf.warn(
+            body,
+            reason="AckTimeout",
+            message=f"no acknowledgement of latch revision {status.latch_revision} "
+            f"within {ack_timeout_s}s from: {', '.join(pending)}",
+        )
+    target = (status.latch_revision, status.latch.value)
+    if memory.scaled_for == target or (pending and not overdue):
+        return
+    await _scale_obeying_policies(
+        runtime, namespace=meta["namespace"], stop=meta["name"], latch=status.latch
+    )
+    memory.scaled_for = target
+
+
+async def _scale_obeying_policies(
+    runtime: OperatorRuntime, *, namespace: str, stop: str, latch: TradingState
+) -> None:
+    listing = await runtime.kube.get(custom_path("tradingpolicies", namespace))
+    stopped = _stopped_roles(latch)
+    for item in listing.get("items", []):
+        spec = policy_core.validate(item.get("spec") or {}, runtime.exchange)
+        if isinstance(spec, str) or spec.emergency_stop_ref != stop:
+            continue
+        metadata = item["metadata"]
+        owner = policy_core.Owner(
+            name=metadata["name"], namespace=namespace, uid=metadata.get("uid") or metadata["name"]
+        )
+        for role in policy_core.ROLES:
+            replicas = policy_core.desired_replicas(spec, role, stopped_roles=stopped)
+            path = deployment_path(namespace, policy_core.deployment_name(owner, role))
+            try:
+                await runtime.kube.merge_patch(path, {"spec": {"replicas": replicas}})
+            except KubeNotFound:
+                log.warning("deployment %s not found while scaling for %s", path, stop)
+
+
+def _write_stop_status(
+    runtime: OperatorRuntime,
+    *,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    meta: kopf.Meta,
+    transition: Transition,
+    now: datetime,
+) -> None:
+    new = transition.status
+    acknowledgements = [
+        {
+            "worker": a.worker_id,
+            "revision": a.revision,
+            "state": a.state,
+            "openOrdersCancelled": a.open_orders_cancelled,
+            "at": format_time(datetime.fromtimestamp(a.acked_at_ms / 1000, UTC)),
+        }
+        for a in sorted(runtime.acks.live().values(), key=lambda a: a.worker_id)
+    ]
+    wanted: dict[str, Any] = {
+        **new.to_dict(),
+        "acknowledgements": acknowledgements,
+        "pendingWorkers": list(runtime.acks.pending(new.latch_revision)),
+        "conditions": status_conditions(
+            new,
+            generation=meta.get("generation") or 0,
+            now=now,
+            previous=list(status.get("conditions") or []),
+        ),
+    }
+    if meta.get("generation") is not None:
+        wanted["observedGeneration"] = meta["generation"]
+    changed = {k: v for k, v in wanted.items() if status.get(k) != v}
+    if changed:
+        patch.status.update(changed)
+
+
+def _parse_stop(spec: Any) -> EmergencyStopSpec:
+    try:
+        return parse_spec(dict(spec))
+    except EmergencyStopError as exc:  # the CRD's schema should have refused it already
+        raise kopf.PermanentError(f"invalid EmergencyStop spec: {exc}") from exc
+
+
+def _trigger_enabled(resource: EmergencyStopSpec, trigger: str) -> bool:
+    if resource.triggers is None:
+        return False
+    return resource.triggers.model_dump(by_alias=True).get(trigger) is not None
+
+
+# --- automatic trips ---------------------------------------------------------------------------
+
+
+async def _consume_risk_alerts(runtime: OperatorRuntime) -> None:
+    async def on_alert(alert: RiskAlert) -> None:
+        await trip_for_alert(runtime, alert)
+
+    await runtime.bus.consume(subjects.OPERATOR_RISK_ALERTS, RiskAlert, on_alert)
+
+
+async def trip_for_alert(runtime: OperatorRuntime, alert: RiskAlert) -> None:
+    """Trip every EmergencyStop whose trigger for this kind of alert is set."""
+    namespace = runtime.config.namespace
+    listing = await runtime.kube.get(custom_path("emergencystops", namespace))
+    for item in listing.get("items", []):
+        resource = _parse_stop(item.get("spec") or {})
+        trigger = TRIGGER_FOR_ALERT.get(alert.alert_kind)
+        if trigger is not None and not _trigger_enabled(resource, trigger):
+            continue
+        detail = f"{alert.detail} (value {alert.value}, threshold {alert.threshold})"
+        annotations = item["metadata"].get("annotations") or {}
+        tripped_by = annotations.get(TRIPPED_BY_ANNOTATION, "kubectl")
+        trip = automatic_trip_patch(
+            alert_kind=alert.alert_kind.value,
+            detail=detail,
+            spec=resource.to_ess_spec(tripped_by=tripped_by),
+        )
+        if trip is None:
+            continue
+        name = item["metadata"]["name"]
+        body = {"metadata": {"annotations": trip.annotations}, "spec": trip.spec_patch}
+        await runtime.kube.merge_patch(custom_path("emergencystops", namespace, name), body)
+        log.warning("EmergencyStop %s tripped automatically by %s", name, trip.tripped_by)

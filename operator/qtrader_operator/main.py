@@ -1,0 +1,79 @@
+"""``qtrader-operator``: run the operator in a cluster (configuration from the environment).
+
+Environment: ``QTRADER_NAMESPACE`` (or ``POD_NAMESPACE``) the namespace it manages,
+``QTRADER_NATS_URL``, ``QTRADER_WORKLOAD_IMAGE``, ``QTRADER_LIVENESS_URL`` (default
+``http://0.0.0.0:8081/healthz``), and for the optional admission webhook
+``QTRADER_WEBHOOK_PORT``, ``QTRADER_WEBHOOK_CERT``, ``QTRADER_WEBHOOK_KEY``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from qtrader_operator.admission import early_reset_refusal
+from qtrader_operator.handlers import STOPS, registry
+from qtrader_operator.runtime import OperatorConfig
+
+
+def _required(*names: str) -> str:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    raise SystemExit(f"qtrader-operator: set {' or '.join(names)}")
+
+
+def config_from_environment() -> OperatorConfig:
+    return OperatorConfig(
+        namespace=_required("QTRADER_NAMESPACE", "POD_NAMESPACE"),
+        nats_url=_required("QTRADER_NATS_URL"),
+        workload_image=_required("QTRADER_WORKLOAD_IMAGE"),
+    )
+
+
+@kopf.on.validate(*STOPS, operations=["UPDATE"], registry=registry)
+def refuse_early_reset(**kwargs: Any) -> None:
+    old, new = kwargs.get("old") or {}, kwargs.get("new") or {}
+    reason = early_reset_refusal(old=old, new=new, now=datetime.now(UTC))
+    if reason is not None:
+        raise kopf.AdmissionError(reason, code=409)
+
+
+@kopf.on.startup(registry=registry)
+def admission_server(settings: kopf.OperatorSettings, **_: Any) -> None:
+    port = os.environ.get("QTRADER_WEBHOOK_PORT")
+    if port:
+        settings.admission.server = kopf.WebhookServer(
+            port=int(port),
+            certfile=_required("QTRADER_WEBHOOK_CERT"),
+            pkeyfile=_required("QTRADER_WEBHOOK_KEY"),
+        )
+
+
+@kopf.on.login(registry=registry)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the service account; elsewhere (a developer's shell): the kubeconfig."""
+    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
+    return info or kopf.login_with_kubeconfig(**kwargs)
+
+
+def main() -> int:
+    config = config_from_environment()
+    kopf.configure(verbose=False)
+    kopf.run(
+        registry=registry,
+        namespaces=[config.namespace],
+        standalone=True,
+        liveness_endpoint=os.environ.get("QTRADER_LIVENESS_URL", "http://0.0.0.0:8081/healthz"),
+        memo=kopf.Memo(config=config),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The TradingPolicy reconcile core: pure functions from the resource to what must run.
+
+- ``validate`` turns the raw spec into a ``TradingPolicySpec`` or a reason it is Invalid (a
+  schema the API server let through can still name a symbol the exchange does not list, or
+  limits that contradict each other);
+- ``desired_deployments`` is the full manifest of each workload's Deployment, with owner
+  references, ``app.kubernetes.io/*`` labels, replicas and resources from the spec, and the
+  replicas of execution and inference set to 0 while the EmergencyStop halts trading;
+- ``policy_conditions`` are the status conditions, shaped like ``metav1.Condition``.
+
+No I/O here: the kopf handlers read, call these, and apply the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from qtrader.contracts.policy import (
+    API_GROUP,
+    API_VERSION,
+    POLICY_KIND,
+    TradingPolicySpec,
+    WorkloadSpec,
+    format_validation_error,
+)
+from qtrader.control.conditions import Condition, Evaluated, build_conditions
+from qtrader.instruments import ExchangeInfo
+
+ROLES = ("marketdata", "inference", "execution", "portfolio")
+# While the EmergencyStop halts trading (Halted mode) these run no replicas at all; in
+# Reducing mode execution keeps running, since reducing orders still have to be sent.
+HALTED_ROLES = frozenset({"inference", "execution"})
+REDUCING_ROLES = frozenset({"inference"})
+HEALTH_PORT = 8080
+
+
+@dataclass(frozen=True, kw_only=True)
+class Owner:
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadSettings:
+    """What the operator's own configuration adds to every workload."""
+
+    image: str
+    nats_url: str
+    image_pull_policy: str = "IfNotPresent"
+
+
+def validate(raw_spec: Mapping[str, Any], exchange: ExchangeInfo) -> TradingPolicySpec | str:
+    """The typed spec, or the reason it is invalid."""
+    try:
+        spec = TradingPolicySpec.model_validate(dict(raw_spec))
+    except ValidationError as exc:
+        return f"invalid spec: {format_validation_error(exc)}"
+    unlisted = exchange.unlisted(list(spec.symbols))
+    if unlisted:
+        return f"symbols not listed by the exchange: {', '.join(unlisted)}"
+    return spec
+
+
+def labels(owner: Owner, role: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "quantum-trader",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": role,
+        "app.kubernetes.io/part-of": "quantum-trader",
+        "app.kubernetes.io/managed-by": "qtrader-operator",
+    }
+
+
+def deployment_name(owner: Owner, role: str) -> str:
+    return f"{owner.name}-{role}"
+
+
+def desired_replicas(spec: TradingPolicySpec, role: str, *, stopped_roles: frozenset[str]) -> int:
+    workload: WorkloadSpec = getattr(spec.workloads, role)
+    return 0 if role in stopped_roles else workload.replicas
+
+
+def desired_deployments(
+    *,
+    owner: Owner,
+    spec: TradingPolicySpec,
+    settings: WorkloadSettings,
+    stopped_roles: frozenset[str] = frozenset(),
+) -> list[dict[str, Any]]:
+    return [
+        _deployment(
+            owner=owner, spec=spec, settings=settings, role=role, stopped_roles=stopped_roles
+        )
+        for role in ROLES
+    ]
+
+
+def _deployment(
+    *,
+    owner: Owner,
+    spec: TradingPolicySpec,
+    settings: WorkloadSettings,
+    role: str,
+    stopped_roles: frozenset[str],
+) -> dict[str, Any]:
+    workload: WorkloadSpec = getattr(spec.workloads, role)
+    selector = {
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": role,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": deployment_name(owner, role),
+            "namespace": owner.namespace,
+            "labels": labels(owner, role),
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                    "kind": POLICY_KIND,
+                    "name": owner.name,
+                    "uid": owner.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "replicas": desired_replicas(spec, role, stopped_roles=stopped_roles),
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": labels(owner, role)},
+                "spec": _pod_spec(role=role, workload=workload, settings=settings),
+            },
+        },
+    }
+
+
+def _pod_spec(*, role: str, workload: WorkloadSpec, settings: WorkloadSettings) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": role,
+        "image": workload.image or settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": [role],
+        "env": [
+            {"name": "QTRADER_NATS_URL", "value": settings.nats_url},
+            {"name": "QTRADER_HEALTH_PORT", "value": str(HEALTH_PORT)},
+            {
+                "name": "QTRADER_WORKER_ID",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+            },
+        ],
+        "ports": [{"name": "health", "containerPort": HEALTH_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "health"}, "periodSeconds": 5},
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "health"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    resources = workload.resources.model_dump(exclude_none=True)
+    if any(resources.values()):
+        container["resources"] = {k: v for k, v in resources.items() if v}
+    return {
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadReadiness:
+    desired: int
+    ready: int
+
+
+def policy_conditions(
+    *,
+    invalid_reason: str | None,
+    workloads: Mapping[str, WorkloadReadiness],
+    halted: bool,
+    generation: int | None,
+    now: str,
+    previous: Sequence[Mapping[str, Any]],
+) -> list[Condition]:
+    return build_conditions(
+        _evaluate(invalid_reason=invalid_reason, workloads=workloads, halted=halted),
+        generation=generation,
+        now=now,
+        previous=previous,
+    )
+
+
+def _evaluate(
+    *, invalid_reason: str | None, workloads: Mapping[str, WorkloadReadiness], halted: bool
+) -> list[Evaluated]:
+    halt = ("Halted", halted, "EmergencyStop" if halted else "Armed", _halt_message(halted))
+    if invalid_reason is not None:
+        return [
+            ("Ready", False, "Invalid", invalid_reason),
+            ("Progressing", False, "Invalid", "nothing is changed while the spec is invalid"),
+            ("Degraded", True, "Invalid", invalid_reason),
+            halt,
+        ]
+    lagging = sorted(r for r, w in workloads.items() if w.ready < w.desired)
+    ready = not lagging
+    waiting = ", ".join(f"{r} {workloads[r].ready}/{workloads[r].desired}" for r in lagging)
+    return [
+        ("Ready", ready, "AllWorkloadsReady" if ready else "WorkloadsNotReady", waiting),
+        ("Progressing", not ready, "ScalingWorkloads" if not ready else "Stable", waiting),
+        ("Degraded", False, "Valid", ""),
+        halt,
+    ]
+
+
+def _halt_message(halted: bool) -> str:
+    return "the EmergencyStop halts trading: execution and inference stopped" if halted else ""

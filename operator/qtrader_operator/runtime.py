@@ -1,0 +1,99 @@
+"""What the operator's handlers share: its configuration and its live connections.
+
+Built once by the startup handler and kept in kopf's memo: the NATS bus (policy KV, halt latch,
+acknowledgements, risk alerts, heartbeat), the Kubernetes client for Deployments, the exchange
+listing used to validate policies, and the background tasks that run beside the handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from qtrader.bus.nats_bus import Bus
+from qtrader.control.ess_status import EssStatus
+from qtrader.control.halt_channel import AckCollector
+from qtrader.instruments import ExchangeInfo, paper_exchange_info
+from qtrader_operator.kube import KubeApi, KubeEndpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperatorConfig:
+    namespace: str
+    nats_url: str
+    workload_image: str
+    # None: the in-cluster service account (the normal case); tests point it elsewhere.
+    kube: KubeEndpoint | None = None
+    heartbeat_interval_s: float = 1.0
+    reconcile_interval_s: float = 0.5
+
+
+@dataclass
+class EssMemory:
+    """What the operator remembers between reconciles of one EmergencyStop.
+
+    ``status`` is the status this process last decided. kopf hands a handler the body it last
+    saw, and a status patch reaches that body only after the watch echoes it back: deciding from
+    the body could step back to an older status and reuse a latch revision the workers already
+    hold. The operator is the status's only writer, so its own last decision is the truth; the
+    body's status is read only once, after a restart. ``lock`` keeps the handler and the timer
+    of one object from deciding at the same time.
+    """
+
+    status: EssStatus | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    latch_written_at: datetime | None = None
+    overdue_reported_for: int = -1
+    scaled_for: tuple[int, str] | None = None  # (latch revision, state) the workloads match
+
+
+@dataclass
+class OperatorRuntime:
+    config: OperatorConfig
+    bus: Bus
+    kube: KubeApi
+    acks: AckCollector
+    exchange: ExchangeInfo = field(default_factory=paper_exchange_info)
+    ess: dict[str, EssMemory] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, config: OperatorConfig) -> OperatorRuntime:
+        bus = Bus(url=config.nats_url, client_name="qtrader-operator")
+        await bus.connect()
+        await bus.ensure_topology()
+        kube = KubeApi(config.kube or KubeEndpoint.in_cluster())
+        return cls(config=config, bus=bus, kube=kube, acks=AckCollector())
+
+    def spawn(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        task.add_done_callback(_report_end)
+        self.tasks.append(task)
+
+    def memory(self, name: str) -> EssMemory:
+        return self.ess.setdefault(name, EssMemory())
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.kube.close()
+        await self.bus.close()
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("operator task %s failed", task.get_name(), exc_info=exc)
+    else:
+        log.error("operator task %s ended unexpectedly", task.get_name())

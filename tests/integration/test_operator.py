@@ -1,0 +1,486 @@
+"""The real kopf runtime against kmock's Kubernetes emulator, with a real nats-server.
+
+Resources are created and patched over HTTP, as kubectl would; assertions read the objects the
+emulator stores (it has no controllers: a Deployment never gets pods, so readiness stays 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kmock as kmock_lib
+import kopf
+import pytest
+import yaml
+
+from qtrader.bus.nats_bus import Bus
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import HaltLatch, OrderStatus, PolicyRevision, TradingState
+from qtrader.local.nats_server import EmbeddedNats
+from qtrader_operator.handlers import registry
+from qtrader_operator.kube import KubeEndpoint
+from qtrader_operator.runtime import OperatorConfig
+from support.flow import flowing, order_updates
+from support.workers import Worker, start_worker
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "trading"
+POLICIES = "qtrader.dev/v1alpha1/tradingpolicies"
+STOPS = "qtrader.dev/v1alpha1/emergencystops"
+DEPLOYMENTS = "apps/v1/deployments"
+_server: dict[str, str] = {}
+
+
+@kopf.on.login(registry=registry)
+def login_to_emulator(**_: Any) -> kopf.ConnectionInfo:
+    return kopf.ConnectionInfo(server=_server["url"], scheme="Bearer", token="test", insecure=True)
+
+
+def _declare_resources(kmock: Any) -> None:
+    info = kmock_lib.ResourceInfo
+    readable = {"list", "watch", "get"}
+    writable = {"list", "watch", "get", "patch", "create", "update", "delete"}
+    kmock.resources["v1/namespaces"] = info(
+        kind="Namespace", singular="namespace", verbs=readable, namespaced=False
+    )
+    kmock.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
+        kind="CustomResourceDefinition",
+        singular="customresourcedefinition",
+        verbs=readable,
+        namespaced=False,
+    )
+    kmock.resources["v1/events"] = info(
+        kind="Event", singular="event", verbs=readable | {"create"}, namespaced=True
+    )
+    for plural, kind in ((POLICIES, "TradingPolicy"), (STOPS, "EmergencyStop")):
+        kmock.resources[plural] = info(
+            kind=kind,
+            singular=kind.lower(),
+            verbs=writable,
+            namespaced=True,
+            subresources={"status"},
+        )
+    kmock.resources[DEPLOYMENTS] = info(
+        kind="Deployment", singular="deployment", verbs=writable, namespaced=True
+    )
+
+
+class Cluster:
+    """kubectl, in a few lines: create and patch objects over HTTP, read what is stored."""
+
+    def __init__(self, kmock: Any) -> None:
+        self._kmock = kmock
+        self._http = httpx.AsyncClient(base_url=_server["url"], timeout=5)
+
+    def _path(self, plural: str, name: str | None = None) -> str:
+        group_version, resource = plural.rsplit("/", 1)
+        prefix = "/api" if group_version == "v1" else "/apis"
+        base = f"{prefix}/{group_version}/namespaces/{NAMESPACE}/{resource}"
+        return f"{base}/{name}" if name else base
+
+    async def apply(self, plural: str, document: dict[str, Any]) -> None:
+        # The emulator assigns neither a uid nor a resourceVersion, as an API server would:
+        # kopf tells objects apart by uid, and its JSON patches test the resourceVersion.
+        metadata = {
+            **document["metadata"],
+            "namespace": NAMESPACE,
+            "uid": str(uuid.uuid4()),
+            "resourceVersion": "1",
+        }
+        document = {**document, "metadata": metadata}
+        response = await self._http.post(self._path(plural), json=document)
+        assert response.status_code < 300, response.text
+
+    async def patch(self, plural: str, name: str, body: dict[str, Any]) -> None:
+        headers = {"Content-Type": "application/merge-patch+json"}
+        response = await self._http.patch(self._path(plural, name), json=body, headers=headers)
+        assert response.status_code < 300, response.text
+
+    def get(self, plural: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _plain(self._kmock.objects[plural, NAMESPACE, name])
+        except KeyError:
+            return None
+
+    def names(self, plural: str) -> set[str]:
+        return {key[2] for key in self._kmock.objects.keys() if key[0] == plural}  # noqa: SIM118
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every Event the operator posted. The emulator stores only the first (it does not
+        honour generateName, so later ones conflict), hence read them from its request log."""
+        return [
+            request.data
+            for request in list(self._kmock._requests)
+            if str(request.method).upper().endswith("POST")
+            and request.url.path.endswith("/events")
+            and isinstance(request.data, dict)
+        ]
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+async def _eventually(check: Callable[[], Any], *, timeout_s: float, what: str) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def _operator(nats_url: str) -> AsyncIterator[None]:
+    config = OperatorConfig(
+        namespace=NAMESPACE,
+        nats_url=nats_url,
+        workload_image="qtrader:test",
+        kube=KubeEndpoint(server=_server["url"], token="test"),
+        heartbeat_interval_s=0.2,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            namespaces=[NAMESPACE],
+            standalone=True,
+            stop_flag=stop,
+            memo=kopf.Memo(config=config),
+        )
+    )
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+@pytest.fixture
+async def cluster(kmock: Any) -> AsyncIterator[Cluster]:
+    _declare_resources(kmock)
+    _server["url"] = str(kmock.url).rstrip("/")
+    client = Cluster(kmock)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def _example(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((ROOT / "examples" / name).read_text())
+    return document
+
+
+def _policy(**risk: Any) -> dict[str, Any]:
+    document = _example("policy.yaml")
+    document["spec"]["risk"].update({"minConfidence": 0.0, **risk})
+    document["spec"]["workloads"] = {"execution": {"replicas": 2}, "inference": {"replicas": 1}}
+    return document
+
+
+def _stop(**spec: Any) -> dict[str, Any]:
+    document = _example("emergencystop.yaml")
+    document["spec"].update({"cooldownSeconds": 3, "requireManualReset": True, **spec})
+    return document
+
+
+def _condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
+    for condition in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if condition["type"] == kind:
+            found: dict[str, Any] = condition
+            return found
+    return None
+
+
+def _with_condition(cluster: Cluster, kind: str) -> dict[str, Any] | None:
+    policy = cluster.get(POLICIES, "paper-demo")
+    return policy if _condition(policy, kind) else None
+
+
+def _acknowledged(cluster: Cluster) -> set[str]:
+    return {a["worker"] for a in _stop_status(cluster).get("acknowledgements") or []}
+
+
+def _has_event(cluster: Cluster, reason: str) -> bool:
+    return any(e.get("reason") == reason for e in cluster.events())
+
+
+def _replicas(cluster: Cluster, role: str) -> int | None:
+    deployment = cluster.get(DEPLOYMENTS, f"paper-demo-{role}")
+    return None if deployment is None else int(deployment["spec"]["replicas"])
+
+
+async def test_policy_when_applied_then_deployments_status_and_revision(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    async with _operator(nats_server.url):
+        await cluster.apply(STOPS, _stop())
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: cluster.names(DEPLOYMENTS) >= {f"paper-demo-{r}" for r in ROLES},
+            timeout_s=10,
+            what="four deployments",
+        )
+        execution = cluster.get(DEPLOYMENTS, "paper-demo-execution")
+        assert execution is not None
+        assert execution["spec"]["replicas"] == 2
+        labels = execution["metadata"]["labels"]
+        assert labels["app.kubernetes.io/component"] == "execution"
+        assert labels["app.kubernetes.io/instance"] == "paper-demo"
+        owner = execution["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["controller"]) == (
+            "TradingPolicy",
+            "paper-demo",
+            True,
+        )
+        container = execution["spec"]["template"]["spec"]["containers"][0]
+        assert container["args"] == ["execution"]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        policy = await _eventually(
+            lambda: _with_condition(cluster, "Ready"),
+            timeout_s=10,
+            what="policy conditions",
+        )
+        status = policy["status"]
+        assert status["workloads"]["execution"] == {"desired": 2, "ready": 0}
+        assert _condition(policy, "Ready")["reason"] == "WorkloadsNotReady"  # type: ignore[index]
+        assert _condition(policy, "Progressing")["status"] == "True"  # type: ignore[index]
+        published = await _kv_policy(nats_server.url)
+        assert published is not None
+        assert status["publishedRevision"] == published.revision
+        assert published.spec.workloads.execution.replicas == 2
+
+        await cluster.patch(
+            POLICIES, "paper-demo", {"spec": {"workloads": {"execution": {"replicas": 3}}}}
+        )
+        await _eventually(
+            lambda: _replicas(cluster, "execution") == 3, timeout_s=10, what="scaled to 3"
+        )
+        for _ in range(50):  # the revision is published right after the Deployments
+            newer = await _kv_policy(nats_server.url)
+            if newer is not None and newer.revision > published.revision:
+                break
+            await asyncio.sleep(0.1)
+        assert newer is not None
+        assert newer.revision == published.revision + 1
+        assert newer.spec.workloads.execution.replicas == 3
+
+
+async def test_policy_when_invalid_then_marked_invalid_and_nothing_changes(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    async with _operator(nats_server.url):
+        await cluster.apply(STOPS, _stop())
+        bad = _policy()
+        bad["spec"]["symbols"] = ["BTCUSDT", "NOPEUSDT"]
+        await cluster.apply(POLICIES, bad)
+        policy = await _eventually(
+            lambda: _with_condition(cluster, "Ready"),
+            timeout_s=10,
+            what="policy conditions",
+        )
+        ready = _condition(policy, "Ready")
+        assert ready is not None
+        assert (ready["status"], ready["reason"]) == ("False", "Invalid")
+        assert "NOPEUSDT" in policy["status"]["invalidReason"]
+        await asyncio.sleep(1.0)
+        assert cluster.names(DEPLOYMENTS) == set()
+        assert await _kv_policy(nats_server.url) is None
+        await _eventually(
+            lambda: _has_event(cluster, "Invalid"), timeout_s=5, what="a Invalid event"
+        )
+
+
+ROLES = ("marketdata", "inference", "execution", "portfolio")
+
+
+async def _kv_policy(url: str) -> PolicyRevision | None:
+    bus = Bus(url=url, client_name="test-reader")
+    await bus.connect()
+    try:
+        return await bus.kv_get(subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision)
+    finally:
+        await bus.close()
+
+
+async def _kv_latch(url: str) -> HaltLatch | None:
+    bus = Bus(url=url, client_name="test-reader")
+    await bus.connect()
+    try:
+        return await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+    finally:
+        await bus.close()
+
+
+def _stop_status(cluster: Cluster) -> dict[str, Any]:
+    stop = cluster.get(STOPS, "main") or {}
+    status: dict[str, Any] = stop.get("status") or {}
+    return status
+
+
+async def test_stop_when_tripped_while_signals_flow_then_acks_no_orders_after_and_scaled_down(
+    nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _stop())
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await _eventually(
+            lambda: _replicas(cluster, "execution") == 2, timeout_s=10, what="deployments"
+        )
+        workers = await _start_pipeline(url, tmp_path)
+        bus = Bus(url=url, client_name="test-flow")
+        await bus.connect()
+        try:
+            async with flowing(bus):
+                await _eventually(
+                    lambda: _acknowledged(cluster) >= {"exec-1", "exec-2"},
+                    timeout_s=20,
+                    what="both workers present",
+                )
+                await _wait_for_fills(url, workers=("exec-1", "exec-2"))
+                await cluster.patch(
+                    STOPS, "main", {"spec": {"tripped": True, "reason": "test trip"}}
+                )
+                status = await _eventually(
+                    lambda: (
+                        _stop_status(cluster).get("state") == "Tripped"
+                        and not _stop_status(cluster).get("pendingWorkers")
+                        and _stop_status(cluster)
+                    ),
+                    timeout_s=10,
+                    what="Tripped and acknowledged",
+                )
+                await asyncio.sleep(2.0)  # signals keep coming after the acknowledgements
+            latch = await _kv_latch(url)
+            assert latch is not None
+            assert latch.state is TradingState.HALTED
+            assert latch.revision == status["latchRevision"]
+            acked_at = {a["worker"]: a["at"] for a in status["acknowledgements"]}
+            assert {"exec-1", "exec-2"} <= set(acked_at)
+            await _assert_no_fill_after_ack(url, status)
+            await _eventually(
+                lambda: _replicas(cluster, "execution") == 0, timeout_s=10, what="execution 0"
+            )
+            assert _replicas(cluster, "inference") == 0
+            assert _replicas(cluster, "portfolio") == 1
+            assert _condition(cluster.get(STOPS, "main"), "Halted")["status"] == "True"  # type: ignore[index]
+            await _eventually(
+                lambda: _has_event(cluster, "Tripped"), timeout_s=5, what="a Tripped event"
+            )
+
+            # A reset inside the cooldown is refused and set back; after it, trading resumes.
+            await cluster.patch(STOPS, "main", {"spec": {"tripped": False}})
+            await _eventually(
+                lambda: (cluster.get(STOPS, "main") or {}).get("spec", {}).get("tripped") is True,
+                timeout_s=5,
+                what="the refused reset to be set back",
+            )
+            assert _stop_status(cluster)["state"] == "Tripped"
+            await _eventually(
+                lambda: _has_event(cluster, "ResetRefused"),
+                timeout_s=5,
+                what="a ResetRefused event",
+            )
+            assert _replicas(cluster, "execution") == 0
+            await asyncio.sleep(3.0)  # the cooldown (3 s) has now passed
+            await cluster.patch(STOPS, "main", {"spec": {"tripped": False}})
+            await _eventually(
+                lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+            )
+            await _eventually(
+                lambda: _replicas(cluster, "execution") == 2, timeout_s=10, what="restored"
+            )
+            assert _replicas(cluster, "inference") == 1
+            restored = await _kv_latch(url)
+            assert restored is not None
+            assert restored.state is TradingState.ACTIVE
+            assert _stop_status(cluster)["tripCount"] == 1
+            assert _stop_status(cluster)["resetCount"] == 1
+        finally:
+            await bus.close()
+            for worker in workers:
+                worker.stop()
+
+
+async def test_operator_when_restarted_while_tripped_then_still_tripped(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    async with _operator(nats_server.url):
+        await cluster.apply(STOPS, _stop(cooldownSeconds=600))
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "before restart"}})
+        before = await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Tripped" and _stop_status(cluster),
+            timeout_s=10,
+            what="Tripped",
+        )
+    async with _operator(nats_server.url):
+        await asyncio.sleep(2.0)
+        after = _stop_status(cluster)
+        assert after["state"] == "Tripped"
+        assert after["trippedAt"] == before["trippedAt"]
+        assert after["tripCount"] == 1
+        assert after["latchRevision"] == before["latchRevision"]
+        latch = await _kv_latch(nats_server.url)
+        assert latch is not None
+        assert latch.state is TradingState.HALTED
+        assert _replicas(cluster, "execution") == 0
+
+
+async def _start_pipeline(url: str, tmp_path: Path) -> list[Worker]:
+    workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
+    for worker_id in ("exec-1", "exec-2"):
+        workers.append(
+            start_worker(
+                "execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", worker_id)
+            )
+        )
+    return workers
+
+
+async def _wait_for_fills(url: str, *, workers: tuple[str, ...]) -> None:
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        updates = await order_updates(url)
+        if {u.worker_id for u in updates if u.status is OrderStatus.FILLED} >= set(workers):
+            return
+        assert asyncio.get_running_loop().time() < deadline, "both workers should trade first"
+        await asyncio.sleep(0.2)
+
+
+async def _assert_no_fill_after_ack(url: str, status: dict[str, Any]) -> None:
+    from qtrader.control.ess_status import parse_time
+
+    acked_ms = {
+        a["worker"]: int(parse_time(a["at"]).timestamp() * 1000) for a in status["acknowledgements"]
+    }
+    for update in await order_updates(url):
+        if update.status is OrderStatus.FILLED and update.worker_id in acked_ms:
+            assert update.ts_ms <= acked_ms[update.worker_id], (
+                f"{update.client_order_id} filled after {update.worker_id} acknowledged"
+            )

@@ -1,0 +1,401 @@
+"""Local mode's control plane: the EmergencyStop kill switch, with the operator's semantics.
+
+In a cluster the kopf operator reconciles EmergencyStop resources; locally ``qtrader up`` runs
+this instead, on the same pure state machine (``qtrader.control.ess.reconcile``) and the same halt
+channel (``publish_latch``, ``AckCollector``), so a trip, a refused reset or a cooldown behave the
+same in both. The resource lives in the KV bucket ``qtrader-ess`` under its name as an
+``EssRecord``: the spec in the CRD's camelCase form, a ``generation`` that every spec change bumps
+(``metadata.generation``), the tripped-by annotation, and the CRD status plus ``events`` (the last
+50; a cluster has Kubernetes events for that).
+
+Each round, on every change of the record and at least every ``interval_s``, it decides with
+``reconcile`` and applies the transition in the documented order: spec patch, latch
+(``publish_latch``), events (log lines and ``status.events``), status with conditions,
+acknowledgements and pending workers. A round that fails stops at its step; the next decides
+again from the unchanged status, which repeats the same latch revision (harmless). Workers that
+have not acknowledged a new latch within ``ackTimeoutSeconds`` get an ``AckTimeout`` event.
+Unlike the operator it scales nothing down: the latch halts the workers, their processes stay.
+
+Why the status it decides from is the one in memory, not the stored one: the record has two
+writers (``qtrader ess`` changes the spec, this the status and its spec patches) and a KV put
+here has no compare-and-set, so a ``qtrader ess`` write may carry a status read a moment before
+a newer one was stored. Deciding from that copy could step back to an old latch revision, which
+workers ignore. The stored status is read once, at start, so a trip survives a restart of
+``qtrader up`` on the same ``--data-dir``; after that a stale copy is only overwritten. Every
+write re-reads the record and replaces just its own part, as a merge patch would, and
+``qtrader ess`` re-applies a patch that a concurrent write lost (``qtrader.local.ess_client``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from qtrader.bus.errors import BusUnavailable
+from qtrader.bus.nats_bus import Bus
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import Message, MessageRejected, TradingState
+from qtrader.control.ess import (
+    TRIPPED_BY_ANNOTATION,
+    EssEvent,
+    EssSpec,
+    EssState,
+    EssStatus,
+    EventType,
+    Transition,
+    ack_overdue,
+    latch_message,
+    reconcile,
+)
+from qtrader.control.ess_resource import (
+    ESS_API_VERSION,
+    ESS_KIND,
+    Acknowledgement,
+    EmergencyStop,
+    EmergencyStopError,
+    EmergencyStopSpec,
+    ResourceName,
+    status_document,
+)
+from qtrader.control.ess_status import format_time
+from qtrader.control.halt_channel import AckCollector, publish_latch, sync_latch
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS = 50
+ACK_TIMEOUT = "AckTimeout"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+class EssRecord(Message):
+    """One EmergencyStop in the ESS bucket: the local equivalent of the custom resource."""
+
+    KIND = "emergency_stop"
+    kind: Literal["emergency_stop"] = "emergency_stop"
+    name: ResourceName
+    generation: int = Field(ge=1)
+    tripped_by: str = Field(default="", max_length=256)
+    spec: EmergencyStopSpec
+    status: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("status")
+    @classmethod
+    def _status_parses(cls, value: dict[str, Any]) -> dict[str, Any]:
+        EssStatus.from_dict(value)  # raises ValueError naming the field
+        return value
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()  # the spec in camelCase
+
+    @property
+    def dedup_id(self) -> str:
+        return f"ess:{self.name}:{self.generation}"
+
+    def ess_spec(self) -> EssSpec:
+        return self.spec.to_ess_spec(tripped_by=self.tripped_by)
+
+    def ess_status(self) -> EssStatus:
+        return EssStatus.from_dict(self.status)
+
+    @property
+    def observed_generation(self) -> int:
+        value = self.status.get("observedGeneration")
+        return value if isinstance(value, int) else 0
+
+    def list_in_status(self, key: str) -> list[Any]:
+        """``status.events``, ``status.acknowledgements``, ...; [] when absent."""
+        value = self.status.get(key)
+        return list(value) if isinstance(value, list) else []
+
+    def with_spec(self, spec: EmergencyStopSpec, *, tripped_by: str | None = None) -> EssRecord:
+        """The record after a spec change: the next generation, as the API server counts."""
+        by = self.tripped_by if tripped_by is None else tripped_by
+        return self.model_copy(
+            update={"spec": spec, "generation": self.generation + 1, "tripped_by": by}
+        )
+
+    def with_status(self, status: dict[str, Any]) -> EssRecord:
+        return self.model_copy(update={"status": status})
+
+    def to_resource(self) -> dict[str, Any]:
+        """The record as ``kubectl get emergencystop NAME -o json`` would show the resource."""
+        annotations = {TRIPPED_BY_ANNOTATION: self.tripped_by} if self.tripped_by else {}
+        return {
+            "apiVersion": ESS_API_VERSION,
+            "kind": ESS_KIND,
+            "metadata": {
+                "name": self.name,
+                "generation": self.generation,
+                "annotations": annotations,
+            },
+            "spec": self.spec.to_document(),
+            "status": self.status,
+        }
+
+
+def event_entry(*, at: datetime, type_: str, reason: str, message: str) -> dict[str, str]:
+    return {"at": format_time(at), "type": type_, "reason": reason, "message": message}
+
+
+class _Superseded(Exception):
+    """The record changed between the decision and its spec patch: decide again."""
+
+
+class LocalControlPlane:
+    """Reconciles one EmergencyStop in the ESS bucket and drives the halt latch from it."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        resource: EmergencyStop,
+        interval_s: float = 0.5,
+        presence_timeout_s: float = 5.0,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._bus = bus
+        self._resource = resource
+        self._interval_s = interval_s
+        self._clock = clock
+        self.acks = AckCollector(presence_timeout_s=presence_timeout_s)
+        self._status = EssStatus.initial()
+        self._document: dict[str, Any] = {}  # the status as last written
+        self._events: list[dict[str, Any]] = []
+        self._latch_written: tuple[int, datetime] | None = None
+        self._acks_settled = 0  # the latest latch revision acknowledged or reported overdue
+        self._wake = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self._resource.name
+
+    @property
+    def status(self) -> EssStatus:
+        return self._status
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return list(self._events)
+
+    # --- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> bool:
+        """Store the resource unless one of its name exists (kept: a trip survives a restart),
+        then put its latch in force. Returns True when the resource was created."""
+        record = await self._read()
+        created = record is None
+        if record is None:
+            record = EssRecord(
+                name=self.name,
+                generation=1,
+                tripped_by=self._resource.tripped_by,
+                spec=self._resource.spec,
+            )
+            await self._put(record)
+        self._status = record.ess_status()
+        self._document = dict(record.status)
+        self._events = record.list_in_status("events")
+        await self._sync_latch(record)
+        return created
+
+    async def _sync_latch(self, record: EssRecord) -> None:
+        now = self._clock()
+        status = await sync_latch(self._bus, self._status, now=now)
+        if status is None:
+            return
+        self._latch_written = (status.latch_revision, now)
+        log.info("EmergencyStop %s: latch revision %d in force", self.name, status.latch_revision)
+        await self._commit(status, record=record, generation=record.generation, now=now, new=[])
+
+    # --- loop ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile until cancelled: on every change of the record and every ``interval_s``."""
+        await asyncio.gather(self._follow_acks(), self._watch(), self._loop())
+
+    async def _follow_acks(self) -> None:
+        while True:
+            try:
+                await self.acks.run(self._bus)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # without acks the status cannot say who obeys: retry
+                log.warning("EmergencyStop %s: no acknowledgements (%s); retrying", self.name, exc)
+            await asyncio.sleep(self._interval_s)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                async for _ in self._bus.kv_watch(subjects.ESS_BUCKET, self.name, EssRecord):
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the periodic round covers the gap; resume the watch
+                log.warning("EmergencyStop %s watch interrupted (%s); resuming", self.name, exc)
+            await asyncio.sleep(self._interval_s)
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile_once()
+            except _Superseded:
+                continue
+            except (BusUnavailable, MessageRejected, EmergencyStopError) as exc:
+                log.warning("EmergencyStop %s not reconciled: %s", self.name, exc)
+            except Exception:  # level-based: the next round decides again from the same status
+                log.exception("EmergencyStop %s reconcile failed", self.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval_s)
+
+    async def reconcile_once(self) -> Transition | None:
+        """One round: decide from the stored spec and the status held here, then apply."""
+        record = await self._read()
+        if record is None:
+            log.error("EmergencyStop %s is gone from the bucket; the latch stays", self.name)
+            return None
+        now = self._clock()
+        transition = reconcile(spec=record.ess_spec(), status=self._status, now=now)
+        generation = record.generation
+        if transition.spec_patch:
+            record = await self._patch_spec(record, transition.spec_patch)
+            generation = record.generation
+        if transition.latch_changed:
+            latch = latch_message(transition.status, issued_at_ms=_ms(now))
+            await publish_latch(self._bus, latch)
+            self._latch_written = (latch.revision, now)
+        new = [self._event(e, now) for e in transition.events]
+        new += self._ack_timeout(record, revision=transition.status.latch_revision, now=now)
+        await self._commit(
+            transition.status, record=record, generation=generation, now=now, new=new
+        )
+        return transition
+
+    async def _patch_spec(self, record: EssRecord, patch: dict[str, bool | str]) -> EssRecord:
+        current = await self._read()
+        if current is None or current.generation != record.generation:
+            raise _Superseded
+        patched = current.with_spec(current.spec.with_patch(patch))
+        await self._put(patched)
+        log.info("EmergencyStop %s: spec patched %s", self.name, patch)
+        return patched
+
+    def _event(self, event: EssEvent, now: datetime) -> dict[str, str]:
+        level = logging.WARNING if event.type is EventType.WARNING else logging.INFO
+        log.log(level, "EmergencyStop %s %s: %s", self.name, event.reason, event.message)
+        return event_entry(
+            at=now, type_=event.type.value, reason=event.reason.value, message=event.message
+        )
+
+    def _ack_timeout(
+        self, record: EssRecord, *, revision: int, now: datetime
+    ) -> list[dict[str, str]]:
+        """An AckTimeout event, once per latch revision, for live workers still not answering."""
+        written = self._latch_written
+        if written is None or written[0] != revision or revision <= self._acks_settled:
+            return []
+        pending = self.acks.pending(revision)
+        timeout_s = record.spec.ack_timeout_seconds
+        if pending and not ack_overdue(latch_written_at=written[1], now=now, timeout_s=timeout_s):
+            return []
+        self._acks_settled = revision
+        if not pending:
+            return []
+        message = (
+            f"{', '.join(pending)} did not acknowledge latch revision {revision}"
+            f" within {timeout_s}s"
+        )
+        log.warning("EmergencyStop %s %s: %s", self.name, ACK_TIMEOUT, message)
+        return [event_entry(at=now, type_="Warning", reason=ACK_TIMEOUT, message=message)]
+
+    async def _commit(
+        self,
+        status: EssStatus,
+        *,
+        record: EssRecord,
+        generation: int,
+        now: datetime,
+        new: Sequence[dict[str, Any]],
+    ) -> None:
+        """Store the status when it differs from the stored copy, then hold it as the truth."""
+        events = [*self._events, *new][-MAX_EVENTS:]
+        document = self._document_for(status, generation=generation, now=now, events=events)
+        if document != record.status:
+            current = await self._read()
+            if current is not None:
+                await self._put(current.with_status(document))
+        self._status, self._document, self._events = status, document, events
+
+    def _document_for(
+        self, status: EssStatus, *, generation: int, now: datetime, events: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        full = status_document(
+            status,
+            generation=generation,
+            now=now,
+            previous_conditions=self._document.get("conditions") or [],
+            acknowledgements=self._acknowledgements(),
+            pending_workers=self.acks.pending(status.latch_revision),
+        )
+        return {k: v for k, v in full.items() if v is not None} | {"events": events}
+
+    def _acknowledgements(self) -> list[Acknowledgement]:
+        return [
+            Acknowledgement(
+                worker=ack.worker_id,
+                revision=ack.revision,
+                at=datetime.fromtimestamp(ack.acked_at_ms / 1000, tz=UTC),
+                state=TradingState(ack.state),
+                open_orders_cancelled=ack.open_orders_cancelled,
+            )
+            for ack in self.acks.live().values()
+        ]
+
+    async def _read(self) -> EssRecord | None:
+        return await self._bus.kv_get(subjects.ESS_BUCKET, self.name, EssRecord)
+
+    async def _put(self, record: EssRecord) -> None:
+        await self._bus.kv_put(subjects.ESS_BUCKET, self.name, record)
+
+    # --- what qtrader up shows -------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """The ESS part of ``qtrader up``'s final report."""
+        status = self._status
+        return {
+            "name": self.name,
+            **{k: v for k, v in status.to_dict().items() if v is not None},
+            "latch": status.latch.value,
+            "acknowledgedBy": sorted(self.acks.live()),
+            "pendingWorkers": list(self.acks.pending(status.latch_revision)),
+        }
+
+    def render_line(self) -> str:
+        """One line for the live summary."""
+        status = self._status
+        line = f"ess {self.name}: {status.state}"
+        if status.state is not EssState.ARMED:
+            until = format_time(status.cooldown_until) if status.cooldown_until else "-"
+            line += (
+                f" ({status.trip_mode} by {status.tripped_by}: {status.reason};"
+                f" cooldown until {until})"
+            )
+        line += (
+            f"  trips {status.trip_count} resets {status.reset_count}"
+            f"  latch rev {status.latch_revision} {status.latch}"
+        )
+        pending = self.acks.pending(status.latch_revision)
+        return line + (f"  waiting for acks: {', '.join(pending)}" if pending else "")
