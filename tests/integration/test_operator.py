@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,14 @@ import yaml
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltLatch, OrderStatus, PolicyRevision, TradingState
+from qtrader.contracts.messages import (
+    HaltLatch,
+    OrderStatus,
+    PolicyRevision,
+    RiskAlert,
+    RiskAlertKind,
+    TradingState,
+)
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader_operator.handlers import registry
 from qtrader_operator.kube import KubeEndpoint
@@ -484,3 +492,44 @@ async def _assert_no_fill_after_ack(url: str, status: dict[str, Any]) -> None:
             assert update.ts_ms <= acked_ms[update.worker_id], (
                 f"{update.client_order_id} filled after {update.worker_id} acknowledged"
             )
+
+
+async def test_risk_alert_when_its_trigger_is_set_then_the_stop_trips_visibly(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    async with _operator(nats_server.url):
+        await cluster.apply(STOPS, _stop())
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        bus = Bus(url=nats_server.url, client_name="test-risk")
+        await bus.connect()
+        try:
+            alert = RiskAlert(
+                alert_id="dd-1",
+                alert_kind=RiskAlertKind.DRAWDOWN,
+                source="portfolio",
+                value=Decimal("3.4"),
+                threshold=Decimal("3"),
+                detail="drawdown 3.4% beyond 3%",
+                ts_ms=1,
+            )
+            await bus.publish(subjects.risk_alert_subject(alert.alert_kind.value), alert)
+        finally:
+            await bus.close()
+        status = await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Tripped" and _stop_status(cluster),
+            timeout_s=10,
+            what="the automatic trip",
+        )
+        stop = cluster.get(STOPS, "main")
+        assert stop is not None
+        assert stop["spec"]["tripped"] is True
+        assert "drawdown 3.4% beyond 3%" in stop["spec"]["reason"]
+        assert stop["metadata"]["annotations"]["qtrader.dev/tripped-by"] == "risk:drawdown"
+        assert status["automatic"] is True
+        assert status["trippedBy"] == "risk:drawdown"
+        latch = await _kv_latch(nats_server.url)
+        assert latch is not None
+        assert latch.state is TradingState.HALTED
