@@ -84,10 +84,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.posting.level = logging.INFO
-    settings.watching.server_timeout = 60
-    settings.watching.client_timeout = 70
-    settings.scanning.disabled = True
     config: OperatorConfig = memo.config
+    settings.watching.server_timeout = config.watch_timeout_s
+    settings.watching.client_timeout = config.watch_timeout_s + 10
+    # Namespaced resources, one namespace: nothing to discover at run time.
+    settings.scanning.disabled = True
     runtime = await OperatorRuntime.start(config)
     memo.runtime = runtime
     runtime.spawn("halt-acks", runtime.acks.run(runtime.bus))

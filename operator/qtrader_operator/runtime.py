@@ -32,7 +32,9 @@ class OperatorConfig:
     # None: the in-cluster service account (the normal case); tests point it elsewhere.
     kube: KubeEndpoint | None = None
     heartbeat_interval_s: float = 1.0
-    reconcile_interval_s: float = 0.5
+    # How long one watch request may stay open before the API server ends it (kopf reopens it);
+    # it also bounds how long stopping the operator can take.
+    watch_timeout_s: float = 60.0
 
 
 @dataclass

@@ -163,6 +163,7 @@ async def _operator(nats_url: str) -> AsyncIterator[None]:
         workload_image="qtrader:test",
         kube=KubeEndpoint(server=_server["url"], token="test"),
         heartbeat_interval_s=0.2,
+        watch_timeout_s=2.0,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(
@@ -178,7 +179,7 @@ async def _operator(nats_url: str) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, 60)
 
 
 @pytest.fixture

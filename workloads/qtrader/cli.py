@@ -7,7 +7,8 @@ Subcommands:
   EmergencyStop control plane;
 - ``ess trip | reset | status``: the local kill switch (the EmergencyStop of the running ``up``);
 - ``policy apply | show``: publish a new TradingPolicy revision to the running ``up``, or show it;
-- ``model train``: train the signal model and export it to ONNX (needs the ``train`` extra).
+- ``model train``: train the signal model and export it to ONNX (needs the ``train`` extra);
+- ``bench NAME``: run one benchmark (``halt``) and print its figures beside a baseline.
 
 Arguments are checked before anything starts: a bad one prints what is wrong and exits with 2;
 an invalid policy or EmergencyStop file prints the field and the rule and exits with 2. ``ess``
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", type=Path, required=True, help="path of the .onnx file")
     train.add_argument("--seed", type=_whole, default=7)
     train.add_argument("--epochs", type=_whole, default=None)
+    _bench_commands(commands)
     return parser
 
 
@@ -261,6 +263,29 @@ def _policy_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     show = actions.add_parser("show", help="print the policy revision in force as YAML")
     for action in (apply, show):
         _stack_arguments(action)
+
+
+def _bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """One subcommand per benchmark: an unknown NAME exits 2 with the list of names."""
+    bench = commands.add_parser(
+        "bench", help="run a benchmark; it prints its figures beside a baseline from the same run"
+    )
+    names = bench.add_subparsers(dest="bench_name", required=True, metavar="NAME")
+    halt = names.add_parser(
+        "halt", help="trip -> every execution worker acknowledged, vs a NATS fan-out round trip"
+    )
+    halt.add_argument(
+        "--trips",
+        type=_integer(minimum=1, maximum=100_000),
+        default=200,
+        help="trips measured (default %(default)s), and as many baseline rounds",
+    )
+    halt.add_argument(
+        "--workers",
+        type=_integer(minimum=1, maximum=16),
+        default=4,
+        help="execution worker processes (default %(default)s), and as many echo processes",
+    )
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -410,6 +435,14 @@ def _run_policy(args: argparse.Namespace) -> int:
     return run_policy(args)
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    # ``halt`` is the only benchmark so far (argparse refused any other NAME); each benchmark is
+    # imported only when it runs.
+    from qtrader.benchmarks import halt
+
+    return halt.run(trips=args.trips, workers=args.workers)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "marketdata": _run_marketdata,
     "inference": _run_inference,
@@ -419,6 +452,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ess": _run_ess,
     "policy": _run_policy,
     "model": _run_model,
+    "bench": _run_bench,
 }
 
 

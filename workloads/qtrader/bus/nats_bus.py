@@ -37,6 +37,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 
 from qtrader.bus.errors import BusUnavailable, TopologyError
@@ -100,6 +101,7 @@ class Bus:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._closing = False
+        self._buckets: dict[str, KeyValue] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -364,9 +366,18 @@ class Bus:
 
     # --- key-value ---------------------------------------------------------------------------
 
+    async def _bucket(self, bucket: str) -> KeyValue:
+        """The bucket's handle, looked up once: a lookup is a server round trip, and the halt
+        latch is written on the path whose latency matters most."""
+        handle = self._buckets.get(bucket)
+        if handle is None:
+            handle = await self._jetstream.key_value(bucket)
+            self._buckets[bucket] = handle
+        return handle
+
     async def kv_put(self, bucket: str, key: str, message: Message) -> int:
         try:
-            kv = await self._jetstream.key_value(bucket)
+            kv = await self._bucket(bucket)
             return int(await kv.put(key, message.encode()))
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot write {bucket}/{key}: {exc!r}") from exc
@@ -374,7 +385,7 @@ class Bus:
     async def kv_get(self, bucket: str, key: str, message_type: type[M]) -> M | None:
         """The current value, None when the key was never written; BusUnavailable on outage."""
         try:
-            kv = await self._jetstream.key_value(bucket)
+            kv = await self._bucket(bucket)
             entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
@@ -384,7 +395,7 @@ class Bus:
 
     async def kv_watch(self, bucket: str, key: str, message_type: type[M]) -> AsyncIterator[M]:
         """Every value written to ``key`` from now on (starting with the current one)."""
-        kv = await self._jetstream.key_value(bucket)
+        kv = await self._bucket(bucket)
         watcher = await kv.watch(key)
         try:
             while True:

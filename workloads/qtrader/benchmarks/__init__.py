@@ -1,0 +1,11 @@
+"""Benchmarks run by ``qtrader bench NAME``, each beside a baseline measured in the same run.
+
+A figure alone says little on a shared 2-core machine: each benchmark also measures the floor
+it stands on (the transport, same topology, same moment), and reports both and their ratio.
+They live in the package, not in ``bench/``, so the installed ``qtrader`` command can run them;
+the CLI imports a benchmark only when it is asked for. Speed is reported, never asserted in
+tests: a test checks that a benchmark runs and that its correctness figures hold.
+
+- ``halt`` (``qtrader.benchmarks.halt``): operator trips the latch -> the last execution worker
+  acknowledges it, against a plain NATS fan-out round trip; and no order filled after an ack.
+"""
