@@ -17,15 +17,24 @@ from datetime import datetime
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltAck, HaltLatch
+from qtrader.contracts.messages import HaltAck, HaltLatch, TradingState
 from qtrader.control.ess import latch_message
 from qtrader.control.ess_status import EssStatus
 
 
 async def publish_latch(bus: Bus, latch: HaltLatch) -> None:
-    """Make ``latch`` the one in force: durable first, then the fast broadcast."""
-    await bus.kv_put(subjects.HALT_BUCKET, subjects.HALT_KEY, latch)
+    """Make ``latch`` the one in force, in the order that fails closed.
+
+    A halt travels first and is made durable after: the workers stop a KV write sooner, and if
+    the write then fails they are halted anyway. A resume is made durable first: a worker must
+    never trade on a latch that a restart would not find in the bucket.
+    """
+    if latch.state is TradingState.ACTIVE:
+        await bus.kv_put(subjects.HALT_BUCKET, subjects.HALT_KEY, latch)
+        await bus.broadcast(subjects.CONTROL_HALT, latch)
+        return
     await bus.broadcast(subjects.CONTROL_HALT, latch)
+    await bus.kv_put(subjects.HALT_BUCKET, subjects.HALT_KEY, latch)
 
 
 async def sync_latch(bus: Bus, status: EssStatus, *, now: datetime) -> EssStatus | None:
