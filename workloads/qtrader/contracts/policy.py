@@ -15,9 +15,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+
+from qtrader.contracts.documents import read_resource
 
 API_GROUP = "qtrader.dev"
 API_VERSION = "v1alpha1"
@@ -157,15 +158,4 @@ def parse_policy(document: object) -> TradingPolicy:
 
 def load_policy_file(path: Path) -> TradingPolicy:
     """Read a TradingPolicy YAML file (the same file kubectl applies)."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from exc
-    try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{path} is not valid YAML: {exc}") from exc
-    policies = [d for d in documents if isinstance(d, dict) and d.get("kind") == POLICY_KIND]
-    if len(policies) != 1:
-        raise PolicyError(f"{path} must hold exactly one TradingPolicy, found {len(policies)}")
-    return parse_policy(policies[0])
+    return parse_policy(read_resource(path, kind=POLICY_KIND, error=PolicyError))

@@ -25,7 +25,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -41,6 +40,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from qtrader.contracts.documents import read_resource
 from qtrader.contracts.messages import TradingState
 from qtrader.contracts.policy import API_GROUP, API_VERSION
 from qtrader.control.ess import TRIPPED_BY_ANNOTATION
@@ -180,18 +180,7 @@ def parse_emergency_stop(document: object) -> EmergencyStop:
 
 def load_emergency_stop_file(path: Path) -> EmergencyStop:
     """Read the one EmergencyStop of a YAML file (the same file kubectl applies)."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise EmergencyStopError(f"cannot read EmergencyStop file {path}: {exc.strerror}") from exc
-    try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as exc:
-        raise EmergencyStopError(f"{path} is not valid YAML: {exc}") from exc
-    stops = [d for d in documents if isinstance(d, dict) and d.get("kind") == ESS_KIND]
-    if len(stops) != 1:
-        raise EmergencyStopError(f"{path} must hold exactly one EmergencyStop, found {len(stops)}")
-    return parse_emergency_stop(stops[0])
+    return parse_emergency_stop(read_resource(path, kind=ESS_KIND, error=EmergencyStopError))
 
 
 def _where(exc: ValidationError, prefix: str) -> str:
