@@ -17,7 +17,7 @@ async def read_all(url: str, *, stream: str, subject: str, message_type: type[M]
     """Every message stored on ``subject`` in ``stream``, oldest first."""
     connection = await nats.connect(url)
     try:
-        js = connection.jetstream()
+        js = connection.jetstream(timeout=15)  # a loaded CI machine answers slowly
         subscription = await js.pull_subscribe(
             subject,
             stream=stream,
