@@ -23,6 +23,8 @@ from qtrader.contracts.messages import (
     CandleSource,
     Fill,
     OrderIntent,
+    OrderStatus,
+    OrderUpdate,
     PortfolioSnapshot,
     Signal,
     TradingState,
@@ -132,6 +134,17 @@ async def _wait_async(condition: object, *, timeout_s: float, what: str) -> None
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+_FILLED_OR_EXPIRED = {OrderStatus.FILLED, OrderStatus.EXPIRED}
+
+
+async def _final_updates(url: str) -> dict[str, OrderUpdate]:
+    """Each intent's final order update (FILLED, EXPIRED, ...), by intent id."""
+    updates = await read_all(
+        url, stream="QT_ORDERS", subject="qtrader.order.update.*", message_type=OrderUpdate
+    )
+    return {u.intent_id: u for u in updates if u.status.is_final}
+
+
 def _stop_all(workers: list[Worker]) -> None:
     for worker in workers:
         worker.stop()
@@ -160,12 +173,23 @@ async def test_pipeline_when_candles_flow_then_portfolio_matches_the_fills(
         )
         last_close = {c.symbol: c.close for c in candles}
 
+        seen: list[tuple[int, int]] = []
+
         async def settled() -> bool:
+            """Every intent filled and applied, and nothing new for two checks in a row (the
+            execution worker decides queued signals in cycles, after the feed has ended)."""
             fills = await read_all(
                 url, stream="QT_FILLS", subject="qtrader.fill.*", message_type=Fill
             )
+            intents = await read_all(
+                url, stream="QT_ORDERS", subject="qtrader.order.intent.*", message_type=OrderIntent
+            )
+            finals = await _final_updates(url)
             snapshot = await _last_snapshot(url)
+            seen.append((len(intents), len(fills)))
             if snapshot is None or snapshot.fills_applied != len(fills):
+                return False
+            if len(finals) != len(intents) or seen[-5:] != [seen[-1]] * 5:
                 return False
             marks = {p.symbol: p.mark_price for p in snapshot.positions}
             return all(marks.get(s, last_close[s]) == last_close[s] for s in marks)
@@ -186,7 +210,20 @@ async def test_pipeline_when_candles_flow_then_portfolio_matches_the_fills(
         # 32 candles fill a window; every later candle of every symbol gives one signal.
         assert len(signals) == 2 * (160 - 31)
         assert len(intents) > 0
-        assert len(fills) == len(intents)
+        finals = await _final_updates(url)
+        assert set(finals) == {i.intent_id for i in intents}
+        # Paper fills an order whole or not at all (a limit at the slippage bound that the price
+        # has left expires), so each FILLED intent has exactly one fill.
+        filled = [u for u in finals.values() if u.status is OrderStatus.FILLED]
+        assert len(fills) == len(filled) > 0
+        # A reduce-only order decided against an intent still in flight is refused by the
+        # exchange when that intent expires instead of filling: refused, never mis-traded.
+        others = [
+            u
+            for u in finals.values()
+            if u.status not in _FILLED_OR_EXPIRED and "reduce_only" not in (u.reason or "")
+        ]
+        assert others == [], [(u.status, u.reason) for u in others]
         realized, fees, unrealized, quantities = _independent_portfolio(fills, last_close)
         assert snapshot.fills_applied == len(fills)
         assert _cents(snapshot.realized_pnl) == _cents(realized)

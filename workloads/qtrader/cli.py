@@ -27,7 +27,12 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from qtrader.contracts.policy import PolicyError, TradingPolicy, load_policy_file
+from qtrader.contracts.policy import (
+    PolicyError,
+    TradingPolicy,
+    TradingPolicySpec,
+    load_policy_file,
+)
 from qtrader.control.ess_resource import (
     EmergencyStop,
     EmergencyStopError,
@@ -35,6 +40,7 @@ from qtrader.control.ess_resource import (
     load_emergency_stop_file,
 )
 from qtrader.control.ess_status import EssMode
+from qtrader.exchange.venue import Venue
 from qtrader.marketdata.synthetic import INTERVAL_MS, Regime
 from qtrader.runtime import WorkerOptions
 
@@ -97,6 +103,18 @@ def _existing_file(text: str) -> Path:
 def _nats_url(text: str) -> str:
     if not text.startswith(("nats://", "tls://", "ws://", "wss://")):
         raise argparse.ArgumentTypeError(f"NATS URL must start with nats:// or tls://, got {text}")
+    return text
+
+
+def _http_url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL")
+    return text.rstrip("/")
+
+
+def _redis_url(text: str) -> str:
+    if not re.fullmatch(r"rediss?://\S+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a redis:// URL")
     return text
 
 
@@ -192,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="halt without a control-plane heartbeat for this long (default %(default)s s)",
     )
+    _exchange_arguments(execution)
 
     _worker_arguments(commands.add_parser("portfolio", help="run the portfolio workload"))
 
@@ -222,6 +241,57 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_whole, default=None)
     _bench_commands(commands)
     return parser
+
+
+def _exchange_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "exchange (testnet and live mode)",
+        "API keys come from QTRADER_BINANCE_SECRET_DIR (files api-key, api-secret) or "
+        "QTRADER_BINANCE_API_KEY and QTRADER_BINANCE_API_SECRET; they are never logged.",
+    )
+    env = os.environ.get
+    group.add_argument(
+        "--exchange-url",
+        type=_http_url,
+        default=env("QTRADER_BINANCE_URL"),
+        help="Binance futures REST base URL (default: by the policy's mode, testnet or live)",
+    )
+    group.add_argument(
+        "--redis-url",
+        type=_redis_url,
+        default=env("QTRADER_REDIS_URL"),
+        help="Redis shared by all execution replicas for the rate limiter (default: none, "
+        "an in-process limiter, DEGRADED with more than one replica)",
+    )
+    group.add_argument(
+        "--egress-id",
+        default=env("QTRADER_EGRESS_ID", "egress-default"),
+        help="name of the egress IP whose request-weight budget this replica shares",
+    )
+    group.add_argument(
+        "--exchange-timeout",
+        type=_number("--exchange-timeout", minimum=0, inclusive=False),
+        default=5.0,
+        help="seconds to wait for an exchange answer (default %(default)s)",
+    )
+    group.add_argument(
+        "--unknown-grace",
+        type=_number("--unknown-grace", minimum=0, inclusive=False),
+        default=5.0,
+        help="seconds an order of unknown outcome is looked up before it is re-sent",
+    )
+    group.add_argument(
+        "--cycle",
+        type=_number("--cycle", minimum=0, inclusive=False),
+        default=0.25,
+        help="seconds per intake cycle; each decides at most the policy's maxPerCycle",
+    )
+    group.add_argument(
+        "--dead-man-countdown",
+        type=_number("--dead-man-countdown", minimum=5, inclusive=True),
+        default=60.0,
+        help="seconds after which the exchange cancels our open orders if not re-armed",
+    )
 
 
 def _stack_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,13 +420,41 @@ def _run_inference(args: argparse.Namespace) -> int:
 
 
 def _run_execution(args: argparse.Namespace) -> int:
+    from qtrader.execution.orders import DriverSettings
     from qtrader.execution.service import Execution, ExecutionConfig
     from qtrader.runtime import run_worker
 
+    countdown_s: float = args.dead_man_countdown
     config = ExecutionConfig(
-        max_price_age_s=args.max_price_age, heartbeat_timeout_s=args.heartbeat_timeout
+        max_price_age_s=args.max_price_age,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        cycle_s=args.cycle,
+        dead_man_countdown_ms=int(countdown_s * 1000),
+        dead_man_refresh_s=countdown_s / 4,
+        driver=DriverSettings(unknown_grace_s=args.unknown_grace),
+        exchange_factory=_binance_factory(args),
     )
     return run_worker("execution", _options(args), lambda ctx: Execution(ctx, config))
+
+
+def _binance_factory(args: argparse.Namespace) -> Callable[[TradingPolicySpec], Venue]:
+    """Builds the Binance venue when the policy's mode asks for it (keys read only then)."""
+
+    def build(spec: TradingPolicySpec) -> Venue:
+        from qtrader.exchange.binance import BASE_URLS, BinanceFutures, BinanceSettings
+        from qtrader.exchange.credentials import load_credentials
+
+        settings = BinanceSettings(
+            base_url=args.exchange_url or BASE_URLS[spec.mode],
+            credentials=load_credentials(os.environ),
+            egress_id=args.egress_id,
+            redis_url=args.redis_url,
+            replicas=max(1, spec.workloads.execution.replicas),
+            timeout_s=args.exchange_timeout,
+        )
+        return BinanceFutures(settings)
+
+    return build
 
 
 def _run_portfolio(args: argparse.Namespace) -> int:

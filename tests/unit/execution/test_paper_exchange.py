@@ -125,6 +125,26 @@ def test_submit_when_rejected_then_resubmission_returns_the_same_rejection() -> 
 
 
 @pytest.mark.parametrize(
+    ("side", "limit", "filled"),
+    [
+        (Side.BUY, "60012.0", True),  # the fill price (close + 2 bps) is exactly the cap
+        (Side.BUY, "60011.9", False),  # one tick under it: nothing at the limit or better
+        (Side.SELL, "59988.0", True),
+        (Side.SELL, "59988.1", False),
+    ],
+)
+def test_limit_order_when_fill_price_beyond_limit_then_expires_unfilled(
+    side: Side, limit: str, filled: bool
+) -> None:
+    order = intent(side, "0.010", order_type=OrderType.LIMIT).model_copy(
+        update={"limit_price": Decimal(limit)}
+    )
+    execution = make_exchange().submit(order, now_ms=NOW)
+    assert execution.final.status is (OrderStatus.FILLED if filled else OrderStatus.EXPIRED)
+    assert len(execution.fills) == (1 if filled else 0)
+
+
+@pytest.mark.parametrize(
     ("order", "reason"),
     [
         (intent(Side.BUY, "1", symbol="NOPEUSDT"), PaperRejectReason.UNKNOWN_SYMBOL),
@@ -132,10 +152,6 @@ def test_submit_when_rejected_then_resubmission_returns_the_same_rejection() -> 
         (intent(Side.BUY, "0.0015"), PaperRejectReason.QUANTITY_OFF_STEP),
         (intent(Side.BUY, "0.001"), PaperRejectReason.BELOW_MIN_NOTIONAL),  # 60 < 100 USDT
         (intent(Side.SELL, "0.010", reduce_only=True), PaperRejectReason.REDUCE_ONLY_REJECTED),
-        (
-            intent(Side.BUY, "0.010", order_type=OrderType.LIMIT),
-            PaperRejectReason.UNSUPPORTED_ORDER_TYPE,
-        ),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )

@@ -196,8 +196,10 @@ class OrderIntent(Message):
 
 
 class OrderStatus(enum.StrEnum):
-    """Binance's order states plus UNKNOWN: sent, outcome not yet known (never re-sent blindly)."""
+    """Binance's order states plus two of ours: PENDING_NEW, recorded and about to be sent, and
+    UNKNOWN, sent with its outcome not yet known (looked up, never re-sent blindly)."""
 
+    PENDING_NEW = "PENDING_NEW"
     NEW = "NEW"
     PARTIALLY_FILLED = "PARTIALLY_FILLED"
     FILLED = "FILLED"

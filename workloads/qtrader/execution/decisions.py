@@ -114,6 +114,14 @@ def client_order_id_for(intent_id: str) -> str:
     return _CLIENT_ORDER_ID_PREFIX + hashlib.sha256(intent_id.encode()).hexdigest()[:32]
 
 
+def attempt_client_order_id(client_order_id: str, attempt: int) -> str:
+    """The client order id of an intent's ``attempt``: the intent's own for the first, then
+    ``<first 32 chars>-r<n>`` (at most 36 chars), deterministic so a restart reuses it."""
+    if attempt == 0:
+        return client_order_id
+    return f"{client_order_id[:32]}-r{attempt}"
+
+
 def intent_id_for(signal_id: str) -> str:
     """``sig-<signal_id>``, or ``sig-<sha256>`` when that would exceed the 128-char limit."""
     intent_id = f"sig-{signal_id}"

@@ -25,6 +25,8 @@ private ``Decimal`` context, so results never depend on the caller's global cont
 from __future__ import annotations
 
 import enum
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import (
     ROUND_CEILING,
@@ -48,6 +50,9 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     Side,
 )
+from qtrader.exchange.errors import Rejected
+from qtrader.exchange.venue import VenueOrder
+from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo, Instrument
 
 EXCHANGE_NAME = "paper"
@@ -121,6 +126,10 @@ class PaperExchange:
         """Cancel resting orders (of ``symbol``, or all); returns how many: 0 for MARKET only."""
         return 0
 
+    def execution(self, client_order_id: str) -> PaperExecution | None:
+        """What the order with this client id did, or None if it was never submitted."""
+        return self._orders.get(client_order_id)
+
     def submit(self, intent: OrderIntent, *, now_ms: int) -> PaperExecution:
         """Execute ``intent`` now; a repeated ``client_order_id`` executes nothing.
 
@@ -145,6 +154,11 @@ class PaperExchange:
         instrument = self._exchange.instrument(intent.symbol)
         close = self._closes[intent.symbol].close
         price = _fill_price(close, intent.side, self._slippage_bps, instrument)
+        if not _within_limit(intent, price):
+            expired = _update(intent, OrderStatus.EXPIRED, now_ms, reason="price beyond the limit")
+            return PaperExecution(
+                updates=(_update(intent, OrderStatus.NEW, now_ms), expired), fills=()
+            )
         fill = Fill(
             fill_id=f"{EXCHANGE_NAME}-{intent.client_order_id}-1",
             client_order_id=intent.client_order_id,
@@ -168,7 +182,7 @@ class PaperExchange:
     def _reject_reason(self, intent: OrderIntent) -> PaperRejectReason | None:
         if intent.symbol not in self._exchange:
             return PaperRejectReason.UNKNOWN_SYMBOL
-        if intent.order_type is not OrderType.MARKET:
+        if intent.order_type is OrderType.LIMIT and intent.limit_price is None:
             return PaperRejectReason.UNSUPPORTED_ORDER_TYPE
         instrument = self._exchange.instrument(intent.symbol)
         if intent.quantity % instrument.step_size != 0:
@@ -190,6 +204,14 @@ class PaperExchange:
         if not reduces or intent.quantity > abs(position):
             return PaperRejectReason.REDUCE_ONLY_REJECTED
         return None
+
+
+def _within_limit(intent: OrderIntent, price: Decimal) -> bool:
+    """A LIMIT order is IOC here: it fills only at its limit or better, else it expires."""
+    limit = intent.limit_price
+    if intent.order_type is not OrderType.LIMIT or limit is None:
+        return True
+    return price <= limit if intent.side is Side.BUY else price >= limit
 
 
 def _fill_price(close: Decimal, side: Side, slippage_bps: Decimal, inst: Instrument) -> Decimal:
@@ -230,3 +252,55 @@ def _update(
 
 def _rejected(intent: OrderIntent, reason: PaperRejectReason, now_ms: int) -> OrderUpdate:
     return _update(intent, OrderStatus.REJECTED, now_ms, reason=reason.value)
+
+
+class PaperVenue:
+    """The paper exchange behind the ``Venue`` interface the Binance adapter also implements."""
+
+    name = EXCHANGE_NAME
+
+    def __init__(self, paper: PaperExchange, exchange_info: ExchangeInfo) -> None:
+        self._paper = paper
+        self._exchange_info = exchange_info
+
+    @property
+    def exchange_info(self) -> ExchangeInfo:
+        return self._exchange_info
+
+    async def start(self, symbols: Sequence[str]) -> list[VenueOrder]:
+        return []  # nothing outlives the process: MARKET and IOC orders never rest
+
+    async def place(self, order: OrderIntent) -> VenueOrder:
+        execution = self._paper.submit(order, now_ms=int(time.time() * 1000))
+        if execution.final.status is OrderStatus.REJECTED:
+            raise Rejected(f"paper exchange: {execution.final.reason}")
+        return _venue_order(execution)
+
+    async def lookup(self, symbol: str, client_order_id: str) -> VenueOrder | None:
+        execution = self._paper.execution(client_order_id)
+        return None if execution is None else _venue_order(execution)
+
+    async def cancel_all(self, symbols: Sequence[str]) -> int:
+        return sum(self._paper.cancel_all(symbol) for symbol in symbols)
+
+    async def arm_dead_man(self, symbols: Sequence[str], countdown_ms: int) -> None:
+        return None  # nothing rests on the paper exchange, so nothing to cancel
+
+    def health(self) -> DependencyHealth:
+        return DependencyHealth(name="exchange", status=Status.OK, detail="paper exchange")
+
+    async def close(self) -> None:
+        return None
+
+
+def _venue_order(execution: PaperExecution) -> VenueOrder:
+    final = execution.final
+    return VenueOrder(
+        client_order_id=final.client_order_id,
+        order_id=final.client_order_id,
+        symbol=final.symbol,
+        status=final.status,
+        executed_qty=final.filled_quantity,
+        avg_price=final.avg_price,
+        fills=execution.fills,
+    )

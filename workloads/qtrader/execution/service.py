@@ -3,8 +3,19 @@
 Two stages, each a durable consumer:
 1. *decide*: a signal passes the policy's checks (``decisions.decide``, pure) and becomes an
    ``OrderIntent`` published to the ORDERS stream: the durable record of what will be sent.
-2. *send*: an intent is sent to the exchange (paper here) only if the halt latch, read from the
-   HALT bucket, allows it at that moment; the order's updates and fills are published.
+2. *send*: an intent is driven to a final state on the venue (``orders.OrderDriver``: the paper
+   exchange, or Binance through python-binance in testnet and live mode), each send only if the
+   halt latch, read from the HALT bucket, allows it at that moment; every order update and fill
+   is published.
+
+Signals pass a bounded intake first (``intake.SignalIntake``, the policy's queue size): when it
+is full the lowest-confidence signal is dropped, expired signals are dropped, and each cycle
+decides at most the policy's ``maxPerCycle``; every drop is counted by reason.
+
+While trading is allowed, the venue's own dead-man's switch (Binance's countdown cancel-all) is
+re-armed periodically, so resting orders are cancelled by the exchange if this worker dies. An
+exchange ban (418) stops order flow, makes ``/health`` CRITICAL and raises an ``exchange_ban``
+risk alert, which the operator turns into an EmergencyStop trip.
 
 Fail closed: no latch (never written, or unreadable) or no control-plane heartbeat within the
 timeout means HALTED (``halt.HaltGate``); no portfolio equity means no decision; stale prices
@@ -19,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from prometheus_client import Counter, Gauge
@@ -33,17 +45,23 @@ from qtrader.contracts.messages import (
     HaltAck,
     HaltLatch,
     OrderIntent,
-    OrderStatus,
     OrderUpdate,
     PortfolioSnapshot,
+    RiskAlert,
+    RiskAlertKind,
     Signal,
     TradingState,
 )
+from qtrader.contracts.policy import TradingMode, TradingPolicySpec
+from qtrader.exchange.errors import Banned, ExchangeError
+from qtrader.exchange.venue import Venue
 from qtrader.execution.decisions import DecisionContext, Denial, decide
 from qtrader.execution.halt import HaltGate
-from qtrader.execution.paper import PaperExchange
+from qtrader.execution.intake import Dropped, SignalIntake, policy_ttl_ms
+from qtrader.execution.orders import GATE_NAME, DriverSettings, OrderDriver
+from qtrader.execution.paper import PaperExchange, PaperVenue
 from qtrader.health.contract import DependencyHealth, Status
-from qtrader.instruments import ExchangeInfo, paper_exchange_info
+from qtrader.instruments import paper_exchange_info
 from qtrader.runtime import Task, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -55,6 +73,17 @@ INTENTS = Counter("qtrader_order_intents_total", "Order intents published.", ["s
 ORDERS_SENT = Counter("qtrader_orders_sent_total", "Orders sent to the exchange.", ["exchange"])
 ORDERS_BLOCKED = Counter(
     "qtrader_orders_blocked_total", "Intents not sent because the latch forbade it.", ["state"]
+)
+SIGNALS_DROPPED = Counter(
+    "qtrader_signals_dropped_total", "Signals dropped by the bounded intake, by reason.", ["reason"]
+)
+SIGNAL_QUEUE_DEPTH = Gauge("qtrader_signal_queue_depth", "Signals waiting in the intake.")
+SIGNAL_QUEUE_CAPACITY = Gauge("qtrader_signal_queue_capacity", "The intake's bound (policy).")
+EXCHANGE_ERRORS = Counter(
+    "qtrader_exchange_errors_total", "Failed exchange requests, by error type.", ["type"]
+)
+DEAD_MAN_ARMED = Counter(
+    "qtrader_dead_man_refreshes_total", "Times the exchange-side countdown cancel-all was re-armed."
 )
 ORDER_UPDATES = Counter("qtrader_order_updates_total", "Order state changes.", ["status"])
 FILLS = Counter("qtrader_fills_total", "Fills received from the exchange.", ["symbol"])
@@ -78,14 +107,26 @@ class ExecutionConfig:
     max_price_age_s: float = 30.0
     # Without a control-plane heartbeat for this long the worker halts itself.
     heartbeat_timeout_s: float = 10.0
+    # One intake cycle: every cycle, at most the policy's maxPerCycle signals are decided.
+    cycle_s: float = 0.25
+    # The exchange cancels our open orders if the countdown is not re-armed in time.
+    dead_man_countdown_ms: int = 60_000
+    dead_man_refresh_s: float = 15.0
+    driver: DriverSettings = field(default_factory=DriverSettings)
+    # Builds the venue for testnet and live mode (Binance); None means paper mode only.
+    exchange_factory: Callable[[TradingPolicySpec], Venue] | None = None
 
 
 class Execution:
     def __init__(self, context: WorkerContext, config: ExecutionConfig) -> None:
         self._context = context
         self._config = config
-        self._exchange_info: ExchangeInfo = paper_exchange_info()
-        self._paper: PaperExchange | None = None
+        self._venue: Venue | None = None
+        self._paper: PaperExchange | None = None  # the venue in paper mode; fed prices
+        self._venue_ready = asyncio.Event()
+        self._driver: OrderDriver | None = None
+        self._intake: SignalIntake | None = None
+        self._ban_alerted_until = 0.0
         self._gate = HaltGate(heartbeat_timeout_s=config.heartbeat_timeout_s)
         self._acked_revision = -1
         self._positions: dict[str, Decimal] = {}
@@ -97,6 +138,7 @@ class Execution:
         TRADING_STATE.set_function(lambda: _STATE_VALUE[self._gate.state()[0]])
         HEARTBEAT_AGE.set_function(lambda: self._gate.heartbeat_age_s() or 0.0)
         context.monitor.add_check("halt-latch", self.check_latch)
+        context.monitor.add_check("exchange", self.check_exchange)
 
     def tasks(self) -> dict[str, Task]:
         bus = self._context.bus
@@ -115,8 +157,10 @@ class Execution:
                 subjects.all_of(subjects.FILL_PREFIX), Fill, self._on_fill, label="fills"
             ),
             "equity": self._follow_equity(),
+            "intake": self._intake_loop(),
             "decide": self._decide_loop(),
             "send": self._send_loop(),
+            "dead-man": self._dead_man_loop(),
         }
 
     # --- inputs ------------------------------------------------------------------------------
@@ -140,12 +184,25 @@ class Execution:
         async with self._gate.lock:
             changed = self._gate.apply(latch)
             cancelled = 0
-            if changed and latch.state is TradingState.HALTED and self._paper is not None:
-                cancelled = self._paper.cancel_all()
+            if changed and latch.state is TradingState.HALTED:
+                cancelled = await self._cancel_open_orders()
         if changed:
             log.info("halt latch revision %d in force: %s", latch.revision, latch.state.value)
         if latch.revision > self._acked_revision or changed:
             await self._acknowledge(latch, cancelled)
+
+    async def _cancel_open_orders(self) -> int:
+        """Cancel what rests on the venue; a failure is logged, the halt stands regardless
+        (nothing new is sent, and the venue's dead-man countdown cancels what remains)."""
+        venue, policy = self._venue, self._context.policy.current
+        if venue is None or policy is None:
+            return 0
+        try:
+            return await venue.cancel_all(policy.spec.symbols)
+        except ExchangeError as exc:
+            await self._on_exchange_error(exc)
+            log.error("halt: cancelling open orders failed: %s", exc)
+            return 0
 
     async def _acknowledge(self, latch: HaltLatch, cancelled: int) -> None:
         ack = HaltAck(
@@ -219,20 +276,57 @@ class Execution:
 
     # --- stage 1: decide ---------------------------------------------------------------------
 
-    async def _decide_loop(self) -> None:
-        await self._context.policy.wait()
-        await self._context.bus.consume(subjects.EXECUTION_SIGNALS, Signal, self._on_signal)
+    async def _intake_loop(self) -> None:
+        """Signals from the durable consumer into the bounded intake (acked once queued)."""
+        policy = await self._context.policy.wait()
+        self._intake = SignalIntake.from_policy(policy.spec.signals)
+        SIGNAL_QUEUE_CAPACITY.set(policy.spec.signals.queue_size)
+        SIGNAL_QUEUE_DEPTH.set_function(lambda: len(self._intake) if self._intake else 0)
+        self._context.policy.add_listener(lambda revision: self._resize_intake(revision.spec))
+        await self._context.bus.consume(subjects.EXECUTION_SIGNALS, Signal, self._offer)
 
-    async def _on_signal(self, signal: Signal) -> None:
+    async def _offer(self, signal: Signal) -> None:
+        assert self._intake is not None  # created before the consumer starts
+        self._count_drops(self._intake.offer(signal, _now_ms()))
+
+    def _resize_intake(self, spec: TradingPolicySpec) -> None:
+        if self._intake is not None:
+            SIGNAL_QUEUE_CAPACITY.set(spec.signals.queue_size)
+            dropped = self._intake.resize(
+                spec.signals.queue_size, policy_ttl_ms(spec.signals), _now_ms()
+            )
+            self._count_drops(dropped)
+
+    @staticmethod
+    def _count_drops(dropped: list[Dropped]) -> None:
+        for drop in dropped:
+            SIGNALS_DROPPED.labels(drop.reason.value).inc()
+
+    async def _decide_loop(self) -> None:
+        """Each cycle, decide at most maxPerCycle signals, highest confidence first."""
+        await self._context.policy.wait()
+        while True:
+            await asyncio.sleep(self._config.cycle_s)
+            policy = self._context.policy.current
+            if self._intake is None or policy is None:
+                continue
+            signals, dropped = self._intake.take(policy.spec.signals.max_per_cycle, _now_ms())
+            self._count_drops(dropped)
+            for signal in signals:
+                await self._decide(signal)
+
+    async def _decide(self, signal: Signal) -> None:
         policy = self._context.policy.current
-        assert policy is not None  # the consumer starts after the first policy
+        assert policy is not None  # the loop starts after the first policy
+        await self._venue_ready.wait()
+        assert self._venue is not None
         outcome = decide(
             signal=signal,
             context=self._decision_context(),
             policy=policy.spec,
             policy_revision=policy.revision,
-            now_ms=int(time.time() * 1000),
-            exchange=self._exchange_info,
+            now_ms=_now_ms(),
+            exchange=self._venue.exchange_info,
         )
         if isinstance(outcome, Denial):
             SIGNALS_DENIED.labels(outcome.reason.value).inc()
@@ -261,60 +355,117 @@ class Execution:
         max_age = self._config.max_price_age_s
         return {s: p for s, p in self._marks.items() if now - self._marked_at[s] <= max_age}
 
+    def _fresh_mark(self, symbol: str) -> Decimal | None:
+        return self._fresh_marks().get(symbol)
+
     # --- stage 2: send -----------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
         policy = await self._context.policy.wait()
-        paper = policy.spec.paper
-        self._paper = PaperExchange(
-            exchange=self._exchange_info, fee_bps=paper.fee_bps, slippage_bps=paper.slippage_bps
+        venue = self._make_venue(policy.spec)
+        leftovers = await venue.start(policy.spec.symbols)
+        if leftovers:
+            log.warning("%d of our orders open at start: cancelling them", len(leftovers))
+            await venue.cancel_all(sorted({order.symbol for order in leftovers}))
+        self._venue = venue
+        self._driver = OrderDriver(
+            venue,
+            self._gate,
+            marks=self._fresh_mark,
+            publish_update=self._publish_update,
+            publish_fill=self._publish_fill,
+            worker_id=self._context.options.worker_id,
+            on_error=self._on_exchange_error,
+            settings=self._config.driver,
         )
-        await self._context.bus.consume(subjects.EXECUTION_INTENTS, OrderIntent, self._on_intent)
+        self._venue_ready.set()
+        try:
+            await self._context.bus.consume(
+                subjects.EXECUTION_INTENTS, OrderIntent, self._on_intent
+            )
+        finally:
+            await venue.close()
+
+    def _make_venue(self, spec: TradingPolicySpec) -> Venue:
+        if spec.mode is TradingMode.PAPER:
+            info = paper_exchange_info()
+            self._paper = PaperExchange(
+                exchange=info, fee_bps=spec.paper.fee_bps, slippage_bps=spec.paper.slippage_bps
+            )
+            return PaperVenue(self._paper, info)
+        if self._config.exchange_factory is None:
+            raise RuntimeError(f"mode {spec.mode.value} needs the Binance settings (see --help)")
+        return self._config.exchange_factory(spec)
 
     async def _on_intent(self, intent: OrderIntent) -> None:
-        paper = self._paper
-        assert paper is not None  # created before the consumer starts
-        async with self._gate.lock:  # no latch change between this check and the send
-            verdict = self._gate.verdict(intent)
-            if verdict.allowed:
-                execution = paper.submit(intent, now_ms=int(time.time() * 1000))
-        if not verdict.allowed:
-            await self._refuse(intent, f"trading is {verdict.state.value}: {verdict.why}")
-            return
-        ORDERS_SENT.labels("paper").inc()
-        bus = self._context.bus
-        worker = {"worker_id": self._context.options.worker_id}
-        for update in execution.updates:
-            update = update.model_copy(update=worker)
-            await bus.publish(subjects.order_update_subject(update.symbol), update)
-            ORDER_UPDATES.labels(update.status.value).inc()
-        for fill in execution.fills:
-            await self._on_fill(fill)
-            await bus.publish(subjects.fill_subject(fill.symbol), fill)
-            FILLS.labels(fill.symbol).inc()
+        driver, policy = self._driver, self._context.policy.current
+        assert driver is not None  # set before the consumer starts
+        assert policy is not None
+        final = await driver.execute(intent, max_slippage_bps=policy.spec.risk.max_slippage_bps)
+        if final.exchange == GATE_NAME:
+            ORDERS_BLOCKED.labels(self._gate.state()[0].value).inc()
+            log.info("intent %s not sent: %s", intent.intent_id, final.reason)
+        else:
+            ORDERS_SENT.labels(final.exchange).inc()
         self._in_flight.pop(intent.intent_id, None)
 
-    async def _refuse(self, intent: OrderIntent, reason: str) -> None:
-        """An intent the gate stopped: never sent, recorded as REJECTED for the audit trail."""
-        update = OrderUpdate(
-            client_order_id=intent.client_order_id,
-            intent_id=intent.intent_id,
-            symbol=intent.symbol,
-            side=intent.side,
-            status=OrderStatus.REJECTED,
-            quantity=intent.quantity,
-            filled_quantity=Decimal(0),
-            avg_price=Decimal(0),
-            exchange="halt-gate",
-            reason=reason[:256],
-            worker_id=self._context.options.worker_id,
-            ts_ms=int(time.time() * 1000),
-        )
-        await self._context.bus.publish(subjects.order_update_subject(intent.symbol), update)
-        ORDERS_BLOCKED.labels(self._gate.state()[0].value).inc()
+    async def _publish_update(self, update: OrderUpdate) -> None:
+        await self._context.bus.publish(subjects.order_update_subject(update.symbol), update)
         ORDER_UPDATES.labels(update.status.value).inc()
-        self._in_flight.pop(intent.intent_id, None)
-        log.info("intent %s not sent: %s", intent.intent_id, reason)
+
+    async def _publish_fill(self, fill: Fill) -> None:
+        await self._on_fill(fill)
+        await self._context.bus.publish(subjects.fill_subject(fill.symbol), fill)
+        FILLS.labels(fill.symbol).inc()
+
+    async def _on_exchange_error(self, exc: ExchangeError) -> None:
+        EXCHANGE_ERRORS.labels(type(exc).__name__).inc()
+        if isinstance(exc, Banned) and exc.retry_at > self._ban_alerted_until:
+            await self._raise_ban_alert(exc)
+
+    async def _raise_ban_alert(self, ban: Banned) -> None:
+        """A 418 is an EmergencyStop trip input: the operator halts everything on it."""
+        now_ms = _now_ms()
+        alert = RiskAlert(
+            alert_id=f"exchange-ban-{self._context.options.worker_id}-{int(ban.retry_at)}",
+            alert_kind=RiskAlertKind.EXCHANGE_BAN,
+            source=f"execution/{self._context.options.worker_id}",
+            value=Decimal(int(ban.retry_at * 1000) - now_ms) / 1000,
+            threshold=Decimal(0),
+            detail=f"exchange banned this IP for {ban.retry_at - now_ms / 1000:.0f} s: {ban}"[
+                :1024
+            ],
+            ts_ms=now_ms,
+        )
+        await self._context.bus.publish(subjects.risk_alert_subject(alert.alert_kind.value), alert)
+        self._ban_alerted_until = ban.retry_at
+        log.error("exchange ban: order flow stopped, risk alert %s raised", alert.alert_id)
+
+    async def _dead_man_loop(self) -> None:
+        """Re-arm the venue's countdown cancel-all while trading is allowed."""
+        await self._venue_ready.wait()
+        while True:
+            venue, policy = self._venue, self._context.policy.current
+            trading = self._gate.state()[0] is not TradingState.HALTED
+            if venue is not None and policy is not None and trading:
+                await self._arm_dead_man(venue, policy.spec.symbols)
+            await asyncio.sleep(self._config.dead_man_refresh_s)
+
+    async def _arm_dead_man(self, venue: Venue, symbols: tuple[str, ...]) -> None:
+        try:
+            await venue.arm_dead_man(symbols, self._config.dead_man_countdown_ms)
+        except ExchangeError as exc:
+            await self._on_exchange_error(exc)
+            log.warning("could not re-arm the exchange's countdown cancel-all: %s", exc)
+            return
+        DEAD_MAN_ARMED.inc()
+
+    async def check_exchange(self) -> DependencyHealth:
+        if self._venue is None:
+            return DependencyHealth(
+                name="exchange", status=Status.DEGRADED, detail="not connected yet"
+            )
+        return self._venue.health()
 
     async def check_latch(self) -> DependencyHealth:
         state, why = self._gate.state()
@@ -329,3 +480,7 @@ class Execution:
             status=Status.DEGRADED,
             detail=f"{revision}: {state.value}, not trading" + (f" ({why})" if why else ""),
         )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

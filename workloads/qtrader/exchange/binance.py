@@ -1,0 +1,431 @@
+"""Binance USD-M futures through python-binance: the ``Venue`` for testnet and live mode.
+
+One request path (``_request``) carries every call and applies the rules in one place:
+
+* every request first acquires its documented cost from the shared rate limiter; every answer's
+  ``X-MBX-*`` headers correct the limiter's count;
+* 429 / -1003 / -1015 pause all traffic (every replica, through the limiter) until
+  ``Retry-After`` or the window's end, then the request is tried again: a rate-limited request
+  was not executed;
+* 418 records the ban: no request at all leaves this process until it ends, ``health`` is
+  CRITICAL and the caller (execution) raises the risk alert;
+* -1021 resyncs the server-time offset and retries once;
+* ``Transient`` failures are retried with full-jitter backoff only when repeating is safe: reads
+  and cancels always, a new order only when Binance said it was not executed (503 "Service
+  Unavailable", -1001 "Internal error"); any other failure of a new order is ``OutcomeUnknown``;
+* business errors raise ``Rejected`` after one request.
+
+python-binance is synchronous (requests); its calls run on one dedicated thread so the client's
+session and its ``response`` attribute are never shared between two requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import requests
+
+with warnings.catch_warnings():
+    # python-binance 1.0.37 imports websockets' legacy client, which websockets >= 14 deprecates
+    # at import time; not ours to fix, and the test suite turns warnings into errors.
+    warnings.filterwarnings("ignore", r"websockets\..* is deprecated", DeprecationWarning)
+    from binance.client import Client
+    from binance.exceptions import BinanceAPIException, BinanceRequestException
+
+from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderType, Side
+from qtrader.contracts.policy import TradingMode
+from qtrader.exchange.backoff import full_jitter
+from qtrader.exchange.credentials import Credentials
+from qtrader.exchange.errors import (
+    Banned,
+    ClockSkew,
+    ExchangeError,
+    OutcomeUnknown,
+    RateLimited,
+    Rejected,
+    Transient,
+    classify,
+)
+from qtrader.exchange.filters import prepare_order
+from qtrader.exchange.limiter import LimiterConfig, RateLimiter
+from qtrader.exchange.limits import request_cost, rules_from_exchange_info
+from qtrader.exchange.venue import VenueOrder
+from qtrader.health.contract import DependencyHealth, Status
+from qtrader.instruments import ExchangeInfo
+
+log = logging.getLogger(__name__)
+
+BASE_URLS = {
+    TradingMode.TESTNET: "https://testnet.binancefuture.com",
+    TradingMode.LIVE: "https://fapi.binance.com",
+}
+CLIENT_ORDER_PREFIX = "qt"  # our orders; anything else open on the account is not ours
+_STATUS = {
+    "NEW": OrderStatus.NEW,
+    "PARTIALLY_FILLED": OrderStatus.PARTIALLY_FILLED,
+    "FILLED": OrderStatus.FILLED,
+    "CANCELED": OrderStatus.CANCELED,
+    "REJECTED": OrderStatus.REJECTED,
+    "EXPIRED": OrderStatus.EXPIRED,
+    "EXPIRED_IN_MATCH": OrderStatus.EXPIRED,
+}
+# Documented "not executed" answers to a new order: safe to send it again.
+_NOT_EXECUTED_MESSAGES = ("service unavailable", "internal error")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BinanceSettings:
+    base_url: str
+    credentials: Credentials
+    egress_id: str = "egress-default"
+    redis_url: str | None = None
+    replicas: int = 1
+    safety_margin: float = 0.9
+    timeout_s: float = 5.0
+    recv_window_ms: int = 5000
+    max_retries: int = 5
+    backoff_base_s: float = 0.2
+    backoff_cap_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    method: str
+    path: str
+    call: Callable[[Client], Callable[..., Any]]
+
+
+_TIME = _Endpoint("GET", "/fapi/v1/time", lambda c: c.futures_time)
+_EXCHANGE_INFO = _Endpoint("GET", "/fapi/v1/exchangeInfo", lambda c: c.futures_exchange_info)
+_NEW_ORDER = _Endpoint("POST", "/fapi/v1/order", lambda c: c.futures_create_order)
+_GET_ORDER = _Endpoint("GET", "/fapi/v1/order", lambda c: c.futures_get_order)
+_OPEN_ORDERS = _Endpoint("GET", "/fapi/v1/openOrders", lambda c: c.futures_get_open_orders)
+_CANCEL_ALL = _Endpoint(
+    "DELETE", "/fapi/v1/allOpenOrders", lambda c: c.futures_cancel_all_open_orders
+)
+_COUNTDOWN = _Endpoint(
+    "POST", "/fapi/v1/countdownCancelAll", lambda c: c.futures_countdown_cancel_all
+)
+_USER_TRADES = _Endpoint("GET", "/fapi/v1/userTrades", lambda c: c.futures_account_trades)
+
+
+class BinanceFutures:
+    """The Binance venue; ``start`` must be awaited before anything else."""
+
+    name = "binance"
+
+    def __init__(self, settings: BinanceSettings, *, rng: random.Random | None = None) -> None:
+        self._settings = settings
+        self._client = _make_client(settings)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="binance")
+        self._limiter: RateLimiter | None = None
+        self._info: ExchangeInfo | None = None
+        self._ban: Banned | None = None
+        self._rng = rng or random.Random()
+        self._last_error: str | None = None
+
+    @property
+    def exchange_info(self) -> ExchangeInfo:
+        if self._info is None:
+            raise RuntimeError("BinanceFutures.start() has not run")
+        return self._info
+
+    @property
+    def limiter(self) -> RateLimiter | None:
+        return self._limiter
+
+    @property
+    def banned(self) -> Banned | None:
+        return self._ban
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, symbols: Sequence[str]) -> list[VenueOrder]:
+        """Sync the clock, load limits and instruments, return our orders still open."""
+        document, headers = await self._run(_EXCHANGE_INFO, {}, signed=False)
+        self._limiter = await RateLimiter.create(
+            LimiterConfig(
+                rules=rules_from_exchange_info(document),
+                egress_id=self._settings.egress_id,
+                account_id=self._settings.credentials.account_id,
+                replicas=self._settings.replicas,
+                safety_margin=self._settings.safety_margin,
+                redis_url=self._settings.redis_url,
+            )
+        )
+        await self._limiter.observe(headers)
+        self._info = ExchangeInfo.from_binance(document)
+        await self.sync_time()
+        return await self.open_orders(symbols)
+
+    async def refresh_exchange_info(self) -> None:
+        document = await self._request(_EXCHANGE_INFO, {}, signed=False, safe=True)
+        self._info = ExchangeInfo.from_binance(document)
+
+    async def sync_time(self) -> None:
+        """Keep ``server time - local time`` so signed timestamps land inside recvWindow."""
+        before = time.time() * 1000
+        answer, _ = await self._run(_TIME, {}, signed=False)
+        after = time.time() * 1000
+        offset = int(answer["serverTime"] - (before + after) / 2)
+        self._client.timestamp_offset = offset
+        log.info("server time offset %d ms", offset)
+
+    async def close(self) -> None:
+        if self._limiter is not None:
+            await self._limiter.close()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._client.session.close()
+
+    # --- orders ------------------------------------------------------------------------------
+
+    async def place(self, order: OrderIntent) -> VenueOrder:
+        """Send one order (rounded and checked locally first); its final state for IOC."""
+        order = prepare_order(order, self.exchange_info.instrument(order.symbol))
+        answer = await self._request(_NEW_ORDER, _order_params(order), signed=True, safe=False)
+        return await self._with_fills(answer, order.side, order.reduce_only)
+
+    async def lookup(self, symbol: str, client_order_id: str) -> VenueOrder | None:
+        params = {"symbol": symbol, "origClientOrderId": client_order_id}
+        try:
+            answer = await self._request(_GET_ORDER, params, signed=True, safe=True)
+        except Rejected as exc:
+            if exc.code == -2013:
+                return None
+            raise
+        return await self._with_fills(answer, Side(answer["side"]), bool(answer.get("reduceOnly")))
+
+    async def open_orders(self, symbols: Sequence[str]) -> list[VenueOrder]:
+        orders = []
+        for symbol in symbols:
+            answer = await self._request(_OPEN_ORDERS, {"symbol": symbol}, signed=True, safe=True)
+            for raw in answer:
+                if str(raw.get("clientOrderId", "")).startswith(CLIENT_ORDER_PREFIX):
+                    orders.append(await self._with_fills(raw, Side(raw["side"]), False))
+        return orders
+
+    async def cancel_all(self, symbols: Sequence[str]) -> int:
+        cancelled = 0
+        for symbol in symbols:
+            open_now = await self._request(_OPEN_ORDERS, {"symbol": symbol}, signed=True, safe=True)
+            if open_now:
+                await self._request(_CANCEL_ALL, {"symbol": symbol}, signed=True, safe=True)
+                cancelled += len(open_now)
+        return cancelled
+
+    async def arm_dead_man(self, symbols: Sequence[str], countdown_ms: int) -> None:
+        for symbol in symbols:
+            params = {"symbol": symbol, "countdownTime": countdown_ms}
+            await self._request(_COUNTDOWN, params, signed=True, safe=True)
+
+    def health(self) -> DependencyHealth:
+        if self._ban is not None and self._ban.retry_at > time.time():
+            return DependencyHealth(
+                name="exchange",
+                status=Status.CRITICAL,
+                detail=f"Binance banned this IP until {_iso(self._ban.retry_at)}: {self._ban}",
+            )
+        if self._info is None:
+            return DependencyHealth(
+                name="exchange", status=Status.CRITICAL, detail="exchangeInfo not loaded yet"
+            )
+        if self._last_error is not None:
+            return DependencyHealth(
+                name="exchange", status=Status.DEGRADED, detail=f"last error: {self._last_error}"
+            )
+        return DependencyHealth(name="exchange", status=Status.OK, detail=self._settings.base_url)
+
+    # --- the one request path ----------------------------------------------------------------
+
+    async def _request(
+        self, endpoint: _Endpoint, params: Mapping[str, Any], *, signed: bool, safe: bool
+    ) -> Any:
+        limiter = self._limiter
+        if limiter is None:
+            raise RuntimeError("BinanceFutures.start() has not run")
+        cost = request_cost(endpoint.method, endpoint.path, params)
+        clock_resynced = False
+        for attempt in range(self._settings.max_retries + 1):
+            self._refuse_while_banned()
+            await limiter.acquire(cost)
+            try:
+                answer, headers = await self._run(endpoint, params, signed=signed)
+            except Banned as exc:
+                self._ban = exc
+                await limiter.pause_until(exc.retry_at, "banned")
+                raise
+            except RateLimited as exc:
+                await limiter.pause_until(exc.retry_at, "rate_limited")
+                self._note(exc)
+                continue  # not executed: try again once the pause is over
+            except ClockSkew:
+                if clock_resynced:
+                    raise
+                clock_resynced = True
+                await self.sync_time()
+                continue
+            except Transient as exc:
+                self._note(exc)
+                if not (safe or _not_executed(exc)):
+                    raise OutcomeUnknown(str(exc), status=exc.status, code=exc.code) from exc
+                await asyncio.sleep(self._backoff(attempt))
+                continue
+            await limiter.observe(headers)
+            self._last_error = None
+            return answer
+        raise Transient(f"{endpoint.method} {endpoint.path}: gave up after retries")
+
+    async def _run(
+        self, endpoint: _Endpoint, params: Mapping[str, Any], *, signed: bool
+    ) -> tuple[Any, dict[str, str]]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._thread, self._call, endpoint, dict(params))
+        except ExchangeError as exc:
+            if self._limiter is not None and exc.headers:
+                await self._limiter.observe(exc.headers)
+            raise
+
+    def _call(self, endpoint: _Endpoint, params: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+        """On the client's thread: one HTTP request, its answer and headers, or a typed error."""
+        try:
+            answer = endpoint.call(self._client)(**params)
+        except BinanceAPIException as exc:
+            headers = dict(exc.response.headers) if exc.response is not None else {}
+            error = classify(
+                exc.status_code, exc.code or None, exc.message, headers, now=time.time()
+            )
+            error.headers = headers
+            raise error from None
+        except BinanceRequestException as exc:
+            raise OutcomeUnknown(f"unreadable answer: {exc.message}") from None
+        except requests.ConnectTimeout:
+            raise Transient("network: connect timeout (nothing sent)") from None
+        except requests.ConnectionError as exc:
+            if _never_sent(exc):
+                raise Transient(f"network: {exc}") from None
+            raise _NetworkFailure(f"network: {type(exc).__name__} after sending") from None
+        except requests.Timeout:
+            raise _NetworkFailure(f"no answer within {self._settings.timeout_s} s") from None
+        response = self._client.response
+        headers = dict(response.headers) if response is not None else {}
+        return answer, headers
+
+    async def _with_fills(
+        self, raw: Mapping[str, Any], side: Side, reduce_only: bool
+    ) -> VenueOrder:
+        order = _venue_order(raw)
+        if order.executed_qty == 0:
+            return order
+        params = {"symbol": order.symbol, "orderId": int(order.order_id)}
+        trades = await self._request(_USER_TRADES, params, signed=True, safe=True)
+        fills = tuple(_fill(t, order, side, reduce_only) for t in trades)
+        return VenueOrder(
+            client_order_id=order.client_order_id,
+            order_id=order.order_id,
+            symbol=order.symbol,
+            status=order.status,
+            executed_qty=order.executed_qty,
+            avg_price=order.avg_price,
+            fills=fills,
+        )
+
+    def _refuse_while_banned(self) -> None:
+        ban = self._ban
+        if ban is not None and ban.retry_at > time.time():
+            raise Banned(str(ban), retry_at=ban.retry_at, status=ban.status, code=ban.code)
+
+    def _backoff(self, attempt: int) -> float:
+        s = self._settings
+        return full_jitter(attempt, base_s=s.backoff_base_s, cap_s=s.backoff_cap_s, rng=self._rng)
+
+    def _note(self, exc: ExchangeError) -> None:
+        self._last_error = f"{type(exc).__name__}: {exc}"[:200]
+        log.warning("exchange: %s", self._last_error)
+
+
+class _NetworkFailure(Transient):
+    """The request may have been sent: a read may be repeated, a new order may not."""
+
+
+def _not_executed(exc: Transient) -> bool:
+    if isinstance(exc, _NetworkFailure) or exc.status in (408, 502):
+        return False  # the order may be booked: ambiguous, look it up
+    return exc.code == -1001 or any(m in exc.message.lower() for m in _NOT_EXECUTED_MESSAGES)
+
+
+def _never_sent(exc: requests.ConnectionError) -> bool:
+    """A refused or unresolvable connection: the request cannot have reached the exchange."""
+    text = str(exc)
+    return "NewConnectionError" in text or "Connection refused" in text
+
+
+def _make_client(settings: BinanceSettings) -> Client:
+    client = Client(
+        settings.credentials.api_key,
+        settings.credentials.api_secret,
+        ping=False,
+        requests_params={"timeout": settings.timeout_s},
+    )
+    base = settings.base_url.rstrip("/")
+    client.FUTURES_URL = f"{base}/fapi"
+    client.API_URL = f"{base}/api"
+    client.REQUEST_RECVWINDOW = settings.recv_window_ms
+    return client
+
+
+def _order_params(order: OrderIntent) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "symbol": order.symbol,
+        "side": order.side.value,
+        "type": order.order_type.value,
+        "quantity": format(order.quantity, "f"),
+        "newClientOrderId": order.client_order_id,
+        "newOrderRespType": "RESULT",
+    }
+    if order.order_type is OrderType.LIMIT:
+        assert order.limit_price is not None  # OrderIntent validates this
+        params["price"] = format(order.limit_price, "f")
+        params["timeInForce"] = "IOC"
+    if order.reduce_only:
+        params["reduceOnly"] = "true"
+    return params
+
+
+def _venue_order(raw: Mapping[str, Any]) -> VenueOrder:
+    return VenueOrder(
+        client_order_id=str(raw["clientOrderId"]),
+        order_id=str(raw["orderId"]),
+        symbol=str(raw["symbol"]),
+        status=_STATUS.get(str(raw["status"]), OrderStatus.UNKNOWN),
+        executed_qty=Decimal(str(raw.get("executedQty", "0"))),
+        avg_price=Decimal(str(raw.get("avgPrice", "0"))),
+    )
+
+
+def _fill(trade: Mapping[str, Any], order: VenueOrder, side: Side, reduce_only: bool) -> Fill:
+    return Fill(
+        fill_id=f"binance-{order.symbol}-{trade['id']}",
+        client_order_id=order.client_order_id,
+        symbol=order.symbol,
+        side=side,
+        quantity=Decimal(str(trade["qty"])),
+        price=Decimal(str(trade["price"])),
+        fee=Decimal(str(trade["commission"])),
+        fee_asset=str(trade.get("commissionAsset", "USDT")),
+        reduce_only=reduce_only,
+        ts_ms=int(trade["time"]),
+    )
+
+
+def _iso(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))

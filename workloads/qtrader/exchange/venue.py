@@ -1,0 +1,62 @@
+"""The one interface execution trades through: the paper exchange and Binance both implement it.
+
+A venue takes one order (an ``OrderIntent`` for one attempt: its own client order id, quantity
+and limit price) and answers with the order's state and its fills, or raises one of
+``qtrader.exchange.errors``. Everything above it (the order driver, the halt gate, the intake)
+is the same code in paper, testnet and live mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus
+from qtrader.health.contract import DependencyHealth
+from qtrader.instruments import ExchangeInfo
+
+
+@dataclass(frozen=True, kw_only=True)
+class VenueOrder:
+    """One order as the venue reports it, with the fills it has had so far (exact fees)."""
+
+    client_order_id: str
+    order_id: str
+    symbol: str
+    status: OrderStatus
+    executed_qty: Decimal
+    avg_price: Decimal
+    fills: tuple[Fill, ...] = ()
+
+
+class Venue(Protocol):
+    name: str
+
+    @property
+    def exchange_info(self) -> ExchangeInfo: ...
+
+    async def start(self, symbols: Sequence[str]) -> list[VenueOrder]:
+        """Connect, load the instruments, and return the orders still open there (ours)."""
+        ...
+
+    async def place(self, order: OrderIntent) -> VenueOrder:
+        """Send one order and return its state once the venue answers (final for IOC)."""
+        ...
+
+    async def lookup(self, symbol: str, client_order_id: str) -> VenueOrder | None:
+        """The order with this client id, or None when the venue does not know it."""
+        ...
+
+    async def cancel_all(self, symbols: Sequence[str]) -> int:
+        """Cancel every open order on ``symbols``; returns how many were cancelled."""
+        ...
+
+    async def arm_dead_man(self, symbols: Sequence[str], countdown_ms: int) -> None:
+        """(Re)start the venue-side countdown that cancels open orders if we go silent."""
+        ...
+
+    def health(self) -> DependencyHealth: ...
+
+    async def close(self) -> None: ...

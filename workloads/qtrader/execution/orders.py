@@ -1,0 +1,257 @@
+"""One intent driven to a final state on a venue: attempts, unknown outcomes, partial fills.
+
+An intent is sent as a limit IOC order priced at the policy's slippage bound around the price
+the decision saw (a BUY's cap, a SELL's floor), so no fill is ever worse than the bound. What
+an attempt leaves unfilled is sent again (a new attempt, its own client order id) only while
+the current price is still inside the bound and only up to ``max_attempts``: a remainder is
+never chased. When the bound is passed, the remainder is given up and the intent ends
+CANCELED (or EXPIRED when nothing filled) with the reason.
+
+Every attempt is recorded before it is sent (a PENDING_NEW update on the ORDERS stream, with
+the attempt's deterministic client order id) and every state change after it is published.
+An attempt whose outcome is unknown (timeout, 503 "Unknown error", -1006/-1007, a reset after
+sending) is looked up by its client order id until ``unknown_grace_s`` has passed; only if the
+venue still does not know it is it sent again, with the same client order id, and only through
+the halt gate. So one intent never has two live orders.
+
+Each send holds the halt gate's lock from the check to the venue's answer (see ``halt.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+from qtrader.contracts.messages import (
+    Fill,
+    OrderIntent,
+    OrderStatus,
+    OrderType,
+    OrderUpdate,
+    Side,
+)
+from qtrader.exchange.errors import Banned, ExchangeError, OutcomeUnknown, Rejected
+from qtrader.exchange.venue import Venue, VenueOrder
+from qtrader.execution.decisions import attempt_client_order_id
+from qtrader.execution.halt import HaltGate
+
+log = logging.getLogger(__name__)
+
+_BPS = Decimal(10_000)
+GATE_NAME = "halt-gate"  # the ``exchange`` of an update for an order the halt gate stopped
+
+PublishUpdate = Callable[[OrderUpdate], Awaitable[None]]
+PublishFill = Callable[[Fill], Awaitable[None]]
+MarkPrice = Callable[[str], Decimal | None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriverSettings:
+    max_attempts: int = 3  # the first send plus re-sends of an unfilled remainder
+    unknown_grace_s: float = 5.0  # look an unknown order up this long before sending it again
+    lookup_interval_s: float = 0.25
+    max_resends_unknown: int = 2  # sends of one attempt whose outcome stays unknown
+
+
+@dataclass
+class _Progress:
+    filled: Decimal
+    notional: Decimal  # sum of fill quantity x price, for the average price
+
+    @property
+    def avg_price(self) -> Decimal:
+        return self.notional / self.filled if self.filled else Decimal(0)
+
+
+class Halted(Exception):
+    """The gate refused the send: trading is halted (or reducing and the order adds risk)."""
+
+
+class OrderDriver:
+    def __init__(
+        self,
+        venue: Venue,
+        gate: HaltGate,
+        *,
+        marks: MarkPrice,
+        publish_update: PublishUpdate,
+        publish_fill: PublishFill,
+        worker_id: str,
+        on_error: Callable[[ExchangeError], Awaitable[None]] | None = None,
+        settings: DriverSettings | None = None,
+    ) -> None:
+        self._on_error = on_error
+        self._venue = venue
+        self._gate = gate
+        self._marks = marks
+        self._publish_update = publish_update
+        self._publish_fill = publish_fill
+        self._worker_id = worker_id
+        self._settings = settings or DriverSettings()
+
+    async def execute(self, intent: OrderIntent, *, max_slippage_bps: int) -> OrderUpdate:
+        """Drive ``intent`` to a final state and return its final (cumulative) update."""
+        bound = slippage_bound(intent.reference_price, intent.side, max_slippage_bps)
+        progress = _Progress(filled=Decimal(0), notional=Decimal(0))
+        why = ""
+        for attempt in range(self._settings.max_attempts):
+            remaining = intent.quantity - progress.filled
+            if remaining <= 0:
+                break
+            if attempt > 0 and not self._inside_bound(intent, bound):
+                why = f"price left the slippage bound {bound}; remainder {remaining} not chased"
+                break
+            order = intent.model_copy(
+                update={
+                    "client_order_id": attempt_client_order_id(intent.client_order_id, attempt),
+                    "quantity": remaining,
+                    "order_type": OrderType.LIMIT,
+                    "limit_price": bound,
+                }
+            )
+            try:
+                result = await self._attempt(order)
+            except Halted as exc:
+                return await self._report(
+                    intent, progress, OrderStatus.REJECTED, str(exc), exchange=GATE_NAME
+                )
+            except ExchangeError as exc:
+                if self._on_error is not None:
+                    await self._on_error(exc)
+                status = OrderStatus.REJECTED if progress.filled == 0 else OrderStatus.CANCELED
+                return await self._report(intent, progress, status, _describe(exc))
+            if result is None:
+                return await self._report(
+                    intent,
+                    progress,
+                    OrderStatus.UNKNOWN,
+                    "outcome unknown: left for reconciliation",
+                )
+            await self._record_fills(result, progress)
+            if progress.filled < intent.quantity:
+                detail = f"attempt {attempt + 1}: {result.status.value}"
+                await self._report(intent, progress, OrderStatus.PARTIALLY_FILLED, detail)
+        if progress.filled >= intent.quantity:
+            return await self._report(intent, progress, OrderStatus.FILLED, None)
+        status = OrderStatus.CANCELED if progress.filled > 0 else OrderStatus.EXPIRED
+        return await self._report(intent, progress, status, why or "attempts exhausted")
+
+    # --- one attempt -------------------------------------------------------------------------
+
+    async def _attempt(self, order: OrderIntent) -> VenueOrder | None:
+        """Send one attempt; resolve an unknown outcome; None if it stays unknown."""
+        self._check_gate(order)  # again under the lock in _send; this spares a PENDING_NEW
+        await self._publish_update(self._update(order, OrderStatus.PENDING_NEW, order.quantity))
+        for _ in range(self._settings.max_resends_unknown):
+            try:
+                return await self._send(order)
+            except OutcomeUnknown as exc:
+                log.warning("order %s: %s; looking it up", order.client_order_id, exc)
+                await self._publish_update(
+                    self._update(order, OrderStatus.UNKNOWN, order.quantity, reason=str(exc))
+                )
+            found = await self._look_up(order)
+            if found is not None:
+                return found
+            log.warning(
+                "order %s unknown to the venue after the grace period: sending it again",
+                order.client_order_id,
+            )
+        return None
+
+    async def _send(self, order: OrderIntent) -> VenueOrder:
+        async with self._gate.lock:
+            self._check_gate(order)
+            return await self._venue.place(order)
+
+    def _check_gate(self, order: OrderIntent) -> None:
+        verdict = self._gate.verdict(order)
+        if not verdict.allowed:
+            raise Halted(f"trading is {verdict.state.value}: {verdict.why}")
+
+    async def _look_up(self, order: OrderIntent) -> VenueOrder | None:
+        deadline = time.monotonic() + self._settings.unknown_grace_s
+        while True:
+            try:
+                found = await self._venue.lookup(order.symbol, order.client_order_id)
+            except (OutcomeUnknown, Rejected) as exc:
+                log.warning("lookup of %s failed: %s", order.client_order_id, exc)
+                found = None
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(self._settings.lookup_interval_s)
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    async def _record_fills(self, result: VenueOrder, progress: _Progress) -> None:
+        for fill in result.fills:
+            progress.filled += fill.quantity
+            progress.notional += fill.quantity * fill.price
+            await self._publish_fill(fill)
+
+    def _inside_bound(self, intent: OrderIntent, bound: Decimal) -> bool:
+        mark = self._marks(intent.symbol)
+        if mark is None:
+            return False  # no trusted price: do not send more
+        return mark <= bound if intent.side is Side.BUY else mark >= bound
+
+    async def _report(
+        self,
+        intent: OrderIntent,
+        progress: _Progress,
+        status: OrderStatus,
+        reason: str | None,
+        *,
+        exchange: str | None = None,
+    ) -> OrderUpdate:
+        update = self._update(
+            intent, status, intent.quantity, progress=progress, reason=reason, exchange=exchange
+        )
+        await self._publish_update(update)
+        return update
+
+    def _update(
+        self,
+        order: OrderIntent,
+        status: OrderStatus,
+        quantity: Decimal,
+        *,
+        progress: _Progress | None = None,
+        reason: str | None = None,
+        exchange: str | None = None,
+    ) -> OrderUpdate:
+        return OrderUpdate(
+            client_order_id=order.client_order_id,
+            intent_id=order.intent_id,
+            symbol=order.symbol,
+            side=order.side,
+            status=status,
+            quantity=quantity,
+            filled_quantity=progress.filled if progress else Decimal(0),
+            avg_price=progress.avg_price if progress else Decimal(0),
+            exchange=exchange or self._venue.name,
+            reason=reason[:256] if reason else None,
+            worker_id=self._worker_id,
+            ts_ms=int(time.time() * 1000),
+        )
+
+
+def slippage_bound(reference: Decimal, side: Side, max_slippage_bps: int) -> Decimal:
+    """The worst price the policy accepts: above the reference for a BUY, below for a SELL.
+
+    Unrounded here; the venue puts it on the tick grid on the side that keeps it inside.
+    """
+    factor = (_BPS + side.sign * max_slippage_bps) / _BPS
+    bound = reference * factor
+    rounding = ROUND_FLOOR if side is Side.BUY else ROUND_CEILING
+    return bound.quantize(Decimal("1e-8"), rounding=rounding)
+
+
+def _describe(exc: ExchangeError) -> str:
+    code = f" ({exc.code})" if exc.code is not None else ""
+    kind = "exchange ban" if isinstance(exc, Banned) else type(exc).__name__
+    return f"{kind}{code}: {exc.message}"
