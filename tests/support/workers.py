@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -62,7 +63,14 @@ class Worker:
                 self.process.wait()
 
 
-def start_worker(role: str, *, nats_url: str, log_dir: Path, args: tuple[str, ...] = ()) -> Worker:
+def start_worker(
+    role: str,
+    *,
+    nats_url: str,
+    log_dir: Path,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Worker:
     port = free_port()
     log_path = log_dir / f"{role}-{port}.log"
     command = [
@@ -73,7 +81,9 @@ def start_worker(role: str, *, nats_url: str, log_dir: Path, args: tuple[str, ..
         *args,
     ]  # fmt: skip
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     worker = Worker(role=role, port=port, process=process, log_path=log_path)
     wait_until(lambda: _alive(worker), timeout_s=20, what=f"{role} /healthz", worker=worker)
     return worker

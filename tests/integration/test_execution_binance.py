@@ -1,0 +1,122 @@
+"""An execution worker in testnet mode trading on the local Binance-compatible server.
+
+Real processes (execution, portfolio) on a real nats-server; python-binance inside the worker
+talks HTTP to the simulator. The test plays the control plane and the upstream pipeline. It
+checks what reached the exchange from the exchange's own records, and that a 418 ban stops the
+order flow, makes /health CRITICAL and raises the exchange-ban risk alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from qtrader.bus.nats_bus import Bus
+from qtrader.contracts.messages import Fill, OrderStatus, RiskAlert, RiskAlertKind, TradingState
+from qtrader.contracts.policy import parse_policy
+from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
+from qtrader.local.nats_server import EmbeddedNats
+from qtrader.simulators.binance_futures import SimAdmin, SimConfig
+from support.binance_sim import KEY, SECRET, sim_in_thread
+from support.flow import flowing, order_updates
+from support.streams import read_all
+from support.workers import Worker, eventually, start_worker
+
+pytestmark = pytest.mark.integration
+
+POLICY = parse_policy(
+    {
+        "apiVersion": "qtrader.dev/v1alpha1",
+        "kind": "TradingPolicy",
+        "metadata": {"name": "testnet-test"},
+        "spec": {
+            "mode": "testnet",
+            "symbols": ["BTCUSDT"],
+            "risk": {"minConfidence": 0.0, "maxPositionUsd": "1000", "maxSlippageBps": 100},
+        },
+    }
+)
+
+
+@pytest.fixture
+def exchange() -> Iterator[SimAdmin]:
+    config = SimConfig.from_dict({"prices": {"BTCUSDT": "30000"}})
+    with sim_in_thread(config) as url, SimAdmin(url) as admin:
+        yield admin
+
+
+def _execution(url: str, exchange_url: str, tmp_path: Path) -> Worker:
+    env = {"QTRADER_BINANCE_API_KEY": KEY, "QTRADER_BINANCE_API_SECRET": SECRET}
+    args = ("--worker-id", "exec-binance", "--exchange-url", exchange_url, "--unknown-grace", "1")
+    return start_worker("execution", nats_url=url, log_dir=tmp_path, args=args, env=env)
+
+
+async def test_testnet_worker_trades_on_the_exchange_and_a_ban_stops_it(
+    nats_server: EmbeddedNats, exchange: SimAdmin, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    bus = Bus(url=url, client_name="test-control")
+    await bus.connect()
+    await bus.ensure_topology()
+    await publish_policy(bus, POLICY)
+    await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+    heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2))
+    workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
+    execution = _execution(url, exchange.base_url, tmp_path)
+    workers.append(execution)
+    try:
+        async with flowing(bus):
+            await eventually(
+                lambda: len([o for o in exchange.orders() if o["status"] == "FILLED"]) >= 3,
+                timeout_s=30,
+                what="three orders filled at the exchange",
+                worker=execution,
+            )
+            assert exchange.countdowns(), "the dead-man countdown is armed while trading"
+
+            exchange.faults([{"route": "*", "kind": "http_418", "next": 1, "retry_after_s": 60}])
+            await eventually(
+                lambda: _dependency(execution, "exchange") == "CRITICAL",
+                timeout_s=15,
+                what="/health CRITICAL after the ban",
+                worker=execution,
+            )
+            banned_at = next(e["t_ms"] for e in exchange.log() if e["status"] == 418)
+            await asyncio.sleep(2.0)  # signals keep coming during the ban
+        after_ban = [e for e in exchange.log() if e["t_ms"] > banned_at]
+        assert after_ban == [], "no request may leave the worker while it is banned"
+
+        alerts = await read_all(
+            url, stream="QT_RISK", subject="qtrader.risk.alert.*", message_type=RiskAlert
+        )
+        assert [a.alert_kind for a in alerts] == [RiskAlertKind.EXCHANGE_BAN]
+        assert alerts[0].value > 0  # seconds of ban left when raised
+
+        updates = await order_updates(url)
+        filled = [u for u in updates if u.status is OrderStatus.FILLED]
+        assert {u.exchange for u in filled} == {"binance"}
+        booked = [o["clientOrderId"] for o in exchange.orders() if o["status"] == "FILLED"]
+        for update in filled:  # each filled intent is at the exchange, under its own id stem
+            assert any(c.startswith(update.client_order_id[:32]) for c in booked), update
+        fills = await read_all(url, stream="QT_FILLS", subject="qtrader.fill.*", message_type=Fill)
+        trades = exchange.trades()
+        assert len(fills) == len(trades)
+        assert sum(Decimal(t["commission"]) for t in trades) > 0
+        late = [u for u in updates if u.ts_ms > banned_at and u.status is OrderStatus.FILLED]
+        assert late == []
+    finally:
+        heartbeat.cancel()
+        for worker in workers:
+            worker.stop()
+        await bus.close()
+
+
+def _dependency(worker: Worker, name: str) -> str | None:
+    for dependency in worker.health().get("dependencies", []):
+        if dependency["name"] == name:
+            return str(dependency["status"])
+    return None
