@@ -33,6 +33,7 @@ from decimal import Decimal
 from typing import Any
 
 import requests
+from prometheus_client import Counter
 
 with warnings.catch_warnings():
     # python-binance 1.0.37 imports websockets' legacy client, which websockets >= 14 deprecates
@@ -63,6 +64,13 @@ from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo
 
 log = logging.getLogger(__name__)
+
+REQUESTS = Counter(
+    "qtrader_exchange_requests_total",
+    "Requests to the exchange by endpoint and outcome (ok, rate_limited, banned, clock_skew, "
+    "transient, error).",
+    ["endpoint", "outcome"],
+)
 
 BASE_URLS = {
     TradingMode.TESTNET: "https://testnet.binancefuture.com",
@@ -167,7 +175,8 @@ class BinanceFutures:
         await self.sync_time()
         return await self.open_orders(symbols)
 
-    async def refresh_exchange_info(self) -> None:
+    async def refresh(self) -> None:
+        """Reload instruments and filters (Binance changes them; an hourly reload suffices)."""
         document = await self._request(_EXCHANGE_INFO, {}, signed=False, safe=True)
         self._info = ExchangeInfo.from_binance(document)
 
@@ -244,6 +253,13 @@ class BinanceFutures:
             )
         return DependencyHealth(name="exchange", status=Status.OK, detail=self._settings.base_url)
 
+    def limiter_health(self) -> DependencyHealth:
+        if self._limiter is None:
+            return DependencyHealth(
+                name="rate-limiter", status=Status.CRITICAL, detail="not started"
+            )
+        return self._limiter.health()
+
     # --- the one request path ----------------------------------------------------------------
 
     async def _request(
@@ -261,24 +277,33 @@ class BinanceFutures:
                 answer, headers = await self._run(endpoint, params, signed=signed)
             except Banned as exc:
                 self._ban = exc
+                REQUESTS.labels(endpoint.path, "banned").inc()
                 await limiter.pause_until(exc.retry_at, "banned")
                 raise
             except RateLimited as exc:
+                REQUESTS.labels(endpoint.path, "rate_limited").inc()
                 await limiter.pause_until(exc.retry_at, "rate_limited")
                 self._note(exc)
+                await asyncio.sleep(self._backoff(attempt))  # spread the replicas' return
                 continue  # not executed: try again once the pause is over
             except ClockSkew:
+                REQUESTS.labels(endpoint.path, "clock_skew").inc()
                 if clock_resynced:
                     raise
                 clock_resynced = True
                 await self.sync_time()
                 continue
             except Transient as exc:
+                REQUESTS.labels(endpoint.path, "transient").inc()
                 self._note(exc)
                 if not (safe or _not_executed(exc)):
                     raise OutcomeUnknown(str(exc), status=exc.status, code=exc.code) from exc
                 await asyncio.sleep(self._backoff(attempt))
                 continue
+            except ExchangeError:
+                REQUESTS.labels(endpoint.path, "error").inc()
+                raise
+            REQUESTS.labels(endpoint.path, "ok").inc()
             await limiter.observe(headers)
             self._last_error = None
             return answer

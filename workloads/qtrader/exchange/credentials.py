@@ -8,10 +8,11 @@ that prints the settings cannot leak them; the rate limiter keys orders by a has
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qtrader.exchange.limiter import account_id_for
 
 SECRET_DIR_VARIABLE = "QTRADER_BINANCE_SECRET_DIR"
 KEY_VARIABLE = "QTRADER_BINANCE_API_KEY"
@@ -35,7 +36,7 @@ class Credentials:
     @property
     def account_id(self) -> str:
         """A stable, non-secret name for the account: the limiter's ORDERS budget key."""
-        return "acct-" + hashlib.sha256(self.api_key.encode()).hexdigest()[:16]
+        return account_id_for(self.api_key)
 
 
 def load_credentials(environ: Mapping[str, str]) -> Credentials:

@@ -286,8 +286,16 @@ class PaperVenue:
     async def arm_dead_man(self, symbols: Sequence[str], countdown_ms: int) -> None:
         return None  # nothing rests on the paper exchange, so nothing to cancel
 
+    async def refresh(self) -> None:
+        return None  # the paper listing ships with the package
+
     def health(self) -> DependencyHealth:
         return DependencyHealth(name="exchange", status=Status.OK, detail="paper exchange")
+
+    def limiter_health(self) -> DependencyHealth:
+        return DependencyHealth(
+            name="rate-limiter", status=Status.OK, detail="not needed: paper exchange"
+        )
 
     async def close(self) -> None:
         return None

@@ -112,6 +112,7 @@ class ExecutionConfig:
     # The exchange cancels our open orders if the countdown is not re-armed in time.
     dead_man_countdown_ms: int = 60_000
     dead_man_refresh_s: float = 15.0
+    venue_refresh_s: float = 3600.0
     driver: DriverSettings = field(default_factory=DriverSettings)
     # Builds the venue for testnet and live mode (Binance); None means paper mode only.
     exchange_factory: Callable[[TradingPolicySpec], Venue] | None = None
@@ -139,6 +140,7 @@ class Execution:
         HEARTBEAT_AGE.set_function(lambda: self._gate.heartbeat_age_s() or 0.0)
         context.monitor.add_check("halt-latch", self.check_latch)
         context.monitor.add_check("exchange", self.check_exchange)
+        context.monitor.add_check("rate-limiter", self.check_limiter)
 
     def tasks(self) -> dict[str, Task]:
         bus = self._context.bus
@@ -161,6 +163,7 @@ class Execution:
             "decide": self._decide_loop(),
             "send": self._send_loop(),
             "dead-man": self._dead_man_loop(),
+            "venue-refresh": self._refresh_loop(),
         }
 
     # --- inputs ------------------------------------------------------------------------------
@@ -441,6 +444,19 @@ class Execution:
         self._ban_alerted_until = ban.retry_at
         log.error("exchange ban: order flow stopped, risk alert %s raised", alert.alert_id)
 
+    async def _refresh_loop(self) -> None:
+        """Reload the venue's instruments and limits now and then (they change at Binance)."""
+        await self._venue_ready.wait()
+        while True:
+            await asyncio.sleep(self._config.venue_refresh_s)
+            if self._venue is None:
+                continue
+            try:
+                await self._venue.refresh()
+            except ExchangeError as exc:
+                await self._on_exchange_error(exc)
+                log.warning("could not reload the exchange's instruments: %s", exc)
+
     async def _dead_man_loop(self) -> None:
         """Re-arm the venue's countdown cancel-all while trading is allowed."""
         await self._venue_ready.wait()
@@ -459,6 +475,13 @@ class Execution:
             log.warning("could not re-arm the exchange's countdown cancel-all: %s", exc)
             return
         DEAD_MAN_ARMED.inc()
+
+    async def check_limiter(self) -> DependencyHealth:
+        if self._venue is None:
+            return DependencyHealth(
+                name="rate-limiter", status=Status.DEGRADED, detail="no venue yet"
+            )
+        return self._venue.limiter_health()
 
     async def check_exchange(self) -> DependencyHealth:
         if self._venue is None:
