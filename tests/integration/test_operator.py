@@ -495,8 +495,15 @@ async def _assert_no_fill_after_ack(url: str, status: dict[str, Any]) -> None:
             )
 
 
+@pytest.mark.parametrize(
+    ("kind", "detail"),
+    [
+        (RiskAlertKind.DRAWDOWN, "drawdown 3.4% beyond 3%"),
+        (RiskAlertKind.EXCHANGE_BAN, "exchange banned this IP for 120 s"),  # always trips
+    ],
+)
 async def test_risk_alert_when_its_trigger_is_set_then_the_stop_trips_visibly(
-    nats_server: EmbeddedNats, cluster: Cluster
+    nats_server: EmbeddedNats, cluster: Cluster, kind: RiskAlertKind, detail: str
 ) -> None:
     async with _operator(nats_server.url):
         await cluster.apply(STOPS, _stop())
@@ -508,12 +515,12 @@ async def test_risk_alert_when_its_trigger_is_set_then_the_stop_trips_visibly(
         await bus.connect()
         try:
             alert = RiskAlert(
-                alert_id="dd-1",
-                alert_kind=RiskAlertKind.DRAWDOWN,
-                source="portfolio",
+                alert_id=f"{kind.value}-1",
+                alert_kind=kind,
+                source="test",
                 value=Decimal("3.4"),
                 threshold=Decimal("3"),
-                detail="drawdown 3.4% beyond 3%",
+                detail=detail,
                 ts_ms=1,
             )
             await bus.publish(subjects.risk_alert_subject(alert.alert_kind.value), alert)
@@ -527,10 +534,10 @@ async def test_risk_alert_when_its_trigger_is_set_then_the_stop_trips_visibly(
         stop = cluster.get(STOPS, "main")
         assert stop is not None
         assert stop["spec"]["tripped"] is True
-        assert "drawdown 3.4% beyond 3%" in stop["spec"]["reason"]
-        assert stop["metadata"]["annotations"]["qtrader.dev/tripped-by"] == "risk:drawdown"
+        assert detail in stop["spec"]["reason"]
+        assert stop["metadata"]["annotations"]["qtrader.dev/tripped-by"] == f"risk:{kind.value}"
         assert status["automatic"] is True
-        assert status["trippedBy"] == "risk:drawdown"
+        assert status["trippedBy"] == f"risk:{kind.value}"
         latch = await _kv_latch(nats_server.url)
         assert latch is not None
         assert latch.state is TradingState.HALTED
