@@ -79,6 +79,9 @@ SIGNALS_DROPPED = Counter(
 )
 SIGNAL_QUEUE_DEPTH = Gauge("qtrader_signal_queue_depth", "Signals waiting in the intake.")
 SIGNAL_QUEUE_CAPACITY = Gauge("qtrader_signal_queue_capacity", "The intake's bound (policy).")
+SIGNAL_QUEUE_HIGH_WATER = Gauge(
+    "qtrader_signal_queue_high_water", "The deepest the intake has been since the worker started."
+)
 EXCHANGE_ERRORS = Counter(
     "qtrader_exchange_errors_total", "Failed exchange requests, by error type.", ["type"]
 )
@@ -285,6 +288,7 @@ class Execution:
         self._intake = SignalIntake.from_policy(policy.spec.signals)
         SIGNAL_QUEUE_CAPACITY.set(policy.spec.signals.queue_size)
         SIGNAL_QUEUE_DEPTH.set_function(lambda: len(self._intake) if self._intake else 0)
+        SIGNAL_QUEUE_HIGH_WATER.set_function(lambda: self._intake.high_water if self._intake else 0)
         self._context.policy.add_listener(lambda revision: self._resize_intake(revision.spec))
         await self._context.bus.consume(subjects.EXECUTION_SIGNALS, Signal, self._offer)
 
