@@ -8,7 +8,8 @@ Subcommands:
 - ``ess trip | reset | status``: the local kill switch (the EmergencyStop of the running ``up``);
 - ``policy apply | show``: publish a new TradingPolicy revision to the running ``up``, or show it;
 - ``model train``: train the signal model and export it to ONNX (needs the ``train`` extra);
-- ``bench NAME``: run one benchmark (``halt``) and print its figures beside a baseline.
+- ``bench NAME``: run one benchmark (``halt``, ``limiter``) and print its figures beside a
+  baseline.
 
 Arguments are checked before anything starts: a bad one prints what is wrong and exits with 2;
 an invalid policy or EmergencyStop file prints the field and the rule and exits with 2. ``ess``
@@ -356,6 +357,46 @@ def _bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
         default=4,
         help="execution worker processes (default %(default)s), and as many echo processes",
     )
+    limiter = names.add_parser(
+        "limiter",
+        help="rate limiter: Redis-shared vs in-process acquire, and a two-process flood against "
+        "the local Binance simulator vs one raw client",
+    )
+    limiter.add_argument(
+        "--requests",
+        type=_integer(minimum=100, maximum=1_000_000),
+        default=5000,
+        help="HTTP requests sent by each of the 2 flood processes (default %(default)s)",
+    )
+    limiter.add_argument(
+        "--duration",
+        type=_bench_duration,
+        default=3.0,
+        help="seconds each rate is timed: the two acquire loops and the raw client "
+        "(default %(default)s)",
+    )
+    limiter.add_argument(
+        "--json",
+        type=_json_output,
+        metavar="PATH",
+        help="also write the figures (the last line's JSON object) to this file",
+    )
+
+
+def _bench_duration(text: str) -> float:
+    value = _number("--duration", minimum=0, inclusive=False)(text)
+    if value > 600:
+        raise argparse.ArgumentTypeError(f"--duration must be <= 600, got {text}")
+    return value
+
+
+def _json_output(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {path.parent}")
+    return path
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -534,8 +575,11 @@ def _run_policy(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    # ``halt`` is the only benchmark so far (argparse refused any other NAME); each benchmark is
-    # imported only when it runs.
+    # argparse refused any other NAME; each benchmark is imported only when it runs.
+    if args.bench_name == "limiter":
+        from qtrader.benchmarks import limiter
+
+        return limiter.run(requests=args.requests, duration_s=args.duration, json_path=args.json)
     from qtrader.benchmarks import halt
 
     return halt.run(trips=args.trips, workers=args.workers)

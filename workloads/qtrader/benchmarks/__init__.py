@@ -8,4 +8,7 @@ tests: a test checks that a benchmark runs and that its correctness figures hold
 
 - ``halt`` (``qtrader.benchmarks.halt``): operator trips the latch -> the last execution worker
   acknowledges it, against a plain NATS fan-out round trip; and no order filled after an ack.
+- ``limiter`` (``qtrader.benchmarks.limiter``): acquisitions through the Redis-shared limiter vs
+  the in-process one; a two-process flood against the local Binance server (budget share used,
+  429s and 418s, which must be 0) vs one unthrottled client.
 """

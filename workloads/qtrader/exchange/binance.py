@@ -182,9 +182,14 @@ class BinanceFutures:
 
     async def sync_time(self) -> None:
         """Keep ``server time - local time`` so signed timestamps land inside recvWindow."""
-        before = time.time() * 1000
-        answer, _ = await self._run(_TIME, {}, signed=False)
+        limiter = self._limiter
+        if limiter is not None:  # None only for the very first sync, inside start()
+            await limiter.acquire(request_cost(_TIME.method, _TIME.path, {}))
+        before = time.time() * 1000  # bracket only the request, not the limiter's wait
+        answer, headers = await self._run(_TIME, {}, signed=False)
         after = time.time() * 1000
+        if limiter is not None:
+            await limiter.observe(headers)
         offset = int(answer["serverTime"] - (before + after) / 2)
         self._client.timestamp_offset = offset
         log.info("server time offset %d ms", offset)
