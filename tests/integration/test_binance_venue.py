@@ -360,3 +360,41 @@ async def test_start_reports_our_orders_left_open(
     assert [o.client_order_id for o in left] == [resting.client_order_id]
     assert await venue.cancel_all(["BTCUSDT"]) == 1
     assert [o["status"] for o in exchange.admin.orders()] == ["CANCELED"]
+
+
+async def test_when_an_intent_is_delivered_again_then_no_second_order(
+    exchange: Exchange, venue: BinanceFutures
+) -> None:
+    recorder = Recorder()
+    driver = driver_for(venue, exchange, recorder)
+    order = intent("again")
+    first = await driver.execute(order, max_slippage_bps=20)
+    # The same intent again, as after a crash before its ack: older than recover_after_s.
+    redelivered = order.model_copy(update={"created_at_ms": order.created_at_ms - 60_000})
+    again = await driver.execute(redelivered, max_slippage_bps=20)
+
+    assert (first.status, again.status) == (OrderStatus.FILLED, OrderStatus.FILLED)
+    assert len(exchange.orders_of(order)) == 1
+    assert len(exchange.posts()) == 1
+    fill_ids = [f.fill_id for f in recorder.fills]
+    assert len(fill_ids) == 2 * len(set(fill_ids))  # the same fills, published again
+
+
+async def test_when_a_partly_filled_intent_is_delivered_again_then_only_the_rest_is_sent(
+    exchange: Exchange, venue: BinanceFutures
+) -> None:
+    exchange.admin.partial("BTCUSDT", ratio="0.5", count=1)
+    recorder = Recorder()
+    driver = driver_for(venue, exchange, recorder)
+    order = intent("again-partial").model_copy(
+        update={"created_at_ms": _now_ms() - 60_000}  # so the first delivery also looks up
+    )
+    await venue.place(  # attempt 0 went out before a crash: half filled, the rest expired
+        order.model_copy(update={"order_type": OrderType.LIMIT, "limit_price": PRICE})
+    )
+    final = await driver.execute(order, max_slippage_bps=20)
+
+    assert final.status is OrderStatus.FILLED
+    booked = exchange.orders_of(order)
+    assert [o["clientOrderId"][-3:] for o in booked] == [order.client_order_id[-3:], "-r1"]
+    assert sum(Decimal(o["executedQty"]) for o in booked) == order.quantity

@@ -55,6 +55,9 @@ class DriverSettings:
     unknown_grace_s: float = 5.0  # look an unknown order up this long before sending it again
     lookup_interval_s: float = 0.25
     max_resends_unknown: int = 2  # sends of one attempt whose outcome stays unknown
+    # An intent older than this may have been sent before (a redelivery after a crash or an
+    # ack timeout): its attempts are looked up first and only the missing ones are sent.
+    recover_after_s: float = 5.0
 
 
 @dataclass
@@ -98,7 +101,13 @@ class OrderDriver:
         bound = slippage_bound(intent.reference_price, intent.side, max_slippage_bps)
         progress = _Progress(filled=Decimal(0), notional=Decimal(0))
         why = ""
-        for attempt in range(self._settings.max_attempts):
+        first = 0
+        if self._maybe_sent_before(intent):
+            try:
+                first = await self._recover(intent, progress)
+            except ExchangeError as exc:  # cannot tell what was sent: send nothing more
+                return await self._report(intent, progress, OrderStatus.UNKNOWN, _describe(exc))
+        for attempt in range(first, self._settings.max_attempts):
             remaining = intent.quantity - progress.filled
             if remaining <= 0:
                 break
@@ -139,6 +148,27 @@ class OrderDriver:
             return await self._report(intent, progress, OrderStatus.FILLED, None)
         status = OrderStatus.CANCELED if progress.filled > 0 else OrderStatus.EXPIRED
         return await self._report(intent, progress, status, why or "attempts exhausted")
+
+    # --- a redelivered intent ----------------------------------------------------------------
+
+    def _maybe_sent_before(self, intent: OrderIntent) -> bool:
+        age_s = time.time() - intent.created_at_ms / 1000
+        return age_s > self._settings.recover_after_s
+
+    async def _recover(self, intent: OrderIntent, progress: _Progress) -> int:
+        """Account for the attempts the venue already has; the first one it lacks is next.
+
+        Their fills are published again: fill ids are the exchange's, so the bus and the
+        portfolio drop what they already have.
+        """
+        for attempt in range(self._settings.max_attempts):
+            client_order_id = attempt_client_order_id(intent.client_order_id, attempt)
+            found = await self._venue.lookup(intent.symbol, client_order_id)
+            if found is None:
+                return attempt
+            log.info("intent %s: attempt %s already at the venue", intent.intent_id, attempt)
+            await self._record_fills(found, progress)
+        return self._settings.max_attempts
 
     # --- one attempt -------------------------------------------------------------------------
 
