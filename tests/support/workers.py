@@ -78,6 +78,7 @@ def start_worker(
         "--nats-url", nats_url,
         "--health-host", "127.0.0.1",
         "--health-port", str(port),
+        "--outbox-dir", str(log_dir / "outbox"),
         *args,
     ]  # fmt: skip
     with log_path.open("wb") as log_file:

@@ -24,6 +24,7 @@ import asyncio
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -46,6 +47,7 @@ from qtrader.marketdata.synthetic import INTERVAL_MS, Regime
 from qtrader.runtime import WorkerOptions
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_OUTBOX_DIR = Path(tempfile.gettempdir()) / "qtrader-outbox"
 DEFAULT_ESS_FILE = Path("examples") / "emergencystop.yaml"
 
 
@@ -153,6 +155,19 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="port of /healthz, /readyz, /health and /metrics (env QTRADER_HEALTH_PORT)",
     )
     parser.add_argument("--worker-id", default=os.environ.get("QTRADER_WORKER_ID"))
+    parser.add_argument(
+        "--outbox-dir",
+        type=Path,
+        default=Path(os.environ.get("QTRADER_OUTBOX_DIR", DEFAULT_OUTBOX_DIR)),
+        help="where publishes wait while NATS is unreachable (env QTRADER_OUTBOX_DIR; "
+        "default %(default)s; a volume in a cluster)",
+    )
+    parser.add_argument(
+        "--outbox-capacity",
+        type=_integer(minimum=1),
+        default=100_000,
+        help="messages the outbox holds before the worker stops taking work (default %(default)s)",
+    )
 
 
 def _market_arguments(parser: argparse.ArgumentParser) -> None:
@@ -408,6 +423,8 @@ def _options(args: argparse.Namespace) -> WorkerOptions:
         nats_url=args.nats_url,
         health_host=args.health_host,
         health_port=args.health_port,
+        outbox_dir=args.outbox_dir,
+        outbox_capacity=args.outbox_capacity,
         **identity,
     )
 

@@ -20,10 +20,12 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
+from qtrader.bus.outbox import Outbox, open_outbox
 from qtrader.health.contract import DependencyHealth, HealthMonitor, Status, create_app, serve
 from qtrader.policy_watch import PolicyWatcher
 
@@ -38,6 +40,9 @@ class WorkerOptions:
     health_host: str = "0.0.0.0"
     health_port: int = 8080
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Where unacknowledged publishes wait for NATS; None: no outbox (a failed publish raises).
+    outbox_dir: Path | None = None
+    outbox_capacity: int = 100_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,9 +85,14 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    bus = Bus(url=options.nats_url, client_name=f"{service}:{options.worker_id}")
+    bus = Bus(
+        url=options.nats_url,
+        client_name=f"{service}:{options.worker_id}",
+        outbox=_outbox(service, options),
+    )
     monitor = HealthMonitor(service=service)
     monitor.add_check("nats", lambda: nats_health(bus))
+    monitor.add_check("outbox", lambda: _outbox_health(bus))
     health = asyncio.create_task(
         serve(create_app(monitor), host=options.health_host, port=options.health_port),
         name="health-server",
@@ -96,7 +106,11 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
         policy = PolicyWatcher(bus)
         monitor.add_check("policy", policy.check)
         role = factory(WorkerContext(bus=bus, policy=policy, monitor=monitor, options=options))
-        coroutines = {"policy-watch": policy.run(), "health-refresh": monitor.refresh_forever()}
+        coroutines = {
+            "policy-watch": policy.run(),
+            "health-refresh": monitor.refresh_forever(),
+            "outbox-replay": bus.replay_forever(),
+        }
         coroutines.update(role.tasks())
         for name, coroutine in coroutines.items():
             tasks[name] = asyncio.create_task(coroutine, name=name)
@@ -108,6 +122,19 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         await bus.close()
         log.info("%s stopped", service)
+
+
+def _outbox(service: str, options: WorkerOptions) -> Outbox | None:
+    """One outbox file per role and host (the pod name in a cluster): a restarted worker
+    replays what its previous run could not publish."""
+    if options.outbox_dir is None:
+        return None
+    name = f"{service}-{socket.gethostname()}"
+    return open_outbox(options.outbox_dir, name, capacity=options.outbox_capacity)
+
+
+async def _outbox_health(bus: Bus) -> DependencyHealth:
+    return bus.outbox_health()
 
 
 async def _connect(bus: Bus) -> None:

@@ -221,6 +221,7 @@ class Children:
     def workload(self, role: str, name: str, url: str, *extra: str) -> Child:
         port = free_port()
         args = ["-m", "qtrader", role, "--nats-url", url, "--health-host", "127.0.0.1"]
+        args += ["--outbox-dir", str(self._log_dir / "outbox")]  # this run's, not a shared one
         return self.spawn(name, [*args, "--health-port", str(port), *extra], port=port)
 
     def helper(self, role: str, url: str, argument: str, *, name: str) -> Child:

@@ -2,10 +2,13 @@
 
     BusError
     ├── BusUnavailable     the broker cannot be reached or did not answer in time (retryable)
+    │   └── BusBackPressure    NATS is unreachable and the disk outbox is full: stop taking work
     └── TopologyError      a stream, consumer or bucket could not be created as declared (fatal)
 
-Callers decide on the type: a producer that gets ``BusUnavailable`` keeps the message (the
-outbox's job, #5) instead of dropping it; ``TopologyError`` stops the process at start.
+Callers decide on the type. With an outbox a publish that NATS does not acknowledge is kept on
+disk and replayed, and the caller sees no error; ``BusBackPressure`` says even the outbox is full,
+so the producer must stop (a consumer's handler raising it leaves its message unacknowledged, to
+be redelivered later). ``TopologyError`` stops the process at start.
 """
 
 from __future__ import annotations
@@ -21,3 +24,7 @@ class BusUnavailable(BusError):
 
 class TopologyError(BusError):
     """The declared streams, consumers or buckets cannot be set up on this server."""
+
+
+class BusBackPressure(BusUnavailable):
+    """NATS is unreachable and the outbox is at capacity: nothing more can be accepted."""

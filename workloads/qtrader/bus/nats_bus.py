@@ -41,8 +41,11 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 
 from qtrader.bus.errors import BusUnavailable, TopologyError
+from qtrader.bus.outbox import Outbox
+from qtrader.bus.outbox_publisher import OutboxPublisher
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Message, MessageRejected, decode
+from qtrader.health.contract import DependencyHealth, Status
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,9 @@ PUBLISHED = Counter(
     "qtrader_messages_published_total", "Messages published to JetStream.", ["kind"]
 )
 PUBLISH_FAILURES = Counter(
-    "qtrader_publish_failures_total", "JetStream publishes that got no acknowledgement.", ["kind"]
+    "qtrader_publish_failures_total",
+    "JetStream publishes that got no acknowledgement, by subject family (market, order, ...).",
+    ["family"],
 )
 CONSUMED = Counter(
     "qtrader_messages_consumed_total", "Messages handled and acknowledged.", ["consumer"]
@@ -92,10 +97,21 @@ _UNAVAILABLE = (
 class Bus:
     """One NATS connection with JetStream, shared by every task of a process."""
 
-    def __init__(self, *, url: str, client_name: str, request_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        client_name: str,
+        request_timeout_s: float = 2.0,
+        outbox: Outbox | None = None,
+        publish_timeout_s: float | None = None,
+    ) -> None:
         self._url = url
         self._client_name = client_name
         self._timeout = request_timeout_s
+        self._publish_timeout_s = publish_timeout_s or request_timeout_s
+        # Without an outbox a failed publish raises BusUnavailable and the caller keeps the work.
+        self._outbox = None if outbox is None else OutboxPublisher(outbox, self._send)
         # nats-py's flush takes whole seconds.
         self._flush_timeout_s = max(1, math.ceil(request_timeout_s))
         self._nc: Client | None = None
@@ -106,39 +122,61 @@ class Bus:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def connect(self, *, retry_interval_s: float = 0.5) -> None:
-        """Connect, retrying until the broker answers; later outages reconnect by themselves."""
+        """Connect, retrying until the broker answers; later outages reconnect by themselves.
+
+        A connection cut short (by an error, or by a caller's timeout cancelling this) is closed
+        before this returns or raises: left to the garbage collector, its socket would stay
+        open until then and its ResourceWarning would surface wherever the collector runs.
+        """
         while True:
+            client = Client()
             try:
-                self._nc = await nats.connect(
+                await client.connect(
                     self._url,
                     name=self._client_name,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # annotated int, sleeps a float
                     connect_timeout=2,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,
                 )
             except (nats.errors.NoServersError, *_UNAVAILABLE) as exc:
+                await _close_client(client)
                 log.warning("NATS at %s not reachable (%s); retrying", self._url, exc)
                 await asyncio.sleep(retry_interval_s)
                 continue
-            self._js = self._nc.jetstream(timeout=self._timeout)
+            except BaseException:
+                await _close_client(client)
+                raise
+            self._nc = client
+            self._js = client.jetstream(timeout=self._timeout)
             BUS_CONNECTED.set(1)
             log.info("connected to NATS at %s as %s", self._url, self._client_name)
             return
 
     async def close(self) -> None:
+        """Drain what is in flight, then close; the connection ends closed whatever happens.
+
+        Draining is best effort (it fails while the client reconnects, and it waits on
+        subscriptions whose callbacks were cancelled with their tasks, hence the bound); the
+        close after it is not, or the client would keep its socket and go on reconnecting.
+        """
         self._closing = True
-        if self._nc is not None and not self._nc.is_closed:
-            try:
-                # Drain delivers what is in flight; it waits on subscriptions whose callbacks
-                # were cancelled with their tasks, so it gets a bound and then a plain close.
-                await asyncio.wait_for(self._nc.drain(), timeout=self._timeout)
-            except (*_UNAVAILABLE, TimeoutError):
-                with contextlib.suppress(*_UNAVAILABLE):
-                    await self._nc.close()
-        BUS_CONNECTED.set(0)
+        client = self._nc
+        try:
+            if client is not None and client.is_connected:
+                await self._drain(client)
+        finally:
+            if client is not None:
+                await _close_client(client)
+            BUS_CONNECTED.set(0)
+
+    async def _drain(self, client: Client) -> None:
+        try:
+            await asyncio.wait_for(client.drain(), timeout=self._timeout)
+        except Exception as exc:  # whatever went wrong, close() closes the connection next
+            log.debug("draining the NATS connection failed (%r); closing it", exc)
 
     @property
     def connected(self) -> bool:
@@ -146,7 +184,8 @@ class Bus:
 
     async def _on_disconnected(self) -> None:
         BUS_CONNECTED.set(0)
-        if not self._closing:
+        # No _nc yet: a connection attempt given up on is being closed, not an outage.
+        if not self._closing and self._nc is not None:
             log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
@@ -234,19 +273,48 @@ class Bus:
 
     # --- publishing --------------------------------------------------------------------------
 
-    async def publish(self, subject: str, message: Message) -> int:
-        """Publish to JetStream and wait for the ack; returns the stream sequence."""
+    async def publish(self, subject: str, message: Message) -> int | None:
+        """Publish to JetStream and wait for the ack; returns the stream sequence.
+
+        With an outbox, a publish NATS does not acknowledge is kept on disk for replay and this
+        returns None; a full outbox raises ``BusBackPressure``. Without one it raises
+        ``BusUnavailable``.
+        """
+        payload = message.encode()
+        if self._outbox is not None:
+            sequence = await self._outbox.publish(subject, payload, message.dedup_id)
+        else:
+            sequence = await self._send(subject, payload, message.dedup_id)
+        PUBLISHED.labels(message.KIND).inc()
+        return sequence
+
+    async def _send(self, subject: str, payload: bytes, msg_id: str) -> int:
         try:
             ack = await self._jetstream.publish(
                 subject,
-                message.encode(),
-                headers={"Nats-Msg-Id": message.dedup_id},
+                payload,
+                timeout=self._publish_timeout_s,
+                headers={"Nats-Msg-Id": msg_id},
             )
         except _UNAVAILABLE as exc:
-            PUBLISH_FAILURES.labels(message.KIND).inc()
+            PUBLISH_FAILURES.labels(_family(subject)).inc()
             raise BusUnavailable(f"publish to {subject} not acknowledged: {exc!r}") from exc
-        PUBLISHED.labels(message.KIND).inc()
         return int(ack.seq)
+
+    async def replay_forever(self) -> None:
+        """Replay the outbox whenever it holds messages (a no-op without an outbox)."""
+        if self._outbox is None:
+            await asyncio.Event().wait()
+            return
+        await self._outbox.replay_forever()
+
+    def outbox_depth(self) -> int:
+        return 0 if self._outbox is None else self._outbox.depth
+
+    def outbox_health(self) -> DependencyHealth:
+        if self._outbox is None:
+            return DependencyHealth(name="outbox", status=Status.OK, detail="not configured")
+        return self._outbox.health()
 
     async def broadcast(self, subject: str, message: Message) -> None:
         """A core NATS publish (no persistence): for fast control messages and heartbeats."""
@@ -331,16 +399,23 @@ class Bus:
         handler: Handler[M],
         *,
         label: str,
+        caught_up: asyncio.Event | None = None,
     ) -> None:
         """Deliver every stored message from the first, then new ones, in order, until cancelled.
 
         An ordered ephemeral consumer: nothing to ack, recreated by the client after a gap or a
-        reconnect. For state that is rebuilt from a stream at every start (the portfolio).
+        reconnect. For state that is rebuilt from a stream at every start (the portfolio, the
+        execution's positions). ``caught_up`` is set once every message stored when this started
+        has been handled.
         """
+        if caught_up is not None and await self._stream_is_empty(stream):
+            caught_up.set()
 
         async def on_message(msg: Msg) -> None:
             await _deliver(label, msg, message_type, handler)
             CONSUMER_PENDING.labels(label).set(msg.metadata.num_pending)
+            if caught_up is not None and msg.metadata.num_pending == 0:
+                caught_up.set()
 
         await _hold(
             await self._jetstream.subscribe(
@@ -351,6 +426,13 @@ class Bus:
                 deliver_policy=DeliverPolicy.ALL,
             )
         )
+
+    async def _stream_is_empty(self, stream: subjects.StreamSpec) -> bool:
+        try:
+            info = await self._jetstream.stream_info(stream.name)
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot read {stream.name}'s state: {exc!r}") from exc
+        return int(info.state.messages) == 0
 
     async def last_message(
         self, stream: subjects.StreamSpec, subject: str, message_type: type[M]
@@ -415,6 +497,24 @@ class Bus:
                 await watcher.stop()  # type: ignore[no-untyped-call]  # untyped in nats-py
 
 
+async def _close_client(client: Client) -> None:
+    """Close a client in any state (connected, mid-handshake, reconnecting); never raises.
+
+    Shielded: when the caller is being cancelled (a timeout, a shutdown) the close still runs
+    to its end, so the socket is closed and the reconnect loop stopped, not abandoned halfway.
+    """
+    if client.is_closed:
+        return
+    await asyncio.shield(_close_quietly(client))
+
+
+async def _close_quietly(client: Client) -> None:
+    try:
+        await client.close()
+    except Exception as exc:  # e.g. the socket reset while flushing: it is closed all the same
+        log.debug("closing the NATS connection: %r", exc)
+
+
 async def _settle(acknowledgement: Awaitable[Any]) -> None:
     """Send an ack/nak/term; if the connection is gone the server will redeliver anyway."""
     with contextlib.suppress(*_UNAVAILABLE, nats.errors.MsgAlreadyAckdError):
@@ -450,3 +550,9 @@ async def _hold(subscription: Subscription) -> None:
     finally:
         with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
             await subscription.unsubscribe()
+
+
+def _family(subject: str) -> str:
+    """``qtrader.market.candle.BTCUSDT`` -> ``market``: a bounded metric label."""
+    parts = subject.split(".")
+    return parts[1] if len(parts) > 1 else subject

@@ -71,7 +71,7 @@ class StreamSpec:
     subjects: tuple[str, ...]
     max_age_s: float
     # Publishes carry Nats-Msg-Id; the server drops a repeat seen within this window.
-    duplicate_window_s: float = 120.0
+    duplicate_window_s: float = 600.0  # covers an outage the outbox rides out: see README
     max_msgs_per_subject: int = -1
 
 

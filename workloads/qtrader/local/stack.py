@@ -172,6 +172,7 @@ class LocalStack:
                 "--nats-url", self.nats.url,
                 "--health-host", "127.0.0.1",
                 "--health-port", str(port),
+                "--outbox-dir", str(self.data_dir / "outbox"),
                 *extra,
             ]  # fmt: skip
             log_path = logs / f"{role}.log"

@@ -1,0 +1,116 @@
+"""Publishing that survives a broker outage: send now, or keep it in the outbox and replay.
+
+``publish`` sends straight to JetStream while the outbox is empty. When the send fails (NATS
+unreachable, no acknowledgement in time) the message goes to the outbox, and so does every
+message after it until the outbox is empty again, so the stream receives them in publish order.
+``replay_forever`` sends the outbox's entries oldest first with their original ``Nats-Msg-Id``
+and removes each one only once the stream acknowledged it; a message that did reach the stream
+before its acknowledgement was lost is dropped by the stream's duplicate window.
+
+A full outbox raises ``BusBackPressure``: the producer stops taking work, nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import Counter, Gauge
+
+from qtrader.bus.errors import BusBackPressure, BusUnavailable
+from qtrader.bus.outbox import Outbox, OutboxFull
+from qtrader.health.contract import DependencyHealth, Status
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, bytes, str], Awaitable[int]]  # subject, payload, msg id -> stream seq
+
+OUTBOX_DEPTH = Gauge("qtrader_outbox_depth", "Messages waiting in the disk outbox.")
+OUTBOX_OLDEST_AGE = Gauge(
+    "qtrader_outbox_oldest_age_seconds", "Age of the oldest message in the disk outbox."
+)
+OUTBOX_BUFFERED = Counter("qtrader_outbox_buffered_total", "Messages written to the outbox.")
+OUTBOX_REPLAYED = Counter(
+    "qtrader_outbox_replayed_total", "Outbox messages acknowledged by JetStream on replay."
+)
+OUTBOX_REFUSED = Counter(
+    "qtrader_outbox_refused_total", "Publishes refused because the outbox was full."
+)
+
+_REPLAY_BATCH = 256
+
+
+class OutboxPublisher:
+    def __init__(self, outbox: Outbox, send: Send, *, retry_interval_s: float = 0.5) -> None:
+        self._outbox = outbox
+        self._send = send
+        self._retry_interval_s = retry_interval_s
+        self._pending = asyncio.Event()
+        if len(outbox):
+            self._pending.set()  # left by a previous run of this worker: replay it first
+        OUTBOX_DEPTH.set_function(lambda: len(self._outbox))
+        OUTBOX_OLDEST_AGE.set_function(self._outbox.oldest_age_s)
+
+    @property
+    def depth(self) -> int:
+        return len(self._outbox)
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> int | None:
+        """The stream sequence when sent now; None when kept in the outbox for replay."""
+        if not len(self._outbox):
+            try:
+                return await self._send(subject, payload, msg_id)
+            except BusUnavailable as exc:
+                log.warning("publish to %s not acknowledged (%s): keeping it on disk", subject, exc)
+        self._keep(subject, payload, msg_id)
+        return None
+
+    def _keep(self, subject: str, payload: bytes, msg_id: str) -> None:
+        try:
+            self._outbox.append(subject, msg_id, payload)
+        except OutboxFull as exc:
+            OUTBOX_REFUSED.inc()
+            raise BusBackPressure(str(exc)) from exc
+        OUTBOX_BUFFERED.inc()
+        self._pending.set()
+
+    async def replay_forever(self) -> None:
+        while True:
+            await self._pending.wait()
+            if await self.replay():
+                self._pending.clear()
+            else:
+                await asyncio.sleep(self._retry_interval_s)
+
+    async def replay(self) -> bool:
+        """Send what the outbox holds, oldest first; True once it is empty."""
+        while entries := self._outbox.oldest(_REPLAY_BATCH):
+            for entry in entries:
+                try:
+                    await self._send(entry.subject, entry.payload, entry.msg_id)
+                except BusUnavailable:
+                    return False
+                self._outbox.remove(entry.seq)
+                OUTBOX_REPLAYED.inc()
+        return True
+
+    def health(self) -> DependencyHealth:
+        depth = len(self._outbox)
+        if self._outbox.full:
+            return DependencyHealth(
+                name="outbox",
+                status=Status.CRITICAL,
+                detail=f"full ({depth} messages): NATS unreachable, producing stopped",
+            )
+        if depth:
+            age = self._outbox.oldest_age_s()
+            return DependencyHealth(
+                name="outbox",
+                status=Status.DEGRADED,
+                detail=f"{depth} messages waiting for NATS, the oldest for {age:.1f} s",
+            )
+        return DependencyHealth(name="outbox", status=Status.OK, detail="empty")
+
+    def close(self) -> None:
+        self._outbox.close()
