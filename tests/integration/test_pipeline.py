@@ -25,13 +25,13 @@ from qtrader.contracts.messages import (
     OrderIntent,
     OrderStatus,
     OrderUpdate,
-    PortfolioSnapshot,
     Signal,
     TradingState,
 )
 from qtrader.contracts.policy import TradingPolicy, parse_policy
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
+from support.ledger_check import cents, independent_portfolio, last_snapshot
 from support.streams import publish_raw, read_all
 from support.workers import Worker, eventually, start_worker
 
@@ -72,56 +72,6 @@ async def control_plane(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
         await bus.close()
-
-
-def _independent_portfolio(
-    fills: list[Fill], marks: dict[str, Decimal]
-) -> tuple[Fraction, Fraction, Fraction, dict[str, Fraction]]:
-    """Realized PnL, fees, unrealized PnL and positions, by plain average-cost accounting."""
-    quantity: dict[str, Fraction] = {}
-    average: dict[str, Fraction] = {}
-    realized = Fraction(0)
-    fees = Fraction(0)
-    for fill in fills:
-        q = quantity.get(fill.symbol, Fraction(0))
-        avg = average.get(fill.symbol, Fraction(0))
-        delta = Fraction(fill.quantity) * fill.side.sign
-        price = Fraction(fill.price)
-        fees += Fraction(fill.fee)
-        if q == 0 or (q > 0) == (delta > 0):
-            average[fill.symbol] = (abs(q) * avg + abs(delta) * price) / (abs(q) + abs(delta))
-            quantity[fill.symbol] = q + delta
-            continue
-        closed = min(abs(q), abs(delta))
-        realized += closed * (price - avg) * (1 if q > 0 else -1)
-        remaining = q + delta
-        quantity[fill.symbol] = remaining
-        if remaining != 0 and (remaining > 0) != (q > 0):
-            average[fill.symbol] = price
-    unrealized = sum(
-        (q * (Fraction(marks[s]) - average[s]) for s, q in quantity.items() if q != 0),
-        Fraction(0),
-    )
-    return realized, fees, unrealized, quantity
-
-
-CENT = Decimal("0.01")
-
-
-def _cents(value: Fraction | Decimal) -> Decimal:
-    """An exact value rounded to the cent (half-even, like Decimal's default)."""
-    exact = Fraction(value)
-    return (Decimal(exact.numerator) / Decimal(exact.denominator)).quantize(CENT)
-
-
-async def _last_snapshot(url: str) -> PortfolioSnapshot | None:
-    snapshots = await read_all(
-        url,
-        stream=subjects.PORTFOLIO.name,
-        subject=subjects.PORTFOLIO_SNAPSHOT,
-        message_type=PortfolioSnapshot,
-    )
-    return max(snapshots, key=lambda s: s.sequence) if snapshots else None
 
 
 async def _wait_async(condition: object, *, timeout_s: float, what: str) -> None:
@@ -185,7 +135,7 @@ async def test_pipeline_when_candles_flow_then_portfolio_matches_the_fills(
                 url, stream="QT_ORDERS", subject="qtrader.order.intent.*", message_type=OrderIntent
             )
             finals = await _final_updates(url)
-            snapshot = await _last_snapshot(url)
+            snapshot = await last_snapshot(url)
             seen.append((len(intents), len(fills)))
             if snapshot is None or snapshot.fills_applied != len(fills):
                 return False
@@ -203,7 +153,7 @@ async def test_pipeline_when_candles_flow_then_portfolio_matches_the_fills(
             url, stream="QT_ORDERS", subject="qtrader.order.intent.*", message_type=OrderIntent
         )
         fills = await read_all(url, stream="QT_FILLS", subject="qtrader.fill.*", message_type=Fill)
-        snapshot = await _last_snapshot(url)
+        snapshot = await last_snapshot(url)
         assert snapshot is not None
 
         assert len(candles) == 2 * 160
@@ -224,12 +174,12 @@ async def test_pipeline_when_candles_flow_then_portfolio_matches_the_fills(
             if u.status not in _FILLED_OR_EXPIRED and "reduce_only" not in (u.reason or "")
         ]
         assert others == [], [(u.status, u.reason) for u in others]
-        realized, fees, unrealized, quantities = _independent_portfolio(fills, last_close)
+        realized, fees, unrealized, quantities = independent_portfolio(fills, last_close)
         assert snapshot.fills_applied == len(fills)
-        assert _cents(snapshot.realized_pnl) == _cents(realized)
-        assert _cents(snapshot.fees) == _cents(fees)
-        assert _cents(snapshot.unrealized_pnl) == _cents(unrealized)
-        assert _cents(snapshot.equity) == _cents(Fraction(CAPITAL) + realized - fees + unrealized)
+        assert cents(snapshot.realized_pnl) == cents(realized)
+        assert cents(snapshot.fees) == cents(fees)
+        assert cents(snapshot.unrealized_pnl) == cents(unrealized)
+        assert cents(snapshot.equity) == cents(Fraction(CAPITAL) + realized - fees + unrealized)
         by_symbol = {p.symbol: Fraction(p.quantity) for p in snapshot.positions}
         for symbol, quantity in quantities.items():
             assert by_symbol[symbol] == quantity

@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
+from prometheus_client import Counter
+
 from qtrader.contracts.messages import (
     Fill,
     OrderIntent,
@@ -40,6 +42,11 @@ from qtrader.execution.decisions import attempt_client_order_id
 from qtrader.execution.halt import HaltGate
 
 log = logging.getLogger(__name__)
+
+ATTEMPTS_RECOVERED = Counter(
+    "qtrader_order_attempts_recovered_total",
+    "Attempts of a redelivered intent found already at the venue, so not sent again.",
+)
 
 _BPS = Decimal(10_000)
 GATE_NAME = "halt-gate"  # the ``exchange`` of an update for an order the halt gate stopped
@@ -167,6 +174,7 @@ class OrderDriver:
             if found is None:
                 return attempt
             log.info("intent %s: attempt %s already at the venue", intent.intent_id, attempt)
+            ATTEMPTS_RECOVERED.inc()
             await self._record_fills(found, progress)
         return self._settings.max_attempts
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import (
     ROUND_CEILING,
@@ -112,6 +112,10 @@ class PaperExchange:
     def latest_price(self, symbol: str) -> Decimal | None:
         candle = self._closes.get(symbol)
         return candle.close if candle else None
+
+    def restore_positions(self, positions: Mapping[str, Decimal]) -> None:
+        """Positions a previous run left (from the FILLS stream), so reduce-only still works."""
+        self._positions = dict(positions)
 
     def position(self, symbol: str) -> Decimal:
         """The signed net quantity this exchange has filled for ``symbol``."""
@@ -259,9 +263,16 @@ class PaperVenue:
 
     name = EXCHANGE_NAME
 
-    def __init__(self, paper: PaperExchange, exchange_info: ExchangeInfo) -> None:
+    def __init__(
+        self,
+        paper: PaperExchange,
+        exchange_info: ExchangeInfo,
+        *,
+        history: Callable[[str], tuple[Fill, ...]] = lambda client_order_id: (),
+    ) -> None:
         self._paper = paper
         self._exchange_info = exchange_info
+        self._history = history
 
     @property
     def exchange_info(self) -> ExchangeInfo:
@@ -277,8 +288,24 @@ class PaperVenue:
         return _venue_order(execution)
 
     async def lookup(self, symbol: str, client_order_id: str) -> VenueOrder | None:
+        """This run's order, or one a previous run filled (known from the FILLS stream)."""
         execution = self._paper.execution(client_order_id)
-        return None if execution is None else _venue_order(execution)
+        if execution is not None:
+            return _venue_order(execution)
+        fills = self._history(client_order_id)
+        if not fills:
+            return None
+        quantity = sum((f.quantity for f in fills), Decimal(0))
+        notional = sum((f.quantity * f.price for f in fills), Decimal(0))
+        return VenueOrder(
+            client_order_id=client_order_id,
+            order_id=client_order_id,
+            symbol=symbol,
+            status=OrderStatus.FILLED,
+            executed_qty=quantity,
+            avg_price=notional / quantity,
+            fills=fills,
+        )
 
     async def cancel_all(self, symbols: Sequence[str]) -> int:
         return sum(self._paper.cancel_all(symbol) for symbol in symbols)

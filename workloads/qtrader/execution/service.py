@@ -136,6 +136,8 @@ class Execution:
         self._positions: dict[str, Decimal] = {}
         self._in_flight: dict[str, tuple[str, Decimal]] = {}  # intent id -> (symbol, signed qty)
         self._seen_fills: set[str] = set()
+        self._fills_by_order: dict[str, list[Fill]] = {}
+        self._fills_caught_up = asyncio.Event()
         self._marks: dict[str, Decimal] = {}
         self._marked_at: dict[str, float] = {}
         self._equity: Decimal | None = None
@@ -158,8 +160,15 @@ class Execution:
             "prices": self._context.bus.subscribe(
                 subjects.all_of(subjects.CANDLE_PREFIX), Candle, self._on_candle, label="prices"
             ),
-            "fills": self._context.bus.subscribe(
-                subjects.all_of(subjects.FILL_PREFIX), Fill, self._on_fill, label="fills"
+            # The whole fill history, then new fills: positions survive a restart, and an intent
+            # sent before a crash is recognised by its fills (see PaperVenue.lookup).
+            "fills": self._context.bus.replay(
+                subjects.FILLS,
+                subjects.all_of(subjects.FILL_PREFIX),
+                Fill,
+                self._on_fill,
+                label="execution-fills",
+                caught_up=self._fills_caught_up,
             ),
             "equity": self._follow_equity(),
             "intake": self._intake_loop(),
@@ -258,6 +267,7 @@ class Execution:
         if fill.fill_id in self._seen_fills:
             return
         self._seen_fills.add(fill.fill_id)
+        self._fills_by_order.setdefault(fill.client_order_id, []).append(fill)
         signed = fill.quantity * fill.side.sign
         self._positions[fill.symbol] = self._positions.get(fill.symbol, Decimal(0)) + signed
 
@@ -369,6 +379,7 @@ class Execution:
 
     async def _send_loop(self) -> None:
         policy = await self._context.policy.wait()
+        await self._fills_caught_up.wait()  # positions and past orders known before any send
         venue = self._make_venue(policy.spec)
         leftovers = await venue.start(policy.spec.symbols)
         if leftovers:
@@ -386,6 +397,7 @@ class Execution:
             settings=self._config.driver,
         )
         self._venue_ready.set()
+        await self._gate_known()
         try:
             await self._context.bus.consume(
                 subjects.EXECUTION_INTENTS, OrderIntent, self._on_intent
@@ -393,13 +405,26 @@ class Execution:
         finally:
             await venue.close()
 
+    async def _gate_known(self) -> None:
+        """Wait (at most the heartbeat timeout) for a latch and a first heartbeat, so intents
+        waiting at start are not all refused as halted merely because the worker just woke."""
+        deadline = time.monotonic() + self._config.heartbeat_timeout_s
+        while self._gate.latch is None or self._gate.heartbeat_age_s() is None:
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.05)
+
+    def _past_fills(self, client_order_id: str) -> tuple[Fill, ...]:
+        return tuple(self._fills_by_order.get(client_order_id, ()))
+
     def _make_venue(self, spec: TradingPolicySpec) -> Venue:
         if spec.mode is TradingMode.PAPER:
             info = paper_exchange_info()
             self._paper = PaperExchange(
                 exchange=info, fee_bps=spec.paper.fee_bps, slippage_bps=spec.paper.slippage_bps
             )
-            return PaperVenue(self._paper, info)
+            self._paper.restore_positions(self._positions)
+            return PaperVenue(self._paper, info, history=self._past_fills)
         if self._config.exchange_factory is None:
             raise RuntimeError(f"mode {spec.mode.value} needs the Binance settings (see --help)")
         return self._config.exchange_factory(spec)
@@ -462,23 +487,31 @@ class Execution:
                 log.warning("could not reload the exchange's instruments: %s", exc)
 
     async def _dead_man_loop(self) -> None:
-        """Re-arm the venue's countdown cancel-all while trading is allowed."""
+        """Re-arm the venue's countdown cancel-all while trading is allowed: at once when
+        trading starts or resumes, then every ``dead_man_refresh_s``."""
         await self._venue_ready.wait()
+        refresh_s = self._config.dead_man_refresh_s
+        armed_at: float | None = None
         while True:
             venue, policy = self._venue, self._context.policy.current
             trading = self._gate.state()[0] is not TradingState.HALTED
-            if venue is not None and policy is not None and trading:
-                await self._arm_dead_man(venue, policy.spec.symbols)
-            await asyncio.sleep(self._config.dead_man_refresh_s)
+            due = armed_at is None or time.monotonic() - armed_at >= refresh_s
+            if venue is not None and policy is not None and trading and due:
+                if await self._arm_dead_man(venue, policy.spec.symbols):
+                    armed_at = time.monotonic()
+            elif not trading:
+                armed_at = None
+            await asyncio.sleep(min(1.0, refresh_s))
 
-    async def _arm_dead_man(self, venue: Venue, symbols: tuple[str, ...]) -> None:
+    async def _arm_dead_man(self, venue: Venue, symbols: tuple[str, ...]) -> bool:
         try:
             await venue.arm_dead_man(symbols, self._config.dead_man_countdown_ms)
         except ExchangeError as exc:
             await self._on_exchange_error(exc)
             log.warning("could not re-arm the exchange's countdown cancel-all: %s", exc)
-            return
+            return False
         DEAD_MAN_ARMED.inc()
+        return True
 
     async def check_limiter(self) -> DependencyHealth:
         if self._venue is None:
