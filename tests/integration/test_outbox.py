@@ -21,15 +21,26 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.bus.outbox import Outbox
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Candle, CandleSource
+from qtrader.contracts.policy import parse_policy
 from qtrader.health.contract import Status
+from qtrader.local.control import publish_policy
 from qtrader.local.nats_server import EmbeddedNats
 from support.streams import read_all
+from support.workers import Worker, eventually, start_worker
 
 pytestmark = pytest.mark.integration
 
 EVENTS = int(os.environ.get("QTRADER_TEST_OUTBOX_EVENTS", "10000"))
 OUTAGE_S = float(os.environ.get("QTRADER_TEST_OUTAGE_S", "3"))
 START_MS = 1_700_000_000_000
+POLICY = parse_policy(
+    {
+        "apiVersion": "qtrader.dev/v1alpha1",
+        "kind": "TradingPolicy",
+        "metadata": {"name": "outbox-test"},
+        "spec": {"symbols": ["BTCUSDT", "ETHUSDT"]},
+    }
+)
 
 
 def candle(index: int) -> Candle:
@@ -116,3 +127,66 @@ async def test_a_full_outbox_pushes_back_and_says_critical(
     finally:
         nats_server.start()
         await bus.close()
+
+
+async def test_marketdata_rides_out_an_outage_and_health_says_so(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """A real marketdata process keeps producing through the outage; /health shows the outbox
+    DEGRADED while it holds candles; afterwards the stream has every candle once, in order."""
+    url = nats_server.url
+    bus = Bus(url=url, client_name="test-control")
+    await bus.connect()
+    await bus.ensure_topology()
+    await publish_policy(bus, POLICY)
+    await bus.close()
+    args = ("--seed", "5", "--candles-per-second", "20", "--max-candles", "160")
+    marketdata = start_worker("marketdata", nats_url=url, log_dir=tmp_path, args=args)
+    try:
+        await eventually(
+            lambda: _published(marketdata) >= 40, timeout_s=20, what="40 candles", worker=marketdata
+        )
+        await asyncio.to_thread(nats_server.stop)
+        await eventually(
+            lambda: _dependency(marketdata, "outbox") == "DEGRADED",
+            timeout_s=15,
+            what="the outbox holding candles",
+            worker=marketdata,
+        )
+        await asyncio.sleep(OUTAGE_S)
+        await asyncio.to_thread(nats_server.start)
+        await eventually(
+            lambda: (
+                "ended" in str(marketdata.health()) and _dependency(marketdata, "outbox") == "OK"
+            ),
+            timeout_s=60,
+            what="the feed to end and the outbox to drain",
+            worker=marketdata,
+        )
+    finally:
+        marketdata.stop()
+    stored = await read_all(
+        url, stream="QT_MARKET", subject="qtrader.market.candle.*", message_type=Candle
+    )
+    for symbol in POLICY.spec.symbols:
+        times = [c.open_time_ms for c in stored if c.symbol == symbol]
+        assert len(times) == 160, symbol
+        assert times == sorted(set(times)), f"{symbol}: out of order or repeated"
+
+
+def _published(worker: Worker) -> float:
+    text = worker.get("/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("qtrader_candles_published_total{")
+    )
+
+
+def _dependency(worker: Worker, name: str) -> str | None:
+    dependencies = worker.health().get("dependencies", [])
+    assert isinstance(dependencies, list)
+    for dependency in dependencies:
+        if dependency["name"] == name:
+            return str(dependency["status"])
+    return None

@@ -171,6 +171,8 @@ class Bus:
             if client is not None:
                 await _close_client(client)
             BUS_CONNECTED.set(0)
+            if self._outbox is not None:
+                self._outbox.close()  # what it holds stays on disk for the next run
 
     async def _drain(self, client: Client) -> None:
         try:
