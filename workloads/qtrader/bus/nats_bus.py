@@ -229,7 +229,7 @@ class Bus:
             for stream in subjects.ALL_STREAMS:
                 await self._ensure_stream(stream)
             for consumer in subjects.ALL_CONSUMERS:
-                await self._ensure_consumer(consumer)
+                await self.ensure_consumer(consumer)
             for bucket in subjects.ALL_BUCKETS:
                 await self._ensure_bucket(bucket)
         except _UNAVAILABLE as exc:
@@ -253,7 +253,8 @@ class Bus:
             return
         await self._jetstream.update_stream(config)
 
-    async def _ensure_consumer(self, spec: subjects.ConsumerSpec) -> None:
+    async def ensure_consumer(self, spec: subjects.ConsumerSpec) -> None:
+        """Create or update one durable consumer (``ensure_topology`` does every declared one)."""
         config = ConsumerConfig(
             name=spec.durable,
             durable_name=spec.durable,
@@ -350,7 +351,9 @@ class Bus:
                 await asyncio.sleep(0.2)
                 continue
             for msg in messages:
-                await self._handle(spec.durable, msg, message_type, handler)
+                await self._handle(
+                    spec.durable, msg, message_type, handler, ack_wait_s=spec.ack_wait_s
+                )
             if messages:  # a fetch may return an empty batch
                 CONSUMER_PENDING.labels(spec.durable).set(messages[-1].metadata.num_pending)
 
@@ -365,14 +368,21 @@ class Bus:
                 await asyncio.sleep(0.5)
 
     async def _handle(
-        self, consumer: str, msg: Msg, message_type: type[M], handler: Handler[M]
+        self,
+        consumer: str,
+        msg: Msg,
+        message_type: type[M],
+        handler: Handler[M],
+        *,
+        ack_wait_s: float,
     ) -> None:
         message = _decode_counted(consumer, msg, message_type)
         if message is None:
             await _settle(msg.term())
             return
         try:
-            await handler(message)
+            async with _working_on(msg, interval_s=ack_wait_s / 3):
+                await handler(message)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -515,6 +525,27 @@ async def _close_quietly(client: Client) -> None:
         await client.close()
     except Exception as exc:  # e.g. the socket reset while flushing: it is closed all the same
         log.debug("closing the NATS connection: %r", exc)
+
+
+@contextlib.asynccontextmanager
+async def _working_on(msg: Msg, *, interval_s: float) -> AsyncIterator[None]:
+    """Tell the server the message is still being handled (``+WPI``) while the handler runs:
+    a handler slower than the ack wait (an order whose outcome is being looked up) must not
+    have its message redelivered to another replica meanwhile."""
+
+    async def keep_alive() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            with contextlib.suppress(*_UNAVAILABLE):
+                await msg.in_progress()
+
+    task = asyncio.create_task(keep_alive())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _settle(acknowledgement: Awaitable[Any]) -> None:

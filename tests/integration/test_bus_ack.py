@@ -1,0 +1,56 @@
+"""A handler slower than the consumer's ack wait keeps its message: no redelivery meanwhile.
+
+The execution worker can spend longer than the ack wait on one intent (an order whose outcome
+is being looked up); were the intent redelivered meanwhile, another replica could send it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from decimal import Decimal
+
+import pytest
+
+from qtrader.bus.nats_bus import Bus
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import Direction, Signal
+from qtrader.local.nats_server import EmbeddedNats
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_slow_handler_is_not_redelivered_while_it_works(nats_server: EmbeddedNats) -> None:
+    spec = dataclasses.replace(subjects.EXECUTION_SIGNALS, durable="slow-test", ack_wait_s=1.0)
+    bus = Bus(url=nats_server.url, client_name="test-ack")
+    await bus.connect()
+    await bus.ensure_topology()
+    await bus.ensure_consumer(spec)
+    deliveries: list[str] = []
+
+    async def slow(signal: Signal) -> None:
+        deliveries.append(signal.signal_id)
+        await asyncio.sleep(3.5)  # three and a half ack waits
+
+    signal = Signal(
+        signal_id="slow-1",
+        symbol="BTCUSDT",
+        direction=Direction.LONG,
+        confidence=0.9,
+        model_version="test",
+        candle_open_time_ms=1,
+        price=Decimal(1),
+        created_at_ms=int(time.time() * 1000),
+    )
+    await bus.publish(subjects.signal_subject("BTCUSDT"), signal)
+    consumer = asyncio.create_task(bus.consume(spec, Signal, slow))
+    try:
+        await asyncio.sleep(8.0)  # long enough for any redelivery to have been handled too
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        await bus.close()
+    assert deliveries == ["slow-1"]
