@@ -1,0 +1,45 @@
+# syntax=docker/dockerfile:1
+# The four workloads (qtrader marketdata|inference|execution|portfolio), one image.
+# Build from the repository root: docker build -f docker/workloads.Dockerfile -t quantum-trader-workloads:0.1.0 .
+#
+# No torch: the project is installed without the `train` extra; inference needs only
+# onnxruntime. The default model is baked in (package data, and a copy in /models); a volume
+# mounted at /models overrides it (policy spec.model.ref: /models/<file>.onnx, or --model).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY workloads ./workloads
+COPY operator ./operator
+# A regular (non-editable) install: the code and the model land in the venv's site-packages.
+RUN /opt/venv/bin/pip install . \
+ && /opt/venv/bin/python -c "import qtrader.inference.onnx_model as m; assert m.default_model_path().is_file()" \
+ && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
+RUN mkdir -p /out/models \
+ && cp workloads/qtrader/models/default.onnx workloads/qtrader/models/default.json /out/models/
+
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="quantum-trader-workloads" \
+      org.opencontainers.image.source="https://github.com/quantum-trader/quantum-trader"
+# Read-only root filesystem: no bytecode writes; temporary files and the outbox go to /tmp,
+# which the pod mounts as an emptyDir.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    QTRADER_HEALTH_PORT=8080 \
+    QTRADER_OUTBOX_DIR=/tmp/qtrader-outbox
+RUN groupadd --system --gid 10001 qtrader \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
+      --shell /usr/sbin/nologin qtrader
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build --chown=10001:10001 /out/models /models
+# Numeric, so the kubelet can verify runAsNonRoot.
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["qtrader"]
+CMD ["--help"]
