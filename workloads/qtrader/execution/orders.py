@@ -71,6 +71,7 @@ class DriverSettings:
 class _Progress:
     filled: Decimal
     notional: Decimal  # sum of fill quantity x price, for the average price
+    last_fill_ms: int | None = None  # the venue's time of the latest fill
 
     @property
     def avg_price(self) -> Decimal:
@@ -229,6 +230,7 @@ class OrderDriver:
         for fill in result.fills:
             progress.filled += fill.quantity
             progress.notional += fill.quantity * fill.price
+            progress.last_fill_ms = max(fill.ts_ms, progress.last_fill_ms or 0)
             await self._publish_fill(fill)
 
     def _inside_bound(self, intent: OrderIntent, bound: Decimal) -> bool:
@@ -274,7 +276,7 @@ class OrderDriver:
             exchange=exchange or self._venue.name,
             reason=reason[:256] if reason else None,
             worker_id=self._worker_id,
-            ts_ms=int(time.time() * 1000),
+            ts_ms=_event_ms(status, progress),
         )
 
 
@@ -287,6 +289,15 @@ def slippage_bound(reference: Decimal, side: Side, max_slippage_bps: int) -> Dec
     bound = reference * factor
     rounding = ROUND_FLOOR if side is Side.BUY else ROUND_CEILING
     return bound.quantize(Decimal("1e-8"), rounding=rounding)
+
+
+def _event_ms(status: OrderStatus, progress: _Progress | None) -> int:
+    """When the change happened: a fill's time is the venue's (an order filled before a halt
+    must not look as if it filled after the acknowledgement because it was reported later)."""
+    filling = status in (OrderStatus.FILLED, OrderStatus.PARTIALLY_FILLED)
+    if filling and progress is not None and progress.last_fill_ms is not None:
+        return progress.last_fill_ms
+    return int(time.time() * 1000)
 
 
 def _describe(exc: ExchangeError) -> str:
