@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
-import nats
 import nats.errors
+from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from qtrader.contracts.messages import Message, decode
@@ -15,8 +18,7 @@ M = TypeVar("M", bound=Message)
 
 async def read_all(url: str, *, stream: str, subject: str, message_type: type[M]) -> list[M]:
     """Every message stored on ``subject`` in ``stream``, oldest first."""
-    connection = await nats.connect(url)
-    try:
+    async with _connection(url) as connection:
         js = connection.jetstream(timeout=15)  # a loaded CI machine answers slowly
         subscription = await js.pull_subscribe(
             subject,
@@ -33,13 +35,27 @@ async def read_all(url: str, *, stream: str, subject: str, message_type: type[M]
             # Stop at what the stream held when we caught up, even while producers keep going.
             if batch and batch[-1].metadata.num_pending == 0:
                 return messages
-    finally:
-        await connection.close()
 
 
 async def publish_raw(url: str, subject: str, payload: bytes, *, msg_id: str) -> None:
-    connection = await nats.connect(url)
-    try:
+    async with _connection(url) as connection:
         await connection.jetstream().publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+
+
+@contextlib.asynccontextmanager
+async def _connection(url: str) -> AsyncIterator[Client]:
+    """A connection closed on every path: also when a test's timeout cancels it mid-handshake
+    (``nats.connect`` would drop the half-made client, its socket left to the collector)."""
+    client = Client()
+    try:
+        await client.connect(url)
+        yield client
     finally:
-        await connection.close()
+        # Shielded, so a second cancellation cannot stop the close halfway.
+        await asyncio.shield(_close(client))
+
+
+async def _close(client: Client) -> None:
+    if not client.is_closed:
+        with contextlib.suppress(Exception):  # the socket is closed even when a flush fails
+            await client.close()

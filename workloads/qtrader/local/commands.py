@@ -97,11 +97,11 @@ async def _connected(url: str, action: Action, *, command: str) -> int:
     """Run ``action`` on a connection to ``url``; errors become a message and an exit code."""
     logging.getLogger("qtrader.bus").setLevel(logging.ERROR)  # no retry chatter on a CLI
     bus = Bus(url=url, client_name=f"{command.replace(' ', '-')}:{_user()}")
-    try:
-        await asyncio.wait_for(bus.connect(), CONNECT_TIMEOUT_S)
-    except TimeoutError:
-        return _fail(command, f"cannot reach the stack's NATS server at {url}", code=1)
-    try:
+    try:  # closed on every path: a connect cut short by the timeout may have half a connection
+        try:
+            await asyncio.wait_for(bus.connect(), CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            return _fail(command, f"cannot reach the stack's NATS server at {url}", code=1)
         return await action(bus)
     except (_Usage, EmergencyStopError) as exc:
         return _fail(command, str(exc), code=2)
