@@ -7,6 +7,8 @@ Subcommands:
   EmergencyStop control plane;
 - ``ess trip | reset | status``: the local kill switch (the EmergencyStop of the running ``up``);
 - ``policy apply | show``: publish a new TradingPolicy revision to the running ``up``, or show it;
+- ``health``: one table of every workload's and dependency's health (the local stack, or
+  ``--url`` for each workload's Service in a cluster); exit 0 OK, 1 DEGRADED, 2 CRITICAL;
 - ``model train``: train the signal model and export it to ONNX (needs the ``train`` extra);
 - ``bench NAME``: run one benchmark (``halt``, ``limiter``) and print its figures beside a
   baseline.
@@ -256,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_whole, default=7)
     train.add_argument("--epochs", type=_whole, default=None)
     _bench_commands(commands)
+    _health_command(commands)
     return parser
 
 
@@ -396,13 +399,77 @@ def _bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
         metavar="PATH",
         help="also write the figures (the last line's JSON object) to this file",
     )
+    outbox = names.add_parser(
+        "outbox",
+        help="disk outbox: buffering vs raw SQLite inserts, replay vs raw JetStream publishes, "
+        "and N events across a broker outage (none lost, none duplicated, in order)",
+    )
+    outbox.add_argument(
+        "--events",
+        type=_integer(minimum=100, maximum=1_000_000),
+        default=20_000,
+        help="events published in each phase (default %(default)s)",
+    )
+    outbox.add_argument(
+        "--outage",
+        type=_bench_seconds("--outage"),
+        default=2.0,
+        help="seconds the broker stays down in the end-to-end run (default %(default)s)",
+    )
+    outbox.add_argument(
+        "--json",
+        type=_json_output,
+        metavar="PATH",
+        help="also write the figures (the last line's JSON object) to this file",
+    )
 
 
-def _bench_duration(text: str) -> float:
-    value = _number("--duration", minimum=0, inclusive=False)(text)
-    if value > 600:
-        raise argparse.ArgumentTypeError(f"--duration must be <= 600, got {text}")
-    return value
+def _health_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``qtrader health``: exit 0 all OK, 1 any DEGRADED, 2 any CRITICAL (or unreachable)."""
+    health = commands.add_parser(
+        "health",
+        help="one table of every workload's and dependency's health; exit 0 OK, 1 DEGRADED, "
+        "2 CRITICAL",
+    )
+    health.add_argument(
+        "--url",
+        type=_http_url,
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a workload's base or /health URL (repeat for each; e.g. a cluster Service); "
+        "default: the local stack's workloads from .qtrader/up.json",
+    )
+    health.add_argument(
+        "--nats-url",
+        type=_nats_url,
+        help="also probe this NATS server (default with the local stack: the stack's server)",
+    )
+    health.add_argument(
+        "--timeout",
+        type=_bench_seconds("--timeout"),
+        default=3.0,
+        help="seconds to wait for each answer (default %(default)s)",
+    )
+    health.add_argument("--json", action="store_true", help="the rows as JSON")
+
+
+def _bench_seconds(flag: str) -> Callable[[str], float]:
+    """A finite number of seconds in (0, 600]."""
+    positive = _number(flag, minimum=0, inclusive=False)
+
+    def parse(text: str) -> float:
+        value = positive(text)
+        if value > 600:  # also infinity
+            raise argparse.ArgumentTypeError(f"{flag} must be <= 600, got {text}")
+        if not value <= 600:  # NaN compares false to everything, so passed the checks above
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        return value
+
+    return parse
+
+
+_bench_duration = _bench_seconds("--duration")
 
 
 def _json_output(text: str) -> Path:
@@ -597,9 +664,19 @@ def _run_bench(args: argparse.Namespace) -> int:
         from qtrader.benchmarks import limiter
 
         return limiter.run(requests=args.requests, duration_s=args.duration, json_path=args.json)
+    if args.bench_name == "outbox":
+        from qtrader.benchmarks import outbox
+
+        return outbox.run(events=args.events, outage_s=args.outage, json_path=args.json)
     from qtrader.benchmarks import halt
 
     return halt.run(trips=args.trips, workers=args.workers)
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    from qtrader.local.health import run_health
+
+    return run_health(args)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -612,6 +689,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "policy": _run_policy,
     "model": _run_model,
     "bench": _run_bench,
+    "health": _run_health,
 }
 
 

@@ -33,6 +33,10 @@ UNREALIZED = Gauge("qtrader_portfolio_unrealized_pnl_usd", "Unrealized PnL at th
 FEES = Gauge("qtrader_portfolio_fees_usd", "Fees paid since the first fill.")
 DRAWDOWN = Gauge("qtrader_portfolio_drawdown_ratio", "Current drawdown from the equity peak (0-1).")
 MAX_DRAWDOWN = Gauge("qtrader_portfolio_max_drawdown_ratio", "Worst peak-to-trough drawdown (0-1).")
+DRAWDOWN_LIMIT = Gauge(
+    "qtrader_portfolio_drawdown_limit_ratio",
+    "The policy's risk.maxDrawdownPct as a ratio (0-1): what alerts compare the drawdown to.",
+)
 OPEN_POSITIONS = Gauge("qtrader_portfolio_open_positions", "Symbols with a non-zero position.")
 SNAPSHOTS = Counter("qtrader_portfolio_snapshots_published_total", "Snapshots published.")
 
@@ -51,6 +55,9 @@ class Portfolio:
         self._dirty = asyncio.Event()
         self._last_publish_error = ""
         context.monitor.add_check("ledger", self.check)
+        context.policy.add_listener(
+            lambda revision: DRAWDOWN_LIMIT.set(float(revision.spec.risk.max_drawdown_pct) / 100)
+        )
 
     def tasks(self) -> dict[str, Task]:
         return {"portfolio": self._serve()}
