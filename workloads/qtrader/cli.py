@@ -10,8 +10,8 @@ Subcommands:
 - ``health``: one table of every workload's and dependency's health (the local stack, or
   ``--url`` for each workload's Service in a cluster); exit 0 OK, 1 DEGRADED, 2 CRITICAL;
 - ``model train``: train the signal model and export it to ONNX (needs the ``train`` extra);
-- ``bench NAME``: run one benchmark (``halt``, ``limiter``) and print its figures beside a
-  baseline.
+- ``bench NAME``: run one benchmark (``halt``, ``limiter``, ``outbox``) and print its figures
+  beside a baseline.
 
 Arguments are checked before anything starts: a bad one prints what is wrong and exits with 2;
 an invalid policy or EmergencyStop file prints the field and the rule and exits with 2. ``ess``

@@ -11,4 +11,7 @@ tests: a test checks that a benchmark runs and that its correctness figures hold
 - ``limiter`` (``qtrader.benchmarks.limiter``): acquisitions through the Redis-shared limiter vs
   the in-process one; a two-process flood against the local Binance server (budget share used,
   429s and 418s, which must be 0) vs one unthrottled client.
+- ``outbox`` (``qtrader.benchmarks.outbox``): events buffered in the SQLite outbox while NATS is
+  down vs raw SQLite inserts (synchronous FULL and NORMAL), the replay vs raw JetStream publishes;
+  and N events across a broker outage, read back: lost and duplicated, which must be 0, in order.
 """
