@@ -187,8 +187,12 @@ async def _apply_workloads(
     spec: TradingPolicySpec,
     stopped: frozenset[str],
 ) -> dict[str, policy_core.WorkloadReadiness]:
+    config = runtime.config
     settings = policy_core.WorkloadSettings(
-        image=runtime.config.workload_image, nats_url=runtime.config.nats_url
+        image=config.workload_image,
+        nats_url=config.nats_url,
+        redis_url=config.redis_url,
+        binance_secret=config.binance_secret,
     )
     readiness = {}
     manifests = policy_core.desired_deployments(

@@ -1,8 +1,9 @@
 """``qtrader-operator``: run the operator in a cluster (configuration from the environment).
 
 Environment: ``QTRADER_NAMESPACE`` (or ``POD_NAMESPACE``) the namespace it manages,
-``QTRADER_NATS_URL``, ``QTRADER_WORKLOAD_IMAGE``, ``QTRADER_LIVENESS_URL`` (default
-``http://0.0.0.0:8081/healthz``), and for the optional admission webhook
+``QTRADER_NATS_URL``, ``QTRADER_WORKLOAD_IMAGE``, ``QTRADER_REDIS_URL`` and
+``QTRADER_BINANCE_SECRET_NAME`` (optional, passed on to execution), ``QTRADER_LIVENESS_URL``
+(default ``http://0.0.0.0:8081/healthz``), and for the optional admission webhook
 ``QTRADER_WEBHOOK_PORT``, ``QTRADER_WEBHOOK_CERT``, ``QTRADER_WEBHOOK_KEY``.
 """
 
@@ -33,6 +34,8 @@ def config_from_environment() -> OperatorConfig:
         namespace=_required("QTRADER_NAMESPACE", "POD_NAMESPACE"),
         nats_url=_required("QTRADER_NATS_URL"),
         workload_image=_required("QTRADER_WORKLOAD_IMAGE"),
+        redis_url=os.environ.get("QTRADER_REDIS_URL") or None,
+        binance_secret=os.environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
     )
 
 

@@ -52,6 +52,13 @@ class WorkloadSettings:
     image: str
     nats_url: str
     image_pull_policy: str = "IfNotPresent"
+    # Execution only: the Redis shared by its replicas' rate limiter, and the Secret holding the
+    # Binance keys (files api-key, api-secret), mounted read-only.
+    redis_url: str | None = None
+    binance_secret: str | None = None
+
+
+BINANCE_SECRET_DIR = "/var/run/secrets/binance"
 
 
 def validate(raw_spec: Mapping[str, Any], exchange: ExchangeInfo) -> TradingPolicySpec | str:
@@ -173,11 +180,33 @@ def _pod_spec(*, role: str, workload: WorkloadSpec, settings: WorkloadSettings) 
     resources = workload.resources.model_dump(exclude_none=True)
     if any(resources.values()):
         container["resources"] = {k: v for k, v in resources.items() if v}
-    return {
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # workloads never talk to the Kubernetes API
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {}}],
     }
+    if role == "execution":
+        _add_exchange_access(pod, container, settings)
+    return pod
+
+
+def _add_exchange_access(
+    pod: dict[str, Any], container: dict[str, Any], settings: WorkloadSettings
+) -> None:
+    if settings.redis_url:
+        container["env"].append({"name": "QTRADER_REDIS_URL", "value": settings.redis_url})
+    if settings.binance_secret:
+        container["env"].append({"name": "QTRADER_BINANCE_SECRET_DIR", "value": BINANCE_SECRET_DIR})
+        container["volumeMounts"].append(
+            {"name": "binance-keys", "mountPath": BINANCE_SECRET_DIR, "readOnly": True}
+        )
+        pod["volumes"].append(
+            {
+                "name": "binance-keys",
+                "secret": {"secretName": settings.binance_secret, "defaultMode": 0o400},
+            }
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,6 +29,8 @@ class OperatorConfig:
     namespace: str
     nats_url: str
     workload_image: str
+    redis_url: str | None = None
+    binance_secret: str | None = None
     # None: the in-cluster service account (the normal case); tests point it elsewhere.
     kube: KubeEndpoint | None = None
     heartbeat_interval_s: float = 1.0

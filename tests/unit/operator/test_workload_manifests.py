@@ -1,0 +1,60 @@
+"""What the operator puts in the execution Deployment for trading on Binance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qtrader.contracts.policy import parse_policy
+from qtrader_operator import policy_core
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def deployments(settings: policy_core.WorkloadSettings) -> dict[str, dict[str, Any]]:
+    policy = parse_policy(yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text()))
+    owner = policy_core.Owner(name="demo", namespace="trading", uid="uid-1")
+    made = policy_core.desired_deployments(owner=owner, spec=policy.spec, settings=settings)
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in made}
+
+
+def env(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def test_execution_gets_redis_and_the_binance_keys_as_files_others_do_not() -> None:
+    made = deployments(
+        policy_core.WorkloadSettings(
+            image="img:1",
+            nats_url="nats://nats:4222",
+            redis_url="redis://redis:6379/0",
+            binance_secret="binance-keys",
+        )
+    )
+    execution = made["execution"]
+    assert env(execution)["QTRADER_REDIS_URL"] == "redis://redis:6379/0"
+    assert env(execution)["QTRADER_BINANCE_SECRET_DIR"] == policy_core.BINANCE_SECRET_DIR
+    pod = execution["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": "binance-keys", "mountPath": "/var/run/secrets/binance", "readOnly": True} in (
+        container["volumeMounts"]
+    )
+    secret = next(v for v in pod["volumes"] if v["name"] == "binance-keys")["secret"]
+    assert secret == {"secretName": "binance-keys", "defaultMode": 0o400}
+    for role in ("marketdata", "inference", "portfolio"):
+        assert "QTRADER_REDIS_URL" not in env(made[role])
+        assert "QTRADER_BINANCE_SECRET_DIR" not in env(made[role])
+    for deployment in made.values():
+        assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_paper_only_settings_add_nothing_to_execution() -> None:
+    made = deployments(policy_core.WorkloadSettings(image="img:1", nats_url="nats://nats:4222"))
+    assert set(env(made["execution"])) == {
+        "QTRADER_NATS_URL",
+        "QTRADER_HEALTH_PORT",
+        "QTRADER_WORKER_ID",
+    }
