@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
@@ -96,6 +96,12 @@ TRADING_STATE = Gauge(
 )
 HALT_ACKS = Counter(
     "qtrader_halt_acks_total", "Answers on CONTROL_HALT_ACK (new latch revisions and presence)."
+)
+HALT_APPLY_SECONDS = Histogram(
+    "qtrader_halt_apply_seconds",
+    "From a latch being issued by the control plane to this worker having it in force (open "
+    "orders cancelled when it halts), per new revision.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 HEARTBEAT_AGE = Gauge(
     "qtrader_control_heartbeat_age_seconds", "Seconds since the control plane's last heartbeat."
@@ -202,6 +208,7 @@ class Execution:
             if changed and latch.state is TradingState.HALTED:
                 cancelled = await self._cancel_open_orders()
         if changed:
+            HALT_APPLY_SECONDS.observe(max(0.0, time.time() - latch.issued_at_ms / 1000))
             log.info("halt latch revision %d in force: %s", latch.revision, latch.state.value)
         if latch.revision > self._acked_revision or changed:
             await self._acknowledge(latch, cancelled)
