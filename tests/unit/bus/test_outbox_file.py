@@ -48,6 +48,7 @@ def test_age_of_the_oldest_entry(tmp_path: Path) -> None:
     outbox.append("s", "a", b"1")
     assert 0.0 <= outbox.oldest_age_s() < 60
     outbox.close()
+    assert outbox.oldest_age_s() == 0.0  # a metrics scrape after close does not fail
 
 
 def test_capacity_must_be_positive(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ class Outbox:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock_fd = lock_fd
+        self._closed = False
         self.capacity = capacity
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -104,10 +105,13 @@ class Outbox:
         self._depth -= removed
 
     def oldest_age_s(self) -> float:
+        if self._closed:
+            return 0.0  # a metric scrape after close must not fail
         row = self._db.execute("SELECT MIN(created_at) FROM outbox").fetchone()
         return 0.0 if row is None or row[0] is None else max(0.0, time.time() - row[0])
 
     def close(self) -> None:
+        self._closed = True
         self._db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
