@@ -28,6 +28,8 @@ from qtrader.contracts.messages import (
     OrderIntent,
     OrderStatus,
     PortfolioSnapshot,
+    RiskAlert,
+    RiskAlertKind,
     Side,
     TradingState,
 )
@@ -301,3 +303,60 @@ def _metric(worker: Worker, name: str) -> float:
     text = worker.get("/metrics").text
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
+
+
+async def test_a_drawdown_beyond_the_policy_limit_raises_one_risk_alert(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """The portfolio raises the trip input: a long position marked 2% down with a 1% limit."""
+    url = nats_server.url
+    bus = Bus(url=url, client_name="test-drawdown")
+    await bus.connect()
+    await bus.ensure_topology()
+    limited = POLICY.model_copy(
+        update={
+            "spec": POLICY.spec.model_copy(
+                update={
+                    "risk": POLICY.spec.risk.model_copy(update={"max_drawdown_pct": Decimal(1)})
+                }
+            )
+        }
+    )
+    await publish_policy(bus, limited)
+    worker = start_worker("portfolio", nats_url=url, log_dir=tmp_path)
+    try:
+        buy = Fill(
+            fill_id="dd-1",
+            client_order_id="qt-dd-1",
+            symbol="BTCUSDT",
+            side=Side.BUY,
+            quantity=Decimal("0.1"),
+            price=Decimal(30_000),
+            fee=Decimal(0),
+            ts_ms=1_700_000_000_000,
+        )
+        await bus.publish(subjects.fill_subject("BTCUSDT"), buy)
+        # 0.1 BTC on 10,000 of capital: 1%, 3% and 4% below the peak.
+        for minute, price in enumerate(("30000", "29000", "27000", "26000"), start=1):
+            candle = mark_candle("BTCUSDT", Decimal(price), minute)
+            await bus.publish(subjects.candle_subject("BTCUSDT"), candle)
+            await asyncio.sleep(1.0)  # past the snapshot interval: each price gets a snapshot
+
+        async def alerts() -> list[RiskAlert]:
+            return await read_all(
+                url, stream="QT_RISK", subject="qtrader.risk.alert.*", message_type=RiskAlert
+            )
+
+        deadline = asyncio.get_running_loop().time() + 15
+        while not await alerts():
+            assert asyncio.get_running_loop().time() < deadline, worker.log()
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)  # deeper drawdown, same episode: no second alert
+        found = await alerts()
+    finally:
+        worker.stop()
+        await bus.close()
+    (alert,) = found
+    assert alert.alert_kind is RiskAlertKind.DRAWDOWN
+    assert alert.threshold == Decimal(1)
+    assert alert.value >= Decimal(1)

@@ -5,6 +5,10 @@ message (the ledger ignores a fill id it has applied, so a redelivery counts onc
 follows new fills. Prices come from the candles as they are published. A snapshot is published
 at start, after the fills it has not yet reported, and on price moves at most every
 ``snapshot_interval_s``.
+
+Each snapshot also goes through the drawdown evaluator: a drawdown at or beyond the policy's
+``risk.maxDrawdownPct`` publishes a ``drawdown`` risk alert (once per episode), which the
+operator turns into an EmergencyStop trip when the stop's drawdown trigger is set.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from prometheus_client import Counter, Gauge
 
 from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Candle, Fill
+from qtrader.contracts.messages import Candle, Fill, PortfolioSnapshot, RiskAlert
+from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.ledger import Ledger
+from qtrader.risk.evaluators import DrawdownEvaluator
 from qtrader.runtime import Task, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,9 @@ DRAWDOWN_LIMIT = Gauge(
 )
 OPEN_POSITIONS = Gauge("qtrader_portfolio_open_positions", "Symbols with a non-zero position.")
 SNAPSHOTS = Counter("qtrader_portfolio_snapshots_published_total", "Snapshots published.")
+RISK_ALERTS = Counter(
+    "qtrader_risk_alerts_published_total", "Risk alerts published, by kind.", ["kind"]
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +63,8 @@ class Portfolio:
         self._sequence = 0
         self._dirty = asyncio.Event()
         self._last_publish_error = ""
+        self._drawdown: DrawdownEvaluator | None = None
+        self._pending_alert: RiskAlert | None = None
         context.monitor.add_check("ledger", self.check)
         context.policy.add_listener(
             lambda revision: DRAWDOWN_LIMIT.set(float(revision.spec.risk.max_drawdown_pct) / 100)
@@ -67,6 +78,8 @@ class Portfolio:
         self._ledger = Ledger(
             initial_capital=policy.spec.paper.initial_capital_usd, exchange=paper_exchange_info()
         )
+        self._watch_drawdown(policy.spec)
+        self._context.policy.add_listener(lambda revision: self._watch_drawdown(revision.spec))
         bus = self._context.bus
         self._dirty.set()  # the first snapshot tells execution the equity it may use
         await asyncio.gather(
@@ -82,6 +95,12 @@ class Portfolio:
             ),
             self._publish_loop(),
         )
+
+    def _watch_drawdown(self, spec: TradingPolicySpec) -> None:
+        limit = spec.risk.max_drawdown_pct
+        if self._drawdown is None or self._drawdown.limit_pct != limit:
+            source = f"portfolio/{self._context.options.worker_id}"
+            self._drawdown = DrawdownEvaluator(limit, source=source)
 
     async def _on_fill(self, fill: Fill) -> None:
         assert self._ledger is not None
@@ -115,6 +134,25 @@ class Portfolio:
             return
         self._last_publish_error = ""
         SNAPSHOTS.inc()
+        await self._evaluate(snapshot)
+
+    async def _evaluate(self, snapshot: PortfolioSnapshot) -> None:
+        alert = self._pending_alert
+        if alert is None and self._drawdown is not None:
+            alert = self._drawdown.on_snapshot(snapshot)
+        if alert is None:
+            return
+        subject = subjects.risk_alert_subject(alert.alert_kind.value)
+        try:
+            await self._context.bus.publish(subject, alert)
+        except BusUnavailable as exc:
+            log.warning("risk alert %s not published yet: %s", alert.alert_id, exc)
+            self._pending_alert = alert  # the episode's one alert must not be lost
+            self._dirty.set()
+            return
+        self._pending_alert = None
+        RISK_ALERTS.labels(alert.alert_kind.value).inc()
+        log.warning("risk alert %s: %s", alert.alert_id, alert.detail)
 
     async def check(self) -> DependencyHealth:
         if self._ledger is None:
