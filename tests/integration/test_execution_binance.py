@@ -76,7 +76,12 @@ async def test_testnet_worker_trades_on_the_exchange_and_a_ban_stops_it(
                 what="three orders filled at the exchange",
                 worker=execution,
             )
-            assert exchange.countdowns(), "the dead-man countdown is armed while trading"
+            await eventually(
+                lambda: bool(exchange.countdowns()),
+                timeout_s=5,
+                what="the dead-man countdown armed while trading",
+                worker=execution,
+            )
 
             exchange.faults([{"route": "*", "kind": "http_418", "next": 1, "retry_after_s": 60}])
             await eventually(

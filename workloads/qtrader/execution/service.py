@@ -405,6 +405,8 @@ class Execution:
         )
         self._venue_ready.set()
         await self._gate_known()
+        if self._gate.state()[0] is not TradingState.HALTED:  # armed before the first order
+            await self._arm_dead_man(venue, policy.spec.symbols)
         try:
             await self._context.bus.consume(
                 subjects.EXECUTION_INTENTS, OrderIntent, self._on_intent
