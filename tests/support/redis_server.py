@@ -1,32 +1,25 @@
-"""A real ``redis-server`` for tests: free loopback port, temp dir, no persistence.
+"""A real ``redis-server`` for tests (``qtrader.local.redis_server``), skipped or failed if absent.
 
 ``require_redis_server()`` skips a test when the binary is missing on a developer's machine, but
 fails it when ``CI`` is set: CI must never pass by silently skipping the Redis tests (install the
-Debian package ``redis-server``). Stopping and starting again reuses the port, which is how tests
-make an outage and a recovery. A restarted server is empty (``--save ""``), like a real restart
-of a cache without persistence.
+Debian package ``redis-server``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from qtrader.local.nats_server import free_port
+from qtrader.local import redis_server
+from qtrader.local.redis_server import EmbeddedRedis, RedisServerError
+
+__all__ = ["EmbeddedRedis", "in_ci", "require_redis_server", "running_redis"]
 
 _NOT_CI = {"", "0", "false", "no"}
-
-
-class RedisServerError(RuntimeError):
-    """redis-server could not be started."""
 
 
 def in_ci() -> bool:
@@ -35,94 +28,17 @@ def in_ci() -> bool:
 
 def require_redis_server() -> Path:
     """The redis-server binary; skip the test without one, unless in CI, where it fails."""
-    found = shutil.which("redis-server")
-    if found is not None:
-        return Path(found)
-    message = "redis-server is not installed (Debian/Ubuntu: apt-get install -y redis-server)"
-    if in_ci():
-        pytest.fail(f"{message}; CI is set, so the Redis tests must not be skipped")
-    pytest.skip(message)
-
-
-def ping(host: str, port: int, *, timeout_s: float = 0.5) -> bool:
-    """True when a Redis server answers PING on host:port."""
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class EmbeddedRedis:
-    """One redis-server process on a loopback port, with its files in ``work_dir``."""
-
-    def __init__(
-        self, *, work_dir: Path, binary: Path, port: int | None = None, host: str = "127.0.0.1"
-    ) -> None:
-        self.host = host
-        self.port = port or free_port(host)
-        self.work_dir = work_dir
-        self.binary = binary
-        self._process: subprocess.Popen[bytes] | None = None
-        self.log_path = work_dir / f"redis-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def start(self, *, timeout_s: float = 10.0) -> None:
-        if self.running:
-            return
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            str(self.binary),
-            "--port", str(self.port),
-            "--bind", self.host,
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.work_dir),
-            "--logfile", str(self.log_path),
-        ]  # fmt: skip
-        self._process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + timeout_s
-        while not ping(self.host, self.port):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop(kill=True)
-                raise RedisServerError(f"redis-server did not answer PING; see {self.log_path}")
-            time.sleep(0.02)
-
-    def stop(self, *, kill: bool = False, timeout_s: float = 10.0) -> None:
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.kill() if kill else process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._process = None
-
-    def restart(self, *, timeout_s: float = 10.0) -> None:
-        """Stop and start again on the same port (the data is gone: nothing is persisted)."""
-        self.stop()
-        self.start(timeout_s=timeout_s)
+        return redis_server.redis_server_binary()
+    except RedisServerError as exc:
+        if in_ci():
+            pytest.fail(f"{exc}; CI is set, so the Redis tests must not be skipped")
+        pytest.skip(str(exc))
 
 
 @contextmanager
 def running_redis(work_dir: Path, *, port: int | None = None) -> Iterator[EmbeddedRedis]:
     """A started redis-server, stopped on exit; skips/fails like ``require_redis_server``."""
-    server = EmbeddedRedis(work_dir=work_dir, binary=require_redis_server(), port=port)
-    server.start()
-    try:
+    binary = require_redis_server()
+    with redis_server.running_redis(work_dir, binary=binary, port=port) as server:
         yield server
-    finally:
-        server.stop()

@@ -10,6 +10,8 @@ Subcommands:
 - ``health``: one table of every workload's and dependency's health (the local stack, or
   ``--url`` for each workload's Service in a cluster); exit 0 OK, 1 DEGRADED, 2 CRITICAL;
 - ``model train``: train the signal model and export it to ONNX (needs the ``train`` extra);
+- ``stress [--scenario NAME] [--scale F] [--report PATH]``: the stress scenarios, with a
+  Markdown and JSON report;
 - ``bench NAME``: run one benchmark (``halt``, ``limiter``, ``outbox``) and print its figures
   beside a baseline.
 
@@ -259,7 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_whole, default=None)
     _bench_commands(commands)
     _health_command(commands)
+    _stress_command(commands)
     return parser
+
+
+def _stress_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from qtrader.stress import runner
+
+    stress = commands.add_parser(
+        "stress", help="run the stress scenarios; print and report each pass criterion"
+    )
+    runner.add_arguments(stress)
 
 
 def _exchange_arguments(parser: argparse.ArgumentParser) -> None:
@@ -673,6 +685,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     return halt.run(trips=args.trips, workers=args.workers)
 
 
+def _run_stress(args: argparse.Namespace) -> int:
+    from qtrader.stress import runner
+
+    return runner.run(args)
+
+
 def _run_health(args: argparse.Namespace) -> int:
     from qtrader.local.health import run_health
 
@@ -690,6 +708,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "model": _run_model,
     "bench": _run_bench,
     "health": _run_health,
+    "stress": _run_stress,
 }
 
 
