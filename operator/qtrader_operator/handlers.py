@@ -24,7 +24,7 @@ from typing import Any
 import kopf
 
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import PolicyRevision, RiskAlert, RiskAlertKind, TradingState
+from qtrader.contracts.messages import PolicyRevision, RiskAlert, TradingState
 from qtrader.contracts.policy import (
     API_GROUP,
     API_VERSION,
@@ -43,7 +43,12 @@ from qtrader.control.ess import (
     reconcile,
 )
 from qtrader.control.ess_conditions import status_conditions
-from qtrader.control.ess_resource import EmergencyStopError, EmergencyStopSpec, parse_spec
+from qtrader.control.ess_resource import (
+    EmergencyStopError,
+    EmergencyStopSpec,
+    alert_trips,
+    parse_spec,
+)
 from qtrader.control.ess_status import format_time
 from qtrader.control.halt_channel import publish_latch, sync_latch
 from qtrader.local.control import heartbeat_forever, publish_policy
@@ -56,14 +61,6 @@ log = logging.getLogger(__name__)
 registry = kopf.OperatorRegistry()
 POLICIES = (API_GROUP, API_VERSION, "tradingpolicies")
 STOPS = (API_GROUP, API_VERSION, "emergencystops")
-
-# Which EmergencyStop trigger enables which automatic trip; a ban always trips.
-TRIGGER_FOR_ALERT = {
-    RiskAlertKind.DRAWDOWN: "drawdownPct",
-    RiskAlertKind.FLASH_CRASH: "flashCrashPct",
-    RiskAlertKind.STALE_MARKET_DATA: "staleMarketDataSeconds",
-    RiskAlertKind.EXECUTION_ERROR_RATE: "executionErrorRate",
-}
 
 
 def _now() -> datetime:
@@ -99,6 +96,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         ),
     )
     runtime.spawn("risk-alerts", _consume_risk_alerts(runtime))
+    runtime.spawn("risk-monitor", runtime.risk.run())
 
 
 @kopf.on.cleanup(registry=registry)
@@ -246,6 +244,7 @@ async def reconcile_stop(
     async with memory.lock:
         now = _now()
         resource = _parse_stop(spec)
+        runtime.risk.configure(meta["name"], resource.triggers)
         tripped_by = (meta.get("annotations") or {}).get(TRIPPED_BY_ANNOTATION, "kubectl")
         before = memory.status or EssStatus.from_dict(status)
         if memory.status is None:
@@ -379,12 +378,6 @@ def _parse_stop(spec: Any) -> EmergencyStopSpec:
         raise kopf.PermanentError(f"invalid EmergencyStop spec: {exc}") from exc
 
 
-def _trigger_enabled(resource: EmergencyStopSpec, trigger: str) -> bool:
-    if resource.triggers is None:
-        return False
-    return resource.triggers.model_dump(by_alias=True).get(trigger) is not None
-
-
 # --- automatic trips ---------------------------------------------------------------------------
 
 
@@ -396,13 +389,12 @@ async def _consume_risk_alerts(runtime: OperatorRuntime) -> None:
 
 
 async def trip_for_alert(runtime: OperatorRuntime, alert: RiskAlert) -> None:
-    """Trip every EmergencyStop whose trigger for this kind of alert is set."""
+    """Trip every EmergencyStop whose trigger the alert breaches (``alert_trips``)."""
     namespace = runtime.config.namespace
     listing = await runtime.kube.get(custom_path("emergencystops", namespace))
     for item in listing.get("items", []):
         resource = _parse_stop(item.get("spec") or {})
-        trigger = TRIGGER_FOR_ALERT.get(alert.alert_kind)
-        if trigger is not None and not _trigger_enabled(resource, trigger):
+        if not alert_trips(alert, resource.triggers):
             continue
         detail = f"{alert.detail} (value {alert.value}, threshold {alert.threshold})"
         annotations = item["metadata"].get("annotations") or {}

@@ -18,6 +18,7 @@ from typing import Any
 from qtrader.bus.nats_bus import Bus
 from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_channel import AckCollector
+from qtrader.control.risk_monitor import RiskMonitor
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
 from qtrader_operator.kube import KubeApi, KubeEndpoint
 
@@ -64,6 +65,7 @@ class OperatorRuntime:
     bus: Bus
     kube: KubeApi
     acks: AckCollector
+    risk: RiskMonitor
     exchange: ExchangeInfo = field(default_factory=paper_exchange_info)
     ess: dict[str, EssMemory] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -74,7 +76,8 @@ class OperatorRuntime:
         await bus.connect()
         await bus.ensure_topology()
         kube = KubeApi(config.kube or KubeEndpoint.in_cluster())
-        return cls(config=config, bus=bus, kube=kube, acks=AckCollector())
+        risk = RiskMonitor(bus, source="qtrader-operator")
+        return cls(config=config, bus=bus, kube=kube, acks=AckCollector(), risk=risk)
 
     def spawn(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine, name=name)

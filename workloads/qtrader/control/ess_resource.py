@@ -41,7 +41,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from qtrader.contracts.documents import read_resource
-from qtrader.contracts.messages import TradingState
+from qtrader.contracts.messages import RiskAlert, RiskAlertKind, TradingState
 from qtrader.contracts.policy import API_GROUP, API_VERSION
 from qtrader.control.ess import TRIPPED_BY_ANNOTATION
 from qtrader.control.ess_conditions import status_conditions
@@ -83,6 +83,35 @@ class EssTriggers(_Camel):
             name = to_camel(info.field_name or "")
             raise ValueError(f"triggers.{name} must be greater than 0 and at most 100")
         return value
+
+
+def trigger_threshold(triggers: EssTriggers | None, kind: RiskAlertKind) -> Decimal | None:
+    """The stop's threshold for one kind of risk alert; None when that automatic trip is off.
+
+    An exchange ban has no threshold: it always trips (see ``alert_trips``).
+    """
+    if triggers is None:
+        return None
+    value: str | int | float | None = {
+        RiskAlertKind.DRAWDOWN: triggers.drawdown_pct,
+        RiskAlertKind.FLASH_CRASH: triggers.flash_crash_pct,
+        RiskAlertKind.STALE_MARKET_DATA: triggers.stale_market_data_seconds,
+        RiskAlertKind.EXECUTION_ERROR_RATE: triggers.execution_error_rate,
+    }.get(kind)
+    return None if value is None else Decimal(str(value))
+
+
+def alert_trips(alert: RiskAlert, triggers: EssTriggers | None) -> bool:
+    """Whether ``alert`` trips a stop with these triggers: a ban always does; any other kind when
+    the stop's trigger for it is set and the alert's figure reaches the stop's threshold.
+
+    Comparing the figure, not just the kind, lets alerts raised against another threshold (the
+    portfolio's, at the policy's ``risk.maxDrawdownPct``) trip only the stops they breach.
+    """
+    if alert.alert_kind is RiskAlertKind.EXCHANGE_BAN:
+        return True
+    threshold = trigger_threshold(triggers, alert.alert_kind)
+    return threshold is not None and alert.value >= threshold
 
 
 class EmergencyStopSpec(_Camel):

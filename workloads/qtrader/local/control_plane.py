@@ -40,7 +40,7 @@ from pydantic import Field, field_validator
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Message, MessageRejected, TradingState
+from qtrader.contracts.messages import Message, MessageRejected, RiskAlert, TradingState
 from qtrader.control.ess import (
     TRIPPED_BY_ANNOTATION,
     EssEvent,
@@ -50,6 +50,7 @@ from qtrader.control.ess import (
     EventType,
     Transition,
     ack_overdue,
+    automatic_trip_patch,
     latch_message,
     reconcile,
 )
@@ -61,10 +62,12 @@ from qtrader.control.ess_resource import (
     EmergencyStopError,
     EmergencyStopSpec,
     ResourceName,
+    alert_trips,
     status_document,
 )
 from qtrader.control.ess_status import format_time
 from qtrader.control.halt_channel import AckCollector, publish_latch, sync_latch
+from qtrader.control.risk_monitor import RiskMonitor
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,8 @@ class LocalControlPlane:
         self._latch_written: tuple[int, datetime] | None = None
         self._acks_settled = 0  # the latest latch revision acknowledged or reported overdue
         self._wake = asyncio.Event()
+        self.risk = RiskMonitor(bus, source="control-plane")
+        self.risk.configure(resource.name, resource.spec.triggers)
 
     @property
     def name(self) -> str:
@@ -223,8 +228,45 @@ class LocalControlPlane:
     # --- loop ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Reconcile until cancelled: on every change of the record and every ``interval_s``."""
-        await asyncio.gather(self._follow_acks(), self._watch(), self._loop())
+        """Reconcile until cancelled: on every change of the record and every ``interval_s``;
+        evaluate the stop's triggers and trip it on the risk alerts that breach them."""
+        await asyncio.gather(
+            self._follow_acks(),
+            self._watch(),
+            self._loop(),
+            self.risk.run(),
+            self._trip_on_alerts(),
+        )
+
+    async def _trip_on_alerts(self) -> None:
+        """The operator's automatic trips, locally: the same consumer, the same rule."""
+        while True:
+            try:
+                await self._bus.consume(subjects.OPERATOR_RISK_ALERTS, RiskAlert, self.on_alert)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # an alert left unacked is delivered again: resume
+                log.warning("EmergencyStop %s: risk alerts interrupted (%s)", self.name, exc)
+            await asyncio.sleep(self._interval_s)
+
+    async def on_alert(self, alert: RiskAlert) -> None:
+        """Trip the stop when the alert breaches its trigger (a ban always does); the patch is
+        the one the operator makes, so ``qtrader ess status`` shows who tripped it and why."""
+        record = await self._read()
+        if record is None or not alert_trips(alert, record.spec.triggers):
+            return
+        detail = f"{alert.detail} (value {alert.value}, threshold {alert.threshold})"
+        trip = automatic_trip_patch(
+            alert_kind=alert.alert_kind.value, detail=detail, spec=record.ess_spec()
+        )
+        if trip is None:
+            return  # tripped already: an alert never takes over a trip in force
+        patched = record.with_spec(
+            record.spec.with_patch(trip.spec_patch), tripped_by=trip.tripped_by
+        )
+        await self._put(patched)
+        log.warning("EmergencyStop %s tripped automatically by %s", self.name, trip.tripped_by)
+        self._wake.set()
 
     async def _follow_acks(self) -> None:
         while True:
@@ -267,6 +309,7 @@ class LocalControlPlane:
         if record is None:
             log.error("EmergencyStop %s is gone from the bucket; the latch stays", self.name)
             return None
+        self.risk.configure(self.name, record.spec.triggers)
         now = self._clock()
         transition = reconcile(spec=record.ess_spec(), status=self._status, now=now)
         generation = record.generation

@@ -22,7 +22,9 @@ import numpy as np
 from qtrader.contracts.messages import Candle, CandleSource
 from qtrader.instruments import ExchangeInfo
 
-INTERVAL_MS = {"1m": 60_000, "5m": 300_000, "15m": 900_000, "1h": 3_600_000}
+# "1s" has no Binance futures kline; it exists so a synthetic crash can fall within seconds
+# (the flash-crash stress scenario: a 60 s trigger window then holds 60 closes).
+INTERVAL_MS = {"1s": 1_000, "1m": 60_000, "5m": 300_000, "15m": 900_000, "1h": 3_600_000}
 
 
 class Regime(enum.StrEnum):

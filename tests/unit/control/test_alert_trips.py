@@ -1,0 +1,57 @@
+"""Which risk alerts trip which EmergencyStop: a ban always, others when they breach its trigger."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from qtrader.contracts.messages import RiskAlert, RiskAlertKind
+from qtrader.control.ess_resource import EssTriggers, alert_trips, trigger_threshold
+
+TRIGGERS = EssTriggers(
+    drawdown_pct="5",
+    flash_crash_pct="15",
+    stale_market_data_seconds=30,
+    execution_error_rate=0.5,
+)
+
+
+def _alert(kind: RiskAlertKind, value: str) -> RiskAlert:
+    return RiskAlert(
+        alert_id=f"{kind.value}:1",
+        alert_kind=kind,
+        source="test",
+        value=Decimal(value),
+        threshold=Decimal(value),
+        detail="",
+        ts_ms=1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "trips"),
+    [
+        (RiskAlertKind.DRAWDOWN, "4.9999", False),
+        (RiskAlertKind.DRAWDOWN, "5", True),
+        (RiskAlertKind.FLASH_CRASH, "14.99", False),
+        (RiskAlertKind.FLASH_CRASH, "17.3548", True),
+        (RiskAlertKind.STALE_MARKET_DATA, "29.9", False),
+        (RiskAlertKind.STALE_MARKET_DATA, "30.001", True),
+        (RiskAlertKind.EXECUTION_ERROR_RATE, "0.4", False),
+        (RiskAlertKind.EXECUTION_ERROR_RATE, "0.6", True),
+        (RiskAlertKind.EXCHANGE_BAN, "0", True),
+    ],
+)
+def test_an_alert_trips_when_it_reaches_the_stops_threshold(
+    kind: RiskAlertKind, value: str, trips: bool
+) -> None:
+    assert alert_trips(_alert(kind, value), TRIGGERS) is trips
+
+
+@pytest.mark.parametrize("kind", [k for k in RiskAlertKind if k is not RiskAlertKind.EXCHANGE_BAN])
+def test_without_its_trigger_no_alert_trips_but_a_ban_always_does(kind: RiskAlertKind) -> None:
+    assert trigger_threshold(None, kind) is None
+    assert not alert_trips(_alert(kind, "100"), None)
+    assert not alert_trips(_alert(kind, "100"), EssTriggers())
+    assert alert_trips(_alert(RiskAlertKind.EXCHANGE_BAN, "0"), None)
