@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from fastapi import FastAPI
+
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.bus.outbox import Outbox, open_outbox
@@ -47,12 +49,14 @@ class WorkerOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerContext:
-    """What a role is built from: the shared connection, the policy and its identity."""
+    """What a role is built from: the shared connection, the policy and its identity, and the
+    HTTP app serving the health contract (a role may add its own routes to it)."""
 
     bus: Bus
     policy: PolicyWatcher
     monitor: HealthMonitor
     options: WorkerOptions
+    app: FastAPI
 
 
 class Role(Protocol):
@@ -93,9 +97,9 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
     monitor = HealthMonitor(service=service)
     monitor.add_check("nats", lambda: nats_health(bus))
     monitor.add_check("outbox", lambda: _outbox_health(bus))
+    app = create_app(monitor)
     health = asyncio.create_task(
-        serve(create_app(monitor), host=options.health_host, port=options.health_port),
-        name="health-server",
+        serve(app, host=options.health_host, port=options.health_port), name="health-server"
     )
     tasks: dict[str, asyncio.Task[None]] = {"health-server": health}
     try:
@@ -105,7 +109,8 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
             return 0
         policy = PolicyWatcher(bus)
         monitor.add_check("policy", policy.check)
-        role = factory(WorkerContext(bus=bus, policy=policy, monitor=monitor, options=options))
+        context = WorkerContext(bus=bus, policy=policy, monitor=monitor, options=options, app=app)
+        role = factory(context)
         coroutines = {
             "policy-watch": policy.run(),
             "health-refresh": monitor.refresh_forever(),

@@ -9,6 +9,9 @@ at start, after the fills it has not yet reported, and on price moves at most ev
 Each snapshot also goes through the drawdown evaluator: a drawdown at or beyond the policy's
 ``risk.maxDrawdownPct`` publishes a ``drawdown`` risk alert (once per episode), which the
 operator turns into an EmergencyStop trip when the stop's drawdown trigger is set.
+
+It also serves the live viewers' event stream on its HTTP port (``/events``, a WebSocket, and
+``/viewer/stats``): ESS transitions, orders, fills, risk alerts and snapshots (``qtrader.viewer``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.ledger import Ledger
 from qtrader.risk.evaluators import DrawdownEvaluator
 from qtrader.runtime import Task, WorkerContext
+from qtrader.viewer.app import attach_viewer
+from qtrader.viewer.fanout import FanoutHub
+from qtrader.viewer.feed import feed_viewers
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +71,18 @@ class Portfolio:
         self._last_publish_error = ""
         self._drawdown: DrawdownEvaluator | None = None
         self._pending_alert: RiskAlert | None = None
+        self.viewers = FanoutHub()
+        attach_viewer(context.app, self.viewers)
         context.monitor.add_check("ledger", self.check)
         context.policy.add_listener(
             lambda revision: DRAWDOWN_LIMIT.set(float(revision.spec.risk.max_drawdown_pct) / 100)
         )
 
     def tasks(self) -> dict[str, Task]:
-        return {"portfolio": self._serve()}
+        return {
+            "portfolio": self._serve(),
+            "viewer-feed": feed_viewers(self._context.bus, self.viewers),
+        }
 
     async def _serve(self) -> None:
         policy = await self._context.policy.wait()
