@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from prometheus_client import Counter
-
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
@@ -54,12 +52,6 @@ log = logging.getLogger(__name__)
 ERROR_RATE_WINDOW_S = 60
 ERROR_RATE_MIN_ORDERS = 10
 CHECK_INTERVAL_S = 1.0
-
-ALERTS_RAISED = Counter(
-    "qtrader_risk_monitor_alerts_total",
-    "Risk alerts raised by the control plane's evaluators, by kind.",
-    ["kind"],
-)
 
 Clock = Callable[[], float]
 
@@ -234,7 +226,6 @@ class RiskMonitor:
                 log.warning("risk alert %s not published yet: %s", alert.alert_id, exc)
                 return
             self._pending.pop(0)
-            ALERTS_RAISED.labels(alert.alert_kind.value).inc()
             log.warning("risk alert %s: %s", alert.alert_id, alert.detail)
 
     def _now_ms(self) -> int:
