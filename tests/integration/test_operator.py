@@ -23,6 +23,8 @@ import yaml
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    Candle,
+    CandleSource,
     HaltLatch,
     OrderStatus,
     PolicyRevision,
@@ -538,6 +540,49 @@ async def test_risk_alert_when_its_trigger_is_set_then_the_stop_trips_visibly(
         assert stop["metadata"]["annotations"]["qtrader.dev/tripped-by"] == f"risk:{kind.value}"
         assert status["automatic"] is True
         assert status["trippedBy"] == f"risk:{kind.value}"
+        latch = await _kv_latch(nats_server.url)
+        assert latch is not None
+        assert latch.state is TradingState.HALTED
+
+
+async def test_a_price_fall_beyond_the_stops_flash_crash_trigger_trips_it_by_itself(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    """The operator's own risk monitor reads the candles (the example stop: 15% within 60 s)."""
+    async with _operator(nats_server.url):
+        await cluster.apply(STOPS, _stop())
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        bus = Bus(url=nats_server.url, client_name="test-crash")
+        await bus.connect()
+        try:
+            for second, close in enumerate(["50000", "49000", "45000", "42400"]):  # -15.2%
+                candle = Candle(
+                    symbol="BTCUSDT",
+                    interval="1s",
+                    open_time_ms=1_700_000_000_000 + second * 1000,
+                    close_time_ms=1_700_000_000_999 + second * 1000,
+                    open=Decimal(close),
+                    high=Decimal(close),
+                    low=Decimal(close),
+                    close=Decimal(close),
+                    volume=Decimal(1),
+                    source=CandleSource.SYNTHETIC,
+                )
+                await bus.publish(subjects.candle_subject("BTCUSDT"), candle)
+        finally:
+            await bus.close()
+        status = await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Tripped" and _stop_status(cluster),
+            timeout_s=10,
+            what="the flash-crash trip",
+        )
+        assert status["trippedBy"] == "risk:flash_crash"
+        stop = cluster.get(STOPS, "main")
+        assert stop is not None
+        assert "BTCUSDT drop of 15.2000% in 3 s" in stop["spec"]["reason"]
         latch = await _kv_latch(nats_server.url)
         assert latch is not None
         assert latch.state is TradingState.HALTED
