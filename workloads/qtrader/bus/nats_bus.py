@@ -156,17 +156,21 @@ class Bus:
             return
 
     async def close(self) -> None:
-        """Drain what is in flight, then close; the connection ends closed whatever happens.
+        """Flush what is in flight (acks, publishes), then close; the connection ends closed
+        whatever happens.
 
-        Draining is best effort (it fails while the client reconnects, and it waits on
-        subscriptions whose callbacks were cancelled with their tasks, hence the bound); the
-        close after it is not, or the client would keep its socket and go on reconnecting.
+        Not ``drain``: by the time a bus closes, the tasks whose callbacks would process the
+        subscriptions' pending messages are cancelled, so nats-py's drain waits on queues that
+        never empty, and when cut short it leaves its gathered drain tasks with an exception
+        nobody retrieves (logged by asyncio as an error). The flush is best effort (it fails
+        while the client reconnects); the close after it is not, or the client would keep its
+        socket and go on reconnecting.
         """
         self._closing = True
         client = self._nc
         try:
             if client is not None and client.is_connected:
-                await self._drain(client)
+                await self._flush(client)
         finally:
             if client is not None:
                 await _close_client(client)
@@ -174,11 +178,11 @@ class Bus:
             if self._outbox is not None:
                 self._outbox.close()  # what it holds stays on disk for the next run
 
-    async def _drain(self, client: Client) -> None:
+    async def _flush(self, client: Client) -> None:
         try:
-            await asyncio.wait_for(client.drain(), timeout=self._timeout)
+            await client.flush(timeout=self._flush_timeout_s)
         except Exception as exc:  # whatever went wrong, close() closes the connection next
-            log.debug("draining the NATS connection failed (%r); closing it", exc)
+            log.debug("flushing the NATS connection failed (%r); closing it", exc)
 
     @property
     def connected(self) -> bool:
