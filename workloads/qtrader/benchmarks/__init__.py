@@ -14,4 +14,11 @@ tests: a test checks that a benchmark runs and that its correctness figures hold
 - ``outbox`` (``qtrader.benchmarks.outbox``): events buffered in the SQLite outbox while NATS is
   down vs raw SQLite inserts (synchronous FULL and NORMAL), the replay vs raw JetStream publishes;
   and N events across a broker outage, read back: lost and duplicated, which must be 0, in order.
+- ``pipeline`` (``qtrader.benchmarks.pipeline``): candles -> signals -> order decisions through
+  the real portfolio, inference and execution processes, per second, vs raw nats-py JetStream
+  publish and pull-consume on the same server; candle -> signal and -> intent latency; every
+  candle accounted for.
+- ``pnl`` (``qtrader.benchmarks.pnl``): N fills through the Decimal ledger vs the same
+  accounting in floats, the float's error, and the ledger against an exact Fraction account.
+- ``all`` (``qtrader.benchmarks.suite``): every benchmark in turn, one JSON object of all figures.
 """

@@ -727,7 +727,9 @@ def _verdict(result: dict[str, Any]) -> str | None:
     return None
 
 
-def run(*, trips: int, workers: int, out: TextIO = sys.stdout) -> int:
+def run(
+    *, trips: int, workers: int, json_path: Path | None = None, out: TextIO = sys.stdout
+) -> int:
     """Run the benchmark, print the table and the JSON line; the exit code of ``qtrader bench``."""
     started = time.monotonic()
     try:
@@ -739,7 +741,10 @@ def run(*, trips: int, workers: int, out: TextIO = sys.stdout) -> int:
         print("qtrader bench halt: interrupted; everything it started was stopped", file=sys.stderr)
         return 130
     result = summary(figures, workers=workers, wall_s=time.monotonic() - started)
-    out.write(render(result) + "\n" + json.dumps(result) + "\n")
+    line = json.dumps(result)
+    if json_path is not None:
+        json_path.write_text(line + "\n")
+    out.write(render(result) + "\n" + line + "\n")
     out.flush()
     failure = _verdict(result)
     if failure:
