@@ -3,8 +3,9 @@
 # Build from the repository root: docker build -f docker/workloads.Dockerfile -t quantum-trader-workloads:0.1.0 .
 #
 # No torch: the project is installed without the `train` extra; inference needs only
-# onnxruntime. The default model is baked in (package data, and a copy in /models); a volume
-# mounted at /models overrides it (policy spec.model.ref: /models/<file>.onnx, or --model).
+# onnxruntime. The default model (card default.json and its members default.*.onnx) is baked in
+# (package data, and a copy in /models); a volume mounted at /models overrides it (policy
+# spec.model.ref: /models/<name>.json, or --model).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -17,10 +18,10 @@ COPY workloads ./workloads
 COPY operator ./operator
 # A regular (non-editable) install: the code and the model land in the venv's site-packages.
 RUN /opt/venv/bin/pip install . \
- && /opt/venv/bin/python -c "import qtrader.inference.onnx_model as m; assert m.default_model_path().is_file()" \
+ && /opt/venv/bin/python -c "import qtrader.inference.onnx_model as m; m.SignalModel.load(m.default_model_path())" \
  && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 RUN mkdir -p /out/models \
- && cp workloads/qtrader/models/default.onnx workloads/qtrader/models/default.json /out/models/
+ && cp workloads/qtrader/models/default.json workloads/qtrader/models/default.*.onnx /out/models/
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="quantum-trader-workloads" \

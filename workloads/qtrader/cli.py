@@ -9,11 +9,14 @@ Subcommands:
 - ``policy apply | show``: publish a new TradingPolicy revision to the running ``up``, or show it;
 - ``health``: one table of every workload's and dependency's health (the local stack, or
   ``--url`` for each workload's Service in a cluster); exit 0 OK, 1 DEGRADED, 2 CRITICAL;
-- ``model train``: train the signal model and export it to ONNX (needs the ``train`` extra);
+- ``model train``: train the signal ensemble walk-forward, export it to ONNX with its model card
+  (needs the ``train`` extra);
+- ``backtest``: trade kline CSVs or a synthetic range with a model on the live code path (paper
+  exchange, no NATS) and print the same figures as the model card;
 - ``stress [--scenario NAME] [--scale F] [--report PATH]``: the stress scenarios, with a
   Markdown and JSON report;
-- ``bench NAME``: run one benchmark (``halt``, ``limiter``, ``outbox``) and print its figures
-  beside a baseline.
+- ``bench NAME``: run one benchmark (``halt``, ``limiter``, ``outbox``, ``pipeline``, ``pnl``,
+  ``inference``) and print its figures beside a baseline; ``bench all`` runs every one.
 
 Arguments are checked before anything starts: a bad one prints what is wrong and exits with 2;
 an invalid policy or EmergencyStop file prints the field and the rule and exits with 2. ``ess``
@@ -212,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     inference = commands.add_parser("inference", help="run the inference workload")
     _worker_arguments(inference)
     inference.add_argument(
-        "--model", type=_existing_file, help="ONNX model file (default: the policy's model.ref)"
+        "--model",
+        type=_existing_file,
+        help="model card NAME.json (or NAME.onnx for the card of that stem; default: the "
+        "policy's model.ref)",
     )
 
     execution = commands.add_parser("execution", help="run the execution workload")
@@ -255,14 +261,94 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = commands.add_parser("model", help="train and export the signal model")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    train = model_commands.add_parser("train", help="train on generated data, export to ONNX")
-    train.add_argument("--output", type=Path, required=True, help="path of the .onnx file")
-    train.add_argument("--seed", type=_whole, default=7)
-    train.add_argument("--epochs", type=_whole, default=None)
+    _train_arguments(model_commands)
+    _backtest_command(commands)
     _bench_commands(commands)
     _health_command(commands)
     _stress_command(commands)
     return parser
+
+
+def _symbol(text: str) -> str:
+    if not re.fullmatch(r"[A-Z0-9]{2,20}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a symbol (like BTCUSDT)")
+    return text
+
+
+def _train_arguments(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    train = actions.add_parser(
+        "train",
+        help="train the ensemble (MLP + temporal convolution) walk-forward on generated data or "
+        "kline CSVs, export it to ONNX with its model card",
+    )
+    train.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="the card to write, NAME.json; the members NAME.mlp.onnx and NAME.tcn.onnx go "
+        "beside it",
+    )
+    train.add_argument("--seed", type=_whole, default=7, help="(default %(default)s)")
+    train.add_argument("--epochs", type=_integer(minimum=1, maximum=1000), help="default 12")
+    train.add_argument(
+        "--folds", type=_integer(minimum=1, maximum=20), help="walk-forward folds (default 4)"
+    )
+    train.add_argument(
+        "--csv",
+        type=_existing_file,
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="Binance kline files SYMBOL-INTERVAL-...(.csv|.zip) instead of the synthetic market",
+    )
+    train.add_argument(
+        "--symbols", type=_symbol, nargs="+", help="synthetic market symbols (default: six)"
+    )
+    train.add_argument(
+        "--candles",
+        type=_integer(minimum=100, maximum=1_000_000),
+        help="synthetic candles per symbol (default 8000)",
+    )
+
+
+def _backtest_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    backtest = commands.add_parser(
+        "backtest",
+        help="trade kline CSVs or a synthetic range with a model on the live code path (paper "
+        "exchange, no NATS) and print the figures",
+    )
+    source = backtest.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--csv",
+        type=_existing_file,
+        nargs="+",
+        metavar="FILE",
+        help="Binance kline files SYMBOL-INTERVAL-...(.csv|.zip)",
+    )
+    source.add_argument("--synthetic", action="store_true", help="the seeded synthetic market")
+    backtest.add_argument(
+        "--symbols", type=_symbol, nargs="+", help="synthetic: symbols (default BTC, ETH, SOL)"
+    )
+    backtest.add_argument(
+        "--candles",
+        type=_integer(minimum=1, maximum=1_000_000),
+        help="synthetic: candles per symbol (default 2000)",
+    )
+    backtest.add_argument("--seed", type=_whole, help="synthetic: seed (default 7)")
+    backtest.add_argument(
+        "--regime", choices=[r.value for r in Regime], help="synthetic: regime (default mixed)"
+    )
+    backtest.add_argument(
+        "--policy",
+        type=_existing_file,
+        help="TradingPolicy YAML (default: the model card's evaluation policy)",
+    )
+    backtest.add_argument(
+        "--model",
+        type=_existing_file,
+        help="model card NAME.json (or NAME.onnx; default: the packaged model)",
+    )
+    backtest.add_argument("--json", action="store_true", help="the figures as one JSON object")
 
 
 def _stress_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -387,6 +473,7 @@ def _bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
         default=4,
         help="execution worker processes (default %(default)s), and as many echo processes",
     )
+    _bench_json(halt)
     limiter = names.add_parser(
         "limiter",
         help="rate limiter: Redis-shared vs in-process acquire, and a two-process flood against "
@@ -434,6 +521,70 @@ def _bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
         metavar="PATH",
         help="also write the figures (the last line's JSON object) to this file",
     )
+    _suite_bench_commands(names)
+
+
+def _bench_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        type=_json_output,
+        metavar="PATH",
+        help="also write the figures (the last line's JSON object) to this file",
+    )
+
+
+def _suite_bench_commands(names: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``pipeline``, ``pnl``, ``inference`` and ``all`` (every benchmark in turn)."""
+    pipeline = names.add_parser(
+        "pipeline",
+        help="candles -> signals -> order decisions through real worker processes, per second, "
+        "vs raw nats-py JetStream publish and pull-consume",
+    )
+    pipeline.add_argument(
+        "--candles",
+        type=_integer(minimum=10, maximum=100_000),
+        default=1000,
+        help="steps in the throughput run, one candle per symbol each (default %(default)s)",
+    )
+    pipeline.add_argument(
+        "--symbols",
+        type=_integer(minimum=1, maximum=20),
+        default=4,
+        help="symbols, the paper exchange's first N of its 20 (default %(default)s)",
+    )
+    _bench_json(pipeline)
+    pnl = names.add_parser(
+        "pnl", help="PnL replay of N fills through the Decimal ledger vs the same in floats"
+    )
+    pnl.add_argument(
+        "--fills",
+        type=_integer(minimum=1000, maximum=10_000_000),
+        default=1_000_000,
+        help="fills replayed (default %(default)s)",
+    )
+    pnl.add_argument("--seed", type=_whole, default=7, help="of the fill tape (default 7)")
+    _bench_json(pnl)
+    inference = names.add_parser(
+        "inference", help="onnxruntime vs torch eager: single-sample p50/p99, batch throughput"
+    )
+    inference.add_argument(
+        "--samples",
+        type=_integer(minimum=10, maximum=1_000_000),
+        default=2000,
+        help="single-sample predictions timed (default %(default)s)",
+    )
+    inference.add_argument(
+        "--batch",
+        type=_integer(minimum=1, maximum=4096),
+        default=64,
+        help="rows per batch in the throughput run (default %(default)s)",
+    )
+    _bench_json(inference)
+    every = names.add_parser(
+        "all", help="every benchmark in turn, a summary table, all figures in one JSON object"
+    )
+    every.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes)")
+    _bench_json(every)
 
 
 def _health_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -645,17 +796,20 @@ def _run_up(args: argparse.Namespace) -> int:
 
 def _run_model(args: argparse.Namespace) -> int:
     try:
-        from qtrader.inference.training import train_and_export
+        from qtrader.inference.train_command import run_train
     except ImportError as exc:
         print(
             f"qtrader model train needs the training extra (pip install -e '.[train]'): {exc}",
             file=sys.stderr,
         )
         return 2
-    kwargs = {"epochs": args.epochs} if args.epochs else {}
-    card = train_and_export(output=args.output, seed=args.seed, **kwargs)
-    print(card.model_dump_json(indent=2))
-    return 0
+    return run_train(args)
+
+
+def _run_backtest(args: argparse.Namespace) -> int:
+    from qtrader.backtest.command import run
+
+    return run(args)
 
 
 def _run_ess(args: argparse.Namespace) -> int:
@@ -680,9 +834,33 @@ def _run_bench(args: argparse.Namespace) -> int:
         from qtrader.benchmarks import outbox
 
         return outbox.run(events=args.events, outage_s=args.outage, json_path=args.json)
+    if args.bench_name in ("pipeline", "pnl", "inference", "all"):
+        return _run_suite_bench(args)
     from qtrader.benchmarks import halt
 
-    return halt.run(trips=args.trips, workers=args.workers)
+    return halt.run(trips=args.trips, workers=args.workers, json_path=args.json)
+
+
+def _run_suite_bench(args: argparse.Namespace) -> int:
+    if args.bench_name == "pipeline":
+        from qtrader.benchmarks import pipeline
+
+        return pipeline.run(candles=args.candles, symbols=args.symbols, json_path=args.json)
+    if args.bench_name == "pnl":
+        from qtrader.benchmarks import pnl
+
+        return pnl.run(fills=args.fills, seed=args.seed, json_path=args.json)
+    if args.bench_name == "inference":
+        try:
+            from qtrader.benchmarks import inference  # type: ignore[attr-defined,unused-ignore]
+        except ImportError as exc:
+            print(f"qtrader bench inference: not available: {exc}", file=sys.stderr)
+            return 1
+        code: int = inference.run(samples=args.samples, batch=args.batch, json_path=args.json)
+        return code
+    from qtrader.benchmarks import suite
+
+    return suite.run(json_path=args.json, quick=args.quick)
 
 
 def _run_stress(args: argparse.Namespace) -> int:
@@ -706,6 +884,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ess": _run_ess,
     "policy": _run_policy,
     "model": _run_model,
+    "backtest": _run_backtest,
     "bench": _run_bench,
     "health": _run_health,
     "stress": _run_stress,

@@ -10,10 +10,13 @@ import pytest
 from qtrader.contracts.messages import Candle
 from qtrader.inference.features import (
     FEATURE_NAMES,
+    SEQUENCE_FEATURE_NAMES,
     WINDOW,
     FeatureWindow,
+    ModelInputs,
     WindowNotReadyError,
     features_from_arrays,
+    inputs_from_arrays,
 )
 from qtrader.instruments import paper_exchange_info
 from qtrader.marketdata.synthetic import Regime, SyntheticConfig, SyntheticMarket
@@ -123,3 +126,45 @@ def test_features_from_arrays_when_a_price_is_not_positive_then_raises() -> None
     c[5] = 0.0
     with pytest.raises(ValueError, match="positive"):
         features_from_arrays(o, h, low, c, v)
+
+
+def test_feature_window_when_fed_candles_then_sequence_matches_batch_inputs() -> None:
+    candles = synthetic_candles(WINDOW + 40)
+    batch = inputs_from_arrays(*columns(candles))
+    window = FeatureWindow()
+    live = []
+    for candle in candles:
+        window.push(candle)
+        if window.ready:
+            live.append(window.inputs())
+    stacked = ModelInputs.stack(live)
+    assert batch.sequence.shape == (len(candles) - WINDOW + 1, WINDOW, len(SEQUENCE_FEATURE_NAMES))
+    # The same function on same-shaped windows: identical, not merely close.
+    np.testing.assert_array_equal(stacked.sequence, batch.sequence)
+    np.testing.assert_array_equal(stacked.features, batch.features)
+    np.testing.assert_array_equal(window.sequence(), batch.sequence[-1])
+
+
+def test_sequence_when_inspected_then_each_column_is_what_its_name_says() -> None:
+    candles = synthetic_candles(WINDOW)
+    o, h, low, c, v = columns(candles)
+    sequence = inputs_from_arrays(o, h, low, c, v).sequence[0].astype(np.float64)
+    np.testing.assert_allclose(sequence[:, 0], np.log(c / o), atol=1e-6)
+    np.testing.assert_allclose(sequence[:, 1], np.log(h / low), atol=1e-6)
+    np.testing.assert_allclose(sequence[:, 2], np.log(c / c[-1]), atol=1e-6)
+    np.testing.assert_allclose(sequence[:, 3], (v - v.mean()) / v.std(), atol=1e-5)
+    assert sequence[-1, 2] == 0.0
+
+
+def test_sequence_when_prices_and_volumes_rescaled_then_unchanged() -> None:
+    o, h, low, c, v = columns(synthetic_candles(WINDOW + 5))
+    original = inputs_from_arrays(o, h, low, c, v).sequence
+    rescaled = inputs_from_arrays(o * 1000, h * 1000, low * 1000, c * 1000, v * 0.01).sequence
+    np.testing.assert_allclose(rescaled, original, rtol=1e-4, atol=1e-6)
+
+
+def test_sequence_when_market_is_completely_flat_then_finite() -> None:
+    flat = np.full(WINDOW, 50.0)
+    sequence = inputs_from_arrays(flat, flat, flat, flat, np.zeros(WINDOW)).sequence
+    assert np.all(np.isfinite(sequence))
+    assert np.all(sequence == 0.0)

@@ -1,19 +1,30 @@
-"""Model input features computed from the last ``WINDOW`` candles of one symbol.
+"""Model inputs computed from the last ``WINDOW`` candles of one symbol.
 
-Every feature is scale-free (log returns, ratios, z-scores, positions within a range), never a
+Two views of the same window, one per kind of ensemble member:
+
+* ``features``: ``FEATURE_NAMES``, one summary vector per window (returns over several horizons,
+  volatility, trend and volume z-scores, range and body of the last candle, where the close sits)
+  for the MLP;
+* ``sequence``: ``SEQUENCE_FEATURE_NAMES`` for each of the ``WINDOW`` candles, shape
+  ``(WINDOW, n)``, for the temporal convolution, which learns its own summary of the path.
+
+Every number is scale-free (log returns, ratios, z-scores, positions within a range), never a
 raw price or volume, so one model serves every symbol whatever its price level or tick size.
 
-Training computes features for a whole series at once (``features_from_arrays``); the live
-service pushes one candle at a time into a ``FeatureWindow``. Both call the same vectorised
-``_window_features`` on windows of identical shape, so the numbers the model sees live are the
-numbers it was trained on (a test holds the two paths to agreement). The arithmetic is done in
-float64 and cast to float32 only at the end, because the ONNX graph takes float32.
+Training computes inputs for a whole series at once (``inputs_from_arrays``); the live service
+and the backtest push one candle at a time into a ``FeatureWindow``. Both call the same
+vectorised ``_window_features`` and ``_window_sequence`` on windows of identical shape, so the
+numbers the model sees live are the numbers it was trained on (a test holds the two paths to
+agreement). The arithmetic is done in float64 and cast to float32 only at the end, because the
+ONNX graphs take float32. This is the only feature code: training, serving and the backtest all
+import it.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -39,7 +50,63 @@ FEATURE_NAMES: tuple[str, ...] = (
     "close_vs_mean",
 )
 
+SEQUENCE_FEATURE_NAMES: tuple[str, ...] = (
+    "candle_log_return",  # log(close / open) of each candle
+    "candle_log_range",  # log(high / low)
+    "close_vs_last",  # log(close / the window's last close): the path leading to now
+    "volume_zscore",  # the candle's volume against the window's mean and deviation
+)
+
 _Float64s = NDArray[np.float64]
+_Float32s = NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """A batch of model inputs: ``features (n, len(FEATURE_NAMES))`` and
+    ``sequence (n, WINDOW, len(SEQUENCE_FEATURE_NAMES))``, both float32, row ``i`` of one
+    describing the same window as row ``i`` of the other."""
+
+    features: _Float32s
+    sequence: _Float32s
+
+    def __post_init__(self) -> None:
+        n = self.features.shape[0]
+        if self.features.shape[1:] != (len(FEATURE_NAMES),) or self.sequence.shape[1:] != (
+            WINDOW,
+            len(SEQUENCE_FEATURE_NAMES),
+        ):
+            raise ValueError(
+                f"inputs must be (n, {len(FEATURE_NAMES)}) and (n, {WINDOW}, "
+                f"{len(SEQUENCE_FEATURE_NAMES)}), got {self.features.shape} and "
+                f"{self.sequence.shape}"
+            )
+        if self.sequence.shape[0] != n:
+            raise ValueError(f"{n} feature rows but {self.sequence.shape[0]} sequences")
+
+    @property
+    def rows(self) -> int:
+        return int(self.features.shape[0])
+
+    def take(self, rows: slice | NDArray[np.integer] | NDArray[np.bool_]) -> ModelInputs:
+        """The selected rows of both views."""
+        return ModelInputs(self.features[rows], self.sequence[rows])
+
+    @staticmethod
+    def stack(rows: list[ModelInputs]) -> ModelInputs:
+        """One batch from several (e.g. one single-row batch per symbol)."""
+        if not rows:
+            return empty_inputs()
+        return ModelInputs(
+            np.concatenate([r.features for r in rows]), np.concatenate([r.sequence for r in rows])
+        )
+
+
+def empty_inputs() -> ModelInputs:
+    return ModelInputs(
+        np.empty((0, len(FEATURE_NAMES)), dtype=np.float32),
+        np.empty((0, WINDOW, len(SEQUENCE_FEATURE_NAMES)), dtype=np.float32),
+    )
 
 
 class WindowNotReadyError(RuntimeError):
@@ -97,15 +164,30 @@ class FeatureWindow:
 
     def features(self) -> NDArray[np.float32]:
         """The feature vector, float32 of shape ``(len(FEATURE_NAMES),)``."""
+        row: _Float64s = _window_features(*self._columns())[0]
+        return row.astype(np.float32)
+
+    def sequence(self) -> NDArray[np.float32]:
+        """The per-candle view, float32 of shape ``(WINDOW, len(SEQUENCE_FEATURE_NAMES))``."""
+        rows: _Float64s = _window_sequence(*self._columns())[0]
+        return rows.astype(np.float32)
+
+    def inputs(self) -> ModelInputs:
+        """Both views as a one-row batch."""
+        columns = self._columns()
+        return ModelInputs(
+            _window_features(*columns).astype(np.float32),
+            _window_sequence(*columns).astype(np.float32),
+        )
+
+    def _columns(self) -> tuple[_Float64s, ...]:
         if not self.ready:
             raise WindowNotReadyError(
                 f"{self.symbol}: {len(self._bars)} of {WINDOW} candles so far"
             )
         # One contiguous (1, WINDOW) row per column: the same layout as the sliding windows.
         columns: _Float64s = np.ascontiguousarray(np.asarray(self._bars, dtype=np.float64).T)
-        o, h, low, c, v = (columns[i : i + 1] for i in range(len(_Bar._fields)))
-        row: _Float64s = _window_features(o, h, low, c, v)[0]
-        return row.astype(np.float32)
+        return tuple(columns[i : i + 1] for i in range(len(_Bar._fields)))
 
 
 def features_from_arrays(
@@ -120,13 +202,30 @@ def features_from_arrays(
     Row ``i`` describes the window ending at candle ``i + WINDOW - 1``. A series shorter than
     ``WINDOW`` gives zero rows.
     """
+    return inputs_from_arrays(open, high, low, close, volume).features
+
+
+def inputs_from_arrays(
+    open: ArrayLike,
+    high: ArrayLike,
+    low: ArrayLike,
+    close: ArrayLike,
+    volume: ArrayLike,
+) -> ModelInputs:
+    """Both views for one symbol's series: ``n - WINDOW + 1`` rows (zero if shorter).
+
+    Row ``i`` describes the window ending at candle ``i + WINDOW - 1``.
+    """
     series = [np.asarray(values, dtype=np.float64) for values in (open, high, low, close, volume)]
     _check_series(series)
     n = series[0].shape[0]
     if n < WINDOW:
-        return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
+        return empty_inputs()
     windows: list[_Float64s] = [np.lib.stride_tricks.sliding_window_view(s, WINDOW) for s in series]
-    return _window_features(*windows).astype(np.float32)
+    return ModelInputs(
+        _window_features(*windows).astype(np.float32),
+        _window_sequence(*windows).astype(np.float32),
+    )
 
 
 def _check_series(series: list[_Float64s]) -> None:
@@ -160,6 +259,22 @@ def _window_features(
         _safe_ratio(c[:, -1] - o[:, -1], last_range, default=0.0),
         _safe_ratio(c[:, -1] - window_low, window_high - window_low, default=0.5),
         last - log_close.mean(axis=-1),
+    ]
+    return np.stack(columns, axis=-1)
+
+
+def _window_sequence(
+    o: _Float64s, h: _Float64s, low: _Float64s, c: _Float64s, v: _Float64s
+) -> _Float64s:
+    """Per-candle inputs of ``m`` windows given as ``(m, WINDOW)`` arrays: ``(m, WINDOW, n)``."""
+    log_close = np.log(c)
+    volume_mean = v.mean(axis=-1, keepdims=True)
+    volume_std = v.std(axis=-1, keepdims=True)
+    columns = [
+        log_close - np.log(o),
+        np.log(h) - np.log(low),
+        log_close - log_close[:, -1:],
+        _safe_ratio(v - volume_mean, np.broadcast_to(volume_std, v.shape), default=0.0),
     ]
     return np.stack(columns, axis=-1)
 

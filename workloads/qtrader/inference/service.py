@@ -1,12 +1,31 @@
-"""The inference role: candles in, signals out, from an ONNX model served by onnxruntime.
+"""The inference role: candles in, signals out, from an ONNX ensemble served by onnxruntime.
 
-It keeps a rolling feature window per symbol and emits one signal per closed candle once the
-window is full. The signal's id is the model version, symbol and candle time, so a redelivered
-candle produces the same signal id and JetStream drops the repeat.
+It keeps a rolling feature window per symbol (``signals.SignalMaker``, the code the backtest
+runs too) and emits one signal per closed candle once the window is full. The signal's id is the
+model version, symbol and candle time, so a redelivered candle produces the same signal id and
+JetStream drops the repeat.
+
+Batching across symbols: the candles of one close time arrive one after the other (one per
+symbol), and go through the model in one call (``signals.CandleBatcher``): as soon as every
+symbol of the previous close time has delivered, when a newer candle arrives, or after
+``batch_window_s`` for a close time some symbol skipped. The consumer acknowledges a candle when
+its handler returns, and the handler of a candle that does not complete its batch returns before
+the batch is predicted: if the process dies in that moment, the signals of that one batch are
+not made (the next candle's signal supersedes them: the strategy is a target position, and a
+restarted worker needs a full window again anyway). The handler of the candle that completes a
+batch returns only after the batch's signals are published (or kept for a retry), so a
+failure there is redelivered.
 
 Without a loadable model the role does not consume candles at all (they stay in the stream for
 when a model is there) and ``/health`` says CRITICAL with the loader's error: no signal is ever
-made up.
+made up. A model served from a version 1 card (single model, no calibration or backtest
+figures) is DEGRADED; so is a card created in the future (the model's age is then unknown and
+not exported).
+
+Metrics: per-member run time (``qtrader_model_inference_seconds{model}``), batch sizes, the
+members' agreement (a counter of unanimous and split rows and the share over the last 1000
+rows), the confidence of emitted signals, the model version (info) and its age since the card's
+``created_at``.
 """
 
 from __future__ import annotations
@@ -14,7 +33,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -22,8 +44,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Candle, Signal
 from qtrader.health.contract import DependencyHealth, Status
-from qtrader.inference.features import FeatureWindow
-from qtrader.inference.onnx_model import ModelLoadError, SignalModel, decide, default_model_path
+from qtrader.inference.onnx_model import ModelLoadError, SignalModel, default_model_path
+from qtrader.inference.signals import CandleBatcher, SignalBatch, SignalMaker
 from qtrader.runtime import Task, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -31,8 +53,30 @@ log = logging.getLogger(__name__)
 SIGNALS = Counter("qtrader_signals_emitted_total", "Signals published.", ["direction"])
 INFERENCE_SECONDS = Histogram(
     "qtrader_inference_duration_seconds",
-    "Time to compute features and run the model for one candle.",
+    "Time to compute features and run the ensemble for the batch a candle was in, per candle.",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+)
+MODEL_SECONDS = Histogram(
+    "qtrader_model_inference_seconds",
+    "One ensemble member's onnxruntime run over one batch, by member.",
+    ["model"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+)
+BATCH_SIZE = Histogram(
+    "qtrader_inference_batch_size",
+    "Candles (one per symbol) that went through the model in one call.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+PREDICTIONS = Counter(
+    "qtrader_model_predictions_total",
+    "Predicted rows, by whether every ensemble member chose the same direction.",
+    ["agreement"],
+)
+AGREEMENT = Gauge(
+    "qtrader_model_agreement_ratio",
+    "Share of the last 1000 predicted rows on which every ensemble member chose the same "
+    "direction.",
+    ["version"],
 )
 CONFIDENCE = Histogram(
     "qtrader_signal_confidence",
@@ -40,12 +84,21 @@ CONFIDENCE = Histogram(
     buckets=(0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0),
 )
 MODEL_INFO = Gauge("qtrader_model_info", "The model in service (value 1).", ["version"])
+MODEL_AGE = Gauge(
+    "qtrader_model_age_seconds", "Seconds since the served model's card was created.", ["version"]
+)
+
+_AGREEMENT_WINDOW = 1000
+# A card this far in the future is not clock skew: its age cannot be told.
+_CLOCK_SKEW = timedelta(minutes=5)
 
 
 @dataclass(frozen=True, kw_only=True)
 class InferenceConfig:
     # None: the policy's model reference decides ("default" is the model shipped in the package).
     model_path: Path | None = None
+    # How long a close time's batch waits for a symbol that has not delivered it.
+    batch_window_s: float = 0.05
 
 
 class Inference:
@@ -54,7 +107,12 @@ class Inference:
         self._config = config
         self._model: SignalModel | None = None
         self._load_error = "model not loaded yet"
-        self._windows: dict[str, FeatureWindow] = {}
+        self._maker = SignalMaker()
+        self._batcher = CandleBatcher()
+        self._waiting = asyncio.Event()  # a batch is pending: the straggler timer runs
+        self._unpublished: list[Signal] = []
+        self._publishing = asyncio.Lock()
+        self._agreement: deque[bool] = deque(maxlen=_AGREEMENT_WINDOW)
         context.monitor.add_check("model", self.check)
 
     def tasks(self) -> dict[str, Task]:
@@ -70,44 +128,110 @@ class Inference:
             log.error("no model, no signals: %s", exc)
             await asyncio.Event().wait()
             return
-        MODEL_INFO.labels(self._model.version).set(1)
-        log.info("serving model %s from %s", self._model.version, path)
-        await self._context.bus.consume(subjects.INFERENCE_CANDLES, Candle, self._on_candle)
+        _export_model(self._model)
+        log.info("serving model %s from %s", self._model.version, self._model.path)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._stragglers())
+            group.create_task(
+                self._context.bus.consume(subjects.INFERENCE_CANDLES, Candle, self._on_candle)
+            )
 
     async def _on_candle(self, candle: Candle) -> None:
+        # The pending batch of an older close time is predicted before this candle moves its
+        # symbol's window.
+        batches = [self._make(self._batcher.complete_before(candle))]
+        if self._maker.accept(candle):
+            batches.append(self._make(self._batcher.add(candle)))
+            if self._batcher.pending:
+                self._waiting.set()
+        await self._emit([signal for batch in batches for signal in batch])
+
+    async def _stragglers(self) -> None:
+        """Predict a batch that waited ``batch_window_s`` for a symbol that has not come."""
+        while True:
+            await self._waiting.wait()
+            await asyncio.sleep(self._config.batch_window_s)
+            self._waiting.clear()
+            signals = self._make(self._batcher.due())
+            try:
+                await self._emit(signals)
+            except Exception as exc:  # kept in _unpublished; the next emit retries
+                log.warning("publishing %d signals failed: %s", len(signals), exc)
+
+    def _make(self, candles: Sequence[Candle]) -> list[Signal]:
+        """The batch's signals, made now (synchronously: no window moves meanwhile)."""
         model = self._model
         assert model is not None  # the consumer starts only after the model loaded
-        window = self._windows.setdefault(candle.symbol, FeatureWindow())
-        accepted = window.push(candle)
-        # A redelivery of the newest candle (its signal's publish failed) computes the same
-        # signal again; an older candle has nothing left to say.
-        if not accepted and window.last_open_time_ms != candle.open_time_ms:
-            return
-        if not window.ready:
-            return
+        if not candles:
+            return []
         started = time.perf_counter()
-        probabilities = model.predict(window.features()[None, :])
-        direction, confidence = decide(probabilities[0])
-        INFERENCE_SECONDS.observe(time.perf_counter() - started)
-        signal = Signal(
-            signal_id=f"{model.version}:{candle.symbol}:{candle.open_time_ms}",
-            symbol=candle.symbol,
-            direction=direction,
-            confidence=confidence,
-            model_version=model.version,
-            candle_open_time_ms=candle.open_time_ms,
-            price=candle.close,
-            created_at_ms=int(time.time() * 1000),
-        )
-        await self._context.bus.publish(subjects.signal_subject(candle.symbol), signal)
-        SIGNALS.labels(direction.value).inc()
-        CONFIDENCE.observe(confidence)
+        batch = self._maker.make(candles, model, now_ms=int(time.time() * 1000))
+        elapsed = time.perf_counter() - started
+        self._observe(batch, elapsed)
+        return list(batch.signals)
+
+    def _observe(self, batch: SignalBatch, elapsed_s: float) -> None:
+        BATCH_SIZE.observe(len(batch.signals))
+        for _ in batch.signals:
+            INFERENCE_SECONDS.observe(elapsed_s)
+        for name, seconds in batch.prediction.seconds.items():
+            MODEL_SECONDS.labels(name).observe(seconds)
+        unanimous = batch.prediction.unanimous()
+        agreed = int(unanimous.sum())
+        PREDICTIONS.labels("unanimous").inc(agreed)
+        PREDICTIONS.labels("split").inc(len(unanimous) - agreed)
+        self._agreement.extend(bool(u) for u in unanimous)
+        assert self._model is not None
+        AGREEMENT.labels(self._model.version).set(sum(self._agreement) / len(self._agreement))
+
+    async def _emit(self, signals: list[Signal]) -> None:
+        """Publish (earlier failures first); what fails stays for the next call to retry."""
+        async with self._publishing:
+            self._unpublished.extend(signals)
+            while self._unpublished:
+                signal = self._unpublished[0]
+                await self._context.bus.publish(subjects.signal_subject(signal.symbol), signal)
+                self._unpublished.pop(0)
+                SIGNALS.labels(signal.direction.value).inc()
+                CONFIDENCE.observe(signal.confidence)
 
     async def check(self) -> DependencyHealth:
-        if self._model is None:
-            return DependencyHealth(name="model", status=Status.CRITICAL, detail=self._load_error)
+        return model_health(self._model, self._load_error, now=datetime.now(UTC))
+
+
+def model_health(model: SignalModel | None, load_error: str, *, now: datetime) -> DependencyHealth:
+    """CRITICAL without a model; DEGRADED when its card cannot back this build's figures (a
+    version 1 card) or its age is unknown (created in the future); OK otherwise."""
+    if model is None:
+        return DependencyHealth(name="model", status=Status.CRITICAL, detail=load_error)
+    members = "+".join(model.member_names)
+    if model.legacy:
         return DependencyHealth(
-            name="model", status=Status.OK, detail=f"serving {self._model.version}"
+            name="model",
+            status=Status.DEGRADED,
+            detail=f"serving {model.version} from a version 1 card: a single model without "
+            "calibration, backtest or per-member figures; retrain with qtrader model train",
+        )
+    if model.created_at > now + _CLOCK_SKEW:
+        return DependencyHealth(
+            name="model",
+            status=Status.DEGRADED,
+            detail=f"serving {model.version}, but its card was created at "
+            f"{model.created_at.isoformat()}, in the future: the model's age is unknown",
+        )
+    return DependencyHealth(
+        name="model",
+        status=Status.OK,
+        detail=f"serving {model.version} ({members}), card of {model.created_at:%Y-%m-%d %H:%M}Z",
+    )
+
+
+def _export_model(model: SignalModel) -> None:
+    MODEL_INFO.labels(model.version).set(1)
+    created = model.created_at
+    if created <= datetime.now(UTC) + _CLOCK_SKEW:
+        MODEL_AGE.labels(model.version).set_function(
+            lambda: (datetime.now(UTC) - created).total_seconds()
         )
 
 
