@@ -41,14 +41,13 @@ from qtrader.contracts.messages import (
     Fill,
     OrderIntent,
     OrderStatus,
-    OrderType,
     Signal,
     TradingState,
 )
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.execution.decisions import DecisionContext, Denial, decide
 from qtrader.execution.intake import Dropped, SignalIntake
-from qtrader.execution.orders import slippage_bound
+from qtrader.execution.orders import attempt_order, slippage_bound
 from qtrader.execution.paper import PaperExchange
 from qtrader.inference.card import BacktestFigures
 from qtrader.inference.dataset import LABEL_HORIZON, label_future_returns, round_trip_cost_bps
@@ -261,11 +260,11 @@ class _Run:
         self._execute(outcome, now_ms)
 
     def _execute(self, intent: OrderIntent, now_ms: int) -> None:
-        """The execution driver's first attempt: a LIMIT IOC at the slippage bound."""
+        """The execution driver's first attempt (``attempt_order``): a LIMIT IOC at the bound."""
         bound = slippage_bound(
             intent.reference_price, intent.side, self._spec.risk.max_slippage_bps
         )
-        order = intent.model_copy(update={"order_type": OrderType.LIMIT, "limit_price": bound})
+        order = attempt_order(intent, attempt=0, quantity=intent.quantity, bound=bound)
         execution = self._paper.submit(order, now_ms=now_ms)
         if execution.final.status is not OrderStatus.FILLED:
             self._tally.unfilled += 1

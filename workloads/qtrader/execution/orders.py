@@ -122,14 +122,7 @@ class OrderDriver:
             if attempt > 0 and not self._inside_bound(intent, bound):
                 why = f"price left the slippage bound {bound}; remainder {remaining} not chased"
                 break
-            order = intent.model_copy(
-                update={
-                    "client_order_id": attempt_client_order_id(intent.client_order_id, attempt),
-                    "quantity": remaining,
-                    "order_type": OrderType.LIMIT,
-                    "limit_price": bound,
-                }
-            )
+            order = attempt_order(intent, attempt=attempt, quantity=remaining, bound=bound)
             try:
                 result = await self._attempt(order)
             except Halted as exc:
@@ -278,6 +271,21 @@ class OrderDriver:
             worker_id=self._worker_id,
             ts_ms=_event_ms(status, progress),
         )
+
+
+def attempt_order(
+    intent: OrderIntent, *, attempt: int, quantity: Decimal, bound: Decimal
+) -> OrderIntent:
+    """What attempt ``attempt`` sends for ``intent``: a LIMIT IOC for ``quantity`` at the
+    slippage ``bound``, with the attempt's client order id (the intent's own for the first)."""
+    return intent.model_copy(
+        update={
+            "client_order_id": attempt_client_order_id(intent.client_order_id, attempt),
+            "quantity": quantity,
+            "order_type": OrderType.LIMIT,
+            "limit_price": bound,
+        }
+    )
 
 
 def slippage_bound(reference: Decimal, side: Side, max_slippage_bps: int) -> Decimal:
