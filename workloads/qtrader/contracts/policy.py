@@ -88,8 +88,9 @@ class Workloads(_Spec):
 
 
 class ModelReference(_Spec):
-    # "default" is the model shipped inside the package; anything else is a path to an .onnx
-    # file (in a cluster, on a mounted volume).
+    # "default" is the ensemble shipped inside the package; anything else is the path of a model
+    # card NAME.json, its members beside it (NAME.onnx names the card of that stem; in a
+    # cluster, on a mounted volume).
     ref: str = Field(default="default", min_length=1, max_length=512)
 
 
