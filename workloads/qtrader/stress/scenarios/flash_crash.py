@@ -16,7 +16,8 @@ Criteria, all read back from the servers:
 - time to trip: from the arrival of the candle that crossed the threshold (seen on the scenario's
   own subscription) to the execution worker's acknowledgement of the HALTED latch, <= 5 s
   (generous: the machine is shared; typical figures are well under a second);
-- orders filled after the worker acknowledged the halt == 0 (ORDERS stream read back).
+- orders filled after the worker acknowledged the halt == 0 (ORDERS stream read back), while
+  signals kept reaching the halted worker (its count of signals denied as halted >= 1).
 
 Scale does not apply: the crash is a fixed shape in market time; the run takes about 30 s.
 """
@@ -41,7 +42,8 @@ WINDOW_S = 60
 WORKER = "crash-exec-1"
 CANDLES_PER_SECOND = 10
 # The synthetic market is deterministic per seed; with seed 16 the largest falls within 60 s
-# are 19.05% (BTCUSDT) and 18.84% (ETHUSDT): an 18% crash plus the calm's noise.
+# over the first 320 candles are 19.05% (BTCUSDT) and 18.84% (ETHUSDT): an 18% crash plus the
+# calm's noise.
 SEED = 16
 CRASH_AFTER_S = 120  # the synthetic crash regime's calm, in 1 s candles
 AFTER_TRIP_S = 3.0  # signals keep coming while halted: the halt is what stops orders
@@ -70,8 +72,9 @@ async def _run(options: StressOptions, result: ScenarioResult) -> None:
         arrivals: dict[tuple[str, int], float] = {}
         acks: list[HaltAck] = []
         await _watch(rig, arrivals, acks)
+        execution = rig.workload("execution", WORKER, "--worker-id", WORKER)
         workers = [
-            rig.workload("execution", WORKER, "--worker-id", WORKER),
+            execution,
             rig.workload("portfolio"),
             rig.workload("inference"),
         ]
@@ -89,7 +92,10 @@ async def _run(options: StressOptions, result: ScenarioResult) -> None:
         await _until_tripped(rig, timeout_s=CRASH_AFTER_S / CANDLES_PER_SECOND + 60)
         options.say("flash-crash: tripped; letting signals come while halted")
         await asyncio.sleep(AFTER_TRIP_S)
+        denied = await rig.metric(execution, 'qtrader_signals_denied_total{reason="halted"}')
         await _measure(rig, result, arrivals, acks)
+        result.figures["signals_denied_while_halted"] = denied
+        result.check("signals that reached the halted worker", denied, ">=", 1)
 
 
 async def _watch(rig: Rig, arrivals: dict[tuple[str, int], float], acks: list[HaltAck]) -> None:
