@@ -1,0 +1,527 @@
+"""Broker outage: NATS goes down while the whole pipeline trades; nothing is lost, nothing doubled.
+
+What runs: the four workloads as real processes on the rig's nats-server, in paper mode:
+marketdata (synthetic candles for two symbols, ``CANDLES_PER_SECOND`` steps a second, a fixed
+number of steps), inference (the shipped ONNX model), execution and the portfolio, with a policy
+whose ``minConfidence`` is 0 so every signal can become an order, and an ACTIVE latch with
+heartbeats. Once orders are filling, the nats-server is stopped for the outage while every
+worker keeps running (what they publish goes to their disk outboxes), then started again on the
+same store directory and port. The feed goes on after the restart and then ends by itself (its
+step count), the pipeline drains, and every stream is read back from the server.
+
+Criteria, and why each:
+
+* ``events lost == 0``: candles (per symbol, every open time from the first to the last stored,
+  and marketdata's own published count equal to what is stored), signals (one per candle from
+  the first full model window on), orders (every intent has a final update) and fills (each
+  intent's filled quantity in its updates equals its fills on FILLS). This is requirement 1.
+* ``duplicates == 0``: by each message's natural id, per stream: the outbox replays with the
+  original ``Nats-Msg-Id``, so a message that reached the stream before its ack was lost must
+  not be there twice.
+* ``out of order == 0``: per symbol, candle (and signal) times strictly increasing in stream
+  order; per intent, its updates in a legal state order. "Replayed in order" is the point.
+* ``messages without their cause == 0``: signals for no candle, updates of no intent, fills of
+  no order. A count that goes up on both sides would hide a loss.
+* ``outbox buffered during the outage > 0`` (``qtrader_outbox_buffered_total``): proves the
+  outage hit while the workers were producing; without it the zeros above prove nothing.
+* ``orders filled after NATS returned > 0``: trading resumed, from the FILLS stream.
+* ``portfolio vs exact account == 0`` mismatches: the final snapshot against an independent
+  ``Fraction`` account of the FILLS stream (``qtrader.stress.exact``), marked at each symbol's
+  last stored close: realized and unrealized PnL, fees and equity to the cent, positions
+  exactly.
+* ``workers whose /health recovered == 4``: every check OK again, or in the state it was in
+  while trading before the outage (a DEGRADED that has nothing to do with NATS, such as a
+  model served without calibration figures, is not the outage's doing; it is in the figures);
+  marketdata's own feed reports DEGRADED once its fixed run has ended, by design.
+
+Figures: events per stream, the outage's length, the deepest outbox seen, the time to drain
+after the restart, what each worker buffered.
+
+Length: the outage is 60 s at full length (``qtrader stress --scale 1``: marketdata buffers
+about 2,400 candles, execution halts itself after its 10 s heartbeat timeout and resumes; about
+80 s in all), ``60 x scale`` scaled, at least ``MIN_OUTAGE_S``: 6 s at the default 0.1 (about
+30 s in all, most of it the feed's fixed run of ``LEAD_STEPS`` plus the outage plus
+``TRAIL_S``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from fractions import Fraction
+
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import (
+    Candle,
+    Fill,
+    OrderIntent,
+    OrderUpdate,
+    PortfolioSnapshot,
+    Signal,
+)
+from qtrader.contracts.policy import TradingPolicy
+from qtrader.inference.features import WINDOW
+from qtrader.local.processes import Child
+from qtrader.stress.exact import cents, replay
+from qtrader.stress.harness import Rig, ScenarioFailure, policy_document
+from qtrader.stress.probes import family_total
+from qtrader.stress.result import ScenarioResult
+from qtrader.stress.scenario import StressOptions
+from qtrader.stress.stream_audit import (
+    CandleAudit,
+    OrderAudit,
+    SignalAudit,
+    audit_candles,
+    audit_orders,
+    audit_signals,
+)
+
+SYMBOLS = ("BTCUSDT", "ETHUSDT")
+CAPITAL = Decimal(10_000)
+CANDLES_PER_SECOND = 20.0  # marketdata steps a second (a candle of each symbol per step)
+FULL_OUTAGE_S = 60.0
+MIN_OUTAGE_S = 4.0
+LEAD_STEPS = 80  # steps allowed before the first fill; the outage starts at that fill
+TRAIL_S = 3.0  # feed time left after the restart, at least (trading goes on)
+START_TIMEOUT_S = 60.0
+SETTLE_TIMEOUT_S = 90.0
+QUIET_ROUNDS = 6  # metric rounds (POLL_S apart) with nothing new: the pipeline has drained
+POLL_S = 0.25
+
+DEPTH = "qtrader_outbox_depth"
+BUFFERED = "qtrader_outbox_buffered_total"
+
+
+def _policy() -> TradingPolicy:
+    return policy_document(
+        "stress-broker-outage",
+        symbols=list(SYMBOLS),
+        # Every signal the model makes may become an order, so orders flow through the outage.
+        risk={"minConfidence": 0.0, "maxPositionUsd": "1000", "maxOpenPositions": 2},
+        paper={"initialCapitalUsd": str(CAPITAL), "feeBps": "4", "slippageBps": "2"},
+    )
+
+
+def run(options: StressOptions, result: ScenarioResult) -> None:
+    asyncio.run(_run(options, result))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pipeline:
+    marketdata: Child
+    inference: Child
+    execution: Child
+    portfolio: Child
+
+    @property
+    def workers(self) -> list[Child]:
+        return [self.marketdata, self.inference, self.execution, self.portfolio]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadBack:
+    candles: list[Candle]
+    signals: list[Signal]
+    intents: list[OrderIntent]
+    updates: list[OrderUpdate]
+    fills: list[Fill]
+    snapshot: PortfolioSnapshot | None
+
+
+async def _run(options: StressOptions, result: ScenarioResult) -> None:
+    outage_s = options.scaled(FULL_OUTAGE_S, minimum=MIN_OUTAGE_S)
+    steps = LEAD_STEPS + math.ceil(CANDLES_PER_SECOND * (outage_s + TRAIL_S))
+    figures = result.figures
+    figures.update({"outage target s": outage_s, "feed steps": steps})
+    async with Rig(options.work_dir) as rig:
+        pipeline = await _start(rig, options, steps)
+        baseline = await _outage(rig, pipeline, options, result, outage_s=outage_s, steps=steps)
+        await _wait_feed_end(rig, pipeline, steps)
+        options.say("broker-outage: feed ended; waiting for the pipeline to drain")
+        await _wait_quiet(rig, pipeline)
+        published = {s: await _published(rig, pipeline.marketdata, s) for s in SYMBOLS}
+        back = await _read_back(rig)
+        back = await _settled_snapshot(rig, back)
+        health = await _health_of(rig, pipeline.workers)
+    figures["health at the end (checks not OK)"] = _not_ok(health)
+    healthy = sum(recovered(w, health[w], baseline.get(w, {})) for w in health)
+    _judge(result, back, published=published, healthy=healthy)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+async def _start(rig: Rig, options: StressOptions, steps: int) -> Pipeline:
+    """The policy, an ACTIVE latch; the consumers first, then the feed (so it is all traded)."""
+    await rig.publish_policy(_policy())
+    await rig.arm_without_control_plane()
+    inference = rig.workload("inference")
+    execution = rig.workload("execution", None, "--worker-id", "stress-execution")
+    portfolio = rig.workload("portfolio")
+    await rig.wait_healthy([inference, execution, portfolio])
+    await rig.until(
+        lambda: _has_snapshot(rig), timeout_s=START_TIMEOUT_S, what="the portfolio's equity"
+    )
+    pace = ("--candles-per-second", f"{CANDLES_PER_SECOND:g}", "--max-candles", str(steps))
+    marketdata = rig.workload("marketdata", None, "--seed", "17", *pace)
+    await rig.wait_healthy([marketdata])
+    options.say(f"broker-outage: 4 workers up; feed of {steps} steps started")
+    return Pipeline(
+        marketdata=marketdata, inference=inference, execution=execution, portfolio=portfolio
+    )
+
+
+async def _has_snapshot(rig: Rig) -> bool:
+    snapshot = await rig.bus.last_message(
+        subjects.PORTFOLIO, subjects.PORTFOLIO_SNAPSHOT, PortfolioSnapshot
+    )
+    return snapshot is not None
+
+
+async def _outage(
+    rig: Rig,
+    pipeline: Pipeline,
+    options: StressOptions,
+    result: ScenarioResult,
+    *,
+    outage_s: float,
+    steps: int,
+) -> dict[str, Health]:
+    """Once orders fill: NATS down for ``outage_s``, up again; until every outbox is empty.
+    Returns the workers' health while trading, before the outage."""
+    figures = result.figures
+    execution = pipeline.execution
+    waited = await rig.until(
+        lambda: _at_least(family_total(rig, execution, "qtrader_fills_total"), 1),
+        timeout_s=START_TIMEOUT_S,
+        what="the first fill",
+    )
+    done = await _steps(rig, pipeline.marketdata)
+    figures.update({"first fill after s": round(waited, 2), "feed steps before outage": done})
+    if steps - done < CANDLES_PER_SECOND * outage_s:
+        raise ScenarioFailure(
+            f"the first fill came after {done} of {steps} feed steps: too late for the outage "
+            "to hit while the feed runs (the machine is too slow for this pace)"
+        )
+    buffered_before = await _totals(rig, pipeline.workers, BUFFERED)
+    baseline = await _health_of(rig, pipeline.workers)
+    figures["health before the outage (checks not OK)"] = _not_ok(baseline)
+    watch = DepthWatch(rig, pipeline.workers)
+    options.say(f"broker-outage: orders filling; NATS down for {outage_s:g} s")
+    await asyncio.to_thread(rig.nats.stop)
+    down_at = time.monotonic()
+    figures["outage started at (ms)"] = int(time.time() * 1000)
+    await watch.sample_until(down_at + outage_s)
+    await asyncio.to_thread(rig.nats.start)
+    up_at = time.monotonic()
+    figures["restarted at (ms)"] = int(time.time() * 1000)
+    figures["outage s"] = round(up_at - down_at, 2)
+    options.say("broker-outage: NATS is back; waiting for the outboxes to drain")
+    figures["rig bus reconnected after s"] = round(
+        await rig.until(_connected(rig), timeout_s=START_TIMEOUT_S, what="the rig's reconnect"), 2
+    )
+    await rig.until(
+        watch.all_empty, timeout_s=SETTLE_TIMEOUT_S, what="every worker's outbox to drain"
+    )
+    figures["time to drain after restart s"] = round(time.monotonic() - up_at, 2)
+    buffered_after = await _totals(rig, pipeline.workers, BUFFERED)
+    figures["outbox buffered per worker"] = {
+        name: int(buffered_after[name] - buffered_before[name]) for name in buffered_after
+    }
+    figures["outbox buffered during the outage"] = int(
+        sum(buffered_after.values()) - sum(buffered_before.values())
+    )
+    figures["max outbox depth seen"] = watch.max_total
+    figures["max outbox depth per worker"] = watch.max_by_worker
+    return baseline
+
+
+class DepthWatch:
+    """Samples every worker's outbox depth (its own metric); keeps the deepest seen."""
+
+    def __init__(self, rig: Rig, workers: list[Child]) -> None:
+        self._rig = rig
+        self._workers = workers
+        self.max_total = 0
+        self.max_by_worker = {w.name: 0 for w in workers}
+
+    async def sample(self) -> int:
+        depths = await _totals(self._rig, self._workers, DEPTH)
+        for name, depth in depths.items():
+            self.max_by_worker[name] = max(self.max_by_worker[name], int(depth))
+        total = int(sum(depths.values()))
+        self.max_total = max(self.max_total, total)
+        return total
+
+    async def sample_until(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            self._rig.check()
+            await self.sample()
+            await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+    async def all_empty(self) -> bool:
+        return await self.sample() == 0
+
+
+def _connected(rig: Rig) -> Callable[[], Awaitable[bool]]:
+    async def connected() -> bool:
+        if not rig.bus.connected:
+            return False
+        await rig.bus.round_trip_s()
+        return True
+
+    return connected
+
+
+async def _at_least(value: Awaitable[float], minimum: float) -> bool:
+    return await value >= minimum
+
+
+async def _totals(rig: Rig, workers: list[Child], name: str) -> dict[str, float]:
+    return {w.name: await family_total(rig, w, name) for w in workers}
+
+
+async def _published(rig: Rig, marketdata: Child, symbol: str) -> int:
+    return int(
+        await rig.metric(marketdata, f'qtrader_candles_published_total{{symbol="{symbol}"}}')
+    )
+
+
+async def _steps(rig: Rig, marketdata: Child) -> int:
+    """Feed steps done: the fewest candles published for any symbol."""
+    return min([await _published(rig, marketdata, s) for s in SYMBOLS])
+
+
+async def _wait_feed_end(rig: Rig, pipeline: Pipeline, steps: int) -> None:
+    async def ended() -> bool:
+        return await _steps(rig, pipeline.marketdata) >= steps
+
+    budget = steps / CANDLES_PER_SECOND + SETTLE_TIMEOUT_S
+    await rig.until(ended, timeout_s=budget, what=f"the feed's {steps} steps")
+
+
+async def _wait_quiet(rig: Rig, pipeline: Pipeline) -> None:
+    """Until every outbox is empty and no worker's counts moved for ``QUIET_ROUNDS`` rounds."""
+    seen: list[tuple[float, ...]] = []
+
+    async def quiet() -> bool:
+        seen.append(await _progress(rig, pipeline))
+        depths = await _totals(rig, pipeline.workers, DEPTH)
+        last = seen[-QUIET_ROUNDS:]
+        return sum(depths.values()) == 0 and len(last) == QUIET_ROUNDS and len(set(last)) == 1
+
+    await rig.until(quiet, timeout_s=SETTLE_TIMEOUT_S, what="the pipeline to drain")
+
+
+async def _progress(rig: Rig, pipeline: Pipeline) -> tuple[float, ...]:
+    execution = pipeline.execution
+    return (
+        await family_total(rig, pipeline.inference, "qtrader_signals_emitted_total"),
+        await family_total(rig, execution, "qtrader_messages_consumed_total"),
+        await family_total(rig, execution, "qtrader_order_updates_total"),
+        await family_total(rig, execution, "qtrader_signal_queue_depth"),
+        await family_total(rig, pipeline.portfolio, "qtrader_portfolio_fills_applied_total"),
+    )
+
+
+async def _read_back(rig: Rig) -> ReadBack:
+    every = subjects.all_of
+    return ReadBack(
+        candles=await rig.read_stream(subjects.MARKET, every(subjects.CANDLE_PREFIX), Candle),
+        signals=await rig.read_stream(subjects.SIGNALS, every(subjects.SIGNAL_PREFIX), Signal),
+        intents=await rig.read_stream(
+            subjects.ORDERS, every(subjects.ORDER_INTENT_PREFIX), OrderIntent
+        ),
+        updates=await rig.read_stream(
+            subjects.ORDERS, every(subjects.ORDER_UPDATE_PREFIX), OrderUpdate
+        ),
+        fills=await rig.read_stream(subjects.FILLS, every(subjects.FILL_PREFIX), Fill),
+        snapshot=None,
+    )
+
+
+async def _settled_snapshot(rig: Rig, back: ReadBack) -> ReadBack:
+    """The newest snapshot once it has applied every fill and marked at the last closes (or
+    the newest one there is when that does not happen in time: the criterion then fails)."""
+    closes = last_closes(back.candles)
+    found: list[PortfolioSnapshot] = []
+
+    async def settled() -> bool:
+        snapshot = await rig.bus.last_message(
+            subjects.PORTFOLIO, subjects.PORTFOLIO_SNAPSHOT, PortfolioSnapshot
+        )
+        if snapshot is None:
+            return False
+        found.append(snapshot)
+        marks = {p.symbol: p.mark_price for p in snapshot.positions if p.quantity != 0}
+        return snapshot.fills_applied == len(back.fills) and all(
+            closes.get(s) == m for s, m in marks.items()
+        )
+
+    with contextlib.suppress(ScenarioFailure):  # judged as it is: the account will not match
+        await rig.until(settled, timeout_s=15.0, what="the portfolio's final snapshot")
+    return replace(back, snapshot=found[-1] if found else None)
+
+
+Health = dict[str, tuple[str, str]]  # dependency -> (status, detail)
+
+
+async def _health(rig: Rig, worker: Child) -> Health:
+    body = await rig.health(worker)
+    return {
+        str(d.get("name")): (str(d.get("status")), str(d.get("detail")))
+        for d in body.get("dependencies", [])
+        if isinstance(d, dict)
+    }
+
+
+async def _health_of(rig: Rig, workers: list[Child]) -> dict[str, Health]:
+    return {w.name: await _health(rig, w) for w in workers}
+
+
+def _not_ok(health: dict[str, Health]) -> dict[str, dict[str, str]]:
+    """The checks that are not OK, with their detail, for the report."""
+    report = {
+        worker: {
+            name: f"{status}: {detail}"
+            for name, (status, detail) in checks.items()
+            if status != "OK"
+        }
+        for worker, checks in health.items()
+    }
+    return {worker: checks for worker, checks in report.items() if checks}
+
+
+def recovered(worker: str, now: Health, before: Health) -> bool:
+    """Every check OK, or in the state it was in while trading before the outage (a model
+    served without calibration figures is DEGRADED whatever NATS does); marketdata's feed is
+    DEGRADED once its fixed run has ended, by design."""
+    for name, (status, detail) in now.items():
+        if status == "OK" or (worker == "marketdata" and name == "feed" and "ended" in detail):
+            continue
+        if before.get(name, ("", ""))[0] != status:
+            return False
+    return bool(now)
+
+
+# --- the verdict ----------------------------------------------------------------------------
+
+
+def _judge(
+    result: ScenarioResult, back: ReadBack, *, published: dict[str, int], healthy: int
+) -> None:
+    candles = audit_candles(back.candles)
+    signals = audit_signals(back.candles, back.signals, window=WINDOW)
+    orders = audit_orders(back.intents, back.updates, back.fills)
+    restarted_ms = int(result.figures.get("restarted at (ms)", 0))
+    unpublished = sum(abs(published[s] - candles.stored.get(s, 0)) for s in SYMBOLS)
+    _figures(result, candles, signals, orders, published=published)
+    lost = candles.missing + unpublished + signals.missing
+    lost += orders.without_final + orders.fill_mismatches
+    result.check("events lost", lost, "==", 0)
+    result.check("duplicates", candles.duplicates + signals.duplicates + orders.duplicates, "==", 0)
+    result.check(
+        "out of order",
+        candles.out_of_order + signals.out_of_order + orders.illegal_order,
+        "==",
+        0,
+    )
+    result.check(
+        "messages without their cause",
+        signals.unexplained + orders.orphan_updates + orders.orphan_fills,
+        "==",
+        0,
+    )
+    result.check(
+        "outbox buffered during the outage",
+        result.figures.get("outbox buffered during the outage"),
+        ">",
+        0,
+    )
+    result.check(
+        "orders filled after NATS returned",
+        sum(1 for f in back.fills if f.ts_ms > restarted_ms) if restarted_ms else None,
+        ">",
+        0,
+    )
+    mismatches = ledger_mismatches(
+        back.snapshot, back.fills, marks=last_closes(back.candles), capital=CAPITAL
+    )
+    result.figures["portfolio mismatches"] = mismatches
+    result.check("portfolio vs exact account of FILLS", len(mismatches), "==", 0)
+    result.check("workers whose /health recovered", healthy, "==", 4)
+
+
+def _figures(
+    result: ScenarioResult,
+    candles: CandleAudit,
+    signals: SignalAudit,
+    orders: OrderAudit,
+    *,
+    published: dict[str, int],
+) -> None:
+    result.figures.update(
+        {
+            "candles stored": candles.stored,
+            "candles published (marketdata's metric)": published,
+            "candles missing": candles.missing,
+            "signals stored": signals.stored,
+            "signals expected": signals.expected,
+            "signals missing": signals.missing,
+            "order intents": orders.intents,
+            "order updates": orders.updates,
+            "fills": orders.fills,
+            "intents filled": orders.filled_intents,
+            "intents without a final update": orders.without_final,
+            "fill mismatches": orders.fill_mismatches,
+            "illegal update orders": orders.illegal_order,
+        }
+    )
+
+
+# --- the independent account ------------------------------------------------------------------
+
+
+def last_closes(candles: list[Candle]) -> dict[str, Decimal]:
+    """Each symbol's close at its latest open time."""
+    latest: dict[str, Candle] = {}
+    for candle in candles:
+        if candle.symbol not in latest or candle.open_time_ms > latest[candle.symbol].open_time_ms:
+            latest[candle.symbol] = candle
+    return {symbol: candle.close for symbol, candle in latest.items()}
+
+
+def ledger_mismatches(
+    snapshot: PortfolioSnapshot | None,
+    fills: list[Fill],
+    *,
+    marks: dict[str, Decimal],
+    capital: Decimal,
+) -> list[str]:
+    """What of the snapshot differs from the exact account, to the cent (quantities exactly)."""
+    if snapshot is None:
+        return ["no portfolio snapshot"]
+    account = replay(fills, capital=capital, marks=marks)
+    wrong = []
+    if snapshot.fills_applied != len(fills):
+        wrong.append(f"fills applied {snapshot.fills_applied} != {len(fills)} on FILLS")
+    for name, theirs, ours in (
+        ("realized", snapshot.realized_pnl, account.realized),
+        ("fees", snapshot.fees, account.fees),
+        ("unrealized", snapshot.unrealized_pnl, account.unrealized),
+        ("equity", snapshot.equity, account.equity),
+    ):
+        if cents(theirs) != cents(ours):
+            wrong.append(f"{name} {cents(theirs)} != {cents(ours)}")
+    held = {p.symbol: Fraction(p.quantity) for p in snapshot.positions}
+    for symbol in sorted(set(held) | set(account.quantity)):
+        position = held.get(symbol, Fraction(0))
+        expected = account.quantity.get(symbol, Fraction(0))
+        if position != expected:
+            wrong.append(f"{symbol} position {position} != {expected}")
+    return wrong
