@@ -172,6 +172,51 @@ async def test_when_the_answer_to_an_order_fails_then_exactly_one_order_per_inte
     assert len(exchange.posts()) == posts
 
 
+async def test_when_the_trades_of_a_booked_order_cannot_be_read_then_it_is_looked_up(
+    exchange: Exchange, venue: BinanceFutures
+) -> None:
+    """The order is booked and filled, but every userTrades read after it fails: the outcome is
+    unknown (not a rejection), the lookup reads the trades, the fills are all reported."""
+    retries = BinanceSettings(
+        base_url="", credentials=Credentials(api_key="k", api_secret="s")
+    ).max_retries
+    exchange.admin.faults(
+        [{"route": "GET /fapi/v1/userTrades", "kind": "internal_503", "next": retries + 1}]
+    )
+    recorder = Recorder()
+    order = intent("trades-unread")
+
+    final = await driver_for(venue, exchange, recorder).execute(order, max_slippage_bps=20)
+
+    assert final.status is OrderStatus.FILLED, final
+    assert OrderStatus.UNKNOWN in [u.status for u in recorder.updates]
+    assert len(exchange.posts()) == 1
+    trades = {str(t["id"]) for t in exchange.admin.trades() if t["symbol"] == "BTCUSDT"}
+    assert {f.fill_id.rsplit("-", 1)[1] for f in recorder.fills} == trades
+    assert sum(f.quantity for f in recorder.fills) == order.quantity
+
+
+async def test_when_the_venue_cannot_say_whether_it_has_an_order_then_it_is_not_sent_again(
+    exchange: Exchange, venue: BinanceFutures
+) -> None:
+    """The answer to the order is lost and every lookup fails: sending it again could book it
+    twice, so the intent is left UNKNOWN for reconciliation, with one order at the exchange."""
+    exchange.admin.faults(
+        [
+            {"route": "POST /fapi/v1/order", "kind": "booked_then_503_unknown", "next": 1},
+            {"route": "GET /fapi/v1/order", "kind": "internal_503", "every": 1},
+        ]
+    )
+    recorder = Recorder()
+    order = intent("lookups-fail")
+
+    final = await driver_for(venue, exchange, recorder).execute(order, max_slippage_bps=20)
+
+    assert final.status is OrderStatus.UNKNOWN, final
+    assert len(exchange.posts()) == 1
+    assert len(exchange.orders_of(order)) == 1
+
+
 async def test_when_an_order_is_booked_then_its_fills_carry_the_exchange_fees(
     exchange: Exchange, venue: BinanceFutures
 ) -> None:

@@ -58,7 +58,7 @@ from qtrader.exchange.errors import (
 )
 from qtrader.exchange.filters import prepare_order
 from qtrader.exchange.limiter import LimiterConfig, RateLimiter
-from qtrader.exchange.limits import request_cost, rules_from_exchange_info
+from qtrader.exchange.limits import RequestCost, request_cost, rules_from_exchange_info
 from qtrader.exchange.venue import VenueOrder
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo
@@ -138,6 +138,8 @@ class BinanceFutures:
         self._limiter: RateLimiter | None = None
         self._info: ExchangeInfo | None = None
         self._ban: Banned | None = None
+        # Admission and sending under one lock: see _send_once.
+        self._sending = asyncio.Lock()
         self._rng = rng or random.Random()
         self._last_error: str | None = None
 
@@ -183,11 +185,12 @@ class BinanceFutures:
     async def sync_time(self) -> None:
         """Keep ``server time - local time`` so signed timestamps land inside recvWindow."""
         limiter = self._limiter
-        if limiter is not None:  # None only for the very first sync, inside start()
-            await limiter.acquire(request_cost(_TIME.method, _TIME.path, {}))
-        before = time.time() * 1000  # bracket only the request, not the limiter's wait
-        answer, headers = await self._run(_TIME, {}, signed=False)
-        after = time.time() * 1000
+        async with self._sending:  # never sent during a pause (see _send_once)
+            if limiter is not None:  # None only for the very first sync, inside start()
+                await limiter.acquire(request_cost(_TIME.method, _TIME.path, {}))
+            before = time.time() * 1000  # bracket only the request, not the limiter's wait
+            answer, headers = await self._run(_TIME, {}, signed=False)
+            after = time.time() * 1000
         if limiter is not None:
             await limiter.observe(headers)
         offset = int(answer["serverTime"] - (before + after) / 2)
@@ -206,7 +209,16 @@ class BinanceFutures:
         """Send one order (rounded and checked locally first); its final state for IOC."""
         order = prepare_order(order, self.exchange_info.instrument(order.symbol))
         answer = await self._request(_NEW_ORDER, _order_params(order), signed=True, safe=False)
-        return await self._with_fills(answer, order.side, order.reduce_only)
+        try:
+            return await self._with_fills(answer, order.side, order.reduce_only)
+        except ExchangeError as exc:
+            # Booked, but its trades could not be read: what it filled is not known yet, so
+            # the caller must look it up (never report it failed, never send it again).
+            raise OutcomeUnknown(
+                f"order {answer.get('orderId')} booked, its trades not read: {exc}",
+                status=exc.status,
+                code=exc.code,
+            ) from exc
 
     async def lookup(self, symbol: str, client_order_id: str) -> VenueOrder | None:
         params = {"symbol": symbol, "origClientOrderId": client_order_id}
@@ -276,18 +288,13 @@ class BinanceFutures:
         cost = request_cost(endpoint.method, endpoint.path, params)
         clock_resynced = False
         for attempt in range(self._settings.max_retries + 1):
-            self._refuse_while_banned()
-            await limiter.acquire(cost)
             try:
-                answer, headers = await self._run(endpoint, params, signed=signed)
-            except Banned as exc:
-                self._ban = exc
+                answer, headers = await self._send_once(limiter, endpoint, params, cost, signed)
+            except Banned:
                 REQUESTS.labels(endpoint.path, "banned").inc()
-                await limiter.pause_until(exc.retry_at, "banned")
                 raise
             except RateLimited as exc:
                 REQUESTS.labels(endpoint.path, "rate_limited").inc()
-                await limiter.pause_until(exc.retry_at, "rate_limited")
                 self._note(exc)
                 await asyncio.sleep(self._backoff(attempt))  # spread the replicas' return
                 continue  # not executed: try again once the pause is over
@@ -313,6 +320,34 @@ class BinanceFutures:
             self._last_error = None
             return answer
         raise Transient(f"{endpoint.method} {endpoint.path}: gave up after retries")
+
+    async def _send_once(
+        self,
+        limiter: RateLimiter,
+        endpoint: _Endpoint,
+        params: Mapping[str, Any],
+        cost: RequestCost,
+        signed: bool,
+    ) -> tuple[Any, dict[str, str]]:
+        """Admit one request and send it, and on a 429 or 418 set the pause, all under one lock.
+
+        Requests go out one at a time on the client's thread anyway; the lock makes the next
+        one wait for this one's answer before it is even admitted. Admitted first and queued
+        for the thread instead, a request would go out after a 429 that paused everything,
+        during the back-off, which is exactly what Binance answers with a 418 ban.
+        """
+        async with self._sending:
+            self._refuse_while_banned()
+            await limiter.acquire(cost)
+            try:
+                return await self._run(endpoint, params, signed=signed)
+            except Banned as exc:
+                self._ban = exc
+                await limiter.pause_until(exc.retry_at, "banned")
+                raise
+            except RateLimited as exc:
+                await limiter.pause_until(exc.retry_at, "rate_limited")
+                raise
 
     async def _run(
         self, endpoint: _Endpoint, params: Mapping[str, Any], *, signed: bool
