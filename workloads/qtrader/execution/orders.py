@@ -36,7 +36,7 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     Side,
 )
-from qtrader.exchange.errors import Banned, ExchangeError, OutcomeUnknown, Rejected
+from qtrader.exchange.errors import Banned, ExchangeError, OutcomeUnknown
 from qtrader.exchange.venue import Venue, VenueOrder
 from qtrader.execution.decisions import attempt_client_order_id
 from qtrader.execution.halt import HaltGate
@@ -141,8 +141,13 @@ class OrderDriver:
                     OrderStatus.UNKNOWN,
                     "outcome unknown: left for reconciliation",
                 )
+            filled_before = progress.filled
             await self._record_fills(result, progress)
-            if progress.filled < intent.quantity:
+            # A partial fill is reported when an attempt filled something and left a remainder;
+            # an attempt that filled nothing changes nothing to report (the next attempt's
+            # PENDING_NEW shows the re-send), and a report per fill level keeps message ids
+            # (status and filled quantity) distinct.
+            if filled_before < progress.filled < intent.quantity:
                 detail = f"attempt {attempt + 1}: {result.status.value}"
                 await self._report(intent, progress, OrderStatus.PARTIALLY_FILLED, detail)
         if progress.filled >= intent.quantity:
@@ -186,9 +191,15 @@ class OrderDriver:
                 await self._publish_update(
                     self._update(order, OrderStatus.UNKNOWN, order.quantity, reason=str(exc))
                 )
-            found = await self._look_up(order)
+            found, absent = await self._look_up(order)
             if found is not None:
                 return found
+            if not absent:
+                log.warning(
+                    "order %s: the venue could not say whether it has it; not sending it again",
+                    order.client_order_id,
+                )
+                return None
             log.warning(
                 "order %s unknown to the venue after the grace period: sending it again",
                 order.client_order_id,
@@ -205,16 +216,25 @@ class OrderDriver:
         if not verdict.allowed:
             raise Halted(f"trading is {verdict.state.value}: {verdict.why}")
 
-    async def _look_up(self, order: OrderIntent) -> VenueOrder | None:
+    async def _look_up(self, order: OrderIntent) -> tuple[VenueOrder | None, bool]:
+        """Ask the venue for ``order`` until it is found or the grace period ends.
+
+        Returns ``(order, False)`` when found, ``(None, True)`` when the venue's last answer was
+        that it does not know the order (the only case in which it may be sent again), and
+        ``(None, False)`` when the last look failed: the venue could not tell, so sending again
+        could book it twice.
+        """
         deadline = time.monotonic() + self._settings.unknown_grace_s
         while True:
+            absent = False
             try:
                 found = await self._venue.lookup(order.symbol, order.client_order_id)
-            except (OutcomeUnknown, Rejected) as exc:
+                absent = found is None
+            except ExchangeError as exc:
                 log.warning("lookup of %s failed: %s", order.client_order_id, exc)
                 found = None
             if found is not None or time.monotonic() >= deadline:
-                return found
+                return found, absent
             await asyncio.sleep(self._settings.lookup_interval_s)
 
     # --- reporting ---------------------------------------------------------------------------
