@@ -10,7 +10,9 @@ Two stages, each a durable consumer:
 
 Signals pass a bounded intake first (``intake.SignalIntake``, the policy's queue size): when it
 is full the lowest-confidence signal is dropped, expired signals are dropped, and each cycle
-decides at most the policy's ``maxPerCycle``; every drop is counted by reason.
+decides at most the policy's ``maxPerCycle``; every drop is counted by reason. The confidence
+of every signal decided or dropped, and each decision's delay since the signal was created, are
+histograms, so what a flood throws away and how long the rest waits can be read from outside.
 
 While trading is allowed, the venue's own dead-man's switch (Binance's countdown cancel-all) is
 re-armed periodically, so resting orders are cancelled by the exchange if this worker dies. An
@@ -22,7 +24,10 @@ timeout means HALTED (``halt.HaltGate``); no portfolio equity means no decision;
 mean no decision. A new latch revision, by the fast broadcast or the KV watch, is put in force,
 open orders are cancelled when it halts, and only then is it acknowledged on CONTROL_HALT_ACK.
 Positions used for decisions are the fills seen so far plus intents in flight, so two signals
-in a row cannot both open the same position.
+in a row cannot both open the same position. Replicas share the intent queue, so an intent this
+worker decided may be sent by another: it stops counting as in flight when its final update is
+on the ORDERS stream (from whichever worker) and the fills that update reports are in the
+positions, never before (or the position would briefly count neither).
 """
 
 from __future__ import annotations
@@ -55,7 +60,12 @@ from qtrader.contracts.messages import (
 from qtrader.contracts.policy import TradingMode, TradingPolicySpec
 from qtrader.exchange.errors import Banned, ExchangeError
 from qtrader.exchange.venue import Venue
-from qtrader.execution.decisions import DecisionContext, Denial, decide
+from qtrader.execution.decisions import (
+    DecisionContext,
+    Denial,
+    attempt_client_order_id,
+    decide,
+)
 from qtrader.execution.halt import HaltGate
 from qtrader.execution.intake import Dropped, SignalIntake, policy_ttl_ms
 from qtrader.execution.orders import GATE_NAME, DriverSettings, OrderDriver
@@ -81,6 +91,18 @@ SIGNAL_QUEUE_DEPTH = Gauge("qtrader_signal_queue_depth", "Signals waiting in the
 SIGNAL_QUEUE_CAPACITY = Gauge("qtrader_signal_queue_capacity", "The intake's bound (policy).")
 SIGNAL_QUEUE_HIGH_WATER = Gauge(
     "qtrader_signal_queue_high_water", "The deepest the intake has been since the worker started."
+)
+SIGNAL_DECISION_LATENCY = Histogram(
+    "qtrader_signal_decision_latency_seconds",
+    "From a signal's creation (its created_at_ms) to its decision here: an intent or a denial.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0, 30.0),
+)
+SIGNAL_CONFIDENCE = Histogram(
+    "qtrader_signal_confidence",
+    "Confidence of the signals leaving the intake, by outcome: decided, or the drop reason "
+    "(which confidences a flood throws away).",
+    ["outcome"],
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
 )
 EXCHANGE_ERRORS = Counter(
     "qtrader_exchange_errors_total", "Failed exchange requests, by error type.", ["type"]
@@ -141,6 +163,9 @@ class Execution:
         self._acked_revision = -1
         self._positions: dict[str, Decimal] = {}
         self._in_flight: dict[str, tuple[str, Decimal]] = {}  # intent id -> (symbol, signed qty)
+        # Intents whose final update was seen, until their fills are: intent id -> (client
+        # order id, quantity the update says filled).
+        self._settling: dict[str, tuple[str, Decimal]] = {}
         self._seen_fills: set[str] = set()
         self._fills_by_order: dict[str, list[Fill]] = {}
         self._fills_caught_up = asyncio.Event()
@@ -175,6 +200,13 @@ class Execution:
                 self._on_fill,
                 label="execution-fills",
                 caught_up=self._fills_caught_up,
+            ),
+            "order-updates": self._context.bus.replay(
+                subjects.ORDERS,
+                subjects.all_of(subjects.ORDER_UPDATE_PREFIX),
+                OrderUpdate,
+                self._on_update,
+                label="execution-updates",
             ),
             "equity": self._follow_equity(),
             "intake": self._intake_loop(),
@@ -277,6 +309,32 @@ class Execution:
         self._fills_by_order.setdefault(fill.client_order_id, []).append(fill)
         signed = fill.quantity * fill.side.sign
         self._positions[fill.symbol] = self._positions.get(fill.symbol, Decimal(0)) + signed
+        if self._settling:
+            self._settle()
+
+    async def _on_update(self, update: OrderUpdate) -> None:
+        """A final update of an intent this worker holds in flight, from any worker."""
+        if not update.status.is_final or update.intent_id not in self._in_flight:
+            return
+        self._settling[update.intent_id] = (update.client_order_id, update.filled_quantity)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Stop counting as in flight the finished intents whose fills are all in positions."""
+        for intent_id, (client_order_id, filled) in list(self._settling.items()):
+            if self._filled_for(client_order_id) >= filled:
+                self._in_flight.pop(intent_id, None)
+                del self._settling[intent_id]
+
+    def _filled_for(self, client_order_id: str) -> Decimal:
+        """What the fills seen so far filled of an intent, over all its attempts."""
+        attempts = (
+            attempt_client_order_id(client_order_id, n)
+            for n in range(self._config.driver.max_attempts)
+        )
+        return sum(
+            (f.quantity for a in attempts for f in self._fills_by_order.get(a, ())), Decimal(0)
+        )
 
     async def _follow_equity(self) -> None:
         bus = self._context.bus
@@ -304,8 +362,11 @@ class Execution:
         policy = await self._context.policy.wait()
         self._intake = SignalIntake.from_policy(policy.spec.signals)
         SIGNAL_QUEUE_CAPACITY.set(policy.spec.signals.queue_size)
-        SIGNAL_QUEUE_DEPTH.set_function(lambda: len(self._intake) if self._intake else 0)
-        SIGNAL_QUEUE_HIGH_WATER.set_function(lambda: self._intake.high_water if self._intake else 0)
+        # Bound to the intake itself: a truth test would take an empty intake (it has a length)
+        # for none, and show a high-water mark of 0 once the queue has drained.
+        intake = self._intake
+        SIGNAL_QUEUE_DEPTH.set_function(lambda: len(intake))
+        SIGNAL_QUEUE_HIGH_WATER.set_function(lambda: intake.high_water)
         self._context.policy.add_listener(lambda revision: self._resize_intake(revision.spec))
         await self._context.bus.consume(subjects.EXECUTION_SIGNALS, Signal, self._offer)
 
@@ -325,6 +386,7 @@ class Execution:
     def _count_drops(dropped: list[Dropped]) -> None:
         for drop in dropped:
             SIGNALS_DROPPED.labels(drop.reason.value).inc()
+            SIGNAL_CONFIDENCE.labels(drop.reason.value).observe(drop.signal.confidence)
 
     async def _decide_loop(self) -> None:
         """Each cycle, decide at most maxPerCycle signals, highest confidence first."""
@@ -344,14 +406,17 @@ class Execution:
         assert policy is not None  # the loop starts after the first policy
         await self._venue_ready.wait()
         assert self._venue is not None
+        now_ms = _now_ms()
         outcome = decide(
             signal=signal,
             context=self._decision_context(),
             policy=policy.spec,
             policy_revision=policy.revision,
-            now_ms=_now_ms(),
+            now_ms=now_ms,
             exchange=self._venue.exchange_info,
         )
+        SIGNAL_DECISION_LATENCY.observe(max(0, now_ms - signal.created_at_ms) / 1000)
+        SIGNAL_CONFIDENCE.labels("decided").observe(signal.confidence)
         if isinstance(outcome, Denial):
             SIGNALS_DENIED.labels(outcome.reason.value).inc()
             return
@@ -449,6 +514,7 @@ class Execution:
         else:
             ORDERS_SENT.labels(final.exchange).inc()
         self._in_flight.pop(intent.intent_id, None)
+        self._settling.pop(intent.intent_id, None)
 
     async def _publish_update(self, update: OrderUpdate) -> None:
         await self._context.bus.publish(subjects.order_update_subject(update.symbol), update)
