@@ -2,22 +2,21 @@
 
 In a thread it has its own event loop, so a test may call the synchronous admin client (httpx)
 or python-binance from its own loop without blocking the server. As a process (the simulator's
-CLI) it serves several worker or flood processes at once.
+CLI, ``qtrader.simulators.binance_futures.process.sim_process``) it serves several worker or
+flood processes at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
 
 from qtrader.simulators.binance_futures import BinanceFuturesSim, SimConfig
+from qtrader.simulators.binance_futures.process import sim_process
+
+__all__ = ["KEY", "SECRET", "sim_in_thread", "sim_process"]
 
 KEY, SECRET = "sim-key", "sim-secret"
 
@@ -36,41 +35,3 @@ def sim_in_thread(config: SimConfig | None = None) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
-
-
-@contextmanager
-def sim_process(config: dict[str, Any], work_dir: Path) -> Iterator[str]:
-    """The simulator's CLI in its own process; yields its base URL."""
-    config_path = work_dir / "sim-config.json"
-    config_path.write_text(json.dumps(config))
-    log = (work_dir / "sim.log").open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qtrader.simulators.binance_futures",
-            "--port",
-            "0",
-            "--config",
-            str(config_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().strip()
-        if not line.startswith("listening on "):
-            raise RuntimeError(f"simulator did not start: {line!r}; see {work_dir / 'sim.log'}")
-        yield line.removeprefix("listening on ")
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-        log.close()

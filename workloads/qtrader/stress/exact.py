@@ -1,0 +1,226 @@
+"""An independent, exact account of a fill stream, to check the portfolio's ledger by.
+
+Everything is a ``Fraction``: no rounding anywhere, so what comes out is the mathematically exact
+figure, and the only rounding is the one a ``PortfolioSnapshot`` applies to its output (money to
+1e-8 USDT, percentages to 1e-6, half away from zero), done here on integers. It shares no code
+with ``qtrader.portfolio.ledger``: it is plain average-cost accounting in one-way position mode,
+written from the rules, not from the ledger.
+
+The rules it implements (the ledger's contract, not its code):
+
+* a fill in the position's direction (or from flat) moves the average entry price to the
+  quantity-weighted mean; a fill against it realizes ``closed quantity x (price - average)``
+  (sign by the position's side); a fill that crosses zero closes the position and opens the
+  remainder on the other side at the fill price;
+* fees are summed as paid; equity is ``capital + realized - fees + unrealized``;
+* a symbol is valued at its latest mark; one that has never had a mark is valued at the price of
+  its first fill (the portfolio has no other price for it until a candle arrives);
+* the peak, the drawdown (``(peak - equity) / peak x 100`` below the peak, else 0) and the
+  maximum drawdown are updated after every fill and every mark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
+
+from qtrader.contracts.messages import Fill
+
+USDT_STEP = Fraction(1, 10**8)  # a snapshot's money precision
+PCT_STEP = Fraction(1, 10**6)  # a snapshot's percentage precision
+_CENT = Fraction(1, 100)
+
+
+@dataclass
+class TradeCounts:
+    """What kind of trades the account saw: the replay must exercise each."""
+
+    opens: int = 0  # from flat
+    increases: int = 0
+    partial_closes: int = 0
+    full_closes: int = 0
+    flips: int = 0
+
+
+@dataclass
+class ExactPortfolio:
+    """Positions, PnL, fees, equity and drawdown after each fill and mark, exactly."""
+
+    capital: Fraction
+    quantity: dict[str, Fraction] = field(default_factory=dict)
+    average: dict[str, Fraction] = field(default_factory=dict)
+    marks: dict[str, Fraction] = field(default_factory=dict)
+    realized: Fraction = Fraction(0)
+    fees: Fraction = Fraction(0)
+    counts: TradeCounts = field(default_factory=TradeCounts)
+    fills: int = 0
+
+    def __post_init__(self) -> None:
+        if self.capital <= 0:
+            raise ValueError(f"capital must be positive, got {self.capital}")
+        self.peak = self.capital
+        self.max_drawdown_pct = Fraction(0)
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def apply(self, fill: Fill) -> None:
+        symbol = fill.symbol
+        q = self.quantity.get(symbol, Fraction(0))
+        avg = self.average.get(symbol, Fraction(0))
+        delta = Fraction(fill.quantity) * fill.side.sign
+        price = Fraction(fill.price)
+        self.fees += Fraction(fill.fee)
+        self.marks.setdefault(symbol, price)
+        self.fills += 1
+        if q == 0 or (q > 0) == (delta > 0):
+            self._count_opening(q)
+            self.average[symbol] = (abs(q) * avg + abs(delta) * price) / (abs(q) + abs(delta))
+            self.quantity[symbol] = q + delta
+        else:
+            closed = min(abs(q), abs(delta))
+            self.realized += closed * (price - avg) * (1 if q > 0 else -1)
+            remaining = q + delta
+            self.quantity[symbol] = remaining
+            self._count_closing(q, remaining)
+            if remaining != 0 and (remaining > 0) != (q > 0):
+                self.average[symbol] = price
+        self._track()
+
+    def mark(self, symbol: str, price: Decimal | Fraction) -> None:
+        if price <= 0:
+            raise ValueError(f"a mark must be positive: {symbol} {price}")
+        self.marks[symbol] = Fraction(price)
+        self._track()
+
+    # --- figures ------------------------------------------------------------------------------
+
+    @property
+    def unrealized(self) -> Fraction:
+        return sum(
+            (q * (self.marks[s] - self.average[s]) for s, q in self.quantity.items() if q != 0),
+            Fraction(0),
+        )
+
+    @property
+    def equity(self) -> Fraction:
+        return self.capital + self.realized - self.fees + self.unrealized
+
+    @property
+    def drawdown_pct(self) -> Fraction:
+        return _drawdown_pct(self.peak, self.equity)
+
+    @property
+    def open_positions(self) -> dict[str, Fraction]:
+        return {s: q for s, q in sorted(self.quantity.items()) if q != 0}
+
+    def rounded(self) -> dict[str, Decimal]:
+        """The figures as a ``PortfolioSnapshot`` shows them (same names as its fields)."""
+        return {
+            "initial_capital": usdt(self.capital),
+            "realized_pnl": usdt(self.realized),
+            "unrealized_pnl": usdt(self.unrealized),
+            "fees": usdt(self.fees),
+            "equity": usdt(self.equity),
+            "peak_equity": usdt(self.peak),
+            "drawdown_pct": pct(self.drawdown_pct),
+            "max_drawdown_pct": pct(self.max_drawdown_pct),
+        }
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _track(self) -> None:
+        equity = self.equity
+        if equity > self.peak:
+            self.peak = equity
+        self.max_drawdown_pct = max(self.max_drawdown_pct, _drawdown_pct(self.peak, equity))
+
+    def _count_opening(self, before: Fraction) -> None:
+        if before == 0:
+            self.counts.opens += 1
+        else:
+            self.counts.increases += 1
+
+    def _count_closing(self, before: Fraction, after: Fraction) -> None:
+        if after == 0:
+            self.counts.full_closes += 1
+        elif (after > 0) != (before > 0):
+            self.counts.flips += 1
+        else:
+            self.counts.partial_closes += 1
+
+
+def _drawdown_pct(peak: Fraction, equity: Fraction) -> Fraction:
+    return (peak - equity) / peak * 100 if equity < peak else Fraction(0)
+
+
+def round_half_up(value: Fraction | Decimal, step: Fraction) -> Decimal:
+    """``value`` to a multiple of ``step``, ties away from zero (Decimal's ROUND_HALF_UP);
+    computed on integers. Never "-0": a zero result is plain 0 at the step's exponent."""
+    exact = Fraction(value)
+    units = abs(exact) / step
+    whole = units.numerator // units.denominator
+    if units - whole >= Fraction(1, 2):
+        whole += 1
+    return _decimal(whole if exact >= 0 else -whole, _exponent(step))
+
+
+def _decimal(units: int, exponent: int) -> Decimal:
+    """``units x 10^exponent`` built from its digits: exact, whatever the decimal context."""
+    digits = tuple(int(d) for d in str(abs(units)))
+    return Decimal((1 if units < 0 else 0, digits, exponent))
+
+
+def _exponent(step: Fraction) -> int:
+    """The decimal exponent of a step of the form 1/10^k."""
+    if step.numerator != 1 or 10 ** (len(str(step.denominator)) - 1) != step.denominator:
+        raise ValueError(f"step must be 1/10^k, got {step}")
+    return -(len(str(step.denominator)) - 1)
+
+
+def usdt(value: Fraction | Decimal) -> Decimal:
+    """Money as a snapshot shows it: to 1e-8 USDT, half up."""
+    return round_half_up(value, USDT_STEP)
+
+
+def pct(value: Fraction | Decimal) -> Decimal:
+    """A percentage as a snapshot shows it: to 1e-6, half up."""
+    return round_half_up(value, PCT_STEP)
+
+
+def cents(value: Fraction | Decimal) -> Decimal:
+    """An exact value rounded to the cent, half to even (Decimal's default rounding)."""
+    exact = Fraction(value)
+    units = exact / _CENT
+    whole = units.numerator // units.denominator  # floor
+    rest = units - whole
+    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and whole % 2 == 1):
+        whole += 1
+    return _decimal(whole, -2)
+
+
+def replay(
+    fills: Iterable[Fill],
+    *,
+    capital: Fraction | Decimal,
+    marks: Mapping[str, Decimal] | None = None,
+) -> ExactPortfolio:
+    """The account after ``fills`` in order, then ``marks`` in their order."""
+    account = ExactPortfolio(capital=Fraction(capital))
+    for fill in fills:
+        account.apply(fill)
+    for symbol, price in (marks or {}).items():
+        account.mark(symbol, price)
+    return account
+
+
+def independent_portfolio(
+    fills: list[Fill], marks: Mapping[str, Decimal]
+) -> tuple[Fraction, Fraction, Fraction, dict[str, Fraction]]:
+    """Realized PnL, fees, unrealized PnL (at ``marks``) and positions, by average cost."""
+    account = replay(fills, capital=Fraction(1))
+    for symbol, q in account.quantity.items():
+        if q != 0:
+            account.marks[symbol] = Fraction(marks[symbol])
+    return account.realized, account.fees, account.unrealized, dict(account.quantity)
