@@ -42,7 +42,6 @@ import contextlib
 import json
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +49,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TextIO
 
 import httpx
@@ -71,7 +69,8 @@ from qtrader.contracts.messages import (
 from qtrader.contracts.policy import TradingPolicy, parse_policy
 from qtrader.control.halt_channel import publish_latch
 from qtrader.local.control import heartbeat_forever, publish_policy
-from qtrader.local.nats_server import EmbeddedNats, NatsServerError, free_port
+from qtrader.local.nats_server import EmbeddedNats, NatsServerError
+from qtrader.local.processes import Child, ChildExited, Children
 
 SYMBOL = "BTCUSDT"
 ISSUER = "qtrader bench"
@@ -80,7 +79,6 @@ HOLD_S = (0.015, 0.035)  # time spent in each state between transitions (uniform
 WARMUP = 5  # trips and echo rounds run first and not counted (their windows are audited)
 ACK_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 60.0
-STOP_GRACE_S = 5.0
 # Subjects no workload listens to: the baseline's ping and its answers.
 ECHO_PING = f"{subjects.ROOT}.bench.echo.ping"
 ECHO_PONG = f"{subjects.ROOT}.bench.echo.pong"
@@ -178,86 +176,9 @@ def _market_step(index: int) -> tuple[Candle, Signal]:
 # --- processes ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    port: int = 0  # the health port of a workload, 0 for a helper
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/metrics"
-
-
-class Children:
-    """Every process the benchmark started; leaving the ``with`` block stops them all."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self._log_dir = log_dir
-        self._children: dict[str, Child] = {}
-
-    def __enter__(self) -> Children:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self.stop(list(self._children))
-
-    def spawn(self, name: str, args: Sequence[str], *, port: int = 0) -> Child:
-        log_path = self._log_dir / f"{name}.log"
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, *args], stdout=log_file, stderr=subprocess.STDOUT
-            )
-        child = Child(name=name, process=process, log_path=log_path, port=port)
-        self._children[name] = child
-        return child
-
-    def workload(self, role: str, name: str, url: str, *extra: str) -> Child:
-        port = free_port()
-        args = ["-m", "qtrader", role, "--nats-url", url, "--health-host", "127.0.0.1"]
-        args += ["--outbox-dir", str(self._log_dir / "outbox")]  # this run's, not a shared one
-        return self.spawn(name, [*args, "--health-port", str(port), *extra], port=port)
-
-    def helper(self, role: str, url: str, argument: str, *, name: str) -> Child:
-        return self.spawn(name, ["-c", _PEER, role, url, argument])
-
-    def stop(self, names: Iterable[str]) -> None:
-        """SIGTERM, then SIGKILL whatever is still running after the grace period."""
-        children = [self._children.pop(n) for n in names if n in self._children]
-        for child in children:
-            if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in children:
-            try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
-
-    def check_alive(self) -> None:
-        for child in self._children.values():
-            if child.process.poll() is not None:
-                code = child.process.returncode
-                raise BenchFailure(f"{child.name} exited ({code}):\n{tail(child.log_path)}")
-
-    def log_of(self, name: str) -> str:
-        child = self._children.get(name)
-        return tail(child.log_path) if child else ""
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+def spawn_peer(children: Children, role: str, url: str, argument: str, *, name: str) -> Child:
+    """A helper process of this benchmark (an echo or the feed), ``peer`` in its own process."""
+    return children.spawn(name, ["-c", _PEER, role, url, argument])
 
 
 # --- receipts -----------------------------------------------------------------------------------
@@ -561,7 +482,7 @@ class HaltBench:
         ]
         portfolio = self._children.workload("portfolio", "portfolio", url)
         for echo in sorted(self._pongs.expected):
-            self._children.helper("echo", url, echo, name=echo)
+            spawn_peer(self._children, "echo", url, echo, name=echo)
         await _wait_healthy(self._client, [*self._executions, portfolio], self._children)
         self._progress(f"{len(self._executions)} execution workers and a portfolio are up")
 
@@ -575,7 +496,7 @@ class HaltBench:
 
     async def trips(self, count: int) -> tuple[list[Trip], int]:
         """The trips while the feed runs; also the signals denied as halted meanwhile."""
-        self._children.helper("feed", self._url, str(FEED_HZ), name="feed")
+        spawn_peer(self._children, "feed", self._url, str(FEED_HZ), name="feed")
         await _wait_trading(self._client, self._executions, self._children)
         self._progress(f"orders flowing; {count} trips")
         denied = 'qtrader_signals_denied_total{reason="halted"}'
@@ -734,7 +655,7 @@ def run(
     started = time.monotonic()
     try:
         figures = _run_stack(trips=trips, workers=workers)
-    except BenchFailure as exc:
+    except (BenchFailure, ChildExited) as exc:
         print(f"qtrader bench halt: failed: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -67,7 +67,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from prometheus_client.parser import text_string_to_metric_families
 
-from qtrader.benchmarks.halt import Child, Children, percentile
+from qtrader.benchmarks.halt import percentile
 from qtrader.bus.errors import BusError
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
@@ -84,6 +84,7 @@ from qtrader.instruments import paper_exchange_info
 from qtrader.local.control import heartbeat_forever, write_latch
 from qtrader.local.control import publish_policy as publish_policy_revision
 from qtrader.local.nats_server import EmbeddedNats, NatsServerError
+from qtrader.local.processes import Child, ChildExited, Children
 from qtrader.marketdata.synthetic import SyntheticConfig, SyntheticMarket
 
 ISSUER = "qtrader bench"
@@ -100,7 +101,7 @@ RAW_STREAM = "BENCH_RAW"
 RAW_SUBJECT = "bench.raw.candle"
 RAW_DURABLE = "bench-raw"
 EXECUTION = "execution"
-_ERRORS = (BusError, NatsServerError, nats.errors.Error, httpx.HTTPError, OSError)
+_ERRORS = (BusError, NatsServerError, ChildExited, nats.errors.Error, httpx.HTTPError, OSError)
 
 
 class BenchFailure(Exception):

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from qtrader.benchmarks.halt import spawn_peer
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import HaltLatch, OrderStatus, OrderUpdate, TradingState
 from qtrader.control.ess_status import EssState, parse_time
@@ -76,7 +77,6 @@ FILL_BOUND_S = 10.0  # re-armed -> the first fill
 ANSWER_TIMEOUT_S = 10.0  # for the control plane to observe a patch (the CLI's --wait)
 START_TIMEOUT_S = 60.0
 TRADE_HOLD_S = (0.2, 0.8)  # trading after the fills resumed, before the next trip (seeded)
-_FEED = "import sys; from qtrader.benchmarks.halt import peer; sys.exit(peer(sys.argv[1:]))"
 _FILLING = (OrderStatus.FILLED, OrderStatus.PARTIALLY_FILLED)
 DENIED_HALTED = 'qtrader_signals_denied_total{reason="halted"}'
 FILLED_TOTAL = "qtrader_fills_total"
@@ -163,7 +163,7 @@ async def _start(rig: Rig, options: StressOptions) -> list[Child]:
     executions = [rig.workload("execution", w, "--worker-id", w) for w in WORKERS]
     portfolio = rig.workload("portfolio")
     await rig.wait_healthy([*executions, portfolio])
-    rig.children.spawn("feed", ["-c", _FEED, "feed", rig.url, f"{FEED_HZ:g}"])
+    spawn_peer(rig.children, "feed", rig.url, f"{FEED_HZ:g}", name="feed")
 
     async def both_trading() -> bool:
         sent = [

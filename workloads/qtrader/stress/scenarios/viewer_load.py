@@ -103,7 +103,8 @@ async def _run(options: StressOptions, result: ScenarioResult) -> None:
     async with Rig(options.work_dir) as rig:
         await rig.publish_policy(policy_document("viewer-load", symbols=["BTCUSDT"]))
         portfolio = rig.workload("portfolio")
-        await rig.wait_healthy([portfolio], path="/readyz")
+        # /viewer/stats answers once the portfolio role exists (its routes are added then).
+        await rig.wait_healthy([portfolio], path="/viewer/stats")
         url = portfolio.base_url.replace("http://", "ws://") + "/events"
         async with contextlib.AsyncExitStack() as stack:
             fast = [await stack.enter_async_context(connect(url)) for _ in range(FAST_VIEWERS)]
