@@ -54,3 +54,50 @@ async def test_a_slow_handler_is_not_redelivered_while_it_works(nats_server: Emb
             await consumer
         await bus.close()
     assert deliveries == ["slow-1"]
+
+
+def _signal(n: int) -> Signal:
+    return Signal(
+        signal_id=f"batch-{n}",
+        symbol="BTCUSDT",
+        direction=Direction.LONG,
+        confidence=0.9,
+        model_version="test",
+        candle_open_time_ms=n,
+        price=Decimal(1),
+        created_at_ms=int(time.time() * 1000),
+    )
+
+
+async def test_a_batch_is_acknowledged_after_its_handler_and_redelivered_whole_if_it_fails(
+    nats_server: EmbeddedNats,
+) -> None:
+    spec = dataclasses.replace(subjects.EXECUTION_SIGNALS, durable="batch-test", ack_wait_s=5.0)
+    bus = Bus(url=nats_server.url, client_name="test-batch")
+    await bus.connect()
+    await bus.ensure_topology()
+    await bus.ensure_consumer(spec)
+    calls: list[list[str]] = []
+    done = asyncio.Event()
+
+    async def fail_once(signals: list[Signal]) -> None:
+        calls.append([s.signal_id for s in signals])
+        if len(calls) == 1:
+            raise RuntimeError("the first delivery fails")
+        if sum(len(c) for c in calls[1:]) >= 5:
+            done.set()
+
+    for n in range(5):
+        await bus.publish(subjects.signal_subject("BTCUSDT"), _signal(n))
+    consumer = asyncio.create_task(bus.consume_batches(spec, Signal, fail_once))
+    try:
+        await asyncio.wait_for(done.wait(), 15)
+        await asyncio.sleep(1.5)  # anything not acknowledged would come again by now
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        await bus.close()
+    expected = [f"batch-{n}" for n in range(5)]
+    assert calls[0] == expected  # one fetch, one call: the five together
+    assert sorted(i for c in calls[1:] for i in c) == expected  # all again, each once

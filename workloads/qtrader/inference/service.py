@@ -5,16 +5,10 @@ runs too) and emits one signal per closed candle once the window is full. The si
 model version, symbol and candle time, so a redelivered candle produces the same signal id and
 JetStream drops the repeat.
 
-Batching across symbols: the candles of one close time arrive one after the other (one per
-symbol), and go through the model in one call (``signals.CandleBatcher``): as soon as every
-symbol of the previous close time has delivered, when a newer candle arrives, or after
-``batch_window_s`` for a close time some symbol skipped. The consumer acknowledges a candle when
-its handler returns, and the handler of a candle that does not complete its batch returns before
-the batch is predicted: if the process dies in that moment, the signals of that one batch are
-not made (the next candle's signal supersedes them: the strategy is a target position, and a
-restarted worker needs a full window again anyway). The handler of the candle that completes a
-batch returns only after the batch's signals are published (or kept for a retry), so a
-failure there is redelivered.
+Batching across symbols: the consumer hands over every candle of a fetch at once
+(``Bus.consume_batches``), and the candles of one close time go through the model in one call
+(``signals.CandleBatcher``). Candles are acknowledged only after the signals of every candle in
+the fetch are published, so a crash loses no signal: the candles come again.
 
 Without a loadable model the role does not consume candles at all (they stay in the stream for
 when a model is there) and ``/health`` says CRITICAL with the loader's error: no signal is ever
@@ -97,8 +91,6 @@ _CLOCK_SKEW = timedelta(minutes=5)
 class InferenceConfig:
     # None: the policy's model reference decides ("default" is the model shipped in the package).
     model_path: Path | None = None
-    # How long a close time's batch waits for a symbol that has not delivered it.
-    batch_window_s: float = 0.05
 
 
 class Inference:
@@ -109,7 +101,6 @@ class Inference:
         self._load_error = "model not loaded yet"
         self._maker = SignalMaker()
         self._batcher = CandleBatcher()
-        self._waiting = asyncio.Event()  # a batch is pending: the straggler timer runs
         self._unpublished: list[Signal] = []
         self._publishing = asyncio.Lock()
         self._agreement: deque[bool] = deque(maxlen=_AGREEMENT_WINDOW)
@@ -130,33 +121,21 @@ class Inference:
             return
         _export_model(self._model)
         log.info("serving model %s from %s", self._model.version, self._model.path)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._stragglers())
-            group.create_task(
-                self._context.bus.consume(subjects.INFERENCE_CANDLES, Candle, self._on_candle)
-            )
+        await self._context.bus.consume_batches(
+            subjects.INFERENCE_CANDLES, Candle, self._on_candles
+        )
 
-    async def _on_candle(self, candle: Candle) -> None:
-        # The pending batch of an older close time is predicted before this candle moves its
-        # symbol's window.
-        batches = [self._make(self._batcher.complete_before(candle))]
-        if self._maker.accept(candle):
-            batches.append(self._make(self._batcher.add(candle)))
-            if self._batcher.pending:
-                self._waiting.set()
-        await self._emit([signal for batch in batches for signal in batch])
-
-    async def _stragglers(self) -> None:
-        """Predict a batch that waited ``batch_window_s`` for a symbol that has not come."""
-        while True:
-            await self._waiting.wait()
-            await asyncio.sleep(self._config.batch_window_s)
-            self._waiting.clear()
-            signals = self._make(self._batcher.due())
-            try:
-                await self._emit(signals)
-            except Exception as exc:  # kept in _unpublished; the next emit retries
-                log.warning("publishing %d signals failed: %s", len(signals), exc)
+    async def _on_candles(self, candles: list[Candle]) -> None:
+        """The signals of every candle fetched together, one model call per close time."""
+        signals: list[Signal] = []
+        for candle in candles:
+            # The pending batch of an older close time is predicted before this candle moves
+            # its symbol's window.
+            signals += self._make(self._batcher.complete_before(candle))
+            if self._maker.accept(candle):
+                signals += self._make(self._batcher.add(candle))
+        signals += self._make(self._batcher.due())  # the rest of this fetch, not a later one
+        await self._emit(signals)
 
     def _make(self, candles: Sequence[Candle]) -> list[Signal]:
         """The batch's signals, made now (synchronously: no window moves meanwhile)."""

@@ -8,8 +8,8 @@ signal's ``created_at_ms`` (the service passes the wall clock, the backtest the 
 ``CandleBatcher`` decides when a batch is complete: candles of several symbols for one open time
 arrive one after the other, and the batch goes to the model when every symbol of the previous
 batch has delivered this open time, when a candle of a newer open time arrives, or when the
-caller's timer says the batch waited long enough (``due``). A symbol that stopped delivering
-costs one timer wait and is then no longer waited for (it is not in the batch that flushed).
+caller has nothing more to give it (``due``: the inference service calls it at the end of each
+fetch, the candles that arrived together).
 """
 
 from __future__ import annotations
