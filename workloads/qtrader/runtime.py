@@ -103,14 +103,16 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
     )
     tasks: dict[str, asyncio.Task[None]] = {"health-server": health}
     try:
+        policy = PolicyWatcher(bus)
+        monitor.add_check("policy", policy.check)
+        # Built before connecting, so its routes and checks exist from the first request the
+        # health server answers (a viewer must not meet a ready worker without /events).
+        context = WorkerContext(bus=bus, policy=policy, monitor=monitor, options=options, app=app)
+        role = factory(context)
         connected = asyncio.create_task(_connect(bus), name="connect")
         await _first_of(connected, stop)
         if stop.is_set():
             return 0
-        policy = PolicyWatcher(bus)
-        monitor.add_check("policy", policy.check)
-        context = WorkerContext(bus=bus, policy=policy, monitor=monitor, options=options, app=app)
-        role = factory(context)
         coroutines = {
             "policy-watch": policy.run(),
             "health-refresh": monitor.refresh_forever(),
