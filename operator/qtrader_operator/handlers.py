@@ -140,8 +140,8 @@ async def reconcile_policy(
             previous=previous,
         )
         return
-    stop_state = await _stop_state(runtime, owner.namespace, result.emergency_stop_ref)
-    stopped = _stopped_roles(stop_state)
+    stop_state, flatten = await _stop_state(runtime, owner.namespace, result.emergency_stop_ref)
+    stopped = _stopped_roles(stop_state, flatten=flatten)
     readiness = await _apply_workloads(runtime, owner=owner, spec=result, stopped=stopped)
     revision = await _publish_if_changed(runtime, body=body, name=owner.name, spec=result)
     patch.status["invalidReason"] = None
@@ -161,21 +161,29 @@ async def reconcile_policy(
         patch.status["observedGeneration"] = generation
 
 
-def _stopped_roles(stop_state: TradingState) -> frozenset[str]:
-    if stop_state is TradingState.HALTED:
+def _stopped_roles(stop_state: TradingState, *, flatten: bool) -> frozenset[str]:
+    """Which workloads a stop scales to 0. A stop that flattens on trip keeps execution up:
+    it closes the positions (its halt gate lets nothing else through)."""
+    if stop_state is TradingState.HALTED and not flatten:
         return policy_core.HALTED_ROLES
+    if stop_state is TradingState.HALTED:
+        return policy_core.REDUCING_ROLES
     if stop_state is TradingState.REDUCING:
         return policy_core.REDUCING_ROLES
     return frozenset()
 
 
-async def _stop_state(runtime: OperatorRuntime, namespace: str, name: str) -> TradingState:
-    """What the EmergencyStop a policy obeys says; a missing one halts (fail closed)."""
+async def _stop_state(
+    runtime: OperatorRuntime, namespace: str, name: str
+) -> tuple[TradingState, bool]:
+    """What the EmergencyStop a policy obeys says, and whether it flattens on trip; a missing
+    one halts (fail closed)."""
     try:
         stop = await runtime.kube.get(custom_path("emergencystops", namespace, name))
     except KubeNotFound:
-        return TradingState.HALTED
-    return EssStatus.from_dict(stop.get("status") or {}).latch
+        return TradingState.HALTED, False
+    latch = EssStatus.from_dict(stop.get("status") or {}).latch
+    return latch, bool((stop.get("spec") or {}).get("flattenOnTrip"))
 
 
 async def _apply_workloads(
@@ -256,7 +264,11 @@ async def reconcile_stop(
         if transition.spec_patch:
             patch.spec.update(transition.spec_patch)
         if transition.latch_changed:
-            latch = latch_message(transition.status, issued_at_ms=int(now.timestamp() * 1000))
+            latch = latch_message(
+                transition.status,
+                issued_at_ms=int(now.timestamp() * 1000),
+                flatten=transition.flatten,
+            )
             await publish_latch(runtime.bus, latch)
             memory.latch_written_at = now
         memory.status = transition.status
@@ -270,6 +282,7 @@ async def reconcile_stop(
             meta=meta,
             transition=transition,
             ack_timeout_s=resource.ack_timeout_seconds,
+            flatten=resource.flatten_on_trip,
             now=now,
         )
         _write_stop_status(
@@ -284,6 +297,7 @@ async def _follow_acknowledgements(
     meta: kopf.Meta,
     transition: Transition,
     ack_timeout_s: float,
+    flatten: bool,
     now: datetime,
 ) -> None:
     """Report workers that did not acknowledge in time; scale once the halt is confirmed."""
@@ -306,16 +320,20 @@ async def _follow_acknowledgements(
     if memory.scaled_for == target or (pending and not overdue):
         return
     await _scale_obeying_policies(
-        runtime, namespace=meta["namespace"], stop=meta["name"], latch=status.latch
+        runtime,
+        namespace=meta["namespace"],
+        stop=meta["name"],
+        latch=status.latch,
+        flatten=flatten,
     )
     memory.scaled_for = target
 
 
 async def _scale_obeying_policies(
-    runtime: OperatorRuntime, *, namespace: str, stop: str, latch: TradingState
+    runtime: OperatorRuntime, *, namespace: str, stop: str, latch: TradingState, flatten: bool
 ) -> None:
     listing = await runtime.kube.get(custom_path("tradingpolicies", namespace))
-    stopped = _stopped_roles(latch)
+    stopped = _stopped_roles(latch, flatten=flatten)
     for item in listing.get("items", []):
         spec = policy_core.validate(item.get("spec") or {}, runtime.exchange)
         if isinstance(spec, str) or spec.emergency_stop_ref != stop:

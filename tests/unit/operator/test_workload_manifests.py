@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from qtrader.contracts.messages import TradingState
 from qtrader.contracts.policy import parse_policy
-from qtrader_operator import policy_core
+from qtrader_operator import handlers, policy_core
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -58,3 +60,19 @@ def test_paper_only_settings_add_nothing_to_execution() -> None:
         "QTRADER_HEALTH_PORT",
         "QTRADER_WORKER_ID",
     }
+
+
+@pytest.mark.parametrize(
+    ("state", "flatten", "stopped"),
+    [
+        (TradingState.ACTIVE, False, set()),
+        (TradingState.HALTED, False, {"inference", "execution"}),
+        (TradingState.HALTED, True, {"inference"}),  # execution stays to close the positions
+        (TradingState.REDUCING, False, {"inference"}),
+        (TradingState.REDUCING, True, {"inference"}),
+    ],
+)
+def test_a_stop_scales_down_what_its_state_stops_and_keeps_execution_to_flatten(
+    state: TradingState, flatten: bool, stopped: set[str]
+) -> None:
+    assert handlers._stopped_roles(state, flatten=flatten) == stopped

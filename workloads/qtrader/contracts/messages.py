@@ -351,6 +351,9 @@ class HaltLatch(Message):
     reason: str = Field(default="", max_length=1024)
     issued_by: str = Field(default="", max_length=256)
     issued_at_ms: Millis
+    # The trip that wrote this revision asks execution to close every position (the
+    # EmergencyStop's flattenOnTrip); the halt gate lets exactly those orders through.
+    flatten: bool = False
 
     @property
     def dedup_id(self) -> str:

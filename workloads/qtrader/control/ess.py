@@ -367,8 +367,9 @@ def automatic_trip_patch(*, alert_kind: str, detail: str, spec: EssSpec) -> Auto
     )
 
 
-def latch_message(status: EssStatus, *, issued_at_ms: int) -> HaltLatch:
-    """The halt latch the caller writes when ``Transition.latch_changed``."""
+def latch_message(status: EssStatus, *, issued_at_ms: int, flatten: bool = False) -> HaltLatch:
+    """The halt latch the caller writes when ``Transition.latch_changed``; ``flatten`` is the
+    transition's (only a fresh trip of a stop with ``flattenOnTrip`` asks for it)."""
     issued_by = "emergency-stop" if status.state is EssState.ARMED else status.tripped_by
     return HaltLatch(
         state=status.latch,
@@ -376,6 +377,7 @@ def latch_message(status: EssStatus, *, issued_at_ms: int) -> HaltLatch:
         reason=status.reason[:_MAX_REASON_CHARS],
         issued_by=issued_by[:_MAX_ISSUER_CHARS],
         issued_at_ms=issued_at_ms,
+        flatten=flatten and status.latch is not TradingState.ACTIVE,
     )
 
 

@@ -122,6 +122,12 @@ def attempt_client_order_id(client_order_id: str, attempt: int) -> str:
     return f"{client_order_id[:32]}-r{attempt}"
 
 
+def flatten_intent_id(latch_revision: int, symbol: str) -> str:
+    """The intent that closes ``symbol``'s position for the trip of ``latch_revision``: the same
+    in every replica, so the stream keeps it once and one replica sends it."""
+    return f"flatten:{latch_revision}:{symbol}"
+
+
 def intent_id_for(signal_id: str) -> str:
     """``sig-<signal_id>``, or ``sig-<sha256>`` when that would exceed the 128-char limit."""
     intent_id = f"sig-{signal_id}"

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qtrader.contracts.messages import HaltLatch, OrderIntent, TradingState
+from qtrader.execution.decisions import flatten_intent_id
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,18 +61,39 @@ class HaltGate:
 
     def state(self) -> tuple[TradingState, str]:
         """The state orders obey now, and why when it is not the latch's own."""
+        why = self._fail_safe()
+        if why is not None or self._latch is None:
+            return TradingState.HALTED, why or "no halt latch could be read"
+        return self._latch.state, self._latch.reason
+
+    def _fail_safe(self) -> str | None:
+        """Why the worker halts whatever the latch says, or None when the latch is in force."""
         if self._latch is None:
-            return TradingState.HALTED, "no halt latch could be read"
+            return "no halt latch could be read"
         age = self.heartbeat_age_s()
         if age is None:
-            return TradingState.HALTED, "no control-plane heartbeat heard yet"
+            return "no control-plane heartbeat heard yet"
         if age > self._heartbeat_timeout_s:
-            return TradingState.HALTED, f"control-plane heartbeat missing for {age:.1f}s"
-        return self._latch.state, self._latch.reason
+            return f"control-plane heartbeat missing for {age:.1f}s"
+        return None
 
     def verdict(self, intent: OrderIntent) -> GateVerdict:
         state, why = self.state()
-        allowed = state is TradingState.ACTIVE or (
-            state is TradingState.REDUCING and intent.reduce_only
+        allowed = (
+            state is TradingState.ACTIVE
+            or (state is TradingState.REDUCING and intent.reduce_only)
+            or self._flattens(intent)
         )
         return GateVerdict(allowed=allowed, state=state, why=why)
+
+    def _flattens(self, intent: OrderIntent) -> bool:
+        """The reduce-only order that closes a position for the trip in force, when that trip
+        asked for it; never while failing safe (no heartbeat means no order at all)."""
+        latch = self._latch
+        return (
+            latch is not None
+            and latch.flatten
+            and self._fail_safe() is None
+            and intent.reduce_only
+            and intent.intent_id == flatten_intent_id(latch.revision, intent.symbol)
+        )

@@ -114,7 +114,8 @@ class PaperExchange:
         return candle.close if candle else None
 
     def restore_positions(self, positions: Mapping[str, Decimal]) -> None:
-        """Positions a previous run left (from the FILLS stream), so reduce-only still works."""
+        """The account's positions, from the FILLS stream (a previous run's and the other
+        replicas' fills), so reduce-only is checked against the whole account."""
         self._positions = dict(positions)
 
     def position(self, symbol: str) -> Decimal:

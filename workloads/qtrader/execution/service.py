@@ -50,10 +50,12 @@ from qtrader.contracts.messages import (
     HaltAck,
     HaltLatch,
     OrderIntent,
+    OrderType,
     OrderUpdate,
     PortfolioSnapshot,
     RiskAlert,
     RiskAlertKind,
+    Side,
     Signal,
     TradingState,
 )
@@ -64,7 +66,9 @@ from qtrader.execution.decisions import (
     DecisionContext,
     Denial,
     attempt_client_order_id,
+    client_order_id_for,
     decide,
+    flatten_intent_id,
 )
 from qtrader.execution.halt import HaltGate
 from qtrader.execution.intake import Dropped, SignalIntake, policy_ttl_ms
@@ -81,6 +85,11 @@ SIGNALS_DENIED = Counter(
 )
 INTENTS = Counter("qtrader_order_intents_total", "Order intents published.", ["side"])
 ORDERS_SENT = Counter("qtrader_orders_sent_total", "Orders sent to the exchange.", ["exchange"])
+FLATTEN_WITHIN_S = 60.0  # a flattening latch older than this is not acted on (see _flatten)
+FLATTEN_INTENTS = Counter(
+    "qtrader_flatten_intents_total",
+    "Reduce-only intents published to close a position on a trip that flattens.",
+)
 ORDERS_BLOCKED = Counter(
     "qtrader_orders_blocked_total", "Intents not sent because the latch forbade it.", ["state"]
 )
@@ -244,6 +253,40 @@ class Execution:
             log.info("halt latch revision %d in force: %s", latch.revision, latch.state.value)
         if latch.revision > self._acked_revision or changed:
             await self._acknowledge(latch, cancelled)
+        if changed and latch.flatten:
+            await self._flatten(latch)
+
+    async def _flatten(self, latch: HaltLatch) -> None:
+        """The trip asked to close every position: one reduce-only intent per open position,
+        priced from the last mark, with an id of the latch revision and the symbol, so the
+        replicas that all publish it leave one in the stream and one of them sends it (the
+        halt gate lets exactly these through). Positions are the fills seen so far; a fill
+        another replica has not yet published can leave a remainder, which the log names."""
+        age_s = time.time() - latch.issued_at_ms / 1000
+        if age_s > FLATTEN_WITHIN_S or not self._fills_caught_up.is_set():
+            # A worker starting while an old flattening trip is in force does not flatten
+            # again from positions it has not finished reading; the trip's live workers did.
+            log.info("flatten of latch %d left to the workers that saw the trip", latch.revision)
+            return
+        policy = self._context.policy.current
+        if policy is None:
+            log.error("flatten asked by latch %d, but no policy is in force", latch.revision)
+            return
+        for symbol, quantity in sorted(self._positions.items()):
+            mark = self._marks.get(symbol)
+            if quantity == 0:
+                continue
+            if mark is None:
+                log.error("flatten: no price for %s; its position %s stays", symbol, quantity)
+                continue
+            intent = _flatten_intent(latch, symbol, quantity, mark, policy.revision)
+            try:
+                await self._context.bus.publish(subjects.order_intent_subject(symbol), intent)
+            except BusUnavailable as exc:
+                log.error("flatten: the %s intent was not published: %s", symbol, exc)
+                continue
+            FLATTEN_INTENTS.inc()
+            log.warning("flatten: closing %s %s (latch %d)", symbol, quantity, latch.revision)
 
     async def _cancel_open_orders(self) -> int:
         """Cancel what rests on the venue; a failure is logged, the halt stands regardless
@@ -309,6 +352,10 @@ class Execution:
         self._fills_by_order.setdefault(fill.client_order_id, []).append(fill)
         signed = fill.quantity * fill.side.sign
         self._positions[fill.symbol] = self._positions.get(fill.symbol, Decimal(0)) + signed
+        if self._paper is not None:
+            # The paper exchange stands for the one account every replica trades: its
+            # positions (what reduce-only is checked against) include the other replicas' fills.
+            self._paper.restore_positions(self._positions)
         if self._settling:
             self._settle()
 
@@ -619,3 +666,21 @@ class Execution:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _flatten_intent(
+    latch: HaltLatch, symbol: str, quantity: Decimal, mark: Decimal, policy_revision: int
+) -> OrderIntent:
+    intent_id = flatten_intent_id(latch.revision, symbol)
+    return OrderIntent(
+        intent_id=intent_id,
+        client_order_id=client_order_id_for(intent_id),
+        symbol=symbol,
+        side=Side.SELL if quantity > 0 else Side.BUY,
+        quantity=abs(quantity),
+        order_type=OrderType.MARKET,
+        reduce_only=True,
+        reference_price=mark,
+        policy_revision=policy_revision,
+        created_at_ms=int(time.time() * 1000),
+    )

@@ -317,7 +317,9 @@ class LocalControlPlane:
             record = await self._patch_spec(record, transition.spec_patch)
             generation = record.generation
         if transition.latch_changed:
-            latch = latch_message(transition.status, issued_at_ms=_ms(now))
+            latch = latch_message(
+                transition.status, issued_at_ms=_ms(now), flatten=transition.flatten
+            )
             await publish_latch(self._bus, latch)
             self._latch_written = (latch.revision, now)
         new = [self._event(e, now) for e in transition.events]
