@@ -8,6 +8,7 @@ stores) go to a temporary directory that is removed afterwards, or to ``--work-d
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import sys
@@ -77,11 +78,27 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 def _run_all(names: Sequence[str], *, scale: float, work_dir: Path | None) -> list[ScenarioResult]:
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
+        return _run_in(names, scale=scale, work_dir=work_dir)
+    with tempfile.TemporaryDirectory(prefix="qtrader-stress-") as scratch:
+        return _run_in(names, scale=scale, work_dir=Path(scratch))
+
+
+def _run_in(names: Sequence[str], *, scale: float, work_dir: Path) -> list[ScenarioResult]:
+    """The scenarios' own log lines (the in-process control plane's, the rig's) go to
+    ``stress.log`` in the work directory; the terminal keeps the progress lines."""
+    handler = logging.FileHandler(work_dir / "stress.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
         options = StressOptions(scale=scale, work_dir=work_dir)
         return [run_scenario(name, options) for name in names]
-    with tempfile.TemporaryDirectory(prefix="qtrader-stress-") as scratch:
-        options = StressOptions(scale=scale, work_dir=Path(scratch))
-        return [run_scenario(name, options) for name in names]
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
 
 
 def _print_summary(results: Sequence[ScenarioResult], out: TextIO) -> None:
