@@ -107,7 +107,8 @@ SIGNAL_DECISION_LATENCY = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0, 30.0),
 )
 SIGNAL_CONFIDENCE = Histogram(
-    "qtrader_signal_confidence",
+    # Not qtrader_signal_confidence: that is inference's, of the signals it emits.
+    "qtrader_signal_intake_confidence",
     "Confidence of the signals leaving the intake, by outcome: decided, or the drop reason "
     "(which confidences a flood throws away).",
     ["outcome"],

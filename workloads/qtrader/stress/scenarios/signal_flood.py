@@ -20,7 +20,7 @@ it dropped than of what it decided.
 
 What is measured, all from the worker's ``/metrics`` and the SIGNALS stream, never from the
 scenario's own counts: the intake's high-water mark and depth gauges; the new histograms
-``qtrader_signal_confidence{outcome}`` (decided, or the drop reason) and
+``qtrader_signal_intake_confidence{outcome}`` (decided, or the drop reason) and
 ``qtrader_signal_decision_latency_seconds`` (signal creation -> decision), differenced against
 a scrape taken just before the flood so the warm-up does not count; and the signals stored in
 the SIGNALS stream (the published count and each one's confidence).
@@ -71,7 +71,7 @@ CYCLE_S = 0.25
 HIGH_SHARE = 0.1
 HIGH_RANGE = (0.6, 1.0)
 LOW_RANGE = (0.0, 0.5)
-HIGH_EDGE = 0.5  # a bucket edge of qtrader_signal_confidence: above it is "high"
+HIGH_EDGE = 0.5  # a bucket edge of qtrader_signal_intake_confidence: above it is "high"
 # Not "high": a warm-up signal may expire while the worker is still starting.
 WARMUP_CONFIDENCE = HIGH_EDGE
 TTL_S = 2.0
@@ -80,7 +80,7 @@ CANDLE_EVERY_S = 0.5
 DRAIN_TIMEOUT_S = 60.0
 SEED = 50
 PRICES = {"BTCUSDT": Decimal(30_000), "ETHUSDT": Decimal(2_000)}
-CONFIDENCE = "qtrader_signal_confidence"
+CONFIDENCE = "qtrader_signal_intake_confidence"
 LATENCY = "qtrader_signal_decision_latency_seconds"
 
 
