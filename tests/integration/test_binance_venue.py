@@ -217,6 +217,26 @@ async def test_when_the_venue_cannot_say_whether_it_has_an_order_then_it_is_not_
     assert len(exchange.orders_of(order)) == 1
 
 
+async def test_when_a_ban_cuts_an_order_off_after_booking_then_it_is_left_unknown(
+    exchange: Exchange, venue: BinanceFutures
+) -> None:
+    """Booked and filled, then banned before its trades are read: the look-ups are refused
+    during the ban, so the outcome stays UNKNOWN for reconciliation; nothing is sent again."""
+    exchange.admin.faults(
+        [{"route": "GET /fapi/v1/userTrades", "kind": "http_418", "next": 1, "retry_after_s": 30}]
+    )
+    recorder = Recorder()
+    order = intent("banned-after-booking")
+
+    final = await driver_for(venue, exchange, recorder).execute(order, max_slippage_bps=20)
+
+    assert final.status is OrderStatus.UNKNOWN, final
+    assert recorder.fills == []
+    assert len(exchange.posts()) == 1
+    [booked] = exchange.orders_of(order)
+    assert booked["status"] == "FILLED"
+
+
 async def test_when_an_order_is_booked_then_its_fills_carry_the_exchange_fees(
     exchange: Exchange, venue: BinanceFutures
 ) -> None:

@@ -109,7 +109,17 @@ async def test_testnet_worker_trades_on_the_exchange_and_a_ban_stops_it(
             assert any(c.startswith(update.client_order_id[:32]) for c in booked), update
         fills = await read_all(url, stream="QT_FILLS", subject="qtrader.fill.*", message_type=Fill)
         trades = exchange.trades()
-        assert len(fills) == len(trades)
+        # Every trade is on FILLS, except one of an order the ban cut off between its booking
+        # and the reading of its trades: that order's outcome is UNKNOWN (left for
+        # reconciliation), never reported as failed and never sent again.
+        published = {f.fill_id for f in fills}
+        unread = [t for t in trades if f"binance-BTCUSDT-{t['id']}" not in published]
+        client_ids = {o["orderId"]: str(o["clientOrderId"]) for o in exchange.orders()}
+        last = {u.intent_id: u for u in updates}  # the stream keeps them in order
+        unknown = {u.client_order_id[:32] for u in last.values() if u.status is OrderStatus.UNKNOWN}
+        assert all(client_ids[t["orderId"]][:32] in unknown for t in unread), (unread, unknown)
+        assert len(unread) <= 1
+        assert len(fills) >= 3
         assert sum(Decimal(t["commission"]) for t in trades) > 0
         late = [u for u in updates if u.ts_ms > banned_at and u.status is OrderStatus.FILLED]
         assert late == []

@@ -62,6 +62,7 @@ FAST_VIEWERS = 4
 CAP_PER_S = 50  # the hub's default max_batches_per_s
 SLOW_READ_EVERY_S = 0.05  # 20 batches/s: slower than the ~37/s the fast ones get
 DRAIN_TIMEOUT_S = 60.0
+QUIET_S = 1.5  # no new event for this long: the portfolio's last snapshot is out
 
 
 @dataclass
@@ -266,14 +267,19 @@ async def _drain(
     readers: list[asyncio.Task[None]],
     before: dict[str, Any],
 ) -> None:
-    """Wait until every viewer accounted for every event published (or the timeout)."""
+    """Wait until the hub has been quiet for QUIET_S (the portfolio's last snapshots are out)
+    and every viewer accounted for every event it published (or the timeout)."""
+    last: list[tuple[int, float]] = []  # (hub's published count, when first seen)
 
     async def caught_up() -> bool:
         published = (await _stats(rig, worker))["published"] - before["published"]
         crashed = [r for r in readers if r.done()]
         if crashed:
             raise ScenarioFailure(f"a viewer's connection ended: {crashed[0].exception()!r}")
-        return all(v.accounted >= published for v in views)
+        if not last or last[-1][0] != published:
+            last.append((published, time.monotonic()))
+        quiet = time.monotonic() - last[-1][1] >= QUIET_S
+        return quiet and all(v.accounted >= published for v in views)
 
     try:
         await rig.until(caught_up, timeout_s=DRAIN_TIMEOUT_S, what="the viewers to catch up")
