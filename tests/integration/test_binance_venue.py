@@ -7,6 +7,7 @@ fails the answer must end with exactly one order per intent at the exchange.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -217,13 +218,14 @@ async def test_when_the_venue_cannot_say_whether_it_has_an_order_then_it_is_not_
     assert len(exchange.orders_of(order)) == 1
 
 
-async def test_when_a_ban_cuts_an_order_off_after_booking_then_it_is_left_unknown(
+async def test_when_a_ban_cuts_an_order_off_after_booking_then_unknown_until_resolved(
     exchange: Exchange, venue: BinanceFutures
 ) -> None:
     """Booked and filled, then banned before its trades are read: the look-ups are refused
-    during the ban, so the outcome stays UNKNOWN for reconciliation; nothing is sent again."""
+    during the ban, so the outcome stays UNKNOWN and nothing is sent again; once the ban is
+    over, resolving it finds the order and publishes its fills."""
     exchange.admin.faults(
-        [{"route": "GET /fapi/v1/userTrades", "kind": "http_418", "next": 1, "retry_after_s": 30}]
+        [{"route": "GET /fapi/v1/userTrades", "kind": "http_418", "next": 1, "retry_after_s": 2}]
     )
     recorder = Recorder()
     order = intent("banned-after-booking")
@@ -235,6 +237,17 @@ async def test_when_a_ban_cuts_an_order_off_after_booking_then_it_is_left_unknow
     assert len(exchange.posts()) == 1
     [booked] = exchange.orders_of(order)
     assert booked["status"] == "FILLED"
+
+    driver = driver_for(venue, exchange, recorder)
+    assert await driver.resolve(order) is None  # still banned: the venue cannot say yet
+    await asyncio.sleep(2.2)  # the ban ends
+    resolved = await driver.resolve(order)
+
+    assert resolved is not None
+    assert resolved.status is OrderStatus.FILLED
+    trades = {str(t["id"]) for t in exchange.admin.trades()}
+    assert {f.fill_id.rsplit("-", 1)[1] for f in recorder.fills} == trades
+    assert len(exchange.posts()) == 1  # resolving sends nothing
 
 
 async def test_when_an_order_is_booked_then_its_fills_carry_the_exchange_fees(

@@ -135,3 +135,54 @@ def _dependency(worker: Worker, name: str) -> str | None:
         if dependency["name"] == name:
             return str(dependency["status"])
     return None
+
+
+async def test_an_order_a_ban_left_unknown_is_resolved_once_the_ban_is_over(
+    nats_server: EmbeddedNats, exchange: SimAdmin, tmp_path: Path
+) -> None:
+    """The 418 answers the trades of a booked order: the worker leaves it UNKNOWN (its /health
+    says so), looks it up again after the ban, and its trade reaches FILLS with a final
+    update; every trade at the exchange is then on FILLS."""
+    url = nats_server.url
+    bus = Bus(url=url, client_name="test-resolve")
+    await bus.connect()
+    await bus.ensure_topology()
+    await publish_policy(bus, POLICY)
+    await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+    heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2))
+    workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
+    execution = _execution(url, exchange.base_url, tmp_path)
+    workers.append(execution)
+    try:
+        ban = {"route": "GET /fapi/v1/userTrades", "kind": "http_418", "next": 1}
+        exchange.faults([{**ban, "retry_after_s": 3}])
+        async with flowing(bus):
+            await eventually(
+                lambda: execution.metric("qtrader_orders_unknown") == 1,
+                timeout_s=30,
+                what="an order left UNKNOWN by the ban",
+                worker=execution,
+            )
+        await eventually(
+            lambda: execution.metric("qtrader_orders_unknown") == 0,
+            timeout_s=30,
+            what="the unknown order resolved after the ban",
+            worker=execution,
+        )
+        fills = await read_all(url, stream="QT_FILLS", subject="qtrader.fill.*", message_type=Fill)
+        trades = exchange.trades()
+        assert {f.fill_id for f in fills} == {f"binance-BTCUSDT-{t['id']}" for t in trades}
+        updates = await order_updates(url)
+        went_unknown = {u.intent_id for u in updates if u.status is OrderStatus.UNKNOWN}
+        last = {u.intent_id: u for u in updates}
+        assert went_unknown
+        assert all(last[i].status.is_final for i in went_unknown)
+        booked = [str(o["clientOrderId"]) for o in exchange.orders()]
+        for intent_id in went_unknown:  # booked once, and resolving sent nothing more
+            stem = last[intent_id].client_order_id[:32]
+            assert len([c for c in booked if c.startswith(stem)]) == 1
+    finally:
+        heartbeat.cancel()
+        for worker in workers:
+            worker.stop()
+        await bus.close()

@@ -155,6 +155,24 @@ class OrderDriver:
         status = OrderStatus.CANCELED if progress.filled > 0 else OrderStatus.EXPIRED
         return await self._report(intent, progress, status, why or "attempts exhausted")
 
+    async def resolve(self, intent: OrderIntent) -> OrderUpdate | None:
+        """Settle an intent whose outcome was left UNKNOWN: look its attempts up again, publish
+        their fills (fill ids are the exchange's, so what was published before counts once),
+        report its final state. None while the venue still cannot tell (banned, unreachable):
+        the caller asks again later. Nothing is ever sent from here."""
+        progress = _Progress(filled=Decimal(0), notional=Decimal(0))
+        try:
+            await self._recover(intent, progress)
+        except ExchangeError as exc:
+            log.info("intent %s still unknown: %s", intent.intent_id, exc)
+            return None
+        if progress.filled >= intent.quantity:
+            status = OrderStatus.FILLED
+        else:
+            status = OrderStatus.CANCELED if progress.filled > 0 else OrderStatus.EXPIRED
+        why = None if status is OrderStatus.FILLED else "resolved by look-up: not all of it filled"
+        return await self._report(intent, progress, status, why)
+
     # --- a redelivered intent ----------------------------------------------------------------
 
     def _maybe_sent_before(self, intent: OrderIntent) -> bool:

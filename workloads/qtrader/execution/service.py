@@ -50,6 +50,7 @@ from qtrader.contracts.messages import (
     HaltAck,
     HaltLatch,
     OrderIntent,
+    OrderStatus,
     OrderType,
     OrderUpdate,
     PortfolioSnapshot,
@@ -85,6 +86,11 @@ SIGNALS_DENIED = Counter(
 )
 INTENTS = Counter("qtrader_order_intents_total", "Order intents published.", ["side"])
 ORDERS_SENT = Counter("qtrader_orders_sent_total", "Orders sent to the exchange.", ["exchange"])
+RESOLVE_EVERY_S = 5.0  # how often intents left UNKNOWN are looked up again
+UNRESOLVED = Gauge(
+    "qtrader_orders_unknown",
+    "Intents this worker sent whose outcome is still unknown (looked up every few seconds).",
+)
 FLATTEN_WITHIN_S = 60.0  # a flattening latch older than this is not acted on (see _flatten)
 FLATTEN_INTENTS = Counter(
     "qtrader_flatten_intents_total",
@@ -176,6 +182,8 @@ class Execution:
         # Intents whose final update was seen, until their fills are: intent id -> (client
         # order id, quantity the update says filled).
         self._settling: dict[str, tuple[str, Decimal]] = {}
+        # Intents this worker sent whose outcome stayed unknown: looked up again until settled.
+        self._unresolved: dict[str, OrderIntent] = {}
         self._seen_fills: set[str] = set()
         self._fills_by_order: dict[str, list[Fill]] = {}
         self._fills_caught_up = asyncio.Event()
@@ -224,6 +232,7 @@ class Execution:
             "send": self._send_loop(),
             "dead-man": self._dead_man_loop(),
             "venue-refresh": self._refresh_loop(),
+            "resolve-unknown": self._resolve_loop(),
         }
 
     # --- inputs ------------------------------------------------------------------------------
@@ -561,8 +570,25 @@ class Execution:
             log.info("intent %s not sent: %s", intent.intent_id, final.reason)
         else:
             ORDERS_SENT.labels(final.exchange).inc()
+        if final.status is OrderStatus.UNKNOWN:
+            self._unresolved[intent.intent_id] = intent
+            UNRESOLVED.set(len(self._unresolved))
         self._in_flight.pop(intent.intent_id, None)
         self._settling.pop(intent.intent_id, None)
+
+    async def _resolve_loop(self) -> None:
+        """Look up the intents left UNKNOWN every RESOLVE_EVERY_S until the venue can say what
+        became of them (after a ban, an outage); their fills then reach the portfolio."""
+        while True:
+            await asyncio.sleep(RESOLVE_EVERY_S)
+            driver = self._driver
+            if driver is None:
+                continue
+            for intent_id, intent in list(self._unresolved.items()):
+                if await driver.resolve(intent) is not None:
+                    del self._unresolved[intent_id]
+                    log.info("intent %s resolved by look-up", intent_id)
+            UNRESOLVED.set(len(self._unresolved))
 
     async def _publish_update(self, update: OrderUpdate) -> None:
         await self._context.bus.publish(subjects.order_update_subject(update.symbol), update)
@@ -648,7 +674,15 @@ class Execution:
             return DependencyHealth(
                 name="exchange", status=Status.DEGRADED, detail="not connected yet"
             )
-        return self._venue.health()
+        health = self._venue.health()
+        if self._unresolved and health.status is Status.OK:
+            return DependencyHealth(
+                name="exchange",
+                status=Status.DEGRADED,
+                detail=f"{len(self._unresolved)} orders with an unknown outcome, looked up "
+                f"every {RESOLVE_EVERY_S:g} s",
+            )
+        return health
 
     async def check_latch(self) -> DependencyHealth:
         state, why = self._gate.state()
