@@ -45,6 +45,9 @@ class WorkerOptions:
     # Where unacknowledged publishes wait for NATS; None: no outbox (a failed publish raises).
     outbox_dir: Path | None = None
     outbox_capacity: int = 100_000
+    # The TradingPolicy's stack (``<namespace>.<policy>``, set by the operator): the names of
+    # its subjects, streams, consumers and KV keys. None in local mode (one policy).
+    stack: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +96,7 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
         url=options.nats_url,
         client_name=f"{service}:{options.worker_id}",
         outbox=_outbox(service, options),
+        stack=options.stack,
     )
     monitor = HealthMonitor(service=service)
     monitor.add_check("nats", lambda: nats_health(bus))

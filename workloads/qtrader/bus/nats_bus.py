@@ -9,13 +9,17 @@ What it guarantees to the roles above it:
   nak'ed with a delay when the handler failed, and terminated (never redelivered) when it cannot
   be decoded, after one log line and a count in ``qtrader_messages_rejected_total``;
 - the client reconnects forever; ``connected`` and the reconnect count are metrics, and the
-  consumer's pending count is exported as its lag.
+  consumer's pending count is exported as its lag;
+- a bus of a stack (``stack=``, or ``for_stack`` over one connection) turns every logical name
+  it is given (subject, stream, durable, KV key) into that stack's (``subjects.scoped_*``), so
+  the roles above it spell only logical names and stacks never meet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -106,7 +110,9 @@ class Bus:
         request_timeout_s: float = 2.0,
         outbox: Outbox | None = None,
         publish_timeout_s: float | None = None,
+        stack: str | None = None,
     ) -> None:
+        self._stack = None if stack is None else subjects.check_stack(stack)
         self._url = url
         self._client_name = client_name
         self._timeout = request_timeout_s
@@ -119,6 +125,17 @@ class Bus:
         self._js: JetStreamContext | None = None
         self._closing = False
         self._buckets: dict[str, KeyValue] = {}
+
+    @property
+    def stack(self) -> str | None:
+        return self._stack
+
+    def for_stack(self, stack: str) -> Bus:
+        """A view of this connection that speaks ``stack``'s names (the operator serves many
+        stacks over one connection). Connect and close the bus it came from, not the view."""
+        view = copy.copy(self)
+        view._stack = subjects.check_stack(stack)
+        return view
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -232,7 +249,7 @@ class Bus:
         """Create or update every stream, durable consumer and KV bucket (idempotent)."""
         try:
             for stream in subjects.ALL_STREAMS:
-                await self._ensure_stream(stream)
+                await self._ensure_stream(subjects.scoped_stream(self._stack, stream))
             for consumer in subjects.ALL_CONSUMERS:
                 await self.ensure_consumer(consumer)
             for bucket in subjects.ALL_BUCKETS:
@@ -260,6 +277,7 @@ class Bus:
 
     async def ensure_consumer(self, spec: subjects.ConsumerSpec) -> None:
         """Create or update one durable consumer (``ensure_topology`` does every declared one)."""
+        spec = subjects.scoped_consumer(self._stack, spec)
         config = ConsumerConfig(
             name=spec.durable,
             durable_name=spec.durable,
@@ -289,6 +307,7 @@ class Bus:
         ``BusUnavailable``.
         """
         payload = message.encode()
+        subject = subjects.scoped_subject(self._stack, subject)
         if self._outbox is not None:
             sequence = await self._outbox.publish(subject, payload, message.dedup_id)
         else:
@@ -305,7 +324,7 @@ class Bus:
                 headers={"Nats-Msg-Id": msg_id},
             )
         except _UNAVAILABLE as exc:
-            PUBLISH_FAILURES.labels(_family(subject)).inc()
+            PUBLISH_FAILURES.labels(_family(subjects.unscoped_subject(self._stack, subject))).inc()
             raise BusUnavailable(f"publish to {subject} not acknowledged: {exc!r}") from exc
         return int(ack.seq)
 
@@ -326,6 +345,7 @@ class Bus:
 
     async def broadcast(self, subject: str, message: Message) -> None:
         """A core NATS publish (no persistence): for fast control messages and heartbeats."""
+        subject = subjects.scoped_subject(self._stack, subject)
         try:
             await self._client.publish(subject, message.encode())
             await self._client.flush(timeout=self._flush_timeout_s)
@@ -431,6 +451,7 @@ class Bus:
         CONSUMED.labels(spec.durable).inc(len(decoded))
 
     async def _bind(self, spec: subjects.ConsumerSpec) -> JetStreamContext.PullSubscription:
+        spec = subjects.scoped_consumer(self._stack, spec)
         while True:
             try:
                 return await self._jetstream.pull_subscribe_bind(
@@ -474,6 +495,7 @@ class Bus:
         async def on_message(msg: Msg) -> None:
             await _deliver(label, msg, message_type, handler)
 
+        subject = subjects.scoped_subject(self._stack, subject)
         await _hold(await self._client.subscribe(subject, cb=on_message))
 
     async def replay(
@@ -493,6 +515,8 @@ class Bus:
         execution's positions). ``caught_up`` is set once every message stored when this started
         has been handled.
         """
+        stream = subjects.scoped_stream(self._stack, stream)
+        filter_subject = subjects.scoped_subject(self._stack, filter_subject)
         if caught_up is not None and await self._stream_is_empty(stream):
             caught_up.set()
 
@@ -523,6 +547,8 @@ class Bus:
         self, stream: subjects.StreamSpec, subject: str, message_type: type[M]
     ) -> M | None:
         """The newest message stored on ``subject``, or None if there is none."""
+        stream = subjects.scoped_stream(self._stack, stream)
+        subject = subjects.scoped_subject(self._stack, subject)
         try:
             raw = await self._jetstream.get_last_msg(stream.name, subject)
         except nats.js.errors.NotFoundError:
@@ -543,6 +569,7 @@ class Bus:
         return handle
 
     async def kv_put(self, bucket: str, key: str, message: Message) -> int:
+        key = subjects.scoped_key(self._stack, key)
         try:
             kv = await self._bucket(bucket)
             return int(await kv.put(key, message.encode()))
@@ -551,6 +578,7 @@ class Bus:
 
     async def kv_get(self, bucket: str, key: str, message_type: type[M]) -> M | None:
         """The current value, None when the key was never written; BusUnavailable on outage."""
+        key = subjects.scoped_key(self._stack, key)
         try:
             kv = await self._bucket(bucket)
             entry = await kv.get(key)
@@ -562,6 +590,7 @@ class Bus:
 
     async def kv_watch(self, bucket: str, key: str, message_type: type[M]) -> AsyncIterator[M]:
         """Every value written to ``key`` from now on (starting with the current one)."""
+        key = subjects.scoped_key(self._stack, key)
         kv = await self._bucket(bucket)
         watcher = await kv.watch(key)
         try:
