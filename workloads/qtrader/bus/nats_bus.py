@@ -10,6 +10,17 @@ What it guarantees to the roles above it:
   be decoded, after one log line and a count in ``qtrader_messages_rejected_total``;
 - the client reconnects forever; ``connected`` and the reconnect count are metrics, and the
   consumer's pending count is exported as its lag;
+- a hung broker (a stall, a half-open connection) is noticed within a few seconds and the client
+  reconnects: it pings every ``PING_INTERVAL_S`` and gives the connection up after
+  ``MAX_OUTSTANDING_PINGS`` unanswered (nats-py's defaults take six minutes);
+- no PING/PONG round trip is ever cancelled while the connection that sent it lives. nats-py
+  2.16 cancels the future of a ``flush`` that times out, and the PONG that arrives after the
+  stall then sets a result on that cancelled future: ``InvalidStateError`` ends the client's
+  read loop and the client believes it is connected while it never reads again (no acks, no
+  deliveries), and ``flush`` then skips the round trip, so it looks healthy. Our round trips
+  (health pings, the broadcast's flush) send the PING with a future of our own, which the
+  caller stops waiting for without cancelling it; the client drops it at its next reconnect. A
+  read loop that ended anyway is reported and the client made to reconnect;
 - a bus of a stack (``stack=``, or ``for_stack`` over one connection) turns every logical name
   it is given (subject, stream, durable, KV key) into that stack's (``subjects.scoped_*``), so
   the roles above it spell only logical names and stacks never meet.
@@ -86,6 +97,12 @@ CONSUMER_PENDING = Gauge(
     ["consumer"],
 )
 
+PING_INTERVAL_S = 2
+MAX_OUTSTANDING_PINGS = 2
+# More unanswered round trips than this means the broker has not answered for a long while: the
+# next caller is told at once instead of adding another PING.
+_MAX_UNANSWERED_ROUND_TRIPS = 64
+
 _UNAVAILABLE = (
     nats.errors.TimeoutError,
     nats.errors.ConnectionClosedError,
@@ -155,6 +172,8 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,  # type: ignore[arg-type]  # annotated int, sleeps a float
                     connect_timeout=2,
+                    ping_interval=PING_INTERVAL_S,
+                    max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,
@@ -236,12 +255,41 @@ class Bus:
         """Time of one PING/PONG with the server; raises BusUnavailable when it cannot."""
         if not self.connected:
             raise BusUnavailable("not connected to NATS")
+        await self._check_read_loop()
         started = time.perf_counter()
-        try:
-            await self._client.flush(timeout=self._flush_timeout_s)
-        except _UNAVAILABLE as exc:
-            raise BusUnavailable(f"NATS did not answer a ping: {exc!r}") from exc
+        await self._round_trip(self._flush_timeout_s)
         return time.perf_counter() - started
+
+    async def _round_trip(self, timeout_s: float) -> None:
+        """One PING/PONG, waited for at most ``timeout_s``: everything written before it has
+        reached the server when it returns.
+
+        nats-py's ``flush`` without its cancellation (module docstring): the PONG's future is
+        ours and is never cancelled, so a late PONG finds it pending; ``asyncio.wait`` gives up
+        on it without touching it. The client forgets it at its next reconnect.
+        """
+        client = self._client
+        unanswered = sum(1 for pong in client._pongs if not pong.done())
+        if unanswered >= _MAX_UNANSWERED_ROUND_TRIPS:
+            raise BusUnavailable(f"{unanswered} pings to NATS are unanswered")
+        pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        try:
+            await client._send_ping(pong)
+        except (*_UNAVAILABLE, AssertionError) as exc:  # asserts a transport: none mid-reconnect
+            raise BusUnavailable(f"cannot ping NATS: {exc!r}") from exc
+        done, _ = await asyncio.wait({pong}, timeout=timeout_s)
+        if not done:
+            raise BusUnavailable(f"NATS did not answer a ping within {timeout_s:g} s")
+
+    async def _check_read_loop(self) -> None:
+        """A connected client whose read loop has ended reads nothing ever again, and its
+        ``flush`` returns at once: report it, and make it reconnect (the only way back)."""
+        client = self._client
+        reading = client._reading_task
+        if client.is_connected and (reading is None or reading.done()):
+            log.error("the NATS client's read loop has ended; reconnecting")
+            await client._process_op_err(nats.errors.StaleConnectionError())
+            raise BusUnavailable("the NATS client had stopped reading; reconnecting")
 
     # --- topology ----------------------------------------------------------------------------
 
@@ -348,9 +396,9 @@ class Bus:
         subject = subjects.scoped_subject(self._stack, subject)
         try:
             await self._client.publish(subject, message.encode())
-            await self._client.flush(timeout=self._flush_timeout_s)
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"broadcast on {subject} failed: {exc!r}") from exc
+        await self._round_trip(self._flush_timeout_s)
 
     # --- consuming ---------------------------------------------------------------------------
 
