@@ -52,7 +52,8 @@ def test_up_when_bounded_then_trades_prints_report_and_leaves_nothing_running(
     assert report["fills"] > 0
     assert report["orders"]["FILLED"] == report["fills"]
     assert report["portfolio"]["fills_applied"] == report["fills"]
-    assert report["crashed"] == []
+    assert report["down"] == []
+    assert set(report["restarts"].values()) == {0}
     assert {r: h["status"] for r, h in report["health"].items()} == dict.fromkeys(
         ("marketdata", "inference", "execution", "portfolio"), "OK"
     )
@@ -76,7 +77,8 @@ def test_up_when_interrupted_then_stops_everything_and_exits_0(tmp_path: Path) -
     assert process.returncode == 0, stdout + stderr
     assert "Final report" in stdout
     report = json.loads(report_path.read_text())
-    assert report["crashed"] == []
+    assert report["down"] == []
+    assert set(report["restarts"].values()) == {0}
     for role, pid in report["processes"].items():
         assert not _alive(pid), f"{role} (pid {pid}) still running after Ctrl-C"
 

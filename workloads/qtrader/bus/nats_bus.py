@@ -555,13 +555,15 @@ class Bus:
         *,
         label: str,
         caught_up: asyncio.Event | None = None,
+        from_now: bool = False,
     ) -> None:
         """Deliver every stored message from the first, then new ones, in order, until cancelled.
 
         An ordered ephemeral consumer: nothing to ack, recreated by the client after a gap or a
         reconnect. For state that is rebuilt from a stream at every start (the portfolio, the
         execution's positions). ``caught_up`` is set once every message stored when this started
-        has been handled.
+        has been handled. ``from_now`` skips what is stored already: every message stored from
+        now on, none missed across a reconnect (unlike a core subscription).
         """
         stream = subjects.scoped_stream(self._stack, stream)
         filter_subject = subjects.scoped_subject(self._stack, filter_subject)
@@ -580,7 +582,7 @@ class Bus:
                 stream=stream.name,
                 cb=on_message,
                 ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
+                deliver_policy=DeliverPolicy.NEW if from_now else DeliverPolicy.ALL,
             )
         )
 

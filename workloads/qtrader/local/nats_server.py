@@ -71,6 +71,14 @@ class EmbeddedNats:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs; its exit code once it has exited (0 when it was never started
+        or was stopped here)."""
+        if self._process is None:
+            return 0
+        return self._process.poll()
+
     def start(self, *, timeout_s: float = 10.0) -> None:
         if self.running:
             return

@@ -1,15 +1,23 @@
 """What ``qtrader up`` shows: the pipeline's event counts, the portfolio, each workload's health.
 
-The observer is a plain NATS client: it subscribes to the same subjects the workloads publish on
-(core subscriptions see every JetStream publish) and polls each workload's ``/health``. It never
-talks to a workload's internals, so what it shows is what a dashboard would show.
+The observer is a plain NATS client: it follows the streams the workloads publish to, from the
+moment it starts, and polls each workload's ``/health``. It never talks to a workload's
+internals, so what it shows is what a dashboard would show.
+
+Why the streams and not core subscriptions: a core subscription misses what is published while
+it reconnects (a broker restart) and also sees a publish the stream drops as a duplicate (an
+outbox replay, a restarted worker sending the same ``Nats-Msg-Id`` again), so its counts drift
+from what was stored, and the final report would say so. An ordered consumer resumes after the
+last message it saw; each kind is also counted once per ``dedup_id`` among the last
+``_RECENT_IDS``, in case a copy outlived the duplicate window. Only the portfolio's latest
+snapshot is followed on a core subscription: a missed one is replaced by the next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -30,6 +38,27 @@ from qtrader.contracts.messages import (
 )
 
 M = TypeVar("M", bound=Message)
+
+_RECENT_IDS = 100_000
+
+
+class _FirstSeen:
+    """Whether a message id is new among the most recent ``capacity`` ids."""
+
+    def __init__(self, capacity: int = _RECENT_IDS) -> None:
+        self._capacity = capacity
+        self._order: deque[str] = deque()
+        self._ids: set[str] = set()
+
+    def first(self, message: Message) -> bool:
+        key = message.dedup_id
+        if key in self._ids:
+            return False
+        self._ids.add(key)
+        self._order.append(key)
+        if len(self._order) > self._capacity:
+            self._ids.discard(self._order.popleft())
+        return True
 
 
 @dataclass
@@ -65,34 +94,43 @@ class Observer:
         }
 
     def tasks(self) -> list[asyncio.Task[None]]:
-        watch = self._watch
+        follow = self._follow
         return [
-            watch("candles", subjects.all_of(subjects.CANDLE_PREFIX), Candle, self._on_candle),
-            watch("signals", subjects.all_of(subjects.SIGNAL_PREFIX), Signal, self._on_signal),
-            watch(
-                "intents",
-                subjects.all_of(subjects.ORDER_INTENT_PREFIX),
-                OrderIntent,
-                self._on_intent,
+            follow(subjects.MARKET, subjects.CANDLE_PREFIX, Candle, self._on_candle),
+            follow(subjects.SIGNALS, subjects.SIGNAL_PREFIX, Signal, self._on_signal),
+            follow(subjects.ORDERS, subjects.ORDER_INTENT_PREFIX, OrderIntent, self._on_intent),
+            follow(subjects.ORDERS, subjects.ORDER_UPDATE_PREFIX, OrderUpdate, self._on_update),
+            follow(subjects.FILLS, subjects.FILL_PREFIX, Fill, self._on_fill),
+            asyncio.create_task(
+                self._bus.subscribe(
+                    subjects.PORTFOLIO_SNAPSHOT,
+                    PortfolioSnapshot,
+                    self._on_snapshot,
+                    label="observe-portfolio",
+                ),
+                name="observe-portfolio",
             ),
-            watch(
-                "orders",
-                subjects.all_of(subjects.ORDER_UPDATE_PREFIX),
-                OrderUpdate,
-                self._on_update,
-            ),
-            watch("fills", subjects.all_of(subjects.FILL_PREFIX), Fill, self._on_fill),
-            watch("portfolio", subjects.PORTFOLIO_SNAPSHOT, PortfolioSnapshot, self._on_snapshot),
             asyncio.create_task(self._poll_health(), name="observe-health"),
         ]
 
-    def _watch(
-        self, name: str, subject: str, kind: type[M], handler: Callable[[M], Awaitable[None]]
+    def _follow(
+        self,
+        stream: subjects.StreamSpec,
+        prefix: str,
+        kind: type[M],
+        handler: Callable[[M], Awaitable[None]],
     ) -> asyncio.Task[None]:
-        label = f"observe-{name}"
-        return asyncio.create_task(
-            self._bus.subscribe(subject, kind, handler, label=label), name=label
+        label = f"observe-{kind.KIND}"
+        seen = _FirstSeen()
+
+        async def once(message: M) -> None:
+            if seen.first(message):
+                await handler(message)
+
+        follow = self._bus.replay(
+            stream, subjects.all_of(prefix), kind, once, label=label, from_now=True
         )
+        return asyncio.create_task(follow, name=label)
 
     async def _on_candle(self, _: Candle) -> None:
         self.counts.candles += 1

@@ -4,16 +4,20 @@ It starts nats-server with JetStream in a data directory, creates the topology, 
 policy revision, and runs what the operator runs in a cluster: the EmergencyStop control plane
 (``LocalControlPlane``: the resource in the ESS bucket, the halt latch, acknowledgements) and the
 control heartbeat. Then it starts the four workloads as separate processes, exactly as their
-containers run them, and writes ``.qtrader/up.json`` so ``qtrader ess`` and ``qtrader policy`` in
-another terminal find its NATS server. It shows a live summary, and on Ctrl-C, SIGTERM or the end
-of ``--duration`` stops the workloads (SIGTERM, then SIGKILL after a grace period) and the server,
-leaving nothing running and removing the state file.
+containers run them, and keeps them and the server up as a kubelet would
+(``supervisor.Supervisor``: a process that dies is started again the same way, with back-off,
+and both summaries and the report say so). It writes ``.qtrader/up.json`` so ``qtrader ess`` and
+``qtrader policy`` in another terminal find its NATS server. It shows a live summary, and on
+Ctrl-C, SIGTERM or the end of ``--duration`` stops the workloads (SIGTERM, then SIGKILL after a
+grace period) and the server, leaving nothing running and removing the state file. It exits
+non-zero when a process was down at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -37,6 +41,7 @@ from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats, free_port
 from qtrader.local.observer import Observer, WorkloadHealth, render
+from qtrader.local.supervisor import Supervisor
 
 ROLES = ("marketdata", "inference", "execution", "portfolio")
 STOP_GRACE_S = 10.0
@@ -75,8 +80,8 @@ class LocalStack:
         self.nats = EmbeddedNats(store_dir=self.data_dir / "nats")
         self.workers: dict[str, WorkerProcess] = {}
         self._keep_dir = False  # kept when a workload died, so its log can be read
-        self._stopped: set[str] = set()  # workloads this stack told to stop
         self._log_handler: logging.Handler | None = None
+        self.supervisor = Supervisor()
 
     async def run(self, out: TextIO, err: TextIO = sys.stderr) -> int:
         """Run until stopped; returns the exit code (non-zero if a workload died)."""
@@ -100,25 +105,31 @@ class LocalStack:
                 )
             )
             self._start_workers()
+            self.supervisor.add("nats-server", start=self.nats.start, exit_code=self._nats_exit)
+            tasks.append(asyncio.create_task(self.supervisor.run(stop), name="supervisor"))
             self._claim_state_file(err)
             observer = Observer(
                 bus=bus, health_urls={r: w.health_url for r, w in self.workers.items()}
             )
             tasks += observer.tasks()
             title = f"Quantum Trader (paper) policy {revision.name} rev {revision.revision}"
-            view = _View(observer=observer, control=control, title=title, started=started)
+            view = _View(
+                observer=observer,
+                control=control,
+                supervisor=self.supervisor,
+                title=title,
+                started=started,
+            )
             await self._show(view, stop, out=out)
+            down = self._ending(interrupted=stop.is_set())
             health = await self._final_health(observer)
             await self._drain(observer)
-            crashed = self._crashed(interrupted=stop.is_set())
-            report = self._report(
-                view, health, elapsed_s=time.monotonic() - started, crashed=crashed
-            )
+            report = self._report(view, health, elapsed_s=time.monotonic() - started, down=down)
             _print_report(report, out)
             if self._config.report_path:
                 self._config.report_path.write_text(json.dumps(report, indent=2, default=str))
-            self._keep_dir = bool(crashed)
-            return 1 if crashed else 0
+            self._keep_dir = bool(down or any(self.supervisor.restarts.values()))
+            return 1 if down else 0
         finally:
             up_state.release(self._config.state_dir, pid=os.getpid())
             for task in tasks:
@@ -162,25 +173,38 @@ class LocalStack:
             )
 
     def _start_workers(self) -> None:
-        logs = self.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
         for role in ROLES:
             port = free_port()
-            extra = self._config.marketdata_args if role == "marketdata" else ()
-            command = [
-                sys.executable, "-m", "qtrader", role,
-                "--nats-url", self.nats.url,
-                "--health-host", "127.0.0.1",
-                "--health-port", str(port),
-                "--outbox-dir", str(self.data_dir / "outbox"),
-                *extra,
-            ]  # fmt: skip
-            log_path = logs / f"{role}.log"
-            with log_path.open("ab") as log_file:
-                process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-            self.workers[role] = WorkerProcess(
-                role=role, port=port, process=process, log_path=log_path
+            self._spawn(role, port)
+            self.supervisor.add(
+                role,
+                start=functools.partial(self._spawn, role, port),
+                exit_code=functools.partial(self._worker_exit, role),
             )
+
+    def _spawn(self, role: str, port: int) -> None:
+        """Start ``role`` on ``port``: the same command, port, outbox and log at every restart."""
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        extra = self._config.marketdata_args if role == "marketdata" else ()
+        command = [
+            sys.executable, "-m", "qtrader", role,
+            "--nats-url", self.nats.url,
+            "--health-host", "127.0.0.1",
+            "--health-port", str(port),
+            "--outbox-dir", str(self.data_dir / "outbox"),
+            *extra,
+        ]  # fmt: skip
+        log_path = logs / f"{role}.log"
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        self.workers[role] = WorkerProcess(role=role, port=port, process=process, log_path=log_path)
+
+    def _worker_exit(self, role: str) -> int | None:
+        return self.workers[role].process.poll()
+
+    def _nats_exit(self) -> int | None:
+        return self.nats.returncode
 
     async def _show(self, view: _View, stop: asyncio.Event, *, out: TextIO) -> None:
         interactive = out.isatty()
@@ -199,7 +223,7 @@ class LocalStack:
                 out.write(
                     f"[{now - started:5.0f}s] candles {counts.candles} signals {counts.signals} "
                     f"intents {counts.intents} fills {counts.fills} "
-                    f"ess {view.control.status.state}\n"
+                    f"ess {view.control.status.state} {self.supervisor.summary()}\n"
                 )
                 out.flush()
                 last_plain = now
@@ -210,7 +234,7 @@ class LocalStack:
         """Stop the feed, then let the candles already in flight become signals, orders and
         fills, so the final report is one consistent state (the portfolio has every fill)."""
         feed = self.workers["marketdata"].process
-        self._stopped.add("marketdata")
+        self.supervisor.hold("marketdata")
         if feed.poll() is None:
             feed.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -225,19 +249,17 @@ class LocalStack:
                 return
             last_seen = seen
 
-    def _crashed(self, *, interrupted: bool) -> list[str]:
-        """Workloads that failed, or exited before anyone asked them to.
+    def _ending(self, *, interrupted: bool) -> list[str]:
+        """The run is over: restart nothing from now on, and name what is down.
 
-        A Ctrl-C in a terminal reaches the whole process group, so after an interrupt a
-        workload that already stopped cleanly (exit 0) is not a crash.
+        A Ctrl-C in a terminal reaches the whole process group, so after an interrupt a process
+        that stopped cleanly on it (exit 0, or killed by SIGINT) is not down.
         """
-        crashed = []
-        for role, worker in self.workers.items():
-            code = worker.process.poll()
-            asked = interrupted or role in self._stopped
-            if code is not None and (code != 0 or not asked):
-                crashed.append(role)
-        return crashed
+        down = self.supervisor.down()
+        self.supervisor.hold_all()
+        codes = {role: worker.process.poll() for role, worker in self.workers.items()}
+        codes["nats-server"] = self.nats.returncode
+        return [n for n in down if not (interrupted and codes.get(n) in (0, -signal.SIGINT))]
 
     async def _final_health(self, observer: Observer) -> dict[str, WorkloadHealth]:
         """Each workload's health at the end of the run, before anything is stopped."""
@@ -251,7 +273,7 @@ class LocalStack:
         health: dict[str, WorkloadHealth],
         *,
         elapsed_s: float,
-        crashed: list[str],
+        down: list[str],
     ) -> dict[str, Any]:
         observer = view.observer
         counts = observer.counts
@@ -266,7 +288,12 @@ class LocalStack:
             "portfolio": snapshot.model_dump(mode="json") if snapshot else None,
             "health": {r: {"status": h.status, "detail": h.detail} for r, h in health.items()},
             "ess": view.control.summary(),
-            "crashed": crashed,
+            "down": down,
+            "restarts": self.supervisor.restarts,
+            "supervisor_events": [
+                {"at_s": round(e.at - view.started, 1), "process": e.service, "what": e.what}
+                for e in self.supervisor.events
+            ],
             "processes": {
                 **{role: w.process.pid for role, w in self.workers.items()},
                 "nats-server": self.nats.pid,
@@ -296,6 +323,7 @@ class _View:
 
     observer: Observer
     control: LocalControlPlane
+    supervisor: Supervisor
     title: str
     started: float
 
@@ -304,6 +332,10 @@ class _View:
         lines.append(self.control.render_line())
         for event in self.control.events[-3:]:
             lines.append(f"  {event['at']} {event['reason']}: {event['message']}")
+        lines.append(f"processes: {self.supervisor.summary()}")
+        for supervised in self.supervisor.events[-3:]:
+            at_s = supervised.at - self.started
+            lines.append(f"  [{at_s:5.0f}s] {supervised.service} {supervised.what}")
         return "\n".join(lines)
 
 
@@ -344,8 +376,11 @@ def _print_report(report: dict[str, Any], out: TextIO) -> None:
         f"  ess {ess['name']}: {ess['state']}  trips {ess['tripCount']}  resets {ess['resetCount']}"
         f"  latch rev {ess['latchRevision']} {ess['latch']}"
     )
-    if report["crashed"]:
-        died = ", ".join(report["crashed"])
-        lines.append(f"  workloads that died: {died}; logs in {report['logs']}")
+    restarted = {name: n for name, n in report["restarts"].items() if n}
+    if restarted:
+        counts = ", ".join(f"{name} {n}x" for name, n in sorted(restarted.items()))
+        lines.append(f"  restarted: {counts}; logs in {report['logs']}")
+    if report["down"]:
+        lines.append(f"  DOWN at the end: {', '.join(report['down'])}; logs in {report['logs']}")
     out.write("\n".join(lines) + "\n")
     out.flush()
