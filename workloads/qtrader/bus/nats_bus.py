@@ -9,7 +9,11 @@ What it guarantees to the roles above it:
   nak'ed with a delay when the handler failed, and terminated (never redelivered) when it cannot
   be decoded, after one log line and a count in ``qtrader_messages_rejected_total``;
 - the client reconnects forever; ``connected`` and the reconnect count are metrics, and the
-  consumer's pending count is exported as its lag.
+  consumer's pending count is exported as its lag;
+- a stored value that does not decode (a KV key's value, the last message of a subject) is
+  returned as ``Undecodable``, never skipped and never raised: those are control data whose
+  reader must decide what a bad value means (the halt latch halts, the policy keeps the last
+  good one). Each such KV revision is logged and counted once, however often it is read.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from qtrader.bus.errors import BusUnavailable, TopologyError
 from qtrader.bus.outbox import Outbox
 from qtrader.bus.outbox_publisher import OutboxPublisher
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Message, MessageRejected, decode
+from qtrader.contracts.messages import Message, MessageRejected, Undecodable, decode
 from qtrader.health.contract import DependencyHealth, Status
 
 log = logging.getLogger(__name__)
@@ -119,6 +123,8 @@ class Bus:
         self._js: JetStreamContext | None = None
         self._closing = False
         self._buckets: dict[str, KeyValue] = {}
+        # (bucket, key) -> the newest revision that did not decode and was counted.
+        self._refused: dict[tuple[str, str], int] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -521,15 +527,22 @@ class Bus:
 
     async def last_message(
         self, stream: subjects.StreamSpec, subject: str, message_type: type[M]
-    ) -> M | None:
-        """The newest message stored on ``subject``, or None if there is none."""
+    ) -> M | Undecodable | None:
+        """The newest message stored on ``subject``, ``Undecodable`` if it does not decode, or
+        None if there is none."""
         try:
             raw = await self._jetstream.get_last_msg(stream.name, subject)
         except nats.js.errors.NotFoundError:
             return None
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read the last message of {subject}: {exc!r}") from exc
-        return decode(raw.data or b"", message_type)
+        try:
+            return decode(raw.data or b"", message_type)
+        except MessageRejected as rejected:
+            REJECTED.labels(f"last:{stream.name}", rejected.reason.value).inc()
+            found = Undecodable.of(rejected, source=subject, stored_revision=int(raw.seq or 0))
+            log.warning("%s", found)
+            return found
 
     # --- key-value ---------------------------------------------------------------------------
 
@@ -549,8 +562,9 @@ class Bus:
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot write {bucket}/{key}: {exc!r}") from exc
 
-    async def kv_get(self, bucket: str, key: str, message_type: type[M]) -> M | None:
-        """The current value, None when the key was never written; BusUnavailable on outage."""
+    async def kv_get(self, bucket: str, key: str, message_type: type[M]) -> M | Undecodable | None:
+        """The current value, ``Undecodable`` if it does not decode, None when the key was never
+        written (or was deleted); BusUnavailable on outage."""
         try:
             kv = await self._bucket(bucket)
             entry = await kv.get(key)
@@ -558,10 +572,13 @@ class Bus:
             return None
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read {bucket}/{key}: {exc!r}") from exc
-        return decode(entry.value or b"", message_type)
+        return self._decode_entry(bucket, key, entry, message_type)
 
-    async def kv_watch(self, bucket: str, key: str, message_type: type[M]) -> AsyncIterator[M]:
-        """Every value written to ``key`` from now on (starting with the current one)."""
+    async def kv_watch(
+        self, bucket: str, key: str, message_type: type[M]
+    ) -> AsyncIterator[M | Undecodable]:
+        """Every value written to ``key`` from now on (starting with the current one); a value
+        that does not decode comes as ``Undecodable``, in its place in the order."""
         kv = await self._bucket(bucket)
         watcher = await kv.watch(key)
         try:
@@ -572,14 +589,26 @@ class Bus:
                     continue
                 if entry is None or entry.value is None:
                     continue
-                try:
-                    yield decode(entry.value, message_type)
-                except MessageRejected as rejected:
-                    REJECTED.labels(f"kv:{bucket}", rejected.reason.value).inc()
-                    log.warning("skipped a value of %s/%s: %s", bucket, key, rejected)
+                yield self._decode_entry(bucket, key, entry, message_type)
         finally:
             with contextlib.suppress(*_UNAVAILABLE):
                 await watcher.stop()  # type: ignore[no-untyped-call]  # untyped in nats-py
+
+    def _decode_entry(
+        self, bucket: str, key: str, entry: KeyValue.Entry, message_type: type[M]
+    ) -> M | Undecodable:
+        """Decode one stored value; a bad one is logged and counted once per revision (a
+        worker re-reads its control keys every second or so)."""
+        revision = int(entry.revision or 0)
+        try:
+            return decode(entry.value or b"", message_type)
+        except MessageRejected as rejected:
+            found = Undecodable.of(rejected, source=f"{bucket}/{key}", stored_revision=revision)
+            if revision > self._refused.get((bucket, key), -1):
+                self._refused[(bucket, key)] = revision
+                REJECTED.labels(f"kv:{bucket}", rejected.reason.value).inc()
+                log.warning("%s", found)
+            return found
 
 
 async def _close_client(client: Client) -> None:

@@ -40,7 +40,13 @@ from pydantic import Field, field_validator
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Message, MessageRejected, RiskAlert, TradingState
+from qtrader.contracts.messages import (
+    Message,
+    MessageRejected,
+    RiskAlert,
+    TradingState,
+    Undecodable,
+)
 from qtrader.control.ess import (
     TRIPPED_BY_ANNOTATION,
     EssEvent,
@@ -410,7 +416,13 @@ class LocalControlPlane:
         ]
 
     async def _read(self) -> EssRecord | None:
-        return await self._bus.kv_get(subjects.ESS_BUCKET, self.name, EssRecord)
+        """The stored resource; one that does not decode raises ``MessageRejected``: the round
+        is not reconciled, the latch in force stays, the log says why (never overwritten by a
+        fresh resource, which could lift a trip it held)."""
+        record = await self._bus.kv_get(subjects.ESS_BUCKET, self.name, EssRecord)
+        if isinstance(record, Undecodable):
+            raise record.rejected()
+        return record
 
     async def _put(self, record: EssRecord) -> None:
         await self._bus.kv_put(subjects.ESS_BUCKET, self.name, record)
