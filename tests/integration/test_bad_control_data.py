@@ -25,7 +25,7 @@ from qtrader.contracts.policy import parse_policy
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
 from support.flow import flowing, order_updates
-from support.streams import kv_put_raw
+from support.streams import kv_delete_raw, kv_put_raw
 from support.workers import Worker, eventually, start_worker
 
 pytestmark = pytest.mark.integration
@@ -119,6 +119,24 @@ async def test_latch_value_that_does_not_decode_halts_until_a_valid_one_is_writt
                     what=f"orders again after {name}",
                     worker=execution,
                 )
+            # A deleted latch is no latch: halted as well, and a valid one restores.
+            await kv_delete_raw(url, subjects.HALT_BUCKET, subjects.HALT_KEY)
+            await eventually(
+                lambda: "no halt latch could be read" in str(execution.health()),
+                timeout_s=10,
+                what="the worker to halt on a deleted latch",
+                worker=execution,
+            )
+            deleted_at_ms = int(time.time() * 1000)
+            await asyncio.sleep(0.2)  # an order sent before the halt may still be counting
+            before = sent()
+            await asyncio.sleep(1.0)
+            assert sent() == before
+            halted_windows.append(("deleted", deleted_at_ms, int(time.time() * 1000)))
+            await write_latch(bus, state=TradingState.ACTIVE, reason="ok", issued_by="test")
+            await eventually(
+                lambda: sent() > before, timeout_s=15, what="orders again", worker=execution
+            )
         refused = execution.metric("qtrader_halt_latch_refused_total")
         assert refused == len(values)
         assert (

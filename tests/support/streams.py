@@ -49,6 +49,12 @@ async def kv_put_raw(url: str, bucket: str, key: str, value: bytes) -> int:
         return int(await kv.put(key, value))
 
 
+async def kv_delete_raw(url: str, bucket: str, key: str) -> None:
+    async with _connection(url) as connection:
+        kv = await connection.jetstream(timeout=15).key_value(bucket)
+        await kv.delete(key)
+
+
 @contextlib.asynccontextmanager
 async def _connection(url: str) -> AsyncIterator[Client]:
     """A connection closed on every path: also when a test's timeout cancels it mid-handshake

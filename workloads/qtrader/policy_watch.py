@@ -66,10 +66,10 @@ class PolicyWatcher:
         assert self._current is not None  # set before the event
         return self._current
 
-    def _take(self, stored: PolicyRevision | Undecodable) -> None:
+    def _take(self, stored: PolicyRevision | Undecodable | None) -> None:
         if isinstance(stored, Undecodable):
             self._refuse(stored)
-        else:
+        elif stored is not None:  # a deleted policy confirms nothing; the last one stays
             self._accept(stored)
 
     def _refuse(self, bad: Undecodable) -> None:
@@ -126,8 +126,7 @@ class PolicyWatcher:
         except BusUnavailable as exc:
             log.warning("cannot re-read the policy: %s", exc)
             return
-        if revision is not None:
-            self._take(revision)
+        self._take(revision)
 
     async def check(self) -> DependencyHealth:
         current, refused = self._current, self._refused

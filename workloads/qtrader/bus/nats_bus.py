@@ -41,7 +41,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter, Gauge
 
 from qtrader.bus.errors import BusUnavailable, TopologyError
@@ -576,9 +576,10 @@ class Bus:
 
     async def kv_watch(
         self, bucket: str, key: str, message_type: type[M]
-    ) -> AsyncIterator[M | Undecodable]:
+    ) -> AsyncIterator[M | Undecodable | None]:
         """Every value written to ``key`` from now on (starting with the current one); a value
-        that does not decode comes as ``Undecodable``, in its place in the order."""
+        that does not decode comes as ``Undecodable`` and a deletion as None (as ``kv_get``
+        says of a deleted key), each in its place in the order."""
         kv = await self._bucket(bucket)
         watcher = await kv.watch(key)
         try:
@@ -588,6 +589,9 @@ class Bus:
                 except nats.errors.TimeoutError:
                     continue
                 if entry is None or entry.value is None:
+                    continue
+                if entry.operation in (KV_DEL, KV_PURGE):
+                    yield None
                     continue
                 yield self._decode_entry(bucket, key, entry, message_type)
         finally:

@@ -251,8 +251,7 @@ class Execution:
         while True:
             try:
                 latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
-                if latch is not None:
-                    await self._apply_stored(latch)
+                await self._apply_stored(latch)
                 async for latch in bus.kv_watch(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch):
                     await self._apply_stored(latch)
             except BusUnavailable as exc:
@@ -260,9 +259,13 @@ class Execution:
                 self._gate.forget()
             await asyncio.sleep(0.5)
 
-    async def _apply_stored(self, stored: HaltLatch | Undecodable) -> None:
+    async def _apply_stored(self, stored: HaltLatch | Undecodable | None) -> None:
         if isinstance(stored, Undecodable):
             await self._refuse_latch(stored)
+        elif stored is None:  # never written, or deleted: no latch, so halted
+            async with self._gate.lock:
+                self._gate.forget()
+                self._gate.trust()  # the value refused is gone; "no latch" now says why
         else:
             await self._apply_latch(stored, from_bucket=True)
 
