@@ -17,18 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltLatch, PolicyRevision, TradingState
+from qtrader.contracts.messages import HaltLatch, MessageRejected, PolicyRevision, TradingState
 from qtrader.contracts.policy import parse_policy
+from qtrader.control.ess_resource import parse_emergency_stop
+from qtrader.local import ess_client
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
+from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
 from support.flow import flowing, order_updates
 from support.streams import kv_delete_raw, kv_put_raw
 from support.workers import Worker, eventually, start_worker
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 POLICY = parse_policy(
     {
@@ -221,4 +227,43 @@ async def test_policy_value_that_does_not_decode_keeps_the_last_good_policy_in_e
         await asyncio.gather(heartbeat, return_exceptions=True)
         for worker in workers:
             worker.stop()
+        await bus.close()
+
+
+async def test_stored_emergency_stop_that_does_not_decode_is_refused_and_nothing_stops(
+    nats_server: EmbeddedNats,
+) -> None:
+    url = nats_server.url
+    document = yaml.safe_load((ROOT / "examples/emergencystop.yaml").read_text())
+    resource = parse_emergency_stop(document)
+    bus = Bus(url=url, client_name="test-control-plane")
+    await bus.connect()
+    await bus.ensure_topology()
+    control = LocalControlPlane(bus, resource=resource)
+    await control.start()
+    running = asyncio.create_task(control.run())
+    try:
+        good = await ess_client.read_record(bus, resource.name)
+        latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+        assert isinstance(latch, HaltLatch)
+        for name, payload in bad_values(json.loads(good.encode())).items():
+            revision = await kv_put_raw(url, subjects.ESS_BUCKET, resource.name, payload)
+            with pytest.raises(MessageRejected, match=f"revision {revision}"):
+                await ess_client.read_record(bus, resource.name)  # the CLI says it, exit 1
+            await asyncio.sleep(0.7)  # past a round of the control plane
+            assert not running.done(), f"the control plane stopped on {name}"
+            kept = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+            assert kept == latch, f"the latch changed on {name}"
+        await bus.kv_put(subjects.ESS_BUCKET, resource.name, good)  # a valid record again
+        outcome = await ess_client.trip(
+            bus, name=resource.name, reason="after bad values", mode=None, tripped_by="cli:t",
+            timeout_s=5,
+        )  # fmt: skip
+        assert outcome.verdict is ess_client.Verdict.TRIPPED, outcome
+        halted = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+        assert isinstance(halted, HaltLatch)
+        assert halted.state is TradingState.HALTED
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
         await bus.close()

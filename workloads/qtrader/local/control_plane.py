@@ -296,14 +296,18 @@ class LocalControlPlane:
             await asyncio.sleep(self._interval_s)
 
     async def _loop(self) -> None:
+        said = ""  # a record that does not decode fails every round: say so once, not 2/s
         while True:
             self._wake.clear()
             try:
                 await self.reconcile_once()
+                said = ""
             except _Superseded:
                 continue
             except (BusUnavailable, MessageRejected, EmergencyStopError) as exc:
-                log.warning("EmergencyStop %s not reconciled: %s", self.name, exc)
+                if str(exc) != said:
+                    log.warning("EmergencyStop %s not reconciled: %s", self.name, exc)
+                said = str(exc)
             except Exception:  # level-based: the next round decides again from the same status
                 log.exception("EmergencyStop %s reconcile failed", self.name)
             with contextlib.suppress(TimeoutError):
