@@ -123,7 +123,7 @@ class Bus:
         self._js: JetStreamContext | None = None
         self._closing = False
         self._buckets: dict[str, KeyValue] = {}
-        # (bucket, key) -> the newest revision that did not decode and was counted.
+        # (metric label, key or subject) -> the newest revision refused and counted.
         self._refused: dict[tuple[str, str], int] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -539,9 +539,9 @@ class Bus:
         try:
             return decode(raw.data or b"", message_type)
         except MessageRejected as rejected:
-            REJECTED.labels(f"last:{stream.name}", rejected.reason.value).inc()
-            found = Undecodable.of(rejected, source=subject, stored_revision=int(raw.seq or 0))
-            log.warning("%s", found)
+            sequence = int(raw.seq or 0)
+            found = Undecodable.of(rejected, source=subject, stored_revision=sequence)
+            self._count_refused(f"last:{stream.name}", subject, sequence, found)
             return found
 
     # --- key-value ---------------------------------------------------------------------------
@@ -608,11 +608,15 @@ class Bus:
             return decode(entry.value or b"", message_type)
         except MessageRejected as rejected:
             found = Undecodable.of(rejected, source=f"{bucket}/{key}", stored_revision=revision)
-            if revision > self._refused.get((bucket, key), -1):
-                self._refused[(bucket, key)] = revision
-                REJECTED.labels(f"kv:{bucket}", rejected.reason.value).inc()
-                log.warning("%s", found)
+            self._count_refused(f"kv:{bucket}", key, revision, found)
             return found
+
+    def _count_refused(self, label: str, key: str, revision: int, found: Undecodable) -> None:
+        """Log and count a stored value that does not decode, once per revision of its key."""
+        if revision > self._refused.get((label, key), -1):
+            self._refused[(label, key)] = revision
+            REJECTED.labels(label, found.reason.value).inc()
+            log.warning("%s", found)
 
 
 async def _close_client(client: Client) -> None:
