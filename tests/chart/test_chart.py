@@ -166,6 +166,36 @@ def test_invalid_values_are_rejected_with_the_path(values: dict[str, Any], messa
     assert message in str(caught.value)
 
 
+# --- the kill switch belongs to its operators, not to the chart ----------------------------
+
+
+def test_the_stop_is_rendered_without_the_fields_that_trip_and_reset_it(
+    rendered_set: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """An upgrade or a resync that re-applies the chart must never carry ``tripped: false``
+    (the operator would take it for a reset) nor overwrite the reason of a trip."""
+    _, docs = rendered_set
+    for doc in of_kind(docs, "EmergencyStop"):
+        assert {"tripped", "reason"}.isdisjoint(doc["spec"]), doc["spec"]
+        sync_options = doc["metadata"]["annotations"]["argocd.argoproj.io/sync-options"]
+        assert {"Prune=false", "Delete=false", "Replace=false"} <= set(sync_options.split(","))
+
+
+@pytest.mark.parametrize("field", ["tripped", "reason"])
+def test_values_cannot_set_the_stops_trip_state(field: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as caught:
+        render({"emergencyStop": {"spec": {field: False if field == "tripped" else "x"}}})
+    assert f"additional properties '{field}' not allowed" in str(caught.value)
+
+
+def test_the_stops_other_settings_come_from_values() -> None:
+    values = {"emergencyStop": {"spec": {"mode": "Reducing", "cooldownSeconds": 60}}}
+    (stop,) = of_kind(documents(render(values)), "EmergencyStop")
+    assert stop["spec"]["mode"] == "Reducing"
+    assert stop["spec"]["cooldownSeconds"] == 60
+    assert parse_emergency_stop(stop).spec.tripped is False  # the CRD's default at creation
+
+
 # --- the operator --------------------------------------------------------------------------
 
 

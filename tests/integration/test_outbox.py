@@ -175,18 +175,10 @@ async def test_marketdata_rides_out_an_outage_and_health_says_so(
 
 
 def _published(worker: Worker) -> float:
-    text = worker.get("/metrics").text
     return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("qtrader_candles_published_total{")
+        worker.metric("qtrader_candles_published_total", symbol=s) for s in POLICY.spec.symbols
     )
 
 
-def _dependency(worker: Worker, name: str) -> str | None:
-    dependencies = worker.health().get("dependencies", [])
-    assert isinstance(dependencies, list)
-    for dependency in dependencies:
-        if dependency["name"] == name:
-            return str(dependency["status"])
-    return None
+def _dependency(worker: Worker, name: str) -> object:
+    return worker.dependency(name).get("status")

@@ -35,6 +35,13 @@ class Worker:
         body: dict[str, object] = self.get("/health").json()
         return body
 
+    def dependency(self, name: str) -> dict[str, object]:
+        """One dependency of /health (status, detail, ...); empty when it is not listed."""
+        dependencies = self.health().get("dependencies", [])
+        assert isinstance(dependencies, list)
+        found = [d for d in dependencies if d["name"] == name]
+        return dict(found[0]) if found else {}
+
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample in /metrics (0.0 if the sample is not there yet)."""
         wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))

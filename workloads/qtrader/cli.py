@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from qtrader.contracts import subjects
 from qtrader.contracts.policy import (
     PolicyError,
     TradingPolicy,
@@ -116,6 +117,15 @@ def _nats_url(text: str) -> str:
     return text
 
 
+def _stack_id(text: str) -> str | None:
+    if not text:
+        return None
+    try:
+        return subjects.check_stack(text)
+    except subjects.InvalidStack as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _http_url(text: str) -> str:
     if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL")
@@ -162,6 +172,13 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="port of /healthz, /readyz, /health and /metrics (env QTRADER_HEALTH_PORT)",
     )
     parser.add_argument("--worker-id", default=os.environ.get("QTRADER_WORKER_ID"))
+    parser.add_argument(
+        "--stack",
+        type=_stack_id,
+        default=os.environ.get("QTRADER_STACK", ""),  # a string default is parsed as well
+        help="the TradingPolicy's stack, <namespace>.<policy>, whose NATS names this worker "
+        "uses (env QTRADER_STACK, set by the operator; default: none, as in local mode)",
+    )
     parser.add_argument(
         "--outbox-dir",
         type=Path,
@@ -655,6 +672,7 @@ def _options(args: argparse.Namespace) -> WorkerOptions:
         health_port=args.health_port,
         outbox_dir=args.outbox_dir,
         outbox_capacity=args.outbox_capacity,
+        stack=args.stack,
         **identity,
     )
 

@@ -27,7 +27,7 @@ from fastapi import FastAPI
 
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
-from qtrader.bus.outbox import Outbox, open_outbox
+from qtrader.bus.outbox import Outbox, OutboxUnwritable, open_outbox
 from qtrader.health.contract import DependencyHealth, HealthMonitor, Status, create_app, serve
 from qtrader.policy_watch import PolicyWatcher
 
@@ -45,6 +45,9 @@ class WorkerOptions:
     # Where unacknowledged publishes wait for NATS; None: no outbox (a failed publish raises).
     outbox_dir: Path | None = None
     outbox_capacity: int = 100_000
+    # The TradingPolicy's stack (``<namespace>.<policy>``, set by the operator): the names of
+    # its subjects, streams, consumers and KV keys. None in local mode (one policy).
+    stack: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,14 +92,16 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    outbox, outbox_failure = _open_outbox(service, options)
     bus = Bus(
         url=options.nats_url,
         client_name=f"{service}:{options.worker_id}",
-        outbox=_outbox(service, options),
+        outbox=outbox,
+        stack=options.stack,
     )
     monitor = HealthMonitor(service=service)
     monitor.add_check("nats", lambda: nats_health(bus))
-    monitor.add_check("outbox", lambda: _outbox_health(bus))
+    monitor.add_check("outbox", lambda: _outbox_health(bus, outbox_failure))
     app = create_app(monitor)
     health = asyncio.create_task(
         serve(app, host=options.health_host, port=options.health_port), name="health-server"
@@ -131,16 +136,30 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
         log.info("%s stopped", service)
 
 
-def _outbox(service: str, options: WorkerOptions) -> Outbox | None:
+def _open_outbox(
+    service: str, options: WorkerOptions
+) -> tuple[Outbox | None, OutboxUnwritable | None]:
     """One outbox file per role and host (the pod name in a cluster): a restarted worker
-    replays what its previous run could not publish."""
+    replays what its previous run could not publish. One that cannot be opened (a read-only or
+    full volume) is a CRITICAL dependency, not a crash: the worker runs without it, and a NATS
+    outage then pushes back on its producers instead of being buffered."""
     if options.outbox_dir is None:
-        return None
+        return None, None
     name = f"{service}-{socket.gethostname()}"
-    return open_outbox(options.outbox_dir, name, capacity=options.outbox_capacity)
+    try:
+        return open_outbox(options.outbox_dir, name, capacity=options.outbox_capacity), None
+    except OutboxUnwritable as exc:
+        log.error("cannot open the outbox, running without one: %s", exc)
+        return None, exc
 
 
-async def _outbox_health(bus: Bus) -> DependencyHealth:
+async def _outbox_health(bus: Bus, failure: OutboxUnwritable | None) -> DependencyHealth:
+    if failure is not None:
+        return DependencyHealth(
+            name="outbox",
+            status=Status.CRITICAL,
+            detail=f"cannot be opened ({failure}): a NATS outage stops the producers",
+        )
     return bus.outbox_health()
 
 

@@ -10,6 +10,20 @@ What it guarantees to the roles above it:
   be decoded, after one log line and a count in ``qtrader_messages_rejected_total``;
 - the client reconnects forever; ``connected`` and the reconnect count are metrics, and the
   consumer's pending count is exported as its lag;
+- a hung broker (a stall, a half-open connection) is noticed within a few seconds and the client
+  reconnects: it pings every ``PING_INTERVAL_S`` and gives the connection up after
+  ``MAX_OUTSTANDING_PINGS`` unanswered (nats-py's defaults take six minutes);
+- no PING/PONG round trip is ever cancelled while the connection that sent it lives. nats-py
+  2.16 cancels the future of a ``flush`` that times out, and the PONG that arrives after the
+  stall then sets a result on that cancelled future: ``InvalidStateError`` ends the client's
+  read loop and the client believes it is connected while it never reads again (no acks, no
+  deliveries), and ``flush`` then skips the round trip, so it looks healthy. Our round trips
+  (health pings, the broadcast's flush) send the PING with a future of our own, which the
+  caller stops waiting for without cancelling it; the client drops it at its next reconnect. A
+  read loop that ended anyway is reported and the client made to reconnect;
+- a bus of a stack (``stack=``, or ``for_stack`` over one connection) turns every logical name
+  it is given (subject, stream, durable, KV key) into that stack's (``subjects.scoped_*``), so
+  the roles above it spell only logical names and stacks never meet;
 - a stored value that does not decode (a KV key's value, the last message of a subject) is
   returned as ``Undecodable``, never skipped and never raised: those are control data whose
   reader must decide what a bad value means (the halt latch halts, the policy keeps the last
@@ -20,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -86,6 +101,12 @@ CONSUMER_PENDING = Gauge(
     ["consumer"],
 )
 
+PING_INTERVAL_S = 2
+MAX_OUTSTANDING_PINGS = 2
+# More unanswered round trips than this means the broker has not answered for a long while: the
+# next caller is told at once instead of adding another PING.
+_MAX_UNANSWERED_ROUND_TRIPS = 64
+
 _UNAVAILABLE = (
     nats.errors.TimeoutError,
     nats.errors.ConnectionClosedError,
@@ -110,7 +131,9 @@ class Bus:
         request_timeout_s: float = 2.0,
         outbox: Outbox | None = None,
         publish_timeout_s: float | None = None,
+        stack: str | None = None,
     ) -> None:
+        self._stack = None if stack is None else subjects.check_stack(stack)
         self._url = url
         self._client_name = client_name
         self._timeout = request_timeout_s
@@ -125,6 +148,17 @@ class Bus:
         self._buckets: dict[str, KeyValue] = {}
         # (metric label, key or subject) -> the newest revision refused and counted.
         self._refused: dict[tuple[str, str], int] = {}
+
+    @property
+    def stack(self) -> str | None:
+        return self._stack
+
+    def for_stack(self, stack: str) -> Bus:
+        """A view of this connection that speaks ``stack``'s names (the operator serves many
+        stacks over one connection). Connect and close the bus it came from, not the view."""
+        view = copy.copy(self)
+        view._stack = subjects.check_stack(stack)
+        return view
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -144,6 +178,8 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,  # type: ignore[arg-type]  # annotated int, sleeps a float
                     connect_timeout=2,
+                    ping_interval=PING_INTERVAL_S,
+                    max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,
@@ -225,12 +261,41 @@ class Bus:
         """Time of one PING/PONG with the server; raises BusUnavailable when it cannot."""
         if not self.connected:
             raise BusUnavailable("not connected to NATS")
+        await self._check_read_loop()
         started = time.perf_counter()
-        try:
-            await self._client.flush(timeout=self._flush_timeout_s)
-        except _UNAVAILABLE as exc:
-            raise BusUnavailable(f"NATS did not answer a ping: {exc!r}") from exc
+        await self._round_trip(self._flush_timeout_s)
         return time.perf_counter() - started
+
+    async def _round_trip(self, timeout_s: float) -> None:
+        """One PING/PONG, waited for at most ``timeout_s``: everything written before it has
+        reached the server when it returns.
+
+        nats-py's ``flush`` without its cancellation (module docstring): the PONG's future is
+        ours and is never cancelled, so a late PONG finds it pending; ``asyncio.wait`` gives up
+        on it without touching it. The client forgets it at its next reconnect.
+        """
+        client = self._client
+        unanswered = sum(1 for pong in client._pongs if not pong.done())
+        if unanswered >= _MAX_UNANSWERED_ROUND_TRIPS:
+            raise BusUnavailable(f"{unanswered} pings to NATS are unanswered")
+        pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        try:
+            await client._send_ping(pong)
+        except (*_UNAVAILABLE, AssertionError) as exc:  # asserts a transport: none mid-reconnect
+            raise BusUnavailable(f"cannot ping NATS: {exc!r}") from exc
+        done, _ = await asyncio.wait({pong}, timeout=timeout_s)
+        if not done:
+            raise BusUnavailable(f"NATS did not answer a ping within {timeout_s:g} s")
+
+    async def _check_read_loop(self) -> None:
+        """A connected client whose read loop has ended reads nothing ever again, and its
+        ``flush`` returns at once: report it, and make it reconnect (the only way back)."""
+        client = self._client
+        reading = client._reading_task
+        if client.is_connected and (reading is None or reading.done()):
+            log.error("the NATS client's read loop has ended; reconnecting")
+            await client._process_op_err(nats.errors.StaleConnectionError())
+            raise BusUnavailable("the NATS client had stopped reading; reconnecting")
 
     # --- topology ----------------------------------------------------------------------------
 
@@ -238,7 +303,7 @@ class Bus:
         """Create or update every stream, durable consumer and KV bucket (idempotent)."""
         try:
             for stream in subjects.ALL_STREAMS:
-                await self._ensure_stream(stream)
+                await self._ensure_stream(subjects.scoped_stream(self._stack, stream))
             for consumer in subjects.ALL_CONSUMERS:
                 await self.ensure_consumer(consumer)
             for bucket in subjects.ALL_BUCKETS:
@@ -266,6 +331,7 @@ class Bus:
 
     async def ensure_consumer(self, spec: subjects.ConsumerSpec) -> None:
         """Create or update one durable consumer (``ensure_topology`` does every declared one)."""
+        spec = subjects.scoped_consumer(self._stack, spec)
         config = ConsumerConfig(
             name=spec.durable,
             durable_name=spec.durable,
@@ -295,6 +361,7 @@ class Bus:
         ``BusUnavailable``.
         """
         payload = message.encode()
+        subject = subjects.scoped_subject(self._stack, subject)
         if self._outbox is not None:
             sequence = await self._outbox.publish(subject, payload, message.dedup_id)
         else:
@@ -311,7 +378,7 @@ class Bus:
                 headers={"Nats-Msg-Id": msg_id},
             )
         except _UNAVAILABLE as exc:
-            PUBLISH_FAILURES.labels(_family(subject)).inc()
+            PUBLISH_FAILURES.labels(_family(subjects.unscoped_subject(self._stack, subject))).inc()
             raise BusUnavailable(f"publish to {subject} not acknowledged: {exc!r}") from exc
         return int(ack.seq)
 
@@ -332,11 +399,12 @@ class Bus:
 
     async def broadcast(self, subject: str, message: Message) -> None:
         """A core NATS publish (no persistence): for fast control messages and heartbeats."""
+        subject = subjects.scoped_subject(self._stack, subject)
         try:
             await self._client.publish(subject, message.encode())
-            await self._client.flush(timeout=self._flush_timeout_s)
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"broadcast on {subject} failed: {exc!r}") from exc
+        await self._round_trip(self._flush_timeout_s)
 
     # --- consuming ---------------------------------------------------------------------------
 
@@ -437,6 +505,7 @@ class Bus:
         CONSUMED.labels(spec.durable).inc(len(decoded))
 
     async def _bind(self, spec: subjects.ConsumerSpec) -> JetStreamContext.PullSubscription:
+        spec = subjects.scoped_consumer(self._stack, spec)
         while True:
             try:
                 return await self._jetstream.pull_subscribe_bind(
@@ -480,6 +549,7 @@ class Bus:
         async def on_message(msg: Msg) -> None:
             await _deliver(label, msg, message_type, handler)
 
+        subject = subjects.scoped_subject(self._stack, subject)
         await _hold(await self._client.subscribe(subject, cb=on_message))
 
     async def replay(
@@ -499,6 +569,8 @@ class Bus:
         execution's positions). ``caught_up`` is set once every message stored when this started
         has been handled.
         """
+        stream = subjects.scoped_stream(self._stack, stream)
+        filter_subject = subjects.scoped_subject(self._stack, filter_subject)
         if caught_up is not None and await self._stream_is_empty(stream):
             caught_up.set()
 
@@ -530,6 +602,8 @@ class Bus:
     ) -> M | Undecodable | None:
         """The newest message stored on ``subject``, ``Undecodable`` if it does not decode, or
         None if there is none."""
+        stream = subjects.scoped_stream(self._stack, stream)
+        subject = subjects.scoped_subject(self._stack, subject)
         try:
             raw = await self._jetstream.get_last_msg(stream.name, subject)
         except nats.js.errors.NotFoundError:
@@ -556,6 +630,7 @@ class Bus:
         return handle
 
     async def kv_put(self, bucket: str, key: str, message: Message) -> int:
+        key = subjects.scoped_key(self._stack, key)
         try:
             kv = await self._bucket(bucket)
             return int(await kv.put(key, message.encode()))
@@ -565,6 +640,7 @@ class Bus:
     async def kv_get(self, bucket: str, key: str, message_type: type[M]) -> M | Undecodable | None:
         """The current value, ``Undecodable`` if it does not decode, None when the key was never
         written (or was deleted); BusUnavailable on outage."""
+        key = subjects.scoped_key(self._stack, key)
         try:
             kv = await self._bucket(bucket)
             entry = await kv.get(key)
@@ -580,6 +656,7 @@ class Bus:
         """Every value written to ``key`` from now on (starting with the current one); a value
         that does not decode comes as ``Undecodable`` and a deletion as None (as ``kv_get``
         says of a deleted key), each in its place in the order."""
+        key = subjects.scoped_key(self._stack, key)
         kv = await self._bucket(bucket)
         watcher = await kv.watch(key)
         try:

@@ -8,6 +8,9 @@ and removes each one only once the stream acknowledged it; a message that did re
 before its acknowledgement was lost is dropped by the stream's duplicate window.
 
 A full outbox raises ``BusBackPressure``: the producer stops taking work, nothing is dropped.
+So does an outbox whose disk fails (full, read-only, I/O errors): ``health`` is then CRITICAL
+naming the file and the error until a write succeeds again. An entry that was replayed but
+cannot be removed stays and is sent again later; the stream's duplicate window drops the copy.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import Counter, Gauge
 
 from qtrader.bus.errors import BusBackPressure, BusUnavailable
-from qtrader.bus.outbox import Outbox, OutboxFull
+from qtrader.bus.outbox import Outbox, OutboxFull, OutboxUnwritable
 from qtrader.health.contract import DependencyHealth, Status
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,11 @@ OUTBOX_REPLAYED = Counter(
 OUTBOX_REFUSED = Counter(
     "qtrader_outbox_refused_total", "Publishes refused because the outbox was full."
 )
+OUTBOX_DISK_ERRORS = Counter(
+    "qtrader_outbox_disk_errors_total",
+    "Outbox reads and writes that failed on the disk (full, read-only, I/O error), by step.",
+    ["step"],
+)
 
 _REPLAY_BATCH = 256
 
@@ -47,6 +55,7 @@ class OutboxPublisher:
         self._send = send
         self._retry_interval_s = retry_interval_s
         self._pending = asyncio.Event()
+        self._disk_error: str | None = None  # the last disk failure, until a write succeeds
         if len(outbox):
             self._pending.set()  # left by a previous run of this worker: replay it first
         OUTBOX_DEPTH.set_function(lambda: len(self._outbox))
@@ -72,6 +81,10 @@ class OutboxPublisher:
         except OutboxFull as exc:
             OUTBOX_REFUSED.inc()
             raise BusBackPressure(str(exc)) from exc
+        except OutboxUnwritable as exc:
+            self._disk_failed("append", exc)
+            raise BusBackPressure(f"NATS unreachable and {exc}") from exc
+        self._disk_error = None
         OUTBOX_BUFFERED.inc()
         self._pending.set()
 
@@ -85,18 +98,35 @@ class OutboxPublisher:
 
     async def replay(self) -> bool:
         """Send what the outbox holds, oldest first; True once it is empty."""
-        while entries := self._outbox.oldest(_REPLAY_BATCH):
-            for entry in entries:
-                try:
-                    await self._send(entry.subject, entry.payload, entry.msg_id)
-                except BusUnavailable:
-                    return False
-                self._outbox.remove(entry.seq)
-                OUTBOX_REPLAYED.inc()
+        try:
+            while entries := self._outbox.oldest(_REPLAY_BATCH):
+                for entry in entries:
+                    try:
+                        await self._send(entry.subject, entry.payload, entry.msg_id)
+                    except BusUnavailable:
+                        return False
+                    self._outbox.remove(entry.seq)
+                    self._disk_error = None
+                    OUTBOX_REPLAYED.inc()
+        except OutboxUnwritable as exc:
+            self._disk_failed("replay", exc)
+            return False
         return True
+
+    def _disk_failed(self, step: str, exc: OutboxUnwritable) -> None:
+        OUTBOX_DISK_ERRORS.labels(step).inc()
+        if self._disk_error is None:
+            log.error("the outbox's disk failed (%s): %s", step, exc)
+        self._disk_error = str(exc)
 
     def health(self) -> DependencyHealth:
         depth = len(self._outbox)
+        if self._disk_error is not None:
+            return DependencyHealth(
+                name="outbox",
+                status=Status.CRITICAL,
+                detail=f"{self._disk_error} ({depth} messages held)",
+            )
         if self._outbox.full:
             return DependencyHealth(
                 name="outbox",

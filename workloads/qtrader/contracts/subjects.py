@@ -6,11 +6,27 @@ typo is an ImportError instead of a silently empty subscription.
 
 Subject layout: ``qtrader.<domain>.<kind>[.<symbol>]``. The symbol is the last token so that a
 consumer can filter one symbol (``qtrader.market.candle.BTCUSDT``) or all (``...candle.*``).
+
+Stacks. Each TradingPolicy in a cluster is its own stack: its workloads, and the operator on its
+behalf, use names of their own, so two policies in one namespace, or two installs sharing one
+NATS server, never read each other's messages, consumers or KV keys. The names below are the
+*logical* ones every module spells; the bus (the only door to NATS) turns them into the stack's
+with the ``scoped_*`` functions at the end of this module, so no call site knows about stacks:
+
+    subject   qtrader.market.candle.BTCUSDT -> qtrader.<namespace>.<policy>.market.candle.BTCUSDT
+    stream    QT_MARKET                     -> QT_MARKET_<namespace>_<policy>
+    durable   inference-candles             -> <namespace>_<policy>_inference-candles
+    KV key    latch (bucket qtrader-halt)   -> <namespace>.<policy>.latch (same bucket)
+
+The stack id is ``<namespace>.<policy>`` (both DNS labels, so neither holds ``.`` or ``_``, and
+the mapping cannot make two stacks' names meet). Local mode runs one policy and no stack id: its
+names are the logical ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 ROOT = "qtrader"
 
@@ -141,3 +157,70 @@ HALT_KEY = "latch"
 ESS_BUCKET = "qtrader-ess"
 
 ALL_BUCKETS: tuple[str, ...] = (POLICY_BUCKET, HALT_BUCKET, ESS_BUCKET)
+
+
+# --- stacks -----------------------------------------------------------------------------------
+
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_STACK_ID = re.compile(rf"^{_LABEL}\.{_LABEL}$")
+
+
+class InvalidStack(ValueError):
+    """A stack id that is not ``<namespace>.<policy>`` (two DNS labels)."""
+
+
+def stack_id(namespace: str, policy: str) -> str:
+    """The stack of one TradingPolicy: ``<namespace>.<policy>``."""
+    return check_stack(f"{namespace}.{policy}")
+
+
+def check_stack(stack: str) -> str:
+    if not _STACK_ID.match(stack):
+        raise InvalidStack(
+            f"stack {stack!r} is not <namespace>.<policy> (two DNS labels joined by '.')"
+        )
+    return stack
+
+
+def scoped_subject(stack: str | None, subject: str) -> str:
+    """``subject`` (or a wildcard) in ``stack``: the stack's tokens follow the root."""
+    if stack is None:
+        return subject
+    root = f"{ROOT}."
+    if not subject.startswith(root):
+        raise ValueError(f"{subject!r} is not one of the system's subjects")
+    return f"{root}{stack}.{subject[len(root) :]}"
+
+
+def unscoped_subject(stack: str | None, subject: str) -> str:
+    """The logical subject of a stack's subject (for metric labels and logs)."""
+    prefix = f"{ROOT}.{stack}."
+    if stack is None or not subject.startswith(prefix):
+        return subject
+    return f"{ROOT}.{subject[len(prefix) :]}"
+
+
+def scoped_stream(stack: str | None, stream: StreamSpec) -> StreamSpec:
+    if stack is None:
+        return stream
+    return replace(
+        stream,
+        name=f"{stream.name}_{stack.replace('.', '_')}",
+        subjects=tuple(scoped_subject(stack, s) for s in stream.subjects),
+    )
+
+
+def scoped_consumer(stack: str | None, consumer: ConsumerSpec) -> ConsumerSpec:
+    if stack is None:
+        return consumer
+    return replace(
+        consumer,
+        durable=f"{stack.replace('.', '_')}_{consumer.durable}",
+        stream=scoped_stream(stack, consumer.stream),
+        filter_subject=scoped_subject(stack, consumer.filter_subject),
+    )
+
+
+def scoped_key(stack: str | None, key: str) -> str:
+    """A stack's key in a shared bucket."""
+    return key if stack is None else f"{stack}.{key}"

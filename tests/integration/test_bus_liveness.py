@@ -1,0 +1,149 @@
+"""A hung broker (SIGSTOP, then SIGCONT) never wedges the bus, whatever runs during the stall.
+
+The defect this guards against is nats-py 2.16's: a ``flush(timeout)`` that times out cancels
+the future its PING waits on; the PONG that arrives after the stall then sets a result on the
+cancelled future, ``InvalidStateError`` ends the client's read loop, and the client goes on
+believing it is connected while it never reads again (no acks, no deliveries, no pongs). Health
+checks ping every few seconds and the halt broadcast flushes, so any stall longer than their
+timeout used to wedge every workload for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+
+import pytest
+
+from qtrader.bus.errors import BusUnavailable
+from qtrader.bus.nats_bus import Bus
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import ControlHeartbeat, Direction, Signal
+from qtrader.local.nats_server import EmbeddedNats
+
+pytestmark = pytest.mark.integration
+
+STALL_S = 5.0
+RECOVER_WITHIN_S = 10.0
+
+
+@pytest.fixture
+async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
+    connected = Bus(url=nats_server.url, client_name="test-liveness")
+    await connected.connect()
+    await connected.ensure_topology()
+    try:
+        yield connected
+    finally:
+        await connected.close()
+
+
+@contextlib.asynccontextmanager
+async def stalled(server: EmbeddedNats, seconds: float) -> AsyncIterator[None]:
+    """The broker hung (SIGSTOP) for ``seconds``, then resumed, whatever happens meanwhile."""
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+        await asyncio.sleep(seconds)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+async def _keep_calling(call: Callable[[], Awaitable[object]], every_s: float) -> None:
+    while True:
+        with contextlib.suppress(BusUnavailable):
+            await call()
+        await asyncio.sleep(every_s)
+
+
+def _signal(signal_id: str) -> Signal:
+    return Signal(
+        signal_id=signal_id,
+        symbol="BTCUSDT",
+        direction=Direction.LONG,
+        confidence=0.9,
+        model_version="test",
+        candle_open_time_ms=1,
+        price=Decimal(1),
+        created_at_ms=int(time.time() * 1000),
+    )
+
+
+async def _recovers(bus: Bus) -> float:
+    """Seconds until a JetStream publish is acknowledged and consumed again after the stall."""
+    started = time.monotonic()
+    received = asyncio.Event()
+
+    async def on_signal(_: Signal) -> None:
+        received.set()
+
+    consumer = asyncio.create_task(bus.consume(subjects.EXECUTION_SIGNALS, Signal, on_signal))
+    try:
+        while time.monotonic() - started < RECOVER_WITHIN_S:
+            try:
+                await bus.publish(subjects.signal_subject("BTCUSDT"), _signal("after-stall"))
+                await asyncio.wait_for(received.wait(), RECOVER_WITHIN_S)
+                await bus.round_trip_s()
+                return time.monotonic() - started
+            except (BusUnavailable, TimeoutError):
+                await asyncio.sleep(0.2)
+        pytest.fail(f"the bus did not publish, consume and ping within {RECOVER_WITHIN_S} s")
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+
+
+async def test_health_pings_during_a_hang_do_not_wedge_the_bus(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    pinging = asyncio.create_task(_keep_calling(bus.round_trip_s, every_s=0.5))
+    try:
+        async with stalled(nats_server, STALL_S):
+            pass
+    finally:
+        pinging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pinging
+    await _recovers(bus)
+    assert bus.connected
+
+
+async def test_broadcasts_during_a_hang_do_not_wedge_the_bus(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    heartbeat = ControlHeartbeat(issued_by="test", latch_revision=0, ts_ms=1)
+    broadcasting = asyncio.create_task(
+        _keep_calling(lambda: bus.broadcast(subjects.CONTROL_HEARTBEAT, heartbeat), every_s=0.5)
+    )
+    try:
+        async with stalled(nats_server, STALL_S):
+            pass
+    finally:
+        broadcasting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await broadcasting
+    await _recovers(bus)
+
+
+async def test_a_hang_is_reported_while_it_lasts(nats_server: EmbeddedNats, bus: Bus) -> None:
+    async with stalled(nats_server, 0.0):
+        failure = await _first_failed_ping(bus, tries=10)
+    assert failure is not None, "10 pings over 5 s of a hung broker all answered"
+    assert "did not answer a ping" in str(failure)
+
+
+async def _first_failed_ping(bus: Bus, *, tries: int) -> BusUnavailable | None:
+    for _ in range(tries):
+        try:
+            await bus.round_trip_s()
+        except BusUnavailable as exc:
+            return exc
+        await asyncio.sleep(0.5)
+    return None
