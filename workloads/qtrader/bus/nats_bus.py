@@ -27,7 +27,8 @@ What it guarantees to the roles above it:
 - a stored value that does not decode (a KV key's value, the last message of a subject) is
   returned as ``Undecodable``, never skipped and never raised: those are control data whose
   reader must decide what a bad value means (the halt latch halts, the policy keeps the last
-  good one). Each such KV revision is logged and counted once, however often it is read.
+  good one). Each such revision (KV revision, stream sequence) is logged and counted once in
+  ``qtrader_messages_rejected_total``, however often it is read.
 """
 
 from __future__ import annotations
