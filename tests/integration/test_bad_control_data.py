@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
+from asyncio.subprocess import PIPE
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from support.workers import Worker, eventually, start_worker
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
+QTRADER = str(Path(sys.executable).parent / "qtrader")
 
 POLICY = parse_policy(
     {
@@ -267,3 +270,30 @@ async def test_stored_emergency_stop_that_does_not_decode_is_refused_and_nothing
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         await bus.close()
+
+
+async def test_up_when_the_stored_emergency_stop_does_not_decode_then_starts_nothing(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "run"
+    server = EmbeddedNats(store_dir=data_dir / "nats")
+    server.start()
+    try:
+        bus = Bus(url=server.url, client_name="test-setup")
+        await bus.connect()
+        await bus.ensure_topology()
+        await bus.close()
+        await kv_put_raw(server.url, subjects.ESS_BUCKET, "main", b'{"kind": "ess_record"')
+    finally:
+        server.stop()
+    command = [QTRADER, "up", "--policy", "examples/policy.yaml", "--data-dir", str(data_dir)]
+    process = await asyncio.create_subprocess_exec(
+        *command, "--duration", "20", cwd=ROOT, stdout=PIPE, stderr=PIPE
+    )
+    _, stderr_bytes = await asyncio.wait_for(process.communicate(), 120)
+    stderr = stderr_bytes.decode()
+    assert process.returncode == 2, stderr
+    assert "the EmergencyStop stored in" in stderr
+    assert "does not decode" in stderr
+    assert "nothing started" in stderr  # no worker, so nothing can trade
+    assert not (data_dir / "logs" / "execution.log").exists()
