@@ -218,7 +218,8 @@ async def _publish_if_changed(
 ) -> int:
     """Publish a new revision only when the spec differs from the one the workloads run."""
     current = await runtime.bus.kv_get(subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision)
-    if current is not None and current.name == name and current.spec == spec:
+    # One that does not decode is replaced by a new revision (publish_policy numbers it).
+    if isinstance(current, PolicyRevision) and current.name == name and current.spec == spec:
         return current.revision
     policy = TradingPolicy(
         api_version=f"{API_GROUP}/{API_VERSION}",

@@ -160,6 +160,22 @@ def test_timestamps_outside_the_window_or_ahead_are_refused(sim: Sim) -> None:
     assert client.futures_account()["canTrade"] is True
 
 
+def test_reported_time_offset_makes_a_skew_no_resync_cures(sim: Sim) -> None:
+    client = sim.client()
+    sim.admin.clock(skew_ms=-20_000)  # the checking clock is 20 s behind ours ...
+    assert sim.admin.report_time_offset(20_000) == 20_000  # ... the time reported is not
+    reported = client.futures_time()["serverTime"]
+    assert abs(reported - now_ms()) < 1_000
+    client.timestamp_offset = reported - now_ms()  # a resync measures about 0
+    assert api_error(client.futures_account).code == -1021
+    sim.admin.report_time_offset(0)
+    client.timestamp_offset = client.futures_time()["serverTime"] - now_ms()
+    assert client.futures_account()["canTrade"] is True
+    sim.admin.report_time_offset(5_000)
+    sim.admin.reset()  # a reset clears the offset too
+    assert abs(client.futures_time()["serverTime"] - now_ms()) < 1_000
+
+
 # --- weights, headers, 429 and 418 ----------------------------------------------------------------
 
 

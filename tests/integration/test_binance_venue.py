@@ -27,7 +27,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.exchange.binance import BinanceFutures, BinanceSettings
 from qtrader.exchange.credentials import Credentials
-from qtrader.exchange.errors import Banned, FilterViolation, Rejected
+from qtrader.exchange.errors import Banned, ClockSkew, FilterViolation, Rejected
 from qtrader.execution.decisions import client_order_id_for
 from qtrader.execution.halt import HaltGate
 from qtrader.execution.orders import DriverSettings, OrderDriver
@@ -390,6 +390,35 @@ async def test_when_clock_is_skewed_then_resyncs_and_order_goes_through(
     assert placed.status is OrderStatus.FILLED
     codes = [e["code"] for e in exchange.posts()]
     assert codes[0] == -1021
+    assert len(exchange.admin.orders()) == 1
+
+
+async def test_when_skew_survives_the_resync_then_degraded_then_critical_then_ok_again(
+    exchange: Exchange, venue: BinanceFutures
+) -> None:
+    # The server checks timestamps on a clock 20 s behind the time it reports: a resync from
+    # the reported time changes nothing, and every signed request is rejected -1021.
+    exchange.admin.clock(skew_ms=-20_000)
+    exchange.admin.report_time_offset(20_000)
+    with pytest.raises(ClockSkew):
+        await venue.place(intent("skew-1"))
+    health = venue.health()
+    assert health.status is Status.DEGRADED, health
+    assert "1 signed requests in a row rejected -1021 after a resync" in health.detail
+    for n in (2, 3):
+        with pytest.raises(ClockSkew):
+            await venue.place(intent(f"skew-{n}"))
+    health = venue.health()
+    assert health.status is Status.CRITICAL, health
+    assert "3 signed requests in a row" in health.detail
+    assert f"recvWindow {BinanceSettings.recv_window_ms} ms" in health.detail
+    assert exchange.admin.orders() == []
+    assert [e["code"] for e in exchange.posts()] == [-1021] * 6  # each resynced once
+
+    exchange.admin.report_time_offset(0)  # the reported time agrees again: a resync cures it
+    placed = await venue.place(intent("skew-cured"))
+    assert placed.status is OrderStatus.FILLED
+    assert venue.health().status is Status.OK
     assert len(exchange.admin.orders()) == 1
 
 

@@ -42,6 +42,19 @@ async def publish_raw(url: str, subject: str, payload: bytes, *, msg_id: str) ->
         await connection.jetstream().publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
 
 
+async def kv_put_raw(url: str, bucket: str, key: str, value: bytes) -> int:
+    """Write raw bytes into a KV key with nats-py itself; returns the value's revision."""
+    async with _connection(url) as connection:
+        kv = await connection.jetstream(timeout=15).key_value(bucket)
+        return int(await kv.put(key, value))
+
+
+async def kv_delete_raw(url: str, bucket: str, key: str) -> None:
+    async with _connection(url) as connection:
+        kv = await connection.jetstream(timeout=15).key_value(bucket)
+        await kv.delete(key)
+
+
 @contextlib.asynccontextmanager
 async def _connection(url: str) -> AsyncIterator[Client]:
     """A connection closed on every path: also when a test's timeout cancels it mid-handshake

@@ -87,3 +87,29 @@ def test_without_heartbeat_not_even_the_flatten_order_goes_out() -> None:
     verdict = gate.verdict(_intent(FLATTEN, reduce_only=True))
     assert not verdict.allowed
     assert "heartbeat missing" in verdict.why
+
+
+def test_refuse_when_bucket_value_does_not_decode_then_halts_whatever_the_latch() -> None:
+    gate, _ = _gate(TradingState.ACTIVE)
+    gate.refuse("halt latch revision 9 in the bucket does not decode: malformed: not JSON")
+    verdict = gate.verdict(_intent("sig-1", reduce_only=False))
+    assert not verdict.allowed
+    assert verdict.state is TradingState.HALTED
+    assert "revision 9" in verdict.why
+
+
+def test_refuse_when_a_newer_latch_arrives_by_broadcast_then_still_halted() -> None:
+    gate, _ = _gate(TradingState.ACTIVE)
+    gate.refuse("bad value")
+    gate.apply(HaltLatch(state=TradingState.ACTIVE, revision=3, issued_at_ms=1))
+    assert gate.state() == (TradingState.HALTED, "bad value")
+    assert not gate.verdict(_intent(FLATTEN, reduce_only=True)).allowed
+
+
+def test_trust_when_a_valid_value_is_read_again_then_the_latch_rules() -> None:
+    gate, _ = _gate(TradingState.ACTIVE)
+    gate.refuse("bad value")
+    assert gate.trust() is True
+    assert gate.refused is None
+    assert gate.verdict(_intent("sig-1", reduce_only=False)).allowed
+    assert gate.trust() is False  # nothing left to lift

@@ -387,7 +387,7 @@ async def _order_updates(bus: Bus) -> list[OrderUpdate]:
     newest = await bus.last_message(
         subjects.ORDERS, subjects.order_update_subject(SYMBOL), OrderUpdate
     )
-    if newest is None:
+    if not isinstance(newest, OrderUpdate):  # none, or one that does not decode
         return []
     updates: list[OrderUpdate] = []
     caught_up = asyncio.Event()

@@ -23,7 +23,12 @@ What it guarantees to the roles above it:
   read loop that ended anyway is reported and the client made to reconnect;
 - a bus of a stack (``stack=``, or ``for_stack`` over one connection) turns every logical name
   it is given (subject, stream, durable, KV key) into that stack's (``subjects.scoped_*``), so
-  the roles above it spell only logical names and stacks never meet.
+  the roles above it spell only logical names and stacks never meet;
+- a stored value that does not decode (a KV key's value, the last message of a subject) is
+  returned as ``Undecodable``, never skipped and never raised: those are control data whose
+  reader must decide what a bad value means (the halt latch halts, the policy keeps the last
+  good one). Each such revision (KV revision, stream sequence) is logged and counted once in
+  ``qtrader_messages_rejected_total``, however often it is read.
 """
 
 from __future__ import annotations
@@ -52,14 +57,14 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter, Gauge
 
 from qtrader.bus.errors import BusUnavailable, TopologyError
 from qtrader.bus.outbox import Outbox
 from qtrader.bus.outbox_publisher import OutboxPublisher
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Message, MessageRejected, decode
+from qtrader.contracts.messages import Message, MessageRejected, Undecodable, decode
 from qtrader.health.contract import DependencyHealth, Status
 
 log = logging.getLogger(__name__)
@@ -142,6 +147,8 @@ class Bus:
         self._js: JetStreamContext | None = None
         self._closing = False
         self._buckets: dict[str, KeyValue] = {}
+        # (metric label, key or subject) -> the newest revision refused and counted.
+        self._refused: dict[tuple[str, str], int] = {}
 
     @property
     def stack(self) -> str | None:
@@ -595,8 +602,9 @@ class Bus:
 
     async def last_message(
         self, stream: subjects.StreamSpec, subject: str, message_type: type[M]
-    ) -> M | None:
-        """The newest message stored on ``subject``, or None if there is none."""
+    ) -> M | Undecodable | None:
+        """The newest message stored on ``subject``, ``Undecodable`` if it does not decode, or
+        None if there is none."""
         stream = subjects.scoped_stream(self._stack, stream)
         subject = subjects.scoped_subject(self._stack, subject)
         try:
@@ -605,7 +613,13 @@ class Bus:
             return None
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read the last message of {subject}: {exc!r}") from exc
-        return decode(raw.data or b"", message_type)
+        try:
+            return decode(raw.data or b"", message_type)
+        except MessageRejected as rejected:
+            sequence = int(raw.seq or 0)
+            found = Undecodable.of(rejected, source=subject, stored_revision=sequence)
+            self._count_refused(f"last:{stream.name}", subject, sequence, found)
+            return found
 
     # --- key-value ---------------------------------------------------------------------------
 
@@ -626,8 +640,9 @@ class Bus:
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot write {bucket}/{key}: {exc!r}") from exc
 
-    async def kv_get(self, bucket: str, key: str, message_type: type[M]) -> M | None:
-        """The current value, None when the key was never written; BusUnavailable on outage."""
+    async def kv_get(self, bucket: str, key: str, message_type: type[M]) -> M | Undecodable | None:
+        """The current value, ``Undecodable`` if it does not decode, None when the key was never
+        written (or was deleted); BusUnavailable on outage."""
         key = subjects.scoped_key(self._stack, key)
         try:
             kv = await self._bucket(bucket)
@@ -636,10 +651,14 @@ class Bus:
             return None
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read {bucket}/{key}: {exc!r}") from exc
-        return decode(entry.value or b"", message_type)
+        return self._decode_entry(bucket, key, entry, message_type)
 
-    async def kv_watch(self, bucket: str, key: str, message_type: type[M]) -> AsyncIterator[M]:
-        """Every value written to ``key`` from now on (starting with the current one)."""
+    async def kv_watch(
+        self, bucket: str, key: str, message_type: type[M]
+    ) -> AsyncIterator[M | Undecodable | None]:
+        """Every value written to ``key`` from now on (starting with the current one); a value
+        that does not decode comes as ``Undecodable`` and a deletion as None (as ``kv_get``
+        says of a deleted key), each in its place in the order."""
         key = subjects.scoped_key(self._stack, key)
         kv = await self._bucket(bucket)
         watcher = await kv.watch(key)
@@ -651,14 +670,33 @@ class Bus:
                     continue
                 if entry is None or entry.value is None:
                     continue
-                try:
-                    yield decode(entry.value, message_type)
-                except MessageRejected as rejected:
-                    REJECTED.labels(f"kv:{bucket}", rejected.reason.value).inc()
-                    log.warning("skipped a value of %s/%s: %s", bucket, key, rejected)
+                if entry.operation in (KV_DEL, KV_PURGE):
+                    yield None
+                    continue
+                yield self._decode_entry(bucket, key, entry, message_type)
         finally:
             with contextlib.suppress(*_UNAVAILABLE):
                 await watcher.stop()  # type: ignore[no-untyped-call]  # untyped in nats-py
+
+    def _decode_entry(
+        self, bucket: str, key: str, entry: KeyValue.Entry, message_type: type[M]
+    ) -> M | Undecodable:
+        """Decode one stored value; a bad one is logged and counted once per revision (a
+        worker re-reads its control keys every second or so)."""
+        revision = int(entry.revision or 0)
+        try:
+            return decode(entry.value or b"", message_type)
+        except MessageRejected as rejected:
+            found = Undecodable.of(rejected, source=f"{bucket}/{key}", stored_revision=revision)
+            self._count_refused(f"kv:{bucket}", key, revision, found)
+            return found
+
+    def _count_refused(self, label: str, key: str, revision: int, found: Undecodable) -> None:
+        """Log and count a stored value that does not decode, once per revision of its key."""
+        if revision > self._refused.get((label, key), -1):
+            self._refused[(label, key)] = revision
+            REJECTED.labels(label, found.reason.value).inc()
+            log.warning("%s", found)
 
 
 async def _close_client(client: Client) -> None:

@@ -7,12 +7,18 @@ that consumers count in a metric before skipping the message; a consumer never c
 
 Versioning rule: a change that old readers cannot ignore bumps ``SCHEMA_VERSION`` of that kind;
 readers accept exactly the versions they know (``ACCEPTED_VERSIONS``).
+
+Control data (the halt latch, the policy, a stored EmergencyStop) is read from KV keys, where a
+value that does not decode cannot simply be skipped: the reader must decide (the latch halts,
+the policy keeps the last good one). The bus hands such a value over as ``Undecodable`` (where it
+was, its revision and why), a result the type checker makes every reader handle.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated, ClassVar, Literal, TypeVar
 
@@ -46,9 +52,15 @@ class Message(BaseModel):
         raise NotImplementedError(f"{type(self).__name__} must define dedup_id")
 
 
+# Larger than any message we write (a policy revision is a few KiB); a bigger payload is
+# refused before parsing, so a huge value costs no parse time and no memory beyond its bytes.
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
 class RejectReason(enum.StrEnum):
     """Why a message was skipped; the label values of the rejection metric (bounded)."""
 
+    TOO_LARGE = "too_large"
     MALFORMED = "malformed"
     WRONG_KIND = "wrong_kind"
     UNKNOWN_VERSION = "unknown_version"
@@ -58,20 +70,79 @@ class RejectReason(enum.StrEnum):
 class MessageRejected(Exception):
     """A message that cannot be decoded; carries the reason for the metric and the log line."""
 
+    MAX_DETAIL_CHARS = 300  # a detail quotes the input; a huge input must not flood the log
+
     def __init__(self, reason: RejectReason, detail: str) -> None:
+        if len(detail) > self.MAX_DETAIL_CHARS:
+            detail = detail[: self.MAX_DETAIL_CHARS - 3] + "..."
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
 
 
+@dataclass(frozen=True, kw_only=True)
+class Undecodable:
+    """A stored value that does not decode: a result, not an error, so its reader decides.
+
+    ``source`` names where it is stored (``bucket/key``, or a stream's subject) and
+    ``stored_revision`` its KV revision (or stream sequence), so a person can find and replace it.
+    """
+
+    source: str
+    # Not ``revision``: a reader that took this for a message (both would have a revision)
+    # would compute with it unawares.
+    stored_revision: int
+    reason: RejectReason
+    detail: str
+
+    @classmethod
+    def of(cls, rejected: MessageRejected, *, source: str, stored_revision: int) -> Undecodable:
+        return cls(
+            source=source,
+            stored_revision=stored_revision,
+            reason=rejected.reason,
+            detail=rejected.detail,
+        )
+
+    def __str__(self) -> str:
+        return f"revision {self.stored_revision} of {self.source} does not decode: {self.why}"
+
+    @property
+    def why(self) -> str:
+        return f"{self.reason.value}: {self.detail}"
+
+    def rejected(self) -> MessageRejected:
+        """As an error, for a reader that cannot go on without the value (a command, one
+        round of a control loop) and already handles ``MessageRejected``."""
+        return MessageRejected(
+            self.reason, f"{self.source} revision {self.stored_revision}: {self.detail}"
+        )
+
+
 M = TypeVar("M", bound=Message)
 
 
+def _refuse_constant(name: str) -> object:
+    """``json.loads`` would make NaN and Infinity floats; no message of ours holds one."""
+    raise ValueError(f"{name} is not a number any message carries")
+
+
 def decode(data: bytes, message_type: type[M]) -> M:
-    """Parse ``data`` as ``message_type`` or raise ``MessageRejected`` saying why."""
+    """Parse ``data`` as ``message_type`` or raise ``MessageRejected`` saying why.
+
+    Never raises anything else for any input: nesting deep enough to exhaust the parser's
+    recursion, integers too long to convert and payloads over ``MAX_MESSAGE_BYTES`` are
+    rejected like any other malformed input.
+    """
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageRejected(
+            RejectReason.TOO_LARGE, f"{len(data)} bytes, more than {MAX_MESSAGE_BYTES}"
+        )
     try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(data, parse_constant=_refuse_constant)
+    except RecursionError as exc:
+        raise MessageRejected(RejectReason.MALFORMED, "not JSON: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, digit limits, NaN
         raise MessageRejected(RejectReason.MALFORMED, f"not JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise MessageRejected(RejectReason.MALFORMED, "not a JSON object")
@@ -88,6 +159,8 @@ def decode(data: bytes, message_type: type[M]) -> M:
         )
     try:
         return message_type.model_validate(raw)
+    except RecursionError as exc:  # deep nesting inside a field of a valid envelope
+        raise MessageRejected(RejectReason.INVALID_FIELDS, f"{kind}: nested too deeply") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])

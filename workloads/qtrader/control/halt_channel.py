@@ -10,6 +10,7 @@ worker whose last answer is older than ``presence_timeout_s`` is no longer count
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,9 +18,11 @@ from datetime import datetime
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltAck, HaltLatch, TradingState
+from qtrader.contracts.messages import HaltAck, HaltLatch, TradingState, Undecodable
 from qtrader.control.ess import latch_message
 from qtrader.control.ess_status import EssStatus
+
+log = logging.getLogger(__name__)
 
 
 async def publish_latch(bus: Bus, latch: HaltLatch) -> None:
@@ -42,12 +45,19 @@ async def sync_latch(bus: Bus, status: EssStatus, *, now: datetime) -> EssStatus
 
     A fresh stack has no latch at all (and its workers stay halted until one is written); the
     bucket may also hold a latch from another run. A new revision above both wins. Returns the
-    status with that revision, or None when the bucket already agreed.
+    status with that revision, or None when the bucket already agreed. A value there that does
+    not decode (the workers are halted by it) is replaced the same way, by a revision above its
+    KV revision: no more latches were ever written to the bucket than that.
     """
-    latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
-    if latch and latch.revision == status.latch_revision and latch.state is status.latch:
-        return None
-    revision = max(status.latch_revision, latch.revision if latch else 0) + 1
+    stored = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+    if isinstance(stored, Undecodable):
+        log.error("replacing the halt latch in the bucket: %s", stored)
+        above = stored.stored_revision
+    else:
+        if stored and stored.revision == status.latch_revision and stored.state is status.latch:
+            return None
+        above = stored.revision if stored else 0
+    revision = max(status.latch_revision, above) + 1
     synced = replace(status, latch_revision=revision)
     await publish_latch(bus, latch_message(synced, issued_at_ms=int(now.timestamp() * 1000)))
     return synced

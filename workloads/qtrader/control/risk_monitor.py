@@ -101,6 +101,7 @@ class RiskMonitor:
         self._stops: dict[str, _Evaluators] = {}
         self._pending: list[RiskAlert] = []
         self._flushing = asyncio.Lock()  # handlers run concurrently; each alert goes out once
+        self._symbols: frozenset[str] | None = None  # of the last policy that decoded
 
     @property
     def stops(self) -> frozenset[str]:
@@ -195,7 +196,9 @@ class RiskMonitor:
 
     async def _policy_symbols(self) -> frozenset[str] | None:
         """The symbols of the policy in force; None when there is none or it cannot be read
-        (nothing to watch yet: a stack with no policy trades nothing either)."""
+        (nothing to watch yet: a stack with no policy trades nothing either). A value that
+        does not decode leaves the last good policy's symbols watched: the workers keep
+        trading under that policy."""
         try:
             revision = await self._bus.kv_get(
                 subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision
@@ -203,7 +206,11 @@ class RiskMonitor:
         except BusUnavailable as exc:
             log.warning("risk monitor cannot read the policy: %s", exc)
             return None
-        return None if revision is None else frozenset(revision.spec.symbols)
+        if isinstance(revision, PolicyRevision):
+            self._symbols = frozenset(revision.spec.symbols)
+        elif revision is None:
+            self._symbols = None
+        return self._symbols
 
     # --- outputs ----------------------------------------------------------------------------
 

@@ -9,7 +9,10 @@ One request path (``_request``) carries every call and applies the rules in one 
   was not executed;
 * 418 records the ban: no request at all leaves this process until it ends, ``health`` is
   CRITICAL and the caller (execution) raises the risk alert;
-* -1021 resyncs the server-time offset and retries once;
+* -1021 resyncs the server-time offset and retries once; a -1021 that the resync did not cure
+  means our clock and Binance's disagree in a way a resync cannot fix: ``health`` is DEGRADED,
+  and CRITICAL once ``CLOCK_SKEW_CRITICAL_AFTER`` signed requests in a row ended that way (every
+  order is being rejected), until a signed request is accepted again;
 * ``Transient`` failures are retried with full-jitter backoff only when repeating is safe: reads
   and cancels always, a new order only when Binance said it was not executed (503 "Service
   Unavailable", -1001 "Internal error"); any other failure of a new order is ``OutcomeUnknown``;
@@ -33,7 +36,7 @@ from decimal import Decimal
 from typing import Any
 
 import requests
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 with warnings.catch_warnings():
     # python-binance 1.0.37 imports websockets' legacy client, which websockets >= 14 deprecates
@@ -71,6 +74,19 @@ REQUESTS = Counter(
     "transient, error).",
     ["endpoint", "outcome"],
 )
+
+CLOCK_OFFSET = Gauge(
+    "qtrader_exchange_clock_offset_ms",
+    "Binance's server time minus ours, in ms, as measured at the last resync (signed requests "
+    "carry our time plus this).",
+)
+CLOCK_REJECTIONS = Counter(
+    "qtrader_exchange_clock_rejections_total",
+    "Requests Binance rejected with -1021 (timestamp outside recvWindow), resynced or not.",
+)
+# Signed requests in a row rejected -1021 even after a resync before health is CRITICAL: one
+# can be a resync that raced a clock step; three in a row mean every order is being rejected.
+CLOCK_SKEW_CRITICAL_AFTER = 3
 
 BASE_URLS = {
     TradingMode.TESTNET: "https://testnet.binancefuture.com",
@@ -142,6 +158,10 @@ class BinanceFutures:
         self._sending = asyncio.Lock()
         self._rng = rng or random.Random()
         self._last_error: str | None = None
+        self._offset_ms = 0
+        # Signed requests in a row that -1021 rejected after a resync, and the last answer.
+        self._uncured_skews = 0
+        self._last_skew = ""
 
     @property
     def exchange_info(self) -> ExchangeInfo:
@@ -195,6 +215,8 @@ class BinanceFutures:
             await limiter.observe(headers)
         offset = int(answer["serverTime"] - (before + after) / 2)
         self._client.timestamp_offset = offset
+        self._offset_ms = offset
+        CLOCK_OFFSET.set(offset)
         log.info("server time offset %d ms", offset)
 
     async def close(self) -> None:
@@ -264,11 +286,23 @@ class BinanceFutures:
             return DependencyHealth(
                 name="exchange", status=Status.CRITICAL, detail="exchangeInfo not loaded yet"
             )
+        if self._uncured_skews:
+            return self._clock_health()
         if self._last_error is not None:
             return DependencyHealth(
                 name="exchange", status=Status.DEGRADED, detail=f"last error: {self._last_error}"
             )
         return DependencyHealth(name="exchange", status=Status.OK, detail=self._settings.base_url)
+
+    def _clock_health(self) -> DependencyHealth:
+        critical = self._uncured_skews >= CLOCK_SKEW_CRITICAL_AFTER
+        return DependencyHealth(
+            name="exchange",
+            status=Status.CRITICAL if critical else Status.DEGRADED,
+            detail=f"clock skew: {self._uncured_skews} signed requests in a row rejected -1021 "
+            f"after a resync (measured offset {self._offset_ms} ms, recvWindow "
+            f"{self._settings.recv_window_ms} ms): {self._last_skew}"[:300],
+        )
 
     def limiter_health(self) -> DependencyHealth:
         if self._limiter is None:
@@ -298,9 +332,11 @@ class BinanceFutures:
                 self._note(exc)
                 await asyncio.sleep(self._backoff(attempt))  # spread the replicas' return
                 continue  # not executed: try again once the pause is over
-            except ClockSkew:
+            except ClockSkew as exc:
                 REQUESTS.labels(endpoint.path, "clock_skew").inc()
+                CLOCK_REJECTIONS.inc()
                 if clock_resynced:
+                    self._note_uncured_skew(exc)
                     raise
                 clock_resynced = True
                 await self.sync_time()
@@ -318,6 +354,8 @@ class BinanceFutures:
             REQUESTS.labels(endpoint.path, "ok").inc()
             await limiter.observe(headers)
             self._last_error = None
+            if signed:  # only a signed request's timestamp is checked against Binance's clock
+                self._uncured_skews = 0
             return answer
         raise Transient(f"{endpoint.method} {endpoint.path}: gave up after retries")
 
@@ -412,6 +450,16 @@ class BinanceFutures:
     def _backoff(self, attempt: int) -> float:
         s = self._settings
         return full_jitter(attempt, base_s=s.backoff_base_s, cap_s=s.backoff_cap_s, rng=self._rng)
+
+    def _note_uncured_skew(self, exc: ClockSkew) -> None:
+        self._uncured_skews += 1
+        self._last_skew = str(exc)[:200]
+        log.error(
+            "clock skew a resync did not cure (%d in a row, offset %d ms): %s",
+            self._uncured_skews,
+            self._offset_ms,
+            exc,
+        )
 
     def _note(self, exc: ExchangeError) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}"[:200]

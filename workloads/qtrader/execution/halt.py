@@ -1,8 +1,10 @@
 """The halt gate: the one place an execution worker asks whether it may send an order.
 
 The gate holds the halt latch in force and the time of the control plane's last heartbeat. It
-fails closed: with no latch (never read, or unreadable) or with a heartbeat older than the
-timeout, the state is HALTED whatever the last latch said.
+fails closed: with no latch (never read, or unreadable), with a value in the bucket that does not
+decode, or with a heartbeat older than the timeout, the state is HALTED whatever the last latch
+said. A value that does not decode is refused until the bucket holds a valid one again: the
+worker cannot know what it said, and it may have been a halt.
 
 Why a lock: the worker acknowledges a halt only after the new latch is in force *and* no order
 is between its check and its send. Sending holds the lock from the check until the exchange
@@ -36,6 +38,7 @@ class HaltGate:
         self._clock = clock
         self._latch: HaltLatch | None = None
         self._last_heartbeat: float | None = None
+        self._refused: str | None = None  # why the bucket's value is not trusted
         self.lock = asyncio.Lock()
 
     @property
@@ -59,6 +62,22 @@ class HaltGate:
         """The latch can no longer be read: fail closed until it can."""
         self._latch = None
 
+    def refuse(self, why: str) -> None:
+        """The bucket holds a value that does not decode: HALTED, with ``why``, until
+        ``trust`` says a valid value was read from the bucket again. Only a value read from
+        the bucket may lift it: a broadcast is not the durable latch."""
+        self._refused = why
+
+    def trust(self) -> bool:
+        """A valid value was read from the bucket; True if that lifts a refusal."""
+        refused, self._refused = self._refused, None
+        return refused is not None
+
+    @property
+    def refused(self) -> str | None:
+        """Why the bucket's value is refused, or None."""
+        return self._refused
+
     def state(self) -> tuple[TradingState, str]:
         """The state orders obey now, and why when it is not the latch's own."""
         why = self._fail_safe()
@@ -68,6 +87,8 @@ class HaltGate:
 
     def _fail_safe(self) -> str | None:
         """Why the worker halts whatever the latch says, or None when the latch is in force."""
+        if self._refused is not None:
+            return self._refused
         if self._latch is None:
             return "no halt latch could be read"
         age = self.heartbeat_age_s()

@@ -19,8 +19,9 @@ re-armed periodically, so resting orders are cancelled by the exchange if this w
 exchange ban (418) stops order flow, makes ``/health`` CRITICAL and raises an ``exchange_ban``
 risk alert, which the operator turns into an EmergencyStop trip.
 
-Fail closed: no latch (never written, or unreadable) or no control-plane heartbeat within the
-timeout means HALTED (``halt.HaltGate``); no portfolio equity means no decision; stale prices
+Fail closed: no latch (never written, or unreadable), a latch value in the bucket that does not
+decode (``/health`` CRITICAL, until a valid one is written) or no control-plane heartbeat within
+the timeout means HALTED (``halt.HaltGate``); no portfolio equity means no decision; stale prices
 mean no decision. A new latch revision, by the fast broadcast or the KV watch, is put in force,
 open orders are cancelled when it halts, and only then is it acknowledged on CONTROL_HALT_ACK.
 Positions used for decisions are the fills seen so far plus intents in flight, so two signals
@@ -59,6 +60,7 @@ from qtrader.contracts.messages import (
     Side,
     Signal,
     TradingState,
+    Undecodable,
 )
 from qtrader.contracts.policy import TradingMode, TradingPolicySpec
 from qtrader.exchange.errors import Banned, ExchangeError
@@ -140,6 +142,11 @@ HALT_APPLY_SECONDS = Histogram(
     "From a latch being issued by the control plane to this worker having it in force (open "
     "orders cancelled when it halts), per new revision.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+LATCHES_REFUSED = Counter(
+    "qtrader_halt_latch_refused_total",
+    "Halt latch values in the bucket that did not decode; each halted this worker until a "
+    "valid one was written.",
 )
 HEARTBEAT_AGE = Gauge(
     "qtrader_control_heartbeat_age_seconds", "Seconds since the control plane's last heartbeat."
@@ -238,23 +245,49 @@ class Execution:
     # --- inputs ------------------------------------------------------------------------------
 
     async def _follow_latch(self) -> None:
+        """The bucket's latch, in order: the only reader that may refuse a value that does not
+        decode and lift that refusal (one task, so a stale read cannot lift a newer refusal)."""
         bus = self._context.bus
         while True:
             try:
                 latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
-                if latch is not None:
-                    await self._apply_latch(latch)
+                await self._apply_stored(latch)
                 async for latch in bus.kv_watch(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch):
-                    await self._apply_latch(latch)
+                    await self._apply_stored(latch)
             except BusUnavailable as exc:
                 log.warning("halt latch unreadable (%s): halted until it can be read", exc)
                 self._gate.forget()
             await asyncio.sleep(0.5)
 
-    async def _apply_latch(self, latch: HaltLatch) -> None:
-        """Put a latch in force, cancel open orders if it halts, then acknowledge it."""
+    async def _apply_stored(self, stored: HaltLatch | Undecodable | None) -> None:
+        if isinstance(stored, Undecodable):
+            await self._refuse_latch(stored)
+        elif stored is None:  # never written, or deleted: no latch, so halted
+            async with self._gate.lock:
+                self._gate.forget()
+                self._gate.trust()  # the value refused is gone; "no latch" now says why
+        else:
+            await self._apply_latch(stored, from_bucket=True)
+
+    async def _refuse_latch(self, bad: Undecodable) -> None:
+        """A value that does not decode may have been a halt: halt now, as a halt would."""
+        why = f"halt latch revision {bad.stored_revision} in the bucket does not decode: {bad.why}"
+        async with self._gate.lock:
+            trusted, new = self._gate.refused is None, self._gate.refused != why
+            self._gate.refuse(why)
+            if trusted:
+                await self._cancel_open_orders()
+        if new:  # the watch and a re-read after a reconnect may both deliver one revision
+            LATCHES_REFUSED.inc()
+            log.error("%s: halted until a valid latch is written", why)
+
+    async def _apply_latch(self, latch: HaltLatch, *, from_bucket: bool = False) -> None:
+        """Put a latch in force, cancel open orders if it halts, then acknowledge it; a latch
+        read from the bucket also lifts the refusal of an earlier value that did not decode."""
         async with self._gate.lock:
             changed = self._gate.apply(latch)
+            if from_bucket and self._gate.trust():
+                log.warning("halt latch readable again: revision %d", latch.revision)
             cancelled = 0
             if changed and latch.state is TradingState.HALTED:
                 cancelled = await self._cancel_open_orders()
@@ -346,7 +379,8 @@ class Execution:
             )
         except BusUnavailable:
             return
-        if latch is not None and latch.revision >= revision:
+        # One that does not decode is left to _follow_latch, which sees the bucket in order.
+        if isinstance(latch, HaltLatch) and latch.revision >= revision:
             await self._apply_latch(latch)
 
     async def _on_candle(self, candle: Candle) -> None:
@@ -402,7 +436,7 @@ class Execution:
                 )
             except BusUnavailable:
                 last = None
-            if last is not None:
+            if isinstance(last, PortfolioSnapshot):  # one that does not decode: the next one
                 await self._on_snapshot(last)
             break
         await bus.subscribe(
@@ -685,6 +719,11 @@ class Execution:
         return health
 
     async def check_latch(self) -> DependencyHealth:
+        refused = self._gate.refused
+        if refused is not None:
+            return DependencyHealth(
+                name="halt-latch", status=Status.CRITICAL, detail=f"HALTED: {refused}"
+            )
         state, why = self._gate.state()
         latch = self._gate.latch
         revision = f"revision {latch.revision}" if latch else "no latch"

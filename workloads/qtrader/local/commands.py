@@ -26,7 +26,7 @@ import yaml
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltLatch, MessageRejected, PolicyRevision
+from qtrader.contracts.messages import HaltLatch, MessageRejected, PolicyRevision, Undecodable
 from qtrader.contracts.policy import (
     API_GROUP,
     API_VERSION,
@@ -169,11 +169,15 @@ async def _status(bus: Bus, *, name: str, as_json: bool, out: TextIO) -> int:
         return 0
     latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
     _print_summary(record, out, latch=latch)
-    return 0
+    return 1 if isinstance(latch, Undecodable) else 0
 
 
 def _print_summary(
-    record: EssRecord, out: TextIO, *, latch: HaltLatch | None = None, events: bool = True
+    record: EssRecord,
+    out: TextIO,
+    *,
+    latch: HaltLatch | Undecodable | None = None,
+    events: bool = True,
 ) -> None:
     lines = _summary_lines(record, latch=latch)
     if events:
@@ -184,7 +188,7 @@ def _print_summary(
     out.write("\n".join(lines) + "\n")
 
 
-def _summary_lines(record: EssRecord, *, latch: HaltLatch | None) -> list[str]:
+def _summary_lines(record: EssRecord, *, latch: HaltLatch | Undecodable | None) -> list[str]:
     status, spec = record.ess_status(), record.spec
     lines = [f"EmergencyStop {record.name}: {status.state}"]
     wanted = f"tripped ({spec.mode}): {spec.reason}" if spec.tripped else "not tripped"
@@ -203,7 +207,10 @@ def _summary_lines(record: EssRecord, *, latch: HaltLatch | None) -> list[str]:
     if status.reset_refused_until is not None:
         lines.append(f"  reset       refused until {format_time(status.reset_refused_until)}")
     lines.append(f"  counts      trips {status.trip_count}, resets {status.reset_count}")
-    in_bucket = f"; in the bucket: revision {latch.revision} {latch.state}" if latch else ""
+    if isinstance(latch, Undecodable):  # the workers are halted by it
+        in_bucket = f"; in the bucket: {latch} (workers halted)"
+    else:
+        in_bucket = f"; in the bucket: revision {latch.revision} {latch.state}" if latch else ""
     lines.append(f"  latch       revision {status.latch_revision} {status.latch}{in_bucket}")
     return lines + _ack_lines(record)
 
@@ -226,8 +233,11 @@ def _ack_lines(record: EssRecord) -> list[str]:
 
 async def _apply_policy(bus: Bus, *, policy: TradingPolicy, out: TextIO) -> int:
     ref = policy.spec.emergency_stop_ref
-    if await bus.kv_get(subjects.ESS_BUCKET, ref, EssRecord) is None:
+    stop = await bus.kv_get(subjects.ESS_BUCKET, ref, EssRecord)
+    if stop is None:
         raise _Usage(f"spec.emergencyStopRef: no EmergencyStop named {ref!r} in this stack")
+    if isinstance(stop, Undecodable):
+        raise stop.rejected()
     revision = await publish_policy(bus, policy)
     out.write(
         f"policy {revision.name} revision {revision.revision} published; "
@@ -241,6 +251,8 @@ async def _show_policy(bus: Bus, *, out: TextIO) -> int:
     if revision is None:
         out.write("no policy published\n")
         return 1
+    if isinstance(revision, Undecodable):
+        raise revision.rejected()  # the workloads keep their last good revision; say so
     published = format_time(datetime.fromtimestamp(revision.published_at_ms / 1000, tz=UTC))
     document: dict[str, Any] = {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",

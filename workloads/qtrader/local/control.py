@@ -14,7 +14,13 @@ import time
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import ControlHeartbeat, HaltLatch, PolicyRevision, TradingState
+from qtrader.contracts.messages import (
+    ControlHeartbeat,
+    HaltLatch,
+    PolicyRevision,
+    TradingState,
+    Undecodable,
+)
 from qtrader.contracts.policy import TradingPolicy
 
 log = logging.getLogger(__name__)
@@ -28,7 +34,7 @@ async def publish_policy(bus: Bus, policy: TradingPolicy) -> PolicyRevision:
     current = await bus.kv_get(subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision)
     revision = PolicyRevision(
         name=policy.metadata.name,
-        revision=(current.revision + 1) if current else 1,
+        revision=_revision_after(current),
         published_at_ms=_now_ms(),
         spec=policy.spec,
     )
@@ -40,13 +46,22 @@ async def write_latch(bus: Bus, *, state: TradingState, reason: str, issued_by: 
     current = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
     latch = HaltLatch(
         state=state,
-        revision=(current.revision + 1) if current else 1,
+        revision=_revision_after(current),
         reason=reason,
         issued_by=issued_by,
         issued_at_ms=_now_ms(),
     )
     await bus.kv_put(subjects.HALT_BUCKET, subjects.HALT_KEY, latch)
     return latch
+
+
+def _revision_after(current: HaltLatch | PolicyRevision | Undecodable | None) -> int:
+    """The next revision; over a value that does not decode, one above its KV revision (no
+    more revisions than that were ever written to the key), so the workers take it as new."""
+    if isinstance(current, Undecodable):
+        log.warning("replacing %s", current)
+        return current.stored_revision + 1
+    return current.revision + 1 if current else 1
 
 
 async def heartbeat_forever(bus: Bus, *, issued_by: str, interval_s: float = 1.0) -> None:
@@ -60,7 +75,8 @@ async def heartbeat_forever(bus: Bus, *, issued_by: str, interval_s: float = 1.0
             latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
             heartbeat = ControlHeartbeat(
                 issued_by=issued_by,
-                latch_revision=latch.revision if latch else 0,
+                # None that decodes: the workers are halted by it; nothing newer to announce.
+                latch_revision=latch.revision if isinstance(latch, HaltLatch) else 0,
                 ts_ms=_now_ms(),
             )
             await bus.broadcast(subjects.CONTROL_HEARTBEAT, heartbeat)

@@ -40,7 +40,13 @@ from pydantic import Field, field_validator
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Message, MessageRejected, RiskAlert, TradingState
+from qtrader.contracts.messages import (
+    Message,
+    MessageRejected,
+    RiskAlert,
+    TradingState,
+    Undecodable,
+)
 from qtrader.control.ess import (
     TRIPPED_BY_ANNOTATION,
     EssEvent,
@@ -290,14 +296,18 @@ class LocalControlPlane:
             await asyncio.sleep(self._interval_s)
 
     async def _loop(self) -> None:
+        said = ""  # a record that does not decode fails every round: say so once, not 2/s
         while True:
             self._wake.clear()
             try:
                 await self.reconcile_once()
+                said = ""
             except _Superseded:
                 continue
             except (BusUnavailable, MessageRejected, EmergencyStopError) as exc:
-                log.warning("EmergencyStop %s not reconciled: %s", self.name, exc)
+                if str(exc) != said:
+                    log.warning("EmergencyStop %s not reconciled: %s", self.name, exc)
+                said = str(exc)
             except Exception:  # level-based: the next round decides again from the same status
                 log.exception("EmergencyStop %s reconcile failed", self.name)
             with contextlib.suppress(TimeoutError):
@@ -410,7 +420,13 @@ class LocalControlPlane:
         ]
 
     async def _read(self) -> EssRecord | None:
-        return await self._bus.kv_get(subjects.ESS_BUCKET, self.name, EssRecord)
+        """The stored resource; one that does not decode raises ``MessageRejected``: the round
+        is not reconciled, the latch in force stays, the log says why (never overwritten by a
+        fresh resource, which could lift a trip it held)."""
+        record = await self._bus.kv_get(subjects.ESS_BUCKET, self.name, EssRecord)
+        if isinstance(record, Undecodable):
+            raise record.rejected()
+        return record
 
     async def _put(self, record: EssRecord) -> None:
         await self._bus.kv_put(subjects.ESS_BUCKET, self.name, record)

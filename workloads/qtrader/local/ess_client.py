@@ -27,6 +27,7 @@ from typing import Any
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
+from qtrader.contracts.messages import Undecodable
 from qtrader.control.ess_status import EssMode, EssState, parse_time
 from qtrader.local.control_plane import EssRecord, utc_now
 
@@ -62,6 +63,8 @@ async def read_record(bus: Bus, name: str) -> EssRecord:
     record = await bus.kv_get(subjects.ESS_BUCKET, name, EssRecord)
     if record is None:
         raise EssNotFound(f"no EmergencyStop named {name!r} in this stack")
+    if isinstance(record, Undecodable):
+        raise record.rejected()  # the command says why and exits 1
     return record
 
 

@@ -34,6 +34,7 @@ from typing import Any, TextIO
 import httpx
 
 from qtrader.bus.nats_bus import Bus
+from qtrader.contracts.messages import MessageRejected
 from qtrader.contracts.policy import TradingPolicy
 from qtrader.control.ess_resource import EmergencyStop
 from qtrader.local import control_plane, up_state
@@ -97,7 +98,14 @@ class LocalStack:
             await bus.connect()
             await bus.ensure_topology()
             revision = await publish_policy(bus, self._config.policy)
-            control = await self._start_control_plane(bus, err)
+            try:
+                control = await self._start_control_plane(bus, err)
+            except MessageRejected as exc:  # never replaced by the file: it may hold a trip
+                err.write(
+                    f"qtrader up: the EmergencyStop stored in {self.data_dir} does not decode "
+                    f"({exc}); nothing started\n"
+                )
+                return 2
             tasks.append(asyncio.create_task(control.run(), name="control-plane"))
             tasks.append(
                 asyncio.create_task(

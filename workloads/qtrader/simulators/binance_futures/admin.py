@@ -77,6 +77,11 @@ class SimAdmin:
         body = {"skew_ms": skew_ms} if skew_ms is not None else {"advance_ms": advance_ms}
         return int(self._call("POST", "/_sim/clock", body)["skew_ms"])
 
+    def report_time_offset(self, offset_ms: int) -> int:
+        """Report the server time ``offset_ms`` away from the clock that checks timestamps
+        (0 restores agreement): a client's resync then cannot cure its -1021s."""
+        return int(self._call("POST", "/_sim/clock/report", {"offset_ms": offset_ms})["offset_ms"])
+
     def log(self, since: int = 0) -> list[dict[str, Any]]:
         """Every exchange request from index ``since`` on, in arrival order."""
         result: list[dict[str, Any]] = self._call("GET", f"/_sim/log?since={since}")

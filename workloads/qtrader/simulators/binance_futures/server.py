@@ -20,7 +20,10 @@ python-binance's (the parameters except ``signature``, sorted by name, ``symbol`
 URL-quoted, the others as they are) or Binance's documented ``totalParams`` (the raw query string
 followed by the raw body, without the ``signature`` pair). The timestamp check is Binance's:
 accepted only if ``timestamp < now + 1000`` and ``now - timestamp <= recvWindow``, on the server
-clock (``time.time()`` plus an admin-set skew), evaluated when the request is processed.
+clock (``time.time()`` plus an admin-set skew), evaluated when the request is processed. The time
+the server *reports* (``/fapi/v1/time``, exchangeInfo's ``serverTime``) is that clock plus a
+second admin-set offset, 0 unless ``/_sim/clock/report`` sets one: with one, a client that
+resyncs from the reported time stays outside the window, a skew no resync cures.
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ class BinanceFuturesSim:
         """Back to the start-up state: the start-up config, no orders, no log, no faults."""
         self.config = self._initial
         self.clock_skew_ms = 0
+        self.reported_offset_ms = 0  # added to the time reported, not to the timestamp check
         self.accounting = Accounting(self.config)
         self.venue = Venue(self._document, self.config)
         self.faults: list[Fault] = []
@@ -183,6 +187,7 @@ class BinanceFuturesSim:
             ("POST", "/_sim/price", self._admin_price),
             ("POST", "/_sim/partial", self._admin_partial),
             ("POST", "/_sim/clock", self._admin_clock),
+            ("POST", "/_sim/clock/report", self._admin_clock_report),
             ("GET", "/_sim/log", self._admin_log),
             ("GET", "/_sim/orders", self._admin_orders),
             ("GET", "/_sim/trades", self._admin_trades),
@@ -378,12 +383,15 @@ class BinanceFuturesSim:
             ("GET", "/fapi/v2/positionRisk"): _Route(self._position_risk, signed),
         }
 
+    def _reported_ms(self) -> int:
+        return self.now_ms() + self.reported_offset_ms
+
     def _time(self, call: Call, api_key: str) -> Any:
-        return {"serverTime": self.now_ms()}
+        return {"serverTime": self._reported_ms()}
 
     def _exchange_info(self, call: Call, api_key: str) -> Any:
         document = copy.deepcopy(self._document)
-        document["serverTime"] = self.now_ms()
+        document["serverTime"] = self._reported_ms()
         document["rateLimits"] = [rule.as_binance() for rule in self.config.rate_limits]
         document.setdefault("exchangeFilters", [])
         return document
@@ -466,6 +474,10 @@ class BinanceFuturesSim:
         else:
             self.clock_skew_ms += _field(body, "advance_ms", int)
         return {"skew_ms": self.clock_skew_ms, "server_time": self.now_ms()}
+
+    async def _admin_clock_report(self, body: Any, query: Mapping[str, str]) -> Any:
+        self.reported_offset_ms = _field(body, "offset_ms", int)
+        return {"offset_ms": self.reported_offset_ms, "reported_time": self._reported_ms()}
 
     async def _admin_log(self, body: Any, query: Mapping[str, str]) -> Any:
         since = int(query.get("since", "0"))

@@ -355,7 +355,7 @@ async def _settled_snapshot(rig: Rig, back: ReadBack) -> ReadBack:
         snapshot = await rig.bus.last_message(
             subjects.PORTFOLIO, subjects.PORTFOLIO_SNAPSHOT, PortfolioSnapshot
         )
-        if snapshot is None:
+        if not isinstance(snapshot, PortfolioSnapshot):
             return False
         found.append(snapshot)
         marks = {p.symbol: p.mark_price for p in snapshot.positions if p.quantity != 0}

@@ -267,8 +267,9 @@ async def _denials(rig: Rig, executions: list[Child]) -> dict[str, float]:
 async def _expect_latch(
     rig: Rig, cycle: Cycle, state: TradingState, revision: int, when: str
 ) -> HaltLatch | None:
-    latch = await rig.bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
-    seen = "none" if latch is None else f"{latch.state.value} revision {latch.revision}"
+    stored = await rig.bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+    latch = stored if isinstance(stored, HaltLatch) else None
+    seen = str(stored) if latch is None else f"{latch.state.value} revision {latch.revision}"
     cycle.expect(
         latch is not None and latch.state is state and latch.revision == revision,
         f"latch {when}: {seen}, expected {state.value} revision {revision}",

@@ -193,7 +193,7 @@ async def _snapshot_when(rig: Rig, condition: _SnapshotTest, what: str) -> Portf
         snapshot = await rig.bus.last_message(
             subjects.PORTFOLIO, subjects.PORTFOLIO_SNAPSHOT, PortfolioSnapshot
         )
-        if snapshot is not None and condition(snapshot):
+        if isinstance(snapshot, PortfolioSnapshot) and condition(snapshot):
             found.append(snapshot)
             return True
         return False
