@@ -348,7 +348,9 @@ class Execution:
         ack = HaltAck(
             worker_id=self._context.options.worker_id,
             revision=latch.revision,
-            state=latch.state,
+            # What it obeys, not what the latch says: a refused bucket value or a missing
+            # heartbeat halts it whatever its last latch was (the control plane shows this).
+            state=self._gate.state()[0],
             open_orders_cancelled=cancelled,
             ts_ms=int(time.time() * 1000),
         )
