@@ -58,6 +58,14 @@ SCENARIOS: dict[str, ScenarioSpec] = {
         ScenarioSpec("flash-crash", "a 15-20% drop within 60 s trips the ESS", "flash_crash"),
         ScenarioSpec("broker-outage", "NATS down while trading loses nothing", "broker_outage"),
         ScenarioSpec(
+            "broker-kill", "NATS killed (SIGKILL) while trading loses nothing", "broker_kill"
+        ),
+        ScenarioSpec(
+            "broker-hang",
+            "NATS frozen (SIGSTOP) 5/20/60 s: back within 10 s, nothing lost",
+            "broker_hang",
+        ),
+        ScenarioSpec(
             "exchange-instability",
             "bursts of 429/-1003/-1015/5xx/timeouts: backoff, no ban, no duplicate",
             "exchange_instability",

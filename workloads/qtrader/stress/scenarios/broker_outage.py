@@ -1,5 +1,13 @@
 """Broker outage: NATS goes down while the whole pipeline trades; nothing is lost, nothing doubled.
 
+Three scenarios share this run, each with its own fault (``BrokerFault``): ``broker-outage``
+stops the server (SIGTERM) and starts it again on the same store; ``broker-kill`` kills it
+(SIGKILL: no clean shutdown of its store); ``broker-hang`` freezes it (SIGSTOP), then lets it go
+on (SIGCONT): the process, its store and every TCP connection stay, the server only stops
+answering, which is what a stalled broker or a half-open connection looks like to a client.
+The hang is applied several times (5, 20 and 60 s at full length), and each time every worker
+must publish and consume again within ``HANG_RECOVERY_S`` of the SIGCONT.
+
 What runs: the four workloads as real processes on the rig's nats-server, in paper mode:
 marketdata (synthetic candles for two symbols, ``CANDLES_PER_SECOND`` steps a second, a fixed
 number of steps), inference (the shipped ONNX model), execution and the portfolio, with a policy
@@ -29,6 +37,9 @@ Criteria, and why each:
   ``Fraction`` account of the FILLS stream (``qtrader.stress.exact``), marked at each symbol's
   last stored close: realized and unrealized PnL, fees and equity to the cent, positions
   exactly.
+* ``slowest recovery after a hang <= HANG_RECOVERY_S`` (``broker-hang``): from the SIGCONT
+  until the rig pings the server, marketdata has published and inference consumed again, and
+  every outbox is empty (the other faults report this time as a figure).
 * ``workers whose /health recovered == 4``: every check OK again, or in the state it was in
   while trading before the outage (a DEGRADED that has nothing to do with NATS, such as a
   model served without calibration figures, is not the outage's doing; it is in the figures);
@@ -48,13 +59,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import math
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from fractions import Fraction
 
+from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
@@ -66,6 +81,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.policy import TradingPolicy
 from qtrader.inference.features import WINDOW
+from qtrader.local.nats_server import EmbeddedNats
 from qtrader.local.processes import Child
 from qtrader.stress.exact import cents, replay
 from qtrader.stress.harness import Rig, ScenarioFailure, policy_document
@@ -93,6 +109,10 @@ SETTLE_TIMEOUT_S = 90.0
 QUIET_ROUNDS = 6  # metric rounds (POLL_S apart) with nothing new: the pipeline has drained
 POLL_S = 0.25
 
+FULL_HANGS_S = (5.0, 20.0, 60.0)
+MIN_HANG_S = 5.0
+HANG_RECOVERY_S = 10.0  # the requirement: publishing and consuming again within 10 s
+
 DEPTH = "qtrader_outbox_depth"
 BUFFERED = "qtrader_outbox_buffered_total"
 
@@ -107,8 +127,41 @@ def _policy() -> TradingPolicy:
     )
 
 
+class BrokerFault(enum.Enum):
+    STOP = "stop"  # SIGTERM, started again on the same store and port
+    KILL = "kill"  # SIGKILL, started again on the same store and port
+    HANG = "hang"  # SIGSTOP, then SIGCONT: nothing restarts, the server just stops answering
+
+    def begin(self, nats: EmbeddedNats) -> None:
+        if self is BrokerFault.HANG:
+            os.kill(_pid(nats), signal.SIGSTOP)
+        else:
+            nats.stop(kill=self is BrokerFault.KILL)
+
+    def end(self, nats: EmbeddedNats) -> None:
+        if self is BrokerFault.HANG:
+            os.kill(_pid(nats), signal.SIGCONT)
+        else:
+            nats.start()
+
+    def durations_s(self, options: StressOptions) -> list[float]:
+        if self is BrokerFault.HANG:
+            return sorted({options.scaled(full, minimum=MIN_HANG_S) for full in FULL_HANGS_S})
+        return [options.scaled(FULL_OUTAGE_S, minimum=MIN_OUTAGE_S)]
+
+
+def _pid(nats: EmbeddedNats) -> int:
+    if nats.pid is None:
+        raise ScenarioFailure("the nats-server is not running")
+    return nats.pid
+
+
 def run(options: StressOptions, result: ScenarioResult) -> None:
-    asyncio.run(_run(options, result))
+    asyncio.run(_run(options, result, BrokerFault.STOP))
+
+
+def run_with(options: StressOptions, result: ScenarioResult, fault: BrokerFault) -> None:
+    asyncio.run(_run(options, result, fault))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,14 +186,19 @@ class ReadBack:
     snapshot: PortfolioSnapshot | None
 
 
-async def _run(options: StressOptions, result: ScenarioResult) -> None:
-    outage_s = options.scaled(FULL_OUTAGE_S, minimum=MIN_OUTAGE_S)
-    steps = LEAD_STEPS + math.ceil(CANDLES_PER_SECOND * (outage_s + TRAIL_S))
+async def _run(options: StressOptions, result: ScenarioResult, fault: BrokerFault) -> None:
+    durations = fault.durations_s(options)
+    recovery_allowance_s = HANG_RECOVERY_S * len(durations)
+    steps = LEAD_STEPS + math.ceil(
+        CANDLES_PER_SECOND * (sum(durations) + recovery_allowance_s + TRAIL_S)
+    )
     figures = result.figures
-    figures.update({"outage target s": outage_s, "feed steps": steps})
+    figures.update({"fault": fault.value, "outages target s": durations, "feed steps": steps})
     async with Rig(options.work_dir) as rig:
         pipeline = await _start(rig, options, steps)
-        baseline = await _outage(rig, pipeline, options, result, outage_s=outage_s, steps=steps)
+        baseline = await _outage(
+            rig, pipeline, options, result, fault=fault, durations=durations, steps=steps
+        )
         await _wait_feed_end(rig, pipeline, steps)
         options.say("broker-outage: feed ended; waiting for the pipeline to drain")
         await _wait_quiet(rig, pipeline)
@@ -150,7 +208,7 @@ async def _run(options: StressOptions, result: ScenarioResult) -> None:
         health = await _health_of(rig, pipeline.workers)
     figures["health at the end (checks not OK)"] = _not_ok(health)
     healthy = sum(recovered(w, health[w], baseline.get(w, {})) for w in health)
-    _judge(result, back, published=published, healthy=healthy)
+    _judge(result, back, published=published, healthy=healthy, fault=fault)
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -189,11 +247,13 @@ async def _outage(
     options: StressOptions,
     result: ScenarioResult,
     *,
-    outage_s: float,
+    fault: BrokerFault,
+    durations: list[float],
     steps: int,
 ) -> dict[str, Health]:
-    """Once orders fill: NATS down for ``outage_s``, up again; until every outbox is empty.
-    Returns the workers' health while trading, before the outage."""
+    """Once orders fill: the fault for each of ``durations``, released, until every worker
+    publishes and consumes again and every outbox is empty. Returns the workers' health
+    while trading, before the first fault."""
     figures = result.figures
     execution = pipeline.execution
     waited = await rig.until(
@@ -203,7 +263,7 @@ async def _outage(
     )
     done = await _steps(rig, pipeline.marketdata)
     figures.update({"first fill after s": round(waited, 2), "feed steps before outage": done})
-    if steps - done < CANDLES_PER_SECOND * outage_s:
+    if steps - done < CANDLES_PER_SECOND * sum(durations):
         raise ScenarioFailure(
             f"the first fill came after {done} of {steps} feed steps: too late for the outage "
             "to hit while the feed runs (the machine is too slow for this pace)"
@@ -212,23 +272,27 @@ async def _outage(
     baseline = await _health_of(rig, pipeline.workers)
     figures["health before the outage (checks not OK)"] = _not_ok(baseline)
     watch = DepthWatch(rig, pipeline.workers)
-    options.say(f"broker-outage: orders filling; NATS down for {outage_s:g} s")
-    await asyncio.to_thread(rig.nats.stop)
-    down_at = time.monotonic()
-    figures["outage started at (ms)"] = int(time.time() * 1000)
-    await watch.sample_until(down_at + outage_s)
-    await asyncio.to_thread(rig.nats.start)
-    up_at = time.monotonic()
-    figures["restarted at (ms)"] = int(time.time() * 1000)
-    figures["outage s"] = round(up_at - down_at, 2)
-    options.say("broker-outage: NATS is back; waiting for the outboxes to drain")
-    figures["rig bus reconnected after s"] = round(
-        await rig.until(_connected(rig), timeout_s=START_TIMEOUT_S, what="the rig's reconnect"), 2
-    )
-    await rig.until(
-        watch.all_empty, timeout_s=SETTLE_TIMEOUT_S, what="every worker's outbox to drain"
-    )
-    figures["time to drain after restart s"] = round(time.monotonic() - up_at, 2)
+    outages, recoveries = [], []
+    for seconds in durations:
+        options.say(f"broker-{fault.value}: orders filling; NATS {fault.value} for {seconds:g} s")
+        await asyncio.to_thread(fault.begin, rig.nats)
+        down_at = time.monotonic()
+        figures.setdefault("outage started at (ms)", int(time.time() * 1000))
+        await watch.sample_until(down_at + seconds)
+        progress = await _producing(rig, pipeline)
+        await asyncio.to_thread(fault.end, rig.nats)
+        up_at = time.monotonic()
+        figures.setdefault("restarted at (ms)", int(time.time() * 1000))
+        outages.append(round(up_at - down_at, 2))
+        options.say(f"broker-{fault.value}: NATS is back; waiting for the pipeline to resume")
+        await rig.until(
+            _resumed(rig, pipeline, watch, since=progress),
+            timeout_s=SETTLE_TIMEOUT_S,
+            what="every worker to publish and consume again and every outbox to drain",
+        )
+        recoveries.append(round(time.monotonic() - up_at, 2))
+    figures["outages s"] = outages
+    figures["recovered after s (publishing, consuming, outboxes empty)"] = recoveries
     buffered_after = await _totals(rig, pipeline.workers, BUFFERED)
     figures["outbox buffered per worker"] = {
         name: int(buffered_after[name] - buffered_before[name]) for name in buffered_after
@@ -268,14 +332,32 @@ class DepthWatch:
         return await self.sample() == 0
 
 
-def _connected(rig: Rig) -> Callable[[], Awaitable[bool]]:
-    async def connected() -> bool:
+async def _producing(rig: Rig, pipeline: Pipeline) -> tuple[float, float]:
+    """What marketdata has published and inference consumed, so far."""
+    return (
+        await family_total(rig, pipeline.marketdata, "qtrader_candles_published_total"),
+        await family_total(rig, pipeline.inference, "qtrader_messages_consumed_total"),
+    )
+
+
+def _resumed(
+    rig: Rig, pipeline: Pipeline, watch: DepthWatch, *, since: tuple[float, float]
+) -> Callable[[], Awaitable[bool]]:
+    """The rig pings the server, marketdata published and inference consumed more than at
+    ``since``, and every outbox is empty."""
+
+    async def resumed() -> bool:
         if not rig.bus.connected:
             return False
-        await rig.bus.round_trip_s()
-        return True
+        try:
+            await rig.bus.round_trip_s()
+        except BusUnavailable:
+            return False
+        published, consumed = await _producing(rig, pipeline)
+        moving = published > since[0] and consumed > since[1]
+        return moving and await watch.all_empty()
 
-    return connected
+    return resumed
 
 
 async def _at_least(value: Awaitable[float], minimum: float) -> bool:
@@ -413,7 +495,12 @@ def recovered(worker: str, now: Health, before: Health) -> bool:
 
 
 def _judge(
-    result: ScenarioResult, back: ReadBack, *, published: dict[str, int], healthy: int
+    result: ScenarioResult,
+    back: ReadBack,
+    *,
+    published: dict[str, int],
+    healthy: int,
+    fault: BrokerFault,
 ) -> None:
     candles = audit_candles(back.candles)
     signals = audit_signals(back.candles, back.signals, window=WINDOW)
@@ -454,6 +541,9 @@ def _judge(
     )
     result.figures["portfolio mismatches"] = mismatches
     result.check("portfolio vs exact account of FILLS", len(mismatches), "==", 0)
+    if fault is BrokerFault.HANG:
+        recoveries = result.figures["recovered after s (publishing, consuming, outboxes empty)"]
+        result.check("slowest recovery after a hang (s)", max(recoveries), "<=", HANG_RECOVERY_S)
     result.check("workers whose /health recovered", healthy, "==", 4)
 
 
