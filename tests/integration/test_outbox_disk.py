@@ -40,7 +40,7 @@ CANDLES_PER_SYMBOL = 3000  # about 2.4 MB of outbox for two symbols: more than t
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: the outbox's reserve (256 KiB) leaves it about 750 KiB."""
+    """A 1 MiB tmpfs."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
@@ -134,7 +134,7 @@ async def test_an_entry_replayed_but_not_removable_is_kept_and_sent_once(
             assert await bus.publish(subjects.candle_subject("BTCUSDT"), candle(index)) is None
         # Not the -shm file: SQLite maps it into memory, and a write to a mapping of an immutable
         # file is a SIGBUS (no disk fault takes away pages a process already has).
-        with immutable(path, path.with_name(path.name + "-wal"), path.with_suffix(".reserve")):
+        with immutable(path, path.with_name(path.name + "-wal")):
             await asyncio.to_thread(nats_server.start)
             replaying = asyncio.create_task(bus.replay_forever())
             await eventually(

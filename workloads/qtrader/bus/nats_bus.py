@@ -493,11 +493,14 @@ class Bus:
                 await handler([message for _, message in decoded])
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             HANDLER_ERRORS.labels(spec.durable).inc()
-            log.exception(
-                "%s failed to handle %d messages; redelivered", spec.durable, len(decoded)
-            )
+            if isinstance(exc, BusUnavailable):  # could not publish the effect: later
+                log.warning("%s could not publish (%s); redelivered", spec.durable, exc)
+            else:
+                log.exception(
+                    "%s failed to handle %d messages; redelivered", spec.durable, len(decoded)
+                )
             for msg, _ in decoded:
                 await _settle(msg.nak(delay=1.0))
             return
@@ -534,6 +537,11 @@ class Bus:
                 await handler(message)
         except asyncio.CancelledError:
             raise
+        except BusUnavailable as exc:  # its effect could not be published: try again later
+            HANDLER_ERRORS.labels(consumer).inc()
+            log.warning("%s could not publish for %s (%s); redelivered", consumer, msg.subject, exc)
+            await _settle(msg.nak(delay=1.0))
+            return
         except Exception:
             HANDLER_ERRORS.labels(consumer).inc()
             log.exception("%s failed to handle %s; it will be redelivered", consumer, msg.subject)

@@ -17,12 +17,12 @@ SQLite's reason, from every call: the publisher treats them like a full outbox (
 health CRITICAL), never as a crash. A transaction that failed changed nothing, so the same call
 can simply be made again once the disk recovers.
 
-Why a reserve file: in WAL mode a DELETE needs disk space too, so an outbox that filled its disk
-could never drain it, and the producers it holds back would wait for good. At open the outbox
-writes ``<name>.reserve`` (``RESERVE_BYTES``); when a removal fails, the reserve is given up and
-the removal tried again, so replay can always empty the outbox. Once it is empty, the WAL is
-truncated and the reserve written again. A small ``wal_autocheckpoint`` keeps the WAL, which
-only grows, from eating the disk between checkpoints.
+Why ``clear``: in WAL mode a DELETE needs disk space too, so an outbox that filled its disk
+could never remove what it replayed, and the producers it holds back would wait for good. So
+replay goes on past an entry it could not remove (``oldest(after=...)``), and once every entry
+was sent it empties the outbox by deleting its files (``clear``), which frees their space
+without writing anything. A small ``wal_autocheckpoint`` keeps the WAL, which only grows until
+a checkpoint, from eating the disk; an emptied outbox truncates it.
 
 All calls are synchronous and short (one small transaction); the bus calls them from its event
 loop. SQLite is in the standard library; nothing else is needed.
@@ -30,6 +30,7 @@ loop. SQLite is in the standard library; nothing else is needed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -40,7 +41,6 @@ from typing import Literal
 
 Synchronous = Literal["FULL", "NORMAL"]
 
-RESERVE_BYTES = 256 * 1024
 _WAL_AUTOCHECKPOINT_PAGES = 64
 
 _SCHEMA = """
@@ -91,18 +91,9 @@ class Outbox:
         self._lock_fd = lock_fd
         self._closed = False
         self.capacity = capacity
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
-            self._db.execute(_SCHEMA)
-            self._depth = self._count()
-        except (sqlite3.Error, OSError) as exc:
-            raise OutboxUnwritable(path, exc) from exc
-        self._reserve = path.with_suffix(".reserve")
-        self._restore_reserve()
+        self._synchronous = synchronous
+        self._db = self._open()
+        self._depth = self._count()
 
     def __len__(self) -> int:
         return self._depth
@@ -121,27 +112,35 @@ class Outbox:
         )
         self._depth += 1
 
-    def oldest(self, limit: int) -> list[OutboxEntry]:
-        """Up to ``limit`` entries, oldest first; they stay until ``remove``."""
+    def oldest(self, limit: int, *, after: int = 0) -> list[OutboxEntry]:
+        """Up to ``limit`` entries with a sequence above ``after``, oldest first; they stay
+        until ``remove`` or ``clear``."""
         rows = self._execute(
-            "SELECT seq, subject, msg_id, payload, created_at FROM outbox ORDER BY seq LIMIT ?",
-            (limit,),
+            "SELECT seq, subject, msg_id, payload, created_at FROM outbox WHERE seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (after, limit),
         ).fetchall()
         return [OutboxEntry(*row) for row in rows]
 
     def remove(self, seq: int) -> None:
-        """Remove the entry ``seq`` once the stream acknowledged it (with the reserve's space
-        if the disk is full: see the module docstring)."""
-        statement = ("DELETE FROM outbox WHERE seq = ?", (seq,))
-        try:
-            removed = self._execute(*statement).rowcount
-        except OutboxUnwritable:
-            if not self._release_reserve():
-                raise
-            removed = self._execute(*statement).rowcount
-        self._depth -= removed
+        """Remove the entry ``seq`` once the stream acknowledged it."""
+        self._depth -= self._execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
         if self._depth == 0:
-            self._compact()
+            self._truncate_wal()
+
+    def clear(self) -> None:
+        """Empty the outbox by deleting its files (no disk space needed), then start a new one.
+        Only for when every entry it holds has been acknowledged by the stream."""
+        self._db.close()
+        try:
+            for suffix in ("-wal", "-shm", ""):  # the database last: what it holds was sent
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        except OSError as exc:
+            self._db = self._open()
+            self._depth = self._count()
+            raise OutboxUnwritable(self.path, exc) from exc
+        self._db = self._open()
+        self._depth = 0
 
     def oldest_age_s(self) -> float:
         if self._closed:
@@ -159,34 +158,22 @@ class Outbox:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def _release_reserve(self) -> bool:
-        """Give the reserve's space back to the disk; False when there was none to give."""
+    def _open(self) -> sqlite3.Connection:
         try:
-            self._reserve.unlink()
-        except OSError:  # none left, or the directory itself cannot be written
-            return False
-        return True
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self._synchronous}")
+            db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
+            db.execute(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise OutboxUnwritable(self.path, exc) from exc
+        return db
 
-    def _restore_reserve(self) -> None:
-        """Write the reserve if it is missing; a disk too full for it is reported by the writes
-        that follow, not here."""
-        if self._reserve.exists():
-            return
-        try:
-            with self._reserve.open("wb") as reserve:
-                reserve.write(bytes(RESERVE_BYTES))
-                reserve.flush()
-                os.fsync(reserve.fileno())
-        except OSError:
-            self._reserve.unlink(missing_ok=True)
-
-    def _compact(self) -> None:
-        """Empty: give the WAL's space back, then take the reserve again."""
-        try:
+    def _truncate_wal(self) -> None:
+        """Empty: give the WAL's space back (a failure here is harmless: the next try)."""
+        with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            return  # the next empty outbox tries again
-        self._restore_reserve()
 
     def _count(self) -> int:
         (count,) = self._execute("SELECT COUNT(*) FROM outbox", ()).fetchone()

@@ -9,8 +9,13 @@ before its acknowledgement was lost is dropped by the stream's duplicate window.
 
 A full outbox raises ``BusBackPressure``: the producer stops taking work, nothing is dropped.
 So does an outbox whose disk fails (full, read-only, I/O errors): ``health`` is then CRITICAL
-naming the file and the error until a write succeeds again. An entry that was replayed but
-cannot be removed stays and is sent again later; the stream's duplicate window drops the copy.
+naming the file and the error, and the outbox takes nothing more until replay has emptied it.
+Why until empty: removals need disk space too, and outboxes of other workers may share the disk;
+were each to go on appending whenever a removal freed a page, none would drain. An entry that
+was replayed but cannot be removed stays; replay goes on with the next, and once every entry was
+sent the outbox is cleared by deleting its files (``Outbox.clear``), which needs no space. Should
+the worker stop before that, the next run sends those entries again and the stream's duplicate
+window drops the copies.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ OUTBOX_REPLAYED = Counter(
     "qtrader_outbox_replayed_total", "Outbox messages acknowledged by JetStream on replay."
 )
 OUTBOX_REFUSED = Counter(
-    "qtrader_outbox_refused_total", "Publishes refused because the outbox was full."
+    "qtrader_outbox_refused_total",
+    "Publishes refused because the outbox was full or its disk had failed.",
 )
 OUTBOX_DISK_ERRORS = Counter(
     "qtrader_outbox_disk_errors_total",
@@ -55,7 +61,8 @@ class OutboxPublisher:
         self._send = send
         self._retry_interval_s = retry_interval_s
         self._pending = asyncio.Event()
-        self._disk_error: str | None = None  # the last disk failure, until a write succeeds
+        self._disk_error: str | None = None  # the last disk failure, until the outbox is empty
+        self._sent_through = 0  # the replay's position, past entries sent but not removable
         if len(outbox):
             self._pending.set()  # left by a previous run of this worker: replay it first
         OUTBOX_DEPTH.set_function(lambda: len(self._outbox))
@@ -76,6 +83,9 @@ class OutboxPublisher:
         return None
 
     def _keep(self, subject: str, payload: bytes, msg_id: str) -> None:
+        if self._disk_error is not None:
+            OUTBOX_REFUSED.inc()
+            raise BusBackPressure(f"{self._disk_error}: draining it before taking more")
         try:
             self._outbox.append(subject, msg_id, payload)
         except OutboxFull as exc:
@@ -84,7 +94,6 @@ class OutboxPublisher:
         except OutboxUnwritable as exc:
             self._disk_failed("append", exc)
             raise BusBackPressure(f"NATS unreachable and {exc}") from exc
-        self._disk_error = None
         OUTBOX_BUFFERED.inc()
         self._pending.set()
 
@@ -99,25 +108,36 @@ class OutboxPublisher:
     async def replay(self) -> bool:
         """Send what the outbox holds, oldest first; True once it is empty."""
         try:
-            while entries := self._outbox.oldest(_REPLAY_BATCH):
+            while entries := self._outbox.oldest(_REPLAY_BATCH, after=self._sent_through):
                 for entry in entries:
                     try:
                         await self._send(entry.subject, entry.payload, entry.msg_id)
                     except BusUnavailable:
                         return False
-                    self._outbox.remove(entry.seq)
-                    self._disk_error = None
+                    self._sent_through = entry.seq
                     OUTBOX_REPLAYED.inc()
+                    self._remove(entry.seq)
+            if len(self._outbox):  # all sent; what could not be removed goes with the files
+                self._outbox.clear()
         except OutboxUnwritable as exc:
             self._disk_failed("replay", exc)
             return False
+        self._sent_through = 0
+        self._disk_error = None
         return True
+
+    def _remove(self, seq: int) -> None:
+        try:
+            self._outbox.remove(seq)
+        except OutboxUnwritable as exc:  # sent all the same: cleared with the rest at the end
+            self._disk_failed("remove", exc)
 
     def _disk_failed(self, step: str, exc: OutboxUnwritable) -> None:
         OUTBOX_DISK_ERRORS.labels(step).inc()
         if self._disk_error is None:
             log.error("the outbox's disk failed (%s): %s", step, exc)
         self._disk_error = str(exc)
+        self._pending.set()  # replay lifts the error once the outbox is empty, even if it is now
 
     def health(self) -> DependencyHealth:
         depth = len(self._outbox)

@@ -52,6 +52,9 @@ class Children:
     def __init__(self, log_dir: Path) -> None:
         self._log_dir = log_dir
         self._children: dict[str, Child] = {}
+        # Where the workloads' outboxes go: this run's, not a shared one (a scenario may put
+        # it on a disk of its own).
+        self.outbox_dir = log_dir / "outbox"
 
     def __enter__(self) -> Children:
         return self
@@ -97,7 +100,7 @@ class Children:
         """``qtrader ROLE`` on ``url`` with a free health port and this run's outbox directory."""
         port = free_port()
         args = ["-m", "qtrader", role, "--nats-url", url, "--health-host", "127.0.0.1"]
-        args += ["--outbox-dir", str(self._log_dir / "outbox")]  # this run's, not a shared one
+        args += ["--outbox-dir", str(self.outbox_dir)]
         return self.spawn(name, [*args, "--health-port", str(port), *extra], port=port, env=env)
 
     def stop(self, names: Iterable[str], *, kill: bool = False) -> None:

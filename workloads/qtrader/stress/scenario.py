@@ -66,6 +66,11 @@ SCENARIOS: dict[str, ScenarioSpec] = {
             "broker_hang",
         ),
         ScenarioSpec(
+            "disk-full",
+            "outboxes on a disk that fills during an outage: no death, nothing lost",
+            "disk_full",
+        ),
+        ScenarioSpec(
             "exchange-instability",
             "bursts of 429/-1003/-1015/5xx/timeouts: backoff, no ban, no duplicate",
             "exchange_instability",

@@ -6,7 +6,10 @@ stops the server (SIGTERM) and starts it again on the same store; ``broker-kill`
 on (SIGCONT): the process, its store and every TCP connection stay, the server only stops
 answering, which is what a stalled broker or a half-open connection looks like to a client.
 The hang is applied several times (5, 20 and 60 s at full length), and each time every worker
-must publish and consume again within ``HANG_RECOVERY_S`` of the SIGCONT.
+must publish and consume again within ``HANG_RECOVERY_S`` of the SIGCONT. ``disk-full`` is the
+outage with every worker's outbox on one small tmpfs (``SMALL_DISK_BYTES``), which fills while
+NATS is down: the workers must hold back (nothing dies, nothing is dropped), say so in
+``/health``, and drain it once NATS is back (it needs root, to mount the tmpfs).
 
 What runs: the four workloads as real processes on the rig's nats-server, in paper mode:
 marketdata (synthetic candles for two symbols, ``CANDLES_PER_SECOND`` steps a second, a fixed
@@ -40,6 +43,9 @@ Criteria, and why each:
 * ``slowest recovery after a hang <= HANG_RECOVERY_S`` (``broker-hang``): from the SIGCONT
   until the rig pings the server, marketdata has published and inference consumed again, and
   every outbox is empty (the other faults report this time as a figure).
+* ``outbox disk errors > 0`` (``disk-full``, ``qtrader_outbox_disk_errors_total``): the disk
+  did fill while the workers produced; without it the zeros above prove nothing about it. A
+  worker that died on it fails the run at once (the rig checks its processes throughout).
 * ``workers whose /health recovered == 4``: every check OK again, or in the state it was in
   while trading before the outage (a DEGRADED that has nothing to do with NATS, such as a
   model served without calibration figures, is not the outage's doing; it is in the figures);
@@ -63,11 +69,13 @@ import enum
 import math
 import os
 import signal
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 
 from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
@@ -112,8 +120,12 @@ POLL_S = 0.25
 FULL_HANGS_S = (5.0, 20.0, 60.0)
 MIN_HANG_S = 5.0
 HANG_RECOVERY_S = 10.0  # the requirement: publishing and consuming again within 10 s
+# The outboxes' disk in disk-full: four outboxes' files (a 32 KiB shared-memory file each) and
+# room for a few hundred candles, so it fills within the shortest outage.
+SMALL_DISK_BYTES = 384 * 1024
 
 DEPTH = "qtrader_outbox_depth"
+DISK_ERRORS = "qtrader_outbox_disk_errors_total"
 BUFFERED = "qtrader_outbox_buffered_total"
 
 
@@ -164,6 +176,30 @@ def run_with(options: StressOptions, result: ScenarioResult, fault: BrokerFault)
     asyncio.run(_run(options, result, fault))
 
 
+def run_disk_full(options: StressOptions, result: ScenarioResult) -> None:
+    disk = options.work_dir / "outbox-disk"
+    with small_disk(disk, SMALL_DISK_BYTES):
+        asyncio.run(_run(options, result, BrokerFault.STOP, outbox_dir=disk))
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_bytes: int) -> Iterator[None]:
+    """A tmpfs of ``size_bytes`` mounted at ``path`` (root only), unmounted on the way out."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        raise ScenarioFailure(f"cannot mount a small disk (root needed): {mounted.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Pipeline:
     marketdata: Child
@@ -186,7 +222,13 @@ class ReadBack:
     snapshot: PortfolioSnapshot | None
 
 
-async def _run(options: StressOptions, result: ScenarioResult, fault: BrokerFault) -> None:
+async def _run(
+    options: StressOptions,
+    result: ScenarioResult,
+    fault: BrokerFault,
+    *,
+    outbox_dir: Path | None = None,
+) -> None:
     durations = fault.durations_s(options)
     recovery_allowance_s = HANG_RECOVERY_S * len(durations)
     steps = LEAD_STEPS + math.ceil(
@@ -195,7 +237,10 @@ async def _run(options: StressOptions, result: ScenarioResult, fault: BrokerFaul
     figures = result.figures
     figures.update({"fault": fault.value, "outages target s": durations, "feed steps": steps})
     async with Rig(options.work_dir) as rig:
+        if outbox_dir is not None:
+            rig.children.outbox_dir = outbox_dir
         pipeline = await _start(rig, options, steps)
+        disk_errors_before = await _totals(rig, pipeline.workers, DISK_ERRORS)
         baseline = await _outage(
             rig, pipeline, options, result, fault=fault, durations=durations, steps=steps
         )
@@ -206,7 +251,12 @@ async def _run(options: StressOptions, result: ScenarioResult, fault: BrokerFaul
         back = await _read_back(rig)
         back = await _settled_snapshot(rig, back)
         health = await _health_of(rig, pipeline.workers)
+        disk_errors = await _totals(rig, pipeline.workers, DISK_ERRORS)
     figures["health at the end (checks not OK)"] = _not_ok(health)
+    if outbox_dir is not None:
+        errors = {w: int(disk_errors[w] - disk_errors_before[w]) for w in disk_errors}
+        figures["outbox disk errors per worker"] = errors
+        result.check("outbox disk errors", sum(errors.values()), ">", 0)
     healthy = sum(recovered(w, health[w], baseline.get(w, {})) for w in health)
     _judge(result, back, published=published, healthy=healthy, fault=fault)
 
