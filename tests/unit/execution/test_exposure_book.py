@@ -147,6 +147,35 @@ def test_another_replicas_pending_new_counts_in_flight_until_final_and_filled() 
     assert book.position("BTCUSDT") == Decimal("-0.03")
 
 
+def test_another_replicas_fill_seen_before_its_pending_new_is_counted_once() -> None:
+    book = ExposureBook()
+    book.apply_fill(_fill("b", "0.033"))  # FILLS and ORDERS are two streams: any order
+    update = OrderUpdate(
+        client_order_id=_cid("b"),
+        intent_id="b",
+        symbol="BTCUSDT",
+        side=Side.BUY,
+        status=OrderStatus.PENDING_NEW,
+        quantity=Decimal("0.033"),
+        filled_quantity=Decimal(0),
+        avg_price=Decimal(0),
+        exchange="binance",
+        worker_id="other",
+        ts_ms=1_000,
+    )
+    book.apply_update(update, own_worker_id="me")
+    assert book.projected() == {"BTCUSDT": Decimal("0.033")}
+
+
+def test_an_intent_never_seen_sent_is_released_once_past_its_ttl_and_the_grace() -> None:
+    book = ExposureBook()
+    _reserve(book, "a", "0.03")  # created at 1,000
+    assert book.release_unsendable(now_ms=7_000, ttl_ms=5_000, grace_ms=1_000) == []
+    assert book.release_unsendable(now_ms=7_001, ttl_ms=5_000, grace_ms=1_000) == ["a"]
+    assert book.backlog().size == 0
+    assert book.in_flight("BTCUSDT") == 0
+
+
 def test_an_order_is_cut_to_what_the_limit_leaves_at_its_limit_price() -> None:
     book = ExposureBook()
     _reserve(book, "a", "0.02")  # in flight, same side

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 
-from qtrader.contracts.messages import Fill, OrderStatus, OrderUpdate
+from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderUpdate
 from qtrader.instruments import Instrument
 
 _ZERO = Decimal(0)
@@ -146,6 +146,7 @@ class ExposureBook:
     _fills_by_order: dict[str, list[Fill]] = field(default_factory=dict)
     _seen_fills: set[str] = field(default_factory=set)
     _sent: set[str] = field(default_factory=set)  # intents with a PENDING_NEW on ORDERS
+    _finished: set[str] = field(default_factory=set)  # intents whose final update was seen
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -200,15 +201,18 @@ class ExposureBook:
         created_at_ms: int,
         local: bool,
     ) -> None:
-        """Count an intent in flight; a second reservation of the same intent changes nothing."""
-        if intent_id in self._reservations:
+        """Count an intent in flight; a second reservation of the same intent changes nothing.
+
+        Fills of its stem already applied (another replica's fill can arrive before its
+        PENDING_NEW: two streams) count against it: they are in the position already."""
+        if intent_id in self._reservations or intent_id in self._finished:
             return
         stem = stem_of(client_order_id)
         filled = self._filled_by_stem.get(stem, _ZERO)
         self._reservations[intent_id] = _Reservation(
             symbol=symbol,
             sign=1 if signed_quantity > 0 else -1,
-            requested=abs(signed_quantity) + filled,
+            requested=abs(signed_quantity),
             filled=filled,
             created_at_ms=created_at_ms,
             local=local,
@@ -252,11 +256,38 @@ class ExposureBook:
     def finish(self, intent_id: str, *, filled: Decimal) -> None:
         """The intent is final having filled ``filled``: the rest is released now; the filled
         part stays reserved until its fills are applied."""
+        self._finished.add(intent_id)
         reservation = self._reservations.get(intent_id)
         if reservation is None:
             return
         reservation.final_filled = filled
         self._drop_if_settled(intent_id)
+
+    def knows(self, intent_id: str) -> bool:
+        """Whether the intent is in flight, was sent, or ended: deciding it again adds nothing
+        (the stream keeps one message per intent id)."""
+        return (
+            intent_id in self._reservations
+            or intent_id in self._sent
+            or (intent_id in self._finished)
+        )
+
+    def release_unsendable(self, *, now_ms: int, ttl_ms: int, grace_ms: int) -> list[str]:
+        """Release this worker's intents that nobody recorded as sent and that can no longer
+        be sent (past their time to live by more than ``grace_ms``, the time a PENDING_NEW
+        takes to come back): an intent lost on its way (never consumed, or dropped as a
+        duplicate by the stream) must not hold the backlog and the exposure forever."""
+        stale = [
+            intent_id
+            for intent_id, r in self._reservations.items()
+            if r.local
+            and r.final_filled is None
+            and intent_id not in self._sent
+            and now_ms - r.created_at_ms > ttl_ms + grace_ms
+        ]
+        for intent_id in stale:
+            del self._reservations[intent_id]
+        return stale
 
     def forget(self, intent_id: str) -> None:
         """An intent that never left this worker (its publication failed)."""
@@ -267,6 +298,7 @@ class ExposureBook:
         reservation becomes what is sent (on top of what it already filled)."""
         verdict = self._check(attempt, limits)
         if isinstance(verdict, Admitted):
+            self._finished.discard(attempt.intent_id)  # a redelivered intent sending its rest
             self.reserve(
                 intent_id=attempt.intent_id,
                 client_order_id=attempt.client_order_id,
@@ -397,6 +429,25 @@ def intent_expired(*, created_at_ms: int, now_ms: int, ttl_ms: int) -> Refused |
     if age_ms <= ttl_ms:
         return None
     return Refused(ExposureReason.INTENT_EXPIRED, f"intent is {age_ms} ms old, ttl {ttl_ms} ms")
+
+
+def admit_order(
+    book: ExposureBook, order: OrderIntent, *, limits: SendLimits, now_ms: int, ttl_ms: int
+) -> Admitted | Refused:
+    """The send-time check of one attempt: its intent's age first, then the book."""
+    expired = intent_expired(created_at_ms=order.created_at_ms, now_ms=now_ms, ttl_ms=ttl_ms)
+    if expired is not None:
+        return expired
+    attempt = Attempt(
+        intent_id=order.intent_id,
+        client_order_id=order.client_order_id,
+        symbol=order.symbol,
+        side_sign=order.side.sign,
+        quantity=order.quantity,
+        limit_price=order.limit_price or order.reference_price,
+        reduce_only=order.reduce_only,
+    )
+    return book.admit(attempt, limits)
 
 
 # --- the book against the portfolio's ledger --------------------------------------------------
