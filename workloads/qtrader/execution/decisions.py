@@ -17,8 +17,9 @@ unknown (price, equity) fails closed.
 
 Choices worth knowing:
 
-* The target quantity is rounded toward zero to the step before subtracting, so the position
-  after the order never exceeds ``max_position_usd`` at the current price.
+* The target quantity is sized at the slippage bound above the current price (the limit the
+  order is sent at) and rounded toward zero to the step before subtracting, so the position
+  after the order never exceeds ``max_position_usd`` at any price the order can fill at.
 * An order that only reduces the position (same symbol, opposite side, not past zero) is marked
   ``reduce_only`` and is exempt from the exposure limits (open positions, position size,
   leverage, minimum notional): refusing to de-risk never makes a portfolio safer.
@@ -50,6 +51,7 @@ _EXACT = Context(prec=60, rounding=ROUND_HALF_EVEN)
 _ZERO = Decimal(0)
 _INTENT_ID_MAX = 128
 _CLIENT_ORDER_ID_PREFIX = "qt-"
+_BPS = Decimal(10_000)
 
 
 class DenialReason(enum.StrEnum):
@@ -219,7 +221,13 @@ def _plan(
     instrument = exchange.instrument(signal.symbol)
     price = context.marks[signal.symbol]
     current = context.positions.get(signal.symbol, _ZERO)
-    target = _target_quantity(signal.direction, policy.risk.max_position_usd, price, instrument)
+    # Sized at the worst price the order may fill at (the slippage bound the order is priced
+    # at), the price the exposure book values it at when it is sent: sized at the mark, a full
+    # position would not fit at send time and would be cut.
+    worst_price = price * (_BPS + policy.risk.max_slippage_bps) / _BPS
+    target = _target_quantity(
+        signal.direction, policy.risk.max_position_usd, worst_price, instrument
+    )
     signed_qty = _toward_zero(target - current, instrument.step_size)
     if signed_qty == 0:
         return Denial(DenialReason.NO_CHANGE, f"position {current} is already at target {target}")
