@@ -131,6 +131,7 @@ def driver_for(venue: BinanceFutures, exchange: Exchange, recorder: Recorder) ->
         publish_fill=recorder.fill,
         admit=admit,
         expiry=lambda intent: None,
+        deadline=lambda intent: intent.created_at_ms + 3_600_000,
         was_sent=recorder.book.was_sent,
         worker_id="test",
         settings=DriverSettings(unknown_grace_s=1.0, lookup_interval_s=0.1),

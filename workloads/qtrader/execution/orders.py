@@ -21,7 +21,9 @@ ends EXPIRED with its age; an attempt that would take the position, with what ot
 have in flight, beyond a policy limit is cut to what fits or refused, and the intent ends with
 the reason (``exchange`` is ``BOOK_NAME``: nothing reached the venue). Its PENDING_NEW is
 published there too, with the quantity admitted, so a PENDING_NEW on the ORDERS stream means
-the attempt went to the venue (or was about to).
+the attempt went to the venue (or was about to). The venue is given the intent's deadline (its
+creation plus its time to live): an order still waiting for the rate limiter or a back-off when
+it passes is not sent at all (``NotSent``) and the intent ends EXPIRED the same way.
 
 An intent that was never sent (no PENDING_NEW for it on the ORDERS stream, ``was_sent``) and
 that may not be sent now (halted, or past its time to live) is ended without asking the venue
@@ -48,7 +50,7 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     Side,
 )
-from qtrader.exchange.errors import Banned, ExchangeError, OutcomeUnknown
+from qtrader.exchange.errors import Banned, ExchangeError, NotSent, OutcomeUnknown
 from qtrader.exchange.venue import Venue, VenueOrder
 from qtrader.execution.decisions import attempt_client_order_id
 from qtrader.execution.exposure import Admitted, ExposureReason, Refused
@@ -78,6 +80,8 @@ MarkPrice = Callable[[str], Decimal | None]
 Admit = Callable[[OrderIntent], Admitted | Refused]
 # Why an intent may no longer be sent at all (its time to live is over), or None.
 Expiry = Callable[[OrderIntent], Refused | None]
+# The wall-clock time (epoch ms) after which an intent's order must not leave for the venue.
+Deadline = Callable[[OrderIntent], int]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,12 +131,14 @@ class OrderDriver:
         worker_id: str,
         admit: Admit,
         expiry: Expiry,
+        deadline: Deadline,
         was_sent: Callable[[str], bool],
         on_error: Callable[[ExchangeError], Awaitable[None]] | None = None,
         settings: DriverSettings | None = None,
     ) -> None:
         self._admit = admit
         self._expiry = expiry
+        self._deadline = deadline
         self._was_sent = was_sent
         self._on_error = on_error
         self._venue = venue
@@ -320,9 +326,11 @@ class OrderDriver:
                     self._update(order, OrderStatus.PENDING_NEW, order.quantity)
                 )
             try:
-                return await self._venue.place(order)
+                return await self._venue.place(order, not_after_ms=self._deadline(order))
             except OutcomeUnknown as exc:
                 raise _Unknown(order, exc) from exc
+            except NotSent as exc:  # its time to live ran out waiting for the rate limiter
+                return Refused(ExposureReason.INTENT_EXPIRED, exc.message)
 
     def _check_gate(self, order: OrderIntent) -> None:
         verdict = self._gate.verdict(order)

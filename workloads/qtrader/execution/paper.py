@@ -53,7 +53,7 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     Side,
 )
-from qtrader.exchange.errors import Rejected
+from qtrader.exchange.errors import NotSent, Rejected
 from qtrader.exchange.venue import VenueOrder
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo, Instrument
@@ -297,8 +297,13 @@ class PaperVenue:
     async def start(self, symbols: Sequence[str]) -> list[VenueOrder]:
         return []  # nothing outlives the process: MARKET and IOC orders never rest
 
-    async def place(self, order: OrderIntent) -> VenueOrder:
-        execution = self._paper.submit(order, now_ms=int(time.time() * 1000))
+    async def place(self, order: OrderIntent, *, not_after_ms: int | None = None) -> VenueOrder:
+        now_ms = int(time.time() * 1000)
+        if not_after_ms is not None and now_ms > not_after_ms:
+            raise NotSent(
+                f"paper exchange: not sent, its deadline passed {now_ms - not_after_ms} ms ago"
+            )
+        execution = self._paper.submit(order, now_ms=now_ms)
         if execution.final.status is OrderStatus.REJECTED:
             raise Rejected(f"paper exchange: {execution.final.reason}")
         return _venue_order(execution)

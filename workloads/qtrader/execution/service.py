@@ -577,6 +577,7 @@ class Execution:
             publish_fill=self._publish_fill,
             admit=self._admit,
             expiry=self._expiry,
+            deadline=lambda intent: intent.created_at_ms + _intent_ttl_ms(self._policy_spec()),
             was_sent=self._book.was_sent,
             worker_id=self._context.options.worker_id,
             on_error=self._on_exchange_error,
@@ -624,6 +625,11 @@ class Execution:
         elif verdict.cut_by is not None:
             ORDERS_CUT.labels(verdict.cut_by.value).inc()
         return verdict
+
+    def _policy_spec(self) -> TradingPolicySpec:
+        policy = self._context.policy.current
+        assert policy is not None  # sending starts after the first policy
+        return policy.spec
 
     def _expiry(self, intent: OrderIntent) -> Refused | None:
         policy = self._context.policy.current
