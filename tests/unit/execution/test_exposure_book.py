@@ -7,7 +7,7 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qtrader.contracts.messages import Fill, OrderStatus, OrderUpdate, Side
+from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderType, OrderUpdate, Side
 from qtrader.execution.decisions import attempt_client_order_id, client_order_id_for
 from qtrader.execution.exposure import (
     Admitted,
@@ -17,6 +17,7 @@ from qtrader.execution.exposure import (
     PositionReconciler,
     Refused,
     SendLimits,
+    admit_order,
     intent_expired,
 )
 from qtrader.instruments import Instrument
@@ -337,3 +338,41 @@ def _filled(book: ExposureBook, intent_id: str) -> Decimal:
     """What the fills applied so far filled of ``intent_id``, over all its attempts."""
     cids = (attempt_client_order_id(_cid(intent_id), n) for n in range(3))
     return sum((f.quantity for cid in cids for f in book.fills_of(cid)), Decimal(0))
+
+
+def test_a_sell_is_valued_at_the_market_when_that_is_above_its_floor() -> None:
+    """A SELL fills at or above its limit: valued at its floor, a short would be
+    underestimated (a -0.010 leftover plus a full short reached 1.01x the limit)."""
+    book = ExposureBook()
+    book.apply_fill(_fill("a", "-0.001"))
+    order = OrderIntent(
+        intent_id="b",
+        client_order_id=_cid("b"),
+        symbol="BTCUSDT",
+        side=Side.SELL,
+        quantity=Decimal("0.033"),
+        order_type=OrderType.LIMIT,
+        limit_price=Decimal(29_700),  # the 100 bps floor
+        reference_price=PRICE,
+        policy_revision=1,
+        created_at_ms=1_000,
+    )
+    verdict = admit_order(book, order, limits=LIMITS, now_ms=1_500, ttl_ms=5_000)
+    assert isinstance(verdict, Admitted)
+    assert verdict.quantity == Decimal("0.032")  # 0.033 fits at 29,700, not at 30,000
+
+
+def test_an_order_past_its_ttl_is_refused_before_the_book_is_asked() -> None:
+    order = OrderIntent(
+        intent_id="b",
+        client_order_id=_cid("b"),
+        symbol="BTCUSDT",
+        side=Side.BUY,
+        quantity=Decimal("0.01"),
+        reference_price=PRICE,
+        policy_revision=1,
+        created_at_ms=1_000,
+    )
+    verdict = admit_order(ExposureBook(), order, limits=LIMITS, now_ms=6_001, ttl_ms=5_000)
+    assert isinstance(verdict, Refused)
+    assert verdict.reason is ExposureReason.INTENT_EXPIRED

@@ -12,8 +12,9 @@ synchronous and does no I/O, so every change is one step with nothing interleave
   final update says was filled stays reserved only until those fills are seen, so a position
   never counts neither;
 * an attempt is admitted (``admit``) against the position, the quantity other intents have in
-  flight and the policy's limits at the attempt's limit price, and its reservation becomes what
-  it sends, in the same call.
+  flight and the policy's limits at the attempt's limit price (for a SELL, whose fill can be
+  above its floor, the current price when that is higher), and its reservation becomes what it
+  sends, in the same call.
 
 Reservations are keyed by intent id and matched to fills by the client order id stem (the first
 32 characters, shared by all attempts of an intent). An intent is reserved when this worker
@@ -79,7 +80,8 @@ class SendLimits:
 
 @dataclass(frozen=True, kw_only=True)
 class Attempt:
-    """One order about to be sent: ``side_sign`` +1 buys; ``limit_price`` values it."""
+    """One order about to be sent: ``side_sign`` +1 buys; ``limit_price`` values it (the
+    highest price it may fill at as far as the sender can tell: see ``admit_order``)."""
 
     intent_id: str
     client_order_id: str
@@ -438,13 +440,20 @@ def admit_order(
     expired = intent_expired(created_at_ms=order.created_at_ms, now_ms=now_ms, ttl_ms=ttl_ms)
     if expired is not None:
         return expired
+    # A BUY never fills above its limit, but a SELL fills at or *above* its floor (at the
+    # market): valued at its floor, a short would be underestimated. So the worst of the
+    # limit, the decision's price and the current mark.
+    prices = [order.limit_price or order.reference_price, order.reference_price]
+    mark = limits.marks.get(order.symbol)
+    if mark is not None:
+        prices.append(mark)
     attempt = Attempt(
         intent_id=order.intent_id,
         client_order_id=order.client_order_id,
         symbol=order.symbol,
         side_sign=order.side.sign,
         quantity=order.quantity,
-        limit_price=order.limit_price or order.reference_price,
+        limit_price=max(prices),
         reduce_only=order.reduce_only,
     )
     return book.admit(attempt, limits)
