@@ -322,3 +322,22 @@ def test_denial_reason_when_used_as_metric_label_then_is_short_snake_case(
     reason: DenialReason,
 ) -> None:
     assert re.fullmatch(r"[a-z_]{1,32}", reason.value)
+
+
+def test_decide_when_the_intent_backlog_is_at_its_bound_then_denies_backlog_full() -> None:
+    at_bound = DecisionContext(
+        trading_state=TradingState.ACTIVE,
+        marks=MARKS,
+        equity=Decimal(10_000),
+        intent_backlog=50,
+        max_intent_backlog=50,
+    )
+    assert denied(run(signal(), at_bound)) is DenialReason.BACKLOG_FULL
+    below = DecisionContext(
+        trading_state=TradingState.ACTIVE,
+        marks=MARKS,
+        equity=Decimal(10_000),
+        intent_backlog=49,
+        max_intent_backlog=50,
+    )
+    assert isinstance(run(signal(), below), OrderIntent)

@@ -155,11 +155,12 @@ class OrderDriver:
         progress = _Progress(filled=Decimal(0), notional=Decimal(0))
         why = ""
         first = 0
-        if not self._was_sent(intent.intent_id):
+        sent_before = self._was_sent(intent.intent_id)
+        if not sent_before:
             ended = await self._end_unsendable(intent, progress)
             if ended is not None:
                 return ended
-        if self._maybe_sent_before(intent):
+        if sent_before or self._maybe_sent_before(intent):
             try:
                 first = await self._recover(intent, progress)
             except ExchangeError as exc:  # cannot tell what was sent: send nothing more

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import (
     ROUND_CEILING,
@@ -124,14 +124,9 @@ class PaperExchange:
         candle = self._closes.get(symbol)
         return candle.close if candle else None
 
-    def restore_positions(self, positions: Mapping[str, Decimal]) -> None:
-        """The account's positions, from the FILLS stream (a previous run's and the other
-        replicas' fills), so reduce-only is checked against the whole account."""
-        self._positions = dict(positions)
-
     def position(self, symbol: str) -> Decimal:
         """The account's signed net quantity of ``symbol``: from the source given, else what
-        this exchange has filled (and been restored to)."""
+        this exchange has filled."""
         if self._position_source is not None:
             return self._position_source(symbol)
         return self._positions.get(symbol, _ZERO)
