@@ -499,6 +499,3 @@ class PositionReconciler:
             for symbol, since in sorted(self._since.items())
             if now_s - since >= self._grace_s
         ]
-
-    def symbols(self) -> set[str]:
-        return set(self._since)

@@ -87,6 +87,7 @@ from qtrader.execution.decisions import (
 from qtrader.execution.exposure import (
     Admitted,
     ExposureBook,
+    Mismatch,
     PositionReconciler,
     Refused,
     SendLimits,
@@ -230,6 +231,7 @@ class Execution:
         self._acked_revision = -1
         self._book = ExposureBook()  # the one owner of positions and quantity in flight
         self._reconciler = PositionReconciler(grace_s=config.position_mismatch_grace_s)
+        self._mismatch_reported: set[str] = set()
         # Intents this worker sent whose outcome stayed unknown: looked up again until settled.
         self._unresolved: dict[str, OrderIntent] = {}
         self._fills_caught_up = asyncio.Event()
@@ -434,16 +436,22 @@ class Execution:
 
     async def _on_snapshot(self, snapshot: PortfolioSnapshot) -> None:
         self._equity = snapshot.equity
-        before = self._reconciler.symbols()
         self._reconciler.observe(
             book=self._book.positions(),
             portfolio={p.symbol: p.quantity for p in snapshot.positions},
             now_s=time.monotonic(),
         )
-        for symbol in before - self._reconciler.symbols():
-            POSITION_MISMATCH.labels(symbol).set(0)
-        for mismatch in self._reconciler.persistent(time.monotonic()):
-            POSITION_MISMATCH.labels(mismatch.symbol).set(1)
+        self._show_mismatches()
+
+    def _show_mismatches(self) -> list[Mismatch]:
+        """The differences that outlasted the grace, also set on the gauge (every symbol
+        ever reported is set, so one that agrees again reads 0)."""
+        mismatches = self._reconciler.persistent(time.monotonic())
+        persistent = {m.symbol for m in mismatches}
+        for symbol in self._mismatch_reported | persistent:
+            POSITION_MISMATCH.labels(symbol).set(int(symbol in persistent))
+        self._mismatch_reported |= persistent
+        return mismatches
 
     # --- stage 1: decide ---------------------------------------------------------------------
 
@@ -812,7 +820,7 @@ class Execution:
 
     async def check_positions(self) -> DependencyHealth:
         """DEGRADED while the book and the portfolio's ledger disagree beyond the grace."""
-        mismatches = self._reconciler.persistent(time.monotonic())
+        mismatches = self._show_mismatches()
         if not mismatches:
             return DependencyHealth(
                 name="positions", status=Status.OK, detail="the portfolio agrees with the book"
