@@ -155,8 +155,8 @@ async def _feeding(bus: Bus, *, rounds_per_s: float, tag: str) -> AsyncIterator[
 
 @contextlib.asynccontextmanager
 async def _stack(
-    nats: EmbeddedNats, admin: SimAdmin, tmp_path: Path, policy: Any
-) -> AsyncIterator[tuple[Bus, Worker]]:
+    nats: EmbeddedNats, admin: SimAdmin, tmp_path: Path, policy: Any, *, replicas: int = 1
+) -> AsyncIterator[tuple[Bus, list[Worker]]]:
     bus = Bus(url=nats.url, client_name="test-exposure")
     await bus.connect()
     await bus.ensure_topology()
@@ -164,15 +164,19 @@ async def _stack(
     await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
     heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2))
     env = {"QTRADER_BINANCE_API_KEY": KEY, "QTRADER_BINANCE_API_SECRET": SECRET}
-    args = ("--worker-id", "exec-exposure", "--exchange-url", admin.base_url)
-    args += ("--unknown-grace", "1", "--exchange-timeout", "2")
+    args = ("--exchange-url", admin.base_url, "--unknown-grace", "1", "--exchange-timeout", "2")
     workers = [start_worker("portfolio", nats_url=nats.url, log_dir=tmp_path)]
     try:
-        execution = start_worker(
-            "execution", nats_url=nats.url, log_dir=tmp_path, args=args, env=env
-        )
-        workers.append(execution)
-        yield bus, execution
+        executions = []
+        for n in range(replicas):
+            worker_args = ("--worker-id", f"exec-exposure-{n}", *args)
+            executions.append(
+                start_worker(
+                    "execution", nats_url=nats.url, log_dir=tmp_path, args=worker_args, env=env
+                )
+            )
+        workers += executions
+        yield bus, executions
     finally:
         heartbeat.cancel()
         for worker in workers:
@@ -223,7 +227,7 @@ async def test_orders_that_end_unfilled_never_leave_a_position_beyond_its_limit(
     """IOCs that meet no liquidity, a price beyond the slippage bound, 408 and HTML 502 answers
     never booked: the intents decided on top of them are re-checked when sent."""
     with _exchange(tmp_path) as admin:
-        async with _stack(nats_server, admin, tmp_path, _policy()) as (bus, execution):
+        async with _stack(nats_server, admin, tmp_path, _policy()) as (bus, [execution]):
             async with _feeding(bus, rounds_per_s=10, tag="unfilled"):
                 await eventually(
                     lambda: len(admin.trades()) >= 3,
@@ -267,7 +271,7 @@ async def test_at_full_pace_a_fill_is_never_counted_twice(
     """No fault: at 10 and 40 rounds of candles a second on three symbols, a decision between a
     fill and its intent's final update sizes on the position once."""
     with _exchange(tmp_path) as admin:
-        async with _stack(nats_server, admin, tmp_path, _policy()) as (bus, execution):
+        async with _stack(nats_server, admin, tmp_path, _policy()) as (bus, [execution]):
             async with _feeding(bus, rounds_per_s=rounds_per_s, tag=f"pace{rounds_per_s}"):
                 await eventually(
                     lambda: len(admin.trades()) >= 3,
@@ -283,6 +287,32 @@ async def test_at_full_pace_a_fill_is_never_counted_twice(
         assert positions is not None
 
 
+async def test_two_replicas_count_each_others_orders_in_flight(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Two workers share the signal and intent queues and one account: each counts the
+    other's attempts (their PENDING_NEW on ORDERS) and fills in flight and in position."""
+    with _exchange(tmp_path) as admin:
+        async with _stack(nats_server, admin, tmp_path, _policy(), replicas=2) as (bus, pair):
+            async with _feeding(bus, rounds_per_s=10, tag="replicas"):
+                await eventually(
+                    lambda: len(admin.trades()) >= 3,
+                    timeout_s=30,
+                    what="first trades",
+                    worker=pair[0],
+                )
+                await asyncio.sleep(8)
+            for worker in pair:
+                await _settled(worker, timeout_s=20)
+            sent = [
+                worker.metric("qtrader_orders_sent_total", exchange="binance") for worker in pair
+            ]
+        report = await _judge(nats_server.url, admin)
+        print(f"orders sent by each replica: {sent}")
+        assert all(n > 0 for n in sent), sent  # both sent, so each had the other's in flight
+        assert report.trades >= 3
+
+
 async def test_a_flood_with_the_weight_limit_lowered_expires_stale_intents_and_a_halt_stops_it(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
@@ -296,7 +326,7 @@ async def test_a_flood_with_the_weight_limit_lowered_expires_stale_intents_and_a
     bound = 20
     policy = _policy(maxIntentBacklog=bound)
     with _exchange(tmp_path, rules) as admin:
-        async with _stack(nats_server, admin, tmp_path, policy) as (bus, execution):
+        async with _stack(nats_server, admin, tmp_path, policy) as (bus, [execution]):
             health_seen: list[str] = []
             backlog_seen: list[float] = []
             async with _feeding(bus, rounds_per_s=20, tag="flood"):
