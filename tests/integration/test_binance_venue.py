@@ -29,6 +29,7 @@ from qtrader.exchange.binance import BinanceFutures, BinanceSettings
 from qtrader.exchange.credentials import Credentials
 from qtrader.exchange.errors import Banned, ClockSkew, FilterViolation, Rejected
 from qtrader.execution.decisions import client_order_id_for
+from qtrader.execution.exposure import Admitted, ExposureBook, Refused, SendLimits, admit_order
 from qtrader.execution.halt import HaltGate
 from qtrader.execution.orders import DriverSettings, OrderDriver
 from qtrader.health.contract import Status
@@ -85,15 +86,20 @@ async def venue(exchange: Exchange) -> AsyncIterator[BinanceFutures]:
 
 
 class Recorder:
+    """What the driver publishes, applied to an exposure book as the worker does."""
+
     def __init__(self) -> None:
         self.updates: list[OrderUpdate] = []
         self.fills: list[Fill] = []
+        self.book = ExposureBook()
 
     async def update(self, update: OrderUpdate) -> None:
         self.updates.append(update)
+        self.book.apply_update(update, own_worker_id="test")
 
     async def fill(self, fill: Fill) -> None:
         self.fills.append(fill)
+        self.book.apply_fill(fill)
 
 
 def active_gate() -> HaltGate:
@@ -104,12 +110,29 @@ def active_gate() -> HaltGate:
 
 
 def driver_for(venue: BinanceFutures, exchange: Exchange, recorder: Recorder) -> OrderDriver:
+    """A driver whose exposure limits are far away: these tests are about the venue."""
+    limits = SendLimits(
+        max_position_usd=Decimal(10**9),
+        max_open_positions=10,
+        max_leverage=Decimal(125),
+        equity=Decimal(10**9),
+        marks=exchange.marks,
+        instrument=venue.exchange_info.instrument("BTCUSDT"),
+    )
+
+    def admit(order: OrderIntent) -> Admitted | Refused:
+        return admit_order(recorder.book, order, limits=limits, now_ms=_now_ms(), ttl_ms=3_600_000)
+
     return OrderDriver(
         venue,
         active_gate(),
         marks=exchange.marks.get,
         publish_update=recorder.update,
         publish_fill=recorder.fill,
+        admit=admit,
+        expiry=lambda intent: None,
+        deadline=lambda intent: intent.created_at_ms + 3_600_000,
+        was_sent=recorder.book.was_sent,
         worker_id="test",
         settings=DriverSettings(unknown_grace_s=1.0, lookup_interval_s=0.1),
     )

@@ -50,7 +50,10 @@ def test_up_when_bounded_then_trades_prints_report_and_leaves_nothing_running(
     assert report["candles"] > 0
     assert report["signals"] > 0
     assert report["fills"] > 0
-    assert report["orders"]["FILLED"] == report["fills"]
+    # One fill per attempt on paper; an attempt the exposure book cut to the limits leaves a
+    # remainder (a second attempt, or the intent ends CANCELED with what it filled).
+    filled, canceled = report["orders"]["FILLED"], report["orders"].get("CANCELED", 0)
+    assert filled <= report["fills"] <= 3 * (filled + canceled)
     assert report["portfolio"]["fills_applied"] == report["fills"]
     assert report["down"] == []
     assert set(report["restarts"].values()) == {0}

@@ -227,6 +227,8 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
     await bus.ensure_topology()
     await publish_policy(bus, POLICY)
     await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+    # The test plays the portfolio: an order is sent only while equity is known.
+    await bus.publish(subjects.PORTFOLIO_SNAPSHOT, _equity_snapshot(Decimal(10_000)))
     heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2))
     stop_prices = asyncio.Event()
 
@@ -248,7 +250,10 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
         quantity=Decimal("0.010"),
         reference_price=Decimal(30_000),
         policy_revision=1,
-        created_at_ms=int(time.time() * 1000) - 10_000,  # a while ago, as a redelivery is
+        # Within its time to live when first sent (an older intent is never sent: it ends
+        # EXPIRED); each redelivery is recognised by its PENDING_NEW on the ORDERS stream and
+        # looked up, whatever its age by then.
+        created_at_ms=int(time.time() * 1000),
     )
     subject = subjects.order_intent_subject("BTCUSDT")
 
@@ -291,6 +296,23 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
     updates = await order_updates(url)
     finals = {u.status for u in updates if u.intent_id == intent_id and u.status.is_final}
     assert finals == {OrderStatus.FILLED}
+
+
+def _equity_snapshot(equity: Decimal) -> PortfolioSnapshot:
+    return PortfolioSnapshot(
+        sequence=1,
+        ts_ms=int(time.time() * 1000),
+        fills_applied=0,
+        initial_capital=equity,
+        realized_pnl=Decimal(0),
+        unrealized_pnl=Decimal(0),
+        fees=Decimal(0),
+        equity=equity,
+        peak_equity=equity,
+        drawdown_pct=Decimal(0),
+        max_drawdown_pct=Decimal(0),
+        positions=(),
+    )
 
 
 def _trading(worker: Worker) -> bool:

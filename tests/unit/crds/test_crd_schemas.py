@@ -1064,7 +1064,7 @@ def test_every_numeric_field_of_the_model_is_bounded_and_probed() -> None:
     numeric = {p for p, info in model_fields(TradingPolicySpec) if info.annotation in NUMERIC_TYPES}
     probed = {probe.path for probe in numeric_probes()}
     assert numeric == probed
-    assert len(numeric) >= 16
+    assert len(numeric) >= 18
 
 
 @pytest.mark.parametrize("probe", all_probes(), ids=lambda p: p.id)
@@ -1082,6 +1082,8 @@ KNOWN_DIVERGENCES: Final = [
     # and numeric strings for int and float fields.
     Probe(("signals", "queueSize"), "100", False),
     Probe(("signals", "ttlSeconds"), "30", False),
+    Probe(("signals", "intentTtlSeconds"), "5", False),
+    Probe(("signals", "maxIntentBacklog"), "50", False),
     # The CRD's decimal pattern is plain digits; Decimal also parses exponents and a bare point.
     Probe(("risk", "maxPositionUsd"), "1e3", False),
     Probe(("risk", "maxPositionUsd"), ".5", False),
@@ -1175,6 +1177,18 @@ POLICY_COUNTER_EXAMPLES: Final = [
     ),
     _policy(
         "ttl-zero", {"spec.signals.ttlSeconds": 0}, "spec.signals.ttlSeconds", "exclusiveMinimum"
+    ),
+    _policy(
+        "intent-ttl-zero",
+        {"spec.signals.intentTtlSeconds": 0},
+        "spec.signals.intentTtlSeconds",
+        "exclusiveMinimum",
+    ),
+    _policy(
+        "intent-backlog-zero",
+        {"spec.signals.maxIntentBacklog": 0},
+        "spec.signals.maxIntentBacklog",
+        "minimum",
     ),
     _policy("bad-stop-ref", {"spec.emergencyStopRef": "Main"}, "spec.emergencyStopRef", "pattern"),
     _policy(

@@ -123,8 +123,10 @@ def test_decide_when_flat_and_long_signal_then_buys_target_rounded_toward_zero()
 
 
 def test_decide_when_flat_and_short_signal_then_sells_target() -> None:
+    # 1000 USD at 100 would be 10 SOL, but the order may fill at the 20 bps slippage bound,
+    # 100.2, where 10 SOL are worth 1002: the target is sized there, 9 SOL (step 1).
     intent = order(signal(Direction.SHORT, symbol="SOLUSDT"), context())
-    assert (intent.side, intent.quantity) == (Side.SELL, Decimal(10))
+    assert (intent.side, intent.quantity) == (Side.SELL, Decimal(9))
 
 
 def test_decide_when_long_below_target_then_buys_the_difference() -> None:
@@ -320,3 +322,22 @@ def test_denial_reason_when_used_as_metric_label_then_is_short_snake_case(
     reason: DenialReason,
 ) -> None:
     assert re.fullmatch(r"[a-z_]{1,32}", reason.value)
+
+
+def test_decide_when_the_intent_backlog_is_at_its_bound_then_denies_backlog_full() -> None:
+    at_bound = DecisionContext(
+        trading_state=TradingState.ACTIVE,
+        marks=MARKS,
+        equity=Decimal(10_000),
+        intent_backlog=50,
+        max_intent_backlog=50,
+    )
+    assert denied(run(signal(), at_bound)) is DenialReason.BACKLOG_FULL
+    below = DecisionContext(
+        trading_state=TradingState.ACTIVE,
+        marks=MARKS,
+        equity=Decimal(10_000),
+        intent_backlog=49,
+        max_intent_backlog=50,
+    )
+    assert isinstance(run(signal(), below), OrderIntent)

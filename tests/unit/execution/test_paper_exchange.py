@@ -223,3 +223,23 @@ def test_constructor_when_bps_out_of_range_then_raises(fee_bps: str, slippage_bp
         PaperExchange(
             exchange=EXCHANGE, fee_bps=Decimal(fee_bps), slippage_bps=Decimal(slippage_bps)
         )
+
+
+def test_reduce_only_is_checked_against_the_positions_source_when_given() -> None:
+    """In a worker the paper exchange reads the account's positions from the exposure book,
+    the one owner of positions there; it keeps none of its own."""
+    book = {"BTCUSDT": Decimal("0.010")}
+    paper = PaperExchange(
+        exchange=EXCHANGE,
+        fee_bps=Decimal(4),
+        slippage_bps=Decimal(2),
+        positions=lambda symbol: book.get(symbol, Decimal(0)),
+    )
+    paper.on_candle(candle("BTCUSDT", "60000.0"))
+    closing = paper.submit(intent(Side.SELL, "0.010", reduce_only=True), now_ms=NOW)
+    assert closing.final.status is OrderStatus.FILLED
+    assert paper.position("BTCUSDT") == Decimal("0.010")  # the source learns of fills itself
+    beyond = paper.submit(
+        intent(Side.SELL, "0.020", reduce_only=True, client_order_id="qt-2"), now_ms=NOW
+    )
+    assert beyond.final.status is OrderStatus.REJECTED

@@ -582,7 +582,7 @@ class Bus:
         """
         stream = subjects.scoped_stream(self._stack, stream)
         filter_subject = subjects.scoped_subject(self._stack, filter_subject)
-        if caught_up is not None and await self._stream_is_empty(stream):
+        if caught_up is not None and not await self._holds_any(stream, filter_subject):
             caught_up.set()
 
         async def on_message(msg: Msg) -> None:
@@ -601,12 +601,14 @@ class Bus:
             )
         )
 
-    async def _stream_is_empty(self, stream: subjects.StreamSpec) -> bool:
+    async def _holds_any(self, stream: subjects.StreamSpec, filter_subject: str) -> bool:
+        """Whether ``stream`` stores a message on ``filter_subject`` (a stream holding only
+        other subjects, e.g. ORDERS with intents and no updates yet, has nothing to replay)."""
         try:
-            info = await self._jetstream.stream_info(stream.name)
+            info = await self._jetstream.stream_info(stream.name, subjects_filter=filter_subject)
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read {stream.name}'s state: {exc!r}") from exc
-        return int(info.state.messages) == 0
+        return any((info.state.subjects or {}).values())
 
     async def last_message(
         self, stream: subjects.StreamSpec, subject: str, message_type: type[M]

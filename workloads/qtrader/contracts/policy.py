@@ -56,6 +56,12 @@ class SignalThrottling(_Spec):
     queue_size: int = Field(default=100, ge=1, le=10_000)
     max_per_cycle: int = Field(default=10, ge=1, le=1_000)
     ttl_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # An order intent older than this is never sent: it ends EXPIRED with its age. Bounds how
+    # stale a price an order can be priced around when sending falls behind deciding.
+    intent_ttl_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Intents an execution worker has decided that are not final yet; at the bound new
+    # decisions are denied (backlog_full) until sending catches up.
+    max_intent_backlog: int = Field(default=50, ge=1, le=10_000)
 
 
 class PaperExchangeSettings(_Spec):

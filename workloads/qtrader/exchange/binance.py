@@ -53,6 +53,7 @@ from qtrader.exchange.errors import (
     Banned,
     ClockSkew,
     ExchangeError,
+    NotSent,
     OutcomeUnknown,
     RateLimited,
     Rejected,
@@ -227,10 +228,13 @@ class BinanceFutures:
 
     # --- orders ------------------------------------------------------------------------------
 
-    async def place(self, order: OrderIntent) -> VenueOrder:
-        """Send one order (rounded and checked locally first); its final state for IOC."""
+    async def place(self, order: OrderIntent, *, not_after_ms: int | None = None) -> VenueOrder:
+        """Send one order (rounded and checked locally first); its final state for IOC. Not
+        sent at all (``NotSent``) if ``not_after_ms`` passes while it waits to go out."""
         order = prepare_order(order, self.exchange_info.instrument(order.symbol))
-        answer = await self._request(_NEW_ORDER, _order_params(order), signed=True, safe=False)
+        answer = await self._request(
+            _NEW_ORDER, _order_params(order), signed=True, safe=False, not_after_ms=not_after_ms
+        )
         try:
             return await self._with_fills(answer, order.side, order.reduce_only)
         except ExchangeError as exc:
@@ -314,7 +318,13 @@ class BinanceFutures:
     # --- the one request path ----------------------------------------------------------------
 
     async def _request(
-        self, endpoint: _Endpoint, params: Mapping[str, Any], *, signed: bool, safe: bool
+        self,
+        endpoint: _Endpoint,
+        params: Mapping[str, Any],
+        *,
+        signed: bool,
+        safe: bool,
+        not_after_ms: int | None = None,
     ) -> Any:
         limiter = self._limiter
         if limiter is None:
@@ -323,7 +333,9 @@ class BinanceFutures:
         clock_resynced = False
         for attempt in range(self._settings.max_retries + 1):
             try:
-                answer, headers = await self._send_once(limiter, endpoint, params, cost, signed)
+                answer, headers = await self._send_once(
+                    limiter, endpoint, params, cost, signed, not_after_ms
+                )
             except Banned:
                 REQUESTS.labels(endpoint.path, "banned").inc()
                 raise
@@ -366,6 +378,7 @@ class BinanceFutures:
         params: Mapping[str, Any],
         cost: RequestCost,
         signed: bool,
+        not_after_ms: int | None = None,
     ) -> tuple[Any, dict[str, str]]:
         """Admit one request and send it, and on a 429 or 418 set the pause, all under one lock.
 
@@ -377,6 +390,10 @@ class BinanceFutures:
         async with self._sending:
             self._refuse_while_banned()
             await limiter.acquire(cost)
+            # Checked after the limiter's wait, the last moment before the request leaves.
+            if not_after_ms is not None and time.time() * 1000 > not_after_ms:
+                late_ms = int(time.time() * 1000) - not_after_ms
+                raise NotSent(f"{endpoint.path}: not sent, its deadline passed {late_ms} ms ago")
             try:
                 return await self._run(endpoint, params, signed=signed)
             except Banned as exc:

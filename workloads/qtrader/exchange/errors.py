@@ -5,6 +5,8 @@ status, Binance's error code and message, or the network exception. The caller's
 type: ``Rejected`` is never retried, ``RateLimited`` pauses all traffic, ``Banned`` stops order
 flow, ``Transient`` may be retried when the request is safe to repeat, ``OutcomeUnknown`` must be
 looked up by its client order id before anything is re-sent, ``ClockSkew`` resyncs the clock.
+``NotSent`` is the one raised without asking the exchange: an order whose deadline passed while
+it waited for the rate limiter or a back-off is not sent at all.
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ class Transient(ExchangeError):
 class OutcomeUnknown(ExchangeError):
     """The request may have taken effect (timeout, 503 "Unknown error", -1006/-1007, reset after
     sending): an order must be looked up by its client order id, never blindly re-sent."""
+
+
+class NotSent(ExchangeError):
+    """The order never left: its ``not_after_ms`` passed while it waited to be sent (rate
+    limiter, back-off after a 429 or a transient failure). Nothing reached the exchange."""
 
 
 class ClockSkew(ExchangeError):

@@ -41,8 +41,11 @@ class Venue(Protocol):
         """Connect, load the instruments, and return the orders still open there (ours)."""
         ...
 
-    async def place(self, order: OrderIntent) -> VenueOrder:
-        """Send one order and return its state once the venue answers (final for IOC)."""
+    async def place(self, order: OrderIntent, *, not_after_ms: int | None = None) -> VenueOrder:
+        """Send one order and return its state once the venue answers (final for IOC).
+
+        If the wall clock passes ``not_after_ms`` (epoch ms) before the order goes out (it
+        waits for the rate limiter, a back-off), it is not sent: ``NotSent``."""
         ...
 
     async def lookup(self, symbol: str, client_order_id: str) -> VenueOrder | None:

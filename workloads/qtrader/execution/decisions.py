@@ -5,6 +5,10 @@ SHORT the same short, FLAT nothing. The order is the difference between that tar
 current position. Because the order is derived from the position, a redelivered or repeated
 signal after the fill asks for no change, which makes signals naturally idempotent.
 
+The positions a decision sees (``DecisionContext.positions``) are the exposure book's projection:
+fills plus everything in flight. The book re-checks every order at send time anyway
+(``exposure.py``); the decision only sizes on the best view there is.
+
 ``decide`` is a pure function of its inputs (the caller passes the clock as ``now_ms`` and the
 portfolio as a ``DecisionContext``), so a decision can be replayed and tested exactly. A denial
 is an ordinary result carrying a ``DenialReason`` from a small fixed set (a metric label) and a
@@ -13,8 +17,9 @@ unknown (price, equity) fails closed.
 
 Choices worth knowing:
 
-* The target quantity is rounded toward zero to the step before subtracting, so the position
-  after the order never exceeds ``max_position_usd`` at the current price.
+* The target quantity is sized at the slippage bound above the current price (the limit the
+  order is sent at) and rounded toward zero to the step before subtracting, so the position
+  after the order never exceeds ``max_position_usd`` at any price the order can fill at.
 * An order that only reduces the position (same symbol, opposite side, not past zero) is marked
   ``reduce_only`` and is exempt from the exposure limits (open positions, position size,
   leverage, minimum notional): refusing to de-risk never makes a portfolio safer.
@@ -46,12 +51,15 @@ _EXACT = Context(prec=60, rounding=ROUND_HALF_EVEN)
 _ZERO = Decimal(0)
 _INTENT_ID_MAX = 128
 _CLIENT_ORDER_ID_PREFIX = "qt-"
+_BPS = Decimal(10_000)
 
 
 class DenialReason(enum.StrEnum):
     """Why a signal did not become an order; bounded, used as a metric label."""
 
     HALTED = "halted"
+    BACKLOG_FULL = "backlog_full"
+    DUPLICATE_INTENT = "duplicate_intent"  # decided before: the book already counts it
     SYMBOL_NOT_ALLOWED = "symbol_not_allowed"
     SIGNAL_EXPIRED = "signal_expired"
     LOW_CONFIDENCE = "low_confidence"
@@ -88,6 +96,10 @@ class DecisionContext:
     marks: Mapping[str, Decimal] = field(default_factory=dict)
     equity: Decimal | None = None
     market_data_fresh: bool = True
+    # Intents decided and not yet final, and the bound on them (the policy's maxIntentBacklog):
+    # at the bound nothing more is decided until sending catches up.
+    intent_backlog: int = 0
+    max_intent_backlog: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +185,12 @@ def _check_signal(
     symbol = signal.symbol
     if context.trading_state is TradingState.HALTED:
         return Denial(DenialReason.HALTED, "trading is halted")
+    bound = context.max_intent_backlog
+    if bound is not None and context.intent_backlog >= bound:
+        return Denial(
+            DenialReason.BACKLOG_FULL,
+            f"{context.intent_backlog} intents decided and not final, at most {bound}",
+        )
     if symbol not in policy.symbols:
         return Denial(DenialReason.SYMBOL_NOT_ALLOWED, f"{symbol} is not in the policy's symbols")
     if symbol not in exchange:
@@ -203,7 +221,13 @@ def _plan(
     instrument = exchange.instrument(signal.symbol)
     price = context.marks[signal.symbol]
     current = context.positions.get(signal.symbol, _ZERO)
-    target = _target_quantity(signal.direction, policy.risk.max_position_usd, price, instrument)
+    # Sized at the worst price the order may fill at (the slippage bound the order is priced
+    # at), the price the exposure book values it at when it is sent: sized at the mark, a full
+    # position would not fit at send time and would be cut.
+    worst_price = price * (_BPS + policy.risk.max_slippage_bps) / _BPS
+    target = _target_quantity(
+        signal.direction, policy.risk.max_position_usd, worst_price, instrument
+    )
     signed_qty = _toward_zero(target - current, instrument.step_size)
     if signed_qty == 0:
         return Denial(DenialReason.NO_CHANGE, f"position {current} is already at target {target}")

@@ -9,7 +9,9 @@ worker cannot know what it said, and it may have been a halt.
 Why a lock: the worker acknowledges a halt only after the new latch is in force *and* no order
 is between its check and its send. Sending holds the lock from the check until the exchange
 call returns; applying a latch takes the same lock. So once an acknowledgement is out, no order
-that was checked under the old latch can still reach the exchange.
+that was checked under the old latch can still reach the exchange. The exposure book's
+admission of the attempt and its PENDING_NEW record happen under the same lock, just before
+the venue call (``orders.py``), so what was admitted is what is sent.
 """
 
 from __future__ import annotations

@@ -15,6 +15,20 @@ venue still does not know it is it sent again, with the same client order id, an
 the halt gate. So one intent never has two live orders.
 
 Each send holds the halt gate's lock from the check to the venue's answer (see ``halt.py``).
+Under that lock, just before the venue call, the attempt is also admitted by the worker's
+exposure book (``exposure.py``, through the ``admit`` callable): an intent past its time to live
+ends EXPIRED with its age; an attempt that would take the position, with what other intents
+have in flight, beyond a policy limit is cut to what fits or refused, and the intent ends with
+the reason (``exchange`` is ``BOOK_NAME``: nothing reached the venue). Its PENDING_NEW is
+published there too, with the quantity admitted, so a PENDING_NEW on the ORDERS stream means
+the attempt went to the venue (or was about to). The venue is given the intent's deadline (its
+creation plus its time to live): an order still waiting for the rate limiter or a back-off when
+it passes is not sent at all (``NotSent``) and the intent ends EXPIRED the same way.
+
+An intent that was never sent (no PENDING_NEW for it on the ORDERS stream, ``was_sent``) and
+that may not be sent now (halted, or past its time to live) is ended without asking the venue
+anything: a halt stops every request for queued intents. Look-ups of attempts already sent
+go on while halted (their fills must be known) and are counted.
 """
 
 from __future__ import annotations
@@ -36,9 +50,10 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     Side,
 )
-from qtrader.exchange.errors import Banned, ExchangeError, OutcomeUnknown
+from qtrader.exchange.errors import Banned, ExchangeError, NotSent, OutcomeUnknown
 from qtrader.exchange.venue import Venue, VenueOrder
 from qtrader.execution.decisions import attempt_client_order_id
+from qtrader.execution.exposure import Admitted, ExposureReason, Refused
 from qtrader.execution.halt import HaltGate
 
 log = logging.getLogger(__name__)
@@ -48,12 +63,25 @@ ATTEMPTS_RECOVERED = Counter(
     "Attempts of a redelivered intent found already at the venue, so not sent again.",
 )
 
+HALTED_LOOKUPS = Counter(
+    "qtrader_halted_lookups_total",
+    "Order look-ups at the venue while the halt gate forbade sending the intent (only of "
+    "attempts already sent: an intent never sent is ended without look-ups).",
+)
+
 _BPS = Decimal(10_000)
 GATE_NAME = "halt-gate"  # the ``exchange`` of an update for an order the halt gate stopped
+BOOK_NAME = "exposure-book"  # ... for an order the exposure book refused (or expired)
 
 PublishUpdate = Callable[[OrderUpdate], Awaitable[None]]
 PublishFill = Callable[[Fill], Awaitable[None]]
 MarkPrice = Callable[[str], Decimal | None]
+# Admission of one attempt under the gate's lock: the quantity to send, or why none.
+Admit = Callable[[OrderIntent], Admitted | Refused]
+# Why an intent may no longer be sent at all (its time to live is over), or None.
+Expiry = Callable[[OrderIntent], Refused | None]
+# The wall-clock time (epoch ms) after which an intent's order must not leave for the venue.
+Deadline = Callable[[OrderIntent], int]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +110,15 @@ class Halted(Exception):
     """The gate refused the send: trading is halted (or reducing and the order adds risk)."""
 
 
+class _Unknown(Exception):
+    """The outcome of sending ``order`` (as sent, maybe cut by the book) is unknown."""
+
+    def __init__(self, order: OrderIntent, cause: OutcomeUnknown) -> None:
+        super().__init__(str(cause))
+        self.order = order
+        self.cause = cause
+
+
 class OrderDriver:
     def __init__(
         self,
@@ -92,9 +129,17 @@ class OrderDriver:
         publish_update: PublishUpdate,
         publish_fill: PublishFill,
         worker_id: str,
+        admit: Admit,
+        expiry: Expiry,
+        deadline: Deadline,
+        was_sent: Callable[[str], bool],
         on_error: Callable[[ExchangeError], Awaitable[None]] | None = None,
         settings: DriverSettings | None = None,
     ) -> None:
+        self._admit = admit
+        self._expiry = expiry
+        self._deadline = deadline
+        self._was_sent = was_sent
         self._on_error = on_error
         self._venue = venue
         self._gate = gate
@@ -110,7 +155,12 @@ class OrderDriver:
         progress = _Progress(filled=Decimal(0), notional=Decimal(0))
         why = ""
         first = 0
-        if self._maybe_sent_before(intent):
+        sent_before = self._was_sent(intent.intent_id)
+        if not sent_before:
+            ended = await self._end_unsendable(intent, progress)
+            if ended is not None:
+                return ended
+        if sent_before or self._maybe_sent_before(intent):
             try:
                 first = await self._recover(intent, progress)
             except ExchangeError as exc:  # cannot tell what was sent: send nothing more
@@ -134,6 +184,8 @@ class OrderDriver:
                     await self._on_error(exc)
                 status = OrderStatus.REJECTED if progress.filled == 0 else OrderStatus.CANCELED
                 return await self._report(intent, progress, status, _describe(exc))
+            if isinstance(result, Refused):
+                return await self._report_refused(intent, progress, result)
             if result is None:
                 return await self._report(
                     intent,
@@ -173,6 +225,33 @@ class OrderDriver:
         why = None if status is OrderStatus.FILLED else "resolved by look-up: not all of it filled"
         return await self._report(intent, progress, status, why)
 
+    async def _end_unsendable(self, intent: OrderIntent, progress: _Progress) -> OrderUpdate | None:
+        """End an intent never sent that may not be sent now, without a request to the venue:
+        REJECTED while the gate forbids it, EXPIRED past its time to live."""
+        verdict = self._gate.verdict(intent)
+        if not verdict.allowed:
+            why = f"trading is {verdict.state.value}: {verdict.why}; never sent, not looked up"
+            return await self._report(
+                intent, progress, OrderStatus.REJECTED, why, exchange=GATE_NAME
+            )
+        expired = self._expiry(intent)
+        if expired is not None:
+            return await self._report_refused(intent, progress, expired)
+        return None
+
+    async def _report_refused(
+        self, intent: OrderIntent, progress: _Progress, refused: Refused
+    ) -> OrderUpdate:
+        """The exposure book refused the next attempt: the intent ends with what it filled."""
+        if progress.filled > 0:
+            status = OrderStatus.CANCELED
+        elif refused.reason is ExposureReason.INTENT_EXPIRED:
+            status = OrderStatus.EXPIRED
+        else:
+            status = OrderStatus.REJECTED
+        why = f"{refused.reason.value}: {refused.detail}"
+        return await self._report(intent, progress, status, why, exchange=BOOK_NAME)
+
     # --- a redelivered intent ----------------------------------------------------------------
 
     def _maybe_sent_before(self, intent: OrderIntent) -> bool:
@@ -187,6 +266,7 @@ class OrderDriver:
         """
         for attempt in range(self._settings.max_attempts):
             client_order_id = attempt_client_order_id(intent.client_order_id, attempt)
+            self._count_halted_lookup(intent)
             found = await self._venue.lookup(intent.symbol, client_order_id)
             if found is None:
                 return attempt
@@ -197,14 +277,15 @@ class OrderDriver:
 
     # --- one attempt -------------------------------------------------------------------------
 
-    async def _attempt(self, order: OrderIntent) -> VenueOrder | None:
-        """Send one attempt; resolve an unknown outcome; None if it stays unknown."""
-        self._check_gate(order)  # again under the lock in _send; this spares a PENDING_NEW
-        await self._publish_update(self._update(order, OrderStatus.PENDING_NEW, order.quantity))
-        for _ in range(self._settings.max_resends_unknown):
+    async def _attempt(self, order: OrderIntent) -> VenueOrder | Refused | None:
+        """Send one attempt; resolve an unknown outcome; None if it stays unknown; Refused
+        when the exposure book admits none of it."""
+        self._check_gate(order)  # again under the lock in _send; this spares the admission
+        for resend in range(self._settings.max_resends_unknown):
             try:
-                return await self._send(order)
-            except OutcomeUnknown as exc:
+                return await self._send(order, announce=resend == 0)
+            except _Unknown as unknown:
+                order, exc = unknown.order, unknown.cause
                 log.warning("order %s: %s; looking it up", order.client_order_id, exc)
                 await self._publish_update(
                     self._update(order, OrderStatus.UNKNOWN, order.quantity, reason=str(exc))
@@ -224,10 +305,33 @@ class OrderDriver:
             )
         return None
 
-    async def _send(self, order: OrderIntent) -> VenueOrder:
+    async def _send(self, order: OrderIntent, *, announce: bool) -> VenueOrder | Refused:
+        """Under the gate's lock: the gate, the exposure book's admission (which may cut the
+        quantity), the PENDING_NEW of a first send, the venue call. An unknown outcome is
+        raised as ``_Unknown`` carrying the order as sent (a re-send sends the same)."""
         async with self._gate.lock:
             self._check_gate(order)
-            return await self._venue.place(order)
+            verdict = self._admit(order)
+            if isinstance(verdict, Refused):
+                return verdict
+            if verdict.quantity != order.quantity:
+                log.info(
+                    "order %s cut to %s: %s",
+                    order.client_order_id,
+                    verdict.quantity,
+                    verdict.detail,
+                )
+                order = order.model_copy(update={"quantity": verdict.quantity})
+            if announce:
+                await self._publish_update(
+                    self._update(order, OrderStatus.PENDING_NEW, order.quantity)
+                )
+            try:
+                return await self._venue.place(order, not_after_ms=self._deadline(order))
+            except OutcomeUnknown as exc:
+                raise _Unknown(order, exc) from exc
+            except NotSent as exc:  # its time to live ran out waiting for the rate limiter
+                return Refused(ExposureReason.INTENT_EXPIRED, exc.message)
 
     def _check_gate(self, order: OrderIntent) -> None:
         verdict = self._gate.verdict(order)
@@ -246,6 +350,7 @@ class OrderDriver:
         while True:
             absent = False
             try:
+                self._count_halted_lookup(order)
                 found = await self._venue.lookup(order.symbol, order.client_order_id)
                 absent = found is None
             except ExchangeError as exc:
@@ -254,6 +359,10 @@ class OrderDriver:
             if found is not None or time.monotonic() >= deadline:
                 return found, absent
             await asyncio.sleep(self._settings.lookup_interval_s)
+
+    def _count_halted_lookup(self, intent: OrderIntent) -> None:
+        if not self._gate.verdict(intent).allowed:
+            HALTED_LOOKUPS.inc()
 
     # --- reporting ---------------------------------------------------------------------------
 

@@ -17,16 +17,19 @@ Idempotency: a ``client_order_id`` is an order's identity. Submitting one that w
 fill ids, so a redelivered intent can never trade twice. The record of seen ids grows for the
 life of the process, one small entry per order.
 
-The exchange keeps its own net position per symbol only to enforce ``reduce_only`` like Binance
-(an order that would open, increase or flip a position is rejected). All arithmetic runs in a
-private ``Decimal`` context, so results never depend on the caller's global context.
+The exchange needs the account's net position per symbol only to enforce ``reduce_only`` like
+Binance (an order that would open, increase or flip a position is rejected). In an execution
+worker it reads them from the worker's exposure book (``positions``), the one owner of
+positions there, so the two can never drift; standing alone (a backtest) it keeps its own from
+its fills. All arithmetic runs in a private ``Decimal`` context, so results never depend on the
+caller's global context.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import (
     ROUND_CEILING,
@@ -50,7 +53,7 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     Side,
 )
-from qtrader.exchange.errors import Rejected
+from qtrader.exchange.errors import NotSent, Rejected
 from qtrader.exchange.venue import VenueOrder
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo, Instrument
@@ -91,7 +94,14 @@ class PaperExecution:
 class PaperExchange:
     """A synchronous, deterministic exchange simulator for MARKET orders."""
 
-    def __init__(self, *, exchange: ExchangeInfo, fee_bps: Decimal, slippage_bps: Decimal) -> None:
+    def __init__(
+        self,
+        *,
+        exchange: ExchangeInfo,
+        fee_bps: Decimal,
+        slippage_bps: Decimal,
+        positions: Callable[[str], Decimal] | None = None,
+    ) -> None:
         if not fee_bps.is_finite() or fee_bps < 0:
             raise ValueError(f"fee_bps must be >= 0: {fee_bps}")
         if not slippage_bps.is_finite() or not 0 <= slippage_bps < _BPS:
@@ -100,7 +110,8 @@ class PaperExchange:
         self._fee_bps = fee_bps
         self._slippage_bps = slippage_bps
         self._closes: dict[str, Candle] = {}
-        self._positions: dict[str, Decimal] = {}
+        self._positions: dict[str, Decimal] = {}  # its own, when no ``positions`` source is given
+        self._position_source = positions
         self._orders: dict[str, PaperExecution] = {}
 
     def on_candle(self, candle: Candle) -> None:
@@ -113,13 +124,11 @@ class PaperExchange:
         candle = self._closes.get(symbol)
         return candle.close if candle else None
 
-    def restore_positions(self, positions: Mapping[str, Decimal]) -> None:
-        """The account's positions, from the FILLS stream (a previous run's and the other
-        replicas' fills), so reduce-only is checked against the whole account."""
-        self._positions = dict(positions)
-
     def position(self, symbol: str) -> Decimal:
-        """The signed net quantity this exchange has filled for ``symbol``."""
+        """The account's signed net quantity of ``symbol``: from the source given, else what
+        this exchange has filled."""
+        if self._position_source is not None:
+            return self._position_source(symbol)
         return self._positions.get(symbol, _ZERO)
 
     @property
@@ -175,9 +184,10 @@ class PaperExchange:
             reduce_only=intent.reduce_only,
             ts_ms=now_ms,
         )
-        self._positions[intent.symbol] = self.position(intent.symbol) + (
-            intent.side.sign * intent.quantity
-        )
+        if self._position_source is None:  # else the source learns of the fill from its caller
+            self._positions[intent.symbol] = self.position(intent.symbol) + (
+                intent.side.sign * intent.quantity
+            )
         new = _update(intent, OrderStatus.NEW, now_ms)
         filled = _update(
             intent, OrderStatus.FILLED, now_ms, filled_quantity=intent.quantity, avg_price=price
@@ -282,8 +292,13 @@ class PaperVenue:
     async def start(self, symbols: Sequence[str]) -> list[VenueOrder]:
         return []  # nothing outlives the process: MARKET and IOC orders never rest
 
-    async def place(self, order: OrderIntent) -> VenueOrder:
-        execution = self._paper.submit(order, now_ms=int(time.time() * 1000))
+    async def place(self, order: OrderIntent, *, not_after_ms: int | None = None) -> VenueOrder:
+        now_ms = int(time.time() * 1000)
+        if not_after_ms is not None and now_ms > not_after_ms:
+            raise NotSent(
+                f"paper exchange: not sent, its deadline passed {now_ms - not_after_ms} ms ago"
+            )
+        execution = self._paper.submit(order, now_ms=now_ms)
         if execution.final.status is OrderStatus.REJECTED:
             raise Rejected(f"paper exchange: {execution.final.reason}")
         return _venue_order(execution)

@@ -24,11 +24,24 @@ decode (``/health`` CRITICAL, until a valid one is written) or no control-plane 
 the timeout means HALTED (``halt.HaltGate``); no portfolio equity means no decision; stale prices
 mean no decision. A new latch revision, by the fast broadcast or the KV watch, is put in force,
 open orders are cancelled when it halts, and only then is it acknowledged on CONTROL_HALT_ACK.
-Positions used for decisions are the fills seen so far plus intents in flight, so two signals
-in a row cannot both open the same position. Replicas share the intent queue, so an intent this
-worker decided may be sent by another: it stops counting as in flight when its final update is
-on the ORDERS stream (from whichever worker) and the fills that update reports are in the
-positions, never before (or the position would briefly count neither).
+
+Positions have one owner, the worker's ``exposure.ExposureBook``: the fills of the FILLS stream
+(every replica's, from the start) and the quantity each intent has in flight, changed in single
+steps (a fill and its intent's release together; an intent that ends with less than it asked
+releases the rest at once). Decisions size on the book's projection (fills plus in flight), so
+two signals in a row cannot both open the same position; every attempt is admitted again by the
+book at send time, under the halt gate's lock, at its limit price and against every limit, and
+is cut or refused with a counted reason. Replicas share the intent queue, so an intent this
+worker decided may be sent by another: it stays in flight until its final update is on the
+ORDERS stream (from whichever worker) and the fills that update reports are in the book; an
+attempt another replica recorded (PENDING_NEW) counts in flight here the same way. The paper
+exchange reads its positions from the book; the portfolio's snapshots are compared with it, and
+a difference that outlasts ``position_mismatch_grace_s`` makes ``/health`` DEGRADED.
+
+Staleness is bounded: an intent older than the policy's ``signals.intentTtlSeconds`` is never
+sent (it ends EXPIRED with its age), and at most ``signals.maxIntentBacklog`` intents decided
+here may be short of final (beyond it decisions are denied as ``backlog_full``); ``/health`` is
+DEGRADED while the backlog is at its bound or its oldest intent is past the time to live.
 """
 
 from __future__ import annotations
@@ -68,14 +81,24 @@ from qtrader.exchange.venue import Venue
 from qtrader.execution.decisions import (
     DecisionContext,
     Denial,
-    attempt_client_order_id,
+    DenialReason,
     client_order_id_for,
     decide,
     flatten_intent_id,
 )
+from qtrader.execution.exposure import (
+    Admitted,
+    ExposureBook,
+    Mismatch,
+    PositionReconciler,
+    Refused,
+    SendLimits,
+    admit_order,
+    intent_expired,
+)
 from qtrader.execution.halt import HaltGate
 from qtrader.execution.intake import Dropped, SignalIntake, policy_ttl_ms
-from qtrader.execution.orders import GATE_NAME, DriverSettings, OrderDriver
+from qtrader.execution.orders import BOOK_NAME, GATE_NAME, DriverSettings, OrderDriver
 from qtrader.execution.paper import PaperExchange, PaperVenue
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
@@ -89,6 +112,9 @@ SIGNALS_DENIED = Counter(
 INTENTS = Counter("qtrader_order_intents_total", "Order intents published.", ["side"])
 ORDERS_SENT = Counter("qtrader_orders_sent_total", "Orders sent to the exchange.", ["exchange"])
 RESOLVE_EVERY_S = 5.0  # how often intents left UNKNOWN are looked up again
+# An intent decided here and never seen sent is released this long after its ttl (no sender
+# may send it past its ttl; this covers a PENDING_NEW still on its way back).
+UNSENT_GRACE_MS = 5_000
 UNRESOLVED = Gauge(
     "qtrader_orders_unknown",
     "Intents this worker sent whose outcome is still unknown (looked up every few seconds).",
@@ -148,6 +174,29 @@ LATCHES_REFUSED = Counter(
     "Halt latch values in the bucket that did not decode; each halted this worker until a "
     "valid one was written.",
 )
+ORDERS_REFUSED = Counter(
+    "qtrader_orders_refused_total",
+    "Order attempts the exposure book refused at send time (or intents expired), by reason.",
+    ["reason"],
+)
+ORDERS_CUT = Counter(
+    "qtrader_orders_cut_total",
+    "Order attempts the exposure book cut to what the limits leave, by the binding limit.",
+    ["reason"],
+)
+INTENT_BACKLOG = Gauge(
+    "qtrader_intent_backlog", "Intents this worker decided that are not final yet."
+)
+INTENT_BACKLOG_OLDEST = Gauge(
+    "qtrader_intent_backlog_oldest_age_seconds",
+    "Age of the oldest intent this worker decided that is not final yet (0 when none).",
+)
+POSITION_MISMATCH = Gauge(
+    "qtrader_position_mismatch",
+    "1 while the exposure book and the portfolio's snapshots disagree on a symbol's position "
+    "for longer than the grace period.",
+    ["symbol"],
+)
 HEARTBEAT_AGE = Gauge(
     "qtrader_control_heartbeat_age_seconds", "Seconds since the control plane's last heartbeat."
 )
@@ -167,6 +216,9 @@ class ExecutionConfig:
     dead_man_countdown_ms: int = 60_000
     dead_man_refresh_s: float = 15.0
     venue_refresh_s: float = 3600.0
+    # The portfolio's snapshots trail the fills; a position difference with them that lasts
+    # longer than this is reported (health DEGRADED, qtrader_position_mismatch).
+    position_mismatch_grace_s: float = 10.0
     driver: DriverSettings = field(default_factory=DriverSettings)
     # Builds the venue for testnet and live mode (Binance); None means paper mode only.
     exchange_factory: Callable[[TradingPolicySpec], Venue] | None = None
@@ -184,22 +236,23 @@ class Execution:
         self._ban_alerted_until = 0.0
         self._gate = HaltGate(heartbeat_timeout_s=config.heartbeat_timeout_s)
         self._acked_revision = -1
-        self._positions: dict[str, Decimal] = {}
-        self._in_flight: dict[str, tuple[str, Decimal]] = {}  # intent id -> (symbol, signed qty)
-        # Intents whose final update was seen, until their fills are: intent id -> (client
-        # order id, quantity the update says filled).
-        self._settling: dict[str, tuple[str, Decimal]] = {}
+        self._book = ExposureBook()  # the one owner of positions and quantity in flight
+        self._reconciler = PositionReconciler(grace_s=config.position_mismatch_grace_s)
+        self._mismatch_reported: set[str] = set()
         # Intents this worker sent whose outcome stayed unknown: looked up again until settled.
         self._unresolved: dict[str, OrderIntent] = {}
-        self._seen_fills: set[str] = set()
-        self._fills_by_order: dict[str, list[Fill]] = {}
         self._fills_caught_up = asyncio.Event()
+        self._updates_caught_up = asyncio.Event()
         self._marks: dict[str, Decimal] = {}
         self._marked_at: dict[str, float] = {}
         self._equity: Decimal | None = None
         TRADING_STATE.set_function(lambda: _STATE_VALUE[self._gate.state()[0]])
         HEARTBEAT_AGE.set_function(lambda: self._gate.heartbeat_age_s() or 0.0)
+        INTENT_BACKLOG.set_function(lambda: self._book.backlog().size)
+        INTENT_BACKLOG_OLDEST.set_function(lambda: self._backlog_oldest_age_s() or 0.0)
         context.monitor.add_check("halt-latch", self.check_latch)
+        context.monitor.add_check("intent-backlog", self.check_backlog)
+        context.monitor.add_check("positions", self.check_positions)
         context.monitor.add_check("exchange", self.check_exchange)
         context.monitor.add_check("rate-limiter", self.check_limiter)
 
@@ -232,6 +285,7 @@ class Execution:
                 OrderUpdate,
                 self._on_update,
                 label="execution-updates",
+                caught_up=self._updates_caught_up,
             ),
             "equity": self._follow_equity(),
             "intake": self._intake_loop(),
@@ -315,7 +369,7 @@ class Execution:
         if policy is None:
             log.error("flatten asked by latch %d, but no policy is in force", latch.revision)
             return
-        for symbol, quantity in sorted(self._positions.items()):
+        for symbol, quantity in sorted(self._book.positions().items()):
             mark = self._marks.get(symbol)
             if quantity == 0:
                 continue
@@ -392,42 +446,13 @@ class Execution:
             self._paper.on_candle(candle)
 
     async def _on_fill(self, fill: Fill) -> None:
-        if fill.fill_id in self._seen_fills:
-            return
-        self._seen_fills.add(fill.fill_id)
-        self._fills_by_order.setdefault(fill.client_order_id, []).append(fill)
-        signed = fill.quantity * fill.side.sign
-        self._positions[fill.symbol] = self._positions.get(fill.symbol, Decimal(0)) + signed
-        if self._paper is not None:
-            # The paper exchange stands for the one account every replica trades: its
-            # positions (what reduce-only is checked against) include the other replicas' fills.
-            self._paper.restore_positions(self._positions)
-        if self._settling:
-            self._settle()
+        """Every replica's fill, once: into the book with its intent's release, in one step.
+        (The paper exchange, standing for the one account all replicas trade, reads the book.)"""
+        self._book.apply_fill(fill)
 
     async def _on_update(self, update: OrderUpdate) -> None:
-        """A final update of an intent this worker holds in flight, from any worker."""
-        if not update.status.is_final or update.intent_id not in self._in_flight:
-            return
-        self._settling[update.intent_id] = (update.client_order_id, update.filled_quantity)
-        self._settle()
-
-    def _settle(self) -> None:
-        """Stop counting as in flight the finished intents whose fills are all in positions."""
-        for intent_id, (client_order_id, filled) in list(self._settling.items()):
-            if self._filled_for(client_order_id) >= filled:
-                self._in_flight.pop(intent_id, None)
-                del self._settling[intent_id]
-
-    def _filled_for(self, client_order_id: str) -> Decimal:
-        """What the fills seen so far filled of an intent, over all its attempts."""
-        attempts = (
-            attempt_client_order_id(client_order_id, n)
-            for n in range(self._config.driver.max_attempts)
-        )
-        return sum(
-            (f.quantity for a in attempts for f in self._fills_by_order.get(a, ())), Decimal(0)
-        )
+        """An update from any worker: an attempt recorded, or an intent final."""
+        self._book.apply_update(update, own_worker_id=self._context.options.worker_id)
 
     async def _follow_equity(self) -> None:
         bus = self._context.bus
@@ -447,6 +472,22 @@ class Execution:
 
     async def _on_snapshot(self, snapshot: PortfolioSnapshot) -> None:
         self._equity = snapshot.equity
+        self._reconciler.observe(
+            book=self._book.positions(),
+            portfolio={p.symbol: p.quantity for p in snapshot.positions},
+            now_s=time.monotonic(),
+        )
+        self._show_mismatches()
+
+    def _show_mismatches(self) -> list[Mismatch]:
+        """The differences that outlasted the grace, also set on the gauge (every symbol
+        ever reported is set, so one that agrees again reads 0)."""
+        mismatches = self._reconciler.persistent(time.monotonic())
+        persistent = {m.symbol for m in mismatches}
+        for symbol in self._mismatch_reported | persistent:
+            POSITION_MISMATCH.labels(symbol).set(int(symbol in persistent))
+        self._mismatch_reported |= persistent
+        return mismatches
 
     # --- stage 1: decide ---------------------------------------------------------------------
 
@@ -489,6 +530,7 @@ class Execution:
             policy = self._context.policy.current
             if self._intake is None or policy is None:
                 continue
+            self._release_unsendable(policy.spec)
             signals, dropped = self._intake.take(policy.spec.signals.max_per_cycle, _now_ms())
             self._count_drops(dropped)
             for signal in signals:
@@ -502,7 +544,7 @@ class Execution:
         now_ms = _now_ms()
         outcome = decide(
             signal=signal,
-            context=self._decision_context(),
+            context=self._decision_context(policy.spec),
             policy=policy.spec,
             policy_revision=policy.revision,
             now_ms=now_ms,
@@ -513,23 +555,41 @@ class Execution:
         if isinstance(outcome, Denial):
             SIGNALS_DENIED.labels(outcome.reason.value).inc()
             return
-        self._in_flight[outcome.intent_id] = (outcome.symbol, outcome.quantity * outcome.side.sign)
+        if self._book.knows(outcome.intent_id):
+            # Decided before (a redelivered signal): the stream keeps the first intent only,
+            # and the book already counts it.
+            SIGNALS_DENIED.labels(DenialReason.DUPLICATE_INTENT.value).inc()
+            return
+        self._book.reserve(
+            intent_id=outcome.intent_id,
+            client_order_id=outcome.client_order_id,
+            symbol=outcome.symbol,
+            signed_quantity=outcome.quantity * outcome.side.sign,
+            created_at_ms=outcome.created_at_ms,
+            local=True,
+        )
         try:
             await self._context.bus.publish(subjects.order_intent_subject(outcome.symbol), outcome)
         except BusUnavailable:
-            del self._in_flight[outcome.intent_id]
+            self._book.forget(outcome.intent_id)
             raise
         INTENTS.labels(outcome.side.value).inc()
 
-    def _decision_context(self) -> DecisionContext:
-        positions = dict(self._positions)
-        for symbol, quantity in self._in_flight.values():
-            positions[symbol] = positions.get(symbol, Decimal(0)) + quantity
+    def _release_unsendable(self, spec: TradingPolicySpec) -> None:
+        released = self._book.release_unsendable(
+            now_ms=_now_ms(), ttl_ms=_intent_ttl_ms(spec), grace_ms=UNSENT_GRACE_MS
+        )
+        for intent_id in released:
+            log.warning("intent %s never seen sent and past its ttl: released", intent_id)
+
+    def _decision_context(self, spec: TradingPolicySpec) -> DecisionContext:
         return DecisionContext(
             trading_state=self._gate.state()[0],
-            positions=positions,
+            positions=self._book.projected(),
             marks=self._fresh_marks(),
             equity=self._equity,
+            intent_backlog=self._book.backlog().size,
+            max_intent_backlog=spec.signals.max_intent_backlog,
         )
 
     def _fresh_marks(self) -> dict[str, Decimal]:
@@ -544,7 +604,9 @@ class Execution:
 
     async def _send_loop(self) -> None:
         policy = await self._context.policy.wait()
-        await self._fills_caught_up.wait()  # positions and past orders known before any send
+        # Positions and past orders (which intents were sent) known before any send.
+        await self._fills_caught_up.wait()
+        await self._updates_caught_up.wait()
         venue = self._make_venue(policy.spec)
         leftovers = await venue.start(policy.spec.symbols)
         if leftovers:
@@ -557,6 +619,10 @@ class Execution:
             marks=self._fresh_mark,
             publish_update=self._publish_update,
             publish_fill=self._publish_fill,
+            admit=self._admit,
+            expiry=self._expiry,
+            deadline=lambda intent: intent.created_at_ms + _intent_ttl_ms(self._policy_spec()),
+            was_sent=self._book.was_sent,
             worker_id=self._context.options.worker_id,
             on_error=self._on_exchange_error,
             settings=self._config.driver,
@@ -581,17 +647,56 @@ class Execution:
                 return
             await asyncio.sleep(0.05)
 
-    def _past_fills(self, client_order_id: str) -> tuple[Fill, ...]:
-        return tuple(self._fills_by_order.get(client_order_id, ()))
+    def _admit(self, order: OrderIntent) -> Admitted | Refused:
+        """The exposure book's send-time check of one attempt (under the gate's lock)."""
+        policy, venue = self._context.policy.current, self._venue
+        assert policy is not None  # sending starts after the policy and the venue
+        assert venue is not None
+        risk = policy.spec.risk
+        limits = SendLimits(
+            max_position_usd=risk.max_position_usd,
+            max_open_positions=risk.max_open_positions,
+            max_leverage=risk.max_leverage,
+            equity=self._equity,
+            marks=self._fresh_marks(),
+            instrument=venue.exchange_info.instrument(order.symbol),
+        )
+        verdict = admit_order(
+            self._book, order, limits=limits, now_ms=_now_ms(), ttl_ms=_intent_ttl_ms(policy.spec)
+        )
+        if isinstance(verdict, Refused):
+            ORDERS_REFUSED.labels(verdict.reason.value).inc()
+        elif verdict.cut_by is not None:
+            ORDERS_CUT.labels(verdict.cut_by.value).inc()
+        return verdict
+
+    def _policy_spec(self) -> TradingPolicySpec:
+        policy = self._context.policy.current
+        assert policy is not None  # sending starts after the first policy
+        return policy.spec
+
+    def _expiry(self, intent: OrderIntent) -> Refused | None:
+        policy = self._context.policy.current
+        assert policy is not None
+        expired = intent_expired(
+            created_at_ms=intent.created_at_ms,
+            now_ms=_now_ms(),
+            ttl_ms=_intent_ttl_ms(policy.spec),
+        )
+        if expired is not None:
+            ORDERS_REFUSED.labels(expired.reason.value).inc()
+        return expired
 
     def _make_venue(self, spec: TradingPolicySpec) -> Venue:
         if spec.mode is TradingMode.PAPER:
             info = paper_exchange_info()
             self._paper = PaperExchange(
-                exchange=info, fee_bps=spec.paper.fee_bps, slippage_bps=spec.paper.slippage_bps
+                exchange=info,
+                fee_bps=spec.paper.fee_bps,
+                slippage_bps=spec.paper.slippage_bps,
+                positions=self._book.position,
             )
-            self._paper.restore_positions(self._positions)
-            return PaperVenue(self._paper, info, history=self._past_fills)
+            return PaperVenue(self._paper, info, history=self._book.fills_of)
         if self._config.exchange_factory is None:
             raise RuntimeError(f"mode {spec.mode.value} needs the Binance settings (see --help)")
         return self._config.exchange_factory(spec)
@@ -604,13 +709,13 @@ class Execution:
         if final.exchange == GATE_NAME:
             ORDERS_BLOCKED.labels(self._gate.state()[0].value).inc()
             log.info("intent %s not sent: %s", intent.intent_id, final.reason)
+        elif final.exchange == BOOK_NAME:
+            log.info("intent %s ended by the exposure book: %s", intent.intent_id, final.reason)
         else:
             ORDERS_SENT.labels(final.exchange).inc()
-        if final.status is OrderStatus.UNKNOWN:
+        if final.status is OrderStatus.UNKNOWN:  # stays in flight in the book until resolved
             self._unresolved[intent.intent_id] = intent
             UNRESOLVED.set(len(self._unresolved))
-        self._in_flight.pop(intent.intent_id, None)
-        self._settling.pop(intent.intent_id, None)
 
     async def _resolve_loop(self) -> None:
         """Look up the intents left UNKNOWN every RESOLVE_EVERY_S until the venue can say what
@@ -627,11 +732,14 @@ class Execution:
             UNRESOLVED.set(len(self._unresolved))
 
     async def _publish_update(self, update: OrderUpdate) -> None:
+        """Publish, then apply to the book at once (a final update releases what did not fill
+        now, not when the stream brings it back); the replay applies it again harmlessly."""
         await self._context.bus.publish(subjects.order_update_subject(update.symbol), update)
+        self._book.apply_update(update, own_worker_id=self._context.options.worker_id)
         ORDER_UPDATES.labels(update.status.value).inc()
 
     async def _publish_fill(self, fill: Fill) -> None:
-        await self._on_fill(fill)
+        self._book.apply_fill(fill)  # position and the intent's release, one step
         await self._context.bus.publish(subjects.fill_subject(fill.symbol), fill)
         FILLS.labels(fill.symbol).inc()
 
@@ -720,6 +828,45 @@ class Execution:
             )
         return health
 
+    def _backlog_oldest_age_s(self) -> float | None:
+        oldest = self._book.backlog().oldest_created_ms
+        return None if oldest is None else max(0, _now_ms() - oldest) / 1000
+
+    async def check_backlog(self) -> DependencyHealth:
+        """DEGRADED while the decided-not-final intents are at their bound or the oldest is
+        past its time to live: sending is falling behind deciding."""
+        policy = self._context.policy.current
+        backlog = self._book.backlog()
+        age_s = self._backlog_oldest_age_s()
+        detail = f"{backlog.size} intents decided and not final" + (
+            f", oldest {age_s:.1f} s" if age_s is not None else ""
+        )
+        if policy is None:
+            return DependencyHealth(name="intent-backlog", status=Status.OK, detail=detail)
+        bound = policy.spec.signals.max_intent_backlog
+        ttl_s = policy.spec.signals.intent_ttl_seconds
+        full = backlog.size >= bound
+        stale = age_s is not None and age_s > ttl_s
+        if full or stale:
+            why = f" (bound {bound}, ttl {ttl_s:g} s): sending is behind deciding"
+            return DependencyHealth(
+                name="intent-backlog", status=Status.DEGRADED, detail=detail + why
+            )
+        return DependencyHealth(name="intent-backlog", status=Status.OK, detail=detail)
+
+    async def check_positions(self) -> DependencyHealth:
+        """DEGRADED while the book and the portfolio's ledger disagree beyond the grace."""
+        mismatches = self._show_mismatches()
+        if not mismatches:
+            return DependencyHealth(
+                name="positions", status=Status.OK, detail="the portfolio agrees with the book"
+            )
+        detail = "; ".join(
+            f"{m.symbol}: execution {m.book}, portfolio {m.portfolio} for {m.for_s:.0f} s"
+            for m in mismatches
+        )
+        return DependencyHealth(name="positions", status=Status.DEGRADED, detail=detail[:512])
+
     async def check_latch(self) -> DependencyHealth:
         refused = self._gate.refused
         if refused is not None:
@@ -742,6 +889,10 @@ class Execution:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _intent_ttl_ms(spec: TradingPolicySpec) -> int:
+    return max(1, int(spec.signals.intent_ttl_seconds * 1000))
 
 
 def _flatten_intent(

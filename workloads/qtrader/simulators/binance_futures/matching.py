@@ -8,7 +8,8 @@ setting says otherwise:
   GTC's rest stays on the book and fills at its own limit price (maker) when an admin price change
   crosses it.
 * ``partial[symbol] = (ratio, count)``: the next ``count`` taker orders that cross fill only
-  ``ratio`` of their quantity, rounded down to the step.
+  ``ratio`` of their quantity, rounded down to the step. A ratio of 0 is the order that meets
+  no liquidity at all: an IOC (or MARKET) order then expires with nothing filled.
 
 Validation answers with Binance's codes. The precision rule (Binance documents none): a price or
 quantity with more decimal places than the filter's ``tickSize``/``stepSize`` string *as listed*
@@ -246,8 +247,8 @@ class Venue:
 
     def set_partial(self, symbol: str, ratio: Decimal, count: int) -> None:
         self._instrument(symbol)
-        if not (_ZERO < ratio <= 1) or count < 0:
-            raise ValueError("partial needs 0 < ratio <= 1 and count >= 0")
+        if not (_ZERO <= ratio <= 1) or count < 0:
+            raise ValueError("partial needs 0 <= ratio <= 1 and count >= 0")
         self.partial[symbol] = Partial(ratio, count)
 
     # --- orders --------------------------------------------------------------------------------

@@ -37,7 +37,10 @@ and the worker's ``/health``:
   stream == 0;
 * intents not final at the end (including any left UNKNOWN) == 0;
 * the worker's ``/health`` not CRITICAL at the end (OK, or DEGRADED while a last error is
-  remembered).
+  remembered);
+* the exposure invariant (``stress.invariants``) over the exchange's trades: positions beyond
+  ``maxPositionUsd`` at their trade price by more than one step == 0, reduce-only orders
+  rejected (-2022) == 0; the worst position / limit is a figure.
 
 Scale: full length 60 s of bursts, one every 4 s (15 bursts, the three kinds five times each);
 scaled 60 s x scale, at least 8 s (three bursts, one of each kind, at the default 0.1). A burst
@@ -79,6 +82,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.exchange.credentials import KEY_VARIABLE, SECRET_VARIABLE
 from qtrader.execution.orders import DriverSettings
+from qtrader.instruments import paper_exchange_info
 from qtrader.local.processes import Child
 from qtrader.local.redis_server import running_redis
 from qtrader.simulators.binance_futures import SimAdmin
@@ -86,11 +90,19 @@ from qtrader.simulators.binance_futures.config import DEFAULT_RULES
 from qtrader.simulators.binance_futures.process import sim_process
 from qtrader.stress.flow_support import candle, now_ms, overall_status
 from qtrader.stress.harness import Rig, ScenarioFailure, policy_document
+from qtrader.stress.invariants import (
+    ExposureLimits,
+    ViolationKind,
+    check_exposure,
+    from_sim_records,
+)
 from qtrader.stress.result import ScenarioResult
 from qtrader.stress.scenario import StressOptions
 
 SYMBOL = "BTCUSDT"
 START_PRICE = Decimal(30_000)
+MAX_POSITION_USD = Decimal(1000)
+MAX_OPEN_POSITIONS = 3  # the policy's default
 KEY, SECRET = "stress-key", "stress-secret"
 FULL_S = 60.0
 MIN_S = 8.0
@@ -180,7 +192,11 @@ async def _start(rig: Rig, sim_url: str, redis_url: str) -> Child:
         "stress-exchange-instability",
         mode="testnet",
         symbols=[SYMBOL],
-        risk={"minConfidence": 0.0, "maxPositionUsd": "1000", "maxSlippageBps": 100},
+        risk={
+            "minConfidence": 0.0,
+            "maxPositionUsd": str(MAX_POSITION_USD),
+            "maxSlippageBps": 100,
+        },
     )
     await rig.publish_policy(policy)
     await rig.arm_without_control_plane()
@@ -554,3 +570,28 @@ def _judge(result: ScenarioResult, evidence: _Evidence, *, planted: int) -> None
     result.check("exchange trades missing from FILLS", missing, "==", 0)
     result.check("intents not final (UNKNOWN left included)", intents.not_final, "==", 0)
     result.check("/health CRITICAL at the end", int(evidence.health == "CRITICAL"), "==", 0)
+    _judge_exposure(result, evidence)
+
+
+def _judge_exposure(result: ScenarioResult, evidence: _Evidence) -> None:
+    """Safety invariant 1, replayed from the exchange's own trades (``stress.invariants``)."""
+    trades, rejections = from_sim_records(
+        trades=evidence.trades, orders=evidence.orders, log=evidence.log
+    )
+    limits = ExposureLimits(
+        max_position_usd=MAX_POSITION_USD,
+        max_open_positions=MAX_OPEN_POSITIONS,
+        step_sizes={SYMBOL: paper_exchange_info().instrument(SYMBOL).step_size},
+    )
+    exposure = check_exposure(trades=trades, rejections=rejections, limits=limits)
+    result.figures["max_position_over_limit"] = float(exposure.max_position_ratio)
+    result.figures["exposure_violations"] = [
+        f"{v.kind.value} at {v.time_ms}: {v.detail}" for v in exposure.violations[:10]
+    ]
+    result.check(
+        "positions beyond their limit (+1 step) or open beyond the count",
+        len([v for v in exposure.violations if v.kind is not ViolationKind.REDUCE_ONLY_REJECTED]),
+        "==",
+        0,
+    )
+    result.check("reduce-only orders rejected (-2022)", exposure.reduce_only_rejections, "==", 0)

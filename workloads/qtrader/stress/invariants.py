@@ -1,0 +1,199 @@
+"""The exposure invariant, checked from the venue's own records, never from our bookkeeping.
+
+Safety invariant 1 (REQUIREMENTS.md): no position on the venue exceeds the policy's limits by
+more than one step size, and no reduce-only order is rejected. ``check_exposure`` replays the
+venue's trades in the venue's order (time, then trade id), keeps each symbol's signed position,
+and after every trade compares it with the limits:
+
+* ``max_position_usd``: the position's notional valued at that trade's price may exceed the
+  limit by at most one step (``step_size x price``): sizing rounds toward zero, so one step is
+  the only slack an honest sizing can need;
+* ``max_open_positions``: the number of symbols with a non-zero position;
+* reduce-only: every order the venue refused with -2022 ("ReduceOnly Order is rejected") is a
+  violation, because it means the sender believed in a position the venue did not have.
+
+The checker is pure: stress scenarios and integration tests feed it the records of the local
+Binance-compatible server (``from_sim_records`` reads its admin API's shapes) and fail on any
+violation. The report also carries the worst ratio of position notional to the limit seen, so a
+test can print the figure it asserts on.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+REDUCE_ONLY_REJECTED = -2022
+_ZERO = Decimal(0)
+
+
+class ViolationKind(enum.StrEnum):
+    MAX_POSITION_USD = "max_position_usd"
+    MAX_OPEN_POSITIONS = "max_open_positions"
+    REDUCE_ONLY_REJECTED = "reduce_only_rejected"
+
+
+@dataclass(frozen=True, kw_only=True)
+class VenueTrade:
+    """One trade as the venue recorded it; ``side`` is ``"BUY"`` or ``"SELL"``."""
+
+    trade_id: int
+    symbol: str
+    side: str
+    quantity: Decimal
+    price: Decimal
+    time_ms: int
+    reduce_only: bool = False
+
+    @property
+    def signed_quantity(self) -> Decimal:
+        return self.quantity if self.side == "BUY" else -self.quantity
+
+
+@dataclass(frozen=True, kw_only=True)
+class VenueRejection:
+    """An order request the venue refused with a business code (e.g. -2022)."""
+
+    time_ms: int
+    code: int
+    path: str = "/fapi/v1/order"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExposureLimits:
+    """The policy's limits in force, and each symbol's step size (the allowed slack)."""
+
+    max_position_usd: Decimal
+    max_open_positions: int
+    step_sizes: Mapping[str, Decimal]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Violation:
+    kind: ViolationKind
+    time_ms: int
+    detail: str
+    symbol: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExposureReport:
+    violations: tuple[Violation, ...]
+    # The largest |position| x trade price / max_position_usd seen after any trade.
+    max_position_ratio: Decimal
+    max_open_positions: int
+    trades: int
+    reduce_only_rejections: int
+    final_positions: Mapping[str, Decimal] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def summary(self) -> str:
+        head = (
+            f"{self.trades} trades, max position/limit {self.max_position_ratio:.4f}, "
+            f"max open {self.max_open_positions}, "
+            f"{self.reduce_only_rejections} reduce-only rejections"
+        )
+        if self.ok:
+            return head
+        shown = "; ".join(f"{v.kind.value} at {v.time_ms}: {v.detail}" for v in self.violations[:5])
+        return f"{head}; {len(self.violations)} violations: {shown}"
+
+
+def check_exposure(
+    *,
+    trades: Iterable[VenueTrade],
+    rejections: Iterable[VenueRejection] = (),
+    limits: ExposureLimits,
+) -> ExposureReport:
+    """Replay ``trades`` and report every breach of ``limits`` and every reduce-only refusal."""
+    positions: dict[str, Decimal] = {}
+    violations: list[Violation] = []
+    worst_ratio, worst_open, count = _ZERO, 0, 0
+    for trade in sorted(trades, key=lambda t: (t.time_ms, t.trade_id)):
+        count += 1
+        position = positions.get(trade.symbol, _ZERO) + trade.signed_quantity
+        positions[trade.symbol] = position
+        notional = abs(position) * trade.price
+        worst_ratio = max(worst_ratio, notional / limits.max_position_usd)
+        slack = limits.step_sizes.get(trade.symbol, _ZERO) * trade.price
+        if notional > limits.max_position_usd + slack:
+            violations.append(_oversized(trade, position, notional, limits))
+        open_now = sum(1 for qty in positions.values() if qty != 0)
+        worst_open = max(worst_open, open_now)
+        if open_now > limits.max_open_positions:
+            violations.append(
+                Violation(
+                    kind=ViolationKind.MAX_OPEN_POSITIONS,
+                    time_ms=trade.time_ms,
+                    symbol=trade.symbol,
+                    detail=f"{open_now} positions open, at most {limits.max_open_positions}",
+                )
+            )
+    refused = [r for r in rejections if r.code == REDUCE_ONLY_REJECTED]
+    violations += [
+        Violation(
+            kind=ViolationKind.REDUCE_ONLY_REJECTED,
+            time_ms=r.time_ms,
+            detail=f"{r.path} refused with {r.code}",
+        )
+        for r in refused
+    ]
+    return ExposureReport(
+        violations=tuple(violations),
+        max_position_ratio=worst_ratio,
+        max_open_positions=worst_open,
+        trades=count,
+        reduce_only_rejections=len(refused),
+        final_positions=positions,
+    )
+
+
+def _oversized(
+    trade: VenueTrade, position: Decimal, notional: Decimal, limits: ExposureLimits
+) -> Violation:
+    return Violation(
+        kind=ViolationKind.MAX_POSITION_USD,
+        time_ms=trade.time_ms,
+        symbol=trade.symbol,
+        detail=(
+            f"{trade.symbol} position {position} worth {notional} at {trade.price} "
+            f"> {limits.max_position_usd} (+1 step)"
+        ),
+    )
+
+
+# --- the local Binance-compatible server's records --------------------------------------------
+
+
+def from_sim_records(
+    *,
+    trades: Sequence[Mapping[str, Any]],
+    orders: Sequence[Mapping[str, Any]],
+    log: Sequence[Mapping[str, Any]] = (),
+) -> tuple[list[VenueTrade], list[VenueRejection]]:
+    """The trades and refusals in the shapes of ``SimAdmin.trades()/orders()/log()``."""
+    reduce_only = {int(o["orderId"]): bool(o.get("reduceOnly", False)) for o in orders}
+    venue_trades = [
+        VenueTrade(
+            trade_id=int(t["id"]),
+            symbol=str(t["symbol"]),
+            side=str(t["side"]),
+            quantity=Decimal(str(t["qty"])),
+            price=Decimal(str(t["price"])),
+            time_ms=int(t["time"]),
+            reduce_only=reduce_only.get(int(t["orderId"]), False),
+        )
+        for t in trades
+    ]
+    rejections = [
+        VenueRejection(time_ms=int(e["t_ms"]), code=int(e["code"]), path=str(e.get("path", "")))
+        for e in log
+        if e.get("code") is not None
+    ]
+    return venue_trades, rejections
