@@ -306,11 +306,20 @@ class OrderDriver:
         return None
 
     async def _send(self, order: OrderIntent, *, announce: bool) -> VenueOrder | Refused:
-        """Under the gate's lock: the gate, the exposure book's admission (which may cut the
-        quantity), the PENDING_NEW of a first send, the venue call. An unknown outcome is
-        raised as ``_Unknown`` carrying the order as sent (a re-send sends the same)."""
+        """Under the gate's lock: the gate, the PENDING_NEW of a first send, the exposure
+        book's admission (which may cut the quantity), the venue call. An unknown outcome is
+        raised as ``_Unknown`` carrying the order as sent (a re-send sends the same).
+
+        The admission comes last, right before the venue call: publishing the PENDING_NEW
+        awaits, and a price that moved meanwhile (a SELL fills at the market, above its floor)
+        must be the one the order is valued at. The PENDING_NEW says what was asked; the
+        final update says what was admitted and filled."""
         async with self._gate.lock:
             self._check_gate(order)
+            if announce:
+                await self._publish_update(
+                    self._update(order, OrderStatus.PENDING_NEW, order.quantity)
+                )
             verdict = self._admit(order)
             if isinstance(verdict, Refused):
                 return verdict
@@ -322,10 +331,6 @@ class OrderDriver:
                     verdict.detail,
                 )
                 order = order.model_copy(update={"quantity": verdict.quantity})
-            if announce:
-                await self._publish_update(
-                    self._update(order, OrderStatus.PENDING_NEW, order.quantity)
-                )
             try:
                 return await self._venue.place(order, not_after_ms=self._deadline(order))
             except OutcomeUnknown as exc:

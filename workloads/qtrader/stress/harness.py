@@ -23,13 +23,15 @@ import httpx
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Message, TradingState
+from qtrader.contracts.messages import Fill, Message, TradingState
 from qtrader.contracts.policy import TradingPolicy, parse_policy
 from qtrader.control.ess_resource import EmergencyStop, parse_emergency_stop
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader.local.processes import Child, Children
+from qtrader.stress.invariants import check_exposure, from_paper_fills, judge_exposure, paper_limits
+from qtrader.stress.result import ScenarioResult
 
 M = TypeVar("M", bound=Message)
 
@@ -75,6 +77,7 @@ class Rig:
         self._bus: Bus | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.control_plane: LocalControlPlane | None = None
+        self.policy: TradingPolicy | None = None  # the last one published
 
     @property
     def url(self) -> str:
@@ -124,6 +127,18 @@ class Rig:
 
     async def publish_policy(self, policy: TradingPolicy) -> None:
         await publish_policy(self.bus, policy)
+        self.policy = policy
+
+    async def judge_exposure(self, result: ScenarioResult) -> None:
+        """Safety invariant 1 from the paper exchange's own records (its fills), against the
+        policy this rig published: a scenario that trades calls it at its end."""
+        if self.policy is None:
+            raise ScenarioFailure("no policy was published: no limits to judge exposure by")
+        fills = await self.read_stream(subjects.FILLS, subjects.all_of(subjects.FILL_PREFIX), Fill)
+        report = check_exposure(
+            trades=from_paper_fills(fills), limits=paper_limits(self.policy.spec)
+        )
+        judge_exposure(result, report)
 
     async def arm_without_control_plane(self) -> None:
         """An ACTIVE latch and heartbeats, for scenarios that need no EmergencyStop."""

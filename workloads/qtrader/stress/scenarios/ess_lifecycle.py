@@ -144,6 +144,7 @@ async def _run(options: StressOptions, result: ScenarioResult) -> None:
         updates = await rig.read_stream(
             subjects.ORDERS, subjects.all_of(subjects.ORDER_UPDATE_PREFIX), OrderUpdate
         )
+        await rig.judge_exposure(result)
     _judge(result, cycles, updates, record)
 
 

@@ -92,9 +92,9 @@ from qtrader.stress.flow_support import candle, now_ms, overall_status
 from qtrader.stress.harness import Rig, ScenarioFailure, policy_document
 from qtrader.stress.invariants import (
     ExposureLimits,
-    ViolationKind,
     check_exposure,
     from_sim_records,
+    judge_exposure,
 )
 from qtrader.stress.result import ScenarioResult
 from qtrader.stress.scenario import StressOptions
@@ -583,15 +583,4 @@ def _judge_exposure(result: ScenarioResult, evidence: _Evidence) -> None:
         max_open_positions=MAX_OPEN_POSITIONS,
         step_sizes={SYMBOL: paper_exchange_info().instrument(SYMBOL).step_size},
     )
-    exposure = check_exposure(trades=trades, rejections=rejections, limits=limits)
-    result.figures["max_position_over_limit"] = float(exposure.max_position_ratio)
-    result.figures["exposure_violations"] = [
-        f"{v.kind.value} at {v.time_ms}: {v.detail}" for v in exposure.violations[:10]
-    ]
-    result.check(
-        "positions beyond their limit (+1 step) or open beyond the count",
-        len([v for v in exposure.violations if v.kind is not ViolationKind.REDUCE_ONLY_REJECTED]),
-        "==",
-        0,
-    )
-    result.check("reduce-only orders rejected (-2022)", exposure.reduce_only_rejections, "==", 0)
+    judge_exposure(result, check_exposure(trades=trades, rejections=rejections, limits=limits))

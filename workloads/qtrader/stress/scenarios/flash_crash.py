@@ -147,6 +147,7 @@ async def _measure(
     updates = await rig.read_stream(
         subjects.ORDERS, subjects.all_of(subjects.ORDER_UPDATE_PREFIX), OrderUpdate
     )
+    await rig.judge_exposure(result)
     drop = max(_largest_drop_pct(candles, symbol, WINDOW_S * 1000) for symbol in SYMBOLS)
     halt_ack = _halt_ack(acks, status.latch_revision)
     first_alert = min(alerts, key=lambda a: a.ts_ms) if alerts else None

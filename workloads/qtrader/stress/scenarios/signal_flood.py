@@ -107,6 +107,7 @@ async def _run(options: StressOptions, result: ScenarioResult) -> None:
         )
         after = await _drained(rig, execution, len(stored))
         _judge(result, stored, before, after)
+        await rig.judge_exposure(result)
 
 
 async def _start(rig: Rig) -> Child:
