@@ -54,6 +54,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     KeyValueConfig,
+    RawStreamMsg,
     StorageType,
     StreamConfig,
 )
@@ -62,7 +63,7 @@ from prometheus_client import Counter, Gauge
 
 from qtrader.bus.errors import BusUnavailable, TopologyError
 from qtrader.bus.outbox import Outbox
-from qtrader.bus.outbox_publisher import OutboxPublisher
+from qtrader.bus.outbox_publisher import OutboxPublisher, StreamAck
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Message, MessageRejected, Undecodable, decode
 from qtrader.health.contract import DependencyHealth, Status
@@ -361,16 +362,23 @@ class Bus:
         returns None; a full outbox raises ``BusBackPressure``. Without one it raises
         ``BusUnavailable``.
         """
+        ack = await self.publish_acked(subject, message)
+        return None if ack is None else ack.sequence
+
+    async def publish_acked(self, subject: str, message: Message) -> StreamAck | None:
+        """``publish``, returning the stream's whole answer: ``duplicate`` says the stream held
+        this ``dedup_id`` already and stored nothing new (a producer that counts what it added
+        must not count it). None: kept in the outbox."""
         payload = message.encode()
         subject = subjects.scoped_subject(self._stack, subject)
         if self._outbox is not None:
-            sequence = await self._outbox.publish(subject, payload, message.dedup_id)
+            ack = await self._outbox.publish(subject, payload, message.dedup_id)
         else:
-            sequence = await self._send(subject, payload, message.dedup_id)
+            ack = await self._send(subject, payload, message.dedup_id)
         PUBLISHED.labels(message.KIND).inc()
-        return sequence
+        return ack
 
-    async def _send(self, subject: str, payload: bytes, msg_id: str) -> int:
+    async def _send(self, subject: str, payload: bytes, msg_id: str) -> StreamAck:
         try:
             ack = await self._jetstream.publish(
                 subject,
@@ -381,7 +389,7 @@ class Bus:
         except _UNAVAILABLE as exc:
             PUBLISH_FAILURES.labels(_family(subjects.unscoped_subject(self._stack, subject))).inc()
             raise BusUnavailable(f"publish to {subject} not acknowledged: {exc!r}") from exc
-        return int(ack.seq)
+        return StreamAck(sequence=int(ack.seq), duplicate=bool(ack.duplicate))
 
     async def replay_forever(self) -> None:
         """Replay the outbox whenever it holds messages (a no-op without an outbox)."""
@@ -620,6 +628,60 @@ class Bus:
             found = Undecodable.of(rejected, source=subject, stored_revision=sequence)
             self._count_refused(f"last:{stream.name}", subject, sequence, found)
             return found
+
+    async def stored_messages(
+        self,
+        stream: subjects.StreamSpec,
+        subject: str,
+        message_type: type[M],
+        *,
+        from_sequence: int = 1,
+        to_sequence: int | None = None,
+        limit: int | None = None,
+    ) -> list[M]:
+        """The messages stored on ``subject`` (a wildcard too) with a stream sequence from
+        ``from_sequence`` through ``to_sequence``, oldest first, at most ``limit``.
+
+        One request per message: for reading a few at start (a resume point, a window to
+        warm), not for following a stream. One that does not decode is left out, as consumers
+        skip it, and logged and counted once.
+        """
+        stream = subjects.scoped_stream(self._stack, stream)
+        subject = subjects.scoped_subject(self._stack, subject)
+        found: list[M] = []
+        sequence = max(1, from_sequence)
+        while limit is None or len(found) < limit:
+            raw = await self._next_stored(stream.name, subject, sequence)
+            if raw is None or (to_sequence is not None and int(raw.seq or 0) > to_sequence):
+                break
+            sequence = int(raw.seq or 0) + 1
+            try:
+                found.append(decode(raw.data or b"", message_type))
+            except MessageRejected as rejected:
+                bad = Undecodable.of(rejected, source=subject, stored_revision=sequence - 1)
+                self._count_refused(f"read:{stream.name}", subject, sequence - 1, bad)
+        return found
+
+    async def _next_stored(self, stream: str, subject: str, sequence: int) -> RawStreamMsg | None:
+        """The first message on ``subject`` at or after ``sequence``, None if there is none."""
+        try:
+            return await self._jetstream.get_msg(stream, seq=sequence, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot read {subject} from {stream}: {exc!r}") from exc
+
+    async def acked_through(self, spec: subjects.ConsumerSpec) -> int:
+        """The stream sequence up to which the durable consumer has every message acknowledged
+        (its ack floor); 0 when it has acknowledged nothing or does not exist yet."""
+        spec = subjects.scoped_consumer(self._stack, spec)
+        try:
+            info = await self._jetstream.consumer_info(spec.stream.name, spec.durable)
+        except nats.js.errors.NotFoundError:
+            return 0
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot read consumer {spec.durable}: {exc!r}") from exc
+        return 0 if info.ack_floor is None else int(info.ack_floor.stream_seq)
 
     # --- key-value ---------------------------------------------------------------------------
 
