@@ -8,7 +8,11 @@ JetStream drops the repeat.
 Batching across symbols: the consumer hands over every candle of a fetch at once
 (``Bus.consume_batches``), and the candles of one close time go through the model in one call
 (``signals.CandleBatcher``). Candles are acknowledged only after the signals of every candle in
-the fetch are published, so a crash loses no signal: the candles come again.
+the fetch are published, so a crash loses no signal: the candles come again. At start, before
+consuming, each symbol's window is warmed with the last ``WINDOW`` candles the consumer had
+acknowledged, read back from the MARKET stream (``warmup``), so the candles that come again and
+every later one make the very signals an uninterrupted run makes (the same window, so the same
+features bit for bit): a restart does not leave the first ``WINDOW - 1`` candles without one.
 
 Without a loadable model the role does not consume candles at all (they stay in the stream for
 when a model is there) and ``/health`` says CRITICAL with the loader's error: no signal is ever
@@ -35,11 +39,14 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Candle, Signal
 from qtrader.health.contract import DependencyHealth, Status
+from qtrader.inference.features import WINDOW
 from qtrader.inference.onnx_model import ModelLoadError, SignalModel, default_model_path
 from qtrader.inference.signals import CandleBatcher, SignalBatch, SignalMaker
+from qtrader.inference.warmup import candles_to_warm
 from qtrader.runtime import Task, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -121,9 +128,26 @@ class Inference:
             return
         _export_model(self._model)
         log.info("serving model %s from %s", self._model.version, self._model.path)
+        await self._warm(policy.spec.symbols)
         await self._context.bus.consume_batches(
             subjects.INFERENCE_CANDLES, Candle, self._on_candles
         )
+
+    async def _warm(self, symbols: tuple[str, ...]) -> None:
+        """Fill the windows with what the consumer acknowledged before this start."""
+        while True:
+            try:
+                candles = await candles_to_warm(
+                    self._context.bus, subjects.INFERENCE_CANDLES, symbols, window=WINDOW
+                )
+                break
+            except BusUnavailable as exc:
+                log.warning("cannot read the candles to warm the windows yet: %s", exc)
+                await asyncio.sleep(0.5)
+        for candle in candles:
+            self._maker.accept(candle)  # their signals were published before the restart
+        if candles:
+            log.info("feature windows warmed with %d stored candles", len(candles))
 
     async def _on_candles(self, candles: list[Candle]) -> None:
         """The signals of every candle fetched together, one model call per close time."""
