@@ -17,6 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
@@ -28,9 +29,10 @@ from qtrader.contracts.messages import (
     Side,
     Signal,
     TradingState,
+    decode,
 )
 from qtrader.contracts.policy import TradingPolicy, parse_policy
-from qtrader.inference.warmup import candles_to_warm
+from qtrader.inference.warmup import read_warmup
 from qtrader.instruments import paper_exchange_info
 from qtrader.local.control import publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
@@ -360,11 +362,15 @@ async def test_inference_when_killed_and_restarted_then_signals_equal_an_uninter
     try:
         await _publish_all(bus, candles[:half])
         await _until_signals(url, len(TRIO) * (60 - (WINDOW - 1)) - 6, first)
-        first.stop(kill=True)  # mid-stream: some candles of the first part may be unacknowledged
+        first.stop(kill=True)
         await _publish_all(bus, candles[half:])
+        # A worker killed in the middle of a batch: it took candles and acknowledged none. The
+        # consumer hands them out again only after their ack wait (30 s), after newer ones.
+        in_flight = await _take_without_ack(url, 30)
         second = start_worker("inference", nats_url=url, log_dir=tmp_path)
-        restarted = await _until_signals(url, expected, second)
-        assert "feature windows warmed with" in second.log()
+        restarted = await _until_signals(url, expected, second, timeout_s=20)
+        assert "were in flight" in second.log()
+        assert in_flight == candles[half : half + 30]
     finally:
         for worker in (first, second):
             if worker is not None:
@@ -425,14 +431,32 @@ async def test_candles_to_warm_when_a_symbol_is_far_back_then_its_last_window_is
         await asyncio.gather(consuming, return_exceptions=True)
 
     # ETH's 300 candles stand between BTC's and the ack floor: more than the first look back.
-    warm = await candles_to_warm(control_pair, subjects.INFERENCE_CANDLES, PAIR, window=WINDOW)
+    warmup = await read_warmup(control_pair, subjects.INFERENCE_CANDLES, PAIR, window=WINDOW)
 
-    assert warm == btc[-WINDOW:] + eth[-WINDOW:]
+    assert warmup.window == btc[-WINDOW:] + eth[-WINDOW:]
+    assert warmup.in_flight == []
 
 
 async def _eventually_acked(bus: Bus, sequence: int) -> None:
     for _ in range(100):
-        if await bus.acked_through(subjects.INFERENCE_CANDLES) >= sequence:
+        position = await bus.consumer_position(subjects.INFERENCE_CANDLES)
+        if position.acked_through >= sequence:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"the consumer never acknowledged through {sequence}")
+
+
+async def _take_without_ack(url: str, count: int) -> list[Candle]:
+    """Fetch ``count`` candles from inference's durable consumer and never acknowledge them."""
+    client = Client()
+    await client.connect(url)
+    try:
+        consumer = subjects.INFERENCE_CANDLES
+        js = client.jetstream(timeout=10)
+        subscription = await js.pull_subscribe_bind(
+            durable=consumer.durable, stream=consumer.stream.name
+        )
+        messages = await subscription.fetch(count, timeout=5)
+        return [decode(m.data, Candle) for m in messages]
+    finally:
+        await client.close()

@@ -40,6 +40,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats
@@ -120,6 +121,16 @@ _UNAVAILABLE = (
     asyncio.TimeoutError,
     OSError,
 )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumerPosition:
+    """Stream sequences of a durable consumer: every message through ``acked_through`` is
+    acknowledged; ``delivered_through`` is the last one handed out (those after the ack floor
+    may be in flight with a worker that died: redelivered only once their ack wait ends)."""
+
+    acked_through: int
+    delivered_through: int
 
 
 class Bus:
@@ -671,17 +682,19 @@ class Bus:
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read {subject} from {stream}: {exc!r}") from exc
 
-    async def acked_through(self, spec: subjects.ConsumerSpec) -> int:
-        """The stream sequence up to which the durable consumer has every message acknowledged
-        (its ack floor); 0 when it has acknowledged nothing or does not exist yet."""
+    async def consumer_position(self, spec: subjects.ConsumerSpec) -> ConsumerPosition:
+        """Where the durable consumer stands in its stream; zeros when it does not exist yet."""
         spec = subjects.scoped_consumer(self._stack, spec)
         try:
             info = await self._jetstream.consumer_info(spec.stream.name, spec.durable)
         except nats.js.errors.NotFoundError:
-            return 0
+            return ConsumerPosition(acked_through=0, delivered_through=0)
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read consumer {spec.durable}: {exc!r}") from exc
-        return 0 if info.ack_floor is None else int(info.ack_floor.stream_seq)
+        return ConsumerPosition(
+            acked_through=0 if info.ack_floor is None else int(info.ack_floor.stream_seq),
+            delivered_through=0 if info.delivered is None else int(info.delivered.stream_seq),
+        )
 
     # --- key-value ---------------------------------------------------------------------------
 
