@@ -93,7 +93,8 @@ class MarketData:
         self._published = 0
         self._duplicates = 0
         self._finished = False
-        self._resume_problem: str | None = None  # why the resume point cannot be read yet
+        # Why the feed has not started from its resume point yet, and how bad that is.
+        self._resume_wait: DependencyHealth | None = None
         LAST_CANDLE_AGE.set_function(lambda: time.monotonic() - self._last_published)
         context.monitor.add_check("feed", self.check)
 
@@ -116,15 +117,16 @@ class MarketData:
         """What the stream stores of each symbol, read once the outbox is empty (what a previous
         run left there is part of the market already made)."""
         while True:
+            depth = self._context.bus.outbox_depth()
             try:
-                if not self._context.bus.outbox_depth():
+                if not depth:
                     spans = await read_stored(self._context.bus, symbols)
                     break
+                self._waiting(Status.DEGRADED, f"{depth} candles of an earlier run in the outbox")
             except (BusUnavailable, ResumePointUnknown) as exc:
-                self._resume_problem = f"cannot tell where to resume: {exc}"
-                log.warning("%s", self._resume_problem)
+                self._waiting(Status.CRITICAL, f"cannot tell where to resume: {exc}")
             await asyncio.sleep(0.5)
-        self._resume_problem = None
+        self._resume_wait = None
         for symbol, span in spans.items():
             log.info(
                 "resuming %s after its stored candle of %d (close %s)",
@@ -133,6 +135,11 @@ class MarketData:
                 span.last.close,
             )
         return spans
+
+    def _waiting(self, status: Status, why: str) -> None:
+        if self._resume_wait is None or self._resume_wait.status is not status:
+            log.warning("not resuming yet: %s", why)
+        self._resume_wait = DependencyHealth(name="feed", status=status, detail=why)
 
     async def _candles(
         self, symbols: tuple[str, ...], spans: dict[str, StoredSpan]
@@ -222,10 +229,8 @@ class MarketData:
             return DependencyHealth(
                 name="feed", status=Status.DEGRADED, detail="waiting for policy"
             )
-        if self._resume_problem is not None:
-            return DependencyHealth(
-                name="feed", status=Status.CRITICAL, detail=self._resume_problem
-            )
+        if self._resume_wait is not None:
+            return self._resume_wait
         status = Status.CRITICAL if age > self._config.stale_after_s else Status.OK
         duplicates = f", {self._duplicates} duplicates not counted" if self._duplicates else ""
         return DependencyHealth(
