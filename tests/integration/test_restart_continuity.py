@@ -20,6 +20,7 @@ import pytest
 from nats.aio.client import Client
 
 from qtrader.bus.nats_bus import Bus
+from qtrader.bus.outbox import Outbox
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
@@ -194,6 +195,59 @@ async def test_synthetic_marketdata_when_killed_and_restarted_then_the_seeded_pa
         for worker in (first, second, portfolio):
             if worker is not None:
                 worker.stop()
+
+
+async def test_synthetic_marketdata_when_killed_with_candles_in_its_outbox_then_they_go_first(
+    nats_server: EmbeddedNats, control_pair: Bus, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    market_args = ("--seed", "31", "--candles-per-second", "25")
+    first = start_worker("marketdata", nats_url=url, log_dir=tmp_path, args=market_args)
+    second: Worker | None = None
+    try:
+        await _until_stored(url, 30, first)
+        await asyncio.to_thread(nats_server.stop)  # the broker goes: candles wait on disk
+        await eventually(
+            lambda: first.metric("qtrader_outbox_depth") >= 10,
+            timeout_s=20,
+            what="candles held in the outbox",
+            worker=first,
+        )
+        first.stop(kill=True)
+        held = _outbox_depth(tmp_path / "outbox")
+        await asyncio.to_thread(nats_server.start)
+        before = len(await _candles(url))
+
+        second = start_worker(
+            "marketdata", nats_url=url, log_dir=tmp_path, args=(*market_args, "--max-candles", "30")
+        )
+        await eventually(lambda: _ended(second), timeout_s=60, what="the feed", worker=second)
+        stored = _by_symbol(await _candles(url))
+
+        start_ms = stored["BTCUSDT"][0].open_time_ms
+        config = SyntheticConfig(symbols=PAIR, seed=31, regime=Regime.MIXED, start_ms=start_ms)
+        market = SyntheticMarket(config, paper_exchange_info()).candles()
+        uninterrupted = _by_symbol(list(itertools.islice(market, 2 * 200)))
+        for symbol in PAIR:
+            assert stored[symbol] == uninterrupted[symbol][: len(stored[symbol])], symbol
+        # The held candles were stored first; the new run published only what followed them.
+        total = sum(map(len, stored.values()))
+        assert sum(_published(second, symbol) for symbol in PAIR) == total - before - held
+        assert held >= 10
+        assert _duplicates(second) == 0
+    finally:
+        for worker in (first, second):
+            if worker is not None:
+                worker.stop()
+
+
+def _outbox_depth(directory: Path) -> int:
+    (path,) = directory.glob("marketdata-*.db")
+    outbox = Outbox(path)
+    try:
+        return len(outbox)
+    finally:
+        outbox.close()
 
 
 async def _wait(condition: object, *, what: str, worker: Worker, timeout_s: float = 30) -> None:
