@@ -4,7 +4,11 @@ What it guarantees to the roles above it:
 - the streams, durable consumers and KV buckets of ``contracts.subjects`` exist (created
   idempotently at start, so any replica of any role can start first);
 - every JetStream publish carries ``Nats-Msg-Id`` = the message's ``dedup_id``, so a repeat
-  inside the stream's duplicate window is dropped by the server, not by luck;
+  inside the stream's duplicate window is dropped by the server, not by luck; the server's
+  answer says so (``publish_acked``: ``duplicate``, nothing new stored);
+- what a restarted role needs to go on where the streams say it was can be read at start: a few
+  stored messages (``last_message``, ``stored_messages``) and a durable consumer's position
+  (``consumer_position``: its ack floor and the last message it handed out);
 - durable pull consumers with explicit acks: a message is acked only after its handler returned,
   nak'ed with a delay when the handler failed, and terminated (never redelivered) when it cannot
   be decoded, after one log line and a count in ``qtrader_messages_rejected_total``;
