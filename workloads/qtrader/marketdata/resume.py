@@ -10,8 +10,8 @@ and the last candle stored (``read_stored``) and continues after the last:
   candles after a restart are exactly those an uninterrupted run of the same seed makes. The
   rebuilt candle must equal the stored one; when it does not (the history aged out of the
   stream, or the seed, regime or interval changed), the symbol continues from its last stored
-  close and the next open time on a path seeded the same way: deterministic for the seed and
-  that candle, never a jump in price or time.
+  close and the next open time on a path seeded the same way (its regimes start over there):
+  deterministic for the seed and that candle, never a jump in price or time.
 
 A symbol with nothing stored starts with the others (at the earliest next open time of the
 stored symbols), or at the configured start when nothing is stored at all.

@@ -15,6 +15,10 @@ not the subject, so they see only what the stream stored.
 
 The health dependency ``feed`` is CRITICAL when no candle has been published for longer than the
 stale threshold while the source should be producing, and DEGRADED once a replay has ended.
+Before the first candle it is DEGRADED while an earlier run's candles wait in the outbox, and
+CRITICAL while the stored candles cannot be read (NATS unreachable, or the last stored candle of
+a symbol does not decode, so where to resume cannot be told: nothing is published then).
+``max_candles`` counts the steps of this run, not of the market.
 """
 
 from __future__ import annotations
