@@ -38,6 +38,7 @@ from qtrader.instruments import paper_exchange_info
 from qtrader.local.control import publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader.marketdata.csv_replay import read_klines
+from qtrader.marketdata.resume import read_stored
 from qtrader.marketdata.synthetic import Regime, SyntheticConfig, SyntheticMarket
 from support.ledger_check import last_snapshot
 from support.streams import publish_raw, read_all
@@ -514,3 +515,19 @@ async def _take_without_ack(url: str, count: int) -> list[Candle]:
         return [decode(m.data, Candle) for m in messages]
     finally:
         await client.close()
+
+
+async def test_read_stored_when_the_last_message_is_no_candle_then_the_last_candle_before_it(
+    nats_server: EmbeddedNats, control_pair: Bus
+) -> None:
+    btc = [_candle("BTCUSDT", Decimal(100 + i), minute=i) for i in range(5)]
+    await _publish_all(control_pair, btc)
+    await publish_raw(
+        nats_server.url, subjects.candle_subject("BTCUSDT"), b'{"kind": "candle"', msg_id="poison"
+    )
+
+    spans = await read_stored(control_pair, PAIR)
+
+    assert set(spans) == {"BTCUSDT"}  # nothing stored for ETH: it starts fresh
+    assert spans["BTCUSDT"].first == btc[0]
+    assert spans["BTCUSDT"].last == btc[-1]

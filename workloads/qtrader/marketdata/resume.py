@@ -1,7 +1,8 @@
 """Where a restarted marketdata resumes: right after the last candle the MARKET stream stores.
 
 The stream is the only memory marketdata has, so at every start it reads, per symbol, the first
-and the last candle stored (``read_stored``) and continues after the last:
+and the last candle stored (``read_stored``; a message stored last that is no candle is passed
+over) and continues after the last:
 
 * replay and live (``after_stored``): every candle at or before a symbol's last stored open
   time is dropped, so a replay goes on at the next row of its file and never stores a row twice;
@@ -33,10 +34,6 @@ from qtrader.marketdata.synthetic import INTERVAL_MS, SyntheticConfig, Synthetic
 log = logging.getLogger(__name__)
 
 
-class ResumePointUnknown(RuntimeError):
-    """The last stored candle of a symbol does not decode: where to resume cannot be told."""
-
-
 @dataclass(frozen=True, kw_only=True)
 class StoredSpan:
     """The first and the last candle the stream stores for one symbol."""
@@ -51,12 +48,18 @@ async def read_stored(bus: Bus, symbols: Iterable[str]) -> dict[str, StoredSpan]
     for symbol in symbols:
         subject = subjects.candle_subject(symbol)
         last = await bus.last_message(subjects.MARKET, subject, Candle)
-        if last is None:
-            continue
         if isinstance(last, Undecodable):
-            raise ResumePointUnknown(f"the last stored {symbol} candle does not decode: {last}")
-        first = await bus.stored_messages(subjects.MARKET, subject, Candle, limit=1)
-        spans[symbol] = StoredSpan(first=first[0] if first else last, last=last)
+            # Something that is no candle was stored last (poison on the subject): the last
+            # candle is further back. Reading the symbol's whole history is slow only for
+            # second candles (a day of them is 86,400 reads), and poison last is rare.
+            log.warning("the last stored %s message is no candle (%s): reading back", symbol, last)
+            every = await bus.stored_messages(subjects.MARKET, subject, Candle)
+            if every:
+                spans[symbol] = StoredSpan(first=every[0], last=every[-1])
+            continue
+        if last is not None:
+            first = await bus.stored_messages(subjects.MARKET, subject, Candle, limit=1)
+            spans[symbol] = StoredSpan(first=first[0] if first else last, last=last)
     return spans
 
 

@@ -16,8 +16,7 @@ not the subject, so they see only what the stream stored.
 The health dependency ``feed`` is CRITICAL when no candle has been published for longer than the
 stale threshold while the source should be producing, and DEGRADED once a replay has ended.
 Before the first candle it is DEGRADED while an earlier run's candles wait in the outbox, and
-CRITICAL while the stored candles cannot be read (NATS unreachable, or the last stored candle of
-a symbol does not decode, so where to resume cannot be told: nothing is published then).
+CRITICAL while the stored candles cannot be read (nothing is published before they are).
 ``max_candles`` counts the steps of this run, not of the market.
 """
 
@@ -41,7 +40,6 @@ from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
 from qtrader.marketdata.csv_replay import infer_symbol_interval, merge_replays, read_klines
 from qtrader.marketdata.resume import (
-    ResumePointUnknown,
     StoredSpan,
     after_stored,
     is_after_stored,
@@ -127,7 +125,7 @@ class MarketData:
                     spans = await read_stored(self._context.bus, symbols)
                     break
                 self._waiting(Status.DEGRADED, f"{depth} candles of an earlier run in the outbox")
-            except (BusUnavailable, ResumePointUnknown) as exc:
+            except BusUnavailable as exc:
                 self._waiting(Status.CRITICAL, f"cannot tell where to resume: {exc}")
             await asyncio.sleep(0.5)
         self._resume_wait = None
