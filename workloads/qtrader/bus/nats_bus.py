@@ -4,7 +4,11 @@ What it guarantees to the roles above it:
 - the streams, durable consumers and KV buckets of ``contracts.subjects`` exist (created
   idempotently at start, so any replica of any role can start first);
 - every JetStream publish carries ``Nats-Msg-Id`` = the message's ``dedup_id``, so a repeat
-  inside the stream's duplicate window is dropped by the server, not by luck;
+  inside the stream's duplicate window is dropped by the server, not by luck; the server's
+  answer says so (``publish_acked``: ``duplicate``, nothing new stored);
+- what a restarted role needs to go on where the streams say it was can be read at start: a few
+  stored messages (``last_message``, ``stored_messages``) and a durable consumer's position
+  (``consumer_position``: its ack floor and the last message it handed out);
 - durable pull consumers with explicit acks: a message is acked only after its handler returned,
   nak'ed with a delay when the handler failed, and terminated (never redelivered) when it cannot
   be decoded, after one log line and a count in ``qtrader_messages_rejected_total``;
@@ -40,6 +44,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats
@@ -54,6 +59,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     KeyValueConfig,
+    RawStreamMsg,
     StorageType,
     StreamConfig,
 )
@@ -62,7 +68,7 @@ from prometheus_client import Counter, Gauge
 
 from qtrader.bus.errors import BusUnavailable, TopologyError
 from qtrader.bus.outbox import Outbox
-from qtrader.bus.outbox_publisher import OutboxPublisher
+from qtrader.bus.outbox_publisher import OutboxPublisher, StreamAck
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Message, MessageRejected, Undecodable, decode
 from qtrader.health.contract import DependencyHealth, Status
@@ -119,6 +125,16 @@ _UNAVAILABLE = (
     asyncio.TimeoutError,
     OSError,
 )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumerPosition:
+    """Stream sequences of a durable consumer: every message through ``acked_through`` is
+    acknowledged; ``delivered_through`` is the last one handed out (those after the ack floor
+    may be in flight with a worker that died: redelivered only once their ack wait ends)."""
+
+    acked_through: int
+    delivered_through: int
 
 
 class Bus:
@@ -361,16 +377,23 @@ class Bus:
         returns None; a full outbox raises ``BusBackPressure``. Without one it raises
         ``BusUnavailable``.
         """
+        ack = await self.publish_acked(subject, message)
+        return None if ack is None else ack.sequence
+
+    async def publish_acked(self, subject: str, message: Message) -> StreamAck | None:
+        """``publish``, returning the stream's whole answer: ``duplicate`` says the stream held
+        this ``dedup_id`` already and stored nothing new (a producer that counts what it added
+        must not count it). None: kept in the outbox."""
         payload = message.encode()
         subject = subjects.scoped_subject(self._stack, subject)
         if self._outbox is not None:
-            sequence = await self._outbox.publish(subject, payload, message.dedup_id)
+            ack = await self._outbox.publish(subject, payload, message.dedup_id)
         else:
-            sequence = await self._send(subject, payload, message.dedup_id)
+            ack = await self._send(subject, payload, message.dedup_id)
         PUBLISHED.labels(message.KIND).inc()
-        return sequence
+        return ack
 
-    async def _send(self, subject: str, payload: bytes, msg_id: str) -> int:
+    async def _send(self, subject: str, payload: bytes, msg_id: str) -> StreamAck:
         try:
             ack = await self._jetstream.publish(
                 subject,
@@ -381,7 +404,7 @@ class Bus:
         except _UNAVAILABLE as exc:
             PUBLISH_FAILURES.labels(_family(subjects.unscoped_subject(self._stack, subject))).inc()
             raise BusUnavailable(f"publish to {subject} not acknowledged: {exc!r}") from exc
-        return int(ack.seq)
+        return StreamAck(sequence=int(ack.seq), duplicate=bool(ack.duplicate))
 
     async def replay_forever(self) -> None:
         """Replay the outbox whenever it holds messages (a no-op without an outbox)."""
@@ -630,6 +653,62 @@ class Bus:
             found = Undecodable.of(rejected, source=subject, stored_revision=sequence)
             self._count_refused(f"last:{stream.name}", subject, sequence, found)
             return found
+
+    async def stored_messages(
+        self,
+        stream: subjects.StreamSpec,
+        subject: str,
+        message_type: type[M],
+        *,
+        from_sequence: int = 1,
+        to_sequence: int | None = None,
+        limit: int | None = None,
+    ) -> list[M]:
+        """The messages stored on ``subject`` (a wildcard too) with a stream sequence from
+        ``from_sequence`` through ``to_sequence``, oldest first, at most ``limit``.
+
+        One request per message: for reading a few at start (a resume point, a window to
+        warm), not for following a stream. One that does not decode is left out, as consumers
+        skip it, and logged and counted once.
+        """
+        stream = subjects.scoped_stream(self._stack, stream)
+        subject = subjects.scoped_subject(self._stack, subject)
+        found: list[M] = []
+        sequence = max(1, from_sequence)
+        while limit is None or len(found) < limit:
+            raw = await self._next_stored(stream.name, subject, sequence)
+            if raw is None or (to_sequence is not None and int(raw.seq or 0) > to_sequence):
+                break
+            sequence = int(raw.seq or 0) + 1
+            try:
+                found.append(decode(raw.data or b"", message_type))
+            except MessageRejected as rejected:
+                bad = Undecodable.of(rejected, source=subject, stored_revision=sequence - 1)
+                self._count_refused(f"read:{stream.name}", subject, sequence - 1, bad)
+        return found
+
+    async def _next_stored(self, stream: str, subject: str, sequence: int) -> RawStreamMsg | None:
+        """The first message on ``subject`` at or after ``sequence``, None if there is none."""
+        try:
+            return await self._jetstream.get_msg(stream, seq=sequence, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot read {subject} from {stream}: {exc!r}") from exc
+
+    async def consumer_position(self, spec: subjects.ConsumerSpec) -> ConsumerPosition:
+        """Where the durable consumer stands in its stream; zeros when it does not exist yet."""
+        spec = subjects.scoped_consumer(self._stack, spec)
+        try:
+            info = await self._jetstream.consumer_info(spec.stream.name, spec.durable)
+        except nats.js.errors.NotFoundError:
+            return ConsumerPosition(acked_through=0, delivered_through=0)
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot read consumer {spec.durable}: {exc!r}") from exc
+        return ConsumerPosition(
+            acked_through=0 if info.ack_floor is None else int(info.ack_floor.stream_seq),
+            delivered_through=0 if info.delivered is None else int(info.delivered.stream_seq),
+        )
 
     # --- key-value ---------------------------------------------------------------------------
 

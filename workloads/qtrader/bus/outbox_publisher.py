@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
@@ -32,7 +33,17 @@ from qtrader.health.contract import DependencyHealth, Status
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[str, bytes, str], Awaitable[int]]  # subject, payload, msg id -> stream seq
+
+@dataclass(frozen=True)
+class StreamAck:
+    """What the stream answered to a publish: the message's sequence, and whether it held that
+    message id already (``duplicate``: the server dropped this copy; nothing new was stored)."""
+
+    sequence: int
+    duplicate: bool
+
+
+Send = Callable[[str, bytes, str], Awaitable[StreamAck]]  # subject, payload, msg id -> the answer
 
 OUTBOX_DEPTH = Gauge("qtrader_outbox_depth", "Messages waiting in the disk outbox.")
 OUTBOX_OLDEST_AGE = Gauge(
@@ -72,8 +83,8 @@ class OutboxPublisher:
     def depth(self) -> int:
         return len(self._outbox)
 
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> int | None:
-        """The stream sequence when sent now; None when kept in the outbox for replay."""
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> StreamAck | None:
+        """The stream's answer when sent now; None when kept in the outbox for replay."""
         if not len(self._outbox):
             try:
                 return await self._send(subject, payload, msg_id)

@@ -13,9 +13,11 @@ policy's limit, execution's exchange-ban alert), so one consumer turns all of th
 (``alert_trips`` decides which stops an alert trips). Running here, not in a workload, means the
 stale-data check still works when the market-data workload is the thing that died.
 
-Inputs are core NATS subscriptions: every candle, order update and snapshot as it is published.
-A reconnect can miss a few; the evaluators judge what they see, and staleness is judged by the
-arrival clock, so a silent feed is noticed whatever was missed.
+Candles are the ones the MARKET stream stores, followed from the monitor's start on (an ordered
+consumer): a publish the stream drops as a duplicate is no price to judge. Order updates and
+snapshots come from core NATS subscriptions as they are published; a reconnect can miss a few.
+The evaluators judge what they see, and staleness is judged by the arrival clock, so a silent feed
+is noticed whatever was missed.
 """
 
 from __future__ import annotations
@@ -122,8 +124,13 @@ class RiskMonitor:
         """Follow the streams and check staleness until cancelled."""
         bus = self._bus
         await asyncio.gather(
-            bus.subscribe(
-                subjects.all_of(subjects.CANDLE_PREFIX), Candle, self._on_candle, label="risk"
+            bus.replay(
+                subjects.MARKET,
+                subjects.all_of(subjects.CANDLE_PREFIX),
+                Candle,
+                self._on_candle,
+                label="risk",
+                from_now=True,
             ),
             bus.subscribe(
                 subjects.all_of(subjects.ORDER_UPDATE_PREFIX),

@@ -266,8 +266,14 @@ class Execution:
             "heartbeat": bus.subscribe(
                 subjects.CONTROL_HEARTBEAT, ControlHeartbeat, self._on_heartbeat, label="heartbeat"
             ),
-            "prices": self._context.bus.subscribe(
-                subjects.all_of(subjects.CANDLE_PREFIX), Candle, self._on_candle, label="prices"
+            # The stream, not the subject: a candle the stream did not store is no price.
+            "prices": self._context.bus.replay(
+                subjects.MARKET,
+                subjects.all_of(subjects.CANDLE_PREFIX),
+                Candle,
+                self._on_candle,
+                label="prices",
+                from_now=True,
             ),
             # The whole fill history, then new fills: positions survive a restart, and an intent
             # sent before a crash is recognised by its fills (see PaperVenue.lookup).

@@ -8,7 +8,12 @@ JetStream drops the repeat.
 Batching across symbols: the consumer hands over every candle of a fetch at once
 (``Bus.consume_batches``), and the candles of one close time go through the model in one call
 (``signals.CandleBatcher``). Candles are acknowledged only after the signals of every candle in
-the fetch are published, so a crash loses no signal: the candles come again.
+the fetch are published, so a crash loses no signal: the candles come again. At start, before
+consuming, each symbol's window is warmed with the last ``WINDOW`` candles the consumer had
+acknowledged, read back from the MARKET stream, and the candles a dead worker had in flight are
+read and handled first (``warmup``), so every candle after the ack floor makes the very signal
+an uninterrupted run makes (the same window, so the same features bit for bit): a restart does
+not leave the first ``WINDOW - 1`` candles of a symbol without one.
 
 Without a loadable model the role does not consume candles at all (they stay in the stream for
 when a model is there) and ``/health`` says CRITICAL with the loader's error: no signal is ever
@@ -35,11 +40,14 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Candle, Signal
 from qtrader.health.contract import DependencyHealth, Status
+from qtrader.inference.features import WINDOW
 from qtrader.inference.onnx_model import ModelLoadError, SignalModel, default_model_path
 from qtrader.inference.signals import CandleBatcher, SignalBatch, SignalMaker
+from qtrader.inference.warmup import Warmup, read_warmup
 from qtrader.runtime import Task, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -121,9 +129,43 @@ class Inference:
             return
         _export_model(self._model)
         log.info("serving model %s from %s", self._model.version, self._model.path)
+        await self._warm(policy.spec.symbols)
         await self._context.bus.consume_batches(
             subjects.INFERENCE_CANDLES, Candle, self._on_candles
         )
+
+    async def _warm(self, symbols: tuple[str, ...]) -> None:
+        """Fill the windows with what the consumer acknowledged before this start, then make
+        the signals of the candles a dead worker had in flight (``warmup``)."""
+        warmup = await self._read_warmup(symbols)
+        for candle in warmup.window:
+            self._maker.accept(candle)  # their signals were published before the restart
+        if warmup.window or warmup.in_flight:
+            log.info(
+                "feature windows warmed with %d stored candles; %d were in flight",
+                len(warmup.window),
+                len(warmup.in_flight),
+            )
+        made = False
+        while True:
+            try:
+                # Once made, the signals wait in _unpublished: only their publishing is retried.
+                await (self._emit([]) if made else self._on_candles(warmup.in_flight))
+                return
+            except BusUnavailable as exc:
+                made = True
+                log.warning("signals of the candles in flight not published yet: %s", exc)
+                await asyncio.sleep(0.5)
+
+    async def _read_warmup(self, symbols: tuple[str, ...]) -> Warmup:
+        while True:
+            try:
+                return await read_warmup(
+                    self._context.bus, subjects.INFERENCE_CANDLES, symbols, window=WINDOW
+                )
+            except BusUnavailable as exc:
+                log.warning("cannot read the candles to warm the windows yet: %s", exc)
+                await asyncio.sleep(0.5)
 
     async def _on_candles(self, candles: list[Candle]) -> None:
         """The signals of every candle fetched together, one model call per close time."""

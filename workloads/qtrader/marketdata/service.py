@@ -1,12 +1,23 @@
 """The marketdata role: publishes closed candles from a replay, the synthetic market or Binance.
 
 Every candle goes to ``qtrader.market.candle.<SYMBOL>`` with ``Nats-Msg-Id`` = its symbol,
-interval and open time, so a restarted replay cannot put the same candle in the stream twice
-within the duplicate window. While NATS is unreachable the feed waits and retries the same
-candle (it never skips one); the disk outbox of #5 replaces that wait.
+interval and open time. While NATS is unreachable the feed waits and retries the same candle (it
+never skips one); with the disk outbox (#5) the candle waits there instead.
+
+A restart continues the market the stream holds (``resume``): once the outbox has sent what a
+previous run left in it, the last stored candle of each symbol is read, and the feed starts
+right after it. A replay goes on at the next row of its files; the synthetic market rebuilds its
+seeded path and continues it, so a restart changes no candle; the live feed drops klines already
+stored. So no stored candle is published again. A publish that the stream still answers as a
+duplicate (its ``Nats-Msg-Id`` was stored already) is not counted as published and is logged;
+``qtrader_candles_duplicate_total`` counts those. Consumers that take prices follow the stream,
+not the subject, so they see only what the stream stored.
 
 The health dependency ``feed`` is CRITICAL when no candle has been published for longer than the
 stale threshold while the source should be producing, and DEGRADED once a replay has ended.
+Before the first candle it is DEGRADED while an earlier run's candles wait in the outbox, and
+CRITICAL while the stored candles cannot be read (nothing is published before they are).
+``max_candles`` counts the steps of this run, not of the market.
 """
 
 from __future__ import annotations
@@ -28,13 +39,27 @@ from qtrader.contracts.messages import Candle
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
 from qtrader.marketdata.csv_replay import infer_symbol_interval, merge_replays, read_klines
-from qtrader.marketdata.synthetic import INTERVAL_MS, Regime, SyntheticConfig, SyntheticMarket
+from qtrader.marketdata.resume import (
+    StoredSpan,
+    after_stored,
+    is_after_stored,
+    read_stored,
+    synthetic_continuation,
+)
+from qtrader.marketdata.synthetic import INTERVAL_MS, Regime, SyntheticConfig
 from qtrader.runtime import Task, WorkerContext
 
 log = logging.getLogger(__name__)
 
 CANDLES_PUBLISHED = Counter(
-    "qtrader_candles_published_total", "Closed candles published.", ["symbol"]
+    "qtrader_candles_published_total",
+    "Closed candles published: stored by the stream, or held in the outbox for it.",
+    ["symbol"],
+)
+CANDLES_DUPLICATE = Counter(
+    "qtrader_candles_duplicate_total",
+    "Candles the stream answered as duplicates (stored before): nothing new was stored.",
+    ["symbol"],
 )
 LAST_CANDLE_AGE = Gauge(
     "qtrader_market_data_last_candle_age_seconds",
@@ -68,7 +93,10 @@ class MarketData:
         self._config = config
         self._last_published = time.monotonic()
         self._published = 0
+        self._duplicates = 0
         self._finished = False
+        # Why the feed has not started from its resume point yet, and how bad that is.
+        self._resume_wait: DependencyHealth | None = None
         LAST_CANDLE_AGE.set_function(lambda: time.monotonic() - self._last_published)
         context.monitor.add_check("feed", self.check)
 
@@ -79,14 +107,45 @@ class MarketData:
         policy = await self._context.policy.wait()
         symbols = policy.spec.symbols
         log.info("market data source %s for %s", self._config.source.value, ", ".join(symbols))
+        spans = await self._stored(symbols)
         self._last_published = time.monotonic()
-        async for candle in self._candles(symbols):
+        async for candle in self._candles(symbols, spans):
             await self._publish(candle)
         self._finished = True
         log.info("market data source ended after %d candles", self._published)
         await asyncio.Event().wait()  # stay up and report the end in /health
 
-    async def _candles(self, symbols: tuple[str, ...]) -> AsyncIterator[Candle]:
+    async def _stored(self, symbols: tuple[str, ...]) -> dict[str, StoredSpan]:
+        """What the stream stores of each symbol, read once the outbox is empty (what a previous
+        run left there is part of the market already made)."""
+        while True:
+            depth = self._context.bus.outbox_depth()
+            try:
+                if not depth:
+                    spans = await read_stored(self._context.bus, symbols)
+                    break
+                self._waiting(Status.DEGRADED, f"{depth} candles of an earlier run in the outbox")
+            except BusUnavailable as exc:
+                self._waiting(Status.CRITICAL, f"cannot tell where to resume: {exc}")
+            await asyncio.sleep(0.5)
+        self._resume_wait = None
+        for symbol, span in spans.items():
+            log.info(
+                "resuming %s after its stored candle of %d (close %s)",
+                symbol,
+                span.last.open_time_ms,
+                span.last.close,
+            )
+        return spans
+
+    def _waiting(self, status: Status, why: str) -> None:
+        if self._resume_wait is None or self._resume_wait.status is not status:
+            log.warning("not resuming yet: %s", why)
+        self._resume_wait = DependencyHealth(name="feed", status=status, detail=why)
+
+    async def _candles(
+        self, symbols: tuple[str, ...], spans: dict[str, StoredSpan]
+    ) -> AsyncIterator[Candle]:
         if self._config.source is Source.LIVE:
             from qtrader.marketdata.live import BinanceKlineFeed
 
@@ -96,14 +155,18 @@ class MarketData:
             live_candles = feed.candles()
             try:
                 async for candle in live_candles:
-                    yield candle
+                    if is_after_stored(candle, spans):
+                        yield candle
             finally:
                 await live_candles.aclose()
             return
-        async for candle in self._paced(self._historical(symbols)):
+        historical = after_stored(await self._historical(symbols, spans), spans)
+        async for candle in self._paced(historical):
             yield candle
 
-    def _historical(self, symbols: tuple[str, ...]) -> Iterator[Candle]:
+    async def _historical(
+        self, symbols: tuple[str, ...], spans: dict[str, StoredSpan]
+    ) -> Iterator[Candle]:
         if self._config.source is Source.REPLAY:
             replays = []
             for path in self._config.replay_files:
@@ -111,18 +174,16 @@ class MarketData:
                 replays.append(read_klines(path, symbol=symbol, interval=interval))
             return merge_replays(replays)
         interval_ms = INTERVAL_MS[self._config.interval]
-        market = SyntheticMarket(
-            SyntheticConfig(
-                symbols=symbols,
-                seed=self._config.seed,
-                regime=self._config.regime,
-                interval=self._config.interval,
-                start_ms=int(time.time() * 1000) // interval_ms * interval_ms,
-                start_price=self._config.start_price,
-            ),
-            paper_exchange_info(),
+        config = SyntheticConfig(
+            symbols=symbols,
+            seed=self._config.seed,
+            regime=self._config.regime,
+            interval=self._config.interval,
+            start_ms=int(time.time() * 1000) // interval_ms * interval_ms,  # when nothing stored
+            start_price=self._config.start_price,
         )
-        return market.candles()
+        # Rebuilding the stored path draws every step since the run began: not on the loop.
+        return await asyncio.to_thread(synthetic_continuation, config, paper_exchange_info(), spans)
 
     async def _paced(self, candles: Iterator[Candle]) -> AsyncIterator[Candle]:
         """One step (a candle of every symbol with the same open time) per pacing period."""
@@ -143,11 +204,17 @@ class MarketData:
         subject = subjects.candle_subject(candle.symbol)
         while True:
             try:
-                await self._context.bus.publish(subject, candle)
+                ack = await self._context.bus.publish_acked(subject, candle)
                 break
             except BusUnavailable as exc:
                 log.warning("candle %s not published yet: %s", candle.dedup_id, exc)
                 await asyncio.sleep(0.5)
+        if ack is not None and ack.duplicate:
+            # Stored before: by another replica, or a resume that missed it. Not a new candle.
+            self._duplicates += 1
+            CANDLES_DUPLICATE.labels(candle.symbol).inc()
+            log.warning("the stream already stores %s: not counted as published", candle.dedup_id)
+            return
         self._published += 1
         self._last_published = time.monotonic()
         CANDLES_PUBLISHED.labels(candle.symbol).inc()
@@ -164,9 +231,13 @@ class MarketData:
             return DependencyHealth(
                 name="feed", status=Status.DEGRADED, detail="waiting for policy"
             )
+        if self._resume_wait is not None:
+            return self._resume_wait
         status = Status.CRITICAL if age > self._config.stale_after_s else Status.OK
+        duplicates = f", {self._duplicates} duplicates not counted" if self._duplicates else ""
         return DependencyHealth(
             name="feed",
             status=status,
-            detail=f"{self._config.source.value}: {self._published} candles, last {age:.1f}s ago",
+            detail=f"{self._config.source.value}: {self._published} candles{duplicates}, "
+            f"last {age:.1f}s ago",
         )

@@ -6,6 +6,11 @@ seeded from the run's seed and a stable hash of the symbol, so adding a symbol d
 the others' paths.
 
 Prices are snapped to the instrument's tick size, like the candles an exchange publishes.
+
+A market can be started past its beginning (``candles(first_step=n)``: the paths are advanced
+through the first ``n`` steps without building candles), which is how a restarted marketdata
+rebuilds the very path it was on (``marketdata.resume``); or started from given closes
+(``start_closes``) when that path cannot be rebuilt, so it continues from the last stored price.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import enum
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -57,17 +62,31 @@ class SyntheticConfig:
 class SyntheticMarket:
     """An endless, interleaved stream of candles for every configured symbol."""
 
-    def __init__(self, config: SyntheticConfig, exchange: ExchangeInfo) -> None:
+    def __init__(
+        self,
+        config: SyntheticConfig,
+        exchange: ExchangeInfo,
+        *,
+        start_closes: Mapping[str, Decimal] | None = None,
+    ) -> None:
+        """``start_closes``: symbols whose first candle opens at this price exactly, instead of
+        at a level drawn from the seed (a market continued from stored candles)."""
         if config.interval not in INTERVAL_MS:
             raise ValueError(f"interval must be one of {sorted(INTERVAL_MS)}: {config.interval}")
+        starts = start_closes or {}
         self._config = config
         self._instruments = [exchange.instrument(symbol) for symbol in config.symbols]
-        self._paths = [_SymbolPath(config, symbol) for symbol in config.symbols]
+        self._paths = [_SymbolPath(config, s, start=starts.get(s)) for s in config.symbols]
 
-    def candles(self) -> Iterator[Candle]:
-        """One candle per symbol per interval, in time order; never ends."""
+    def candles(self, *, first_step: int = 0) -> Iterator[Candle]:
+        """One candle per symbol per interval, in time order, from step ``first_step`` (its
+        open time is ``start_ms + first_step * interval``); never ends. The steps before it
+        are drawn but not built, so the candles are those of a market iterated from step 0."""
         interval_ms = INTERVAL_MS[self._config.interval]
-        step = 0
+        for skipped in range(first_step):
+            for path in self._paths:
+                path.next_candle(skipped)
+        step = first_step
         while True:
             open_time = self._config.start_ms + step * interval_ms
             for instrument, path in zip(self._instruments, self._paths, strict=True):
@@ -97,12 +116,13 @@ def _snap(price: float, tick: Decimal) -> Decimal:
 class _SymbolPath:
     """The log-price random process of one symbol."""
 
-    def __init__(self, config: SyntheticConfig, symbol: str) -> None:
+    def __init__(self, config: SyntheticConfig, symbol: str, *, start: Decimal | None) -> None:
         self._config = config
         self._rng = np.random.default_rng([config.seed, zlib.crc32(symbol.encode())])
-        # Different symbols start at different price levels so that ticks matter.
+        # Different symbols start at different price levels so that ticks matter. The level is
+        # drawn even when ``start`` is given, so the draws after it are the same either way.
         level = float(config.start_price) * math.exp(self._rng.uniform(-1.5, 1.5))
-        self._log_price = math.log(level)
+        self._log_price = math.log(level if start is None else float(start))
         self._anchor = self._log_price
         self._trend_sign = 1.0 if self._rng.random() < 0.5 else -1.0
         self._regime: Regime | None = None

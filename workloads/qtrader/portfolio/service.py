@@ -2,8 +2,10 @@
 
 Its state is derived, never stored: at every start it replays the FILLS stream from the first
 message (the ledger ignores a fill id it has applied, so a redelivery counts once) and then
-follows new fills. Prices come from the candles as they are published. A snapshot is published
-at start, after the fills it has not yet reported, and on price moves at most every
+follows new fills. Prices come from the candles the MARKET stream stores, followed from the
+worker's start on (an ordered consumer, not a subscription to the subject: a publish the stream
+drops as a duplicate never becomes a mark, and a reconnect misses none). A snapshot is
+published at start, after the fills it has not yet reported, and on price moves at most every
 ``snapshot_interval_s``.
 
 Each snapshot also goes through the drawdown evaluator: a drawdown at or beyond the policy's
@@ -101,8 +103,14 @@ class Portfolio:
                 self._on_fill,
                 label="portfolio-fills",
             ),
-            bus.subscribe(
-                subjects.all_of(subjects.CANDLE_PREFIX), Candle, self._on_candle, label="marks"
+            # The stream, not the subject: a candle the stream did not store is no price.
+            bus.replay(
+                subjects.MARKET,
+                subjects.all_of(subjects.CANDLE_PREFIX),
+                Candle,
+                self._on_candle,
+                label="marks",
+                from_now=True,
             ),
             self._publish_loop(),
         )
