@@ -39,8 +39,10 @@ from qtrader.control.ess import (
     Transition,
     ack_overdue,
     automatic_trip_patch,
+    clear_tripped_by,
     latch_message,
     reconcile,
+    trip_issuer,
 )
 from qtrader.control.ess_conditions import status_conditions
 from qtrader.control.ess_resource import (
@@ -253,16 +255,18 @@ async def reconcile_stop(
         now = _now()
         resource = _parse_stop(spec)
         runtime.risk.configure(meta["name"], resource.triggers)
-        tripped_by = (meta.get("annotations") or {}).get(TRIPPED_BY_ANNOTATION, "kubectl")
+        annotation = (meta.get("annotations") or {}).get(TRIPPED_BY_ANNOTATION)
         before = memory.status or EssStatus.from_dict(status)
         if memory.status is None:
             synced = await sync_latch(runtime.bus, before, now=now)
             if synced is not None:
                 before, memory.latch_written_at = synced, now
-        ess_spec = resource.to_ess_spec(tripped_by=tripped_by)
+        ess_spec = resource.to_ess_spec(tripped_by=trip_issuer(annotation))
         transition = reconcile(spec=ess_spec, status=before, now=now)
         if transition.spec_patch:
             patch.spec.update(transition.spec_patch)
+        if clear_tripped_by(annotation=annotation, spec=ess_spec, spec_patch=transition.spec_patch):
+            patch.metadata.annotations[TRIPPED_BY_ANNOTATION] = None
         if transition.latch_changed:
             latch = latch_message(
                 transition.status,
@@ -416,7 +420,7 @@ async def trip_for_alert(runtime: OperatorRuntime, alert: RiskAlert) -> None:
             continue
         detail = f"{alert.detail} (value {alert.value}, threshold {alert.threshold})"
         annotations = item["metadata"].get("annotations") or {}
-        tripped_by = annotations.get(TRIPPED_BY_ANNOTATION, "kubectl")
+        tripped_by = trip_issuer(annotations.get(TRIPPED_BY_ANNOTATION))
         trip = automatic_trip_patch(
             alert_kind=alert.alert_kind.value,
             detail=detail,

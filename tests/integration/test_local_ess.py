@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ from qtrader.contracts.messages import (
     OrderIntent,
     OrderStatus,
     OrderUpdate,
+    RiskAlert,
+    RiskAlertKind,
     TradingState,
 )
 from qtrader.control.ess_resource import EmergencyStop, parse_emergency_stop
@@ -506,3 +509,40 @@ async def test_reset_in_the_cooldown_without_manual_reset_then_deferred_and_comp
             latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
             assert latch is not None
             assert latch.state is TradingState.ACTIVE
+
+
+def _alert(kind: RiskAlertKind, *, value: str, threshold: str = "3") -> RiskAlert:
+    return RiskAlert(
+        alert_id=f"{kind.value}-{time.monotonic_ns()}",
+        alert_kind=kind,
+        source="test",
+        value=Decimal(value),
+        threshold=Decimal(threshold),
+        detail=f"{kind.value} {value}",
+        ts_ms=1,  # a ban that ended long ago: it never holds a reset back here
+    )
+
+
+async def test_a_person_trips_after_an_automatic_trip_reset_itself_then_never_automatic(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    url = ["--nats-url", nats_server.url]
+    async with _bus(nats_server.url) as bus:
+        resource = _resource(cooldownSeconds=1, requireManualReset=False)
+        async with _running(LocalControlPlane(bus, resource=resource)) as control:
+            await control.on_alert(_alert(RiskAlertKind.EXCHANGE_BAN, value="5"))
+
+            async def reset_itself() -> bool:
+                status = (await _record(bus)).ess_status()
+                return status.trip_count == 1 and status.reset_count == 1
+
+            await _eventually(reset_itself, timeout_s=5, what="the automatic trip to reset")
+            assert (await _record(bus)).tripped_by == ""
+            result = await _qtrader("ess", "trip", "--reason", "by hand", *url, cwd=tmp_path)
+            assert result.code == 0, result.output
+            status = (await _record(bus)).ess_status()
+            assert status.tripped_by.startswith("cli:")
+            assert status.automatic is False
+            await asyncio.sleep(2.0)  # past the 1 s cooldown: a person's trip stays
+            record = await _record(bus)
+            assert (record.ess_status().state, record.spec.tripped) == (EssState.TRIPPED, True)

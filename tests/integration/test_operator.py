@@ -586,3 +586,56 @@ async def test_a_price_fall_beyond_the_stops_flash_crash_trigger_trips_it_by_its
         latch = await _kv_latch(nats_server.url)
         assert latch is not None
         assert latch.state is TradingState.HALTED
+
+
+async def _publish_alert(url: str, kind: RiskAlertKind, *, value: str, alert_id: str) -> None:
+    bus = Bus(url=url, client_name="test-risk")
+    await bus.connect()
+    try:
+        alert = RiskAlert(
+            alert_id=alert_id,
+            alert_kind=kind,
+            source="test",
+            value=Decimal(value),
+            threshold=Decimal("3"),
+            detail=f"{kind.value} {value}",
+            ts_ms=1,
+        )
+        await bus.publish(subjects.risk_alert_subject(alert.alert_kind.value), alert)
+    finally:
+        await bus.close()
+
+
+async def test_a_manual_trip_after_an_automatic_one_is_kubectls_and_never_resets_itself(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    async with _operator(nats_server.url):
+        await cluster.apply(STOPS, _stop(requireManualReset=False, cooldownSeconds=1))
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await _publish_alert(nats_server.url, RiskAlertKind.EXCHANGE_BAN, value="5", alert_id="b1")
+        await _eventually(
+            lambda: _stop_status(cluster).get("tripCount") == 1, timeout_s=10, what="auto trip"
+        )
+        await _eventually(
+            lambda: _stop_status(cluster).get("resetCount") == 1, timeout_s=10, what="auto reset"
+        )
+        stop = cluster.get(STOPS, "main") or {}
+        annotations = stop["metadata"].get("annotations") or {}
+        assert annotations.get("qtrader.dev/tripped-by") is None, annotations
+
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "by hand"}})
+        status = await _eventually(
+            lambda: _stop_status(cluster).get("tripCount") == 2 and _stop_status(cluster),
+            timeout_s=10,
+            what="the manual trip",
+        )
+        assert (status["trippedBy"], status["automatic"]) == ("kubectl", False)
+        await asyncio.sleep(2.5)  # well past the 1 s cooldown
+        after = _stop_status(cluster)
+        assert (after["state"], after["resetCount"]) == ("Tripped", 1)
+        assert (cluster.get(STOPS, "main") or {})["spec"]["tripped"] is True
+        latch = await _kv_latch(nats_server.url)
+        assert latch is not None
+        assert latch.state is TradingState.HALTED

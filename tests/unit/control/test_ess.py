@@ -22,9 +22,11 @@ from qtrader.control.ess import (
     Transition,
     ack_overdue,
     automatic_trip_patch,
+    clear_tripped_by,
     latch_message,
     pending_acks,
     reconcile,
+    trip_issuer,
 )
 from qtrader.control.ess_conditions import status_conditions
 
@@ -354,6 +356,42 @@ def test_automatic_trip_patch_when_armed_then_trips_with_reason_and_tripped_by_a
     assert trip.annotations == {TRIPPED_BY_ANNOTATION: "risk:drawdown"}
     spec = replace(make_spec().with_patch(trip.spec_patch), tripped_by=trip.tripped_by)
     assert reconcile(spec=spec, status=EssStatus.initial(), now=T0).status.automatic
+
+
+def test_trip_issuer_when_no_annotation_then_a_person_kubectl_and_not_automatic() -> None:
+    spec = make_spec(tripped=True, reason="by hand", tripped_by=trip_issuer(None))
+    status = reconcile(spec=spec, status=EssStatus.initial(), now=T0).status
+    assert (status.tripped_by, status.automatic) == ("kubectl", False)
+    assert trip_issuer("risk:drawdown") == "risk:drawdown"
+
+
+@pytest.mark.parametrize(
+    ("annotation", "tripped", "spec_patch", "cleared"),
+    [
+        ("risk:drawdown", False, None, True),  # a reset asked for: the trip it named is over
+        ("risk:drawdown", True, {"tripped": False, "reason": ""}, True),  # an automatic reset
+        ("risk:drawdown", True, None, False),  # the automatic trip in force keeps it
+        (None, False, None, False),
+        ("", False, None, False),
+    ],
+)
+def test_clear_tripped_by_when_the_spec_is_not_tripped_then_the_annotation_goes(
+    annotation: str | None, tripped: bool, spec_patch: dict[str, Any] | None, cleared: bool
+) -> None:
+    spec = make_spec(tripped=tripped, reason="r" if tripped else "")
+    assert clear_tripped_by(annotation=annotation, spec=spec, spec_patch=spec_patch) is cleared
+
+
+def test_a_person_trips_after_an_automatic_trip_was_reset_then_it_never_resets_itself() -> None:
+    """The defect of issue 13: the annotation outlived the automatic trip's reset."""
+    reset = reconcile(spec=make_spec(), status=tripped_status(AUTO), now=at(COOLDOWN_S))
+    assert reset.status.state is EssState.ARMED
+    assert clear_tripped_by(annotation="risk:drawdown", spec=make_spec(), spec_patch=None)
+    manual = make_spec(tripped=True, reason="by hand", tripped_by=trip_issuer(None))
+    tripped = reconcile(spec=manual, status=reset.status, now=at(COOLDOWN_S + 1))
+    assert (tripped.status.tripped_by, tripped.status.automatic) == ("kubectl", False)
+    later = reconcile(spec=manual, status=tripped.status, now=at(COOLDOWN_S * 10))
+    assert (later.status.state, later.events, later.spec_patch) == (EssState.TRIPPED, (), None)
 
 
 def test_automatic_trip_patch_when_already_tripped_then_none() -> None:

@@ -62,6 +62,12 @@ Why it is built this way:
 * A trip is automatic when ``tripped_by`` starts with ``risk:`` (the risk alert path sets it).
   When a reset is withdrawn, the trip stays automatic only if the withdrawal is automatic too:
   a person who re-trips takes the trip over and it no longer resets itself.
+* Who tripped it. ``tripped_by`` comes from the ``qtrader.dev/tripped-by`` annotation, which
+  only the risk alert path sets (``automatic_trip_patch``); without it the trip is a person's
+  (``MANUAL_TRIPPER``, "kubectl"). The annotation belongs to one trip: a control plane clears it
+  (``clear_tripped_by``) as soon as the spec is no longer tripped (a reset, refused, deferred or
+  automatic), so a person's later ``kubectl patch ... tripped=true`` is never taken for
+  automatic and never resets itself.
 * A deferred reset stays accepted if ``requireManualReset`` is switched on during the cooldown:
   it was valid when asked for. Trip again to withdraw it.
 """
@@ -87,6 +93,7 @@ from qtrader.control.ess_status import (
 
 __all__ = [
     "AUTOMATIC_PREFIX",
+    "MANUAL_TRIPPER",
     "TRIPPED_BY_ANNOTATION",
     "AutomaticTrip",
     "EssEvent",
@@ -100,12 +107,15 @@ __all__ = [
     "Transition",
     "ack_overdue",
     "automatic_trip_patch",
+    "clear_tripped_by",
     "latch_message",
     "pending_acks",
     "reconcile",
+    "trip_issuer",
 ]
 
 TRIPPED_BY_ANNOTATION = "qtrader.dev/tripped-by"
+MANUAL_TRIPPER = "kubectl"  # who a trip is by when no annotation names an automatic one
 _MAX_REASON_CHARS = 1024  # HaltLatch.reason's limit
 _MAX_ISSUER_CHARS = 256  # HaltLatch.issued_by's and the CRD's status.trippedBy limit
 _MIN_REQUEUE_S = 1.0
@@ -365,6 +375,20 @@ def automatic_trip_patch(*, alert_kind: str, detail: str, spec: EssSpec) -> Auto
         spec_patch={"tripped": True, "reason": reason},
         tripped_by=f"{AUTOMATIC_PREFIX}{alert_kind}",
     )
+
+
+def trip_issuer(annotation: str | None) -> str:
+    """Who the spec's trip is by: the tripped-by annotation, else a person (``kubectl``)."""
+    return annotation or MANUAL_TRIPPER
+
+
+def clear_tripped_by(
+    *, annotation: str | None, spec: EssSpec, spec_patch: SpecPatch | None
+) -> bool:
+    """Whether the tripped-by annotation must be removed: it is set and the spec, once
+    ``spec_patch`` is applied, is not tripped (the trip it named is over or being reset)."""
+    tripped = spec.with_patch(spec_patch).tripped if spec_patch else spec.tripped
+    return bool(annotation) and not tripped
 
 
 def latch_message(status: EssStatus, *, issued_at_ms: int, flatten: bool = False) -> HaltLatch:

@@ -53,6 +53,7 @@ from qtrader.control.ess import (
     automatic_trip_patch,
     latch_message,
     reconcile,
+    trip_issuer,
 )
 from qtrader.control.ess_resource import (
     ESS_API_VERSION,
@@ -108,7 +109,7 @@ class EssRecord(Message):
         return f"ess:{self.name}:{self.generation}"
 
     def ess_spec(self) -> EssSpec:
-        return self.spec.to_ess_spec(tripped_by=self.tripped_by)
+        return self.spec.to_ess_spec(tripped_by=trip_issuer(self.tripped_by))
 
     def ess_status(self) -> EssStatus:
         return EssStatus.from_dict(self.status)
@@ -124,8 +125,14 @@ class EssRecord(Message):
         return list(value) if isinstance(value, list) else []
 
     def with_spec(self, spec: EmergencyStopSpec, *, tripped_by: str | None = None) -> EssRecord:
-        """The record after a spec change: the next generation, as the API server counts."""
+        """The record after a spec change: the next generation, as the API server counts.
+
+        Who tripped it belongs to one trip: a spec that is not tripped drops it (as the
+        operator removes the annotation), so a later trip is never taken for an automatic one.
+        """
         by = self.tripped_by if tripped_by is None else tripped_by
+        if not spec.tripped:
+            by = ""
         return self.model_copy(
             update={"spec": spec, "generation": self.generation + 1, "tripped_by": by}
         )
