@@ -11,6 +11,9 @@
   them from the policy.
 - Risk alerts from the RISK stream become automatic trips: the handler patches the
   EmergencyStop's spec (and the tripped-by annotation), so every trip is visible in kubectl.
+  The annotation is removed once the spec is no longer tripped, so it never outlives its trip.
+- A reset is decided with the risk monitor's ``holding``: while one of the stop's trigger
+  conditions still holds it is refused (spec set back, a ResetRefused event with the figure).
 
 Finalizer and progress storage use the project's own ``qtrader.dev`` prefix.
 """
@@ -262,7 +265,8 @@ async def reconcile_stop(
             if synced is not None:
                 before, memory.latch_written_at = synced, now
         ess_spec = resource.to_ess_spec(tripped_by=trip_issuer(annotation))
-        transition = reconcile(spec=ess_spec, status=before, now=now)
+        hold = runtime.risk.holding(meta["name"])
+        transition = reconcile(spec=ess_spec, status=before, now=now, hold=hold)
         if transition.spec_patch:
             patch.spec.update(transition.spec_patch)
         if clear_tripped_by(annotation=annotation, spec=ess_spec, spec_patch=transition.spec_patch):

@@ -40,6 +40,7 @@ from qtrader.contracts.messages import (
     OrderIntent,
     OrderStatus,
     OrderUpdate,
+    PortfolioSnapshot,
     RiskAlert,
     RiskAlertKind,
     TradingState,
@@ -546,3 +547,52 @@ async def test_a_person_trips_after_an_automatic_trip_reset_itself_then_never_au
             await asyncio.sleep(2.0)  # past the 1 s cooldown: a person's trip stays
             record = await _record(bus)
             assert (record.ess_status().state, record.spec.tripped) == (EssState.TRIPPED, True)
+
+
+def _snapshot(drawdown: str, sequence: int) -> PortfolioSnapshot:
+    equity = Decimal(10_000) * (1 - Decimal(drawdown) / 100)
+    return PortfolioSnapshot(
+        sequence=sequence,
+        ts_ms=1_700_000_000_000 + sequence,
+        fills_applied=sequence,
+        initial_capital=Decimal(10_000),
+        realized_pnl=equity - 10_000,
+        unrealized_pnl=Decimal(0),
+        fees=Decimal(0),
+        equity=equity,
+        peak_equity=Decimal(10_000),
+        drawdown_pct=Decimal(drawdown),
+        max_drawdown_pct=Decimal(drawdown),
+        positions=(),
+    )
+
+
+async def test_a_reset_while_the_drawdown_still_holds_is_refused_exit_1_and_the_latch_stays(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    url = ["--nats-url", nats_server.url]
+    async with _bus(nats_server.url) as bus:
+        resource = _resource(cooldownSeconds=1, triggers={"drawdownPct": "3"})
+        async with _running(LocalControlPlane(bus, resource=resource)):
+            await asyncio.sleep(0.5)  # the risk monitor's subscriptions are up
+            await bus.publish(subjects.PORTFOLIO_SNAPSHOT, _snapshot("9.35", 1))
+
+            async def tripped() -> bool:
+                return (await _record(bus)).ess_status().state is EssState.TRIPPED
+
+            await _eventually(tripped, timeout_s=5, what="the drawdown trip")
+            await asyncio.sleep(1.2)  # past the cooldown: only the drawdown can refuse it
+            result = await _qtrader("ess", "reset", *url, cwd=tmp_path)
+            assert result.code == 1, result.output
+            assert "drawdown 9.35% still beyond the 3% trigger" in result.stdout
+            record = await _record(bus)
+            assert (record.ess_status().state, record.spec.tripped) == (EssState.TRIPPED, True)
+            latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+            assert latch is not None
+            assert latch.state is TradingState.HALTED
+
+            await bus.publish(subjects.PORTFOLIO_SNAPSHOT, _snapshot("1.5", 2))
+            await asyncio.sleep(0.3)
+            result = await _qtrader("ess", "reset", *url, cwd=tmp_path)
+            assert result.code == 0, result.output
+            assert (await _record(bus)).ess_status().state is EssState.ARMED

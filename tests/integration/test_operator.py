@@ -28,6 +28,7 @@ from qtrader.contracts.messages import (
     HaltLatch,
     OrderStatus,
     PolicyRevision,
+    PortfolioSnapshot,
     RiskAlert,
     RiskAlertKind,
     TradingState,
@@ -639,3 +640,71 @@ async def test_a_manual_trip_after_an_automatic_one_is_kubectls_and_never_resets
         latch = await _kv_latch(nats_server.url)
         assert latch is not None
         assert latch.state is TradingState.HALTED
+
+
+def _snapshot(drawdown: str, sequence: int) -> PortfolioSnapshot:
+    equity = Decimal(10_000) * (1 - Decimal(drawdown) / 100)
+    return PortfolioSnapshot(
+        sequence=sequence,
+        ts_ms=1_700_000_000_000 + sequence,
+        fills_applied=sequence,
+        initial_capital=Decimal(10_000),
+        realized_pnl=equity - 10_000,
+        unrealized_pnl=Decimal(0),
+        fees=Decimal(0),
+        equity=equity,
+        peak_equity=Decimal(10_000),
+        drawdown_pct=Decimal(drawdown),
+        max_drawdown_pct=Decimal(drawdown),
+        positions=(),
+    )
+
+
+async def _publish_snapshot(url: str, drawdown: str, sequence: int) -> None:
+    bus = Bus(url=url, client_name="test-portfolio")
+    await bus.connect()
+    try:
+        await bus.publish(subjects.PORTFOLIO_SNAPSHOT, _snapshot(drawdown, sequence))
+    finally:
+        await bus.close()
+
+
+def _spec_tripped(cluster: Cluster) -> bool | None:
+    tripped = ((cluster.get(STOPS, "main") or {}).get("spec") or {}).get("tripped")
+    return None if tripped is None else bool(tripped)
+
+
+async def test_a_reset_while_the_drawdown_still_holds_is_refused_and_trading_never_resumes(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _stop(cooldownSeconds=1, triggers={"drawdownPct": "3"}))
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await _publish_snapshot(url, "9.35", 1)
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Tripped", timeout_s=10, what="trip"
+        )
+        await asyncio.sleep(1.5)  # past the cooldown: only the drawdown can refuse the reset
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": False}})
+        await _eventually(lambda: _has_event(cluster, "ResetRefused"), timeout_s=10, what="refusal")
+        refusal = next(e for e in cluster.events() if e.get("reason") == "ResetRefused")
+        assert "drawdown 9.35% still beyond the 3% trigger" in refusal["message"]
+        await _eventually(lambda: _spec_tripped(cluster) is True, timeout_s=5, what="set back")
+        for _ in range(10):  # it never reaches Armed, not even for a moment
+            assert _stop_status(cluster)["state"] == "Tripped"
+            latch = await _kv_latch(url)
+            assert latch is not None
+            assert latch.state is TradingState.HALTED
+            await asyncio.sleep(0.2)
+        assert _replicas(cluster, "execution") == 0
+
+        await _publish_snapshot(url, "1.5", 2)  # recovered below the trigger: a reset goes through
+        await asyncio.sleep(0.5)
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": False}})
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )

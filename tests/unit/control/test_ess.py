@@ -729,3 +729,65 @@ def test_status_conditions_when_status_unchanged_then_last_transition_time_is_ke
     assert flipped["Ready"]["lastTransitionTime"] == "2025-01-06T09:05:00Z"
     assert flipped["Halted"]["lastTransitionTime"] == "2025-01-06T09:05:00Z"
     assert flipped["Reducing"]["lastTransitionTime"] == "2025-01-06T09:00:05Z"
+
+
+# --- resets while a trigger's condition holds -------------------------------------------------
+
+HOLD = "drawdown 9.35% still beyond the 3% trigger"
+
+
+def assert_settled_holding(spec: EssSpec, transition: Transition, *, now: datetime) -> None:
+    patched = spec.with_patch(transition.spec_patch or {})
+    again = reconcile(spec=patched, status=transition.status, now=now, hold=HOLD)
+    assert (again.status, again.events, again.latch_changed, again.spec_patch) == (
+        transition.status,
+        (),
+        False,
+        None,
+    )
+
+
+@pytest.mark.parametrize("require_manual_reset", [True, False])
+@pytest.mark.parametrize("when_s", [10, COOLDOWN_S + 1])
+def test_reset_when_a_trigger_condition_holds_then_refused_with_the_figure_and_spec_set_back(
+    require_manual_reset: bool, when_s: int
+) -> None:
+    tripped = tripped_status(replace(AUTO, require_manual_reset=require_manual_reset))
+    spec = make_spec(require_manual_reset=require_manual_reset)
+    t = reconcile(spec=spec, status=tripped, now=at(when_s), hold=HOLD)
+    assert t.status.state is EssState.TRIPPED
+    assert (t.latch, t.latch_changed) == (TradingState.HALTED, False)
+    assert t.spec_patch == {"tripped": True, "reason": tripped.reason}
+    ((event),) = t.events
+    assert (event.type, event.reason) == (EventType.WARNING, EssEventReason.RESET_REFUSED)
+    assert HOLD in event.message
+    assert_settled_holding(spec, t, now=at(when_s))
+
+
+def test_deferred_reset_when_a_trigger_condition_starts_holding_then_refused_back_to_tripped() -> (
+    None
+):
+    cooling = reconcile(spec=make_spec(), status=tripped_status(AUTO), now=at(10)).status
+    assert cooling.state is EssState.COOLING_DOWN
+    t = reconcile(spec=make_spec(), status=cooling, now=at(COOLDOWN_S + 1), hold=HOLD)
+    assert (t.status.state, t.latch, t.latch_changed) == (
+        EssState.TRIPPED,
+        TradingState.HALTED,
+        False,
+    )
+    assert reasons(t) == [EssEventReason.RESET_REFUSED]
+    assert t.spec_patch is not None
+    assert t.spec_patch["tripped"] is True
+
+
+def test_automatic_trip_when_its_condition_holds_then_no_reset_itself_until_it_clears() -> None:
+    status = tripped_status(AUTO)
+    held = reconcile(spec=AUTO, status=status, now=at(COOLDOWN_S * 2), hold=HOLD)
+    assert (held.status, held.events, held.spec_patch) == (status, (), None)
+    cleared = reconcile(spec=AUTO, status=status, now=at(COOLDOWN_S * 2 + 1))
+    assert reasons(cleared) == [EssEventReason.AUTO_RESET]
+
+
+def test_trip_when_a_condition_holds_then_trips_as_usual() -> None:
+    t = reconcile(spec=make_spec(tripped=True), status=EssStatus.initial(), now=T0, hold=HOLD)
+    assert (t.status.state, reasons(t)) == (EssState.TRIPPED, [EssEventReason.TRIPPED])

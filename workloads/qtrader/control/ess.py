@@ -20,17 +20,27 @@ States (the latch is what workers obey)::
 Transitions ("halted" is Tripped or Reducing, ``cu`` is ``cooldown_until``; anything not listed
 changes nothing and emits nothing)::
 
-    from         spec and time                          to                      event
+    from         spec, hold and time                    to                      event
     Armed        tripped                                Tripped/Reducing (mode) Tripped W
     halted       tripped, automatic trip, no manual     Armed, spec patched to  AutoReset N
-                 reset, now >= cu and now > tripped_at  tripped False
+                 reset, no hold, now >= cu and          tripped False
+                 now > tripped_at
     halted       tripped, mode != trip_mode             Tripped/Reducing (mode) ModeChanged W
+    halted       not tripped, hold                      unchanged, spec patched ResetRefused W
+                                                        back (tripped, reason)
     halted       not tripped, now >= cu                 Armed                   Reset N
     halted       not tripped, now < cu, manual reset    unchanged, spec patched ResetRefused W
                                                         back (tripped, reason)
     halted       not tripped, now < cu, no manual reset CoolingDown             ResetDeferred W
     CoolingDown  tripped                                Tripped/Reducing (mode) ResetWithdrawn W
+    CoolingDown  not tripped, hold                      Tripped/Reducing (mode) ResetRefused W
+                                                        (trip_mode), spec
+                                                        patched back
     CoolingDown  not tripped, now >= cu                 Armed                   CooldownEnded N
+
+``hold`` is the caller's answer to "is a trigger's condition still in force?": ``None``, or a
+sentence with the figure (the risk monitor's ``RiskMonitor.holding``, e.g. "drawdown 9.35% still
+beyond the 3% trigger"). Rows are tried in the order listed.
 
 A trip sets ``trip_count + 1``, ``tripped_at``/``tripped_by``/``reason`` and
 ``cu = now + cooldownSeconds``; a mode change keeps the count and the cooldown. Every return to
@@ -68,6 +78,16 @@ Why it is built this way:
   (``clear_tripped_by``) as soon as the spec is no longer tripped (a reset, refused, deferred or
   automatic), so a person's later ``kubectl patch ... tripped=true`` is never taken for
   automatic and never resets itself.
+* Reset only when safe: while ``hold`` is set (a trigger's condition still in force: drawdown at
+  or beyond ``drawdownPct``, a symbol's market data older than ``staleMarketDataSeconds``, an
+  exchange ban not yet over) a reset is *refused*, never let through to re-trip at once: a
+  reset followed by an automatic re-trip would write an ACTIVE latch that workers may trade on
+  for the moment between the two. The refusal is the cooldown refusal's shape (spec set back
+  to tripped with the trip's reason, a ``ResetRefused`` Warning naming the figure); a deferred
+  reset (CoolingDown) is withdrawn back to the trip's state; an automatic trip does not reset
+  itself while the condition holds (it waits, silently, and resets once it clears). Whether
+  the condition holds is whatever the caller knows now: a figure not yet seen (no portfolio
+  snapshot since the control plane started) does not hold a reset back.
 * A deferred reset stays accepted if ``requireManualReset`` is switched on during the cooldown:
   it was valid when asked for. Trip again to withdraw it.
 """
@@ -181,15 +201,18 @@ class _Step:
     flatten: bool = False
 
 
-def reconcile(*, spec: EssSpec, status: EssStatus, now: datetime) -> Transition:
-    """Decide the next status, latch, events and spec patch from the desired and recorded state."""
+def reconcile(
+    *, spec: EssSpec, status: EssStatus, now: datetime, hold: str | None = None
+) -> Transition:
+    """Decide the next status, latch, events and spec patch from the desired and recorded state;
+    ``hold`` says which trigger condition still holds (no reset then), None when none does."""
     now = as_utc(now, "now")
     desired, current = spec, status
     events: list[EssEvent] = []
     patch: SpecPatch = {}
     flatten = False
     for _ in range(_MAX_STEPS):
-        step = _step(spec=desired, status=current, now=now)
+        step = _step(spec=desired, status=current, now=now, hold=hold)
         if step is None:
             break
         current = step.status
@@ -214,7 +237,7 @@ def reconcile(*, spec: EssSpec, status: EssStatus, now: datetime) -> Transition:
     )
 
 
-def _step(*, spec: EssSpec, status: EssStatus, now: datetime) -> _Step | None:
+def _step(*, spec: EssSpec, status: EssStatus, now: datetime, hold: str | None) -> _Step | None:
     """One transition of the table in the module docstring, or None when none applies."""
     if status.state is EssState.ARMED:
         return _trip(spec=spec, status=status, now=now) if spec.tripped else None
@@ -226,6 +249,8 @@ def _step(*, spec: EssSpec, status: EssStatus, now: datetime) -> _Step | None:
     if status.state is EssState.COOLING_DOWN:
         if spec.tripped:
             return _withdraw_reset(spec=spec, status=status)
+        if hold is not None:
+            return _refuse_unsafe_reset(status, hold=hold)
         if not cooldown_ended:
             return None
         message = f"the cooldown ended at {until}: the deferred reset completed, trading allowed"
@@ -236,6 +261,7 @@ def _step(*, spec: EssSpec, status: EssStatus, now: datetime) -> _Step | None:
             and not spec.require_manual_reset
             and cooldown_ended
             and now > status.tripped_at
+            and hold is None
         ):
             message = f"automatic trip by {status.tripped_by} reset: the cooldown ended at {until}"
             return _Step(
@@ -250,6 +276,8 @@ def _step(*, spec: EssSpec, status: EssStatus, now: datetime) -> _Step | None:
                 event=_warning(EssEventReason.MODE_CHANGED, message),
             )
         return None
+    if hold is not None:
+        return _refuse_unsafe_reset(status, hold=hold)
     if cooldown_ended:
         message = f"reset: trading allowed (the cooldown ended at {until})"
         return _Step(status=_armed(status), event=_normal(EssEventReason.RESET, message))
@@ -299,6 +327,20 @@ def _trip(*, spec: EssSpec, status: EssStatus, now: datetime) -> _Step:
         status=tripped,
         event=_warning(EssEventReason.TRIPPED, message),
         flatten=spec.flatten_on_trip,
+    )
+
+
+def _refuse_unsafe_reset(status: EssStatus, *, hold: str) -> _Step:
+    """A reset while a trigger's condition holds: refused, the trip's state and spec kept."""
+    assert status.trip_mode is not None  # every state but Armed has one
+    message = f"reset refused: {hold}; the halt stays in force until it clears"
+    return _Step(
+        status=replace(status, state=status.trip_mode.state),
+        event=_warning(EssEventReason.RESET_REFUSED, message[:_MAX_REASON_CHARS]),
+        spec_patch={
+            "tripped": True,
+            "reason": (status.reason or f"reset refused: {hold}")[:_MAX_REASON_CHARS],
+        },
     )
 
 

@@ -14,7 +14,9 @@ Each round, on every change of the record and at least every ``interval_s``, it 
 acknowledgements and pending workers. A round that fails stops at its step; the next decides
 again from the unchanged status, which repeats the same latch revision (harmless). Workers that
 have not acknowledged a new latch within ``ackTimeoutSeconds`` get an ``AckTimeout`` event.
-Unlike the operator it scales nothing down: the latch halts the workers, their processes stay.
+Resets are decided with the risk monitor's ``holding`` (a trigger condition still in force
+refuses them, as in the operator). Unlike the operator it scales nothing down: the latch halts
+the workers, their processes stay.
 
 Why the status it decides from is the one in memory, not the stored one: the record has two
 writers (``qtrader ess`` changes the spec, this the status and its spec patches) and a KV put
@@ -318,7 +320,8 @@ class LocalControlPlane:
             return None
         self.risk.configure(self.name, record.spec.triggers)
         now = self._clock()
-        transition = reconcile(spec=record.ess_spec(), status=self._status, now=now)
+        hold = self.risk.holding(self.name)
+        transition = reconcile(spec=record.ess_spec(), status=self._status, now=now, hold=hold)
         generation = record.generation
         if transition.spec_patch:
             record = await self._patch_spec(record, transition.spec_patch)
