@@ -55,7 +55,7 @@ from qtrader.control.ess_resource import (
     parse_spec,
 )
 from qtrader.control.ess_status import format_time
-from qtrader.control.halt_channel import publish_latch, sync_latch
+from qtrader.control.halt_channel import ack_lease_s, publish_latch, sync_latch
 from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader_operator import policy_core
 from qtrader_operator.kube import KubeNotFound, custom_path, deployment_path
@@ -284,7 +284,7 @@ async def reconcile_stop(
             kopf.event(
                 body, type=event.type.value, reason=event.reason.value, message=event.message
             )
-        await _follow_acknowledgements(
+        overdue = await _follow_acknowledgements(
             runtime,
             body=body,
             meta=meta,
@@ -294,7 +294,14 @@ async def reconcile_stop(
             now=now,
         )
         _write_stop_status(
-            runtime, status=status, patch=patch, meta=meta, transition=transition, now=now
+            runtime,
+            status=status,
+            patch=patch,
+            meta=meta,
+            transition=transition,
+            overdue=overdue,
+            lease_s=ack_lease_s(resource.ack_timeout_seconds),
+            now=now,
         )
 
 
@@ -307,11 +314,13 @@ async def _follow_acknowledgements(
     ack_timeout_s: float,
     flatten: bool,
     now: datetime,
-) -> None:
-    """Report workers that did not acknowledge in time; scale once the halt is confirmed."""
+) -> tuple[str, ...]:
+    """Report workers that did not acknowledge in time; scale once the halt is confirmed.
+    Returns the workers overdue (pending past the ack timeout); a silent worker stays pending
+    until its lease lapses (``halt_channel.ack_lease_s``)."""
     status = transition.status
     memory = runtime.memory(meta["name"])
-    pending = runtime.acks.pending(status.latch_revision)
+    pending = runtime.acks.pending(status.latch_revision, lease_s=ack_lease_s(ack_timeout_s))
     written = memory.latch_written_at
     overdue = written is not None and ack_overdue(
         latch_written_at=written, now=now, timeout_s=ack_timeout_s
@@ -326,7 +335,7 @@ async def _follow_acknowledgements(
         )
     target = (status.latch_revision, status.latch.value)
     if memory.scaled_for == target or (pending and not overdue):
-        return
+        return pending if overdue else ()
     await _scale_obeying_policies(
         runtime,
         namespace=meta["namespace"],
@@ -335,6 +344,7 @@ async def _follow_acknowledgements(
         flatten=flatten,
     )
     memory.scaled_for = target
+    return pending if overdue else ()
 
 
 async def _scale_obeying_policies(
@@ -366,6 +376,8 @@ def _write_stop_status(
     patch: kopf.Patch,
     meta: kopf.Meta,
     transition: Transition,
+    overdue: tuple[str, ...],
+    lease_s: float,
     now: datetime,
 ) -> None:
     new = transition.status
@@ -377,17 +389,18 @@ def _write_stop_status(
             "openOrdersCancelled": a.open_orders_cancelled,
             "at": format_time(datetime.fromtimestamp(a.acked_at_ms / 1000, UTC)),
         }
-        for a in sorted(runtime.acks.live().values(), key=lambda a: a.worker_id)
+        for a in sorted(runtime.acks.known(lease_s=lease_s).values(), key=lambda a: a.worker_id)
     ]
     wanted: dict[str, Any] = {
         **new.to_dict(),
         "acknowledgements": acknowledgements,
-        "pendingWorkers": list(runtime.acks.pending(new.latch_revision)),
+        "pendingWorkers": list(runtime.acks.pending(new.latch_revision, lease_s=lease_s)),
         "conditions": status_conditions(
             new,
             generation=meta.get("generation") or 0,
             now=now,
             previous=list(status.get("conditions") or []),
+            overdue_workers=overdue,
         ),
     }
     if meta.get("generation") is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -292,6 +293,62 @@ async def test_reset_after_the_cooldown_then_armed_and_orders_flow_again(stack: 
     ack = _the_execution_ack(status)
     assert ack["state"] == "ACTIVE"
     await _wait_for_a_fill_after(stack, _ms(ack["at"]))
+
+
+def _pid_of(worker: str) -> int:
+    """An execution worker's pid: its default id is ``<host>-<pid>``."""
+    pid = int(worker.rsplit("-", 1)[1])
+    assert b"execution" in Path(f"/proc/{pid}/cmdline").read_bytes(), worker
+    return pid
+
+
+def _ack_timeout_condition(status: dict[str, Any]) -> dict[str, Any]:
+    (condition,) = [c for c in status["conditions"] if c["type"] == "AckTimeout"]
+    return dict(condition)
+
+
+async def test_trip_with_a_frozen_worker_then_pending_exit_3_and_nothing_sent_after_its_ack(
+    stack: Stack,
+) -> None:
+    await _ensure_armed(stack)
+    await _wait_for_a_fill_after(stack, 0)
+    (ack,) = (await stack.resource())["status"]["acknowledgements"]
+    worker = ack["worker"]
+    pid = _pid_of(worker)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result = await stack.cli("ess", "trip", "--reason", "frozen worker")
+        assert result.code == 3, result.output
+        assert f"ack: {worker} did not acknowledge" in result.stdout
+        await asyncio.sleep(5.0)  # frozen past the 5 s presence timeout: still pending
+        status = (await stack.resource())["status"]
+        assert status["state"] == "Tripped"
+        assert status["pendingWorkers"] == [worker]
+        assert _ack_timeout_condition(status)["status"] == "True"
+        timeouts = [e for e in status["events"] if e["reason"] == "AckTimeout"]
+        assert worker in timeouts[-1]["message"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    async def acknowledged() -> bool:
+        status = (await stack.resource())["status"]
+        return (
+            not status["pendingWorkers"]
+            and status["acknowledgements"][0]["revision"] == (status["latchRevision"])
+        )
+
+    await _eventually(acknowledged, timeout_s=10, what="the resumed worker's acknowledgement")
+    await asyncio.sleep(2.0)  # signals keep coming after it
+    status = (await stack.resource())["status"]
+    acked_ms = _ms(_the_execution_ack(status)["at"])
+    assert _ack_timeout_condition(status)["status"] == "False"
+    updates = [u for u in await _order_updates(stack.url) if u.worker_id == worker]
+    after = [u for u in updates if u.ts_ms > acked_ms]
+    # After its acknowledgement the worker only refuses (the halt gate) or cancels: nothing sent.
+    sent = [u for u in after if u.status not in (OrderStatus.REJECTED, OrderStatus.CANCELED)]
+    assert sent == []
+    assert all("HALTED" in (u.reason or "") for u in after if u.status is OrderStatus.REJECTED)
+    assert [u for u in await _filled_after(stack.url, acked_ms) if u.worker_id == worker] == []
 
 
 async def test_trip_in_reducing_mode_then_only_reduce_only_orders_are_sent(stack: Stack) -> None:

@@ -672,6 +672,7 @@ def test_status_conditions_when_armed_then_only_ready_is_true() -> None:
         "Halted": "False",
         "Reducing": "False",
         "ResetRefused": "False",
+        "AckTimeout": "False",
     }
     assert all(c["observedGeneration"] == 1 for c in conditions)
     assert all(c["lastTransitionTime"] == "2025-01-06T09:00:00Z" for c in conditions)
@@ -694,7 +695,11 @@ def test_status_conditions_when_halt_in_force_then_ready_false_and_mode_conditio
     if reset:  # a reset inside the cooldown: CoolingDown, the latch as it was
         status = reconcile(spec=spec, status=status, now=at(10)).status
     conditions = by_type(status_conditions(status, generation=2, now=at(10), previous=[]))
-    assert {t: c["status"] for t, c in conditions.items()} == {"Ready": "False", **expected}
+    assert {t: c["status"] for t, c in conditions.items()} == {
+        "Ready": "False",
+        "AckTimeout": "False",
+        **expected,
+    }
     if reset:
         assert conditions["ResetRefused"]["reason"] == "ResetDeferred"
         assert "2025-01-06T09:05:00Z" in conditions["ResetRefused"]["message"]
@@ -721,7 +726,7 @@ def test_status_conditions_when_status_unchanged_then_last_transition_time_is_ke
     first = status_conditions(status, generation=1, now=at(5), previous=[])
     reworded = replace(status, reason="second")
     again = status_conditions(reworded, generation=2, now=at(60), previous=first)
-    assert [c["lastTransitionTime"] for c in again] == ["2025-01-06T09:00:05Z"] * 4
+    assert [c["lastTransitionTime"] for c in again] == ["2025-01-06T09:00:05Z"] * 5
     assert all(c["observedGeneration"] == 2 for c in again)
     assert "second" in by_type(again)["Halted"]["message"]
     reset = reconcile(spec=make_spec(), status=status, now=at(COOLDOWN_S)).status
@@ -791,3 +796,18 @@ def test_automatic_trip_when_its_condition_holds_then_no_reset_itself_until_it_c
 def test_trip_when_a_condition_holds_then_trips_as_usual() -> None:
     t = reconcile(spec=make_spec(tripped=True), status=EssStatus.initial(), now=T0, hold=HOLD)
     assert (t.status.state, reasons(t)) == (EssState.TRIPPED, [EssEventReason.TRIPPED])
+
+
+def test_status_conditions_when_workers_are_overdue_then_ack_timeout_names_them() -> None:
+    status = tripped_status(make_spec())
+    conditions = by_type(
+        status_conditions(
+            status, generation=2, now=at(10), previous=[], overdue_workers=["exec-2", "exec-1"]
+        )
+    )
+    ack = conditions["AckTimeout"]
+    assert (ack["status"], ack["reason"]) == ("True", "AckTimeout")
+    assert (
+        f"exec-1, exec-2 did not acknowledge latch revision {status.latch_revision}"
+        in (ack["message"])
+    )

@@ -5,6 +5,14 @@ means the same thing in both. The latch in the HALT bucket is the durable truth;
 CONTROL_HALT only makes it arrive fast. Execution workers answer every latch they put in force
 and every control heartbeat with a ``HaltAck``, so the acknowledgements double as presence: a
 worker whose last answer is older than ``presence_timeout_s`` is no longer counted as live.
+
+Why silence is not absence: a worker that stops answering (frozen, partitioned, paused by the
+kernel) may still hold an old latch and wake up with orders to send, so a worker the control
+plane has heard from stays *known*, and pending for every newer revision, until it acknowledges
+or its lease lapses: ``ack_lease_s(ack_timeout_s)``, the longer of ``ACK_LEASE_S`` (60 s) and
+twice the ack timeout, counted from its last answer. Only then is it forgotten (a Deployment
+scaled to 0, a worker that died). The lease is longer than the ack timeout so that every silent
+worker is reported as overdue (``AckTimeout``) before it can drop out.
 """
 
 from __future__ import annotations
@@ -53,6 +61,14 @@ async def sync_latch(bus: Bus, status: EssStatus, *, now: datetime) -> EssStatus
     return synced
 
 
+ACK_LEASE_S = 60.0
+
+
+def ack_lease_s(ack_timeout_s: float) -> float:
+    """How long a silent worker stays known (and pending): at least 60 s, twice the timeout."""
+    return max(ACK_LEASE_S, 2 * ack_timeout_s)
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkerAck:
     worker_id: str
@@ -99,9 +115,15 @@ class AckCollector:
             if now - ack.heard_at <= self._presence_timeout_s
         }
 
-    def pending(self, revision: int) -> tuple[str, ...]:
-        """Live workers that have not yet acknowledged ``revision``."""
-        return tuple(sorted(w for w, ack in self.live().items() if ack.revision < revision))
+    def known(self, *, lease_s: float = ACK_LEASE_S) -> dict[str, WorkerAck]:
+        """Workers heard from within ``lease_s``, answering or not (see the module docstring)."""
+        now = self._clock()
+        return {worker: ack for worker, ack in self._acks.items() if now - ack.heard_at <= lease_s}
+
+    def pending(self, revision: int, *, lease_s: float = ACK_LEASE_S) -> tuple[str, ...]:
+        """Known workers that have not yet acknowledged ``revision``, silent ones included."""
+        known = self.known(lease_s=lease_s)
+        return tuple(sorted(w for w, ack in known.items() if ack.revision < revision))
 
     async def wait_all(self, revision: int, *, expected: int, timeout_s: float) -> bool:
         """Wait until ``expected`` live workers acknowledged ``revision``; False on timeout."""

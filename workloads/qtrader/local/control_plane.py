@@ -69,7 +69,7 @@ from qtrader.control.ess_resource import (
     status_document,
 )
 from qtrader.control.ess_status import format_time
-from qtrader.control.halt_channel import AckCollector, publish_latch, sync_latch
+from qtrader.control.halt_channel import AckCollector, ack_lease_s, publish_latch, sync_latch
 from qtrader.control.risk_monitor import RiskMonitor
 
 log = logging.getLogger(__name__)
@@ -362,8 +362,8 @@ class LocalControlPlane:
         written = self._latch_written
         if written is None or written[0] != revision or revision <= self._acks_settled:
             return []
-        pending = self.acks.pending(revision)
         timeout_s = record.spec.ack_timeout_seconds
+        pending = self.acks.pending(revision, lease_s=ack_lease_s(timeout_s))
         if pending and not ack_overdue(latch_written_at=written[1], now=now, timeout_s=timeout_s):
             return []
         self._acks_settled = revision
@@ -387,7 +387,10 @@ class LocalControlPlane:
     ) -> None:
         """Store the status when it differs from the stored copy, then hold it as the truth."""
         events = [*self._events, *new][-MAX_EVENTS:]
-        document = self._document_for(status, generation=generation, now=now, events=events)
+        timeout_s = record.spec.ack_timeout_seconds
+        document = self._document_for(
+            status, generation=generation, now=now, events=events, ack_timeout_s=timeout_s
+        )
         if document != record.status:
             current = await self._read()
             if current is not None:
@@ -395,19 +398,37 @@ class LocalControlPlane:
         self._status, self._document, self._events = status, document, events
 
     def _document_for(
-        self, status: EssStatus, *, generation: int, now: datetime, events: list[dict[str, Any]]
+        self,
+        status: EssStatus,
+        *,
+        generation: int,
+        now: datetime,
+        events: list[dict[str, Any]],
+        ack_timeout_s: float,
     ) -> dict[str, Any]:
+        lease_s = ack_lease_s(ack_timeout_s)
+        pending = self.acks.pending(status.latch_revision, lease_s=lease_s)
         full = status_document(
             status,
             generation=generation,
             now=now,
             previous_conditions=self._document.get("conditions") or [],
-            acknowledgements=self._acknowledgements(),
-            pending_workers=self.acks.pending(status.latch_revision),
+            acknowledgements=self._acknowledgements(lease_s),
+            pending_workers=pending,
+            overdue_workers=pending if self._overdue(status, now, ack_timeout_s) else (),
         )
         return {k: v for k, v in full.items() if v is not None} | {"events": events}
 
-    def _acknowledgements(self) -> list[Acknowledgement]:
+    def _overdue(self, status: EssStatus, now: datetime, timeout_s: float) -> bool:
+        """Whether the latch in force was written more than ``timeout_s`` ago."""
+        written = self._latch_written
+        return (
+            written is not None
+            and written[0] == status.latch_revision
+            and ack_overdue(latch_written_at=written[1], now=now, timeout_s=timeout_s)
+        )
+
+    def _acknowledgements(self, lease_s: float) -> list[Acknowledgement]:
         return [
             Acknowledgement(
                 worker=ack.worker_id,
@@ -416,7 +437,7 @@ class LocalControlPlane:
                 state=TradingState(ack.state),
                 open_orders_cancelled=ack.open_orders_cancelled,
             )
-            for ack in self.acks.live().values()
+            for ack in self.acks.known(lease_s=lease_s).values()
         ]
 
     async def _read(self) -> EssRecord | None:

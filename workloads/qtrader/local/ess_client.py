@@ -91,13 +91,22 @@ async def reset(bus: Bus, *, name: str, timeout_s: float) -> Outcome:
 
 
 async def wait_for_acks(bus: Bus, *, name: str, timeout_s: float) -> EssRecord:
-    """The record once every live worker acknowledged its latch revision, or at the timeout."""
+    """The record once every known worker acknowledged its latch revision, once the control
+    plane reported the ones that did not (its ``AckTimeout`` condition), or at ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         record = await read_record(bus, name)
-        if _all_acknowledged(record) or time.monotonic() >= deadline:
+        if _all_acknowledged(record) or ack_timed_out(record) or time.monotonic() >= deadline:
             return record
         await asyncio.sleep(POLL_S)
+
+
+def ack_timed_out(record: EssRecord) -> bool:
+    """Whether the control plane reports workers overdue (the ``AckTimeout`` condition)."""
+    return any(
+        c.get("type") == "AckTimeout" and c.get("status") == "True"
+        for c in record.list_in_status("conditions")
+    )
 
 
 def _all_acknowledged(record: EssRecord) -> bool:
