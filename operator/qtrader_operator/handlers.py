@@ -3,12 +3,18 @@
 - TradingPolicy (create, update, resume, and a timer for readiness): ``policy_core`` decides the
   Deployments and the conditions; the handler applies them and publishes the policy revision to
   the KV bucket the workloads watch. An invalid policy is marked Invalid and changes nothing.
+- Many EmergencyStops, one latch: every stop of the namespace covers every policy there. A
+  stop's reconcile decides its own status; the latch it writes is the combination of all stops
+  (``halt_combination``: most restrictive wins, ``held_by`` names them), under one lock, and a
+  keeper task re-establishes that combination every second (a deleted stop, a restart, any
+  order of events). Each stop's ``status.heldBy`` shows the stops holding the halt; policies
+  are scaled to the combined state, and a missing ``emergencyStopRef`` keeps a policy halted.
 - EmergencyStop (create, update, resume, and a timer for the cooldown and acknowledgements):
   ``qtrader.control.ess.reconcile`` decides; the handler writes the latch and broadcasts it
   (``halt_channel``), posts the events, records every worker's acknowledgement in the status,
   and once the live workers acknowledged a halt (or the ack timeout passed, which is reported)
-  scales execution and inference of every policy that obeys this stop to 0; a reset restores
-  them from the policy.
+  scales every policy's workloads to the stops' combined state (execution and inference to 0
+  while halted); once no stop holds a halt they are restored from the policy.
 - Risk alerts from the RISK stream become automatic trips: the handler patches the
   EmergencyStop's spec (and the tripped-by annotation), so every trip is visible in kubectl.
   The annotation is removed once the spec is no longer tripped, so it never outlives its trip.
@@ -20,7 +26,9 @@ Finalizer and progress storage use the project's own ``qtrader.dev`` prefix.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,12 +46,12 @@ from qtrader.contracts.policy import (
 )
 from qtrader.control.ess import (
     TRIPPED_BY_ANNOTATION,
+    EssMode,
     EssStatus,
     Transition,
     ack_overdue,
     automatic_trip_patch,
     clear_tripped_by,
-    latch_message,
     reconcile,
     trip_issuer,
 )
@@ -55,13 +63,16 @@ from qtrader.control.ess_resource import (
     parse_spec,
 )
 from qtrader.control.ess_status import format_time
-from qtrader.control.halt_channel import ack_lease_s, publish_latch, sync_latch
+from qtrader.control.halt_channel import ack_lease_s, put_combined
+from qtrader.control.halt_combination import StopView, combine
 from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader_operator import policy_core
 from qtrader_operator.kube import KubeNotFound, custom_path, deployment_path
 from qtrader_operator.runtime import OperatorConfig, OperatorRuntime
 
 log = logging.getLogger(__name__)
+
+LATCH_KEEPER_INTERVAL_S = 1.0
 
 registry = kopf.OperatorRegistry()
 POLICIES = (API_GROUP, API_VERSION, "tradingpolicies")
@@ -102,6 +113,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     )
     runtime.spawn("risk-alerts", _consume_risk_alerts(runtime))
     runtime.spawn("risk-monitor", runtime.risk.run())
+    runtime.spawn("latch-keeper", keep_latch(runtime))
 
 
 @kopf.on.cleanup(registry=registry)
@@ -181,14 +193,14 @@ def _stopped_roles(stop_state: TradingState, *, flatten: bool) -> frozenset[str]
 async def _stop_state(
     runtime: OperatorRuntime, namespace: str, name: str
 ) -> tuple[TradingState, bool]:
-    """What the EmergencyStop a policy obeys says, and whether it flattens on trip; a missing
-    one halts (fail closed)."""
-    try:
-        stop = await runtime.kube.get(custom_path("emergencystops", namespace, name))
-    except KubeNotFound:
+    """What a policy's workloads obey: the most restrictive state of every stop of the
+    namespace (``halt_combination``), and whether every halting stop flattens on trip. A
+    missing ``emergencyStopRef`` halts (fail closed)."""
+    views = await _stop_views(runtime)
+    if name not in {v.name for v in views}:
         return TradingState.HALTED, False
-    latch = EssStatus.from_dict(stop.get("status") or {}).latch
-    return latch, bool((stop.get("spec") or {}).get("flattenOnTrip"))
+    combined = combine(views)
+    return combined.state, combined.flatten_on_trip
 
 
 async def _apply_workloads(
@@ -260,10 +272,14 @@ async def reconcile_stop(
         runtime.risk.configure(meta["name"], resource.triggers)
         annotation = (meta.get("annotations") or {}).get(TRIPPED_BY_ANNOTATION)
         before = memory.status or EssStatus.from_dict(status)
-        if memory.status is None:
-            synced = await sync_latch(runtime.bus, before, now=now)
-            if synced is not None:
-                before, memory.latch_written_at = synced, now
+        if memory.status is None:  # first sight since start: put the stops' combination in force
+            before = await _put_latch(
+                runtime,
+                name=meta["name"],
+                status=before,
+                min_revision=before.latch_revision + 1,
+                decided=False,
+            )
         ess_spec = resource.to_ess_spec(tripped_by=trip_issuer(annotation))
         hold = runtime.risk.holding(meta["name"])
         transition = reconcile(spec=ess_spec, status=before, now=now, hold=hold)
@@ -272,13 +288,14 @@ async def reconcile_stop(
         if clear_tripped_by(annotation=annotation, spec=ess_spec, spec_patch=transition.spec_patch):
             patch.metadata.annotations[TRIPPED_BY_ANNOTATION] = None
         if transition.latch_changed:
-            latch = latch_message(
-                transition.status,
-                issued_at_ms=int(now.timestamp() * 1000),
+            decided = await _put_latch(
+                runtime,
+                name=meta["name"],
+                status=transition.status,
+                min_revision=transition.status.latch_revision,
                 flatten=transition.flatten,
             )
-            await publish_latch(runtime.bus, latch)
-            memory.latch_written_at = now
+            transition = replace(transition, status=decided)
         memory.status = transition.status
         for event in transition.events:
             kopf.event(
@@ -290,7 +307,6 @@ async def reconcile_stop(
             meta=meta,
             transition=transition,
             ack_timeout_s=resource.ack_timeout_seconds,
-            flatten=resource.flatten_on_trip,
             now=now,
         )
         _write_stop_status(
@@ -305,6 +321,112 @@ async def reconcile_stop(
         )
 
 
+@kopf.on.delete(*STOPS, registry=registry)
+async def delete_stop(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    """Forget a deleted stop; kopf then removes the finalizer. The stop still counts in the
+    latch while it exists: the keeper drops it from the combination once it is gone."""
+    runtime = _runtime(memo)
+    name = meta["name"]
+    async with runtime.memory(name).lock:
+        runtime.ess.pop(name, None)
+        runtime.risk.forget(name)
+    log.info("EmergencyStop %s deleted; it leaves the latch's combination once it is gone", name)
+
+
+async def _put_latch(
+    runtime: OperatorRuntime,
+    *,
+    name: str,
+    status: EssStatus,
+    min_revision: int,
+    flatten: bool = False,
+    decided: bool = True,
+) -> EssStatus:
+    """Put the combination of every stop (this one at ``status``) in force; returns ``status``
+    at the revision in force. The stop's memory is updated under the same lock, so the keeper
+    never combines a stale copy of it with a latch written from the new one. ``decided``:
+    False when ``status`` was only read from storage (first sight after a restart), so a spec
+    asking for a trip the status does not show yet still counts as one."""
+    now = _now()
+    async with runtime.latch_lock:
+        views = await _stop_views(runtime, overlay={name: status} if decided else None)
+        latch, written = await put_combined(
+            runtime.bus, views, min_revision=min_revision, now=now, flatten=flatten
+        )
+        runtime.latch = latch
+        memory = runtime.memory(name)
+        if written or memory.latch_written_at is None:
+            memory.latch_written_at = now
+        memory.status = replace(status, latch_revision=latch.revision)
+        return memory.status
+
+
+async def _stop_views(
+    runtime: OperatorRuntime, *, overlay: dict[str, EssStatus] | None = None
+) -> list[StopView]:
+    """Every EmergencyStop of the namespace as the combination sees it: this process's own
+    decision where it has one, else the stored status (a spec asking for a trip counts)."""
+    overlay = overlay or {}
+    listing = await runtime.kube.get(custom_path("emergencystops", runtime.config.namespace))
+    views = {}
+    for item in listing.get("items", []):
+        name = item["metadata"]["name"]
+        memory = runtime.ess.get(name)
+        decided = overlay.get(name) or (memory.status if memory is not None else None)
+        views[name] = _view(name, item, decided)
+    for name, status in overlay.items():  # not listed yet: it still counts
+        views.setdefault(name, StopView(name=name, status=status))
+    return list(views.values())
+
+
+def _view(name: str, item: dict[str, Any], decided: EssStatus | None) -> StopView:
+    spec = item.get("spec") or {}
+    try:
+        stored = decided or EssStatus.from_dict(item.get("status") or {})
+        mode = EssMode(spec.get("mode") or EssMode.HALTED.value)
+    except ValueError:  # a status or mode that does not parse: fail closed, as a halt
+        return StopView(name=name, status=EssStatus.initial(), decided=False, spec_tripped=True)
+    return StopView(
+        name=name,
+        status=stored,
+        decided=decided is not None,
+        spec_tripped=bool(spec.get("tripped")),
+        spec_mode=mode,
+        flatten_on_trip=bool(spec.get("flattenOnTrip")),
+    )
+
+
+async def keep_latch(runtime: OperatorRuntime) -> None:
+    """Every ``LATCH_KEEPER_INTERVAL_S``: bring the latch to the stops' combination and the
+    policies' workloads with it. Catches what no stop's reconcile writes: a deleted stop, a
+    restart, a write that failed half-way. Level-based, so the order of events never matters."""
+    while True:
+        try:
+            await _keep_latch_once(runtime)
+        except Exception as exc:  # the next round decides again from what exists then
+            log.warning("halt latch keeper: %s", exc)
+        await asyncio.sleep(LATCH_KEEPER_INTERVAL_S)
+
+
+async def _keep_latch_once(runtime: OperatorRuntime) -> None:
+    async with runtime.latch_lock:
+        views = await _stop_views(runtime)
+        listed = {v.name for v in views}
+        for name in [n for n in runtime.ess if n not in listed]:
+            runtime.ess.pop(name)  # deleted: a stop created again under its name starts afresh
+            runtime.risk.forget(name)
+        latch, written = await put_combined(runtime.bus, views, min_revision=0, now=_now())
+        runtime.latch = latch
+    if written:
+        log.warning(
+            "halt latch brought to the stops' combination: revision %d %s held by %s",
+            latch.revision,
+            latch.state,
+            ", ".join(latch.held_by) or "none",
+        )
+        await _scale_obeying_policies(runtime, namespace=runtime.config.namespace)
+
+
 async def _follow_acknowledgements(
     runtime: OperatorRuntime,
     *,
@@ -312,7 +434,6 @@ async def _follow_acknowledgements(
     meta: kopf.Meta,
     transition: Transition,
     ack_timeout_s: float,
-    flatten: bool,
     now: datetime,
 ) -> tuple[str, ...]:
     """Report workers that did not acknowledge in time; scale once the halt is confirmed.
@@ -336,26 +457,20 @@ async def _follow_acknowledgements(
     target = (status.latch_revision, status.latch.value)
     if memory.scaled_for == target or (pending and not overdue):
         return pending if overdue else ()
-    await _scale_obeying_policies(
-        runtime,
-        namespace=meta["namespace"],
-        stop=meta["name"],
-        latch=status.latch,
-        flatten=flatten,
-    )
+    await _scale_obeying_policies(runtime, namespace=meta["namespace"])
     memory.scaled_for = target
     return pending if overdue else ()
 
 
-async def _scale_obeying_policies(
-    runtime: OperatorRuntime, *, namespace: str, stop: str, latch: TradingState, flatten: bool
-) -> None:
+async def _scale_obeying_policies(runtime: OperatorRuntime, *, namespace: str) -> None:
+    """Scale every policy of the namespace to what the stops' combination allows it."""
     listing = await runtime.kube.get(custom_path("tradingpolicies", namespace))
-    stopped = _stopped_roles(latch, flatten=flatten)
     for item in listing.get("items", []):
         spec = policy_core.validate(item.get("spec") or {}, runtime.exchange)
-        if isinstance(spec, str) or spec.emergency_stop_ref != stop:
+        if isinstance(spec, str):
             continue
+        state, flatten = await _stop_state(runtime, namespace, spec.emergency_stop_ref)
+        stopped = _stopped_roles(state, flatten=flatten)
         metadata = item["metadata"]
         owner = policy_core.Owner(
             name=metadata["name"], namespace=namespace, uid=metadata.get("uid") or metadata["name"]
@@ -366,7 +481,7 @@ async def _scale_obeying_policies(
             try:
                 await runtime.kube.merge_patch(path, {"spec": {"replicas": replicas}})
             except KubeNotFound:
-                log.warning("deployment %s not found while scaling for %s", path, stop)
+                log.warning("deployment %s not found while scaling", path)
 
 
 def _write_stop_status(
@@ -395,6 +510,7 @@ def _write_stop_status(
         **new.to_dict(),
         "acknowledgements": acknowledgements,
         "pendingWorkers": list(runtime.acks.pending(new.latch_revision, lease_s=lease_s)),
+        "heldBy": list(runtime.latch.held_by) if runtime.latch is not None else [],
         "conditions": status_conditions(
             new,
             generation=meta.get("generation") or 0,

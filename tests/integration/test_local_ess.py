@@ -644,9 +644,10 @@ async def test_a_reset_while_the_drawdown_still_holds_is_refused_exit_1_and_the_
             assert "drawdown 9.35% still beyond the 3% trigger" in result.stdout
             record = await _record(bus)
             assert (record.ess_status().state, record.spec.tripped) == (EssState.TRIPPED, True)
+            assert record.status["heldBy"] == ["main"]
             latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
             assert latch is not None
-            assert latch.state is TradingState.HALTED
+            assert (latch.state, latch.held_by) == (TradingState.HALTED, ("main",))
 
             await bus.publish(subjects.PORTFOLIO_SNAPSHOT, _snapshot("1.5", 2))
             await asyncio.sleep(0.3)

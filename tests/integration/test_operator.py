@@ -115,6 +115,10 @@ class Cluster:
         response = await self._http.patch(self._path(plural, name), json=body, headers=headers)
         assert response.status_code < 300, response.text
 
+    async def delete(self, plural: str, name: str) -> None:
+        response = await self._http.delete(self._path(plural, name))
+        assert response.status_code < 300, response.text
+
     def get(self, plural: str, name: str) -> dict[str, Any] | None:
         try:
             return _plain(self._kmock.objects[plural, NAMESPACE, name])
@@ -708,3 +712,129 @@ async def test_a_reset_while_the_drawdown_still_holds_is_refused_and_trading_nev
         await _eventually(
             lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
         )
+
+
+# --- many stops, one meaning -------------------------------------------------------------------
+
+
+def _named_stop(name: str, **spec: Any) -> dict[str, Any]:
+    document = _stop(**spec)
+    document["metadata"] = {**document["metadata"], "name": name}
+    return document
+
+
+def _status_of(cluster: Cluster, name: str) -> dict[str, Any]:
+    status: dict[str, Any] = (cluster.get(STOPS, name) or {}).get("status") or {}
+    return status
+
+
+@contextlib.asynccontextmanager
+async def _latch_watch(url: str) -> AsyncIterator[list[HaltLatch]]:
+    """Every latch in force, sampled every 50 ms, while the block runs."""
+    seen: list[HaltLatch] = []
+
+    async def sample() -> None:
+        while True:
+            latch = await _kv_latch(url)
+            if latch is not None and (not seen or seen[-1] != latch):
+                seen.append(latch)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(sample())
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _worker_state(cluster: Cluster, stop: str, worker: str) -> str | None:
+    for ack in _status_of(cluster, stop).get("acknowledgements") or []:
+        if ack["worker"] == worker:
+            return str(ack["state"])
+    return None
+
+
+async def test_two_stops_when_the_second_is_created_reset_and_deleted_across_restarts_then_halted(
+    nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", "x-1"))
+    try:
+        async with _operator(url):
+            await cluster.apply(STOPS, _named_stop("main", cooldownSeconds=600))
+            await cluster.apply(POLICIES, _policy())
+            await _eventually(
+                lambda: _status_of(cluster, "main").get("state") == "Armed",
+                timeout_s=10,
+                what="Armed",
+            )
+            await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "first"}})
+            await _eventually(
+                lambda: _worker_state(cluster, "main", "x-1") == "HALTED",
+                timeout_s=10,
+                what="the worker halted by main",
+            )
+        async with _latch_watch(url) as seen:
+            async with _operator(url):
+                await cluster.apply(STOPS, _named_stop("second", cooldownSeconds=1))
+                await _eventually(
+                    lambda: _status_of(cluster, "second").get("heldBy") == ["main"],
+                    timeout_s=10,
+                    what="the second stop to show main holding the halt",
+                )
+                assert _status_of(cluster, "second")["state"] == "Armed"
+                await cluster.patch(STOPS, "second", {"spec": {"tripped": True, "reason": "2nd"}})
+                await _eventually(
+                    lambda: _status_of(cluster, "second").get("state") == "Tripped",
+                    timeout_s=10,
+                    what="second tripped",
+                )
+            async with _operator(url):  # restarted with both tripped: second is reset, deleted
+                await asyncio.sleep(1.5)  # past second's cooldown
+                await cluster.patch(STOPS, "second", {"spec": {"tripped": False}})
+                await _eventually(
+                    lambda: _status_of(cluster, "second").get("state") == "Armed",
+                    timeout_s=10,
+                    what="second reset",
+                )
+                await cluster.delete(STOPS, "second")
+                await _eventually(
+                    lambda: not cluster.get(STOPS, "second"), timeout_s=10, what="deleted"
+                )
+                await asyncio.sleep(2.0)  # the keeper has run since
+                assert _worker_state(cluster, "main", "x-1") == "HALTED"
+                assert _replicas(cluster, "execution") == 0
+        assert seen, "no latch was sampled"
+        assert {latch.state for latch in seen} == {TradingState.HALTED}, seen
+        assert seen[-1].held_by == ("main",)
+        assert [latch.revision for latch in seen] == sorted({latch.revision for latch in seen})
+    finally:
+        worker.stop()
+
+
+async def test_a_reducing_trip_then_a_new_armed_stop_and_a_restart_then_still_reducing(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _named_stop("main", cooldownSeconds=600))
+        await _eventually(
+            lambda: _status_of(cluster, "main").get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        body = {"spec": {"tripped": True, "reason": "reduce", "mode": "Reducing"}}
+        await cluster.patch(STOPS, "main", body)
+        await _eventually(
+            lambda: _status_of(cluster, "main").get("state") == "Reducing", timeout_s=10, what="R"
+        )
+    async with _latch_watch(url) as seen, _operator(url):
+        await cluster.apply(STOPS, _named_stop("second"))
+        await _eventually(
+            lambda: _status_of(cluster, "second").get("heldBy") == ["main"],
+            timeout_s=10,
+            what="second showing main's halt",
+        )
+        await asyncio.sleep(1.5)
+    assert {(latch.state, latch.held_by) for latch in seen} == {
+        (TradingState.REDUCING, ("main",))
+    }, seen

@@ -1,13 +1,16 @@
 """The EmergencyStop (kill switch) state machine: a pure decision, no I/O, no clock.
 
 The Kubernetes operator and the local CLI (``qtrader ess trip | reset | status``) both call
-``reconcile(spec=, status=, now=)`` and apply the ``Transition`` it returns, in this order: patch
-the spec (``spec_patch``), write the halt latch if ``latch_changed`` (state ``latch``, revision
-``status.latch_revision``), record ``events``, persist ``status``, requeue after
-``requeue_after`` seconds. A caller that fails at a step stops there without persisting the
-status; the retry then decides again from the old status and reaches the same decision with the
-same latch revision, which ``HaltLatch.dedup_id`` makes a harmless repeat. The spec and status
-types live in ``ess_status`` (re-exported here), the status conditions in ``ess_conditions``.
+``reconcile(spec=, status=, now=, hold=)`` and apply the ``Transition`` it returns, in this
+order: patch the spec (``spec_patch``), write the halt latch if ``latch_changed``, record
+``events``, persist ``status``, requeue after ``requeue_after`` seconds. The latch written is
+not this stop's alone but the combination of every stop (``qtrader.control.halt_combination``:
+the most restrictive wins), at a revision of at least ``status.latch_revision``; the caller
+records the revision in force in the status it persists. A caller that fails at a step stops
+there without persisting the status; the retry then decides again from the old status and
+reaches the same decision; the combined latch is written again only if its content differs.
+The spec and status types live in ``ess_status`` (re-exported here), the status conditions in
+``ess_conditions``.
 
 States (the latch is what workers obey)::
 

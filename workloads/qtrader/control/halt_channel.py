@@ -1,5 +1,8 @@
 """The control plane's side of the halt: write the latch, broadcast it, collect acknowledgements.
 
+The latch is the combination of every EmergencyStop (``put_combined``, see
+``qtrader.control.halt_combination``), never one stop's state alone.
+
 Used alike by the kopf operator and by local mode (``qtrader up`` / ``qtrader ess``), so a trip
 means the same thing in both. The latch in the HALT bucket is the durable truth; the broadcast on
 CONTROL_HALT only makes it arrive fast. Execution workers answer every latch they put in force
@@ -19,15 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import HaltAck, HaltLatch, TradingState
-from qtrader.control.ess import latch_message
-from qtrader.control.ess_status import EssStatus
+from qtrader.control.halt_combination import StopView, combine, next_latch
 
 
 async def publish_latch(bus: Bus, latch: HaltLatch) -> None:
@@ -45,20 +47,30 @@ async def publish_latch(bus: Bus, latch: HaltLatch) -> None:
     await bus.kv_put(subjects.HALT_BUCKET, subjects.HALT_KEY, latch)
 
 
-async def sync_latch(bus: Bus, status: EssStatus, *, now: datetime) -> EssStatus | None:
-    """Make the latch in the bucket the one ``status`` names, at start of a control plane.
-
-    A fresh stack has no latch at all (and its workers stay halted until one is written); the
-    bucket may also hold a latch from another run. A new revision above both wins. Returns the
-    status with that revision, or None when the bucket already agreed.
-    """
-    latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
-    if latch and latch.revision == status.latch_revision and latch.state is status.latch:
-        return None
-    revision = max(status.latch_revision, latch.revision if latch else 0) + 1
-    synced = replace(status, latch_revision=revision)
-    await publish_latch(bus, latch_message(synced, issued_at_ms=int(now.timestamp() * 1000)))
-    return synced
+async def put_combined(
+    bus: Bus,
+    stops: Sequence[StopView],
+    *,
+    min_revision: int,
+    now: datetime,
+    flatten: bool = False,
+) -> tuple[HaltLatch, bool]:
+    """Put the combination of ``stops`` in force (``halt_combination``); returns the latch in
+    force and whether it was written now. The caller serialises its writers (the read and the
+    write are two steps: the bus has no compare-and-set)."""
+    current = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+    latch = next_latch(
+        combine(stops),
+        current=current,
+        min_revision=min_revision,
+        issued_at_ms=int(now.timestamp() * 1000),
+        flatten=flatten,
+    )
+    if latch is None:
+        assert current is not None  # next_latch writes whenever there is no latch
+        return current, False
+    await publish_latch(bus, latch)
+    return latch, True
 
 
 ACK_LEASE_S = 60.0

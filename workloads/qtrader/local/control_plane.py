@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -42,7 +43,13 @@ from pydantic import Field, field_validator
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Message, MessageRejected, RiskAlert, TradingState
+from qtrader.contracts.messages import (
+    HaltLatch,
+    Message,
+    MessageRejected,
+    RiskAlert,
+    TradingState,
+)
 from qtrader.control.ess import (
     TRIPPED_BY_ANNOTATION,
     EssEvent,
@@ -53,7 +60,6 @@ from qtrader.control.ess import (
     Transition,
     ack_overdue,
     automatic_trip_patch,
-    latch_message,
     reconcile,
     trip_issuer,
 )
@@ -69,7 +75,8 @@ from qtrader.control.ess_resource import (
     status_document,
 )
 from qtrader.control.ess_status import format_time
-from qtrader.control.halt_channel import AckCollector, ack_lease_s, publish_latch, sync_latch
+from qtrader.control.halt_channel import AckCollector, ack_lease_s, put_combined
+from qtrader.control.halt_combination import StopView
 from qtrader.control.risk_monitor import RiskMonitor
 
 log = logging.getLogger(__name__)
@@ -226,13 +233,29 @@ class LocalControlPlane:
         return created
 
     async def _sync_latch(self, record: EssRecord) -> None:
+        """Put this stop's state in force at start: the bucket may hold no latch (a fresh
+        stack) or one from another run; a new revision above both wins."""
         now = self._clock()
-        status = await sync_latch(self._bus, self._status, now=now)
-        if status is None:
+        min_revision = self._status.latch_revision + 1
+        latch, written = await self._put_latch(self._status, min_revision=min_revision, now=now)
+        if not written:
             return
-        self._latch_written = (status.latch_revision, now)
-        log.info("EmergencyStop %s: latch revision %d in force", self.name, status.latch_revision)
+        status = replace(self._status, latch_revision=latch.revision)
+        log.info("EmergencyStop %s: latch revision %d in force", self.name, latch.revision)
         await self._commit(status, record=record, generation=record.generation, now=now, new=[])
+
+    async def _put_latch(
+        self, status: EssStatus, *, min_revision: int, now: datetime, flatten: bool = False
+    ) -> tuple[HaltLatch, bool]:
+        """Write the latch as the combination of the stops (local mode runs this one), which
+        names it in ``held_by`` while it holds a halt, as the operator's latch does."""
+        view = StopView(name=self.name, status=status, flatten_on_trip=flatten)
+        latch, written = await put_combined(
+            self._bus, [view], min_revision=min_revision, now=now, flatten=flatten
+        )
+        if written:
+            self._latch_written = (latch.revision, now)
+        return latch, written
 
     # --- loop ----------------------------------------------------------------------------------
 
@@ -326,17 +349,16 @@ class LocalControlPlane:
         if transition.spec_patch:
             record = await self._patch_spec(record, transition.spec_patch)
             generation = record.generation
+        status = transition.status
         if transition.latch_changed:
-            latch = latch_message(
-                transition.status, issued_at_ms=_ms(now), flatten=transition.flatten
+            latch, _ = await self._put_latch(
+                status, min_revision=status.latch_revision, now=now, flatten=transition.flatten
             )
-            await publish_latch(self._bus, latch)
-            self._latch_written = (latch.revision, now)
+            status = replace(status, latch_revision=latch.revision)
+            transition = replace(transition, status=status)
         new = [self._event(e, now) for e in transition.events]
-        new += self._ack_timeout(record, revision=transition.status.latch_revision, now=now)
-        await self._commit(
-            transition.status, record=record, generation=generation, now=now, new=new
-        )
+        new += self._ack_timeout(record, revision=status.latch_revision, now=now)
+        await self._commit(status, record=record, generation=generation, now=now, new=new)
         return transition
 
     async def _patch_spec(self, record: EssRecord, patch: dict[str, bool | str]) -> EssRecord:
@@ -416,6 +438,7 @@ class LocalControlPlane:
             acknowledgements=self._acknowledgements(lease_s),
             pending_workers=pending,
             overdue_workers=pending if self._overdue(status, now, ack_timeout_s) else (),
+            held_by=() if status.latch is TradingState.ACTIVE else (self.name,),
         )
         return {k: v for k, v in full.items() if v is not None} | {"events": events}
 
