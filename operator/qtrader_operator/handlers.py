@@ -10,11 +10,13 @@
   order of events). Each stop's ``status.heldBy`` shows the stops holding the halt; policies
   are scaled to the combined state, and a missing ``emergencyStopRef`` keeps a policy halted.
 - EmergencyStop (create, update, resume, and a timer for the cooldown and acknowledgements):
-  ``qtrader.control.ess.reconcile`` decides; the handler writes the latch and broadcasts it
-  (``halt_channel``), posts the events, records every worker's acknowledgement in the status,
-  and once the live workers acknowledged a halt (or the ack timeout passed, which is reported)
-  scales every policy's workloads to the stops' combined state (execution and inference to 0
-  while halted); once no stop holds a halt they are restored from the policy.
+  the shared applier (``qtrader.control.ess_applier``, local mode's too) decides with
+  ``reconcile`` and applies it through ``KopfStore`` (the handler's patch, Kubernetes events)
+  and ``_KopfChannel`` (the combined latch): spec patch, latch, events, acknowledgements and
+  the AckTimeout report, status. Once the known workers acknowledged a halt (or the ack
+  timeout passed, which is reported) the handler scales every policy's workloads to the stops'
+  combined state (execution and inference to 0 while halted); once no stop holds a halt they
+  are restored from the policy.
 - Risk alerts from the RISK stream become automatic trips: the handler patches the
   EmergencyStop's spec (and the tripped-by annotation), so every trip is visible in kubectl.
   The annotation is removed once the spec is no longer tripped, so it never outlives its trip.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -35,7 +38,7 @@ from typing import Any
 import kopf
 
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import PolicyRevision, RiskAlert, TradingState
+from qtrader.contracts.messages import HaltLatch, PolicyRevision, RiskAlert, TradingState
 from qtrader.contracts.policy import (
     API_GROUP,
     API_VERSION,
@@ -46,16 +49,14 @@ from qtrader.contracts.policy import (
 )
 from qtrader.control.ess import (
     TRIPPED_BY_ANNOTATION,
+    EssEvent,
     EssMode,
     EssStatus,
-    Transition,
-    ack_overdue,
+    SpecPatch,
     automatic_trip_patch,
-    clear_tripped_by,
-    reconcile,
     trip_issuer,
 )
-from qtrader.control.ess_conditions import status_conditions
+from qtrader.control.ess_applier import Applied, StopInput, apply_once
 from qtrader.control.ess_resource import (
     EmergencyStopError,
     EmergencyStopSpec,
@@ -63,7 +64,7 @@ from qtrader.control.ess_resource import (
     parse_spec,
 )
 from qtrader.control.ess_status import format_time
-from qtrader.control.halt_channel import ack_lease_s, put_combined
+from qtrader.control.halt_channel import put_combined
 from qtrader.control.halt_combination import StopView, combine
 from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader_operator import policy_core
@@ -265,60 +266,116 @@ async def reconcile_stop(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
-    memory = runtime.memory(meta["name"])
+    name = meta["name"]
+    memory = runtime.memory(name)
     async with memory.lock:
-        now = _now()
         resource = _parse_stop(spec)
-        runtime.risk.configure(meta["name"], resource.triggers)
-        annotation = (meta.get("annotations") or {}).get(TRIPPED_BY_ANNOTATION)
+        runtime.risk.configure(name, resource.triggers)
         before = memory.status or EssStatus.from_dict(status)
         if memory.status is None:  # first sight since start: put the stops' combination in force
             before = await _put_latch(
                 runtime,
-                name=meta["name"],
+                name=name,
                 status=before,
                 min_revision=before.latch_revision + 1,
                 decided=False,
             )
-        ess_spec = resource.to_ess_spec(tripped_by=trip_issuer(annotation))
-        hold = runtime.risk.holding(meta["name"])
-        transition = reconcile(spec=ess_spec, status=before, now=now, hold=hold)
-        if transition.spec_patch:
-            patch.spec.update(transition.spec_patch)
-        if clear_tripped_by(annotation=annotation, spec=ess_spec, spec_patch=transition.spec_patch):
-            patch.metadata.annotations[TRIPPED_BY_ANNOTATION] = None
-        if transition.latch_changed:
-            decided = await _put_latch(
-                runtime,
-                name=meta["name"],
-                status=transition.status,
-                min_revision=transition.status.latch_revision,
-                flatten=transition.flatten,
-            )
-            transition = replace(transition, status=decided)
-        memory.status = transition.status
-        for event in transition.events:
-            kopf.event(
-                body, type=event.type.value, reason=event.reason.value, message=event.message
-            )
-        overdue = await _follow_acknowledgements(
-            runtime,
-            body=body,
-            meta=meta,
-            transition=transition,
-            ack_timeout_s=resource.ack_timeout_seconds,
-            now=now,
+        applied = await apply_once(
+            stop=StopInput(
+                name=name,
+                spec=resource,
+                tripped_by=(meta.get("annotations") or {}).get(TRIPPED_BY_ANNOTATION) or "",
+                generation=meta.get("generation") or 0,
+                previous_conditions=list(status.get("conditions") or []),
+            ),
+            status=before,
+            store=KopfStore(body=body, patch=patch, status=status),
+            channel=_KopfChannel(runtime, name),
+            acks=runtime.acks,
+            memory=memory.acks,
+            hold=runtime.risk.holding(name),
+            now=_now(),
         )
-        _write_stop_status(
-            runtime,
+        memory.status = applied.status
+        await _scale_when_confirmed(
+            runtime, namespace=meta["namespace"], name=name, applied=applied
+        )
+
+
+class KopfStore:
+    """The applier's store on the custom resource: everything goes into the handler's patch
+    (kopf applies it when the handler returns), events are Kubernetes events."""
+
+    def __init__(
+        self,
+        *,
+        body: kopf.Body | None,
+        patch: kopf.Patch,
+        status: Mapping[str, Any],
+        emit: Callable[[EssEvent], None] | None = None,
+    ) -> None:
+        self._body = body
+        self._patch = patch
+        self._status = status
+        self._emit = emit or self._post
+
+    async def patch_spec(self, patch: SpecPatch, *, clear_tripped_by: bool) -> int | None:
+        self._patch.spec.update(patch)
+        if clear_tripped_by:
+            self._patch.metadata.annotations[TRIPPED_BY_ANNOTATION] = None
+        return None  # the API server counts generations
+
+    async def post_event(self, event: EssEvent, *, at: datetime) -> None:
+        self._emit(event)
+
+    def _post(self, event: EssEvent) -> None:
+        assert self._body is not None  # without a body, the caller passes ``emit``
+        kopf.event(
+            self._body, type=event.type.value, reason=event.reason.value, message=event.message
+        )
+
+    async def save_status(self, document: dict[str, Any]) -> None:
+        changed = {k: v for k, v in document.items() if self._status.get(k) != v}
+        if changed:
+            self._patch.status.update(changed)
+
+
+class _KopfChannel:
+    """The applier's latch channel: the combination of every stop of the namespace."""
+
+    def __init__(self, runtime: OperatorRuntime, name: str) -> None:
+        self._runtime = runtime
+        self._name = name
+
+    async def put(
+        self, status: EssStatus, *, min_revision: int, flatten: bool, now: datetime
+    ) -> HaltLatch:
+        await _put_latch(
+            self._runtime,
+            name=self._name,
             status=status,
-            patch=patch,
-            meta=meta,
-            transition=transition,
-            overdue=overdue,
-            lease_s=ack_lease_s(resource.ack_timeout_seconds),
-            now=now,
+            min_revision=min_revision,
+            flatten=flatten,
         )
+        assert self._runtime.latch is not None  # _put_latch holds the latch in force
+        return self._runtime.latch
+
+    def held_by(self) -> Sequence[str]:
+        latch = self._runtime.latch
+        return latch.held_by if latch is not None else ()
+
+
+async def _scale_when_confirmed(
+    runtime: OperatorRuntime, *, namespace: str, name: str, applied: Applied
+) -> None:
+    """Scale the policies once the workers acknowledged the latch (or are overdue, which the
+    applier reported), once per latch revision and state."""
+    memory = runtime.memory(name)
+    target = (applied.status.latch_revision, applied.status.latch.value)
+    if memory.scaled_for == target or (applied.pending and not applied.overdue):
+        return
+    await _scale_obeying_policies(runtime, namespace=namespace)
+    memory.scaled_for = target
 
 
 @kopf.on.delete(*STOPS, registry=registry)
@@ -355,8 +412,8 @@ async def _put_latch(
         )
         runtime.latch = latch
         memory = runtime.memory(name)
-        if written or memory.latch_written_at is None:
-            memory.latch_written_at = now
+        if written or memory.acks.latch_written is None:
+            memory.acks.latch_written = (latch.revision, now)
         memory.status = replace(status, latch_revision=latch.revision)
         return memory.status
 
@@ -427,41 +484,6 @@ async def _keep_latch_once(runtime: OperatorRuntime) -> None:
         await _scale_obeying_policies(runtime, namespace=runtime.config.namespace)
 
 
-async def _follow_acknowledgements(
-    runtime: OperatorRuntime,
-    *,
-    body: kopf.Body,
-    meta: kopf.Meta,
-    transition: Transition,
-    ack_timeout_s: float,
-    now: datetime,
-) -> tuple[str, ...]:
-    """Report workers that did not acknowledge in time; scale once the halt is confirmed.
-    Returns the workers overdue (pending past the ack timeout); a silent worker stays pending
-    until its lease lapses (``halt_channel.ack_lease_s``)."""
-    status = transition.status
-    memory = runtime.memory(meta["name"])
-    pending = runtime.acks.pending(status.latch_revision, lease_s=ack_lease_s(ack_timeout_s))
-    written = memory.latch_written_at
-    overdue = written is not None and ack_overdue(
-        latch_written_at=written, now=now, timeout_s=ack_timeout_s
-    )
-    if pending and overdue and memory.overdue_reported_for != status.latch_revision:
-        memory.overdue_reported_for = status.latch_revision
-        kopf.warn(
-            body,
-            reason="AckTimeout",
-            message=f"no acknowledgement of latch revision {status.latch_revision} "
-            f"within {ack_timeout_s}s from: {', '.join(pending)}",
-        )
-    target = (status.latch_revision, status.latch.value)
-    if memory.scaled_for == target or (pending and not overdue):
-        return pending if overdue else ()
-    await _scale_obeying_policies(runtime, namespace=meta["namespace"])
-    memory.scaled_for = target
-    return pending if overdue else ()
-
-
 async def _scale_obeying_policies(runtime: OperatorRuntime, *, namespace: str) -> None:
     """Scale every policy of the namespace to what the stops' combination allows it."""
     listing = await runtime.kube.get(custom_path("tradingpolicies", namespace))
@@ -482,48 +504,6 @@ async def _scale_obeying_policies(runtime: OperatorRuntime, *, namespace: str) -
                 await runtime.kube.merge_patch(path, {"spec": {"replicas": replicas}})
             except KubeNotFound:
                 log.warning("deployment %s not found while scaling", path)
-
-
-def _write_stop_status(
-    runtime: OperatorRuntime,
-    *,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    meta: kopf.Meta,
-    transition: Transition,
-    overdue: tuple[str, ...],
-    lease_s: float,
-    now: datetime,
-) -> None:
-    new = transition.status
-    acknowledgements = [
-        {
-            "worker": a.worker_id,
-            "revision": a.revision,
-            "state": a.state,
-            "openOrdersCancelled": a.open_orders_cancelled,
-            "at": format_time(datetime.fromtimestamp(a.acked_at_ms / 1000, UTC)),
-        }
-        for a in sorted(runtime.acks.known(lease_s=lease_s).values(), key=lambda a: a.worker_id)
-    ]
-    wanted: dict[str, Any] = {
-        **new.to_dict(),
-        "acknowledgements": acknowledgements,
-        "pendingWorkers": list(runtime.acks.pending(new.latch_revision, lease_s=lease_s)),
-        "heldBy": list(runtime.latch.held_by) if runtime.latch is not None else [],
-        "conditions": status_conditions(
-            new,
-            generation=meta.get("generation") or 0,
-            now=now,
-            previous=list(status.get("conditions") or []),
-            overdue_workers=overdue,
-        ),
-    }
-    if meta.get("generation") is not None:
-        wanted["observedGeneration"] = meta["generation"]
-    changed = {k: v for k, v in wanted.items() if status.get(k) != v}
-    if changed:
-        patch.status.update(changed)
 
 
 def _parse_stop(spec: Any) -> EmergencyStopSpec:

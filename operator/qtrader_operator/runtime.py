@@ -12,11 +12,11 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts.messages import HaltLatch
+from qtrader.control.ess_applier import AckMemory
 from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_channel import AckCollector
 from qtrader.control.risk_monitor import RiskMonitor
@@ -55,8 +55,7 @@ class EssMemory:
 
     status: EssStatus | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    latch_written_at: datetime | None = None
-    overdue_reported_for: int = -1
+    acks: AckMemory = field(default_factory=AckMemory)  # the applier's: latch written, reported
     scaled_for: tuple[int, str] | None = None  # (latch revision, state) the workloads match
 
 

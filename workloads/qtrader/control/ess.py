@@ -163,6 +163,7 @@ class EssEventReason(enum.StrEnum):
     RESET_WITHDRAWN = "ResetWithdrawn"
     COOLDOWN_ENDED = "CooldownEnded"
     AUTO_RESET = "AutoReset"
+    ACK_TIMEOUT = "AckTimeout"  # the applier's: workers did not acknowledge the latch in time
 
 
 # --- reconcile --------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from datetime import datetime
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import HaltAck, HaltLatch, TradingState
+from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_combination import StopView, combine, next_latch
 
 
@@ -71,6 +72,29 @@ async def put_combined(
         return current, False
     await publish_latch(bus, latch)
     return latch, True
+
+
+class SingleStopChannel:
+    """The applier's latch channel (``ess_applier.LatchChannel``) for a control plane that owns
+    one stop (local mode): the combination is that stop alone, named in ``held_by``."""
+
+    def __init__(self, bus: Bus, name: str) -> None:
+        self._bus = bus
+        self._name = name
+        self.latch: HaltLatch | None = None  # the latch in force, as last read or written
+        self.written = False  # whether the last ``put`` wrote a new revision
+
+    async def put(
+        self, status: EssStatus, *, min_revision: int, flatten: bool, now: datetime
+    ) -> HaltLatch:
+        view = StopView(name=self._name, status=status, flatten_on_trip=flatten)
+        self.latch, self.written = await put_combined(
+            self._bus, [view], min_revision=min_revision, now=now, flatten=flatten
+        )
+        return self.latch
+
+    def held_by(self) -> Sequence[str]:
+        return self.latch.held_by if self.latch is not None else ()
 
 
 ACK_LEASE_S = 60.0

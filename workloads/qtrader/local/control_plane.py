@@ -8,8 +8,10 @@ same in both. The resource lives in the KV bucket ``qtrader-ess`` under its name
 (``metadata.generation``), the tripped-by annotation, and the CRD status plus ``events`` (the last
 50; a cluster has Kubernetes events for that).
 
-Each round, on every change of the record and at least every ``interval_s``, it decides with
-``reconcile`` and applies the transition in the documented order: spec patch, latch
+Each round, on every change of the record and at least every ``interval_s``, the shared applier
+(``qtrader.control.ess_applier``, the operator's too) decides with ``reconcile`` and applies
+the transition on this record (``_RecordStore``) and latch (``SingleStopChannel``) in the
+documented order: spec patch, latch
 (``publish_latch``), events (log lines and ``status.events``), status with conditions,
 acknowledgements and pending workers. A round that fails stops at its step; the next decides
 again from the unchanged status, which repeats the same latch revision (harmless). Workers that
@@ -48,7 +50,6 @@ from qtrader.contracts.messages import (
     Message,
     MessageRejected,
     RiskAlert,
-    TradingState,
 )
 from qtrader.control.ess import (
     TRIPPED_BY_ANNOTATION,
@@ -57,16 +58,15 @@ from qtrader.control.ess import (
     EssState,
     EssStatus,
     EventType,
+    SpecPatch,
     Transition,
-    ack_overdue,
     automatic_trip_patch,
-    reconcile,
     trip_issuer,
 )
+from qtrader.control.ess_applier import AckMemory, StopInput, acknowledgements, apply_once
 from qtrader.control.ess_resource import (
     ESS_API_VERSION,
     ESS_KIND,
-    Acknowledgement,
     EmergencyStop,
     EmergencyStopError,
     EmergencyStopSpec,
@@ -75,22 +75,16 @@ from qtrader.control.ess_resource import (
     status_document,
 )
 from qtrader.control.ess_status import format_time
-from qtrader.control.halt_channel import AckCollector, ack_lease_s, put_combined
-from qtrader.control.halt_combination import StopView
+from qtrader.control.halt_channel import AckCollector, SingleStopChannel, ack_lease_s
 from qtrader.control.risk_monitor import RiskMonitor
 
 log = logging.getLogger(__name__)
 
 MAX_EVENTS = 50
-ACK_TIMEOUT = "AckTimeout"
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
 
 
 class EssRecord(Message):
@@ -173,6 +167,27 @@ class _Superseded(Exception):
     """The record changed between the decision and its spec patch: decide again."""
 
 
+class _RecordStore:
+    """The applier's store on the local record: the spec patch goes to the KV record (refused
+    when the record changed meanwhile: decide again), events into ``status.events``."""
+
+    def __init__(self, plane: LocalControlPlane, record: EssRecord) -> None:
+        self._plane = plane
+        self._record = record
+        self._new: list[dict[str, Any]] = []
+
+    async def patch_spec(self, patch: SpecPatch, *, clear_tripped_by: bool) -> int | None:
+        # EssRecord.with_spec drops tripped_by once the spec is not tripped: nothing else to do.
+        self._record = await self._plane._patch_spec(self._record, dict(patch))
+        return self._record.generation
+
+    async def post_event(self, event: EssEvent, *, at: datetime) -> None:
+        self._new.append(self._plane._event(event, at))
+
+    async def save_status(self, document: dict[str, Any]) -> None:
+        await self._plane._save(document, record=self._record, new=self._new)
+
+
 class LocalControlPlane:
     """Reconciles one EmergencyStop in the ESS bucket and drives the halt latch from it."""
 
@@ -193,8 +208,8 @@ class LocalControlPlane:
         self._status = EssStatus.initial()
         self._document: dict[str, Any] = {}  # the status as last written
         self._events: list[dict[str, Any]] = []
-        self._latch_written: tuple[int, datetime] | None = None
-        self._acks_settled = 0  # the latest latch revision acknowledged or reported overdue
+        self._ack_memory = AckMemory()
+        self._channel = SingleStopChannel(bus, resource.name)
         self._wake = asyncio.Event()
         self.risk = RiskMonitor(bus, source="control-plane")
         self.risk.configure(resource.name, resource.spec.triggers)
@@ -242,20 +257,17 @@ class LocalControlPlane:
             return
         status = replace(self._status, latch_revision=latch.revision)
         log.info("EmergencyStop %s: latch revision %d in force", self.name, latch.revision)
-        await self._commit(status, record=record, generation=record.generation, now=now, new=[])
+        await self._commit(status, record=record, generation=record.generation, now=now)
 
     async def _put_latch(
-        self, status: EssStatus, *, min_revision: int, now: datetime, flatten: bool = False
+        self, status: EssStatus, *, min_revision: int, now: datetime
     ) -> tuple[HaltLatch, bool]:
         """Write the latch as the combination of the stops (local mode runs this one), which
         names it in ``held_by`` while it holds a halt, as the operator's latch does."""
-        view = StopView(name=self.name, status=status, flatten_on_trip=flatten)
-        latch, written = await put_combined(
-            self._bus, [view], min_revision=min_revision, now=now, flatten=flatten
-        )
-        if written:
-            self._latch_written = (latch.revision, now)
-        return latch, written
+        latch = await self._channel.put(status, min_revision=min_revision, flatten=False, now=now)
+        if self._channel.written:
+            self._ack_memory.latch_written = (latch.revision, now)
+        return latch, self._channel.written
 
     # --- loop ----------------------------------------------------------------------------------
 
@@ -336,30 +348,32 @@ class LocalControlPlane:
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
 
     async def reconcile_once(self) -> Transition | None:
-        """One round: decide from the stored spec and the status held here, then apply."""
+        """One round: decide from the stored spec and the status held here, then apply it with
+        the shared applier (``qtrader.control.ess_applier``) on this record and latch."""
         record = await self._read()
         if record is None:
             log.error("EmergencyStop %s is gone from the bucket; the latch stays", self.name)
             return None
         self.risk.configure(self.name, record.spec.triggers)
-        now = self._clock()
-        hold = self.risk.holding(self.name)
-        transition = reconcile(spec=record.ess_spec(), status=self._status, now=now, hold=hold)
-        generation = record.generation
-        if transition.spec_patch:
-            record = await self._patch_spec(record, transition.spec_patch)
-            generation = record.generation
-        status = transition.status
-        if transition.latch_changed:
-            latch, _ = await self._put_latch(
-                status, min_revision=status.latch_revision, now=now, flatten=transition.flatten
-            )
-            status = replace(status, latch_revision=latch.revision)
-            transition = replace(transition, status=status)
-        new = [self._event(e, now) for e in transition.events]
-        new += self._ack_timeout(record, revision=status.latch_revision, now=now)
-        await self._commit(status, record=record, generation=generation, now=now, new=new)
-        return transition
+        store = _RecordStore(self, record)
+        applied = await apply_once(
+            stop=StopInput(
+                name=self.name,
+                spec=record.spec,
+                tripped_by=record.tripped_by,
+                generation=record.generation,
+                previous_conditions=self._document.get("conditions") or [],
+            ),
+            status=self._status,
+            store=store,
+            channel=self._channel,
+            acks=self.acks,
+            memory=self._ack_memory,
+            hold=self.risk.holding(self.name),
+            now=self._clock(),
+        )
+        self._status = applied.status
+        return applied.transition
 
     async def _patch_spec(self, record: EssRecord, patch: dict[str, bool | str]) -> EssRecord:
         current = await self._read()
@@ -377,91 +391,38 @@ class LocalControlPlane:
             at=now, type_=event.type.value, reason=event.reason.value, message=event.message
         )
 
-    def _ack_timeout(
-        self, record: EssRecord, *, revision: int, now: datetime
-    ) -> list[dict[str, str]]:
-        """An AckTimeout event, once per latch revision, for live workers still not answering."""
-        written = self._latch_written
-        if written is None or written[0] != revision or revision <= self._acks_settled:
-            return []
-        timeout_s = record.spec.ack_timeout_seconds
-        pending = self.acks.pending(revision, lease_s=ack_lease_s(timeout_s))
-        if pending and not ack_overdue(latch_written_at=written[1], now=now, timeout_s=timeout_s):
-            return []
-        self._acks_settled = revision
-        if not pending:
-            return []
-        message = (
-            f"{', '.join(pending)} did not acknowledge latch revision {revision}"
-            f" within {timeout_s}s"
-        )
-        log.warning("EmergencyStop %s %s: %s", self.name, ACK_TIMEOUT, message)
-        return [event_entry(at=now, type_="Warning", reason=ACK_TIMEOUT, message=message)]
-
     async def _commit(
-        self,
-        status: EssStatus,
-        *,
-        record: EssRecord,
-        generation: int,
-        now: datetime,
-        new: Sequence[dict[str, Any]],
+        self, status: EssStatus, *, record: EssRecord, generation: int, now: datetime
     ) -> None:
-        """Store the status when it differs from the stored copy, then hold it as the truth."""
-        events = [*self._events, *new][-MAX_EVENTS:]
-        timeout_s = record.spec.ack_timeout_seconds
-        document = self._document_for(
-            status, generation=generation, now=now, events=events, ack_timeout_s=timeout_s
-        )
-        if document != record.status:
-            current = await self._read()
-            if current is not None:
-                await self._put(current.with_status(document))
-        self._status, self._document, self._events = status, document, events
-
-    def _document_for(
-        self,
-        status: EssStatus,
-        *,
-        generation: int,
-        now: datetime,
-        events: list[dict[str, Any]],
-        ack_timeout_s: float,
-    ) -> dict[str, Any]:
-        lease_s = ack_lease_s(ack_timeout_s)
-        pending = self.acks.pending(status.latch_revision, lease_s=lease_s)
-        full = status_document(
+        """Store the status document for ``status`` (start-up; rounds go through the applier)."""
+        lease_s = ack_lease_s(record.spec.ack_timeout_seconds)
+        document = status_document(
             status,
             generation=generation,
             now=now,
             previous_conditions=self._document.get("conditions") or [],
-            acknowledgements=self._acknowledgements(lease_s),
-            pending_workers=pending,
-            overdue_workers=pending if self._overdue(status, now, ack_timeout_s) else (),
-            held_by=() if status.latch is TradingState.ACTIVE else (self.name,),
+            acknowledgements=acknowledgements(self.acks, lease_s=lease_s),
+            pending_workers=self.acks.pending(status.latch_revision, lease_s=lease_s),
+            held_by=self._held_by(),
         )
-        return {k: v for k, v in full.items() if v is not None} | {"events": events}
+        await self._save(document, record=record, new=[])
+        self._status = status
 
-    def _overdue(self, status: EssStatus, now: datetime, timeout_s: float) -> bool:
-        """Whether the latch in force was written more than ``timeout_s`` ago."""
-        written = self._latch_written
-        return (
-            written is not None
-            and written[0] == status.latch_revision
-            and ack_overdue(latch_written_at=written[1], now=now, timeout_s=timeout_s)
-        )
+    async def _save(
+        self, document: dict[str, Any], *, record: EssRecord, new: Sequence[dict[str, Any]]
+    ) -> None:
+        """Store the status document (absent values left out) with the events, when it differs
+        from the stored copy; re-read first, so a concurrent spec write is kept."""
+        events = [*self._events, *new][-MAX_EVENTS:]
+        full = {k: v for k, v in document.items() if v is not None} | {"events": events}
+        if full != record.status:
+            current = await self._read()
+            if current is not None:
+                await self._put(current.with_status(full))
+        self._document, self._events = full, events
 
-    def _acknowledgements(self, lease_s: float) -> list[Acknowledgement]:
-        return [
-            Acknowledgement(
-                worker=ack.worker_id,
-                revision=ack.revision,
-                at=datetime.fromtimestamp(ack.acked_at_ms / 1000, tz=UTC),
-                state=TradingState(ack.state),
-                open_orders_cancelled=ack.open_orders_cancelled,
-            )
-            for ack in self.acks.known(lease_s=lease_s).values()
-        ]
+    def _held_by(self) -> tuple[str, ...]:
+        return tuple(self._channel.held_by())
 
     async def _read(self) -> EssRecord | None:
         return await self._bus.kv_get(subjects.ESS_BUCKET, self.name, EssRecord)
