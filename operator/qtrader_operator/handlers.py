@@ -53,14 +53,11 @@ from qtrader.control.ess import (
     EssMode,
     EssStatus,
     SpecPatch,
-    automatic_trip_patch,
-    trip_issuer,
 )
-from qtrader.control.ess_applier import Applied, StopInput, apply_once
+from qtrader.control.ess_applier import Applied, StopInput, alert_trip, apply_once
 from qtrader.control.ess_resource import (
     EmergencyStopError,
     EmergencyStopSpec,
-    alert_trips,
     parse_spec,
 )
 from qtrader.control.ess_status import format_time
@@ -524,20 +521,15 @@ async def _consume_risk_alerts(runtime: OperatorRuntime) -> None:
 
 
 async def trip_for_alert(runtime: OperatorRuntime, alert: RiskAlert) -> None:
-    """Trip every EmergencyStop whose trigger the alert breaches (``alert_trips``)."""
+    """Trip every EmergencyStop whose trigger the alert breaches (``ess_applier``'s rule)."""
     namespace = runtime.config.namespace
     listing = await runtime.kube.get(custom_path("emergencystops", namespace))
     for item in listing.get("items", []):
-        resource = _parse_stop(item.get("spec") or {})
-        if not alert_trips(alert, resource.triggers):
-            continue
-        detail = f"{alert.detail} (value {alert.value}, threshold {alert.threshold})"
         annotations = item["metadata"].get("annotations") or {}
-        tripped_by = trip_issuer(annotations.get(TRIPPED_BY_ANNOTATION))
-        trip = automatic_trip_patch(
-            alert_kind=alert.alert_kind.value,
-            detail=detail,
-            spec=resource.to_ess_spec(tripped_by=tripped_by),
+        trip = alert_trip(
+            alert,
+            spec=_parse_stop(item.get("spec") or {}),
+            tripped_by=annotations.get(TRIPPED_BY_ANNOTATION) or "",
         )
         if trip is None:
             continue

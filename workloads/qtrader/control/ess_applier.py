@@ -14,6 +14,9 @@ so each supplies two small adapters:
 * ``LatchChannel``: the halt latch. ``put`` puts the combination of every stop in force with
   this one at the given status and returns the latch in force; ``held_by`` the stops holding it.
 
+Risk alerts become trips the same way in both (``alert_trip``: which stops an alert trips,
+and the patch, with the tripped-by annotation, that a shell merges into the resource).
+
 A step that fails raises and the rest is not done; the next round decides again from the
 status held in memory, which is the same decision (see ``qtrader.control.ess``).
 """
@@ -25,8 +28,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from qtrader.contracts.messages import HaltLatch, TradingState
+from qtrader.contracts.messages import HaltLatch, RiskAlert, TradingState
 from qtrader.control.ess import (
+    AutomaticTrip,
     EssEvent,
     EssEventReason,
     EssStatus,
@@ -34,11 +38,17 @@ from qtrader.control.ess import (
     SpecPatch,
     Transition,
     ack_overdue,
+    automatic_trip_patch,
     clear_tripped_by,
     reconcile,
     trip_issuer,
 )
-from qtrader.control.ess_resource import Acknowledgement, EmergencyStopSpec, status_document
+from qtrader.control.ess_resource import (
+    Acknowledgement,
+    EmergencyStopSpec,
+    alert_trips,
+    status_document,
+)
 from qtrader.control.halt_channel import AckCollector, ack_lease_s
 
 
@@ -187,3 +197,19 @@ def acknowledgements(acks: AckCollector, *, lease_s: float) -> list[Acknowledgem
         )
         for ack in acks.known(lease_s=lease_s).values()
     ]
+
+
+def alert_trip(
+    alert: RiskAlert, *, spec: EmergencyStopSpec, tripped_by: str
+) -> AutomaticTrip | None:
+    """The automatic trip a risk alert asks of a stop (its spec and tripped-by annotation), or
+    None: the alert does not breach the stop's trigger (``alert_trips``), or the stop is
+    tripped already (an alert never takes over a trip in force)."""
+    if not alert_trips(alert, spec.triggers):
+        return None
+    detail = f"{alert.detail} (value {alert.value}, threshold {alert.threshold})"
+    return automatic_trip_patch(
+        alert_kind=alert.alert_kind.value,
+        detail=detail,
+        spec=spec.to_ess_spec(tripped_by=trip_issuer(tripped_by or None)),
+    )

@@ -60,10 +60,15 @@ from qtrader.control.ess import (
     EventType,
     SpecPatch,
     Transition,
-    automatic_trip_patch,
     trip_issuer,
 )
-from qtrader.control.ess_applier import AckMemory, StopInput, acknowledgements, apply_once
+from qtrader.control.ess_applier import (
+    AckMemory,
+    StopInput,
+    acknowledgements,
+    alert_trip,
+    apply_once,
+)
 from qtrader.control.ess_resource import (
     ESS_API_VERSION,
     ESS_KIND,
@@ -71,7 +76,6 @@ from qtrader.control.ess_resource import (
     EmergencyStopError,
     EmergencyStopSpec,
     ResourceName,
-    alert_trips,
     status_document,
 )
 from qtrader.control.ess_status import format_time
@@ -297,14 +301,11 @@ class LocalControlPlane:
         """Trip the stop when the alert breaches its trigger (a ban always does); the patch is
         the one the operator makes, so ``qtrader ess status`` shows who tripped it and why."""
         record = await self._read()
-        if record is None or not alert_trips(alert, record.spec.triggers):
+        if record is None:
             return
-        detail = f"{alert.detail} (value {alert.value}, threshold {alert.threshold})"
-        trip = automatic_trip_patch(
-            alert_kind=alert.alert_kind.value, detail=detail, spec=record.ess_spec()
-        )
+        trip = alert_trip(alert, spec=record.spec, tripped_by=record.tripped_by)
         if trip is None:
-            return  # tripped already: an alert never takes over a trip in force
+            return  # below the trigger, or tripped already
         patched = record.with_spec(
             record.spec.with_patch(trip.spec_patch), tripped_by=trip.tripped_by
         )
