@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
@@ -838,3 +840,45 @@ async def test_a_reducing_trip_then_a_new_armed_stop_and_a_restart_then_still_re
     assert {(latch.state, latch.held_by) for latch in seen} == {
         (TradingState.REDUCING, ("main",))
     }, seen
+
+
+async def test_a_frozen_worker_during_a_trip_stays_pending_with_ack_timeout_until_it_answers(
+    nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", "x-2"))
+    try:
+        async with _operator(url):
+            await cluster.apply(STOPS, _stop(cooldownSeconds=600, ackTimeoutSeconds=1))
+            await _eventually(
+                lambda: _worker_state(cluster, "main", "x-2") == "ACTIVE",
+                timeout_s=10,
+                what="the worker present",
+            )
+            os.kill(worker.process.pid, signal.SIGSTOP)
+            try:
+                await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "x"}})
+                await asyncio.sleep(6.0)  # past the 5 s presence timeout: still pending
+                status = _stop_status(cluster)
+                assert status["state"] == "Tripped"
+                assert status["pendingWorkers"] == ["x-2"]
+                condition = _condition(cluster.get(STOPS, "main"), "AckTimeout")
+                assert condition is not None
+                assert condition["status"] == "True"
+                assert "x-2" in condition["message"]
+                assert _has_event(cluster, "AckTimeout")
+            finally:
+                os.kill(worker.process.pid, signal.SIGCONT)
+            await _eventually(
+                lambda: (
+                    _worker_state(cluster, "main", "x-2") == "HALTED"
+                    and not _stop_status(cluster)["pendingWorkers"]
+                ),
+                timeout_s=10,
+                what="the resumed worker's acknowledgement",
+            )
+            condition = _condition(cluster.get(STOPS, "main"), "AckTimeout")
+            assert condition is not None
+            assert condition["status"] == "False"
+    finally:
+        worker.stop()
