@@ -65,7 +65,7 @@ from qtrader.control.halt_channel import put_combined
 from qtrader.control.halt_combination import StopView, combine
 from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader_operator import policy_core
-from qtrader_operator.kube import KubeNotFound, custom_path, deployment_path
+from qtrader_operator.kube import KubeError, KubeNotFound, custom_path, deployment_path
 from qtrader_operator.runtime import OperatorConfig, OperatorRuntime
 
 log = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ async def _put_latch(
     asking for a trip the status does not show yet still counts as one."""
     now = _now()
     async with runtime.latch_lock:
-        views = await _stop_views(runtime, overlay={name: status} if decided else None)
+        views = await _views_for_write(runtime, name=name, status=status, decided=decided)
         latch, written = await put_combined(
             runtime.bus, views, min_revision=min_revision, now=now, flatten=flatten
         )
@@ -413,6 +413,23 @@ async def _put_latch(
             memory.acks.latch_written = (latch.revision, now)
         memory.status = replace(status, latch_revision=latch.revision)
         return memory.status
+
+
+async def _views_for_write(
+    runtime: OperatorRuntime, *, name: str, status: EssStatus, decided: bool
+) -> list[StopView]:
+    """The stops to combine for a write. A halt must not wait for the Kubernetes API: when the
+    stops cannot be listed and this stop's decision halts, the stops this process knows are
+    combined instead (HALTED whatever the others say, so nothing is lifted; the keeper names
+    the rest once the API answers). Anything else waits for the list (the error propagates)."""
+    try:
+        return await _stop_views(runtime, overlay={name: status} if decided else None)
+    except KubeError:
+        if not decided or status.latch is not TradingState.HALTED:
+            raise
+        log.warning("EmergencyStop %s: stops not listable; halting from what is known", name)
+        known = {n: m.status for n, m in runtime.ess.items() if m.status is not None}
+        return [StopView(name=n, status=s) for n, s in {**known, name: status}.items()]
 
 
 async def _stop_views(
