@@ -375,10 +375,11 @@ async def _scale_when_confirmed(
     memory.scaled_for = target
 
 
-@kopf.on.delete(*STOPS, registry=registry)
+@kopf.on.delete(*STOPS, registry=registry, optional=True)
 async def delete_stop(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    """Forget a deleted stop; kopf then removes the finalizer. The stop still counts in the
-    latch while it exists: the keeper drops it from the combination once it is gone."""
+    """Forget a deleted stop. The stop still counts in the latch while it exists: the keeper
+    drops it from the combination (and prunes this memory, if this never ran) once it is gone.
+    Optional: it never blocks a deletion, so an operator that is down cannot hold one up."""
     runtime = _runtime(memo)
     name = meta["name"]
     async with runtime.memory(name).lock:
