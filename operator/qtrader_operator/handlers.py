@@ -3,28 +3,42 @@
 - TradingPolicy (create, update, resume, and a timer for readiness): ``policy_core`` decides the
   Deployments and the conditions; the handler applies them and publishes the policy revision to
   the KV bucket the workloads watch. An invalid policy is marked Invalid and changes nothing.
+- Many EmergencyStops, one latch: every stop of the namespace covers every policy there. A
+  stop's reconcile decides its own status; the latch it writes is the combination of all stops
+  (``halt_combination``: most restrictive wins, ``held_by`` names them), under one lock, and a
+  keeper task re-establishes that combination every second (a deleted stop, a restart, any
+  order of events). Each stop's ``status.heldBy`` shows the stops holding the halt; policies
+  are scaled to the combined state, and a missing ``emergencyStopRef`` keeps a policy halted.
 - EmergencyStop (create, update, resume, and a timer for the cooldown and acknowledgements):
-  ``qtrader.control.ess.reconcile`` decides; the handler writes the latch and broadcasts it
-  (``halt_channel``), posts the events, records every worker's acknowledgement in the status,
-  and once the live workers acknowledged a halt (or the ack timeout passed, which is reported)
-  scales execution and inference of every policy that obeys this stop to 0; a reset restores
-  them from the policy.
+  the shared applier (``qtrader.control.ess_applier``, local mode's too) decides with
+  ``reconcile`` and applies it through ``KopfStore`` (the handler's patch, Kubernetes events)
+  and ``_KopfChannel`` (the combined latch): spec patch, latch, events, acknowledgements and
+  the AckTimeout report, status. Once the known workers acknowledged a halt (or the ack
+  timeout passed, which is reported) the handler scales every policy's workloads to the stops'
+  combined state (execution and inference to 0 while halted); once no stop holds a halt they
+  are restored from the policy.
 - Risk alerts from the RISK stream become automatic trips: the handler patches the
   EmergencyStop's spec (and the tripped-by annotation), so every trip is visible in kubectl.
+  The annotation is removed once the spec is no longer tripped, so it never outlives its trip.
+- A reset is decided with the risk monitor's ``holding``: while one of the stop's trigger
+  conditions still holds it is refused (spec set back, a ResetRefused event with the figure).
 
 Finalizer and progress storage use the project's own ``qtrader.dev`` prefix.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import PolicyRevision, RiskAlert, TradingState
+from qtrader.contracts.messages import HaltLatch, PolicyRevision, RiskAlert, TradingState
 from qtrader.contracts.policy import (
     API_GROUP,
     API_VERSION,
@@ -35,28 +49,28 @@ from qtrader.contracts.policy import (
 )
 from qtrader.control.ess import (
     TRIPPED_BY_ANNOTATION,
+    EssEvent,
+    EssMode,
     EssStatus,
-    Transition,
-    ack_overdue,
-    automatic_trip_patch,
-    latch_message,
-    reconcile,
+    SpecPatch,
 )
-from qtrader.control.ess_conditions import status_conditions
+from qtrader.control.ess_applier import Applied, StopInput, alert_trip, apply_once
 from qtrader.control.ess_resource import (
     EmergencyStopError,
     EmergencyStopSpec,
-    alert_trips,
     parse_spec,
 )
 from qtrader.control.ess_status import format_time
-from qtrader.control.halt_channel import publish_latch, sync_latch
+from qtrader.control.halt_channel import put_combined
+from qtrader.control.halt_combination import StopView, combine
 from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader_operator import policy_core
-from qtrader_operator.kube import KubeNotFound, custom_path, deployment_path
+from qtrader_operator.kube import KubeError, KubeNotFound, custom_path, deployment_path
 from qtrader_operator.runtime import OperatorConfig, OperatorRuntime
 
 log = logging.getLogger(__name__)
+
+LATCH_KEEPER_INTERVAL_S = 1.0
 
 registry = kopf.OperatorRegistry()
 POLICIES = (API_GROUP, API_VERSION, "tradingpolicies")
@@ -97,6 +111,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     )
     runtime.spawn("risk-alerts", _consume_risk_alerts(runtime))
     runtime.spawn("risk-monitor", runtime.risk.run())
+    runtime.spawn("latch-keeper", keep_latch(runtime))
 
 
 @kopf.on.cleanup(registry=registry)
@@ -176,14 +191,14 @@ def _stopped_roles(stop_state: TradingState, *, flatten: bool) -> frozenset[str]
 async def _stop_state(
     runtime: OperatorRuntime, namespace: str, name: str
 ) -> tuple[TradingState, bool]:
-    """What the EmergencyStop a policy obeys says, and whether it flattens on trip; a missing
-    one halts (fail closed)."""
-    try:
-        stop = await runtime.kube.get(custom_path("emergencystops", namespace, name))
-    except KubeNotFound:
+    """What a policy's workloads obey: the most restrictive state of every stop of the
+    namespace (``halt_combination``), and whether every halting stop flattens on trip. A
+    missing ``emergencyStopRef`` halts (fail closed)."""
+    views = await _stop_views(runtime)
+    if name not in {v.name for v in views}:
         return TradingState.HALTED, False
-    latch = EssStatus.from_dict(stop.get("status") or {}).latch
-    return latch, bool((stop.get("spec") or {}).get("flattenOnTrip"))
+    combined = combine(views)
+    return combined.state, combined.flatten_on_trip
 
 
 async def _apply_workloads(
@@ -249,96 +264,251 @@ async def reconcile_stop(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
-    memory = runtime.memory(meta["name"])
+    name = meta["name"]
+    memory = runtime.memory(name)
     async with memory.lock:
-        now = _now()
         resource = _parse_stop(spec)
-        runtime.risk.configure(meta["name"], resource.triggers)
-        tripped_by = (meta.get("annotations") or {}).get(TRIPPED_BY_ANNOTATION, "kubectl")
+        runtime.risk.configure(name, resource.triggers)
         before = memory.status or EssStatus.from_dict(status)
-        if memory.status is None:
-            synced = await sync_latch(runtime.bus, before, now=now)
-            if synced is not None:
-                before, memory.latch_written_at = synced, now
-        ess_spec = resource.to_ess_spec(tripped_by=tripped_by)
-        transition = reconcile(spec=ess_spec, status=before, now=now)
-        if transition.spec_patch:
-            patch.spec.update(transition.spec_patch)
-        if transition.latch_changed:
-            latch = latch_message(
-                transition.status,
-                issued_at_ms=int(now.timestamp() * 1000),
-                flatten=transition.flatten,
+        if memory.status is None:  # first sight since start: put the stops' combination in force
+            before = await _put_latch(
+                runtime,
+                name=name,
+                status=before,
+                min_revision=before.latch_revision + 1,
+                decided=False,
             )
-            await publish_latch(runtime.bus, latch)
-            memory.latch_written_at = now
-        memory.status = transition.status
-        for event in transition.events:
-            kopf.event(
-                body, type=event.type.value, reason=event.reason.value, message=event.message
-            )
-        await _follow_acknowledgements(
-            runtime,
-            body=body,
-            meta=meta,
-            transition=transition,
-            ack_timeout_s=resource.ack_timeout_seconds,
-            flatten=resource.flatten_on_trip,
-            now=now,
+        applied = await apply_once(
+            stop=StopInput(
+                name=name,
+                spec=resource,
+                tripped_by=(meta.get("annotations") or {}).get(TRIPPED_BY_ANNOTATION) or "",
+                generation=meta.get("generation") or 0,
+                previous_conditions=list(status.get("conditions") or []),
+            ),
+            status=before,
+            store=KopfStore(body=body, patch=patch, status=status),
+            channel=_KopfChannel(runtime, name),
+            acks=runtime.acks,
+            memory=memory.acks,
+            hold=runtime.risk.holding(name),
+            now=_now(),
         )
-        _write_stop_status(
-            runtime, status=status, patch=patch, meta=meta, transition=transition, now=now
+        memory.status = applied.status
+        await _scale_when_confirmed(
+            runtime, namespace=meta["namespace"], name=name, applied=applied
         )
 
 
-async def _follow_acknowledgements(
-    runtime: OperatorRuntime,
-    *,
-    body: kopf.Body,
-    meta: kopf.Meta,
-    transition: Transition,
-    ack_timeout_s: float,
-    flatten: bool,
-    now: datetime,
+class KopfStore:
+    """The applier's store on the custom resource: everything goes into the handler's patch
+    (kopf applies it when the handler returns), events are Kubernetes events."""
+
+    def __init__(
+        self,
+        *,
+        body: kopf.Body | None,
+        patch: kopf.Patch,
+        status: Mapping[str, Any],
+        emit: Callable[[EssEvent], None] | None = None,
+    ) -> None:
+        self._body = body
+        self._patch = patch
+        self._status = status
+        self._emit = emit or self._post
+
+    async def patch_spec(self, patch: SpecPatch, *, clear_tripped_by: bool) -> int | None:
+        self._patch.spec.update(patch)
+        if clear_tripped_by:
+            self._patch.metadata.annotations[TRIPPED_BY_ANNOTATION] = None
+        return None  # the API server counts generations
+
+    async def post_event(self, event: EssEvent, *, at: datetime) -> None:
+        self._emit(event)
+
+    def _post(self, event: EssEvent) -> None:
+        assert self._body is not None  # without a body, the caller passes ``emit``
+        kopf.event(
+            self._body, type=event.type.value, reason=event.reason.value, message=event.message
+        )
+
+    async def save_status(self, document: dict[str, Any]) -> None:
+        changed = {k: v for k, v in document.items() if self._status.get(k) != v}
+        if changed:
+            self._patch.status.update(changed)
+
+
+class _KopfChannel:
+    """The applier's latch channel: the combination of every stop of the namespace."""
+
+    def __init__(self, runtime: OperatorRuntime, name: str) -> None:
+        self._runtime = runtime
+        self._name = name
+
+    async def put(
+        self, status: EssStatus, *, min_revision: int, flatten: bool, now: datetime
+    ) -> HaltLatch:
+        await _put_latch(
+            self._runtime,
+            name=self._name,
+            status=status,
+            min_revision=min_revision,
+            flatten=flatten,
+        )
+        assert self._runtime.latch is not None  # _put_latch holds the latch in force
+        return self._runtime.latch
+
+    def held_by(self) -> Sequence[str]:
+        latch = self._runtime.latch
+        return latch.held_by if latch is not None else ()
+
+
+async def _scale_when_confirmed(
+    runtime: OperatorRuntime, *, namespace: str, name: str, applied: Applied
 ) -> None:
-    """Report workers that did not acknowledge in time; scale once the halt is confirmed."""
-    status = transition.status
-    memory = runtime.memory(meta["name"])
-    pending = runtime.acks.pending(status.latch_revision)
-    written = memory.latch_written_at
-    overdue = written is not None and ack_overdue(
-        latch_written_at=written, now=now, timeout_s=ack_timeout_s
-    )
-    if pending and overdue and memory.overdue_reported_for != status.latch_revision:
-        memory.overdue_reported_for = status.latch_revision
-        kopf.warn(
-            body,
-            reason="AckTimeout",
-            message=f"no acknowledgement of latch revision {status.latch_revision} "
-            f"within {ack_timeout_s}s from: {', '.join(pending)}",
-        )
-    target = (status.latch_revision, status.latch.value)
-    if memory.scaled_for == target or (pending and not overdue):
+    """Scale the policies once the workers acknowledged the latch (or are overdue, which the
+    applier reported), once per latch revision and state."""
+    memory = runtime.memory(name)
+    target = (applied.status.latch_revision, applied.status.latch.value)
+    if memory.scaled_for == target or (applied.pending and not applied.overdue):
         return
-    await _scale_obeying_policies(
-        runtime,
-        namespace=meta["namespace"],
-        stop=meta["name"],
-        latch=status.latch,
-        flatten=flatten,
-    )
+    await _scale_obeying_policies(runtime, namespace=namespace)
     memory.scaled_for = target
 
 
-async def _scale_obeying_policies(
-    runtime: OperatorRuntime, *, namespace: str, stop: str, latch: TradingState, flatten: bool
-) -> None:
+@kopf.on.delete(*STOPS, registry=registry, optional=True)
+async def delete_stop(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    """Forget a deleted stop. The stop still counts in the latch while it exists: the keeper
+    drops it from the combination (and prunes this memory, if this never ran) once it is gone.
+    Optional: it never blocks a deletion, so an operator that is down cannot hold one up."""
+    runtime = _runtime(memo)
+    name = meta["name"]
+    async with runtime.memory(name).lock:
+        runtime.ess.pop(name, None)
+        runtime.risk.forget(name)
+    log.info("EmergencyStop %s deleted; it leaves the latch's combination once it is gone", name)
+
+
+async def _put_latch(
+    runtime: OperatorRuntime,
+    *,
+    name: str,
+    status: EssStatus,
+    min_revision: int,
+    flatten: bool = False,
+    decided: bool = True,
+) -> EssStatus:
+    """Put the combination of every stop (this one at ``status``) in force; returns ``status``
+    at the revision in force. The stop's memory is updated under the same lock, so the keeper
+    never combines a stale copy of it with a latch written from the new one. ``decided``:
+    False when ``status`` was only read from storage (first sight after a restart), so a spec
+    asking for a trip the status does not show yet still counts as one."""
+    now = _now()
+    async with runtime.latch_lock:
+        views = await _views_for_write(runtime, name=name, status=status, decided=decided)
+        latch, written = await put_combined(
+            runtime.bus, views, min_revision=min_revision, now=now, flatten=flatten
+        )
+        runtime.latch = latch
+        memory = runtime.memory(name)
+        if written or memory.acks.latch_written is None:
+            memory.acks.latch_written = (latch.revision, now)
+        memory.status = replace(status, latch_revision=latch.revision)
+        return memory.status
+
+
+async def _views_for_write(
+    runtime: OperatorRuntime, *, name: str, status: EssStatus, decided: bool
+) -> list[StopView]:
+    """The stops to combine for a write. A halt must not wait for the Kubernetes API: when the
+    stops cannot be listed and this stop's decision halts, the stops this process knows are
+    combined instead (HALTED whatever the others say, so nothing is lifted; the keeper names
+    the rest once the API answers). Anything else waits for the list (the error propagates)."""
+    try:
+        return await _stop_views(runtime, overlay={name: status} if decided else None)
+    except KubeError:
+        if not decided or status.latch is not TradingState.HALTED:
+            raise
+        log.warning("EmergencyStop %s: stops not listable; halting from what is known", name)
+        known = {n: m.status for n, m in runtime.ess.items() if m.status is not None}
+        return [StopView(name=n, status=s) for n, s in {**known, name: status}.items()]
+
+
+async def _stop_views(
+    runtime: OperatorRuntime, *, overlay: dict[str, EssStatus] | None = None
+) -> list[StopView]:
+    """Every EmergencyStop of the namespace as the combination sees it: this process's own
+    decision where it has one, else the stored status (a spec asking for a trip counts)."""
+    overlay = overlay or {}
+    listing = await runtime.kube.get(custom_path("emergencystops", runtime.config.namespace))
+    views = {}
+    for item in listing.get("items", []):
+        name = item["metadata"]["name"]
+        memory = runtime.ess.get(name)
+        decided = overlay.get(name) or (memory.status if memory is not None else None)
+        views[name] = _view(name, item, decided)
+    for name, status in overlay.items():  # not listed yet: it still counts
+        views.setdefault(name, StopView(name=name, status=status))
+    return list(views.values())
+
+
+def _view(name: str, item: dict[str, Any], decided: EssStatus | None) -> StopView:
+    spec = item.get("spec") or {}
+    try:
+        stored = decided or EssStatus.from_dict(item.get("status") or {})
+        mode = EssMode(spec.get("mode") or EssMode.HALTED.value)
+    except ValueError:  # a status or mode that does not parse: fail closed, as a halt
+        return StopView(name=name, status=EssStatus.initial(), decided=False, spec_tripped=True)
+    return StopView(
+        name=name,
+        status=stored,
+        decided=decided is not None,
+        spec_tripped=bool(spec.get("tripped")),
+        spec_mode=mode,
+        flatten_on_trip=bool(spec.get("flattenOnTrip")),
+    )
+
+
+async def keep_latch(runtime: OperatorRuntime) -> None:
+    """Every ``LATCH_KEEPER_INTERVAL_S``: bring the latch to the stops' combination and the
+    policies' workloads with it. Catches what no stop's reconcile writes: a deleted stop, a
+    restart, a write that failed half-way. Level-based, so the order of events never matters."""
+    while True:
+        try:
+            await _keep_latch_once(runtime)
+        except Exception as exc:  # the next round decides again from what exists then
+            log.warning("halt latch keeper: %s", exc)
+        await asyncio.sleep(LATCH_KEEPER_INTERVAL_S)
+
+
+async def _keep_latch_once(runtime: OperatorRuntime) -> None:
+    async with runtime.latch_lock:
+        views = await _stop_views(runtime)
+        listed = {v.name for v in views}
+        for name in [n for n in runtime.ess if n not in listed]:
+            runtime.ess.pop(name)  # deleted: a stop created again under its name starts afresh
+            runtime.risk.forget(name)
+        latch, written = await put_combined(runtime.bus, views, min_revision=0, now=_now())
+        runtime.latch = latch
+    if written:
+        log.warning(
+            "halt latch brought to the stops' combination: revision %d %s held by %s",
+            latch.revision,
+            latch.state,
+            ", ".join(latch.held_by) or "none",
+        )
+        await _scale_obeying_policies(runtime, namespace=runtime.config.namespace)
+
+
+async def _scale_obeying_policies(runtime: OperatorRuntime, *, namespace: str) -> None:
+    """Scale every policy of the namespace to what the stops' combination allows it."""
     listing = await runtime.kube.get(custom_path("tradingpolicies", namespace))
-    stopped = _stopped_roles(latch, flatten=flatten)
     for item in listing.get("items", []):
         spec = policy_core.validate(item.get("spec") or {}, runtime.exchange)
-        if isinstance(spec, str) or spec.emergency_stop_ref != stop:
+        if isinstance(spec, str):
             continue
+        state, flatten = await _stop_state(runtime, namespace, spec.emergency_stop_ref)
+        stopped = _stopped_roles(state, flatten=flatten)
         metadata = item["metadata"]
         owner = policy_core.Owner(
             name=metadata["name"], namespace=namespace, uid=metadata.get("uid") or metadata["name"]
@@ -349,45 +519,7 @@ async def _scale_obeying_policies(
             try:
                 await runtime.kube.merge_patch(path, {"spec": {"replicas": replicas}})
             except KubeNotFound:
-                log.warning("deployment %s not found while scaling for %s", path, stop)
-
-
-def _write_stop_status(
-    runtime: OperatorRuntime,
-    *,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    meta: kopf.Meta,
-    transition: Transition,
-    now: datetime,
-) -> None:
-    new = transition.status
-    acknowledgements = [
-        {
-            "worker": a.worker_id,
-            "revision": a.revision,
-            "state": a.state,
-            "openOrdersCancelled": a.open_orders_cancelled,
-            "at": format_time(datetime.fromtimestamp(a.acked_at_ms / 1000, UTC)),
-        }
-        for a in sorted(runtime.acks.live().values(), key=lambda a: a.worker_id)
-    ]
-    wanted: dict[str, Any] = {
-        **new.to_dict(),
-        "acknowledgements": acknowledgements,
-        "pendingWorkers": list(runtime.acks.pending(new.latch_revision)),
-        "conditions": status_conditions(
-            new,
-            generation=meta.get("generation") or 0,
-            now=now,
-            previous=list(status.get("conditions") or []),
-        ),
-    }
-    if meta.get("generation") is not None:
-        wanted["observedGeneration"] = meta["generation"]
-    changed = {k: v for k, v in wanted.items() if status.get(k) != v}
-    if changed:
-        patch.status.update(changed)
+                log.warning("deployment %s not found while scaling", path)
 
 
 def _parse_stop(spec: Any) -> EmergencyStopSpec:
@@ -408,20 +540,15 @@ async def _consume_risk_alerts(runtime: OperatorRuntime) -> None:
 
 
 async def trip_for_alert(runtime: OperatorRuntime, alert: RiskAlert) -> None:
-    """Trip every EmergencyStop whose trigger the alert breaches (``alert_trips``)."""
+    """Trip every EmergencyStop whose trigger the alert breaches (``ess_applier``'s rule)."""
     namespace = runtime.config.namespace
     listing = await runtime.kube.get(custom_path("emergencystops", namespace))
     for item in listing.get("items", []):
-        resource = _parse_stop(item.get("spec") or {})
-        if not alert_trips(alert, resource.triggers):
-            continue
-        detail = f"{alert.detail} (value {alert.value}, threshold {alert.threshold})"
         annotations = item["metadata"].get("annotations") or {}
-        tripped_by = annotations.get(TRIPPED_BY_ANNOTATION, "kubectl")
-        trip = automatic_trip_patch(
-            alert_kind=alert.alert_kind.value,
-            detail=detail,
-            spec=resource.to_ess_spec(tripped_by=tripped_by),
+        trip = alert_trip(
+            alert,
+            spec=_parse_stop(item.get("spec") or {}),
+            tripped_by=annotations.get(TRIPPED_BY_ANNOTATION) or "",
         )
         if trip is None:
             continue

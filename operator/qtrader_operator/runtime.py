@@ -12,10 +12,11 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from qtrader.bus.nats_bus import Bus
+from qtrader.contracts.messages import HaltLatch
+from qtrader.control.ess_applier import AckMemory
 from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_channel import AckCollector
 from qtrader.control.risk_monitor import RiskMonitor
@@ -54,8 +55,7 @@ class EssMemory:
 
     status: EssStatus | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    latch_written_at: datetime | None = None
-    overdue_reported_for: int = -1
+    acks: AckMemory = field(default_factory=AckMemory)  # the applier's: latch written, reported
     scaled_for: tuple[int, str] | None = None  # (latch revision, state) the workloads match
 
 
@@ -68,6 +68,10 @@ class OperatorRuntime:
     risk: RiskMonitor
     exchange: ExchangeInfo = field(default_factory=paper_exchange_info)
     ess: dict[str, EssMemory] = field(default_factory=dict)
+    # One writer of the halt latch at a time (a stop's reconcile or the keeper): each reads the
+    # latch in force, combines every stop and writes; the bus has no compare-and-set.
+    latch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    latch: HaltLatch | None = None  # the latch in force, as last read or written
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -24,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,9 @@ from qtrader.contracts.messages import (
     OrderIntent,
     OrderStatus,
     OrderUpdate,
+    PortfolioSnapshot,
+    RiskAlert,
+    RiskAlertKind,
     TradingState,
 )
 from qtrader.control.ess_resource import EmergencyStop, parse_emergency_stop
@@ -290,6 +295,62 @@ async def test_reset_after_the_cooldown_then_armed_and_orders_flow_again(stack: 
     await _wait_for_a_fill_after(stack, _ms(ack["at"]))
 
 
+def _pid_of(worker: str) -> int:
+    """An execution worker's pid: its default id is ``<host>-<pid>``."""
+    pid = int(worker.rsplit("-", 1)[1])
+    assert b"execution" in Path(f"/proc/{pid}/cmdline").read_bytes(), worker
+    return pid
+
+
+def _ack_timeout_condition(status: dict[str, Any]) -> dict[str, Any]:
+    (condition,) = [c for c in status["conditions"] if c["type"] == "AckTimeout"]
+    return dict(condition)
+
+
+async def test_trip_with_a_frozen_worker_then_pending_exit_3_and_nothing_sent_after_its_ack(
+    stack: Stack,
+) -> None:
+    await _ensure_armed(stack)
+    await _wait_for_a_fill_after(stack, 0)
+    (ack,) = (await stack.resource())["status"]["acknowledgements"]
+    worker = ack["worker"]
+    pid = _pid_of(worker)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result = await stack.cli("ess", "trip", "--reason", "frozen worker")
+        assert result.code == 3, result.output
+        assert f"ack: {worker} did not acknowledge" in result.stdout
+        await asyncio.sleep(5.0)  # frozen past the 5 s presence timeout: still pending
+        status = (await stack.resource())["status"]
+        assert status["state"] == "Tripped"
+        assert status["pendingWorkers"] == [worker]
+        assert _ack_timeout_condition(status)["status"] == "True"
+        timeouts = [e for e in status["events"] if e["reason"] == "AckTimeout"]
+        assert worker in timeouts[-1]["message"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    async def acknowledged() -> bool:
+        status = (await stack.resource())["status"]
+        return (
+            not status["pendingWorkers"]
+            and status["acknowledgements"][0]["revision"] == (status["latchRevision"])
+        )
+
+    await _eventually(acknowledged, timeout_s=10, what="the resumed worker's acknowledgement")
+    await asyncio.sleep(2.0)  # signals keep coming after it
+    status = (await stack.resource())["status"]
+    acked_ms = _ms(_the_execution_ack(status)["at"])
+    assert _ack_timeout_condition(status)["status"] == "False"
+    updates = [u for u in await _order_updates(stack.url) if u.worker_id == worker]
+    after = [u for u in updates if u.ts_ms > acked_ms]
+    # After its acknowledgement the worker only refuses (the halt gate) or cancels: nothing sent.
+    sent = [u for u in after if u.status not in (OrderStatus.REJECTED, OrderStatus.CANCELED)]
+    assert sent == []
+    assert all("HALTED" in (u.reason or "") for u in after if u.status is OrderStatus.REJECTED)
+    assert [u for u in await _filled_after(stack.url, acked_ms) if u.worker_id == worker] == []
+
+
 async def test_trip_in_reducing_mode_then_only_reduce_only_orders_are_sent(stack: Stack) -> None:
     await _ensure_armed(stack)
     await _wait_for_a_fill_after(stack, int(time.time() * 1000))  # trading, not just started
@@ -506,3 +567,90 @@ async def test_reset_in_the_cooldown_without_manual_reset_then_deferred_and_comp
             latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
             assert latch is not None
             assert latch.state is TradingState.ACTIVE
+
+
+def _alert(kind: RiskAlertKind, *, value: str, threshold: str = "3") -> RiskAlert:
+    return RiskAlert(
+        alert_id=f"{kind.value}-{time.monotonic_ns()}",
+        alert_kind=kind,
+        source="test",
+        value=Decimal(value),
+        threshold=Decimal(threshold),
+        detail=f"{kind.value} {value}",
+        ts_ms=1,  # a ban that ended long ago: it never holds a reset back here
+    )
+
+
+async def test_a_person_trips_after_an_automatic_trip_reset_itself_then_never_automatic(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    url = ["--nats-url", nats_server.url]
+    async with _bus(nats_server.url) as bus:
+        resource = _resource(cooldownSeconds=1, requireManualReset=False)
+        async with _running(LocalControlPlane(bus, resource=resource)) as control:
+            await control.on_alert(_alert(RiskAlertKind.EXCHANGE_BAN, value="5"))
+
+            async def reset_itself() -> bool:
+                status = (await _record(bus)).ess_status()
+                return status.trip_count == 1 and status.reset_count == 1
+
+            await _eventually(reset_itself, timeout_s=5, what="the automatic trip to reset")
+            assert (await _record(bus)).tripped_by == ""
+            result = await _qtrader("ess", "trip", "--reason", "by hand", *url, cwd=tmp_path)
+            assert result.code == 0, result.output
+            status = (await _record(bus)).ess_status()
+            assert status.tripped_by.startswith("cli:")
+            assert status.automatic is False
+            await asyncio.sleep(2.0)  # past the 1 s cooldown: a person's trip stays
+            record = await _record(bus)
+            assert (record.ess_status().state, record.spec.tripped) == (EssState.TRIPPED, True)
+
+
+def _snapshot(drawdown: str, sequence: int) -> PortfolioSnapshot:
+    equity = Decimal(10_000) * (1 - Decimal(drawdown) / 100)
+    return PortfolioSnapshot(
+        sequence=sequence,
+        ts_ms=1_700_000_000_000 + sequence,
+        fills_applied=sequence,
+        initial_capital=Decimal(10_000),
+        realized_pnl=equity - 10_000,
+        unrealized_pnl=Decimal(0),
+        fees=Decimal(0),
+        equity=equity,
+        peak_equity=Decimal(10_000),
+        drawdown_pct=Decimal(drawdown),
+        max_drawdown_pct=Decimal(drawdown),
+        positions=(),
+    )
+
+
+async def test_a_reset_while_the_drawdown_still_holds_is_refused_exit_1_and_the_latch_stays(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    url = ["--nats-url", nats_server.url]
+    async with _bus(nats_server.url) as bus:
+        resource = _resource(cooldownSeconds=1, triggers={"drawdownPct": "3"})
+        async with _running(LocalControlPlane(bus, resource=resource)):
+            await asyncio.sleep(0.5)  # the risk monitor's subscriptions are up
+            await bus.publish(subjects.PORTFOLIO_SNAPSHOT, _snapshot("9.35", 1))
+
+            async def tripped() -> bool:
+                return (await _record(bus)).ess_status().state is EssState.TRIPPED
+
+            await _eventually(tripped, timeout_s=5, what="the drawdown trip")
+            await asyncio.sleep(1.2)  # past the cooldown: only the drawdown can refuse it
+            result = await _qtrader("ess", "reset", *url, cwd=tmp_path)
+            assert result.code == 1, result.output
+            assert "drawdown 9.35% still beyond the 3% trigger" in result.stdout
+            record = await _record(bus)
+            assert (record.ess_status().state, record.spec.tripped) == (EssState.TRIPPED, True)
+            assert record.status["heldBy"] == ["main"]
+            latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+            assert latch is not None
+            assert (latch.state, latch.held_by) == (TradingState.HALTED, ("main",))
+
+            await bus.publish(subjects.PORTFOLIO_SNAPSHOT, _snapshot("1.5", 2))
+            await asyncio.sleep(0.3)
+            result = await _qtrader("ess", "reset", *url, cwd=tmp_path)
+            assert result.code == 0, result.output
+            assert (await _record(bus)).ess_status().state is EssState.ARMED

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
@@ -28,6 +30,7 @@ from qtrader.contracts.messages import (
     HaltLatch,
     OrderStatus,
     PolicyRevision,
+    PortfolioSnapshot,
     RiskAlert,
     RiskAlertKind,
     TradingState,
@@ -112,6 +115,10 @@ class Cluster:
     async def patch(self, plural: str, name: str, body: dict[str, Any]) -> None:
         headers = {"Content-Type": "application/merge-patch+json"}
         response = await self._http.patch(self._path(plural, name), json=body, headers=headers)
+        assert response.status_code < 300, response.text
+
+    async def delete(self, plural: str, name: str) -> None:
+        response = await self._http.delete(self._path(plural, name))
         assert response.status_code < 300, response.text
 
     def get(self, plural: str, name: str) -> dict[str, Any] | None:
@@ -586,3 +593,292 @@ async def test_a_price_fall_beyond_the_stops_flash_crash_trigger_trips_it_by_its
         latch = await _kv_latch(nats_server.url)
         assert latch is not None
         assert latch.state is TradingState.HALTED
+
+
+async def _publish_alert(url: str, kind: RiskAlertKind, *, value: str, alert_id: str) -> None:
+    bus = Bus(url=url, client_name="test-risk")
+    await bus.connect()
+    try:
+        alert = RiskAlert(
+            alert_id=alert_id,
+            alert_kind=kind,
+            source="test",
+            value=Decimal(value),
+            threshold=Decimal("3"),
+            detail=f"{kind.value} {value}",
+            ts_ms=1,
+        )
+        await bus.publish(subjects.risk_alert_subject(alert.alert_kind.value), alert)
+    finally:
+        await bus.close()
+
+
+async def test_a_manual_trip_after_an_automatic_one_is_kubectls_and_never_resets_itself(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    async with _operator(nats_server.url):
+        await cluster.apply(STOPS, _stop(requireManualReset=False, cooldownSeconds=1))
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await _publish_alert(nats_server.url, RiskAlertKind.EXCHANGE_BAN, value="5", alert_id="b1")
+        await _eventually(
+            lambda: _stop_status(cluster).get("tripCount") == 1, timeout_s=10, what="auto trip"
+        )
+        await _eventually(
+            lambda: _stop_status(cluster).get("resetCount") == 1, timeout_s=10, what="auto reset"
+        )
+        stop = cluster.get(STOPS, "main") or {}
+        annotations = stop["metadata"].get("annotations") or {}
+        assert annotations.get("qtrader.dev/tripped-by") is None, annotations
+
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "by hand"}})
+        status = await _eventually(
+            lambda: _stop_status(cluster).get("tripCount") == 2 and _stop_status(cluster),
+            timeout_s=10,
+            what="the manual trip",
+        )
+        assert (status["trippedBy"], status["automatic"]) == ("kubectl", False)
+        await asyncio.sleep(2.5)  # well past the 1 s cooldown
+        after = _stop_status(cluster)
+        assert (after["state"], after["resetCount"]) == ("Tripped", 1)
+        assert (cluster.get(STOPS, "main") or {})["spec"]["tripped"] is True
+        latch = await _kv_latch(nats_server.url)
+        assert latch is not None
+        assert latch.state is TradingState.HALTED
+
+
+def _snapshot(drawdown: str, sequence: int) -> PortfolioSnapshot:
+    equity = Decimal(10_000) * (1 - Decimal(drawdown) / 100)
+    return PortfolioSnapshot(
+        sequence=sequence,
+        ts_ms=1_700_000_000_000 + sequence,
+        fills_applied=sequence,
+        initial_capital=Decimal(10_000),
+        realized_pnl=equity - 10_000,
+        unrealized_pnl=Decimal(0),
+        fees=Decimal(0),
+        equity=equity,
+        peak_equity=Decimal(10_000),
+        drawdown_pct=Decimal(drawdown),
+        max_drawdown_pct=Decimal(drawdown),
+        positions=(),
+    )
+
+
+async def _publish_snapshot(url: str, drawdown: str, sequence: int) -> None:
+    bus = Bus(url=url, client_name="test-portfolio")
+    await bus.connect()
+    try:
+        await bus.publish(subjects.PORTFOLIO_SNAPSHOT, _snapshot(drawdown, sequence))
+    finally:
+        await bus.close()
+
+
+def _spec_tripped(cluster: Cluster) -> bool | None:
+    tripped = ((cluster.get(STOPS, "main") or {}).get("spec") or {}).get("tripped")
+    return None if tripped is None else bool(tripped)
+
+
+async def test_a_reset_while_the_drawdown_still_holds_is_refused_and_trading_never_resumes(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _stop(cooldownSeconds=1, triggers={"drawdownPct": "3"}))
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await _publish_snapshot(url, "9.35", 1)
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Tripped", timeout_s=10, what="trip"
+        )
+        await asyncio.sleep(1.5)  # past the cooldown: only the drawdown can refuse the reset
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": False}})
+        await _eventually(lambda: _has_event(cluster, "ResetRefused"), timeout_s=10, what="refusal")
+        refusal = next(e for e in cluster.events() if e.get("reason") == "ResetRefused")
+        assert "drawdown 9.35% still beyond the 3% trigger" in refusal["message"]
+        await _eventually(lambda: _spec_tripped(cluster) is True, timeout_s=5, what="set back")
+        for _ in range(10):  # it never reaches Armed, not even for a moment
+            assert _stop_status(cluster)["state"] == "Tripped"
+            latch = await _kv_latch(url)
+            assert latch is not None
+            assert latch.state is TradingState.HALTED
+            await asyncio.sleep(0.2)
+        assert _replicas(cluster, "execution") == 0
+
+        await _publish_snapshot(url, "1.5", 2)  # recovered below the trigger: a reset goes through
+        await asyncio.sleep(0.5)
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": False}})
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+
+
+# --- many stops, one meaning -------------------------------------------------------------------
+
+
+def _named_stop(name: str, **spec: Any) -> dict[str, Any]:
+    document = _stop(**spec)
+    document["metadata"] = {**document["metadata"], "name": name}
+    return document
+
+
+def _status_of(cluster: Cluster, name: str) -> dict[str, Any]:
+    status: dict[str, Any] = (cluster.get(STOPS, name) or {}).get("status") or {}
+    return status
+
+
+@contextlib.asynccontextmanager
+async def _latch_watch(url: str) -> AsyncIterator[list[HaltLatch]]:
+    """Every latch in force, sampled every 50 ms, while the block runs."""
+    seen: list[HaltLatch] = []
+
+    async def sample() -> None:
+        while True:
+            latch = await _kv_latch(url)
+            if latch is not None and (not seen or seen[-1] != latch):
+                seen.append(latch)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(sample())
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _worker_state(cluster: Cluster, stop: str, worker: str) -> str | None:
+    for ack in _status_of(cluster, stop).get("acknowledgements") or []:
+        if ack["worker"] == worker:
+            return str(ack["state"])
+    return None
+
+
+async def test_two_stops_when_the_second_is_created_reset_and_deleted_across_a_restart_then_halted(
+    nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", "x-1"))
+    try:
+        async with _latch_watch(url) as seen:
+            async with _operator(url):
+                await cluster.apply(STOPS, _named_stop("main", cooldownSeconds=600))
+                await cluster.apply(POLICIES, _policy())
+                await _eventually(
+                    lambda: _status_of(cluster, "main").get("state") == "Armed",
+                    timeout_s=10,
+                    what="Armed",
+                )
+                await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "first"}})
+                await _eventually(
+                    lambda: _worker_state(cluster, "main", "x-1") == "HALTED",
+                    timeout_s=10,
+                    what="the worker halted by main",
+                )
+                halted_at = len(seen)
+                await cluster.apply(STOPS, _named_stop("second", cooldownSeconds=1))
+                await _eventually(
+                    lambda: _status_of(cluster, "second").get("heldBy") == ["main"],
+                    timeout_s=10,
+                    what="the second stop to show main holding the halt",
+                )
+                assert _status_of(cluster, "second")["state"] == "Armed"
+                await cluster.patch(STOPS, "second", {"spec": {"tripped": True, "reason": "2nd"}})
+                await _eventually(
+                    lambda: _status_of(cluster, "second").get("state") == "Tripped",
+                    timeout_s=10,
+                    what="second tripped",
+                )
+            async with _operator(url):  # restarted with both tripped: second is reset, deleted
+                await asyncio.sleep(1.0)  # past second's cooldown
+                await cluster.patch(STOPS, "second", {"spec": {"tripped": False}})
+                await _eventually(
+                    lambda: _status_of(cluster, "second").get("state") == "Armed",
+                    timeout_s=10,
+                    what="second reset",
+                )
+                await cluster.delete(STOPS, "second")
+                await _eventually(
+                    lambda: not cluster.get(STOPS, "second"), timeout_s=10, what="deleted"
+                )
+                await asyncio.sleep(2.0)  # the keeper has run since
+                assert _worker_state(cluster, "main", "x-1") == "HALTED"
+                assert _replicas(cluster, "execution") == 0
+        after_trip = seen[max(halted_at - 1, 0) :]
+        assert {latch.state for latch in after_trip} == {TradingState.HALTED}, seen
+        assert seen[-1].held_by == ("main",)
+        assert [latch.revision for latch in seen] == sorted({latch.revision for latch in seen})
+    finally:
+        worker.stop()
+
+
+async def test_a_reducing_trip_then_a_new_armed_stop_and_a_restart_then_still_reducing(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _named_stop("main", cooldownSeconds=600))
+        await _eventually(
+            lambda: _status_of(cluster, "main").get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        body = {"spec": {"tripped": True, "reason": "reduce", "mode": "Reducing"}}
+        await cluster.patch(STOPS, "main", body)
+        await _eventually(
+            lambda: _status_of(cluster, "main").get("state") == "Reducing", timeout_s=10, what="R"
+        )
+    async with _latch_watch(url) as seen, _operator(url):
+        await cluster.apply(STOPS, _named_stop("second"))
+        await _eventually(
+            lambda: _status_of(cluster, "second").get("heldBy") == ["main"],
+            timeout_s=10,
+            what="second showing main's halt",
+        )
+        await asyncio.sleep(1.5)
+    assert {(latch.state, latch.held_by) for latch in seen} == {
+        (TradingState.REDUCING, ("main",))
+    }, seen
+
+
+async def test_a_frozen_worker_during_a_trip_stays_pending_with_ack_timeout_until_it_answers(
+    nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", "x-2"))
+    try:
+        async with _operator(url):
+            await cluster.apply(STOPS, _stop(cooldownSeconds=600, ackTimeoutSeconds=1))
+            await _eventually(
+                lambda: _worker_state(cluster, "main", "x-2") == "ACTIVE",
+                timeout_s=10,
+                what="the worker present",
+            )
+            os.kill(worker.process.pid, signal.SIGSTOP)
+            try:
+                await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "x"}})
+                await asyncio.sleep(6.0)  # past the 5 s presence timeout: still pending
+                status = _stop_status(cluster)
+                assert status["state"] == "Tripped"
+                assert status["pendingWorkers"] == ["x-2"]
+                condition = _condition(cluster.get(STOPS, "main"), "AckTimeout")
+                assert condition is not None
+                assert condition["status"] == "True"
+                assert "x-2" in condition["message"]
+                assert _has_event(cluster, "AckTimeout")
+            finally:
+                os.kill(worker.process.pid, signal.SIGCONT)
+            await _eventually(
+                lambda: (
+                    _worker_state(cluster, "main", "x-2") == "HALTED"
+                    and not _stop_status(cluster)["pendingWorkers"]
+                ),
+                timeout_s=10,
+                what="the resumed worker's acknowledgement",
+            )
+            condition = _condition(cluster.get(STOPS, "main"), "AckTimeout")
+            assert condition is not None
+            assert condition["status"] == "False"
+    finally:
+        worker.stop()

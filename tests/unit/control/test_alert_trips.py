@@ -7,7 +7,13 @@ from decimal import Decimal
 import pytest
 
 from qtrader.contracts.messages import RiskAlert, RiskAlertKind
-from qtrader.control.ess_resource import EssTriggers, alert_trips, trigger_threshold
+from qtrader.control.ess_applier import alert_trip
+from qtrader.control.ess_resource import (
+    EmergencyStopSpec,
+    EssTriggers,
+    alert_trips,
+    trigger_threshold,
+)
 
 TRIGGERS = EssTriggers(
     drawdown_pct="5",
@@ -55,3 +61,18 @@ def test_without_its_trigger_no_alert_trips_but_a_ban_always_does(kind: RiskAler
     assert not alert_trips(_alert(kind, "100"), None)
     assert not alert_trips(_alert(kind, "100"), EssTriggers())
     assert alert_trips(_alert(RiskAlertKind.EXCHANGE_BAN, "0"), None)
+
+
+def test_alert_trip_when_it_breaches_an_armed_stop_then_an_automatic_patch_with_the_figures() -> (
+    None
+):
+    spec = EmergencyStopSpec(triggers=TRIGGERS)
+    trip = alert_trip(_alert(RiskAlertKind.DRAWDOWN, "9.35"), spec=spec, tripped_by="")
+    assert trip is not None
+    assert trip.tripped_by == "risk:drawdown"
+    assert trip.spec_patch["tripped"] is True
+    assert "(value 9.35, threshold 9.35)" in str(trip.spec_patch["reason"])
+    assert alert_trip(_alert(RiskAlertKind.DRAWDOWN, "1"), spec=spec, tripped_by="") is None
+    tripped = spec.with_patch({"tripped": True, "reason": "by hand"})
+    ban = _alert(RiskAlertKind.EXCHANGE_BAN, "0")
+    assert alert_trip(ban, spec=tripped, tripped_by="") is None  # a person's trip stays theirs

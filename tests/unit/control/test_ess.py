@@ -22,9 +22,11 @@ from qtrader.control.ess import (
     Transition,
     ack_overdue,
     automatic_trip_patch,
+    clear_tripped_by,
     latch_message,
     pending_acks,
     reconcile,
+    trip_issuer,
 )
 from qtrader.control.ess_conditions import status_conditions
 
@@ -356,6 +358,42 @@ def test_automatic_trip_patch_when_armed_then_trips_with_reason_and_tripped_by_a
     assert reconcile(spec=spec, status=EssStatus.initial(), now=T0).status.automatic
 
 
+def test_trip_issuer_when_no_annotation_then_a_person_kubectl_and_not_automatic() -> None:
+    spec = make_spec(tripped=True, reason="by hand", tripped_by=trip_issuer(None))
+    status = reconcile(spec=spec, status=EssStatus.initial(), now=T0).status
+    assert (status.tripped_by, status.automatic) == ("kubectl", False)
+    assert trip_issuer("risk:drawdown") == "risk:drawdown"
+
+
+@pytest.mark.parametrize(
+    ("annotation", "tripped", "spec_patch", "cleared"),
+    [
+        ("risk:drawdown", False, None, True),  # a reset asked for: the trip it named is over
+        ("risk:drawdown", True, {"tripped": False, "reason": ""}, True),  # an automatic reset
+        ("risk:drawdown", True, None, False),  # the automatic trip in force keeps it
+        (None, False, None, False),
+        ("", False, None, False),
+    ],
+)
+def test_clear_tripped_by_when_the_spec_is_not_tripped_then_the_annotation_goes(
+    annotation: str | None, tripped: bool, spec_patch: dict[str, Any] | None, cleared: bool
+) -> None:
+    spec = make_spec(tripped=tripped, reason="r" if tripped else "")
+    assert clear_tripped_by(annotation=annotation, spec=spec, spec_patch=spec_patch) is cleared
+
+
+def test_a_person_trips_after_an_automatic_trip_was_reset_then_it_never_resets_itself() -> None:
+    """The defect of issue 13: the annotation outlived the automatic trip's reset."""
+    reset = reconcile(spec=make_spec(), status=tripped_status(AUTO), now=at(COOLDOWN_S))
+    assert reset.status.state is EssState.ARMED
+    assert clear_tripped_by(annotation="risk:drawdown", spec=make_spec(), spec_patch=None)
+    manual = make_spec(tripped=True, reason="by hand", tripped_by=trip_issuer(None))
+    tripped = reconcile(spec=manual, status=reset.status, now=at(COOLDOWN_S + 1))
+    assert (tripped.status.tripped_by, tripped.status.automatic) == ("kubectl", False)
+    later = reconcile(spec=manual, status=tripped.status, now=at(COOLDOWN_S * 10))
+    assert (later.status.state, later.events, later.spec_patch) == (EssState.TRIPPED, (), None)
+
+
 def test_automatic_trip_patch_when_already_tripped_then_none() -> None:
     assert automatic_trip_patch(alert_kind="drawdown", detail="x", spec=AUTO) is None
 
@@ -634,6 +672,7 @@ def test_status_conditions_when_armed_then_only_ready_is_true() -> None:
         "Halted": "False",
         "Reducing": "False",
         "ResetRefused": "False",
+        "AckTimeout": "False",
     }
     assert all(c["observedGeneration"] == 1 for c in conditions)
     assert all(c["lastTransitionTime"] == "2025-01-06T09:00:00Z" for c in conditions)
@@ -656,7 +695,11 @@ def test_status_conditions_when_halt_in_force_then_ready_false_and_mode_conditio
     if reset:  # a reset inside the cooldown: CoolingDown, the latch as it was
         status = reconcile(spec=spec, status=status, now=at(10)).status
     conditions = by_type(status_conditions(status, generation=2, now=at(10), previous=[]))
-    assert {t: c["status"] for t, c in conditions.items()} == {"Ready": "False", **expected}
+    assert {t: c["status"] for t, c in conditions.items()} == {
+        "Ready": "False",
+        "AckTimeout": "False",
+        **expected,
+    }
     if reset:
         assert conditions["ResetRefused"]["reason"] == "ResetDeferred"
         assert "2025-01-06T09:05:00Z" in conditions["ResetRefused"]["message"]
@@ -683,7 +726,7 @@ def test_status_conditions_when_status_unchanged_then_last_transition_time_is_ke
     first = status_conditions(status, generation=1, now=at(5), previous=[])
     reworded = replace(status, reason="second")
     again = status_conditions(reworded, generation=2, now=at(60), previous=first)
-    assert [c["lastTransitionTime"] for c in again] == ["2025-01-06T09:00:05Z"] * 4
+    assert [c["lastTransitionTime"] for c in again] == ["2025-01-06T09:00:05Z"] * 5
     assert all(c["observedGeneration"] == 2 for c in again)
     assert "second" in by_type(again)["Halted"]["message"]
     reset = reconcile(spec=make_spec(), status=status, now=at(COOLDOWN_S)).status
@@ -691,3 +734,80 @@ def test_status_conditions_when_status_unchanged_then_last_transition_time_is_ke
     assert flipped["Ready"]["lastTransitionTime"] == "2025-01-06T09:05:00Z"
     assert flipped["Halted"]["lastTransitionTime"] == "2025-01-06T09:05:00Z"
     assert flipped["Reducing"]["lastTransitionTime"] == "2025-01-06T09:00:05Z"
+
+
+# --- resets while a trigger's condition holds -------------------------------------------------
+
+HOLD = "drawdown 9.35% still beyond the 3% trigger"
+
+
+def assert_settled_holding(spec: EssSpec, transition: Transition, *, now: datetime) -> None:
+    patched = spec.with_patch(transition.spec_patch or {})
+    again = reconcile(spec=patched, status=transition.status, now=now, hold=HOLD)
+    assert (again.status, again.events, again.latch_changed, again.spec_patch) == (
+        transition.status,
+        (),
+        False,
+        None,
+    )
+
+
+@pytest.mark.parametrize("require_manual_reset", [True, False])
+@pytest.mark.parametrize("when_s", [10, COOLDOWN_S + 1])
+def test_reset_when_a_trigger_condition_holds_then_refused_with_the_figure_and_spec_set_back(
+    require_manual_reset: bool, when_s: int
+) -> None:
+    tripped = tripped_status(replace(AUTO, require_manual_reset=require_manual_reset))
+    spec = make_spec(require_manual_reset=require_manual_reset)
+    t = reconcile(spec=spec, status=tripped, now=at(when_s), hold=HOLD)
+    assert t.status.state is EssState.TRIPPED
+    assert (t.latch, t.latch_changed) == (TradingState.HALTED, False)
+    assert t.spec_patch == {"tripped": True, "reason": tripped.reason}
+    ((event),) = t.events
+    assert (event.type, event.reason) == (EventType.WARNING, EssEventReason.RESET_REFUSED)
+    assert HOLD in event.message
+    assert_settled_holding(spec, t, now=at(when_s))
+
+
+def test_deferred_reset_when_a_trigger_condition_starts_holding_then_refused_back_to_tripped() -> (
+    None
+):
+    cooling = reconcile(spec=make_spec(), status=tripped_status(AUTO), now=at(10)).status
+    assert cooling.state is EssState.COOLING_DOWN
+    t = reconcile(spec=make_spec(), status=cooling, now=at(COOLDOWN_S + 1), hold=HOLD)
+    assert (t.status.state, t.latch, t.latch_changed) == (
+        EssState.TRIPPED,
+        TradingState.HALTED,
+        False,
+    )
+    assert reasons(t) == [EssEventReason.RESET_REFUSED]
+    assert t.spec_patch is not None
+    assert t.spec_patch["tripped"] is True
+
+
+def test_automatic_trip_when_its_condition_holds_then_no_reset_itself_until_it_clears() -> None:
+    status = tripped_status(AUTO)
+    held = reconcile(spec=AUTO, status=status, now=at(COOLDOWN_S * 2), hold=HOLD)
+    assert (held.status, held.events, held.spec_patch) == (status, (), None)
+    cleared = reconcile(spec=AUTO, status=status, now=at(COOLDOWN_S * 2 + 1))
+    assert reasons(cleared) == [EssEventReason.AUTO_RESET]
+
+
+def test_trip_when_a_condition_holds_then_trips_as_usual() -> None:
+    t = reconcile(spec=make_spec(tripped=True), status=EssStatus.initial(), now=T0, hold=HOLD)
+    assert (t.status.state, reasons(t)) == (EssState.TRIPPED, [EssEventReason.TRIPPED])
+
+
+def test_status_conditions_when_workers_are_overdue_then_ack_timeout_names_them() -> None:
+    status = tripped_status(make_spec())
+    conditions = by_type(
+        status_conditions(
+            status, generation=2, now=at(10), previous=[], overdue_workers=["exec-2", "exec-1"]
+        )
+    )
+    ack = conditions["AckTimeout"]
+    assert (ack["status"], ack["reason"]) == ("True", "AckTimeout")
+    assert (
+        f"exec-1, exec-2 did not acknowledge latch revision {status.latch_revision}"
+        in (ack["message"])
+    )

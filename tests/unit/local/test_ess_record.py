@@ -108,3 +108,14 @@ def test_status_document_when_tripped_with_acks_then_the_crd_status_schema_accep
     halted = [c for c in present["conditions"] if c["type"] == "Halted"]
     assert halted[0]["status"] == "True"
     assert EssStatus.from_dict(present) == status
+
+
+def test_with_spec_when_the_spec_is_reset_then_who_tripped_it_is_dropped() -> None:
+    tripped = _record().with_spec(
+        _record().spec.with_patch({"tripped": True, "reason": "auto"}), tripped_by="risk:drawdown"
+    )
+    assert tripped.ess_spec().tripped_by == "risk:drawdown"
+    reset = tripped.with_spec(tripped.spec.with_patch({"tripped": False}))
+    assert reset.tripped_by == ""
+    retripped = reset.with_spec(reset.spec.with_patch({"tripped": True, "reason": "by hand"}))
+    assert retripped.ess_spec().tripped_by == "kubectl"  # a person's, never automatic

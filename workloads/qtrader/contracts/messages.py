@@ -427,6 +427,9 @@ class HaltLatch(Message):
     # The trip that wrote this revision asks execution to close every position (the
     # EmergencyStop's flattenOnTrip); the halt gate lets exactly those orders through.
     flatten: bool = False
+    # The EmergencyStops that hold this halt (every one not Armed), sorted; empty when ACTIVE.
+    # Absent in latches written before it existed, which then read as held by nobody named.
+    held_by: tuple[str, ...] = Field(default=(), max_length=256)
 
     @property
     def dedup_id(self) -> str:

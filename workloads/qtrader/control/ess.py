@@ -1,13 +1,16 @@
 """The EmergencyStop (kill switch) state machine: a pure decision, no I/O, no clock.
 
 The Kubernetes operator and the local CLI (``qtrader ess trip | reset | status``) both call
-``reconcile(spec=, status=, now=)`` and apply the ``Transition`` it returns, in this order: patch
-the spec (``spec_patch``), write the halt latch if ``latch_changed`` (state ``latch``, revision
-``status.latch_revision``), record ``events``, persist ``status``, requeue after
-``requeue_after`` seconds. A caller that fails at a step stops there without persisting the
-status; the retry then decides again from the old status and reaches the same decision with the
-same latch revision, which ``HaltLatch.dedup_id`` makes a harmless repeat. The spec and status
-types live in ``ess_status`` (re-exported here), the status conditions in ``ess_conditions``.
+``reconcile(spec=, status=, now=, hold=)`` and apply the ``Transition`` it returns, in this
+order: patch the spec (``spec_patch``), write the halt latch if ``latch_changed``, record
+``events``, persist ``status``, requeue after ``requeue_after`` seconds. The latch written is
+not this stop's alone but the combination of every stop (``qtrader.control.halt_combination``:
+the most restrictive wins), at a revision of at least ``status.latch_revision``; the caller
+records the revision in force in the status it persists. A caller that fails at a step stops
+there without persisting the status; the retry then decides again from the old status and
+reaches the same decision; the combined latch is written again only if its content differs.
+The spec and status types live in ``ess_status`` (re-exported here), the status conditions in
+``ess_conditions``.
 
 States (the latch is what workers obey)::
 
@@ -20,17 +23,27 @@ States (the latch is what workers obey)::
 Transitions ("halted" is Tripped or Reducing, ``cu`` is ``cooldown_until``; anything not listed
 changes nothing and emits nothing)::
 
-    from         spec and time                          to                      event
+    from         spec, hold and time                    to                      event
     Armed        tripped                                Tripped/Reducing (mode) Tripped W
     halted       tripped, automatic trip, no manual     Armed, spec patched to  AutoReset N
-                 reset, now >= cu and now > tripped_at  tripped False
+                 reset, no hold, now >= cu and          tripped False
+                 now > tripped_at
     halted       tripped, mode != trip_mode             Tripped/Reducing (mode) ModeChanged W
+    halted       not tripped, hold                      unchanged, spec patched ResetRefused W
+                                                        back (tripped, reason)
     halted       not tripped, now >= cu                 Armed                   Reset N
     halted       not tripped, now < cu, manual reset    unchanged, spec patched ResetRefused W
                                                         back (tripped, reason)
     halted       not tripped, now < cu, no manual reset CoolingDown             ResetDeferred W
     CoolingDown  tripped                                Tripped/Reducing (mode) ResetWithdrawn W
+    CoolingDown  not tripped, hold                      Tripped/Reducing (mode) ResetRefused W
+                                                        (trip_mode), spec
+                                                        patched back
     CoolingDown  not tripped, now >= cu                 Armed                   CooldownEnded N
+
+``hold`` is the caller's answer to "is a trigger's condition still in force?": ``None``, or a
+sentence with the figure (the risk monitor's ``RiskMonitor.holding``, e.g. "drawdown 9.35% still
+beyond the 3% trigger"). Rows are tried in the order listed.
 
 A trip sets ``trip_count + 1``, ``tripped_at``/``tripped_by``/``reason`` and
 ``cu = now + cooldownSeconds``; a mode change keeps the count and the cooldown. Every return to
@@ -62,6 +75,22 @@ Why it is built this way:
 * A trip is automatic when ``tripped_by`` starts with ``risk:`` (the risk alert path sets it).
   When a reset is withdrawn, the trip stays automatic only if the withdrawal is automatic too:
   a person who re-trips takes the trip over and it no longer resets itself.
+* Who tripped it. ``tripped_by`` comes from the ``qtrader.dev/tripped-by`` annotation, which
+  only the risk alert path sets (``automatic_trip_patch``); without it the trip is a person's
+  (``MANUAL_TRIPPER``, "kubectl"). The annotation belongs to one trip: a control plane clears it
+  (``clear_tripped_by``) as soon as the spec is no longer tripped (a reset, refused, deferred or
+  automatic), so a person's later ``kubectl patch ... tripped=true`` is never taken for
+  automatic and never resets itself.
+* Reset only when safe: while ``hold`` is set (a trigger's condition still in force: drawdown at
+  or beyond ``drawdownPct``, a symbol's market data older than ``staleMarketDataSeconds``, an
+  exchange ban not yet over) a reset is *refused*, never let through to re-trip at once: a
+  reset followed by an automatic re-trip would write an ACTIVE latch that workers may trade on
+  for the moment between the two. The refusal is the cooldown refusal's shape (spec set back
+  to tripped with the trip's reason, a ``ResetRefused`` Warning naming the figure); a deferred
+  reset (CoolingDown) is withdrawn back to the trip's state; an automatic trip does not reset
+  itself while the condition holds (it waits, silently, and resets once it clears). Whether
+  the condition holds is whatever the caller knows now: a figure not yet seen (no portfolio
+  snapshot since the control plane started) does not hold a reset back.
 * A deferred reset stays accepted if ``requireManualReset`` is switched on during the cooldown:
   it was valid when asked for. Trip again to withdraw it.
 """
@@ -87,6 +116,7 @@ from qtrader.control.ess_status import (
 
 __all__ = [
     "AUTOMATIC_PREFIX",
+    "MANUAL_TRIPPER",
     "TRIPPED_BY_ANNOTATION",
     "AutomaticTrip",
     "EssEvent",
@@ -100,12 +130,15 @@ __all__ = [
     "Transition",
     "ack_overdue",
     "automatic_trip_patch",
+    "clear_tripped_by",
     "latch_message",
     "pending_acks",
     "reconcile",
+    "trip_issuer",
 ]
 
 TRIPPED_BY_ANNOTATION = "qtrader.dev/tripped-by"
+MANUAL_TRIPPER = "kubectl"  # who a trip is by when no annotation names an automatic one
 _MAX_REASON_CHARS = 1024  # HaltLatch.reason's limit
 _MAX_ISSUER_CHARS = 256  # HaltLatch.issued_by's and the CRD's status.trippedBy limit
 _MIN_REQUEUE_S = 1.0
@@ -130,6 +163,7 @@ class EssEventReason(enum.StrEnum):
     RESET_WITHDRAWN = "ResetWithdrawn"
     COOLDOWN_ENDED = "CooldownEnded"
     AUTO_RESET = "AutoReset"
+    ACK_TIMEOUT = "AckTimeout"  # the applier's: workers did not acknowledge the latch in time
 
 
 # --- reconcile --------------------------------------------------------------------------------
@@ -171,15 +205,18 @@ class _Step:
     flatten: bool = False
 
 
-def reconcile(*, spec: EssSpec, status: EssStatus, now: datetime) -> Transition:
-    """Decide the next status, latch, events and spec patch from the desired and recorded state."""
+def reconcile(
+    *, spec: EssSpec, status: EssStatus, now: datetime, hold: str | None = None
+) -> Transition:
+    """Decide the next status, latch, events and spec patch from the desired and recorded state;
+    ``hold`` says which trigger condition still holds (no reset then), None when none does."""
     now = as_utc(now, "now")
     desired, current = spec, status
     events: list[EssEvent] = []
     patch: SpecPatch = {}
     flatten = False
     for _ in range(_MAX_STEPS):
-        step = _step(spec=desired, status=current, now=now)
+        step = _step(spec=desired, status=current, now=now, hold=hold)
         if step is None:
             break
         current = step.status
@@ -204,7 +241,7 @@ def reconcile(*, spec: EssSpec, status: EssStatus, now: datetime) -> Transition:
     )
 
 
-def _step(*, spec: EssSpec, status: EssStatus, now: datetime) -> _Step | None:
+def _step(*, spec: EssSpec, status: EssStatus, now: datetime, hold: str | None) -> _Step | None:
     """One transition of the table in the module docstring, or None when none applies."""
     if status.state is EssState.ARMED:
         return _trip(spec=spec, status=status, now=now) if spec.tripped else None
@@ -216,6 +253,8 @@ def _step(*, spec: EssSpec, status: EssStatus, now: datetime) -> _Step | None:
     if status.state is EssState.COOLING_DOWN:
         if spec.tripped:
             return _withdraw_reset(spec=spec, status=status)
+        if hold is not None:
+            return _refuse_unsafe_reset(status, hold=hold)
         if not cooldown_ended:
             return None
         message = f"the cooldown ended at {until}: the deferred reset completed, trading allowed"
@@ -226,6 +265,7 @@ def _step(*, spec: EssSpec, status: EssStatus, now: datetime) -> _Step | None:
             and not spec.require_manual_reset
             and cooldown_ended
             and now > status.tripped_at
+            and hold is None
         ):
             message = f"automatic trip by {status.tripped_by} reset: the cooldown ended at {until}"
             return _Step(
@@ -240,6 +280,8 @@ def _step(*, spec: EssSpec, status: EssStatus, now: datetime) -> _Step | None:
                 event=_warning(EssEventReason.MODE_CHANGED, message),
             )
         return None
+    if hold is not None:
+        return _refuse_unsafe_reset(status, hold=hold)
     if cooldown_ended:
         message = f"reset: trading allowed (the cooldown ended at {until})"
         return _Step(status=_armed(status), event=_normal(EssEventReason.RESET, message))
@@ -289,6 +331,20 @@ def _trip(*, spec: EssSpec, status: EssStatus, now: datetime) -> _Step:
         status=tripped,
         event=_warning(EssEventReason.TRIPPED, message),
         flatten=spec.flatten_on_trip,
+    )
+
+
+def _refuse_unsafe_reset(status: EssStatus, *, hold: str) -> _Step:
+    """A reset while a trigger's condition holds: refused, the trip's state and spec kept."""
+    assert status.trip_mode is not None  # every state but Armed has one
+    message = f"reset refused: {hold}; the halt stays in force until it clears"
+    return _Step(
+        status=replace(status, state=status.trip_mode.state),
+        event=_warning(EssEventReason.RESET_REFUSED, message[:_MAX_REASON_CHARS]),
+        spec_patch={
+            "tripped": True,
+            "reason": (status.reason or f"reset refused: {hold}")[:_MAX_REASON_CHARS],
+        },
     )
 
 
@@ -365,6 +421,20 @@ def automatic_trip_patch(*, alert_kind: str, detail: str, spec: EssSpec) -> Auto
         spec_patch={"tripped": True, "reason": reason},
         tripped_by=f"{AUTOMATIC_PREFIX}{alert_kind}",
     )
+
+
+def trip_issuer(annotation: str | None) -> str:
+    """Who the spec's trip is by: the tripped-by annotation, else a person (``kubectl``)."""
+    return annotation or MANUAL_TRIPPER
+
+
+def clear_tripped_by(
+    *, annotation: str | None, spec: EssSpec, spec_patch: SpecPatch | None
+) -> bool:
+    """Whether the tripped-by annotation must be removed: it is set and the spec, once
+    ``spec_patch`` is applied, is not tripped (the trip it named is over or being reset)."""
+    tripped = spec.with_patch(spec_patch).tripped if spec_patch else spec.tripped
+    return bool(annotation) and not tripped
 
 
 def latch_message(status: EssStatus, *, issued_at_ms: int, flatten: bool = False) -> HaltLatch:

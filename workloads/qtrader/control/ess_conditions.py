@@ -1,12 +1,16 @@
 """The EmergencyStop's status conditions, shaped like ``metav1.Condition``, for kubectl and alerts.
 
-Four conditions, always all present so a missing one never has to be interpreted:
+Five conditions, always all present so a missing one never has to be interpreted:
 
 * ``Ready``: True when Armed (trading allowed).
 * ``Halted``: True while the latch says HALTED (Tripped, or CoolingDown after a Halted trip).
 * ``Reducing``: True while the latch says REDUCING (Reducing, or CoolingDown after one).
 * ``ResetRefused``: True while ``reset_refused_until`` is in the future: a reset was refused
   (reason ``ResetRefused``) or deferred to the cooldown end (reason ``ResetDeferred``).
+
+* ``AckTimeout``: True while workers the control plane knows have not acknowledged the latch in
+  force within ``ackTimeoutSeconds`` (the message names them); a frozen worker stays here until
+  it answers or its lease lapses (``qtrader.control.halt_channel``).
 
 ``lastTransitionTime`` moves only when a condition's status flips (``conditions``).
 ``reconcile``'s ``requeue_after`` covers the moment ``ResetRefused`` turns False by itself.
@@ -24,13 +28,30 @@ from qtrader.control.ess_status import EssState, EssStatus, as_utc, format_time
 
 
 def status_conditions(
-    status: EssStatus, *, generation: int, now: datetime, previous: Sequence[Mapping[str, Any]]
+    status: EssStatus,
+    *,
+    generation: int,
+    now: datetime,
+    previous: Sequence[Mapping[str, Any]],
+    overdue_workers: Sequence[str] = (),
 ) -> list[Condition]:
-    """The ``status.conditions`` list for ``status`` at ``now``, observed at ``generation``."""
+    """The ``status.conditions`` list for ``status`` at ``now``, observed at ``generation``;
+    ``overdue_workers``: those that did not acknowledge the latch in force in time."""
     now = as_utc(now, "now")
+    evaluated = [*_evaluate(status, now=now), _ack_timeout(status, overdue_workers)]
     return build_conditions(
-        _evaluate(status, now=now), generation=generation, now=format_time(now), previous=previous
+        evaluated, generation=generation, now=format_time(now), previous=previous
     )
+
+
+def _ack_timeout(status: EssStatus, overdue: Sequence[str]) -> Evaluated:
+    if not overdue:
+        return ("AckTimeout", False, "Acknowledged", "no known worker is overdue")
+    message = (
+        f"{', '.join(sorted(overdue))} did not acknowledge latch revision"
+        f" {status.latch_revision} in time"
+    )
+    return ("AckTimeout", True, "AckTimeout", message)
 
 
 def _evaluate(status: EssStatus, *, now: datetime) -> list[Evaluated]:

@@ -254,15 +254,23 @@ def status_document(
     previous_conditions: Sequence[Mapping[str, Any]],
     acknowledgements: Sequence[Acknowledgement],
     pending_workers: Sequence[str],
+    overdue_workers: Sequence[str] = (),
+    held_by: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The CRD ``status``: the state machine's fields (``None`` where absent, which a merge patch
-    deletes), conditions, each live worker's acknowledgement and the workers still pending."""
+    deletes), conditions, each known worker's acknowledgement, the workers still pending and
+    the stops holding the halt in force (``heldBy``)."""
     return {
         **status.to_dict(),
         "observedGeneration": generation,
         "conditions": status_conditions(
-            status, generation=generation, now=now, previous=previous_conditions
+            status,
+            generation=generation,
+            now=now,
+            previous=previous_conditions,
+            overdue_workers=overdue_workers,
         ),
         "acknowledgements": [a.to_dict() for a in sorted(acknowledgements, key=lambda a: a.worker)],
         "pendingWorkers": sorted(pending_workers),
+        "heldBy": sorted(held_by),
     }

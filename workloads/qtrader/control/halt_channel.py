@@ -1,10 +1,21 @@
 """The control plane's side of the halt: write the latch, broadcast it, collect acknowledgements.
 
+The latch is the combination of every EmergencyStop (``put_combined``, see
+``qtrader.control.halt_combination``), never one stop's state alone.
+
 Used alike by the kopf operator and by local mode (``qtrader up`` / ``qtrader ess``), so a trip
 means the same thing in both. The latch in the HALT bucket is the durable truth; the broadcast on
 CONTROL_HALT only makes it arrive fast. Execution workers answer every latch they put in force
 and every control heartbeat with a ``HaltAck``, so the acknowledgements double as presence: a
 worker whose last answer is older than ``presence_timeout_s`` is no longer counted as live.
+
+Why silence is not absence: a worker that stops answering (frozen, partitioned, paused by the
+kernel) may still hold an old latch and wake up with orders to send, so a worker the control
+plane has heard from stays *known*, and pending for every newer revision, until it acknowledges
+or its lease lapses: ``ack_lease_s(ack_timeout_s)``, the longer of ``ACK_LEASE_S`` (60 s) and
+twice the ack timeout, counted from its last answer. Only then is it forgotten (a Deployment
+scaled to 0, a worker that died). The lease is longer than the ack timeout so that every silent
+worker is reported as overdue (``AckTimeout``) before it can drop out.
 """
 
 from __future__ import annotations
@@ -12,15 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import HaltAck, HaltLatch, TradingState, Undecodable
-from qtrader.control.ess import latch_message
 from qtrader.control.ess_status import EssStatus
+from qtrader.control.halt_combination import StopView, combine, next_latch
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +51,67 @@ async def publish_latch(bus: Bus, latch: HaltLatch) -> None:
     await bus.kv_put(subjects.HALT_BUCKET, subjects.HALT_KEY, latch)
 
 
-async def sync_latch(bus: Bus, status: EssStatus, *, now: datetime) -> EssStatus | None:
-    """Make the latch in the bucket the one ``status`` names, at start of a control plane.
-
-    A fresh stack has no latch at all (and its workers stay halted until one is written); the
-    bucket may also hold a latch from another run. A new revision above both wins. Returns the
-    status with that revision, or None when the bucket already agreed. A value there that does
-    not decode (the workers are halted by it) is replaced the same way, by a revision above its
-    KV revision: no more latches were ever written to the bucket than that.
-    """
+async def put_combined(
+    bus: Bus,
+    stops: Sequence[StopView],
+    *,
+    min_revision: int,
+    now: datetime,
+    flatten: bool = False,
+) -> tuple[HaltLatch, bool]:
+    """Put the combination of ``stops`` in force (``halt_combination``); returns the latch in
+    force and whether it was written now. The caller serialises its writers (the read and the
+    write are two steps: the bus has no compare-and-set)."""
     stored = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+    current = None if isinstance(stored, Undecodable) else stored
     if isinstance(stored, Undecodable):
+        # The workers are halted by it. No more latches were ever written to the bucket than
+        # its KV revision, so a revision above that is above every latch they may hold.
         log.error("replacing the halt latch in the bucket: %s", stored)
-        above = stored.stored_revision
-    else:
-        if stored and stored.revision == status.latch_revision and stored.state is status.latch:
-            return None
-        above = stored.revision if stored else 0
-    revision = max(status.latch_revision, above) + 1
-    synced = replace(status, latch_revision=revision)
-    await publish_latch(bus, latch_message(synced, issued_at_ms=int(now.timestamp() * 1000)))
-    return synced
+        min_revision = max(min_revision, stored.stored_revision + 1)
+    latch = next_latch(
+        combine(stops),
+        current=current,
+        min_revision=min_revision,
+        issued_at_ms=int(now.timestamp() * 1000),
+        flatten=flatten,
+    )
+    if latch is None:
+        assert current is not None  # next_latch writes whenever there is no latch
+        return current, False
+    await publish_latch(bus, latch)
+    return latch, True
+
+
+class SingleStopChannel:
+    """The applier's latch channel (``ess_applier.LatchChannel``) for a control plane that owns
+    one stop (local mode): the combination is that stop alone, named in ``held_by``."""
+
+    def __init__(self, bus: Bus, name: str) -> None:
+        self._bus = bus
+        self._name = name
+        self.latch: HaltLatch | None = None  # the latch in force, as last read or written
+        self.written = False  # whether the last ``put`` wrote a new revision
+
+    async def put(
+        self, status: EssStatus, *, min_revision: int, flatten: bool, now: datetime
+    ) -> HaltLatch:
+        view = StopView(name=self._name, status=status, flatten_on_trip=flatten)
+        self.latch, self.written = await put_combined(
+            self._bus, [view], min_revision=min_revision, now=now, flatten=flatten
+        )
+        return self.latch
+
+    def held_by(self) -> Sequence[str]:
+        return self.latch.held_by if self.latch is not None else ()
+
+
+ACK_LEASE_S = 60.0
+
+
+def ack_lease_s(ack_timeout_s: float) -> float:
+    """How long a silent worker stays known (and pending): at least 60 s, twice the timeout."""
+    return max(ACK_LEASE_S, 2 * ack_timeout_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,9 +160,15 @@ class AckCollector:
             if now - ack.heard_at <= self._presence_timeout_s
         }
 
-    def pending(self, revision: int) -> tuple[str, ...]:
-        """Live workers that have not yet acknowledged ``revision``."""
-        return tuple(sorted(w for w, ack in self.live().items() if ack.revision < revision))
+    def known(self, *, lease_s: float = ACK_LEASE_S) -> dict[str, WorkerAck]:
+        """Workers heard from within ``lease_s``, answering or not (see the module docstring)."""
+        now = self._clock()
+        return {worker: ack for worker, ack in self._acks.items() if now - ack.heard_at <= lease_s}
+
+    def pending(self, revision: int, *, lease_s: float = ACK_LEASE_S) -> tuple[str, ...]:
+        """Known workers that have not yet acknowledged ``revision``, silent ones included."""
+        known = self.known(lease_s=lease_s)
+        return tuple(sorted(w for w, ack in known.items() if ack.revision < revision))
 
     async def wait_all(self, revision: int, *, expected: int, timeout_s: float) -> bool:
         """Wait until ``expected`` live workers acknowledged ``revision``; False on timeout."""

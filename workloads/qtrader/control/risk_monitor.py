@@ -13,6 +13,12 @@ policy's limit, execution's exchange-ban alert), so one consumer turns all of th
 (``alert_trips`` decides which stops an alert trips). Running here, not in a workload, means the
 stale-data check still works when the market-data workload is the thing that died.
 
+The monitor also keeps the current figures a reset must respect (``holding``): the latest
+drawdown, each symbol's staleness, and how long an exchange ban (from execution's ban alerts)
+still runs. A control plane refuses a stop's reset while one of its trigger conditions holds
+(see ``qtrader.control.ess``). Flash crash and error rate are episodes, not states that last,
+so they hold nothing back once the stop is tripped.
+
 Candles are the ones the MARKET stream stores, followed from the monitor's start on (an ordered
 consumer): a publish the stream drops as a duplicate is no price to judge. Order updates and
 snapshots come from core NATS subscriptions as they are published; a reconnect can miss a few.
@@ -38,6 +44,7 @@ from qtrader.contracts.messages import (
     PolicyRevision,
     PortfolioSnapshot,
     RiskAlert,
+    RiskAlertKind,
 )
 from qtrader.control.ess_resource import EssTriggers
 from qtrader.risk.evaluators import (
@@ -93,6 +100,15 @@ def _build(triggers: EssTriggers | None, *, source: str) -> _Evaluators:
     return evaluators
 
 
+def _stale_held(evaluators: _Evaluators, now_ms: int) -> list[str]:
+    assert evaluators.stale is not None
+    seconds = evaluators.triggers.stale_market_data_seconds if evaluators.triggers else None
+    return [
+        f"no {symbol} candle for {age} s, beyond the {seconds} s stale-data trigger"
+        for symbol, age in evaluators.stale.stale(now_ms).items()
+    ]
+
+
 class RiskMonitor:
     """Evaluates every configured EmergencyStop's triggers and publishes the alerts."""
 
@@ -102,6 +118,8 @@ class RiskMonitor:
         self._clock = clock
         self._stops: dict[str, _Evaluators] = {}
         self._pending: list[RiskAlert] = []
+        self._drawdown: tuple[tuple[int, int], Decimal] | None = None  # (ts, seq), latest figure
+        self._ban_until_ms = 0
         self._flushing = asyncio.Lock()  # handlers run concurrently; each alert goes out once
         self._symbols: frozenset[str] | None = None  # of the last policy that decoded
 
@@ -141,6 +159,12 @@ class RiskMonitor:
             bus.subscribe(
                 subjects.PORTFOLIO_SNAPSHOT, PortfolioSnapshot, self._on_snapshot, label="risk"
             ),
+            bus.subscribe(
+                subjects.risk_alert_subject(RiskAlertKind.EXCHANGE_BAN.value),
+                RiskAlert,
+                self.on_ban,
+                label="risk",
+            ),
             self._check_forever(),
         )
 
@@ -162,10 +186,37 @@ class RiskMonitor:
         await self._flush()
 
     async def _on_snapshot(self, snapshot: PortfolioSnapshot) -> None:
+        order = (snapshot.ts_ms, snapshot.sequence)
+        if self._drawdown is None or order > self._drawdown[0]:
+            self._drawdown = (order, snapshot.drawdown_pct)
         for evaluators in self._stops.values():
             if evaluators.drawdown is not None:
                 self._raise(evaluators.drawdown.on_snapshot(snapshot))
         await self._flush()
+
+    async def on_ban(self, alert: RiskAlert) -> None:
+        """Execution's ban alert: its ``value`` is the seconds the ban runs from ``ts_ms``."""
+        until_ms = alert.ts_ms + int(alert.value * 1000)
+        self._ban_until_ms = max(self._ban_until_ms, until_ms)
+
+    def holding(self, name: str) -> str | None:
+        """Which of stop ``name``'s trigger conditions still hold now, with the figures, joined
+        by "; "; None when none does (or none is known yet)."""
+        now_ms = self._now_ms()
+        evaluators = self._stops.get(name)
+        held = [] if evaluators is None else self._drawdown_held(evaluators)
+        if evaluators is not None and evaluators.stale is not None:
+            held += _stale_held(evaluators, now_ms)
+        if self._ban_until_ms > now_ms:  # a ban trips every stop, so it holds every stop
+            left_s = (self._ban_until_ms - now_ms) / 1000
+            held.append(f"the exchange ban still runs for {left_s:.0f} s")
+        return "; ".join(held) or None
+
+    def _drawdown_held(self, evaluators: _Evaluators) -> list[str]:
+        limit = evaluators.triggers.drawdown_pct if evaluators.triggers else None
+        if limit is None or self._drawdown is None or self._drawdown[1] < Decimal(limit):
+            return []
+        return [f"drawdown {self._drawdown[1]}% still beyond the {limit}% trigger"]
 
     async def _check_forever(self) -> None:
         while True:

@@ -2,9 +2,12 @@
 
 They reach the stack's NATS server through ``.qtrader/up.json`` (``qtrader.local.up_state``) or
 ``--nats-url``. Exit codes: 0 done; 1 no stack, no answer in time, or a refused reset; 2 bad input
-(an invalid patch or policy file), and then nothing was changed. What happens to the kill switch
-is decided by the control plane inside ``qtrader up`` (``qtrader.local.control_plane``); these
-commands only patch the spec (``qtrader.local.ess_client``) and report the status it writes.
+(an invalid patch or policy file), and then nothing was changed; 3 tripped, but a worker the
+control plane knows did not acknowledge the halt within ``ackTimeoutSeconds`` (it is listed as
+pending; a frozen worker stays pending until it answers or its 60 s lease lapses). What happens
+to the kill switch is decided by the control plane inside ``qtrader up``
+(``qtrader.local.control_plane``); these commands only patch the spec
+(``qtrader.local.ess_client``) and report the status it writes.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ from qtrader.local.ess_client import EssNotFound, Outcome, Verdict
 CONNECT_TIMEOUT_S = 3.0
 
 Action = Callable[[Bus], Awaitable[int]]
+
+
+NOT_ACKNOWLEDGED = 3  # exit code: tripped, but a known worker has not acknowledged the halt
+ACK_GRACE_S = 2.0
 
 
 class _Usage(Exception):
@@ -156,10 +163,21 @@ async def _report(bus: Bus, outcome: Outcome, *, name: str, out: TextIO) -> int:
     elif verdict is Verdict.OVERRIDDEN:
         out.write("the spec was changed again by someone else meanwhile\n")
     if verdict in (Verdict.TRIPPED, Verdict.RESET):
-        timeout_s = record.spec.ack_timeout_seconds
+        # The control plane judges overdue at ackTimeoutSeconds after its latch write: wait a
+        # little longer than that, so its AckTimeout report is what the command shows.
+        timeout_s = record.spec.ack_timeout_seconds + ACK_GRACE_S
         record = await ess_client.wait_for_acks(bus, name=name, timeout_s=timeout_s)
     _print_summary(record, out, events=False)  # the new ones are printed above
-    return 0 if verdict.succeeded else 1
+    if not verdict.succeeded:
+        return 1
+    if verdict is Verdict.TRIPPED and record.list_in_status("pendingWorkers"):
+        out.write(
+            f"ack: {', '.join(record.list_in_status('pendingWorkers'))} did not acknowledge"
+            f" the halt within {record.spec.ack_timeout_seconds}s; it is pending until it does"
+            " (the halt is in force for every worker that reads the latch)\n"
+        )
+        return NOT_ACKNOWLEDGED
+    return 0
 
 
 async def _status(bus: Bus, *, name: str, as_json: bool, out: TextIO) -> int:
@@ -221,10 +239,11 @@ def _ack_lines(record: EssRecord) -> list[str]:
         f"  ack         {a['worker']} revision {a['revision']} {a['state']} at {a['at']}"
         f" ({a['openOrdersCancelled']} open orders cancelled)"
         for a in acks
-    ] or ["  ack         no live execution worker"]
+    ] or ["  ack         no execution worker known"]
     pending = record.list_in_status("pendingWorkers")
     if pending:
-        lines.append(f"  pending     {', '.join(pending)}")
+        revision = record.ess_status().latch_revision
+        lines.append(f"  pending     {', '.join(pending)} (latch revision {revision} not acked)")
     return lines
 
 

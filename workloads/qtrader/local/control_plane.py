@@ -8,13 +8,17 @@ same in both. The resource lives in the KV bucket ``qtrader-ess`` under its name
 (``metadata.generation``), the tripped-by annotation, and the CRD status plus ``events`` (the last
 50; a cluster has Kubernetes events for that).
 
-Each round, on every change of the record and at least every ``interval_s``, it decides with
-``reconcile`` and applies the transition in the documented order: spec patch, latch
+Each round, on every change of the record and at least every ``interval_s``, the shared applier
+(``qtrader.control.ess_applier``, the operator's too) decides with ``reconcile`` and applies
+the transition on this record (``_RecordStore``) and latch (``SingleStopChannel``) in the
+documented order: spec patch, latch
 (``publish_latch``), events (log lines and ``status.events``), status with conditions,
 acknowledgements and pending workers. A round that fails stops at its step; the next decides
 again from the unchanged status, which repeats the same latch revision (harmless). Workers that
 have not acknowledged a new latch within ``ackTimeoutSeconds`` get an ``AckTimeout`` event.
-Unlike the operator it scales nothing down: the latch halts the workers, their processes stay.
+Resets are decided with the risk monitor's ``holding`` (a trigger condition still in force
+refuses them, as in the operator). Unlike the operator it scales nothing down: the latch halts
+the workers, their processes stay.
 
 Why the status it decides from is the one in memory, not the stored one: the record has two
 writers (``qtrader ess`` changes the spec, this the status and its spec patches) and a KV put
@@ -32,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -41,10 +46,10 @@ from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    HaltLatch,
     Message,
     MessageRejected,
     RiskAlert,
-    TradingState,
     Undecodable,
 )
 from qtrader.control.ess import (
@@ -54,39 +59,37 @@ from qtrader.control.ess import (
     EssState,
     EssStatus,
     EventType,
+    SpecPatch,
     Transition,
-    ack_overdue,
-    automatic_trip_patch,
-    latch_message,
-    reconcile,
+    trip_issuer,
+)
+from qtrader.control.ess_applier import (
+    AckMemory,
+    StopInput,
+    acknowledgements,
+    alert_trip,
+    apply_once,
 )
 from qtrader.control.ess_resource import (
     ESS_API_VERSION,
     ESS_KIND,
-    Acknowledgement,
     EmergencyStop,
     EmergencyStopError,
     EmergencyStopSpec,
     ResourceName,
-    alert_trips,
     status_document,
 )
 from qtrader.control.ess_status import format_time
-from qtrader.control.halt_channel import AckCollector, publish_latch, sync_latch
+from qtrader.control.halt_channel import AckCollector, SingleStopChannel, ack_lease_s
 from qtrader.control.risk_monitor import RiskMonitor
 
 log = logging.getLogger(__name__)
 
 MAX_EVENTS = 50
-ACK_TIMEOUT = "AckTimeout"
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
 
 
 class EssRecord(Message):
@@ -114,7 +117,7 @@ class EssRecord(Message):
         return f"ess:{self.name}:{self.generation}"
 
     def ess_spec(self) -> EssSpec:
-        return self.spec.to_ess_spec(tripped_by=self.tripped_by)
+        return self.spec.to_ess_spec(tripped_by=trip_issuer(self.tripped_by))
 
     def ess_status(self) -> EssStatus:
         return EssStatus.from_dict(self.status)
@@ -130,8 +133,14 @@ class EssRecord(Message):
         return list(value) if isinstance(value, list) else []
 
     def with_spec(self, spec: EmergencyStopSpec, *, tripped_by: str | None = None) -> EssRecord:
-        """The record after a spec change: the next generation, as the API server counts."""
+        """The record after a spec change: the next generation, as the API server counts.
+
+        Who tripped it belongs to one trip: a spec that is not tripped drops it (as the
+        operator removes the annotation), so a later trip is never taken for an automatic one.
+        """
         by = self.tripped_by if tripped_by is None else tripped_by
+        if not spec.tripped:
+            by = ""
         return self.model_copy(
             update={"spec": spec, "generation": self.generation + 1, "tripped_by": by}
         )
@@ -163,6 +172,27 @@ class _Superseded(Exception):
     """The record changed between the decision and its spec patch: decide again."""
 
 
+class _RecordStore:
+    """The applier's store on the local record: the spec patch goes to the KV record (refused
+    when the record changed meanwhile: decide again), events into ``status.events``."""
+
+    def __init__(self, plane: LocalControlPlane, record: EssRecord) -> None:
+        self._plane = plane
+        self._record = record
+        self._new: list[dict[str, Any]] = []
+
+    async def patch_spec(self, patch: SpecPatch, *, clear_tripped_by: bool) -> int | None:
+        # EssRecord.with_spec drops tripped_by once the spec is not tripped: nothing else to do.
+        self._record = await self._plane._patch_spec(self._record, dict(patch))
+        return self._record.generation
+
+    async def post_event(self, event: EssEvent, *, at: datetime) -> None:
+        self._new.append(self._plane._event(event, at))
+
+    async def save_status(self, document: dict[str, Any]) -> None:
+        await self._plane._save(document, record=self._record, new=self._new)
+
+
 class LocalControlPlane:
     """Reconciles one EmergencyStop in the ESS bucket and drives the halt latch from it."""
 
@@ -183,8 +213,8 @@ class LocalControlPlane:
         self._status = EssStatus.initial()
         self._document: dict[str, Any] = {}  # the status as last written
         self._events: list[dict[str, Any]] = []
-        self._latch_written: tuple[int, datetime] | None = None
-        self._acks_settled = 0  # the latest latch revision acknowledged or reported overdue
+        self._ack_memory = AckMemory()
+        self._channel = SingleStopChannel(bus, resource.name)
         self._wake = asyncio.Event()
         self.risk = RiskMonitor(bus, source="control-plane")
         self.risk.configure(resource.name, resource.spec.triggers)
@@ -223,13 +253,26 @@ class LocalControlPlane:
         return created
 
     async def _sync_latch(self, record: EssRecord) -> None:
+        """Put this stop's state in force at start: the bucket may hold no latch (a fresh
+        stack) or one from another run; a new revision above both wins."""
         now = self._clock()
-        status = await sync_latch(self._bus, self._status, now=now)
-        if status is None:
+        min_revision = self._status.latch_revision + 1
+        latch, written = await self._put_latch(self._status, min_revision=min_revision, now=now)
+        if not written:
             return
-        self._latch_written = (status.latch_revision, now)
-        log.info("EmergencyStop %s: latch revision %d in force", self.name, status.latch_revision)
-        await self._commit(status, record=record, generation=record.generation, now=now, new=[])
+        status = replace(self._status, latch_revision=latch.revision)
+        log.info("EmergencyStop %s: latch revision %d in force", self.name, latch.revision)
+        await self._commit(status, record=record, generation=record.generation, now=now)
+
+    async def _put_latch(
+        self, status: EssStatus, *, min_revision: int, now: datetime
+    ) -> tuple[HaltLatch, bool]:
+        """Write the latch as the combination of the stops (local mode runs this one), which
+        names it in ``held_by`` while it holds a halt, as the operator's latch does."""
+        latch = await self._channel.put(status, min_revision=min_revision, flatten=False, now=now)
+        if self._channel.written:
+            self._ack_memory.latch_written = (latch.revision, now)
+        return latch, self._channel.written
 
     # --- loop ----------------------------------------------------------------------------------
 
@@ -259,14 +302,11 @@ class LocalControlPlane:
         """Trip the stop when the alert breaches its trigger (a ban always does); the patch is
         the one the operator makes, so ``qtrader ess status`` shows who tripped it and why."""
         record = await self._read()
-        if record is None or not alert_trips(alert, record.spec.triggers):
+        if record is None:
             return
-        detail = f"{alert.detail} (value {alert.value}, threshold {alert.threshold})"
-        trip = automatic_trip_patch(
-            alert_kind=alert.alert_kind.value, detail=detail, spec=record.ess_spec()
-        )
+        trip = alert_trip(alert, spec=record.spec, tripped_by=record.tripped_by)
         if trip is None:
-            return  # tripped already: an alert never takes over a trip in force
+            return  # below the trigger, or tripped already
         patched = record.with_spec(
             record.spec.with_patch(trip.spec_patch), tripped_by=trip.tripped_by
         )
@@ -314,30 +354,32 @@ class LocalControlPlane:
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
 
     async def reconcile_once(self) -> Transition | None:
-        """One round: decide from the stored spec and the status held here, then apply."""
+        """One round: decide from the stored spec and the status held here, then apply it with
+        the shared applier (``qtrader.control.ess_applier``) on this record and latch."""
         record = await self._read()
         if record is None:
             log.error("EmergencyStop %s is gone from the bucket; the latch stays", self.name)
             return None
         self.risk.configure(self.name, record.spec.triggers)
-        now = self._clock()
-        transition = reconcile(spec=record.ess_spec(), status=self._status, now=now)
-        generation = record.generation
-        if transition.spec_patch:
-            record = await self._patch_spec(record, transition.spec_patch)
-            generation = record.generation
-        if transition.latch_changed:
-            latch = latch_message(
-                transition.status, issued_at_ms=_ms(now), flatten=transition.flatten
-            )
-            await publish_latch(self._bus, latch)
-            self._latch_written = (latch.revision, now)
-        new = [self._event(e, now) for e in transition.events]
-        new += self._ack_timeout(record, revision=transition.status.latch_revision, now=now)
-        await self._commit(
-            transition.status, record=record, generation=generation, now=now, new=new
+        store = _RecordStore(self, record)
+        applied = await apply_once(
+            stop=StopInput(
+                name=self.name,
+                spec=record.spec,
+                tripped_by=record.tripped_by,
+                generation=record.generation,
+                previous_conditions=self._document.get("conditions") or [],
+            ),
+            status=self._status,
+            store=store,
+            channel=self._channel,
+            acks=self.acks,
+            memory=self._ack_memory,
+            hold=self.risk.holding(self.name),
+            now=self._clock(),
         )
-        return transition
+        self._status = applied.status
+        return applied.transition
 
     async def _patch_spec(self, record: EssRecord, patch: dict[str, bool | str]) -> EssRecord:
         current = await self._read()
@@ -355,69 +397,38 @@ class LocalControlPlane:
             at=now, type_=event.type.value, reason=event.reason.value, message=event.message
         )
 
-    def _ack_timeout(
-        self, record: EssRecord, *, revision: int, now: datetime
-    ) -> list[dict[str, str]]:
-        """An AckTimeout event, once per latch revision, for live workers still not answering."""
-        written = self._latch_written
-        if written is None or written[0] != revision or revision <= self._acks_settled:
-            return []
-        pending = self.acks.pending(revision)
-        timeout_s = record.spec.ack_timeout_seconds
-        if pending and not ack_overdue(latch_written_at=written[1], now=now, timeout_s=timeout_s):
-            return []
-        self._acks_settled = revision
-        if not pending:
-            return []
-        message = (
-            f"{', '.join(pending)} did not acknowledge latch revision {revision}"
-            f" within {timeout_s}s"
-        )
-        log.warning("EmergencyStop %s %s: %s", self.name, ACK_TIMEOUT, message)
-        return [event_entry(at=now, type_="Warning", reason=ACK_TIMEOUT, message=message)]
-
     async def _commit(
-        self,
-        status: EssStatus,
-        *,
-        record: EssRecord,
-        generation: int,
-        now: datetime,
-        new: Sequence[dict[str, Any]],
+        self, status: EssStatus, *, record: EssRecord, generation: int, now: datetime
     ) -> None:
-        """Store the status when it differs from the stored copy, then hold it as the truth."""
-        events = [*self._events, *new][-MAX_EVENTS:]
-        document = self._document_for(status, generation=generation, now=now, events=events)
-        if document != record.status:
-            current = await self._read()
-            if current is not None:
-                await self._put(current.with_status(document))
-        self._status, self._document, self._events = status, document, events
-
-    def _document_for(
-        self, status: EssStatus, *, generation: int, now: datetime, events: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        full = status_document(
+        """Store the status document for ``status`` (start-up; rounds go through the applier)."""
+        lease_s = ack_lease_s(record.spec.ack_timeout_seconds)
+        document = status_document(
             status,
             generation=generation,
             now=now,
             previous_conditions=self._document.get("conditions") or [],
-            acknowledgements=self._acknowledgements(),
-            pending_workers=self.acks.pending(status.latch_revision),
+            acknowledgements=acknowledgements(self.acks, lease_s=lease_s),
+            pending_workers=self.acks.pending(status.latch_revision, lease_s=lease_s),
+            held_by=self._held_by(),
         )
-        return {k: v for k, v in full.items() if v is not None} | {"events": events}
+        await self._save(document, record=record, new=[])
+        self._status = status
 
-    def _acknowledgements(self) -> list[Acknowledgement]:
-        return [
-            Acknowledgement(
-                worker=ack.worker_id,
-                revision=ack.revision,
-                at=datetime.fromtimestamp(ack.acked_at_ms / 1000, tz=UTC),
-                state=TradingState(ack.state),
-                open_orders_cancelled=ack.open_orders_cancelled,
-            )
-            for ack in self.acks.live().values()
-        ]
+    async def _save(
+        self, document: dict[str, Any], *, record: EssRecord, new: Sequence[dict[str, Any]]
+    ) -> None:
+        """Store the status document (absent values left out) with the events, when it differs
+        from the stored copy; re-read first, so a concurrent spec write is kept."""
+        events = [*self._events, *new][-MAX_EVENTS:]
+        full = {k: v for k, v in document.items() if v is not None} | {"events": events}
+        if full != record.status:
+            current = await self._read()
+            if current is not None:
+                await self._put(current.with_status(full))
+        self._document, self._events = full, events
+
+    def _held_by(self) -> tuple[str, ...]:
+        return tuple(self._channel.held_by())
 
     async def _read(self) -> EssRecord | None:
         """The stored resource; one that does not decode raises ``MessageRejected``: the round

@@ -94,13 +94,22 @@ async def reset(bus: Bus, *, name: str, timeout_s: float) -> Outcome:
 
 
 async def wait_for_acks(bus: Bus, *, name: str, timeout_s: float) -> EssRecord:
-    """The record once every live worker acknowledged its latch revision, or at the timeout."""
+    """The record once every known worker acknowledged its latch revision, once the control
+    plane reported the ones that did not (its ``AckTimeout`` condition), or at ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         record = await read_record(bus, name)
-        if _all_acknowledged(record) or time.monotonic() >= deadline:
+        if _all_acknowledged(record) or ack_timed_out(record) or time.monotonic() >= deadline:
             return record
         await asyncio.sleep(POLL_S)
+
+
+def ack_timed_out(record: EssRecord) -> bool:
+    """Whether the control plane reports workers overdue (the ``AckTimeout`` condition)."""
+    return any(
+        c.get("type") == "AckTimeout" and c.get("status") == "True"
+        for c in record.list_in_status("conditions")
+    )
 
 
 def _all_acknowledged(record: EssRecord) -> bool:
@@ -111,7 +120,7 @@ def _all_acknowledged(record: EssRecord) -> bool:
     )
 
 
-Judge = Callable[[EssRecord], Verdict]
+Judge = Callable[[EssRecord, tuple[dict[str, Any], ...]], Verdict]
 
 
 async def _apply(
@@ -132,7 +141,7 @@ async def _apply(
             written = await _write(bus, record, patch, tripped_by=tripped_by)
         elif record.observed_generation >= written.generation:
             events = _events_since(record, since)
-            return Outcome(verdict=judge(record), record=record, events=events)
+            return Outcome(verdict=judge(record, events), record=record, events=events)
         if time.monotonic() >= deadline:
             return Outcome(verdict=Verdict.NOT_OBSERVED, record=record, events=())
         await asyncio.sleep(POLL_S)
@@ -155,18 +164,22 @@ def _lost(record: EssRecord, *, written: EssRecord, patch: Mapping[str, Any]) ->
     return any(document.get(key) != value for key, value in patch.items())
 
 
-def _judge_trip(record: EssRecord) -> Verdict:
+def _judge_trip(record: EssRecord, events: tuple[dict[str, Any], ...]) -> Verdict:
     state = record.ess_status().state
     return Verdict.OVERRIDDEN if state is EssState.ARMED else Verdict.TRIPPED
 
 
-def _judge_reset(record: EssRecord) -> Verdict:
+def _judge_reset(record: EssRecord, events: tuple[dict[str, Any], ...]) -> Verdict:
     status = record.ess_status()
     if status.state is EssState.ARMED:
         return Verdict.RESET
     if status.state is EssState.COOLING_DOWN:
         return Verdict.DEFERRED
-    return Verdict.REFUSED if status.reset_refused_until is not None else Verdict.OVERRIDDEN
+    # Refused in the cooldown, or because a trigger's condition still holds (an event says so).
+    refused = status.reset_refused_until is not None or any(
+        e.get("reason") == "ResetRefused" for e in events
+    )
+    return Verdict.REFUSED if refused else Verdict.OVERRIDDEN
 
 
 def _events_since(record: EssRecord, since: datetime) -> tuple[dict[str, Any], ...]:

@@ -310,6 +310,14 @@ class StaleDataEvaluator:
             self._last_seen[symbol] = now_ms
             self._alerted.discard(symbol)
 
+    def stale(self, now_ms: int) -> dict[str, Decimal]:
+        """Each watched symbol stale at ``now_ms``, with the seconds since its last candle."""
+        return {
+            symbol: Decimal(now_ms - last_ms) / 1000
+            for symbol, last_ms in sorted(self._last_seen.items())
+            if now_ms - last_ms > self._max_age_ms
+        }
+
     def check(self, now_ms: int) -> list[RiskAlert]:
         """An alert for each watched symbol that went stale since the last check (sorted)."""
         alerts = []
