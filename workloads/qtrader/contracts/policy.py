@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from qtrader.contracts.documents import read_resource
+from qtrader.contracts.numbers import QUOTED_PLACES, PositiveMoney, UnitFloat
 
 API_GROUP = "qtrader.dev"
 API_VERSION = "v1alpha1"
@@ -45,10 +46,12 @@ class TradingMode(enum.StrEnum):
 
 class RiskLimits(_Spec):
     max_open_positions: int = Field(default=3, ge=1, le=100)
-    max_position_usd: Decimal = Field(default=Decimal(1000), gt=0)
-    max_leverage: Decimal = Field(default=Decimal(3), ge=1, le=125)
-    max_drawdown_pct: Decimal = Field(default=Decimal(3), gt=0, le=100)
-    min_confidence: float = Field(default=0.6, ge=0.0, le=1.0)
+    max_position_usd: PositiveMoney = Decimal(1000)
+    max_leverage: Decimal = Field(default=Decimal(3), ge=1, le=125, decimal_places=QUOTED_PLACES)
+    max_drawdown_pct: Decimal = Field(
+        default=Decimal(3), gt=0, le=100, decimal_places=QUOTED_PLACES
+    )
+    min_confidence: UnitFloat = 0.6
     max_slippage_bps: int = Field(default=20, ge=0, le=1000)
 
 
@@ -59,9 +62,9 @@ class SignalThrottling(_Spec):
 
 
 class PaperExchangeSettings(_Spec):
-    initial_capital_usd: Decimal = Field(default=Decimal(10_000), gt=0)
-    fee_bps: Decimal = Field(default=Decimal(4), ge=0, le=100)
-    slippage_bps: Decimal = Field(default=Decimal(2), ge=0, le=1000)
+    initial_capital_usd: PositiveMoney = Decimal(10_000)
+    fee_bps: Decimal = Field(default=Decimal(4), ge=0, le=100, decimal_places=QUOTED_PLACES)
+    slippage_bps: Decimal = Field(default=Decimal(2), ge=0, le=1000, decimal_places=QUOTED_PLACES)
 
 
 class ResourceAmounts(_Spec):
