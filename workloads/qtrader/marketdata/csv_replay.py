@@ -29,10 +29,11 @@ import heapq
 import io
 import re
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from pydantic import ValidationError
 
@@ -133,7 +134,7 @@ def _parse_lines(
 ) -> Iterator[Candle]:
     reader = csv.reader(lines)
     previous: Candle | None = None
-    for row in reader:
+    for row in _rows(reader, where=where):
         if _is_blank(row) or (reader.line_num == 1 and _is_header(row)):
             continue
         location = f"{where}, line {reader.line_num}"
@@ -148,6 +149,36 @@ def _parse_lines(
         _check_after(previous, candle, location)
         previous = candle
         yield candle
+
+
+def _rows(reader: Any, *, where: str) -> Iterator[list[str]]:
+    """The reader's rows; bytes that are not UTF-8, a NUL or an oversized field become a
+    ``KlineFormatError`` at the line where reading stopped, like any other bad row."""
+    while True:
+        try:
+            row: list[str] = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise KlineFormatError(f"{where}, line {reader.line_num + 1}: {exc}") from None
+        yield row
+
+
+def validate_replay_files(paths: Iterable[Path]) -> int:
+    """Read every row of every kline file, as a replay will, before anything starts.
+
+    Returns the number of candles; raises ``KlineFormatError`` (file, line, problem) or
+    ``ValueError``/``OSError`` (a name that does not say the symbol, a missing file) on the
+    first problem, so a bad row at line 302 is refused before candle 1 is published.
+    """
+    total = 0
+    for path in paths:
+        symbol, interval = infer_symbol_interval(path)
+        try:
+            total += sum(1 for _ in read_klines(path, symbol=symbol, interval=interval))
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise KlineFormatError(f"{path}: a damaged zip: {exc}") from None
+    return total
 
 
 def _is_blank(row: list[str]) -> bool:
