@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from pydantic import ValidationError
 
@@ -111,15 +111,35 @@ def read_klines(path: Path, *, symbol: str, interval: str) -> Iterator[Candle]:
 
 def _read_file(path: Path, *, symbol: str, interval: str) -> Iterator[Candle]:
     if path.suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as text:
-            yield from _parse_lines(text, where=str(path), symbol=symbol, interval=interval)
+        try:
+            with path.open(encoding="utf-8-sig", newline="") as text:
+                yield from _parse_lines(text, where=str(path), symbol=symbol, interval=interval)
+        except UnicodeDecodeError as exc:
+            with path.open("rb") as raw:
+                raise _not_utf8(str(path), raw, exc) from None
         return
     with zipfile.ZipFile(path) as archive:
         member = _only_csv_member(archive, path)
-        with archive.open(member) as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-            where = f"{path} ({member})"
-            yield from _parse_lines(text, where=where, symbol=symbol, interval=interval)
+        where = f"{path} ({member})"
+        try:
+            with archive.open(member) as raw:
+                text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+                yield from _parse_lines(text, where=where, symbol=symbol, interval=interval)
+        except UnicodeDecodeError as exc:
+            with archive.open(member) as raw:
+                raise _not_utf8(where, raw, exc) from None
+
+
+def _not_utf8(where: str, raw: IO[bytes], exc: UnicodeDecodeError) -> KlineFormatError:
+    """The error for bytes that are not UTF-8, at their line: the text reader decodes ahead in
+    chunks, so the csv reader's line number is not where they are. Found again line by line
+    (a line break is never part of a multi-byte character)."""
+    for number, line in enumerate(raw, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return KlineFormatError(f"{where}, line {number}: not UTF-8: {bad.reason}")
+    return KlineFormatError(f"{where}: not UTF-8: {exc.reason}")
 
 
 def _only_csv_member(archive: zipfile.ZipFile, path: Path) -> str:
@@ -152,14 +172,14 @@ def _parse_lines(
 
 
 def _rows(reader: Any, *, where: str) -> Iterator[list[str]]:
-    """The reader's rows; bytes that are not UTF-8, a NUL or an oversized field become a
-    ``KlineFormatError`` at the line where reading stopped, like any other bad row."""
+    """The reader's rows; a row the csv module cannot split (an oversized field, a stray
+    quote) becomes a ``KlineFormatError`` at its line, like any other bad row."""
     while True:
         try:
             row: list[str] = next(reader)
         except StopIteration:
             return
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except csv.Error as exc:
             raise KlineFormatError(f"{where}, line {reader.line_num + 1}: {exc}") from None
         yield row
 
