@@ -14,9 +14,12 @@ changed it and strict everywhere else:
 * Timestamps are milliseconds, but newer spot files switched to microseconds. A timestamp of 16
   or more digits is read as microseconds and divided by 1000 (a millisecond timestamp has 13
   digits until the year 2286), so one reader serves both.
-* Anything else - a wrong column count, a non-number, a high below the low, a candle that is not
-  after the previous one - raises ``KlineFormatError`` naming the file, the line and the problem.
-  A replay that skipped bad rows would backtest against a market that never existed.
+* Anything else - a wrong column count, a non-number, a value outside the Candle's bounds
+  (``"1e999"``), bytes that are not UTF-8, a high below the low, a candle that is not after the
+  previous one - raises ``KlineFormatError`` naming the file, the line and the problem. A replay
+  that skipped bad rows would backtest against a market that never existed.
+* ``validate_replay_files`` reads every row of every file before a replay starts (``qtrader up
+  --replay``), so a bad row at line 302 is refused before the first candle is published.
 
 ``KlineFormatError`` and ``candle_from_kline`` also serve the live feed (``live.py``), so a kline
 from a file and one from the websocket pass the same checks.
