@@ -70,7 +70,13 @@ from qtrader.bus.errors import BusUnavailable, TopologyError
 from qtrader.bus.outbox import Outbox
 from qtrader.bus.outbox_publisher import OutboxPublisher, StreamAck
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Message, MessageRejected, Undecodable, decode
+from qtrader.contracts.messages import (
+    Message,
+    MessageRejected,
+    RejectReason,
+    Undecodable,
+    decode,
+)
 from qtrader.health.contract import DependencyHealth, Status
 
 log = logging.getLogger(__name__)
@@ -840,6 +846,10 @@ def _decode_counted(label: str, msg: Msg, message_type: type[M]) -> M | None:
     except MessageRejected as rejected:
         REJECTED.labels(label, rejected.reason.value).inc()
         log.warning("%s skipped a message on %s: %s", label, msg.subject, rejected)
+        return None
+    except Exception:  # decode raises nothing else; if it ever does, the input is still skipped
+        REJECTED.labels(label, RejectReason.MALFORMED.value).inc()
+        log.exception("%s skipped a message on %s: decoding failed", label, msg.subject)
         return None
 
 
