@@ -410,6 +410,7 @@ class Bus:
         except _UNAVAILABLE as exc:
             PUBLISH_FAILURES.labels(_family(subjects.unscoped_subject(self._stack, subject))).inc()
             raise BusUnavailable(f"publish to {subject} not acknowledged: {exc!r}") from exc
+        _stop_if_cancelled()
         return StreamAck(sequence=int(ack.seq), duplicate=bool(ack.duplicate))
 
     async def replay_forever(self) -> None:
@@ -434,6 +435,7 @@ class Bus:
             await self._client.publish(subject, message.encode())
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"broadcast on {subject} failed: {exc!r}") from exc
+        _stop_if_cancelled()
         await self._round_trip(self._flush_timeout_s)
 
     # --- consuming ---------------------------------------------------------------------------
@@ -792,6 +794,15 @@ class Bus:
             self._refused[(label, key)] = revision
             REJECTED.labels(label, found.reason.value).inc()
             log.warning("%s", found)
+
+
+def _stop_if_cancelled() -> None:
+    """Re-raise a cancellation nats-py swallowed: 2.16's ``_flush_pending`` ends in ``except
+    CancelledError: pass``, so a task cancelled while a publish waited in the flush queue would
+    go on as if nothing happened (a heartbeat loop that never stops)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _close_client(client: Client) -> None:
