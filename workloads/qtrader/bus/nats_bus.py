@@ -602,13 +602,16 @@ class Bus:
         label: str,
         caught_up: asyncio.Event | None = None,
         from_now: bool = False,
+        from_last: bool = False,
     ) -> None:
         """Deliver every stored message from the first, then new ones, in order, until cancelled.
 
         An ordered ephemeral consumer: nothing to ack, recreated by the client after a gap or a
         reconnect. For state that is rebuilt from a stream at every start (the portfolio, the
         execution's positions). ``caught_up`` is set once every message stored when this started
-        has been handled. ``from_now`` skips what is stored already: every message stored from
+        has been handled. ``from_last`` starts at each subject's last stored message (the last
+        price of each symbol), then every new one. ``from_now`` skips what is stored already:
+        every message stored from
         now on, none missed across a reconnect (unlike a core subscription).
         """
         stream = subjects.scoped_stream(self._stack, stream)
@@ -628,7 +631,7 @@ class Bus:
                 stream=stream.name,
                 cb=on_message,
                 ordered_consumer=True,
-                deliver_policy=DeliverPolicy.NEW if from_now else DeliverPolicy.ALL,
+                deliver_policy=_deliver_policy(from_now=from_now, from_last=from_last),
             )
         )
 
@@ -794,6 +797,14 @@ class Bus:
             self._refused[(label, key)] = revision
             REJECTED.labels(label, found.reason.value).inc()
             log.warning("%s", found)
+
+
+def _deliver_policy(*, from_now: bool, from_last: bool) -> DeliverPolicy:
+    if from_now and from_last:
+        raise ValueError("from_now and from_last exclude each other")
+    if from_last:
+        return DeliverPolicy.LAST_PER_SUBJECT
+    return DeliverPolicy.NEW if from_now else DeliverPolicy.ALL
 
 
 def _stop_if_cancelled() -> None:
