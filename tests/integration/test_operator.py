@@ -203,9 +203,12 @@ async def _close_sessions_kopf_left() -> None:
     blame on this test. They are kopf's, not ours (the operator's own client is httpx), and the
     operator is gone by now, so closing them here changes nothing it does.
     """
-    for candidate in gc.get_objects():
-        if isinstance(candidate, aiohttp.ClientSession) and not candidate.closed:
-            await candidate.close()
+    # ``type`` and not ``isinstance``: the latter asks every object for its ``__class__``, and
+    # some modules' deprecated attributes warn when asked (torch's, once imported).
+    sessions = [o for o in gc.get_objects() if type(o) is aiohttp.ClientSession]
+    for session in sessions:
+        if not session.closed:
+            await session.close()
 
 
 @pytest.fixture
