@@ -351,6 +351,13 @@ _FINAL_STATUSES = frozenset(
 )
 
 
+# The ``exchange`` of an update for an order refused before any venue saw it: by the halt gate,
+# or by the exposure book (a limit, nothing to reduce, the intent expired).
+GATE_NAME = "halt-gate"
+BOOK_NAME = "exposure-book"
+_REFUSED_BEFORE_VENUE = frozenset({GATE_NAME, BOOK_NAME})
+
+
 class OrderUpdate(Message):
     KIND = "order_update"
     kind: Literal["order_update"] = "order_update"
@@ -370,6 +377,11 @@ class OrderUpdate(Message):
     @property
     def dedup_id(self) -> str:
         return f"order:{self.client_order_id}:{self.status.value}:{self.filled_quantity}"
+
+    @property
+    def refused_before_venue(self) -> bool:
+        """Ended by our own checks (the halt gate, the exposure book): no venue saw it."""
+        return self.exchange in _REFUSED_BEFORE_VENUE
 
 
 class Fill(Message):

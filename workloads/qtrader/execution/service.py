@@ -58,6 +58,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    BOOK_NAME,
+    GATE_NAME,
     Candle,
     ControlHeartbeat,
     Fill,
@@ -98,7 +100,7 @@ from qtrader.execution.exposure import (
 )
 from qtrader.execution.halt import HaltGate
 from qtrader.execution.intake import Dropped, SignalIntake, policy_ttl_ms
-from qtrader.execution.orders import BOOK_NAME, GATE_NAME, DriverSettings, OrderDriver
+from qtrader.execution.orders import DriverSettings, OrderDriver
 from qtrader.execution.paper import PaperExchange, PaperVenue
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
