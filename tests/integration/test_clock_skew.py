@@ -23,8 +23,7 @@ from qtrader.exchange.binance import CLOCK_SKEW_CRITICAL_AFTER
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader.simulators.binance_futures import SimAdmin
-from qtrader.simulators.binance_futures.process import sim_process
-from support.binance_sim import KEY, SECRET
+from support.binance_sim import KEY, SECRET, sim_process
 from support.flow import flowing
 from support.workers import Worker, eventually, start_worker
 

@@ -23,7 +23,7 @@ from qtrader.contracts.messages import (
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.execution.decisions import attempt_client_order_id, client_order_id_for
 from qtrader.stress.invariants import VenueRejection, VenueTrade
-from support.invariants import TradingRecords, VenueRecords, judge
+from support.invariants import Check, TradingRecords, VenueRecords, judge
 
 T0 = 1_700_000_000_000
 SPEC = TradingPolicySpec.model_validate(
@@ -202,3 +202,9 @@ def test_on_the_binance_server_its_own_trades_and_refusals_are_judged() -> None:
     summary = judge(records(venues=[venue])).summary()
     assert "max_position_usd" in summary
     assert "1 reduce-only rejections" in summary
+
+
+def test_an_exempt_check_is_noted_and_not_judged() -> None:
+    report = judge(records(fills=[*FILLS, FILLS[1]]), skip=frozenset({Check.DUPLICATES}))
+    assert report.ok, report.summary()
+    assert "note: duplicates not judged (exempt)" in report.summary()
