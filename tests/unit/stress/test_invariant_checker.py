@@ -142,7 +142,7 @@ def test_a_position_beyond_its_limit_fails() -> None:
     report = judge(
         records(
             intents=[BUY, SELL, more],
-            updates=records().updates + updates(more, "30000"),
+            updates=[*records().updates, *updates(more, "30000")],
             fills=[*FILLS, fill(more, "30000", "0.36", T0 + 5)],
             snapshot=None,
         )
