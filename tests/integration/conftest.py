@@ -37,6 +37,11 @@ from support.leaks import collect_leaks
 # Fixtures whose value gives a test a nats-server the workloads trade on, and how to reach it
 # (``stack``: test_local_ess's ``qtrader up``, module-scoped).
 TRADING_FIXTURES = ("nats_server", "stack")
+# Modules not yet checked, and why (each to be wired, not to stay here).
+NOT_YET_WIRED = {
+    "test_operator.py": "being changed by another engineer; its per-policy stacks trade on "
+    "scoped streams, which need the checker's stack= for each",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,6 +60,8 @@ def trading_invariants(request: pytest.FixtureRequest) -> Iterator[None]:
     so it is still running when this is torn down; worker processes a test starts itself are
     gone by then, so the portfolio must have applied every fill before the test ends."""
     skip = _exempt(request.node.get_closest_marker("invariants_exempt"))
+    if request.node.path.name in NOT_YET_WIRED:
+        skip = frozenset(Check)
     servers = [
         request.getfixturevalue(name) for name in TRADING_FIXTURES if name in request.fixturenames
     ]
