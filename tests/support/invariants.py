@@ -142,6 +142,7 @@ def judge(records: TradingRecords, *, skip: frozenset[Check] = frozenset()) -> I
     found = [Problem(check=Check.EXPOSURE, text=f"exposure: {r.summary()}") for r in exposure]
     found = [p for p, r in zip(found, exposure, strict=True) if not r.ok]
     found += _stream_problems(records) + ledger
+    notes.append(_venue_note(records))
     notes += [f"{check.value} not judged (exempt)" for check in sorted(skip)]
     return InvariantReport(
         problems=tuple(p for p in found if p.check not in skip),
@@ -168,6 +169,14 @@ def _exposure(records: TradingRecords) -> list[ExposureReport]:
         )
         for venue in records.venues
     ]
+
+
+def _venue_note(records: TradingRecords) -> str:
+    if not records.venues:
+        return "exposure from the FILLS stream (the paper exchange's only record)"
+    return "exposure from the records of the Binance server(s) at " + ", ".join(
+        v.base_url for v in records.venues
+    )
 
 
 def _stream_problems(records: TradingRecords) -> list[Problem]:
