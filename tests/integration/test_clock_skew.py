@@ -23,9 +23,9 @@ from qtrader.exchange.binance import CLOCK_SKEW_CRITICAL_AFTER
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader.simulators.binance_futures import SimAdmin
-from qtrader.simulators.binance_futures.process import sim_process
-from support.binance_sim import KEY, SECRET
+from support.binance_sim import KEY, SECRET, sim_process
 from support.flow import flowing
+from support.invariants import settle_portfolio
 from support.workers import Worker, eventually, start_worker
 
 pytestmark = pytest.mark.integration
@@ -131,6 +131,10 @@ async def test_skew_a_resync_does_not_cure_makes_health_critical_until_orders_go
     finally:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
+        # Execution first, then the portfolio once it has applied the last fills: the
+        # end-of-test check holds it to every fill on FILLS.
+        execution.stop()
+        await settle_portfolio(url)
         for worker in workers:
             worker.stop()
         await bus.close()

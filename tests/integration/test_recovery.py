@@ -126,6 +126,9 @@ async def settled(worker: Worker, bus: Bus, url: str, fills: int) -> PortfolioSn
     return result[0]
 
 
+@pytest.mark.invariants_exempt(
+    "exposure", "orders", reason="the test plays the venue: its 2,000 fills belong to no order"
+)
 async def test_portfolio_killed_mid_stream_comes_back_to_the_same_cents(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
@@ -176,6 +179,12 @@ async def test_portfolio_killed_mid_stream_comes_back_to_the_same_cents(
         assert by_symbol.get(symbol, Decimal(0)) == quantity
 
 
+@pytest.mark.invariants_exempt(
+    "exposure",
+    "orders",
+    "duplicates",
+    reason="the test plays the venue and stores each fill twice, to prove it counts once",
+)
 async def test_the_same_fill_delivered_twice_counts_once(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
@@ -218,6 +227,11 @@ async def test_the_same_fill_delivered_twice_counts_once(
     assert cents(snapshot.realized_pnl) == cents(realized)
 
 
+@pytest.mark.invariants_exempt(
+    "duplicates",
+    "ledger",
+    reason="the test stores the intent again (new message ids) and plays the portfolio",
+)
 async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
@@ -327,6 +341,9 @@ def _metric(worker: Worker, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+@pytest.mark.invariants_exempt(
+    "exposure", "orders", reason="the test plays the venue: an oversized fill of no order"
+)
 async def test_a_drawdown_beyond_the_policy_limit_raises_one_risk_alert(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:

@@ -4,21 +4,81 @@ In a thread it has its own event loop, so a test may call the synchronous admin 
 or python-binance from its own loop without blocking the server. As a process (the simulator's
 CLI, ``qtrader.simulators.binance_futures.process.sim_process``) it serves several worker or
 flood processes at once.
+
+Each simulator started here is remembered for the test's invariant check (``venues_seen``):
+its records are read when it stops (and on demand while it runs, for a simulator that outlives
+the test), since the check runs after the test, when the simulator may be gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
 
 from qtrader.simulators.binance_futures import BinanceFuturesSim, SimConfig
-from qtrader.simulators.binance_futures.process import sim_process
+from qtrader.simulators.binance_futures import process as sim_cli
+from qtrader.simulators.binance_futures.admin import SimAdminError
+from support.invariants import VenueRecords, read_venue
 
-__all__ = ["KEY", "SECRET", "sim_in_thread", "sim_process"]
+__all__ = [
+    "KEY",
+    "SECRET",
+    "forget_venues",
+    "sim_in_thread",
+    "sim_process",
+    "unreadable_venues",
+    "venues_seen",
+]
 
 KEY, SECRET = "sim-key", "sim-secret"
+
+# Base URL -> the records read when it stopped; None while it runs.
+_VENUES: dict[str, VenueRecords | None] = {}
+_UNREADABLE: list[str] = []  # simulators whose records could not be read when they stopped
+
+
+def venues_seen() -> list[VenueRecords]:
+    """The records of every simulator started since ``forget_venues``."""
+    return [records or read_venue(url) for url, records in _VENUES.items()]
+
+
+def unreadable_venues() -> list[str]:
+    return list(_UNREADABLE)
+
+
+def forget_venues() -> None:
+    """Start a new test: stopped simulators are forgotten, running ones (module fixtures) kept."""
+    _UNREADABLE.clear()
+    for url in [url for url, records in _VENUES.items() if records is not None]:
+        del _VENUES[url]
+
+
+@contextmanager
+def _remembered(url: str) -> Iterator[str]:
+    _VENUES[url] = None
+    try:
+        yield url
+    finally:
+        # Read before it stops. One that no longer answers (the test killed it, or failed) has
+        # nothing left to judge by; the check then says so instead of judging nothing.
+        try:
+            _VENUES[url] = read_venue(url)
+        except (httpx.HTTPError, SimAdminError):
+            del _VENUES[url]
+            _UNREADABLE.append(url)
+
+
+@contextmanager
+def sim_process(config: Mapping[str, Any], work_dir: Path) -> Iterator[str]:
+    """The simulator's CLI in its own process (``sim_cli.sim_process``); yields its URL."""
+    with sim_cli.sim_process(config, work_dir) as url, _remembered(url):
+        yield url
 
 
 @contextmanager
@@ -29,7 +89,9 @@ def sim_in_thread(config: SimConfig | None = None) -> Iterator[str]:
     thread.start()
     server = BinanceFuturesSim(config or SimConfig())
     try:
-        yield asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=10)
+        url = asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=10)
+        with _remembered(url):
+            yield url
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)

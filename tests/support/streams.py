@@ -8,33 +8,79 @@ from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 
-from qtrader.contracts.messages import Message, decode
+from qtrader.contracts.messages import Message, MessageRejected, decode
 
 M = TypeVar("M", bound=Message)
 
 
 async def read_all(url: str, *, stream: str, subject: str, message_type: type[M]) -> list[M]:
     """Every message stored on ``subject`` in ``stream``, oldest first."""
+    return [
+        decode(data, message_type) for data in await read_raw(url, stream=stream, subject=subject)
+    ]
+
+
+async def read_decodable(
+    url: str, *, stream: str, subject: str, message_type: type[M]
+) -> tuple[list[M], int]:
+    """What ``read_all`` reads, leaving out (and counting) what does not decode, as the
+    consumers do: a poison message a test put on a stream is not the pipeline's output."""
+    messages: list[M] = []
+    skipped = 0
+    for data in await read_raw(url, stream=stream, subject=subject):
+        try:
+            messages.append(decode(data, message_type))
+        except MessageRejected:
+            skipped += 1
+    return messages, skipped
+
+
+async def read_raw(url: str, *, stream: str, subject: str) -> list[bytes]:
+    """The payloads stored on ``subject`` in ``stream``, oldest first; none when the stream
+    does not exist (nothing was ever published to it)."""
     async with _connection(url) as connection:
         js = connection.jetstream(timeout=15)  # a loaded CI machine answers slowly
+        try:
+            if not await _holds_any(js, stream, subject):
+                return []  # without waiting for a fetch to time out
+        except nats.js.errors.NotFoundError:
+            return []
         subscription = await js.pull_subscribe(
             subject,
             stream=stream,
             config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
         )
-        messages: list[M] = []
+        payloads: list[bytes] = []
         while True:
             try:
                 batch = await subscription.fetch(500, timeout=0.5)
             except nats.errors.TimeoutError:
-                return messages
-            messages.extend(decode(m.data, message_type) for m in batch)
+                return payloads
+            payloads.extend(m.data for m in batch)
             # Stop at what the stream held when we caught up, even while producers keep going.
             if batch and batch[-1].metadata.num_pending == 0:
-                return messages
+                return payloads
+
+
+async def last_stored(url: str, *, stream: str, subject: str, message_type: type[M]) -> M | None:
+    """The newest message stored on ``subject`` (None when there is none)."""
+    async with _connection(url) as connection:
+        js = connection.jetstream(timeout=15)
+        try:
+            raw = await js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        return decode(raw.data or b"", message_type)
+
+
+async def _holds_any(js: JetStreamContext, stream: str, subject: str) -> bool:
+    info = await js.stream_info(stream, subjects_filter=subject)
+    return any((info.state.subjects or {}).values())
 
 
 async def publish_raw(url: str, subject: str, payload: bytes, *, msg_id: str) -> None:
@@ -47,6 +93,18 @@ async def kv_put_raw(url: str, bucket: str, key: str, value: bytes) -> int:
     async with _connection(url) as connection:
         kv = await connection.jetstream(timeout=15).key_value(bucket)
         return int(await kv.put(key, value))
+
+
+async def kv_get_raw(url: str, bucket: str, key: str) -> bytes | None:
+    """A KV key's current value; None when the bucket or the key does not exist (or was
+    deleted)."""
+    async with _connection(url) as connection:
+        try:
+            kv = await connection.jetstream(timeout=15).key_value(bucket)
+            entry = await kv.get(key)
+        except nats.js.errors.NotFoundError:  # no bucket, no key, or a deleted key
+            return None
+        return entry.value
 
 
 async def kv_delete_raw(url: str, bucket: str, key: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
 
 from qtrader.stress.invariants import (
@@ -40,6 +41,19 @@ def test_positions_within_the_limit_pass_and_the_worst_ratio_is_reported() -> No
     assert report.ok, report.summary()
     assert report.max_position_ratio == Decimal("0.99")
     assert report.final_positions == {"BTCUSDT": Decimal(0)}
+
+
+def test_trades_are_replayed_in_the_venues_booking_order_when_its_clock_went_back() -> None:
+    """The clock-skew test's venue: its clock set 20 s back between the second and third trade.
+    In booking order the position never passes 0.033; by time it would open at 0.063."""
+    booked = [("BUY", "0.033", 37_133), ("SELL", "0.064", 37_392), ("BUY", "0.063", 19_685)]
+    trades = [
+        replace(_trade(n, "BTCUSDT", side, qty, "30000"), time_ms=t)
+        for n, (side, qty, t) in enumerate(booked, start=1)
+    ]
+    report = check_exposure(trades=trades, limits=LIMITS)
+    assert report.ok, report.summary()
+    assert report.final_positions == {"BTCUSDT": Decimal("0.032")}
 
 
 def test_one_step_beyond_the_limit_is_tolerated_two_are_not() -> None:

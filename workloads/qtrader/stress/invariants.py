@@ -2,7 +2,8 @@
 
 Safety invariant 1 (REQUIREMENTS.md): no position on the venue exceeds the policy's limits by
 more than one step size, and no reduce-only order is rejected. ``check_exposure`` replays the
-venue's trades in the venue's order (time, then trade id), keeps each symbol's signed position,
+venue's trades in the venue's order (its trade ids: the order it booked them in; its clock may
+go back, as the clock-skew test sets it), keeps each symbol's signed position,
 and after every trade compares it with the limits:
 
 * ``max_position_usd``: after every trade that *adds* exposure (opens a position, adds to it or
@@ -133,7 +134,9 @@ def check_exposure(
     positions: dict[str, Decimal] = {}
     violations: list[Violation] = []
     worst_ratio, held_ratio, worst_open, count = _ZERO, _ZERO, 0, 0
-    for trade in sorted(trades, key=lambda t: (t.time_ms, t.trade_id)):
+    # By trade id, not time: a venue's clock can be set back (seen: the clock-skew test's 20 s
+    # made two later trades sort first and showed a 0.063 BTC position the venue never held).
+    for trade in sorted(trades, key=lambda t: t.trade_id):
         count += 1
         before = positions.get(trade.symbol, _ZERO)
         position = before + trade.signed_quantity

@@ -135,6 +135,8 @@ class OrderAudit:
     without_final: int  # intents with no final update
     orphan_updates: int  # updates of an intent the stream does not hold
     orphan_fills: int  # fills of no known order (attempt) of any intent
+    fills_without_update: int  # fills whose client order id no order update carries
+    extra_finals: int  # final updates of an intent beyond its first (one final per intent)
     fill_mismatches: int  # intents whose updates and fills disagree on the quantity filled
     illegal_order: int  # intents whose updates are not in a legal state order
     duplicates: int  # intents, updates and fills repeating a natural id
@@ -149,7 +151,8 @@ def audit_orders(
     for update in updates:
         by_intent[update.intent_id].append(update)
     owner = {i.client_order_id: i.intent_id for i in intents}
-    owner.update({u.client_order_id: u.intent_id for u in updates})  # attempts' own ids
+    updated = {u.client_order_id: u.intent_id for u in updates}  # attempts' own ids
+    owner.update(updated)
     filled: dict[str, Decimal] = defaultdict(Decimal)
     orphan_fills = 0
     for fill in fills:
@@ -169,6 +172,8 @@ def audit_orders(
         without_final=sum(1 for i in known if not finals.get(i)),
         orphan_updates=sum(len(us) for i, us in by_intent.items() if i not in known),
         orphan_fills=orphan_fills,
+        fills_without_update=sum(1 for f in fills if f.client_order_id not in updated),
+        extra_finals=sum(max(0, len(us) - 1) for us in finals.values()),
         fill_mismatches=sum(
             1 for i in known if _reported_filled(by_intent.get(i, [])) != filled.get(i, Decimal(0))
         ),
