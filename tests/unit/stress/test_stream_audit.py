@@ -21,7 +21,8 @@ from qtrader.contracts.messages import (
     Signal,
 )
 from qtrader.execution.decisions import attempt_client_order_id, client_order_id_for
-from qtrader.stress.scenarios.broker_outage import last_closes, ledger_mismatches, recovered
+from qtrader.stress.exact import last_closes, ledger_mismatches
+from qtrader.stress.scenarios.broker_outage import recovered
 from qtrader.stress.scenarios.ess_lifecycle import (
     Cycle,
     filled_after_ack,

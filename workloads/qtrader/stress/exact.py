@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 
-from qtrader.contracts.messages import Fill
+from qtrader.contracts.messages import Candle, Fill, PortfolioSnapshot
 
 USDT_STEP = Fraction(1, 10**8)  # a snapshot's money precision
 PCT_STEP = Fraction(1, 10**6)  # a snapshot's percentage precision
@@ -224,3 +224,46 @@ def independent_portfolio(
         if q != 0:
             account.marks[symbol] = Fraction(marks[symbol])
     return account.realized, account.fees, account.unrealized, dict(account.quantity)
+
+
+# --- the portfolio's snapshot against the account ------------------------------------------
+
+
+def last_closes(candles: list[Candle]) -> dict[str, Decimal]:
+    """Each symbol's close at its latest open time."""
+    latest: dict[str, Candle] = {}
+    for candle in candles:
+        if candle.symbol not in latest or candle.open_time_ms > latest[candle.symbol].open_time_ms:
+            latest[candle.symbol] = candle
+    return {symbol: candle.close for symbol, candle in latest.items()}
+
+
+def ledger_mismatches(
+    snapshot: PortfolioSnapshot | None,
+    fills: list[Fill],
+    *,
+    marks: dict[str, Decimal],
+    capital: Decimal,
+) -> list[str]:
+    """What of the snapshot differs from the exact account, to the cent (quantities exactly)."""
+    if snapshot is None:
+        return ["no portfolio snapshot"]
+    account = replay(fills, capital=capital, marks=marks)
+    wrong = []
+    if snapshot.fills_applied != len(fills):
+        wrong.append(f"fills applied {snapshot.fills_applied} != {len(fills)} on FILLS")
+    for name, theirs, ours in (
+        ("realized", snapshot.realized_pnl, account.realized),
+        ("fees", snapshot.fees, account.fees),
+        ("unrealized", snapshot.unrealized_pnl, account.unrealized),
+        ("equity", snapshot.equity, account.equity),
+    ):
+        if cents(theirs) != cents(ours):
+            wrong.append(f"{name} {cents(theirs)} != {cents(ours)}")
+    held = {p.symbol: Fraction(p.quantity) for p in snapshot.positions}
+    for symbol in sorted(set(held) | set(account.quantity)):
+        position = held.get(symbol, Fraction(0))
+        expected = account.quantity.get(symbol, Fraction(0))
+        if position != expected:
+            wrong.append(f"{symbol} position {position} != {expected}")
+    return wrong

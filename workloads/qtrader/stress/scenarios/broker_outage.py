@@ -74,7 +74,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from fractions import Fraction
 from pathlib import Path
 
 from qtrader.bus.errors import BusUnavailable
@@ -91,7 +90,7 @@ from qtrader.contracts.policy import TradingPolicy
 from qtrader.inference.features import WINDOW
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader.local.processes import Child
-from qtrader.stress.exact import cents, replay
+from qtrader.stress.exact import last_closes, ledger_mismatches
 from qtrader.stress.harness import Rig, ScenarioFailure, policy_document
 from qtrader.stress.invariants import check_exposure, from_paper_fills, judge_exposure, paper_limits
 from qtrader.stress.probes import family_total
@@ -626,46 +625,3 @@ def _figures(
             "illegal update orders": orders.illegal_order,
         }
     )
-
-
-# --- the independent account ------------------------------------------------------------------
-
-
-def last_closes(candles: list[Candle]) -> dict[str, Decimal]:
-    """Each symbol's close at its latest open time."""
-    latest: dict[str, Candle] = {}
-    for candle in candles:
-        if candle.symbol not in latest or candle.open_time_ms > latest[candle.symbol].open_time_ms:
-            latest[candle.symbol] = candle
-    return {symbol: candle.close for symbol, candle in latest.items()}
-
-
-def ledger_mismatches(
-    snapshot: PortfolioSnapshot | None,
-    fills: list[Fill],
-    *,
-    marks: dict[str, Decimal],
-    capital: Decimal,
-) -> list[str]:
-    """What of the snapshot differs from the exact account, to the cent (quantities exactly)."""
-    if snapshot is None:
-        return ["no portfolio snapshot"]
-    account = replay(fills, capital=capital, marks=marks)
-    wrong = []
-    if snapshot.fills_applied != len(fills):
-        wrong.append(f"fills applied {snapshot.fills_applied} != {len(fills)} on FILLS")
-    for name, theirs, ours in (
-        ("realized", snapshot.realized_pnl, account.realized),
-        ("fees", snapshot.fees, account.fees),
-        ("unrealized", snapshot.unrealized_pnl, account.unrealized),
-        ("equity", snapshot.equity, account.equity),
-    ):
-        if cents(theirs) != cents(ours):
-            wrong.append(f"{name} {cents(theirs)} != {cents(ours)}")
-    held = {p.symbol: Fraction(p.quantity) for p in snapshot.positions}
-    for symbol in sorted(set(held) | set(account.quantity)):
-        position = held.get(symbol, Fraction(0))
-        expected = account.quantity.get(symbol, Fraction(0))
-        if position != expected:
-            wrong.append(f"{symbol} position {position} != {expected}")
-    return wrong
