@@ -137,13 +137,16 @@ class Rig:
             self.children.supervised(worker.name)
             supervisor.add(
                 worker.name,
-                start=functools.partial(self.children.respawn, worker.name),
+                start=functools.partial(self._respawn, worker.name),
                 exit_code=functools.partial(self.children.exit_code, worker.name),
             )
         supervisor.add("nats-server", start=self.nats.start, exit_code=lambda: self.nats.returncode)
         self.spawn_task(supervisor.run(self._supervising), "supervisor")
         self.supervisor = supervisor
         return supervisor
+
+    def _respawn(self, name: str) -> None:
+        self.children.respawn(name)
 
     # --- control: policy, latch, heartbeats, the EmergencyStop --------------------------------
 

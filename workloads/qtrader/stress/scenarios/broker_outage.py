@@ -439,13 +439,15 @@ async def wait_feed_end(rig: Rig, pipeline: Pipeline, steps: int) -> None:
     await rig.until(ended, timeout_s=budget, what=f"the feed's {steps} steps")
 
 
-async def wait_quiet(rig: Rig, pipeline: Pipeline) -> None:
-    """Until every outbox is empty and no worker's counts moved for ``QUIET_ROUNDS`` rounds."""
+async def wait_quiet(rig: Rig, pipeline: Pipeline, *, feed_stopped: bool = False) -> None:
+    """Until every outbox is empty and no worker's counts moved for ``QUIET_ROUNDS`` rounds
+    (marketdata's outbox left out once its process was stopped: it has no /metrics then)."""
     seen: list[tuple[float, ...]] = []
+    workers = pipeline.workers[1:] if feed_stopped else pipeline.workers
 
     async def quiet() -> bool:
         seen.append(await _progress(rig, pipeline))
-        depths = await totals(rig, pipeline.workers, DEPTH)
+        depths = await totals(rig, workers, DEPTH)
         last = seen[-QUIET_ROUNDS:]
         return sum(depths.values()) == 0 and len(last) == QUIET_ROUNDS and len(set(last)) == 1
 
