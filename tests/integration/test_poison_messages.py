@@ -15,10 +15,6 @@ equity is unchanged, and the EmergencyStop did not trip (the latch is the one wr
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +25,13 @@ from prometheus_client import REGISTRY
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltLatch, Message, RiskAlertKind, TradingState
+from qtrader.contracts.messages import HaltLatch, TradingState
 from qtrader.contracts.policy import parse_policy
 from qtrader.control.ess_resource import parse_emergency_stop
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
-from support.messages import sample_messages
+from qtrader.stress.poison import published_poison
 from support.workers import Worker, eventually, start_worker
 
 pytestmark = pytest.mark.integration
@@ -50,76 +46,6 @@ POLICY = parse_policy(
         "spec": {"symbols": [SYMBOL], "policyRefreshSeconds": 1, "risk": {"minConfidence": 0.0}},
     }
 )
-HOSTILE_DECIMALS = ["1e999", "-1e999", "NaN", "Infinity", "-Infinity", "1e-999"]
-
-
-def _subject(message: Message) -> str:
-    """Where each kind of message travels (the sample messages are all for ``SYMBOL``)."""
-    by_kind = {
-        "candle": subjects.candle_subject(SYMBOL),
-        "signal": subjects.signal_subject(SYMBOL),
-        "order_intent": subjects.order_intent_subject(SYMBOL),
-        "order_update": subjects.order_update_subject(SYMBOL),
-        "fill": subjects.fill_subject(SYMBOL),
-        "portfolio_snapshot": subjects.PORTFOLIO_SNAPSHOT,
-        "risk_alert": subjects.risk_alert_subject(RiskAlertKind.FLASH_CRASH.value),
-        "halt_latch": subjects.CONTROL_HALT,
-        "halt_ack": subjects.CONTROL_HALT_ACK,
-        "control_heartbeat": subjects.CONTROL_HEARTBEAT,
-    }
-    return by_kind[message.KIND]
-
-
-def _leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    if isinstance(value, dict):
-        for key, child in value.items():
-            yield from _leaves(child, (*path, key))
-    elif isinstance(value, list):
-        for index, child in enumerate(value):
-            yield from _leaves(child, (*path, index))
-    else:
-        yield path, value
-
-
-def _with(document: Any, path: tuple[Any, ...], value: object) -> bytes:
-    copy = json.loads(json.dumps(document))
-    target = copy
-    for part in path[:-1]:
-        target = target[part]
-    target[path[-1]] = value
-    return json.dumps(copy).encode()
-
-
-def _is_decimal(value: object) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        Decimal(value)
-    except ArithmeticError:
-        return False
-    return True
-
-
-def poison_for(message: Message, other: Message) -> list[bytes]:
-    """Bytes no consumer of ``message``'s subject may act on; ``other`` is of another kind."""
-    document = json.loads(message.encode())
-    payloads = [
-        b"[" * 10_000 + b"]" * 10_000,
-        b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
-        b'{"kind": "' + message.KIND.encode() + b'", "symbol": "\xff\xfe\xfd"}',
-        json.dumps({**document, "padding": "x" * 300_000}).encode(),  # over the 256 KiB cap
-        json.dumps({**document, "schema_version": float("nan")}).encode(),  # a NaN literal
-        other.encode(),  # the wrong kind
-        b"",
-        os.urandom(64),
-        json.dumps({**document, "schema_version": [1]}).encode(),
-    ]
-    for path, value in _leaves(document):
-        if _is_decimal(value):
-            payloads += [_with(document, path, bad) for bad in HOSTILE_DECIMALS]
-        elif path[-1] in {"ts_ms", "created_at_ms", "open_time_ms", "issued_at_ms"}:
-            payloads.append(_with(document, path, 10**16))
-    return payloads
 
 
 def _rejected(worker: Worker) -> float:
@@ -206,13 +132,7 @@ async def test_poison_on_every_subject_crashes_nothing_changes_nothing_and_is_co
         latch = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
         assert isinstance(latch, HaltLatch)
 
-        samples = sample_messages()
-        poison = [
-            (_subject(message), payload)
-            for index, message in enumerate(samples)
-            if message.KIND not in {"policy_revision", "emergency_stop"}  # KV values, not here
-            for payload in poison_for(message, samples[(index + 1) % len(samples)])
-        ]
+        poison = published_poison()
         await _publish_all(url, poison)
 
         for worker in workers:

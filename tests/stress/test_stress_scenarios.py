@@ -1,4 +1,4 @@
-"""The seven stress scenarios, each a test that fails on any failed criterion.
+"""Every stress scenario (``SCENARIOS``), each a test that fails on any failed criterion.
 
 They run at ``QTRADER_STRESS_SCALE`` (default 0.1, the CI-sized suite; 1 is the full-length run,
 ``qtrader stress --scale 1`` does the same with a report). Each scenario starts its own servers

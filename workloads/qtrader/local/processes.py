@@ -52,6 +52,9 @@ class Children:
     def __init__(self, log_dir: Path) -> None:
         self._log_dir = log_dir
         self._children: dict[str, Child] = {}
+        # How each was started, so a supervisor can start it again the same way.
+        self._launches: dict[str, tuple[tuple[str, ...], int, Mapping[str, str] | None]] = {}
+        self._supervised: set[str] = set()
         # Where the workloads' outboxes go: this run's, not a shared one (a scenario may put
         # it on a disk of its own).
         self.outbox_dir = log_dir / "outbox"
@@ -92,7 +95,22 @@ class Children:
             )
         child = Child(name=name, process=process, log_path=log_path, port=port)
         self._children[name] = child
+        self._launches[name] = (tuple(args), port, env)
         return child
+
+    def respawn(self, name: str) -> Child:
+        """Start ``name`` again with its first command, port and environment (its log goes
+        on in the same file): what a supervisor does to a process that died."""
+        args, port, env = self._launches[name]
+        return self.spawn(name, args, port=port, env=env)
+
+    def supervised(self, name: str) -> None:
+        """``name`` may die: a supervisor starts it again, so ``check_alive`` passes it over."""
+        self._supervised.add(name)
+
+    def exit_code(self, name: str) -> int | None:
+        """None while ``name`` runs; its exit code once it has exited."""
+        return self._children[name].process.poll()
 
     def workload(
         self, role: str, name: str, url: str, *extra: str, env: Mapping[str, str] | None = None
@@ -119,7 +137,7 @@ class Children:
 
     def check_alive(self) -> None:
         for child in self._children.values():
-            if not child.running:
+            if not child.running and child.name not in self._supervised:
                 code = child.process.returncode
                 raise ChildExited(f"{child.name} exited ({code}):\n{tail(child.log_path)}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader.local.processes import Child, Children
+from qtrader.local.supervisor import Supervisor
 from qtrader.stress.invariants import check_exposure, from_paper_fills, judge_exposure, paper_limits
 from qtrader.stress.result import ScenarioResult
 
@@ -78,6 +80,8 @@ class Rig:
         self._tasks: list[asyncio.Task[Any]] = []
         self.control_plane: LocalControlPlane | None = None
         self.policy: TradingPolicy | None = None  # the last one published
+        self.supervisor: Supervisor | None = None
+        self._supervising = asyncio.Event()  # set: the supervisor stops restarting
 
     @property
     def url(self) -> str:
@@ -101,6 +105,7 @@ class Rig:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        self._supervising.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -122,6 +127,26 @@ class Rig:
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise ScenarioFailure(f"task {task.get_name()} failed: {task.exception()!r}")
+
+    def supervise(self, workers: list[Child]) -> Supervisor:
+        """Keep ``workers`` and the nats-server up as ``qtrader up`` does (``Supervisor``): one
+        that dies is started again with the same command, port, outbox and store. ``check``
+        then passes over a dead worker; the scenario judges the supervisor's counts."""
+        supervisor = Supervisor()
+        for worker in workers:
+            self.children.supervised(worker.name)
+            supervisor.add(
+                worker.name,
+                start=functools.partial(self._respawn, worker.name),
+                exit_code=functools.partial(self.children.exit_code, worker.name),
+            )
+        supervisor.add("nats-server", start=self.nats.start, exit_code=lambda: self.nats.returncode)
+        self.spawn_task(supervisor.run(self._supervising), "supervisor")
+        self.supervisor = supervisor
+        return supervisor
+
+    def _respawn(self, name: str) -> None:
+        self.children.respawn(name)
 
     # --- control: policy, latch, heartbeats, the EmergencyStop --------------------------------
 

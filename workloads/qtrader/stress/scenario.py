@@ -71,6 +71,16 @@ SCENARIOS: dict[str, ScenarioSpec] = {
             "disk_full",
         ),
         ScenarioSpec(
+            "worker-kill",
+            "each workload SIGKILLed in turn, restarted by the supervisor: nothing lost",
+            "worker_kill",
+        ),
+        ScenarioSpec(
+            "poison",
+            "bad messages on every subject, bad values in every KV key: counted, fail closed",
+            "poison",
+        ),
+        ScenarioSpec(
             "exchange-instability",
             "bursts of 429/-1003/-1015/5xx/timeouts: backoff, no ban, no duplicate",
             "exchange_instability",

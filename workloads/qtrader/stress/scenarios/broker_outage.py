@@ -129,9 +129,9 @@ DISK_ERRORS = "qtrader_outbox_disk_errors_total"
 BUFFERED = "qtrader_outbox_buffered_total"
 
 
-def _policy() -> TradingPolicy:
+def pipeline_policy(name: str = "stress-broker-outage") -> TradingPolicy:
     return policy_document(
-        "stress-broker-outage",
+        name,
         symbols=list(SYMBOLS),
         # Every signal the model makes may become an order, so orders flow through the outage.
         risk={"minConfidence": 0.0, "maxPositionUsd": "1000", "maxOpenPositions": 2},
@@ -239,20 +239,20 @@ async def _run(
     async with Rig(options.work_dir) as rig:
         if outbox_dir is not None:
             rig.children.outbox_dir = outbox_dir
-        pipeline = await _start(rig, options, steps)
-        disk_errors_before = await _totals(rig, pipeline.workers, DISK_ERRORS)
+        pipeline = await start_pipeline(rig, options, steps)
+        disk_errors_before = await totals(rig, pipeline.workers, DISK_ERRORS)
         baseline = await _outage(
             rig, pipeline, options, result, fault=fault, durations=durations, steps=steps
         )
-        await _wait_feed_end(rig, pipeline, steps)
+        await wait_feed_end(rig, pipeline, steps)
         options.say("broker-outage: feed ended; waiting for the pipeline to drain")
-        await _wait_quiet(rig, pipeline)
+        await wait_quiet(rig, pipeline)
         published = {s: await _published(rig, pipeline.marketdata, s) for s in SYMBOLS}
-        back = await _read_back(rig)
-        back = await _settled_snapshot(rig, back)
-        health = await _health_of(rig, pipeline.workers)
-        disk_errors = await _totals(rig, pipeline.workers, DISK_ERRORS)
-    figures["health at the end (checks not OK)"] = _not_ok(health)
+        back = await read_back(rig)
+        back = await settled_snapshot(rig, back)
+        health = await health_of(rig, pipeline.workers)
+        disk_errors = await totals(rig, pipeline.workers, DISK_ERRORS)
+    figures["health at the end (checks not OK)"] = not_ok(health)
     if outbox_dir is not None:
         errors = {w: int(disk_errors[w] - disk_errors_before[w]) for w in disk_errors}
         figures["outbox disk errors per worker"] = errors
@@ -264,9 +264,11 @@ async def _run(
 # --- the run --------------------------------------------------------------------------------
 
 
-async def _start(rig: Rig, options: StressOptions, steps: int) -> Pipeline:
+async def start_pipeline(
+    rig: Rig, options: StressOptions, steps: int, *, policy: TradingPolicy | None = None
+) -> Pipeline:
     """The policy, an ACTIVE latch; the consumers first, then the feed (so it is all traded)."""
-    await rig.publish_policy(_policy())
+    await rig.publish_policy(policy or pipeline_policy())
     await rig.arm_without_control_plane()
     inference = rig.workload("inference")
     execution = rig.workload("execution", None, "--worker-id", "stress-execution")
@@ -278,7 +280,7 @@ async def _start(rig: Rig, options: StressOptions, steps: int) -> Pipeline:
     pace = ("--candles-per-second", f"{CANDLES_PER_SECOND:g}", "--max-candles", str(steps))
     marketdata = rig.workload("marketdata", None, "--seed", "17", *pace)
     await rig.wait_healthy([marketdata])
-    options.say(f"broker-outage: 4 workers up; feed of {steps} steps started")
+    options.say(f"4 workers up; feed of {steps} steps started")
     return Pipeline(
         marketdata=marketdata, inference=inference, execution=execution, portfolio=portfolio
     )
@@ -307,20 +309,20 @@ async def _outage(
     figures = result.figures
     execution = pipeline.execution
     waited = await rig.until(
-        lambda: _at_least(family_total(rig, execution, "qtrader_fills_total"), 1),
+        lambda: at_least(family_total(rig, execution, "qtrader_fills_total"), 1),
         timeout_s=START_TIMEOUT_S,
         what="the first fill",
     )
-    done = await _steps(rig, pipeline.marketdata)
+    done = await feed_steps(rig, pipeline.marketdata)
     figures.update({"first fill after s": round(waited, 2), "feed steps before outage": done})
     if steps - done < CANDLES_PER_SECOND * sum(durations):
         raise ScenarioFailure(
             f"the first fill came after {done} of {steps} feed steps: too late for the outage "
             "to hit while the feed runs (the machine is too slow for this pace)"
         )
-    buffered_before = await _totals(rig, pipeline.workers, BUFFERED)
-    baseline = await _health_of(rig, pipeline.workers)
-    figures["health before the outage (checks not OK)"] = _not_ok(baseline)
+    buffered_before = await totals(rig, pipeline.workers, BUFFERED)
+    baseline = await health_of(rig, pipeline.workers)
+    figures["health before the outage (checks not OK)"] = not_ok(baseline)
     watch = DepthWatch(rig, pipeline.workers)
     outages, recoveries = [], []
     for seconds in durations:
@@ -343,7 +345,7 @@ async def _outage(
         recoveries.append(round(time.monotonic() - up_at, 2))
     figures["outages s"] = outages
     figures["recovered after s (publishing, consuming, outboxes empty)"] = recoveries
-    buffered_after = await _totals(rig, pipeline.workers, BUFFERED)
+    buffered_after = await totals(rig, pipeline.workers, BUFFERED)
     figures["outbox buffered per worker"] = {
         name: int(buffered_after[name] - buffered_before[name]) for name in buffered_after
     }
@@ -365,7 +367,7 @@ class DepthWatch:
         self.max_by_worker = {w.name: 0 for w in workers}
 
     async def sample(self) -> int:
-        depths = await _totals(self._rig, self._workers, DEPTH)
+        depths = await totals(self._rig, self._workers, DEPTH)
         for name, depth in depths.items():
             self.max_by_worker[name] = max(self.max_by_worker[name], int(depth))
         total = int(sum(depths.values()))
@@ -410,11 +412,11 @@ def _resumed(
     return resumed
 
 
-async def _at_least(value: Awaitable[float], minimum: float) -> bool:
+async def at_least(value: Awaitable[float], minimum: float) -> bool:
     return await value >= minimum
 
 
-async def _totals(rig: Rig, workers: list[Child], name: str) -> dict[str, float]:
+async def totals(rig: Rig, workers: list[Child], name: str) -> dict[str, float]:
     return {w.name: await family_total(rig, w, name) for w in workers}
 
 
@@ -424,26 +426,28 @@ async def _published(rig: Rig, marketdata: Child, symbol: str) -> int:
     )
 
 
-async def _steps(rig: Rig, marketdata: Child) -> int:
+async def feed_steps(rig: Rig, marketdata: Child) -> int:
     """Feed steps done: the fewest candles published for any symbol."""
     return min([await _published(rig, marketdata, s) for s in SYMBOLS])
 
 
-async def _wait_feed_end(rig: Rig, pipeline: Pipeline, steps: int) -> None:
+async def wait_feed_end(rig: Rig, pipeline: Pipeline, steps: int) -> None:
     async def ended() -> bool:
-        return await _steps(rig, pipeline.marketdata) >= steps
+        return await feed_steps(rig, pipeline.marketdata) >= steps
 
     budget = steps / CANDLES_PER_SECOND + SETTLE_TIMEOUT_S
     await rig.until(ended, timeout_s=budget, what=f"the feed's {steps} steps")
 
 
-async def _wait_quiet(rig: Rig, pipeline: Pipeline) -> None:
-    """Until every outbox is empty and no worker's counts moved for ``QUIET_ROUNDS`` rounds."""
+async def wait_quiet(rig: Rig, pipeline: Pipeline, *, feed_stopped: bool = False) -> None:
+    """Until every outbox is empty and no worker's counts moved for ``QUIET_ROUNDS`` rounds
+    (marketdata's outbox left out once its process was stopped: it has no /metrics then)."""
     seen: list[tuple[float, ...]] = []
+    workers = pipeline.workers[1:] if feed_stopped else pipeline.workers
 
     async def quiet() -> bool:
         seen.append(await _progress(rig, pipeline))
-        depths = await _totals(rig, pipeline.workers, DEPTH)
+        depths = await totals(rig, workers, DEPTH)
         last = seen[-QUIET_ROUNDS:]
         return sum(depths.values()) == 0 and len(last) == QUIET_ROUNDS and len(set(last)) == 1
 
@@ -461,7 +465,7 @@ async def _progress(rig: Rig, pipeline: Pipeline) -> tuple[float, ...]:
     )
 
 
-async def _read_back(rig: Rig) -> ReadBack:
+async def read_back(rig: Rig) -> ReadBack:
     every = subjects.all_of
     return ReadBack(
         candles=await rig.read_stream(subjects.MARKET, every(subjects.CANDLE_PREFIX), Candle),
@@ -477,7 +481,7 @@ async def _read_back(rig: Rig) -> ReadBack:
     )
 
 
-async def _settled_snapshot(rig: Rig, back: ReadBack) -> ReadBack:
+async def settled_snapshot(rig: Rig, back: ReadBack) -> ReadBack:
     """The newest snapshot once it has applied every fill and marked at the last closes (or
     the newest one there is when that does not happen in time: the criterion then fails)."""
     closes = last_closes(back.candles)
@@ -512,11 +516,11 @@ async def _health(rig: Rig, worker: Child) -> Health:
     }
 
 
-async def _health_of(rig: Rig, workers: list[Child]) -> dict[str, Health]:
+async def health_of(rig: Rig, workers: list[Child]) -> dict[str, Health]:
     return {w.name: await _health(rig, w) for w in workers}
 
 
-def _not_ok(health: dict[str, Health]) -> dict[str, dict[str, str]]:
+def not_ok(health: dict[str, Health]) -> dict[str, dict[str, str]]:
     """The checks that are not OK, with their detail, for the report."""
     report = {
         worker: {
@@ -553,11 +557,39 @@ def _judge(
     fault: BrokerFault,
 ) -> None:
     candles = audit_candles(back.candles)
+    unpublished = sum(abs(published[s] - candles.stored.get(s, 0)) for s in SYMBOLS)
+    result.figures["candles published (marketdata's metric)"] = published
+    judge_pipeline(result, back, policy=pipeline_policy(), unpublished=unpublished)
+    restarted_ms = int(result.figures.get("restarted at (ms)", 0))
+    result.check(
+        "outbox buffered during the outage",
+        result.figures.get("outbox buffered during the outage"),
+        ">",
+        0,
+    )
+    result.check(
+        "orders filled after NATS returned",
+        sum(1 for f in back.fills if f.ts_ms > restarted_ms) if restarted_ms else None,
+        ">",
+        0,
+    )
+    if fault is BrokerFault.HANG:
+        recoveries = result.figures["recovered after s (publishing, consuming, outboxes empty)"]
+        result.check("slowest recovery after a hang (s)", max(recoveries), "<=", HANG_RECOVERY_S)
+    result.check("workers whose /health recovered", healthy, "==", 4)
+
+
+def judge_pipeline(
+    result: ScenarioResult, back: ReadBack, *, policy: TradingPolicy, unpublished: int = 0
+) -> None:
+    """The criteria every pipeline fault shares, judged from the streams read back: nothing
+    lost (``unpublished``: candles marketdata counted that the stream lacks), duplicated or
+    out of order, nothing without its cause, the portfolio equal to the exact account of
+    FILLS, and the exposure invariant against ``policy``."""
+    candles = audit_candles(back.candles)
     signals = audit_signals(back.candles, back.signals, window=WINDOW)
     orders = audit_orders(back.intents, back.updates, back.fills)
-    restarted_ms = int(result.figures.get("restarted at (ms)", 0))
-    unpublished = sum(abs(published[s] - candles.stored.get(s, 0)) for s in SYMBOLS)
-    _figures(result, candles, signals, orders, published=published)
+    _figures(result, candles, signals, orders)
     lost = candles.missing + unpublished + signals.missing
     lost += orders.without_final + orders.fill_mismatches
     result.check("events lost", lost, "==", 0)
@@ -574,30 +606,14 @@ def _judge(
         "==",
         0,
     )
-    result.check(
-        "outbox buffered during the outage",
-        result.figures.get("outbox buffered during the outage"),
-        ">",
-        0,
-    )
-    result.check(
-        "orders filled after NATS returned",
-        sum(1 for f in back.fills if f.ts_ms > restarted_ms) if restarted_ms else None,
-        ">",
-        0,
-    )
     mismatches = ledger_mismatches(
         back.snapshot, back.fills, marks=last_closes(back.candles), capital=CAPITAL
     )
     result.figures["portfolio mismatches"] = mismatches
     result.check("portfolio vs exact account of FILLS", len(mismatches), "==", 0)
-    limits = paper_limits(_policy().spec)  # the rig has closed: judged from what it read back
+    limits = paper_limits(policy.spec)  # the rig has closed: judged from what it read back
     report = check_exposure(trades=from_paper_fills(back.fills), limits=limits)
     judge_exposure(result, report)
-    if fault is BrokerFault.HANG:
-        recoveries = result.figures["recovered after s (publishing, consuming, outboxes empty)"]
-        result.check("slowest recovery after a hang (s)", max(recoveries), "<=", HANG_RECOVERY_S)
-    result.check("workers whose /health recovered", healthy, "==", 4)
 
 
 def _figures(
@@ -605,13 +621,10 @@ def _figures(
     candles: CandleAudit,
     signals: SignalAudit,
     orders: OrderAudit,
-    *,
-    published: dict[str, int],
 ) -> None:
     result.figures.update(
         {
             "candles stored": candles.stored,
-            "candles published (marketdata's metric)": published,
             "candles missing": candles.missing,
             "signals stored": signals.stored,
             "signals expected": signals.expected,

@@ -1,0 +1,257 @@
+"""The poison catalogue: one valid message of every wire type, and the bytes to spoil it with.
+
+``sample_messages`` is a valid instance of each message type (Decimals and optional fields
+filled in); ``poison_for`` turns one into payloads no consumer of its subject may act on: deeply
+nested JSON, bytes that are not UTF-8, a payload over the size cap, NaN, the wrong kind, the
+wrong schema version, and the valid body with one Decimal replaced by ``"1e999"``, ``"NaN"``,
+``"Infinity"`` or ``"1e-999"`` and its timestamps pushed past year 9999. ``subject_of`` says
+where each kind travels. The poison test (tests/integration/test_poison_messages.py) and the
+``poison`` stress scenario both publish this catalogue, so it lives here, once.
+
+``bad_values`` are the same spoilings for a KV value (policy, halt latch): what is stored under
+a key any workload reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import (
+    Candle,
+    CandleSource,
+    ControlHeartbeat,
+    Direction,
+    Fill,
+    HaltAck,
+    HaltLatch,
+    Message,
+    OrderIntent,
+    OrderStatus,
+    OrderUpdate,
+    PolicyRevision,
+    PortfolioSnapshot,
+    PositionView,
+    RiskAlert,
+    RiskAlertKind,
+    Side,
+    Signal,
+    TradingState,
+)
+from qtrader.contracts.policy import TradingPolicySpec
+from qtrader.control.ess_resource import EmergencyStopSpec
+from qtrader.local.control_plane import EssRecord
+
+T0 = 1_764_000_000_000
+
+
+def sample_messages() -> list[Message]:
+    """A valid instance of each message type, its Decimals and optional fields filled in."""
+    position = PositionView(
+        symbol="BTCUSDT",
+        quantity=Decimal("-0.002"),
+        avg_entry_price=Decimal("50000.123456789012345678901234"),
+        mark_price=Decimal("50010.1"),
+        unrealized_pnl=Decimal("-0.02"),
+        realized_pnl=Decimal("1.5"),
+        fees=Decimal("0.04"),
+    )
+    return [
+        Candle(
+            symbol="BTCUSDT",
+            interval="1m",
+            open_time_ms=T0,
+            close_time_ms=T0 + 59_999,
+            open=Decimal("50000.1"),
+            high=Decimal("50010.5"),
+            low=Decimal("49990"),
+            close=Decimal("50005.2"),
+            volume=Decimal("12.345"),
+            trades=42,
+            source=CandleSource.SYNTHETIC,
+        ),
+        Signal(
+            signal_id="s-1",
+            symbol="BTCUSDT",
+            direction=Direction.LONG,
+            confidence=0.8,
+            model_version="m1",
+            candle_open_time_ms=T0,
+            price=Decimal("50005.2"),
+            created_at_ms=T0,
+        ),
+        OrderIntent(
+            intent_id="i-1",
+            client_order_id="qt-i-1",
+            symbol="BTCUSDT",
+            side=Side.BUY,
+            quantity=Decimal("0.002"),
+            limit_price=Decimal("50100"),
+            reference_price=Decimal("50005.2"),
+            signal_id="s-1",
+            policy_revision=1,
+            created_at_ms=T0,
+        ),
+        OrderUpdate(
+            client_order_id="qt-i-1",
+            intent_id="i-1",
+            symbol="BTCUSDT",
+            side=Side.BUY,
+            status=OrderStatus.FILLED,
+            quantity=Decimal("0.002"),
+            filled_quantity=Decimal("0.002"),
+            avg_price=Decimal("50005.25"),
+            exchange="paper",
+            ts_ms=T0,
+        ),
+        Fill(
+            fill_id="f-1",
+            client_order_id="qt-i-1",
+            symbol="BTCUSDT",
+            side=Side.BUY,
+            quantity=Decimal("0.002"),
+            price=Decimal("50005.2"),
+            fee=Decimal("0.04"),
+            ts_ms=T0,
+        ),
+        PortfolioSnapshot(
+            sequence=1,
+            ts_ms=T0,
+            fills_applied=1,
+            initial_capital=Decimal(10_000),
+            realized_pnl=Decimal("1.5"),
+            unrealized_pnl=Decimal("-0.02"),
+            fees=Decimal("0.04"),
+            equity=Decimal("10001.44"),
+            peak_equity=Decimal("10002"),
+            drawdown_pct=Decimal("0.005599"),
+            max_drawdown_pct=Decimal("0.01"),
+            positions=(position,),
+        ),
+        RiskAlert(
+            alert_id="a-1",
+            alert_kind=RiskAlertKind.FLASH_CRASH,
+            source="test",
+            symbol="BTCUSDT",
+            value=Decimal("-16.5"),
+            threshold=Decimal("15"),
+            detail="a test alert",
+            ts_ms=T0,
+        ),
+        HaltLatch(state=TradingState.ACTIVE, revision=1, issued_at_ms=T0),
+        HaltAck(worker_id="w-1", revision=1, state=TradingState.ACTIVE, ts_ms=T0),
+        ControlHeartbeat(issued_by="test", latch_revision=1, ts_ms=T0),
+        PolicyRevision(
+            name="p",
+            revision=1,
+            published_at_ms=T0,
+            spec=TradingPolicySpec(symbols=("BTCUSDT",)),
+        ),
+        EssRecord(name="main", generation=1, spec=EmergencyStopSpec()),
+    ]
+
+
+HOSTILE_DECIMALS = ["1e999", "-1e999", "NaN", "Infinity", "-Infinity", "1e-999"]
+# Kinds stored as KV values, not published on a subject.
+KV_KINDS = frozenset({"policy_revision", "emergency_stop"})
+SAMPLE_SYMBOL = "BTCUSDT"  # every sample message is for this symbol
+
+
+def subject_of(message: Message, symbol: str = SAMPLE_SYMBOL) -> str:
+    """Where each kind of message travels."""
+    by_kind = {
+        "candle": subjects.candle_subject(symbol),
+        "signal": subjects.signal_subject(symbol),
+        "order_intent": subjects.order_intent_subject(symbol),
+        "order_update": subjects.order_update_subject(symbol),
+        "fill": subjects.fill_subject(symbol),
+        "portfolio_snapshot": subjects.PORTFOLIO_SNAPSHOT,
+        "risk_alert": subjects.risk_alert_subject(RiskAlertKind.FLASH_CRASH.value),
+        "halt_latch": subjects.CONTROL_HALT,
+        "halt_ack": subjects.CONTROL_HALT_ACK,
+        "control_heartbeat": subjects.CONTROL_HEARTBEAT,
+    }
+    return by_kind[message.KIND]
+
+
+def _leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _leaves(child, (*path, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            yield from _leaves(child, (*path, index))
+    else:
+        yield path, value
+
+
+def _with(document: Any, path: tuple[Any, ...], value: object) -> bytes:
+    copy = json.loads(json.dumps(document))
+    target = copy
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    return json.dumps(copy).encode()
+
+
+def _is_decimal(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        Decimal(value)
+    except ArithmeticError:
+        return False
+    return True
+
+
+def poison_for(message: Message, other: Message) -> list[bytes]:
+    """Bytes no consumer of ``message``'s subject may act on; ``other`` is of another kind."""
+    document = json.loads(message.encode())
+    payloads = [
+        b"[" * 10_000 + b"]" * 10_000,
+        b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+        b'{"kind": "' + message.KIND.encode() + b'", "symbol": "\xff\xfe\xfd"}',
+        json.dumps({**document, "padding": "x" * 300_000}).encode(),  # over the 256 KiB cap
+        json.dumps({**document, "schema_version": float("nan")}).encode(),  # a NaN literal
+        other.encode(),  # the wrong kind
+        b"",
+        os.urandom(64),
+        json.dumps({**document, "schema_version": [1]}).encode(),
+        json.dumps({**document, "schema_version": 999}).encode(),  # a version nobody reads
+    ]
+    for path, value in _leaves(document):
+        if _is_decimal(value):
+            payloads += [_with(document, path, bad) for bad in HOSTILE_DECIMALS]
+        elif path[-1] in {"ts_ms", "created_at_ms", "open_time_ms", "issued_at_ms"}:
+            payloads.append(_with(document, path, 10**16))
+    return payloads
+
+
+def bad_values(message: Message, other: Message) -> list[bytes]:
+    """Values no reader of ``message``'s KV key may take: the kinds of ``poison_for`` without
+    the one for each Decimal (a handful per kind is enough for a key read whole), plus the
+    wrong schema version."""
+    document = json.loads(message.encode())
+    return [
+        b"not json at all",
+        b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+        json.dumps({**document, "padding": "x" * 300_000}).encode(),
+        json.dumps({**document, "schema_version": 999}).encode(),
+        other.encode(),
+        *(_with(document, path, "1e999") for path, v in _leaves(document) if _is_decimal(v)),
+    ]
+
+
+def published_poison() -> list[tuple[str, bytes]]:
+    """The whole catalogue for the subjects: (subject, payload) for every kind published."""
+    samples = sample_messages()
+    return [
+        (subject_of(message), payload)
+        for index, message in enumerate(samples)
+        if message.KIND not in KV_KINDS
+        for payload in poison_for(message, samples[(index + 1) % len(samples)])
+    ]
