@@ -5,7 +5,9 @@
   limits that contradict each other);
 - ``desired_deployments`` is the full manifest of each workload's Deployment, with owner
   references, ``app.kubernetes.io/*`` labels, replicas and resources from the spec, and the
-  replicas of execution and inference set to 0 while the EmergencyStop halts trading;
+  replicas of execution and inference set to 0 while the EmergencyStop halts trading, and
+  ``QTRADER_STACK`` naming the policy's stack (``subjects.stack_id``): the workloads of one
+  policy speak only its NATS names, so two policies never read each other's messages;
 - ``policy_conditions`` are the status conditions, shaped like ``metav1.Condition``.
 
 No I/O here: the kopf handlers read, call these, and apply the difference.
@@ -19,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from qtrader.contracts import subjects
 from qtrader.contracts.policy import (
     API_GROUP,
     API_VERSION,
@@ -143,13 +146,32 @@ def _deployment(
             "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {"labels": labels(owner, role)},
-                "spec": _pod_spec(role=role, workload=workload, settings=settings),
+                "spec": _pod_spec(
+                    role=role, workload=workload, settings=settings, stack=stack_of(owner)
+                ),
             },
         },
     }
 
 
-def _pod_spec(*, role: str, workload: WorkloadSpec, settings: WorkloadSettings) -> dict[str, Any]:
+def stack_of(owner: Owner) -> str:
+    """The NATS stack the policy's workloads and the operator speak for it."""
+    return subjects.stack_id(owner.namespace, owner.name)
+
+
+def stack_problem(owner: Owner) -> str | None:
+    """Why the policy cannot have a stack, or None. A Kubernetes name may hold dots and run to
+    253 characters; a stack's parts are DNS labels (they become NATS subject tokens)."""
+    try:
+        stack_of(owner)
+    except subjects.InvalidStack as exc:
+        return f"the policy's name cannot name its NATS stack: {exc}"
+    return None
+
+
+def _pod_spec(
+    *, role: str, workload: WorkloadSpec, settings: WorkloadSettings, stack: str
+) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": role,
         "image": workload.image or settings.image,
@@ -157,6 +179,7 @@ def _pod_spec(*, role: str, workload: WorkloadSpec, settings: WorkloadSettings) 
         "args": [role],
         "env": [
             {"name": "QTRADER_NATS_URL", "value": settings.nats_url},
+            {"name": "QTRADER_STACK", "value": stack},
             {"name": "QTRADER_HEALTH_PORT", "value": str(HEALTH_PORT)},
             {
                 "name": "QTRADER_WORKER_ID",

@@ -1,8 +1,10 @@
 """What the operator's handlers share: its configuration and its live connections.
 
-Built once by the startup handler and kept in kopf's memo: the NATS bus (policy KV, halt latch,
-acknowledgements, risk alerts, heartbeat), the Kubernetes client for Deployments, the exchange
-listing used to validate policies, and the background tasks that run beside the handlers.
+Built once by the startup handler and kept in kopf's memo: the NATS connection and the stacks it
+serves (``stacks``: one per TradingPolicy, each with its policy key, halt latch, heartbeat,
+acknowledgements, risk alerts and risk monitor), the Kubernetes client for Deployments, the
+exchange listing used to validate policies, and the background tasks that run beside the
+handlers.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from qtrader.contracts.messages import HaltLatch
 from qtrader.control.ess_applier import AckMemory
 from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_channel import AckCollector
-from qtrader.control.risk_monitor import RiskMonitor
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
 from qtrader_operator.kube import KubeApi, KubeEndpoint
+from qtrader_operator.stacks import AlertHandler, Stacks
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,8 @@ class OperatorRuntime:
     config: OperatorConfig
     bus: Bus
     kube: KubeApi
-    acks: AckCollector
-    risk: RiskMonitor
+    acks: AckCollector  # every stack's workers, named <stack>/<worker id>
+    stacks: Stacks
     exchange: ExchangeInfo = field(default_factory=paper_exchange_info)
     ess: dict[str, EssMemory] = field(default_factory=dict)
     # One writer of the halt latch at a time (a stop's reconcile or the keeper): each reads the
@@ -75,13 +77,16 @@ class OperatorRuntime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, config: OperatorConfig) -> OperatorRuntime:
+    async def start(cls, config: OperatorConfig, *, on_alert: AlertHandler) -> OperatorRuntime:
+        """Connect; ``on_alert`` receives the risk alerts of every stack."""
         bus = Bus(url=config.nats_url, client_name="qtrader-operator")
         await bus.connect()
-        await bus.ensure_topology()
         kube = KubeApi(config.kube or KubeEndpoint.in_cluster())
-        risk = RiskMonitor(bus, source="qtrader-operator")
-        return cls(config=config, bus=bus, kube=kube, acks=AckCollector(), risk=risk)
+        acks = AckCollector()
+        stacks = Stacks(
+            bus, acks=acks, on_alert=on_alert, heartbeat_interval_s=config.heartbeat_interval_s
+        )
+        return cls(config=config, bus=bus, kube=kube, acks=acks, stacks=stacks)
 
     def spawn(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -95,6 +100,7 @@ class OperatorRuntime:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.stacks.close()
         with contextlib.suppress(Exception):
             await self.kube.close()
         await self.bus.close()

@@ -49,6 +49,7 @@ NAMESPACE = "trading"
 POLICIES = "qtrader.dev/v1alpha1/tradingpolicies"
 STOPS = "qtrader.dev/v1alpha1/emergencystops"
 DEPLOYMENTS = "apps/v1/deployments"
+STACK = "trading.paper-demo"  # the example policy's stack: its workers speak only its names
 _server: dict[str, str] = {}
 
 
@@ -233,6 +234,11 @@ def _with_condition(cluster: Cluster, kind: str) -> dict[str, Any] | None:
     return policy if _condition(policy, kind) else None
 
 
+def _in_stack(worker: str, stack: str = STACK) -> str:
+    """A worker as the stop's status names it: every stack's workers are listed together."""
+    return f"{stack}/{worker}"
+
+
 def _acknowledged(cluster: Cluster) -> set[str]:
     return {a["worker"] for a in _stop_status(cluster).get("acknowledgements") or []}
 
@@ -330,8 +336,8 @@ async def test_policy_when_invalid_then_marked_invalid_and_nothing_changes(
 ROLES = ("marketdata", "inference", "execution", "portfolio")
 
 
-async def _kv_policy(url: str) -> PolicyRevision | None:
-    bus = Bus(url=url, client_name="test-reader")
+async def _kv_policy(url: str, stack: str = STACK) -> PolicyRevision | None:
+    bus = Bus(url=url, client_name="test-reader", stack=stack)
     await bus.connect()
     try:
         return await bus.kv_get(subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision)
@@ -339,8 +345,8 @@ async def _kv_policy(url: str) -> PolicyRevision | None:
         await bus.close()
 
 
-async def _kv_latch(url: str) -> HaltLatch | None:
-    bus = Bus(url=url, client_name="test-reader")
+async def _kv_latch(url: str, stack: str = STACK) -> HaltLatch | None:
+    bus = Bus(url=url, client_name="test-reader", stack=stack)
     await bus.connect()
     try:
         return await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
@@ -368,12 +374,12 @@ async def test_stop_when_tripped_while_signals_flow_then_acks_no_orders_after_an
             lambda: _replicas(cluster, "execution") == 2, timeout_s=10, what="deployments"
         )
         workers = await _start_pipeline(url, tmp_path)
-        bus = Bus(url=url, client_name="test-flow")
+        bus = Bus(url=url, client_name="test-flow", stack=STACK)
         await bus.connect()
         try:
             async with flowing(bus):
                 await _eventually(
-                    lambda: _acknowledged(cluster) >= {"exec-1", "exec-2"},
+                    lambda: _acknowledged(cluster) >= {_in_stack("exec-1"), _in_stack("exec-2")},
                     timeout_s=20,
                     what="both workers present",
                 )
@@ -396,7 +402,7 @@ async def test_stop_when_tripped_while_signals_flow_then_acks_no_orders_after_an
             assert latch.state is TradingState.HALTED
             assert latch.revision == status["latchRevision"]
             acked_at = {a["worker"]: a["at"] for a in status["acknowledgements"]}
-            assert {"exec-1", "exec-2"} <= set(acked_at)
+            assert {_in_stack("exec-1"), _in_stack("exec-2")} <= set(acked_at)
             await _assert_no_fill_after_ack(url, status)
             await _eventually(
                 lambda: _replicas(cluster, "execution") == 0, timeout_s=10, what="execution 0"
@@ -471,11 +477,12 @@ async def test_operator_when_restarted_while_tripped_then_still_tripped(
 
 
 async def _start_pipeline(url: str, tmp_path: Path) -> list[Worker]:
-    workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
+    stack = ("--stack", STACK)
+    workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path, args=stack)]
     for worker_id in ("exec-1", "exec-2"):
         workers.append(
             start_worker(
-                "execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", worker_id)
+                "execution", nats_url=url, log_dir=tmp_path, args=(*stack, "--worker-id", worker_id)
             )
         )
     return workers
@@ -484,7 +491,7 @@ async def _start_pipeline(url: str, tmp_path: Path) -> list[Worker]:
 async def _wait_for_fills(url: str, *, workers: tuple[str, ...]) -> None:
     deadline = asyncio.get_running_loop().time() + 30
     while True:
-        updates = await order_updates(url)
+        updates = await order_updates(url, stack=STACK)
         if {u.worker_id for u in updates if u.status is OrderStatus.FILLED} >= set(workers):
             return
         assert asyncio.get_running_loop().time() < deadline, "both workers should trade first"
@@ -497,9 +504,10 @@ async def _assert_no_fill_after_ack(url: str, status: dict[str, Any]) -> None:
     acked_ms = {
         a["worker"]: int(parse_time(a["at"]).timestamp() * 1000) for a in status["acknowledgements"]
     }
-    for update in await order_updates(url):
-        if update.status is OrderStatus.FILLED and update.worker_id in acked_ms:
-            assert update.ts_ms <= acked_ms[update.worker_id], (
+    for update in await order_updates(url, stack=STACK):
+        worker = _in_stack(update.worker_id)
+        if update.status is OrderStatus.FILLED and worker in acked_ms:
+            assert update.ts_ms <= acked_ms[worker], (
                 f"{update.client_order_id} filled after {update.worker_id} acknowledged"
             )
 
@@ -520,7 +528,7 @@ async def test_risk_alert_when_its_trigger_is_set_then_the_stop_trips_visibly(
         await _eventually(
             lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
         )
-        bus = Bus(url=nats_server.url, client_name="test-risk")
+        bus = Bus(url=nats_server.url, client_name="test-risk", stack=STACK)
         await bus.connect()
         try:
             alert = RiskAlert(
@@ -562,7 +570,7 @@ async def test_a_price_fall_beyond_the_stops_flash_crash_trigger_trips_it_by_its
         await _eventually(
             lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
         )
-        bus = Bus(url=nats_server.url, client_name="test-crash")
+        bus = Bus(url=nats_server.url, client_name="test-crash", stack=STACK)
         await bus.connect()
         try:
             for second, close in enumerate(["50000", "49000", "45000", "42400"]):  # -15.2%
@@ -595,8 +603,10 @@ async def test_a_price_fall_beyond_the_stops_flash_crash_trigger_trips_it_by_its
         assert latch.state is TradingState.HALTED
 
 
-async def _publish_alert(url: str, kind: RiskAlertKind, *, value: str, alert_id: str) -> None:
-    bus = Bus(url=url, client_name="test-risk")
+async def _publish_alert(
+    url: str, kind: RiskAlertKind, *, value: str, alert_id: str, stack: str = STACK
+) -> None:
+    bus = Bus(url=url, client_name="test-risk", stack=stack)
     await bus.connect()
     try:
         alert = RiskAlert(
@@ -618,6 +628,7 @@ async def test_a_manual_trip_after_an_automatic_one_is_kubectls_and_never_resets
 ) -> None:
     async with _operator(nats_server.url):
         await cluster.apply(STOPS, _stop(requireManualReset=False, cooldownSeconds=1))
+        await cluster.apply(POLICIES, _policy())
         await _eventually(
             lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
         )
@@ -667,7 +678,7 @@ def _snapshot(drawdown: str, sequence: int) -> PortfolioSnapshot:
 
 
 async def _publish_snapshot(url: str, drawdown: str, sequence: int) -> None:
-    bus = Bus(url=url, client_name="test-portfolio")
+    bus = Bus(url=url, client_name="test-portfolio", stack=STACK)
     await bus.connect()
     try:
         await bus.publish(subjects.PORTFOLIO_SNAPSHOT, _snapshot(drawdown, sequence))
@@ -761,7 +772,8 @@ async def test_two_stops_when_the_second_is_created_reset_and_deleted_across_a_r
     nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
 ) -> None:
     url = nats_server.url
-    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", "x-1"))
+    args = ("--stack", STACK, "--worker-id", "x-1")
+    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=args)
     try:
         async with _latch_watch(url) as seen:
             async with _operator(url):
@@ -774,7 +786,7 @@ async def test_two_stops_when_the_second_is_created_reset_and_deleted_across_a_r
                 )
                 await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "first"}})
                 await _eventually(
-                    lambda: _worker_state(cluster, "main", "x-1") == "HALTED",
+                    lambda: _worker_state(cluster, "main", _in_stack("x-1")) == "HALTED",
                     timeout_s=10,
                     what="the worker halted by main",
                 )
@@ -805,7 +817,7 @@ async def test_two_stops_when_the_second_is_created_reset_and_deleted_across_a_r
                     lambda: not cluster.get(STOPS, "second"), timeout_s=10, what="deleted"
                 )
                 await asyncio.sleep(2.0)  # the keeper has run since
-                assert _worker_state(cluster, "main", "x-1") == "HALTED"
+                assert _worker_state(cluster, "main", _in_stack("x-1")) == "HALTED"
                 assert _replicas(cluster, "execution") == 0
         after_trip = seen[max(halted_at - 1, 0) :]
         assert {latch.state for latch in after_trip} == {TradingState.HALTED}, seen
@@ -821,6 +833,7 @@ async def test_a_reducing_trip_then_a_new_armed_stop_and_a_restart_then_still_re
     url = nats_server.url
     async with _operator(url):
         await cluster.apply(STOPS, _named_stop("main", cooldownSeconds=600))
+        await cluster.apply(POLICIES, _policy())
         await _eventually(
             lambda: _status_of(cluster, "main").get("state") == "Armed", timeout_s=10, what="Armed"
         )
@@ -846,12 +859,14 @@ async def test_a_frozen_worker_during_a_trip_stays_pending_with_ack_timeout_unti
     nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
 ) -> None:
     url = nats_server.url
-    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", "x-2"))
+    args = ("--stack", STACK, "--worker-id", "x-2")
+    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=args)
     try:
         async with _operator(url):
             await cluster.apply(STOPS, _stop(cooldownSeconds=600, ackTimeoutSeconds=1))
+            await cluster.apply(POLICIES, _policy())
             await _eventually(
-                lambda: _worker_state(cluster, "main", "x-2") == "ACTIVE",
+                lambda: _worker_state(cluster, "main", _in_stack("x-2")) == "ACTIVE",
                 timeout_s=10,
                 what="the worker present",
             )
@@ -861,7 +876,7 @@ async def test_a_frozen_worker_during_a_trip_stays_pending_with_ack_timeout_unti
                 await asyncio.sleep(6.0)  # past the 5 s presence timeout: still pending
                 status = _stop_status(cluster)
                 assert status["state"] == "Tripped"
-                assert status["pendingWorkers"] == ["x-2"]
+                assert status["pendingWorkers"] == [_in_stack("x-2")]
                 condition = _condition(cluster.get(STOPS, "main"), "AckTimeout")
                 assert condition is not None
                 assert condition["status"] == "True"
@@ -871,7 +886,7 @@ async def test_a_frozen_worker_during_a_trip_stays_pending_with_ack_timeout_unti
                 os.kill(worker.process.pid, signal.SIGCONT)
             await _eventually(
                 lambda: (
-                    _worker_state(cluster, "main", "x-2") == "HALTED"
+                    _worker_state(cluster, "main", _in_stack("x-2")) == "HALTED"
                     and not _stop_status(cluster)["pendingWorkers"]
                 ),
                 timeout_s=10,

@@ -57,9 +57,17 @@ def test_paper_only_settings_add_nothing_to_execution() -> None:
     made = deployments(policy_core.WorkloadSettings(image="img:1", nats_url="nats://nats:4222"))
     assert set(env(made["execution"])) == {
         "QTRADER_NATS_URL",
+        "QTRADER_STACK",
         "QTRADER_HEALTH_PORT",
         "QTRADER_WORKER_ID",
     }
+
+
+def test_every_workload_speaks_its_policys_stack() -> None:
+    made = deployments(policy_core.WorkloadSettings(image="img:1", nats_url="nats://nats:4222"))
+    assert set(made) == set(policy_core.ROLES)
+    for deployment in made.values():
+        assert env(deployment)["QTRADER_STACK"] == "trading.demo"
 
 
 @pytest.mark.parametrize(
@@ -76,3 +84,15 @@ def test_a_stop_scales_down_what_its_state_stops_and_keeps_execution_to_flatten(
     state: TradingState, flatten: bool, stopped: set[str]
 ) -> None:
     assert handlers._stopped_roles(state, flatten=flatten) == stopped
+
+
+@pytest.mark.parametrize("name", ["demo.v2", "x" * 64])
+def test_a_name_that_cannot_name_a_stack_is_a_reason(name: str) -> None:
+    owner = policy_core.Owner(name=name, namespace="trading", uid="uid-1")
+    problem = policy_core.stack_problem(owner)
+    assert problem is not None
+    assert "NATS stack" in problem
+    assert (
+        policy_core.stack_problem(policy_core.Owner(name="demo", namespace="trading", uid="u"))
+        is None
+    )
