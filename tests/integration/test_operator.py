@@ -897,3 +897,202 @@ async def test_a_frozen_worker_during_a_trip_stays_pending_with_ack_timeout_unti
             assert condition["status"] == "False"
     finally:
         worker.stop()
+
+
+# --- two policies, two stacks ------------------------------------------------------------------
+
+OTHER = "paper-two"
+OTHER_STACK = subjects.stack_id(NAMESPACE, OTHER)
+
+
+def _other_policy() -> dict[str, Any]:
+    """A second policy in the namespace, with a spec of its own (one execution replica)."""
+    document = _policy()
+    document["metadata"] = {**document["metadata"], "name": OTHER}
+    document["spec"]["workloads"]["execution"] = {"replicas": 1}
+    return document
+
+
+def _published(cluster: Cluster, name: str) -> int | None:
+    revision = ((cluster.get(POLICIES, name) or {}).get("status") or {}).get("publishedRevision")
+    return None if revision is None else int(revision)
+
+
+def _stack_env(cluster: Cluster, deployment: str) -> str | None:
+    found = cluster.get(DEPLOYMENTS, deployment) or {}
+    (container,) = found["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    return env.get("QTRADER_STACK")
+
+
+async def _latches(url: str) -> tuple[HaltLatch | None, HaltLatch | None]:
+    return await _kv_latch(url, STACK), await _kv_latch(url, OTHER_STACK)
+
+
+async def _until_latches(url: str, state: TradingState, *, what: str) -> HaltLatch:
+    """Wait until both stacks hold the same latch, in ``state``; returns it."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        first, second = await _latches(url)
+        if first is not None and first == second and first.state is state:
+            return first
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: {first} / {second}"
+        await asyncio.sleep(0.1)
+
+
+async def test_two_policies_each_publish_to_their_own_stack_and_share_every_stops_latch(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _stop(cooldownSeconds=1))
+        await cluster.apply(POLICIES, _policy())
+        await cluster.apply(POLICIES, _other_policy())
+        await _eventually(
+            lambda: _published(cluster, "paper-demo") and _published(cluster, OTHER),
+            timeout_s=10,
+            what="both policies published",
+        )
+        assert _stack_env(cluster, "paper-demo-execution") == STACK
+        assert _stack_env(cluster, f"{OTHER}-marketdata") == OTHER_STACK
+        first, second = await _kv_policy(url, STACK), await _kv_policy(url, OTHER_STACK)
+        assert first is not None
+        assert second is not None
+        assert (first.name, second.name) == ("paper-demo", OTHER)
+        assert second.spec.workloads.execution.replicas == 1
+        assert await _kv_policy_unscoped(url) is None  # nothing in local mode's names
+        for _ in range(30):  # past a round of both policies' timers (every 5 s)
+            await asyncio.sleep(0.2)
+            assert await _kv_policy(url, STACK) == first
+            assert await _kv_policy(url, OTHER_STACK) == second
+        assert (_published(cluster, "paper-demo"), _published(cluster, OTHER)) == (
+            first.revision,
+            second.revision,
+        )
+
+        await _until_latches(url, TradingState.ACTIVE, what="both stacks armed")
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "both"}})
+        halted = await _until_latches(url, TradingState.HALTED, what="both stacks halted")
+        assert halted.held_by == ("main",)
+        await _eventually(
+            lambda: _stop_status(cluster).get("latchRevision") == halted.revision,
+            timeout_s=10,
+            what="the stop's status at the latch revision",
+        )
+        await asyncio.sleep(1.2)  # past the cooldown
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": False}})
+        await _until_latches(url, TradingState.ACTIVE, what="both stacks reset")
+
+        # An alert in one policy's stack trips the stop, which halts both.
+        await _publish_alert(
+            url, RiskAlertKind.EXCHANGE_BAN, value="1", alert_id="other-ban", stack=OTHER_STACK
+        )
+        await _until_latches(url, TradingState.HALTED, what="both halted by the other's alert")
+        assert _stop_status(cluster)["trippedBy"] == "risk:exchange_ban"
+
+
+async def _kv_policy_unscoped(url: str) -> PolicyRevision | None:
+    bus = Bus(url=url, client_name="test-reader")
+    await bus.connect()
+    try:
+        return await bus.kv_get(subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision)
+    finally:
+        await bus.close()
+
+
+async def test_a_policy_created_while_tripped_gets_the_latch_in_force_at_once(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _stop(cooldownSeconds=600))
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "before"}})
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Tripped", timeout_s=10, what="Tripped"
+        )
+        await cluster.apply(POLICIES, _other_policy())
+        latch = await _until_latches(url, TradingState.HALTED, what="the new stack halted")
+        assert latch.revision == _stop_status(cluster)["latchRevision"]
+        await _eventually(
+            lambda: _replicas_of(cluster, OTHER, "execution") == 0,
+            timeout_s=10,
+            what="the new policy's execution held at 0",
+        )
+
+
+def _replicas_of(cluster: Cluster, policy: str, role: str) -> int | None:
+    deployment = cluster.get(DEPLOYMENTS, f"{policy}-{role}")
+    return None if deployment is None else int(deployment["spec"]["replicas"])
+
+
+async def test_two_policies_workers_trade_only_their_own_stacks_signals(
+    nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
+) -> None:
+    """Real execution workers started with ``--stack``: a signal published in one stack never
+    reaches the other stack's worker, and the stop's status lists both stacks' workers."""
+    url = nats_server.url
+    workers: list[Worker] = []
+    buses = {stack: Bus(url=url, client_name=f"test-{stack}", stack=stack) for stack in STACKS}
+    try:
+        async with _operator(url):
+            await cluster.apply(STOPS, _stop(cooldownSeconds=600))
+            await cluster.apply(POLICIES, _policy())
+            await cluster.apply(POLICIES, _other_policy())
+            for stack, worker_id in zip(STACKS, ("w-1", "w-1"), strict=True):  # same id twice
+                workers += _stack_pipeline(url, tmp_path / stack, stack, worker_id)
+            expected = {_in_stack("w-1", stack) for stack in STACKS}
+            await _eventually(
+                lambda: _acknowledged(cluster) >= expected, timeout_s=20, what="both workers"
+            )
+            for bus in buses.values():
+                await bus.connect()
+            async with flowing(buses[STACK]):
+                await _until_filled(url, STACK)
+            await asyncio.sleep(1.0)  # what the worker had in hand is settled
+            assert await order_updates(url, stack=OTHER_STACK) == []
+            first = await order_updates(url, stack=STACK)
+            # The same signal ids again, in the other stack: only its own worker answers them.
+            async with flowing(buses[OTHER_STACK]):
+                await _until_filled(url, OTHER_STACK)
+            await asyncio.sleep(1.0)
+            assert await order_updates(url, stack=STACK) == first
+
+            await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "both"}})
+            await _eventually(
+                lambda: all(_worker_state(cluster, "main", w) == "HALTED" for w in expected),
+                timeout_s=10,
+                what="both stacks' workers halted",
+            )
+    finally:
+        for bus in buses.values():
+            await bus.close()
+        for worker in workers:
+            worker.stop()
+
+
+STACKS = (STACK, OTHER_STACK)
+
+
+def _stack_pipeline(url: str, log_dir: Path, stack: str, worker_id: str) -> list[Worker]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    args = ("--stack", stack)
+    return [
+        start_worker("portfolio", nats_url=url, log_dir=log_dir, args=args),
+        start_worker(
+            "execution", nats_url=url, log_dir=log_dir, args=(*args, "--worker-id", worker_id)
+        ),
+    ]
+
+
+async def _until_filled(url: str, stack: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        updates = await order_updates(url, stack=stack)
+        if any(u.status is OrderStatus.FILLED for u in updates):
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{stack}'s worker should trade"
+        await asyncio.sleep(0.2)
