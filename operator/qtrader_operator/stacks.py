@@ -218,10 +218,20 @@ def _next(
     return latch
 
 
+CANCEL_TIMEOUT_S = 5.0
+
+
 async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel a stack's tasks; one that does not end within ``CANCEL_TIMEOUT_S`` is named
+    (with where it waits) and left behind, so stopping the operator never hangs on it."""
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=CANCEL_TIMEOUT_S)
+    for task in pending:
+        where = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno}" for f in task.get_stack())
+        log.error("stack task %s did not end when cancelled (at %s)", task.get_name(), where)
 
 
 def _report_end(task: asyncio.Task[None]) -> None:
