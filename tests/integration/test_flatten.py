@@ -38,6 +38,7 @@ from qtrader.local import ess_client
 from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
+from support.ledger_check import last_snapshot
 from support.streams import read_all
 from support.workers import Worker, eventually, start_worker
 
@@ -107,6 +108,13 @@ def workers(nats_server: EmbeddedNats, tmp_path: Path) -> Iterator[list[Worker]]
             worker.stop()
 
 
+async def _portfolio_long(url: str) -> bool:
+    snapshot = await last_snapshot(url)
+    return snapshot is not None and any(
+        p.symbol == "BTCUSDT" and p.quantity > 0 for p in snapshot.positions
+    )
+
+
 async def _fills(url: str) -> list[Fill]:
     return await read_all(url, stream="QT_FILLS", subject="qtrader.fill.*", message_type=Fill)
 
@@ -156,8 +164,10 @@ async def test_a_trip_that_flattens_closes_the_position_and_sends_nothing_else(
 
             await _wait(long_position, what="a long position")
             # Both workers flatten what they have read of FILLS (a fill still on its way to a
-            # replica is the documented remainder): let the one just stored reach them.
-            await asyncio.sleep(0.5)
+            # replica is the documented remainder): let the ones just stored reach them, as
+            # they have reached the portfolio, which reads FILLS the same way.
+            await _wait(lambda: _portfolio_long(nats_server.url), what="the portfolio long")
+            await asyncio.sleep(1.0)
             outcome = await ess_client.trip(
                 bus, name="main", reason="test flatten", mode=None, tripped_by="test", timeout_s=10
             )

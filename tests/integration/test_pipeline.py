@@ -19,6 +19,7 @@ import pytest
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    BOOK_NAME,
     Candle,
     CandleSource,
     Fill,
@@ -29,7 +30,6 @@ from qtrader.contracts.messages import (
     TradingState,
 )
 from qtrader.contracts.policy import TradingPolicy, parse_policy
-from qtrader.execution.orders import BOOK_NAME
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
 from support.ledger_check import cents, independent_portfolio, last_snapshot

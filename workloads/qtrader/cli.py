@@ -19,7 +19,10 @@ Subcommands:
   ``inference``) and print its figures beside a baseline; ``bench all`` runs every one.
 
 Arguments are checked before anything starts: a bad one prints what is wrong and exits with 2;
-an invalid policy or EmergencyStop file prints the field and the rule and exits with 2. ``ess``
+an invalid policy or EmergencyStop file prints ``FILE:LINE: problem`` and exits with 2 (too
+large, not UTF-8, a duplicate key, a field that breaks a rule, a paper symbol the paper exchange
+does not list), and so does every row of every ``up --replay`` file, read whole before anything
+starts. ``ess``
 and ``policy`` find the running stack through ``.qtrader/up.json`` in the current directory (or
 ``--nats-url``); without one they say so and exit with 1.
 """
@@ -42,6 +45,7 @@ from qtrader.contracts.policy import (
     TradingPolicy,
     TradingPolicySpec,
     load_policy_file,
+    offline_listings,
 )
 from qtrader.control.ess_resource import (
     EmergencyStop,
@@ -51,6 +55,11 @@ from qtrader.control.ess_resource import (
 )
 from qtrader.control.ess_status import EssMode
 from qtrader.exchange.venue import Venue
+from qtrader.marketdata.csv_replay import (
+    KlineFormatError,
+    infer_symbol_interval,
+    validate_replay_files,
+)
 from qtrader.marketdata.synthetic import INTERVAL_MS, Regime
 from qtrader.runtime import WorkerOptions
 
@@ -785,13 +794,28 @@ def _emergency_stop(path: Path | None, policy: TradingPolicy) -> EmergencyStop:
     return default_emergency_stop(name)
 
 
+def _check_replay_files(paths: Sequence[Path], policy: TradingPolicy) -> None:
+    """Every row of every --replay file, read before anything starts (file, line, problem)."""
+    if not paths:
+        return
+    for path in paths:
+        symbol, _ = infer_symbol_interval(path)
+        if symbol not in policy.spec.symbols:
+            raise ValueError(
+                f"{path}: replays {symbol}, which the policy does not trade "
+                f"(spec.symbols: {', '.join(policy.spec.symbols)})"
+            )
+    validate_replay_files(paths)
+
+
 def _run_up(args: argparse.Namespace) -> int:
     from qtrader.local.stack import LocalStack, StackConfig
 
     try:
-        policy = load_policy_file(args.policy)
+        policy = load_policy_file(args.policy, listings=offline_listings())
         ess = _emergency_stop(args.ess, policy)
-    except (PolicyError, EmergencyStopError) as exc:
+        _check_replay_files(args.replay, policy)
+    except (PolicyError, EmergencyStopError, KlineFormatError, ValueError, OSError) as exc:
         print(f"qtrader up: {exc}", file=sys.stderr)
         return 2
     if ess.name != policy.spec.emergency_stop_ref:

@@ -311,11 +311,11 @@ CEL_RULES: Final[dict[str, CelRule]] = {
             ),
         )
     ),
-    "risk.maxPositionUsd must be greater than 0": CelRule(
+    "risk.maxPositionUsd must be greater than 0 and at most 1000000000000": CelRule(
         "TradingPolicy",
         ("spec", "risk", "maxPositionUsd"),
-        "double(self) > 0.0",
-        lambda s, _: _double(s) > 0.0,
+        "double(self) > 0.0 && double(self) <= 1000000000000.0",
+        lambda s, _: 0.0 < _double(s) <= 1e12,
     ),
     "risk.maxLeverage must be between 1 and 125": CelRule(
         "TradingPolicy",
@@ -335,11 +335,11 @@ CEL_RULES: Final[dict[str, CelRule]] = {
         "self.maxPerCycle <= self.queueSize",
         lambda s, _: s["maxPerCycle"] <= s["queueSize"],
     ),
-    "paper.initialCapitalUsd must be greater than 0": CelRule(
+    "paper.initialCapitalUsd must be greater than 0 and at most 1000000000000": CelRule(
         "TradingPolicy",
         ("spec", "paper", "initialCapitalUsd"),
-        "double(self) > 0.0",
-        lambda s, _: _double(s) > 0.0,
+        "double(self) > 0.0 && double(self) <= 1000000000000.0",
+        lambda s, _: 0.0 < _double(s) <= 1e12,
     ),
     "paper.feeBps must be between 0 and 100": CelRule(
         "TradingPolicy",
@@ -1090,7 +1090,6 @@ KNOWN_DIVERGENCES: Final = [
     # The CRD bounds every string (CEL cost estimation, object size); the model leaves these open.
     Probe(("emergencyStopRef",), "a" * 64, False),
     Probe(("workloads", "marketdata", "image"), "x" * 513, False),
-    Probe(("risk", "maxPositionUsd"), "1" * 33, False),
     Probe((*WORKLOAD_RESOURCES, "requests", "cpu"), "1" * 33, False),
 ]
 

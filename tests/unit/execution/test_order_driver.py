@@ -12,6 +12,8 @@ from decimal import Decimal
 from prometheus_client import REGISTRY
 
 from qtrader.contracts.messages import (
+    BOOK_NAME,
+    GATE_NAME,
     Candle,
     CandleSource,
     Fill,
@@ -32,7 +34,7 @@ from qtrader.execution.exposure import (
     intent_expired,
 )
 from qtrader.execution.halt import HaltGate
-from qtrader.execution.orders import BOOK_NAME, GATE_NAME, OrderDriver
+from qtrader.execution.orders import OrderDriver
 from qtrader.execution.paper import PaperExchange, PaperVenue
 from qtrader.instruments import paper_exchange_info
 

@@ -16,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qtrader.contracts.messages import (
+    BOOK_NAME,
+    GATE_NAME,
     Candle,
     CandleSource,
     Fill,
@@ -26,7 +28,6 @@ from qtrader.contracts.messages import (
     RiskAlertKind,
     Side,
 )
-from qtrader.execution.orders import GATE_NAME
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.ledger import Ledger
 from qtrader.risk import (
@@ -450,6 +451,23 @@ def test_error_rate_ignores_gate_refusals_non_finals_and_repeats() -> None:
     assert evaluator.on_update(rejected) is None
     assert evaluator.on_update(rejected) is None  # redelivered: counted once
     assert evaluator.counts == (1, 1)
+
+
+def test_error_rate_ignores_exposure_book_refusals() -> None:
+    """The book refuses before the venue sees the order (nothing to reduce while other sells are
+    in flight, a limit): our own risk check, not an execution error. Counting them tripped the
+    stop in a normal paper run (10 of 48 "errors" were book refusals)."""
+    evaluator = ErrorRateEvaluator(0.2, 60 * SECOND, 2)
+    for i in range(5):
+        refused = update(
+            OrderStatus.REJECTED,
+            ts_ms=i,
+            client_order_id=f"c-book-{i}",
+            exchange=BOOK_NAME,
+            reason="nothing_to_reduce: position 28.752, reduce-only -0.148",
+        )
+        assert evaluator.on_update(refused) is None
+    assert evaluator.counts == (0, 0)
 
 
 def test_error_rate_counts_canceled_after_exchange_error_but_not_slippage() -> None:

@@ -21,7 +21,12 @@ from qtrader.backtest.data import CandleSeries, csv_series, series_interval, syn
 from qtrader.backtest.engine import BacktestError, BacktestResult, run_backtest
 from qtrader.backtest.policy import evaluation_policy, policy_for
 from qtrader.backtest.report import backtest_rows, format_rows
-from qtrader.contracts.policy import PolicyError, TradingPolicySpec, load_policy_file
+from qtrader.contracts.policy import (
+    PolicyError,
+    TradingPolicySpec,
+    load_policy_file,
+    offline_listings,
+)
 from qtrader.inference.card import ModelCard
 from qtrader.inference.onnx_model import ModelLoadError, SignalModel, default_model_path
 from qtrader.marketdata.csv_replay import KlineFormatError
@@ -102,7 +107,7 @@ def _policy(path: Path | None, model: SignalModel, symbols: tuple[str, ...]) -> 
                 f"the card's evaluation policy does not fit the data: {exc}"
             ) from None
     try:
-        spec = load_policy_file(path).spec
+        spec = load_policy_file(path, listings=offline_listings()).spec
     except PolicyError as exc:
         raise _InputError(str(exc)) from None
     missing = [symbol for symbol in symbols if symbol not in spec.symbols]

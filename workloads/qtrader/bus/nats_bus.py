@@ -70,7 +70,13 @@ from qtrader.bus.errors import BusUnavailable, TopologyError
 from qtrader.bus.outbox import Outbox
 from qtrader.bus.outbox_publisher import OutboxPublisher, StreamAck
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Message, MessageRejected, Undecodable, decode
+from qtrader.contracts.messages import (
+    Message,
+    MessageRejected,
+    RejectReason,
+    Undecodable,
+    decode,
+)
 from qtrader.health.contract import DependencyHealth, Status
 
 log = logging.getLogger(__name__)
@@ -404,6 +410,7 @@ class Bus:
         except _UNAVAILABLE as exc:
             PUBLISH_FAILURES.labels(_family(subjects.unscoped_subject(self._stack, subject))).inc()
             raise BusUnavailable(f"publish to {subject} not acknowledged: {exc!r}") from exc
+        _stop_if_cancelled()
         return StreamAck(sequence=int(ack.seq), duplicate=bool(ack.duplicate))
 
     async def replay_forever(self) -> None:
@@ -428,6 +435,7 @@ class Bus:
             await self._client.publish(subject, message.encode())
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"broadcast on {subject} failed: {exc!r}") from exc
+        _stop_if_cancelled()
         await self._round_trip(self._flush_timeout_s)
 
     # --- consuming ---------------------------------------------------------------------------
@@ -594,13 +602,16 @@ class Bus:
         label: str,
         caught_up: asyncio.Event | None = None,
         from_now: bool = False,
+        from_last: bool = False,
     ) -> None:
         """Deliver every stored message from the first, then new ones, in order, until cancelled.
 
         An ordered ephemeral consumer: nothing to ack, recreated by the client after a gap or a
         reconnect. For state that is rebuilt from a stream at every start (the portfolio, the
         execution's positions). ``caught_up`` is set once every message stored when this started
-        has been handled. ``from_now`` skips what is stored already: every message stored from
+        has been handled. ``from_last`` starts at each subject's last stored message (the last
+        price of each symbol), then every new one. ``from_now`` skips what is stored already:
+        every message stored from
         now on, none missed across a reconnect (unlike a core subscription).
         """
         stream = subjects.scoped_stream(self._stack, stream)
@@ -620,7 +631,7 @@ class Bus:
                 stream=stream.name,
                 cb=on_message,
                 ordered_consumer=True,
-                deliver_policy=DeliverPolicy.NEW if from_now else DeliverPolicy.ALL,
+                deliver_policy=_deliver_policy(from_now=from_now, from_last=from_last),
             )
         )
 
@@ -788,6 +799,23 @@ class Bus:
             log.warning("%s", found)
 
 
+def _deliver_policy(*, from_now: bool, from_last: bool) -> DeliverPolicy:
+    if from_now and from_last:
+        raise ValueError("from_now and from_last exclude each other")
+    if from_last:
+        return DeliverPolicy.LAST_PER_SUBJECT
+    return DeliverPolicy.NEW if from_now else DeliverPolicy.ALL
+
+
+def _stop_if_cancelled() -> None:
+    """Re-raise a cancellation nats-py swallowed: 2.16's ``_flush_pending`` ends in ``except
+    CancelledError: pass``, so a task cancelled while a publish waited in the flush queue would
+    go on as if nothing happened (a heartbeat loop that never stops)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def _close_client(client: Client) -> None:
     """Close a client in any state (connected, mid-handshake, reconnecting); never raises.
 
@@ -840,6 +868,10 @@ def _decode_counted(label: str, msg: Msg, message_type: type[M]) -> M | None:
     except MessageRejected as rejected:
         REJECTED.labels(label, rejected.reason.value).inc()
         log.warning("%s skipped a message on %s: %s", label, msg.subject, rejected)
+        return None
+    except Exception:  # decode raises nothing else; if it ever does, the input is still skipped
+        REJECTED.labels(label, RejectReason.MALFORMED.value).inc()
+        log.exception("%s skipped a message on %s: decoding failed", label, msg.subject)
         return None
 
 

@@ -2,8 +2,11 @@
 
 Each message is a frozen pydantic model that carries ``kind`` and ``schema_version``. Money and
 quantities are ``Decimal`` and travel as JSON strings, so no float ever touches a price on the
-wire. ``decode`` turns bytes into a model or raises ``MessageRejected`` with a bounded ``reason``
-that consumers count in a metric before skipping the message; a consumer never crashes on input.
+wire; each is one of the bounded types of ``contracts.numbers`` (finite, in a sane range, with
+bounded decimal places), so ``"1e999"`` or ``"NaN"`` never reaches arithmetic. Timestamps and
+counters are bounded too. ``decode`` turns bytes into a model or raises ``MessageRejected`` with a
+bounded ``reason`` that consumers count in a metric before skipping the message; it raises
+nothing else for any input, so a consumer never crashes on input.
 
 Versioning rule: a change that old readers cannot ignore bumps ``SCHEMA_VERSION`` of that kind;
 readers accept exactly the versions they know (``ACCEPTED_VERSIONS``).
@@ -18,18 +21,35 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Annotated, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qtrader.contracts.numbers import (
+    AveragePrice,
+    Figure,
+    FilledQuantity,
+    Money,
+    NonNegativeMoney,
+    Percent,
+    PositiveMoney,
+    Price,
+    Quantity,
+    SignedQuantity,
+    UnitFloat,
+    Volume,
+)
 from qtrader.contracts.policy import TradingPolicySpec
 
-PositiveDecimal = Annotated[Decimal, Field(gt=0)]
-NonNegativeDecimal = Annotated[Decimal, Field(ge=0)]
 Symbol = Annotated[str, Field(pattern=r"^[A-Z0-9]{2,20}$")]
-Millis = Annotated[int, Field(ge=0)]
+# Epoch milliseconds up to the end of year 9999: beyond that ``datetime`` cannot show a time,
+# and a reader that converts one must not fail on a message that decoded.
+MAX_MILLIS = 253_402_300_799_999
+Millis = Annotated[int, Field(ge=0, le=MAX_MILLIS)]
+# Revisions, sequences and counts: JetStream's are unsigned 64-bit; ours stay inside int64.
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class Message(BaseModel):
@@ -127,23 +147,62 @@ def _refuse_constant(name: str) -> object:
     raise ValueError(f"{name} is not a number any message carries")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _holds_lone_surrogate(document: object) -> bool:
+    """Whether any key or string in the parsed ``document`` cannot be encoded as UTF-8."""
+    pending = [document]
+    while pending:  # a loop, not recursion: the document may be nested as deep as json allows
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
 def decode(data: bytes, message_type: type[M]) -> M:
     """Parse ``data`` as ``message_type`` or raise ``MessageRejected`` saying why.
 
     Never raises anything else for any input: nesting deep enough to exhaust the parser's
     recursion, integers too long to convert and payloads over ``MAX_MESSAGE_BYTES`` are
-    rejected like any other malformed input.
+    rejected like any other malformed input, and so is whatever else a parser or validator
+    might raise (a bug there must cost one message, not the consumer).
     """
+    try:
+        return _decode(data, message_type)
+    except MessageRejected:
+        raise
+    except Exception as exc:
+        raise MessageRejected(
+            RejectReason.MALFORMED, f"{message_type.KIND}: decoding failed: {exc!r}"
+        ) from exc
+
+
+def _decode(data: bytes, message_type: type[M]) -> M:
     if len(data) > MAX_MESSAGE_BYTES:
         raise MessageRejected(
             RejectReason.TOO_LARGE, f"{len(data)} bytes, more than {MAX_MESSAGE_BYTES}"
         )
     try:
-        raw = json.loads(data, parse_constant=_refuse_constant)
+        # Decoded here, strictly: ``json.loads`` of bytes lets UTF-8-encoded surrogates through.
+        text = data.decode("utf-8")
+        raw = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError as exc:
         raise MessageRejected(RejectReason.MALFORMED, "not JSON: nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, digit limits, NaN
         raise MessageRejected(RejectReason.MALFORMED, f"not JSON: {exc}") from exc
+    if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(raw):
+        # A "\udcff" escape parses to a str that can never be encoded again: the reader would
+        # fail later, re-publishing or logging it, far from the input.
+        raise MessageRejected(RejectReason.MALFORMED, "a string holds a lone UTF-16 surrogate")
     if not isinstance(raw, dict):
         raise MessageRejected(RejectReason.MALFORMED, "not a JSON object")
     kind = raw.get("kind")
@@ -152,7 +211,8 @@ def decode(data: bytes, message_type: type[M]) -> M:
             RejectReason.WRONG_KIND, f"expected kind {message_type.KIND!r}, got {kind!r}"
         )
     version = raw.get("schema_version")
-    if version not in message_type.ACCEPTED_VERSIONS:
+    # An exact int: a list is unhashable, and True would pass as version 1.
+    if type(version) is not int or version not in message_type.ACCEPTED_VERSIONS:
         raise MessageRejected(
             RejectReason.UNKNOWN_VERSION,
             f"{kind} schema_version {version!r} not in {sorted(message_type.ACCEPTED_VERSIONS)}",
@@ -187,12 +247,12 @@ class Candle(Message):
     interval: str = Field(pattern=r"^\d+[smhdw]$")
     open_time_ms: Millis
     close_time_ms: Millis
-    open: PositiveDecimal
-    high: PositiveDecimal
-    low: PositiveDecimal
-    close: PositiveDecimal
-    volume: NonNegativeDecimal
-    trades: int = Field(ge=0, default=0)
+    open: Price
+    high: Price
+    low: Price
+    close: Price
+    volume: Volume
+    trades: Count = 0
     source: CandleSource
 
     @property
@@ -217,10 +277,10 @@ class Signal(Message):
     signal_id: str = Field(min_length=1, max_length=128)
     symbol: Symbol
     direction: Direction
-    confidence: float = Field(ge=0.0, le=1.0)
+    confidence: UnitFloat
     model_version: str = Field(min_length=1, max_length=64)
     candle_open_time_ms: Millis
-    price: PositiveDecimal
+    price: Price
     created_at_ms: Millis
 
     @property
@@ -254,13 +314,13 @@ class OrderIntent(Message):
     client_order_id: str = Field(pattern=r"^[\.A-Z\:/a-z0-9_-]{1,36}$")
     symbol: Symbol
     side: Side
-    quantity: PositiveDecimal
+    quantity: Quantity
     order_type: OrderType = OrderType.MARKET
-    limit_price: PositiveDecimal | None = None
+    limit_price: Price | None = None
     reduce_only: bool = False
-    reference_price: PositiveDecimal
+    reference_price: Price
     signal_id: str | None = None
-    policy_revision: int = Field(ge=0)
+    policy_revision: Count
     created_at_ms: Millis
 
     @property
@@ -291,6 +351,13 @@ _FINAL_STATUSES = frozenset(
 )
 
 
+# The ``exchange`` of an update for an order refused before any venue saw it: by the halt gate,
+# or by the exposure book (a limit, nothing to reduce, the intent expired).
+GATE_NAME = "halt-gate"
+BOOK_NAME = "exposure-book"
+_REFUSED_BEFORE_VENUE = frozenset({GATE_NAME, BOOK_NAME})
+
+
 class OrderUpdate(Message):
     KIND = "order_update"
     kind: Literal["order_update"] = "order_update"
@@ -299,9 +366,9 @@ class OrderUpdate(Message):
     symbol: Symbol
     side: Side
     status: OrderStatus
-    quantity: PositiveDecimal
-    filled_quantity: NonNegativeDecimal
-    avg_price: NonNegativeDecimal
+    quantity: Quantity
+    filled_quantity: FilledQuantity
+    avg_price: AveragePrice  # zero before the first fill
     exchange: str
     reason: str | None = None
     worker_id: str = ""  # the execution worker that sent (or refused) the order
@@ -310,6 +377,11 @@ class OrderUpdate(Message):
     @property
     def dedup_id(self) -> str:
         return f"order:{self.client_order_id}:{self.status.value}:{self.filled_quantity}"
+
+    @property
+    def refused_before_venue(self) -> bool:
+        """Ended by our own checks (the halt gate, the exposure book): no venue saw it."""
+        return self.exchange in _REFUSED_BEFORE_VENUE
 
 
 class Fill(Message):
@@ -321,9 +393,9 @@ class Fill(Message):
     client_order_id: str
     symbol: Symbol
     side: Side
-    quantity: PositiveDecimal
-    price: PositiveDecimal
-    fee: NonNegativeDecimal
+    quantity: Quantity
+    price: Price
+    fee: NonNegativeMoney
     fee_asset: str = "USDT"
     reduce_only: bool = False
     ts_ms: Millis
@@ -340,28 +412,28 @@ class PositionView(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     symbol: Symbol
-    quantity: Decimal  # signed: positive long, negative short
-    avg_entry_price: NonNegativeDecimal
-    mark_price: NonNegativeDecimal
-    unrealized_pnl: Decimal
-    realized_pnl: Decimal
-    fees: NonNegativeDecimal
+    quantity: SignedQuantity
+    avg_entry_price: AveragePrice
+    mark_price: AveragePrice  # the last close; zero before the first candle
+    unrealized_pnl: Money
+    realized_pnl: Money
+    fees: NonNegativeMoney
 
 
 class PortfolioSnapshot(Message):
     KIND = "portfolio_snapshot"
     kind: Literal["portfolio_snapshot"] = "portfolio_snapshot"
-    sequence: int = Field(ge=0)
+    sequence: Count
     ts_ms: Millis
-    fills_applied: int = Field(ge=0)
-    initial_capital: Decimal
-    realized_pnl: Decimal
-    unrealized_pnl: Decimal
-    fees: NonNegativeDecimal
-    equity: Decimal
-    peak_equity: Decimal
-    drawdown_pct: NonNegativeDecimal
-    max_drawdown_pct: NonNegativeDecimal
+    fills_applied: Count
+    initial_capital: PositiveMoney
+    realized_pnl: Money
+    unrealized_pnl: Money
+    fees: NonNegativeMoney
+    equity: Money
+    peak_equity: Money
+    drawdown_pct: Percent
+    max_drawdown_pct: Percent
     positions: tuple[PositionView, ...]
 
     @property
@@ -393,8 +465,8 @@ class RiskAlert(Message):
     alert_kind: RiskAlertKind
     source: str
     symbol: Symbol | None = None
-    value: Decimal
-    threshold: Decimal
+    value: Figure
+    threshold: Figure
     detail: str = Field(max_length=1024)
     ts_ms: Millis
 
@@ -420,7 +492,7 @@ class HaltLatch(Message):
     KIND = "halt_latch"
     kind: Literal["halt_latch"] = "halt_latch"
     state: TradingState
-    revision: int = Field(ge=0)
+    revision: Count
     reason: str = Field(default="", max_length=1024)
     issued_by: str = Field(default="", max_length=256)
     issued_at_ms: Millis
@@ -442,9 +514,9 @@ class HaltAck(Message):
     KIND = "halt_ack"
     kind: Literal["halt_ack"] = "halt_ack"
     worker_id: str
-    revision: int = Field(ge=0)
+    revision: Count
     state: TradingState
-    open_orders_cancelled: int = Field(ge=0, default=0)
+    open_orders_cancelled: Count = 0
     ts_ms: Millis
 
     @property
@@ -462,7 +534,7 @@ class ControlHeartbeat(Message):
     KIND = "control_heartbeat"
     kind: Literal["control_heartbeat"] = "control_heartbeat"
     issued_by: str
-    latch_revision: int = Field(ge=0)
+    latch_revision: Count
     ts_ms: Millis
 
     @property
@@ -476,7 +548,7 @@ class PolicyRevision(Message):
     KIND = "policy_revision"
     kind: Literal["policy_revision"] = "policy_revision"
     name: str
-    revision: int = Field(ge=1)
+    revision: int = Field(ge=1, le=2**63 - 1)
     published_at_ms: Millis
     spec: TradingPolicySpec
 

@@ -5,12 +5,15 @@ cluster and passed to ``qtrader up --policy`` locally. Field names are the resou
 Python code uses snake_case attributes. Defaults here mirror the CRD schema's defaults, so a spec
 that omits a field means the same thing in both places.
 
-``PolicyError`` carries a message that says which field is wrong and why; callers print it.
+``PolicyError`` carries a message that says which field is wrong and why; callers print it. A
+policy file is read by ``contracts.documents`` (size cap, UTF-8, no duplicate keys), and its
+symbols are checked against the listing of its mode's venue where the caller has one.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,13 +21,24 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from qtrader.contracts.documents import read_resource
+from qtrader.contracts.documents import ResourceFile, read_resource_file
+from qtrader.contracts.numbers import COMPUTED_PLACES, UnitFloat
+from qtrader.instruments import ExchangeInfo, paper_exchange_info
 
 API_GROUP = "qtrader.dev"
 API_VERSION = "v1alpha1"
 POLICY_KIND = "TradingPolicy"
 
 SymbolName = Annotated[str, Field(pattern=r"^[A-Z0-9]{2,20}$")]
+# The CRD holds this bound too (a CEL rule on a double, which still tells 1e12 + 0.01 apart).
+MAX_POLICY_USD = Decimal(1_000_000_000_000)
+# USD amounts of a policy (a position limit, a capital): positive, finite, at most 1e12. Every
+# policy decimal bounds its places too, so "1e-999" is refused (the CRD's 32 characters cannot
+# reach the bound, so the two still agree).
+PolicyUsd = Annotated[
+    Decimal,
+    Field(gt=0, le=MAX_POLICY_USD, decimal_places=COMPUTED_PLACES, allow_inf_nan=False),
+]
 
 
 class PolicyError(ValueError):
@@ -45,10 +59,12 @@ class TradingMode(enum.StrEnum):
 
 class RiskLimits(_Spec):
     max_open_positions: int = Field(default=3, ge=1, le=100)
-    max_position_usd: Decimal = Field(default=Decimal(1000), gt=0)
-    max_leverage: Decimal = Field(default=Decimal(3), ge=1, le=125)
-    max_drawdown_pct: Decimal = Field(default=Decimal(3), gt=0, le=100)
-    min_confidence: float = Field(default=0.6, ge=0.0, le=1.0)
+    max_position_usd: PolicyUsd = Decimal(1000)
+    max_leverage: Decimal = Field(default=Decimal(3), ge=1, le=125, decimal_places=COMPUTED_PLACES)
+    max_drawdown_pct: Decimal = Field(
+        default=Decimal(3), gt=0, le=100, decimal_places=COMPUTED_PLACES
+    )
+    min_confidence: UnitFloat = 0.6
     max_slippage_bps: int = Field(default=20, ge=0, le=1000)
 
 
@@ -65,9 +81,9 @@ class SignalThrottling(_Spec):
 
 
 class PaperExchangeSettings(_Spec):
-    initial_capital_usd: Decimal = Field(default=Decimal(10_000), gt=0)
-    fee_bps: Decimal = Field(default=Decimal(4), ge=0, le=100)
-    slippage_bps: Decimal = Field(default=Decimal(2), ge=0, le=1000)
+    initial_capital_usd: PolicyUsd = Decimal(10_000)
+    fee_bps: Decimal = Field(default=Decimal(4), ge=0, le=100, decimal_places=COMPUTED_PLACES)
+    slippage_bps: Decimal = Field(default=Decimal(2), ge=0, le=1000, decimal_places=COMPUTED_PLACES)
 
 
 class ResourceAmounts(_Spec):
@@ -163,6 +179,45 @@ def parse_policy(document: object) -> TradingPolicy:
         raise PolicyError(f"invalid TradingPolicy: {format_validation_error(exc)}") from exc
 
 
-def load_policy_file(path: Path) -> TradingPolicy:
-    """Read a TradingPolicy YAML file (the same file kubectl applies)."""
-    return parse_policy(read_resource(path, kind=POLICY_KIND, error=PolicyError))
+def offline_listings() -> dict[TradingMode, ExchangeInfo]:
+    """The listings a command can check a policy's symbols against without the network: the
+    paper exchange's. Testnet and live symbols are checked by execution when it starts, against
+    the venue's exchangeInfo (an order for an unlisted symbol is denied)."""
+    return {TradingMode.PAPER: paper_exchange_info()}
+
+
+def load_policy_file(
+    path: Path, *, listings: Mapping[TradingMode, ExchangeInfo] | None = None
+) -> TradingPolicy:
+    """Read a TradingPolicy YAML file (the same file kubectl applies).
+
+    ``listings`` holds, per mode, the instruments its venue trades (the paper exchange's for
+    paper); each of ``spec.symbols`` must be listed there. A mode without a listing is not
+    checked here: its venue's listing is not at hand (execution denies an unlisted symbol).
+    A refusal reads ``FILE:LINE: problem``, the line that of the offending field.
+    """
+    resource = read_resource_file(path, kind=POLICY_KIND, error=PolicyError)
+    try:
+        policy = TradingPolicy.model_validate(resource.document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PolicyError(
+            resource.problem(first["loc"], f"invalid TradingPolicy: {format_validation_error(exc)}")
+        ) from exc
+    listing = (listings or {}).get(policy.spec.mode)
+    if listing is not None:
+        _check_listed(resource, policy.spec, listing)
+    return policy
+
+
+def _check_listed(resource: ResourceFile, spec: TradingPolicySpec, listing: ExchangeInfo) -> None:
+    unlisted = listing.unlisted(list(spec.symbols))
+    if unlisted:
+        where = ("spec", "symbols", spec.symbols.index(unlisted[0]))
+        raise PolicyError(
+            resource.problem(
+                where,
+                f"spec.symbols: {', '.join(unlisted)} not listed by the {spec.mode.value} "
+                f"exchange (it lists {', '.join(sorted(listing.instruments))})",
+            )
+        )

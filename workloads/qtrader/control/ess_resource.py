@@ -40,7 +40,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from qtrader.contracts.documents import read_resource
+from qtrader.contracts.documents import read_resource_file
 from qtrader.contracts.messages import RiskAlert, RiskAlertKind, TradingState
 from qtrader.contracts.policy import API_GROUP, API_VERSION
 from qtrader.control.ess import TRIPPED_BY_ANNOTATION
@@ -208,8 +208,18 @@ def parse_emergency_stop(document: object) -> EmergencyStop:
 
 
 def load_emergency_stop_file(path: Path) -> EmergencyStop:
-    """Read the one EmergencyStop of a YAML file (the same file kubectl applies)."""
-    return parse_emergency_stop(read_resource(path, kind=ESS_KIND, error=EmergencyStopError))
+    """Read the one EmergencyStop of a YAML file (the same file kubectl applies).
+
+    The file is read by ``contracts.documents`` (size cap, UTF-8, no duplicate keys); a refusal
+    reads ``FILE:LINE: problem``, the line that of the first offending field.
+    """
+    resource = read_resource_file(path, kind=ESS_KIND, error=EmergencyStopError)
+    try:
+        return EmergencyStop.model_validate(resource.document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = f"invalid EmergencyStop: {_where(exc, '')}"
+        raise EmergencyStopError(resource.problem(first["loc"], message)) from exc
 
 
 def _where(exc: ValidationError, prefix: str) -> str:

@@ -43,6 +43,8 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from prometheus_client import Counter
 
 from qtrader.contracts.messages import (
+    BOOK_NAME,
+    GATE_NAME,
     Fill,
     OrderIntent,
     OrderStatus,
@@ -70,8 +72,6 @@ HALTED_LOOKUPS = Counter(
 )
 
 _BPS = Decimal(10_000)
-GATE_NAME = "halt-gate"  # the ``exchange`` of an update for an order the halt gate stopped
-BOOK_NAME = "exposure-book"  # ... for an order the exposure book refused (or expired)
 
 PublishUpdate = Callable[[OrderUpdate], Awaitable[None]]
 PublishFill = Callable[[Fill], Awaitable[None]]

@@ -58,6 +58,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    BOOK_NAME,
+    GATE_NAME,
     Candle,
     ControlHeartbeat,
     Fill,
@@ -98,7 +100,7 @@ from qtrader.execution.exposure import (
 )
 from qtrader.execution.halt import HaltGate
 from qtrader.execution.intake import Dropped, SignalIntake, policy_ttl_ms
-from qtrader.execution.orders import BOOK_NAME, GATE_NAME, DriverSettings, OrderDriver
+from qtrader.execution.orders import DriverSettings, OrderDriver
 from qtrader.execution.paper import PaperExchange, PaperVenue
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
@@ -110,6 +112,11 @@ SIGNALS_DENIED = Counter(
     "qtrader_signals_denied_total", "Signals that did not become an order, by reason.", ["reason"]
 )
 INTENTS = Counter("qtrader_order_intents_total", "Order intents published.", ["side"])
+INTENTS_UNPUBLISHED = Counter(
+    "qtrader_order_intents_unpublished_total",
+    "Intents decided but dropped because they could not be published (NATS down and the "
+    "outbox full or failing).",
+)
 ORDERS_SENT = Counter("qtrader_orders_sent_total", "Orders sent to the exchange.", ["exchange"])
 RESOLVE_EVERY_S = 5.0  # how often intents left UNKNOWN are looked up again
 # An intent decided here and never seen sent is released this long after its ttl (no sender
@@ -576,9 +583,13 @@ class Execution:
         )
         try:
             await self._context.bus.publish(subjects.order_intent_subject(outcome.symbol), outcome)
-        except BusUnavailable:
+        except BusUnavailable as exc:
+            # NATS down and the outbox full or its disk failing: the intent is dropped, never
+            # sent (it is not on the stream); a later signal decides again from the book.
             self._book.forget(outcome.intent_id)
-            raise
+            INTENTS_UNPUBLISHED.inc()
+            log.warning("intent %s not published, dropped: %s", outcome.intent_id, exc)
+            return
         INTENTS.labels(outcome.side.value).inc()
 
     def _release_unsendable(self, spec: TradingPolicySpec) -> None:
@@ -732,7 +743,12 @@ class Execution:
             if driver is None:
                 continue
             for intent_id, intent in list(self._unresolved.items()):
-                if await driver.resolve(intent) is not None:
+                try:
+                    resolved = await driver.resolve(intent)
+                except BusUnavailable as exc:  # its fills could not be published: next round
+                    log.warning("intent %s resolved, not published yet: %s", intent_id, exc)
+                    continue
+                if resolved is not None:
                     del self._unresolved[intent_id]
                     log.info("intent %s resolved by look-up", intent_id)
             UNRESOLVED.set(len(self._unresolved))

@@ -36,6 +36,7 @@ from qtrader.contracts.policy import (
     PolicyError,
     TradingPolicy,
     load_policy_file,
+    offline_listings,
 )
 from qtrader.control.ess_resource import EmergencyStopError
 from qtrader.control.ess_status import EssMode, format_time
@@ -78,7 +79,8 @@ def run_policy(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     action: Action = functools.partial(_show_policy, out=out)
     if args.policy_command == "apply":
         try:
-            policy = load_policy_file(args.file)  # bad input first, before anything is touched
+            # bad input first, before anything is touched
+            policy = load_policy_file(args.file, listings=offline_listings())
         except PolicyError as exc:
             return _fail(command, str(exc), code=2)
         action = functools.partial(_apply_policy, policy=policy, out=out)

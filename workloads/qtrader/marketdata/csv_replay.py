@@ -14,9 +14,12 @@ changed it and strict everywhere else:
 * Timestamps are milliseconds, but newer spot files switched to microseconds. A timestamp of 16
   or more digits is read as microseconds and divided by 1000 (a millisecond timestamp has 13
   digits until the year 2286), so one reader serves both.
-* Anything else - a wrong column count, a non-number, a high below the low, a candle that is not
-  after the previous one - raises ``KlineFormatError`` naming the file, the line and the problem.
-  A replay that skipped bad rows would backtest against a market that never existed.
+* Anything else - a wrong column count, a non-number, a value outside the Candle's bounds
+  (``"1e999"``), bytes that are not UTF-8, a high below the low, a candle that is not after the
+  previous one - raises ``KlineFormatError`` naming the file, the line and the problem. A replay
+  that skipped bad rows would backtest against a market that never existed.
+* ``validate_replay_files`` reads every row of every file before a replay starts (``qtrader up
+  --replay``), so a bad row at line 302 is refused before the first candle is published.
 
 ``KlineFormatError`` and ``candle_from_kline`` also serve the live feed (``live.py``), so a kline
 from a file and one from the websocket pass the same checks.
@@ -29,10 +32,11 @@ import heapq
 import io
 import re
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Final
+from typing import IO, Any, Final
 
 from pydantic import ValidationError
 
@@ -110,15 +114,35 @@ def read_klines(path: Path, *, symbol: str, interval: str) -> Iterator[Candle]:
 
 def _read_file(path: Path, *, symbol: str, interval: str) -> Iterator[Candle]:
     if path.suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as text:
-            yield from _parse_lines(text, where=str(path), symbol=symbol, interval=interval)
+        try:
+            with path.open(encoding="utf-8-sig", newline="") as text:
+                yield from _parse_lines(text, where=str(path), symbol=symbol, interval=interval)
+        except UnicodeDecodeError as exc:
+            with path.open("rb") as raw:
+                raise _not_utf8(str(path), raw, exc) from None
         return
     with zipfile.ZipFile(path) as archive:
         member = _only_csv_member(archive, path)
-        with archive.open(member) as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-            where = f"{path} ({member})"
-            yield from _parse_lines(text, where=where, symbol=symbol, interval=interval)
+        where = f"{path} ({member})"
+        try:
+            with archive.open(member) as raw:
+                text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+                yield from _parse_lines(text, where=where, symbol=symbol, interval=interval)
+        except UnicodeDecodeError as exc:
+            with archive.open(member) as raw:
+                raise _not_utf8(where, raw, exc) from None
+
+
+def _not_utf8(where: str, raw: IO[bytes], exc: UnicodeDecodeError) -> KlineFormatError:
+    """The error for bytes that are not UTF-8, at their line: the text reader decodes ahead in
+    chunks, so the csv reader's line number is not where they are. Found again line by line
+    (a line break is never part of a multi-byte character)."""
+    for number, line in enumerate(raw, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return KlineFormatError(f"{where}, line {number}: not UTF-8: {bad.reason}")
+    return KlineFormatError(f"{where}: not UTF-8: {exc.reason}")
 
 
 def _only_csv_member(archive: zipfile.ZipFile, path: Path) -> str:
@@ -133,7 +157,7 @@ def _parse_lines(
 ) -> Iterator[Candle]:
     reader = csv.reader(lines)
     previous: Candle | None = None
-    for row in reader:
+    for row in _rows(reader, where=where):
         if _is_blank(row) or (reader.line_num == 1 and _is_header(row)):
             continue
         location = f"{where}, line {reader.line_num}"
@@ -148,6 +172,36 @@ def _parse_lines(
         _check_after(previous, candle, location)
         previous = candle
         yield candle
+
+
+def _rows(reader: Any, *, where: str) -> Iterator[list[str]]:
+    """The reader's rows; a row the csv module cannot split (an oversized field, a stray
+    quote) becomes a ``KlineFormatError`` at its line, like any other bad row."""
+    while True:
+        try:
+            row: list[str] = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise KlineFormatError(f"{where}, line {reader.line_num + 1}: {exc}") from None
+        yield row
+
+
+def validate_replay_files(paths: Iterable[Path]) -> int:
+    """Read every row of every kline file, as a replay will, before anything starts.
+
+    Returns the number of candles; raises ``KlineFormatError`` (file, line, problem) or
+    ``ValueError``/``OSError`` (a name that does not say the symbol, a missing file) on the
+    first problem, so a bad row at line 302 is refused before candle 1 is published.
+    """
+    total = 0
+    for path in paths:
+        symbol, interval = infer_symbol_interval(path)
+        try:
+            total += sum(1 for _ in read_klines(path, symbol=symbol, interval=interval))
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise KlineFormatError(f"{path}: a damaged zip: {exc}") from None
+    return total
 
 
 def _is_blank(row: list[str]) -> bool:

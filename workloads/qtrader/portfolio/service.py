@@ -110,7 +110,9 @@ class Portfolio:
                 Candle,
                 self._on_candle,
                 label="marks",
-                from_now=True,
+                # The last stored close of each symbol first: a restarted portfolio marks its
+                # positions at once, not at the next candle (its staleness is not judged here).
+                from_last=True,
             ),
             self._publish_loop(),
         )

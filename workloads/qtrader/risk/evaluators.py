@@ -40,7 +40,6 @@ from qtrader.contracts.messages import (
     RiskAlertKind,
 )
 from qtrader.exchange.errors import ExchangeError
-from qtrader.execution.orders import GATE_NAME
 
 DEFAULT_SOURCE = "risk-evaluator"
 
@@ -364,8 +363,9 @@ _ERROR_KINDS = _exchange_error_kinds()
 
 def is_execution_error(update: OrderUpdate) -> bool:
     """Whether a final update counts as an error: the venue rejected the order, or an exchange
-    error ended it. The halt gate's refusals are not errors (the exchange never saw them)."""
-    if update.exchange == GATE_NAME:
+    error ended it. Refusals by the halt gate or the exposure book are not errors: no venue saw
+    them, and a risk check doing its job must not trip the stop."""
+    if update.refused_before_venue:
         return False
     if update.status is OrderStatus.REJECTED:
         return True
@@ -377,9 +377,10 @@ class ErrorRateEvaluator:
     in an error, once at least ``min_orders`` orders ended in the window.
 
     Only final updates count (FILLED, CANCELED, REJECTED, EXPIRED), each order once (by client
-    order id: a redelivered final update is ignored), and the halt gate's refusals not at all.
-    UNKNOWN is not final: the order is still being resolved. The window ends at the latest
-    final update's time, so no clock is needed; an update older than the window is ignored.
+    order id: a redelivered final update is ignored), and refusals before any venue (the halt
+    gate's, the exposure book's) not at all. UNKNOWN is not final: the order is still being
+    resolved. The window ends at the latest final update's time, so no clock is needed; an
+    update older than the window is ignored.
     Memory is bounded by the orders that ended within the window.
     """
 
@@ -412,7 +413,7 @@ class ErrorRateEvaluator:
         return self._errors, len(self._finals)
 
     def on_update(self, update: OrderUpdate) -> RiskAlert | None:
-        if not update.status.is_final or update.exchange == GATE_NAME:
+        if not update.status.is_final or update.refused_before_venue:
             return None
         if update.client_order_id in self._finals:
             return None

@@ -52,9 +52,8 @@ from typing import Any
 
 from qtrader.benchmarks.halt import spawn_peer
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltLatch, OrderStatus, OrderUpdate, TradingState
+from qtrader.contracts.messages import GATE_NAME, HaltLatch, OrderStatus, OrderUpdate, TradingState
 from qtrader.control.ess_status import EssState, parse_time
-from qtrader.execution.orders import GATE_NAME
 from qtrader.local import ess_client
 from qtrader.local.control_plane import EssRecord
 from qtrader.local.processes import Child

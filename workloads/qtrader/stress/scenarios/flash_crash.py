@@ -29,9 +29,15 @@ import time
 from decimal import Decimal
 
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Candle, HaltAck, OrderStatus, OrderUpdate, RiskAlert
+from qtrader.contracts.messages import (
+    GATE_NAME,
+    Candle,
+    HaltAck,
+    OrderStatus,
+    OrderUpdate,
+    RiskAlert,
+)
 from qtrader.control.ess_status import EssState
-from qtrader.execution.orders import GATE_NAME
 from qtrader.stress.harness import Rig, ScenarioFailure, emergency_stop, policy_document
 from qtrader.stress.result import ScenarioResult
 from qtrader.stress.scenario import StressOptions
