@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import os
 import signal
 import uuid
@@ -21,6 +22,7 @@ import aiohttp
 import httpx
 import kmock as kmock_lib
 import kopf
+import nats.js.errors
 import pytest
 import yaml
 
@@ -191,8 +193,22 @@ async def _operator(nats_url: str) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, 60)
+        await _operator_ended(task)
         await _close_sessions_kopf_left()
+
+
+async def _operator_ended(task: asyncio.Task[None], timeout_s: float = 60) -> None:
+    """Wait for kopf to stop; if it does not, fail naming where every task waits (a
+    ``wait_for`` would cancel it and could wait forever on a task that ignores the cancel)."""
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if done:
+        task.result()
+        return
+    stuck = io.StringIO()
+    for other in asyncio.all_tasks():
+        print(f"--- {other.get_name()}", file=stuck)
+        other.print_stack(limit=12, file=stuck)
+    pytest.fail(f"kopf did not stop within {timeout_s} s; tasks:\n{stuck.getvalue()}")
 
 
 async def _close_sessions_kopf_left() -> None:
@@ -768,7 +784,10 @@ async def _latch_watch(url: str) -> AsyncIterator[list[HaltLatch]]:
 
     async def sample() -> None:
         while True:
-            latch = await _kv_latch(url)
+            try:
+                latch = await _kv_latch(url)
+            except nats.js.errors.BucketNotFoundError:  # the stack's topology is not made yet
+                latch = None
             if latch is not None and (not seen or seen[-1] != latch):
                 seen.append(latch)
             await asyncio.sleep(0.05)
@@ -777,6 +796,8 @@ async def _latch_watch(url: str) -> AsyncIterator[list[HaltLatch]]:
     try:
         yield seen
     finally:
+        if task.done():  # a sampler that died would leave ``seen`` short: say why
+            task.result()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
