@@ -167,7 +167,9 @@ async def reconcile_policy(
     )
     previous = list(status.get("conditions") or [])
     generation = meta.get("generation")
-    result = policy_core.stack_problem(owner) or policy_core.validate(spec, runtime.exchange)
+    result = policy_core.stack_problem(owner) or policy_core.validate(
+        spec, runtime.exchange, allowed_images=runtime.config.allowed_images
+    )
     if isinstance(result, str):
         if status.get("invalidReason") != result:
             kopf.warn(body, reason="Invalid", message=result)
@@ -266,6 +268,7 @@ async def _apply_workloads(
         image=config.workload_image,
         nats_url=config.nats_url,
         redis_url=config.redis_url,
+        redis_secret=config.redis_secret,
         binance_secret=config.binance_secret,
     )
     readiness = {}
@@ -560,7 +563,11 @@ async def _scale_obeying_policies(runtime: OperatorRuntime, *, namespace: str) -
     """Scale every policy of the namespace to what the stops' combination allows it."""
     listing = await runtime.kube.get(custom_path("tradingpolicies", namespace))
     for item in listing.get("items", []):
-        spec = policy_core.validate(item.get("spec") or {}, runtime.exchange)
+        spec = policy_core.validate(
+            item.get("spec") or {},
+            runtime.exchange,
+            allowed_images=runtime.config.allowed_images,
+        )
         if isinstance(spec, str):
             continue
         state, flatten = await _stop_state(runtime, namespace, spec.emergency_stop_ref)

@@ -18,6 +18,7 @@ import kopf
 
 from qtrader_operator.admission import early_reset_refusal
 from qtrader_operator.handlers import STOPS, registry
+from qtrader_operator.policy_core import SecretKey
 from qtrader_operator.runtime import OperatorConfig
 
 
@@ -34,9 +35,23 @@ def config_from_environment() -> OperatorConfig:
         namespace=_required("QTRADER_NAMESPACE", "POD_NAMESPACE"),
         nats_url=_required("QTRADER_NATS_URL"),
         workload_image=_required("QTRADER_WORKLOAD_IMAGE"),
+        allowed_images=frozenset(_listed("QTRADER_WORKLOAD_ALLOWED_IMAGES")),
         redis_url=os.environ.get("QTRADER_REDIS_URL") or None,
+        redis_secret=_redis_secret(),
         binance_secret=os.environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
     )
+
+
+def _listed(name: str) -> list[str]:
+    """A comma-separated environment variable's items."""
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def _redis_secret() -> SecretKey | None:
+    name = os.environ.get("QTRADER_REDIS_SECRET_NAME")
+    if not name:
+        return None
+    return SecretKey(name=name, key=os.environ.get("QTRADER_REDIS_SECRET_KEY") or "url")
 
 
 @kopf.on.validate(*STOPS, operations=["UPDATE"], registry=registry)

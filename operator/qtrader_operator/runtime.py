@@ -23,6 +23,7 @@ from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_channel import AckCollector
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
 from qtrader_operator.kube import KubeApi, KubeEndpoint
+from qtrader_operator.policy_core import SecretKey
 from qtrader_operator.stacks import AlertHandler, Stacks
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,10 @@ class OperatorConfig:
     namespace: str
     nats_url: str
     workload_image: str
-    redis_url: str | None = None
+    # Images a policy may name for a workload besides ``workload_image`` (none by default).
+    allowed_images: frozenset[str] = frozenset()
+    redis_url: str | None = None  # without credentials; with them, ``redis_secret``
+    redis_secret: SecretKey | None = None
     binance_secret: str | None = None
     # None: the in-cluster service account (the normal case); tests point it elsewhere.
     kube: KubeEndpoint | None = None
