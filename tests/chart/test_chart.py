@@ -40,7 +40,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "external-nats-secret": {
         "externalNats": {"url": "nats://nats.messaging:4222", "existingSecret": "nats-url"},
     },
-    "nats-dependency": {"nats": {"enabled": True}},
+    "external-nats-url": {"externalNats": {"url": "nats://nats.messaging:4222"}},
     "live-trading": {
         "redis": {"url": "redis://redis.cache:6379/0"},
         "binance": {"existingSecret": "binance-keys"},
@@ -123,12 +123,11 @@ def test_custom_resources_are_valid_for_the_operator(
         assert doc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
-def test_lint_reports_no_error_and_only_the_undownloaded_dependency() -> None:
+def test_lint_reports_no_error_and_no_warning() -> None:
     report = helm.lint(str(CHART), kube_version="v1.33.0")
     assert report["errors"] == []
     findings = [m for m in report["messages"] if m["severity"] >= 2]
-    # The nats dependency is optional and not vendored (no network here): the only warning.
-    assert [m["error"] for m in findings] == ["chart directory is missing these dependencies: nats"]
+    assert findings == []
 
 
 def test_chart_crds_are_byte_identical_to_the_projects() -> None:
@@ -219,11 +218,11 @@ def test_operator_gets_what_its_configuration_requires() -> None:
     assert "QTRADER_REDIS_URL" not in env
 
 
-def test_nats_url_from_a_secret_or_the_dependency() -> None:
+def test_nats_url_from_a_secret_or_the_external_url() -> None:
     env = env_of(operator_deployment(documents(render(VALUE_SETS["external-nats-secret"]))))
     assert env["QTRADER_NATS_URL"] == {"secretKeyRef": {"name": "nats-url", "key": "url"}}
-    env = env_of(operator_deployment(documents(render(VALUE_SETS["nats-dependency"]))))
-    assert env["QTRADER_NATS_URL"] == "nats://qt-nats:4222"
+    env = env_of(operator_deployment(documents(render(VALUE_SETS["external-nats-url"]))))
+    assert env["QTRADER_NATS_URL"] == "nats://nats.messaging:4222"
 
 
 def test_redis_and_binance_secret_reach_the_operator() -> None:

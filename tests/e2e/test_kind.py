@@ -1,9 +1,10 @@
 """The whole platform on a kind cluster: images, chart, a TradingPolicy, the kill switch.
 
-Create (or reuse) a cluster, build both images and load them, run NATS with JetStream, install
-the chart into a namespace that enforces the Restricted pod security standard, apply a
-TradingPolicy, wait for its four workloads; trip the EmergencyStop with kubectl patch (execution
-and inference scaled to 0) and reset it after the cooldown (replicas restored).
+Create (or reuse) a cluster, build both images and load them, install NATS with JetStream from
+the official chart (as the README does, with examples/nats-values.yaml), install the chart into
+a namespace that enforces the Restricted pod security standard, apply a TradingPolicy, wait for
+its four workloads; trip the EmergencyStop with kubectl patch (execution and inference scaled to
+0) and reset it after the cooldown (replicas restored).
 """
 
 from __future__ import annotations
@@ -28,40 +29,13 @@ WORKLOADS_IMAGE = f"quantum-trader-workloads:{TAG}"
 POLICY = "paper-demo"
 COOLDOWN_S = 20
 
-NATS_MANIFEST = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: nats}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: nats}}
-  template:
-    metadata: {labels: {app: nats}}
-    spec:
-      securityContext:
-        runAsNonRoot: true
-        runAsUser: 1000
-        seccompProfile: {type: RuntimeDefault}
-      containers:
-        - name: nats
-          image: nats:2.10-alpine
-          args: ["-js", "-sd", "/data", "-m", "8222"]
-          ports: [{containerPort: 4222}, {containerPort: 8222}]
-          readinessProbe: {httpGet: {path: /healthz, port: 8222}}
-          securityContext:
-            allowPrivilegeEscalation: false
-            readOnlyRootFilesystem: true
-            capabilities: {drop: [ALL]}
-          volumeMounts: [{name: data, mountPath: /data}]
-      volumes: [{name: data, emptyDir: {}}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: nats}
-spec:
-  selector: {app: nats}
-  ports: [{name: client, port: 4222}]
-"""
+# NATS the way the README installs it: the official chart with examples/nats-values.yaml, in
+# its own namespace (the chart's pods are not written for the Restricted standard that the
+# platform's namespace enforces). --repo instead of `helm repo add` leaves the user's helm
+# repositories alone. Needs network (GitHub Actions has it).
+NATS_NAMESPACE = "qtrader-e2e-nats"
+NATS_REPO = "https://nats-io.github.io/k8s/helm/charts/"
+NATS_CHART_VERSION = "2.14.2"
 
 
 def kubectl(*args: str, stdin: str | None = None, timeout: float = 120) -> str:
@@ -99,6 +73,33 @@ def stop_state() -> dict[str, object]:
     return body
 
 
+def install_nats() -> None:
+    """One NATS server with JetStream from the official chart, ready before the platform."""
+    run(
+        "helm",
+        "upgrade",
+        "--install",
+        "nats",
+        "nats",
+        "--repo",
+        NATS_REPO,
+        "--version",
+        NATS_CHART_VERSION,
+        "--namespace",
+        NATS_NAMESPACE,
+        "--create-namespace",
+        "--values",
+        str(ROOT / "examples" / "nats-values.yaml"),
+        # kind's local-path volumes ignore the size; keep the claim small anyway.
+        "--set",
+        "config.jetstream.fileStore.pvc.size=1Gi",
+        "--wait",
+        "--timeout",
+        "5m",
+        timeout=400,
+    )
+
+
 @pytest.fixture(scope="module")
 def installed(kind_cluster: str) -> Iterator[None]:
     for image, dockerfile in (
@@ -116,15 +117,14 @@ def installed(kind_cluster: str) -> Iterator[None]:
         "pod-security.kubernetes.io/enforce=restricted",
     )
     try:
-        kubectl("apply", "-f", "-", stdin=NATS_MANIFEST)
-        kubectl("rollout", "status", "deployment/nats", "--timeout=180s", timeout=200)
+        install_nats()
         values = {
             "operator": {"image": {"repository": "quantum-trader-operator", "tag": TAG}},
             "workloads": {
                 "image": {"repository": "quantum-trader-workloads", "tag": TAG},
                 "services": {"policies": [POLICY]},
             },
-            "externalNats": {"url": f"nats://nats.{NAMESPACE}:4222"},
+            "externalNats": {"url": f"nats://nats.{NATS_NAMESPACE}:4222"},
             "emergencyStop": {"spec": {"cooldownSeconds": COOLDOWN_S, "requireManualReset": True}},
         }
         run(
@@ -144,7 +144,15 @@ def installed(kind_cluster: str) -> Iterator[None]:
         )
         yield
     finally:
-        run("kubectl", "delete", "namespace", NAMESPACE, "--wait=false")
+        run(
+            "kubectl",
+            "delete",
+            "namespace",
+            NAMESPACE,
+            NATS_NAMESPACE,
+            "--ignore-not-found",
+            "--wait=false",
+        )
 
 
 def test_policy_runs_and_the_kill_switch_halts_and_restores(installed: None) -> None:

@@ -58,23 +58,14 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
 {{- end }}
 
-{{/* The NATS URL used when no Secret holds it. */}}
+{{/* The NATS URL used when no Secret holds it: an existing server (the chart deploys none). */}}
 {{- define "quantum-trader.natsUrl" -}}
-{{- if .Values.nats.enabled }}
-{{- $name := "nats" }}
-{{- if contains $name .Release.Name }}
-{{- printf "nats://%s:4222" (.Release.Name | trunc 63 | trimSuffix "-") }}
-{{- else }}
-{{- printf "nats://%s-%s:4222" .Release.Name $name }}
-{{- end }}
-{{- else }}
 {{- .Values.externalNats.url }}
-{{- end }}
 {{- end }}
 
 {{/* The NATS port the NetworkPolicies open. */}}
 {{- define "quantum-trader.natsPort" -}}
-{{- if .Values.nats.enabled }}4222{{ else }}{{ .Values.externalNats.port }}{{ end }}
+{{- .Values.externalNats.port }}
 {{- end }}
 
 {{/* Labels of the pods the operator creates for one TradingPolicy's workloads. */}}

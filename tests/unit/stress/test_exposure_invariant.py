@@ -69,6 +69,37 @@ def test_trades_are_replayed_in_the_venues_order_not_the_given_one() -> None:
     assert check_exposure(trades=trades, limits=LIMITS).max_position_ratio == Decimal("0.99")
 
 
+def test_a_reduction_after_the_market_rose_is_not_a_breach_but_is_reported() -> None:
+    trades = [
+        _trade(1, "BTCUSDT", "BUY", "0.033", "30000"),  # 990 at the order's price
+        _trade(2, "BTCUSDT", "SELL", "0.001", "32000"),  # 0.032 left, 1024 at the new price
+    ]
+    report = check_exposure(trades=trades, limits=LIMITS)
+    assert report.ok, report.summary()
+    assert report.max_position_ratio == Decimal("0.99")
+    assert report.max_held_ratio == Decimal("1.024")
+
+
+def test_adding_after_the_market_rose_values_the_whole_position_at_the_new_price() -> None:
+    trades = [
+        _trade(1, "BTCUSDT", "BUY", "0.033", "30000"),
+        _trade(2, "BTCUSDT", "BUY", "0.001", "31000"),  # 0.034 x 31000 = 1054 > 1000 + 31
+    ]
+    report = check_exposure(trades=trades, limits=LIMITS)
+    assert [v.kind for v in report.violations] == [ViolationKind.MAX_POSITION_USD]
+    assert report.max_position_ratio == Decimal("1.054")
+
+
+def test_a_flip_is_judged_at_its_price_even_when_smaller_than_the_position_it_closed() -> None:
+    trades = [
+        _trade(1, "BTCUSDT", "BUY", "0.033", "30000"),
+        _trade(2, "BTCUSDT", "SELL", "0.065", "33000"),  # short 0.032: 1056 > 1000 + 33
+    ]
+    report = check_exposure(trades=trades, limits=LIMITS)
+    assert [v.kind for v in report.violations] == [ViolationKind.MAX_POSITION_USD]
+    assert report.max_position_ratio == Decimal("1.056")
+
+
 def test_more_open_positions_than_allowed_is_a_violation() -> None:
     trades = [
         _trade(1, "BTCUSDT", "BUY", "0.01", "30000"),

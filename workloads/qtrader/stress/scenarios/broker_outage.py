@@ -125,14 +125,6 @@ HANG_RECOVERY_S = 10.0  # the requirement: publishing and consuming again within
 # room for a few hundred candles, so it fills within the shortest outage.
 SMALL_DISK_BYTES = 384 * 1024
 
-# Found by the exposure checker once it ran here: across a broker fault a paper position can
-# end a few steps beyond maxPositionUsd (seen: 1.0006x, 2 to 14 steps), the fill's price above
-# the one the book valued the order at. Open in issue 13 until the cause is fixed.
-BROKER_FAULT_EXPOSURE_GAP = (
-    "across a broker fault a paper position may end a few steps beyond maxPositionUsd "
-    "(the fill above the price the exposure book valued it at): open defect"
-)
-
 DEPTH = "qtrader_outbox_depth"
 DISK_ERRORS = "qtrader_outbox_disk_errors_total"
 BUFFERED = "qtrader_outbox_buffered_total"
@@ -602,7 +594,7 @@ def _judge(
     result.check("portfolio vs exact account of FILLS", len(mismatches), "==", 0)
     limits = paper_limits(_policy().spec)  # the rig has closed: judged from what it read back
     report = check_exposure(trades=from_paper_fills(back.fills), limits=limits)
-    judge_exposure(result, report, known_gap=BROKER_FAULT_EXPOSURE_GAP)
+    judge_exposure(result, report)
     if fault is BrokerFault.HANG:
         recoveries = result.figures["recovered after s (publishing, consuming, outboxes empty)"]
         result.check("slowest recovery after a hang (s)", max(recoveries), "<=", HANG_RECOVERY_S)
