@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,36 +23,36 @@ from qtrader_operator.policy_core import SecretKey
 from qtrader_operator.runtime import OperatorConfig
 
 
-def _required(*names: str) -> str:
+def _required(environ: Mapping[str, str], *names: str) -> str:
     for name in names:
-        value = os.environ.get(name)
+        value = environ.get(name)
         if value:
             return value
     raise SystemExit(f"qtrader-operator: set {' or '.join(names)}")
 
 
-def config_from_environment() -> OperatorConfig:
+def config_from_environment(environ: Mapping[str, str] = os.environ) -> OperatorConfig:
     return OperatorConfig(
-        namespace=_required("QTRADER_NAMESPACE", "POD_NAMESPACE"),
-        nats_url=_required("QTRADER_NATS_URL"),
-        workload_image=_required("QTRADER_WORKLOAD_IMAGE"),
-        allowed_images=frozenset(_listed("QTRADER_WORKLOAD_ALLOWED_IMAGES")),
-        redis_url=os.environ.get("QTRADER_REDIS_URL") or None,
-        redis_secret=_redis_secret(),
-        binance_secret=os.environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
+        namespace=_required(environ, "QTRADER_NAMESPACE", "POD_NAMESPACE"),
+        nats_url=_required(environ, "QTRADER_NATS_URL"),
+        workload_image=_required(environ, "QTRADER_WORKLOAD_IMAGE"),
+        allowed_images=frozenset(_listed(environ.get("QTRADER_WORKLOAD_ALLOWED_IMAGES", ""))),
+        redis_url=environ.get("QTRADER_REDIS_URL") or None,
+        redis_secret=_redis_secret(environ),
+        binance_secret=environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
     )
 
 
-def _listed(name: str) -> list[str]:
-    """A comma-separated environment variable's items."""
-    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+def _listed(value: str) -> list[str]:
+    """A comma-separated setting's items."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _redis_secret() -> SecretKey | None:
-    name = os.environ.get("QTRADER_REDIS_SECRET_NAME")
+def _redis_secret(environ: Mapping[str, str]) -> SecretKey | None:
+    name = environ.get("QTRADER_REDIS_SECRET_NAME")
     if not name:
         return None
-    return SecretKey(name=name, key=os.environ.get("QTRADER_REDIS_SECRET_KEY") or "url")
+    return SecretKey(name=name, key=environ.get("QTRADER_REDIS_SECRET_KEY") or "url")
 
 
 @kopf.on.validate(*STOPS, operations=["UPDATE"], registry=registry)
@@ -68,8 +69,8 @@ def admission_server(settings: kopf.OperatorSettings, **_: Any) -> None:
     if port:
         settings.admission.server = kopf.WebhookServer(
             port=int(port),
-            certfile=_required("QTRADER_WEBHOOK_CERT"),
-            pkeyfile=_required("QTRADER_WEBHOOK_KEY"),
+            certfile=_required(os.environ, "QTRADER_WEBHOOK_CERT"),
+            pkeyfile=_required(os.environ, "QTRADER_WEBHOOK_KEY"),
         )
 
 
