@@ -77,6 +77,7 @@ from qtrader.control.halt_combination import StopView, combine
 from qtrader.local.control import publish_policy
 from qtrader_operator import policy_core
 from qtrader_operator.kube import KubeError, KubeNotFound, custom_path, deployment_path
+from qtrader_operator.metrics import PolicyView
 from qtrader_operator.runtime import OperatorConfig, OperatorRuntime
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,21 @@ async def reconcile_policy(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
+    with runtime.metrics.counting_errors("tradingpolicy"):
+        await _reconcile_policy(
+            runtime, body=body, spec=spec, meta=meta, status=status, patch=patch
+        )
+
+
+async def _reconcile_policy(
+    runtime: OperatorRuntime,
+    *,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+) -> None:
     owner = policy_core.Owner(
         name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid") or meta["name"]
     )
@@ -171,6 +187,7 @@ async def reconcile_policy(
         spec, runtime.exchange, allowed_images=runtime.config.allowed_images
     )
     if isinstance(result, str):
+        runtime.policies.pop(owner.name, None)  # nothing of it runs
         if status.get("invalidReason") != result:
             kopf.warn(body, reason="Invalid", message=result)
         patch.status["invalidReason"] = result
@@ -190,6 +207,9 @@ async def reconcile_policy(
     readiness = await _apply_workloads(runtime, owner=owner, spec=result, stopped=stopped)
     revision = await _publish_if_changed(
         runtime.bus.for_stack(stack), body=body, name=owner.name, spec=result
+    )
+    runtime.policies[owner.name] = PolicyView(
+        revision=revision, workloads={r: (w.desired, w.ready) for r, w in readiness.items()}
     )
     patch.status["invalidReason"] = None
     patch.status["publishedRevision"] = revision
@@ -227,8 +247,10 @@ async def _serve_stack(runtime: OperatorRuntime, stack: str) -> None:
 async def delete_policy(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     """Stop serving a deleted policy's stack (its Deployments go with it, by owner reference).
     Optional: it never blocks a deletion."""
+    runtime = _runtime(memo)
+    runtime.policies.pop(meta["name"], None)
     with contextlib.suppress(subjects.InvalidStack):  # such a policy never had a stack
-        await _runtime(memo).stacks.remove(subjects.stack_id(meta["namespace"], meta["name"]))
+        await runtime.stacks.remove(subjects.stack_id(meta["namespace"], meta["name"]))
 
 
 def _stopped_roles(stop_state: TradingState, *, flatten: bool) -> frozenset[str]:
@@ -321,6 +343,19 @@ async def reconcile_stop(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
+    with runtime.metrics.counting_errors("emergencystop"):
+        await _reconcile_stop(runtime, body=body, spec=spec, meta=meta, status=status, patch=patch)
+
+
+async def _reconcile_stop(
+    runtime: OperatorRuntime,
+    *,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+) -> None:
     name = meta["name"]
     memory = runtime.memory(name)
     async with memory.lock:
@@ -352,6 +387,7 @@ async def reconcile_stop(
             now=_now(),
         )
         memory.status = applied.status
+        memory.pending_workers = len(applied.pending)
         await _scale_when_confirmed(
             runtime, namespace=meta["namespace"], name=name, applied=applied
         )
@@ -576,13 +612,24 @@ async def _scale_obeying_policies(runtime: OperatorRuntime, *, namespace: str) -
         owner = policy_core.Owner(
             name=metadata["name"], namespace=namespace, uid=metadata.get("uid") or metadata["name"]
         )
+        workloads = {}
         for role in policy_core.ROLES:
             replicas = policy_core.desired_replicas(spec, role, stopped_roles=stopped)
             path = deployment_path(namespace, policy_core.deployment_name(owner, role))
             try:
-                await runtime.kube.merge_patch(path, {"spec": {"replicas": replicas}})
+                scaled = await runtime.kube.merge_patch(path, {"spec": {"replicas": replicas}})
             except KubeNotFound:
                 log.warning("deployment %s not found while scaling", path)
+                continue
+            workloads[role] = (
+                replicas,
+                int((scaled.get("status") or {}).get("readyReplicas") or 0),
+            )
+        known = runtime.policies.get(owner.name)
+        if known is not None:  # the metrics show the scaling now, not at the policy's next timer
+            runtime.policies[owner.name] = replace(
+                known, workloads={**known.workloads, **workloads}
+            )
 
 
 def _parse_stop(spec: Any) -> EmergencyStopSpec:

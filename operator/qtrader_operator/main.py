@@ -40,7 +40,16 @@ def config_from_environment(environ: Mapping[str, str] = os.environ) -> Operator
         redis_url=environ.get("QTRADER_REDIS_URL") or None,
         redis_secret=_redis_secret(environ),
         binance_secret=environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
+        metrics_port=_port(environ.get("QTRADER_METRICS_PORT")),
     )
+
+
+def _port(value: str | None) -> int | None:
+    if not value:
+        return None
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise SystemExit(f"qtrader-operator: QTRADER_METRICS_PORT {value!r} is not a port")
+    return int(value)
 
 
 def _listed(value: str) -> list[str]:

@@ -25,6 +25,7 @@ import kopf
 import nats.js.errors
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
@@ -170,7 +171,9 @@ async def _eventually(check: Callable[[], Any], *, timeout_s: float, what: str) 
 
 
 @contextlib.asynccontextmanager
-async def _operator(nats_url: str) -> AsyncIterator[None]:
+async def _operator(nats_url: str) -> AsyncIterator[kopf.Memo]:
+    """The operator from its own handlers, with ``/metrics`` on a free port (the memo the
+    handlers fill: ``memo.runtime`` once started)."""
     config = OperatorConfig(
         namespace=NAMESPACE,
         nats_url=nats_url,
@@ -178,19 +181,22 @@ async def _operator(nats_url: str) -> AsyncIterator[None]:
         kube=KubeEndpoint(server=_server["url"], token="test"),
         heartbeat_interval_s=0.2,
         watch_timeout_s=2.0,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
     )
     stop = asyncio.Event()
+    memo = kopf.Memo(config=config)
     task = asyncio.create_task(
         kopf.operator(
             registry=registry,
             namespaces=[NAMESPACE],
             standalone=True,
             stop_flag=stop,
-            memo=kopf.Memo(config=config),
+            memo=memo,
         )
     )
     try:
-        yield
+        yield memo
     finally:
         stop.set()
         await _operator_ended(task)
@@ -1137,3 +1143,74 @@ async def _until_filled(url: str, stack: str) -> None:
             return
         assert asyncio.get_running_loop().time() < deadline, f"{stack}'s worker should trade"
         await asyncio.sleep(0.2)
+
+
+# --- the operator's metrics (issue 15): readable while execution runs no replica ---------------
+
+
+async def _scrape(memo: kopf.Memo) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The operator's /metrics over HTTP, as {(name, labels): value}."""
+    runtime = await _eventually(lambda: getattr(memo, "runtime", None), timeout_s=10, what="up")
+    port = runtime.metrics.port
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    response.raise_for_status()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def _sample(
+    scraped: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float | None:
+    return scraped.get((name, frozenset(labels.items())))
+
+
+async def test_operator_metrics_show_the_stop_the_latch_and_the_policy_through_a_trip(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    async with _operator(nats_server.url) as memo:
+        await cluster.apply(STOPS, _stop(cooldownSeconds=600))
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await _eventually(lambda: _published(cluster, "paper-demo"), timeout_s=10, what="policy")
+        armed = await _scrape(memo)
+        assert (
+            _sample(armed, "qtrader_operator_emergency_stop_state", stop="main", state="Armed") == 1
+        )
+        assert (
+            _sample(armed, "qtrader_operator_emergency_stop_state", stop="main", state="Tripped")
+            == 0
+        )
+        assert _sample(armed, "qtrader_operator_trading_state") == 0
+        assert (
+            _sample(armed, "qtrader_operator_policy_revision", policy="paper-demo")
+            == (cluster.get(POLICIES, "paper-demo")["status"]["publishedRevision"])
+        )
+        desired = dict(policy="paper-demo", workload="execution", kind="desired")
+        replicas = _replicas(cluster, "execution")
+        assert replicas
+        assert _sample(armed, "qtrader_operator_workload_replicas", **desired) == replicas
+
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "metrics"}})
+        await _eventually(lambda: _replicas(cluster, "execution") == 0, timeout_s=15, what="0")
+        tripped = await _scrape(memo)
+        status = _stop_status(cluster)
+        tripped_state = _sample(
+            tripped, "qtrader_operator_emergency_stop_state", stop="main", state="Tripped"
+        )
+        assert tripped_state == 1
+        assert _sample(tripped, "qtrader_operator_trading_state") == 2  # execution has 0 replicas
+        assert _sample(tripped, "qtrader_operator_halt_latch_revision") == status["latchRevision"]
+        trips = _sample(tripped, "qtrader_operator_emergency_stop_trips", stop="main")
+        assert trips == status["tripCount"] == 1
+        cooldown = _sample(
+            tripped, "qtrader_operator_emergency_stop_cooldown_remaining_seconds", stop="main"
+        )
+        assert cooldown is not None
+        assert 0 < cooldown <= 600
+        assert _sample(tripped, "qtrader_operator_workload_replicas", **desired) == 0
