@@ -292,6 +292,7 @@ async def _apply_workloads(
         redis_url=config.redis_url,
         redis_secret=config.redis_secret,
         binance_secret=config.binance_secret,
+        pod_defaults=config.pod_defaults,
     )
     readiness = {}
     manifests = policy_core.desired_deployments(

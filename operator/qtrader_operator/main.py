@@ -9,6 +9,7 @@ Environment: ``QTRADER_NAMESPACE`` (or ``POD_NAMESPACE``) the namespace it manag
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ import kopf
 
 from qtrader_operator.admission import early_reset_refusal
 from qtrader_operator.handlers import STOPS, registry
-from qtrader_operator.policy_core import SecretKey
+from qtrader_operator.policy_core import PodDefaults, SecretKey
 from qtrader_operator.runtime import OperatorConfig
 
 
@@ -41,7 +42,25 @@ def config_from_environment(environ: Mapping[str, str] = os.environ) -> Operator
         redis_secret=_redis_secret(environ),
         binance_secret=environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
         metrics_port=_port(environ.get("QTRADER_METRICS_PORT")),
+        pod_defaults=_pod_defaults(environ.get("QTRADER_WORKLOAD_POD_DEFAULTS")),
     )
+
+
+def _pod_defaults(value: str | None) -> PodDefaults:
+    """The chart's workload pod defaults, a JSON object (``toJson`` of the values)."""
+    if not value:
+        return PodDefaults()
+    try:
+        raw = json.loads(value)
+        return PodDefaults(
+            resources=raw.get("resources") or {},
+            image_pull_secrets=[s["name"] for s in raw.get("imagePullSecrets") or []],
+            node_selector=raw.get("nodeSelector") or {},
+            tolerations=raw.get("tolerations") or [],
+            affinity=raw.get("affinity") or {},
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SystemExit(f"qtrader-operator: QTRADER_WORKLOAD_POD_DEFAULTS: {exc!r}") from None
 
 
 def _port(value: str | None) -> int | None:

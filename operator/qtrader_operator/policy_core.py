@@ -21,7 +21,7 @@ No I/O here: the kopf handlers read, call these, and apply the difference.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -70,12 +70,26 @@ class WorkloadSettings:
     redis_url: str | None = None
     redis_secret: SecretKey | None = None
     binance_secret: str | None = None
+    pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
 
 
 @dataclass(frozen=True, kw_only=True)
 class SecretKey:
     name: str
     key: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PodDefaults:
+    """What the chart's values add to every workload pod: resources where the policy sets none
+    (per field: a policy's requests replace the default requests), image pull Secrets and
+    scheduling. Kubernetes shapes, passed through."""
+
+    resources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    image_pull_secrets: Sequence[str] = ()
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: Sequence[Mapping[str, Any]] = ()
+    affinity: Mapping[str, Any] = field(default_factory=dict)
 
 
 BINANCE_SECRET_DIR = "/var/run/secrets/binance"
@@ -240,9 +254,9 @@ def _pod_spec(
         },
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
-    resources = workload.resources.model_dump(exclude_none=True)
-    if any(resources.values()):
-        container["resources"] = {k: v for k, v in resources.items() if v}
+    resources = _resources(workload, settings.pod_defaults)
+    if resources:
+        container["resources"] = resources
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,  # workloads never talk to the Kubernetes API
         "securityContext": {
@@ -256,9 +270,28 @@ def _pod_spec(
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {}}],
     }
+    _add_scheduling(pod, settings.pod_defaults)
     if role == "execution":
         _add_exchange_access(pod, container, settings)
     return pod
+
+
+def _resources(workload: WorkloadSpec, defaults: PodDefaults) -> dict[str, Any]:
+    """The policy's requests and limits, each falling back to the chart's default."""
+    own = {k: v for k, v in workload.resources.model_dump(exclude_none=True).items() if v}
+    merged = {**{k: dict(v) for k, v in defaults.resources.items() if v}, **own}
+    return merged
+
+
+def _add_scheduling(pod: dict[str, Any], defaults: PodDefaults) -> None:
+    if defaults.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in defaults.image_pull_secrets]
+    if defaults.node_selector:
+        pod["nodeSelector"] = dict(defaults.node_selector)
+    if defaults.tolerations:
+        pod["tolerations"] = [dict(t) for t in defaults.tolerations]
+    if defaults.affinity:
+        pod["affinity"] = dict(defaults.affinity)
 
 
 def _market_source(mode: TradingMode) -> list[str]:

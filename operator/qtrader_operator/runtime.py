@@ -25,7 +25,7 @@ from qtrader.control.halt_channel import AckCollector
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
 from qtrader_operator.kube import KubeApi, KubeEndpoint
 from qtrader_operator.metrics import OperatorMetrics, OperatorView, PolicyView, StopView
-from qtrader_operator.policy_core import SecretKey
+from qtrader_operator.policy_core import PodDefaults, SecretKey
 from qtrader_operator.stacks import AlertHandler, Stacks
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class OperatorConfig:
     redis_url: str | None = None  # without credentials; with them, ``redis_secret``
     redis_secret: SecretKey | None = None
     binance_secret: str | None = None
+    pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
     # None: the in-cluster service account (the normal case); tests point it elsewhere.
     kube: KubeEndpoint | None = None
     heartbeat_interval_s: float = 1.0

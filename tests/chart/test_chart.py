@@ -486,3 +486,45 @@ def test_the_allowed_workload_images_reach_the_operator() -> None:
     values = {"workloads": {"allowedImages": ["reg.example/qt:1.2", "reg.example/qt:1.3"]}}
     allowed = _operator_config_from(values).allowed_images
     assert allowed == frozenset({"reg.example/qt:1.2", "reg.example/qt:1.3"})
+
+
+def test_workload_pod_defaults_reach_every_pod_and_a_policys_resources_win() -> None:
+    values = {
+        "workloads": {
+            "imagePullSecrets": [{"name": "registry-creds"}],
+            "nodeSelector": {"pool": "trading"},
+            "tolerations": [{"key": "trading", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}
+            },
+        }
+    }
+    config = _operator_config_from(values)
+    raw = yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text())
+    raw["spec"].setdefault("workloads", {})["execution"] = {
+        "replicas": 1,
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
+    }
+    made = policy_core.desired_deployments(
+        owner=policy_core.Owner(name="p", namespace=NAMESPACE, uid="u"),
+        spec=parse_policy(raw).spec,
+        settings=policy_core.WorkloadSettings(
+            image=config.workload_image, nats_url=config.nats_url, pod_defaults=config.pod_defaults
+        ),
+    )
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["workloads"]["resources"]
+    for deployment in made:
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert pod["imagePullSecrets"] == [{"name": "registry-creds"}]
+        assert pod["nodeSelector"] == {"pool": "trading"}
+        assert pod["tolerations"] == values["workloads"]["tolerations"]
+        assert pod["affinity"] == values["workloads"]["affinity"]
+        if deployment["metadata"]["name"].endswith("-execution"):
+            # the policy's requests replace the default requests; the default limits stay
+            assert container["resources"] == {
+                "requests": {"cpu": "500m", "memory": "512Mi"},
+                "limits": defaults["limits"],
+            }
+        else:
+            assert container["resources"] == defaults
