@@ -1,27 +1,36 @@
 """The kopf handlers: thin shells that read, call the pure cores and apply the difference.
 
+- Every TradingPolicy is its own NATS stack, ``<namespace>.<policy>`` (``stacks``): its
+  workloads get ``QTRADER_STACK`` and speak only its names, and the operator serves every known
+  stack (known from the policies at startup, added on create/resume, dropped on delete): the
+  policy revision, the halt latch, heartbeats, acknowledgements, risk alerts and the risk monitor.
 - TradingPolicy (create, update, resume, and a timer for readiness): ``policy_core`` decides the
   Deployments and the conditions; the handler applies them and publishes the policy revision to
-  the KV bucket the workloads watch. An invalid policy is marked Invalid and changes nothing.
+  the policy's own key in its stack. An invalid policy (or one whose name cannot name a stack)
+  is marked Invalid and changes nothing.
 - Many EmergencyStops, one latch: every stop of the namespace covers every policy there. A
   stop's reconcile decides its own status; the latch it writes is the combination of all stops
-  (``halt_combination``: most restrictive wins, ``held_by`` names them), under one lock, and a
-  keeper task re-establishes that combination every second (a deleted stop, a restart, any
-  order of events). Each stop's ``status.heldBy`` shows the stops holding the halt; policies
+  (``halt_combination``: most restrictive wins, ``held_by`` names them), under one lock, written
+  with one revision into every policy's stack (a new stack gets it at once), and a keeper task
+  re-establishes that combination every second (a deleted stop, a restart, any order of
+  events). Each stop's ``status.heldBy`` shows the stops holding the halt; policies
   are scaled to the combined state, and a missing ``emergencyStopRef`` keeps a policy halted.
 - EmergencyStop (create, update, resume, and a timer for the cooldown and acknowledgements):
   the shared applier (``qtrader.control.ess_applier``, local mode's too) decides with
   ``reconcile`` and applies it through ``KopfStore`` (the handler's patch, Kubernetes events)
-  and ``_KopfChannel`` (the combined latch): spec patch, latch, events, acknowledgements and
-  the AckTimeout report, status. Once the known workers acknowledged a halt (or the ack
+  and ``_KopfChannel`` (the combined latch): spec patch, latch, events, acknowledgements (of
+  every stack's workers, named ``<stack>/<worker>``) and the AckTimeout report, status. Once
+  the known workers acknowledged a halt (or the ack
   timeout passed, which is reported) the handler scales every policy's workloads to the stops'
   combined state (execution and inference to 0 while halted); once no stop holds a halt they
   are restored from the policy.
-- Risk alerts from the RISK stream become automatic trips: the handler patches the
-  EmergencyStop's spec (and the tripped-by annotation), so every trip is visible in kubectl.
-  The annotation is removed once the spec is no longer tripped, so it never outlives its trip.
-- A reset is decided with the risk monitor's ``holding``: while one of the stop's trigger
-  conditions still holds it is refused (spec set back, a ResetRefused event with the figure).
+- Risk alerts from any stack's RISK stream (its risk monitor's too) become automatic trips:
+  the handler patches the EmergencyStop's spec (and the tripped-by annotation), so every trip is
+  visible in kubectl. The annotation is removed once the spec is no longer tripped, so it never
+  outlives its trip.
+- A reset is decided with the risk monitors' ``holding`` (every stack's): while one of the
+  stop's trigger conditions still holds it is refused (spec set back, a ResetRefused event with
+  the figure).
 
 Finalizer and progress storage use the project's own ``qtrader.dev`` prefix.
 """
@@ -29,6 +38,7 @@ Finalizer and progress storage use the project's own ``qtrader.dev`` prefix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -37,6 +47,8 @@ from typing import Any
 
 import kopf
 
+from qtrader.bus.errors import BusUnavailable, TopologyError
+from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import HaltLatch, PolicyRevision, RiskAlert, TradingState
 from qtrader.contracts.policy import (
@@ -61,11 +73,11 @@ from qtrader.control.ess_resource import (
     parse_spec,
 )
 from qtrader.control.ess_status import format_time
-from qtrader.control.halt_channel import put_combined
 from qtrader.control.halt_combination import StopView, combine
-from qtrader.local.control import heartbeat_forever, publish_policy
+from qtrader.local.control import publish_policy
 from qtrader_operator import policy_core
 from qtrader_operator.kube import KubeError, KubeNotFound, custom_path, deployment_path
+from qtrader_operator.metrics import PolicyView
 from qtrader_operator.runtime import OperatorConfig, OperatorRuntime
 
 log = logging.getLogger(__name__)
@@ -100,18 +112,33 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.watching.client_timeout = config.watch_timeout_s + 10
     # Namespaced resources, one namespace: nothing to discover at run time.
     settings.scanning.disabled = True
-    runtime = await OperatorRuntime.start(config)
+    runtime: OperatorRuntime | None = None
+
+    async def on_alert(alert: RiskAlert) -> None:
+        assert runtime is not None  # stacks are served only once it is built
+        await trip_for_alert(runtime, alert)
+
+    runtime = await OperatorRuntime.start(config, on_alert=on_alert)
     memo.runtime = runtime
-    runtime.spawn("halt-acks", runtime.acks.run(runtime.bus))
-    runtime.spawn(
-        "heartbeat",
-        heartbeat_forever(
-            runtime.bus, issued_by="qtrader-operator", interval_s=config.heartbeat_interval_s
-        ),
-    )
-    runtime.spawn("risk-alerts", _consume_risk_alerts(runtime))
-    runtime.spawn("risk-monitor", runtime.risk.run())
+    await _serve_listed_policies(runtime)
     runtime.spawn("latch-keeper", keep_latch(runtime))
+
+
+async def _serve_listed_policies(runtime: OperatorRuntime) -> None:
+    """Serve every policy's stack before any stop is reconciled, so a restart finds the latches
+    the stacks hold (and keeps their revision) instead of deciding from none."""
+    try:
+        listing = await runtime.kube.get(custom_path("tradingpolicies", runtime.config.namespace))
+    except KubeError as exc:  # each policy's resume adds its stack all the same
+        log.warning("policies not listable at startup: %s", exc)
+        return
+    for item in listing.get("items", []):
+        name = item["metadata"]["name"]
+        try:
+            await runtime.stacks.add(subjects.stack_id(runtime.config.namespace, name))
+        except (subjects.InvalidStack, BusUnavailable, TopologyError) as exc:
+            # Its policy's reconcile marks it Invalid or tries again.
+            log.warning("policy %s: stack not served at startup: %s", name, exc)
 
 
 @kopf.on.cleanup(registry=registry)
@@ -136,13 +163,31 @@ async def reconcile_policy(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
+    with runtime.metrics.counting_errors("tradingpolicy"):
+        await _reconcile_policy(
+            runtime, body=body, spec=spec, meta=meta, status=status, patch=patch
+        )
+
+
+async def _reconcile_policy(
+    runtime: OperatorRuntime,
+    *,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+) -> None:
     owner = policy_core.Owner(
         name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid") or meta["name"]
     )
     previous = list(status.get("conditions") or [])
     generation = meta.get("generation")
-    result = policy_core.validate(spec, runtime.exchange)
+    result = policy_core.stack_problem(owner) or policy_core.validate(
+        spec, runtime.exchange, allowed_images=runtime.config.allowed_images
+    )
     if isinstance(result, str):
+        runtime.policies.pop(owner.name, None)  # nothing of it runs
         if status.get("invalidReason") != result:
             kopf.warn(body, reason="Invalid", message=result)
         patch.status["invalidReason"] = result
@@ -155,10 +200,17 @@ async def reconcile_policy(
             previous=previous,
         )
         return
+    stack = policy_core.stack_of(owner)
+    await _serve_stack(runtime, stack)
     stop_state, flatten = await _stop_state(runtime, owner.namespace, result.emergency_stop_ref)
     stopped = _stopped_roles(stop_state, flatten=flatten)
     readiness = await _apply_workloads(runtime, owner=owner, spec=result, stopped=stopped)
-    revision = await _publish_if_changed(runtime, body=body, name=owner.name, spec=result)
+    revision = await _publish_if_changed(
+        runtime.bus.for_stack(stack), body=body, name=owner.name, spec=result
+    )
+    runtime.policies[owner.name] = PolicyView(
+        revision=revision, workloads={r: (w.desired, w.ready) for r, w in readiness.items()}
+    )
     patch.status["invalidReason"] = None
     patch.status["publishedRevision"] = revision
     patch.status["workloads"] = {
@@ -174,6 +226,31 @@ async def reconcile_policy(
     )
     if generation is not None:
         patch.status["observedGeneration"] = generation
+
+
+async def _serve_stack(runtime: OperatorRuntime, stack: str) -> None:
+    """Serve the policy's stack; a new one gets the latch in force before its workloads start
+    (the keeper would bring it within a second; its workers stay halted without one)."""
+    try:
+        added = await runtime.stacks.add(stack)
+    except (BusUnavailable, TopologyError) as exc:
+        raise kopf.TemporaryError(f"stack {stack} not served yet: {exc}", delay=2) from exc
+    if not added:
+        return
+    try:
+        await _keep_latch_once(runtime)
+    except Exception as exc:  # the keeper brings the latch within a second all the same
+        log.warning("stack %s: latch not written yet: %s", stack, exc)
+
+
+@kopf.on.delete(*POLICIES, registry=registry, optional=True)
+async def delete_policy(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    """Stop serving a deleted policy's stack (its Deployments go with it, by owner reference).
+    Optional: it never blocks a deletion."""
+    runtime = _runtime(memo)
+    runtime.policies.pop(meta["name"], None)
+    with contextlib.suppress(subjects.InvalidStack):  # such a policy never had a stack
+        await runtime.stacks.remove(subjects.stack_id(meta["namespace"], meta["name"]))
 
 
 def _stopped_roles(stop_state: TradingState, *, flatten: bool) -> frozenset[str]:
@@ -213,7 +290,9 @@ async def _apply_workloads(
         image=config.workload_image,
         nats_url=config.nats_url,
         redis_url=config.redis_url,
+        redis_secret=config.redis_secret,
         binance_secret=config.binance_secret,
+        pod_defaults=config.pod_defaults,
     )
     readiness = {}
     manifests = policy_core.desired_deployments(
@@ -229,10 +308,11 @@ async def _apply_workloads(
 
 
 async def _publish_if_changed(
-    runtime: OperatorRuntime, *, body: kopf.Body, name: str, spec: TradingPolicySpec
+    bus: Bus, *, body: kopf.Body, name: str, spec: TradingPolicySpec
 ) -> int:
-    """Publish a new revision only when the spec differs from the one the workloads run."""
-    current = await runtime.bus.kv_get(subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision)
+    """Publish a new revision to the policy's stack (``bus``) only when the spec differs from
+    the one its workloads run."""
+    current = await bus.kv_get(subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision)
     # One that does not decode is replaced by a new revision (publish_policy numbers it).
     if isinstance(current, PolicyRevision) and current.name == name and current.spec == spec:
         return current.revision
@@ -242,7 +322,7 @@ async def _publish_if_changed(
         metadata=ObjectMeta(name=name),
         spec=spec,
     )
-    revision = await publish_policy(runtime.bus, policy)
+    revision = await publish_policy(bus, policy)
     kopf.info(body, reason="PolicyPublished", message=f"revision {revision.revision} published")
     return revision.revision
 
@@ -264,11 +344,24 @@ async def reconcile_stop(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
+    with runtime.metrics.counting_errors("emergencystop"):
+        await _reconcile_stop(runtime, body=body, spec=spec, meta=meta, status=status, patch=patch)
+
+
+async def _reconcile_stop(
+    runtime: OperatorRuntime,
+    *,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+) -> None:
     name = meta["name"]
     memory = runtime.memory(name)
     async with memory.lock:
         resource = _parse_stop(spec)
-        runtime.risk.configure(name, resource.triggers)
+        runtime.stacks.configure(name, resource.triggers)
         before = memory.status or EssStatus.from_dict(status)
         if memory.status is None:  # first sight since start: put the stops' combination in force
             before = await _put_latch(
@@ -291,10 +384,11 @@ async def reconcile_stop(
             channel=_KopfChannel(runtime, name),
             acks=runtime.acks,
             memory=memory.acks,
-            hold=runtime.risk.holding(name),
+            hold=runtime.stacks.holding(name),
             now=_now(),
         )
         memory.status = applied.status
+        memory.pending_workers = len(applied.pending)
         await _scale_when_confirmed(
             runtime, namespace=meta["namespace"], name=name, applied=applied
         )
@@ -385,7 +479,7 @@ async def delete_stop(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     name = meta["name"]
     async with runtime.memory(name).lock:
         runtime.ess.pop(name, None)
-        runtime.risk.forget(name)
+        runtime.stacks.forget(name)
     log.info("EmergencyStop %s deleted; it leaves the latch's combination once it is gone", name)
 
 
@@ -406,8 +500,8 @@ async def _put_latch(
     now = _now()
     async with runtime.latch_lock:
         views = await _views_for_write(runtime, name=name, status=status, decided=decided)
-        latch, written = await put_combined(
-            runtime.bus, views, min_revision=min_revision, now=now, flatten=flatten
+        latch, written = await runtime.stacks.put_latch(
+            views, known=runtime.latch, min_revision=min_revision, now=now, flatten=flatten
         )
         runtime.latch = latch
         memory = runtime.memory(name)
@@ -487,8 +581,10 @@ async def _keep_latch_once(runtime: OperatorRuntime) -> None:
         listed = {v.name for v in views}
         for name in [n for n in runtime.ess if n not in listed]:
             runtime.ess.pop(name)  # deleted: a stop created again under its name starts afresh
-            runtime.risk.forget(name)
-        latch, written = await put_combined(runtime.bus, views, min_revision=0, now=_now())
+            runtime.stacks.forget(name)
+        latch, written = await runtime.stacks.put_latch(
+            views, known=runtime.latch, min_revision=0, now=_now()
+        )
         runtime.latch = latch
     if written:
         log.warning(
@@ -504,7 +600,11 @@ async def _scale_obeying_policies(runtime: OperatorRuntime, *, namespace: str) -
     """Scale every policy of the namespace to what the stops' combination allows it."""
     listing = await runtime.kube.get(custom_path("tradingpolicies", namespace))
     for item in listing.get("items", []):
-        spec = policy_core.validate(item.get("spec") or {}, runtime.exchange)
+        spec = policy_core.validate(
+            item.get("spec") or {},
+            runtime.exchange,
+            allowed_images=runtime.config.allowed_images,
+        )
         if isinstance(spec, str):
             continue
         state, flatten = await _stop_state(runtime, namespace, spec.emergency_stop_ref)
@@ -513,13 +613,24 @@ async def _scale_obeying_policies(runtime: OperatorRuntime, *, namespace: str) -
         owner = policy_core.Owner(
             name=metadata["name"], namespace=namespace, uid=metadata.get("uid") or metadata["name"]
         )
+        workloads = {}
         for role in policy_core.ROLES:
             replicas = policy_core.desired_replicas(spec, role, stopped_roles=stopped)
             path = deployment_path(namespace, policy_core.deployment_name(owner, role))
             try:
-                await runtime.kube.merge_patch(path, {"spec": {"replicas": replicas}})
+                scaled = await runtime.kube.merge_patch(path, {"spec": {"replicas": replicas}})
             except KubeNotFound:
                 log.warning("deployment %s not found while scaling", path)
+                continue
+            workloads[role] = (
+                replicas,
+                int((scaled.get("status") or {}).get("readyReplicas") or 0),
+            )
+        known = runtime.policies.get(owner.name)
+        if known is not None:  # the metrics show the scaling now, not at the policy's next timer
+            runtime.policies[owner.name] = replace(
+                known, workloads={**known.workloads, **workloads}
+            )
 
 
 def _parse_stop(spec: Any) -> EmergencyStopSpec:
@@ -530,13 +641,6 @@ def _parse_stop(spec: Any) -> EmergencyStopSpec:
 
 
 # --- automatic trips ---------------------------------------------------------------------------
-
-
-async def _consume_risk_alerts(runtime: OperatorRuntime) -> None:
-    async def on_alert(alert: RiskAlert) -> None:
-        await trip_for_alert(runtime, alert)
-
-    await runtime.bus.consume(subjects.OPERATOR_RISK_ALERTS, RiskAlert, on_alert)
 
 
 async def trip_for_alert(runtime: OperatorRuntime, alert: RiskAlert) -> None:

@@ -9,8 +9,10 @@ Environment: ``QTRADER_NAMESPACE`` (or ``POD_NAMESPACE``) the namespace it manag
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,25 +20,67 @@ import kopf
 
 from qtrader_operator.admission import early_reset_refusal
 from qtrader_operator.handlers import STOPS, registry
+from qtrader_operator.policy_core import PodDefaults, SecretKey
 from qtrader_operator.runtime import OperatorConfig
 
 
-def _required(*names: str) -> str:
+def _required(environ: Mapping[str, str], *names: str) -> str:
     for name in names:
-        value = os.environ.get(name)
+        value = environ.get(name)
         if value:
             return value
     raise SystemExit(f"qtrader-operator: set {' or '.join(names)}")
 
 
-def config_from_environment() -> OperatorConfig:
+def config_from_environment(environ: Mapping[str, str] = os.environ) -> OperatorConfig:
     return OperatorConfig(
-        namespace=_required("QTRADER_NAMESPACE", "POD_NAMESPACE"),
-        nats_url=_required("QTRADER_NATS_URL"),
-        workload_image=_required("QTRADER_WORKLOAD_IMAGE"),
-        redis_url=os.environ.get("QTRADER_REDIS_URL") or None,
-        binance_secret=os.environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
+        namespace=_required(environ, "QTRADER_NAMESPACE", "POD_NAMESPACE"),
+        nats_url=_required(environ, "QTRADER_NATS_URL"),
+        workload_image=_required(environ, "QTRADER_WORKLOAD_IMAGE"),
+        allowed_images=frozenset(_listed(environ.get("QTRADER_WORKLOAD_ALLOWED_IMAGES", ""))),
+        redis_url=environ.get("QTRADER_REDIS_URL") or None,
+        redis_secret=_redis_secret(environ),
+        binance_secret=environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
+        metrics_port=_port(environ.get("QTRADER_METRICS_PORT")),
+        pod_defaults=_pod_defaults(environ.get("QTRADER_WORKLOAD_POD_DEFAULTS")),
     )
+
+
+def _pod_defaults(value: str | None) -> PodDefaults:
+    """The chart's workload pod defaults, a JSON object (``toJson`` of the values)."""
+    if not value:
+        return PodDefaults()
+    try:
+        raw = json.loads(value)
+        return PodDefaults(
+            resources=raw.get("resources") or {},
+            image_pull_secrets=[s["name"] for s in raw.get("imagePullSecrets") or []],
+            node_selector=raw.get("nodeSelector") or {},
+            tolerations=raw.get("tolerations") or [],
+            affinity=raw.get("affinity") or {},
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SystemExit(f"qtrader-operator: QTRADER_WORKLOAD_POD_DEFAULTS: {exc!r}") from None
+
+
+def _port(value: str | None) -> int | None:
+    if not value:
+        return None
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise SystemExit(f"qtrader-operator: QTRADER_METRICS_PORT {value!r} is not a port")
+    return int(value)
+
+
+def _listed(value: str) -> list[str]:
+    """A comma-separated setting's items."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _redis_secret(environ: Mapping[str, str]) -> SecretKey | None:
+    name = environ.get("QTRADER_REDIS_SECRET_NAME")
+    if not name:
+        return None
+    return SecretKey(name=name, key=environ.get("QTRADER_REDIS_SECRET_KEY") or "url")
 
 
 @kopf.on.validate(*STOPS, operations=["UPDATE"], registry=registry)
@@ -53,8 +97,8 @@ def admission_server(settings: kopf.OperatorSettings, **_: Any) -> None:
     if port:
         settings.admission.server = kopf.WebhookServer(
             port=int(port),
-            certfile=_required("QTRADER_WEBHOOK_CERT"),
-            pkeyfile=_required("QTRADER_WEBHOOK_KEY"),
+            certfile=_required(os.environ, "QTRADER_WEBHOOK_CERT"),
+            pkeyfile=_required(os.environ, "QTRADER_WEBHOOK_KEY"),
         )
 
 

@@ -1,11 +1,18 @@
 """The TradingPolicy reconcile core: pure functions from the resource to what must run.
 
 - ``validate`` turns the raw spec into a ``TradingPolicySpec`` or a reason it is Invalid (a
-  schema the API server let through can still name a symbol the exchange does not list, or
-  limits that contradict each other);
+  schema the API server let through can still name a symbol the exchange does not list, limits
+  that contradict each other, or a workload image the operator's allowlist does not hold: who
+  may patch a policy must not choose what runs beside the Binance keys);
 - ``desired_deployments`` is the full manifest of each workload's Deployment, with owner
   references, ``app.kubernetes.io/*`` labels, replicas and resources from the spec, and the
-  replicas of execution and inference set to 0 while the EmergencyStop halts trading;
+  replicas of execution and inference set to 0 while the EmergencyStop halts trading, and
+  ``QTRADER_STACK`` naming the policy's stack (``subjects.stack_id``): the workloads of one
+  policy speak only its NATS names, so two policies never read each other's messages. The
+  market data source follows the mode (the live feed for live and testnet, synthetic prices
+  only on paper), the mode is a pod template annotation (a change of mode rolls every pod), the
+  pods run as the image's user with that group owning mounted Secret files (``fsGroup``), and a
+  Redis URL with credentials comes from its Secret (``secretKeyRef``), never as plain text;
 - ``policy_conditions`` are the status conditions, shaped like ``metav1.Condition``.
 
 No I/O here: the kopf handlers read, call these, and apply the difference.
@@ -14,15 +21,17 @@ No I/O here: the kopf handlers read, call these, and apply the difference.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
+from qtrader.contracts import subjects
 from qtrader.contracts.policy import (
     API_GROUP,
     API_VERSION,
     POLICY_KIND,
+    TradingMode,
     TradingPolicySpec,
     WorkloadSpec,
     format_validation_error,
@@ -36,6 +45,9 @@ ROLES = ("marketdata", "inference", "execution", "portfolio")
 HALTED_ROLES = frozenset({"inference", "execution"})
 REDUCING_ROLES = frozenset({"inference"})
 HEALTH_PORT = 8080
+# The workload image's user and group (docker/workloads.Dockerfile: USER 10001:10001).
+WORKLOAD_UID = 10001
+MODE_ANNOTATION = "qtrader.dev/mode"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,16 +64,43 @@ class WorkloadSettings:
     image: str
     nats_url: str
     image_pull_policy: str = "IfNotPresent"
-    # Execution only: the Redis shared by its replicas' rate limiter, and the Secret holding the
-    # Binance keys (files api-key, api-secret), mounted read-only.
+    # Execution only: the Redis shared by its replicas' rate limiter (a URL without credentials
+    # as a value, or the Secret key holding one), and the Secret holding the Binance keys
+    # (files api-key, api-secret), mounted read-only.
     redis_url: str | None = None
+    redis_secret: SecretKey | None = None
     binance_secret: str | None = None
+    pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecretKey:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PodDefaults:
+    """What the chart's values add to every workload pod: resources where the policy sets none
+    (per field: a policy's requests replace the default requests), image pull Secrets and
+    scheduling. Kubernetes shapes, passed through."""
+
+    resources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    image_pull_secrets: Sequence[str] = ()
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: Sequence[Mapping[str, Any]] = ()
+    affinity: Mapping[str, Any] = field(default_factory=dict)
 
 
 BINANCE_SECRET_DIR = "/var/run/secrets/binance"
 
 
-def validate(raw_spec: Mapping[str, Any], exchange: ExchangeInfo) -> TradingPolicySpec | str:
+def validate(
+    raw_spec: Mapping[str, Any],
+    exchange: ExchangeInfo,
+    *,
+    allowed_images: frozenset[str] = frozenset(),
+) -> TradingPolicySpec | str:
     """The typed spec, or the reason it is invalid."""
     try:
         spec = TradingPolicySpec.model_validate(dict(raw_spec))
@@ -70,6 +109,16 @@ def validate(raw_spec: Mapping[str, Any], exchange: ExchangeInfo) -> TradingPoli
     unlisted = exchange.unlisted(list(spec.symbols))
     if unlisted:
         return f"symbols not listed by the exchange: {', '.join(unlisted)}"
+    refused = [
+        f"{role} {image}"
+        for role in ROLES
+        if (image := getattr(spec.workloads, role).image) and image not in allowed_images
+    ]
+    if refused:
+        return (
+            f"workload images not in the operator's allowlist (the chart's "
+            f"workloads.allowedImages): {', '.join(refused)}"
+        )
     return spec
 
 
@@ -142,21 +191,49 @@ def _deployment(
             "replicas": desired_replicas(spec, role, stopped_roles=stopped_roles),
             "selector": {"matchLabels": selector},
             "template": {
-                "metadata": {"labels": labels(owner, role)},
-                "spec": _pod_spec(role=role, workload=workload, settings=settings),
+                "metadata": {
+                    "labels": labels(owner, role),
+                    # Workers read the mode when they start: a new mode must restart them.
+                    "annotations": {MODE_ANNOTATION: spec.mode.value},
+                },
+                "spec": _pod_spec(
+                    role=role,
+                    workload=workload,
+                    settings=settings,
+                    stack=stack_of(owner),
+                    mode=spec.mode,
+                ),
             },
         },
     }
 
 
-def _pod_spec(*, role: str, workload: WorkloadSpec, settings: WorkloadSettings) -> dict[str, Any]:
+def stack_of(owner: Owner) -> str:
+    """The NATS stack the policy's workloads and the operator speak for it."""
+    return subjects.stack_id(owner.namespace, owner.name)
+
+
+def stack_problem(owner: Owner) -> str | None:
+    """Why the policy cannot have a stack, or None. A Kubernetes name may hold dots and run to
+    253 characters; a stack's parts are DNS labels (they become NATS subject tokens)."""
+    try:
+        stack_of(owner)
+    except subjects.InvalidStack as exc:
+        return f"the policy's name cannot name its NATS stack: {exc}"
+    return None
+
+
+def _pod_spec(
+    *, role: str, workload: WorkloadSpec, settings: WorkloadSettings, stack: str, mode: TradingMode
+) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": role,
-        "image": workload.image or settings.image,
+        "image": workload.image or settings.image,  # validate allowed it
         "imagePullPolicy": settings.image_pull_policy,
-        "args": [role],
+        "args": [role, *_market_source(mode)] if role == "marketdata" else [role],
         "env": [
             {"name": "QTRADER_NATS_URL", "value": settings.nats_url},
+            {"name": "QTRADER_STACK", "value": stack},
             {"name": "QTRADER_HEALTH_PORT", "value": str(HEALTH_PORT)},
             {
                 "name": "QTRADER_WORKER_ID",
@@ -177,24 +254,64 @@ def _pod_spec(*, role: str, workload: WorkloadSpec, settings: WorkloadSettings) 
         },
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
-    resources = workload.resources.model_dump(exclude_none=True)
-    if any(resources.values()):
-        container["resources"] = {k: v for k, v in resources.items() if v}
+    resources = _resources(workload, settings.pod_defaults)
+    if resources:
+        container["resources"] = resources
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,  # workloads never talk to the Kubernetes API
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKLOAD_UID,
+            "runAsGroup": WORKLOAD_UID,
+            # Mounted Secret files belong to this group, so the pod's user can read them.
+            "fsGroup": WORKLOAD_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {}}],
     }
+    _add_scheduling(pod, settings.pod_defaults)
     if role == "execution":
         _add_exchange_access(pod, container, settings)
     return pod
 
 
+def _resources(workload: WorkloadSpec, defaults: PodDefaults) -> dict[str, Any]:
+    """The policy's requests and limits, each falling back to the chart's default."""
+    own = {k: v for k, v in workload.resources.model_dump(exclude_none=True).items() if v}
+    merged = {**{k: dict(v) for k, v in defaults.resources.items() if v}, **own}
+    return merged
+
+
+def _add_scheduling(pod: dict[str, Any], defaults: PodDefaults) -> None:
+    if defaults.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in defaults.image_pull_secrets]
+    if defaults.node_selector:
+        pod["nodeSelector"] = dict(defaults.node_selector)
+    if defaults.tolerations:
+        pod["tolerations"] = [dict(t) for t in defaults.tolerations]
+    if defaults.affinity:
+        pod["affinity"] = dict(defaults.affinity)
+
+
+def _market_source(mode: TradingMode) -> list[str]:
+    """Synthetic prices only on paper: a live or testnet policy trades on the venue's feed."""
+    if mode is TradingMode.PAPER:
+        return ["--source", "synthetic"]
+    if mode is TradingMode.TESTNET:
+        return ["--source", "live", "--testnet"]
+    return ["--source", "live"]
+
+
 def _add_exchange_access(
     pod: dict[str, Any], container: dict[str, Any], settings: WorkloadSettings
 ) -> None:
-    if settings.redis_url:
+    if settings.redis_secret is not None:
+        reference = {"name": settings.redis_secret.name, "key": settings.redis_secret.key}
+        container["env"].append(
+            {"name": "QTRADER_REDIS_URL", "valueFrom": {"secretKeyRef": reference}}
+        )
+    elif settings.redis_url:
         container["env"].append({"name": "QTRADER_REDIS_URL", "value": settings.redis_url})
     if settings.binance_secret:
         container["env"].append({"name": "QTRADER_BINANCE_SECRET_DIR", "value": BINANCE_SECRET_DIR})
@@ -204,7 +321,8 @@ def _add_exchange_access(
         pod["volumes"].append(
             {
                 "name": "binance-keys",
-                "secret": {"secretName": settings.binance_secret, "defaultMode": 0o400},
+                # Owner read-only, group read: the group is the pod's fsGroup.
+                "secret": {"secretName": settings.binance_secret, "defaultMode": 0o440},
             }
         )
 

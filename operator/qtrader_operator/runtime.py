@@ -1,8 +1,10 @@
 """What the operator's handlers share: its configuration and its live connections.
 
-Built once by the startup handler and kept in kopf's memo: the NATS bus (policy KV, halt latch,
-acknowledgements, risk alerts, heartbeat), the Kubernetes client for Deployments, the exchange
-listing used to validate policies, and the background tasks that run beside the handlers.
+Built once by the startup handler and kept in kopf's memo: the NATS connection and the stacks it
+serves (``stacks``: one per TradingPolicy, each with its policy key, halt latch, heartbeat,
+acknowledgements, risk alerts and risk monitor), the Kubernetes client for Deployments, the
+exchange listing used to validate policies, and the background tasks that run beside the
+handlers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from qtrader.bus.nats_bus import Bus
@@ -19,9 +22,11 @@ from qtrader.contracts.messages import HaltLatch
 from qtrader.control.ess_applier import AckMemory
 from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_channel import AckCollector
-from qtrader.control.risk_monitor import RiskMonitor
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
 from qtrader_operator.kube import KubeApi, KubeEndpoint
+from qtrader_operator.metrics import OperatorMetrics, OperatorView, PolicyView, StopView
+from qtrader_operator.policy_core import PodDefaults, SecretKey
+from qtrader_operator.stacks import AlertHandler, Stacks
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +36,18 @@ class OperatorConfig:
     namespace: str
     nats_url: str
     workload_image: str
-    redis_url: str | None = None
+    # Images a policy may name for a workload besides ``workload_image`` (none by default).
+    allowed_images: frozenset[str] = frozenset()
+    redis_url: str | None = None  # without credentials; with them, ``redis_secret``
+    redis_secret: SecretKey | None = None
     binance_secret: str | None = None
+    pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
     # None: the in-cluster service account (the normal case); tests point it elsewhere.
     kube: KubeEndpoint | None = None
     heartbeat_interval_s: float = 1.0
+    # Where ``/metrics`` is served (None: not served; the chart sets a port).
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = None
     # How long one watch request may stay open before the API server ends it (kopf reopens it);
     # it also bounds how long stopping the operator can take.
     watch_timeout_s: float = 60.0
@@ -57,6 +69,7 @@ class EssMemory:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     acks: AckMemory = field(default_factory=AckMemory)  # the applier's: latch written, reported
     scaled_for: tuple[int, str] | None = None  # (latch revision, state) the workloads match
+    pending_workers: int = 0  # known workers yet to acknowledge the latch in force
 
 
 @dataclass
@@ -64,24 +77,36 @@ class OperatorRuntime:
     config: OperatorConfig
     bus: Bus
     kube: KubeApi
-    acks: AckCollector
-    risk: RiskMonitor
+    acks: AckCollector  # every stack's workers, named <stack>/<worker id>
+    stacks: Stacks
     exchange: ExchangeInfo = field(default_factory=paper_exchange_info)
     ess: dict[str, EssMemory] = field(default_factory=dict)
     # One writer of the halt latch at a time (a stop's reconcile or the keeper): each reads the
     # latch in force, combines every stop and writes; the bus has no compare-and-set.
     latch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     latch: HaltLatch | None = None  # the latch in force, as last read or written
+    policies: dict[str, PolicyView] = field(default_factory=dict)  # as last reconciled
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    metrics: OperatorMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = OperatorMetrics(self.view, now=lambda: datetime.now(UTC))
 
     @classmethod
-    async def start(cls, config: OperatorConfig) -> OperatorRuntime:
+    async def start(cls, config: OperatorConfig, *, on_alert: AlertHandler) -> OperatorRuntime:
+        """Connect; ``on_alert`` receives the risk alerts of every stack."""
         bus = Bus(url=config.nats_url, client_name="qtrader-operator")
         await bus.connect()
-        await bus.ensure_topology()
         kube = KubeApi(config.kube or KubeEndpoint.in_cluster())
-        risk = RiskMonitor(bus, source="qtrader-operator")
-        return cls(config=config, bus=bus, kube=kube, acks=AckCollector(), risk=risk)
+        acks = AckCollector()
+        stacks = Stacks(
+            bus, acks=acks, on_alert=on_alert, heartbeat_interval_s=config.heartbeat_interval_s
+        )
+        runtime = cls(config=config, bus=bus, kube=kube, acks=acks, stacks=stacks)
+        if config.metrics_port is not None:
+            port = runtime.metrics.serve(config.metrics_host, config.metrics_port)
+            log.info("metrics on %s:%d/metrics", config.metrics_host, port)
+        return runtime
 
     def spawn(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -91,10 +116,22 @@ class OperatorRuntime:
     def memory(self, name: str) -> EssMemory:
         return self.ess.setdefault(name, EssMemory())
 
+    def view(self) -> OperatorView:
+        """What the metrics show, copied at scrape time (called from the server's thread: it
+        only reads, and copies each mapping before walking it)."""
+        stops = {
+            name: StopView(status=memory.status, pending_workers=memory.pending_workers)
+            for name, memory in dict(self.ess).items()
+            if memory.status is not None
+        }
+        return OperatorView(stops=stops, policies=dict(self.policies), latch=self.latch)
+
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.stacks.close()
+        self.metrics.close()
         with contextlib.suppress(Exception):
             await self.kube.close()
         await self.bus.close()

@@ -24,6 +24,7 @@ kubernetes_validate = pytest.importorskip(
 
 from qtrader.contracts.policy import parse_policy  # noqa: E402
 from qtrader.control.ess_resource import parse_emergency_stop  # noqa: E402
+from qtrader_operator import main as operator_main  # noqa: E402
 from qtrader_operator import policy_core  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,6 +298,8 @@ def test_operator_role_has_exactly_the_verbs_it_uses() -> None:
         ("qtrader.dev", "emergencystops"): ["get", "list", "patch", "watch"],
         ("qtrader.dev", "tradingpolicies/status"): ["get", "patch"],
         ("qtrader.dev", "emergencystops/status"): ["get", "patch"],
+        # blockOwnerDeletion on the Deployments' owner reference (OpenShift enforces it)
+        ("qtrader.dev", "tradingpolicies/finalizers"): ["update"],
         ("", "events"): ["create"],
         ("events.k8s.io", "events"): ["create"],
         ("apps", "deployments"): ["create", "get", "patch"],
@@ -448,3 +451,80 @@ def test_notes_say_how_to_trip_and_reset_the_emergency_stop() -> None:
     crd = yaml.safe_load((ROOT / "crds" / "emergencystops.qtrader.dev.yaml").read_text())
     spec_fields = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert {"tripped", "reason"} <= set(spec_fields["properties"])
+
+
+def _operator_config_from(values: dict[str, Any]) -> Any:
+    """The operator's configuration, read by its own code from the env the chart renders."""
+    env = env_of(operator_deployment(documents(render(values))))
+    plain = {name: value for name, value in env.items() if isinstance(value, str)}
+    plain["QTRADER_NAMESPACE"] = NAMESPACE  # a fieldRef in the pod
+    return operator_main.config_from_environment(plain)
+
+
+def test_a_redis_url_in_a_secret_reaches_execution_only_as_a_secret_reference() -> None:
+    values = {"redis": {"existingSecret": "redis-auth", "existingSecretKey": "dsn"}}
+    env = env_of(operator_deployment(documents(render(values))))
+    assert "QTRADER_REDIS_URL" not in env  # not even the operator holds it
+    config = _operator_config_from(values)
+    made = policy_core.desired_deployments(
+        owner=policy_core.Owner(name="p", namespace=NAMESPACE, uid="u"),
+        spec=parse_policy(yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text())).spec,
+        settings=policy_core.WorkloadSettings(
+            image=config.workload_image, nats_url=config.nats_url, redis_secret=config.redis_secret
+        ),
+    )
+    execution = next(d for d in made if d["metadata"]["name"].endswith("-execution"))
+    (container,) = execution["spec"]["template"]["spec"]["containers"]
+    assert {
+        "name": "QTRADER_REDIS_URL",
+        "valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "dsn"}},
+    } in container["env"]
+
+
+def test_the_allowed_workload_images_reach_the_operator() -> None:
+    assert _operator_config_from({}).allowed_images == frozenset()
+    values = {"workloads": {"allowedImages": ["reg.example/qt:1.2", "reg.example/qt:1.3"]}}
+    allowed = _operator_config_from(values).allowed_images
+    assert allowed == frozenset({"reg.example/qt:1.2", "reg.example/qt:1.3"})
+
+
+def test_workload_pod_defaults_reach_every_pod_and_a_policys_resources_win() -> None:
+    values = {
+        "workloads": {
+            "imagePullSecrets": [{"name": "registry-creds"}],
+            "nodeSelector": {"pool": "trading"},
+            "tolerations": [{"key": "trading", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}
+            },
+        }
+    }
+    config = _operator_config_from(values)
+    raw = yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text())
+    raw["spec"].setdefault("workloads", {})["execution"] = {
+        "replicas": 1,
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
+    }
+    made = policy_core.desired_deployments(
+        owner=policy_core.Owner(name="p", namespace=NAMESPACE, uid="u"),
+        spec=parse_policy(raw).spec,
+        settings=policy_core.WorkloadSettings(
+            image=config.workload_image, nats_url=config.nats_url, pod_defaults=config.pod_defaults
+        ),
+    )
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["workloads"]["resources"]
+    for deployment in made:
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert pod["imagePullSecrets"] == [{"name": "registry-creds"}]
+        assert pod["nodeSelector"] == {"pool": "trading"}
+        assert pod["tolerations"] == values["workloads"]["tolerations"]
+        assert pod["affinity"] == values["workloads"]["affinity"]
+        if deployment["metadata"]["name"].endswith("-execution"):
+            # the policy's requests replace the default requests; the default limits stay
+            assert container["resources"] == {
+                "requests": {"cpu": "500m", "memory": "512Mi"},
+                "limits": defaults["limits"],
+            }
+        else:
+            assert container["resources"] == defaults

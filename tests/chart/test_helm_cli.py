@@ -8,12 +8,15 @@ assert only on what helm printed: its exit code, its messages and the manifests 
 
 from __future__ import annotations
 
+import base64
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from qtrader_operator.main import registry as operator_registry
 from support.helm_cli import HelmCli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +63,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "workloads": {"services": {"policies": ["alpha", "beta"]}},
     },
     "monitoring-on": {"monitoring": {"enabled": True, "labels": {"release": "kps"}}},
+    "webhook-self-signed": {"webhook": {"enabled": True}},
+    "webhook-cert-manager": {
+        "webhook": {
+            "enabled": True,
+            "certManager": {"issuerRef": {"name": "cluster-ca", "kind": "ClusterIssuer"}},
+        }
+    },
     "lean": {
         "networkPolicy": {"enabled": False},
         "workloads": {"podDisruptionBudget": {"enabled": False}, "services": {"enabled": False}},
@@ -239,3 +249,77 @@ def test_schema_refuses_a_tripped_stop_at_install(helm_cli: HelmCli) -> None:
     assert done.returncode != 0
     assert "emergencyStop/spec" in done.stderr, failure(done)
     assert "tripped" in done.stderr, failure(done)
+
+
+# --- the validating webhook ----------------------------------------------------------------------
+
+
+def _of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def test_the_webhook_reaches_the_operators_handler_with_a_certificate_its_ca_signs(
+    helm_cli: HelmCli, tmp_path: Path
+) -> None:
+    done = helm_cli.run(
+        *template_args("webhook-self-signed"), values=VALUE_SETS["webhook-self-signed"]
+    )
+    assert done.returncode == 0, failure(done)
+    docs = parse_manifests(done.stdout)
+    (config,) = _of_kind(docs, "ValidatingWebhookConfiguration")
+    (webhook,) = config["webhooks"]
+    assert webhook["failurePolicy"] == "Ignore"  # an operator outage never blocks a trip
+    service_ref = webhook["clientConfig"]["service"]
+    # kopf serves each admission handler at its id: the path must name ours.
+    handler_ids = {h.id for h in operator_registry._webhooks.get_all_handlers()}
+    assert service_ref["path"].lstrip("/") in handler_ids
+    (service,) = [
+        d for d in _of_kind(docs, "Service") if d["metadata"]["name"] == service_ref["name"]
+    ]
+    (operator,) = [
+        d for d in _of_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-operator")
+    ]
+    (container,) = operator["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["port"] == service_ref["port"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert int(env["QTRADER_WEBHOOK_PORT"]) == ports[service_port["targetPort"]]
+    # The serving certificate: signed by the CA the API server is given, for the Service's name.
+    (secret,) = [
+        d for d in _of_kind(docs, "Secret") if d["metadata"]["name"].endswith("-webhook-tls")
+    ]
+    files = {}
+    for key in ("tls.crt", "tls.key", "ca.crt"):
+        files[key] = tmp_path / key
+        files[key].write_bytes(base64.b64decode(secret["data"][key]))
+    assert base64.b64decode(webhook["clientConfig"]["caBundle"]) == files["ca.crt"].read_bytes()
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(files["ca.crt"]), str(files["tls.crt"])],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(files["tls.crt"]), "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"DNS:{service_ref['name']}.{NAMESPACE}.svc" in text
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert str(Path(env["QTRADER_WEBHOOK_CERT"]).parent) in mounts
+
+
+def test_the_webhook_with_cert_manager_asks_it_for_the_certificate(helm_cli: HelmCli) -> None:
+    values = VALUE_SETS["webhook-cert-manager"]
+    done = helm_cli.run(*template_args("webhook-cert-manager"), values=values)
+    assert done.returncode == 0, failure(done)
+    docs = parse_manifests(done.stdout)
+    (certificate,) = _of_kind(docs, "Certificate")
+    (config,) = _of_kind(docs, "ValidatingWebhookConfiguration")
+    assert certificate["spec"]["issuerRef"] == {"name": "cluster-ca", "kind": "ClusterIssuer"}
+    injected = config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+    assert injected == f"{NAMESPACE}/{certificate['metadata']['name']}"
+    assert not [d for d in _of_kind(docs, "Secret") if d["metadata"]["name"].endswith("-tls")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import os
 import signal
 import uuid
@@ -21,8 +22,10 @@ import aiohttp
 import httpx
 import kmock as kmock_lib
 import kopf
+import nats.js.errors
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
@@ -51,6 +54,7 @@ NAMESPACE = "trading"
 POLICIES = "qtrader.dev/v1alpha1/tradingpolicies"
 STOPS = "qtrader.dev/v1alpha1/emergencystops"
 DEPLOYMENTS = "apps/v1/deployments"
+STACK = "trading.paper-demo"  # the example policy's stack: its workers speak only its names
 _server: dict[str, str] = {}
 
 
@@ -167,7 +171,9 @@ async def _eventually(check: Callable[[], Any], *, timeout_s: float, what: str) 
 
 
 @contextlib.asynccontextmanager
-async def _operator(nats_url: str) -> AsyncIterator[None]:
+async def _operator(nats_url: str) -> AsyncIterator[kopf.Memo]:
+    """The operator from its own handlers, with ``/metrics`` on a free port (the memo the
+    handlers fill: ``memo.runtime`` once started)."""
     config = OperatorConfig(
         namespace=NAMESPACE,
         nats_url=nats_url,
@@ -175,23 +181,40 @@ async def _operator(nats_url: str) -> AsyncIterator[None]:
         kube=KubeEndpoint(server=_server["url"], token="test"),
         heartbeat_interval_s=0.2,
         watch_timeout_s=2.0,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
     )
     stop = asyncio.Event()
+    memo = kopf.Memo(config=config)
     task = asyncio.create_task(
         kopf.operator(
             registry=registry,
             namespaces=[NAMESPACE],
             standalone=True,
             stop_flag=stop,
-            memo=kopf.Memo(config=config),
+            memo=memo,
         )
     )
     try:
-        yield
+        yield memo
     finally:
         stop.set()
-        await asyncio.wait_for(task, 60)
+        await _operator_ended(task)
         await _close_sessions_kopf_left()
+
+
+async def _operator_ended(task: asyncio.Task[None], timeout_s: float = 60) -> None:
+    """Wait for kopf to stop; if it does not, fail naming where every task waits (a
+    ``wait_for`` would cancel it and could wait forever on a task that ignores the cancel)."""
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if done:
+        task.result()
+        return
+    stuck = io.StringIO()
+    for other in asyncio.all_tasks():
+        print(f"--- {other.get_name()}", file=stuck)
+        other.print_stack(limit=12, file=stuck)
+    pytest.fail(f"kopf did not stop within {timeout_s} s; tasks:\n{stuck.getvalue()}")
 
 
 async def _close_sessions_kopf_left() -> None:
@@ -251,6 +274,11 @@ def _condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
 def _with_condition(cluster: Cluster, kind: str) -> dict[str, Any] | None:
     policy = cluster.get(POLICIES, "paper-demo")
     return policy if _condition(policy, kind) else None
+
+
+def _in_stack(worker: str, stack: str = STACK) -> str:
+    """A worker as the stop's status names it: every stack's workers are listed together."""
+    return f"{stack}/{worker}"
 
 
 def _acknowledged(cluster: Cluster) -> set[str]:
@@ -350,8 +378,8 @@ async def test_policy_when_invalid_then_marked_invalid_and_nothing_changes(
 ROLES = ("marketdata", "inference", "execution", "portfolio")
 
 
-async def _kv_policy(url: str) -> PolicyRevision | None:
-    bus = Bus(url=url, client_name="test-reader")
+async def _kv_policy(url: str, stack: str = STACK) -> PolicyRevision | None:
+    bus = Bus(url=url, client_name="test-reader", stack=stack)
     await bus.connect()
     try:
         return await bus.kv_get(subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision)
@@ -359,8 +387,8 @@ async def _kv_policy(url: str) -> PolicyRevision | None:
         await bus.close()
 
 
-async def _kv_latch(url: str) -> HaltLatch | None:
-    bus = Bus(url=url, client_name="test-reader")
+async def _kv_latch(url: str, stack: str = STACK) -> HaltLatch | None:
+    bus = Bus(url=url, client_name="test-reader", stack=stack)
     await bus.connect()
     try:
         return await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
@@ -388,12 +416,12 @@ async def test_stop_when_tripped_while_signals_flow_then_acks_no_orders_after_an
             lambda: _replicas(cluster, "execution") == 2, timeout_s=10, what="deployments"
         )
         workers = await _start_pipeline(url, tmp_path)
-        bus = Bus(url=url, client_name="test-flow")
+        bus = Bus(url=url, client_name="test-flow", stack=STACK)
         await bus.connect()
         try:
             async with flowing(bus):
                 await _eventually(
-                    lambda: _acknowledged(cluster) >= {"exec-1", "exec-2"},
+                    lambda: _acknowledged(cluster) >= {_in_stack("exec-1"), _in_stack("exec-2")},
                     timeout_s=20,
                     what="both workers present",
                 )
@@ -416,7 +444,7 @@ async def test_stop_when_tripped_while_signals_flow_then_acks_no_orders_after_an
             assert latch.state is TradingState.HALTED
             assert latch.revision == status["latchRevision"]
             acked_at = {a["worker"]: a["at"] for a in status["acknowledgements"]}
-            assert {"exec-1", "exec-2"} <= set(acked_at)
+            assert {_in_stack("exec-1"), _in_stack("exec-2")} <= set(acked_at)
             await _assert_no_fill_after_ack(url, status)
             await _eventually(
                 lambda: _replicas(cluster, "execution") == 0, timeout_s=10, what="execution 0"
@@ -491,11 +519,12 @@ async def test_operator_when_restarted_while_tripped_then_still_tripped(
 
 
 async def _start_pipeline(url: str, tmp_path: Path) -> list[Worker]:
-    workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
+    stack = ("--stack", STACK)
+    workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path, args=stack)]
     for worker_id in ("exec-1", "exec-2"):
         workers.append(
             start_worker(
-                "execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", worker_id)
+                "execution", nats_url=url, log_dir=tmp_path, args=(*stack, "--worker-id", worker_id)
             )
         )
     return workers
@@ -504,7 +533,7 @@ async def _start_pipeline(url: str, tmp_path: Path) -> list[Worker]:
 async def _wait_for_fills(url: str, *, workers: tuple[str, ...]) -> None:
     deadline = asyncio.get_running_loop().time() + 30
     while True:
-        updates = await order_updates(url)
+        updates = await order_updates(url, stack=STACK)
         if {u.worker_id for u in updates if u.status is OrderStatus.FILLED} >= set(workers):
             return
         assert asyncio.get_running_loop().time() < deadline, "both workers should trade first"
@@ -517,9 +546,10 @@ async def _assert_no_fill_after_ack(url: str, status: dict[str, Any]) -> None:
     acked_ms = {
         a["worker"]: int(parse_time(a["at"]).timestamp() * 1000) for a in status["acknowledgements"]
     }
-    for update in await order_updates(url):
-        if update.status is OrderStatus.FILLED and update.worker_id in acked_ms:
-            assert update.ts_ms <= acked_ms[update.worker_id], (
+    for update in await order_updates(url, stack=STACK):
+        worker = _in_stack(update.worker_id)
+        if update.status is OrderStatus.FILLED and worker in acked_ms:
+            assert update.ts_ms <= acked_ms[worker], (
                 f"{update.client_order_id} filled after {update.worker_id} acknowledged"
             )
 
@@ -540,7 +570,7 @@ async def test_risk_alert_when_its_trigger_is_set_then_the_stop_trips_visibly(
         await _eventually(
             lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
         )
-        bus = Bus(url=nats_server.url, client_name="test-risk")
+        bus = Bus(url=nats_server.url, client_name="test-risk", stack=STACK)
         await bus.connect()
         try:
             alert = RiskAlert(
@@ -582,7 +612,7 @@ async def test_a_price_fall_beyond_the_stops_flash_crash_trigger_trips_it_by_its
         await _eventually(
             lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
         )
-        bus = Bus(url=nats_server.url, client_name="test-crash")
+        bus = Bus(url=nats_server.url, client_name="test-crash", stack=STACK)
         await bus.connect()
         try:
             for second, close in enumerate(["50000", "49000", "45000", "42400"]):  # -15.2%
@@ -615,8 +645,10 @@ async def test_a_price_fall_beyond_the_stops_flash_crash_trigger_trips_it_by_its
         assert latch.state is TradingState.HALTED
 
 
-async def _publish_alert(url: str, kind: RiskAlertKind, *, value: str, alert_id: str) -> None:
-    bus = Bus(url=url, client_name="test-risk")
+async def _publish_alert(
+    url: str, kind: RiskAlertKind, *, value: str, alert_id: str, stack: str = STACK
+) -> None:
+    bus = Bus(url=url, client_name="test-risk", stack=stack)
     await bus.connect()
     try:
         alert = RiskAlert(
@@ -638,6 +670,7 @@ async def test_a_manual_trip_after_an_automatic_one_is_kubectls_and_never_resets
 ) -> None:
     async with _operator(nats_server.url):
         await cluster.apply(STOPS, _stop(requireManualReset=False, cooldownSeconds=1))
+        await cluster.apply(POLICIES, _policy())
         await _eventually(
             lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
         )
@@ -687,7 +720,7 @@ def _snapshot(drawdown: str, sequence: int) -> PortfolioSnapshot:
 
 
 async def _publish_snapshot(url: str, drawdown: str, sequence: int) -> None:
-    bus = Bus(url=url, client_name="test-portfolio")
+    bus = Bus(url=url, client_name="test-portfolio", stack=STACK)
     await bus.connect()
     try:
         await bus.publish(subjects.PORTFOLIO_SNAPSHOT, _snapshot(drawdown, sequence))
@@ -757,7 +790,10 @@ async def _latch_watch(url: str) -> AsyncIterator[list[HaltLatch]]:
 
     async def sample() -> None:
         while True:
-            latch = await _kv_latch(url)
+            try:
+                latch = await _kv_latch(url)
+            except nats.js.errors.BucketNotFoundError:  # the stack's topology is not made yet
+                latch = None
             if latch is not None and (not seen or seen[-1] != latch):
                 seen.append(latch)
             await asyncio.sleep(0.05)
@@ -766,6 +802,8 @@ async def _latch_watch(url: str) -> AsyncIterator[list[HaltLatch]]:
     try:
         yield seen
     finally:
+        if task.done():  # a sampler that died would leave ``seen`` short: say why
+            task.result()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
@@ -781,7 +819,8 @@ async def test_two_stops_when_the_second_is_created_reset_and_deleted_across_a_r
     nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
 ) -> None:
     url = nats_server.url
-    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", "x-1"))
+    args = ("--stack", STACK, "--worker-id", "x-1")
+    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=args)
     try:
         async with _latch_watch(url) as seen:
             async with _operator(url):
@@ -794,7 +833,7 @@ async def test_two_stops_when_the_second_is_created_reset_and_deleted_across_a_r
                 )
                 await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "first"}})
                 await _eventually(
-                    lambda: _worker_state(cluster, "main", "x-1") == "HALTED",
+                    lambda: _worker_state(cluster, "main", _in_stack("x-1")) == "HALTED",
                     timeout_s=10,
                     what="the worker halted by main",
                 )
@@ -825,7 +864,7 @@ async def test_two_stops_when_the_second_is_created_reset_and_deleted_across_a_r
                     lambda: not cluster.get(STOPS, "second"), timeout_s=10, what="deleted"
                 )
                 await asyncio.sleep(2.0)  # the keeper has run since
-                assert _worker_state(cluster, "main", "x-1") == "HALTED"
+                assert _worker_state(cluster, "main", _in_stack("x-1")) == "HALTED"
                 assert _replicas(cluster, "execution") == 0
         after_trip = seen[max(halted_at - 1, 0) :]
         assert {latch.state for latch in after_trip} == {TradingState.HALTED}, seen
@@ -841,6 +880,7 @@ async def test_a_reducing_trip_then_a_new_armed_stop_and_a_restart_then_still_re
     url = nats_server.url
     async with _operator(url):
         await cluster.apply(STOPS, _named_stop("main", cooldownSeconds=600))
+        await cluster.apply(POLICIES, _policy())
         await _eventually(
             lambda: _status_of(cluster, "main").get("state") == "Armed", timeout_s=10, what="Armed"
         )
@@ -866,12 +906,14 @@ async def test_a_frozen_worker_during_a_trip_stays_pending_with_ack_timeout_unti
     nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
 ) -> None:
     url = nats_server.url
-    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=("--worker-id", "x-2"))
+    args = ("--stack", STACK, "--worker-id", "x-2")
+    worker = start_worker("execution", nats_url=url, log_dir=tmp_path, args=args)
     try:
         async with _operator(url):
             await cluster.apply(STOPS, _stop(cooldownSeconds=600, ackTimeoutSeconds=1))
+            await cluster.apply(POLICIES, _policy())
             await _eventually(
-                lambda: _worker_state(cluster, "main", "x-2") == "ACTIVE",
+                lambda: _worker_state(cluster, "main", _in_stack("x-2")) == "ACTIVE",
                 timeout_s=10,
                 what="the worker present",
             )
@@ -881,7 +923,7 @@ async def test_a_frozen_worker_during_a_trip_stays_pending_with_ack_timeout_unti
                 await asyncio.sleep(6.0)  # past the 5 s presence timeout: still pending
                 status = _stop_status(cluster)
                 assert status["state"] == "Tripped"
-                assert status["pendingWorkers"] == ["x-2"]
+                assert status["pendingWorkers"] == [_in_stack("x-2")]
                 condition = _condition(cluster.get(STOPS, "main"), "AckTimeout")
                 assert condition is not None
                 assert condition["status"] == "True"
@@ -891,7 +933,7 @@ async def test_a_frozen_worker_during_a_trip_stays_pending_with_ack_timeout_unti
                 os.kill(worker.process.pid, signal.SIGCONT)
             await _eventually(
                 lambda: (
-                    _worker_state(cluster, "main", "x-2") == "HALTED"
+                    _worker_state(cluster, "main", _in_stack("x-2")) == "HALTED"
                     and not _stop_status(cluster)["pendingWorkers"]
                 ),
                 timeout_s=10,
@@ -902,3 +944,273 @@ async def test_a_frozen_worker_during_a_trip_stays_pending_with_ack_timeout_unti
             assert condition["status"] == "False"
     finally:
         worker.stop()
+
+
+# --- two policies, two stacks ------------------------------------------------------------------
+
+OTHER = "paper-two"
+OTHER_STACK = subjects.stack_id(NAMESPACE, OTHER)
+
+
+def _other_policy() -> dict[str, Any]:
+    """A second policy in the namespace, with a spec of its own (one execution replica)."""
+    document = _policy()
+    document["metadata"] = {**document["metadata"], "name": OTHER}
+    document["spec"]["workloads"]["execution"] = {"replicas": 1}
+    return document
+
+
+def _published(cluster: Cluster, name: str) -> int | None:
+    revision = ((cluster.get(POLICIES, name) or {}).get("status") or {}).get("publishedRevision")
+    return None if revision is None else int(revision)
+
+
+def _stack_env(cluster: Cluster, deployment: str) -> str | None:
+    found = cluster.get(DEPLOYMENTS, deployment) or {}
+    (container,) = found["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    return env.get("QTRADER_STACK")
+
+
+async def _latches(url: str) -> tuple[HaltLatch | None, HaltLatch | None]:
+    return await _kv_latch(url, STACK), await _kv_latch(url, OTHER_STACK)
+
+
+async def _until_latches(url: str, state: TradingState, *, what: str) -> HaltLatch:
+    """Wait until both stacks hold the same latch, in ``state``; returns it."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        first, second = await _latches(url)
+        if first is not None and first == second and first.state is state:
+            return first
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: {first} / {second}"
+        await asyncio.sleep(0.1)
+
+
+async def test_two_policies_each_publish_to_their_own_stack_and_share_every_stops_latch(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _stop(cooldownSeconds=1))
+        await cluster.apply(POLICIES, _policy())
+        await cluster.apply(POLICIES, _other_policy())
+        await _eventually(
+            lambda: _published(cluster, "paper-demo") and _published(cluster, OTHER),
+            timeout_s=10,
+            what="both policies published",
+        )
+        assert _stack_env(cluster, "paper-demo-execution") == STACK
+        assert _stack_env(cluster, f"{OTHER}-marketdata") == OTHER_STACK
+        first, second = await _kv_policy(url, STACK), await _kv_policy(url, OTHER_STACK)
+        assert first is not None
+        assert second is not None
+        assert (first.name, second.name) == ("paper-demo", OTHER)
+        assert second.spec.workloads.execution.replicas == 1
+        assert await _kv_policy_unscoped(url) is None  # nothing in local mode's names
+        for _ in range(30):  # past a round of both policies' timers (every 5 s)
+            await asyncio.sleep(0.2)
+            assert await _kv_policy(url, STACK) == first
+            assert await _kv_policy(url, OTHER_STACK) == second
+        assert (_published(cluster, "paper-demo"), _published(cluster, OTHER)) == (
+            first.revision,
+            second.revision,
+        )
+
+        await _until_latches(url, TradingState.ACTIVE, what="both stacks armed")
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "both"}})
+        halted = await _until_latches(url, TradingState.HALTED, what="both stacks halted")
+        assert halted.held_by == ("main",)
+        await _eventually(
+            lambda: _stop_status(cluster).get("latchRevision") == halted.revision,
+            timeout_s=10,
+            what="the stop's status at the latch revision",
+        )
+        await asyncio.sleep(1.2)  # past the cooldown
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": False}})
+        await _until_latches(url, TradingState.ACTIVE, what="both stacks reset")
+
+        # An alert in one policy's stack trips the stop, which halts both.
+        await _publish_alert(
+            url, RiskAlertKind.EXCHANGE_BAN, value="1", alert_id="other-ban", stack=OTHER_STACK
+        )
+        await _until_latches(url, TradingState.HALTED, what="both halted by the other's alert")
+        assert _stop_status(cluster)["trippedBy"] == "risk:exchange_ban"
+
+
+async def _kv_policy_unscoped(url: str) -> PolicyRevision | None:
+    bus = Bus(url=url, client_name="test-reader")
+    await bus.connect()
+    try:
+        return await bus.kv_get(subjects.POLICY_BUCKET, subjects.POLICY_KEY, PolicyRevision)
+    finally:
+        await bus.close()
+
+
+async def test_a_policy_created_while_tripped_gets_the_latch_in_force_at_once(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _stop(cooldownSeconds=600))
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "before"}})
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Tripped", timeout_s=10, what="Tripped"
+        )
+        await cluster.apply(POLICIES, _other_policy())
+        latch = await _until_latches(url, TradingState.HALTED, what="the new stack halted")
+        assert latch.revision == _stop_status(cluster)["latchRevision"]
+        await _eventually(
+            lambda: _replicas_of(cluster, OTHER, "execution") == 0,
+            timeout_s=10,
+            what="the new policy's execution held at 0",
+        )
+
+
+def _replicas_of(cluster: Cluster, policy: str, role: str) -> int | None:
+    deployment = cluster.get(DEPLOYMENTS, f"{policy}-{role}")
+    return None if deployment is None else int(deployment["spec"]["replicas"])
+
+
+async def test_two_policies_workers_trade_only_their_own_stacks_signals(
+    nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
+) -> None:
+    """Real execution workers started with ``--stack``: a signal published in one stack never
+    reaches the other stack's worker, and the stop's status lists both stacks' workers."""
+    url = nats_server.url
+    workers: list[Worker] = []
+    buses = {stack: Bus(url=url, client_name=f"test-{stack}", stack=stack) for stack in STACKS}
+    try:
+        async with _operator(url):
+            await cluster.apply(STOPS, _stop(cooldownSeconds=600))
+            await cluster.apply(POLICIES, _policy())
+            await cluster.apply(POLICIES, _other_policy())
+            for stack, worker_id in zip(STACKS, ("w-1", "w-1"), strict=True):  # same id twice
+                workers += _stack_pipeline(url, tmp_path / stack, stack, worker_id)
+            expected = {_in_stack("w-1", stack) for stack in STACKS}
+            await _eventually(
+                lambda: _acknowledged(cluster) >= expected, timeout_s=20, what="both workers"
+            )
+            for bus in buses.values():
+                await bus.connect()
+            async with flowing(buses[STACK]):
+                await _until_filled(url, STACK)
+            await asyncio.sleep(1.0)  # what the worker had in hand is settled
+            assert await order_updates(url, stack=OTHER_STACK) == []
+            first = await order_updates(url, stack=STACK)
+            # The same signal ids again, in the other stack: only its own worker answers them.
+            async with flowing(buses[OTHER_STACK]):
+                await _until_filled(url, OTHER_STACK)
+            await asyncio.sleep(1.0)
+            assert await order_updates(url, stack=STACK) == first
+
+            await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "both"}})
+            await _eventually(
+                lambda: all(_worker_state(cluster, "main", w) == "HALTED" for w in expected),
+                timeout_s=10,
+                what="both stacks' workers halted",
+            )
+    finally:
+        for bus in buses.values():
+            await bus.close()
+        for worker in workers:
+            worker.stop()
+
+
+STACKS = (STACK, OTHER_STACK)
+
+
+def _stack_pipeline(url: str, log_dir: Path, stack: str, worker_id: str) -> list[Worker]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    args = ("--stack", stack)
+    return [
+        start_worker("portfolio", nats_url=url, log_dir=log_dir, args=args),
+        start_worker(
+            "execution", nats_url=url, log_dir=log_dir, args=(*args, "--worker-id", worker_id)
+        ),
+    ]
+
+
+async def _until_filled(url: str, stack: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        updates = await order_updates(url, stack=stack)
+        if any(u.status is OrderStatus.FILLED for u in updates):
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{stack}'s worker should trade"
+        await asyncio.sleep(0.2)
+
+
+# --- the operator's metrics (issue 15): readable while execution runs no replica ---------------
+
+
+async def _scrape(memo: kopf.Memo) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The operator's /metrics over HTTP, as {(name, labels): value}."""
+    runtime = await _eventually(lambda: getattr(memo, "runtime", None), timeout_s=10, what="up")
+    port = runtime.metrics.port
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    response.raise_for_status()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def _sample(
+    scraped: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float | None:
+    return scraped.get((name, frozenset(labels.items())))
+
+
+async def test_operator_metrics_show_the_stop_the_latch_and_the_policy_through_a_trip(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    async with _operator(nats_server.url) as memo:
+        await cluster.apply(STOPS, _stop(cooldownSeconds=600))
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await _eventually(lambda: _published(cluster, "paper-demo"), timeout_s=10, what="policy")
+        armed = await _scrape(memo)
+        assert (
+            _sample(armed, "qtrader_operator_emergency_stop_state", stop="main", state="Armed") == 1
+        )
+        assert (
+            _sample(armed, "qtrader_operator_emergency_stop_state", stop="main", state="Tripped")
+            == 0
+        )
+        assert _sample(armed, "qtrader_operator_trading_state") == 0
+        assert (
+            _sample(armed, "qtrader_operator_policy_revision", policy="paper-demo")
+            == (cluster.get(POLICIES, "paper-demo")["status"]["publishedRevision"])
+        )
+        desired = dict(policy="paper-demo", workload="execution", kind="desired")
+        replicas = _replicas(cluster, "execution")
+        assert replicas
+        assert _sample(armed, "qtrader_operator_workload_replicas", **desired) == replicas
+
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "metrics"}})
+        await _eventually(lambda: _replicas(cluster, "execution") == 0, timeout_s=15, what="0")
+        tripped = await _scrape(memo)
+        status = _stop_status(cluster)
+        tripped_state = _sample(
+            tripped, "qtrader_operator_emergency_stop_state", stop="main", state="Tripped"
+        )
+        assert tripped_state == 1
+        assert _sample(tripped, "qtrader_operator_trading_state") == 2  # execution has 0 replicas
+        assert _sample(tripped, "qtrader_operator_halt_latch_revision") == status["latchRevision"]
+        trips = _sample(tripped, "qtrader_operator_emergency_stop_trips", stop="main")
+        assert trips == status["tripCount"] == 1
+        cooldown = _sample(
+            tripped, "qtrader_operator_emergency_stop_cooldown_remaining_seconds", stop="main"
+        )
+        assert cooldown is not None
+        assert 0 < cooldown <= 600
+        assert _sample(tripped, "qtrader_operator_workload_replicas", **desired) == 0

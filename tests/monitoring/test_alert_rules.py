@@ -22,6 +22,7 @@ GATE = '(.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")'
 MONITORING = {"enabled": True, "interval": "15s", "labels": {"release": "kube-prometheus"}}
 REQUIRED_ALERTS = {
     "QtraderEmergencyStopTripped",
+    "QtraderOperatorDown",
     "QtraderDrawdownNearLimit",
     "QtraderMarketDataStale",
     "QtraderConsumerLag",
@@ -133,13 +134,29 @@ def test_prometheus_rule_when_rendered_then_groups_equal_the_rules_file(tmp_path
     metadata = rule["metadata"]
     assert isinstance(metadata, dict)
     assert metadata["labels"]["release"] == "kube-prometheus"
-    [monitor] = documents(rendered, "PodMonitor")
-    spec = monitor["spec"]
-    assert isinstance(spec, dict)
-    assert spec["podMetricsEndpoints"] == [
+    monitors = {m["metadata"]["name"]: m["spec"] for m in documents(rendered, "PodMonitor")}
+    assert set(monitors) == {"qt-quantum-trader-workloads", "qt-quantum-trader-operator"}
+    workloads, operator = (
+        monitors["qt-quantum-trader-workloads"],
+        monitors["qt-quantum-trader-operator"],
+    )
+    assert workloads["podMetricsEndpoints"] == [
         {"port": "health", "path": "/metrics", "interval": "15s", "scheme": "http"}
     ]
-    assert spec["selector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "qtrader-operator"
+    assert workloads["selector"]["matchLabels"]["app.kubernetes.io/managed-by"] == (
+        "qtrader-operator"
+    )
+    # The operator's pods, on the port its Deployment names "metrics".
+    assert operator["podMetricsEndpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s", "scheme": "http"}
+    ]
+    [deployment] = [
+        d for d in documents(rendered, "Deployment") if d["metadata"]["name"].endswith("-operator")
+    ]
+    template = deployment["spec"]["template"]
+    assert operator["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    (container,) = template["spec"]["containers"]
+    assert "metrics" in {port["name"] for port in container["ports"]}
 
 
 def test_monitoring_when_disabled_or_api_missing_then_nothing_rendered(tmp_path: Path) -> None:

@@ -5,17 +5,21 @@ and control-plane heartbeats; execution trades in testnet mode on the local Bina
 (paper mode never loads the exchange client and its rate limiter, whose metrics the exchange
 dashboard and alerts use); candles flow for a few seconds; then each worker's /metrics is
 scraped. A family that exists but has no sample yet (a labelled counter nothing incremented)
-still shows as ``# HELP``/``# TYPE`` lines, which count. The operator exports no Prometheus
-metrics (kopf's liveness endpoint only), so every name must come from a workload.
+still shows as ``# HELP``/``# TYPE`` lines, which count. Names of the operator's own metrics
+(``qtrader_operator_*``, the halt alert reads them while execution runs no replica) come from
+its collector with one stop, one policy and a latch (tests/integration/test_operator.py scrapes
+them from a running operator); ``up`` is Prometheus's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 from promql_names import (
     DASHBOARDS,
     HISTOGRAM_SUFFIXES,
@@ -26,11 +30,13 @@ from promql_names import (
 )
 
 from qtrader.bus.nats_bus import Bus
-from qtrader.contracts.messages import TradingState
+from qtrader.contracts.messages import HaltLatch, TradingState
 from qtrader.contracts.policy import TradingPolicy, parse_policy
+from qtrader.control.ess_status import EssStatus
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader.simulators.binance_futures import SimConfig
+from qtrader_operator.metrics import OperatorMetrics, OperatorView, PolicyView, StopView
 from support.binance_sim import KEY, SECRET, sim_in_thread
 from support.workers import Worker, eventually, start_worker
 
@@ -38,6 +44,18 @@ pytestmark = pytest.mark.integration
 
 ROLES = ("marketdata", "inference", "execution", "portfolio")
 DASHBOARD_FILES = {"trading-overview.json", "pipeline.json", "exchange.json", "ess.json"}
+PROMETHEUS_OWN = {"up"}  # a scrape's own series
+
+
+def _operator_names() -> set[str]:
+    """What the operator's collector exports with every family filled once."""
+    view = OperatorView(
+        stops={"main": StopView(status=EssStatus(), pending_workers=0)},
+        policies={"demo": PolicyView(revision=1, workloads={"execution": (1, 1)})},
+        latch=HaltLatch(state=TradingState.ACTIVE, revision=1, issued_at_ms=1),
+    )
+    metrics = OperatorMetrics(lambda: view, now=lambda: datetime.now(UTC))
+    return exported_names(generate_latest(metrics.registry).decode())
 
 
 def _policy() -> TradingPolicy:
@@ -150,7 +168,7 @@ async def test_metric_names_when_workloads_run_then_every_name_used_is_exported(
         what="execution to acknowledge the latch",
         worker=execution,
     )
-    exported: set[str] = set()
+    exported = PROMETHEUS_OWN | _operator_names()
     for worker in workers:
         exported |= exported_names(worker.get("/metrics").text)
 

@@ -60,7 +60,8 @@ async def flowing(bus: Bus) -> AsyncIterator[None]:
         await task
 
 
-async def order_updates(url: str) -> list[OrderUpdate]:
-    return await read_all(
-        url, stream="QT_ORDERS", subject="qtrader.order.update.*", message_type=OrderUpdate
-    )
+async def order_updates(url: str, *, stack: str | None = None) -> list[OrderUpdate]:
+    """Every order update stored in ``stack``'s orders stream (none: the logical names)."""
+    stream = subjects.scoped_stream(stack, subjects.ORDERS)
+    subject = subjects.scoped_subject(stack, "qtrader.order.update.*")
+    return await read_all(url, stream=stream.name, subject=subject, message_type=OrderUpdate)

@@ -47,8 +47,20 @@ def _describe(warning: warnings.WarningMessage) -> str:
     (``PYTHONTRACEMALLOC=20 pytest ...``)."""
     text = f"  {warning.category.__name__}: {warning.message}"
     source = warning.source
+    text += _peer(source)
     allocated = tracemalloc.get_object_traceback(source) if source is not None else None
     if allocated is not None:
         lines = allocated.format(limit=12, most_recent_first=True)
         text += "\n    allocated at:\n" + "\n".join("      " + line for line in lines)
     return text
+
+
+def _peer(source: object) -> str:
+    """Who a leaked transport or socket was talking to (a NATS port, the emulator's, ...):
+    its socket is still open while the warning is made."""
+    sock = getattr(source, "_sock", source)
+    try:
+        local, peer = sock.getsockname(), sock.getpeername()  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return ""
+    return f" (local {local}, peer {peer})"

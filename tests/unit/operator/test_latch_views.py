@@ -12,11 +12,11 @@ from qtrader.contracts.messages import TradingState
 from qtrader.control.ess import EssMode, EssSpec, EssStatus, reconcile
 from qtrader.control.halt_channel import AckCollector
 from qtrader.control.halt_combination import combine
-from qtrader.control.risk_monitor import RiskMonitor
 from qtrader.local.nats_server import free_port
 from qtrader_operator.handlers import _views_for_write
 from qtrader_operator.kube import KubeApi, KubeEndpoint, KubeError
 from qtrader_operator.runtime import OperatorConfig, OperatorRuntime
+from qtrader_operator.stacks import Stacks
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 
@@ -40,9 +40,13 @@ async def unreachable_api() -> AsyncIterator[OperatorRuntime]:
     bus = Bus(url="nats://127.0.0.1:1", client_name="unused")
     kube = KubeApi(KubeEndpoint(server=f"http://127.0.0.1:{free_port()}", token="t"))
     config = OperatorConfig(namespace="t", nats_url="nats://127.0.0.1:1", workload_image="x")
-    runtime = OperatorRuntime(
-        config=config, bus=bus, kube=kube, acks=AckCollector(), risk=RiskMonitor(bus, source="t")
-    )
+    acks = AckCollector()
+
+    async def no_alerts(_: object) -> None:
+        raise AssertionError("no stack is served, so no alert arrives")
+
+    stacks = Stacks(bus, acks=acks, on_alert=no_alerts, heartbeat_interval_s=1.0)
+    runtime = OperatorRuntime(config=config, bus=bus, kube=kube, acks=acks, stacks=stacks)
     try:
         yield runtime
     finally:

@@ -485,6 +485,15 @@ class TradingState(enum.StrEnum):
     REDUCING = "REDUCING"
     HALTED = "HALTED"
 
+    @property
+    def restriction(self) -> int:
+        """0 ACTIVE, 1 REDUCING, 2 HALTED: the most restrictive state wins, and the metrics
+        (``qtrader_trading_state``, the operator's) show this number."""
+        return _RESTRICTION[self]
+
+
+_RESTRICTION = {TradingState.ACTIVE: 0, TradingState.REDUCING: 1, TradingState.HALTED: 2}
+
 
 class HaltLatch(Message):
     """The durable halt state in the HALT KV bucket; the control message carries the same body."""

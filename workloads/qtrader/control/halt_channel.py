@@ -152,6 +152,12 @@ class AckCollector:
         )
         self._changed.set()
 
+    def forget(self, selected: Callable[[str], bool]) -> None:
+        """Drop the workers ``selected`` picks: ones that are gone for certain (the operator's
+        stack of a deleted policy), so they are not pending for the next revisions."""
+        for worker in [w for w in self._acks if selected(w)]:
+            del self._acks[worker]
+
     def live(self) -> dict[str, WorkerAck]:
         now = self._clock()
         return {

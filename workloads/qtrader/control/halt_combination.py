@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from qtrader.contracts.messages import HaltLatch, TradingState
 from qtrader.control.ess_status import EssMode, EssStatus
 
-_RANK = {TradingState.ACTIVE: 0, TradingState.REDUCING: 1, TradingState.HALTED: 2}
 _MAX_REASON_CHARS = 1024  # HaltLatch.reason's limit
 _MAX_ISSUER_CHARS = 256  # HaltLatch.issued_by's limit
 
 
 def most_restrictive(states: Iterable[TradingState]) -> TradingState:
     """HALTED over REDUCING over ACTIVE; ACTIVE for none."""
-    return max(states, key=_RANK.__getitem__, default=TradingState.ACTIVE)
+    return max(states, key=lambda state: state.restriction, default=TradingState.ACTIVE)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -207,7 +207,6 @@ POSITION_MISMATCH = Gauge(
 HEARTBEAT_AGE = Gauge(
     "qtrader_control_heartbeat_age_seconds", "Seconds since the control plane's last heartbeat."
 )
-_STATE_VALUE = {TradingState.ACTIVE: 0, TradingState.REDUCING: 1, TradingState.HALTED: 2}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,7 +252,7 @@ class Execution:
         self._marks: dict[str, Decimal] = {}
         self._marked_at: dict[str, float] = {}
         self._equity: Decimal | None = None
-        TRADING_STATE.set_function(lambda: _STATE_VALUE[self._gate.state()[0]])
+        TRADING_STATE.set_function(lambda: self._gate.state()[0].restriction)
         HEARTBEAT_AGE.set_function(lambda: self._gate.heartbeat_age_s() or 0.0)
         INTENT_BACKLOG.set_function(lambda: self._book.backlog().size)
         INTENT_BACKLOG_OLDEST.set_function(lambda: self._backlog_oldest_age_s() or 0.0)
