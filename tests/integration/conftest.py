@@ -31,17 +31,12 @@ import pytest_asyncio
 
 from qtrader.local.nats_server import EmbeddedNats
 from support.binance_sim import forget_venues, unreadable_venues, venues_seen
-from support.invariants import Check, assert_invariants
+from support.invariants import Check, assert_invariants, stacks_with_a_policy
 from support.leaks import collect_leaks
 
 # Fixtures whose value gives a test a nats-server the workloads trade on, and how to reach it
 # (``stack``: test_local_ess's ``qtrader up``, module-scoped).
 TRADING_FIXTURES = ("nats_server", "stack")
-# Modules not yet checked, and why (each to be wired, not to stay here).
-NOT_YET_WIRED = {
-    "test_operator.py": "being changed by another engineer; its per-policy stacks trade on "
-    "scoped streams, which need the checker's stack= for each",
-}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -60,8 +55,6 @@ def trading_invariants(request: pytest.FixtureRequest) -> Iterator[None]:
     so it is still running when this is torn down; worker processes a test starts itself are
     gone by then, so the portfolio must have applied every fill before the test ends."""
     skip = _exempt(request.node.get_closest_marker("invariants_exempt"))
-    if request.node.path.name in NOT_YET_WIRED:
-        skip = frozenset(Check)
     servers = [
         request.getfixturevalue(name) for name in TRADING_FIXTURES if name in request.fixturenames
     ]
@@ -70,6 +63,18 @@ def trading_invariants(request: pytest.FixtureRequest) -> Iterator[None]:
     if skip != frozenset(Check):
         for server in servers:
             _check(server, skip)
+
+
+async def _check_every_stack(
+    url: str, venues: Any, skip: frozenset[Check]
+) -> list[tuple[str | None, Any]]:
+    """Each stack a policy was published to (an operator serves one per policy), checked."""
+    reports = []
+    for stack in await stacks_with_a_policy(url) or [None]:
+        report = await assert_invariants(url, stack=stack, venues=venues, skip=skip)
+        if report is not None:
+            reports.append((stack, report))
+    return reports
 
 
 def _exempt(marker: pytest.Mark | None) -> frozenset[Check]:
@@ -87,13 +92,13 @@ def _check(server: Any, skip: frozenset[Check]) -> None:
     venues = venues_seen()
     loop = asyncio.new_event_loop()  # of its own: the test's loop is closed, and stays current
     try:
-        report = loop.run_until_complete(assert_invariants(server.url, venues=venues, skip=skip))
+        reports = loop.run_until_complete(_check_every_stack(server.url, venues, skip))
     finally:
         loop.close()
-    if report is not None:  # the figures, shown with the test's output (-rP, or on failure)
+    for stack, report in reports:  # the figures, shown with the test's output (-rP, or on failure)
         took = time.monotonic() - started
-        print(f"\ninvariants after the test ({took:.2f} s): {report.summary()}")
-    if report is not None and unreadable_venues():
+        print(f"\ninvariants of {stack or 'the stack'} ({took:.2f} s): {report.summary()}")
+    if reports and unreadable_venues():
         pytest.fail(
             f"the records of the Binance server(s) {unreadable_venues()} could not be read when "
             "they stopped: exposure not checked on the venue",

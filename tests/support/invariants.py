@@ -65,7 +65,7 @@ from qtrader.stress.invariants import (
     paper_limits,
 )
 from qtrader.stress.stream_audit import audit_orders, duplicates
-from support.streams import kv_get_raw, last_stored, read_decodable
+from support.streams import kv_get_raw, kv_keys, last_stored, read_decodable
 
 M = TypeVar("M", Fill, Candle, OrderIntent, OrderUpdate)
 
@@ -293,6 +293,18 @@ async def assert_invariants(
     if report is not None and not report.ok:
         raise AssertionError("safety invariants violated:\n" + report.summary())
     return report
+
+
+async def stacks_with_a_policy(url: str) -> list[str | None]:
+    """Every stack a policy was published to on ``url`` (None: local mode's unscoped names),
+    so a test whose operator serves several policies is checked stack by stack."""
+    found: list[str | None] = []
+    for key in await kv_keys(url, subjects.POLICY_BUCKET):
+        if key == subjects.POLICY_KEY:
+            found.append(None)
+        elif key.endswith(f".{subjects.POLICY_KEY}"):
+            found.append(key.removesuffix(f".{subjects.POLICY_KEY}"))
+    return sorted(found, key=lambda stack: stack or "")
 
 
 async def policy_in_force(url: str, *, stack: str | None = None) -> TradingPolicySpec | None:

@@ -107,6 +107,16 @@ async def kv_get_raw(url: str, bucket: str, key: str) -> bytes | None:
         return entry.value
 
 
+async def kv_keys(url: str, bucket: str) -> list[str]:
+    """The keys a KV bucket holds now; none when the bucket does not exist."""
+    async with _connection(url) as connection:
+        try:
+            kv = await connection.jetstream(timeout=15).key_value(bucket)
+            return list(await kv.keys())
+        except (nats.js.errors.NotFoundError, nats.js.errors.NoKeysError):  # no bucket, no keys
+            return []
+
+
 async def kv_delete_raw(url: str, bucket: str, key: str) -> None:
     async with _connection(url) as connection:
         kv = await connection.jetstream(timeout=15).key_value(bucket)
