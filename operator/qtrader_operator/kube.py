@@ -10,12 +10,17 @@ Errors: ``KubeError`` (with the HTTP status) and its subclass ``KubeNotFound``.
 
 from __future__ import annotations
 
+import base64
 import os
+import ssl
+import tempfile
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import kopf
 
 from qtrader.contracts.policy import API_GROUP, API_VERSION
 
@@ -35,9 +40,21 @@ class KubeNotFound(KubeError):
 
 @dataclass(frozen=True, kw_only=True)
 class KubeEndpoint:
+    """Where the API server is and how to prove who we are.
+
+    ``token_file`` is read again whenever it changes: a pod's bound service-account token is
+    rotated (about hourly) and the old one expires, so a token read once stops working.
+    ``ca_file``/``ca_data`` None (and not ``insecure``) trusts the system's roots; the tests'
+    emulator speaks plain HTTP.
+    """
+
     server: str
-    token: str
-    ca_file: str | None = None  # None: no TLS verification (test servers only)
+    token: str | None = None
+    token_file: Path | None = None
+    ca_file: str | None = None
+    ca_data: str | None = None
+    client_cert: tuple[str, str] | None = None  # (certificate file, key file)
+    insecure: bool = False
 
     @classmethod
     def in_cluster(cls) -> KubeEndpoint:
@@ -45,17 +62,92 @@ class KubeEndpoint:
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         return cls(
             server=f"https://{host}:{port}",
-            token=(SERVICE_ACCOUNT / "token").read_text().strip(),
+            token_file=SERVICE_ACCOUNT / "token",
             ca_file=str(SERVICE_ACCOUNT / "ca.crt"),
         )
+
+    @classmethod
+    def discover(cls) -> KubeEndpoint:
+        """In a pod its service account, elsewhere the kubeconfig (``KUBECONFIG`` or
+        ``~/.kube/config``), read the way kopf reads it for its own connection."""
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            return cls.in_cluster()
+        info = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
+        if info is None:
+            raise KubeError(0, "no in-cluster service account and no kubeconfig to log in with")
+        return cls.from_connection_info(info)
+
+    @classmethod
+    def from_connection_info(cls, info: kopf.ConnectionInfo) -> KubeEndpoint:
+        cert, key = info.certificate_path, info.private_key_path
+        if info.certificate_data or info.private_key_data:
+            cert, key = _write_private(info.certificate_data, info.private_key_data)
+        # kubeconfig's *-data fields are base64 of the PEM text
+        ca_data = base64.b64decode(info.ca_data).decode() if info.ca_data else None
+        return cls(
+            server=info.server,
+            token=info.token,
+            ca_file=os.fsdecode(info.ca_path) if info.ca_path else None,
+            ca_data=ca_data,
+            client_cert=(os.fsdecode(cert), os.fsdecode(key)) if cert and key else None,
+            insecure=bool(info.insecure),
+        )
+
+    def verify(self) -> ssl.SSLContext | bool:
+        if self.insecure:
+            return False
+        if self.ca_file or self.ca_data:
+            context = ssl.create_default_context(cafile=self.ca_file, cadata=self.ca_data)
+        else:
+            context = ssl.create_default_context()
+        if self.client_cert is not None:
+            context.load_cert_chain(*self.client_cert)
+        return context
+
+
+def _write_private(cert: str | bytes | None, key: str | bytes | None) -> tuple[str, str]:
+    """Client certificate and key given inline in a kubeconfig, as files only we can read
+    (the TLS library loads a chain from files)."""
+    directory = Path(tempfile.mkdtemp(prefix="qtrader-kube-"))
+    paths = []
+    for name, data in (("client.crt", cert), ("client.key", key)):
+        path = directory / name
+        path.write_bytes(base64.b64decode(data) if data else b"")
+        os.chmod(path, 0o600)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+class _Bearer(httpx.Auth):
+    """The endpoint's token, the file re-read when its modification time changes."""
+
+    def __init__(self, endpoint: KubeEndpoint) -> None:
+        self._endpoint = endpoint
+        self._token = endpoint.token
+        self._read_at: float | None = None
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        token = self._current()
+        if token:
+            request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+    def _current(self) -> str | None:
+        path = self._endpoint.token_file
+        if path is None:
+            return self._token
+        changed = path.stat().st_mtime
+        if changed != self._read_at:
+            self._token, self._read_at = path.read_text().strip(), changed
+        return self._token
 
 
 class KubeApi:
     def __init__(self, endpoint: KubeEndpoint, *, timeout_s: float = 10.0) -> None:
         self._client = httpx.AsyncClient(
             base_url=endpoint.server,
-            headers={"Authorization": f"Bearer {endpoint.token}"},
-            verify=endpoint.ca_file if endpoint.ca_file else False,
+            auth=_Bearer(endpoint),
+            verify=endpoint.verify(),
             timeout=timeout_s,
         )
 

@@ -97,7 +97,7 @@ class OperatorRuntime:
         """Connect; ``on_alert`` receives the risk alerts of every stack."""
         bus = Bus(url=config.nats_url, client_name="qtrader-operator")
         await bus.connect()
-        kube = KubeApi(config.kube or KubeEndpoint.in_cluster())
+        kube = KubeApi(config.kube or KubeEndpoint.discover())
         acks = AckCollector()
         stacks = Stacks(
             bus, acks=acks, on_alert=on_alert, heartbeat_interval_s=config.heartbeat_interval_s
