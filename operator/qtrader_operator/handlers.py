@@ -74,6 +74,7 @@ from qtrader.control.ess_resource import (
 )
 from qtrader.control.ess_status import format_time
 from qtrader.control.halt_combination import StopView, combine
+from qtrader.exchange.listing import ListingUnavailable
 from qtrader.local.control import publish_policy
 from qtrader_operator import policy_core
 from qtrader_operator.kube import KubeError, KubeNotFound, custom_path, deployment_path
@@ -183,9 +184,7 @@ async def _reconcile_policy(
     )
     previous = list(status.get("conditions") or [])
     generation = meta.get("generation")
-    result = policy_core.stack_problem(owner) or policy_core.validate(
-        spec, runtime.exchange, allowed_images=runtime.config.allowed_images
-    )
+    result = policy_core.stack_problem(owner) or await _validated(runtime, spec)
     if isinstance(result, str):
         runtime.policies.pop(owner.name, None)  # nothing of it runs
         if status.get("invalidReason") != result:
@@ -226,6 +225,20 @@ async def _reconcile_policy(
     )
     if generation is not None:
         patch.status["observedGeneration"] = generation
+
+
+async def _validated(runtime: OperatorRuntime, spec: kopf.Spec) -> TradingPolicySpec | str:
+    """The spec checked against its venue's listing (fetched once per venue, off the loop); a
+    venue that cannot be asked leaves the policy as it was and retries (fail closed)."""
+    try:
+        return await asyncio.to_thread(
+            policy_core.validate,
+            dict(spec),
+            runtime.listings,
+            allowed_images=runtime.config.allowed_images,
+        )
+    except ListingUnavailable as exc:
+        raise kopf.TemporaryError(str(exc), delay=30) from exc
 
 
 async def _serve_stack(runtime: OperatorRuntime, stack: str) -> None:
@@ -292,6 +305,7 @@ async def _apply_workloads(
         redis_url=config.redis_url,
         redis_secret=config.redis_secret,
         binance_secret=config.binance_secret,
+        exchange_url=config.exchange_url,
         pod_defaults=config.pod_defaults,
     )
     readiness = {}
@@ -600,11 +614,8 @@ async def _scale_obeying_policies(runtime: OperatorRuntime, *, namespace: str) -
     """Scale every policy of the namespace to what the stops' combination allows it."""
     listing = await runtime.kube.get(custom_path("tradingpolicies", namespace))
     for item in listing.get("items", []):
-        spec = policy_core.validate(
-            item.get("spec") or {},
-            runtime.exchange,
-            allowed_images=runtime.config.allowed_images,
-        )
+        # By the schema alone: scaling on a halt must not wait for a venue's listing.
+        spec = policy_core.parse_spec(item.get("spec") or {})
         if isinstance(spec, str):
             continue
         state, flatten = await _stop_state(runtime, namespace, spec.emergency_stop_ref)

@@ -42,6 +42,7 @@ def config_from_environment(environ: Mapping[str, str] = os.environ) -> Operator
         redis_secret=_redis_secret(environ),
         binance_secret=environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
         metrics_port=_port(environ.get("QTRADER_METRICS_PORT")),
+        exchange_url=environ.get("QTRADER_BINANCE_URL") or None,
         pod_defaults=_pod_defaults(environ.get("QTRADER_WORKLOAD_POD_DEFAULTS")),
     )
 

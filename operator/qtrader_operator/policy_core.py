@@ -70,6 +70,7 @@ class WorkloadSettings:
     redis_url: str | None = None
     redis_secret: SecretKey | None = None
     binance_secret: str | None = None
+    exchange_url: str | None = None  # execution's Binance base URL (None: by the mode)
     pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
 
 
@@ -95,20 +96,28 @@ class PodDefaults:
 BINANCE_SECRET_DIR = "/var/run/secrets/binance"
 
 
+def parse_spec(raw_spec: Mapping[str, Any]) -> TradingPolicySpec | str:
+    """The typed spec by its schema alone, or why not (enough to scale its workloads)."""
+    try:
+        return TradingPolicySpec.model_validate(dict(raw_spec))
+    except ValidationError as exc:
+        return f"invalid spec: {format_validation_error(exc)}"
+
+
 def validate(
     raw_spec: Mapping[str, Any],
-    exchange: ExchangeInfo,
+    listings: Mapping[TradingMode, ExchangeInfo],
     *,
     allowed_images: frozenset[str] = frozenset(),
 ) -> TradingPolicySpec | str:
-    """The typed spec, or the reason it is invalid."""
-    try:
-        spec = TradingPolicySpec.model_validate(dict(raw_spec))
-    except ValidationError as exc:
-        return f"invalid spec: {format_validation_error(exc)}"
-    unlisted = exchange.unlisted(list(spec.symbols))
+    """The typed spec, or the reason it is invalid. ``listings[mode]`` is the listing of the
+    venue the policy trades on (a live venue's may be fetched: ``ListingUnavailable``)."""
+    spec = parse_spec(raw_spec)
+    if isinstance(spec, str):
+        return spec
+    unlisted = listings[spec.mode].unlisted(list(spec.symbols))
     if unlisted:
-        return f"symbols not listed by the exchange: {', '.join(unlisted)}"
+        return f"symbols not listed by the {spec.mode.value} exchange: {', '.join(unlisted)}"
     refused = [
         f"{role} {image}"
         for role in ROLES
@@ -306,6 +315,8 @@ def _market_source(mode: TradingMode) -> list[str]:
 def _add_exchange_access(
     pod: dict[str, Any], container: dict[str, Any], settings: WorkloadSettings
 ) -> None:
+    if settings.exchange_url:
+        container["env"].append({"name": "QTRADER_BINANCE_URL", "value": settings.exchange_url})
     if settings.redis_secret is not None:
         reference = {"name": settings.redis_secret.name, "key": settings.redis_secret.key}
         container["env"].append(

@@ -3,7 +3,7 @@
 Built once by the startup handler and kept in kopf's memo: the NATS connection and the stacks it
 serves (``stacks``: one per TradingPolicy, each with its policy key, halt latch, heartbeat,
 acknowledgements, risk alerts and risk monitor), the Kubernetes client for Deployments, the
-exchange listing used to validate policies, and the background tasks that run beside the
+venue listings used to validate policies, and the background tasks that run beside the
 handlers.
 """
 
@@ -22,7 +22,7 @@ from qtrader.contracts.messages import HaltLatch
 from qtrader.control.ess_applier import AckMemory
 from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_channel import AckCollector
-from qtrader.instruments import ExchangeInfo, paper_exchange_info
+from qtrader.exchange.listing import VenueListings
 from qtrader_operator.kube import KubeApi, KubeEndpoint
 from qtrader_operator.metrics import OperatorMetrics, OperatorView, PolicyView, StopView
 from qtrader_operator.policy_core import PodDefaults, SecretKey
@@ -41,6 +41,8 @@ class OperatorConfig:
     redis_url: str | None = None  # without credentials; with them, ``redis_secret``
     redis_secret: SecretKey | None = None
     binance_secret: str | None = None
+    # The Binance REST base URL for testnet and live (None: by the mode); execution uses it too.
+    exchange_url: str | None = None
     pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
     # None: the in-cluster service account (the normal case); tests point it elsewhere.
     kube: KubeEndpoint | None = None
@@ -79,7 +81,8 @@ class OperatorRuntime:
     kube: KubeApi
     acks: AckCollector  # every stack's workers, named <stack>/<worker id>
     stacks: Stacks
-    exchange: ExchangeInfo = field(default_factory=paper_exchange_info)
+    # Each mode's venue listing, a Binance venue's fetched when a policy first needs it.
+    listings: VenueListings = field(default_factory=VenueListings)
     ess: dict[str, EssMemory] = field(default_factory=dict)
     # One writer of the halt latch at a time (a stop's reconcile or the keeper): each reads the
     # latch in force, combines every stop and writes; the bus has no compare-and-set.
@@ -102,7 +105,14 @@ class OperatorRuntime:
         stacks = Stacks(
             bus, acks=acks, on_alert=on_alert, heartbeat_interval_s=config.heartbeat_interval_s
         )
-        runtime = cls(config=config, bus=bus, kube=kube, acks=acks, stacks=stacks)
+        runtime = cls(
+            config=config,
+            bus=bus,
+            kube=kube,
+            acks=acks,
+            stacks=stacks,
+            listings=VenueListings(config.exchange_url),
+        )
         if config.metrics_port is not None:
             port = runtime.metrics.serve(config.metrics_host, config.metrics_port)
             log.info("metrics on %s:%d/metrics", config.metrics_host, port)

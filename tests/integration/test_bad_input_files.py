@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from qtrader.contracts.documents import MAX_RESOURCE_BYTES
+from support.binance_sim import sim_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -232,3 +233,48 @@ def test_backtest_when_a_csv_row_is_bad_then_exit_2_naming_file_and_line(
     assert problem in result.stderr.lower()
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+# --- a testnet policy's symbols, against the venue it trades on --------------------------------
+
+
+def _testnet_policy(symbols: str) -> str:
+    text = POLICY.replace("mode: paper", "mode: testnet")
+    return text.replace("symbols: [BTCUSDT, ETHUSDT, SOLUSDT]", f"symbols:\n  - {symbols}")
+
+
+def test_policy_apply_checks_a_testnet_policys_symbols_against_that_venue(tmp_path: Path) -> None:
+    """The venue (the local Binance server) lists what its exchangeInfo says; a symbol it does
+    not list is refused with file, line and its listing, before any connection to NATS; one it
+    lists passes the file check (exit 1: no stack to publish to)."""
+    unlisted, listed = tmp_path / "unlisted.yaml", tmp_path / "listed.yaml"
+    unlisted.write_text(_testnet_policy("FOOUSDT"))
+    listed.write_text(_testnet_policy("BTCUSDT"))
+    with sim_in_thread() as venue:
+        refused = _run("policy", "apply", str(unlisted), "--exchange-url", venue, cwd=tmp_path)
+        passed = _run(
+            "policy",
+            "apply",
+            str(listed),
+            "--exchange-url",
+            venue,
+            "--nats-url",
+            UNREACHABLE,
+            cwd=tmp_path,
+        )
+    assert refused.returncode == 2, refused.stderr
+    assert f"{unlisted}:{_line_of(_testnet_policy('FOOUSDT'), '- FOOUSDT')}:" in refused.stderr
+    assert "FOOUSDT not listed by the testnet exchange" in refused.stderr
+    assert passed.returncode == 1, passed.stderr  # the file was fine; the stack is unreachable
+
+
+def test_policy_apply_refuses_a_testnet_policy_when_its_venue_cannot_be_asked(
+    tmp_path: Path,
+) -> None:
+    policy = tmp_path / "testnet.yaml"
+    policy.write_text(_testnet_policy("BTCUSDT"))
+    result = _run(
+        "policy", "apply", str(policy), "--exchange-url", "http://127.0.0.1:9", cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot check spec.symbols against the testnet exchange" in result.stderr

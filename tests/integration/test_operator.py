@@ -40,10 +40,12 @@ from qtrader.contracts.messages import (
     RiskAlertKind,
     TradingState,
 )
+from qtrader.instruments import ExchangeInfo
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader_operator.handlers import registry
 from qtrader_operator.kube import KubeEndpoint
 from qtrader_operator.runtime import OperatorConfig
+from support.binance_sim import sim_in_thread
 from support.flow import flowing, order_updates
 from support.workers import Worker, start_worker
 
@@ -171,9 +173,9 @@ async def _eventually(check: Callable[[], Any], *, timeout_s: float, what: str) 
 
 
 @contextlib.asynccontextmanager
-async def _operator(nats_url: str) -> AsyncIterator[kopf.Memo]:
+async def _operator(nats_url: str, **settings: Any) -> AsyncIterator[kopf.Memo]:
     """The operator from its own handlers, with ``/metrics`` on a free port (the memo the
-    handlers fill: ``memo.runtime`` once started)."""
+    handlers fill: ``memo.runtime`` once started); ``settings`` override its configuration."""
     config = OperatorConfig(
         namespace=NAMESPACE,
         nats_url=nats_url,
@@ -183,6 +185,7 @@ async def _operator(nats_url: str) -> AsyncIterator[kopf.Memo]:
         watch_timeout_s=2.0,
         metrics_host="127.0.0.1",
         metrics_port=0,
+        **settings,
     )
     stop = asyncio.Event()
     memo = kopf.Memo(config=config)
@@ -1199,13 +1202,19 @@ async def test_operator_metrics_show_the_stop_the_latch_and_the_policy_through_a
         await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "metrics"}})
         await _eventually(lambda: _replicas(cluster, "execution") == 0, timeout_s=15, what="0")
         tripped = await _scrape(memo)
+        revision = _sample(tripped, "qtrader_operator_halt_latch_revision")
+        # kopf patches the status once the handler returns (after it scaled): wait for it
+        await _eventually(
+            lambda: _stop_status(cluster).get("latchRevision") == revision,
+            timeout_s=10,
+            what="the status at the latch revision the metrics show",
+        )
         status = _stop_status(cluster)
         tripped_state = _sample(
             tripped, "qtrader_operator_emergency_stop_state", stop="main", state="Tripped"
         )
         assert tripped_state == 1
         assert _sample(tripped, "qtrader_operator_trading_state") == 2  # execution has 0 replicas
-        assert _sample(tripped, "qtrader_operator_halt_latch_revision") == status["latchRevision"]
         trips = _sample(tripped, "qtrader_operator_emergency_stop_trips", stop="main")
         assert trips == status["tripCount"] == 1
         cooldown = _sample(
@@ -1214,3 +1223,55 @@ async def test_operator_metrics_show_the_stop_the_latch_and_the_policy_through_a
         assert cooldown is not None
         assert 0 < cooldown <= 600
         assert _sample(tripped, "qtrader_operator_workload_replicas", **desired) == 0
+
+
+# --- a testnet policy in a cluster (issue 15): its venue's listing, its live feed --------------
+
+
+def _testnet_policy(name: str, symbols: list[str]) -> dict[str, Any]:
+    policy = _policy()
+    policy["metadata"]["name"] = name
+    policy["spec"]["mode"] = "testnet"
+    policy["spec"]["symbols"] = symbols
+    return policy
+
+
+def _container(cluster: Cluster, deployment: str) -> dict[str, Any]:
+    found = cluster.get(DEPLOYMENTS, deployment) or {}
+    (container,) = found["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+async def test_a_testnet_policy_is_checked_against_its_venue_and_runs_its_live_feed(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    """The local Binance server lists what its exchangeInfo says: a symbol it does not list
+    makes the policy Invalid (the paper listing would have taken XRPUSDT-like names it lacks,
+    and the other way round); a listed one deploys marketdata on the live feed (testnet) and
+    execution pointed at that venue."""
+    with sim_in_thread() as venue:
+        async with httpx.AsyncClient() as client:
+            listing = (await client.get(f"{venue}/fapi/v1/exchangeInfo")).json()
+        listed = sorted(ExchangeInfo.from_binance(listing).instruments)
+        async with _operator(nats_server.url, exchange_url=venue):
+            await cluster.apply(STOPS, _stop())
+            await cluster.apply(POLICIES, _testnet_policy("unlisted", [listed[0], "NOPEUSDT"]))
+            await cluster.apply(POLICIES, _testnet_policy("listed", [listed[0]]))
+            await _eventually(
+                lambda: (
+                    "NOPEUSDT"
+                    in ((cluster.get(POLICIES, "unlisted") or {}).get("status") or {}).get(
+                        "invalidReason", ""
+                    )
+                ),
+                timeout_s=10,
+                what="the unlisted symbol refused",
+            )
+            reason = cluster.get(POLICIES, "unlisted")["status"]["invalidReason"]
+            assert "not listed by the testnet exchange" in reason
+            await _eventually(lambda: _published(cluster, "listed"), timeout_s=10, what="listed")
+    marketdata = _container(cluster, "listed-marketdata")
+    assert marketdata["args"] == ["marketdata", "--source", "live", "--testnet"]
+    execution = _container(cluster, "listed-execution")
+    assert {"name": "QTRADER_BINANCE_URL", "value": venue} in execution["env"]
+    assert not cluster.get(DEPLOYMENTS, "unlisted-execution")

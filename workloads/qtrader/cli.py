@@ -473,6 +473,13 @@ def _policy_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     actions = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     apply = actions.add_parser("apply", help="validate a TradingPolicy file and publish it live")
     apply.add_argument("file", type=Path, metavar="FILE")
+    apply.add_argument(
+        "--exchange-url",
+        type=_http_url,
+        default=os.environ.get("QTRADER_BINANCE_URL"),
+        help="a testnet or live policy's symbols are checked against this venue's exchangeInfo "
+        "(default: by the policy's mode, testnet or live)",
+    )
     show = actions.add_parser("show", help="print the policy revision in force as YAML")
     for action in (apply, show):
         _stack_arguments(action)
@@ -756,8 +763,9 @@ def _binance_factory(args: argparse.Namespace) -> Callable[[TradingPolicySpec], 
     """Builds the Binance venue when the policy's mode asks for it (keys read only then)."""
 
     def build(spec: TradingPolicySpec) -> Venue:
-        from qtrader.exchange.binance import BASE_URLS, BinanceFutures, BinanceSettings
+        from qtrader.exchange.binance import BinanceFutures, BinanceSettings
         from qtrader.exchange.credentials import load_credentials
+        from qtrader.exchange.listing import BASE_URLS
 
         settings = BinanceSettings(
             base_url=args.exchange_url or BASE_URLS[spec.mode],

@@ -21,7 +21,7 @@ from qtrader.exchange.credentials import (
     SECRET_FILE,
     load_credentials,
 )
-from qtrader.instruments import paper_exchange_info
+from qtrader.exchange.listing import VenueListings
 from qtrader_operator import handlers, policy_core
 from support.kubelet import mount_secret, run_as_pod_user
 
@@ -207,11 +207,11 @@ def test_a_redis_url_from_a_secret_stays_a_secret_reference() -> None:
 def test_a_policy_naming_an_image_outside_the_allowlist_is_invalid() -> None:
     raw = yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text())
     raw["spec"].setdefault("workloads", {}).setdefault("execution", {})["image"] = "evil:latest"
-    reason = policy_core.validate(raw["spec"], paper_exchange_info())
+    reason = policy_core.validate(raw["spec"], VenueListings())
     assert isinstance(reason, str)
     assert "execution evil:latest" in reason
     allowed = policy_core.validate(
-        raw["spec"], paper_exchange_info(), allowed_images=frozenset({"evil:latest"})
+        raw["spec"], VenueListings(), allowed_images=frozenset({"evil:latest"})
     )
     assert not isinstance(allowed, str)
     made = policy_core.desired_deployments(

@@ -46,7 +46,6 @@ with warnings.catch_warnings():
     from binance.exceptions import BinanceAPIException, BinanceRequestException
 
 from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderType, Side
-from qtrader.contracts.policy import TradingMode
 from qtrader.exchange.backoff import full_jitter
 from qtrader.exchange.credentials import Credentials
 from qtrader.exchange.errors import (
@@ -89,10 +88,6 @@ CLOCK_REJECTIONS = Counter(
 # can be a resync that raced a clock step; three in a row mean every order is being rejected.
 CLOCK_SKEW_CRITICAL_AFTER = 3
 
-BASE_URLS = {
-    TradingMode.TESTNET: "https://testnet.binancefuture.com",
-    TradingMode.LIVE: "https://fapi.binance.com",
-}
 CLIENT_ORDER_PREFIX = "qt"  # our orders; anything else open on the account is not ours
 _STATUS = {
     "NEW": OrderStatus.NEW,

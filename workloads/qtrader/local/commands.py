@@ -36,10 +36,10 @@ from qtrader.contracts.policy import (
     PolicyError,
     TradingPolicy,
     load_policy_file,
-    offline_listings,
 )
 from qtrader.control.ess_resource import EmergencyStopError
 from qtrader.control.ess_status import EssMode, format_time
+from qtrader.exchange.listing import VenueListings
 from qtrader.local import ess_client, up_state
 from qtrader.local.control import publish_policy
 from qtrader.local.control_plane import EssRecord
@@ -80,7 +80,7 @@ def run_policy(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if args.policy_command == "apply":
         try:
             # bad input first, before anything is touched
-            policy = load_policy_file(args.file, listings=offline_listings())
+            policy = load_policy_file(args.file, listings=VenueListings(args.exchange_url))
         except PolicyError as exc:
             return _fail(command, str(exc), code=2)
         action = functools.partial(_apply_policy, policy=policy, out=out)
