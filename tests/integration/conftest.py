@@ -17,12 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
+from support.emulator import Cluster, serve
 from support.leaks import collect_leaks
+
+
+@pytest.fixture
+async def cluster(kmock: Any) -> AsyncIterator[Cluster]:
+    """kmock's Kubernetes emulator serving the operator's resources, and kubectl for it."""
+    serve(kmock)
+    client = Cluster(kmock)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture(autouse=True, scope="module")
