@@ -5,11 +5,19 @@ Environment: ``QTRADER_NAMESPACE`` (or ``POD_NAMESPACE``) the namespace it manag
 ``QTRADER_BINANCE_SECRET_NAME`` (optional, passed on to execution), ``QTRADER_LIVENESS_URL``
 (default ``http://0.0.0.0:8081/healthz``), and for the optional admission webhook
 ``QTRADER_WEBHOOK_PORT``, ``QTRADER_WEBHOOK_CERT``, ``QTRADER_WEBHOOK_KEY``.
+
+High availability (``leadership``): ``QTRADER_PEERING_NAME`` names the ``KopfPeering`` object
+in the namespace; set, the replicas peer and only one leads; unset, the operator runs
+standalone (one replica). ``POD_NAME`` is the replica's identity (else host name and process
+id), ``QTRADER_PEERING_PRIORITY`` its priority (default: the earlier started, the higher),
+``QTRADER_PEERING_LIFETIME`` (seconds, default 3) how long a replica that stopped renewing
+still counts as alive, which bounds a takeover after a crash.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -19,6 +27,7 @@ import kopf
 
 from qtrader_operator.admission import early_reset_refusal
 from qtrader_operator.handlers import STOPS, registry
+from qtrader_operator.leadership import PeeringConfig, priority_from_start
 from qtrader_operator.policy_core import SecretKey
 from qtrader_operator.runtime import OperatorConfig
 
@@ -40,6 +49,21 @@ def config_from_environment(environ: Mapping[str, str] = os.environ) -> Operator
         redis_url=environ.get("QTRADER_REDIS_URL") or None,
         redis_secret=_redis_secret(environ),
         binance_secret=environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
+        peering=peering_from_environment(environ),
+    )
+
+
+def peering_from_environment(environ: Mapping[str, str] = os.environ) -> PeeringConfig | None:
+    name = environ.get("QTRADER_PEERING_NAME")
+    if not name:
+        return None
+    identity = environ.get("POD_NAME") or f"{socket.gethostname()}/{os.getpid()}"
+    priority = environ.get("QTRADER_PEERING_PRIORITY")
+    return PeeringConfig(
+        name=name,
+        identity=identity,
+        priority=int(priority) if priority else priority_from_start(),
+        lifetime_s=int(environ.get("QTRADER_PEERING_LIFETIME") or 3),
     )
 
 
@@ -81,16 +105,35 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return info or kopf.login_with_kubeconfig(**kwargs)
 
 
-def main() -> int:
-    config = config_from_environment()
+def kopf_options(config: OperatorConfig) -> dict[str, Any]:
+    """What ``kopf.run`` (or ``kopf.operator``) needs besides the liveness endpoint: the
+    namespace, the memo, and peering (standalone without it)."""
+    options: dict[str, Any] = {
+        "registry": registry,
+        "namespaces": [config.namespace],
+        "memo": kopf.Memo(config=config),
+    }
+    peering = config.peering
+    if peering is None:
+        return {**options, "standalone": True}
+    return {
+        **options,
+        "peering_name": peering.name,  # mandatory: paused while the object is missing
+        "priority": peering.priority,
+        "identity": peering.identity,
+    }
+
+
+def run(config: OperatorConfig) -> None:
     kopf.configure(verbose=False)
     kopf.run(
-        registry=registry,
-        namespaces=[config.namespace],
-        standalone=True,
         liveness_endpoint=os.environ.get("QTRADER_LIVENESS_URL", "http://0.0.0.0:8081/healthz"),
-        memo=kopf.Memo(config=config),
+        **kopf_options(config),
     )
+
+
+def main() -> int:
+    run(config_from_environment())
     return 0
 
 
