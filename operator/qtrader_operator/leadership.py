@@ -14,6 +14,11 @@ until ``lastseen + lifetime``; a replica that dies without removing its entry (a
 SIGKILL, a lost node) is followed once that deadline passes. A replica that exits normally
 removes its entry, and the next one follows at once.
 
+A replica that comes to lead while other replicas are live (it started, or came back, with a
+higher priority than the one leading) first waits ``handover_s``: the one leading reads the
+object on the same period and stands by within it, so the two never act at once. After a
+crash there is nobody to wait for, and the successor acts at once.
+
 A leader that cannot read the object for longer than the lifetime steps down: by then a
 standby that can reach the API may have taken over, and two replicas heartbeating and writing
 latches is worse than a pause (the workers halt only after their heartbeat timeout).
@@ -52,6 +57,7 @@ class PeeringConfig:
     priority: int
     lifetime_s: int = 3  # how long an entry outlives its last keep-alive (kopf: whole seconds)
     poll_s: float = 0.5  # how often this replica reads the object
+    handover_s: float = 1.5  # > poll_s: a preempted leader has read the object by then
 
 
 def priority_from_start(now_ms: int | None = None, tie_break: int | None = None) -> int:
@@ -72,6 +78,11 @@ def leads(status: Mapping[str, Any], *, identity: str, priority: int, now: datet
     if identity not in live:
         return False
     return not any(_priority(entry) >= priority for peer, entry in live.items() if peer != identity)
+
+
+def others_live(status: Mapping[str, Any], *, identity: str, now: datetime) -> bool:
+    """Whether any other replica's entry is live (one of them may be leading right now)."""
+    return any(peer != identity and _live(entry, now) for peer, entry in status.items())
 
 
 def _live(entry: Any, now: datetime) -> bool:
@@ -123,14 +134,19 @@ class Leadership:
             return
         path = peering_path(self._namespace, peering.name)
         while True:
-            leading = await self._decide(kube, path, peering)
+            leading, others = await self._decide(kube, path, peering)
+            if leading and not self._leading and others:
+                log.info("replica %s to lead: waiting for the others to stand by", peering.identity)
+                await asyncio.sleep(peering.handover_s)
+                leading, _ = await self._decide(kube, path, peering)
             if leading != self._leading:
                 self._leading = leading
                 log.warning("replica %s %s", peering.identity, "leads" if leading else "stands by")
                 await on_change(leading)
             await asyncio.sleep(peering.poll_s)
 
-    async def _decide(self, kube: KubeApi, path: str, peering: PeeringConfig) -> bool:
+    async def _decide(self, kube: KubeApi, path: str, peering: PeeringConfig) -> tuple[bool, bool]:
+        """Whether this replica leads, and whether other replicas are live."""
         now = time.monotonic()
         try:
             body = await kube.get(path)
@@ -138,14 +154,14 @@ class Leadership:
             stale = self._confirmed_at is None or now - self._confirmed_at > peering.lifetime_s
             if self._leading and stale:
                 log.error("peering %s unreadable for too long (%s): stepping down", path, exc)
-                return False
+                return False, False
             log.warning("peering %s unreadable: %s", path, exc)
-            return self._leading
+            return self._leading, False
         self._confirmed_at = now
-        status = body.get("status") or {}
-        return leads(
-            status if isinstance(status, Mapping) else {},
-            identity=peering.identity,
-            priority=peering.priority,
-            now=datetime.now(UTC),
+        found = body.get("status") or {}
+        status = found if isinstance(found, Mapping) else {}
+        wall = datetime.now(UTC)
+        return (
+            leads(status, identity=peering.identity, priority=peering.priority, now=wall),
+            others_live(status, identity=peering.identity, now=wall),
         )

@@ -79,7 +79,6 @@ def _redis_secret(environ: Mapping[str, str]) -> SecretKey | None:
     return SecretKey(name=name, key=environ.get("QTRADER_REDIS_SECRET_KEY") or "url")
 
 
-@kopf.on.validate(*STOPS, operations=["UPDATE"], registry=registry)
 def refuse_early_reset(**kwargs: Any) -> None:
     old, new = kwargs.get("old") or {}, kwargs.get("new") or {}
     reason = early_reset_refusal(old=old, new=new, now=datetime.now(UTC))
@@ -87,15 +86,23 @@ def refuse_early_reset(**kwargs: Any) -> None:
         raise kopf.AdmissionError(reason, code=409)
 
 
-@kopf.on.startup(registry=registry)
-def admission_server(settings: kopf.OperatorSettings, **_: Any) -> None:
-    port = os.environ.get("QTRADER_WEBHOOK_PORT")
-    if port:
-        settings.admission.server = kopf.WebhookServer(
-            port=int(port),
-            certfile=_required(os.environ, "QTRADER_WEBHOOK_CERT"),
-            pkeyfile=_required(os.environ, "QTRADER_WEBHOOK_KEY"),
-        )
+def _register_admission(environ: Mapping[str, str]) -> None:
+    """The webhook only when it is configured: kopf refuses to run with an admission handler
+    but no admission server (the operator then stopped at once)."""
+    port = environ.get("QTRADER_WEBHOOK_PORT")
+    if not port:
+        return
+    server = kopf.WebhookServer(
+        port=int(port),
+        certfile=_required(environ, "QTRADER_WEBHOOK_CERT"),
+        pkeyfile=_required(environ, "QTRADER_WEBHOOK_KEY"),
+    )
+
+    def admission_server(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.admission.server = server
+
+    kopf.on.startup(registry=registry)(admission_server)
+    kopf.on.validate(*STOPS, operations=["UPDATE"], registry=registry)(refuse_early_reset)
 
 
 @kopf.on.login(registry=registry)
@@ -125,6 +132,7 @@ def kopf_options(config: OperatorConfig) -> dict[str, Any]:
 
 
 def run(config: OperatorConfig) -> None:
+    _register_admission(os.environ)
     kopf.configure(verbose=False)
     kopf.run(
         liveness_endpoint=os.environ.get("QTRADER_LIVENESS_URL", "http://0.0.0.0:8081/healthz"),

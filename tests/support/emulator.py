@@ -88,7 +88,8 @@ class Cluster:
 
     def __init__(self, kmock: Any) -> None:
         self._kmock = kmock
-        self._http = httpx.AsyncClient(base_url=_server["url"], timeout=5)
+        self.url = _server["url"]
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=5)
 
     def _path(self, plural: str, name: str | None = None) -> str:
         group_version, resource = plural.rsplit("/", 1)
