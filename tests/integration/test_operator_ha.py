@@ -243,3 +243,63 @@ async def test_a_killed_leader_is_followed_within_the_heartbeat_timeout_and_trad
             await asyncio.to_thread(worker.stop)
         for replica in (leader, standby):
             await asyncio.to_thread(replica.stop)
+
+
+def _terminating(cluster: Cluster, plural: str, name: str) -> bool:
+    found = cluster.get(plural, name) or {}
+    return bool((found.get("metadata") or {}).get("deletionTimestamp"))
+
+
+async def test_deletes_complete_across_a_takeover_and_wait_only_while_no_replica_runs(
+    nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
+) -> None:
+    """kopf's timers put ``qtrader.dev/finalizer`` on stops and policies (the delete handlers
+    are optional): whichever replica leads releases it, and with none running it waits."""
+    url = nats_server.url
+    await cluster.apply(STOPS, example_stop(cooldownSeconds=1))
+    extra = example_stop(cooldownSeconds=1)
+    extra["metadata"] = {**extra["metadata"], "name": "extra"}
+    await cluster.apply(STOPS, extra)
+    await cluster.apply(POLICIES, example_policy())
+    leader, standby = await _start_replicas(cluster, url, tmp_path)
+    replacement: OperatorProcess | None = None
+    try:
+        async with _heartbeats(url) as heartbeats:
+            await eventually(
+                lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=30, what="Armed"
+            )
+            killed_at = time.monotonic()
+            await asyncio.to_thread(leader.kill)
+            await eventually(
+                lambda: heartbeats.first_from("qtrader-operator/op-b", killed_at) is not None,
+                timeout_s=WORKER_HEARTBEAT_TIMEOUT_S,
+                what="the standby leading",
+            )
+        await cluster.delete(STOPS, "extra")
+        await cluster.delete(POLICIES, "paper-demo")
+        await eventually(
+            lambda: not cluster.get(STOPS, "extra") and not cluster.get(POLICIES, "paper-demo"),
+            timeout_s=15,
+            what="both deleted by the new leader",
+        )
+
+        await asyncio.to_thread(standby.stop)  # no replica runs now: the finalizer waits
+        await cluster.delete(STOPS, "main")
+        await asyncio.sleep(2.0)
+        assert _terminating(cluster, STOPS, "main")
+        replacement = start_operator(
+            identity="op-c",
+            priority=300,
+            kube_url=cluster.url,
+            nats_url=url,
+            namespace=NAMESPACE,
+            log_dir=tmp_path,
+            peering=PEERING,
+        )
+        await eventually(
+            lambda: not cluster.get(STOPS, "main"), timeout_s=30, what="main deleted once back"
+        )
+    finally:
+        for replica in (leader, standby, replacement):
+            if replica is not None:
+                await asyncio.to_thread(replica.stop)
