@@ -73,8 +73,8 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     # A trip or reason in values would let an upgrade or a GitOps resync reset a tripped stop.
     "stop-tripped": ({"emergencyStop": {"spec": {"tripped": True}}}, "tripped"),
     "stop-reason": ({"emergencyStop": {"spec": {"reason": "drill"}}}, "reason"),
-    # kopf runs standalone: there is no replica count to set.
-    "operator-replicas": ({"operator": {"replicas": 2}}, "replicas"),
+    # Peering needs at least one replica; more than one lead one at a time.
+    "operator-replicas": ({"operator": {"replicas": 0}}, "replicas"),
     # The removed nats subchart's switch: refused, not silently ignored.
     "nats-subchart": ({"nats": {"enabled": True}}, "nats"),
     "nats-url-scheme": ({"externalNats": {"url": "http://nats:4222"}}, "url"),
