@@ -80,6 +80,7 @@ from qtrader_operator import policy_core
 from qtrader_operator.kube import KubeError, KubeNotFound, custom_path, deployment_path
 from qtrader_operator.metrics import PolicyView
 from qtrader_operator.runtime import OperatorConfig, OperatorRuntime
+from qtrader_operator.stacks import NotLeading
 
 log = logging.getLogger(__name__)
 
@@ -119,27 +120,75 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         assert runtime is not None  # stacks are served only once it is built
         await trip_for_alert(runtime, alert)
 
+    if config.peering is not None:
+        settings.peering.lifetime = config.peering.lifetime_s
+        settings.peering.stealth = True  # no log line per keep-alive (every second)
     runtime = await OperatorRuntime.start(config, on_alert=on_alert)
     memo.runtime = runtime
     await _serve_listed_policies(runtime)
-    runtime.spawn("latch-keeper", keep_latch(runtime))
+    if runtime.leadership.leading:  # standalone: the only replica
+        await _take_over(runtime)
+
+    async def on_change(leading: bool) -> None:
+        await (_take_over(runtime) if leading else _stand_by(runtime))
+
+    runtime.spawn("leadership", runtime.leadership.run(runtime.kube, on_change))
 
 
-async def _serve_listed_policies(runtime: OperatorRuntime) -> None:
-    """Serve every policy's stack before any stop is reconciled, so a restart finds the latches
-    the stacks hold (and keeps their revision) instead of deciding from none."""
+async def _take_over(runtime: OperatorRuntime) -> None:
+    """This replica leads from now on: forget what it decided in an earlier term, serve the
+    policies listed now, then heartbeats, alerts, monitors and the keeper. Nothing is written
+    from memory: the keeper and each stop's first reconcile start from the stored statuses and
+    the latches the stacks hold, so a takeover re-arms and re-trips nothing."""
+    async with runtime.latch_lock:
+        runtime.forget_decisions()
+    await _serve_listed_policies(runtime, drop_unlisted=True)
+    await runtime.stacks.lead()
+    runtime.keeper = asyncio.create_task(keep_latch(runtime), name="latch-keeper")
+
+
+async def _stand_by(runtime: OperatorRuntime) -> None:
+    """Another replica leads: stop writing (the keeper first, then the stacks' leader work)."""
+    keeper, runtime.keeper = runtime.keeper, None
+    if keeper is not None:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+    await runtime.stacks.follow()
+    async with runtime.latch_lock:
+        runtime.forget_decisions()
+
+
+def _require_leading(runtime: OperatorRuntime) -> None:
+    """kopf pauses a standby's handlers by itself; this covers the moment when kopf's view of
+    the peering and ``leadership``'s differ (each reads it on its own clock)."""
+    if not runtime.leadership.leading:
+        raise kopf.TemporaryError("this operator replica stands by", delay=1)
+
+
+async def _serve_listed_policies(runtime: OperatorRuntime, *, drop_unlisted: bool = False) -> None:
+    """Serve every policy's stack before any stop is reconciled, so a restart or a takeover
+    finds the latches the stacks hold (and keeps their revision) instead of deciding from
+    none. ``drop_unlisted``: also stop serving stacks whose policy is gone (deleted while
+    this replica stood by, so no delete handler ran here)."""
+    namespace = runtime.config.namespace
     try:
-        listing = await runtime.kube.get(custom_path("tradingpolicies", runtime.config.namespace))
+        listing = await runtime.kube.get(custom_path("tradingpolicies", namespace))
     except KubeError as exc:  # each policy's resume adds its stack all the same
-        log.warning("policies not listable at startup: %s", exc)
+        log.warning("policies not listable: %s", exc)
         return
+    listed = set()
     for item in listing.get("items", []):
         name = item["metadata"]["name"]
         try:
-            await runtime.stacks.add(subjects.stack_id(runtime.config.namespace, name))
+            stack = subjects.stack_id(namespace, name)
+            listed.add(stack)
+            await runtime.stacks.add(stack)
         except (subjects.InvalidStack, BusUnavailable, TopologyError) as exc:
             # Its policy's reconcile marks it Invalid or tries again.
-            log.warning("policy %s: stack not served at startup: %s", name, exc)
+            log.warning("policy %s: stack not served yet: %s", name, exc)
+    if drop_unlisted:
+        for stack in runtime.stacks.names - listed:
+            await runtime.stacks.remove(stack)
 
 
 @kopf.on.cleanup(registry=registry)
@@ -164,6 +213,7 @@ async def reconcile_policy(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
+    _require_leading(runtime)
     with runtime.metrics.counting_errors("tradingpolicy"):
         await _reconcile_policy(
             runtime, body=body, spec=spec, meta=meta, status=status, patch=patch
@@ -358,6 +408,7 @@ async def reconcile_stop(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
+    _require_leading(runtime)
     with runtime.metrics.counting_errors("emergencystop"):
         await _reconcile_stop(runtime, body=body, spec=spec, meta=meta, status=status, patch=patch)
 
@@ -514,9 +565,12 @@ async def _put_latch(
     now = _now()
     async with runtime.latch_lock:
         views = await _views_for_write(runtime, name=name, status=status, decided=decided)
-        latch, written = await runtime.stacks.put_latch(
-            views, known=runtime.latch, min_revision=min_revision, now=now, flatten=flatten
-        )
+        try:
+            latch, written = await runtime.stacks.put_latch(
+                views, known=runtime.latch, min_revision=min_revision, now=now, flatten=flatten
+            )
+        except NotLeading as exc:  # stepped down while deciding: the leader decides again
+            raise kopf.TemporaryError(str(exc), delay=1) from exc
         runtime.latch = latch
         memory = runtime.memory(name)
         if written or memory.acks.latch_written is None:

@@ -5,12 +5,20 @@ Environment: ``QTRADER_NAMESPACE`` (or ``POD_NAMESPACE``) the namespace it manag
 ``QTRADER_BINANCE_SECRET_NAME`` (optional, passed on to execution), ``QTRADER_LIVENESS_URL``
 (default ``http://0.0.0.0:8081/healthz``), and for the optional admission webhook
 ``QTRADER_WEBHOOK_PORT``, ``QTRADER_WEBHOOK_CERT``, ``QTRADER_WEBHOOK_KEY``.
+
+High availability (``leadership``): ``QTRADER_PEERING_NAME`` names the ``KopfPeering`` object
+in the namespace; set, the replicas peer and only one leads; unset, the operator runs
+standalone (one replica). ``POD_NAME`` is the replica's identity (else host name and process
+id), ``QTRADER_PEERING_PRIORITY`` its priority (default: the earlier started, the higher),
+``QTRADER_PEERING_LIFETIME`` (seconds, default 3) how long a replica that stopped renewing
+still counts as alive, which bounds a takeover after a crash.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -20,6 +28,7 @@ import kopf
 
 from qtrader_operator.admission import early_reset_refusal
 from qtrader_operator.handlers import STOPS, registry
+from qtrader_operator.leadership import PeeringConfig, priority_from_start
 from qtrader_operator.policy_core import PodDefaults, SecretKey
 from qtrader_operator.runtime import OperatorConfig
 
@@ -44,6 +53,21 @@ def config_from_environment(environ: Mapping[str, str] = os.environ) -> Operator
         metrics_port=_port(environ.get("QTRADER_METRICS_PORT")),
         exchange_url=environ.get("QTRADER_BINANCE_URL") or None,
         pod_defaults=_pod_defaults(environ.get("QTRADER_WORKLOAD_POD_DEFAULTS")),
+        peering=peering_from_environment(environ),
+    )
+
+
+def peering_from_environment(environ: Mapping[str, str] = os.environ) -> PeeringConfig | None:
+    name = environ.get("QTRADER_PEERING_NAME")
+    if not name:
+        return None
+    identity = environ.get("POD_NAME") or f"{socket.gethostname()}/{os.getpid()}"
+    priority = environ.get("QTRADER_PEERING_PRIORITY")
+    return PeeringConfig(
+        name=name,
+        identity=identity,
+        priority=int(priority) if priority else priority_from_start(),
+        lifetime_s=int(environ.get("QTRADER_PEERING_LIFETIME") or 3),
     )
 
 
@@ -84,7 +108,6 @@ def _redis_secret(environ: Mapping[str, str]) -> SecretKey | None:
     return SecretKey(name=name, key=environ.get("QTRADER_REDIS_SECRET_KEY") or "url")
 
 
-@kopf.on.validate(*STOPS, operations=["UPDATE"], registry=registry)
 def refuse_early_reset(**kwargs: Any) -> None:
     old, new = kwargs.get("old") or {}, kwargs.get("new") or {}
     reason = early_reset_refusal(old=old, new=new, now=datetime.now(UTC))
@@ -92,15 +115,23 @@ def refuse_early_reset(**kwargs: Any) -> None:
         raise kopf.AdmissionError(reason, code=409)
 
 
-@kopf.on.startup(registry=registry)
-def admission_server(settings: kopf.OperatorSettings, **_: Any) -> None:
-    port = os.environ.get("QTRADER_WEBHOOK_PORT")
-    if port:
-        settings.admission.server = kopf.WebhookServer(
-            port=int(port),
-            certfile=_required(os.environ, "QTRADER_WEBHOOK_CERT"),
-            pkeyfile=_required(os.environ, "QTRADER_WEBHOOK_KEY"),
-        )
+def _register_admission(environ: Mapping[str, str]) -> None:
+    """The webhook only when it is configured: kopf refuses to run with an admission handler
+    but no admission server (the operator then stopped at once)."""
+    port = environ.get("QTRADER_WEBHOOK_PORT")
+    if not port:
+        return
+    server = kopf.WebhookServer(
+        port=int(port),
+        certfile=_required(environ, "QTRADER_WEBHOOK_CERT"),
+        pkeyfile=_required(environ, "QTRADER_WEBHOOK_KEY"),
+    )
+
+    def admission_server(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.admission.server = server
+
+    kopf.on.startup(registry=registry)(admission_server)
+    kopf.on.validate(*STOPS, operations=["UPDATE"], registry=registry)(refuse_early_reset)
 
 
 @kopf.on.login(registry=registry)
@@ -110,16 +141,36 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return info or kopf.login_with_kubeconfig(**kwargs)
 
 
-def main() -> int:
-    config = config_from_environment()
+def kopf_options(config: OperatorConfig) -> dict[str, Any]:
+    """What ``kopf.run`` (or ``kopf.operator``) needs besides the liveness endpoint: the
+    namespace, the memo, and peering (standalone without it)."""
+    options: dict[str, Any] = {
+        "registry": registry,
+        "namespaces": [config.namespace],
+        "memo": kopf.Memo(config=config),
+    }
+    peering = config.peering
+    if peering is None:
+        return {**options, "standalone": True}
+    return {
+        **options,
+        "peering_name": peering.name,  # mandatory: paused while the object is missing
+        "priority": peering.priority,
+        "identity": peering.identity,
+    }
+
+
+def run(config: OperatorConfig) -> None:
+    _register_admission(os.environ)
     kopf.configure(verbose=False)
     kopf.run(
-        registry=registry,
-        namespaces=[config.namespace],
-        standalone=True,
         liveness_endpoint=os.environ.get("QTRADER_LIVENESS_URL", "http://0.0.0.0:8081/healthz"),
-        memo=kopf.Memo(config=config),
+        **kopf_options(config),
     )
+
+
+def main() -> int:
+    run(config_from_environment())
     return 0
 
 

@@ -3,8 +3,10 @@
 Built once by the startup handler and kept in kopf's memo: the NATS connection and the stacks it
 serves (``stacks``: one per TradingPolicy, each with its policy key, halt latch, heartbeat,
 acknowledgements, risk alerts and risk monitor), the Kubernetes client for Deployments, the
-venue listings used to validate policies, and the background tasks that run beside the
-handlers.
+venue listings used to validate policies, the metrics, and the background tasks that run
+beside the handlers. With peering (``leadership``), only the leading replica runs the latch
+keeper and the stacks' leader work; a standby stays connected and takes over from what is
+stored.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_channel import AckCollector
 from qtrader.exchange.listing import VenueListings
 from qtrader_operator.kube import KubeApi, KubeEndpoint
+from qtrader_operator.leadership import Leadership, PeeringConfig
 from qtrader_operator.metrics import OperatorMetrics, OperatorView, PolicyView, StopView
 from qtrader_operator.policy_core import PodDefaults, SecretKey
 from qtrader_operator.stacks import AlertHandler, Stacks
@@ -53,6 +56,8 @@ class OperatorConfig:
     # How long one watch request may stay open before the API server ends it (kopf reopens it);
     # it also bounds how long stopping the operator can take.
     watch_timeout_s: float = 60.0
+    # None: this is the only replica (kopf standalone), so it always leads.
+    peering: PeeringConfig | None = None
 
 
 @dataclass
@@ -90,6 +95,8 @@ class OperatorRuntime:
     latch: HaltLatch | None = None  # the latch in force, as last read or written
     policies: dict[str, PolicyView] = field(default_factory=dict)  # as last reconciled
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    leadership: Leadership = field(default_factory=lambda: Leadership(None, namespace=""))
+    keeper: asyncio.Task[None] | None = None  # the latch keeper, while this replica leads
     metrics: OperatorMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -102,8 +109,16 @@ class OperatorRuntime:
         await bus.connect()
         kube = KubeApi(config.kube or KubeEndpoint.discover())
         acks = AckCollector()
+        leadership = Leadership(config.peering, namespace=config.namespace)
+        # Heartbeats and alerts name the replica that sent them.
+        identity = leadership.identity
+        source = "qtrader-operator" if identity is None else f"qtrader-operator/{identity}"
         stacks = Stacks(
-            bus, acks=acks, on_alert=on_alert, heartbeat_interval_s=config.heartbeat_interval_s
+            bus,
+            acks=acks,
+            on_alert=on_alert,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            source=source,
         )
         runtime = cls(
             config=config,
@@ -111,6 +126,7 @@ class OperatorRuntime:
             kube=kube,
             acks=acks,
             stacks=stacks,
+            leadership=leadership,
             listings=VenueListings(config.exchange_url),
         )
         if config.metrics_port is not None:
@@ -136,7 +152,16 @@ class OperatorRuntime:
         }
         return OperatorView(stops=stops, policies=dict(self.policies), latch=self.latch)
 
+    def forget_decisions(self) -> None:
+        """Drop what this process decided (each stop's status, the latch in force): after a
+        change of leader the other replica may have decided since, so the next reconcile and
+        keeper round read the stored statuses and the latches afresh (first sight)."""
+        self.ess.clear()
+        self.latch = None
+
     async def stop(self) -> None:
+        if self.keeper is not None:
+            self.tasks.append(self.keeper)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

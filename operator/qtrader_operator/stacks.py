@@ -14,6 +14,12 @@ latch in force at once (the caller writes it, see the handlers).
 
 Acknowledgements go to one ``AckCollector``, each worker named ``<stack>/<worker id>``: worker
 ids are chosen per stack and may repeat across stacks.
+
+Only the leading replica (``leadership``) acts: heartbeats, the risk-alert consumer (a durable
+shared by the replicas, so a standby would take alerts from the leader), the risk monitors
+(they publish alerts) and latch writes run only between ``lead`` and ``follow``. A standby
+keeps its connection and its stacks, and collects the acknowledgements (a read), so a takeover
+knows at once which workers are present.
 """
 
 from __future__ import annotations
@@ -39,11 +45,16 @@ log = logging.getLogger(__name__)
 AlertHandler = Callable[[RiskAlert], Awaitable[None]]
 
 
+class NotLeading(RuntimeError):
+    """A write asked of a replica that stands by."""
+
+
 @dataclass
 class _Served:
     bus: Bus
     risk: RiskMonitor
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # while served
+    leading: list[asyncio.Task[None]] = field(default_factory=list)  # while this replica leads
 
 
 class Stacks:
@@ -65,10 +76,28 @@ class Stacks:
         self._source = source
         self._served: dict[str, _Served] = {}
         self._triggers: dict[str, EssTriggers | None] = {}
+        self._leading = False
 
     @property
     def names(self) -> frozenset[str]:
         return frozenset(self._served)
+
+    @property
+    def leading(self) -> bool:
+        return self._leading
+
+    async def lead(self) -> None:
+        """Start the leader's work in every stack: heartbeats, alerts, risk monitors."""
+        self._leading = True
+        for stack, served in self._served.items():
+            self._start_leading(stack, served)
+
+    async def follow(self) -> None:
+        """Stop the leader's work (this replica stands by); connections and stacks stay."""
+        self._leading = False
+        for served in self._served.values():
+            tasks, served.leading = served.leading, []
+            await _cancel(tasks)
 
     async def add(self, stack: str) -> bool:
         """Serve ``stack``; False when it already is."""
@@ -76,21 +105,33 @@ class Stacks:
             return False
         view = self._bus.for_stack(stack)
         await view.ensure_topology()
-        served = _Served(bus=view, risk=RiskMonitor(view, source=f"{self._source}/{stack}"))
-        for name, triggers in self._triggers.items():
-            served.risk.configure(name, triggers)
+        served = _Served(bus=view, risk=self._monitor(view, stack))
         self._served[stack] = served
-        self._start(served, f"{stack}/heartbeat", self._heartbeat(view))
-        self._start(served, f"{stack}/halt-acks", self._collect_acks(view, stack))
-        self._start(served, f"{stack}/risk-alerts", self._consume_alerts(view))
-        self._start(served, f"{stack}/risk-monitor", served.risk.run())
+        served.tasks.append(_start(f"{stack}/halt-acks", self._collect_acks(view, stack)))
+        if self._leading:
+            self._start_leading(stack, served)
         log.info("serving stack %s", stack)
         return True
+
+    def _monitor(self, bus: Bus, stack: str) -> RiskMonitor:
+        risk = RiskMonitor(bus, source=f"{self._source}/{stack}")
+        for name, triggers in self._triggers.items():
+            risk.configure(name, triggers)
+        return risk
+
+    def _start_leading(self, stack: str, served: _Served) -> None:
+        # A fresh monitor: one left from an earlier term holds figures from before the gap.
+        served.risk = self._monitor(served.bus, stack)
+        served.leading = [
+            _start(f"{stack}/heartbeat", self._heartbeat(served.bus)),
+            _start(f"{stack}/risk-alerts", self._consume_alerts(served.bus)),
+            _start(f"{stack}/risk-monitor", served.risk.run()),
+        ]
 
     async def remove(self, stack: str) -> None:
         served = self._served.pop(stack, None)
         if served is not None:
-            await _cancel(served.tasks)
+            await _cancel([*served.leading, *served.tasks])
             self._acks.forget(lambda worker: worker.startswith(f"{stack}/"))
             log.info("stack %s no longer served", stack)
 
@@ -163,12 +204,6 @@ class Stacks:
     async def _consume_alerts(self, bus: Bus) -> None:
         await bus.consume(subjects.OPERATOR_RISK_ALERTS, RiskAlert, self._on_alert)
 
-    @staticmethod
-    def _start(served: _Served, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine, name=name)
-        task.add_done_callback(_report_end)
-        served.tasks.append(task)
-
 
 def _reference(
     known: HaltLatch | None, currents: Sequence[HaltLatch | Undecodable | None]
@@ -216,6 +251,12 @@ def _next(
             flatten=flatten,
         )
     return latch
+
+
+def _start(name: str, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    task = asyncio.create_task(coroutine, name=name)
+    task.add_done_callback(_report_end)
+    return task
 
 
 CANCEL_TIMEOUT_S = 5.0

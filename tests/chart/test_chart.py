@@ -32,7 +32,7 @@ CHART = ROOT / "charts" / "quantum-trader"
 KUBE_VERSION = "1.33"
 RELEASE, NAMESPACE = "qt", "trading"
 ROLES = ("marketdata", "inference", "execution", "portfolio")
-CUSTOM_KINDS = {"TradingPolicy", "EmergencyStop"}
+CUSTOM_KINDS = {"TradingPolicy", "EmergencyStop", "KopfPeering"}  # not in the Kubernetes schema
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
@@ -142,7 +142,8 @@ def test_chart_crds_are_byte_identical_to_the_projects() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"operator": {"replicas": 2}}, "additional properties 'replicas' not allowed"),
+        ({"operator": {"replicas": 0}}, "/operator/replicas"),
+        ({"operator": {"peering": {"lifetimeSeconds": 10}}}, "/operator/peering"),
         ({"externalNats": {"url": "http://nats:4222"}}, "/externalNats/url"),
         ({"redis": {"url": "nats://x"}}, "/redis/url"),
         ({"workloads": {"healthPort": 9000}}, "/workloads/healthPort': value must be 8080"),
@@ -199,10 +200,39 @@ def test_the_stops_other_settings_come_from_values() -> None:
 # --- the operator --------------------------------------------------------------------------
 
 
-def test_operator_runs_one_replica_recreated() -> None:
-    deployment = operator_deployment(documents(render()))
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+def test_operator_runs_two_peering_replicas_rolled_one_at_a_time_on_different_nodes() -> None:
+    docs = documents(render())
+    deployment = operator_deployment(docs)
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    env = env_of(deployment)
+    assert env["QTRADER_PEERING_NAME"] == "qtrader"
+    assert env["QTRADER_PEERING_LIFETIME"] == "3"
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    (peering,) = of_kind(docs, "KopfPeering")
+    assert (peering["apiVersion"], peering["metadata"]["name"]) == ("kopf.dev/v1", "qtrader")
+    (term,) = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    (budget,) = [p for p in of_kind(docs, "PodDisruptionBudget") if p["spec"].get("minAvailable")]
+    assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
+
+
+def test_a_single_operator_replica_has_no_disruption_budget_and_its_affinity_is_the_users() -> None:
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "pool", "operator": "In", "values": ["control"]}]}]}}}  # fmt: skip
+    docs = documents(render({"operator": {"replicas": 1, "affinity": affinity}}))
+    assert operator_deployment(docs)["spec"]["template"]["spec"]["affinity"] == affinity
+    operator_budgets = [p for p in of_kind(docs, "PodDisruptionBudget") if "operator" in
+                        p["metadata"]["name"]]  # fmt: skip
+    assert operator_budgets == []
 
 
 def env_of(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -303,6 +333,8 @@ def test_operator_role_has_exactly_the_verbs_it_uses() -> None:
         ("", "events"): ["create"],
         ("events.k8s.io", "events"): ["create"],
         ("apps", "deployments"): ["create", "get", "patch"],
+        # peering: kopf watches the object and patches its entry; the operator reads it
+        ("kopf.dev", "kopfpeerings"): ["get", "list", "patch", "watch"],
     }
     assert not any(resource == "secrets" for _, resource in rules)
 

@@ -13,10 +13,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kopf
 import pytest
 import yaml
 
-from qtrader_operator.main import registry as operator_registry
+from qtrader_operator.handlers import STOPS
+from qtrader_operator.main import refuse_early_reset
 from support.helm_cli import HelmCli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,8 +85,8 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     # A trip or reason in values would let an upgrade or a GitOps resync reset a tripped stop.
     "stop-tripped": ({"emergencyStop": {"spec": {"tripped": True}}}, "tripped"),
     "stop-reason": ({"emergencyStop": {"spec": {"reason": "drill"}}}, "reason"),
-    # kopf runs standalone: there is no replica count to set.
-    "operator-replicas": ({"operator": {"replicas": 2}}, "replicas"),
+    # Peering needs at least one replica; more than one lead one at a time.
+    "operator-replicas": ({"operator": {"replicas": 0}}, "replicas"),
     # The removed nats subchart's switch: refused, not silently ignored.
     "nats-subchart": ({"nats": {"enabled": True}}, "nats"),
     "nats-url-scheme": ({"externalNats": {"url": "http://nats:4222"}}, "url"),
@@ -271,7 +273,10 @@ def test_the_webhook_reaches_the_operators_handler_with_a_certificate_its_ca_sig
     assert webhook["failurePolicy"] == "Ignore"  # an operator outage never blocks a trip
     service_ref = webhook["clientConfig"]["service"]
     # kopf serves each admission handler at its id: the path must name ours.
-    handler_ids = {h.id for h in operator_registry._webhooks.get_all_handlers()}
+    # Registered as the operator does when its webhook port is set (main._register_admission).
+    registry = kopf.OperatorRegistry()
+    kopf.on.validate(*STOPS, operations=["UPDATE"], registry=registry)(refuse_early_reset)
+    handler_ids = {h.id for h in registry._webhooks.get_all_handlers()}
     assert service_ref["path"].lstrip("/") in handler_ids
     (service,) = [
         d for d in _of_kind(docs, "Service") if d["metadata"]["name"] == service_ref["name"]

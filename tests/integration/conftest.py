@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -31,6 +31,7 @@ import pytest_asyncio
 
 from qtrader.local.nats_server import EmbeddedNats
 from support.binance_sim import forget_venues, unreadable_venues, venues_seen
+from support.emulator import Cluster, serve
 from support.invariants import Check, assert_invariants, stacks_with_a_policy
 from support.leaks import collect_leaks
 
@@ -104,6 +105,17 @@ def _check(server: Any, skip: frozenset[Check]) -> None:
             "they stopped: exposure not checked on the venue",
             pytrace=False,
         )
+
+
+@pytest.fixture
+async def cluster(kmock: Any) -> AsyncIterator[Cluster]:
+    """kmock's Kubernetes emulator serving the operator's resources, and kubectl for it."""
+    serve(kmock)
+    client = Cluster(kmock)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture(autouse=True, scope="module")
