@@ -358,6 +358,11 @@ async def _apply_workloads(
         exchange_url=config.exchange_url,
         pod_defaults=config.pod_defaults,
     )
+    versions = {
+        name: await _secret_version(runtime, owner.namespace, name)
+        for name in policy_core.execution_secrets(settings)
+    }
+    settings = replace(settings, secret_versions=versions)
     readiness = {}
     manifests = policy_core.desired_deployments(
         owner=owner, spec=spec, settings=settings, stopped_roles=stopped
@@ -369,6 +374,21 @@ async def _apply_workloads(
             desired=manifest["spec"]["replicas"], ready=ready
         )
     return readiness
+
+
+async def _secret_version(runtime: OperatorRuntime, namespace: str, name: str) -> str:
+    """A Secret's resourceVersion: it changes with every write, so the annotation rolls the
+    pods that read it. Only the version is used, never the data."""
+    try:
+        found = await runtime.kube.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+    except KubeNotFound:
+        return "absent"
+    except KubeError as exc:  # e.g. not allowed: no roll on change, said once per reconcile
+        log.warning(
+            "secret %s: version not readable (%s); its changes will not roll pods", name, exc
+        )
+        return "unknown"
+    return str(found.get("metadata", {}).get("resourceVersion", "unknown"))
 
 
 async def _publish_if_changed(

@@ -48,6 +48,8 @@ HEALTH_PORT = 8080
 # The workload image's user and group (docker/workloads.Dockerfile: USER 10001:10001).
 WORKLOAD_UID = 10001
 MODE_ANNOTATION = "qtrader.dev/mode"
+# The resourceVersion of each Secret execution reads, so a changed key rolls its pods.
+SECRETS_ANNOTATION = "qtrader.dev/secrets-version"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +73,8 @@ class WorkloadSettings:
     redis_secret: SecretKey | None = None
     binance_secret: str | None = None
     exchange_url: str | None = None  # execution's Binance base URL (None: by the mode)
+    # Secret name -> its resourceVersion ("absent" when missing), for execution_secrets
+    secret_versions: Mapping[str, str] = field(default_factory=dict)
     pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
 
 
@@ -202,8 +206,9 @@ def _deployment(
             "template": {
                 "metadata": {
                     "labels": labels(owner, role),
-                    # Workers read the mode when they start: a new mode must restart them.
-                    "annotations": {MODE_ANNOTATION: spec.mode.value},
+                    # Workers read the mode and their Secrets when they start: a new mode or
+                    # a changed Secret must restart them.
+                    "annotations": _template_annotations(role, spec, settings),
                 },
                 "spec": _pod_spec(
                     role=role,
@@ -215,6 +220,25 @@ def _deployment(
             },
         },
     }
+
+
+def execution_secrets(settings: WorkloadSettings) -> list[str]:
+    """The Secrets execution reads at start (the Binance keys, a Redis URL)."""
+    names = [settings.binance_secret] if settings.binance_secret else []
+    if settings.redis_secret is not None:
+        names.append(settings.redis_secret.name)
+    return sorted(set(names))
+
+
+def _template_annotations(
+    role: str, spec: TradingPolicySpec, settings: WorkloadSettings
+) -> dict[str, str]:
+    annotations = {MODE_ANNOTATION: spec.mode.value}
+    secrets = execution_secrets(settings) if role == "execution" else []
+    if secrets:
+        versions = (f"{name}={settings.secret_versions.get(name, 'unknown')}" for name in secrets)
+        annotations[SECRETS_ANNOTATION] = ",".join(versions)
+    return annotations
 
 
 def stack_of(owner: Owner) -> str:

@@ -560,3 +560,17 @@ def test_workload_pod_defaults_reach_every_pod_and_a_policys_resources_win() -> 
             }
         else:
             assert container["resources"] == defaults
+
+
+def test_the_operator_may_read_only_the_secrets_execution_uses() -> None:
+    values = {"binance": {"existingSecret": "binance-keys"}, "redis": {"existingSecret": "redis"}}
+    rules = rules_of(documents(render(values)), "qt-quantum-trader-operator")
+    assert rules[("", "secrets")] == ["get"]
+    (role,) = [
+        r
+        for r in of_kind(documents(render(values)), "Role")
+        if r["metadata"]["name"] == "qt-quantum-trader-operator"
+    ]
+    (rule,) = [r for r in role["rules"] if r["resources"] == ["secrets"]]
+    assert sorted(rule["resourceNames"]) == ["binance-keys", "redis"]
+    assert ("", "secrets") not in rules_of(documents(render()), "qt-quantum-trader-operator")

@@ -37,7 +37,7 @@ from qtrader.contracts.messages import (
 from qtrader.instruments import ExchangeInfo
 from qtrader.local.nats_server import EmbeddedNats
 from support.binance_sim import sim_in_thread
-from support.emulator import DEPLOYMENTS, NAMESPACE, POLICIES, STACK, STOPS, Cluster
+from support.emulator import DEPLOYMENTS, NAMESPACE, POLICIES, SECRETS, STACK, STOPS, Cluster
 from support.emulator import eventually as _eventually
 from support.emulator import operator as _operator
 from support.emulator import policy as _policy
@@ -1057,3 +1057,42 @@ async def test_a_testnet_policy_is_checked_against_its_venue_and_runs_its_live_f
     execution = _container(cluster, "listed-execution")
     assert {"name": "QTRADER_BINANCE_URL", "value": venue} in execution["env"]
     assert not cluster.get(DEPLOYMENTS, "unlisted-execution")
+
+
+async def test_a_changed_binance_secret_rolls_execution_and_nothing_else(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    """The operator reads the Secret's resourceVersion (never its data) into execution's pod
+    template: a new key there restarts execution, and only it."""
+    keys = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "binance-keys", "namespace": NAMESPACE},
+        "data": {"api-key": "a2V5LTE=", "api-secret": "c2VjcmV0LTE="},
+    }
+    await cluster.apply(SECRETS, keys)
+    async with _operator(nats_server.url, binance_secret="binance-keys"):
+        await cluster.apply(STOPS, _stop())
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(lambda: _published(cluster, "paper-demo"), timeout_s=10, what="policy")
+
+        def annotations() -> dict[str, dict[str, str]]:
+            return {
+                role: (cluster.get(DEPLOYMENTS, f"paper-demo-{role}") or {})["spec"]["template"][
+                    "metadata"
+                ]["annotations"]
+                for role in ROLES
+            }
+
+        before = annotations()
+        version = cluster.get(SECRETS, "binance-keys")["metadata"]["resourceVersion"]
+        assert before["execution"]["qtrader.dev/secrets-version"] == f"binance-keys={version}"
+        await cluster.patch(
+            SECRETS, "binance-keys", {"data": {"api-key": "a2V5LTI="}}, new_version=True
+        )
+        after = await _eventually(
+            lambda: (now := annotations())["execution"] != before["execution"] and now,
+            timeout_s=15,
+            what="execution's template to change with the Secret",
+        )
+        assert {role for role in ROLES if after[role] != before[role]} == {"execution"}

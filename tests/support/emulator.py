@@ -33,6 +33,7 @@ NAMESPACE = "trading"
 POLICIES = "qtrader.dev/v1alpha1/tradingpolicies"
 STOPS = "qtrader.dev/v1alpha1/emergencystops"
 DEPLOYMENTS = "apps/v1/deployments"
+SECRETS = "v1/secrets"
 STACK = "trading.paper-demo"  # the example policy's stack: its workers speak only its names
 PEERINGS = "kopf.dev/v1/kopfpeerings"
 _server: dict[str, str] = {}
@@ -77,6 +78,9 @@ def declare_resources(kmock: Any) -> None:
     kmock.resources[DEPLOYMENTS] = info(
         kind="Deployment", singular="deployment", verbs=writable, namespaced=True
     )
+    kmock.resources[SECRETS] = info(
+        kind="Secret", singular="secret", verbs=writable, namespaced=True
+    )
     # kopf's peering object: its status holds one entry per replica (no status subresource).
     kmock.resources[PEERINGS] = info(
         kind="KopfPeering", singular="kopfpeering", verbs=writable, namespaced=True
@@ -110,7 +114,16 @@ class Cluster:
         response = await self._http.post(self._path(plural), json=document)
         assert response.status_code < 300, response.text
 
-    async def patch(self, plural: str, name: str, body: dict[str, Any]) -> None:
+    async def patch(
+        self, plural: str, name: str, body: dict[str, Any], *, new_version: bool = False
+    ) -> None:
+        """A merge patch. ``new_version``: give the object the next resourceVersion, as an API
+        server does on every write and the emulator does not (only where a test reads it: kopf's
+        own patches of our resources test the version they last saw)."""
+        if new_version:
+            current = int((self.get(plural, name) or {})["metadata"]["resourceVersion"])
+            metadata = {**body.get("metadata", {}), "resourceVersion": str(current + 1)}
+            body = {**body, "metadata": metadata}
         headers = {"Content-Type": "application/merge-patch+json"}
         response = await self._http.patch(self._path(plural, name), json=body, headers=headers)
         assert response.status_code < 300, response.text

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,20 @@ def test_a_policy_naming_an_image_outside_the_allowlist_is_invalid() -> None:
     images = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in made}
     (container,) = images["execution"]["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "evil:latest"
+
+
+def test_a_changed_secret_changes_the_execution_pod_template_only() -> None:
+    settings = policy_core.WorkloadSettings(
+        image="img:1",
+        nats_url="nats://nats:4222",
+        binance_secret="binance-keys",
+        redis_secret=policy_core.SecretKey(name="redis-auth", key="url"),
+    )
+    before = _deployments_in("testnet", replace(settings, secret_versions={"binance-keys": "7"}))
+    after = _deployments_in("testnet", replace(settings, secret_versions={"binance-keys": "8"}))
+    for role in policy_core.ROLES:
+        old = before[role]["spec"]["template"]["metadata"]["annotations"]
+        new = after[role]["spec"]["template"]["metadata"]["annotations"]
+        assert (old != new) is (role == "execution"), role
+    annotations = after["execution"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations[policy_core.SECRETS_ANNOTATION] == "binance-keys=8,redis-auth=unknown"
