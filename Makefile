@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 POLICY ?= examples/policy.yaml
 
-.PHONY: setup run test lint unit integration clean
+.PHONY: setup run test lint unit integration clean constraints
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,13 @@ integration: setup
 
 test: lint
 	$(BIN)/pytest -q
+
+# The runtime images' pinned dependency closure (docker/constraints.txt), from a fresh venv.
+constraints:
+	rm -rf .constraints-venv && $(PYTHON) -m venv .constraints-venv
+	.constraints-venv/bin/pip install --quiet .
+	(sed -n '1,4p' docker/constraints.txt; .constraints-venv/bin/pip freeze | grep -v '^quantum-trader') > docker/constraints.new
+	mv docker/constraints.new docker/constraints.txt && rm -rf .constraints-venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

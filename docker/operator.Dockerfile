@@ -10,12 +10,13 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md docker/constraints.txt ./
 COPY workloads ./workloads
 COPY operator ./operator
 # The operator imports qtrader (contracts, the ESS state machine, the bus): one project, no
 # `train` extra, so no torch.
-RUN /opt/venv/bin/pip install . \
+# Pinned closure (docker/constraints.txt): the same packages on every build.
+RUN /opt/venv/bin/pip install -c constraints.txt . \
  && /opt/venv/bin/python -c "import qtrader_operator.main" \
  && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 

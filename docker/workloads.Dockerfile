@@ -13,11 +13,12 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md docker/constraints.txt ./
 COPY workloads ./workloads
 COPY operator ./operator
 # A regular (non-editable) install: the code and the model land in the venv's site-packages.
-RUN /opt/venv/bin/pip install . \
+# Pinned closure (docker/constraints.txt): the same packages on every build.
+RUN /opt/venv/bin/pip install -c constraints.txt . \
  && /opt/venv/bin/python -c "import qtrader.inference.onnx_model as m; m.SignalModel.load(m.default_model_path())" \
  && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 RUN mkdir -p /out/models \

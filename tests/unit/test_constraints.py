@@ -1,0 +1,41 @@
+"""The runtime images are reproducible: every runtime dependency is pinned in
+docker/constraints.txt, within its pyproject.toml range, and both Dockerfiles install with it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[2]
+CONSTRAINTS = ROOT / "docker" / "constraints.txt"
+
+
+def _pins() -> dict[str, Version]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not an exact pin: {line}"
+            pins[canonicalize_name(name)] = Version(version)
+    return pins
+
+
+def test_every_runtime_dependency_is_pinned_within_its_range() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _pins()
+    for raw in project["dependencies"]:
+        requirement = Requirement(raw)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not pinned in {CONSTRAINTS.name}"
+        assert pins[name] in requirement.specifier, f"{name}=={pins[name]} outside {raw}"
+
+
+def test_both_images_install_with_the_constraints() -> None:
+    for dockerfile in ("workloads.Dockerfile", "operator.Dockerfile"):
+        text = (ROOT / "docker" / dockerfile).read_text()
+        assert "docker/constraints.txt" in text, dockerfile
+        assert "pip install -c constraints.txt ." in text, dockerfile
