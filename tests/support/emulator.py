@@ -1,9 +1,9 @@
 """The operator on kmock's Kubernetes emulator: what the operator tests share.
 
 ``declare_resources`` makes the emulator serve what kopf and the operator use (our CRDs,
-Deployments, Events, and kopf's ``KopfPeering``), ``Cluster`` is kubectl in a few lines,
-``operator`` runs the real kopf runtime in this process (standalone), and ``example``,
-``policy``, ``stop`` build the objects from examples/.
+Deployments, Events, and kopf's ``KopfPeering``) and what pods read (Secrets, ConfigMaps),
+``Cluster`` is kubectl in a few lines, ``operator`` runs the real kopf runtime in this process
+(standalone), and ``example``, ``policy``, ``stop`` build the objects from examples/.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ DEPLOYMENTS = "apps/v1/deployments"
 SECRETS = "v1/secrets"
 STACK = "trading.paper-demo"  # the example policy's stack: its workers speak only its names
 PEERINGS = "kopf.dev/v1/kopfpeerings"
+SECRETS = "v1/secrets"
+CONFIGMAPS = "v1/configmaps"
 _server: dict[str, str] = {}
 
 
@@ -84,6 +86,13 @@ def declare_resources(kmock: Any) -> None:
     # kopf's peering object: its status holds one entry per replica (no status subresource).
     kmock.resources[PEERINGS] = info(
         kind="KopfPeering", singular="kopfpeering", verbs=writable, namespaced=True
+    )
+    # What pods read (support.kubelet): Binance keys, the chart's dashboards.
+    kmock.resources[SECRETS] = info(
+        kind="Secret", singular="secret", verbs=writable, namespaced=True
+    )
+    kmock.resources[CONFIGMAPS] = info(
+        kind="ConfigMap", singular="configmap", verbs=writable, namespaced=True
     )
 
 

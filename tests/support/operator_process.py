@@ -2,10 +2,9 @@
 
 ``python -m support.operator_process`` runs the operator as ``qtrader-operator`` does
 (``qtrader_operator.main.run`` with ``config_from_environment``: namespace, NATS, image, and
-peering from ``QTRADER_PEERING_*`` and ``POD_NAME``), with two differences a pod does not
-need: kopf logs in with the kubeconfig the test writes (``KUBECONFIG``, main's own login
-handler reads it), and the operator's own client is pointed at ``QTRADER_TEST_KUBE_URL``
-(it knows only the in-cluster service account).
+peering from ``QTRADER_PEERING_*`` and ``POD_NAME``). Outside a pod both kopf and the
+operator's own client log in with the kubeconfig the test writes (``KUBECONFIG``); the one
+difference is a short watch timeout, so that a stop is quick.
 """
 
 from __future__ import annotations
@@ -74,7 +73,6 @@ def start_operator(
         **os.environ,
         "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
         "KUBECONFIG": str(kubeconfig),
-        "QTRADER_TEST_KUBE_URL": kube_url,
         "QTRADER_NAMESPACE": namespace,
         "QTRADER_NATS_URL": nats_url,
         "QTRADER_WORKLOAD_IMAGE": "qtrader:test",
@@ -91,12 +89,10 @@ def start_operator(
 
 
 def main() -> None:
-    from qtrader_operator.kube import KubeEndpoint
     from qtrader_operator.main import config_from_environment, run
 
-    endpoint = KubeEndpoint(server=os.environ["QTRADER_TEST_KUBE_URL"], token="test")
     # A short watch timeout only makes stopping quicker; everything else as in a pod.
-    run(replace(config_from_environment(), kube=endpoint, watch_timeout_s=5.0))
+    run(replace(config_from_environment(), watch_timeout_s=5.0))
 
 
 if __name__ == "__main__":
