@@ -33,7 +33,6 @@ NAMESPACE = "trading"
 POLICIES = "qtrader.dev/v1alpha1/tradingpolicies"
 STOPS = "qtrader.dev/v1alpha1/emergencystops"
 DEPLOYMENTS = "apps/v1/deployments"
-SECRETS = "v1/secrets"
 STACK = "trading.paper-demo"  # the example policy's stack: its workers speak only its names
 PEERINGS = "kopf.dev/v1/kopfpeerings"
 SECRETS = "v1/secrets"
@@ -80,14 +79,12 @@ def declare_resources(kmock: Any) -> None:
     kmock.resources[DEPLOYMENTS] = info(
         kind="Deployment", singular="deployment", verbs=writable, namespaced=True
     )
-    kmock.resources[SECRETS] = info(
-        kind="Secret", singular="secret", verbs=writable, namespaced=True
-    )
     # kopf's peering object: its status holds one entry per replica (no status subresource).
     kmock.resources[PEERINGS] = info(
         kind="KopfPeering", singular="kopfpeering", verbs=writable, namespaced=True
     )
-    # What pods read (support.kubelet): Binance keys, the chart's dashboards.
+    # What pods read (support.kubelet), and the operator's Secret versions: Binance keys, the
+    # chart's dashboards.
     kmock.resources[SECRETS] = info(
         kind="Secret", singular="secret", verbs=writable, namespaced=True
     )
