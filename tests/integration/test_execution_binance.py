@@ -55,6 +55,13 @@ def _execution(url: str, exchange_url: str, tmp_path: Path) -> Worker:
     return start_worker("execution", nats_url=url, log_dir=tmp_path, args=args, env=env)
 
 
+async def _until_filled_on_the_stream(url: str, *, timeout_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not any(u.status is OrderStatus.FILLED for u in await order_updates(url)):
+        assert asyncio.get_running_loop().time() < deadline, "no FILLED update on ORDERS"
+        await asyncio.sleep(0.2)
+
+
 async def test_testnet_worker_trades_on_the_exchange_and_a_ban_stops_it(
     nats_server: EmbeddedNats, exchange: SimAdmin, tmp_path: Path
 ) -> None:
@@ -82,6 +89,10 @@ async def test_testnet_worker_trades_on_the_exchange_and_a_ban_stops_it(
                 what="the dead-man countdown armed while trading",
                 worker=execution,
             )
+            # The venue books an order before the worker reads its trades and publishes it
+            # FILLED: under load the ban could cut all three reads short (each then UNKNOWN,
+            # rightly). The ban must come after at least one order was reported filled.
+            await _until_filled_on_the_stream(url, timeout_s=30)
 
             exchange.faults([{"route": "*", "kind": "http_418", "next": 1, "retry_after_s": 60}])
             await eventually(
