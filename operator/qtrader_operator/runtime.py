@@ -158,6 +158,7 @@ class OperatorRuntime:
         keeper round read the stored statuses and the latches afresh (first sight)."""
         self.ess.clear()
         self.latch = None
+        self.policies.clear()  # the metrics of a standby show nothing it did not decide
 
     async def stop(self) -> None:
         if self.keeper is not None:

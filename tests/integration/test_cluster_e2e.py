@@ -84,12 +84,17 @@ SKIPPED = {
 # for the image's installed packages.
 SOURCE = {"PYTHONPATH": f"{ROOT / 'workloads'}:{ROOT / 'operator'}"}
 PYTHON_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "HOME": "/tmp", **SOURCE}
+# The interpreter's folders and the source tree: this machine's stand-in for the image's files.
+IMAGE_FILES = (Path(sys.prefix), Path(sys.base_prefix), ROOT)
 IMAGES = {
     "quantum-trader-operator": Image(
-        entrypoint=(sys.executable, "-m", "qtrader_operator.main"), env=PYTHON_ENV
+        entrypoint=(sys.executable, "-m", "qtrader_operator.main"),
+        env=PYTHON_ENV,
+        host_paths=IMAGE_FILES,
     ),
     "quantum-trader-workloads": Image(
         entrypoint=(sys.executable, "-m", "qtrader"),
+        host_paths=IMAGE_FILES,
         cmd=("--help",),
         env={
             **PYTHON_ENV,

@@ -43,8 +43,10 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +74,10 @@ class Image:
     entrypoint: Sequence[str]
     cmd: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    # The image's own files, here host folders (the interpreter's, the source tree): a pod's
+    # mount over one of their ancestors (an emptyDir at /tmp, where a checkout may live) must
+    # not hide them, as a volume never hides an image's /usr.
+    host_paths: Sequence[Path] = ()
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,9 @@ class Kubelet:
         self.problems: dict[str, str] = {}  # a Deployment (or "api") -> why it did not progress
         self._task: asyncio.Task[None] | None = None
         root.mkdir(parents=True, exist_ok=True)
+        # Where a pod's namespace parks the image's folders while its volumes go over them: a
+        # place no pod mounts over (checked per pod).
+        self._stage = Path(tempfile.mkdtemp(prefix="kubelet-image-", dir="/dev/shm"))
 
     # --- running --------------------------------------------------------------------------
 
@@ -184,6 +193,7 @@ class Kubelet:
         """Stop reconciling and stop every pod."""
         await self.drain()
         await self._api.aclose()
+        shutil.rmtree(self._stage, ignore_errors=True)  # the pods' namespaces are gone
 
     async def drain(self, *groups: Callable[[Pod], bool]) -> None:
         """Stop reconciling (a node being drained), then stop the pods of each group in turn;
@@ -401,7 +411,8 @@ class Kubelet:
         command = _command(container, self._image(container))
         # A mount namespace of the pod's own: its volumes at their paths, nobody else's.
         wrapper = ["unshare", "--mount", "--propagation", "private"]
-        shell = ["sh", "-c", _mount_script(pod.mounts), pod.name]
+        keep = [Path(os.path.realpath(p)) for p in self._image(container).host_paths]
+        shell = ["sh", "-c", _mount_script(pod.mounts, keep=keep, stage=self._stage), pod.name]
         with pod.log_path.open("ab") as log:
             pod.process = subprocess.Popen(
                 [*wrapper, *shell, *command],
@@ -520,10 +531,22 @@ def write_volume(
     return directory
 
 
-def _mount_script(mounts: Sequence[Mount]) -> str:
-    """Shell run in the pod's new mount namespace before the container's command (``$@``)."""
+def _mount_script(
+    mounts: Sequence[Mount], *, keep: Sequence[Path] = (), stage: Path | None = None
+) -> str:
+    """Shell run in the pod's new mount namespace before the container's command (``$@``).
+    ``keep``: the image's folders; those a mount would hide are parked under ``stage`` first
+    and bound back at their paths after the pod's mounts."""
     lines = ["set -e"]
     covered = {_covered(m.target) for m in mounts}
+    over = [Path(os.path.realpath(m.target)) for m in mounts]
+    over += [a for a in covered if a is not None]
+    hidden = [path for path in keep if any(o == path or o in path.parents for o in over)]
+    if hidden and (stage is None or any(o == stage or o in stage.parents for o in over)):
+        raise ValueError(f"the pod's mounts hide {hidden} and there is no stage to keep them")
+    parked = [(path, shlex.quote(f"{stage}/{index}")) for index, path in enumerate(hidden)]
+    for path, place in parked:
+        lines += [f"mkdir -p {place}", f"mount --bind {shlex.quote(str(path))} {place}"]
     for ancestor in sorted(a for a in covered if a is not None):
         lines.append(f"mount -t tmpfs -o mode=0755 pod-{len(lines)} {shlex.quote(str(ancestor))}")
     for mount in _mount_order(mounts):
@@ -531,6 +554,11 @@ def _mount_script(mounts: Sequence[Mount]) -> str:
         lines += [f"mkdir -p {target}", f"mount --bind {shlex.quote(str(mount.source))} {target}"]
         if mount.read_only:
             lines.append(f"mount -o remount,bind,ro {target}")
+    for path, place in parked:
+        lines += [
+            f"mkdir -p {shlex.quote(str(path))}",
+            f"mount --bind {place} {shlex.quote(str(path))}",
+        ]
     lines.append('exec "$@"')
     return "\n".join(lines)
 
