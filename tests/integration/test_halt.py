@@ -17,6 +17,7 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     HaltAck,
+    HaltLatch,
     OrderStatus,
     TradingState,
 )
@@ -61,10 +62,13 @@ async def test_trip_while_signals_flow_then_all_ack_and_no_order_after_any_ack(
     bus = await _connect(url)
     await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
     heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2))
-    acks: dict[str, HaltAck] = {}
+    trip: HaltLatch | None = None
+    acks: dict[str, HaltAck] = {}  # each worker's first acknowledgement of the trip's latch
 
     async def on_ack(ack: HaltAck) -> None:
-        if ack.state is TradingState.HALTED:
+        # A worker also reports HALTED before its first heartbeat (it fails closed): only the
+        # acknowledgements of the trip's revision are the ones this test is about.
+        if ack.state is TradingState.HALTED and trip is not None and ack.revision >= trip.revision:
             acks.setdefault(ack.worker_id, ack)
 
     listener = asyncio.create_task(
@@ -87,6 +91,7 @@ async def test_trip_while_signals_flow_then_all_ack_and_no_order_after_any_ack(
             latch = await write_latch(
                 bus, state=TradingState.HALTED, reason="test trip", issued_by="test"
             )
+            trip = latch
             await bus.broadcast(subjects.CONTROL_HALT, latch)
             await eventually(lambda: set(acks) == {"exec-1", "exec-2"}, timeout_s=10, what="acks")
             await asyncio.sleep(2.0)  # signals keep coming after the acknowledgements

@@ -100,14 +100,20 @@ def mark_candle(symbol: str, price: Decimal, minute: int = 0) -> Candle:
     )
 
 
-async def settled(worker: Worker, bus: Bus, url: str, fills: int) -> PortfolioSnapshot:
-    """The snapshot once every fill is applied and both marks are in (candles keep coming, as
-    from a live feed: the portfolio takes prices from the candles published while it runs)."""
+async def settled(
+    worker: Worker, bus: Bus, url: str, fills: int, *, since_ms: int
+) -> PortfolioSnapshot:
+    """``worker``'s snapshot once every fill is applied and both marks are in (candles keep
+    coming, as from a live feed: the portfolio takes prices from the candles published while it
+    runs). Only snapshots made since ``since_ms`` (its start) count: the previous portfolio's
+    last one is on the stream too, and would pass for this one's."""
     result: list[PortfolioSnapshot] = []
     minute = 0
 
     async def check() -> bool:
         snapshot = await last_snapshot(url)
+        if snapshot is not None and snapshot.ts_ms < since_ms:
+            snapshot = None
         marked = snapshot is not None and all(
             p.mark_price == MARKS[p.symbol] for p in snapshot.positions
         )
@@ -156,12 +162,14 @@ async def test_portfolio_killed_mid_stream_comes_back_to_the_same_cents(
         for fill in fills[FILLS // 2 :]:  # the stream goes on while it is down
             await bus.publish(subjects.fill_subject(fill.symbol), fill)
 
+        started_ms = int(time.time() * 1000)
         restarted = start_worker("portfolio", nats_url=url, log_dir=tmp_path)
-        recovered = await settled(restarted, bus, url, FILLS)
+        recovered = await settled(restarted, bus, url, FILLS, since_ms=started_ms)
         restarted.stop()
 
+        started_ms = int(time.time() * 1000)
         uninterrupted = start_worker("portfolio", nats_url=url, log_dir=tmp_path)
-        clean = await settled(uninterrupted, bus, url, FILLS)
+        clean = await settled(uninterrupted, bus, url, FILLS, since_ms=started_ms)
         uninterrupted.stop()
     finally:
         first.stop()
