@@ -251,15 +251,16 @@ async def _reconcile_policy(
         return
     stack = policy_core.stack_of(owner)
     await _serve_stack(runtime, stack)
-    stop_state, flatten = await _stop_state(runtime, owner.namespace, result.emergency_stop_ref)
-    stopped = _stopped_roles(stop_state, flatten=flatten)
-    readiness = await _apply_workloads(runtime, owner=owner, spec=result, stopped=stopped)
     revision = await _publish_if_changed(
         runtime.bus.for_stack(stack), body=body, name=owner.name, spec=result
     )
-    runtime.policies[owner.name] = PolicyView(
-        revision=revision, workloads={r: (w.desired, w.ready) for r, w in readiness.items()}
-    )
+    async with runtime.scale_lock:
+        stop_state, flatten = await _stop_state(runtime, owner.namespace, result.emergency_stop_ref)
+        stopped = _stopped_roles(stop_state, flatten=flatten)
+        readiness = await _apply_workloads(runtime, owner=owner, spec=result, stopped=stopped)
+        runtime.policies[owner.name] = PolicyView(
+            revision=revision, workloads={r: (w.desired, w.ready) for r, w in readiness.items()}
+        )
     patch.status["invalidReason"] = None
     patch.status["publishedRevision"] = revision
     patch.status["workloads"] = {
@@ -686,6 +687,11 @@ async def _keep_latch_once(runtime: OperatorRuntime) -> None:
 
 async def _scale_obeying_policies(runtime: OperatorRuntime, *, namespace: str) -> None:
     """Scale every policy of the namespace to what the stops' combination allows it."""
+    async with runtime.scale_lock:
+        await _scale_obeying_policies_locked(runtime, namespace=namespace)
+
+
+async def _scale_obeying_policies_locked(runtime: OperatorRuntime, *, namespace: str) -> None:
     listing = await runtime.kube.get(custom_path("tradingpolicies", namespace))
     for item in listing.get("items", []):
         # By the schema alone: scaling on a halt must not wait for a venue's listing.
@@ -745,3 +751,18 @@ async def trip_for_alert(runtime: OperatorRuntime, alert: RiskAlert) -> None:
         body = {"metadata": {"annotations": trip.annotations}, "spec": trip.spec_patch}
         await runtime.kube.merge_patch(custom_path("emergencystops", namespace, name), body)
         log.warning("EmergencyStop %s tripped automatically by %s", name, trip.tripped_by)
+
+
+def _release_timer_finalizers(handlers: kopf.OperatorRegistry) -> None:
+    """``kopf.timer`` always asks for a finalizer (no option turns it off), so a stop or a
+    policy a timer serves could not be deleted while no operator replica ran: its deletion
+    waited on ``qtrader.dev/finalizer``. The timers need none: nothing is cleaned up at a
+    deletion (the Deployments go by owner reference, the stop leaves the latch's combination
+    once it is gone, the delete handlers are optional), and kopf stops an object's timer when
+    the object goes. Without a handler requiring it, kopf also removes the finalizer it put on
+    objects earlier. kopf 1.45 keeps the spawning handlers in this one list."""
+    spawning = handlers._spawning._handlers
+    spawning[:] = [replace(h, requires_finalizer=False) for h in spawning]
+
+
+_release_timer_finalizers(registry)

@@ -93,6 +93,10 @@ class OperatorRuntime:
     # latch in force, combines every stop and writes; the bus has no compare-and-set.
     latch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     latch: HaltLatch | None = None  # the latch in force, as last read or written
+    # One scaler of the workloads at a time (a policy's reconcile or the scaling after a latch):
+    # a reconcile that read the stops before a trip must not apply its replicas after the
+    # trip's scaling set them to 0 (it waits, then reads the trip).
+    scale_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     policies: dict[str, PolicyView] = field(default_factory=dict)  # as last reconciled
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     leadership: Leadership = field(default_factory=lambda: Leadership(None, namespace=""))

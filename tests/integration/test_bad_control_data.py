@@ -32,7 +32,7 @@ from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
 from support.flow import flowing, order_updates
 from support.streams import kv_delete_raw, kv_put_raw
-from support.workers import Worker, eventually, start_worker
+from support.workers import Worker, eventually, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -162,8 +162,7 @@ async def test_latch_value_that_does_not_decode_halts_until_a_valid_one_is_writt
     finally:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
-        for worker in (execution, portfolio):
-            worker.stop()
+        await stop_pipeline((execution, portfolio), nats_url=url)
         await bus.close()
 
 
@@ -228,8 +227,7 @@ async def test_policy_value_that_does_not_decode_keeps_the_last_good_policy_in_e
     finally:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
-        for worker in workers:
-            worker.stop()
+        await stop_pipeline(workers, nats_url=url)
         await bus.close()
 
 

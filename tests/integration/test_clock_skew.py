@@ -25,8 +25,7 @@ from qtrader.local.nats_server import EmbeddedNats
 from qtrader.simulators.binance_futures import SimAdmin
 from support.binance_sim import KEY, SECRET, sim_process
 from support.flow import flowing
-from support.invariants import settle_portfolio
-from support.workers import Worker, eventually, start_worker
+from support.workers import Worker, eventually, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -131,10 +130,5 @@ async def test_skew_a_resync_does_not_cure_makes_health_critical_until_orders_go
     finally:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
-        # Execution first, then the portfolio once it has applied the last fills: the
-        # end-of-test check holds it to every fill on FILLS.
-        execution.stop()
-        await settle_portfolio(url)
-        for worker in workers:
-            worker.stop()
+        await stop_pipeline(workers, nats_url=url)
         await bus.close()

@@ -24,7 +24,7 @@ from qtrader.simulators.binance_futures import SimAdmin, SimConfig
 from support.binance_sim import KEY, SECRET, sim_in_thread
 from support.flow import flowing, order_updates
 from support.streams import read_all
-from support.workers import Worker, eventually, start_worker
+from support.workers import Worker, eventually, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -136,8 +136,7 @@ async def test_testnet_worker_trades_on_the_exchange_and_a_ban_stops_it(
         assert late == []
     finally:
         heartbeat.cancel()
-        for worker in workers:
-            worker.stop()
+        await stop_pipeline(workers, nats_url=url)
         await bus.close()
 
 
@@ -194,6 +193,5 @@ async def test_an_order_a_ban_left_unknown_is_resolved_once_the_ban_is_over(
             assert len([c for c in booked if c.startswith(stem)]) == 1
     finally:
         heartbeat.cancel()
-        for worker in workers:
-            worker.stop()
+        await stop_pipeline(workers, nats_url=url)
         await bus.close()

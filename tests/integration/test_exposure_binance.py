@@ -53,9 +53,8 @@ from qtrader.stress.invariants import (
 )
 from support.binance_sim import KEY, SECRET, sim_process
 from support.flow import order_updates
-from support.invariants import settle_portfolio
 from support.streams import read_all
-from support.workers import Worker, eventually, start_worker
+from support.workers import Worker, eventually, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -167,7 +166,6 @@ async def _stack(
     env = {"QTRADER_BINANCE_API_KEY": KEY, "QTRADER_BINANCE_API_SECRET": SECRET}
     args = ("--exchange-url", admin.base_url, "--unknown-grace", "1", "--exchange-timeout", "2")
     workers = [start_worker("portfolio", nats_url=nats.url, log_dir=tmp_path)]
-    ended = False
     try:
         executions = []
         for n in range(replicas):
@@ -179,15 +177,9 @@ async def _stack(
             )
         workers += executions
         yield bus, executions
-        ended = True
     finally:
         heartbeat.cancel()
-        # Executions first: a fill they report while stopping must reach a running portfolio,
-        # which the end-of-test check then holds to every fill on FILLS.
-        for worker in reversed(workers):
-            if worker.role == "portfolio" and ended:
-                await settle_portfolio(nats.url)
-            worker.stop()
+        await stop_pipeline(workers, nats_url=nats.url)
         await bus.close()
 
 

@@ -25,7 +25,7 @@ from qtrader.contracts.policy import parse_policy
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
 from support.flow import flowing, order_updates
-from support.workers import Worker, eventually, start_worker
+from support.workers import Worker, eventually, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -111,8 +111,7 @@ async def test_trip_while_signals_flow_then_all_ack_and_no_order_after_any_ack(
         for task in (heartbeat, listener):
             task.cancel()
         await asyncio.gather(heartbeat, listener, return_exceptions=True)
-        for worker in workers:
-            worker.stop()
+        await stop_pipeline(workers, nats_url=url)
         await bus.close()
 
 
@@ -138,8 +137,7 @@ async def test_worker_when_no_latch_readable_then_sends_nothing(
     finally:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
-        for worker in workers:
-            worker.stop()
+        await stop_pipeline(workers, nats_url=url)
         await bus.close()
 
 
@@ -175,6 +173,5 @@ async def test_worker_when_control_heartbeat_stops_then_halts_itself(
             assert execution.metric("qtrader_signals_denied_total", reason="halted") > 0
     finally:
         heartbeat.cancel()
-        for worker in workers:
-            worker.stop()
+        await stop_pipeline(workers, nats_url=url)
         await bus.close()

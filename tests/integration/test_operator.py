@@ -43,7 +43,7 @@ from support.emulator import operator as _operator
 from support.emulator import policy as _policy
 from support.emulator import stop as _stop
 from support.flow import flowing, order_updates
-from support.workers import Worker, start_worker
+from support.workers import Worker, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -271,8 +271,7 @@ async def test_stop_when_tripped_while_signals_flow_then_acks_no_orders_after_an
             assert _stop_status(cluster)["resetCount"] == 1
         finally:
             await bus.close()
-            for worker in workers:
-                worker.stop()
+            await stop_pipeline(workers, nats_url=url)
 
 
 async def test_operator_when_restarted_while_tripped_then_still_tripped(
@@ -902,8 +901,7 @@ async def test_two_policies_workers_trade_only_their_own_stacks_signals(
     finally:
         for bus in buses.values():
             await bus.close()
-        for worker in workers:
-            worker.stop()
+        await stop_pipeline(workers, nats_url=url)
 
 
 STACKS = (STACK, OTHER_STACK)
@@ -1096,3 +1094,44 @@ async def test_a_changed_binance_secret_rolls_execution_and_nothing_else(
             what="execution's template to change with the Secret",
         )
         assert {role for role in ROLES if after[role] != before[role]} == {"execution"}
+
+
+async def test_a_policy_reconcile_that_read_the_stops_before_a_trip_never_scales_back_up(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    """A policy's reconcile reads the stops, then applies its Deployments. When a trip lands in
+    between (here: the API holds the reconcile's read of the Binance Secret), the scaling after
+    the trip must not be undone by the reconcile's stale replicas: execution stays at 0."""
+    keys = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "binance-keys", "namespace": NAMESPACE},
+        "data": {"api-key": "a2V5LTE=", "api-secret": "c2VjcmV0LTE="},
+    }
+    await cluster.apply(SECRETS, keys)
+    async with _operator(nats_server.url, binance_secret="binance-keys") as memo:
+        await cluster.apply(STOPS, _stop(cooldownSeconds=600))
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(lambda: _published(cluster, "paper-demo"), timeout_s=10, what="policy")
+        assert _replicas(cluster, "execution")
+        held = cluster.hold(SECRETS, "binance-keys")
+        await asyncio.wait_for(held.waiting.wait(), timeout=15)  # the policy's next reconcile
+
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "race"}})
+        await _eventually(
+            lambda: _kv_latch_is_halted(nats_server.url), timeout_s=10, what="the latch halted"
+        )
+        await asyncio.sleep(1.0)  # the workers' acknowledgements and the trip's scaling
+        held.release()
+        await _eventually(lambda: _replicas(cluster, "execution") == 0, timeout_s=15, what="0")
+        for _ in range(10):  # and it stays there: no stale reconcile puts replicas back
+            assert _replicas(cluster, "execution") == 0
+            metrics = await _scrape(memo)
+            desired = dict(policy="paper-demo", workload="execution", kind="desired")
+            assert _sample(metrics, "qtrader_operator_workload_replicas", **desired) == 0
+            await asyncio.sleep(0.2)
+
+
+async def _kv_latch_is_halted(url: str) -> bool:
+    latch = await _kv_latch(url)
+    return latch is not None and latch.state is TradingState.HALTED

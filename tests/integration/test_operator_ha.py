@@ -31,7 +31,7 @@ from support.emulator import policy as example_policy
 from support.emulator import stop as example_stop
 from support.flow import flowing, order_updates
 from support.operator_process import OperatorProcess, start_operator
-from support.workers import Worker, start_worker
+from support.workers import Worker, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -239,8 +239,7 @@ async def test_a_killed_leader_is_followed_within_the_heartbeat_timeout_and_trad
         assert tripped[-1].revision == _stop_status(cluster)["latchRevision"]
     finally:
         await bus.close()
-        for worker in workers:
-            await asyncio.to_thread(worker.stop)
+        await stop_pipeline(workers, nats_url=url)
         for replica in (leader, standby):
             await asyncio.to_thread(replica.stop)
 
@@ -250,11 +249,13 @@ def _terminating(cluster: Cluster, plural: str, name: str) -> bool:
     return bool((found.get("metadata") or {}).get("deletionTimestamp"))
 
 
-async def test_deletes_complete_across_a_takeover_and_wait_only_while_no_replica_runs(
+async def test_deletes_complete_across_a_takeover_and_while_no_replica_runs(
     nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
 ) -> None:
-    """kopf's timers put ``qtrader.dev/finalizer`` on stops and policies (the delete handlers
-    are optional): whichever replica leads releases it, and with none running it waits."""
+    """No handler needs a finalizer (the delete handlers are optional, the timers are told
+    they need none): a stop or a policy is deleted at once, with a leader, after a takeover,
+    and with no operator replica running at all; one carrying the finalizer an earlier
+    version put there has it removed by the operator."""
     url = nats_server.url
     await cluster.apply(STOPS, example_stop(cooldownSeconds=1))
     extra = example_stop(cooldownSeconds=1)
@@ -283,10 +284,19 @@ async def test_deletes_complete_across_a_takeover_and_wait_only_while_no_replica
             what="both deleted by the new leader",
         )
 
-        await asyncio.to_thread(standby.stop)  # no replica runs now: the finalizer waits
+        assert not (cluster.get(STOPS, "main") or {})["metadata"].get("finalizers")
+        await asyncio.to_thread(standby.stop)  # no replica runs now
         await cluster.delete(STOPS, "main")
-        await asyncio.sleep(2.0)
-        assert _terminating(cluster, STOPS, "main")
+        await eventually(lambda: not cluster.get(STOPS, "main"), timeout_s=5, what="main deleted")
+
+        # A policy from an earlier version, still carrying its finalizer: released once the
+        # operator is back, so its deletion completes too.
+        held = example_policy()
+        held["metadata"] = {**held["metadata"], "finalizers": ["qtrader.dev/finalizer"]}
+        await cluster.apply(POLICIES, held)
+        await cluster.delete(POLICIES, "paper-demo")
+        await asyncio.sleep(1.0)
+        assert _terminating(cluster, POLICIES, "paper-demo")
         replacement = start_operator(
             identity="op-c",
             priority=300,
@@ -297,7 +307,9 @@ async def test_deletes_complete_across_a_takeover_and_wait_only_while_no_replica
             peering=PEERING,
         )
         await eventually(
-            lambda: not cluster.get(STOPS, "main"), timeout_s=30, what="main deleted once back"
+            lambda: not cluster.get(POLICIES, "paper-demo"),
+            timeout_s=30,
+            what="the held policy deleted once an operator is back",
         )
     finally:
         for replica in (leader, standby, replacement):

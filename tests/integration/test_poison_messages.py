@@ -32,7 +32,7 @@ from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader.stress.poison import published_poison
-from support.workers import Worker, eventually, start_worker
+from support.workers import Worker, eventually, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -163,6 +163,5 @@ async def test_poison_on_every_subject_crashes_nothing_changes_nothing_and_is_co
         assert (kept.revision, kept.state) == (latch.revision, latch.state), "the ESS tripped"
     finally:
         await _cancel(tasks)
-        for worker in workers:
-            worker.stop()
+        await stop_pipeline(workers, nats_url=url)
         await bus.close()

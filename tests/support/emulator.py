@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import io
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +160,30 @@ class Cluster:
             and isinstance(request.data, dict)
         ]
 
+    def hold(self, plural: str, name: str) -> Held:
+        """Hold every GET of one object until ``release()``: an API server slow to answer one
+        read, so a test can put an event between a handler's read and its write."""
+        held = Held()
+
+        async def wait_then_serve() -> None:
+            held.waiting.set()
+            await held.released.wait()
+            raise NotImplementedError  # not this reaction's to answer: the emulator serves it
+
+        self._kmock[f"get {self._path(plural, name)}"] << wait_then_serve
+        return held
+
     async def close(self) -> None:
         await self._http.aclose()
+
+
+@dataclass
+class Held:
+    waiting: asyncio.Event = field(default_factory=asyncio.Event)  # a read arrived and waits
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.released.set()
 
 
 def plain(value: Any) -> Any:
@@ -174,6 +198,8 @@ async def eventually(check: Callable[[], Any], *, timeout_s: float, what: str) -
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         result = check()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         if asyncio.get_running_loop().time() > deadline:

@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from qtrader.local.nats_server import free_port
+from support.invariants import settle_portfolio
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Worker:
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    stack: str | None = None  # the stack it serves (``--stack``); None for the default one
 
     @property
     def base_url(self) -> str:
@@ -70,6 +72,21 @@ class Worker:
                 self.process.wait()
 
 
+async def stop_pipeline(workers: Iterable[Worker], *, nats_url: str) -> None:
+    """Stop a test's workers as a test should before the end-of-test invariants: every producer
+    first (an order in flight at SIGTERM still settles and publishes its fill), then each
+    portfolio once it has applied every fill stored. A portfolio stopped first, or at once,
+    leaves its last snapshot a fill behind: not a loss (a restart replays it), but the check
+    then judges a snapshot the test cut short."""
+    workers = list(workers)
+    producers = [w for w in workers if w.role != "portfolio"]
+    await asyncio.gather(*(asyncio.to_thread(w.stop) for w in producers))
+    portfolios = [w for w in workers if w.role == "portfolio" and w.process.poll() is None]
+    for stack in {w.stack for w in portfolios}:
+        await settle_portfolio(nats_url, stack=stack)
+    await asyncio.gather(*(asyncio.to_thread(w.stop) for w in portfolios))
+
+
 def start_worker(
     role: str,
     *,
@@ -92,7 +109,9 @@ def start_worker(
         process = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-    worker = Worker(role=role, port=port, process=process, log_path=log_path)
+    env = env or {}
+    stack = args[args.index("--stack") + 1] if "--stack" in args else env.get("QTRADER_STACK")
+    worker = Worker(role=role, port=port, process=process, log_path=log_path, stack=stack)
     wait_until(lambda: _alive(worker), timeout_s=20, what=f"{role} /healthz", worker=worker)
     return worker
 
