@@ -77,7 +77,7 @@ from qtrader.control.halt_combination import StopView, combine
 from qtrader.exchange.listing import ListingUnavailable
 from qtrader.local.control import publish_policy
 from qtrader_operator import policy_core
-from qtrader_operator.kube import KubeError, KubeNotFound, custom_path, deployment_path
+from qtrader_operator.kube import KubeError, KubeNotFound, custom_path, workload_path
 from qtrader_operator.metrics import PolicyView
 from qtrader_operator.runtime import OperatorConfig, OperatorRuntime
 from qtrader_operator.stacks import NotLeading
@@ -365,16 +365,31 @@ async def _apply_workloads(
     }
     settings = replace(settings, secret_versions=versions)
     readiness = {}
-    manifests = policy_core.desired_deployments(
+    manifests = policy_core.desired_workloads(
         owner=owner, spec=spec, settings=settings, stopped_roles=stopped
     )
+    plural = policy_core.workload_plural(settings.pod_defaults)
     for role, manifest in zip(policy_core.ROLES, manifests, strict=True):
-        applied = await runtime.kube.apply_deployment(manifest)
+        applied, created = await runtime.kube.apply_workload(plural, manifest)
+        if created:
+            await _delete_other_kind(runtime, settings.pod_defaults, manifest["metadata"])
         ready = int((applied.get("status") or {}).get("readyReplicas") or 0)
         readiness[role] = policy_core.WorkloadReadiness(
             desired=manifest["spec"]["replicas"], ready=ready
         )
     return readiness
+
+
+async def _delete_other_kind(
+    runtime: OperatorRuntime, defaults: policy_core.PodDefaults, metadata: Mapping[str, Any]
+) -> None:
+    """A workload created as one kind replaces the other's object of its name (the outbox
+    setting changed: Deployments became StatefulSets or back), so one set of pods runs."""
+    other = policy_core.other_workload_plural(defaults)
+    path = workload_path(other, metadata["namespace"], metadata["name"])
+    with contextlib.suppress(KubeNotFound):
+        await runtime.kube.delete(path)
+        log.warning("replaced %s (the workloads' kind follows the outbox's storage)", path)
 
 
 async def _secret_version(runtime: OperatorRuntime, namespace: str, name: str) -> str:
@@ -705,13 +720,14 @@ async def _scale_obeying_policies_locked(runtime: OperatorRuntime, *, namespace:
             name=metadata["name"], namespace=namespace, uid=metadata.get("uid") or metadata["name"]
         )
         workloads = {}
+        plural = policy_core.workload_plural(runtime.config.pod_defaults)
         for role in policy_core.ROLES:
             replicas = policy_core.desired_replicas(spec, role, stopped_roles=stopped)
-            path = deployment_path(namespace, policy_core.deployment_name(owner, role))
+            path = workload_path(plural, namespace, policy_core.workload_name(owner, role))
             try:
                 scaled = await runtime.kube.merge_patch(path, {"spec": {"replicas": replicas}})
             except KubeNotFound:
-                log.warning("deployment %s not found while scaling", path)
+                log.warning("%s not found while scaling", path)
                 continue
             workloads[role] = (
                 replicas,

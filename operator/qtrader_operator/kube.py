@@ -164,15 +164,21 @@ class KubeApi:
         headers = {"Content-Type": "application/merge-patch+json"}
         return await self._call("PATCH", path, json=body, headers=headers)
 
-    async def apply_deployment(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Create the Deployment, or merge-patch it to the manifest if it exists."""
+    async def delete(self, path: str) -> dict[str, Any]:
+        return await self._call("DELETE", path)
+
+    async def apply_workload(
+        self, plural: str, manifest: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
+        """Create the Deployment or StatefulSet (``plural``), or merge-patch it to the
+        manifest if it exists; returns the object and whether it was created."""
         namespace = manifest["metadata"]["namespace"]
         name = manifest["metadata"]["name"]
         try:
-            await self.get(deployment_path(namespace, name))
+            await self.get(workload_path(plural, namespace, name))
         except KubeNotFound:
-            return await self.create(deployment_path(namespace), manifest)
-        return await self.merge_patch(deployment_path(namespace, name), manifest)
+            return await self.create(workload_path(plural, namespace), manifest), True
+        return await self.merge_patch(workload_path(plural, namespace, name), manifest), False
 
     async def _call(
         self,
@@ -194,8 +200,9 @@ class KubeApi:
         return body
 
 
-def deployment_path(namespace: str, name: str | None = None) -> str:
-    base = f"/apis/apps/v1/namespaces/{namespace}/deployments"
+def workload_path(plural: str, namespace: str, name: str | None = None) -> str:
+    """A Deployment's or a StatefulSet's path (``plural``: deployments, statefulsets)."""
+    base = f"/apis/apps/v1/namespaces/{namespace}/{plural}"
     return f"{base}/{name}" if name else base
 
 

@@ -29,7 +29,7 @@ import kopf
 from qtrader_operator.admission import early_reset_refusal
 from qtrader_operator.handlers import STOPS, registry
 from qtrader_operator.leadership import PeeringConfig, priority_from_start
-from qtrader_operator.policy_core import PodDefaults, SecretKey
+from qtrader_operator.policy_core import OutboxStorage, PodDefaults, SecretKey
 from qtrader_operator.runtime import OperatorConfig
 
 
@@ -83,9 +83,18 @@ def _pod_defaults(value: str | None) -> PodDefaults:
             node_selector=raw.get("nodeSelector") or {},
             tolerations=raw.get("tolerations") or [],
             affinity=raw.get("affinity") or {},
+            outbox_storage=_outbox_storage(raw.get("outboxStorage") or {}),
         )
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise SystemExit(f"qtrader-operator: QTRADER_WORKLOAD_POD_DEFAULTS: {exc!r}") from None
+
+
+def _outbox_storage(raw: Mapping[str, Any]) -> OutboxStorage | None:
+    """``workloads.outboxStorage`` of the chart: a claim per replica when enabled."""
+    if not raw.get("enabled"):
+        return None
+    size = str(raw["size"])
+    return OutboxStorage(size=size, storage_class=raw.get("storageClassName") or None)
 
 
 def _port(value: str | None) -> int | None:

@@ -4,9 +4,10 @@
   schema the API server let through can still name a symbol the exchange does not list, limits
   that contradict each other, or a workload image the operator's allowlist does not hold: who
   may patch a policy must not choose what runs beside the Binance keys);
-- ``desired_deployments`` is the full manifest of each workload's Deployment, with owner
-  references, ``app.kubernetes.io/*`` labels, replicas and resources from the spec, and the
-  replicas of execution and inference set to 0 while the EmergencyStop halts trading, and
+- ``desired_workloads`` is the full manifest of each workload's Deployment (a StatefulSet
+  when the outbox has storage of its own), with owner references, ``app.kubernetes.io/*``
+  labels, replicas and resources from the spec, and the replicas of execution and inference
+  set to 0 while the EmergencyStop halts trading, and
   ``QTRADER_STACK`` naming the policy's stack (``subjects.stack_id``): the workloads of one
   policy speak only its NATS names, so two policies never read each other's messages. The
   market data source follows the mode (the live feed for live and testnet, synthetic prices
@@ -95,6 +96,24 @@ class PodDefaults:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: Sequence[Mapping[str, Any]] = ()
     affinity: Mapping[str, Any] = field(default_factory=dict)
+    # None: the outbox on the pod's emptyDir (lost with the pod). Set: the workloads run as
+    # StatefulSets, each replica with a claim of its own that outlives the pod.
+    outbox_storage: OutboxStorage | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxStorage:
+    """A PersistentVolumeClaim per workload replica for its disk outbox: what a worker could
+    not publish while NATS was unreachable survives the pod's eviction or deletion (the
+    replacement pod, same name, same claim, replays it)."""
+
+    size: str
+    storage_class: str | None = None
+
+
+# Where a persistent outbox is mounted (QTRADER_OUTBOX_DIR); without one, /tmp's emptyDir.
+OUTBOX_DIR = "/var/lib/qtrader/outbox"
+OUTBOX_CLAIM = "outbox"
 
 
 BINANCE_SECRET_DIR = "/var/run/secrets/binance"
@@ -145,8 +164,18 @@ def labels(owner: Owner, role: str) -> dict[str, str]:
     }
 
 
-def deployment_name(owner: Owner, role: str) -> str:
+def workload_name(owner: Owner, role: str) -> str:
     return f"{owner.name}-{role}"
+
+
+def workload_plural(defaults: PodDefaults) -> str:
+    """The kind the workloads run as: StatefulSets when the outbox has storage of its own."""
+    return "statefulsets" if defaults.outbox_storage else "deployments"
+
+
+def other_workload_plural(defaults: PodDefaults) -> str:
+    """The kind not in use, whose objects a change of the outbox setting leaves behind."""
+    return "deployments" if defaults.outbox_storage else "statefulsets"
 
 
 def desired_replicas(spec: TradingPolicySpec, role: str, *, stopped_roles: frozenset[str]) -> int:
@@ -154,22 +183,21 @@ def desired_replicas(spec: TradingPolicySpec, role: str, *, stopped_roles: froze
     return 0 if role in stopped_roles else workload.replicas
 
 
-def desired_deployments(
+def desired_workloads(
     *,
     owner: Owner,
     spec: TradingPolicySpec,
     settings: WorkloadSettings,
     stopped_roles: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
+    """One Deployment per role, or one StatefulSet per role with a persistent outbox."""
     return [
-        _deployment(
-            owner=owner, spec=spec, settings=settings, role=role, stopped_roles=stopped_roles
-        )
+        _workload(owner=owner, spec=spec, settings=settings, role=role, stopped_roles=stopped_roles)
         for role in ROLES
     ]
 
 
-def _deployment(
+def _workload(
     *,
     owner: Owner,
     spec: TradingPolicySpec,
@@ -182,11 +210,11 @@ def _deployment(
         "app.kubernetes.io/instance": owner.name,
         "app.kubernetes.io/component": role,
     }
-    return {
+    manifest: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
-            "name": deployment_name(owner, role),
+            "name": workload_name(owner, role),
             "namespace": owner.namespace,
             "labels": labels(owner, role),
             "ownerReferences": [
@@ -220,6 +248,32 @@ def _deployment(
             },
         },
     }
+    storage = settings.pod_defaults.outbox_storage
+    if storage is not None:
+        _as_stateful_set(manifest, storage)
+    return manifest
+
+
+def _as_stateful_set(manifest: dict[str, Any], storage: OutboxStorage) -> None:
+    """The Deployment made a StatefulSet: stable pod names (the outbox file is named by the
+    host) and a claim per replica, mounted where the worker keeps its outbox. Claims are kept
+    when a trip scales to 0 (and when the policy goes: a person deletes them once drained).
+    Pods start and stop in parallel, as a Deployment's do: a halt must not wait on ordinals."""
+    manifest["kind"] = "StatefulSet"
+    spec = manifest["spec"]
+    spec["serviceName"] = manifest["metadata"]["name"]
+    spec["podManagementPolicy"] = "Parallel"
+    spec["persistentVolumeClaimRetentionPolicy"] = {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    claim: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": storage.size}},
+    }
+    if storage.storage_class:
+        claim["storageClassName"] = storage.storage_class
+    spec["volumeClaimTemplates"] = [{"metadata": {"name": OUTBOX_CLAIM}, "spec": claim}]
+    (container,) = spec["template"]["spec"]["containers"]
+    container["env"].append({"name": "QTRADER_OUTBOX_DIR", "value": OUTBOX_DIR})
+    container["volumeMounts"].append({"name": OUTBOX_CLAIM, "mountPath": OUTBOX_DIR})
 
 
 def execution_secrets(settings: WorkloadSettings) -> list[str]:

@@ -53,6 +53,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "rbac": {"watchCrds": True},
     },
     "monitoring-on": {"monitoring": {"enabled": True, "labels": {"release": "kps"}}},
+    "outbox-storage": {
+        "workloads": {"outboxStorage": {"enabled": True, "size": "2Gi", "storageClassName": "ssd"}}
+    },
     "lean": {
         "networkPolicy": {"enabled": False},
         "workloads": {"podDisruptionBudget": {"enabled": False}},
@@ -332,7 +335,8 @@ def test_operator_role_has_exactly_the_verbs_it_uses() -> None:
         ("qtrader.dev", "tradingpolicies/finalizers"): ["update"],
         ("", "events"): ["create"],
         ("events.k8s.io", "events"): ["create"],
-        ("apps", "deployments"): ["create", "get", "patch"],
+        ("apps", "deployments"): ["create", "delete", "get", "patch"],
+        ("apps", "statefulsets"): ["create", "delete", "get", "patch"],
         # peering: kopf watches the object and patches its entry; the operator reads it
         ("kopf.dev", "kopfpeerings"): ["get", "list", "patch", "watch"],
     }
@@ -405,7 +409,7 @@ def operator_made_deployments(policy_name: str) -> list[dict[str, Any]]:
     policy = parse_policy(yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text()))
     owner = policy_core.Owner(name=policy_name, namespace=NAMESPACE, uid="uid-1")
     settings = policy_core.WorkloadSettings(image="img:1", nats_url="nats://nats:4222")
-    return policy_core.desired_deployments(owner=owner, spec=policy.spec, settings=settings)
+    return policy_core.desired_workloads(owner=owner, spec=policy.spec, settings=settings)
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -498,7 +502,7 @@ def test_a_redis_url_in_a_secret_reaches_execution_only_as_a_secret_reference() 
     env = env_of(operator_deployment(documents(render(values))))
     assert "QTRADER_REDIS_URL" not in env  # not even the operator holds it
     config = _operator_config_from(values)
-    made = policy_core.desired_deployments(
+    made = policy_core.desired_workloads(
         owner=policy_core.Owner(name="p", namespace=NAMESPACE, uid="u"),
         spec=parse_policy(yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text())).spec,
         settings=policy_core.WorkloadSettings(
@@ -537,7 +541,7 @@ def test_workload_pod_defaults_reach_every_pod_and_a_policys_resources_win() -> 
         "replicas": 1,
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
     }
-    made = policy_core.desired_deployments(
+    made = policy_core.desired_workloads(
         owner=policy_core.Owner(name="p", namespace=NAMESPACE, uid="u"),
         spec=parse_policy(raw).spec,
         settings=policy_core.WorkloadSettings(
@@ -560,6 +564,42 @@ def test_workload_pod_defaults_reach_every_pod_and_a_policys_resources_win() -> 
             }
         else:
             assert container["resources"] == defaults
+
+
+def test_outbox_storage_makes_every_workload_a_stateful_set_with_a_claim_per_replica() -> None:
+    """The chart's value reaches the operator, which then makes StatefulSets: stable pod names
+    (the outbox file is named by the host), a claim per replica kept at scale-down, the worker
+    pointed at it; without the value, Deployments with the outbox on /tmp's emptyDir."""
+    owner = policy_core.Owner(name="p", namespace=NAMESPACE, uid="u")
+    spec = parse_policy(yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text())).spec
+
+    def made(values: dict[str, Any]) -> list[dict[str, Any]]:
+        config = _operator_config_from(values)
+        settings = policy_core.WorkloadSettings(
+            image=config.workload_image, nats_url=config.nats_url, pod_defaults=config.pod_defaults
+        )
+        return policy_core.desired_workloads(owner=owner, spec=spec, settings=settings)
+
+    assert {w["kind"] for w in made({})} == {"Deployment"}
+    for workload in made(VALUE_SETS["outbox-storage"]):
+        assert workload["kind"] == "StatefulSet"
+        workload_spec = workload["spec"]
+        assert workload_spec["serviceName"] == workload["metadata"]["name"]
+        assert workload_spec["podManagementPolicy"] == "Parallel"
+        assert workload_spec["persistentVolumeClaimRetentionPolicy"] == {
+            "whenDeleted": "Retain",
+            "whenScaled": "Retain",
+        }
+        (claim,) = workload_spec["volumeClaimTemplates"]
+        assert claim["metadata"]["name"] == policy_core.OUTBOX_CLAIM
+        assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+        assert claim["spec"]["storageClassName"] == "ssd"
+        (container,) = workload_spec["template"]["spec"]["containers"]
+        mount = {"name": policy_core.OUTBOX_CLAIM, "mountPath": policy_core.OUTBOX_DIR}
+        assert mount in container["volumeMounts"]
+        assert {"name": "QTRADER_OUTBOX_DIR", "value": policy_core.OUTBOX_DIR} in container["env"]
+    with pytest.raises(Exception, match="outboxStorage"):
+        render({"workloads": {"outboxStorage": {"enabled": True, "size": "a lot"}}})
 
 
 def test_the_operator_may_read_only_the_secrets_execution_uses() -> None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -40,6 +41,7 @@ from support.emulator import (
     PEERINGS,
     POLICIES,
     SECRETS,
+    STATEFULSETS,
     STOPS,
     Cluster,
     eventually,
@@ -47,7 +49,7 @@ from support.emulator import (
 from support.helm_cli import HELM_SOURCES, HelmCli, helm_binary
 from support.invariants import settle_portfolio
 from support.kubelet import Image, Kubelet, read_as_pod_user
-from support.streams import kv_get_raw, read_all
+from support.streams import kv_get_raw, read_all, read_raw
 
 pytestmark = [
     pytest.mark.integration,
@@ -159,12 +161,15 @@ def binance_keys() -> dict[str, Any]:
     }
 
 
-def deployment(cluster: Cluster, role: str, policy: str = POLICY) -> dict[str, Any]:
-    return cluster.get(DEPLOYMENTS, f"{policy}-{role}") or {}
+def deployment(
+    cluster: Cluster, role: str, policy: str = POLICY, plural: str = DEPLOYMENTS
+) -> dict[str, Any]:
+    """The workload's object: a Deployment, or a StatefulSet (``plural``)."""
+    return cluster.get(plural, f"{policy}-{role}") or {}
 
 
-def ready(cluster: Cluster, role: str, policy: str = POLICY) -> bool:
-    found = deployment(cluster, role, policy)
+def ready(cluster: Cluster, role: str, policy: str = POLICY, plural: str = DEPLOYMENTS) -> bool:
+    found = deployment(cluster, role, policy, plural)
     wanted = (found.get("spec") or {}).get("replicas")
     ready_replicas = (found.get("status") or {}).get("readyReplicas")
     return bool(wanted) and ready_replicas == wanted
@@ -197,7 +202,7 @@ async def until(check: Callable[[], Any], *, timeout_s: float, what: str, kubele
     except AssertionError as exc:
         pods = [*kubelet.stopped, *kubelet.pods.values()]
         logs = "\n".join(
-            kubelet.logs(name)[-3000:] for name in sorted({p.deployment for p in pods})
+            kubelet.logs(name)[-3000:] for name in sorted({p.workload for p in pods})
         )
         raise AssertionError(f"{exc}\nproblems: {kubelet.problems}\n{logs}") from None
 
@@ -272,7 +277,7 @@ async def test_the_chart_on_the_emulator_trades_halts_and_resumes_with_pods_as_p
         assert stop_status(cluster)["state"] == "Tripped"
         for role in HALTED_ROLES:
             assert deployment(cluster, role)["spec"]["replicas"] == 0
-        stopped = [p for p in kubelet.stopped if p.deployment.endswith(HALTED_ROLES)]
+        stopped = [p for p in kubelet.stopped if p.workload.endswith(HALTED_ROLES)]
         assert len(stopped) == 3, [p.name for p in stopped]  # two execution, one inference
         assert all(ready(cluster, role) for role in ("marketdata", "portfolio"))
 
@@ -389,3 +394,75 @@ async def candles(url: str, stack: str, symbol: str) -> AsyncIterator[None]:
         stop.set()
         await task
         await bus.close()
+
+
+async def test_with_outbox_storage_a_pod_deleted_during_a_nats_outage_loses_nothing(
+    nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
+) -> None:
+    """``workloads.outboxStorage``: the workloads run as StatefulSets with a claim each. NATS
+    stops; marketdata buffers its candles in the outbox on its claim; its pod is deleted (an
+    eviction) and its replacement, same name, same claim, starts while NATS is still down. Once
+    NATS is back, every candle the deleted pod buffered is on the MARKET stream (on an emptyDir
+    they would have gone with the pod), and the end-of-test check finds none twice."""
+    url = nats_server.url
+    values = chart_values(url, spec=policy_spec())
+    values["workloads"] = {"outboxStorage": {"enabled": True, "size": "1Gi"}}
+    await install(cluster, values, tmp_path)
+    market = subjects.scoped_stream(STACK, subjects.MARKET).name
+    candle_subject = subjects.scoped_subject(STACK, subjects.all_of(subjects.CANDLE_PREFIX))
+
+    async def stored() -> set[bytes]:
+        return set(await read_raw(url, stream=market, subject=candle_subject))
+
+    async with running(cluster, tmp_path / "kubelet", url, STACK) as kubelet:
+        await until(
+            lambda: all(ready(cluster, role, plural=STATEFULSETS) for role in ROLES),
+            timeout_s=60,
+            what="the four StatefulSets ready",
+            kubelet=kubelet,
+        )
+        assert not any(cluster.get(DEPLOYMENTS, f"{POLICY}-{role}") for role in ROLES)
+        await until(stored, timeout_s=30, what="candles on the stream", kubelet=kubelet)
+
+        await asyncio.to_thread(nats_server.stop)
+        pod_name = f"{POLICY}-marketdata-0"
+        outbox = kubelet.claim_path("outbox", pod_name) / f"marketdata-{pod_name}.db"
+        await until(
+            lambda: len(buffered_in(outbox)) >= 5,
+            timeout_s=30,
+            what="candles buffered in marketdata's outbox",
+            kubelet=kubelet,
+        )
+        deleted = kubelet.pods[pod_name]
+        await kubelet.delete_pod(pod_name)
+        left = buffered_in(outbox)  # all the deleted pod could not publish
+        await until(
+            lambda: (
+                (pod := kubelet.pods.get(pod_name)) is not None
+                and pod is not deleted
+                and pod.running
+            ),
+            timeout_s=30,
+            what="the replacement pod running, NATS still down",
+            kubelet=kubelet,
+        )
+        await asyncio.to_thread(nats_server.start)
+        await until(
+            lambda: _holds_all(stored(), left),
+            timeout_s=60,
+            what=f"the {len(left)} candles the deleted pod buffered on the stream",
+            kubelet=kubelet,
+        )
+        print(f"\n{len(left)} candles buffered by the deleted pod, all delivered by its successor")
+
+
+async def _holds_all(stored: Awaitable[set[bytes]], wanted: list[bytes]) -> bool:
+    return set(wanted) <= await stored
+
+
+def buffered_in(outbox: Path) -> list[bytes]:
+    """The payloads waiting in an outbox file (read-only: its worker may still write)."""
+    if not outbox.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)) as db:
+        return [bytes(row[0]) for row in db.execute("SELECT payload FROM outbox ORDER BY seq")]

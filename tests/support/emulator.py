@@ -35,6 +35,7 @@ NAMESPACE = "trading"
 POLICIES = "qtrader.dev/v1alpha1/tradingpolicies"
 STOPS = "qtrader.dev/v1alpha1/emergencystops"
 DEPLOYMENTS = "apps/v1/deployments"
+STATEFULSETS = "apps/v1/statefulsets"
 STACK = "trading.paper-demo"  # the example policy's stack: its workers speak only its names
 PEERINGS = "kopf.dev/v1/kopfpeerings"
 SECRETS = "v1/secrets"
@@ -80,6 +81,9 @@ def declare_resources(kmock: Any) -> None:
         )
     kmock.resources[DEPLOYMENTS] = info(
         kind="Deployment", singular="deployment", verbs=writable, namespaced=True
+    )
+    kmock.resources[STATEFULSETS] = info(
+        kind="StatefulSet", singular="statefulset", verbs=writable, namespaced=True
     )
     # kopf's peering object: its status holds one entry per replica (no status subresource).
     kmock.resources[PEERINGS] = info(

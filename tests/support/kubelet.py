@@ -1,14 +1,18 @@
-"""A kubelet for tests: the pods of kmock's emulated Deployments run as local processes.
+"""A kubelet for tests: the pods of kmock's emulated Deployments and StatefulSets run as local
+processes.
 
-``Kubelet`` polls the Deployments of one namespace in the emulator and does what a Deployment
-controller and a node's kubelet do together: it keeps ``spec.replicas`` pods of the current pod
-template (a new template replaces every pod: Recreate, not a rolling update), runs each pod's
+``Kubelet`` polls the Deployments and StatefulSets of one namespace in the emulator and does
+what their controllers and a node's kubelet do together: it keeps ``spec.replicas`` pods of the
+current pod template (a new template replaces every pod: Recreate, not a rolling update; a
+StatefulSet's pods are ``<name>-<ordinal>``, started in parallel, each with a folder per
+``volumeClaimTemplates`` entry that outlives the pod, as a claim does), runs each pod's
 one container as the manifest says (the image's entrypoint and the container's ``command`` and
 ``args``; ``env`` with values, ``fieldRef`` metadata.name/namespace and ``secretKeyRef`` and
 ``configMapKeyRef`` read from the emulator; ``emptyDir``, Secret and ConfigMap volumes written
 with their modes and ``fsGroup`` ownership and mounted at their ``mountPath`` in a mount
 namespace of the pod's own, read-only where the mount says so), polls the readiness and liveness
-probes (``httpGet``) at the manifest's periods and thresholds, restarts a container that exited
+probes (``httpGet``) at the manifest's periods and thresholds, sets the pod's hostname to its
+name (a UTS namespace), restarts a container that exited
 or failed its liveness probe, writes ``status.replicas``/``readyReplicas`` back to the
 Deployment, and stops pods (SIGTERM, then SIGKILL after ``terminationGracePeriodSeconds``) when
 the replicas drop or the Deployment is deleted.
@@ -57,6 +61,7 @@ import httpx
 
 from qtrader.local.nats_server import free_port
 
+WORKLOAD_PLURALS = ("deployments", "statefulsets")
 POLL_S = 0.5  # how often the Deployments are read (a watch would be quicker; polling is enough)
 GRACE_S = 30  # terminationGracePeriodSeconds when the pod spec sets none
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # before restarting an exited container (CrashLoopBackOff)
@@ -107,7 +112,7 @@ class Probe:
 @dataclass
 class Pod:
     name: str
-    deployment: str
+    workload: str  # the Deployment's or StatefulSet's name
     template_hash: str
     template: Mapping[str, Any]
     ports: dict[str, int]  # container port (number or name) -> the loopback port it is on
@@ -206,16 +211,16 @@ class Kubelet:
             await self._stop_all([p for p in self.pods.values() if group(p)])
 
     def pods_of(self, deployment: str) -> list[Pod]:
-        return [p for p in self.pods.values() if p.deployment == deployment]
+        return [p for p in self.pods.values() if p.workload == deployment]
 
     def gone(self, deployment: str) -> bool:
         """No pod of the Deployment is left, running or terminating."""
-        stopped = [p for p in self.stopped if p.deployment == deployment]
+        stopped = [p for p in self.stopped if p.workload == deployment]
         return not self.pods_of(deployment) and not any(p.running for p in stopped)
 
     def logs(self, deployment: str) -> str:
         """The logs of the Deployment's pods, running and stopped (for a failure's message)."""
-        pods = [p for p in [*self.stopped, *self.pods.values()] if p.deployment == deployment]
+        pods = [p for p in [*self.stopped, *self.pods.values()] if p.workload == deployment]
         return "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in pods)
 
     async def _run(self) -> None:
@@ -227,53 +232,113 @@ class Kubelet:
             await asyncio.sleep(self._poll_s)
 
     async def _tick(self) -> None:
-        deployments = await self._deployments()
-        await self._stop_all([p for p in self.pods.values() if p.deployment not in deployments])
-        for deployment in deployments.values():
-            await self._reconcile(deployment)
+        workloads = {
+            name: (plural, workload)
+            for plural in WORKLOAD_PLURALS
+            for name, workload in (await self._workloads(plural)).items()
+        }
+        await self._stop_all([p for p in self.pods.values() if p.workload not in workloads])
+        for plural, workload in workloads.values():
+            await self._reconcile(plural, workload)
         await asyncio.gather(*(self._probe(pod) for pod in list(self.pods.values())))
-        for deployment in deployments.values():
-            await self._report(deployment)
+        for plural, workload in workloads.values():
+            await self._report(plural, workload)
 
-    async def _deployments(self) -> dict[str, dict[str, Any]]:
-        response = await self._api.get(f"/apis/apps/v1/namespaces/{self.namespace}/deployments")
+    async def _workloads(self, plural: str) -> dict[str, dict[str, Any]]:
+        response = await self._api.get(f"/apis/apps/v1/namespaces/{self.namespace}/{plural}")
         response.raise_for_status()
         items: list[dict[str, Any]] = response.json()["items"]
         return {d["metadata"]["name"]: d for d in items if not _terminating(d)}
 
-    # --- the Deployment controller's part ---------------------------------------------------
+    async def delete_pod(self, name: str) -> None:
+        """``kubectl delete pod`` (or an eviction): SIGTERM, and its controller makes another,
+        a StatefulSet's under the same name with the same claims."""
+        await self._stop(self.pods[name])
 
-    async def _reconcile(self, deployment: Mapping[str, Any]) -> None:
-        name = deployment["metadata"]["name"]
-        template = deployment["spec"]["template"]
+    # --- the Deployment and StatefulSet controllers' part ----------------------------------
+
+    async def _reconcile(self, plural: str, workload: Mapping[str, Any]) -> None:
+        name = workload["metadata"]["name"]
+        template = workload["spec"]["template"]
         current = template_hash(template)
         await self._stop_all([p for p in self.pods_of(name) if p.template_hash != current])
         pods = self.pods_of(name)
         for pod in pods:
             self._restart_if_exited(pod)
-        wanted = int(deployment["spec"].get("replicas", 1))
+        wanted = int(workload["spec"].get("replicas", 1))
+        if plural == "statefulsets":
+            await self._reconcile_ordinals(name, workload, current, wanted)
+            return
         if len(pods) > wanted:
             # As the ReplicaSet controller chooses: pods not ready first, then the youngest.
             victims = sorted(pods, key=lambda p: (p.ready, -p.started_at))[: len(pods) - wanted]
             await self._stop_all(victims)
         for _ in range(wanted - len(pods)):
-            await self._start(name, template, current)
+            await self._start(name, template, current, f"{current}-{secrets.token_hex(3)[:5]}")
 
-    async def _start(self, deployment: str, template: Mapping[str, Any], hashed: str) -> None:
-        name = f"{deployment}-{hashed}-{secrets.token_hex(3)[:5]}"
+    async def _reconcile_ordinals(
+        self, name: str, workload: Mapping[str, Any], hashed: str, wanted: int
+    ) -> None:
+        """A StatefulSet's pods are ``<name>-<ordinal>``, 0 to replicas-1 (all at once: the
+        Parallel policy), each with its claims from ``volumeClaimTemplates``."""
+        pods = {p.name: p for p in self.pods_of(name)}
+        wanted_names = [f"{name}-{ordinal}" for ordinal in range(wanted)]
+        await self._stop_all([p for n, p in pods.items() if n not in wanted_names])
+        claims = [c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])]
+        for pod_name in wanted_names:
+            if pod_name not in pods and not self._terminating(pod_name):
+                ordinal = pod_name.rsplit("-", 1)[1]
+                await self._start(
+                    name, workload["spec"]["template"], hashed, ordinal, claims=claims
+                )
+
+    def _terminating(self, pod_name: str) -> bool:
+        """A StatefulSet makes a pod again only once the one of its name has ended."""
+        return any(p.name == pod_name and p.running for p in self.stopped)
+
+    async def _start(
+        self,
+        workload: str,
+        template: Mapping[str, Any],
+        hashed: str,
+        suffix: str,
+        *,
+        claims: Sequence[str] = (),
+    ) -> None:
+        name = f"{workload}-{suffix}"
         (container,) = template["spec"]["containers"]
-        pod = Pod(name, deployment, hashed, template, _map_ports(container), self._root / name)
+        # A pod name can come back (a StatefulSet's): its own volumes start afresh, its claims
+        # do not.
+        root = self._root / "pods" / f"{name}-{secrets.token_hex(4)}"
+        pod = Pod(name, workload, hashed, template, _map_ports(container), root)
         try:
-            make_directory(pod.root, 0o755)  # the pod's user traverses it to its volumes
-            pod.mounts = await self._volumes(pod)
+            make_directory(root, 0o755)  # the pod's user traverses it to its volumes
+            pod.mounts = await self._volumes(pod, self._claims(name, claims))
             pod.env = await self._environment(pod)
             self._spawn(pod)
         except (LookupError, ValueError, OSError, httpx.HTTPError) as exc:
             # A real pod would wait in ContainerCreating; this one is tried again next round.
-            self.problems[deployment] = f"{name}: {exc!r}"
+            self.problems[workload] = f"{name}: {exc!r}"
             return
-        self.problems.pop(deployment, None)
+        self.problems.pop(workload, None)
         self.pods[name] = pod
+
+    def claim_path(self, claim: str, pod_name: str) -> Path:
+        """Where the volume of a StatefulSet pod's claim is kept on this machine."""
+        return self._root / "claims" / f"{claim}-{pod_name}"
+
+    def _claims(self, pod_name: str, claims: Sequence[str]) -> dict[str, Path]:
+        """Each claim's volume (``<claim>-<pod>``, as the StatefulSet controller names the
+        PersistentVolumeClaim): a folder that outlives the pod, group-writable by the pod's
+        fsGroup as the kubelet makes a volume that supports ownership management."""
+        volumes = {}
+        for claim in claims:
+            path = self.claim_path(claim, pod_name)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                make_directory(path, 0o2777)
+            volumes[claim] = path
+        return volumes
 
     def _restart_if_exited(self, pod: Pod) -> None:
         """restartPolicy Always: an exited container starts again after a back-off."""
@@ -298,8 +363,8 @@ class Kubelet:
         pod.ready = False
         await _terminate(pod, float(pod.spec.get("terminationGracePeriodSeconds", GRACE_S)))
 
-    async def _report(self, deployment: Mapping[str, Any]) -> None:
-        """The Deployment's status as its controller would write it from the pods."""
+    async def _report(self, plural: str, deployment: Mapping[str, Any]) -> None:
+        """The workload's status as its controller would write it from the pods."""
         name = deployment["metadata"]["name"]
         pods = self.pods_of(name)
         ready = sum(p.ready for p in pods)
@@ -313,16 +378,16 @@ class Kubelet:
         }
         stored = deployment.get("status") or {}
         if any(stored.get(k) != v for k, v in status.items()):
-            path = f"/apis/apps/v1/namespaces/{self.namespace}/deployments/{name}"
+            path = f"/apis/apps/v1/namespaces/{self.namespace}/{plural}/{name}"
             headers = {"Content-Type": "application/merge-patch+json"}
             response = await self._api.patch(path, json={"status": status}, headers=headers)
             response.raise_for_status()
 
     # --- the kubelet's part: volumes, environment, process, probes -----------------------------
 
-    async def _volumes(self, pod: Pod) -> list[Mount]:
+    async def _volumes(self, pod: Pod, claims: Mapping[str, Path]) -> list[Mount]:
         group = pod.spec.get("securityContext", {}).get("fsGroup")
-        sources: dict[str, Path] = {}
+        sources: dict[str, Path] = dict(claims)
         for volume in pod.spec.get("volumes", []):
             sources[volume["name"]] = await self._volume(pod, volume, group)
         mounts = []
@@ -410,9 +475,11 @@ class Kubelet:
         container = pod.container
         command = _command(container, self._image(container))
         # A mount namespace of the pod's own: its volumes at their paths, nobody else's.
-        wrapper = ["unshare", "--mount", "--propagation", "private"]
+        # And a UTS namespace: the pod's hostname is its name (the outbox file is named by it).
+        wrapper = ["unshare", "--mount", "--uts", "--propagation", "private"]
         keep = [Path(os.path.realpath(p)) for p in self._image(container).host_paths]
-        shell = ["sh", "-c", _mount_script(pod.mounts, keep=keep, stage=self._stage), pod.name]
+        script = _mount_script(pod.mounts, keep=keep, stage=self._stage)
+        shell = ["sh", "-c", f'hostname "$0"\n{script}', pod.name]
         with pod.log_path.open("ab") as log:
             pod.process = subprocess.Popen(
                 [*wrapper, *shell, *command],

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def deployments(settings: policy_core.WorkloadSettings) -> dict[str, dict[str, Any]]:
     policy = parse_policy(yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text()))
     owner = policy_core.Owner(name="demo", namespace="trading", uid="uid-1")
-    made = policy_core.desired_deployments(owner=owner, spec=policy.spec, settings=settings)
+    made = policy_core.desired_workloads(owner=owner, spec=policy.spec, settings=settings)
     return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in made}
 
 
@@ -123,9 +123,7 @@ def _policy_in(mode: str) -> Any:
 
 def _deployments_in(mode: str, settings: policy_core.WorkloadSettings) -> dict[str, dict[str, Any]]:
     owner = policy_core.Owner(name="demo", namespace="trading", uid="uid-1")
-    made = policy_core.desired_deployments(
-        owner=owner, spec=_policy_in(mode).spec, settings=settings
-    )
+    made = policy_core.desired_workloads(owner=owner, spec=_policy_in(mode).spec, settings=settings)
     return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in made}
 
 
@@ -215,7 +213,7 @@ def test_a_policy_naming_an_image_outside_the_allowlist_is_invalid() -> None:
         raw["spec"], VenueListings(), allowed_images=frozenset({"evil:latest"})
     )
     assert not isinstance(allowed, str)
-    made = policy_core.desired_deployments(
+    made = policy_core.desired_workloads(
         owner=policy_core.Owner(name="demo", namespace="trading", uid="u"),
         spec=allowed,
         settings=SETTINGS,
