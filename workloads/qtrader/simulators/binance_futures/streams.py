@@ -88,6 +88,7 @@ class Connection:
     queue: asyncio.Queue[str | _Close] = field(default_factory=asyncio.Queue)
     last_open: dict[str, int] = field(default_factory=dict)
     closing: bool = False
+    aborted: bool = False
 
     def send(self, stream: str, payload: dict[str, Any]) -> None:
         self.send_raw({"stream": stream, "data": payload} if self.combined else payload)
@@ -106,7 +107,8 @@ class Connection:
             self.queue.put_nowait(_Close(code, message))
 
     def abort(self) -> None:
-        self.closing = True
+        self.aborted = True
+        self.close(1006, "dropped")
         transport = self.request.transport
         if transport is not None:
             transport.abort()
@@ -199,7 +201,8 @@ class StreamHub:
             item = await conn.queue.get()
             try:
                 if isinstance(item, _Close):
-                    await conn.ws.close(code=item.code, message=item.message.encode())
+                    if not conn.aborted:
+                        await conn.ws.close(code=item.code, message=item.message.encode())
                     return
                 await conn.ws.send_str(item)
             except (ConnectionError, RuntimeError):
