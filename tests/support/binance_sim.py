@@ -97,3 +97,35 @@ def sim_in_thread(config: SimConfig | None = None) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+def stream_base(url: str) -> str:
+    """The simulator's websocket base, as python-binance's ``FSTREAM_URL`` expects it."""
+    return "ws" + url.removeprefix("http") + "/"
+
+
+async def sim_async_client(url: str, key: str = KEY, secret: str = SECRET) -> Any:
+    """python-binance's ``AsyncClient`` on the simulator: REST (including the Spot ping that
+    ``create()`` makes) goes to ``url``. Returns the client; close it with
+    ``close_connection()``."""
+    from binance import AsyncClient  # imported late: see sim_socket_manager
+
+    class SimAsyncClient(AsyncClient):  # type: ignore[misc]
+        API_URL = f"{url}/api"
+        FUTURES_URL = f"{url}/fapi"
+
+    return await SimAsyncClient.create(key, secret)
+
+
+def sim_socket_manager(client: Any, url: str, **kwargs: Any) -> Any:
+    """python-binance's ``BinanceSocketManager`` with its USD-M stream base on the simulator.
+
+    ``futures_multiplex_socket`` then opens ``<base>market/stream?streams=...``,
+    ``kline_futures_socket`` ``<base>market/ws/<pair>_perpetual@continuousKline_<i>`` and
+    ``futures_user_socket`` ``<base>private/ws?listenKey=...``.
+    """
+    from binance import BinanceSocketManager
+
+    manager = BinanceSocketManager(client, **kwargs)
+    manager.FSTREAM_URL = stream_base(url)  # __init__ formats the class attribute; override after
+    return manager

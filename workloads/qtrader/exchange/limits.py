@@ -123,6 +123,15 @@ _FIXED_COSTS: dict[tuple[str, str], RequestCost] = {
     ("GET", "/fapi/v2/account"): RequestCost(weight=5),
     ("GET", "/fapi/v2/positionRisk"): RequestCost(weight=5),
     ("GET", "/fapi/v1/ticker/price"): RequestCost(weight=1),
+    ("POST", "/fapi/v1/listenKey"): RequestCost(weight=1),
+    ("PUT", "/fapi/v1/listenKey"): RequestCost(weight=1),
+    ("DELETE", "/fapi/v1/listenKey"): RequestCost(weight=1),
+    ("GET", "/fapi/v1/income"): RequestCost(weight=30),
+    ("GET", "/fapi/v2/balance"): RequestCost(weight=5),
+    ("GET", "/fapi/v3/balance"): RequestCost(weight=5),
+    ("GET", "/fapi/v3/positionRisk"): RequestCost(weight=5),
+    ("GET", "/fapi/v1/feeBurn"): RequestCost(weight=30),
+    ("POST", "/fapi/v1/feeBurn"): RequestCost(weight=1),
 }
 
 
@@ -136,6 +145,8 @@ def request_cost(method: str, path: str, params: Mapping[str, Any]) -> RequestCo
         return RequestCost(weight=1 if params.get("symbol") else 40)
     if (method, path) == ("GET", "/fapi/v1/depth"):
         return RequestCost(weight=_depth_weight(int(params.get("limit", 500))))
+    if (method, path) == ("GET", "/fapi/v1/premiumIndex"):
+        return RequestCost(weight=1 if params.get("symbol") else 10)
     if (method, path) == ("GET", "/fapi/v1/klines"):
         return RequestCost(weight=_klines_weight(int(params.get("limit", 500))))
     return _FIXED_COSTS[(method, path)]

@@ -104,6 +104,48 @@ class SimAdmin:
         result: dict[str, Any] = self._call("GET", "/_sim/windows")
         return result
 
+    def funding_rate(self, symbol: str, rate: Decimal | str) -> None:
+        """Set a symbol's funding rate (charged at every funding time from now on)."""
+        self._call("POST", "/_sim/funding/rate", {"symbol": symbol, "rate": str(rate)})
+
+    def settle_funding(self, symbol: str | None = None) -> list[dict[str, Any]]:
+        """Charge funding now (every symbol, or one); returns the FUNDING_FEE entries."""
+        body = {} if symbol is None else {"symbol": symbol}
+        result: list[dict[str, Any]] = self._call("POST", "/_sim/funding/settle", body)
+        return result
+
+    def transfer(self, api_key: str, asset: str, amount: Decimal | str) -> dict[str, Any]:
+        """Deposit (amount > 0) or withdraw USDT or BNB; returns the TRANSFER entry."""
+        body = {"api_key": api_key, "asset": asset, "amount": str(amount)}
+        result: dict[str, Any] = self._call("POST", "/_sim/transfer", body)
+        return result
+
+    def fee_burn(self, api_key: str, enabled: bool) -> None:
+        """Pay this account's commissions in BNB at a 10% discount (Binance's BNB burn)."""
+        self._call("POST", "/_sim/fee_burn", {"api_key": api_key, "enabled": enabled})
+
+    def manual_trade(
+        self, api_key: str, symbol: str, side: str, quantity: Decimal | str
+    ) -> dict[str, Any]:
+        """A MARKET order placed outside the API (e.g. the web UI); returns the order."""
+        body = {"api_key": api_key, "symbol": symbol, "side": side, "quantity": str(quantity)}
+        result: dict[str, Any] = self._call("POST", "/_sim/manual_trade", body)
+        return result
+
+    def income(self) -> list[dict[str, Any]]:
+        """Every ledger entry of every account, with ``apiKey``."""
+        result: list[dict[str, Any]] = self._call("GET", "/_sim/income")
+        return result
+
+    def websockets(self) -> dict[str, Any]:
+        """Open websocket connections and active listen keys."""
+        result: dict[str, Any] = self._call("GET", "/_sim/ws")
+        return result
+
+    def drop_websockets(self) -> int:
+        """Abort every websocket connection now (a network failure); returns how many."""
+        return int(self._call("POST", "/_sim/ws/drop")["dropped"])
+
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         try:
             response = self._http.request(method, path, json=body)

@@ -43,6 +43,13 @@ class SimConfig:
     USDT wallet of every key; ``leverage`` for the margin check; ``check_signature``;
     ``recv_window_ms`` when a request sends none; ``client_ip_header`` honour X-Sim-Client-IP;
     ``prices`` start prices per symbol, else ``default_price``; ``countdown_check_ms``.
+
+    Streams and account: ``kline_push_ms`` how often forming klines are pushed (Binance: 250)
+    and how often the housekeeping (kline closes, funding, listenKey expiry, connection age)
+    runs; ``ws_max_age_ms`` when the server closes a websocket (Binance: 24 h);
+    ``listen_key_validity_ms`` (60 min); ``funding_interval_ms`` (8 h, aligned to the epoch:
+    00:00, 08:00, 16:00 UTC); ``funding_rates`` per symbol (absent: 0); ``bnb_balance`` the BNB
+    wallet of every key at start; ``bnb_price`` in USDT; ``fee_burn`` keys paying fees in BNB.
     """
 
     api_keys: Mapping[str, str] = field(default_factory=lambda: {"sim-key": "sim-secret"})
@@ -60,6 +67,14 @@ class SimConfig:
     prices: Mapping[str, Decimal] = field(default_factory=dict)
     default_price: Decimal = Decimal(100)
     countdown_check_ms: int = 10
+    kline_push_ms: int = 250
+    ws_max_age_ms: int = 86_400_000
+    listen_key_validity_ms: int = 3_600_000
+    funding_interval_ms: int = 28_800_000
+    funding_rates: Mapping[str, Decimal] = field(default_factory=dict)
+    bnb_balance: Decimal = Decimal(0)
+    bnb_price: Decimal = Decimal(600)
+    fee_burn: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(bool(self.api_keys), "api_keys must name at least one key")
@@ -77,6 +92,13 @@ class SimConfig:
         _check(self.default_price > 0, "default_price must be positive")
         _check(all(p > 0 for p in self.prices.values()), "prices must be positive")
         _check(1 <= self.countdown_check_ms <= 1000, "countdown_check_ms must be in [1, 1000]")
+        _check(1 <= self.kline_push_ms <= 60_000, "kline_push_ms must be in [1, 60000]")
+        _check(self.ws_max_age_ms >= 1, "ws_max_age_ms must be positive")
+        _check(self.listen_key_validity_ms >= 1, "listen_key_validity_ms must be positive")
+        _check(self.funding_interval_ms >= 1000, "funding_interval_ms must be at least 1000")
+        _check(self.bnb_balance >= 0, "bnb_balance must not be negative")
+        _check(self.bnb_price > 0, "bnb_price must be positive")
+        _check(all(-1 < r < 1 for r in self.funding_rates.values()), "funding_rates in (-1, 1)")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SimConfig:
@@ -114,6 +136,14 @@ class SimConfig:
             "prices": {symbol: str(price) for symbol, price in self.prices.items()},
             "default_price": str(self.default_price),
             "countdown_check_ms": self.countdown_check_ms,
+            "kline_push_ms": self.kline_push_ms,
+            "ws_max_age_ms": self.ws_max_age_ms,
+            "listen_key_validity_ms": self.listen_key_validity_ms,
+            "funding_interval_ms": self.funding_interval_ms,
+            "funding_rates": {s: str(r) for s, r in self.funding_rates.items()},
+            "bnb_balance": str(self.bnb_balance),
+            "bnb_price": str(self.bnb_price),
+            "fee_burn": list(self.fee_burn),
         }
 
     def price_for(self, symbol: str) -> Decimal:
@@ -189,6 +219,12 @@ def _window_mode(name: str, value: Any) -> WindowMode:
     return WindowMode(value)
 
 
+def _keys(name: str, value: Any) -> tuple[str, ...]:
+    ok = isinstance(value, list) and all(isinstance(k, str) and k for k in value)
+    _check(ok, f"{name} must be a list of api keys")
+    return tuple(value)
+
+
 def _prices(name: str, value: Any) -> dict[str, Decimal]:
     _check(isinstance(value, Mapping), f"{name} must be an object of symbol: price")
     return {str(symbol): _decimal(f"{name}.{symbol}", price) for symbol, price in value.items()}
@@ -210,4 +246,12 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "prices": _prices,
     "default_price": _decimal,
     "countdown_check_ms": _integer,
+    "kline_push_ms": _integer,
+    "ws_max_age_ms": _integer,
+    "listen_key_validity_ms": _integer,
+    "funding_interval_ms": _integer,
+    "funding_rates": _prices,
+    "bnb_balance": _decimal,
+    "bnb_price": _decimal,
+    "fee_burn": _keys,
 }

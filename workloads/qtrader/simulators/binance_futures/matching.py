@@ -27,19 +27,24 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from qtrader.instruments import ExchangeInfo, Instrument
 
-from . import errors
+from . import errors, events
 from .config import SimConfig
+from .decimals import plain, to_step
+from .klines import MarketHistory
+from .ledger import Income, IncomeType, Ledger
 
 CLIENT_ID = re.compile(r"^[\.A-Z\:/a-z0-9_-]{1,36}$")
 _NUMBER = re.compile(r"^([0-9]{1,20})(\.[0-9]{1,20})?$")
 _USDT = Decimal("1e-8")
+BNB_DISCOUNT = Decimal("0.9")  # Binance: 10% off futures fees paid in BNB
+Listener = Callable[[str, dict[str, Any]], None]  # (api key, user-data event)
 _ZERO = Decimal(0)
 
 
@@ -122,7 +127,7 @@ class Order:
         return body
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Trade:
     trade_id: int
     order_id: int
@@ -134,6 +139,8 @@ class Trade:
     commission: Decimal
     maker: bool
     time_ms: int
+    commission_asset: str = "USDT"
+    realized_pnl: Decimal = _ZERO
 
     def as_binance(self) -> dict[str, Any]:
         return {
@@ -146,8 +153,8 @@ class Trade:
             "qty": plain(self.qty),
             "quoteQty": plain(self.price * self.qty),
             "commission": plain(self.commission),
-            "commissionAsset": "USDT",
-            "realizedPnl": "0",
+            "commissionAsset": self.commission_asset,
+            "realizedPnl": plain(self.realized_pnl),
             "marginAsset": "USDT",
             "buyer": self.side == "BUY",
             "maker": self.maker,
@@ -157,18 +164,41 @@ class Trade:
 
 @dataclass
 class Position:
-    amount: Decimal = _ZERO  # signed: long > 0
-    entry_price: Decimal = _ZERO
+    """A one-way position with an exact cost basis.
 
-    def apply(self, signed_qty: Decimal, price: Decimal) -> None:
-        new = self.amount + signed_qty
-        if new == 0:
-            self.entry_price = _ZERO
-        elif self.amount == 0 or (new > 0) != (self.amount > 0):
-            self.entry_price = price  # opened or flipped
-        elif abs(new) > abs(self.amount):
-            self.entry_price = (self.amount * self.entry_price + signed_qty * price) / new
-        self.amount = new
+    ``cost`` is the signed sum of quantity x price of what is open (negative when short), so the
+    unrealized PnL ``amount x mark - cost`` is exact. Reducing by ``q`` releases ``q/|amount|``
+    of the cost (rounded to 8 places; all of it when the position closes), and the realized PnL
+    is the fill's proceeds minus what was released: a round trip realizes exactly the sum of
+    its fills' proceeds, whatever rounding happened on the way.
+    """
+
+    amount: Decimal = _ZERO  # signed: long > 0
+    cost: Decimal = _ZERO
+
+    @property
+    def entry_price(self) -> Decimal:
+        return to_step(self.cost / self.amount) if self.amount else _ZERO
+
+    def unrealized(self, mark: Decimal) -> Decimal:
+        return self.amount * mark - self.cost
+
+    def apply(self, signed_qty: Decimal, price: Decimal) -> Decimal:
+        """Book a fill; returns the PnL it realized."""
+        realized = _ZERO
+        if self.amount and (signed_qty > 0) != (self.amount > 0):
+            closing = min(abs(signed_qty), abs(self.amount))
+            whole = closing == abs(self.amount)
+            released = self.cost if whole else to_step(self.cost * closing / abs(self.amount))
+            closed = closing if signed_qty > 0 else -closing
+            realized = -(closed * price) - released
+            self.amount += closed
+            self.cost -= released
+            signed_qty -= closed
+        if signed_qty:
+            self.amount += signed_qty
+            self.cost += signed_qty * price
+        return realized
 
 
 @dataclass
@@ -191,14 +221,6 @@ class _Grid:
     market_step: Decimal
 
 
-def plain(value: Decimal) -> str:
-    """A decimal as Binance writes it: no exponent, no trailing zeros."""
-    if value == 0:
-        return "0"
-    text = format(value.normalize(), "f")
-    return text
-
-
 @dataclass
 class Venue:
     """The matching engine and account state; every method runs without awaiting."""
@@ -210,7 +232,6 @@ class Venue:
     orders: dict[str, list[Order]] = field(default_factory=dict)  # per symbol, by orderId
     trades: list[Trade] = field(default_factory=list)
     positions: dict[tuple[str, str], Position] = field(default_factory=dict)
-    commissions: dict[str, Decimal] = field(default_factory=dict)
     countdowns: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     _trade_ids: dict[str, int] = field(default_factory=dict)
     # Indexes, so a long stress run stays linear: open orders per (api key, symbol) by orderId,
@@ -220,10 +241,25 @@ class Venue:
     # The notional each open order reserves, and its sum per api key (for the margin check).
     _reserved: dict[tuple[str, int], Decimal] = field(default_factory=dict)
     _reserved_total: dict[str, Decimal] = field(default_factory=dict)
+    # Accounting: the market's start on the server clock, the ledger, and who hears events.
+    start_ms: int = 0
+    listener: Listener | None = None
+    ledger: Ledger = field(default_factory=Ledger)
 
     def __post_init__(self) -> None:
         self.info = ExchangeInfo.from_binance(self.document)
         self._grids = {raw["symbol"]: _grid(raw) for raw in self.document.get("symbols", [])}
+        self.history = MarketHistory(self.start_ms)
+        self.sync_prices(self.start_ms)
+        self.fee_burn = set(self.config.fee_burn)
+        self.funding_rates = dict(self.config.funding_rates)
+        interval = self.config.funding_interval_ms
+        self.next_funding_ms = self.start_ms - self.start_ms % interval + interval
+
+    def sync_prices(self, now_ms: int) -> None:
+        """Record each symbol's price in the history (after start-up or a config change)."""
+        for symbol in sorted(self._grids):
+            self.history.record_price(symbol, self.price(symbol), now_ms)
 
     # --- prices and liquidity ---------------------------------------------------------------
 
@@ -236,6 +272,7 @@ class Venue:
         if price <= 0:
             raise errors.rejected(errors.PRICE_NOT_POSITIVE)
         self.prices[symbol] = price
+        self.history.record_price(symbol, price, now_ms)
         resting = [o for (_, s), book in self._open.items() if s == symbol for o in book.values()]
         filled = []
         for order in sorted(resting, key=lambda o: o.order_id):
@@ -313,6 +350,7 @@ class Venue:
         self.orders.setdefault(symbol, []).append(order)
         self._by_client_id[(api_key, symbol, client_id)] = order
         self._open.setdefault((api_key, symbol), {})[order_id] = order
+        self._order_event(order, "NEW", now_ms)
         self._take(order, now_ms)
         self._settle(order)
         return order, resp_type == "RESULT"
@@ -389,8 +427,13 @@ class Venue:
 
     # --- account -------------------------------------------------------------------------------
 
+    def wallet(self, api_key: str, asset: str = "USDT") -> Decimal:
+        """The start-up balance of ``asset`` plus everything booked to it."""
+        start = {"USDT": self.config.balance, "BNB": self.config.bnb_balance}.get(asset, _ZERO)
+        return start + self.ledger.total(api_key, asset)
+
     def wallet_balance(self, api_key: str) -> Decimal:
-        return self.config.balance - self.commissions.get(api_key, _ZERO)
+        return self.wallet(api_key, "USDT")
 
     def used_margin(self, api_key: str) -> Decimal:
         leverage = self.config.leverage
@@ -410,69 +453,92 @@ class Venue:
     def unrealized(self, api_key: str) -> Decimal:
         return sum(
             (
-                (self.price(symbol) - p.entry_price) * p.amount
+                p.unrealized(self.price(symbol))
                 for (key, symbol), p in self.positions.items()
                 if key == api_key
             ),
             _ZERO,
         )
 
-    def account(self, api_key: str, now_ms: int) -> dict[str, Any]:
-        wallet = self.wallet_balance(api_key)
-        unrealized = self.unrealized(api_key)
-        margin = self.used_margin(api_key)
-        available = self.available_balance(api_key)
-        money = {
-            "walletBalance": plain(wallet),
-            "unrealizedProfit": plain(unrealized),
-            "marginBalance": plain(wallet + unrealized),
-            "initialMargin": plain(margin),
-            "maintMargin": "0",
-            "positionInitialMargin": plain(margin),
-            "openOrderInitialMargin": "0",
-            "crossWalletBalance": plain(wallet),
-            "crossUnPnl": plain(unrealized),
-            "availableBalance": plain(available),
-            "maxWithdrawAmount": plain(max(available, _ZERO)),
-        }
-        return {
-            "feeTier": 0,
-            "canTrade": True,
-            "canDeposit": True,
-            "canWithdraw": True,
-            "updateTime": now_ms,
-            "multiAssetsMargin": False,
-            "totalInitialMargin": money["initialMargin"],
-            "totalMaintMargin": "0",
-            "totalWalletBalance": money["walletBalance"],
-            "totalUnrealizedProfit": money["unrealizedProfit"],
-            "totalMarginBalance": money["marginBalance"],
-            "totalPositionInitialMargin": money["positionInitialMargin"],
-            "totalOpenOrderInitialMargin": "0",
-            "totalCrossWalletBalance": money["crossWalletBalance"],
-            "totalCrossUnPnl": money["crossUnPnl"],
-            "availableBalance": money["availableBalance"],
-            "maxWithdrawAmount": money["maxWithdrawAmount"],
-            "assets": [{"asset": "USDT", **money, "marginAvailable": True, "updateTime": now_ms}],
-            "positions": self.position_risk(api_key),
-        }
+    def transfer(self, api_key: str, asset: str, amount: Decimal, now_ms: int) -> Income:
+        """An admin deposit (amount > 0) or withdrawal into the futures wallet."""
+        if api_key not in self.config.api_keys:
+            raise ValueError(f"unknown api key {api_key!r}")
+        if asset not in ("USDT", "BNB") or amount == 0:
+            raise ValueError("transfer needs asset USDT or BNB and a non-zero amount")
+        if amount != to_step(amount) or self.wallet(api_key, asset) + amount < 0:
+            raise ValueError("transfer amount has more than 8 decimals or exceeds the wallet")
+        entry = self.ledger.book(
+            api_key=api_key,
+            income_type=IncomeType.TRANSFER,
+            amount=amount,
+            asset=asset,
+            time_ms=now_ms,
+            info="DEPOSIT" if amount > 0 else "WITHDRAW",
+        )
+        balance = events.balance(asset, self.wallet(api_key, asset), amount)
+        self._account_event(api_key, entry.info, now_ms, [balance], [])
+        return entry
 
-    def position_risk(self, api_key: str) -> list[dict[str, Any]]:
-        return [
-            {
-                "symbol": symbol,
-                "positionAmt": plain(p.amount),
-                "entryPrice": plain(p.entry_price),
-                "markPrice": plain(self.price(symbol)),
-                "unRealizedProfit": plain((self.price(symbol) - p.entry_price) * p.amount),
-                "leverage": str(self.config.leverage),
-                "marginType": "cross",
-                "isolated": False,
-                "positionSide": "BOTH",
-            }
-            for (key, symbol), p in sorted(self.positions.items())
-            if key == api_key
-        ]
+    def set_funding_rate(self, symbol: str, rate: Decimal) -> None:
+        self._instrument(symbol)
+        self.funding_rates[symbol] = rate
+
+    def settle_funding(self, funding_ms: int, symbol: str | None = None) -> list[Income]:
+        """Charge funding on every open position (of ``symbol`` only, if given) at the mark
+        price: ``-amount x mark x rate``, so longs pay a positive rate and shorts receive it."""
+        booked = []
+        for (api_key, held), position in sorted(self.positions.items()):
+            rate = self.funding_rates.get(held, _ZERO)
+            if position.amount == 0 or rate == 0 or symbol not in (None, held):
+                continue
+            amount = to_step(-position.amount * self.price(held) * rate)
+            if amount == 0:
+                continue
+            entry = self.ledger.book(
+                api_key=api_key,
+                income_type=IncomeType.FUNDING_FEE,
+                amount=amount,
+                asset="USDT",
+                time_ms=funding_ms,
+                symbol=held,
+            )
+            balance = events.balance("USDT", self.wallet_balance(api_key))
+            self._account_event(api_key, "FUNDING_FEE", funding_ms, [balance], [])
+            booked.append(entry)
+        return booked
+
+    def funding_due(self, now_ms: int) -> list[Income]:
+        """Settle every scheduled funding time (multiples of the interval) up to ``now_ms``."""
+        booked = []
+        while self.next_funding_ms <= now_ms:
+            booked += self.settle_funding(self.next_funding_ms)
+            self.next_funding_ms += self.config.funding_interval_ms
+        return booked
+
+    def set_fee_burn(self, api_key: str, enabled: bool) -> None:
+        """Pay commissions in BNB (when the BNB wallet covers them), like Binance's BNB burn."""
+        if enabled:
+            self.fee_burn.add(api_key)
+        else:
+            self.fee_burn.discard(api_key)
+
+    def book_notional(self, api_key: str, symbol: str) -> tuple[Decimal, Decimal]:
+        """The open BUY and SELL notional of the account's orders on ``symbol``."""
+        book = self._open.get((api_key, symbol), {}).values()
+        bids = sum((o.remaining * o.price for o in book if o.side == "BUY"), _ZERO)
+        asks = sum((o.remaining * o.price for o in book if o.side == "SELL"), _ZERO)
+        return bids, asks
+
+    def position_view(self, api_key: str, symbol: str) -> events.PositionView:
+        position = self.positions.get((api_key, symbol), Position())
+        return events.PositionView(
+            symbol=symbol,
+            amount=position.amount,
+            entry_price=position.entry_price,
+            realized=self.ledger.realized(api_key, symbol),
+            unrealized=position.unrealized(self.price(symbol)),
+        )
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -560,36 +626,96 @@ class Venue:
     def _fill(
         self, order: Order, qty: Decimal, price: Decimal, *, maker: bool, now_ms: int
     ) -> None:
-        fee = self.config.maker_fee if maker else self.config.taker_fee
-        commission = (qty * price * fee).quantize(_USDT, ROUND_HALF_UP)
+        commission, asset = self._commission(order.api_key, qty * price, maker=maker)
+        position = self.positions.setdefault((order.api_key, order.symbol), Position())
+        realized = position.apply(qty * order.signed, price)
         trade_id = self._trade_ids.get(order.symbol, 0) + 1
         self._trade_ids[order.symbol] = trade_id
-        self.trades.append(
-            Trade(
-                trade_id,
-                order.order_id,
-                order.symbol,
-                order.api_key,
-                order.side,
-                price,
-                qty,
-                commission,
-                maker,
-                now_ms,
-            )
+        trade = Trade(
+            trade_id=trade_id,
+            order_id=order.order_id,
+            symbol=order.symbol,
+            api_key=order.api_key,
+            side=order.side,
+            price=price,
+            qty=qty,
+            commission=commission,
+            maker=maker,
+            time_ms=now_ms,
+            commission_asset=asset,
+            realized_pnl=realized,
         )
+        self.trades.append(trade)
+        self.history.record_trade(trade)
         order.executed_qty += qty
         order.cum_quote += qty * price
-        order.status = Status.PARTIALLY_FILLED
+        order.status = Status.FILLED if order.remaining == 0 else Status.PARTIALLY_FILLED
         order.update_time_ms = now_ms
-        self.commissions[order.api_key] = self.commissions.get(order.api_key, _ZERO) + commission
-        position = self.positions.setdefault((order.api_key, order.symbol), Position())
-        position.apply(qty * order.signed, price)
+        self._book_trade(trade)
+        self._settle(order)
+        self._order_event(order, "TRADE", now_ms, trade)
+        balances = [events.balance("USDT", self.wallet_balance(order.api_key))]
+        if asset != "USDT":
+            balances.append(events.balance(asset, self.wallet(order.api_key, asset)))
+        view = events.position(self.position_view(order.api_key, order.symbol))
+        self._account_event(order.api_key, "ORDER", now_ms, balances, [view])
+
+    def _commission(self, api_key: str, notional: Decimal, *, maker: bool) -> tuple[Decimal, str]:
+        """The fee and its asset: BNB at a 10% discount for a BNB-burn account that can pay."""
+        fee = notional * (self.config.maker_fee if maker else self.config.taker_fee)
+        if api_key in self.fee_burn:
+            in_bnb = to_step(fee * BNB_DISCOUNT / self.config.bnb_price)
+            if in_bnb <= self.wallet(api_key, "BNB"):
+                return in_bnb, "BNB"
+        return to_step(fee), "USDT"
+
+    def _book_trade(self, trade: Trade) -> None:
+        booked = (
+            (IncomeType.REALIZED_PNL, trade.realized_pnl, "USDT"),
+            (IncomeType.COMMISSION, -trade.commission, trade.commission_asset),
+        )
+        for income_type, amount, asset in booked:
+            if amount:
+                self.ledger.book(
+                    api_key=trade.api_key,
+                    income_type=income_type,
+                    amount=amount,
+                    asset=asset,
+                    time_ms=trade.time_ms,
+                    symbol=trade.symbol,
+                    trade_id=str(trade.trade_id),
+                )
 
     def _close(self, order: Order, status: Status, now_ms: int) -> None:
         order.status = status
         order.update_time_ms = now_ms
         self._settle(order)
+        self._order_event(order, status.value, now_ms)
+
+    def _order_event(
+        self, order: Order, execution: str, now_ms: int, trade: Trade | None = None
+    ) -> None:
+        if self.listener is None:
+            return
+        notional = self.book_notional(order.api_key, order.symbol)
+        event = events.order_update(
+            order, execution=execution, now_ms=now_ms, trade=trade, book_notional=notional
+        )
+        self.listener(order.api_key, event)
+
+    def _account_event(
+        self,
+        api_key: str,
+        reason: str,
+        now_ms: int,
+        balances: list[dict[str, str]],
+        positions: list[dict[str, str]],
+    ) -> None:
+        if self.listener is not None:
+            event = events.account_update(
+                reason=reason, now_ms=now_ms, balances=balances, positions=positions
+            )
+            self.listener(api_key, event)
 
     def _settle(self, order: Order) -> None:
         """Bring the indexes up to date after ``order`` was booked, filled or closed."""

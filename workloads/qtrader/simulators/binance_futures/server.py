@@ -46,12 +46,18 @@ from aiohttp import web
 
 from qtrader.exchange.limits import RequestCost, request_cost
 
-from . import errors
+from . import account, errors
 from .accounting import Accounting, LogEntry
 from .config import ConfigError, SimConfig
+from .decimals import plain
 from .errors import ApiError
 from .faults import Chosen, Fault, FaultError, FaultKind, choose, parse_faults
-from .matching import Order, Trade, Venue, plain
+from .klines import INTERVAL_MS
+from .ledger import Income
+from .listen_keys import ListenKeys
+from .matching import Order, Trade, Venue
+from .streams import StreamHub
+from .streams import routes as stream_routes
 
 CLIENT_IP_HEADER = "X-Sim-Client-IP"
 _SPOT_ROUTES = {("GET", "/api/v3/ping"), ("GET", "/api/v3/time")}
@@ -87,6 +93,7 @@ class Call:
 class _Route:
     handler: Callable[[Call, str], Any]  # (call, api_key) -> JSON body
     signed: bool
+    keyed: bool = False  # needs a known X-MBX-APIKEY but no signature (listenKey routes)
 
 
 class BinanceFuturesSim:
@@ -97,8 +104,10 @@ class BinanceFuturesSim:
         self._initial = self._listed(config or SimConfig())
         self._runner: web.AppRunner | None = None
         self._countdowns: asyncio.Task[None] | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
         self._stopping: asyncio.Event | None = None
         self._routes = self._route_table()
+        self.streams = StreamHub(self)
         self.base_url = ""
         self.reset()
 
@@ -119,31 +128,40 @@ class BinanceFuturesSim:
         self._runner = runner
         bound_host, bound_port = runner.addresses[0][:2]
         self.base_url = f"http://{bound_host}:{bound_port}"
-        self._countdowns = asyncio.create_task(self._watch_countdowns())
+        self._countdowns = asyncio.create_task(self._watch_countdowns(), name="sim-countdowns")
+        self._housekeeping = asyncio.create_task(self._keep_house(), name="sim-housekeeping")
         return self.base_url
 
     async def stop(self) -> None:
         """Stop listening; requests that hang are released and their connections closed."""
         if self._stopping is not None:
             self._stopping.set()
-        if self._countdowns is not None:
-            self._countdowns.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._countdowns
-            self._countdowns = None
+        for task in (self._countdowns, self._housekeeping):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._countdowns = self._housekeeping = None
+        await self.streams.close_all()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
     def reset(self) -> None:
-        """Back to the start-up state: the start-up config, no orders, no log, no faults."""
+        """Back to the start-up state: the start-up config, no orders, no log, no faults, no
+        listen keys; websocket connections are dropped."""
+        self.streams.drop()
         self.config = self._initial
         self.clock_skew_ms = 0
         self.reported_offset_ms = 0  # added to the time reported, not to the timestamp check
         self.accounting = Accounting(self.config)
-        self.venue = Venue(self._document, self.config)
+        self.venue = Venue(
+            self._document, self.config, start_ms=self.now_ms(), listener=self.streams.user_event
+        )
+        self.listen_keys = ListenKeys(self.config.listen_key_validity_ms)
         self.faults: list[Fault] = []
         self.log: list[LogEntry] = []
+        self._manual = 0
 
     def now_ms(self) -> int:
         """The server clock: wall time plus the admin-set skew."""
@@ -160,6 +178,12 @@ class BinanceFuturesSim:
         else:
             self.accounting.config = config
         self.venue.config = config
+        self.venue.sync_prices(self.now_ms())
+        if config.fee_burn != self.config.fee_burn:
+            self.venue.fee_burn = set(config.fee_burn)
+        if config.funding_rates != self.config.funding_rates:
+            self.venue.funding_rates = dict(config.funding_rates)
+        self.listen_keys.validity_ms = config.listen_key_validity_ms
         self.config = config
         return config
 
@@ -175,6 +199,14 @@ class BinanceFuturesSim:
         while True:
             await asyncio.sleep(self.config.countdown_check_ms / 1000)
             self.venue.expire_countdowns(self.now_ms())
+
+    async def _keep_house(self) -> None:
+        """Funding, kline pushes, listen-key expiry and connection age, on the server clock."""
+        while True:
+            await asyncio.sleep(self.config.kline_push_ms / 1000)
+            now = self.now_ms()
+            self.venue.funding_due(now)
+            self.streams.tick(now)
 
     def _app(self) -> web.Application:
         app = web.Application()
@@ -193,9 +225,18 @@ class BinanceFuturesSim:
             ("GET", "/_sim/trades", self._admin_trades),
             ("GET", "/_sim/countdowns", self._admin_countdowns),
             ("GET", "/_sim/windows", self._admin_windows),
+            ("POST", "/_sim/funding/rate", self._admin_funding_rate),
+            ("POST", "/_sim/funding/settle", self._admin_funding_settle),
+            ("POST", "/_sim/transfer", self._admin_transfer),
+            ("POST", "/_sim/fee_burn", self._admin_fee_burn),
+            ("POST", "/_sim/manual_trade", self._admin_manual_trade),
+            ("GET", "/_sim/income", self._admin_income),
+            ("GET", "/_sim/ws", self._admin_ws),
+            ("POST", "/_sim/ws/drop", self._admin_ws_drop),
         ]
         for method, path, handler in admin:
             app.router.add_route(method, path, _admin(handler))
+        app.add_routes(stream_routes(self.streams))
         app.router.add_route("*", "/{tail:.*}", self._exchange)
         return app
 
@@ -283,17 +324,24 @@ class BinanceFuturesSim:
         try:
             if call.duplicate is not None:
                 raise errors.rejected(errors.DUPLICATE_PARAM)
-            api_key = self._authenticate(call) if route.signed else ""
+            if route.signed:
+                api_key = self._authenticate(call)
+            else:
+                api_key = self._known_key(call) if route.keyed else ""
             return web.json_response(route.handler(call, api_key))
         except ApiError as exc:
             return _error(exc)
 
-    def _authenticate(self, call: Call) -> str:
+    def _known_key(self, call: Call) -> str:
         if not call.key_header:
             raise errors.rejected(errors.API_KEY_FORMAT, status=401)
-        secret = self.config.api_keys.get(call.key_header)
-        if secret is None:
+        if call.key_header not in self.config.api_keys:
             raise errors.rejected(errors.API_KEY_REJECTED, status=401)
+        return call.key_header
+
+    def _authenticate(self, call: Call) -> str:
+        api_key = self._known_key(call)
+        secret = self.config.api_keys[api_key]
         if self.config.check_signature and not _signature_ok(secret, call):
             raise errors.rejected(errors.INVALID_SIGNATURE)
         timestamp = _integer(call.params, "timestamp")
@@ -309,7 +357,7 @@ class BinanceFuturesSim:
             raise errors.rejected(errors.TIMESTAMP_AHEAD)
         if now - timestamp > recv_window:
             raise errors.rejected(errors.TIMESTAMP_OUTSIDE)
-        return call.key_header
+        return api_key
 
     async def _call(self, request: web.Request) -> Call:
         body = (await request.read()).decode("utf-8", "replace")
@@ -381,6 +429,17 @@ class BinanceFuturesSim:
             ("GET", "/fapi/v1/userTrades"): _Route(self._user_trades, signed),
             ("GET", "/fapi/v2/account"): _Route(self._account, signed),
             ("GET", "/fapi/v2/positionRisk"): _Route(self._position_risk, signed),
+            ("GET", "/fapi/v3/positionRisk"): _Route(self._position_risk_v3, signed),
+            ("GET", "/fapi/v2/balance"): _Route(self._balance, signed),
+            ("GET", "/fapi/v3/balance"): _Route(self._balance, signed),
+            ("GET", "/fapi/v1/income"): _Route(self._income, signed),
+            ("GET", "/fapi/v1/feeBurn"): _Route(self._get_fee_burn, signed),
+            ("POST", "/fapi/v1/feeBurn"): _Route(self._fee_burn, signed),
+            ("GET", "/fapi/v1/klines"): _Route(self._klines, public),
+            ("GET", "/fapi/v1/premiumIndex"): _Route(self._premium_index, public),
+            ("POST", "/fapi/v1/listenKey"): _Route(self._listen_key_open, public, keyed=True),
+            ("PUT", "/fapi/v1/listenKey"): _Route(self._listen_key_keepalive, public, keyed=True),
+            ("DELETE", "/fapi/v1/listenKey"): _Route(self._listen_key_close, public, keyed=True),
         }
 
     def _reported_ms(self) -> int:
@@ -431,10 +490,84 @@ class BinanceFuturesSim:
         return [t.as_binance() for t in self.venue.user_trades(api_key, call.params)]
 
     def _account(self, call: Call, api_key: str) -> Any:
-        return self.venue.account(api_key, self.now_ms())
+        return account.account_info(self.venue, api_key, self.now_ms())
 
     def _position_risk(self, call: Call, api_key: str) -> Any:
-        return self.venue.position_risk(api_key)
+        return account.position_risk(self.venue, api_key)
+
+    def _position_risk_v3(self, call: Call, api_key: str) -> Any:
+        return account.position_risk_v3(self.venue, api_key, self.now_ms())
+
+    def _balance(self, call: Call, api_key: str) -> Any:
+        return account.balances(self.venue, api_key, self.now_ms())
+
+    def _income(self, call: Call, api_key: str) -> Any:
+        entries = self.venue.ledger.query(api_key, call.params, self.now_ms())
+        return [entry.as_binance() for entry in entries]
+
+    def _get_fee_burn(self, call: Call, api_key: str) -> Any:
+        return {"feeBurn": api_key in self.venue.fee_burn}
+
+    def _fee_burn(self, call: Call, api_key: str) -> Any:
+        value = call.params.get("feeBurn")
+        if value not in ("true", "false"):
+            raise errors.mandatory("feeBurn") if not value else errors.invalid_value("feeBurn")
+        self.venue.set_fee_burn(api_key, value == "true")
+        return {"code": 200, "msg": "success"}
+
+    def _klines(self, call: Call, api_key: str) -> Any:
+        symbol = self.venue.require_symbol(call.params.get("symbol"))
+        interval = call.params.get("interval")
+        if not interval:
+            raise errors.mandatory("interval")
+        if interval not in INTERVAL_MS:
+            raise errors.bad_request(-1120, "Invalid interval.")
+        limit = _integer(call.params, "limit") or 500
+        if not 1 <= limit <= 1500:
+            raise errors.invalid_value("limit")
+        klines = self.venue.history.klines(
+            symbol,
+            interval,
+            now_ms=self.now_ms(),
+            start_ms=_integer(call.params, "startTime"),
+            end_ms=_integer(call.params, "endTime"),
+            limit=limit,
+        )
+        return [kline.row() for kline in klines]
+
+    def _premium_index(self, call: Call, api_key: str) -> Any:
+        now = self.now_ms()
+        symbols = (
+            [self.venue.require_symbol(call.params["symbol"])]
+            if "symbol" in call.params
+            else sorted(self.venue.info.instruments)
+        )
+        rows = [
+            {
+                "symbol": symbol,
+                "markPrice": plain(self.venue.price(symbol)),
+                "indexPrice": plain(self.venue.price(symbol)),
+                "estimatedSettlePrice": plain(self.venue.price(symbol)),
+                "lastFundingRate": plain(self.venue.funding_rates.get(symbol, Decimal(0))),
+                "interestRate": "0",
+                "nextFundingTime": self.venue.next_funding_ms,
+                "time": now,
+            }
+            for symbol in symbols
+        ]
+        return rows[0] if "symbol" in call.params else rows
+
+    def _listen_key_open(self, call: Call, api_key: str) -> Any:
+        return {"listenKey": self.listen_keys.open(api_key, self.now_ms())}
+
+    def _listen_key_keepalive(self, call: Call, api_key: str) -> Any:
+        key = self.listen_keys.keepalive(api_key, call.params.get("listenKey"), self.now_ms())
+        return {"listenKey": key}
+
+    def _listen_key_close(self, call: Call, api_key: str) -> Any:
+        key = self.listen_keys.close(api_key, call.params.get("listenKey"))
+        self.streams.end_listen_key(key, self.now_ms(), expired=False)
+        return {}
 
     # --- admin API -----------------------------------------------------------------------------
 
@@ -504,6 +637,71 @@ class BinanceFuturesSim:
 
     async def _admin_windows(self, body: Any, query: Mapping[str, str]) -> Any:
         return {**self.accounting.audit(self.log), "ips": self.accounting.bans()}
+
+    async def _admin_funding_rate(self, body: Any, query: Mapping[str, str]) -> Any:
+        symbol, rate = _field(body, "symbol", str), _decimal_field(body, "rate")
+        if not -1 < rate < 1:
+            raise ValueError("rate must be in (-1, 1)")
+        self.venue.set_funding_rate(symbol, rate)
+        return {"symbol": symbol, "rate": plain(rate)}
+
+    async def _admin_funding_settle(self, body: Any, query: Mapping[str, str]) -> Any:
+        symbol = _field(body, "symbol", str) if "symbol" in (body or {}) else None
+        if symbol is not None:
+            self.venue.require_symbol(symbol)
+        return [_income(e) for e in self.venue.settle_funding(self.now_ms(), symbol)]
+
+    async def _admin_transfer(self, body: Any, query: Mapping[str, str]) -> Any:
+        api_key, asset = _field(body, "api_key", str), _field(body, "asset", str)
+        amount = _decimal_field(body, "amount")
+        return _income(self.venue.transfer(api_key, asset, amount, self.now_ms()))
+
+    async def _admin_fee_burn(self, body: Any, query: Mapping[str, str]) -> Any:
+        api_key, enabled = _field(body, "api_key", str), _field(body, "enabled", bool)
+        if api_key not in self.config.api_keys:
+            raise ValueError(f"unknown api key {api_key!r}")
+        self.venue.set_fee_burn(api_key, enabled)
+        return {"api_key": api_key, "enabled": enabled}
+
+    async def _admin_manual_trade(self, body: Any, query: Mapping[str, str]) -> Any:
+        """A MARKET order placed outside the API (the web UI): client id ``web_<n>``."""
+        api_key = _field(body, "api_key", str)
+        if api_key not in self.config.api_keys:
+            raise ValueError(f"unknown api key {api_key!r}")
+        self._manual += 1
+        params = {
+            "symbol": _field(body, "symbol", str),
+            "side": _field(body, "side", str),
+            "type": "MARKET",
+            "quantity": str(_decimal_field(body, "quantity")),
+            "newClientOrderId": f"web_{self._manual}",
+            "newOrderRespType": "RESULT",
+        }
+        order, _ = self.venue.place(api_key, params, self.now_ms())
+        return _order(order)
+
+    async def _admin_income(self, body: Any, query: Mapping[str, str]) -> Any:
+        return [_income(e) for e in self.venue.ledger.entries]
+
+    async def _admin_ws(self, body: Any, query: Mapping[str, str]) -> Any:
+        return {
+            "connections": [
+                {
+                    "opened_ms": c.opened_ms,
+                    "combined": c.combined,
+                    "streams": [s.name for s in c.klines],
+                    "listen_keys": c.listen_keys,
+                }
+                for c in sorted(self.streams.connections, key=lambda c: c.opened_ms)
+            ],
+            "listen_keys": [
+                {"listen_key": k.key, "api_key": k.api_key, "expires_ms": k.expires_ms}
+                for k in self.listen_keys.active()
+            ],
+        }
+
+    async def _admin_ws_drop(self, body: Any, query: Mapping[str, str]) -> Any:
+        return {"dropped": self.streams.drop()}
 
 
 _FAULT_ERRORS = {
@@ -650,3 +848,7 @@ def _order(order: Order) -> dict[str, Any]:
 
 def _trade(trade: Trade) -> dict[str, Any]:
     return {**trade.as_binance(), "apiKey": trade.api_key}
+
+
+def _income(entry: Income) -> dict[str, Any]:
+    return {**entry.as_binance(), "apiKey": entry.api_key}
