@@ -337,7 +337,7 @@ class _Trader:
         self._counts = _Counts()
         self._threshold = spec.risk.min_confidence
         # Below minConfidence a signal can only be denied, unless the intake could overflow.
-        self._skip_weak = spec.signals.queue_size >= len(symbols) and set(symbols) <= set(
+        self._skip_certain = spec.signals.queue_size >= len(symbols) and set(symbols) <= set(
             spec.symbols
         )
 
@@ -389,9 +389,9 @@ class _Trader:
 
     def _signal(self, bars: Bars, row: int, choice: int, confidence: float, now_ms: int) -> None:
         self._counts.signals += 1
-        weak = self._skip_weak and confidence < self._threshold
-        if weak and self._on_signal is None:
-            self._deny_weak()
+        certain = self._certain_denial(confidence)
+        if certain is not None and self._on_signal is None:
+            self._counts.denials[certain] += 1
             return
         open_time_ms = int(bars.open_time_ms[row])
         signal = Signal(
@@ -406,17 +406,23 @@ class _Trader:
         )
         if self._on_signal is not None:
             self._on_signal(signal)
-        if weak:
-            self._deny_weak()
+        if certain is not None:
+            self._counts.denials[certain] += 1
         else:
             self._count_drops(self._intake.offer(signal, now_ms))
 
-    def _deny_weak(self) -> None:
-        """What ``decide`` answers a signal below minConfidence (its symbol is traded, and it
-        is decided in the step that made it, so it is never expired)."""
-        halted = self._state is TradingState.HALTED
-        reason = DenialReason.HALTED if halted else DenialReason.LOW_CONFIDENCE
-        self._counts.denials[reason.value] += 1
+    def _certain_denial(self, confidence: float) -> str | None:
+        """What ``decide`` is bound to answer, without asking it: ``halted`` once halted (its
+        first check), ``low_confidence`` below minConfidence (its first check that can fail for
+        a signal of a traded symbol decided in the step that made it, so never expired). Only
+        when the intake cannot overflow, or the signal's presence there could matter."""
+        if not self._skip_certain:
+            return None
+        if self._state is TradingState.HALTED:
+            return DenialReason.HALTED.value
+        if confidence < self._threshold:
+            return DenialReason.LOW_CONFIDENCE.value
+        return None
 
     def _decide_all(self, now_ms: int) -> None:
         while len(self._intake):
