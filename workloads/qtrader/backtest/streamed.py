@@ -115,7 +115,7 @@ def run_streamed_backtest(
     unlisted = sorted(symbol for symbol in bars if symbol not in info)
     if unlisted:
         raise BacktestError(f"not listed by the paper exchange: {', '.join(unlisted)}")
-    features = _Features(tuple(sorted(bars)))
+    features = ChunkFeatures(tuple(sorted(bars)))
     labels = _Labels(
         tuple(bars), horizon=label_horizon, cost_bps=round_trip_cost_bps(spec.paper),
         threshold=spec.risk.min_confidence,
@@ -188,7 +188,7 @@ def _check_chunk(chunk: Bars, symbol: str, interval: str | None, *, after: Bars 
 # --- part 1: features and the ensemble, one chunk at a time -----------------------------------
 
 
-class _Features:
+class ChunkFeatures:
     """Per symbol, the last ``WINDOW - 1`` candles carried into the next chunk's windows."""
 
     def __init__(self, symbols: tuple[str, ...]) -> None:
