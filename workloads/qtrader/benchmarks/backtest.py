@@ -161,12 +161,14 @@ def _utc(ms: float) -> Any:
 
 def peak_rss_mb(path: Path) -> float:
     """Peak resident memory (MB) of a fresh process running the streamed backtest on ``path``."""
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
+    # fork and exec, so a child of a large parent reports the parent's peak.
     code = (
-        "import sys, resource; from pathlib import Path;"
+        "import sys; from pathlib import Path;"
         "from qtrader.benchmarks.backtest import streamed_seconds;"
         "from qtrader.inference.onnx_model import SignalModel, default_model_path;"
         "streamed_seconds([Path(sys.argv[1])], SignalModel.load(default_model_path()));"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
