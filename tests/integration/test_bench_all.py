@@ -95,4 +95,4 @@ def test_run_suite_when_a_bench_is_missing_or_fails_then_reported_and_the_rest_r
 
 def test_benches_when_listed_then_every_benchmark_in_order() -> None:
     names = [bench.name for bench in benches(quick=True)]
-    assert names == ["halt", "limiter", "outbox", "pipeline", "pnl", "inference"]
+    assert names == ["halt", "limiter", "outbox", "pipeline", "pnl", "inference", "backtest"]

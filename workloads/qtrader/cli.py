@@ -16,7 +16,8 @@ Subcommands:
 - ``stress [--scenario NAME] [--scale F] [--report PATH]``: the stress scenarios, with a
   Markdown and JSON report;
 - ``bench NAME``: run one benchmark (``halt``, ``limiter``, ``outbox``, ``pipeline``, ``pnl``,
-  ``inference``) and print its figures beside a baseline; ``bench all`` runs every one.
+  ``inference``, ``backtest``) and print its figures beside a baseline; ``bench all`` runs
+  every one.
 
 Arguments are checked before anything starts: a bad one prints what is wrong and exits with 2;
 an invalid policy or EmergencyStop file prints ``FILE:LINE: problem`` and exits with 2 (too
@@ -613,6 +614,30 @@ def _suite_bench_commands(names: argparse._SubParsersAction[argparse.ArgumentPar
         help="rows per batch in the throughput run (default %(default)s)",
     )
     _bench_json(inference)
+    backtest = names.add_parser(
+        "backtest",
+        help="the streamed backtest in candles/s beside the vectorised floor, the per-candle "
+        "engine and backtrader (if installed); growth with candles and symbols",
+    )
+    backtest.add_argument(
+        "--candles",
+        type=_integer(minimum=1000, maximum=1_000_000),
+        default=50_000,
+        help="1m candles per symbol (default %(default)s)",
+    )
+    backtest.add_argument(
+        "--symbols",
+        type=_integer(minimum=1, maximum=16),
+        default=4,
+        help="symbols, the paper exchange's first N (default %(default)s)",
+    )
+    backtest.add_argument(
+        "--repeats", type=_integer(minimum=1, maximum=20), default=3, help="(default 3)"
+    )
+    backtest.add_argument(
+        "--no-growth", action="store_true", help="skip the growth tables and the memory runs"
+    )
+    _bench_json(backtest)
     every = names.add_parser(
         "all", help="every benchmark in turn, a summary table, all figures in one JSON object"
     )
@@ -884,7 +909,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         from qtrader.benchmarks import outbox
 
         return outbox.run(events=args.events, outage_s=args.outage, json_path=args.json)
-    if args.bench_name in ("pipeline", "pnl", "inference", "all"):
+    if args.bench_name in ("pipeline", "pnl", "inference", "backtest", "all"):
         return _run_suite_bench(args)
     from qtrader.benchmarks import halt
 
@@ -908,6 +933,16 @@ def _run_suite_bench(args: argparse.Namespace) -> int:
             return 1
         code: int = inference.run(samples=args.samples, batch=args.batch, json_path=args.json)
         return code
+    if args.bench_name == "backtest":
+        from qtrader.benchmarks import backtest
+
+        return backtest.run(
+            candles=args.candles,
+            symbols=args.symbols,
+            repeats=args.repeats,
+            growth=not args.no_growth,
+            json_path=args.json,
+        )
     from qtrader.benchmarks import suite
 
     return suite.run(json_path=args.json, quick=args.quick)

@@ -1,5 +1,9 @@
 """``qtrader backtest``: trade a candle range with a model on the live code path, print figures.
 
+The run is the streamed engine (``backtest.streamed``): kline files are read a chunk at a time
+as the run reaches them, so memory stays bounded whatever their length; its figures equal the
+per-candle ``run_backtest``'s on the same candles.
+
 Input problems (a model or card that does not load, an invalid policy, kline files that break
 the format, symbols the policy or the paper exchange does not have) print one line saying what
 is wrong and exit 2, like argument errors. A run that completes exits 0, whatever it earned.
@@ -13,14 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from qtrader.backtest.data import CandleSeries, csv_series, series_interval, synthetic_series
-from qtrader.backtest.engine import BacktestError, BacktestResult, run_backtest
+from qtrader.backtest.bars import Bars, candle_bars, csv_bars
+from qtrader.backtest.data import series_interval, synthetic_series
+from qtrader.backtest.engine import BacktestError
 from qtrader.backtest.policy import evaluation_policy, policy_for
 from qtrader.backtest.report import backtest_rows, format_rows
+from qtrader.backtest.streamed import StreamedResult, run_streamed_backtest
 from qtrader.contracts.policy import (
     PolicyError,
     TradingPolicySpec,
@@ -29,7 +36,7 @@ from qtrader.contracts.policy import (
 )
 from qtrader.inference.card import ModelCard
 from qtrader.inference.onnx_model import ModelLoadError, SignalModel, default_model_path
-from qtrader.marketdata.csv_replay import KlineFormatError
+from qtrader.marketdata.csv_replay import KlineFormatError, infer_symbol_interval, read_klines
 from qtrader.marketdata.synthetic import Regime
 
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
@@ -44,20 +51,29 @@ class _InputError(Exception):
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     try:
         model = _load_model(args.model)
-        series, source = _load_data(args)
-        spec = _policy(args.policy, model, tuple(series))
-        result = run_backtest(series, model, spec, label_horizon=_label_horizon(model))
+        data = _load_data(args)
+        spec = _policy(args.policy, model, tuple(data.bars))
+        result = run_streamed_backtest(data.bars, model, spec, label_horizon=_label_horizon(model))
     except _InputError as exc:
         print(f"qtrader backtest: {exc}", file=err)
         return 2
-    except BacktestError as exc:
+    except (BacktestError, KlineFormatError, OSError) as exc:
+        # A bad row is found when the stream reaches it, after the run began.
         print(f"qtrader backtest: {exc}", file=err)
         return 2
     if args.json:
-        print(json.dumps(_document(result, model, spec, source)), file=out)
+        print(json.dumps(_document(result, model, spec, data.source)), file=out)
     else:
-        print(_table(result, model, spec, f"{source}, {series_interval(series)} candles"), file=out)
+        label = f"{data.source}, {data.interval} candles"
+        print(_table(result, model, spec, label), file=out)
     return 0
+
+
+@dataclass(frozen=True)
+class _Data:
+    bars: dict[str, Iterable[Bars]]
+    source: str
+    interval: str
 
 
 def _load_model(path: Path | None) -> SignalModel:
@@ -67,7 +83,7 @@ def _load_model(path: Path | None) -> SignalModel:
         raise _InputError(str(exc)) from None
 
 
-def _load_data(args: argparse.Namespace) -> tuple[CandleSeries, str]:
+def _load_data(args: argparse.Namespace) -> _Data:
     synthetic_only = {
         "--symbols": args.symbols,
         "--candles": args.candles,
@@ -79,10 +95,10 @@ def _load_data(args: argparse.Namespace) -> tuple[CandleSeries, str]:
         if given:
             raise _InputError(f"{', '.join(given)} apply to --synthetic data, not to --csv files")
         try:
-            series = csv_series(args.csv)
+            bars, interval = _csv_data(args.csv)
         except (KlineFormatError, ValueError, OSError) as exc:
             raise _InputError(str(exc)) from None
-        return series, "csv: " + ", ".join(path.name for path in args.csv)
+        return _Data(bars, "csv: " + ", ".join(path.name for path in args.csv), interval)
     symbols: Sequence[str] = args.symbols or DEFAULT_SYMBOLS
     candles: int = args.candles or DEFAULT_CANDLES
     seed: int = DEFAULT_SEED if args.seed is None else args.seed
@@ -91,7 +107,34 @@ def _load_data(args: argparse.Namespace) -> tuple[CandleSeries, str]:
         series = synthetic_series(symbols=symbols, candles=candles, seed=seed, regime=regime)
     except ValueError as exc:
         raise _InputError(str(exc)) from None
-    return series, f"synthetic: {regime.value}, seed {seed}, {candles} candles per symbol"
+    source = f"synthetic: {regime.value}, seed {seed}, {candles} candles per symbol"
+    bars = {symbol: candle_bars(series_candles) for symbol, series_candles in series.items()}
+    return _Data(bars, source, series_interval(series))
+
+
+def _csv_data(paths: Sequence[Path]) -> tuple[dict[str, Iterable[Bars]], str]:
+    """Each symbol's files (consecutive months, in name order) as one stream of chunks; the
+    files are read as the backtest reaches them."""
+    by_symbol: dict[str, list[Path]] = {}
+    intervals: dict[str, list[str]] = {}
+    for path in paths:
+        symbol, interval = infer_symbol_interval(path)
+        read_klines(path, symbol=symbol, interval=interval)  # checks the file now, reads nothing
+        intervals.setdefault(interval, []).append(path.name)
+        by_symbol.setdefault(symbol, []).append(path)
+    if len(intervals) > 1:
+        raise ValueError(f"kline files of different intervals cannot be mixed: {intervals}")
+    (interval,) = intervals
+    bars: dict[str, Iterable[Bars]] = {
+        symbol: _chained(sorted(files), symbol=symbol, interval=interval)
+        for symbol, files in by_symbol.items()
+    }
+    return bars, interval
+
+
+def _chained(paths: Sequence[Path], *, symbol: str, interval: str) -> Iterator[Bars]:
+    for path in paths:
+        yield from csv_bars(path, symbol=symbol, interval=interval)
 
 
 def _policy(path: Path | None, model: SignalModel, symbols: tuple[str, ...]) -> TradingPolicySpec:
@@ -127,7 +170,7 @@ def _label_horizon(model: SignalModel) -> int:
 
 
 def _document(
-    result: BacktestResult, model: SignalModel, spec: TradingPolicySpec, source: str
+    result: StreamedResult, model: SignalModel, spec: TradingPolicySpec, source: str
 ) -> dict[str, object]:
     return {
         "model_version": model.version,
@@ -138,7 +181,7 @@ def _document(
     }
 
 
-def _table(result: BacktestResult, model: SignalModel, spec: TradingPolicySpec, source: str) -> str:
+def _table(result: StreamedResult, model: SignalModel, spec: TradingPolicySpec, source: str) -> str:
     header = (
         f"qtrader backtest: model {model.version}, {source}\n"
         f"  symbols {', '.join(spec.symbols)}; paper exchange fee {spec.paper.fee_bps} bps, "

@@ -48,7 +48,7 @@ from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.execution.decisions import DecisionContext, Denial, decide
 from qtrader.execution.intake import Dropped, SignalIntake
 from qtrader.execution.orders import attempt_order, slippage_bound
-from qtrader.execution.paper import PaperExchange
+from qtrader.execution.paper import PaperExchange, PaperExecution
 from qtrader.inference.card import BacktestFigures
 from qtrader.inference.dataset import LABEL_HORIZON, label_future_returns, round_trip_cost_bps
 from qtrader.inference.evaluation import hit_counts
@@ -260,28 +260,18 @@ class _Run:
         self._execute(outcome, now_ms)
 
     def _execute(self, intent: OrderIntent, now_ms: int) -> None:
-        """The execution driver's first attempt (``attempt_order``): a LIMIT IOC at the bound."""
-        bound = slippage_bound(
-            intent.reference_price, intent.side, self._spec.risk.max_slippage_bps
-        )
-        order = attempt_order(intent, attempt=0, quantity=intent.quantity, bound=bound)
-        execution = self._paper.submit(order, now_ms=now_ms)
+        execution = send_first_attempt(self._paper, intent, self._spec, now_ms=now_ms)
         if execution.final.status is not OrderStatus.FILLED:
             self._tally.unfilled += 1
         for fill in execution.fills:
             self._book(fill)
 
     def _book(self, fill: Fill) -> None:
-        position = self._ledger.quantity(fill.symbol)
-        realized_before = self._ledger.realized_pnl
-        self._ledger.apply_fill(fill)
+        reducing, win = book_fill(self._ledger, fill)
         self._record(fill.ts_ms)
         self._tally.fills.append(fill)
-        if position != 0 and (position > 0) != (fill.side.sign > 0):
-            self._tally.reducing_trades += 1
-            with localcontext(_EXACT):
-                if self._ledger.realized_pnl - realized_before > fill.fee:
-                    self._tally.wins += 1
+        self._tally.reducing_trades += reducing
+        self._tally.wins += win
 
     def _evaluate_risk(self, now_ms: int) -> None:
         if self._state is TradingState.HALTED or not self._halt_on_drawdown:
@@ -368,14 +358,65 @@ class _Run:
         return hit_counts(choice, confidence, truth, threshold=self._spec.risk.min_confidence)
 
 
+def send_first_attempt(
+    paper: PaperExchange, intent: OrderIntent, spec: TradingPolicySpec, *, now_ms: int
+) -> PaperExecution:
+    """The execution driver's first attempt (``attempt_order``): a LIMIT IOC at the policy's
+    slippage bound. A backtest sends no retry: the paper exchange answers at once, and an IOC
+    that finds no price within the bound expires as it would live."""
+    bound = slippage_bound(intent.reference_price, intent.side, spec.risk.max_slippage_bps)
+    order = attempt_order(intent, attempt=0, quantity=intent.quantity, bound=bound)
+    return paper.submit(order, now_ms=now_ms)
+
+
+def book_fill(ledger: Ledger, fill: Fill) -> tuple[bool, bool]:
+    """Book ``fill``; (it reduced a position, and that reduction earned more than its fee)."""
+    position = ledger.quantity(fill.symbol)
+    realized_before = ledger.realized_pnl
+    ledger.apply_fill(fill)
+    if position == 0 or (position > 0) == (fill.side.sign > 0):
+        return False, False
+    with localcontext(_EXACT):
+        return True, ledger.realized_pnl - realized_before > fill.fee
+
+
+class SharpeAccumulator:
+    """The Sharpe ratio of an equity series fed one value at a time, in O(1) memory.
+
+    Welford's running mean and variance of the per-period returns, in float64: both engines use
+    it, so a streamed backtest and the per-candle one give the same figure bit for bit (it
+    differs from numpy's two-pass ``std`` in the last digits only, ~1e-13 relative)."""
+
+    def __init__(self) -> None:
+        self._previous: float | None = None
+        self._count = 0
+        self._mean = 0.0
+        self._m2 = 0.0
+
+    def add(self, equity: Decimal) -> None:
+        value = float(equity)
+        if self._previous is not None:
+            change = value / self._previous - 1.0
+            self._count += 1
+            delta = change - self._mean
+            self._mean += delta / self._count
+            self._m2 += delta * (change - self._mean)
+        self._previous = value
+
+    def ratio(self, periods_per_year: float) -> float | None:
+        """Annualised (risk-free rate 0); None with fewer than two returns or no variation."""
+        if self._count < 2:
+            return None
+        deviation = math.sqrt(self._m2 / (self._count - 1))
+        if deviation == 0.0 or not math.isfinite(deviation):
+            return None
+        return float(self._mean / deviation * math.sqrt(periods_per_year))
+
+
 def sharpe_ratio(equity: Sequence[Decimal], periods_per_year: float) -> float | None:
     """Annualised Sharpe ratio of the per-period returns of ``equity`` (risk-free rate 0);
     None with fewer than two returns or when they never vary."""
-    values = np.array([float(e) for e in equity], dtype=np.float64)
-    if values.shape[0] < 3:
-        return None
-    returns = values[1:] / values[:-1] - 1.0
-    deviation = float(returns.std(ddof=1))
-    if deviation == 0.0 or not math.isfinite(deviation):
-        return None
-    return float(returns.mean() / deviation * math.sqrt(periods_per_year))
+    accumulator = SharpeAccumulator()
+    for value in equity:
+        accumulator.add(value)
+    return accumulator.ratio(periods_per_year)

@@ -109,6 +109,17 @@ def _inference(quick: bool) -> Callable[[Path], int]:
     return run
 
 
+def _backtest(quick: bool) -> Callable[[Path], int]:
+    def run(path: Path) -> int:
+        from qtrader.benchmarks import backtest
+
+        if quick:
+            return backtest.run(candles=5_000, repeats=1, growth=False, json_path=path)
+        return backtest.run(json_path=path)
+
+    return run
+
+
 def benches(*, quick: bool) -> list[Bench]:
     """Every benchmark, at the CLI's default sizes or (``quick``) small ones."""
     makers = (
@@ -118,6 +129,7 @@ def benches(*, quick: bool) -> list[Bench]:
         ("pipeline", _pipeline),
         ("pnl", _pnl),
         ("inference", _inference),
+        ("backtest", _backtest),
     )
     return [Bench(name, make(quick)) for name, make in makers]
 

@@ -16,13 +16,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from qtrader.contracts.messages import Candle, Signal
 from qtrader.inference.features import FeatureWindow, ModelInputs
 from qtrader.inference.onnx_model import CLASSES, Prediction, Predictor, decide_batch
 
 
-def signal_id(model_version: str, candle: Candle) -> str:
+class CandleKey(Protocol):
+    """What names a candle: its symbol and open time (a ``Candle`` has both)."""
+
+    @property
+    def symbol(self) -> str: ...
+
+    @property
+    def open_time_ms(self) -> int: ...
+
+
+def signal_id(model_version: str, candle: CandleKey) -> str:
     """Model version, symbol and candle time: a redelivered candle gives the same id, so
     JetStream drops the repeat."""
     return f"{model_version}:{candle.symbol}:{candle.open_time_ms}"

@@ -87,6 +87,11 @@ class Ledger:
         self._fees = _ZERO
         self._peak_equity = initial_capital
         self._max_drawdown_pct = _ZERO
+        # Caches for a ledger read after every candle: each symbol's unrealized PnL (None when
+        # flat; keyed in the order of ``_positions``, so sums add in the same order) and the
+        # equity (None once a fill or a mark moved it).
+        self._unrealized: dict[str, Decimal | None] = {}
+        self._equity: Decimal | None = initial_capital
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -103,6 +108,7 @@ class Ledger:
             self._fees += fill.fee
             self._marks.setdefault(fill.symbol, fill.price)
             self._fill_ids.add(fill.fill_id)
+            self._revalue(fill.symbol, position)
             self._update_drawdown()
         return True
 
@@ -111,8 +117,12 @@ class Ledger:
         self._exchange.instrument(symbol)  # raises for a symbol the exchange does not list
         if not price.is_finite() or price <= 0:
             raise ValueError(f"mark price for {symbol} must be positive: {price}")
+        self._marks[symbol] = price
+        position = self._positions.get(symbol)
+        if position is None or not position.quantity:
+            return  # values no open position: equity, peak and drawdown stay as they are
+        self._revalue(symbol, position)
         with localcontext(_EXACT):
-            self._marks[symbol] = price
             self._update_drawdown()
 
     # --- exact figures ------------------------------------------------------------------------
@@ -131,17 +141,21 @@ class Ledger:
 
     @property
     def unrealized_pnl(self) -> Decimal:
-        with localcontext(_EXACT):
-            return sum(
-                (p.unrealized(self._marks[s]) for s, p in self._positions.items() if p.quantity),
-                _ZERO,
-            )
+        # The context's own methods: the same arithmetic as operators inside localcontext,
+        # without entering one.
+        total = _ZERO
+        for value in self._unrealized.values():
+            if value is not None:
+                total = _EXACT.add(total, value)
+        return total
 
     @property
     def equity(self) -> Decimal:
         """initial capital + realized PnL - fees + unrealized PnL, exact."""
-        with localcontext(_EXACT):
-            return self._initial_capital + self._realized - self._fees + self.unrealized_pnl
+        if self._equity is None:
+            capital = _EXACT.add(self._initial_capital, self._realized)
+            self._equity = _EXACT.add(_EXACT.subtract(capital, self._fees), self.unrealized_pnl)
+        return self._equity
 
     @property
     def peak_equity(self) -> Decimal:
@@ -212,6 +226,15 @@ class Ledger:
             )
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _revalue(self, symbol: str, position: _Position) -> None:
+        """Its fill or mark moved ``symbol``: its unrealized PnL, and so the equity."""
+        self._unrealized[symbol] = (
+            _EXACT.subtract(_EXACT.multiply(position.quantity, self._marks[symbol]), position.cost)
+            if position.quantity
+            else None
+        )
+        self._equity = None
 
     def _update_drawdown(self) -> None:
         equity = self.equity

@@ -1,0 +1,200 @@
+"""The streamed backtest against the per-candle one: same candles, same signals, same trades.
+
+``run_backtest`` is the live path in a loop (a ``FeatureWindow`` and a model call per step);
+the streamed engine computes inputs over chunks and calls the ensemble once per chunk. Chunk
+sizes here are small and odd so that windows, labels and steps straddle chunk boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from qtrader.backtest.bars import Bars, candle_bars, csv_bars
+from qtrader.backtest.data import CandleSeries, csv_series, synthetic_series
+from qtrader.backtest.engine import BacktestResult, run_backtest
+from qtrader.backtest.policy import evaluation_policy
+from qtrader.backtest.streamed import StreamedResult, run_streamed_backtest
+from qtrader.contracts.messages import Candle, Fill, Signal
+from qtrader.contracts.policy import TradingPolicySpec
+from qtrader.inference.onnx_model import SignalModel, default_model_path
+from qtrader.marketdata.csv_replay import read_klines
+
+SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT")
+HORIZON = 5
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "data"
+HEADER = (
+    "open_time,open,high,low,close,volume,close_time,quote_volume,count,"
+    "taker_buy_volume,taker_buy_quote_volume,ignore\n"
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> SignalModel:
+    return SignalModel.load(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def series() -> CandleSeries:
+    return synthetic_series(symbols=SYMBOLS, candles=700, seed=5)
+
+
+def with_risk(spec: TradingPolicySpec, **changes: object) -> TradingPolicySpec:
+    data = spec.model_dump()
+    for key, value in changes.items():
+        section, name = key.split("__")
+        data[section][name] = value
+    return TradingPolicySpec.model_validate(data)
+
+
+def streamed(
+    bars: dict[str, Iterator[Bars]], model: SignalModel, spec: TradingPolicySpec
+) -> tuple[StreamedResult, list[Signal], list[Fill]]:
+    signals: list[Signal] = []
+    fills: list[Fill] = []
+    result = run_streamed_backtest(
+        bars, model, spec, label_horizon=HORIZON, on_signal=signals.append, on_fill=fills.append
+    )
+    return result, signals, fills
+
+
+def assert_same_run(
+    live: BacktestResult, fast: StreamedResult, signals: list[Signal], fills: list[Fill]
+) -> None:
+    assert fast.figures == live.figures
+    assert signals == list(live.signals)  # direction and confidence bit for bit
+    assert fills == list(live.fills)
+    assert dict(fast.final_positions) == dict(live.final_positions)
+    assert dict(fast.final_marks) == dict(live.final_marks)
+    assert fast.dropped == live.dropped
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        # A drawdown limit the run reaches: the halt, and every signal after it denied.
+        {"risk__max_drawdown_pct": Decimal("0.5")},
+        # An intake smaller than a step's signals: drops, and signals decided in cycles.
+        {"signals__queue_size": 2, "signals__max_per_cycle": 1},
+    ],
+    ids=["evaluation-policy", "halts-on-drawdown", "intake-overflows"],
+)
+def test_streamed_when_same_candles_then_same_signals_trades_and_figures_as_per_candle(
+    changes: dict[str, object], series: CandleSeries, model: SignalModel
+) -> None:
+    spec = with_risk(evaluation_policy(SYMBOLS), **changes)
+    live = run_backtest(series, model, spec, label_horizon=HORIZON)
+    fast, signals, fills = streamed(
+        {s: candle_bars(c, chunk_rows=97) for s, c in series.items()}, model, spec
+    )
+    assert live.figures.trades > 50
+    if "risk__max_drawdown_pct" in changes:
+        assert live.figures.halted_at_ms is not None
+    if "signals__queue_size" in changes:
+        assert live.dropped
+    assert_same_run(live, fast, signals, fills)
+
+
+def test_streamed_when_symbols_start_late_and_have_gaps_then_steps_match_per_candle(
+    series: CandleSeries, model: SignalModel
+) -> None:
+    ragged = {
+        "BTCUSDT": series["BTCUSDT"],
+        "ETHUSDT": series["ETHUSDT"][150:],  # starts in the third chunk of the others
+        "SOLUSDT": series["SOLUSDT"][:300] + series["SOLUSDT"][420:],  # a gap of 120 candles
+    }
+    spec = evaluation_policy(tuple(ragged))
+    live = run_backtest(ragged, model, spec, label_horizon=HORIZON)
+    fast, signals, fills = streamed(
+        {s: candle_bars(c, chunk_rows=64) for s, c in ragged.items()}, model, spec
+    )
+    assert_same_run(live, fast, signals, fills)
+
+
+def test_streamed_when_read_from_kline_files_then_same_as_per_candle_on_those_files(
+    series: CandleSeries, model: SignalModel, tmp_path: Path
+) -> None:
+    paths = [write_klines(tmp_path, candles) for candles in series.values()]
+    from_files = csv_series(paths)
+    spec = evaluation_policy(SYMBOLS)
+    live = run_backtest(from_files, model, spec, label_horizon=HORIZON)
+    bars = {
+        path.name.split("-")[0]: csv_bars(
+            path, symbol=path.name.split("-")[0], interval="1m", chunk_rows=111
+        )
+        for path in paths
+    }
+    fast, signals, fills = streamed(bars, model, spec)
+    assert_same_run(live, fast, signals, fills)
+
+
+def test_streamed_when_run_then_reads_the_input_only_a_chunk_or_two_ahead(
+    series: CandleSeries, model: SignalModel
+) -> None:
+    chunk = 50
+    pulled = dict.fromkeys(SYMBOLS, 0)
+    ahead: list[int] = []
+
+    def counted(symbol: str) -> Iterator[Bars]:
+        for bars in candle_bars(series[symbol], chunk_rows=chunk):
+            pulled[symbol] += 1
+            yield bars
+
+    def on_signal(signal: Signal) -> None:
+        index = (signal.candle_open_time_ms - series["BTCUSDT"][0].open_time_ms) // 60_000
+        ahead.append(pulled[signal.symbol] - index // chunk)
+
+    run_streamed_backtest(
+        {s: counted(s) for s in SYMBOLS}, model, evaluation_policy(SYMBOLS), on_signal=on_signal
+    )
+    assert len(ahead) == sum(len(c) - 31 for c in series.values())
+    assert max(ahead) <= 2  # the chunk being traded and at most the next one
+
+
+# --- the chunked kline reader -----------------------------------------------------------------
+
+
+def write_klines(folder: Path, candles: list[Candle], *, header: bool = True) -> Path:
+    path = folder / f"{candles[0].symbol}-1m-test.csv"
+    rows = [
+        f"{c.open_time_ms},{c.open},{c.high},{c.low},{c.close},{c.volume},{c.close_time_ms},"
+        f"0,{c.trades},0,0,0\n"
+        for c in candles
+    ]
+    path.write_text((HEADER if header else "") + "".join(rows))
+    return path
+
+
+def all_candles(bars: Iterator[Bars]) -> list[Candle]:
+    return [chunk.candle(row) for chunk in bars for row in range(len(chunk))]
+
+
+def test_csv_bars_when_reading_the_sample_then_same_candles_and_floats_as_the_strict_reader() -> (
+    None
+):
+    path = EXAMPLES / "BTCUSDT-1m-sample.csv"
+    strict = list(read_klines(path, symbol="BTCUSDT", interval="1m"))
+    chunks = list(csv_bars(path, symbol="BTCUSDT", interval="1m", chunk_rows=128))
+    assert [c for chunk in chunks for c in all_candles(iter([chunk]))] == strict
+    closes = [float(x) for chunk in chunks for x in chunk.close]
+    assert closes == [float(c.close) for c in strict]
+    exact = [chunk.close_decimal(row) for chunk in chunks for row in range(len(chunk))]
+    assert exact == [c.close for c in strict]
+
+
+def test_csv_bars_when_a_row_needs_the_strict_reader_then_it_takes_over_with_its_verdict(
+    series: CandleSeries, tmp_path: Path
+) -> None:
+    candles = series["BTCUSDT"][:300]
+    path = write_klines(tmp_path, candles, header=False)
+    lines = path.read_text().splitlines(keepends=True)
+    # An exponent: valid for the strict reader (Decimal), a doubt for the fast one.
+    lines[200] = lines[200].replace(",0,", ",0E+0,", 1)
+    path.write_text("".join(lines))
+    assert all_candles(csv_bars(path, symbol="BTCUSDT", interval="1m", chunk_rows=64)) == list(
+        read_klines(path, symbol="BTCUSDT", interval="1m")
+    )

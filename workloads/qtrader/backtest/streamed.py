@@ -1,0 +1,555 @@
+"""The backtest at research speed: the same trading as ``engine.run_backtest``, streamed.
+
+``run_backtest`` pushes one candle at a time through the inference service's ``SignalMaker``
+(one feature window and one model call per step). Here the candles come in chunks of column
+arrays (``bars.Bars``) and each chunk is handled in two parts:
+
+1. vectorised: every symbol's model inputs for the whole chunk (``inputs_from_arrays``, the
+   training path, on the chunk plus the last ``WINDOW - 1`` candles carried from the previous
+   chunk), one ``predict`` of the ensemble over all of them (one ``session.run`` per member),
+   and the one decision rule (``decide_batch``). The inputs equal the live ``FeatureWindow``'s
+   bit for bit: both call ``_window_features`` and ``_window_sequence`` on contiguous windows of
+   one shape, and onnxruntime gives each row the same output whatever the batch around it (a
+   test holds both to it);
+2. sequential, in time order, step by step: marks, the step's signals through the execution
+   worker's ``SignalIntake`` and ``decide``, orders to the ``PaperExchange``, fills into the
+   ``Ledger``, the ``DrawdownEvaluator``: the objects ``run_backtest`` uses, in the same order.
+
+What makes the sequential part cheap without changing what it computes:
+
+* a signal below ``minConfidence`` is not built as a ``Signal``: ``decide`` would deny it with
+  ``low_confidence`` (``halted`` once halted) and nothing else can happen to it, provided the
+  intake never overflows; a step offers at most one signal per symbol and takes them all, so
+  that holds whenever ``queueSize`` >= the number of symbols, which is checked (otherwise every
+  signal goes through the intake, as in ``run_backtest``);
+* the ``DecisionContext`` is built once per step and again only after a fill changed the
+  positions or the equity;
+* a mark of a symbol without a position cannot move equity, peak or drawdown, so the ledger
+  gets it only when that symbol is about to trade (or at the end); the paper exchange gets a
+  symbol's candle only when an order for it is sent;
+* a portfolio snapshot for the drawdown rule is built only once the ledger's maximum drawdown
+  is within rounding of the limit (the current drawdown is never above the maximum);
+* nothing grows with the run: counts, the running Sharpe ratio and, per symbol, the last
+  ``WINDOW - 1`` candles and the last ``label_horizon`` predictions (for the hit rate). Signals
+  and fills go to the optional ``on_signal`` / ``on_fill`` callbacks instead of a list.
+
+Per candle, a live worker would also retry an unfilled order and expire intents; the per-candle
+backtest does neither (it sends the first attempt only), and neither does this one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Context, Decimal, localcontext
+
+import numpy as np
+from numpy.typing import NDArray
+
+from qtrader.backtest.bars import Bars
+from qtrader.backtest.data import interval_ms
+from qtrader.backtest.engine import (
+    BacktestError,
+    SharpeAccumulator,
+    book_fill,
+    send_first_attempt,
+)
+from qtrader.contracts.messages import Fill, OrderStatus, Signal, TradingState
+from qtrader.contracts.policy import TradingPolicySpec
+from qtrader.execution.decisions import DecisionContext, Denial, DenialReason, decide
+from qtrader.execution.intake import Dropped, SignalIntake
+from qtrader.execution.paper import PaperExchange
+from qtrader.inference.card import BacktestFigures
+from qtrader.inference.dataset import LABEL_HORIZON, label_future_returns, round_trip_cost_bps
+from qtrader.inference.evaluation import hit_counts
+from qtrader.inference.features import WINDOW, ModelInputs, inputs_from_arrays
+from qtrader.inference.onnx_model import CLASSES, Predictor, decide_batch
+from qtrader.inference.signals import signal_id
+from qtrader.instruments import ExchangeInfo, paper_exchange_info
+from qtrader.portfolio.ledger import Ledger
+from qtrader.risk.evaluators import DrawdownEvaluator
+
+_EXACT = Context(prec=60, rounding=ROUND_HALF_UP)
+_PCT = Decimal("1e-6")
+_HALF_PCT_STEP = Decimal("0.0000005")  # snapshots round the drawdown half up to 1e-6
+_YEAR_MS = 365 * 86_400_000
+_POLICY_REVISION = 0
+_NO_SIGNAL = -1
+
+_Int64s = NDArray[np.int64]
+_Float64s = NDArray[np.float64]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamedResult:
+    figures: BacktestFigures
+    final_marks: Mapping[str, Decimal]
+    final_positions: Mapping[str, Decimal]
+    dropped: Mapping[str, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkPredictions:
+    """One chunk's signals per symbol: row ``i`` of the symbol's bars made class
+    ``choice[i]`` (-1: its window was not full yet) with ``confidence[i]``."""
+
+    choice: Mapping[str, NDArray[np.intp]]
+    confidence: Mapping[str, _Float64s]
+
+
+def run_streamed_backtest(
+    bars: Mapping[str, Iterable[Bars]],
+    model: Predictor,
+    spec: TradingPolicySpec,
+    *,
+    exchange: ExchangeInfo | None = None,
+    label_horizon: int = LABEL_HORIZON,
+    halt_on_drawdown: bool = True,
+    on_signal: Callable[[Signal], None] | None = None,
+    on_fill: Callable[[Fill], None] | None = None,
+) -> StreamedResult:
+    """Trade each symbol's chunks (ascending open time) as ``run_backtest`` trades the same
+    candles; the figures are equal to its figures."""
+    info = exchange or paper_exchange_info()
+    unlisted = sorted(symbol for symbol in bars if symbol not in info)
+    if unlisted:
+        raise BacktestError(f"not listed by the paper exchange: {', '.join(unlisted)}")
+    features = ChunkFeatures(tuple(sorted(bars)))
+    labels = _Labels(
+        tuple(bars), horizon=label_horizon, cost_bps=round_trip_cost_bps(spec.paper),
+        threshold=spec.risk.min_confidence,
+    )  # fmt: skip
+    trader = _Trader(
+        spec, info, model, symbols=tuple(bars), halt_on_drawdown=halt_on_drawdown,
+        on_signal=on_signal, on_fill=on_fill,
+    )  # fmt: skip
+    for block in aligned_blocks(bars):
+        predictions = features.predict(block, model)
+        labels.add(block, predictions)
+        trader.trade(block, predictions)
+    return trader.result(labels)
+
+
+# --- the chunks of several symbols, aligned in time ------------------------------------------
+
+
+def aligned_blocks(bars: Mapping[str, Iterable[Bars]]) -> Iterator[dict[str, Bars]]:
+    """Each symbol's chunks cut so that every block holds all candles up to one open time.
+
+    A block ends at the earliest last open time among the symbols still reading, so a later
+    block never holds a candle older than one already handed out. Each symbol holds at most
+    about two chunks at once.
+    """
+    sources = {symbol: iter(chunks) for symbol, chunks in bars.items()}
+    held: dict[str, Bars | None] = {symbol: None for symbol in sources}
+    interval: str | None = None
+    while sources or any(b is not None and len(b) for b in held.values()):
+        for symbol in list(sources):
+            pending = held[symbol]
+            if pending is None or len(pending) == 0:
+                chunk = next(sources[symbol], None)
+                if chunk is None:
+                    del sources[symbol]
+                    continue
+                interval = _check_chunk(chunk, symbol, interval, after=pending)
+                held[symbol] = chunk if pending is None else pending.then(chunk)
+        ends = [int(held_bars.open_time_ms[-1]) for s, held_bars in held.items()
+                if s in sources and held_bars is not None and len(held_bars)]  # fmt: skip
+        cut = min(ends) if ends else None
+        block: dict[str, Bars] = {}
+        for symbol, pending in held.items():
+            if pending is None or len(pending) == 0:
+                continue
+            stop = (
+                len(pending)
+                if cut is None
+                else int(np.searchsorted(pending.open_time_ms, cut, side="right"))
+            )
+            if stop:
+                block[symbol] = pending.take(0, stop)
+                held[symbol] = pending.take(stop, len(pending))
+        if block:
+            yield block
+
+
+def _check_chunk(chunk: Bars, symbol: str, interval: str | None, *, after: Bars | None) -> str:
+    if chunk.symbol != symbol:
+        raise BacktestError(f"a {chunk.symbol} candle is in the {symbol} series")
+    if interval is not None and chunk.interval != interval:
+        raise BacktestError(f"candles must share one interval, got {[interval, chunk.interval]}")
+    opens = chunk.open_time_ms
+    previous = None if after is None or len(after) == 0 else int(after.open_time_ms[-1])
+    if np.any(np.diff(opens) <= 0) or (previous is not None and int(opens[0]) <= previous):
+        raise BacktestError(f"{symbol}: candles must be in ascending open time")
+    return chunk.interval
+
+
+# --- part 1: features and the ensemble, one chunk at a time -----------------------------------
+
+
+class ChunkFeatures:
+    """Per symbol, the last ``WINDOW - 1`` candles carried into the next chunk's windows."""
+
+    def __init__(self, symbols: tuple[str, ...]) -> None:
+        self._symbols = symbols
+        self._carry: dict[str, tuple[_Float64s, ...]] = {}
+
+    def predict(self, block: Mapping[str, Bars], model: Predictor) -> ChunkPredictions:
+        inputs: list[ModelInputs] = []
+        missing: dict[str, int] = {}  # rows of the chunk without a full window
+        for symbol in self._symbols:
+            if symbol not in block:
+                continue
+            columns = self._columns(symbol, block[symbol])
+            rows = inputs_from_arrays(*columns)
+            missing[symbol] = len(block[symbol]) - rows.rows
+            inputs.append(rows)
+        stacked = ModelInputs.stack(inputs)
+        if stacked.rows:
+            choice, confidence = decide_batch(model.predict(stacked).probabilities)
+        else:
+            choice, confidence = np.empty(0, np.intp), np.empty(0, np.float64)
+        return self._split(block, missing, choice, confidence)
+
+    def _columns(self, symbol: str, bars: Bars) -> tuple[_Float64s, ...]:
+        fresh = (bars.open, bars.high, bars.low, bars.close, bars.volume)
+        carried = self._carry.get(symbol)
+        columns = fresh if carried is None else tuple(
+            np.concatenate([old, new]) for old, new in zip(carried, fresh, strict=True)
+        )  # fmt: skip
+        self._carry[symbol] = tuple(column[-(WINDOW - 1) :].copy() for column in columns)
+        return columns
+
+    def _split(
+        self,
+        block: Mapping[str, Bars],
+        missing: Mapping[str, int],
+        choice: NDArray[np.intp],
+        confidence: _Float64s,
+    ) -> ChunkPredictions:
+        choices: dict[str, NDArray[np.intp]] = {}
+        confidences: dict[str, _Float64s] = {}
+        start = 0
+        for symbol, skipped in missing.items():
+            made = len(block[symbol]) - skipped
+            choices[symbol] = np.concatenate(
+                [np.full(skipped, _NO_SIGNAL, np.intp), choice[start : start + made]]
+            )
+            confidences[symbol] = np.concatenate(
+                [np.zeros(skipped), confidence[start : start + made]]
+            )
+            start += made
+        return ChunkPredictions(choice=choices, confidence=confidences)
+
+
+# --- the hit rate, with the future each label needs carried between chunks -------------------
+
+
+@dataclass
+class _Labels:
+    """Hits of directional signals against the close ``horizon`` candles later, as
+    ``run_backtest`` judges them; per symbol the last ``horizon`` closes wait for their future."""
+
+    symbols: tuple[str, ...]
+    horizon: int
+    cost_bps: float
+    threshold: float
+    hits: int = 0
+    directional: int = 0
+    _waiting: dict[str, tuple[_Float64s, NDArray[np.intp], _Float64s]] = field(default_factory=dict)
+
+    def add(self, block: Mapping[str, Bars], predictions: ChunkPredictions) -> None:
+        for symbol, bars in block.items():
+            fresh = (bars.close, predictions.choice[symbol], predictions.confidence[symbol])
+            waiting = self._waiting.get(symbol)
+            close, choice, confidence = fresh if waiting is None else (
+                np.concatenate([old, new]) for old, new in zip(waiting, fresh, strict=True)
+            )  # fmt: skip
+            truth = label_future_returns(close, horizon=self.horizon, cost_bps=self.cost_bps)
+            judged = choice[: truth.shape[0]] != _NO_SIGNAL
+            hits, directional = hit_counts(
+                choice[: truth.shape[0]][judged],
+                confidence[: truth.shape[0]][judged],
+                truth[judged],
+                threshold=self.threshold,
+            )
+            self.hits += hits
+            self.directional += directional
+            keep = slice(truth.shape[0], None)
+            self._waiting[symbol] = (close[keep], choice[keep], confidence[keep])
+
+
+# --- part 2: the sequential trading -----------------------------------------------------------
+
+
+@dataclass
+class _Counts:
+    signals: int = 0
+    orders: int = 0
+    trades: int = 0
+    unfilled: int = 0
+    reducing_trades: int = 0
+    wins: int = 0
+    denials: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    halted_at_ms: int | None = None
+    start_ms: int | None = None
+    end_ms: int = 0
+    interval: str = ""
+
+
+class _Trader:
+    """The step loop: ``run_backtest``'s ``_Run.step`` on pre-made predictions."""
+
+    def __init__(
+        self,
+        spec: TradingPolicySpec,
+        info: ExchangeInfo,
+        model: Predictor,
+        *,
+        symbols: tuple[str, ...],
+        halt_on_drawdown: bool,
+        on_signal: Callable[[Signal], None] | None,
+        on_fill: Callable[[Fill], None] | None,
+    ) -> None:
+        self._spec = spec
+        self._info = info
+        self._version = model.version
+        self._halt_on_drawdown = halt_on_drawdown
+        self._on_signal = on_signal
+        self._on_fill = on_fill
+        self._intake = SignalIntake.from_policy(spec.signals)
+        self._paper = PaperExchange(
+            exchange=info, fee_bps=spec.paper.fee_bps, slippage_bps=spec.paper.slippage_bps
+        )
+        self._ledger = Ledger(initial_capital=spec.paper.initial_capital_usd, exchange=info)
+        self._drawdown = DrawdownEvaluator(spec.risk.max_drawdown_pct, source="backtest")
+        self._near_limit = spec.risk.max_drawdown_pct - _HALF_PCT_STEP
+        self._marks: dict[str, Decimal] = {}
+        self._unmarked: dict[str, Decimal] = {}  # marks the ledger has not needed yet
+        self._candles: dict[str, tuple[Bars, int]] = {}  # the step's candle per symbol
+        self._context: DecisionContext | None = None
+        self._state = TradingState.ACTIVE
+        self._steps = 0
+        self._sharpe = SharpeAccumulator()
+        self._sharpe.add(spec.paper.initial_capital_usd)
+        self._counts = _Counts()
+        self._threshold = spec.risk.min_confidence
+        # Below minConfidence a signal can only be denied, unless the intake could overflow.
+        self._skip_certain = spec.signals.queue_size >= len(symbols) and set(symbols) <= set(
+            spec.symbols
+        )
+
+    def trade(self, block: Mapping[str, Bars], predictions: ChunkPredictions) -> None:
+        symbols = sorted(block)
+        order, starts, now = _step_order([block[s].open_time_ms for s in symbols],
+                                         [block[s].close_time_ms for s in symbols])  # fmt: skip
+        which, rows = order
+        counts = self._counts
+        if counts.start_ms is None:
+            counts.start_ms = min(int(block[s].open_time_ms[0]) for s in symbols)
+            counts.interval = block[symbols[0]].interval
+        counts.end_ms = max(counts.end_ms, *(int(block[s].close_time_ms[-1]) for s in symbols))
+        choices = [predictions.choice[s].tolist() for s in symbols]
+        confidences = [predictions.confidence[s].tolist() for s in symbols]
+        bars = [block[s] for s in symbols]
+        which_list, rows_list, now_list = which.tolist(), rows.tolist(), now.tolist()
+        bounds = starts.tolist()
+        for k in range(len(bounds) - 1):
+            events = range(bounds[k], bounds[k + 1])
+            self._step(
+                [(bars[which_list[e]], rows_list[e]) for e in events],
+                [(choices[which_list[e]][rows_list[e]], confidences[which_list[e]][rows_list[e]])
+                 for e in events],
+                now_list[k],
+            )  # fmt: skip
+
+    def _step(
+        self, candles: list[tuple[Bars, int]], made: list[tuple[int, float]], now_ms: int
+    ) -> None:
+        self._context = None
+        self._candles.clear()
+        for bars, row in candles:
+            symbol = bars.symbol
+            close = bars.close_decimal(row)
+            self._marks[symbol] = close
+            self._candles[symbol] = (bars, row)
+            if self._ledger.quantity(symbol):
+                self._ledger.mark(symbol, close)
+            else:
+                self._unmarked[symbol] = close
+        for (bars, row), (choice, confidence) in zip(candles, made, strict=True):
+            if choice != _NO_SIGNAL:
+                self._signal(bars, row, choice, confidence, now_ms)
+        self._decide_all(now_ms)
+        self._steps += 1
+        self._evaluate_risk(now_ms)
+        self._sharpe.add(self._ledger.equity)
+
+    def _signal(self, bars: Bars, row: int, choice: int, confidence: float, now_ms: int) -> None:
+        self._counts.signals += 1
+        certain = self._certain_denial(confidence)
+        if certain is not None and self._on_signal is None:
+            self._counts.denials[certain] += 1
+            return
+        open_time_ms = int(bars.open_time_ms[row])
+        signal = Signal(
+            signal_id=signal_id(self._version, _Named(bars.symbol, open_time_ms)),
+            symbol=bars.symbol,
+            direction=CLASSES[choice],
+            confidence=confidence,
+            model_version=self._version,
+            candle_open_time_ms=open_time_ms,
+            price=self._marks[bars.symbol],
+            created_at_ms=now_ms,
+        )
+        if self._on_signal is not None:
+            self._on_signal(signal)
+        if certain is not None:
+            self._counts.denials[certain] += 1
+        else:
+            self._count_drops(self._intake.offer(signal, now_ms))
+
+    def _certain_denial(self, confidence: float) -> str | None:
+        """What ``decide`` is bound to answer, without asking it: ``halted`` once halted (its
+        first check), ``low_confidence`` below minConfidence (its first check that can fail for
+        a signal of a traded symbol decided in the step that made it, so never expired). Only
+        when the intake cannot overflow, or the signal's presence there could matter."""
+        if not self._skip_certain:
+            return None
+        if self._state is TradingState.HALTED:
+            return DenialReason.HALTED.value
+        if confidence < self._threshold:
+            return DenialReason.LOW_CONFIDENCE.value
+        return None
+
+    def _decide_all(self, now_ms: int) -> None:
+        while len(self._intake):
+            taken, dropped = self._intake.take(self._spec.signals.max_per_cycle, now_ms)
+            self._count_drops(dropped)
+            for signal in taken:
+                self._decide(signal, now_ms)
+
+    def _decide(self, signal: Signal, now_ms: int) -> None:
+        if self._context is None:
+            self._context = DecisionContext(
+                trading_state=self._state,
+                positions=dict(self._ledger.positions),
+                marks=dict(self._marks),
+                equity=self._ledger.equity,
+            )
+        outcome = decide(
+            signal=signal,
+            context=self._context,
+            policy=self._spec,
+            policy_revision=_POLICY_REVISION,
+            now_ms=now_ms,
+            exchange=self._info,
+        )
+        if isinstance(outcome, Denial):
+            self._counts.denials[outcome.reason.value] += 1
+            return
+        self._counts.orders += 1
+        bars, row = self._candles[signal.symbol]
+        self._paper.on_candle(bars.candle(row))
+        execution = send_first_attempt(self._paper, outcome, self._spec, now_ms=now_ms)
+        if execution.final.status is not OrderStatus.FILLED:
+            self._counts.unfilled += 1
+        for fill in execution.fills:
+            self._book(fill)
+
+    def _book(self, fill: Fill) -> None:
+        pending = self._unmarked.pop(fill.symbol, None)
+        if pending is not None:
+            self._ledger.mark(fill.symbol, pending)
+        reducing, win = book_fill(self._ledger, fill)
+        self._context = None  # positions and equity moved
+        self._counts.trades += 1
+        self._counts.reducing_trades += reducing
+        self._counts.wins += win
+        if self._on_fill is not None:
+            self._on_fill(fill)
+
+    def _evaluate_risk(self, now_ms: int) -> None:
+        if self._state is TradingState.HALTED or not self._halt_on_drawdown:
+            return
+        if self._ledger.max_drawdown_pct < self._near_limit:
+            return  # the snapshot's drawdown (<= the maximum, rounded) cannot reach the limit
+        snapshot = self._ledger.snapshot(sequence=self._steps, ts_ms=now_ms)
+        if self._drawdown.on_snapshot(snapshot) is not None:
+            self._state = TradingState.HALTED
+            self._context = None
+            self._counts.halted_at_ms = now_ms
+
+    def _count_drops(self, dropped: list[Dropped]) -> None:
+        for drop in dropped:
+            self._counts.dropped[drop.reason.value] += 1
+
+    def result(self, labels: _Labels) -> StreamedResult:
+        counts, ledger = self._counts, self._ledger
+        if counts.start_ms is None:
+            raise BacktestError("no candles to backtest")
+        for symbol, close in self._unmarked.items():
+            ledger.mark(symbol, close)
+        self._unmarked.clear()
+        per_year = _YEAR_MS / interval_ms(counts.interval)
+        snapshot = ledger.snapshot(sequence=self._steps, ts_ms=counts.end_ms)
+        with localcontext(_EXACT):
+            return_pct = (
+                (ledger.equity - ledger.initial_capital) / ledger.initial_capital * 100
+            ).quantize(_PCT)
+        figures = BacktestFigures(
+            start_ms=counts.start_ms,
+            end_ms=counts.end_ms,
+            steps=self._steps,
+            periods_per_year=per_year,
+            initial_capital=snapshot.initial_capital,
+            final_equity=snapshot.equity,
+            realized_pnl=snapshot.realized_pnl,
+            unrealized_pnl=snapshot.unrealized_pnl,
+            fees=snapshot.fees,
+            return_pct=return_pct,
+            max_drawdown_pct=snapshot.max_drawdown_pct,
+            sharpe=self._sharpe.ratio(per_year),
+            signals=counts.signals,
+            directional_signals=labels.directional,
+            signal_hit_rate=labels.hits / labels.directional if labels.directional else None,
+            orders=counts.orders,
+            unfilled_orders=counts.unfilled,
+            trades=counts.trades,
+            reducing_trades=counts.reducing_trades,
+            win_rate=counts.wins / counts.reducing_trades if counts.reducing_trades else None,
+            denials=dict(sorted(counts.denials.items())),
+            halted_at_ms=counts.halted_at_ms,
+        )
+        return StreamedResult(
+            figures=figures,
+            final_marks=dict(self._marks),
+            final_positions=dict(ledger.positions),
+            dropped=dict(sorted(counts.dropped.items())),
+        )
+
+
+@dataclass(frozen=True)
+class _Named:
+    """What ``signal_id`` reads of a candle."""
+
+    symbol: str
+    open_time_ms: int
+
+
+def _step_order(
+    open_times: list[_Int64s], close_times: list[_Int64s]
+) -> tuple[tuple[_Int64s, _Int64s], _Int64s, _Int64s]:
+    """Every candle of the block in step order (open time, then symbol: the symbols come
+    sorted): (symbol index, row) per candle, where each step starts, and each step's time (its
+    latest close + 1 ms, as ``run_backtest``)."""
+    which = np.concatenate([np.full(t.shape[0], i) for i, t in enumerate(open_times)])
+    rows = np.concatenate([np.arange(t.shape[0]) for t in open_times])
+    opens, closes = np.concatenate(open_times), np.concatenate(close_times)
+    order = np.lexsort((which, opens))
+    opens, closes = opens[order], closes[order]
+    starts = np.flatnonzero(np.r_[True, opens[1:] != opens[:-1]])
+    now = np.maximum.reduceat(closes, starts) + 1
+    return (which[order], rows[order]), np.r_[starts, opens.shape[0]], now
