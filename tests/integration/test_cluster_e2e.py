@@ -201,9 +201,7 @@ async def until(check: Callable[[], Any], *, timeout_s: float, what: str, kubele
         await eventually(check, timeout_s=timeout_s, what=what)
     except AssertionError as exc:
         pods = [*kubelet.stopped, *kubelet.pods.values()]
-        logs = "\n".join(
-            kubelet.logs(name)[-3000:] for name in sorted({p.workload for p in pods})
-        )
+        logs = "\n".join(kubelet.logs(name)[-3000:] for name in sorted({p.workload for p in pods}))
         raise AssertionError(f"{exc}\nproblems: {kubelet.problems}\n{logs}") from None
 
 
