@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,18 +125,22 @@ def _alive(worker: Worker) -> bool:
 
 
 async def eventually(
-    condition: Callable[[], bool],
+    condition: Callable[[], bool | Awaitable[bool]],
     *,
     timeout_s: float,
     what: str,
     worker: Worker | None = None,
     interval_s: float = 0.1,
 ) -> None:
-    """``wait_until`` for async tests: the event loop keeps running (heartbeats keep going)."""
+    """``wait_until`` for async tests: the event loop keeps running (heartbeats keep going);
+    ``condition`` may be a coroutine function."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if condition():
+            met = condition()
+            if inspect.isawaitable(met):
+                met = await met
+            if met:
                 return
         except httpx.HTTPError:
             pass

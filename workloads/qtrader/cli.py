@@ -229,6 +229,19 @@ def _market_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-candles", type=_whole, default=0, help="stop after N steps (0: never)"
     )
     group.add_argument("--testnet", action="store_true", help="live mode: Binance futures testnet")
+    group.add_argument(
+        "--market-url",
+        type=_http_url,
+        default=os.environ.get("QTRADER_BINANCE_URL"),
+        help="live mode: Binance futures REST base URL for backfills (env QTRADER_BINANCE_URL; "
+        "default: Binance, by --testnet)",
+    )
+    group.add_argument(
+        "--stream-url",
+        default=os.environ.get("QTRADER_BINANCE_STREAM_URL"),
+        help="live mode: the futures websocket base, e.g. wss://fstream.binance.com/ (env "
+        "QTRADER_BINANCE_STREAM_URL; default: Binance's, or --market-url's host over ws)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -754,6 +767,8 @@ def _run_marketdata(args: argparse.Namespace) -> int:
         candles_per_second=args.candles_per_second,
         max_candles=args.max_candles,
         testnet=args.testnet,
+        rest_url=args.market_url,
+        stream_url=args.stream_url,
     )
     return run_worker("marketdata", _options(args), lambda ctx: MarketData(ctx, config))
 

@@ -17,28 +17,44 @@ Things about python-binance (1.0.37) that matter here:
 * ``futures_multiplex_socket`` opens one combined stream, ``<fstream host>/market/stream?
   streams=a/b``, whose messages are wrapped as ``{"stream": ..., "data": ...}``.
 * The socket reconnects by itself (up to 5 times in a row) and reports connection problems as
-  ``{"e": "error", "type": ..., "m": ...}`` messages in the same queue as the data. Klines that
-  close while it is disconnected are lost: there is no REST backfill here.
-* Its queue holds ``max_queue_size`` messages; when a slow consumer lets it fill, the library
-  stops reading and reports ``BinanceWebsocketQueueOverflow``, which this feed raises as fatal.
+  ``{"e": "error", "type": ..., "m": ...}`` messages in the same queue as the data. When it gives
+  up (or its queue overflows: ``BinanceWebsocketQueueOverflow``), this feed opens a new socket
+  after a back-off (1, 2, 5, then every 10 s) instead of ending.
+* Klines that close while no socket is connected never come over the stream (nor do they after
+  Binance's 24 h cut-off, until the reconnect). So the feed remembers the last open time of each
+  symbol (from the stream's stored candles at start) and, when a closed kline arrives beyond the
+  next one expected, first fetches the missing ones over REST (``GET /fapi/v1/klines``, weight
+  5 per 1,500), in order; a kline at or before the last one is dropped (no duplicates). What
+  REST cannot give (the venue has no such kline, or keeps failing after 3 tries) is an unfilled
+  gap: logged, counted, kept in ``unfilled_gaps`` (the worker's health is DEGRADED for an hour
+  and an alert fires), and the feed goes on.
+* ``rest_url`` and ``stream_url`` point the client at another venue with Binance's API (the
+  local simulator serves both on one address: ``stream_base_for``); None: Binance, by ``testnet``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 import warnings
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
+
+import aiohttp
 
 with warnings.catch_warnings():
     # python-binance 1.0.37 imports websockets' legacy client, which websockets >= 14 deprecates
     # at import time; not ours to fix, and the test suite turns warnings into errors.
     warnings.filterwarnings("ignore", r"websockets\..* is deprecated", DeprecationWarning)
     from binance import AsyncClient, BinanceSocketManager
+    from binance.exceptions import BinanceAPIException, BinanceRequestException
 
 from qtrader.contracts.messages import Candle, CandleSource
-from qtrader.marketdata.csv_replay import KlineFormatError, candle_from_kline
+from qtrader.marketdata.csv_replay import KLINE_COLUMNS, KlineFormatError, candle_from_kline
+from qtrader.marketdata.synthetic import INTERVAL_MS
 
 _log = logging.getLogger(__name__)
 
@@ -68,7 +84,16 @@ _RECOVERABLE_ERRORS: Final = frozenset(
     }
 )
 _SYMBOL_RE: Final = re.compile(r"[A-Z0-9]{2,20}")
-_INTERVAL_RE: Final = re.compile(r"\d+[smhdw]")
+RECONNECT_S: Final = (1.0, 2.0, 5.0, 10.0)  # before opening a new socket, by failures in a row
+BACKFILL_LIMIT: Final = 1500  # klines per REST request, Binance's maximum
+BACKFILL_TRIES: Final = 3
+_BACKFILL_ERRORS: Final = (
+    BinanceAPIException,
+    BinanceRequestException,
+    aiohttp.ClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 class LiveFeedError(RuntimeError):
@@ -121,8 +146,28 @@ def _text(kline: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class Gap:
+    """Klines of ``symbol`` from ``first_open_ms`` to ``last_open_ms`` that neither the stream
+    nor REST gave: they are missing from the market for good."""
+
+    symbol: str
+    first_open_ms: int
+    last_open_ms: int
+    klines: int
+    reason: str
+    seen_at: float  # time.monotonic() when it was found
+
+
+def stream_base_for(rest_url: str) -> str:
+    """The websocket base of a venue serving REST and streams on one address (the simulator)."""
+    scheme, _, rest = rest_url.partition("://")
+    return f"{'wss' if scheme == 'https' else 'ws'}://{rest.rstrip('/')}/"
+
+
 class BinanceKlineFeed:
-    """Closed candles of several symbols from one combined USD-M futures kline stream.
+    """Closed candles of several symbols from one combined USD-M futures kline stream, with the
+    klines the stream missed fetched over REST (see the module's doc).
 
     Iterate ``candles()`` inside ``contextlib.aclosing`` (or ``aclose()`` it) so the HTTP
     session is closed as soon as the consumer stops, not whenever the generator is collected.
@@ -136,6 +181,9 @@ class BinanceKlineFeed:
         symbols: Sequence[str],
         interval: str,
         testnet: bool,
+        last_open_ms: Mapping[str, int] | None = None,
+        rest_url: str | None = None,
+        stream_url: str | None = None,
         max_queue_size: int = 1000,
     ) -> None:
         if not symbols:
@@ -143,12 +191,20 @@ class BinanceKlineFeed:
         bad = [s for s in symbols if not _SYMBOL_RE.fullmatch(s)]
         if bad:
             raise ValueError(f"symbols must be upper-case letters and digits: {bad}")
-        if not _INTERVAL_RE.fullmatch(interval):
-            raise ValueError(f"interval must look like 1m, 15m, 1h, 1d: {interval!r}")
+        if interval not in INTERVAL_MS:
+            raise ValueError(f"interval must be one of {sorted(INTERVAL_MS)}: {interval!r}")
         self._streams = [f"{symbol.lower()}@kline_{interval}" for symbol in symbols]
+        self._interval = interval
+        self._interval_ms = INTERVAL_MS[interval]
         self._testnet = testnet
+        self._rest_url = rest_url
+        self._stream_url = stream_url or (stream_base_for(rest_url) if rest_url else None)
         self._max_queue_size = max_queue_size
+        self._last_open = dict(last_open_ms or {})
         self.malformed_events = 0
+        self.backfilled = 0
+        self.unfilled_gaps: list[Gap] = []
+        self.connected = False
 
     @property
     def streams(self) -> list[str]:
@@ -156,17 +212,170 @@ class BinanceKlineFeed:
         return list(self._streams)
 
     async def candles(self) -> AsyncGenerator[Candle, None]:
-        """Closed candles as Binance publishes them; never ends unless the socket fails."""
-        client = await AsyncClient.create(testnet=self._testnet)  # pings Spot REST, see above
+        """Closed candles in order, each once; never ends (a failed socket is opened again)."""
+        client = await self._client()
+        failures = 0
         try:
-            manager = BinanceSocketManager(client, max_queue_size=self._max_queue_size)
-            async with manager.futures_multiplex_socket(self._streams) as socket:
-                while True:
-                    candle = self._handle(await socket.recv())
-                    if candle is not None:
+            while True:
+                try:
+                    async for candle in self._session(client):
+                        failures = 0
                         yield candle
+                except LiveFeedError as exc:
+                    self.connected = False
+                    wait = RECONNECT_S[min(failures, len(RECONNECT_S) - 1)]
+                    failures += 1
+                    _log.warning("%s; a new socket in %.0f s", exc, wait)
+                    await asyncio.sleep(wait)
         finally:
+            self.connected = False
             await client.close_connection()
+
+    async def _client(self) -> Any:
+        """python-binance's client, on ``rest_url`` when set (``create`` pings it at once)."""
+        if self._rest_url is None:
+            return await AsyncClient.create(testnet=self._testnet)
+        base = self._rest_url.rstrip("/")
+
+        class VenueClient(AsyncClient):  # type: ignore[misc]  # create() reads class attributes
+            API_URL = f"{base}/api"
+            FUTURES_URL = f"{base}/fapi"
+
+        return await VenueClient.create()
+
+    async def _session(self, client: Any) -> AsyncGenerator[Candle, None]:
+        """One socket's candles, each preceded by the klines the stream missed before it."""
+        manager = BinanceSocketManager(client, max_queue_size=self._max_queue_size)
+        if self._stream_url is not None:
+            manager.FSTREAM_URL = self._stream_url  # __init__ reads the class's; override after
+        async with manager.futures_multiplex_socket(self._streams) as socket:
+            self.connected = True
+            for missed in await self._catch_up(client):
+                yield missed
+            while True:
+                candle = self._handle(await socket.recv())
+                if candle is None:
+                    continue
+                for missed in await self._missed_before(client, candle.symbol, candle.open_time_ms):
+                    yield missed
+                if self._is_new(candle):
+                    yield candle
+
+    async def _catch_up(self, client: Any) -> list[Candle]:
+        """Once the socket is open (what closes from now on, it brings): the klines closed
+        since each symbol's last candle, from REST, without waiting for the next close."""
+        if not self._last_open:
+            return []
+        try:
+            now_ms = int((await client.futures_time())["serverTime"])
+        except _BACKFILL_ERRORS as exc:  # the next closed kline fills the gap instead
+            _log.warning("no catch-up now, the venue's time is unknown: %r", exc)
+            return []
+        forming = now_ms // self._interval_ms * self._interval_ms
+        missed: list[Candle] = []
+        for symbol in list(self._last_open):
+            # Nothing is a gap yet: what REST lacks now, the next closed kline asks for again.
+            missed += await self._missed_before(client, symbol, forming, final=False)
+        return missed
+
+    def _is_new(self, candle: Candle) -> bool:
+        """After the symbol's last candle (then it is the last); else already given."""
+        last = self._last_open.get(candle.symbol)
+        if last is not None and candle.open_time_ms <= last:
+            return False
+        self._last_open[candle.symbol] = candle.open_time_ms
+        return True
+
+    async def _missed_before(
+        self, client: Any, symbol: str, open_ms: int, *, final: bool = True
+    ) -> list[Candle]:
+        """The klines between the symbol's last candle and the one opening at ``open_ms``,
+        from REST, in order up to the first one it lacks; with ``final`` what REST cannot give
+        is recorded as a gap (the kline at ``open_ms`` is here: none will come after)."""
+        last = self._last_open.get(symbol)
+        first = None if last is None else last + self._interval_ms
+        if first is None or open_ms <= first:
+            return []
+        expected = range(first, open_ms, self._interval_ms)
+        fetched, reason = await self._fetch(client, symbol, first, open_ms - 1)
+        got = {c.open_time_ms: c for c in fetched if c.open_time_ms in expected}
+        missing = [t for t in expected if t not in got]
+        if missing and not final:
+            expected = range(first, missing[0], self._interval_ms)  # in order: stop before it
+        elif missing:
+            self._record_gap(symbol, missing, reason or "the venue has no such klines")
+        taken = [got[t] for t in expected if t in got and self._is_new(got[t])]
+        self.backfilled += len(taken)
+        if taken:
+            _log.warning("%s: %d klines the stream missed, fetched over REST", symbol, len(taken))
+        return taken
+
+    async def _fetch(
+        self, client: Any, symbol: str, start_ms: int, end_ms: int
+    ) -> tuple[list[Candle], str | None]:
+        """Closed klines of ``symbol`` opening in [start_ms, end_ms], page by page; the reason
+        when REST failed for good (what was fetched until then is kept)."""
+        candles: list[Candle] = []
+        while start_ms <= end_ms:
+            rows, reason = await self._page(client, symbol, start_ms, end_ms)
+            if reason is not None:
+                return candles, reason
+            page = [self._candle_from_row(symbol, row) for row in rows]
+            candles += [c for c in page if c is not None]
+            if len(rows) < BACKFILL_LIMIT:
+                break
+            start_ms = int(rows[-1][0]) + self._interval_ms
+        return candles, None
+
+    async def _page(
+        self, client: Any, symbol: str, start_ms: int, end_ms: int
+    ) -> tuple[list[list[Any]], str | None]:
+        reason = "not tried"
+        for attempt in range(BACKFILL_TRIES):
+            try:
+                rows = await client.futures_klines(
+                    symbol=symbol,
+                    interval=self._interval,
+                    startTime=start_ms,
+                    endTime=end_ms,
+                    limit=BACKFILL_LIMIT,
+                )
+                return list(rows), None
+            except _BACKFILL_ERRORS as exc:
+                _log.warning("%s: kline backfill failed (try %d): %r", symbol, attempt + 1, exc)
+                reason = f"REST failed: {exc!r:.200}"
+                await asyncio.sleep(1.0)
+        return [], reason
+
+    def _candle_from_row(self, symbol: str, row: Any) -> Candle | None:
+        """A REST kline row (the archive's columns) as a candle; a malformed one is counted."""
+        try:
+            if not isinstance(row, list) or len(row) != len(KLINE_COLUMNS):
+                raise KlineFormatError(f"not a kline row: {row!r:.200}")
+            fields = dict(zip(KLINE_COLUMNS, row, strict=True))
+            return candle_from_kline(
+                fields,
+                symbol=symbol,
+                interval=self._interval,
+                source=CandleSource.LIVE,
+                location=f"{symbol} REST kline",
+            )
+        except KlineFormatError as exc:
+            self.malformed_events += 1
+            _log.error("skipping malformed REST kline: %s", exc)
+            return None
+
+    def _record_gap(self, symbol: str, missing: list[int], reason: str) -> None:
+        gap = Gap(symbol, missing[0], missing[-1], len(missing), reason, time.monotonic())
+        self.unfilled_gaps.append(gap)
+        _log.error(
+            "%s: %d klines from %d to %d are missing for good: %s",
+            symbol,
+            len(missing),
+            gap.first_open_ms,
+            gap.last_open_ms,
+            reason,
+        )
 
     def _handle(self, message: Any) -> Candle | None:
         """The candle in one socket message; None for a forming kline, an error or a bad message."""

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
 
@@ -49,6 +50,9 @@ from qtrader.marketdata.resume import (
 from qtrader.marketdata.synthetic import INTERVAL_MS, Regime, SyntheticConfig
 from qtrader.runtime import Task, WorkerContext
 
+if TYPE_CHECKING:  # imported when the live source runs: it loads python-binance
+    from qtrader.marketdata.live import BinanceKlineFeed
+
 log = logging.getLogger(__name__)
 
 CANDLES_PUBLISHED = Counter(
@@ -61,6 +65,17 @@ CANDLES_DUPLICATE = Counter(
     "Candles the stream answered as duplicates (stored before): nothing new was stored.",
     ["symbol"],
 )
+KLINES_BACKFILLED = Counter(
+    "qtrader_market_data_backfilled_total",
+    "Live klines the stream missed (a disconnect, the 24 h cut-off, a restart), fetched over REST.",
+    ["symbol"],
+)
+KLINES_UNFILLED = Counter(
+    "qtrader_market_data_unfilled_klines_total",
+    "Live klines missing for good: neither the stream nor REST gave them.",
+    ["symbol"],
+)
+GAP_DEGRADES_S = 3600.0  # an unfilled gap keeps the feed DEGRADED this long
 LAST_CANDLE_AGE = Gauge(
     "qtrader_market_data_last_candle_age_seconds",
     "Seconds since the last candle was published (wall clock).",
@@ -85,6 +100,9 @@ class MarketDataConfig:
     max_candles: int = 0  # stop producing after this many steps per symbol; 0 means never
     stale_after_s: float = 10.0  # no candle for this long while producing: CRITICAL
     testnet: bool = False
+    # Live: another venue with Binance's API (the local simulator); None: Binance, by testnet.
+    rest_url: str | None = None
+    stream_url: str | None = None
 
 
 class MarketData:
@@ -97,6 +115,7 @@ class MarketData:
         self._finished = False
         # Why the feed has not started from its resume point yet, and how bad that is.
         self._resume_wait: DependencyHealth | None = None
+        self._live: BinanceKlineFeed | None = None
         LAST_CANDLE_AGE.set_function(lambda: time.monotonic() - self._last_published)
         context.monitor.add_check("feed", self.check)
 
@@ -147,22 +166,37 @@ class MarketData:
         self, symbols: tuple[str, ...], spans: dict[str, StoredSpan]
     ) -> AsyncIterator[Candle]:
         if self._config.source is Source.LIVE:
-            from qtrader.marketdata.live import BinanceKlineFeed
-
-            feed = BinanceKlineFeed(
-                symbols=symbols, interval=self._config.interval, testnet=self._config.testnet
-            )
-            live_candles = feed.candles()
-            try:
-                async for candle in live_candles:
-                    if is_after_stored(candle, spans):
-                        yield candle
-            finally:
-                await live_candles.aclose()
+            async for candle in self._live_candles(symbols, spans):
+                yield candle
             return
         historical = after_stored(await self._historical(symbols, spans), spans)
         async for candle in self._paced(historical):
             yield candle
+
+    async def _live_candles(
+        self, symbols: tuple[str, ...], spans: dict[str, StoredSpan]
+    ) -> AsyncIterator[Candle]:
+        """The venue's closed klines, each after the last stored one of its symbol: what the
+        stream missed since (this run's start included) is fetched over REST first."""
+        from qtrader.marketdata.live import BinanceKlineFeed
+
+        feed = self._live = BinanceKlineFeed(
+            symbols=symbols,
+            interval=self._config.interval,
+            testnet=self._config.testnet,
+            last_open_ms={symbol: span.last.open_time_ms for symbol, span in spans.items()},
+            rest_url=self._config.rest_url,
+            stream_url=self._config.stream_url,
+        )
+        counted = (0, 0)
+        live_candles = feed.candles()
+        try:
+            async for candle in live_candles:
+                counted = _count_feed(feed, counted, candle.symbol)
+                if is_after_stored(candle, spans):
+                    yield candle
+        finally:
+            await live_candles.aclose()
 
     async def _historical(
         self, symbols: tuple[str, ...], spans: dict[str, StoredSpan]
@@ -219,6 +253,18 @@ class MarketData:
         self._last_published = time.monotonic()
         CANDLES_PUBLISHED.labels(candle.symbol).inc()
 
+    def _recent_gaps(self) -> str:
+        """The live klines missing for good found in the last hour, said; empty if none."""
+        feed = self._live
+        if feed is None:
+            return ""
+        since = time.monotonic() - GAP_DEGRADES_S
+        recent = [g for g in feed.unfilled_gaps if g.seen_at >= since]
+        return "; ".join(
+            f"{g.symbol} klines {g.first_open_ms}..{g.last_open_ms} missing for good ({g.reason})"
+            for g in recent[-3:]
+        )
+
     async def check(self) -> DependencyHealth:
         age = time.monotonic() - self._last_published
         if self._finished:
@@ -234,6 +280,9 @@ class MarketData:
         if self._resume_wait is not None:
             return self._resume_wait
         status = Status.CRITICAL if age > self._config.stale_after_s else Status.OK
+        gaps = self._recent_gaps()
+        if gaps and status is Status.OK:
+            return DependencyHealth(name="feed", status=Status.DEGRADED, detail=gaps)
         duplicates = f", {self._duplicates} duplicates not counted" if self._duplicates else ""
         return DependencyHealth(
             name="feed",
@@ -241,3 +290,13 @@ class MarketData:
             detail=f"{self._config.source.value}: {self._published} candles{duplicates}, "
             f"last {age:.1f}s ago",
         )
+
+
+def _count_feed(feed: BinanceKlineFeed, counted: tuple[int, int], symbol: str) -> tuple[int, int]:
+    """Add what the feed backfilled and found missing since ``counted`` to the metrics."""
+    backfilled, gaps = counted
+    if feed.backfilled > backfilled:
+        KLINES_BACKFILLED.labels(symbol).inc(feed.backfilled - backfilled)
+    for gap in feed.unfilled_gaps[gaps:]:
+        KLINES_UNFILLED.labels(gap.symbol).inc(gap.klines)
+    return feed.backfilled, len(feed.unfilled_gaps)

@@ -142,9 +142,11 @@ class SimAdmin:
         result: dict[str, Any] = self._call("GET", "/_sim/ws")
         return result
 
-    def drop_websockets(self) -> int:
-        """Abort every websocket connection now (a network failure); returns how many."""
-        return int(self._call("POST", "/_sim/ws/drop")["dropped"])
+    def drop_websockets(self, *, refuse: bool | None = None) -> int:
+        """Abort every websocket connection now (a network failure); returns how many.
+        ``refuse``: True refuses new connections from now on (an outage), False ends that."""
+        body = {} if refuse is None else {"refuse": refuse}
+        return int(self._call("POST", "/_sim/ws/drop", body)["dropped"])
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         try:

@@ -701,7 +701,11 @@ class BinanceFuturesSim:
         }
 
     async def _admin_ws_drop(self, body: Any, query: Mapping[str, str]) -> Any:
-        return {"dropped": self.streams.drop()}
+        """Abort every connection; with ``{"refuse": true}`` also refuse new ones until a call
+        with ``{"refuse": false}`` (an outage)."""
+        if isinstance(body, Mapping) and "refuse" in body:
+            self.streams.refusing = bool(body["refuse"])
+        return {"dropped": self.streams.drop(), "refusing": self.streams.refusing}
 
 
 _FAULT_ERRORS = {

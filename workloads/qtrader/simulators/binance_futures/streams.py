@@ -23,7 +23,8 @@ server clock has passed a kline's end, the connection first gets that kline clos
 Connections end by the server: after ``ws_max_age_ms`` on the server clock (close code 1001),
 when their listen key expires (after a ``listenKeyExpired`` event) or is deleted, when an admin
 drops them (``drop``: the TCP connection is aborted, as a network failure would), or when a
-client reads too slowly to keep its queue under ``QUEUE_LIMIT`` messages.
+client reads too slowly to keep its queue under ``QUEUE_LIMIT`` messages. While ``refusing``
+(an admin switch: a network outage rather than one cut), new connections are answered 503.
 """
 
 from __future__ import annotations
@@ -118,10 +119,13 @@ class StreamHub:
     def __init__(self, server: Server) -> None:
         self._server = server
         self.connections: set[Connection] = set()
+        self.refusing = False  # an outage: every new connection is answered 503
 
     # --- connections --------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.refusing:
+            return web.json_response({"code": -1008, "msg": "Service Unavailable."}, status=503)
         try:
             combined, names = _names(request)
             klines, keys = self._resolve(names)

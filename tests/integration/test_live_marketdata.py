@@ -1,0 +1,222 @@
+"""The live market data feed, as it runs: a real ``qtrader marketdata --source live`` process on
+the local Binance-compatible server's kline streams (python-binance pointed at it by URL) and a
+real nats-server. The server's clock is moved through its admin API, so klines close without
+waiting a minute each.
+
+The verdict is the MARKET stream against the venue's own klines (``GET /fapi/v1/klines``):
+every minute from the first candle to the last, each once, each equal to the venue's, through
+a websocket outage (connections cut and refused while klines close), the venue's connection
+cut-off (Binance's 24 h, here 4 minutes of its clock), a SIGKILL and restart of the worker, and
+a backfill that REST cannot serve (an unfilled gap: counted, DEGRADED, said).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qtrader.bus.nats_bus import Bus
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import Candle, TradingState
+from qtrader.contracts.policy import parse_policy
+from qtrader.local.control import publish_policy, write_latch
+from qtrader.local.nats_server import EmbeddedNats
+from qtrader.simulators.binance_futures import SimAdmin, SimConfig
+from support.binance_sim import KEY, SECRET, sim_in_thread
+from support.streams import read_all
+from support.workers import Worker, eventually, start_worker
+
+pytestmark = pytest.mark.integration
+
+MINUTE_MS = 60_000
+SYMBOL = "BTCUSDT"
+
+
+@pytest.fixture
+def venue() -> Iterator[tuple[str, SimAdmin]]:
+    # Binance's 24 h cut-off, at 4 minutes of the venue's clock: the tests cross it twice.
+    config = SimConfig(
+        api_keys={KEY: SECRET},
+        kline_push_ms=20,
+        prices={SYMBOL: Decimal(100)},
+        ws_max_age_ms=4 * MINUTE_MS,
+    )
+    with sim_in_thread(config) as url, SimAdmin(url) as admin:
+        now = _venue_now(url)
+        admin.clock(advance_ms=MINUTE_MS - now % MINUTE_MS + 1000)  # 1 s into a minute
+        yield url, admin
+
+
+@pytest.fixture
+async def control(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
+    bus = Bus(url=nats_server.url, client_name="test-live-market")
+    await bus.connect()
+    await bus.ensure_topology()
+    policy = {"metadata": {"name": "live-feed"}, "spec": {"symbols": [SYMBOL]}}
+    document = {"apiVersion": "qtrader.dev/v1alpha1", "kind": "TradingPolicy", **policy}
+    await publish_policy(bus, parse_policy(document))
+    await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+def _marketdata(url: str, venue_url: str, log_dir: Path) -> Worker:
+    args = ("--source", "live", "--market-url", venue_url, "--interval", "1m")
+    return start_worker("marketdata", nats_url=url, log_dir=log_dir, args=args)
+
+
+async def _stored(url: str) -> list[Candle]:
+    return await read_all(
+        url,
+        stream=subjects.MARKET.name,
+        subject=subjects.candle_subject(SYMBOL),
+        message_type=Candle,
+    )
+
+
+def _venue_klines(venue_url: str, start_ms: int, end_ms: int) -> dict[int, list[str]]:
+    response = httpx.get(
+        f"{venue_url}/fapi/v1/klines",
+        params={"symbol": SYMBOL, "interval": "1m", "startTime": start_ms, "endTime": end_ms},
+    )
+    response.raise_for_status()
+    return {int(row[0]): row for row in response.json()}
+
+
+async def _minutes(admin: SimAdmin, count: int) -> None:
+    """``count`` klines close on the venue's clock, each at a price of its own, a little apart
+    (the feed reads each)."""
+    for _ in range(count):
+        minute = admin.clock(advance_ms=MINUTE_MS) // MINUTE_MS
+        admin.price(SYMBOL, Decimal(100) + Decimal(minute % 17) / 10)
+        await asyncio.sleep(0.3)
+
+
+def _venue_now(venue_url: str) -> int:
+    return int(httpx.get(f"{venue_url}/fapi/v1/time").json()["serverTime"])
+
+
+async def _connected(
+    admin: SimAdmin, worker: Worker, what: str, *, timeout_s: float, since_ms: int = 0
+) -> None:
+    """A socket opened at ``since_ms`` or later (one the venue just cut may still be listed a
+    moment), and subscribed: a socket gets the klines that close after the venue's first push
+    to it (every 20 ms here). python-binance waits 1 to 2^n s before its n-th reconnect."""
+    since = since_ms
+    await eventually(
+        lambda: any(c["opened_ms"] >= since for c in admin.websockets()["connections"]),
+        timeout_s=timeout_s,
+        what=what,
+        worker=worker,
+    )
+    await asyncio.sleep(0.3)
+
+
+async def _until_stored(url: str, count: int, worker: Worker) -> list[Candle]:
+    found: list[Candle] = []
+
+    async def enough() -> bool:
+        found[:] = await _stored(url)
+        return len(found) >= count
+
+    await eventually(enough, timeout_s=30, what=f"{count} candles stored", worker=worker)
+    return found
+
+
+def _check_against_venue(candles: list[Candle], venue_url: str) -> None:
+    opens = [c.open_time_ms for c in candles]
+    assert len(opens) == len(set(opens)), "a candle stored twice"
+    assert opens == list(range(opens[0], opens[-1] + MINUTE_MS, MINUTE_MS)), "a minute missing"
+    klines = _venue_klines(venue_url, opens[0], opens[-1])
+    for candle in candles:
+        row = klines[candle.open_time_ms]
+        assert (candle.open, candle.high, candle.low, candle.close, candle.volume) == tuple(
+            Decimal(v) for v in row[1:6]
+        ), (candle, row)
+
+
+async def test_the_live_feed_fills_what_an_outage_and_a_restart_missed_each_minute_once(
+    nats_server: EmbeddedNats, control: Bus, venue: tuple[str, SimAdmin], tmp_path: Path
+) -> None:
+    url = nats_server.url
+    venue_url, admin = venue
+    worker = _marketdata(url, venue_url, tmp_path)
+    try:
+        await _connected(admin, worker, "the socket", timeout_s=20)
+        await _minutes(admin, 3)
+        await _until_stored(url, 3, worker)
+
+        # An outage: every socket cut, new ones refused, while three klines close.
+        admin.drop_websockets(refuse=True)
+        await _minutes(admin, 3)
+        ended_ms = _venue_now(venue_url)  # nothing connects before the outage ends
+        admin.drop_websockets(refuse=False)
+        await _connected(admin, worker, "a new socket", timeout_s=45, since_ms=ended_ms)
+        await _minutes(admin, 1)
+        await _until_stored(url, 7, worker)
+        assert worker.metric("qtrader_market_data_backfilled_total", symbol=SYMBOL) >= 3
+
+        # A SIGKILL: two klines close while no worker runs; the next one starts from the stream.
+        worker.stop(kill=True)
+        await _minutes(admin, 2)
+        restarted_ms = _venue_now(venue_url)
+        worker = _marketdata(url, venue_url, tmp_path)
+        await _connected(admin, worker, "the socket", timeout_s=20, since_ms=restarted_ms)
+        await _minutes(admin, 1)
+        await _until_stored(url, 10, worker)
+        assert worker.metric("qtrader_market_data_backfilled_total", symbol=SYMBOL) == 2
+
+        # The venue's cut-off: four klines close at once and the connection, now older than
+        # the venue allows, is closed; python-binance reconnects by itself.
+        cut_ms = _venue_now(venue_url)
+        admin.clock(advance_ms=4 * MINUTE_MS)
+        await _connected(admin, worker, "a socket after the cut-off", timeout_s=45, since_ms=cut_ms)
+        await _minutes(admin, 1)
+        stored = await _until_stored(url, 15, worker)
+        _check_against_venue(stored, venue_url)
+        assert worker.dependency("feed")["status"] == "OK", worker.health()
+    finally:
+        worker.stop()
+
+
+async def test_a_gap_rest_cannot_fill_is_counted_said_and_the_feed_goes_on(
+    nats_server: EmbeddedNats, control: Bus, venue: tuple[str, SimAdmin], tmp_path: Path
+) -> None:
+    url = nats_server.url
+    venue_url, admin = venue
+    worker = _marketdata(url, venue_url, tmp_path)
+    try:
+        await _connected(admin, worker, "the socket", timeout_s=20)
+        await _minutes(admin, 2)
+        await _until_stored(url, 2, worker)
+        admin.drop_websockets(refuse=True)
+        await _minutes(admin, 2)
+        admin.faults([{"route": "GET /fapi/v1/klines", "kind": "unavailable_503", "next": 3}])
+        ended_ms = _venue_now(venue_url)  # nothing connects before the outage ends
+        admin.drop_websockets(refuse=False)
+        await _connected(admin, worker, "a new socket", timeout_s=45, since_ms=ended_ms)
+        await _minutes(admin, 1)
+        stored = await _until_stored(url, 3, worker)
+        await eventually(
+            lambda: worker.metric("qtrader_market_data_unfilled_klines_total", symbol=SYMBOL) == 2,
+            timeout_s=15,
+            what="the two klines counted as missing",
+            worker=worker,
+        )
+        feed = worker.dependency("feed")
+        assert feed["status"] == "DEGRADED", feed
+        assert "missing for good" in str(feed["detail"]), feed
+        assert "503" in str(feed["detail"]), feed
+        opens = [c.open_time_ms for c in stored]
+        assert opens[-1] - opens[-2] == 3 * MINUTE_MS  # the gap, and nothing in it invented
+        await _minutes(admin, 1)  # and the feed goes on
+        await _until_stored(url, 4, worker)
+    finally:
+        worker.stop()
