@@ -174,7 +174,7 @@ HALT_ACKS = Counter(
 # qtrader_halt_acks_total: this counts only the first acknowledgement of each revision.
 HALT_REVISION_ACKS = Counter(
     "qtrader_halt_revision_acks_total",
-    "Latch revisions this worker acknowledged for the first time, by the state it obeys.",
+    "Latch revisions this worker acknowledged for the first time, by the latch's state.",
     ["state"],
 )
 HALT_APPLY_SECONDS = Histogram(
@@ -439,7 +439,7 @@ class Execution:
             )
             return
         if latch.revision > self._acked_revision:
-            HALT_REVISION_ACKS.labels(ack.state.value).inc()
+            HALT_REVISION_ACKS.labels(latch.state.value).inc()
         self._acked_revision = latch.revision
         HALT_ACKS.inc()
 
