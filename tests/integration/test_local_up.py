@@ -46,6 +46,12 @@ def test_up_when_bounded_then_trades_prints_report_and_leaves_nothing_running(
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Final report" in result.stdout
+    # Without a terminal: the title names the policy's real mode, each line every health.
+    assert result.stdout.startswith("Quantum Trader (paper) policy ")
+    plain = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert plain, result.stdout
+    assert "health marketdata " in plain[-1]
+    assert " execution " in plain[-1].partition("health ")[2]
     report = json.loads(report_path.read_text())
     assert report["candles"] > 0
     assert report["signals"] > 0

@@ -31,6 +31,10 @@ REQUIRED_ALERTS = {
     "QtraderExchangeBan",
     "QtraderOutboxBacklog",
     "QtraderWorkloadNotReady",
+    "QtraderWorkloadDown",
+    "QtraderWorkloadAbsent",
+    "QtraderMarketDataMissing",
+    "QtraderDrawdownLimitReached",
 }
 
 

@@ -187,3 +187,38 @@ def test_is_exported_when_name_missing_then_false() -> None:
     assert _is_exported("qtrader_wait_seconds_count", exported)
     assert not _is_exported("qtrader_outbox_depth_count", exported)
     assert not _is_exported("qtrader_made_up_total", exported)
+
+
+async def test_ess_metrics_when_halted_then_one_revision_ack_and_only_the_new_latch_timed(
+    workers: list[Worker], control_plane: Bus
+) -> None:
+    """The ESS dashboard's figures: the latch written before the workers started is acknowledged
+    once (heartbeat answers do not count) and adds nothing to the halt latency; a halt issued
+    while they run is acknowledged once as HALTED and timed once. The age gauge is per symbol."""
+    marketdata, _, execution, _ = workers
+    await eventually(
+        lambda: execution.metric("qtrader_halt_acks_total") >= 3,  # heartbeats are answered
+        timeout_s=30,
+        what="execution to answer a few heartbeats",
+        worker=execution,
+    )
+    assert execution.metric("qtrader_halt_revision_acks_total", state="ACTIVE") == 1
+    assert execution.metric("qtrader_halt_apply_seconds_count") == 0
+    assert (
+        'qtrader_market_data_last_candle_age_seconds{symbol="BTCUSDT"}'
+        in marketdata.get("/metrics").text
+    )
+    assert marketdata.metric("qtrader_market_data_last_candle_age_seconds", symbol="BTCUSDT") < 5
+
+    await write_latch(control_plane, state=TradingState.HALTED, reason="test", issued_by="test")
+    await eventually(
+        lambda: execution.metric("qtrader_halt_revision_acks_total", state="HALTED") == 1,
+        timeout_s=30,
+        what="execution to acknowledge the halt",
+        worker=execution,
+    )
+    await asyncio.sleep(3)  # a heartbeat or two more: still one acknowledgement per revision
+    assert execution.metric("qtrader_halt_revision_acks_total", state="HALTED") == 1
+    assert execution.metric("qtrader_halt_revision_acks_total", state="ACTIVE") == 1
+    assert execution.metric("qtrader_halt_apply_seconds_count") == 1
+    assert execution.metric("qtrader_halt_apply_seconds_sum") < 2.0

@@ -170,6 +170,13 @@ TRADING_STATE = Gauge(
 HALT_ACKS = Counter(
     "qtrader_halt_acks_total", "Answers on CONTROL_HALT_ACK (new latch revisions and presence)."
 )
+# Heartbeat answers repeat the revision in force every few seconds and drown a real one in
+# qtrader_halt_acks_total: this counts only the first acknowledgement of each revision.
+HALT_REVISION_ACKS = Counter(
+    "qtrader_halt_revision_acks_total",
+    "Latch revisions this worker acknowledged for the first time, by the latch's state.",
+    ["state"],
+)
 HALT_APPLY_SECONDS = Histogram(
     "qtrader_halt_apply_seconds",
     "From a latch being issued by the control plane to this worker having it in force (open "
@@ -242,6 +249,7 @@ class Execution:
         self._ban_alerted_until = 0.0
         self._gate = HaltGate(heartbeat_timeout_s=config.heartbeat_timeout_s)
         self._acked_revision = -1
+        self._started_at_ms = int(time.time() * 1000)
         self._book = ExposureBook()  # the one owner of positions and quantity in flight
         self._reconciler = PositionReconciler(grace_s=config.position_mismatch_grace_s)
         self._mismatch_reported: set[str] = set()
@@ -357,8 +365,11 @@ class Execution:
             cancelled = 0
             if changed and latch.state is TradingState.HALTED:
                 cancelled = await self._cancel_open_orders()
-        if changed:
+        if changed and latch.issued_at_ms >= self._started_at_ms:
+            # A latch issued before this worker started was not waiting for it: its age is
+            # the worker's start-up, not how fast a halt takes effect.
             HALT_APPLY_SECONDS.observe(max(0.0, time.time() - latch.issued_at_ms / 1000))
+        if changed:
             log.info("halt latch revision %d in force: %s", latch.revision, latch.state.value)
         if latch.revision > self._acked_revision or changed:
             await self._acknowledge(latch, cancelled)
@@ -427,6 +438,8 @@ class Execution:
                 "halt revision %d in force but not acknowledged yet: %s", latch.revision, exc
             )
             return
+        if latch.revision > self._acked_revision:
+            HALT_REVISION_ACKS.labels(latch.state.value).inc()
         self._acked_revision = latch.revision
         HALT_ACKS.inc()
 

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -120,7 +121,8 @@ class LocalStack:
                 bus=bus, health_urls={r: w.health_url for r, w in self.workers.items()}
             )
             tasks += observer.tasks()
-            title = f"Quantum Trader (paper) policy {revision.name} rev {revision.revision}"
+            mode = revision.spec.mode.value  # paper, testnet or live: the title must not lie
+            title = f"Quantum Trader ({mode}) policy {revision.name} rev {revision.revision}"
             view = _View(
                 observer=observer,
                 control=control,
@@ -219,6 +221,9 @@ class LocalStack:
         started = view.started
         deadline = started + self._config.duration_s if self._config.duration_s else None
         last_plain = 0.0
+        if not interactive:  # the full view carries the title; the plain lines need it once
+            out.write(view.title + "\n")
+            out.flush()
         while not stop.is_set():
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -231,7 +236,8 @@ class LocalStack:
                 out.write(
                     f"[{now - started:5.0f}s] candles {counts.candles} signals {counts.signals} "
                     f"intents {counts.intents} fills {counts.fills} "
-                    f"ess {view.control.status.state} {self.supervisor.summary()}\n"
+                    f"ess {view.control.status.state} {self.supervisor.summary()} "
+                    f"health {_health_line(view.observer.health)}\n"
                 )
                 out.flush()
                 last_plain = now
@@ -392,3 +398,9 @@ def _print_report(report: dict[str, Any], out: TextIO) -> None:
         lines.append(f"  DOWN at the end: {', '.join(report['down'])}; logs in {report['logs']}")
     out.write("\n".join(lines) + "\n")
     out.flush()
+
+
+def _health_line(health: Mapping[str, WorkloadHealth]) -> str:
+    """``marketdata OK inference OK execution DEGRADED portfolio OK``: without a terminal this
+    line is all a user sees, so a sick or unreachable workload must show in it."""
+    return " ".join(f"{role} {h.status}" for role, h in health.items())

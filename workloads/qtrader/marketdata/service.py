@@ -78,7 +78,8 @@ KLINES_UNFILLED = Counter(
 GAP_DEGRADES_S = 3600.0  # an unfilled gap keeps the feed DEGRADED this long
 LAST_CANDLE_AGE = Gauge(
     "qtrader_market_data_last_candle_age_seconds",
-    "Seconds since the last candle was published (wall clock).",
+    "Seconds since the last candle of the symbol was published (absent until the feed starts).",
+    ["symbol"],
 )
 
 
@@ -110,13 +111,13 @@ class MarketData:
         self._context = context
         self._config = config
         self._last_published = time.monotonic()
+        self._symbol_published: dict[str, float] = {}
         self._published = 0
         self._duplicates = 0
         self._finished = False
         # Why the feed has not started from its resume point yet, and how bad that is.
         self._resume_wait: DependencyHealth | None = None
         self._live: BinanceKlineFeed | None = None
-        LAST_CANDLE_AGE.set_function(lambda: time.monotonic() - self._last_published)
         context.monitor.add_check("feed", self.check)
 
     def tasks(self) -> dict[str, Task]:
@@ -128,6 +129,8 @@ class MarketData:
         log.info("market data source %s for %s", self._config.source.value, ", ".join(symbols))
         spans = await self._stored(symbols)
         self._last_published = time.monotonic()
+        for symbol in symbols:
+            self._mark_published(symbol)
         async for candle in self._candles(symbols, spans):
             await self._publish(candle)
         self._finished = True
@@ -251,6 +254,7 @@ class MarketData:
             return
         self._published += 1
         self._last_published = time.monotonic()
+        self._mark_published(candle.symbol)
         CANDLES_PUBLISHED.labels(candle.symbol).inc()
 
     def _recent_gaps(self) -> str:
@@ -264,6 +268,15 @@ class MarketData:
             f"{g.symbol} klines {g.first_open_ms}..{g.last_open_ms} missing for good ({g.reason})"
             for g in recent[-3:]
         )
+
+    def _mark_published(self, symbol: str) -> None:
+        """Restart the symbol's age; the gauge reads it at scrape time, so one symbol's feed
+        stalling shows even while the others still publish."""
+        if symbol not in self._symbol_published:
+            LAST_CANDLE_AGE.labels(symbol).set_function(
+                lambda: time.monotonic() - self._symbol_published[symbol]
+            )
+        self._symbol_published[symbol] = time.monotonic()
 
     async def check(self) -> DependencyHealth:
         age = time.monotonic() - self._last_published

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 
@@ -36,7 +38,7 @@ from qtrader.risk.evaluators import DrawdownEvaluator
 from qtrader.runtime import Task, WorkerContext
 from qtrader.viewer.app import attach_viewer
 from qtrader.viewer.fanout import FanoutHub
-from qtrader.viewer.feed import feed_viewers
+from qtrader.viewer.feed import ViewerState, feed_viewers
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,15 @@ RISK_ALERTS = Counter(
 )
 
 
+# Browser origins (comma-separated, e.g. https://console.example) allowed to open /events
+# besides the portfolio's own host; "*" allows any.
+VIEWER_ORIGINS_ENV = "QTRADER_VIEWER_ALLOWED_ORIGINS"
+
+
+def viewer_origins(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 @dataclass(frozen=True, kw_only=True)
 class PortfolioConfig:
     snapshot_interval_s: float = 0.5
@@ -74,7 +85,13 @@ class Portfolio:
         self._drawdown: DrawdownEvaluator | None = None
         self._pending_alert: RiskAlert | None = None
         self.viewers = FanoutHub()
-        attach_viewer(context.app, self.viewers)
+        self._viewer_state = ViewerState()
+        attach_viewer(
+            context.app,
+            self.viewers,
+            state=self._viewer_present,
+            allowed_origins=viewer_origins(os.environ.get(VIEWER_ORIGINS_ENV, "")),
+        )
         context.monitor.add_check("ledger", self.check)
         context.policy.add_listener(
             lambda revision: DRAWDOWN_LIMIT.set(float(revision.spec.risk.max_drawdown_pct) / 100)
@@ -83,8 +100,13 @@ class Portfolio:
     def tasks(self) -> dict[str, Task]:
         return {
             "portfolio": self._serve(),
-            "viewer-feed": feed_viewers(self._context.bus, self.viewers),
+            "viewer-feed": feed_viewers(self._context.bus, self.viewers, self._viewer_state),
         }
+
+    async def _viewer_present(self) -> dict[str, Any]:
+        """What a viewer connecting now is told first: latch, portfolio and this health."""
+        report = await self._context.monitor.report()
+        return {**self._viewer_state.present(), "health": report.model_dump(mode="json")}
 
     async def _serve(self) -> None:
         policy = await self._context.policy.wait()

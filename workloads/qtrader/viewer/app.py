@@ -8,13 +8,28 @@ client (dropping its oldest events) and every other client's sender runs on.
 
 ``attach_viewer(app, hub)`` adds both routes to an existing workload app (e.g. the health app of
 ``qtrader.health.contract``); ``create_viewer_app(hub)`` is a standalone app with just these.
+
+Outside the batches (``seq`` 0, so a client counting gaps in ``seq`` ignores them): with a
+``state`` provider, a viewer first gets the present (a single ``kind: "state"`` event: the latch,
+the portfolio, health), because the stream only carries changes and one connecting while halted
+would otherwise not learn it; and after ``keepalive_s`` without a batch, an empty one, so
+proxies and clients can tell an idle stream from a dead one.
+
+A browser sends any page's cookies and network position along with a WebSocket, whatever the
+page's origin (no CORS for WebSockets), so a connection whose ``Origin`` is neither this host
+nor one of ``allowed_origins`` is refused before the handshake completes (HTTP 403).
+Clients that are not browsers send no ``Origin`` and are served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, WebSocket
 from pydantic import BaseModel
@@ -26,6 +41,11 @@ log = logging.getLogger(__name__)
 
 # RFC 6455 close code 1013, "try again later": the server is at its viewer limit.
 CLOSE_TRY_AGAIN_LATER = 1013
+# RFC 6455 1008, "policy violation": before accept, Starlette answers the handshake with 403.
+CLOSE_POLICY_VIOLATION = 1008
+KEEPALIVE_S = 15.0  # well under the 60 s idle timeout of common proxies
+
+StateProvider = Callable[[], Awaitable[Mapping[str, Any]]]
 
 
 class ClientStatsModel(BaseModel):
@@ -44,12 +64,22 @@ class ViewerStats(BaseModel):
     per_client: list[ClientStatsModel]
 
 
-def viewer_router(hub: FanoutHub) -> APIRouter:
+def viewer_router(
+    hub: FanoutHub,
+    *,
+    state: StateProvider | None = None,
+    allowed_origins: Collection[str] = (),
+    keepalive_s: float = KEEPALIVE_S,
+) -> APIRouter:
     router = APIRouter()
 
     @router.websocket("/events")
     async def events(websocket: WebSocket) -> None:
-        await stream_to(websocket, hub)
+        if not origin_allowed(websocket, allowed_origins):
+            log.warning("viewer refused: Origin %s", websocket.headers.get("origin"))
+            await websocket.close(code=CLOSE_POLICY_VIOLATION)
+            return
+        await stream_to(websocket, hub, state=state, keepalive_s=keepalive_s)
 
     @router.get("/viewer/stats")
     async def viewer_stats() -> ViewerStats:
@@ -73,19 +103,55 @@ def viewer_router(hub: FanoutHub) -> APIRouter:
     return router
 
 
-def attach_viewer(app: FastAPI, hub: FanoutHub) -> None:
+def attach_viewer(
+    app: FastAPI,
+    hub: FanoutHub,
+    *,
+    state: StateProvider | None = None,
+    allowed_origins: Collection[str] = (),
+    keepalive_s: float = KEEPALIVE_S,
+) -> None:
     """Serve ``/events`` and ``/viewer/stats`` from ``app``, fed by ``hub``."""
-    app.include_router(viewer_router(hub))
+    app.include_router(
+        viewer_router(hub, state=state, allowed_origins=allowed_origins, keepalive_s=keepalive_s)
+    )
 
 
-def create_viewer_app(hub: FanoutHub) -> FastAPI:
+def create_viewer_app(
+    hub: FanoutHub,
+    *,
+    state: StateProvider | None = None,
+    allowed_origins: Collection[str] = (),
+    keepalive_s: float = KEEPALIVE_S,
+) -> FastAPI:
     app = FastAPI(title="qtrader viewer", docs_url=None, redoc_url=None)
-    attach_viewer(app, hub)
+    attach_viewer(app, hub, state=state, allowed_origins=allowed_origins, keepalive_s=keepalive_s)
     return app
 
 
-async def stream_to(websocket: WebSocket, hub: FanoutHub) -> None:
-    """Send ``hub``'s batches to one viewer until it goes away."""
+def origin_allowed(websocket: WebSocket, allowed_origins: Collection[str]) -> bool:
+    """No Origin (not a browser), the same host:port as the request, or a listed origin."""
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True
+    if origin.rstrip("/") in {o.rstrip("/") for o in allowed_origins} or "*" in allowed_origins:
+        return True
+    return urlsplit(origin).netloc.lower() == websocket.headers.get("host", "").lower()
+
+
+def _out_of_band(events: list[Mapping[str, Any]]) -> str:
+    return json.dumps({"seq": 0, "events": events, "dropped": 0}, separators=(",", ":"))
+
+
+async def stream_to(
+    websocket: WebSocket,
+    hub: FanoutHub,
+    *,
+    state: StateProvider | None = None,
+    keepalive_s: float = KEEPALIVE_S,
+) -> None:
+    """Send the present (with ``state``), then ``hub``'s batches to one viewer until it goes
+    away."""
     await websocket.accept()
     peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else ""
     try:
@@ -93,7 +159,12 @@ async def stream_to(websocket: WebSocket, hub: FanoutHub) -> None:
     except TooManyClients as exc:
         await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason=str(exc)[:120])
         return
-    sender = asyncio.create_task(_send_batches(websocket, feed), name=f"viewer-send:{peer}")
+    # Attached before the state is read, so nothing published in between is missed (a change
+    # may then arrive both in the state and in the first batch, never in neither).
+    present = None if state is None else await state()
+    sender = asyncio.create_task(
+        _send_batches(websocket, feed, present, keepalive_s), name=f"viewer-send:{peer}"
+    )
     watcher = asyncio.create_task(_until_disconnect(websocket), name=f"viewer-recv:{peer}")
     try:
         await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -106,10 +177,22 @@ async def stream_to(websocket: WebSocket, hub: FanoutHub) -> None:
         log.debug("viewer %s (%s) left: %s", feed.client_id, peer, feed.stats())
 
 
-async def _send_batches(websocket: WebSocket, feed: ClientFeed) -> None:
+async def _send_batches(
+    websocket: WebSocket,
+    feed: ClientFeed,
+    present: Mapping[str, Any] | None,
+    keepalive_s: float,
+) -> None:
     with contextlib.suppress(FeedClosed, WebSocketDisconnect):
+        if present is not None:
+            await websocket.send_text(_out_of_band([{"kind": "state", **present}]))
         while True:
-            batch = await feed.next_batch()
+            try:
+                # next_batch mutates the feed only in synchronous steps: safe to cancel.
+                batch = await asyncio.wait_for(feed.next_batch(), keepalive_s)
+            except TimeoutError:
+                await websocket.send_text(_out_of_band([]))
+                continue
             await websocket.send_text(batch.encode())
 
 
