@@ -88,6 +88,12 @@ async def publish_raw(url: str, subject: str, payload: bytes, *, msg_id: str) ->
         await connection.jetstream().publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
 
 
+async def purge_stream(url: str, stream: str) -> None:
+    """Drop every message a stream stores (the stream itself stays)."""
+    async with _connection(url) as connection:
+        await connection.jetstream(timeout=15).purge_stream(stream)
+
+
 async def kv_put_raw(url: str, bucket: str, key: str, value: bytes) -> int:
     """Write raw bytes into a KV key with nats-py itself; returns the value's revision."""
     async with _connection(url) as connection:

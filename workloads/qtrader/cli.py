@@ -278,7 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _exchange_arguments(execution)
 
-    _worker_arguments(commands.add_parser("portfolio", help="run the portfolio workload"))
+    portfolio = commands.add_parser("portfolio", help="run the portfolio workload")
+    _worker_arguments(portfolio)
+    portfolio.add_argument(
+        "--skip-fill",
+        dest="skip_fills",
+        metavar="SEQUENCE",
+        type=int,
+        action="append",
+        default=[],
+        help="a person's decision: pass over the fill at this FILLS stream sequence if the "
+        "ledger refuses it (the portfolio's /health names it when it stops there); repeatable",
+    )
 
     up = commands.add_parser("up", help="run the whole pipeline locally (paper mode)")
     up.add_argument("--policy", type=_existing_file, required=True, help="TradingPolicy YAML")
@@ -824,7 +835,8 @@ def _run_portfolio(args: argparse.Namespace) -> int:
     from qtrader.portfolio.service import Portfolio, PortfolioConfig
     from qtrader.runtime import run_worker
 
-    return run_worker("portfolio", _options(args), lambda ctx: Portfolio(ctx, PortfolioConfig()))
+    config = PortfolioConfig(skip_fills=frozenset(args.skip_fills))
+    return run_worker("portfolio", _options(args), lambda ctx: Portfolio(ctx, config))
 
 
 def _emergency_stop(path: Path | None, policy: TradingPolicy) -> EmergencyStop:

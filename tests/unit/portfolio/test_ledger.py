@@ -15,7 +15,7 @@ import pytest
 
 from qtrader.contracts.messages import Fill, Side
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
-from qtrader.portfolio.ledger import Ledger
+from qtrader.portfolio.ledger import FillRefused, Ledger
 
 EXCHANGE = paper_exchange_info()
 CAPITAL = Decimal(10_000)
@@ -146,26 +146,62 @@ def test_apply_fill_when_same_fill_twice_then_counts_once() -> None:
     [("0.0015", "60000.0"), ("0.001", "60000.05")],
     ids=["quantity-off-step", "price-off-tick"],
 )
-def test_apply_fill_when_off_grid_then_raises_and_changes_nothing(
+def test_apply_fill_when_off_the_paper_grid_then_booked_as_the_venue_said(
     quantity: str, price: str
 ) -> None:
     ledger = make_ledger()
-    bad = fill(Side.BUY, quantity, price, fill_id="bad")
-    with pytest.raises(ValueError, match="off the"):
-        ledger.apply_fill(bad)
-    assert ledger.fills_applied == 0
-    assert ledger.snapshot(sequence=0, ts_ms=0).positions == ()
+    assert ledger.apply_fill(fill(Side.BUY, quantity, price, fill_id="venue"))
+    assert ledger.quantity("BTCUSDT") == Decimal(quantity)
+    assert ledger.position("BTCUSDT").avg_entry_price == Decimal(price)
 
 
-def test_apply_fill_when_symbol_unlisted_then_raises() -> None:
-    with pytest.raises(ValueError, match="not listed"):
-        make_ledger().apply_fill(fill(Side.BUY, "1", "1", symbol="NOPEUSDT"))
+def test_apply_fill_when_symbol_not_on_the_paper_listing_then_booked() -> None:
+    ledger = make_ledger()
+    assert ledger.apply_fill(fill(Side.BUY, "1", "1", symbol="NOPEUSDT"))
+    assert ledger.quantity("NOPEUSDT") == 1
 
 
-def test_apply_fill_when_fee_not_in_usdt_then_raises() -> None:
-    bnb_fee = fill(Side.BUY, "1", "100", symbol="SOLUSDT").model_copy(update={"fee_asset": "BNB"})
-    with pytest.raises(ValueError, match="only USDT"):
-        make_ledger().apply_fill(bnb_fee)
+def test_apply_fill_when_fee_in_bnb_with_its_value_then_kept_in_bnb_and_valued_in_usdt() -> None:
+    ledger = make_ledger()
+    bnb = fill(Side.BUY, "1", "100", symbol="SOLUSDT", fee="0.0001").model_copy(
+        update={"fee_asset": "BNB", "fee_usdt": Decimal("0.06")}
+    )
+    assert ledger.apply_fill(bnb)
+    assert ledger.fees_by_asset == {"BNB": Decimal("0.0001")}
+    assert ledger.fees == Decimal("0.06")
+    assert ledger.equity == CAPITAL - Decimal("0.06")
+    assert ledger.equity_complete
+    snapshot = ledger.snapshot(sequence=1, ts_ms=0)
+    assert [(a.asset, a.amount) for a in snapshot.fees_by_asset] == [("BNB", Decimal("0.0001"))]
+    assert snapshot.equity_complete
+
+
+def test_apply_fill_when_fee_in_bnb_of_unknown_value_then_equity_reported_incomplete() -> None:
+    ledger = make_ledger()
+    usdt = fill(Side.BUY, "1", "100", symbol="SOLUSDT", fee="0.04")
+    bnb = fill(Side.SELL, "1", "101", symbol="SOLUSDT", fee="0.0001").model_copy(
+        update={"fee_asset": "BNB"}
+    )
+    assert ledger.apply_fill(usdt)
+    assert ledger.apply_fill(bnb)
+    assert ledger.realized_pnl == 1  # the fill itself is applied
+    assert ledger.fees == Decimal("0.04")  # no invented USDT value for the BNB
+    assert ledger.fees_by_asset == {"BNB": Decimal("0.0001"), "USDT": Decimal("0.04")}
+    assert ledger.unvalued_fees == {"BNB": Decimal("0.0001")}
+    assert not ledger.equity_complete
+    snapshot = ledger.snapshot(sequence=1, ts_ms=0)
+    assert not snapshot.equity_complete
+    assert [(a.asset, a.amount) for a in snapshot.unvalued_fees] == [("BNB", Decimal("0.0001"))]
+
+
+def test_apply_fill_when_same_id_with_other_content_then_refused_and_nothing_changes() -> None:
+    ledger = make_ledger()
+    ledger.apply_fill(fill(Side.BUY, "0.01", "60000", fill_id="twice"))
+    before = ledger.checkpoint(fills_through=1, ts_ms=0, source="t")
+    with pytest.raises(FillRefused, match="other content") as refused:
+        ledger.apply_fill(fill(Side.BUY, "0.02", "60000", fill_id="twice"))
+    assert refused.value.fill_id == "twice"
+    assert ledger.checkpoint(fills_through=1, ts_ms=0, source="t") == before
 
 
 def test_mark_when_price_moves_then_unrealized_and_equity_follow() -> None:

@@ -84,6 +84,8 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 Handler = Callable[[M], Awaitable[None]]
 BatchHandler = Callable[[list[M]], Awaitable[None]]
+# A handler told each message's stream sequence too (to remember how far it has read).
+SequencedHandler = Callable[[M, int], Awaitable[None]]
 
 BUS_CONNECTED = Gauge("qtrader_bus_connected", "1 while the NATS connection is up, else 0.")
 BUS_RECONNECTS = Counter("qtrader_bus_reconnects_total", "Reconnections to NATS.")
@@ -632,6 +634,45 @@ class Bus:
                 cb=on_message,
                 ordered_consumer=True,
                 deliver_policy=_deliver_policy(from_now=from_now, from_last=from_last),
+            )
+        )
+
+    async def replay_after(
+        self,
+        stream: subjects.StreamSpec,
+        filter_subject: str,
+        message_type: type[M],
+        handler: SequencedHandler[M],
+        *,
+        label: str,
+        after_sequence: int = 0,
+    ) -> None:
+        """``replay`` from the first message stored after stream sequence ``after_sequence``,
+        handing ``handler`` each message with its stream sequence: for a reader that restores a
+        checkpoint covering the stream through some sequence and reads on from there.
+
+        A message that does not decode is skipped and counted as ``replay`` does; what the
+        handler raises is counted and logged, so a handler that must not skip catches its own.
+        """
+        stream = subjects.scoped_stream(self._stack, stream)
+        filter_subject = subjects.scoped_subject(self._stack, filter_subject)
+
+        async def on_message(msg: Msg) -> None:
+            sequence = int(msg.metadata.sequence.stream)
+            await _deliver(label, msg, message_type, lambda m: handler(m, sequence))
+            CONSUMER_PENDING.labels(label).set(msg.metadata.num_pending)
+
+        start = ConsumerConfig(opt_start_seq=after_sequence + 1) if after_sequence else None
+        await _hold(
+            await self._jetstream.subscribe(
+                filter_subject,
+                stream=stream.name,
+                cb=on_message,
+                ordered_consumer=True,
+                config=start,
+                deliver_policy=(
+                    DeliverPolicy.BY_START_SEQUENCE if after_sequence else DeliverPolicy.ALL
+                ),
             )
         )
 

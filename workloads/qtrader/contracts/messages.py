@@ -23,9 +23,10 @@ import enum
 import json
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Annotated, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qtrader.contracts.numbers import (
     AveragePrice,
@@ -44,6 +45,9 @@ from qtrader.contracts.numbers import (
 from qtrader.contracts.policy import TradingPolicySpec
 
 Symbol = Annotated[str, Field(pattern=r"^[A-Z0-9]{2,20}$")]
+# A coin's ticker as the venue names it (USDT, BNB): what a commission is charged in.
+Asset = Annotated[str, Field(pattern=r"^[A-Z0-9]{2,20}$")]
+SETTLEMENT_ASSET = "USDT"
 # Epoch milliseconds up to the end of year 9999: beyond that ``datetime`` cannot show a time,
 # and a reader that converts one must not fail on a message that decoded.
 MAX_MILLIS = 253_402_300_799_999
@@ -385,9 +389,19 @@ class OrderUpdate(Message):
 
 
 class Fill(Message):
-    """One execution against an order. ``fill_id`` is unique per exchange trade."""
+    """One execution against an order. ``fill_id`` is unique per exchange trade.
+
+    Version 2 added ``fee_usdt``: a commission charged in another asset than USDT (BNB, when the
+    account pays fees in BNB) is kept in its own asset (``fee``, ``fee_asset``) and valued at the
+    venue's price when it was charged. ``fee_usdt`` is None when ``fee_asset`` is USDT (the fee is
+    its own value) or when that price is unknown: readers then keep the fee unvalued rather than
+    guess a price. Version 1 fills (no such field) still decode.
+    """
 
     KIND = "fill"
+    SCHEMA_VERSION: ClassVar[int] = 2
+    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2})
+    schema_version: int = 2
     kind: Literal["fill"] = "fill"
     fill_id: str = Field(min_length=1, max_length=128)
     client_order_id: str
@@ -396,9 +410,21 @@ class Fill(Message):
     quantity: Quantity
     price: Price
     fee: NonNegativeMoney
-    fee_asset: str = "USDT"
+    fee_asset: Asset = SETTLEMENT_ASSET
+    fee_usdt: NonNegativeMoney | None = None
     reduce_only: bool = False
     ts_ms: Millis
+
+    @model_validator(mode="after")
+    def _fee_value_only_for_other_assets(self) -> Fill:
+        if self.fee_asset == SETTLEMENT_ASSET and self.fee_usdt is not None:
+            raise ValueError("fee_usdt is for a fee in another asset than USDT")
+        return self
+
+    @property
+    def fee_value_usdt(self) -> Decimal | None:
+        """The fee in USDT: the fee itself in USDT, else its stated value (None: unknown)."""
+        return self.fee if self.fee_asset == SETTLEMENT_ASSET else self.fee_usdt
 
     @property
     def dedup_id(self) -> str:
@@ -420,8 +446,28 @@ class PositionView(BaseModel):
     fees: NonNegativeMoney
 
 
+class AssetAmount(BaseModel):
+    """An amount of one asset (a fee in BNB), in that asset's own units."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    asset: Asset
+    amount: NonNegativeMoney
+
+
 class PortfolioSnapshot(Message):
+    """The portfolio for display and for readers (execution's equity, the risk evaluators).
+
+    Version 2 added ``fills_through`` (the FILLS stream sequence of the last fill applied),
+    ``fees_by_asset`` (every fee in its own asset) and ``unvalued_fees`` (fees with no known
+    USDT value: ``equity`` leaves them out, so it is then incomplete, not invented). Version 1
+    snapshots still decode, with those empty.
+    """
+
     KIND = "portfolio_snapshot"
+    SCHEMA_VERSION: ClassVar[int] = 2
+    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2})
+    schema_version: int = 2
     kind: Literal["portfolio_snapshot"] = "portfolio_snapshot"
     sequence: Count
     ts_ms: Millis
@@ -435,6 +481,9 @@ class PortfolioSnapshot(Message):
     drawdown_pct: Percent
     max_drawdown_pct: Percent
     positions: tuple[PositionView, ...]
+    fills_through: Count = 0
+    fees_by_asset: tuple[AssetAmount, ...] = Field(default=(), max_length=64)
+    unvalued_fees: tuple[AssetAmount, ...] = Field(default=(), max_length=64)
 
     @property
     def dedup_id(self) -> str:
@@ -443,6 +492,79 @@ class PortfolioSnapshot(Message):
     @property
     def open_positions(self) -> int:
         return sum(1 for p in self.positions if p.quantity != 0)
+
+    @property
+    def equity_complete(self) -> bool:
+        """False while a fee has no USDT value: ``equity`` then leaves it out."""
+        return not self.unvalued_fees
+
+
+class CheckpointPosition(BaseModel):
+    """One symbol's exact ledger state (the ledger's ``_Position``), unrounded."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    symbol: Symbol
+    quantity: SignedQuantity
+    cost: Money  # signed cost basis of the open quantity
+    realized: Money
+    fees: NonNegativeMoney  # in USDT, the valued ones
+
+
+class CheckpointMark(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    symbol: Symbol
+    price: Price
+
+
+class AppliedFill(BaseModel):
+    """A fill id the ledger applied and a digest of what it said (a repeat that differs is no
+    repeat but a conflict)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fill_id: str = Field(min_length=1, max_length=128)
+    digest: str = Field(pattern=r"^[0-9a-f]{16,64}$")
+
+
+# How many of the latest applied fill ids a checkpoint carries, to recognise a fill stored again
+# after it (a producer replaying past the stream's duplicate window); bounded so the message is.
+CHECKPOINT_RECENT_FILLS = 512
+
+
+class PortfolioCheckpoint(Message):
+    """The portfolio's exact ledger after every fill of FILLS through ``fills_through``.
+
+    A restarted portfolio restores the newest one that decodes and replays FILLS after that
+    sequence only: its start time is bounded, and FILLS' retention cannot lose a position.
+    Every figure is the ledger's own (unrounded); positions and marks in the ledger's order, so
+    sums add up in the same order as in the process that wrote it.
+    """
+
+    KIND = "portfolio_checkpoint"
+    kind: Literal["portfolio_checkpoint"] = "portfolio_checkpoint"
+    source: str = Field(max_length=256)
+    ts_ms: Millis
+    fills_through: Count
+    fills_applied: Count
+    initial_capital: PositiveMoney
+    realized_pnl: Money
+    fees_usdt: NonNegativeMoney
+    fees_by_asset: tuple[AssetAmount, ...] = Field(max_length=64)
+    unvalued_fees: tuple[AssetAmount, ...] = Field(max_length=64)
+    peak_equity: Money
+    max_drawdown_pct: Percent
+    positions: tuple[CheckpointPosition, ...] = Field(max_length=1024)
+    marks: tuple[CheckpointMark, ...] = Field(max_length=1024)
+    recent_fills: tuple[AppliedFill, ...] = Field(max_length=CHECKPOINT_RECENT_FILLS)
+    # Sequences of FILLS a person told the portfolio to pass over (``--skip-fill``): kept so
+    # that every later start knows they were passed over on purpose.
+    skipped: tuple[Count, ...] = Field(default=(), max_length=1024)
+
+    @property
+    def dedup_id(self) -> str:
+        return f"checkpoint:{self.source}:{self.fills_through}:{self.ts_ms}"
 
 
 # --- risk -------------------------------------------------------------------------------------
@@ -454,6 +576,9 @@ class RiskAlertKind(enum.StrEnum):
     STALE_MARKET_DATA = "stale_market_data"
     EXECUTION_ERROR_RATE = "execution_error_rate"
     EXCHANGE_BAN = "exchange_ban"
+    # The portfolio met a fill its ledger cannot apply and stopped following FILLS (no stop's
+    # trigger: it halts no trading by itself, a person must look).
+    LEDGER = "ledger"
 
 
 class RiskAlert(Message):

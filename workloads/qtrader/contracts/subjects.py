@@ -38,6 +38,7 @@ ORDER_INTENT_PREFIX = f"{ROOT}.order.intent"
 ORDER_UPDATE_PREFIX = f"{ROOT}.order.update"
 FILL_PREFIX = f"{ROOT}.fill"
 PORTFOLIO_SNAPSHOT = f"{ROOT}.portfolio.snapshot"
+PORTFOLIO_CHECKPOINT = f"{ROOT}.portfolio.checkpoint"
 RISK_ALERT_PREFIX = f"{ROOT}.risk.alert"
 
 # Core NATS (not JetStream): the fast halt broadcast and the workers' acknowledgements. The
@@ -105,13 +106,31 @@ FILLS = StreamSpec(name="QT_FILLS", subjects=(all_of(FILL_PREFIX),), max_age_s=3
 PORTFOLIO = StreamSpec(
     name="QT_PORTFOLIO", subjects=(PORTFOLIO_SNAPSHOT,), max_age_s=DAY_S, max_msgs_per_subject=1000
 )
+# The portfolio's checkpoints: its exact ledger and the FILLS sequence it covers. No age limit
+# (a quiet week must not age the only checkpoint out), only the last few, kept so that a
+# checkpoint that does not decode falls back to the one before it.
+CHECKPOINTS = StreamSpec(
+    name="QT_CHECKPOINTS",
+    subjects=(PORTFOLIO_CHECKPOINT,),
+    max_age_s=0.0,
+    max_msgs_per_subject=8,
+)
 RISK = StreamSpec(name="QT_RISK", subjects=(all_of(RISK_ALERT_PREFIX),), max_age_s=30 * DAY_S)
 
-ALL_STREAMS: tuple[StreamSpec, ...] = (MARKET, SIGNALS, ORDERS, FILLS, PORTFOLIO, RISK)
+ALL_STREAMS: tuple[StreamSpec, ...] = (
+    MARKET,
+    SIGNALS,
+    ORDERS,
+    FILLS,
+    PORTFOLIO,
+    CHECKPOINTS,
+    RISK,
+)
 
 # --- durable consumers ------------------------------------------------------------------------
-# The portfolio has none on purpose: the FILLS stream is its durable state, replayed from the
-# first message at every start, so a restart cannot lose or double-count a fill.
+# The portfolio has none on purpose: the FILLS stream is its durable state. At every start it
+# restores its latest checkpoint and replays FILLS after the sequence that covers (an ordered
+# consumer from there), so a restart cannot lose or double-count a fill.
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,15 +15,29 @@ USDT and percentages to 1e-6, half up. The internal state is never rounded.
 Position mode is Binance's one-way mode: one signed quantity per symbol, a fill that crosses
 zero closes the position and opens the remainder on the other side at the fill price.
 
-A fill whose quantity or price is off the instrument's grid, or whose fee is not in USDT, is a
-bug upstream (the exchange never produces one) and raises ``ValueError``. A repeated ``fill_id``
-is normal (at-least-once delivery) and is ignored: ``apply_fill`` returns False.
+The venue is the truth about what happened: a fill is booked as it is, whatever the paper
+listing's grid says (the grid is checked where orders are placed, not where fills are booked),
+for any symbol. A fee is kept in its own asset (``fees_by_asset``); it counts in the USDT
+figures at its ``Fill.fee_value_usdt``, and a fee whose USDT value is unknown is kept apart
+(``unvalued_fees``) so that the equity is reported incomplete instead of resting on a guessed
+price.
+
+A repeated ``fill_id`` with the same content is normal (at-least-once delivery) and is ignored:
+``apply_fill`` returns False. What the ledger cannot apply raises ``FillRefused`` and changes
+nothing: the same ``fill_id`` with different content (two venues' truths, a person must choose),
+or arithmetic beyond the exact context. The portfolio then stops following FILLS.
+
+``checkpoint`` and ``Ledger.restore`` turn the exact state into a ``PortfolioCheckpoint`` and
+back, unrounded, so a restored ledger that applies the rest of the fills equals, Decimal for
+Decimal, one that applied them all.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import (
     ROUND_HALF_EVEN,
     ROUND_HALF_UP,
@@ -36,8 +50,19 @@ from decimal import (
 )
 from types import MappingProxyType
 
-from qtrader.contracts.messages import Fill, PortfolioSnapshot, PositionView
-from qtrader.instruments import ExchangeInfo, Instrument
+from qtrader.contracts.messages import (
+    CHECKPOINT_RECENT_FILLS,
+    SETTLEMENT_ASSET,
+    AppliedFill,
+    AssetAmount,
+    CheckpointMark,
+    CheckpointPosition,
+    Fill,
+    PortfolioCheckpoint,
+    PortfolioSnapshot,
+    PositionView,
+)
+from qtrader.instruments import ExchangeInfo
 
 _EXACT = Context(
     prec=60, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, DivisionByZero, Overflow]
@@ -46,7 +71,17 @@ _USDT = Decimal("1e-8")
 _PCT = Decimal("1e-6")
 _ZERO = Decimal(0)
 _HUNDRED = Decimal(100)
-SETTLEMENT_ASSET = "USDT"
+
+__all__ = ["SETTLEMENT_ASSET", "FillRefused", "Ledger"]
+
+
+class FillRefused(Exception):
+    """A fill the ledger cannot apply; nothing of it was booked."""
+
+    def __init__(self, fill_id: str, reason: str) -> None:
+        super().__init__(f"fill {fill_id}: {reason}")
+        self.fill_id = fill_id
+        self.reason = reason
 
 
 @dataclass
@@ -82,9 +117,15 @@ class Ledger:
         self._exchange = exchange
         self._positions: dict[str, _Position] = {}
         self._marks: dict[str, Decimal] = {}
-        self._fill_ids: set[str] = set()
+        # Every applied fill id and the digest of what it said; the latest ones in order, for
+        # a checkpoint (which carries a bounded number of them).
+        self._fill_ids: dict[str, str] = {}
+        self._recent: deque[str] = deque(maxlen=CHECKPOINT_RECENT_FILLS)
+        self._fills_applied = 0
         self._realized = _ZERO
-        self._fees = _ZERO
+        self._fees = _ZERO  # in USDT: every fee with a known USDT value
+        self._fees_by_asset: dict[str, Decimal] = {}  # every fee, in its own asset
+        self._unvalued: dict[str, Decimal] = {}  # fees with no known USDT value
         self._peak_equity = initial_capital
         self._max_drawdown_pct = _ZERO
         # Caches for a ledger read after every candle: each symbol's unrealized PnL (None when
@@ -96,21 +137,46 @@ class Ledger:
     # --- inputs -------------------------------------------------------------------------------
 
     def apply_fill(self, fill: Fill) -> bool:
-        """Book ``fill``; False (and nothing changes) when its ``fill_id`` was booked before."""
-        if fill.fill_id in self._fill_ids:
+        """Book ``fill``; False (and nothing changes) when its ``fill_id`` was booked before.
+
+        Raises ``FillRefused`` (and nothing changes) for a fill it cannot apply.
+        """
+        digest = _digest(fill)
+        known = self._fill_ids.get(fill.fill_id)
+        if known is not None:
+            if known != digest:
+                raise FillRefused(fill.fill_id, "applied before with other content")
             return False
-        _check_fill(fill, self._exchange.instrument(fill.symbol))
-        with localcontext(_EXACT):
-            position = self._positions.setdefault(fill.symbol, _Position())
-            realized = _book(position, fill.side.sign * fill.quantity, fill.price)
-            position.fees += fill.fee
-            self._realized += realized
-            self._fees += fill.fee
-            self._marks.setdefault(fill.symbol, fill.price)
-            self._fill_ids.add(fill.fill_id)
-            self._revalue(fill.symbol, position)
-            self._update_drawdown()
+        try:
+            with localcontext(_EXACT):
+                self._book_fill(fill)
+        except ArithmeticError as exc:  # trapped: nothing was committed (see _book_fill)
+            raise FillRefused(fill.fill_id, f"beyond exact arithmetic: {exc!r}") from exc
+        self._fill_ids[fill.fill_id] = digest
+        self._recent.append(fill.fill_id)
+        self._fills_applied += 1
         return True
+
+    def _book_fill(self, fill: Fill) -> None:
+        """Compute everything on copies first, then commit: a trapped error changes nothing."""
+        position = replace(self._positions.get(fill.symbol, _Position()))
+        realized = _book(position, fill.side.sign * fill.quantity, fill.price)
+        value = fill.fee_value_usdt
+        fees = self._fees + value if value is not None else self._fees
+        position.fees += value if value is not None else _ZERO
+        by_asset = self._fees_by_asset.get(fill.fee_asset, _ZERO) + fill.fee
+        unvalued = self._unvalued.get(fill.fee_asset, _ZERO) + fill.fee
+        total_realized = self._realized + realized
+        # Commit. What follows cannot raise: bounded inputs, no division by a possible zero.
+        self._positions[fill.symbol] = position
+        self._realized = total_realized
+        self._fees = fees
+        self._fees_by_asset[fill.fee_asset] = by_asset
+        if value is None:
+            self._unvalued[fill.fee_asset] = unvalued
+        self._marks.setdefault(fill.symbol, fill.price)
+        self._revalue(fill.symbol, position)
+        self._update_drawdown()
 
     def mark(self, symbol: str, price: Decimal) -> None:
         """Set the price that values ``symbol``'s open position (unrealized PnL)."""
@@ -137,7 +203,22 @@ class Ledger:
 
     @property
     def fees(self) -> Decimal:
+        """Fees in USDT: those charged in USDT plus the others at their stated USDT value."""
         return self._fees
+
+    @property
+    def fees_by_asset(self) -> Mapping[str, Decimal]:
+        """Every fee in its own asset (USDT, BNB, ...), sorted by asset (a read-only copy)."""
+        return MappingProxyType(dict(sorted(self._fees_by_asset.items())))
+
+    @property
+    def unvalued_fees(self) -> Mapping[str, Decimal]:
+        """Fees whose USDT value is unknown, by asset: ``equity`` leaves them out."""
+        return MappingProxyType(dict(sorted(self._unvalued.items())))
+
+    @property
+    def equity_complete(self) -> bool:
+        return not self._unvalued
 
     @property
     def unrealized_pnl(self) -> Decimal:
@@ -174,7 +255,7 @@ class Ledger:
 
     @property
     def fills_applied(self) -> int:
-        return len(self._fill_ids)
+        return self._fills_applied
 
     def position(self, symbol: str) -> PositionView:
         """``symbol``'s position with exact (unrounded) figures; all zero if never traded."""
@@ -205,12 +286,18 @@ class Ledger:
 
     # --- output -------------------------------------------------------------------------------
 
-    def snapshot(self, *, sequence: int, ts_ms: int) -> PortfolioSnapshot:
-        """The portfolio rounded for display; every symbol ever traded, flat ones included."""
+    def snapshot(self, *, sequence: int, ts_ms: int, fills_through: int = 0) -> PortfolioSnapshot:
+        """The portfolio rounded for display; every symbol ever traded, flat ones included.
+
+        ``fills_through``: the FILLS stream sequence of the last fill applied, if known.
+        """
         with localcontext(_EXACT):
             return PortfolioSnapshot(
                 sequence=sequence,
                 ts_ms=ts_ms,
+                fills_through=fills_through,
+                fees_by_asset=_amounts(self._fees_by_asset),
+                unvalued_fees=_amounts(self._unvalued),
                 fills_applied=self.fills_applied,
                 initial_capital=_money(self._initial_capital),
                 realized_pnl=_money(self._realized),
@@ -224,6 +311,60 @@ class Ledger:
                     self._view(s, p, exact=False) for s, p in sorted(self._positions.items())
                 ),
             )
+
+    def checkpoint(
+        self, *, fills_through: int, ts_ms: int, source: str, skipped: tuple[int, ...] = ()
+    ) -> PortfolioCheckpoint:
+        """The exact state after every fill of FILLS through ``fills_through``, unrounded."""
+        return PortfolioCheckpoint(
+            source=source,
+            ts_ms=ts_ms,
+            fills_through=fills_through,
+            fills_applied=self._fills_applied,
+            initial_capital=self._initial_capital,
+            realized_pnl=self._realized,
+            fees_usdt=self._fees,
+            fees_by_asset=_amounts(self._fees_by_asset, exact=True),
+            unvalued_fees=_amounts(self._unvalued, exact=True),
+            peak_equity=self._peak_equity,
+            max_drawdown_pct=self._max_drawdown_pct,
+            positions=tuple(
+                CheckpointPosition(
+                    symbol=s, quantity=p.quantity, cost=p.cost, realized=p.realized, fees=p.fees
+                )
+                for s, p in self._positions.items()  # the ledger's order: sums add the same
+            ),
+            marks=tuple(CheckpointMark(symbol=s, price=p) for s, p in self._marks.items()),
+            recent_fills=tuple(
+                AppliedFill(fill_id=f, digest=self._fill_ids[f]) for f in self._recent
+            ),
+            skipped=skipped,
+        )
+
+    @classmethod
+    def restore(cls, checkpoint: PortfolioCheckpoint, *, exchange: ExchangeInfo) -> Ledger:
+        """The ledger ``checkpoint`` describes, exactly as the one that wrote it was."""
+        ledger = cls(initial_capital=checkpoint.initial_capital, exchange=exchange)
+        for held in checkpoint.positions:
+            ledger._positions[held.symbol] = _Position(
+                quantity=held.quantity, cost=held.cost, realized=held.realized, fees=held.fees
+            )
+        ledger._marks = {mark.symbol: mark.price for mark in checkpoint.marks}
+        for applied in checkpoint.recent_fills:
+            ledger._fill_ids[applied.fill_id] = applied.digest
+            ledger._recent.append(applied.fill_id)
+        ledger._fills_applied = checkpoint.fills_applied
+        ledger._realized = checkpoint.realized_pnl
+        ledger._fees = checkpoint.fees_usdt
+        ledger._fees_by_asset = {a.asset: a.amount for a in checkpoint.fees_by_asset}
+        ledger._unvalued = {a.asset: a.amount for a in checkpoint.unvalued_fees}
+        ledger._peak_equity = checkpoint.peak_equity
+        ledger._max_drawdown_pct = checkpoint.max_drawdown_pct
+        for symbol, position in ledger._positions.items():
+            if symbol not in ledger._marks:
+                raise ValueError(f"checkpoint holds {symbol} but no mark for it")
+            ledger._revalue(symbol, position)
+        return ledger
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -283,20 +424,16 @@ def _book(position: _Position, signed_qty: Decimal, price: Decimal) -> Decimal:
     return realized
 
 
-def _check_fill(fill: Fill, instrument: Instrument) -> None:
-    if fill.fee_asset != SETTLEMENT_ASSET:
-        raise ValueError(f"fill {fill.fill_id}: fee in {fill.fee_asset}, only USDT is booked")
-    with localcontext(_EXACT):
-        if fill.quantity % instrument.step_size != 0:
-            raise ValueError(
-                f"fill {fill.fill_id}: quantity {fill.quantity} is off the "
-                f"{fill.symbol} step {instrument.step_size}"
-            )
-        if fill.price % instrument.tick_size != 0:
-            raise ValueError(
-                f"fill {fill.fill_id}: price {fill.price} is off the "
-                f"{fill.symbol} tick {instrument.tick_size}"
-            )
+def _digest(fill: Fill) -> str:
+    """What a fill says, in 16 hex digits: a repeat of its id must say the same."""
+    facts = (fill.symbol, fill.side.value, fill.quantity, fill.price, fill.fee, fill.fee_asset)
+    text = "|".join(str(part) for part in (*facts, fill.client_order_id))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _amounts(by_asset: Mapping[str, Decimal], *, exact: bool = False) -> tuple[AssetAmount, ...]:
+    show = _identity if exact else _money
+    return tuple(AssetAmount(asset=a, amount=show(v)) for a, v in sorted(by_asset.items()))
 
 
 def _drawdown_pct(peak: Decimal, equity: Decimal) -> Decimal:

@@ -1,8 +1,21 @@
 """The portfolio role: fills and prices in, exact positions, PnL, equity and drawdown out.
 
-Its state is derived, never stored: at every start it replays the FILLS stream from the first
-message (the ledger ignores a fill id it has applied, so a redelivery counts once) and then
-follows new fills. Prices come from the candles the MARKET stream stores, followed from the
+Its state is derived from FILLS, and checkpointed: every ``checkpoint_interval_s`` (when fills
+moved it) it writes its exact ledger and the FILLS sequence that covers to the CHECKPOINTS
+stream; at start it restores the newest usable checkpoint (``portfolio.checkpoints``) and
+replays FILLS after that sequence only, so its start time is bounded and FILLS' retention never
+loses a position. The ledger ignores a fill id it has applied, so a redelivery counts once.
+
+A fill the ledger cannot apply (``FillRefused``: its id applied before with other content) is
+never skipped: the portfolio stops there. ``/health`` goes CRITICAL naming the fill, its FILLS
+sequence and why; a ``ledger`` risk alert is published and ``qtrader_portfolio_ledger_stuck`` is
+1; no later fill is applied (their order matters) and no checkpoint goes past it, so a restart
+stops at the same fill. A person decides: fix the stream's producer, or restart the portfolio
+with ``--skip-fill SEQUENCE`` to pass over exactly that fill (only if the ledger refuses it;
+recorded in every later checkpoint). A message that does not decode at all is another matter:
+the bus refuses and counts it (``qtrader_messages_rejected_total``), as for every consumer.
+
+Prices come from the candles the MARKET stream stores, followed from the
 worker's start on (an ordered consumer, not a subscription to the subject: a publish the stream
 drops as a duplicate never becomes a mark, and a reconnect misses none). A snapshot is
 published at start, after the fills it has not yet reported, and on price moves at most every
@@ -23,17 +36,26 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
 
 from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Candle, Fill, PortfolioSnapshot, RiskAlert
+from qtrader.contracts.messages import (
+    Candle,
+    Fill,
+    PortfolioSnapshot,
+    RiskAlert,
+    RiskAlertKind,
+)
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
-from qtrader.portfolio.ledger import Ledger
+from qtrader.portfolio.checkpoints import start_from_checkpoint
+from qtrader.portfolio.ledger import FillRefused, Ledger
 from qtrader.risk.evaluators import DrawdownEvaluator
 from qtrader.runtime import Task, WorkerContext
 from qtrader.viewer.app import attach_viewer
@@ -55,6 +77,24 @@ DRAWDOWN_LIMIT = Gauge(
 )
 OPEN_POSITIONS = Gauge("qtrader_portfolio_open_positions", "Symbols with a non-zero position.")
 SNAPSHOTS = Counter("qtrader_portfolio_snapshots_published_total", "Snapshots published.")
+FILLS_REFUSED = Counter(
+    "qtrader_portfolio_fills_refused_total",
+    "Fills the ledger could not apply; the portfolio stops at the first (see ledger_stuck).",
+)
+LEDGER_STUCK = Gauge(
+    "qtrader_portfolio_ledger_stuck",
+    "1 while the portfolio is stopped at a fill its ledger cannot apply, until a person acts.",
+)
+FILLS_SKIPPED = Counter(
+    "qtrader_portfolio_fills_skipped_total", "Refused fills passed over on a person's --skip-fill."
+)
+UNVALUED_FEES = Gauge(
+    "qtrader_portfolio_unvalued_fee_assets",
+    "Assets holding fees of unknown USDT value (equity leaves them out: it is incomplete).",
+)
+CHECKPOINTS_WRITTEN = Counter(
+    "qtrader_portfolio_checkpoints_total", "Checkpoints of the exact ledger written."
+)
 RISK_ALERTS = Counter(
     "qtrader_risk_alerts_published_total", "Risk alerts published, by kind.", ["kind"]
 )
@@ -72,6 +112,27 @@ def viewer_origins(text: str) -> tuple[str, ...]:
 @dataclass(frozen=True, kw_only=True)
 class PortfolioConfig:
     snapshot_interval_s: float = 0.5
+    # How often at most the exact ledger is checkpointed, when fills moved it (seconds): what a
+    # restart replays is at most this much of FILLS.
+    checkpoint_interval_s: float = 5.0
+    # FILLS sequences a person decided to pass over if the ledger refuses them (--skip-fill).
+    skip_fills: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, kw_only=True)
+class StuckAt:
+    """The fill the portfolio stopped at."""
+
+    fill_id: str
+    sequence: int
+    reason: str
+
+    def __str__(self) -> str:
+        return (
+            f"stopped at FILLS sequence {self.sequence}: fill {self.fill_id} cannot be applied "
+            f"({self.reason}); no later fill is applied until a person acts (fix the fill's "
+            f"producer, or restart the portfolio with --skip-fill {self.sequence})"
+        )
 
 
 class Portfolio:
@@ -83,7 +144,14 @@ class Portfolio:
         self._dirty = asyncio.Event()
         self._last_publish_error = ""
         self._drawdown: DrawdownEvaluator | None = None
-        self._pending_alert: RiskAlert | None = None
+        self._pending_alerts: list[RiskAlert] = []
+        self._fills_through = 0  # FILLS sequence of the last fill the ledger has accounted for
+        self._checkpointed = -1  # ... as of the last checkpoint written (none yet)
+        self._skipped: tuple[int, ...] = ()
+        self._stuck: StuckAt | None = None
+        self._start_note = ""
+        self._fell_back = False
+        self._checkpoint_error = ""
         self.viewers = FanoutHub()
         self._viewer_state = ViewerState()
         attach_viewer(
@@ -110,20 +178,26 @@ class Portfolio:
 
     async def _serve(self) -> None:
         policy = await self._context.policy.wait()
-        self._ledger = Ledger(
-            initial_capital=policy.spec.paper.initial_capital_usd, exchange=paper_exchange_info()
+        start = await start_from_checkpoint(
+            self._context.bus,
+            initial_capital=policy.spec.paper.initial_capital_usd,
+            exchange=paper_exchange_info(),
         )
+        self._fills_through, self._skipped = start.fills_through, start.skipped
+        self._start_note, self._fell_back = start.note, start.fell_back
+        self._ledger = start.ledger
         self._watch_drawdown(policy.spec)
         self._context.policy.add_listener(lambda revision: self._watch_drawdown(revision.spec))
         bus = self._context.bus
         self._dirty.set()  # the first snapshot tells execution the equity it may use
         await asyncio.gather(
-            bus.replay(
+            bus.replay_after(
                 subjects.FILLS,
                 subjects.all_of(subjects.FILL_PREFIX),
                 Fill,
                 self._on_fill,
                 label="portfolio-fills",
+                after_sequence=start.fills_through,
             ),
             # The stream, not the subject: a candle the stream did not store is no price.
             bus.replay(
@@ -137,6 +211,7 @@ class Portfolio:
                 from_last=True,
             ),
             self._publish_loop(),
+            self._checkpoint_loop(),
         )
 
     def _watch_drawdown(self, spec: TradingPolicySpec) -> None:
@@ -145,11 +220,46 @@ class Portfolio:
             source = f"portfolio/{self._context.options.worker_id}"
             self._drawdown = DrawdownEvaluator(limit, source=source)
 
-    async def _on_fill(self, fill: Fill) -> None:
+    async def _on_fill(self, fill: Fill, sequence: int) -> None:
         assert self._ledger is not None
-        if self._ledger.apply_fill(fill):
+        if self._stuck is not None:
+            return  # nothing after the stuck fill: fills apply in the stream's order or not at all
+        try:
+            applied = self._ledger.apply_fill(fill)
+        except Exception as exc:  # FillRefused, or a bug: either way this fill is not booked
+            reason = exc.reason if isinstance(exc, FillRefused) else repr(exc)
+            if sequence not in self._config.skip_fills:
+                self._stop_at(fill, sequence, reason)
+                return
+            log.warning("fill %s at FILLS sequence %d passed over (--skip-fill): %s",
+                        fill.fill_id, sequence, reason)  # fmt: skip
+            FILLS_SKIPPED.inc()
+            self._skipped = (*self._skipped, sequence)
+            applied = False
+        self._fills_through = sequence  # same step as the ledger: a checkpoint sees both or none
+        if applied:
             FILLS_APPLIED.inc()
             self._dirty.set()
+
+    def _stop_at(self, fill: Fill, sequence: int, reason: str) -> None:
+        self._stuck = StuckAt(fill_id=fill.fill_id, sequence=sequence, reason=reason)
+        FILLS_REFUSED.inc()
+        LEDGER_STUCK.set(1)
+        log.error("portfolio %s", self._stuck)
+        source = f"portfolio/{self._context.options.worker_id}"
+        self._pending_alerts.append(
+            RiskAlert(
+                alert_id=f"ledger:{source}:{sequence}:{fill.fill_id}"[:128],
+                alert_kind=RiskAlertKind.LEDGER,
+                source=source,
+                symbol=fill.symbol,
+                value=Decimal(sequence),
+                threshold=Decimal(0),
+                detail=str(self._stuck)[:1024],
+                ts_ms=int(time.time() * 1000),
+            )
+        )
+        self._dirty.set()
 
     async def _on_candle(self, candle: Candle) -> None:
         assert self._ledger is not None
@@ -167,7 +277,11 @@ class Portfolio:
         ledger = self._ledger
         assert ledger is not None
         self._sequence += 1
-        snapshot = ledger.snapshot(sequence=self._sequence, ts_ms=int(time.time() * 1000))
+        snapshot = ledger.snapshot(
+            sequence=self._sequence,
+            ts_ms=int(time.time() * 1000),
+            fills_through=self._fills_through,
+        )
         _export(ledger)
         try:
             await self._context.bus.publish(subjects.PORTFOLIO_SNAPSHOT, snapshot)
@@ -180,37 +294,76 @@ class Portfolio:
         await self._evaluate(snapshot)
 
     async def _evaluate(self, snapshot: PortfolioSnapshot) -> None:
-        alert = self._pending_alert
-        if alert is None and self._drawdown is not None:
+        if self._drawdown is not None:
             alert = self._drawdown.on_snapshot(snapshot)
-        if alert is None:
-            return
-        subject = subjects.risk_alert_subject(alert.alert_kind.value)
+            if alert is not None:
+                self._pending_alerts.append(alert)
+        while self._pending_alerts:
+            alert = self._pending_alerts[0]
+            subject = subjects.risk_alert_subject(alert.alert_kind.value)
+            try:
+                await self._context.bus.publish(subject, alert)
+            except BusUnavailable as exc:
+                log.warning("risk alert %s not published yet: %s", alert.alert_id, exc)
+                self._dirty.set()  # an episode's one alert must not be lost: the next round
+                return
+            self._pending_alerts.pop(0)
+            RISK_ALERTS.labels(alert.alert_kind.value).inc()
+            log.warning("risk alert %s: %s", alert.alert_id, alert.detail)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.checkpoint_interval_s)
+            await self._write_checkpoint()
+
+    async def _write_checkpoint(self) -> None:
+        ledger = self._ledger
+        assert ledger is not None
+        if self._fills_through == self._checkpointed:
+            return  # nothing new to cover
+        covered = self._fills_through
         try:
-            await self._context.bus.publish(subject, alert)
-        except BusUnavailable as exc:
-            log.warning("risk alert %s not published yet: %s", alert.alert_id, exc)
-            self._pending_alert = alert  # the episode's one alert must not be lost
-            self._dirty.set()
+            checkpoint = ledger.checkpoint(
+                fills_through=covered,
+                ts_ms=int(time.time() * 1000),
+                source=f"portfolio/{self._context.options.worker_id}",
+                skipped=self._skipped,
+            )
+            await self._context.bus.publish(subjects.PORTFOLIO_CHECKPOINT, checkpoint)
+        except (BusUnavailable, ValidationError) as exc:
+            # ValidationError: a figure beyond the wire's bounds; the next round tries again.
+            self._checkpoint_error = f"checkpoint through FILLS sequence {covered}: {exc!r}"
+            log.warning("portfolio %s", self._checkpoint_error)
             return
-        self._pending_alert = None
-        RISK_ALERTS.labels(alert.alert_kind.value).inc()
-        log.warning("risk alert %s: %s", alert.alert_id, alert.detail)
+        self._checkpointed = covered
+        self._checkpoint_error = ""
+        self._fell_back = False  # a checkpoint of its own: the next start needs no fallback
+        CHECKPOINTS_WRITTEN.inc()
 
     async def check(self) -> DependencyHealth:
-        if self._ledger is None:
-            return DependencyHealth(
-                name="ledger", status=Status.DEGRADED, detail="waiting for policy"
-            )
-        if self._last_publish_error:
-            return DependencyHealth(
-                name="ledger", status=Status.DEGRADED, detail=self._last_publish_error
-            )
-        return DependencyHealth(
-            name="ledger",
-            status=Status.OK,
-            detail=f"{self._ledger.fills_applied} fills, equity {self._ledger.equity:.2f}",
+        ledger = self._ledger
+        if ledger is None:
+            return _ledger_health(Status.DEGRADED, "waiting for policy")
+        if self._stuck is not None:
+            return _ledger_health(Status.CRITICAL, str(self._stuck))
+        problems = [p for p in (self._last_publish_error, self._checkpoint_error) if p]
+        if not ledger.equity_complete:
+            unvalued = ", ".join(f"{a} {v}" for a, v in ledger.unvalued_fees.items())
+            problems.append(f"equity incomplete: fees of unknown USDT value ({unvalued})")
+        if self._fell_back:
+            problems.append("a newer checkpoint could not be used (no checkpoint of its own yet)")
+        started = f"start: {self._start_note}"
+        if problems:
+            return _ledger_health(Status.DEGRADED, "; ".join([*problems, started]))
+        return _ledger_health(
+            Status.OK,
+            f"{ledger.fills_applied} fills through FILLS sequence {self._fills_through}, "
+            f"equity {ledger.equity:.2f}; {started}",
         )
+
+
+def _ledger_health(status: Status, detail: str) -> DependencyHealth:
+    return DependencyHealth(name="ledger", status=status, detail=detail)
 
 
 def _export(ledger: Ledger) -> None:
@@ -221,3 +374,4 @@ def _export(ledger: Ledger) -> None:
     DRAWDOWN.set(float(ledger.drawdown_pct) / 100)
     MAX_DRAWDOWN.set(float(ledger.max_drawdown_pct) / 100)
     OPEN_POSITIONS.set(ledger.open_positions)
+    UNVALUED_FEES.set(len(ledger.unvalued_fees))

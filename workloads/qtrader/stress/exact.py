@@ -71,7 +71,9 @@ class ExactPortfolio:
         avg = self.average.get(symbol, Fraction(0))
         delta = Fraction(fill.quantity) * fill.side.sign
         price = Fraction(fill.price)
-        self.fees += Fraction(fill.fee)
+        # In USDT: a fee in another asset at its stated value; one with none stays out (the
+        # portfolio reports its equity incomplete then, it does not guess).
+        self.fees += Fraction(fill.fee_value_usdt or 0)
         self.marks.setdefault(symbol, price)
         self.fills += 1
         if q == 0 or (q > 0) == (delta > 0):
