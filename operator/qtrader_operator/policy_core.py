@@ -360,6 +360,9 @@ def _pod_spec(
     _add_scheduling(pod, settings.pod_defaults)
     if role == "execution":
         _add_exchange_access(pod, container, settings)
+    if role == "marketdata" and mode is not TradingMode.PAPER and settings.exchange_url:
+        # The live feed's venue (its streams on the same host) and its REST backfill.
+        container["env"].append({"name": "QTRADER_BINANCE_URL", "value": settings.exchange_url})
     return pod
 
 

@@ -325,9 +325,9 @@ async def test_a_testnet_policy_trades_on_the_local_binance_server_with_keys_fro
     """The chart with ``binance.url`` naming the local Binance-compatible server and the key
     Secret: execution loads the mounted keys and trades there; the verdict is the server's own
     trades (and the end-of-test invariants, from its records). marketdata runs as the manifest
-    says (``--source live --testnet``), but the live feed needs Binance's websockets, which the
-    local server does not serve: it is reported not ready, and the test publishes the candles
-    on the policy's stack in its place."""
+    says (``--source live --testnet``, the venue's URL from the chart), on the server's kline
+    stream; a 1m kline closes once a minute on its clock, so the test also publishes candles
+    of its own on the policy's stack, for trading to start at once."""
     url = nats_server.url
     spec = policy_spec(mode="testnet", symbols=["BTCUSDT"])
     spec["workloads"]["execution"]["replicas"] = 1
@@ -344,8 +344,10 @@ async def test_a_testnet_policy_trades_on_the_local_binance_server_with_keys_fro
             )
             async with candles(url, TESTNET_STACK, "BTCUSDT"):
                 await until_venue_trades(exchange, kubelet, timeout_s=45)
-            marketdata = deployment(cluster, "marketdata", TESTNET)
-            assert marketdata["status"]["readyReplicas"] == 0, marketdata["status"]
+            # marketdata runs its live feed on the venue's kline stream (the URL the chart gave)
+            with SimAdmin(exchange) as admin:
+                streams = [s for c in admin.websockets()["connections"] for s in c["streams"]]
+            assert "btcusdt@kline_1m" in streams, streams
             trades = await asyncio.to_thread(venue_trades, exchange)
             print(f"\n{len(trades)} trades on the local Binance server")
 
@@ -366,14 +368,16 @@ async def until_venue_trades(base_url: str, kubelet: Kubelet, *, timeout_s: floa
 @contextlib.asynccontextmanager
 async def candles(url: str, stack: str, symbol: str) -> AsyncIterator[None]:
     """Closed candles on the stack's market subject, 10 a second, near the local server's
-    price (100) so that orders stay inside the slippage bound."""
+    price (100) so that orders stay inside the slippage bound. Their times start a day ahead:
+    the klines marketdata takes from the venue's stream (one a minute) are then older, and the
+    models' windows ignore them instead of being reset by them."""
     bus = Bus(url=url, client_name="test-candles", stack=stack)
     await bus.connect()
     stop = asyncio.Event()
 
     async def feed() -> None:
         index = 0
-        start_ms = int(time.time() * 1000) // 60_000 * 60_000 - 1_000 * 60_000
+        start_ms = int(time.time() * 1000) // 60_000 * 60_000 + 1_440 * 60_000
         while not stop.is_set():
             price = Decimal(100) + Decimal((index * 7) % 11 - 5) / 100
             open_ms = start_ms + index * 60_000

@@ -1052,6 +1052,7 @@ async def test_a_testnet_policy_is_checked_against_its_venue_and_runs_its_live_f
             await _eventually(lambda: _published(cluster, "listed"), timeout_s=10, what="listed")
     marketdata = _container(cluster, "listed-marketdata")
     assert marketdata["args"] == ["marketdata", "--source", "live", "--testnet"]
+    assert {"name": "QTRADER_BINANCE_URL", "value": venue} in marketdata["env"]  # and its streams
     execution = _container(cluster, "listed-execution")
     assert {"name": "QTRADER_BINANCE_URL", "value": venue} in execution["env"]
     assert not cluster.get(DEPLOYMENTS, "unlisted-execution")

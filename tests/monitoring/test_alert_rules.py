@@ -34,6 +34,7 @@ REQUIRED_ALERTS = {
     "QtraderWorkloadDown",
     "QtraderWorkloadAbsent",
     "QtraderMarketDataMissing",
+    "QtraderMarketDataGap",
     "QtraderDrawdownLimitReached",
 }
 
