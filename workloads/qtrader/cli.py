@@ -425,6 +425,20 @@ def _exchange_arguments(parser: argparse.ArgumentParser) -> None:
         help="Binance futures REST base URL (default: by the policy's mode, testnet or live)",
     )
     group.add_argument(
+        "--reconcile-interval",
+        type=_number("--reconcile-interval", minimum=0),
+        default=30.0,
+        help="seconds between reads of the venue's positions, compared with the book (0: never; "
+        "default %(default)s)",
+    )
+    group.add_argument(
+        "--reconcile-grace",
+        type=_number("--reconcile-grace", minimum=0),
+        default=60.0,
+        help="how long a position difference may last before it is a reconciliation alert, "
+        "which trips the EmergencyStop (default %(default)s)",
+    )
+    group.add_argument(
         "--redis-url",
         type=_redis_url,
         default=env("QTRADER_REDIS_URL"),
@@ -806,6 +820,8 @@ def _run_execution(args: argparse.Namespace) -> int:
         dead_man_refresh_s=countdown_s / 4,
         driver=DriverSettings(unknown_grace_s=args.unknown_grace),
         exchange_factory=_binance_factory(args),
+        venue_reconcile_s=args.reconcile_interval,
+        venue_mismatch_grace_s=args.reconcile_grace,
     )
     return run_worker("execution", _options(args), lambda ctx: Execution(ctx, config))
 

@@ -9,6 +9,7 @@ import pytest
 from qtrader.contracts.messages import RiskAlert, RiskAlertKind
 from qtrader.control.ess_applier import alert_trip
 from qtrader.control.ess_resource import (
+    ALWAYS_TRIPS,
     EmergencyStopSpec,
     EssTriggers,
     alert_trips,
@@ -55,12 +56,16 @@ def test_an_alert_trips_when_it_reaches_the_stops_threshold(
     assert alert_trips(_alert(kind, value), TRIGGERS) is trips
 
 
-@pytest.mark.parametrize("kind", [k for k in RiskAlertKind if k is not RiskAlertKind.EXCHANGE_BAN])
-def test_without_its_trigger_no_alert_trips_but_a_ban_always_does(kind: RiskAlertKind) -> None:
+@pytest.mark.parametrize("kind", [k for k in RiskAlertKind if k not in ALWAYS_TRIPS])
+def test_without_its_trigger_no_alert_trips_but_a_ban_or_reconciliation_always_does(
+    kind: RiskAlertKind,
+) -> None:
     assert trigger_threshold(None, kind) is None
     assert not alert_trips(_alert(kind, "100"), None)
     assert not alert_trips(_alert(kind, "100"), EssTriggers())
-    assert alert_trips(_alert(RiskAlertKind.EXCHANGE_BAN, "0"), None)
+    assert {RiskAlertKind.EXCHANGE_BAN, RiskAlertKind.RECONCILIATION} == ALWAYS_TRIPS
+    for always in ALWAYS_TRIPS:
+        assert alert_trips(_alert(always, "0"), None)
 
 
 def test_alert_trip_when_it_breaches_an_armed_stop_then_an_automatic_patch_with_the_figures() -> (

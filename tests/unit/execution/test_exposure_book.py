@@ -19,6 +19,7 @@ from qtrader.execution.exposure import (
     SendLimits,
     admit_order,
     intent_expired,
+    venue_differences,
 )
 from qtrader.instruments import Instrument
 
@@ -277,7 +278,7 @@ def test_a_difference_with_the_portfolio_is_reported_only_once_it_outlasts_the_g
     assert reconciler.persistent(4.9) == []
     reconciler.observe(book=book, portfolio={}, now_s=5)
     [mismatch] = reconciler.persistent(5)
-    assert (mismatch.symbol, mismatch.book, mismatch.portfolio) == ("BTCUSDT", Decimal("0.03"), 0)
+    assert (mismatch.symbol, mismatch.book, mismatch.other) == ("BTCUSDT", Decimal("0.03"), 0)
     reconciler.observe(book=book, portfolio=book, now_s=6)
     assert reconciler.persistent(100) == []
 
@@ -376,3 +377,29 @@ def test_an_order_past_its_ttl_is_refused_before_the_book_is_asked() -> None:
     verdict = admit_order(ExposureBook(), order, limits=LIMITS, now_ms=6_001, ttl_ms=5_000)
     assert isinstance(verdict, Refused)
     assert verdict.reason is ExposureReason.INTENT_EXPIRED
+
+
+# --- the venue's positions against the book ----------------------------------------------------
+
+
+def test_the_venue_may_hold_the_book_plus_any_part_of_what_is_in_flight_each_way() -> None:
+    book = ExposureBook()
+    _reserve(book, "a", "0.03")
+    book.apply_fill(_fill("a", "0.01"))
+    _reserve(book, "b", "-0.02")
+    assert book.position_range("BTCUSDT") == (Decimal("-0.01"), Decimal("0.03"))
+    assert book.position_range("ETHUSDT") == (Decimal(0), Decimal(0))
+
+
+def test_a_venue_position_inside_either_range_agrees_and_one_outside_both_differs() -> None:
+    book = {"BTCUSDT": Decimal("0.01")}
+    before = {"BTCUSDT": (Decimal("0.01"), Decimal("0.03"))}  # a buy in flight at the read
+    after = {"BTCUSDT": (Decimal("0.01"), Decimal("0.01"))}  # its fill applied since
+    assert venue_differences({"BTCUSDT": Decimal("0.03")}, book, [before, after]) == {}
+    outside = venue_differences({"BTCUSDT": Decimal("0.035")}, book, [before, after])
+    assert outside == {"BTCUSDT": (Decimal("0.01"), Decimal("0.035"))}
+    # A position only the venue knows (a manual trade), and one only the book knows.
+    assert venue_differences({"ETHUSDT": Decimal("1")}, {}, [{}, {}]) == {
+        "ETHUSDT": (Decimal(0), Decimal("1"))
+    }
+    assert venue_differences({}, book, [after, after]) == {"BTCUSDT": (Decimal("0.01"), Decimal(0))}

@@ -579,6 +579,9 @@ class RiskAlertKind(enum.StrEnum):
     # The portfolio met a fill its ledger cannot apply and stopped following FILLS (no stop's
     # trigger: it halts no trading by itself, a person must look).
     LEDGER = "ledger"
+    # The venue's positions differ from the ledger's (a manual trade, a fill never published),
+    # and kept differing: the figures are the venue's and the ledger's quantities.
+    RECONCILIATION = "reconciliation"
 
 
 class RiskAlert(Message):

@@ -88,7 +88,8 @@ class EssTriggers(_Camel):
 def trigger_threshold(triggers: EssTriggers | None, kind: RiskAlertKind) -> Decimal | None:
     """The stop's threshold for one kind of risk alert; None when that automatic trip is off.
 
-    An exchange ban has no threshold: it always trips (see ``alert_trips``).
+    An exchange ban and a reconciliation alert have no threshold: they always trip (see
+    ``ALWAYS_TRIPS``).
     """
     if triggers is None:
         return None
@@ -101,14 +102,20 @@ def trigger_threshold(triggers: EssTriggers | None, kind: RiskAlertKind) -> Deci
     return None if value is None else Decimal(str(value))
 
 
+# No threshold to set: a ban stops every order anyway, and a position the venue holds that the
+# book cannot explain makes every limit judged on a wrong position.
+ALWAYS_TRIPS = frozenset({RiskAlertKind.EXCHANGE_BAN, RiskAlertKind.RECONCILIATION})
+
+
 def alert_trips(alert: RiskAlert, triggers: EssTriggers | None) -> bool:
-    """Whether ``alert`` trips a stop with these triggers: a ban always does; any other kind when
-    the stop's trigger for it is set and the alert's figure reaches the stop's threshold.
+    """Whether ``alert`` trips a stop with these triggers: a ban or a reconciliation always
+    does; any other kind when the stop's trigger for it is set and the alert's figure reaches
+    the stop's threshold.
 
     Comparing the figure, not just the kind, lets alerts raised against another threshold (the
     portfolio's, at the policy's ``risk.maxDrawdownPct``) trip only the stops they breach.
     """
-    if alert.alert_kind is RiskAlertKind.EXCHANGE_BAN:
+    if alert.alert_kind in ALWAYS_TRIPS:
         return True
     threshold = trigger_threshold(triggers, alert.alert_kind)
     return threshold is not None and alert.value >= threshold

@@ -62,7 +62,7 @@ from qtrader.exchange.errors import (
 from qtrader.exchange.filters import prepare_order
 from qtrader.exchange.limiter import LimiterConfig, RateLimiter
 from qtrader.exchange.limits import RequestCost, request_cost, rules_from_exchange_info
-from qtrader.exchange.venue import VenueOrder
+from qtrader.exchange.venue import VenueOrder, VenuePosition
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo
 
@@ -136,6 +136,8 @@ _COUNTDOWN = _Endpoint(
     "POST", "/fapi/v1/countdownCancelAll", lambda c: c.futures_countdown_cancel_all
 )
 _USER_TRADES = _Endpoint("GET", "/fapi/v1/userTrades", lambda c: c.futures_account_trades)
+_POSITION_RISK = _Endpoint("GET", "/fapi/v3/positionRisk", lambda c: c.futures_position_information)
+_BALANCE = _Endpoint("GET", "/fapi/v3/balance", lambda c: c.futures_account_balance)
 
 
 class BinanceFutures:
@@ -250,6 +252,24 @@ class BinanceFutures:
                 return None
             raise
         return await self._with_fills(answer, Side(answer["side"]), bool(answer.get("reduceOnly")))
+
+    async def account(self) -> tuple[list[VenuePosition], Decimal]:
+        """The account as the venue holds it: every non-zero position and the USDT wallet
+        balance (``positionRisk`` and ``balance``, weight 5 each)."""
+        risk = await self._request(_POSITION_RISK, {}, signed=True, safe=True)
+        balances = await self._request(_BALANCE, {}, signed=True, safe=True)
+        positions = [
+            VenuePosition(
+                symbol=str(row["symbol"]),
+                quantity=Decimal(str(row["positionAmt"])),
+                entry_price=Decimal(str(row["entryPrice"])),
+                unrealized_pnl=Decimal(str(row["unRealizedProfit"])),
+            )
+            for row in risk
+            if Decimal(str(row["positionAmt"])) != 0
+        ]
+        usdt = [Decimal(str(b["balance"])) for b in balances if b.get("asset") == "USDT"]
+        return positions, (usdt[0] if usdt else Decimal(0))
 
     async def open_orders(self, symbols: Sequence[str]) -> list[VenueOrder]:
         orders = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus
 from qtrader.health.contract import DependencyHealth
@@ -29,6 +29,26 @@ class VenueOrder:
     executed_qty: Decimal
     avg_price: Decimal
     fills: tuple[Fill, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class VenuePosition:
+    """One position as the venue reports it (Binance's ``positionRisk``)."""
+
+    symbol: str
+    quantity: Decimal  # positive long, negative short (``positionAmt``)
+    entry_price: Decimal
+    unrealized_pnl: Decimal
+
+
+@runtime_checkable
+class AccountReader(Protocol):
+    """A venue that can say what the account holds (Binance; the paper exchange's only record
+    is the FILLS stream, so it has nothing to compare with)."""
+
+    async def account(self) -> tuple[list[VenuePosition], Decimal]:
+        """Every non-zero position, and the USDT wallet balance."""
+        ...
 
 
 class Venue(Protocol):

@@ -36,7 +36,7 @@ persists longer than a grace period (snapshots trail fills) is reported by symbo
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 
@@ -168,6 +168,19 @@ class ExposureBook:
             ),
             _ZERO,
         )
+
+    def position_range(self, symbol: str) -> tuple[Decimal, Decimal]:
+        """Where the venue's position in ``symbol`` may be now: the book's position, moved by
+        any part of what is in flight (fills the venue made that FILLS has not brought yet),
+        buys up and sells down."""
+        low = high = self.position(symbol)
+        for r in self._reservations.values():
+            if r.symbol == symbol and r.outstanding:
+                if r.sign > 0:
+                    high += r.outstanding
+                else:
+                    low -= r.outstanding
+        return low, high
 
     def projected(self) -> dict[str, Decimal]:
         """Position plus everything in flight, per symbol: what decisions size on."""
@@ -466,12 +479,13 @@ def admit_order(
 class Mismatch:
     symbol: str
     book: Decimal
-    portfolio: Decimal
+    other: Decimal  # the other account's position: the portfolio's ledger, or the venue
     for_s: float
 
 
 class PositionReconciler:
-    """Differences between the book and the portfolio's snapshots that outlast a grace period.
+    """Differences between the book and another account of the positions (the portfolio's
+    snapshots, the venue's reads) that outlast a grace period.
 
     A snapshot trails the fills the book has applied, so a difference is normal for a moment;
     one that is seen in every snapshot for ``grace_s`` is not: two ledgers drifted apart.
@@ -490,8 +504,14 @@ class PositionReconciler:
             for s in set(book) | set(portfolio)
             if book.get(s, _ZERO) != portfolio.get(s, _ZERO)
         }
+        self.observe_differences(differing, now_s=now_s)
+
+    def observe_differences(
+        self, differing: Mapping[str, tuple[Decimal, Decimal]], *, now_s: float
+    ) -> None:
+        """The symbols that differ now (the book's figure, the other's); any other agrees."""
         self._since = {s: self._since.get(s, now_s) for s in differing}
-        self._figures = differing
+        self._figures = dict(differing)
 
     def persistent(self, now_s: float) -> list[Mismatch]:
         return [
@@ -499,3 +519,21 @@ class PositionReconciler:
             for symbol, since in sorted(self._since.items())
             if now_s - since >= self._grace_s
         ]
+
+
+def venue_differences(
+    venue: Mapping[str, Decimal],
+    book: Mapping[str, Decimal],
+    ranges: Sequence[Mapping[str, tuple[Decimal, Decimal]]],
+) -> dict[str, tuple[Decimal, Decimal]]:
+    """The symbols whose venue position lies outside every range the book allowed around the
+    venue's read (``ranges``: the book's ``position_range`` before and after it), each with
+    (the book's position, the venue's). A fill in flight widens a range, so only a position
+    the book cannot explain (a manual trade, a fill never published) differs."""
+    differing = {}
+    for symbol in set(venue).union(book, *ranges):
+        held = venue.get(symbol, _ZERO)
+        bounds = [r.get(symbol, (_ZERO, _ZERO)) for r in ranges]
+        if not any(low <= held <= high for low, high in bounds):
+            differing[symbol] = (book.get(symbol, _ZERO), held)
+    return differing

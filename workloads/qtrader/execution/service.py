@@ -79,7 +79,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.policy import TradingMode, TradingPolicySpec
 from qtrader.exchange.errors import Banned, ExchangeError
-from qtrader.exchange.venue import Venue
+from qtrader.exchange.venue import AccountReader, Venue
 from qtrader.execution.decisions import (
     DecisionContext,
     Denial,
@@ -97,6 +97,7 @@ from qtrader.execution.exposure import (
     SendLimits,
     admit_order,
     intent_expired,
+    venue_differences,
 )
 from qtrader.execution.halt import HaltGate
 from qtrader.execution.intake import Dropped, SignalIntake, policy_ttl_ms
@@ -205,6 +206,17 @@ INTENT_BACKLOG_OLDEST = Gauge(
     "qtrader_intent_backlog_oldest_age_seconds",
     "Age of the oldest intent this worker decided that is not final yet (0 when none).",
 )
+VENUE_POSITION_MISMATCH = Gauge(
+    "qtrader_venue_position_mismatch",
+    "1 while the venue's position in a symbol differs from the exposure book (beyond what is in "
+    "flight) for longer than the grace period: a manual trade or a fill never published.",
+    ["symbol"],
+)
+VENUE_RECONCILIATIONS = Counter(
+    "qtrader_venue_reconciliations_total",
+    "Reads of the venue's positions compared with the book, by outcome.",
+    ["outcome"],
+)
 POSITION_MISMATCH = Gauge(
     "qtrader_position_mismatch",
     "1 while the exposure book and the portfolio's snapshots disagree on a symbol's position "
@@ -232,6 +244,11 @@ class ExecutionConfig:
     # The portfolio's snapshots trail the fills; a position difference with them that lasts
     # longer than this is reported (health DEGRADED, qtrader_position_mismatch).
     position_mismatch_grace_s: float = 10.0
+    # Testnet and live: the venue's positions are read this often (0: never) and compared with
+    # the book; a difference the orders in flight cannot explain that lasts the grace (a manual
+    # trade, a fill never published) is a reconciliation risk alert.
+    venue_reconcile_s: float = 30.0
+    venue_mismatch_grace_s: float = 60.0
     driver: DriverSettings = field(default_factory=DriverSettings)
     # Builds the venue for testnet and live mode (Binance); None means paper mode only.
     exchange_factory: Callable[[TradingPolicySpec], Venue] | None = None
@@ -253,6 +270,10 @@ class Execution:
         self._book = ExposureBook()  # the one owner of positions and quantity in flight
         self._reconciler = PositionReconciler(grace_s=config.position_mismatch_grace_s)
         self._mismatch_reported: set[str] = set()
+        self._venue_reconciler = PositionReconciler(grace_s=config.venue_mismatch_grace_s)
+        self._venue_alerted: set[str] = set()  # symbols alerted in their current episode
+        self._venue_read: str | None = None  # what the last read of the venue's account said
+        self._venue_unreadable = False  # the last read failed
         # Intents this worker sent whose outcome stayed unknown: looked up again until settled.
         self._unresolved: dict[str, OrderIntent] = {}
         self._fills_caught_up = asyncio.Event()
@@ -267,6 +288,7 @@ class Execution:
         context.monitor.add_check("halt-latch", self.check_latch)
         context.monitor.add_check("intent-backlog", self.check_backlog)
         context.monitor.add_check("positions", self.check_positions)
+        context.monitor.add_check("venue-positions", self.check_venue_positions)
         context.monitor.add_check("exchange", self.check_exchange)
         context.monitor.add_check("rate-limiter", self.check_limiter)
 
@@ -314,6 +336,7 @@ class Execution:
             "dead-man": self._dead_man_loop(),
             "venue-refresh": self._refresh_loop(),
             "resolve-unknown": self._resolve_loop(),
+            "venue-reconcile": self._venue_reconcile_loop(),
         }
 
     # --- inputs ------------------------------------------------------------------------------
@@ -800,6 +823,98 @@ class Execution:
         self._ban_alerted_until = ban.retry_at
         log.error("exchange ban: order flow stopped, risk alert %s raised", alert.alert_id)
 
+    async def _venue_reconcile_loop(self) -> None:
+        """Every ``venue_reconcile_s`` (first at start): the venue's positions against the book.
+        Paper mode has nothing to compare: the paper exchange keeps no account of its own."""
+        await self._venue_ready.wait()
+        venue = self._venue
+        if not isinstance(venue, AccountReader) or self._config.venue_reconcile_s <= 0:
+            await asyncio.Event().wait()  # nothing to do; the task stays up with the others
+            return
+        while True:
+            await self._reconcile_venue_once(venue)
+            await asyncio.sleep(self._config.venue_reconcile_s)
+
+    async def _reconcile_venue_once(self, venue: AccountReader) -> None:
+        before = self._position_ranges()
+        try:
+            positions, wallet = await venue.account()
+        except ExchangeError as exc:
+            await self._on_exchange_error(exc)
+            VENUE_RECONCILIATIONS.labels("unreadable").inc()
+            self._venue_read, self._venue_unreadable = f"not readable: {exc}", True
+            return
+        differing = venue_differences(
+            {p.symbol: p.quantity for p in positions},
+            self._book.positions(),
+            [before, self._position_ranges()],
+        )
+        now_s = time.monotonic()
+        self._venue_reconciler.observe_differences(differing, now_s=now_s)
+        VENUE_RECONCILIATIONS.labels("differs" if differing else "agrees").inc()
+        self._venue_read = f"{len(positions)} positions, wallet {wallet} USDT"
+        self._venue_unreadable = False
+        for mismatch in self._show_venue_mismatches():
+            if mismatch.symbol not in self._venue_alerted:
+                await self._raise_reconciliation_alert(mismatch)
+                self._venue_alerted.add(mismatch.symbol)
+        self._venue_alerted &= set(differing)  # agreeing again ends the episode
+
+    def _position_ranges(self) -> dict[str, tuple[Decimal, Decimal]]:
+        policy = self._context.policy.current
+        symbols = set(self._book.positions()) | set(policy.spec.symbols if policy else ())
+        return {symbol: self._book.position_range(symbol) for symbol in symbols}
+
+    def _show_venue_mismatches(self) -> list[Mismatch]:
+        mismatches = self._venue_reconciler.persistent(time.monotonic())
+        persistent = {m.symbol for m in mismatches}
+        for symbol in self._venue_alerted | persistent:
+            VENUE_POSITION_MISMATCH.labels(symbol).set(int(symbol in persistent))
+        return mismatches
+
+    async def _raise_reconciliation_alert(self, mismatch: Mismatch) -> None:
+        """A position the book cannot explain: every limit was judged on a wrong position."""
+        now_ms = _now_ms()
+        worker = self._context.options.worker_id
+        alert = RiskAlert(
+            alert_id=f"reconciliation-{worker}-{mismatch.symbol}-{now_ms}",
+            alert_kind=RiskAlertKind.RECONCILIATION,
+            source=f"execution/{worker}",
+            symbol=mismatch.symbol,
+            value=mismatch.other,
+            threshold=mismatch.book,
+            detail=(
+                f"the venue holds {mismatch.other} {mismatch.symbol}, the book "
+                f"{mismatch.book}, for {mismatch.for_s:.0f} s (a manual trade, or a fill "
+                "never published)"
+            )[:1024],
+            ts_ms=now_ms,
+        )
+        await self._context.bus.publish(subjects.risk_alert_subject(alert.alert_kind.value), alert)
+        log.error("reconciliation: %s", alert.detail)
+
+    async def check_venue_positions(self) -> DependencyHealth:
+        """DEGRADED while the venue holds a position the book cannot explain, or its account
+        could not be read last time; OK when it agrees (or there is no venue account)."""
+        mismatches = self._show_venue_mismatches()
+        if mismatches:
+            detail = "; ".join(
+                f"{m.symbol}: venue {m.other}, book {m.book} for {m.for_s:.0f} s"
+                for m in mismatches
+            )
+            return DependencyHealth(
+                name="venue-positions", status=Status.DEGRADED, detail=detail[:512]
+            )
+        read = self._venue_read
+        if self._venue_unreadable:
+            detail = f"the venue's account: {read}"
+            return DependencyHealth(name="venue-positions", status=Status.DEGRADED, detail=detail)
+        return DependencyHealth(
+            name="venue-positions",
+            status=Status.OK,
+            detail=f"agrees with the book: {read}" if read else "nothing compared yet",
+        )
+
     async def _refresh_loop(self) -> None:
         """Reload the venue's instruments and limits now and then (they change at Binance)."""
         await self._venue_ready.wait()
@@ -896,7 +1011,7 @@ class Execution:
                 name="positions", status=Status.OK, detail="the portfolio agrees with the book"
             )
         detail = "; ".join(
-            f"{m.symbol}: execution {m.book}, portfolio {m.portfolio} for {m.for_s:.0f} s"
+            f"{m.symbol}: execution {m.book}, portfolio {m.other} for {m.for_s:.0f} s"
             for m in mismatches
         )
         return DependencyHealth(name="positions", status=Status.DEGRADED, detail=detail[:512])
