@@ -35,6 +35,7 @@ REQUIRED_ALERTS = {
     "QtraderWorkloadAbsent",
     "QtraderMarketDataMissing",
     "QtraderMarketDataGap",
+    "QtraderVenuePositionMismatch",
     "QtraderDrawdownLimitReached",
 }
 
