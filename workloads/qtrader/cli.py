@@ -425,6 +425,13 @@ def _exchange_arguments(parser: argparse.ArgumentParser) -> None:
         help="Binance futures REST base URL (default: by the policy's mode, testnet or live)",
     )
     group.add_argument(
+        "--no-user-stream",
+        dest="user_stream",
+        action="store_false",
+        help="read every filled order's trades over REST (weight 5 each) instead of from the "
+        "user-data stream (REST stays the fallback either way)",
+    )
+    group.add_argument(
         "--reconcile-interval",
         type=_number("--reconcile-interval", minimum=0),
         default=30.0,
@@ -841,6 +848,7 @@ def _binance_factory(args: argparse.Namespace) -> Callable[[TradingPolicySpec], 
             redis_url=args.redis_url,
             replicas=max(1, spec.workloads.execution.replicas),
             timeout_s=args.exchange_timeout,
+            user_stream=args.user_stream,
         )
         return BinanceFutures(settings)
 

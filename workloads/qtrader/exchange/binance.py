@@ -46,6 +46,7 @@ with warnings.catch_warnings():
     from binance.exceptions import BinanceAPIException, BinanceRequestException
 
 from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderType, Side
+from qtrader.contracts.policy import TradingMode
 from qtrader.exchange.backoff import full_jitter
 from qtrader.exchange.credentials import Credentials
 from qtrader.exchange.errors import (
@@ -62,6 +63,8 @@ from qtrader.exchange.errors import (
 from qtrader.exchange.filters import prepare_order
 from qtrader.exchange.limiter import LimiterConfig, RateLimiter
 from qtrader.exchange.limits import RequestCost, request_cost, rules_from_exchange_info
+from qtrader.exchange.listing import BASE_URLS
+from qtrader.exchange.user_stream import UserTrades
 from qtrader.exchange.venue import VenueOrder, VenuePosition
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo
@@ -79,6 +82,11 @@ CLOCK_OFFSET = Gauge(
     "qtrader_exchange_clock_offset_ms",
     "Binance's server time minus ours, in ms, as measured at the last resync (signed requests "
     "carry our time plus this).",
+)
+TRADES_READ = Counter(
+    "qtrader_exchange_order_trades_total",
+    "Filled orders whose trades were read, by source: the user-data stream, or REST (weight 5).",
+    ["source"],
 )
 CLOCK_REJECTIONS = Counter(
     "qtrader_exchange_clock_rejections_total",
@@ -115,6 +123,9 @@ class BinanceSettings:
     max_retries: int = 5
     backoff_base_s: float = 0.2
     backoff_cap_s: float = 10.0
+    # An order's trades from the user-data stream (waited for at most this long), else REST.
+    user_stream: bool = True
+    user_stream_wait_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,8 @@ class BinanceFutures:
         # Signed requests in a row that -1021 rejected after a resync, and the last answer.
         self._uncured_skews = 0
         self._last_skew = ""
+        self._user_trades: UserTrades | None = None
+        self._user_stream: asyncio.Task[None] | None = None
 
     @property
     def exchange_info(self) -> ExchangeInfo:
@@ -193,7 +206,21 @@ class BinanceFutures:
         await self._limiter.observe(headers)
         self._info = ExchangeInfo.from_binance(document)
         await self.sync_time()
+        if self._settings.user_stream:
+            self._start_user_stream()
         return await self.open_orders(symbols)
+
+    def _start_user_stream(self) -> None:
+        """Binance's own hosts by mode; any other base URL serves its streams itself."""
+        base = self._settings.base_url.rstrip("/")
+        known = {url.rstrip("/"): mode for mode, url in BASE_URLS.items()}
+        self._user_trades = UserTrades(
+            rest_url=None if base in known else base,
+            testnet=known.get(base) is TradingMode.TESTNET,
+            credentials=self._settings.credentials,
+            wait_s=self._settings.user_stream_wait_s,
+        )
+        self._user_stream = asyncio.create_task(self._user_trades.run(), name="user-stream")
 
     async def refresh(self) -> None:
         """Reload instruments and filters (Binance changes them; an hourly reload suffices)."""
@@ -218,6 +245,9 @@ class BinanceFutures:
         log.info("server time offset %d ms", offset)
 
     async def close(self) -> None:
+        if self._user_stream is not None:
+            self._user_stream.cancel()
+            await asyncio.gather(self._user_stream, return_exceptions=True)
         if self._limiter is not None:
             await self._limiter.close()
         self._thread.shutdown(wait=False, cancel_futures=True)
@@ -461,8 +491,7 @@ class BinanceFutures:
         order = _venue_order(raw)
         if order.executed_qty == 0:
             return order
-        params = {"symbol": order.symbol, "orderId": int(order.order_id)}
-        trades = await self._request(_USER_TRADES, params, signed=True, safe=True)
+        trades = await self._trades_of(order)
         fills = tuple(_fill(t, order, side, reduce_only) for t in trades)
         return VenueOrder(
             client_order_id=order.client_order_id,
@@ -473,6 +502,21 @@ class BinanceFutures:
             avg_price=order.avg_price,
             fills=fills,
         )
+
+    async def _trades_of(self, order: VenueOrder) -> list[Mapping[str, Any]]:
+        """The order's trades: from the user-data stream when it has them all, else REST."""
+        stream = self._user_trades
+        if stream is not None:
+            streamed = await stream.trades_covering(order.client_order_id, order.executed_qty)
+            if streamed is not None:
+                TRADES_READ.labels("stream").inc()
+                return list(streamed)
+        TRADES_READ.labels("rest").inc()
+        params = {"symbol": order.symbol, "orderId": int(order.order_id)}
+        trades: list[Mapping[str, Any]] = await self._request(
+            _USER_TRADES, params, signed=True, safe=True
+        )
+        return trades
 
     def _refuse_while_banned(self) -> None:
         ban = self._ban

@@ -28,8 +28,8 @@ Things about python-binance (1.0.37) that matter here:
   REST cannot give (the venue has no such kline, or keeps failing after 3 tries) is an unfilled
   gap: logged, counted, kept in ``unfilled_gaps`` (the worker's health is DEGRADED for an hour
   and an alert fires), and the feed goes on.
-* ``rest_url`` and ``stream_url`` point the client at another venue with Binance's API (the
-  local simulator serves both on one address: ``stream_base_for``); None: Binance, by ``testnet``.
+* ``rest_url`` and ``stream_url`` point the client at another venue with Binance's API
+  (``qtrader.exchange.async_binance``); None: Binance, by ``testnet``.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ with warnings.catch_warnings():
     # python-binance 1.0.37 imports websockets' legacy client, which websockets >= 14 deprecates
     # at import time; not ours to fix, and the test suite turns warnings into errors.
     warnings.filterwarnings("ignore", r"websockets\..* is deprecated", DeprecationWarning)
-    from binance import AsyncClient, BinanceSocketManager
     from binance.exceptions import BinanceAPIException, BinanceRequestException
 
 from qtrader.contracts.messages import Candle, CandleSource
+from qtrader.exchange.async_binance import create_client, socket_manager
 from qtrader.marketdata.csv_replay import KLINE_COLUMNS, KlineFormatError, candle_from_kline
 from qtrader.marketdata.synthetic import INTERVAL_MS
 
@@ -159,12 +159,6 @@ class Gap:
     seen_at: float  # time.monotonic() when it was found
 
 
-def stream_base_for(rest_url: str) -> str:
-    """The websocket base of a venue serving REST and streams on one address (the simulator)."""
-    scheme, _, rest = rest_url.partition("://")
-    return f"{'wss' if scheme == 'https' else 'ws'}://{rest.rstrip('/')}/"
-
-
 class BinanceKlineFeed:
     """Closed candles of several symbols from one combined USD-M futures kline stream, with the
     klines the stream missed fetched over REST (see the module's doc).
@@ -198,7 +192,7 @@ class BinanceKlineFeed:
         self._interval_ms = INTERVAL_MS[interval]
         self._testnet = testnet
         self._rest_url = rest_url
-        self._stream_url = stream_url or (stream_base_for(rest_url) if rest_url else None)
+        self._stream_url = stream_url
         self._max_queue_size = max_queue_size
         self._last_open = dict(last_open_ms or {})
         self.malformed_events = 0
@@ -213,7 +207,7 @@ class BinanceKlineFeed:
 
     async def candles(self) -> AsyncGenerator[Candle, None]:
         """Closed candles in order, each once; never ends (a failed socket is opened again)."""
-        client = await self._client()
+        client = await create_client(rest_url=self._rest_url, testnet=self._testnet)
         failures = 0
         try:
             while True:
@@ -231,23 +225,14 @@ class BinanceKlineFeed:
             self.connected = False
             await client.close_connection()
 
-    async def _client(self) -> Any:
-        """python-binance's client, on ``rest_url`` when set (``create`` pings it at once)."""
-        if self._rest_url is None:
-            return await AsyncClient.create(testnet=self._testnet)
-        base = self._rest_url.rstrip("/")
-
-        class VenueClient(AsyncClient):  # type: ignore[misc]  # create() reads class attributes
-            API_URL = f"{base}/api"
-            FUTURES_URL = f"{base}/fapi"
-
-        return await VenueClient.create()
-
     async def _session(self, client: Any) -> AsyncGenerator[Candle, None]:
         """One socket's candles, each preceded by the klines the stream missed before it."""
-        manager = BinanceSocketManager(client, max_queue_size=self._max_queue_size)
-        if self._stream_url is not None:
-            manager.FSTREAM_URL = self._stream_url  # __init__ reads the class's; override after
+        manager = socket_manager(
+            client,
+            rest_url=self._rest_url,
+            stream_url=self._stream_url,
+            max_queue_size=self._max_queue_size,
+        )
         async with manager.futures_multiplex_socket(self._streams) as socket:
             self.connected = True
             for missed in await self._catch_up(client):
