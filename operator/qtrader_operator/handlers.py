@@ -719,7 +719,6 @@ async def _scale_obeying_policies_locked(runtime: OperatorRuntime, *, namespace:
         owner = policy_core.Owner(
             name=metadata["name"], namespace=namespace, uid=metadata.get("uid") or metadata["name"]
         )
-        workloads = {}
         plural = policy_core.workload_plural(runtime.config.pod_defaults)
         for role in policy_core.ROLES:
             replicas = policy_core.desired_replicas(spec, role, stopped_roles=stopped)
@@ -729,15 +728,18 @@ async def _scale_obeying_policies_locked(runtime: OperatorRuntime, *, namespace:
             except KubeNotFound:
                 log.warning("%s not found while scaling", path)
                 continue
-            workloads[role] = (
-                replicas,
-                int((scaled.get("status") or {}).get("readyReplicas") or 0),
-            )
-        known = runtime.policies.get(owner.name)
-        if known is not None:  # the metrics show the scaling now, not at the policy's next timer
-            runtime.policies[owner.name] = replace(
-                known, workloads={**known.workloads, **workloads}
-            )
+            ready = int((scaled.get("status") or {}).get("readyReplicas") or 0)
+            _show_scaled(runtime, owner.name, role, (replicas, ready))
+
+
+def _show_scaled(
+    runtime: OperatorRuntime, policy: str, role: str, replicas: tuple[int, int]
+) -> None:
+    """The metrics show a scaling as soon as it is set (one workload at a time), not at the
+    policy's next reconcile."""
+    known = runtime.policies.get(policy)
+    if known is not None:
+        runtime.policies[policy] = replace(known, workloads={**known.workloads, role: replicas})
 
 
 def _parse_stop(spec: Any) -> EmergencyStopSpec:

@@ -1002,7 +1002,14 @@ async def test_operator_metrics_show_the_stop_the_latch_and_the_policy_through_a
         )
         assert cooldown is not None
         assert 0 < cooldown <= 600
-        assert _sample(tripped, "qtrader_operator_workload_replicas", **desired) == 0
+
+        # What the operator set, once its patch was answered (the emulator holds it a moment
+        # before the operator reads the answer).
+        async def scaled_to_0() -> bool:
+            metrics = await _scrape(memo)
+            return _sample(metrics, "qtrader_operator_workload_replicas", **desired) == 0
+
+        await _eventually(scaled_to_0, timeout_s=5, what="the scaling to 0 in the metrics")
 
 
 # --- a testnet policy in a cluster (issue 15): its venue's listing, its live feed --------------

@@ -60,7 +60,6 @@ async def _trade(url: str, exchange: SimAdmin, tmp_path: Path, *, stream: bool) 
     env = {"QTRADER_BINANCE_API_KEY": KEY, "QTRADER_BINANCE_API_SECRET": SECRET}
     args = ("--worker-id", "exec-user", "--exchange-url", exchange.base_url)
     args += () if stream else ("--no-user-stream",)
-    tmp_path.mkdir(parents=True, exist_ok=True)
     execution = start_worker("execution", nats_url=url, log_dir=tmp_path, args=args, env=env)
     bus = Bus(url=url, client_name="test-flow")
     await bus.connect()
@@ -114,6 +113,8 @@ async def test_filled_orders_take_their_trades_from_the_user_data_stream_not_res
     heartbeat = asyncio.create_task(heartbeat_forever(control, issued_by="test", interval_s=0.2))
     workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
     try:
+        for run in ("rest", "stream"):
+            (tmp_path / run).mkdir()
         rest = await _trade(url, exchange, tmp_path / "rest", stream=False)
         workers.append(rest)
         rest_orders = rest.metric("qtrader_exchange_order_trades_total", source="rest")
