@@ -116,6 +116,18 @@ def test_submit_when_same_client_order_id_twice_then_no_second_order() -> None:
     assert paper.position("BTCUSDT") == Decimal("0.010")
 
 
+def test_submit_when_executions_not_kept_then_same_execution_and_none_remembered() -> None:
+    kept = make_exchange()
+    paper = PaperExchange(
+        exchange=EXCHANGE, fee_bps=Decimal(4), slippage_bps=Decimal(2), keep_executions=False
+    )
+    paper.on_candle(candle("BTCUSDT", "60000.0"))
+    execution = paper.submit(intent(Side.BUY, "0.010"), now_ms=NOW)
+    assert execution == kept.submit(intent(Side.BUY, "0.010"), now_ms=NOW)
+    assert paper.execution("qt-1") is None
+    assert paper.position("BTCUSDT") == Decimal("0.010")
+
+
 def test_submit_when_rejected_then_resubmission_returns_the_same_rejection() -> None:
     paper = PaperExchange(exchange=EXCHANGE, fee_bps=Decimal(4), slippage_bps=Decimal(2))
     first = paper.submit(intent(Side.BUY, "0.010"), now_ms=NOW)

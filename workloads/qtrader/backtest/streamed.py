@@ -320,9 +320,11 @@ class _Trader:
         self._on_signal = on_signal
         self._on_fill = on_fill
         self._intake = SignalIntake.from_policy(spec.signals)
+        # Client order ids derive from signal ids, one per symbol and candle: never repeated.
         self._paper = PaperExchange(
-            exchange=info, fee_bps=spec.paper.fee_bps, slippage_bps=spec.paper.slippage_bps
-        )
+            exchange=info, fee_bps=spec.paper.fee_bps, slippage_bps=spec.paper.slippage_bps,
+            keep_executions=False,
+        )  # fmt: skip
         self._ledger = Ledger(initial_capital=spec.paper.initial_capital_usd, exchange=info)
         self._drawdown = DrawdownEvaluator(spec.risk.max_drawdown_pct, source="backtest")
         self._near_limit = spec.risk.max_drawdown_pct - _HALF_PCT_STEP

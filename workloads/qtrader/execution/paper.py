@@ -15,7 +15,8 @@ Pricing, chosen to never flatter a strategy:
 Idempotency: a ``client_order_id`` is an order's identity. Submitting one that was seen before
 (filled or rejected) creates nothing and returns the original execution again, with the same
 fill ids, so a redelivered intent can never trade twice. The record of seen ids grows for the
-life of the process, one small entry per order.
+life of the process, one small entry per order; a caller whose ids never repeat (a backtest)
+can turn it off (``keep_executions=False``).
 
 The exchange needs the account's net position per symbol only to enforce ``reduce_only`` like
 Binance (an order that would open, increase or flip a position is rejected). In an execution
@@ -101,6 +102,7 @@ class PaperExchange:
         fee_bps: Decimal,
         slippage_bps: Decimal,
         positions: Callable[[str], Decimal] | None = None,
+        keep_executions: bool = True,
     ) -> None:
         if not fee_bps.is_finite() or fee_bps < 0:
             raise ValueError(f"fee_bps must be >= 0: {fee_bps}")
@@ -113,6 +115,9 @@ class PaperExchange:
         self._positions: dict[str, Decimal] = {}  # its own, when no ``positions`` source is given
         self._position_source = positions
         self._orders: dict[str, PaperExecution] = {}
+        # A backtest, whose client order ids never repeat, keeps none: the record would grow
+        # with the run, and the garbage collector walks it again and again.
+        self._keep_executions = keep_executions
 
     def on_candle(self, candle: Candle) -> None:
         """Remember ``candle``'s close as the symbol's price; an older candle is ignored."""
@@ -141,7 +146,8 @@ class PaperExchange:
         return 0
 
     def execution(self, client_order_id: str) -> PaperExecution | None:
-        """What the order with this client id did, or None if it was never submitted."""
+        """What the order with this client id did, or None if it was never submitted (or
+        executions are not kept)."""
         return self._orders.get(client_order_id)
 
     def submit(self, intent: OrderIntent, *, now_ms: int) -> PaperExecution:
@@ -156,7 +162,8 @@ class PaperExchange:
             return seen
         with localcontext(_EXACT):
             execution = self._execute(intent, now_ms)
-        self._orders[intent.client_order_id] = execution
+        if self._keep_executions:
+            self._orders[intent.client_order_id] = execution
         return execution
 
     # --- internals ----------------------------------------------------------------------------
