@@ -188,8 +188,7 @@ class Ledger:
         if position is None or not position.quantity:
             return  # values no open position: equity, peak and drawdown stay as they are
         self._revalue(symbol, position)
-        with localcontext(_EXACT):
-            self._update_drawdown()
+        self._update_drawdown()
 
     # --- exact figures ------------------------------------------------------------------------
 
@@ -378,6 +377,7 @@ class Ledger:
         self._equity = None
 
     def _update_drawdown(self) -> None:
+        # Called for every mark: ``_EXACT``'s own methods, not a ``localcontext`` entered.
         equity = self.equity
         if equity > self._peak_equity:
             self._peak_equity = equity
@@ -437,8 +437,11 @@ def _amounts(by_asset: Mapping[str, Decimal], *, exact: bool = False) -> tuple[A
 
 
 def _drawdown_pct(peak: Decimal, equity: Decimal) -> Decimal:
-    # peak >= initial capital > 0, so the division is always defined.
-    return (peak - equity) / peak * _HUNDRED if equity < peak else _ZERO
+    # peak >= initial capital > 0, so the division is always defined. ``_EXACT``'s methods are
+    # the operators inside ``localcontext(_EXACT)``, without entering one.
+    if equity >= peak:
+        return _ZERO
+    return _EXACT.multiply(_EXACT.divide(_EXACT.subtract(peak, equity), peak), _HUNDRED)
 
 
 def _identity(value: Decimal) -> Decimal:
