@@ -128,6 +128,10 @@ class Ledger:
         self._unvalued: dict[str, Decimal] = {}  # fees with no known USDT value
         self._peak_equity = initial_capital
         self._max_drawdown_pct = _ZERO
+        # The lowest equity since the peak was set whose drawdown is in the maximum (None:
+        # unknown): an equity at or above it cannot make the maximum deeper (see
+        # ``_update_drawdown``), which spares a division on most marks.
+        self._trough: Decimal | None = initial_capital
         # Caches for a ledger read after every candle: each symbol's unrealized PnL (None when
         # flat; keyed in the order of ``_positions``, so sums add in the same order) and the
         # equity (None once a fill or a mark moved it).
@@ -359,6 +363,7 @@ class Ledger:
         ledger._unvalued = {a.asset: a.amount for a in checkpoint.unvalued_fees}
         ledger._peak_equity = checkpoint.peak_equity
         ledger._max_drawdown_pct = checkpoint.max_drawdown_pct
+        ledger._trough = None
         for symbol, position in ledger._positions.items():
             if symbol not in ledger._marks:
                 raise ValueError(f"checkpoint holds {symbol} but no mark for it")
@@ -380,10 +385,18 @@ class Ledger:
         # Called for every mark: ``_EXACT``'s own methods, not a ``localcontext`` entered.
         equity = self.equity
         if equity > self._peak_equity:
-            self._peak_equity = equity
+            self._peak_equity = equity  # a drawdown of 0
+            self._trough = equity
+            return
+        # The drawdown from a fixed peak only grows as equity falls, its rounded arithmetic
+        # too (each correctly rounded step is monotonic): above the trough it is no deeper.
+        trough = self._trough
+        if trough is not None and equity >= trough:
+            return
         drawdown = _drawdown_pct(self._peak_equity, equity)
         if drawdown > self._max_drawdown_pct:
             self._max_drawdown_pct = drawdown
+        self._trough = equity
 
     def _view(self, symbol: str, position: _Position, *, exact: bool) -> PositionView:
         mark = self._marks.get(symbol, _ZERO)
