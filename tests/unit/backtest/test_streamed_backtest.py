@@ -99,6 +99,36 @@ def test_streamed_when_same_candles_then_same_signals_trades_and_figures_as_per_
     assert_same_run(live, fast, signals, fills)
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"risk__max_drawdown_pct": Decimal("0.5")}],
+    ids=["evaluation-policy", "halts-on-drawdown"],
+)
+def test_streamed_when_signals_not_shown_then_low_ones_counted_unbuilt_with_the_same_figures(
+    changes: dict[str, object], series: CandleSeries, model: SignalModel
+) -> None:
+    """Without ``on_signal`` the signals below minConfidence are counted per step, as
+    ``low_confidence`` (``halted`` once halted), and never built."""
+    spec = with_risk(evaluation_policy(SYMBOLS), **changes)
+    live = run_backtest(series, model, spec, label_horizon=HORIZON)
+    fills: list[Fill] = []
+    fast = run_streamed_backtest(
+        {s: candle_bars(c, chunk_rows=97) for s, c in series.items()},
+        model,
+        spec,
+        label_horizon=HORIZON,
+        on_fill=fills.append,
+    )
+    assert live.figures.denials["low_confidence"] > 0
+    if "risk__max_drawdown_pct" in changes:
+        assert live.figures.denials["halted"] > 0
+    assert fast.figures == live.figures
+    assert fills == list(live.fills)
+    assert dict(fast.final_positions) == dict(live.final_positions)
+    assert dict(fast.final_marks) == dict(live.final_marks)
+    assert fast.dropped == live.dropped
+
+
 def test_streamed_when_symbols_start_late_and_have_gaps_then_steps_match_per_candle(
     series: CandleSeries, model: SignalModel
 ) -> None:
