@@ -44,15 +44,18 @@ from decimal import (
     Overflow,
     localcontext,
 )
+from typing import Any, Protocol
 
 from qtrader.contracts.messages import (
     Candle,
     Fill,
+    M,
     OrderIntent,
     OrderStatus,
     OrderType,
     OrderUpdate,
     Side,
+    trusted,
 )
 from qtrader.exchange.errors import NotSent, Rejected
 from qtrader.exchange.venue import VenueOrder
@@ -103,6 +106,7 @@ class PaperExchange:
         slippage_bps: Decimal,
         positions: Callable[[str], Decimal] | None = None,
         keep_executions: bool = True,
+        validate_messages: bool = True,
     ) -> None:
         if not fee_bps.is_finite() or fee_bps < 0:
             raise ValueError(f"fee_bps must be >= 0: {fee_bps}")
@@ -118,6 +122,11 @@ class PaperExchange:
         # A backtest, whose client order ids never repeat, keeps none: the record would grow
         # with the run, and the garbage collector walks it again and again.
         self._keep_executions = keep_executions
+        # Off in a backtest: its intents were validated by ``decide`` and its closes checked
+        # when read, so the fills and updates made of them are valid (``messages.trusted``).
+        self._build: _Build = _validated
+        if not validate_messages:
+            self._build = trusted
 
     def on_candle(self, candle: Candle) -> None:
         """Remember ``candle``'s close as the symbol's price; an older candle is ignored."""
@@ -175,12 +184,15 @@ class PaperExchange:
         instrument = self._exchange.instrument(intent.symbol)
         close = self._closes[intent.symbol].close
         price = _fill_price(close, intent.side, self._slippage_bps, instrument)
+        build = self._build
         if not _within_limit(intent, price):
-            expired = _update(intent, OrderStatus.EXPIRED, now_ms, reason="price beyond the limit")
-            return PaperExecution(
-                updates=(_update(intent, OrderStatus.NEW, now_ms), expired), fills=()
+            expired = _update(
+                build, intent, OrderStatus.EXPIRED, now_ms, reason="price beyond the limit"
             )
-        fill = Fill(
+            new = _update(build, intent, OrderStatus.NEW, now_ms)
+            return PaperExecution(updates=(new, expired), fills=())
+        fill = build(
+            Fill,
             fill_id=f"{EXCHANGE_NAME}-{intent.client_order_id}-1",
             client_order_id=intent.client_order_id,
             symbol=intent.symbol,
@@ -195,10 +207,11 @@ class PaperExchange:
             self._positions[intent.symbol] = self.position(intent.symbol) + (
                 intent.side.sign * intent.quantity
             )
-        new = _update(intent, OrderStatus.NEW, now_ms)
+        new = _update(build, intent, OrderStatus.NEW, now_ms)
         filled = _update(
-            intent, OrderStatus.FILLED, now_ms, filled_quantity=intent.quantity, avg_price=price
-        )
+            build, intent, OrderStatus.FILLED, now_ms,
+            filled_quantity=intent.quantity, avg_price=price,
+        )  # fmt: skip
         return PaperExecution(updates=(new, filled), fills=(fill,))
 
     def _reject_reason(self, intent: OrderIntent) -> PaperRejectReason | None:
@@ -248,7 +261,18 @@ def _fee(notional: Decimal, fee_bps: Decimal) -> Decimal:
     return (notional * fee_bps / _BPS).quantize(_USDT, rounding=ROUND_HALF_UP)
 
 
+class _Build(Protocol):
+    """How the exchange makes its messages: validated, or ``messages.trusted``."""
+
+    def __call__(self, message_type: type[M], /, **fields: Any) -> M: ...
+
+
+def _validated(message_type: type[M], /, **fields: Any) -> M:
+    return message_type(**fields)
+
+
 def _update(
+    build: _Build,
     intent: OrderIntent,
     status: OrderStatus,
     now_ms: int,
@@ -257,7 +281,8 @@ def _update(
     avg_price: Decimal = _ZERO,
     reason: str | None = None,
 ) -> OrderUpdate:
-    return OrderUpdate(
+    return build(
+        OrderUpdate,
         client_order_id=intent.client_order_id,
         intent_id=intent.intent_id,
         symbol=intent.symbol,
@@ -273,7 +298,7 @@ def _update(
 
 
 def _rejected(intent: OrderIntent, reason: PaperRejectReason, now_ms: int) -> OrderUpdate:
-    return _update(intent, OrderStatus.REJECTED, now_ms, reason=reason.value)
+    return _update(_validated, intent, OrderStatus.REJECTED, now_ms, reason=reason.value)
 
 
 class PaperVenue:
