@@ -109,7 +109,7 @@ def test_trusted_when_frozen_then_refuses_assignment_like_a_validated_message() 
 def test_trusted_when_a_field_is_missing_or_unknown_then_type_error() -> None:
     fields = dict(CASES[0][1])
     del fields["price"]
-    with pytest.raises(TypeError, match="price is required"):
+    with pytest.raises(TypeError, match=r"missing \[.price.\]"):
         trusted(Signal, **fields)
-    with pytest.raises(TypeError, match="unknown fields"):
+    with pytest.raises(TypeError, match=r"unknown \[.colour.\]"):
         trusted(Signal, **CASES[0][1], colour="red")

@@ -184,15 +184,12 @@ def trusted(message_type: type[M], /, **fields: Any) -> M:
     (aliases, extras, private attributes: our messages have none), which makes it slower than
     validating.
     """
-    names, defaults = _layout(message_type)
-    if not fields.keys() <= names:
-        raise TypeError(f"{message_type.__name__}: unknown fields {sorted(fields.keys() - names)}")
-    values: dict[str, Any] = {}
-    for name, default in defaults:
-        value = fields.get(name, default)
-        if value is _REQUIRED:
-            raise TypeError(f"{message_type.__name__}: {name} is required")
-        values[name] = value
+    template, required = _layout(message_type)
+    values = template.copy()
+    values.update(fields)  # keeps the fields' order: every name is in the template already
+    if len(values) != len(template) or not required <= fields.keys():
+        unknown, missing = sorted(values.keys() - template.keys()), sorted(required - fields.keys())
+        raise TypeError(f"{message_type.__name__}: unknown {unknown}, missing {missing}")
     message = message_type.__new__(message_type)
     object.__setattr__(message, "__dict__", values)
     object.__setattr__(message, "__pydantic_fields_set__", set(fields))
@@ -205,14 +202,15 @@ _REQUIRED = object()
 
 
 @functools.cache
-def _layout(message_type: type[Message]) -> tuple[frozenset[str], tuple[tuple[str, Any], ...]]:
-    """The fields of ``message_type`` in order, each with its default (or ``_REQUIRED``)."""
-    defaults: list[tuple[str, Any]] = []
+def _layout(message_type: type[Message]) -> tuple[dict[str, Any], frozenset[str]]:
+    """Every field of ``message_type`` in order with its default (``_REQUIRED`` if none), and
+    the required ones."""
+    template: dict[str, Any] = {}
     for name, info in message_type.model_fields.items():
         if info.default_factory is not None:
             raise TypeError(f"{message_type.__name__}.{name}: a default factory is not supported")
-        defaults.append((name, _REQUIRED if info.is_required() else info.default))
-    return frozenset(name for name, _ in defaults), tuple(defaults)
+        template[name] = _REQUIRED if info.is_required() else info.default
+    return template, frozenset(n for n, value in template.items() if value is _REQUIRED)
 
 
 def decode(data: bytes, message_type: type[M]) -> M:
