@@ -46,6 +46,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Context, Decimal, localcontext
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -335,6 +336,7 @@ class _Trader:
         self._unmarked: dict[str, Decimal] = {}  # marks the ledger has not needed yet
         self._candles: dict[str, tuple[Bars, int]] = {}  # the step's candle per symbol
         self._context: DecisionContext | None = None
+        self._positions: dict[str, Decimal] = {}  # the ledger's, as of its last fill
         self._state = TradingState.ACTIVE
         self._steps = 0
         self._sharpe = SharpeAccumulator()
@@ -467,10 +469,11 @@ class _Trader:
 
     def _decide(self, signal: Signal, now_ms: int) -> None:
         if self._context is None:
+            # Not copies: the context lives until the next mark or fill, which replace it.
             self._context = DecisionContext(
                 trading_state=self._state,
-                positions=dict(self._ledger.positions),
-                marks=dict(self._marks),
+                positions=self._positions,
+                marks=self._marks,
                 equity=self._ledger.equity,
             )
         outcome = decide(
@@ -498,6 +501,7 @@ class _Trader:
         if pending is not None:
             self._ledger.mark(fill.symbol, pending)
         reducing, win = book_fill(self._ledger, fill)
+        self._positions = dict(self._ledger.positions)
         self._context = None  # positions and equity moved
         self._counts.trades += 1
         self._counts.reducing_trades += reducing
@@ -582,8 +586,7 @@ class _Events:
     low: list[int]
 
 
-@dataclass(frozen=True)
-class _Named:
+class _Named(NamedTuple):
     """What ``signal_id`` reads of a candle."""
 
     symbol: str
