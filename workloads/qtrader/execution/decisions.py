@@ -36,6 +36,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Context, Decimal, localcontext
+from typing import NamedTuple
 
 from qtrader.contracts.messages import (
     Direction,
@@ -104,9 +105,11 @@ class DecisionContext:
     max_intent_backlog: int | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Order:
-    """The order being decided: ``signed_qty`` > 0 buys; ``position_after`` is the result."""
+class _Order(NamedTuple):
+    """The order being decided: ``signed_qty`` > 0 buys; ``position_after`` is the result.
+
+    A named tuple: as immutable as a frozen dataclass, and made several times faster (one per
+    decision, and a backtest makes tens of thousands)."""
 
     instrument: Instrument
     price: Decimal

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import (
     ROUND_HALF_EVEN,
     ROUND_HALF_UP,
@@ -97,6 +97,10 @@ class _Position:
     cost: Decimal = _ZERO
     realized: Decimal = _ZERO
     fees: Decimal = _ZERO
+
+    def copy(self) -> _Position:
+        # Not ``dataclasses.replace``: that costs more than the booking itself.
+        return _Position(self.quantity, self.cost, self.realized, self.fees)
 
     @property
     def avg_entry(self) -> Decimal:
@@ -163,7 +167,8 @@ class Ledger:
 
     def _book_fill(self, fill: Fill) -> None:
         """Compute everything on copies first, then commit: a trapped error changes nothing."""
-        position = replace(self._positions.get(fill.symbol, _Position()))
+        held = self._positions.get(fill.symbol)
+        position = _Position() if held is None else held.copy()
         realized = _book(position, fill.side.sign * fill.quantity, fill.price)
         value = fill.fee_value_usdt
         fees = self._fees + value if value is not None else self._fees
