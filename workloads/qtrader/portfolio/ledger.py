@@ -141,6 +141,8 @@ class Ledger:
         # equity (None once a fill or a mark moved it).
         self._unrealized: dict[str, Decimal | None] = {}
         self._equity: Decimal | None = initial_capital
+        # The equity without unrealized PnL: changed by fills only, needed by every mark.
+        self._base = _capital_less_fees(initial_capital, self._realized, self._fees)
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -176,10 +178,12 @@ class Ledger:
         by_asset = self._fees_by_asset.get(fill.fee_asset, _ZERO) + fill.fee
         unvalued = self._unvalued.get(fill.fee_asset, _ZERO) + fill.fee
         total_realized = self._realized + realized
+        base = _capital_less_fees(self._initial_capital, total_realized, fees)
         # Commit. What follows cannot raise: bounded inputs, no division by a possible zero.
         self._positions[fill.symbol] = position
         self._realized = total_realized
         self._fees = fees
+        self._base = base
         self._fees_by_asset[fill.fee_asset] = by_asset
         if value is None:
             self._unvalued[fill.fee_asset] = unvalued
@@ -242,8 +246,7 @@ class Ledger:
     def equity(self) -> Decimal:
         """initial capital + realized PnL - fees + unrealized PnL, exact."""
         if self._equity is None:
-            capital = _EXACT.add(self._initial_capital, self._realized)
-            self._equity = _EXACT.add(_EXACT.subtract(capital, self._fees), self.unrealized_pnl)
+            self._equity = _EXACT.add(self._base, self.unrealized_pnl)
         return self._equity
 
     @property
@@ -364,6 +367,9 @@ class Ledger:
         ledger._fills_applied = checkpoint.fills_applied
         ledger._realized = checkpoint.realized_pnl
         ledger._fees = checkpoint.fees_usdt
+        ledger._base = _capital_less_fees(
+            checkpoint.initial_capital, checkpoint.realized_pnl, checkpoint.fees_usdt
+        )
         ledger._fees_by_asset = {a.asset: a.amount for a in checkpoint.fees_by_asset}
         ledger._unvalued = {a.asset: a.amount for a in checkpoint.unvalued_fees}
         ledger._peak_equity = checkpoint.peak_equity
@@ -440,6 +446,10 @@ def _book(position: _Position, signed_qty: Decimal, price: Decimal) -> Decimal:
     if position.quantity != 0 and (position.quantity > 0) != (current > 0):
         position.cost = position.quantity * price  # flipped: the remainder opened at the price
     return realized
+
+
+def _capital_less_fees(capital: Decimal, realized: Decimal, fees: Decimal) -> Decimal:
+    return _EXACT.subtract(_EXACT.add(capital, realized), fees)
 
 
 def _digest(fill: Fill) -> str:
