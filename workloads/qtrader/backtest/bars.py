@@ -76,6 +76,12 @@ class Bars:
             return Decimal(self.exact.columns[3][row])
         return self.exact[row].close
 
+    def close_decimals(self) -> list[Decimal]:
+        """Every row's ``close_decimal``, made in one pass."""
+        if isinstance(self.exact, _Texts):
+            return list(map(Decimal, self.exact.columns[3]))
+        return [candle.close for candle in self.exact]
+
     def candle(self, row: int) -> Candle:
         """The row as the ``Candle`` the live path would have received."""
         if not isinstance(self.exact, _Texts):

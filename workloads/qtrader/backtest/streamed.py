@@ -369,9 +369,11 @@ class _Trader:
         if not self._skip_certain or self._on_signal is not None:
             low[:] = False
         bounds = starts.tolist()
+        closes = [close for s in symbols for close in block[s].close_decimals()]
         self._steps_of(
             _Events(
                 bars=[block[s] for s in symbols],
+                closes=[closes[i] for i in flat.tolist()],
                 which=which.tolist(),
                 rows=rows.tolist(),
                 built=np.flatnonzero(made & ~low).tolist(),
@@ -410,13 +412,12 @@ class _Trader:
         """The step's closes: the marks the decisions see, the ledger's where a position is."""
         self._context = None
         self._candles.clear()
-        ledger = self._ledger
+        ledger, marks, candles = self._ledger, self._marks, self._candles
         for e in range(start, stop):
-            bars, row = events.bars[events.which[e]], events.rows[e]
+            bars, row, close = events.bars[events.which[e]], events.rows[e], events.closes[e]
             symbol = bars.symbol
-            close = bars.close_decimal(row)
-            self._marks[symbol] = close
-            self._candles[symbol] = (bars, row)
+            marks[symbol] = close
+            candles[symbol] = (bars, row)
             if ledger.quantity(symbol):
                 ledger.mark(symbol, close)
             else:
@@ -572,11 +573,12 @@ class _Trader:
 @dataclass(frozen=True, kw_only=True)
 class _Events:
     """One block's candles in step order, as lists for the step loop: per event, its symbol's
-    bars (``bars[which[e]]``), row, model class and confidence; the events whose signal is
-    built (``built``); per step, its signals and how many of them are below minConfidence and
-    counted without being built (``low``)."""
+    bars (``bars[which[e]]``), row, exact close, model class and confidence; the events whose
+    signal is built (``built``); per step, its signals and how many of them are below
+    minConfidence and counted without being built (``low``)."""
 
     bars: list[Bars]
+    closes: list[Decimal]
     which: list[int]
     rows: list[int]
     built: list[int]
