@@ -18,15 +18,20 @@ arrays (``bars.Bars``) and each chunk is handled in two parts:
 What makes the sequential part cheap without changing what it computes:
 
 * a signal below ``minConfidence`` is not built as a ``Signal``, only counted with its step's
-  others (unless ``on_signal`` wants each): ``decide`` would deny it with ``low_confidence``
-  (``halted`` once halted) and nothing else can happen to it, provided the
-  intake never overflows; a step offers at most one signal per symbol and takes them all, so
-  that holds whenever ``queueSize`` >= the number of symbols, which is checked (otherwise every
-  signal goes through the intake, as in ``run_backtest``);
+  others from the chunk's arrays (unless ``on_signal`` wants each one): ``decide`` would deny
+  it with ``low_confidence`` (``halted`` once halted) and nothing else can happen to it,
+  provided the intake never overflows; a step offers at most one signal per symbol and takes
+  them all, so that holds whenever ``queueSize`` >= the number of symbols, which is checked
+  (otherwise every signal goes through the intake, as in ``run_backtest``);
+* messages made of values known to be valid are built unvalidated (``messages.trusted``,
+  equal to the validated ones): the signals (checked closes, a probability), the candles the
+  paper exchange gets (texts the reader checked) and the paper exchange's fills and updates
+  (``validate_messages=False``: made of intents ``decide`` validated); the intents themselves
+  are ``decide``'s own, validated;
 * the paper exchange keeps no record of executions (the client order ids never repeat), so
   nothing the garbage collector walks grows with the run;
 * the ``DecisionContext`` is built once per step and again only after a fill changed the
-  positions or the equity;
+  positions or the equity, on the trader's marks and a copy of the positions made per fill;
 * a mark of a symbol without a position cannot move equity, peak or drawdown, so the ledger
   gets it only when that symbol is about to trade (or at the end); the paper exchange gets a
   symbol's candle only when an order for it is sent;
