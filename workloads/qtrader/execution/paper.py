@@ -16,7 +16,8 @@ Idempotency: a ``client_order_id`` is an order's identity. Submitting one that w
 (filled or rejected) creates nothing and returns the original execution again, with the same
 fill ids, so a redelivered intent can never trade twice. The record of seen ids grows for the
 life of the process, one small entry per order; a caller whose ids never repeat (a backtest)
-can turn it off (``keep_executions=False``).
+can turn it off (``keep_executions=False``), and one whose intents were validated already can
+have the fills and updates built without validating them again (``validate_messages=False``).
 
 The exchange needs the account's net position per symbol only to enforce ``reduce_only`` like
 Binance (an order that would open, increase or flip a position is rejected). In an execution
