@@ -21,7 +21,7 @@ from qtrader.backtest.streamed import StreamedResult, run_streamed_backtest
 from qtrader.contracts.messages import Candle, Fill, Signal
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.inference.onnx_model import SignalModel, default_model_path
-from qtrader.marketdata.csv_replay import read_klines
+from qtrader.marketdata.csv_replay import KlineFormatError, read_klines
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT")
 HORIZON = 5
@@ -228,3 +228,21 @@ def test_csv_bars_when_a_row_needs_the_strict_reader_then_it_takes_over_with_its
     assert all_candles(csv_bars(path, symbol="BTCUSDT", interval="1m", chunk_rows=64)) == list(
         read_klines(path, symbol="BTCUSDT", interval="1m")
     )
+
+
+def test_csv_bars_when_a_price_reads_as_the_bound_in_float_then_the_strict_reader_refuses_it(
+    series: CandleSeries, tmp_path: Path
+) -> None:
+    """Just above MAX_PRICE as a Decimal, exactly MAX_PRICE as a float: not passed as checked
+    (its candle is built unvalidated), the strict reader refuses it."""
+    candles = series["BTCUSDT"][:100]
+    path = write_klines(tmp_path, candles, header=False)
+    lines = path.read_text().splitlines(keepends=True)
+    cells = lines[50].split(",")
+    cells[1:5] = ["1000000000000.0000001"] * 4
+    lines[50] = ",".join(cells)
+    path.write_text("".join(lines))
+    with pytest.raises(KlineFormatError):
+        list(read_klines(path, symbol="BTCUSDT", interval="1m"))
+    with pytest.raises(KlineFormatError):
+        all_candles(csv_bars(path, symbol="BTCUSDT", interval="1m", chunk_rows=64))
