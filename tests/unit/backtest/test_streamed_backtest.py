@@ -21,7 +21,7 @@ from qtrader.backtest.streamed import StreamedResult, run_streamed_backtest
 from qtrader.contracts.messages import Candle, Fill, Signal
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.inference.onnx_model import SignalModel, default_model_path
-from qtrader.marketdata.csv_replay import read_klines
+from qtrader.marketdata.csv_replay import KlineFormatError, read_klines
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT")
 HORIZON = 5
@@ -97,6 +97,36 @@ def test_streamed_when_same_candles_then_same_signals_trades_and_figures_as_per_
     if "signals__queue_size" in changes:
         assert live.dropped
     assert_same_run(live, fast, signals, fills)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"risk__max_drawdown_pct": Decimal("0.5")}],
+    ids=["evaluation-policy", "halts-on-drawdown"],
+)
+def test_streamed_when_signals_not_shown_then_low_ones_counted_unbuilt_with_the_same_figures(
+    changes: dict[str, object], series: CandleSeries, model: SignalModel
+) -> None:
+    """Without ``on_signal`` the signals below minConfidence are counted per step, as
+    ``low_confidence`` (``halted`` once halted), and never built."""
+    spec = with_risk(evaluation_policy(SYMBOLS), **changes)
+    live = run_backtest(series, model, spec, label_horizon=HORIZON)
+    fills: list[Fill] = []
+    fast = run_streamed_backtest(
+        {s: candle_bars(c, chunk_rows=97) for s, c in series.items()},
+        model,
+        spec,
+        label_horizon=HORIZON,
+        on_fill=fills.append,
+    )
+    assert live.figures.denials["low_confidence"] > 0
+    if "risk__max_drawdown_pct" in changes:
+        assert live.figures.denials["halted"] > 0
+    assert fast.figures == live.figures
+    assert fills == list(live.fills)
+    assert dict(fast.final_positions) == dict(live.final_positions)
+    assert dict(fast.final_marks) == dict(live.final_marks)
+    assert fast.dropped == live.dropped
 
 
 def test_streamed_when_symbols_start_late_and_have_gaps_then_steps_match_per_candle(
@@ -198,3 +228,21 @@ def test_csv_bars_when_a_row_needs_the_strict_reader_then_it_takes_over_with_its
     assert all_candles(csv_bars(path, symbol="BTCUSDT", interval="1m", chunk_rows=64)) == list(
         read_klines(path, symbol="BTCUSDT", interval="1m")
     )
+
+
+def test_csv_bars_when_a_price_reads_as_the_bound_in_float_then_the_strict_reader_refuses_it(
+    series: CandleSeries, tmp_path: Path
+) -> None:
+    """Just above MAX_PRICE as a Decimal, exactly MAX_PRICE as a float: not passed as checked
+    (its candle is built unvalidated), the strict reader refuses it."""
+    candles = series["BTCUSDT"][:100]
+    path = write_klines(tmp_path, candles, header=False)
+    lines = path.read_text().splitlines(keepends=True)
+    cells = lines[50].split(",")
+    cells[1:5] = ["1000000000000.0000001"] * 4
+    lines[50] = ",".join(cells)
+    path.write_text("".join(lines))
+    with pytest.raises(KlineFormatError):
+        list(read_klines(path, symbol="BTCUSDT", interval="1m"))
+    with pytest.raises(KlineFormatError):
+        all_candles(csv_bars(path, symbol="BTCUSDT", interval="1m", chunk_rows=64))

@@ -15,7 +15,7 @@ from qtrader.contracts.messages import (
     OrderType,
     Side,
 )
-from qtrader.execution.paper import PaperExchange, PaperRejectReason
+from qtrader.execution.paper import PaperExchange, PaperExecution, PaperRejectReason
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
 
 EXCHANGE = paper_exchange_info()
@@ -114,6 +114,36 @@ def test_submit_when_same_client_order_id_twice_then_no_second_order() -> None:
     again = paper.submit(intent(Side.BUY, "0.010"), now_ms=NOW + 5_000)
     assert again == first  # the same fill ids: republishing them is dropped by the bus
     assert paper.position("BTCUSDT") == Decimal("0.010")
+
+
+@pytest.mark.parametrize("limit", ["60012.0", "60011.9"])  # fills / expires
+def test_submit_when_backtest_settings_then_same_execution_and_none_remembered(
+    limit: str,
+) -> None:
+    """Neither keeping no executions nor building its messages unvalidated changes an answer."""
+    order = intent(Side.BUY, "0.010", order_type=OrderType.LIMIT).model_copy(
+        update={"limit_price": Decimal(limit)}
+    )
+    paper = PaperExchange(
+        exchange=EXCHANGE,
+        fee_bps=Decimal(4),
+        slippage_bps=Decimal(2),
+        keep_executions=False,
+        validate_messages=False,
+    )
+    paper.on_candle(candle("BTCUSDT", "60000.0"))
+    execution = paper.submit(order, now_ms=NOW)
+    expected = make_exchange().submit(order, now_ms=NOW)
+    assert execution == expected
+    assert [m.encode() for m in (*execution.updates, *execution.fills)] == [
+        m.encode() for m in (*expected.updates, *expected.fills)
+    ]
+    assert paper.execution("qt-1") is None
+    assert paper.position("BTCUSDT") == expected_position(expected)
+
+
+def expected_position(execution: PaperExecution) -> Decimal:
+    return sum((f.quantity for f in execution.fills), Decimal(0))
 
 
 def test_submit_when_rejected_then_resubmission_returns_the_same_rejection() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from decimal import Decimal, localcontext
+from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 from fractions import Fraction
 
 import pytest
@@ -232,6 +232,31 @@ def test_drawdown_when_equity_rises_falls_and_recovers_then_max_is_peak_to_troug
     ledger.mark("SOLUSDT", Decimal(300))  # a new peak: no current drawdown, max stays
     assert ledger.drawdown_pct == 0
     assert ledger.max_drawdown_pct == Decimal(10)
+
+
+def test_max_drawdown_when_marks_and_fills_wander_then_equals_the_drawdown_of_every_event() -> None:
+    """The maximum skips the arithmetic above the trough; it equals the worst drawdown of
+    every mark and fill computed in full, Decimal for Decimal."""
+    rng = random.Random(11)
+    ledger = make_ledger()
+    peak, worst = CAPITAL, Decimal(0)
+    price = Decimal(10_000)
+    for _ in range(3_000):  # a random walk: new troughs only just below the last one
+        price += Decimal(rng.randint(-300, 300)) / 100
+        if rng.random() < 0.05:
+            side = Side.BUY if rng.random() < 0.5 else Side.SELL
+            ledger.apply_fill(fill(side, "0.37", price, fee="0.11"))
+        else:
+            ledger.mark("BTCUSDT", price)
+        peak = max(peak, ledger.equity)
+        with localcontext(ledger_context()):
+            worst = max(worst, (peak - ledger.equity) / peak * 100)
+        assert (ledger.peak_equity, ledger.max_drawdown_pct) == (peak, worst)
+    assert worst > 0
+
+
+def ledger_context() -> Context:
+    return Context(prec=60, rounding=ROUND_HALF_EVEN)
 
 
 def test_snapshot_when_values_have_many_digits_then_rounds_only_the_output() -> None:

@@ -29,7 +29,7 @@ from typing import TextIO
 import numpy as np
 from numpy.typing import NDArray
 
-from qtrader.contracts.messages import MAX_MILLIS, Candle, CandleSource
+from qtrader.contracts.messages import MAX_MILLIS, Candle, CandleSource, trusted
 from qtrader.contracts.numbers import MAX_PRICE, MAX_VOLUME, QUOTED_PLACES
 from qtrader.marketdata.csv_replay import KLINE_COLUMNS, KlineFormatError, read_klines
 
@@ -76,12 +76,20 @@ class Bars:
             return Decimal(self.exact.columns[3][row])
         return self.exact[row].close
 
+    def close_decimals(self) -> list[Decimal]:
+        """Every row's ``close_decimal``, made in one pass."""
+        if isinstance(self.exact, _Texts):
+            return list(map(Decimal, self.exact.columns[3]))
+        return [candle.close for candle in self.exact]
+
     def candle(self, row: int) -> Candle:
         """The row as the ``Candle`` the live path would have received."""
         if not isinstance(self.exact, _Texts):
             return self.exact[row]
         o, h, low, c, v, count = (column[row] for column in self.exact.columns)
-        return Candle(
+        # The texts passed the reader's checks (plain decimals within the bounds and places).
+        return trusted(
+            Candle,
             symbol=self.symbol,
             interval=self.interval,
             open_time_ms=int(self.open_time_ms[row]),
@@ -280,11 +288,13 @@ def _checked_bars(
 def _numbers_ok(numbers: _Float64s) -> bool:
     prices, others = numbers[:4], numbers[4:]
     o, h, low, c = prices
+    # Strictly below the bounds: a text that reads as a bound in float64 may be above it as a
+    # Decimal (the strict reader decides those). What passes makes valid messages unvalidated.
     return bool(
         np.all(prices > 0)
-        and np.all(prices <= float(MAX_PRICE))
+        and np.all(prices < float(MAX_PRICE))
         and np.all(others >= 0)
-        and np.all(numbers[4] <= float(MAX_VOLUME))
+        and np.all(numbers[4] < float(MAX_VOLUME))
         and np.all(h >= low)
         and np.all(h >= np.maximum(o, c))
         and np.all(low <= np.minimum(o, c))

@@ -17,13 +17,21 @@ arrays (``bars.Bars``) and each chunk is handled in two parts:
 
 What makes the sequential part cheap without changing what it computes:
 
-* a signal below ``minConfidence`` is not built as a ``Signal``: ``decide`` would deny it with
-  ``low_confidence`` (``halted`` once halted) and nothing else can happen to it, provided the
-  intake never overflows; a step offers at most one signal per symbol and takes them all, so
-  that holds whenever ``queueSize`` >= the number of symbols, which is checked (otherwise every
-  signal goes through the intake, as in ``run_backtest``);
+* a signal below ``minConfidence`` is not built as a ``Signal``, only counted with its step's
+  others from the chunk's arrays (unless ``on_signal`` wants each one): ``decide`` would deny
+  it with ``low_confidence`` (``halted`` once halted) and nothing else can happen to it,
+  provided the intake never overflows; a step offers at most one signal per symbol and takes
+  them all, so that holds whenever ``queueSize`` >= the number of symbols, which is checked
+  (otherwise every signal goes through the intake, as in ``run_backtest``);
+* messages made of values known to be valid are built unvalidated (``messages.trusted``,
+  equal to the validated ones): the signals (checked closes, a probability), the candles the
+  paper exchange gets (texts the reader checked) and the paper exchange's fills and updates
+  (``validate_messages=False``: made of intents ``decide`` validated); the intents themselves
+  are ``decide``'s own, validated;
+* the paper exchange keeps no record of executions (the client order ids never repeat), so
+  nothing the garbage collector walks grows with the run;
 * the ``DecisionContext`` is built once per step and again only after a fill changed the
-  positions or the equity;
+  positions or the equity, on the trader's marks and a copy of the positions made per fill;
 * a mark of a symbol without a position cannot move equity, peak or drawdown, so the ledger
   gets it only when that symbol is about to trade (or at the end); the paper exchange gets a
   symbol's candle only when an order for it is sent;
@@ -43,6 +51,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Context, Decimal, localcontext
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -55,7 +64,7 @@ from qtrader.backtest.engine import (
     book_fill,
     send_first_attempt,
 )
-from qtrader.contracts.messages import Fill, OrderStatus, Signal, TradingState
+from qtrader.contracts.messages import Fill, OrderStatus, Signal, TradingState, trusted
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.execution.decisions import DecisionContext, Denial, DenialReason, decide
 from qtrader.execution.intake import Dropped, SignalIntake
@@ -320,9 +329,11 @@ class _Trader:
         self._on_signal = on_signal
         self._on_fill = on_fill
         self._intake = SignalIntake.from_policy(spec.signals)
+        # Client order ids derive from signal ids, one per symbol and candle: never repeated.
         self._paper = PaperExchange(
-            exchange=info, fee_bps=spec.paper.fee_bps, slippage_bps=spec.paper.slippage_bps
-        )
+            exchange=info, fee_bps=spec.paper.fee_bps, slippage_bps=spec.paper.slippage_bps,
+            keep_executions=False, validate_messages=False,
+        )  # fmt: skip
         self._ledger = Ledger(initial_capital=spec.paper.initial_capital_usd, exchange=info)
         self._drawdown = DrawdownEvaluator(spec.risk.max_drawdown_pct, source="backtest")
         self._near_limit = spec.risk.max_drawdown_pct - _HALF_PCT_STEP
@@ -330,6 +341,7 @@ class _Trader:
         self._unmarked: dict[str, Decimal] = {}  # marks the ledger has not needed yet
         self._candles: dict[str, tuple[Bars, int]] = {}  # the step's candle per symbol
         self._context: DecisionContext | None = None
+        self._positions: dict[str, Decimal] = {}  # the ledger's, as of its last fill
         self._state = TradingState.ACTIVE
         self._steps = 0
         self._sharpe = SharpeAccumulator()
@@ -351,50 +363,80 @@ class _Trader:
             counts.start_ms = min(int(block[s].open_time_ms[0]) for s in symbols)
             counts.interval = block[symbols[0]].interval
         counts.end_ms = max(counts.end_ms, *(int(block[s].close_time_ms[-1]) for s in symbols))
-        choices = [predictions.choice[s].tolist() for s in symbols]
-        confidences = [predictions.confidence[s].tolist() for s in symbols]
-        bars = [block[s] for s in symbols]
-        which_list, rows_list, now_list = which.tolist(), rows.tolist(), now.tolist()
+        offsets = np.cumsum([0, *(len(block[s]) for s in symbols)])[:-1]
+        flat = offsets[which] + rows  # each event's row in the symbols' concatenated columns
+        choice = np.concatenate([predictions.choice[s] for s in symbols])[flat]
+        confidence = np.concatenate([predictions.confidence[s] for s in symbols])[flat]
+        made = choice != _NO_SIGNAL
+        # Below minConfidence a signal is counted per step, not built one by one (see
+        # ``_certain_denial``); when it is to be shown (``on_signal``) each one is built.
+        low = made & (confidence < self._threshold)
+        if not self._skip_certain or self._on_signal is not None:
+            low[:] = False
         bounds = starts.tolist()
-        for k in range(len(bounds) - 1):
-            events = range(bounds[k], bounds[k + 1])
-            self._step(
-                [(bars[which_list[e]], rows_list[e]) for e in events],
-                [(choices[which_list[e]][rows_list[e]], confidences[which_list[e]][rows_list[e]])
-                 for e in events],
-                now_list[k],
-            )  # fmt: skip
+        closes = [close for s in symbols for close in block[s].close_decimals()]
+        self._steps_of(
+            _Events(
+                bars=[block[s] for s in symbols],
+                closes=[closes[i] for i in flat.tolist()],
+                which=which.tolist(),
+                rows=rows.tolist(),
+                built=np.flatnonzero(made & ~low).tolist(),
+                choice=choice.tolist(),
+                confidence=confidence.tolist(),
+                signals=np.add.reduceat(made.astype(np.int64), bounds[:-1]).tolist(),
+                low=np.add.reduceat(low.astype(np.int64), bounds[:-1]).tolist(),
+            ),
+            bounds,
+            now.tolist(),
+        )
 
-    def _step(
-        self, candles: list[tuple[Bars, int]], made: list[tuple[int, float]], now_ms: int
-    ) -> None:
+    def _steps_of(self, events: _Events, bounds: list[int], now: list[int]) -> None:
+        built = iter([*events.built, bounds[-1]])  # the events whose signal is built, in order
+        next_built = next(built)
+        for k, now_ms in enumerate(now):
+            stop = bounds[k + 1]
+            self._mark_step(events, bounds[k], stop)
+            self._counts.signals += events.signals[k]
+            if events.low[k]:
+                state = self._state is TradingState.HALTED
+                reason = DenialReason.HALTED if state else DenialReason.LOW_CONFIDENCE
+                self._counts.denials[reason.value] += events.low[k]
+            while next_built < stop:
+                bars, row = events.bars[events.which[next_built]], events.rows[next_built]
+                self._signal(
+                    bars, row, events.choice[next_built], events.confidence[next_built], now_ms
+                )
+                next_built = next(built)
+            self._decide_all(now_ms)
+            self._steps += 1
+            self._evaluate_risk(now_ms)
+            self._sharpe.add(self._ledger.equity)
+
+    def _mark_step(self, events: _Events, start: int, stop: int) -> None:
+        """The step's closes: the marks the decisions see, the ledger's where a position is."""
         self._context = None
         self._candles.clear()
-        for bars, row in candles:
+        ledger, marks, candles = self._ledger, self._marks, self._candles
+        for e in range(start, stop):
+            bars, row, close = events.bars[events.which[e]], events.rows[e], events.closes[e]
             symbol = bars.symbol
-            close = bars.close_decimal(row)
-            self._marks[symbol] = close
-            self._candles[symbol] = (bars, row)
-            if self._ledger.quantity(symbol):
-                self._ledger.mark(symbol, close)
+            marks[symbol] = close
+            candles[symbol] = (bars, row)
+            if ledger.quantity(symbol):
+                ledger.mark(symbol, close)
             else:
                 self._unmarked[symbol] = close
-        for (bars, row), (choice, confidence) in zip(candles, made, strict=True):
-            if choice != _NO_SIGNAL:
-                self._signal(bars, row, choice, confidence, now_ms)
-        self._decide_all(now_ms)
-        self._steps += 1
-        self._evaluate_risk(now_ms)
-        self._sharpe.add(self._ledger.equity)
 
     def _signal(self, bars: Bars, row: int, choice: int, confidence: float, now_ms: int) -> None:
-        self._counts.signals += 1
         certain = self._certain_denial(confidence)
         if certain is not None and self._on_signal is None:
             self._counts.denials[certain] += 1
             return
         open_time_ms = int(bars.open_time_ms[row])
-        signal = Signal(
+        # Valid by construction: a checked close, a probability, an id of bounded parts.
+        signal = trusted(
+            Signal,
             signal_id=signal_id(self._version, _Named(bars.symbol, open_time_ms)),
             symbol=bars.symbol,
             direction=CLASSES[choice],
@@ -433,10 +475,11 @@ class _Trader:
 
     def _decide(self, signal: Signal, now_ms: int) -> None:
         if self._context is None:
+            # Not copies: the context lives until the next mark or fill, which replace it.
             self._context = DecisionContext(
                 trading_state=self._state,
-                positions=dict(self._ledger.positions),
-                marks=dict(self._marks),
+                positions=self._positions,
+                marks=self._marks,
                 equity=self._ledger.equity,
             )
         outcome = decide(
@@ -464,6 +507,7 @@ class _Trader:
         if pending is not None:
             self._ledger.mark(fill.symbol, pending)
         reducing, win = book_fill(self._ledger, fill)
+        self._positions = dict(self._ledger.positions)
         self._context = None  # positions and equity moved
         self._counts.trades += 1
         self._counts.reducing_trades += reducing
@@ -531,8 +575,25 @@ class _Trader:
         )
 
 
-@dataclass(frozen=True)
-class _Named:
+@dataclass(frozen=True, kw_only=True)
+class _Events:
+    """One block's candles in step order, as lists for the step loop: per event, its symbol's
+    bars (``bars[which[e]]``), row, exact close, model class and confidence; the events whose
+    signal is built (``built``); per step, its signals and how many of them are below
+    minConfidence and counted without being built (``low``)."""
+
+    bars: list[Bars]
+    closes: list[Decimal]
+    which: list[int]
+    rows: list[int]
+    built: list[int]
+    choice: list[int]
+    confidence: list[float]
+    signals: list[int]
+    low: list[int]
+
+
+class _Named(NamedTuple):
     """What ``signal_id`` reads of a candle."""
 
     symbol: str

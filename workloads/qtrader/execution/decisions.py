@@ -31,10 +31,12 @@ Choices worth knowing:
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Context, Decimal, localcontext
+from typing import NamedTuple
 
 from qtrader.contracts.messages import (
     Direction,
@@ -48,6 +50,7 @@ from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.instruments import ExchangeInfo, Instrument
 
 _EXACT = Context(prec=60, rounding=ROUND_HALF_EVEN)
+_DOWN = Context(prec=60, rounding=ROUND_DOWN)  # ``_EXACT`` rounding toward zero
 _ZERO = Decimal(0)
 _INTENT_ID_MAX = 128
 _CLIENT_ORDER_ID_PREFIX = "qt-"
@@ -102,9 +105,11 @@ class DecisionContext:
     max_intent_backlog: int | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Order:
-    """The order being decided: ``signed_qty`` > 0 buys; ``position_after`` is the result."""
+class _Order(NamedTuple):
+    """The order being decided: ``signed_qty`` > 0 buys; ``position_after`` is the result.
+
+    A named tuple: as immutable as a frozen dataclass, and made several times faster (one per
+    decision, and a backtest makes tens of thousands)."""
 
     instrument: Instrument
     price: Decimal
@@ -196,7 +201,7 @@ def _check_signal(
     if symbol not in exchange:
         return Denial(DenialReason.SYMBOL_NOT_ALLOWED, f"{symbol} is not listed by the exchange")
     age_ms = now_ms - signal.created_at_ms
-    ttl_ms = Decimal(repr(policy.signals.ttl_seconds)) * 1000
+    ttl_ms = _ttl_ms(policy.signals.ttl_seconds)
     if age_ms > ttl_ms:
         return Denial(DenialReason.SIGNAL_EXPIRED, f"signal is {age_ms} ms old, ttl {ttl_ms} ms")
     if signal.confidence < policy.risk.min_confidence:
@@ -325,16 +330,24 @@ def _target_quantity(
     return size if direction is Direction.LONG else -size
 
 
+@functools.lru_cache(maxsize=64)
+def _ttl_ms(ttl_seconds: float) -> Decimal:
+    """The policy's signal ttl in exact milliseconds (the float as written, not its binary
+    value), once per value: a backtest asks for every signal."""
+    with localcontext(_EXACT):
+        return Decimal(repr(ttl_seconds)) * 1000
+
+
 def _toward_zero(value: Decimal, step: Decimal) -> Decimal:
     """``value`` rounded toward zero to a multiple of ``step``, never across a step boundary.
 
     The division runs with ROUND_DOWN, so a quotient like 16.99...9 (more digits than the
     precision) cannot round up to 17 before it is truncated.
     """
-    with localcontext(_EXACT) as ctx:
-        ctx.rounding = ROUND_DOWN
-        units = (value / step).to_integral_value(rounding=ROUND_DOWN)
-        return (units * step).quantize(step)
+    # ``_DOWN``'s own methods: the operators inside a ``localcontext`` of it, without entering
+    # one (twice per decision).
+    units = _DOWN.divide(value, step).to_integral_value(rounding=ROUND_DOWN, context=_DOWN)
+    return _DOWN.quantize(_DOWN.multiply(units, step), step)
 
 
 def _reduces(current: Decimal, signed_qty: Decimal) -> bool:

@@ -15,7 +15,9 @@ Pricing, chosen to never flatter a strategy:
 Idempotency: a ``client_order_id`` is an order's identity. Submitting one that was seen before
 (filled or rejected) creates nothing and returns the original execution again, with the same
 fill ids, so a redelivered intent can never trade twice. The record of seen ids grows for the
-life of the process, one small entry per order.
+life of the process, one small entry per order; a caller whose ids never repeat (a backtest)
+can turn it off (``keep_executions=False``), and one whose intents were validated already can
+have the fills and updates built without validating them again (``validate_messages=False``).
 
 The exchange needs the account's net position per symbol only to enforce ``reduce_only`` like
 Binance (an order that would open, increase or flip a position is rejected). In an execution
@@ -43,15 +45,18 @@ from decimal import (
     Overflow,
     localcontext,
 )
+from typing import Any, Protocol
 
 from qtrader.contracts.messages import (
     Candle,
     Fill,
+    M,
     OrderIntent,
     OrderStatus,
     OrderType,
     OrderUpdate,
     Side,
+    trusted,
 )
 from qtrader.exchange.errors import NotSent, Rejected
 from qtrader.exchange.venue import VenueOrder
@@ -101,6 +106,8 @@ class PaperExchange:
         fee_bps: Decimal,
         slippage_bps: Decimal,
         positions: Callable[[str], Decimal] | None = None,
+        keep_executions: bool = True,
+        validate_messages: bool = True,
     ) -> None:
         if not fee_bps.is_finite() or fee_bps < 0:
             raise ValueError(f"fee_bps must be >= 0: {fee_bps}")
@@ -113,6 +120,14 @@ class PaperExchange:
         self._positions: dict[str, Decimal] = {}  # its own, when no ``positions`` source is given
         self._position_source = positions
         self._orders: dict[str, PaperExecution] = {}
+        # A backtest, whose client order ids never repeat, keeps none: the record would grow
+        # with the run, and the garbage collector walks it again and again.
+        self._keep_executions = keep_executions
+        # Off in a backtest: its intents were validated by ``decide`` and its closes checked
+        # when read, so the fills and updates made of them are valid (``messages.trusted``).
+        self._build: _Build = _validated
+        if not validate_messages:
+            self._build = trusted
 
     def on_candle(self, candle: Candle) -> None:
         """Remember ``candle``'s close as the symbol's price; an older candle is ignored."""
@@ -141,7 +156,8 @@ class PaperExchange:
         return 0
 
     def execution(self, client_order_id: str) -> PaperExecution | None:
-        """What the order with this client id did, or None if it was never submitted."""
+        """What the order with this client id did, or None if it was never submitted (or
+        executions are not kept)."""
         return self._orders.get(client_order_id)
 
     def submit(self, intent: OrderIntent, *, now_ms: int) -> PaperExecution:
@@ -156,7 +172,8 @@ class PaperExchange:
             return seen
         with localcontext(_EXACT):
             execution = self._execute(intent, now_ms)
-        self._orders[intent.client_order_id] = execution
+        if self._keep_executions:
+            self._orders[intent.client_order_id] = execution
         return execution
 
     # --- internals ----------------------------------------------------------------------------
@@ -168,12 +185,15 @@ class PaperExchange:
         instrument = self._exchange.instrument(intent.symbol)
         close = self._closes[intent.symbol].close
         price = _fill_price(close, intent.side, self._slippage_bps, instrument)
+        build = self._build
         if not _within_limit(intent, price):
-            expired = _update(intent, OrderStatus.EXPIRED, now_ms, reason="price beyond the limit")
-            return PaperExecution(
-                updates=(_update(intent, OrderStatus.NEW, now_ms), expired), fills=()
+            expired = _update(
+                build, intent, OrderStatus.EXPIRED, now_ms, reason="price beyond the limit"
             )
-        fill = Fill(
+            new = _update(build, intent, OrderStatus.NEW, now_ms)
+            return PaperExecution(updates=(new, expired), fills=())
+        fill = build(
+            Fill,
             fill_id=f"{EXCHANGE_NAME}-{intent.client_order_id}-1",
             client_order_id=intent.client_order_id,
             symbol=intent.symbol,
@@ -188,10 +208,11 @@ class PaperExchange:
             self._positions[intent.symbol] = self.position(intent.symbol) + (
                 intent.side.sign * intent.quantity
             )
-        new = _update(intent, OrderStatus.NEW, now_ms)
+        new = _update(build, intent, OrderStatus.NEW, now_ms)
         filled = _update(
-            intent, OrderStatus.FILLED, now_ms, filled_quantity=intent.quantity, avg_price=price
-        )
+            build, intent, OrderStatus.FILLED, now_ms,
+            filled_quantity=intent.quantity, avg_price=price,
+        )  # fmt: skip
         return PaperExecution(updates=(new, filled), fills=(fill,))
 
     def _reject_reason(self, intent: OrderIntent) -> PaperRejectReason | None:
@@ -241,7 +262,18 @@ def _fee(notional: Decimal, fee_bps: Decimal) -> Decimal:
     return (notional * fee_bps / _BPS).quantize(_USDT, rounding=ROUND_HALF_UP)
 
 
+class _Build(Protocol):
+    """How the exchange makes its messages: validated, or ``messages.trusted``."""
+
+    def __call__(self, message_type: type[M], /, **fields: Any) -> M: ...
+
+
+def _validated(message_type: type[M], /, **fields: Any) -> M:
+    return message_type(**fields)
+
+
 def _update(
+    build: _Build,
     intent: OrderIntent,
     status: OrderStatus,
     now_ms: int,
@@ -250,7 +282,8 @@ def _update(
     avg_price: Decimal = _ZERO,
     reason: str | None = None,
 ) -> OrderUpdate:
-    return OrderUpdate(
+    return build(
+        OrderUpdate,
         client_order_id=intent.client_order_id,
         intent_id=intent.intent_id,
         symbol=intent.symbol,
@@ -266,7 +299,7 @@ def _update(
 
 
 def _rejected(intent: OrderIntent, reason: PaperRejectReason, now_ms: int) -> OrderUpdate:
-    return _update(intent, OrderStatus.REJECTED, now_ms, reason=reason.value)
+    return _update(_validated, intent, OrderStatus.REJECTED, now_ms, reason=reason.value)
 
 
 class PaperVenue:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import (
     ROUND_HALF_EVEN,
     ROUND_HALF_UP,
@@ -98,6 +98,10 @@ class _Position:
     realized: Decimal = _ZERO
     fees: Decimal = _ZERO
 
+    def copy(self) -> _Position:
+        # Not ``dataclasses.replace``: that costs more than the booking itself.
+        return _Position(self.quantity, self.cost, self.realized, self.fees)
+
     @property
     def avg_entry(self) -> Decimal:
         return self.cost / self.quantity if self.quantity else _ZERO
@@ -128,11 +132,17 @@ class Ledger:
         self._unvalued: dict[str, Decimal] = {}  # fees with no known USDT value
         self._peak_equity = initial_capital
         self._max_drawdown_pct = _ZERO
+        # The lowest equity since the peak was set whose drawdown is in the maximum (None:
+        # unknown): an equity at or above it cannot make the maximum deeper (see
+        # ``_update_drawdown``), which spares a division on most marks.
+        self._trough: Decimal | None = initial_capital
         # Caches for a ledger read after every candle: each symbol's unrealized PnL (None when
         # flat; keyed in the order of ``_positions``, so sums add in the same order) and the
         # equity (None once a fill or a mark moved it).
         self._unrealized: dict[str, Decimal | None] = {}
         self._equity: Decimal | None = initial_capital
+        # The equity without unrealized PnL: changed by fills only, needed by every mark.
+        self._base = _capital_less_fees(initial_capital, self._realized, self._fees)
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -159,7 +169,8 @@ class Ledger:
 
     def _book_fill(self, fill: Fill) -> None:
         """Compute everything on copies first, then commit: a trapped error changes nothing."""
-        position = replace(self._positions.get(fill.symbol, _Position()))
+        held = self._positions.get(fill.symbol)
+        position = _Position() if held is None else held.copy()
         realized = _book(position, fill.side.sign * fill.quantity, fill.price)
         value = fill.fee_value_usdt
         fees = self._fees + value if value is not None else self._fees
@@ -167,10 +178,12 @@ class Ledger:
         by_asset = self._fees_by_asset.get(fill.fee_asset, _ZERO) + fill.fee
         unvalued = self._unvalued.get(fill.fee_asset, _ZERO) + fill.fee
         total_realized = self._realized + realized
+        base = _capital_less_fees(self._initial_capital, total_realized, fees)
         # Commit. What follows cannot raise: bounded inputs, no division by a possible zero.
         self._positions[fill.symbol] = position
         self._realized = total_realized
         self._fees = fees
+        self._base = base
         self._fees_by_asset[fill.fee_asset] = by_asset
         if value is None:
             self._unvalued[fill.fee_asset] = unvalued
@@ -188,8 +201,7 @@ class Ledger:
         if position is None or not position.quantity:
             return  # values no open position: equity, peak and drawdown stay as they are
         self._revalue(symbol, position)
-        with localcontext(_EXACT):
-            self._update_drawdown()
+        self._update_drawdown()
 
     # --- exact figures ------------------------------------------------------------------------
 
@@ -234,8 +246,7 @@ class Ledger:
     def equity(self) -> Decimal:
         """initial capital + realized PnL - fees + unrealized PnL, exact."""
         if self._equity is None:
-            capital = _EXACT.add(self._initial_capital, self._realized)
-            self._equity = _EXACT.add(_EXACT.subtract(capital, self._fees), self.unrealized_pnl)
+            self._equity = _EXACT.add(self._base, self.unrealized_pnl)
         return self._equity
 
     @property
@@ -356,10 +367,14 @@ class Ledger:
         ledger._fills_applied = checkpoint.fills_applied
         ledger._realized = checkpoint.realized_pnl
         ledger._fees = checkpoint.fees_usdt
+        ledger._base = _capital_less_fees(
+            checkpoint.initial_capital, checkpoint.realized_pnl, checkpoint.fees_usdt
+        )
         ledger._fees_by_asset = {a.asset: a.amount for a in checkpoint.fees_by_asset}
         ledger._unvalued = {a.asset: a.amount for a in checkpoint.unvalued_fees}
         ledger._peak_equity = checkpoint.peak_equity
         ledger._max_drawdown_pct = checkpoint.max_drawdown_pct
+        ledger._trough = None
         for symbol, position in ledger._positions.items():
             if symbol not in ledger._marks:
                 raise ValueError(f"checkpoint holds {symbol} but no mark for it")
@@ -378,12 +393,21 @@ class Ledger:
         self._equity = None
 
     def _update_drawdown(self) -> None:
+        # Called for every mark: ``_EXACT``'s own methods, not a ``localcontext`` entered.
         equity = self.equity
         if equity > self._peak_equity:
-            self._peak_equity = equity
+            self._peak_equity = equity  # a drawdown of 0
+            self._trough = equity
+            return
+        # The drawdown from a fixed peak only grows as equity falls, its rounded arithmetic
+        # too (each correctly rounded step is monotonic): above the trough it is no deeper.
+        trough = self._trough
+        if trough is not None and equity >= trough:
+            return
         drawdown = _drawdown_pct(self._peak_equity, equity)
         if drawdown > self._max_drawdown_pct:
             self._max_drawdown_pct = drawdown
+        self._trough = equity
 
     def _view(self, symbol: str, position: _Position, *, exact: bool) -> PositionView:
         mark = self._marks.get(symbol, _ZERO)
@@ -424,6 +448,10 @@ def _book(position: _Position, signed_qty: Decimal, price: Decimal) -> Decimal:
     return realized
 
 
+def _capital_less_fees(capital: Decimal, realized: Decimal, fees: Decimal) -> Decimal:
+    return _EXACT.subtract(_EXACT.add(capital, realized), fees)
+
+
 def _digest(fill: Fill) -> str:
     """What a fill says, in 16 hex digits: a repeat of its id must say the same."""
     facts = (fill.symbol, fill.side.value, fill.quantity, fill.price, fill.fee, fill.fee_asset)
@@ -437,8 +465,11 @@ def _amounts(by_asset: Mapping[str, Decimal], *, exact: bool = False) -> tuple[A
 
 
 def _drawdown_pct(peak: Decimal, equity: Decimal) -> Decimal:
-    # peak >= initial capital > 0, so the division is always defined.
-    return (peak - equity) / peak * _HUNDRED if equity < peak else _ZERO
+    # peak >= initial capital > 0, so the division is always defined. ``_EXACT``'s methods are
+    # the operators inside ``localcontext(_EXACT)``, without entering one.
+    if equity >= peak:
+        return _ZERO
+    return _EXACT.multiply(_EXACT.divide(_EXACT.subtract(peak, equity), peak), _HUNDRED)
 
 
 def _identity(value: Decimal) -> Decimal:
