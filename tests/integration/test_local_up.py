@@ -78,11 +78,18 @@ def test_up_when_interrupted_then_stops_everything_and_exits_0(tmp_path: Path) -
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     assert process.stdout is not None
-    first_line = process.stdout.readline()  # the summary has started: everything is up
-    assert "candles" in first_line
-    time.sleep(3)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    try:
+        title = process.stdout.readline()  # printed once, before the first summary line
+        assert title.startswith("Quantum Trader (paper)"), title
+        first_line = process.stdout.readline()  # the summary has started: everything is up
+        assert "candles" in first_line
+        time.sleep(3)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # a failed check above: no process left behind
+            process.kill()
+            process.communicate()
     assert process.returncode == 0, stdout + stderr
     assert "Final report" in stdout
     report = json.loads(report_path.read_text())

@@ -76,6 +76,7 @@ class Viewer:
     at: list[float] = field(default_factory=list)
     last_key_at: float = 0.0  # when the newest of the scenario's events arrived
     peer: str = ""  # this viewer's address as the server sees it ("host:port")
+    out_of_band: int = 0  # messages outside the batches (seq 0): the state on connect, keep-alives
 
     @property
     def accounted(self) -> int:
@@ -252,6 +253,9 @@ async def _read(ws: ClientConnection, view: Viewer, *, every_s: float = 0.0) -> 
     view.peer = f"{host}:{port}"
     while True:
         batch = json.loads(await ws.recv())
+        if batch["seq"] == 0:  # the state on connect, a keep-alive: outside the batches
+            view.out_of_band += 1
+            continue
         view.at.append(time.monotonic())
         view.seqs.append(batch["seq"])
         view.dropped += batch["dropped"]
@@ -366,6 +370,8 @@ def _judge(
     result.check("events dropped for fast viewers", fast_dropped, "==", 0)
     result.check("batch number gaps (all viewers)", seq_gaps, "==", 0)
     result.check("events neither received nor reported dropped", unaccounted, "==", 0)
+    told = sum(v.out_of_band >= 1 for v in [*views, slow])
+    result.check("viewers told the state on connect", told, "==", len(views) + 1)
     result.check(
         "slow viewer behind by (last event after the last publish)", lags.slow_s, ">=", 1.0, "s"
     )
