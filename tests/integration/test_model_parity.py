@@ -22,11 +22,11 @@ import onnx
 
 from qtrader.backtest.engine import run_backtest
 from qtrader.inference.card import ModelCard, read_card
-from qtrader.inference.dataset import examples_from_candles, round_trip_cost_bps
-from qtrader.inference.evaluation import classification_metrics
 from qtrader.inference.features import FEATURE_NAMES, SEQUENCE_FEATURE_NAMES
 from qtrader.inference.onnx_model import ModelLoadError, SignalModel
-from qtrader.inference.training import (
+from qtrader.research.dataset import examples_from_candles, round_trip_cost_bps
+from qtrader.research.evaluation import classification_metrics
+from qtrader.training.training import (
     OPSET,
     TrainedEnsemble,
     TrainingConfig,

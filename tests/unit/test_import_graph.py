@@ -3,7 +3,8 @@ its own layer or the layers below, and no two packages import each other.
 
 The layers, from the bottom: the wire contracts; the bus and the health contract; the worker
 runtime; the adapters (the exchange, market data, the viewer stream); the roles; the control
-plane; the local stack and the backtest; the tooling (simulators, benchmarks, stress); the
+plane and research (datasets, evaluation); the local stack and the backtest; training (which
+judges models with the backtest) and the tooling (simulators, benchmarks, stress); the
 operator and the command line. Read from the source with ``ast`` (imports inside functions
 count too), so a lazy import cannot hide an upward edge.
 
@@ -25,16 +26,12 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"policy_watch", "runtime"}),
     frozenset({"exchange", "marketdata", "viewer"}),
     frozenset({"risk", "execution", "inference", "portfolio"}),
-    frozenset({"control"}),
+    frozenset({"control", "research"}),
     frozenset({"local", "backtest"}),
-    frozenset({"simulators", "benchmarks", "stress"}),
+    frozenset({"training", "simulators", "benchmarks", "stress"}),
     frozenset({"qtrader_operator", "cli", "__main__", "__init__"}),
 )
-KNOWN_UPWARD = {
-    # Training evaluates candidate models with the backtest: research still lives in inference
-    # (the one-way-graph issue: research out of inference).
-    ("inference", "backtest"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()  # none left
 
 
 def _layer(package: str) -> int:

@@ -922,7 +922,7 @@ def _run_up(args: argparse.Namespace) -> int:
 
 def _run_model(args: argparse.Namespace) -> int:
     try:
-        from qtrader.inference.train_command import run_train
+        from qtrader.training.train_command import run_train
     except ImportError as exc:
         print(
             f"qtrader model train needs the training extra (pip install -e '.[train]'): {exc}",

@@ -168,7 +168,7 @@ def test_runtime_model_modules_when_imported_then_torch_is_not_loaded() -> None:
     probe = (
         "import sys, qtrader.inference.onnx_model, qtrader.inference.features, "
         "qtrader.inference.service, qtrader.backtest.engine, qtrader.backtest.command; "
-        "print(sorted(m for m in ('torch', 'onnx', 'qtrader.inference.training') "
+        "print(sorted(m for m in ('torch', 'onnx', 'qtrader.training.training') "
         "if m in sys.modules))"
     )
     result = subprocess.run(

@@ -50,12 +50,12 @@ from qtrader.execution.intake import Dropped, SignalIntake
 from qtrader.execution.orders import attempt_order, slippage_bound
 from qtrader.execution.paper import PaperExchange, PaperExecution
 from qtrader.inference.card import BacktestFigures
-from qtrader.inference.dataset import LABEL_HORIZON, label_future_returns, round_trip_cost_bps
-from qtrader.inference.evaluation import hit_counts
 from qtrader.inference.onnx_model import CLASSES, Predictor
 from qtrader.inference.signals import SignalMaker
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
 from qtrader.portfolio.ledger import Ledger
+from qtrader.research.dataset import LABEL_HORIZON, label_future_returns, round_trip_cost_bps
+from qtrader.research.evaluation import hit_counts
 from qtrader.risk.evaluators import DrawdownEvaluator
 
 _EXACT = Context(prec=60, rounding=ROUND_HALF_UP)

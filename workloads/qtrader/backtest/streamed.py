@@ -70,13 +70,13 @@ from qtrader.execution.decisions import DecisionContext, Denial, DenialReason, d
 from qtrader.execution.intake import Dropped, SignalIntake
 from qtrader.execution.paper import PaperExchange
 from qtrader.inference.card import BacktestFigures
-from qtrader.inference.dataset import LABEL_HORIZON, label_future_returns, round_trip_cost_bps
-from qtrader.inference.evaluation import hit_counts
 from qtrader.inference.features import WINDOW, ModelInputs, inputs_from_arrays
 from qtrader.inference.onnx_model import CLASSES, Predictor, decide_batch
 from qtrader.inference.signals import signal_id
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
 from qtrader.portfolio.ledger import Ledger
+from qtrader.research.dataset import LABEL_HORIZON, label_future_returns, round_trip_cost_bps
+from qtrader.research.evaluation import hit_counts
 from qtrader.risk.evaluators import DrawdownEvaluator
 
 _EXACT = Context(prec=60, rounding=ROUND_HALF_UP)

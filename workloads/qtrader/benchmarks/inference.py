@@ -63,7 +63,7 @@ def run(
     try:
         import torch
 
-        from qtrader.inference import training
+        from qtrader.training import training
     except ImportError as exc:
         print(
             "qtrader bench inference: needs torch, the train extra "
@@ -102,8 +102,8 @@ def _build(training: Any) -> tuple[list[Pair], Any]:
 
     from qtrader.backtest.data import synthetic_series
     from qtrader.backtest.policy import evaluation_policy
-    from qtrader.inference.dataset import LABEL_HORIZON, examples_from_candles, round_trip_cost_bps
     from qtrader.inference.onnx_model import Ensemble, combine
+    from qtrader.research.dataset import LABEL_HORIZON, examples_from_candles, round_trip_cost_bps
 
     series = synthetic_series(symbols=SYMBOLS, candles=CANDLES, seed=SEED)
     cost = round_trip_cost_bps(evaluation_policy(SYMBOLS).paper)

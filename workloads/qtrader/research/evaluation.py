@@ -14,8 +14,8 @@ from numpy.typing import NDArray
 
 from qtrader.contracts.messages import Direction
 from qtrader.inference.card import Baseline, ClassificationMetrics
-from qtrader.inference.dataset import class_shares
 from qtrader.inference.onnx_model import CLASSES, decide_batch
+from qtrader.research.dataset import class_shares
 
 CALIBRATION_BINS = 10
 _FLAT = CLASSES.index(Direction.FLAT)

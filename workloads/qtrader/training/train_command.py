@@ -14,8 +14,8 @@ import time
 from typing import TextIO
 
 from qtrader.backtest.report import format_card
-from qtrader.inference.training import TrainingConfig, train_and_export
 from qtrader.marketdata.csv_replay import KlineFormatError
+from qtrader.training.training import TrainingConfig, train_and_export
 
 
 def run_train(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

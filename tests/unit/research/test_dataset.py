@@ -11,15 +11,15 @@ import pytest
 from qtrader.backtest.data import synthetic_series
 from qtrader.contracts.messages import Candle, CandleSource, Direction
 from qtrader.contracts.policy import PaperExchangeSettings
-from qtrader.inference.dataset import (
+from qtrader.inference.features import WINDOW, inputs_from_arrays
+from qtrader.inference.onnx_model import CLASSES
+from qtrader.research.dataset import (
     examples_from_candles,
     label_future_returns,
     round_trip_cost_bps,
     symbol_examples,
     walk_forward_folds,
 )
-from qtrader.inference.features import WINDOW, inputs_from_arrays
-from qtrader.inference.onnx_model import CLASSES
 
 SHORT, FLAT, LONG = (CLASSES.index(d) for d in (Direction.SHORT, Direction.FLAT, Direction.LONG))
 MINUTE = 60_000

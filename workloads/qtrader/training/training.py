@@ -76,20 +76,6 @@ from qtrader.inference.card import (
     card_path,
     write_card,
 )
-from qtrader.inference.dataset import (
-    LABEL_HORIZON,
-    Examples,
-    Fold,
-    examples_from_candles,
-    round_trip_cost_bps,
-    walk_forward_folds,
-)
-from qtrader.inference.evaluation import (
-    agreement_rate,
-    baseline,
-    classification_metrics,
-    member_metrics,
-)
 from qtrader.inference.features import (
     FEATURE_NAMES,
     SEQUENCE_FEATURE_NAMES,
@@ -106,6 +92,20 @@ from qtrader.inference.onnx_model import (
     combine,
 )
 from qtrader.marketdata.synthetic import Regime
+from qtrader.research.dataset import (
+    LABEL_HORIZON,
+    Examples,
+    Fold,
+    examples_from_candles,
+    round_trip_cost_bps,
+    walk_forward_folds,
+)
+from qtrader.research.evaluation import (
+    agreement_rate,
+    baseline,
+    classification_metrics,
+    member_metrics,
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from qtrader.contracts.messages import Direction
-from qtrader.inference.evaluation import (
+from qtrader.inference.onnx_model import CLASSES
+from qtrader.research.evaluation import (
     agreement_rate,
     baseline,
     brier_score,
@@ -16,7 +17,6 @@ from qtrader.inference.evaluation import (
     expected_calibration_error,
     log_loss,
 )
-from qtrader.inference.onnx_model import CLASSES
 
 SHORT, FLAT, LONG = (CLASSES.index(d) for d in (Direction.SHORT, Direction.FLAT, Direction.LONG))
 
