@@ -132,6 +132,9 @@ async def flood(settings: FloodSettings) -> dict[str, Any]:
             egress_id=settings.egress_id,
             replicas=settings.replicas,
             timeout_s=settings.timeout_s,
+            # The flood is of REST requests, each counted with its weight (a filled order's
+            # trades read included): trades from the user-data stream would not be.
+            user_stream=False,
         )
     )
     tally = _Tally()
