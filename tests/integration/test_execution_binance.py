@@ -49,9 +49,10 @@ def exchange() -> Iterator[SimAdmin]:
         yield admin
 
 
-def _execution(url: str, exchange_url: str, tmp_path: Path) -> Worker:
+def _execution(url: str, exchange_url: str, tmp_path: Path, *extra: str) -> Worker:
     env = {"QTRADER_BINANCE_API_KEY": KEY, "QTRADER_BINANCE_API_SECRET": SECRET}
     args = ("--worker-id", "exec-binance", "--exchange-url", exchange_url, "--unknown-grace", "1")
+    args += extra
     return start_worker("execution", nats_url=url, log_dir=tmp_path, args=args, env=env)
 
 
@@ -161,7 +162,8 @@ async def test_an_order_a_ban_left_unknown_is_resolved_once_the_ban_is_over(
     await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
     heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2))
     workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
-    execution = _execution(url, exchange.base_url, tmp_path)
+    # The ban answers the REST read of an order's trades: the worker must make one.
+    execution = _execution(url, exchange.base_url, tmp_path, "--no-user-stream")
     workers.append(execution)
     try:
         ban = {"route": "GET /fapi/v1/userTrades", "kind": "http_418", "next": 1}

@@ -1,9 +1,9 @@
 """python-binance's asyncio client and socket manager, pointed at the right venue.
 
-The websocket parts of the platform (the live kline feed, the user-data stream) use
+The live kline feed uses
 ``AsyncClient`` and ``BinanceSocketManager``. Binance itself is chosen by ``testnet`` (the
 library knows both hosts); any other venue with Binance's API (the local simulator) is named by
-its REST base URL, and its streams are taken to be served on the same host (``stream_base_for``).
+its REST base URL, and its streams are taken to be served on the same host (``stream_base_of``).
 
 Things about python-binance (1.0.37) that matter here: ``AsyncClient.create()`` pings Spot
 REST at once (``/api/v3/ping``), so the class's ``API_URL`` and ``FUTURES_URL`` must already
@@ -23,12 +23,7 @@ with warnings.catch_warnings():
     from binance import AsyncClient, BinanceSocketManager
 
 from qtrader.exchange.credentials import Credentials
-
-
-def stream_base_for(rest_url: str) -> str:
-    """The websocket base of a venue serving REST and streams on one address (the simulator)."""
-    scheme, _, rest = rest_url.partition("://")
-    return f"{'wss' if scheme == 'https' else 'ws'}://{rest.rstrip('/')}/"
+from qtrader.exchange.user_stream import stream_base_of
 
 
 async def create_client(
@@ -54,7 +49,7 @@ def socket_manager(
     """``BinanceSocketManager`` whose USD-M futures streams come from the same venue as the
     client's REST: ``stream_url`` when given, else ``rest_url``'s host; Binance's otherwise."""
     manager = BinanceSocketManager(client, **options)
-    base = stream_url or (stream_base_for(rest_url) if rest_url else None)
+    base = stream_url or (stream_base_of(rest_url) if rest_url else None)
     if base is not None:
         manager.FSTREAM_URL = base
     return manager

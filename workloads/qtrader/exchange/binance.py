@@ -46,7 +46,6 @@ with warnings.catch_warnings():
     from binance.exceptions import BinanceAPIException, BinanceRequestException
 
 from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderType, Side
-from qtrader.contracts.policy import TradingMode
 from qtrader.exchange.backoff import full_jitter
 from qtrader.exchange.credentials import Credentials
 from qtrader.exchange.errors import (
@@ -63,8 +62,7 @@ from qtrader.exchange.errors import (
 from qtrader.exchange.filters import prepare_order
 from qtrader.exchange.limiter import LimiterConfig, RateLimiter
 from qtrader.exchange.limits import RequestCost, request_cost, rules_from_exchange_info
-from qtrader.exchange.listing import BASE_URLS
-from qtrader.exchange.user_stream import UserTrades
+from qtrader.exchange.user_stream import UserTrades, stream_base_of
 from qtrader.exchange.venue import VenueOrder, VenuePosition
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo
@@ -149,6 +147,8 @@ _COUNTDOWN = _Endpoint(
 _USER_TRADES = _Endpoint("GET", "/fapi/v1/userTrades", lambda c: c.futures_account_trades)
 _POSITION_RISK = _Endpoint("GET", "/fapi/v3/positionRisk", lambda c: c.futures_position_information)
 _BALANCE = _Endpoint("GET", "/fapi/v3/balance", lambda c: c.futures_account_balance)
+_LISTEN_KEY = _Endpoint("POST", "/fapi/v1/listenKey", lambda c: c.futures_stream_get_listen_key)
+_KEEP_LISTEN_KEY = _Endpoint("PUT", "/fapi/v1/listenKey", lambda c: c.futures_stream_keepalive)
 
 
 class BinanceFutures:
@@ -211,16 +211,19 @@ class BinanceFutures:
         return await self.open_orders(symbols)
 
     def _start_user_stream(self) -> None:
-        """Binance's own hosts by mode; any other base URL serves its streams itself."""
-        base = self._settings.base_url.rstrip("/")
-        known = {url.rstrip("/"): mode for mode, url in BASE_URLS.items()}
         self._user_trades = UserTrades(
-            rest_url=None if base in known else base,
-            testnet=known.get(base) is TradingMode.TESTNET,
-            credentials=self._settings.credentials,
+            stream_base=stream_base_of(self._settings.base_url),
+            listen_key=self._listen_key,
+            keep_alive=self._keep_listen_key,
             wait_s=self._settings.user_stream_wait_s,
         )
         self._user_stream = asyncio.create_task(self._user_trades.run(), name="user-stream")
+
+    async def _listen_key(self) -> str:
+        return str(await self._request(_LISTEN_KEY, {}, signed=False, safe=True))
+
+    async def _keep_listen_key(self, key: str) -> None:
+        await self._request(_KEEP_LISTEN_KEY, {"listenKey": key}, signed=False, safe=True)
 
     async def refresh(self) -> None:
         """Reload instruments and filters (Binance changes them; an hourly reload suffices)."""
