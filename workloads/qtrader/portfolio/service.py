@@ -54,7 +54,7 @@ from qtrader.contracts.messages import (
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
-from qtrader.portfolio.checkpoints import start_from_checkpoint
+from qtrader.portfolio.checkpoints import Start, start_from_checkpoint
 from qtrader.portfolio.ledger import FillRefused, Ledger
 from qtrader.risk.evaluators import DrawdownEvaluator
 from qtrader.runtime import Task, WorkerContext
@@ -171,6 +171,20 @@ class Portfolio:
             "viewer-feed": feed_viewers(self._context.bus, self.viewers, self._viewer_state),
         }
 
+    async def _start(self, initial_capital: Decimal) -> Start:
+        """The ledger from the newest usable checkpoint; while NATS cannot answer (it may have
+        just come back), tried again, never a crash: nothing is applied before it."""
+        while True:
+            try:
+                return await start_from_checkpoint(
+                    self._context.bus,
+                    initial_capital=initial_capital,
+                    exchange=paper_exchange_info(),
+                )
+            except BusUnavailable as exc:
+                log.warning("checkpoints not readable yet, trying again: %s", exc)
+                await asyncio.sleep(0.5)
+
     async def _viewer_present(self) -> dict[str, Any]:
         """What a viewer connecting now is told first: latch, portfolio and this health."""
         report = await self._context.monitor.report()
@@ -178,11 +192,7 @@ class Portfolio:
 
     async def _serve(self) -> None:
         policy = await self._context.policy.wait()
-        start = await start_from_checkpoint(
-            self._context.bus,
-            initial_capital=policy.spec.paper.initial_capital_usd,
-            exchange=paper_exchange_info(),
-        )
+        start = await self._start(policy.spec.paper.initial_capital_usd)
         self._fills_through, self._skipped = start.fills_through, start.skipped
         self._start_note, self._fell_back = start.note, start.fell_back
         self._ledger = start.ledger
