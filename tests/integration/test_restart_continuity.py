@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal as unix_signal
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
@@ -447,6 +448,49 @@ async def test_inference_when_killed_and_restarted_then_signals_equal_an_uninter
         # Equal features; onnxruntime's batched rows may differ from single ones in the last
         # bits, and fetches group the candles differently in the two runs.
         assert signal.confidence == pytest.approx(want[signal.signal_id].confidence, abs=1e-6)
+
+
+async def test_inference_when_a_delivery_is_lost_with_the_connection_then_its_signals_are_made(
+    tmp_path: Path,
+) -> None:
+    """Candles the consumer handed out that never reached the worker (the connection died
+    with them on the wire) come again only after their ack wait (30 s), after newer ones: the
+    window would have moved past them and their signals would be lost. After a lost
+    connection the worker reads what is in flight and handles it first."""
+    candles = _market(steps=100)
+    half = 60 * len(TRIO)
+    expected = len(TRIO) * (100 - (WINDOW - 1))
+    server = EmbeddedNats(store_dir=tmp_path / "nats")
+    server.start()
+    bus = await _control(server.url, TRIO)
+    inference = start_worker("inference", nats_url=server.url, log_dir=tmp_path)
+    try:
+        await _publish_all(bus, candles[:half])
+        await _until_signals(server.url, len(TRIO) * (60 - (WINDOW - 1)), inference)
+        inference.process.send_signal(unix_signal.SIGSTOP)
+        await asyncio.sleep(2.0)  # its last pull request (1 s) has expired: none is waiting
+        await _publish_all(bus, candles[half : half + 30])
+        # Delivered, never received: what the wire lost when the broker went away.
+        lost = await _take_without_ack(server.url, 30)
+        await bus.close()
+        server.stop()
+        server.start()
+        inference.process.send_signal(unix_signal.SIGCONT)
+        bus = Bus(url=server.url, client_name="test-continuity")
+        await bus.connect()
+        await _publish_all(bus, candles[half + 30 :])
+        signals = await _until_signals(server.url, expected, inference, timeout_s=20)
+    finally:
+        inference.process.send_signal(unix_signal.SIGCONT)
+        inference.stop()
+        await bus.close()
+        server.stop()
+    assert lost == candles[half : half + 30]
+    made = Counter((s.symbol, s.candle_open_time_ms) for s in signals)
+    missing = {(c.symbol, c.open_time_ms) for c in candles[half:]} - set(made)
+    assert not missing, f"{len(missing)} candles without their signal"
+    assert len(signals) == expected
+    assert max(made.values()) == 1
 
 
 # --- the reads behind it ------------------------------------------------------------------------

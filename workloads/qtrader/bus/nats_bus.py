@@ -14,6 +14,10 @@ What it guarantees to the roles above it:
   be decoded, after one log line and a count in ``qtrader_messages_rejected_total``;
 - the client reconnects forever; ``connected`` and the reconnect count are metrics, and the
   consumer's pending count is exported as its lag;
+- a consumer that must see its messages in stream order (``consume_batches`` with
+  ``after_connection_loss``) is told of every lost connection before it handles the next
+  fetch: messages the server handed out while the connection died never arrive, and the
+  server hands them out again only after their ack wait, after newer ones;
 - a hung broker (a stall, a half-open connection) is noticed within a few seconds and the client
   reconnects: it pings every ``PING_INTERVAL_S`` and gives the connection up after
   ``MAX_OUTSTANDING_PINGS`` unanswered (nats-py's defaults take six minutes);
@@ -145,6 +149,11 @@ class ConsumerPosition:
     delivered_through: int
 
 
+@dataclass
+class _ConnectionLosses:
+    count: int = 0
+
+
 class Bus:
     """One NATS connection with JetStream, shared by every task of a process."""
 
@@ -170,6 +179,8 @@ class Bus:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._closing = False
+        # Shared with the views of ``for_stack``: a loss of the one connection is theirs too.
+        self._losses = _ConnectionLosses()
         self._buckets: dict[str, KeyValue] = {}
         # (metric label, key or subject) -> the newest revision refused and counted.
         self._refused: dict[tuple[str, str], int] = {}
@@ -258,6 +269,8 @@ class Bus:
 
     async def _on_disconnected(self) -> None:
         BUS_CONNECTED.set(0)
+        # Counted at the loss, before the new connection can deliver anything.
+        self._losses.count += 1
         # No _nc yet: a connection attempt given up on is being closed, not an outage.
         if not self._closing and self._nc is not None:
             log.warning("disconnected from NATS; reconnecting")
@@ -478,6 +491,7 @@ class Bus:
         *,
         batch: int = 64,
         fetch_timeout_s: float = 1.0,
+        after_connection_loss: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Like ``consume``, but ``handler`` gets every decodable message of a fetch at once,
         and they are all acknowledged after it returns (all redelivered if it raises).
@@ -485,8 +499,14 @@ class Bus:
         For a consumer that combines what arrives together (inference predicts the candles of
         one close time in one model call) without acknowledging a message whose effect is
         still to come.
+
+        ``after_connection_loss`` runs once after each lost connection, before the next fetched
+        messages are handled (they are handed out again later when it fails): what the server
+        had handed out when the connection died comes again only after newer messages, so a
+        consumer that needs stream order reads those in flight first (``consumer_position``).
         """
         subscription = await self._bind(spec)
+        losses_seen = self._losses.count
         while True:
             try:
                 messages = await subscription.fetch(batch, timeout=fetch_timeout_s)
@@ -497,9 +517,15 @@ class Bus:
                 log.debug("fetch on %s failed (%r); waiting for NATS", spec.durable, exc)
                 await asyncio.sleep(0.2)
                 continue
-            if messages:
-                await self._handle_batch(spec, messages, message_type, handler)
-                CONSUMER_PENDING.labels(spec.durable).set(messages[-1].metadata.num_pending)
+            if not messages:
+                continue
+            if after_connection_loss is not None and self._losses.count != losses_seen:
+                count = self._losses.count
+                if not await _caught_up(spec.durable, after_connection_loss, messages):
+                    continue
+                losses_seen = count
+            await self._handle_batch(spec, messages, message_type, handler)
+            CONSUMER_PENDING.labels(spec.durable).set(messages[-1].metadata.num_pending)
 
     async def _handle_batch(
         self,
@@ -894,6 +920,22 @@ async def _working_on(msg: Msg, *, interval_s: float) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _caught_up(
+    durable: str, catch_up: Callable[[], Awaitable[None]], fetched: list[Msg]
+) -> bool:
+    """Run a consumer's catch-up after a lost connection; when it cannot run yet (NATS went
+    again), hand the fetched messages back to be delivered after it, and say False."""
+    try:
+        await catch_up()
+    except BusUnavailable as exc:
+        log.warning("%s cannot read what was in flight yet (%s); retrying", durable, exc)
+        for msg in fetched:
+            await _settle(msg.nak(delay=1.0))
+        await asyncio.sleep(0.2)
+        return False
+    return True
 
 
 async def _settle(acknowledgement: Awaitable[Any]) -> None:

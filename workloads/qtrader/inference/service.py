@@ -47,7 +47,7 @@ from qtrader.health.contract import DependencyHealth, Status
 from qtrader.inference.features import WINDOW
 from qtrader.inference.onnx_model import ModelLoadError, SignalModel, default_model_path
 from qtrader.inference.signals import CandleBatcher, SignalBatch, SignalMaker
-from qtrader.inference.warmup import Warmup, read_warmup
+from qtrader.inference.warmup import Warmup, read_in_flight, read_warmup
 from qtrader.runtime import Task, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,10 @@ class Inference:
         log.info("serving model %s from %s", self._model.version, self._model.path)
         await self._warm(policy.spec.symbols)
         await self._context.bus.consume_batches(
-            subjects.INFERENCE_CANDLES, Candle, self._on_candles
+            subjects.INFERENCE_CANDLES,
+            Candle,
+            self._on_candles,
+            after_connection_loss=self._catch_up,
         )
 
     async def _warm(self, symbols: tuple[str, ...]) -> None:
@@ -156,6 +159,14 @@ class Inference:
                 made = True
                 log.warning("signals of the candles in flight not published yet: %s", exc)
                 await asyncio.sleep(0.5)
+
+    async def _catch_up(self) -> None:
+        """After a lost connection: the candles handed out as it went never arrived, and come
+        again only after newer ones; handle them first (the ones already handled are old to
+        the windows and make nothing)."""
+        in_flight = await read_in_flight(self._context.bus, subjects.INFERENCE_CANDLES)
+        log.info("after a lost connection: %d candles were in flight", len(in_flight))
+        await self._on_candles(in_flight)
 
     async def _read_warmup(self, symbols: tuple[str, ...]) -> Warmup:
         while True:

@@ -12,6 +12,8 @@ Candles after the ack floor that the consumer had handed out already (to the wor
 come again only when their ack wait ends, after newer ones: the window would have moved past
 them and their signals would be lost too. So they are read here (``Warmup.in_flight``) and
 handled first; when the consumer redelivers them later they are old and make nothing twice.
+A running worker whose connection died is in the same place: what the server handed out as
+the connection went never arrived. It reads them (``read_in_flight``) before it goes on.
 
 The stream interleaves every symbol, so the last ``WINDOW`` of one symbol lie somewhere before
 the ack floor: the search reads backwards in growing steps until it has them or reaches the
@@ -23,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from qtrader.bus.nats_bus import Bus
+from qtrader.bus.nats_bus import Bus, ConsumerPosition
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Candle
 
@@ -50,16 +52,26 @@ async def read_warmup(
             past += await _last_stored(
                 bus, symbol, through=through, count=window, lookback=lookback
             )
-    in_flight: list[Candle] = []
-    if position.delivered_through > through:
-        in_flight = await bus.stored_messages(
-            subjects.MARKET,
-            consumer.filter_subject,
-            Candle,
-            from_sequence=through + 1,
-            to_sequence=position.delivered_through,
-        )
-    return Warmup(window=past, in_flight=in_flight)
+    return Warmup(window=past, in_flight=await _handed_out(bus, consumer, position))
+
+
+async def read_in_flight(bus: Bus, consumer: subjects.ConsumerSpec) -> list[Candle]:
+    """The candles ``consumer`` handed out and has not had acknowledged, in stream order."""
+    return await _handed_out(bus, consumer, await bus.consumer_position(consumer))
+
+
+async def _handed_out(
+    bus: Bus, consumer: subjects.ConsumerSpec, position: ConsumerPosition
+) -> list[Candle]:
+    if position.delivered_through <= position.acked_through:
+        return []
+    return await bus.stored_messages(
+        subjects.MARKET,
+        consumer.filter_subject,
+        Candle,
+        from_sequence=position.acked_through + 1,
+        to_sequence=position.delivered_through,
+    )
 
 
 async def _last_stored(
