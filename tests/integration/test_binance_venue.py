@@ -98,7 +98,7 @@ class Recorder:
 
     async def update(self, update: OrderUpdate) -> None:
         self.updates.append(update)
-        self.book.apply_update(update, own_worker_id="test")
+        self.book.apply_update(update)
 
     async def fill(self, fill: Fill) -> None:
         self.fills.append(fill)

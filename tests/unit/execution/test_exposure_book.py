@@ -135,14 +135,14 @@ def test_another_replicas_pending_new_counts_in_flight_until_final_and_filled() 
         worker_id="other",
         ts_ms=1_000,
     )
-    book.apply_update(update, own_worker_id="me")
+    book.apply_update(update)
     assert book.was_sent("b")
     assert book.in_flight("BTCUSDT") == Decimal("-0.03")
     assert book.backlog().size == 0  # not decided here
     final = update.model_copy(
         update={"status": OrderStatus.FILLED, "filled_quantity": Decimal("0.03")}
     )
-    book.apply_update(final, own_worker_id="me")
+    book.apply_update(final)
     assert book.in_flight("BTCUSDT") == Decimal("-0.03")
     book.apply_fill(_fill("b", "-0.03"))
     assert book.in_flight("BTCUSDT") == 0
@@ -165,7 +165,7 @@ def test_another_replicas_fill_seen_before_its_pending_new_is_counted_once() -> 
         worker_id="other",
         ts_ms=1_000,
     )
-    book.apply_update(update, own_worker_id="me")
+    book.apply_update(update)
     assert book.projected() == {"BTCUSDT": Decimal("0.033")}
 
 
@@ -403,3 +403,28 @@ def test_a_venue_position_inside_either_range_agrees_and_one_outside_both_differ
         "ETHUSDT": (Decimal(0), Decimal("1"))
     }
     assert venue_differences({}, book, [after, after]) == {"BTCUSDT": (Decimal("0.01"), Decimal(0))}
+
+
+def test_a_killed_predecessors_pending_new_replayed_at_start_counts_in_flight_until_final() -> None:
+    """A worker killed between sending and its final update: its successor (the same worker
+    id) replays the PENDING_NEW and must count the order in flight, or it could send another
+    on top of one that may be booked."""
+    successor = ExposureBook()
+    update = OrderUpdate(
+        client_order_id=_cid("p"),
+        intent_id="p",
+        symbol="BTCUSDT",
+        side=Side.BUY,
+        status=OrderStatus.PENDING_NEW,
+        quantity=Decimal("0.02"),
+        filled_quantity=Decimal(0),
+        avg_price=Decimal(0),
+        exchange="binance",
+        worker_id="me",
+        ts_ms=1_000,
+    )
+    successor.apply_update(update)
+    assert successor.in_flight("BTCUSDT") == Decimal("0.02")
+    final = update.model_copy(update={"status": OrderStatus.EXPIRED})
+    successor.apply_update(final)
+    assert successor.in_flight("BTCUSDT") == 0

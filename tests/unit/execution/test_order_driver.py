@@ -110,7 +110,7 @@ class Rig:
 
     async def _update(self, update: OrderUpdate) -> None:
         self.updates.append(update)
-        self.book.apply_update(update, own_worker_id="me")
+        self.book.apply_update(update)
 
     async def _fill(self, fill: Fill) -> None:
         self.book.apply_fill(fill)
@@ -212,8 +212,7 @@ async def test_while_halted_an_intent_sent_before_is_looked_up_and_counted() -> 
             exchange="paper",
             worker_id="crashed",
             ts_ms=intent.created_at_ms,
-        ),
-        own_worker_id="me",
+        )
     )
     before = _halted_lookups()
     final = await rig.execute(intent)

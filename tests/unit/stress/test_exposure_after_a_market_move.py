@@ -141,7 +141,7 @@ class PaperWorker:
         return admit_order(self.book, order, limits=limits, now_ms=_now_ms(), ttl_ms=TTL_MS)
 
     async def _update(self, update: OrderUpdate) -> None:
-        self.book.apply_update(update, own_worker_id="me")
+        self.book.apply_update(update)
 
     async def _fill(self, fill: Fill) -> None:
         self.book.apply_fill(fill)

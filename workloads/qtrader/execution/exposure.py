@@ -251,20 +251,23 @@ class ExposureBook:
             self._drop_if_settled(intent_id)
         return True
 
-    def apply_update(self, update: OrderUpdate, *, own_worker_id: str) -> None:
-        """An update from the ORDERS stream, of any worker: another replica's attempt counts in
-        flight from its PENDING_NEW; a final update ends the intent's reservation."""
+    def apply_update(self, update: OrderUpdate) -> None:
+        """An update from the ORDERS stream, of any worker: an attempt counts in flight from its
+        PENDING_NEW; a final update ends the intent's reservation.
+
+        This worker's own attempts too: one it decided is reserved already (nothing changes),
+        but one of a predecessor with its worker id (killed between sending and its final
+        update, replayed at start) is not, and may be booked at the venue."""
         if update.status is OrderStatus.PENDING_NEW:
             self._sent.add(update.intent_id)
-            if update.worker_id != own_worker_id:
-                self.reserve(
-                    intent_id=update.intent_id,
-                    client_order_id=update.client_order_id,
-                    symbol=update.symbol,
-                    signed_quantity=update.quantity * update.side.sign,
-                    created_at_ms=update.ts_ms,
-                    local=False,
-                )
+            self.reserve(
+                intent_id=update.intent_id,
+                client_order_id=update.client_order_id,
+                symbol=update.symbol,
+                signed_quantity=update.quantity * update.side.sign,
+                created_at_ms=update.ts_ms,
+                local=False,
+            )
         elif update.status.is_final:
             self.finish(update.intent_id, filled=update.filled_quantity)
 

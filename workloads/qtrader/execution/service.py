@@ -500,7 +500,7 @@ class Execution:
 
     async def _on_update(self, update: OrderUpdate) -> None:
         """An update from any worker: an attempt recorded, or an intent final."""
-        self._book.apply_update(update, own_worker_id=self._context.options.worker_id)
+        self._book.apply_update(update)
 
     async def _follow_equity(self) -> None:
         bus = self._context.bus
@@ -792,7 +792,7 @@ class Execution:
         """Publish, then apply to the book at once (a final update releases what did not fill
         now, not when the stream brings it back); the replay applies it again harmlessly."""
         await self._context.bus.publish(subjects.order_update_subject(update.symbol), update)
-        self._book.apply_update(update, own_worker_id=self._context.options.worker_id)
+        self._book.apply_update(update)
         ORDER_UPDATES.labels(update.status.value).inc()
 
     async def _publish_fill(self, fill: Fill) -> None:

@@ -114,6 +114,8 @@ LEAD_STEPS = 80  # steps allowed before the first fill; the outage starts at tha
 TRAIL_S = 3.0  # feed time left after the restart, at least (trading goes on)
 START_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 90.0
+# The intents consumer's ack wait (30 s) and time to settle after it.
+INTENT_REDELIVERY_S = subjects.EXECUTION_INTENTS.ack_wait_s + 15.0
 QUIET_ROUNDS = 6  # metric rounds (POLL_S apart) with nothing new: the pipeline has drained
 POLL_S = 0.25
 
@@ -452,6 +454,20 @@ async def wait_quiet(rig: Rig, pipeline: Pipeline, *, feed_stopped: bool = False
         return sum(depths.values()) == 0 and len(last) == QUIET_ROUNDS and len(set(last)) == 1
 
     await rig.until(quiet, timeout_s=SETTLE_TIMEOUT_S, what="the pipeline to drain")
+    await _intents_final(rig)
+
+
+async def _intents_final(rig: Rig) -> None:
+    """Until every intent has a final update, for at most ``INTENT_REDELIVERY_S``: an intent a
+    killed worker had taken comes again only after its ack wait, then settles; one that never
+    does is judged as lost (``events lost``), not waited for forever."""
+
+    async def final() -> bool:
+        back = await read_back(rig)
+        return audit_orders(back.intents, back.updates, back.fills).without_final == 0
+
+    with contextlib.suppress(ScenarioFailure):
+        await rig.until(final, timeout_s=INTENT_REDELIVERY_S, what="every intent final")
 
 
 async def _progress(rig: Rig, pipeline: Pipeline) -> tuple[float, ...]:
