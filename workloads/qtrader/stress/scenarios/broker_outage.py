@@ -429,16 +429,30 @@ async def _published(rig: Rig, marketdata: Child, symbol: str) -> int:
 
 
 async def feed_steps(rig: Rig, marketdata: Child) -> int:
-    """Feed steps done: the fewest candles published for any symbol."""
-    return min([await _published(rig, marketdata, s) for s in SYMBOLS])
+    """Feed steps done by the running marketdata process: the fewest candles it made for any
+    symbol, the ones the stream held already included (a restarted process makes again what
+    its predecessor had stored or left in its outbox; not counted as published, but steps)."""
+    return min([await _made(rig, marketdata, s) for s in SYMBOLS])
+
+
+async def _made(rig: Rig, marketdata: Child, symbol: str) -> int:
+    label = f'{{symbol="{symbol}"}}'
+    duplicates = await rig.metric(marketdata, f"qtrader_candles_duplicate_total{label}")
+    return await _published(rig, marketdata, symbol) + int(duplicates)
 
 
 async def wait_feed_end(rig: Rig, pipeline: Pipeline, steps: int) -> None:
+    done: list[int] = [0]
+
     async def ended() -> bool:
-        return await feed_steps(rig, pipeline.marketdata) >= steps
+        done[0] = await feed_steps(rig, pipeline.marketdata)
+        return done[0] >= steps
 
     budget = steps / CANDLES_PER_SECOND + SETTLE_TIMEOUT_S
-    await rig.until(ended, timeout_s=budget, what=f"the feed's {steps} steps")
+    try:
+        await rig.until(ended, timeout_s=budget, what=f"the feed's {steps} steps")
+    except ScenarioFailure as exc:  # say how far it got: stalled, or restarted and counting
+        raise ScenarioFailure(f"{exc} (the feed's process had made {done[0]})") from None
 
 
 async def wait_quiet(rig: Rig, pipeline: Pipeline, *, feed_stopped: bool = False) -> None:
