@@ -17,6 +17,7 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     PortfolioSnapshot,
     PositionView,
+    RefusedBy,
     Side,
     Signal,
 )
@@ -136,7 +137,7 @@ def update(
     attempt: int | None = None,
     worker: str = "w1",
     ts_ms: int = T0,
-    exchange: str = "paper",
+    refused_by: RefusedBy | None = None,
 ) -> OrderUpdate:
     coid = order.client_order_id
     return OrderUpdate(
@@ -148,7 +149,8 @@ def update(
         quantity=order.quantity,
         filled_quantity=Decimal(filled),
         avg_price=Decimal(100) if Decimal(filled) else Decimal(0),
-        exchange=exchange,
+        exchange="paper",
+        refused_by=refused_by,
         worker_id=worker,
         ts_ms=ts_ms,
     )
@@ -190,7 +192,7 @@ def test_what_goes_wrong_with_orders_is_counted() -> None:
         update(filled, OrderStatus.FILLED, "0.010"),
         update(filled, OrderStatus.PENDING_NEW, attempt=0),  # repeated, and after the final
         update(open_, OrderStatus.PENDING_NEW, attempt=0),  # never finished
-        update(refused, OrderStatus.REJECTED, exchange="halt-gate"),
+        update(refused, OrderStatus.REJECTED, refused_by=RefusedBy.HALT_GATE),
         update(intent("ghost"), OrderStatus.REJECTED),  # of an intent not in the stream
     ]
     fills = [fill(open_, "0.010"), fill(intent("stranger"), "0.010")]
@@ -245,7 +247,7 @@ def test_a_fill_after_a_workers_ack_and_before_the_rearm_is_a_violation() -> Non
     assert filled_after_ack([before, rearmed], cycle) == 0
     assert filled_after_ack([before, after, rearmed], cycle) == 1
     assert filled_after_ack([other_worker], cycle) == 0  # w2 did not ack: not its window
-    gate = update(order, OrderStatus.REJECTED, ts_ms=T0 + 50, exchange="halt-gate")
+    gate = update(order, OrderStatus.REJECTED, ts_ms=T0 + 50, refused_by=RefusedBy.HALT_GATE)
     assert refused_by_gate([gate, before], cycle) == 1
     assert first_fill_after_rearm_s([before, after, rearmed], cycle, T0 + 9000) == 0.001
     assert first_fill_after_rearm_s([before], cycle, T0 + 9000) is None

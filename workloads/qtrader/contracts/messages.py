@@ -396,15 +396,58 @@ _FINAL_STATUSES = frozenset(
 )
 
 
-# The ``exchange`` of an update for an order refused before any venue saw it: by the halt gate,
-# or by the exposure book (a limit, nothing to reduce, the intent expired).
-GATE_NAME = "halt-gate"
-BOOK_NAME = "exposure-book"
-_REFUSED_BEFORE_VENUE = frozenset({GATE_NAME, BOOK_NAME})
+class RefusedBy(enum.StrEnum):
+    """Our own check that ended an order before any venue saw it."""
+
+    HALT_GATE = "halt-gate"
+    EXPOSURE_BOOK = "exposure-book"
+
+
+class ErrorKind(enum.StrEnum):
+    """What kind of exchange error ended (or left unknown) an order; one per error type of
+    ``qtrader.exchange.errors`` (each names its kind), so readers decide on a field, not on
+    the wording of a reason."""
+
+    REJECTED = "rejected"
+    FILTER_VIOLATION = "filter_violation"
+    RATE_LIMITED = "rate_limited"
+    BANNED = "banned"
+    TRANSIENT = "transient"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    NOT_SENT = "not_sent"
+    CLOCK_SKEW = "clock_skew"
+    OTHER = "other"
+
+
+# Version 1 said both in strings: the refusing check as ``exchange``, the error type's class
+# name (or "exchange ban") at the start of ``reason``. Read only to upgrade a version 1 update.
+_V1_ERROR_PREFIXES: tuple[tuple[str, ErrorKind], ...] = (
+    ("exchange ban", ErrorKind.BANNED),
+    ("FilterViolation", ErrorKind.FILTER_VIOLATION),
+    ("Rejected", ErrorKind.REJECTED),
+    ("RateLimited", ErrorKind.RATE_LIMITED),
+    ("Banned", ErrorKind.BANNED),
+    ("Transient", ErrorKind.TRANSIENT),
+    ("OutcomeUnknown", ErrorKind.OUTCOME_UNKNOWN),
+    ("NotSent", ErrorKind.NOT_SENT),
+    ("ClockSkew", ErrorKind.CLOCK_SKEW),
+    ("ExchangeError", ErrorKind.OTHER),
+)
 
 
 class OrderUpdate(Message):
+    """An order's state as execution reports it on ORDERS.
+
+    Version 2 added typed decision fields: ``refused_by`` (the halt gate or the exposure book
+    ended it before any venue saw it; ``exchange`` is then the venue it would have gone to) and
+    ``error_kind`` (an exchange error ended it, or left it unknown). Version 1 updates still
+    decode: those fields are derived from what version 1 wrote as strings.
+    """
+
     KIND = "order_update"
+    SCHEMA_VERSION: ClassVar[int] = 2
+    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2})
+    schema_version: int = 2
     kind: Literal["order_update"] = "order_update"
     client_order_id: str
     intent_id: str
@@ -417,7 +460,24 @@ class OrderUpdate(Message):
     exchange: str
     reason: str | None = None
     worker_id: str = ""  # the execution worker that sent (or refused) the order
+    refused_by: RefusedBy | None = None
+    error_kind: ErrorKind | None = None
     ts_ms: Millis
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_version_1(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("schema_version") != 1:
+            return data
+        upgraded = dict(data)
+        exchange, reason = data.get("exchange"), data.get("reason")
+        if exchange in set(RefusedBy):
+            upgraded["refused_by"] = exchange
+        elif isinstance(reason, str):
+            upgraded["error_kind"] = next(
+                (kind for prefix, kind in _V1_ERROR_PREFIXES if reason.startswith(prefix)), None
+            )
+        return upgraded
 
     @property
     def dedup_id(self) -> str:
@@ -426,7 +486,7 @@ class OrderUpdate(Message):
     @property
     def refused_before_venue(self) -> bool:
         """Ended by our own checks (the halt gate, the exposure book): no venue saw it."""
-        return self.exchange in _REFUSED_BEFORE_VENUE
+        return self.refused_by is not None
 
 
 class Fill(Message):

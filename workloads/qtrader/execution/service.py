@@ -58,8 +58,6 @@ from prometheus_client import Counter, Gauge, Histogram
 from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
-    BOOK_NAME,
-    GATE_NAME,
     Candle,
     ControlHeartbeat,
     Fill,
@@ -70,6 +68,7 @@ from qtrader.contracts.messages import (
     OrderType,
     OrderUpdate,
     PortfolioSnapshot,
+    RefusedBy,
     RiskAlert,
     RiskAlertKind,
     Side,
@@ -758,10 +757,10 @@ class Execution:
         assert driver is not None  # set before the consumer starts
         assert policy is not None
         final = await driver.execute(intent, max_slippage_bps=policy.spec.risk.max_slippage_bps)
-        if final.exchange == GATE_NAME:
+        if final.refused_by is RefusedBy.HALT_GATE:
             ORDERS_BLOCKED.labels(self._gate.state()[0].value).inc()
             log.info("intent %s not sent: %s", intent.intent_id, final.reason)
-        elif final.exchange == BOOK_NAME:
+        elif final.refused_by is RefusedBy.EXPOSURE_BOOK:
             log.info("intent %s ended by the exposure book: %s", intent.intent_id, final.reason)
         else:
             ORDERS_SENT.labels(final.exchange).inc()
