@@ -8,7 +8,9 @@ the same way for all four roles:
 3. start the policy watcher and the role's tasks, each named, each guarded: a task that ends or
    fails stops the worker with a non-zero exit, so Kubernetes restarts it instead of leaving a
    half-alive process;
-4. on SIGTERM or SIGINT cancel everything and close the connection cleanly.
+4. on SIGTERM or SIGINT let a role that has work in flight finish it (``Draining``, at most
+   ``DRAIN_TIMEOUT_S``: execution's order at the venue), then cancel everything and close the
+   connection cleanly.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from fastapi import FastAPI
 
@@ -68,7 +70,18 @@ class Role(Protocol):
     def tasks(self) -> dict[str, Task]: ...
 
 
+@runtime_checkable
+class Draining(Protocol):
+    """A role with work that must not be cut off by a stop (an order booked at the venue whose
+    fills are not yet published): ``drain`` returns once none is in flight, and the role takes
+    no more until its tasks are cancelled."""
+
+    async def drain(self) -> None: ...
+
+
 RoleFactory = Callable[[WorkerContext], Role]
+# Under Kubernetes' default 30 s grace period, with room for the rest of the shutdown.
+DRAIN_TIMEOUT_S = 10.0
 
 
 def configure_logging(service: str) -> None:
@@ -127,7 +140,10 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
         for name, coroutine in coroutines.items():
             tasks[name] = asyncio.create_task(coroutine, name=name)
         log.info("%s started (worker %s)", service, options.worker_id)
-        return await _supervise(tasks, stop)
+        code = await _supervise(tasks, stop)
+        if stop.is_set():
+            await _drain(role)
+        return code
     finally:
         for task in tasks.values():
             task.cancel()
@@ -182,6 +198,15 @@ async def _first_of(task: asyncio.Task[None], stop: asyncio.Event) -> None:
             pending.cancel()
     if task in done:
         task.result()
+
+
+async def _drain(role: Role) -> None:
+    if not isinstance(role, Draining):
+        return
+    try:
+        await asyncio.wait_for(role.drain(), DRAIN_TIMEOUT_S)
+    except TimeoutError:
+        log.error("work still in flight after %.0f s; stopping anyway", DRAIN_TIMEOUT_S)
 
 
 async def _supervise(tasks: dict[str, asyncio.Task[None]], stop: asyncio.Event) -> int:

@@ -45,7 +45,14 @@ with warnings.catch_warnings():
     from binance.client import Client
     from binance.exceptions import BinanceAPIException, BinanceRequestException
 
-from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderType, Side
+from qtrader.contracts.messages import (
+    SETTLEMENT_ASSET,
+    Fill,
+    OrderIntent,
+    OrderStatus,
+    OrderType,
+    Side,
+)
 from qtrader.exchange.backoff import full_jitter
 from qtrader.exchange.credentials import Credentials
 from qtrader.exchange.errors import (
@@ -145,6 +152,7 @@ _COUNTDOWN = _Endpoint(
     "POST", "/fapi/v1/countdownCancelAll", lambda c: c.futures_countdown_cancel_all
 )
 _USER_TRADES = _Endpoint("GET", "/fapi/v1/userTrades", lambda c: c.futures_account_trades)
+_TICKER_PRICE = _Endpoint("GET", "/fapi/v2/ticker/price", lambda c: c.futures_symbol_ticker)
 _POSITION_RISK = _Endpoint("GET", "/fapi/v3/positionRisk", lambda c: c.futures_position_information)
 _BALANCE = _Endpoint("GET", "/fapi/v3/balance", lambda c: c.futures_account_balance)
 _LISTEN_KEY = _Endpoint("POST", "/fapi/v1/listenKey", lambda c: c.futures_stream_get_listen_key)
@@ -495,7 +503,8 @@ class BinanceFutures:
         if order.executed_qty == 0:
             return order
         trades = await self._trades_of(order)
-        fills = tuple(_fill(t, order, side, reduce_only) for t in trades)
+        prices = await self._fee_prices(trades)
+        fills = tuple(_fill(t, order, side, reduce_only, prices) for t in trades)
         return VenueOrder(
             client_order_id=order.client_order_id,
             order_id=order.order_id,
@@ -520,6 +529,23 @@ class BinanceFutures:
             _USER_TRADES, params, signed=True, safe=True
         )
         return trades
+
+    async def _fee_prices(self, trades: Sequence[Mapping[str, Any]]) -> dict[str, Decimal]:
+        """The USDT price of each commission asset other than USDT (BNB, for an account that
+        pays fees in it), read as the trades are: a fee is valued at the venue's price when it
+        was charged, give or take the moment its trades took to read. A price that cannot be
+        read leaves the fee unvalued (kept in its own asset, the equity said incomplete),
+        never guessed."""
+        assets = sorted({_fee_asset(t) for t in trades} - {SETTLEMENT_ASSET})
+        prices: dict[str, Decimal] = {}
+        for asset in assets:
+            params = {"symbol": f"{asset}{SETTLEMENT_ASSET}"}
+            try:
+                answer = await self._request(_TICKER_PRICE, params, signed=False, safe=True)
+                prices[asset] = Decimal(str(answer["price"]))
+            except (ExchangeError, KeyError, TypeError, ArithmeticError) as exc:
+                log.warning("no %s price to value fees in %s: %s", SETTLEMENT_ASSET, asset, exc)
+        return prices
 
     def _refuse_while_banned(self) -> None:
         ban = self._ban
@@ -604,7 +630,15 @@ def _venue_order(raw: Mapping[str, Any]) -> VenueOrder:
     )
 
 
-def _fill(trade: Mapping[str, Any], order: VenueOrder, side: Side, reduce_only: bool) -> Fill:
+def _fill(
+    trade: Mapping[str, Any],
+    order: VenueOrder,
+    side: Side,
+    reduce_only: bool,
+    fee_prices: Mapping[str, Decimal],
+) -> Fill:
+    fee, asset = Decimal(str(trade["commission"])), _fee_asset(trade)
+    price = fee_prices.get(asset)
     return Fill(
         fill_id=f"binance-{order.symbol}-{trade['id']}",
         client_order_id=order.client_order_id,
@@ -612,11 +646,16 @@ def _fill(trade: Mapping[str, Any], order: VenueOrder, side: Side, reduce_only: 
         side=side,
         quantity=Decimal(str(trade["qty"])),
         price=Decimal(str(trade["price"])),
-        fee=Decimal(str(trade["commission"])),
-        fee_asset=str(trade.get("commissionAsset", "USDT")),
+        fee=fee,
+        fee_asset=asset,
+        fee_usdt=None if asset == SETTLEMENT_ASSET or price is None else fee * price,
         reduce_only=reduce_only,
         ts_ms=int(trade["time"]),
     )
+
+
+def _fee_asset(trade: Mapping[str, Any]) -> str:
+    return str(trade.get("commissionAsset", SETTLEMENT_ASSET))
 
 
 def _iso(epoch_s: float) -> str:

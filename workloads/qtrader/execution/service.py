@@ -275,6 +275,8 @@ class Execution:
         self._venue_unreadable = False  # the last read failed
         # Intents this worker sent whose outcome stayed unknown: looked up again until settled.
         self._unresolved: dict[str, OrderIntent] = {}
+        # Held while an order is with the venue (sending, resolving), and by ``drain`` on a stop.
+        self._sending = asyncio.Lock()
         self._fills_caught_up = asyncio.Event()
         self._updates_caught_up = asyncio.Event()
         self._marks: dict[str, Decimal] = {}
@@ -752,7 +754,19 @@ class Execution:
             raise RuntimeError(f"mode {spec.mode.value} needs the Binance settings (see --help)")
         return self._config.exchange_factory(spec)
 
+    async def drain(self) -> None:
+        """On a stop: wait for the order in flight to end (its fills and final update
+        published: cut off, its fill would reach the portfolio only when an execution worker
+        runs again), then hold the lock, so the next intent waits unacknowledged until the
+        tasks are cancelled and is delivered to whichever worker runs next."""
+        await self._sending.acquire()
+        log.info("stopping with no order in flight")
+
     async def _on_intent(self, intent: OrderIntent) -> None:
+        async with self._sending:
+            await self._execute(intent)
+
+    async def _execute(self, intent: OrderIntent) -> None:
         driver, policy = self._driver, self._context.policy.current
         assert driver is not None  # set before the consumer starts
         assert policy is not None
@@ -778,7 +792,8 @@ class Execution:
                 continue
             for intent_id, intent in list(self._unresolved.items()):
                 try:
-                    resolved = await driver.resolve(intent)
+                    async with self._sending:
+                        resolved = await driver.resolve(intent)
                 except BusUnavailable as exc:  # its fills could not be published: next round
                     log.warning("intent %s resolved, not published yet: %s", intent_id, exc)
                     continue
