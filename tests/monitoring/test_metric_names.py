@@ -209,6 +209,11 @@ async def test_ess_metrics_when_halted_then_one_revision_ack_and_only_the_new_la
         in marketdata.get("/metrics").text
     )
     assert marketdata.metric("qtrader_market_data_last_candle_age_seconds", symbol="BTCUSDT") < 5
+    # Already there at 0: increase() counts only from a series' first sample, so one that
+    # appeared at 1 on the first HALTED acknowledgement showed no acknowledgement at all.
+    exposition = execution.get("/metrics").text
+    assert 'qtrader_halt_revision_acks_total{state="HALTED"} 0.0' in exposition
+    assert 'qtrader_halt_revision_acks_total{state="REDUCING"} 0.0' in exposition
 
     await write_latch(control_plane, state=TradingState.HALTED, reason="test", issued_by="test")
     await eventually(

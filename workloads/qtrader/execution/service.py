@@ -284,6 +284,10 @@ class Execution:
         HEARTBEAT_AGE.set_function(lambda: self._gate.heartbeat_age_s() or 0.0)
         INTENT_BACKLOG.set_function(lambda: self._book.backlog().size)
         INTENT_BACKLOG_OLDEST.set_function(lambda: self._backlog_oldest_age_s() or 0.0)
+        # Every state's series from 0: increase() over a series that first appears at 1 is 0,
+        # so a worker's first acknowledgement of a state would never show on the ESS dashboard.
+        for state in TradingState:
+            HALT_REVISION_ACKS.labels(state.value)
         context.monitor.add_check("halt-latch", self.check_latch)
         context.monitor.add_check("intent-backlog", self.check_backlog)
         context.monitor.add_check("positions", self.check_positions)
