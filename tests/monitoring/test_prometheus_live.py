@@ -174,7 +174,11 @@ def test_normal_trading_then_dashboards_have_data_and_no_alert_is_active(
     def down() -> list[str]:
         return [t["scrapeUrl"] for t in server.targets() if t["health"] != "up"]
 
-    _wait(lambda: len(server.targets()) == 4 and not down(), down, timeout_s=DEADLINE_S)
+    _wait(
+        lambda: len(server.targets()) == 4 and not down(),
+        lambda: f"targets down: {down()}",
+        timeout_s=DEADLINE_S,
+    )
     queries = _queries()
     assert QUIET_IN_NORMAL_TRADING.keys() <= queries.keys()  # no stale entry
     expected = {
@@ -242,6 +246,8 @@ def test_ess_trip_then_halt_queries_have_data_and_the_halt_alert_fires_alone(
     def empty() -> list[str]:
         return [where for where in HALT_QUERIES if not _has_data(server, queries[where])]
 
+    # The rule's `for` is 0 (a halt is news at once), so it fires at its first evaluation, with
+    # no pending state to catch.
     _wait(
         lambda: _active(server).get(TRIPPED) == "firing",
         lambda: f"active: {_active(server)}",
