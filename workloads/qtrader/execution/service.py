@@ -167,6 +167,13 @@ TRADING_STATE = Gauge(
     "qtrader_trading_state",
     "The halt latch as this worker obeys it: 0 ACTIVE, 1 REDUCING, 2 HALTED (or unreadable).",
 )
+# The halt alert must tell the EmergencyStop's halt from a worker failing safe on its own (no
+# heartbeat, a value that does not decode, no latch readable), which other alerts report.
+HALT_LATCH_STATE = Gauge(
+    "qtrader_halt_latch_state",
+    "The last valid halt latch this worker put in force, as the control plane wrote it: 0 ACTIVE, "
+    "1 REDUCING, 2 HALTED, -1 none (qtrader_trading_state is what orders obey).",
+)
 HALT_ACKS = Counter(
     "qtrader_halt_acks_total", "Answers on CONTROL_HALT_ACK (new latch revisions and presence)."
 )
@@ -284,8 +291,15 @@ class Execution:
         self._equity: Decimal | None = None
         TRADING_STATE.set_function(lambda: self._gate.state()[0].restriction)
         HEARTBEAT_AGE.set_function(lambda: self._gate.heartbeat_age_s() or 0.0)
+        HALT_LATCH_STATE.set_function(
+            lambda: -1 if self._gate.latch is None else self._gate.latch.state.restriction
+        )
         INTENT_BACKLOG.set_function(lambda: self._book.backlog().size)
         INTENT_BACKLOG_OLDEST.set_function(lambda: self._backlog_oldest_age_s() or 0.0)
+        # Every state's series from 0: increase() over a series that first appears at 1 is 0,
+        # so a worker's first acknowledgement of a state would never show on the ESS dashboard.
+        for state in TradingState:
+            HALT_REVISION_ACKS.labels(state.value)
         context.monitor.add_check("halt-latch", self.check_latch)
         context.monitor.add_check("intent-backlog", self.check_backlog)
         context.monitor.add_check("positions", self.check_positions)
