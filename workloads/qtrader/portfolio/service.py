@@ -186,9 +186,19 @@ class Portfolio:
                 await asyncio.sleep(0.5)
 
     async def _viewer_present(self) -> dict[str, Any]:
-        """What a viewer connecting now is told first: latch, portfolio and this health."""
+        """What a viewer connecting now is told first: latch, portfolio, stops, every worker's
+        health (this one's as of now), and the policy this stack runs."""
         report = await self._context.monitor.report()
-        return {**self._viewer_state.present(), "health": report.model_dump(mode="json")}
+        revision = self._context.policy.current
+        policy = None
+        if revision is not None:
+            mode = revision.spec.mode.value
+            policy = {"name": revision.name, "revision": revision.revision, "mode": mode}
+        return {
+            **self._viewer_state.present(),
+            "health": report.model_dump(mode="json"),
+            "policy": policy,
+        }
 
     async def _serve(self) -> None:
         policy = await self._context.policy.wait()
