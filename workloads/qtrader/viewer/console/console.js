@@ -32,9 +32,13 @@
     snapshot: null,
     curve: [],
     workers: new Map(),
-    orders: [],
-    fills: [],
-    alerts: [],
+    // The newest KEEP rows of each list; "serial" counts every row ever added, "shown" how many
+    // of them are on the page, so a render adds only the new rows.
+    lists: {
+      orders: { items: [], serial: 0, shown: 0, row: orderRow },
+      fills: { items: [], serial: 0, shown: 0, row: fillRow },
+      alerts: { items: [], serial: 0, shown: 0, row: alertRow },
+    },
     lastSeq: 0,
     gaps: 0,
     reconnects: 0,
@@ -70,9 +74,9 @@
     curve: renderCurve,
     positions: renderPositions,
     health: renderHealth,
-    orders: () => renderRows("orders", model.orders, orderRow),
-    fills: () => renderRows("fills", model.fills, fillRow),
-    alerts: () => renderRows("alerts", model.alerts, alertRow),
+    orders: () => renderList("orders"),
+    fills: () => renderList("fills"),
+    alerts: () => renderList("alerts"),
   };
 
   function render() {
@@ -158,8 +162,7 @@
   }
 
   function notice(what, detail) {
-    keep(model.alerts, { at: Date.now(), what, detail, notice: true });
-    mark("alerts");
+    keep("alerts", { at: Date.now(), what, detail, notice: true });
   }
 
   // --- applying events to the model --------------------------------------------------------
@@ -173,18 +176,9 @@
       model.workers.set(report.worker_id, report);
       mark("health");
     },
-    order_update: (update) => {
-      keep(model.orders, update);
-      mark("orders");
-    },
-    fill: (fill) => {
-      keep(model.fills, fill);
-      mark("fills");
-    },
-    risk_alert: (alert) => {
-      keep(model.alerts, { at: alert.ts_ms, what: `${alert.alert_kind} alert`, detail: alert.detail });
-      mark("alerts");
-    },
+    order_update: (update) => keep("orders", update),
+    fill: (fill) => keep("fills", fill),
+    risk_alert: (alert) => keep("alerts", { at: alert.ts_ms, what: `${alert.alert_kind} alert`, detail: alert.detail }),
   };
 
   function apply(event) {
@@ -197,8 +191,10 @@
     if (state.policy) model.policy = state.policy;
     if (state.latch) applyLatch(state.latch, true);
     if (state.portfolio) applySnapshot(state.portfolio);
-    model.stops = new Map((state.stops || []).map((view) => [view.name, view]));
-    if (state.workloads) model.workers = new Map(state.workloads.map((r) => [r.worker_id, r]));
+    // Merged, not replaced: a server that just restarted has not heard every worker yet, and
+    // what this page knows still says when each was last heard (silent ones show as such).
+    for (const view of state.stops || []) model.stops.set(view.name, view);
+    for (const report of state.workloads || []) model.workers.set(report.worker_id, report);
     mark("policy", "stops", "health");
   }
 
@@ -208,12 +204,11 @@
     model.latch = latch;
     if (!quiet && (!known || known.revision !== latch.revision)) {
       const by = latch.issued_by ? ` by ${latch.issued_by}` : "";
-      keep(model.alerts, {
+      keep("alerts", {
         at: latch.issued_at_ms,
         what: `latch ${latch.state} (revision ${latch.revision})`,
         detail: `${latch.reason || "no reason given"}${by}`,
       });
-      mark("alerts");
     }
     mark("latch");
   }
@@ -223,8 +218,7 @@
     model.stops.set(view.name, view);
     if (known && known.state !== view.state) {
       const by = view.state === "Armed" ? "" : ` by ${view.tripped_by}: ${view.reason}`;
-      keep(model.alerts, { at: view.ts_ms, what: `stop ${view.name}`, detail: `${known.state} -> ${view.state}${by}` });
-      mark("alerts");
+      keep("alerts", { at: view.ts_ms, what: `stop ${view.name}`, detail: `${known.state} -> ${view.state}${by}` });
     }
     mark("stops");
   }
@@ -239,9 +233,12 @@
     mark("portfolio", "curve", "positions");
   }
 
-  function keep(list, item) {
-    list.push(item);
-    if (list.length > KEEP) list.splice(0, list.length - KEEP);
+  function keep(name, item) {
+    const list = model.lists[name];
+    list.items.push(item);
+    list.serial += 1;
+    if (list.items.length > KEEP) list.items.splice(0, list.items.length - KEEP);
+    mark(name);
   }
 
   // --- the parts of the page ---------------------------------------------------------------
@@ -410,7 +407,7 @@
       .join("");
     const deps = `${names}${problems}`;
     return (
-      `<tr data-service="${esc(report.service)}" data-status="${esc(status)}">` +
+      `<tr data-service="${esc(report.service)}" data-worker="${esc(report.worker_id)}" data-status="${esc(status)}">` +
       `<td>${esc(report.service)}</td><td class="muted">${esc(report.worker_id)}</td>` +
       `<td class="status-${esc(status)}">${esc(status)}</td><td>${duration(Math.max(0, age))} ago</td>` +
       `<td class="wrap">${deps}</td></tr>`
@@ -422,12 +419,17 @@
     return rank(a) - rank(b) || a.service.localeCompare(b.service) || a.worker_id.localeCompare(b.worker_id);
   }
 
-  function renderRows(id, list, row) {
-    const body = byId(id);
-    body.dataset.count = String(list.length);
+  // Only the rows added since the last render go in (newest first); the oldest beyond KEEP go.
+  function renderList(name) {
+    const list = model.lists[name];
+    const body = byId(name);
+    const fresh = Math.min(list.serial - list.shown, list.items.length);
     const html = [];
-    for (let i = list.length - 1; i >= 0; i -= 1) html.push(row(list[i]));
-    body.innerHTML = html.join("");
+    for (let i = list.items.length - 1; i >= list.items.length - fresh; i -= 1) html.push(list.row(list.items[i]));
+    body.insertAdjacentHTML("afterbegin", html.join(""));
+    while (body.rows.length > KEEP) body.deleteRow(-1);
+    list.shown = list.serial;
+    body.dataset.count = String(body.rows.length);
   }
 
   function orderRow(u) {
