@@ -509,7 +509,7 @@
   // ``text`` rounded to ``places`` decimals, half away from zero, exactly (BigInt, no float).
   function fixed(text, places) {
     const u = units(text);
-    if (!u) return String(text);
+    if (!u) return esc(text); // not a number: shown as it came, never as markup
     const shift = u.exponent + places;
     let scaled;
     if (shift >= 0) {
