@@ -66,7 +66,11 @@ class Chromium:
         self._log = (profile.parent / f"{profile.name}.log").open("wb")
         command = [chromium_binary(), *FLAGS, f"--user-data-dir={profile}", "about:blank"]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
-        self.url = self._wait_for_devtools()
+        try:
+            self.url = self._wait_for_devtools()
+        except BaseException:
+            self.stop()  # neither the process nor its log outlives a failed start
+            raise
 
     def _wait_for_devtools(self) -> str:
         active = self.profile / "DevToolsActivePort"
