@@ -16,10 +16,13 @@ the same way for all four roles:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +33,16 @@ from fastapi import FastAPI
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.bus.outbox import Outbox, OutboxUnwritable, open_outbox
-from qtrader.health.contract import DependencyHealth, HealthMonitor, Status, create_app, serve
+from qtrader.contracts import subjects
+from qtrader.health.contract import (
+    REFRESH_INTERVAL_S,
+    DependencyHealth,
+    HealthMonitor,
+    HealthReport,
+    Status,
+    create_app,
+    serve,
+)
 from qtrader.policy_watch import PolicyWatcher
 
 log = logging.getLogger(__name__)
@@ -133,7 +145,9 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
             return 0
         coroutines = {
             "policy-watch": policy.run(),
-            "health-refresh": monitor.refresh_forever(),
+            "health-refresh": monitor.refresh_forever(
+                on_report=functools.partial(_announce_health, bus, worker_id=options.worker_id)
+            ),
             "outbox-replay": bus.replay_forever(),
         }
         coroutines.update(role.tasks())
@@ -224,6 +238,16 @@ async def _supervise(tasks: dict[str, asyncio.Task[None]], stop: asyncio.Event) 
         else:
             log.error("task %s ended unexpectedly", task.get_name())
     return 1
+
+
+async def _announce_health(bus: Bus, report: HealthReport, *, worker_id: str) -> None:
+    """Send ``report`` to whoever shows every workload's health (the portfolio's viewers)."""
+    message = report.to_message(
+        worker_id=worker_id, interval_s=REFRESH_INTERVAL_S, ts_ms=int(time.time() * 1000)
+    )
+    # A report lost while NATS is down costs nothing: /health says so, the next one follows.
+    with contextlib.suppress(BusUnavailable):
+        await bus.announce(subjects.health_report_subject(report.service), message)
 
 
 async def nats_health(bus: Bus) -> DependencyHealth:

@@ -453,6 +453,17 @@ class Bus:
         _stop_if_cancelled()
         await self._round_trip(self._flush_timeout_s)
 
+    async def announce(self, subject: str, message: Message) -> None:
+        """A core NATS publish without the broadcast's round trip: for what only viewers read
+        (health reports, stop views), whose loss costs nothing and which must never add pings
+        to a stalled server or wait on one."""
+        subject = subjects.scoped_subject(self._stack, subject)
+        try:
+            await self._client.publish(subject, message.encode())
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"announce on {subject} failed: {exc!r}") from exc
+        _stop_if_cancelled()
+
     # --- consuming ---------------------------------------------------------------------------
 
     async def consume(

@@ -780,6 +780,91 @@ class ControlHeartbeat(Message):
         return f"heartbeat:{self.issued_by}:{self.ts_ms}"
 
 
+# The EmergencyStop's states as ``qtrader.control.ess_status.EssState`` names them (that module
+# sits above the contracts; a unit test keeps the two the same).
+EssStateName = Literal["Armed", "Tripped", "Reducing", "CoolingDown"]
+
+
+class EmergencyStopView(Message):
+    """One EmergencyStop as its control plane last decided it (sent on CONTROL_ESS_STATUS after
+    every reconcile round): what a live viewer needs beyond the latch. The latch says what
+    workers obey; this says who tripped which stop, why, since when, until when its cooldown
+    runs and whether a reset must then be asked for, and which workers have not acknowledged.
+    Informational: nothing trades or halts on it."""
+
+    KIND = "emergency_stop_view"
+    kind: Literal["emergency_stop_view"] = "emergency_stop_view"
+    name: str = Field(min_length=1, max_length=253)
+    state: EssStateName
+    latch: TradingState  # this stop's own latch; the one in force combines every stop
+    latch_revision: Count
+    reason: str = Field(default="", max_length=1024)
+    tripped_by: str = Field(default="", max_length=256)
+    tripped_at_ms: Millis | None = None  # the last trip, kept after a reset for the post-mortem
+    cooldown_until_ms: Millis | None = None  # None while Armed
+    require_manual_reset: bool
+    automatic: bool = False  # tripped by a risk alert (tripped_by "risk:...")
+    trip_count: Count = 0
+    reset_count: Count = 0
+    pending_workers: tuple[str, ...] = Field(default=(), max_length=256)
+    held_by: tuple[str, ...] = Field(default=(), max_length=256)
+    ts_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"ess-view:{self.name}:{self.ts_ms}"
+
+
+class HealthStatus(enum.StrEnum):
+    """A workload's or a dependency's health, as ``/health`` and the health reports say it."""
+
+    OK = "OK"
+    DEGRADED = "DEGRADED"
+    CRITICAL = "CRITICAL"
+
+    @property
+    def severity(self) -> int:
+        """0 OK, 1 DEGRADED, 2 CRITICAL: the worst wins; the health gauges show this number."""
+        return _SEVERITY[self]
+
+
+_SEVERITY = {HealthStatus.OK: 0, HealthStatus.DEGRADED: 1, HealthStatus.CRITICAL: 2}
+
+
+class DependencyState(BaseModel):
+    """One dependency of a health report."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    status: HealthStatus
+    detail: str = Field(default="", max_length=1024)
+    latency_ms: float | None = Field(default=None, ge=0, le=3_600_000, allow_inf_nan=False)
+
+
+class WorkloadHealthReport(Message):
+    """A worker's ``/health``, sent on ``health_report_subject(service)`` at every refresh.
+
+    So one place (the portfolio's live viewers) can show every workload's health in a cluster
+    too, where it cannot reach the others' ports. ``interval_s``: the next report is due within
+    it, so a reader can tell a silent worker from a quiet one."""
+
+    KIND = "workload_health"
+    kind: Literal["workload_health"] = "workload_health"
+    service: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    worker_id: str = Field(min_length=1, max_length=256)
+    status: HealthStatus
+    version: str = Field(max_length=64)
+    uptime_s: float = Field(ge=0, le=1e10, allow_inf_nan=False)
+    interval_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
+    dependencies: tuple[DependencyState, ...] = Field(default=(), max_length=64)
+    ts_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"health:{self.worker_id}:{self.ts_ms}"
+
+
 class PolicyRevision(Message):
     """One published TradingPolicy revision, as the workloads read it from the POLICY bucket."""
 

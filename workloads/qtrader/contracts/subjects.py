@@ -46,6 +46,10 @@ RISK_ALERT_PREFIX = f"{ROOT}.risk.alert"
 CONTROL_HALT = f"{ROOT}.control.halt"
 CONTROL_HALT_ACK = f"{ROOT}.control.halt.ack"
 CONTROL_HEARTBEAT = f"{ROOT}.control.heartbeat"
+# Core NATS, for the live viewers only (nothing trades or halts on them): each EmergencyStop's
+# view after every reconcile round, and every worker's health report at every refresh.
+CONTROL_ESS_STATUS = f"{ROOT}.control.ess.status"
+HEALTH_REPORT_PREFIX = f"{ROOT}.health.report"
 
 
 def candle_subject(symbol: str) -> str:
@@ -70,6 +74,10 @@ def fill_subject(symbol: str) -> str:
 
 def risk_alert_subject(kind: str) -> str:
     return f"{RISK_ALERT_PREFIX}.{kind}"
+
+
+def health_report_subject(service: str) -> str:
+    return f"{HEALTH_REPORT_PREFIX}.{service}"
 
 
 def all_of(prefix: str) -> str:

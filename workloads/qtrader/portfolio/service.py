@@ -52,7 +52,7 @@ from qtrader.contracts.messages import (
     RiskAlertKind,
 )
 from qtrader.contracts.policy import TradingPolicySpec
-from qtrader.health.contract import DependencyHealth, Status
+from qtrader.health.contract import REFRESH_INTERVAL_S, DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.checkpoints import Start, start_from_checkpoint
 from qtrader.portfolio.ledger import FillRefused, Ledger
@@ -186,9 +186,26 @@ class Portfolio:
                 await asyncio.sleep(0.5)
 
     async def _viewer_present(self) -> dict[str, Any]:
-        """What a viewer connecting now is told first: latch, portfolio and this health."""
+        """What a viewer connecting now is told first: latch, portfolio, stops, every worker's
+        health (this one's as of now), and the policy this stack runs."""
         report = await self._context.monitor.report()
-        return {**self._viewer_state.present(), "health": report.model_dump(mode="json")}
+        # This worker's own report as of now: just started, it may not have heard its own yet.
+        own = report.to_message(
+            worker_id=self._context.options.worker_id,
+            interval_s=REFRESH_INTERVAL_S,
+            ts_ms=int(time.time() * 1000),
+        )
+        self._viewer_state.note(own)
+        revision = self._context.policy.current
+        policy = None
+        if revision is not None:
+            mode = revision.spec.mode.value
+            policy = {"name": revision.name, "revision": revision.revision, "mode": mode}
+        return {
+            **self._viewer_state.present(),
+            "health": report.model_dump(mode="json"),
+            "policy": policy,
+        }
 
     async def _serve(self) -> None:
         policy = await self._context.policy.wait()

@@ -119,10 +119,12 @@ CONSUMERS: dict[str, dict[str, tuple[str, ...]]] = {
         "portfolio-fills": (_ALL(subjects.FILL_PREFIX),),
         "viewer": (  # the viewer feed it serves (qtrader.viewer.feed.VIEWED)
             subjects.CONTROL_HALT,
+            subjects.CONTROL_ESS_STATUS,
             _ALL(subjects.ORDER_UPDATE_PREFIX),
             _ALL(subjects.FILL_PREFIX),
             _ALL(subjects.RISK_ALERT_PREFIX),
             subjects.PORTFOLIO_SNAPSHOT,
+            _ALL(subjects.HEALTH_REPORT_PREFIX),
         ),
     },
 }
