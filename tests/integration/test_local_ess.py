@@ -59,7 +59,9 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 QTRADER = str(Path(sys.executable).parent / "qtrader")
-COOLDOWN_S = 3
+# Long enough for a trip and the next CLI call (each a new process, over a second apiece on a
+# loaded machine) to land inside it: a reset "inside the cooldown" must be inside it.
+COOLDOWN_S = 7
 
 
 def _policy_text(min_confidence: float) -> str:
