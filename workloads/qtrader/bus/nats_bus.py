@@ -47,9 +47,9 @@ import copy
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import nats
 import nats.errors
@@ -137,6 +137,16 @@ _UNAVAILABLE = (
     asyncio.TimeoutError,
     OSError,
 )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route(Generic[M]):
+    """One subject (a wildcard too) of a stream read in stream order with others: the type its
+    messages decode as and their handler (``Bus.replay_after``)."""
+
+    subject: str
+    message_type: type[M]
+    handler: SequencedHandler[M]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -666,36 +676,46 @@ class Bus:
     async def replay_after(
         self,
         stream: subjects.StreamSpec,
-        filter_subject: str,
-        message_type: type[M],
-        handler: SequencedHandler[M],
+        routes: Sequence[Route[Any]],
         *,
         label: str,
         after_sequence: int = 0,
     ) -> None:
-        """``replay`` from the first message stored after stream sequence ``after_sequence``,
-        handing ``handler`` each message with its stream sequence: for a reader that restores a
-        checkpoint covering the stream through some sequence and reads on from there.
+        """``replay`` of the subjects of ``routes`` from the first message stored after stream
+        sequence ``after_sequence``, in stream order across all of them (one ordered consumer
+        filtering them all), handing each message with its stream sequence to its route's
+        handler: for a reader that restores a checkpoint covering the stream through some
+        sequence and reads on from there.
 
-        A message that does not decode is skipped and counted as ``replay`` does; what the
-        handler raises is counted and logged, so a handler that must not skip catches its own.
+        A message that does not decode as its route's type is skipped and counted as ``replay``
+        does; what a handler raises is counted and logged, so a handler that must not skip
+        catches its own.
         """
         stream = subjects.scoped_stream(self._stack, stream)
-        filter_subject = subjects.scoped_subject(self._stack, filter_subject)
+        scoped = [(subjects.scoped_subject(self._stack, r.subject), r) for r in routes]
 
         async def on_message(msg: Msg) -> None:
             sequence = int(msg.metadata.sequence.stream)
-            await _deliver(label, msg, message_type, lambda m: handler(m, sequence))
+            route = next((r for p, r in scoped if _subject_matches(msg.subject, p)), None)
+            if route is None:  # the consumer filters these subjects: a server's mistake
+                REJECTED.labels(label, RejectReason.WRONG_KIND.value).inc()
+                log.warning("%s skipped a message on %s: no route for it", label, msg.subject)
+                return
+            await _deliver(label, msg, route.message_type, lambda m: route.handler(m, sequence))
             CONSUMER_PENDING.labels(label).set(msg.metadata.num_pending)
 
-        start = ConsumerConfig(opt_start_seq=after_sequence + 1) if after_sequence else None
+        config = ConsumerConfig(
+            # One subject keeps the single filter every server knows; several need 2.10's list.
+            filter_subjects=[pattern for pattern, _ in scoped] if len(scoped) > 1 else None,
+            opt_start_seq=after_sequence + 1 if after_sequence else None,
+        )
         await _hold(
             await self._jetstream.subscribe(
-                filter_subject,
+                scoped[0][0],
                 stream=stream.name,
                 cb=on_message,
                 ordered_consumer=True,
-                config=start,
+                config=config,
                 deliver_policy=(
                     DeliverPolicy.BY_START_SEQUENCE if after_sequence else DeliverPolicy.ALL
                 ),
@@ -977,6 +997,17 @@ async def _hold(subscription: Subscription) -> None:
     finally:
         with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
             await subscription.unsubscribe()
+
+
+def _subject_matches(subject: str, pattern: str) -> bool:
+    """Whether ``subject`` is one of ``pattern``'s (NATS: ``*`` one token, ``>`` the rest)."""
+    tokens, wanted = subject.split("."), pattern.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or token not in ("*", tokens[index]):
+            return False
+    return len(tokens) == len(wanted)
 
 
 def _family(subject: str) -> str:
