@@ -785,6 +785,45 @@ class Bus:
                 self._count_refused(f"read:{stream.name}", subject, sequence - 1, bad)
         return found
 
+    async def read_stored(
+        self,
+        stream: subjects.StreamSpec,
+        subject: str,
+        message_type: type[M],
+        *,
+        label: str,
+        timeout_s: float = 60.0,
+    ) -> list[M]:
+        """Every message stored on ``subject`` now, oldest first; one that does not decode is
+        left out and counted, as ``replay`` does. An ordered consumer, so thousands take a
+        moment (``stored_messages`` asks once per message). Raises ``BusUnavailable`` when NATS
+        cannot answer within ``timeout_s``."""
+        found: list[M] = []
+        caught_up = asyncio.Event()
+
+        async def keep(message: M) -> None:
+            found.append(message)
+
+        reading = asyncio.create_task(
+            self.replay(stream, subject, message_type, keep, label=label, caught_up=caught_up)
+        )
+        waiting = asyncio.create_task(caught_up.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {reading, waiting}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if reading in done:
+                reading.result()  # it ended before catching up: what ended it
+            if not done:
+                raise BusUnavailable(f"{subject} not read within {timeout_s} s")
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot read {subject}: {exc!r}") from exc
+        finally:
+            for task in (reading, waiting):
+                task.cancel()
+            await asyncio.gather(reading, waiting, return_exceptions=True)
+        return found
+
     async def _next_stored(self, stream: str, subject: str, sequence: int) -> RawStreamMsg | None:
         """The first message on ``subject`` at or after ``sequence``, None if there is none."""
         try:
