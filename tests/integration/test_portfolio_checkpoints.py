@@ -342,3 +342,71 @@ async def test_fill_the_ledger_cannot_apply_stops_the_portfolio_loudly_until_a_p
         for worker in workers:
             worker.stop()
         await bus.close()
+
+
+@pytest.mark.invariants_exempt(
+    "exposure",
+    "orders",
+    "duplicates",
+    reason="the test plays the venue and stores one account entry id twice with other amounts",
+)
+async def test_entry_the_ledger_cannot_apply_stops_the_portfolio_as_a_fill_does(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    bus = await connect(url)
+    fills = [venue_fill(i) for i in range(1, 7)]
+    funding = venue_entry(0)
+    conflicting = funding.model_copy(update={"amount": Decimal("-99")})  # the same id, otherwise
+    worker = start_worker("portfolio", nats_url=url, log_dir=tmp_path)
+    workers = [worker]
+    try:
+        await publish(bus, [*fills[:3], funding])
+        await publish_raw(url, subjects.ACCOUNT_ENTRY, conflicting.encode(), msg_id="again")
+        await publish(bus, fills[3:])  # FILLS sequence 5 was the conflicting entry
+        await eventually(
+            lambda: worker.dependency("ledger")["status"] == "CRITICAL",
+            timeout_s=15,
+            what="ledger CRITICAL",
+            worker=worker,
+        )
+        detail = str(worker.dependency("ledger")["detail"])
+        assert f"FILLS sequence 5: account entry {funding.entry_id}" in detail
+        assert "other content" in detail
+        assert worker.metric("qtrader_portfolio_entries_refused_total") == 1
+        assert worker.metric("qtrader_portfolio_ledger_stuck") == 1
+        await asyncio.sleep(1.0)  # and nothing later is applied
+        snapshot = await last_snapshot(url)
+        assert snapshot is not None
+        assert (snapshot.fills_applied, snapshot.entries_applied) == (3, 1)
+        assert snapshot.funding == funding.amount
+        alerts = await read_all(
+            url,
+            stream=subjects.RISK.name,
+            subject=subjects.risk_alert_subject(RiskAlertKind.LEDGER.value),
+            message_type=RiskAlert,
+        )
+        assert [funding.entry_id in a.detail for a in alerts] == [True]
+        worker.stop()
+
+        decided = start_worker(
+            "portfolio", nats_url=url, log_dir=tmp_path, args=("--skip-fill", "5")
+        )
+        workers.append(decided)
+        final = await _applied_all(url, len(fills))
+        assert (final.entries_applied, final.funding) == (1, funding.amount)
+        assert decided.metric("qtrader_portfolio_fills_skipped_total") == 1
+    finally:
+        for one in workers:
+            one.stop()
+        await bus.close()
+
+
+async def _applied_all(url: str, fills: int) -> PortfolioSnapshot:
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        snapshot = await last_snapshot(url)
+        if snapshot is not None and snapshot.fills_applied >= fills:
+            return snapshot
+        assert asyncio.get_running_loop().time() < deadline, "fills not applied"
+        await asyncio.sleep(0.2)
