@@ -167,6 +167,7 @@ class Ledger:
         self._funding = _ZERO
         self._transfers = _ZERO
         self._other_income = _ZERO
+        self._booked = _ZERO  # funding + transfers + other income, from those totals
         self._transfers_by_asset: dict[str, Decimal] = {}  # every transfer, in its own asset
         self._unvalued_income: dict[str, Decimal] = {}  # funding and income in other assets
         self._peak_equity = initial_capital
@@ -294,10 +295,8 @@ class Ledger:
             transfers += amount
         else:
             other += amount
-        base = self._wallet_of(
-            realized=self._realized, fees=self._fees, funding=funding, transfers=transfers,
-            other_income=other,
-        )  # fmt: skip
+        booked = _booked_of(funding, transfers, other)
+        base = self._wallet_of(realized=self._realized, fees=self._fees, booked=booked)
         before, after = self.equity, _EXACT.add(base, self.unrealized_pnl)
         peak, transferred = self._peak_equity, category is EntryCategory.TRANSFER
         if transferred:
@@ -310,32 +309,20 @@ class Ledger:
         if transferred:
             self._transfers_by_asset[SETTLEMENT_ASSET] = by_asset
         self._funding, self._transfers, self._other_income = funding, transfers, other
-        self._base = base
+        self._booked, self._base = booked, base
         self._equity = after
         if peak != self._peak_equity:
             self._peak_equity, self._trough = peak, None
         self._update_drawdown()
 
     def _wallet_of(
-        self,
-        *,
-        realized: Decimal,
-        fees: Decimal,
-        funding: Decimal | None = None,
-        transfers: Decimal | None = None,
-        other_income: Decimal | None = None,
+        self, *, realized: Decimal, fees: Decimal, booked: Decimal | None = None
     ) -> Decimal:
-        """capital + realized - fees + funding + transfers + other income, always added in
-        this order (from the totals, never kept as a running sum), so a ledger restored from
-        a checkpoint holds the very same Decimal as the one that wrote it."""
+        """capital + realized - fees + the entries' net (``_booked_of``), always added in this
+        order from the totals, never kept as a running sum, so a ledger restored from a
+        checkpoint holds the very same Decimal as the one that wrote it."""
         wallet = _EXACT.subtract(_EXACT.add(self._initial_capital, realized), fees)
-        for amount in (
-            self._funding if funding is None else funding,
-            self._transfers if transfers is None else transfers,
-            self._other_income if other_income is None else other_income,
-        ):
-            wallet = _EXACT.add(wallet, amount)
-        return wallet
+        return _EXACT.add(wallet, self._booked if booked is None else booked)
 
     # --- exact figures ------------------------------------------------------------------------
 
@@ -584,6 +571,7 @@ class Ledger:
         self._other_income = checkpoint.other_income_usdt
         self._transfers_by_asset = {a.asset: a.amount for a in checkpoint.transfers_by_asset}
         self._unvalued_income = {a.asset: a.amount for a in checkpoint.unvalued_income}
+        self._booked = _booked_of(self._funding, self._transfers, self._other_income)
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -651,6 +639,11 @@ def _book(position: _Position, signed_qty: Decimal, price: Decimal) -> Decimal:
     if position.quantity != 0 and (position.quantity > 0) != (current > 0):
         position.cost = position.quantity * price  # flipped: the remainder opened at the price
     return realized
+
+
+def _booked_of(funding: Decimal, transfers: Decimal, other_income: Decimal) -> Decimal:
+    """The account entries' net in USDT, added in one order wherever it is computed."""
+    return _EXACT.add(_EXACT.add(funding, transfers), other_income)
 
 
 def _peak_after_transfer(
