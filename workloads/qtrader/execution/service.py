@@ -84,6 +84,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.policy import TradingMode, TradingPolicySpec
 from qtrader.exchange.errors import Banned, ExchangeError
+from qtrader.exchange.limiter import CostNeverFits
 from qtrader.exchange.venue import AccountReader, IncomeReader, Venue
 from qtrader.execution.account_entries import AccountEntries, IncomeSettings
 from qtrader.execution.decisions import (
@@ -914,6 +915,9 @@ class Execution:
         except BusUnavailable as exc:  # what is not published yet is read again next time
             entries.unreadable(f"NATS: {exc}")
             log.warning("account entries: not published yet: %s", exc)
+        except CostNeverFits as exc:  # the venue's weight limit is below one read's weight
+            entries.unreadable(f"the venue's limits admit no read of its income: {exc}")
+            log.error("account entries: the venue's income cannot be read: %s", exc)
 
     async def check_account_entries(self) -> DependencyHealth:
         entries = self._entries
