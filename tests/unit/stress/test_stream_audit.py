@@ -8,10 +8,12 @@ from decimal import Decimal
 import pytest
 
 from qtrader.contracts.messages import (
+    AccountEntry,
     Candle,
     CandleSource,
     Direction,
     Fill,
+    IncomeType,
     OrderIntent,
     OrderStatus,
     OrderUpdate,
@@ -306,6 +308,28 @@ def test_the_snapshot_is_held_against_an_exact_account_of_the_fills() -> None:
     problems = ledger_mismatches(wrong, fills, marks=marks, capital=Decimal(1000))
     assert len(problems) == 4  # fills applied, realized, equity, the position
     assert ledger_mismatches(None, fills, marks=marks, capital=Decimal(1000)) != []
+
+
+def test_the_snapshot_is_held_against_the_account_entries_too() -> None:
+    buy = intent("buy")
+    fills = [fill(buy, "0.010", price="100")]
+    funding = AccountEntry(
+        entry_id="FUNDING_FEE:1",
+        income_type=IncomeType.FUNDING_FEE,
+        symbol="BTCUSDT",
+        asset="USDT",
+        amount=Decimal("-0.25"),
+        ts_ms=T0,
+    )
+    marks = {"BTCUSDT": Decimal(100)}
+    left_out = snapshot(realized="0", fees="0.0004", quantity="0.010", mark="100", fills=1)
+    problems = ledger_mismatches(
+        left_out, fills, marks=marks, capital=Decimal(1000), entries=[funding]
+    )
+    assert any(p.startswith("entries applied 0 != 1") for p in problems), problems
+    assert any(p.startswith("funding 0.00 != -0.25") for p in problems), problems
+    assert any(p.startswith("equity") for p in problems), problems
+    assert any(p.startswith("BTCUSDT funding") for p in problems), problems
 
 
 def test_health_recovered_means_ok_again_or_as_before_the_outage() -> None:

@@ -532,6 +532,120 @@ class Fill(Message):
         return f"fill:{self.fill_id}"
 
 
+# --- account entries --------------------------------------------------------------------------
+
+
+class EntryCategory(enum.StrEnum):
+    """How the ledger books an account entry."""
+
+    FUNDING = "funding"  # a perpetual's funding payment, per symbol: performance
+    TRANSFER = "transfer"  # capital moved in or out (or between assets): not performance
+    INCOME = "income"  # any other gain or cost the venue books (rebates, bonuses, fees)
+
+
+class IncomeType(enum.StrEnum):
+    """Binance USD-M's documented income types (``GET /fapi/v1/income``) and how each is booked.
+
+    REALIZED_PNL and COMMISSION of our trades come with the fills (each ``Fill`` carries its
+    price and commission, and the ledger realizes the PnL itself): they are never an
+    ``AccountEntry``, or they would count twice. Those of a trade that is not ours (a manual
+    trade) are not booked either: the venue reconciliation alerts on the position instead.
+    FUNDING_FEE is funding, per symbol. The transfers move capital: in, out, or between the
+    account's assets (AUTO_EXCHANGE turns a negative balance of one asset into another).
+    Everything else is other income (a gain or a cost the venue books outside a trade).
+    """
+
+    REALIZED_PNL = "REALIZED_PNL"
+    COMMISSION = "COMMISSION"
+    FUNDING_FEE = "FUNDING_FEE"
+    TRANSFER = "TRANSFER"
+    INTERNAL_TRANSFER = "INTERNAL_TRANSFER"
+    CROSS_COLLATERAL_TRANSFER = "CROSS_COLLATERAL_TRANSFER"
+    STRATEGY_UMFUTURES_TRANSFER = "STRATEGY_UMFUTURES_TRANSFER"
+    COIN_SWAP_DEPOSIT = "COIN_SWAP_DEPOSIT"
+    COIN_SWAP_WITHDRAW = "COIN_SWAP_WITHDRAW"
+    AUTO_EXCHANGE = "AUTO_EXCHANGE"
+    WELCOME_BONUS = "WELCOME_BONUS"
+    INSURANCE_CLEAR = "INSURANCE_CLEAR"
+    REFERRAL_KICKBACK = "REFERRAL_KICKBACK"
+    COMMISSION_REBATE = "COMMISSION_REBATE"
+    API_REBATE = "API_REBATE"
+    CONTEST_REWARD = "CONTEST_REWARD"
+    OPTIONS_PREMIUM_FEE = "OPTIONS_PREMIUM_FEE"
+    OPTIONS_SETTLE_PROFIT = "OPTIONS_SETTLE_PROFIT"
+    DELIVERED_SETTELMENT = "DELIVERED_SETTELMENT"  # sic: the venue's spelling
+    POSITION_LIMIT_INCREASE_FEE = "POSITION_LIMIT_INCREASE_FEE"
+    FEE_RETURN = "FEE_RETURN"
+    BFUSD_REWARD = "BFUSD_REWARD"
+
+    @property
+    def carried_by_fills(self) -> bool:
+        """Booked from the fills: never an account entry."""
+        return self in _FROM_FILLS
+
+    @property
+    def category(self) -> EntryCategory:
+        if self is IncomeType.FUNDING_FEE:
+            return EntryCategory.FUNDING
+        return EntryCategory.TRANSFER if self in _TRANSFERS else EntryCategory.INCOME
+
+
+_FROM_FILLS = frozenset({IncomeType.REALIZED_PNL, IncomeType.COMMISSION})
+_TRANSFERS = frozenset(
+    {
+        IncomeType.TRANSFER,
+        IncomeType.INTERNAL_TRANSFER,
+        IncomeType.CROSS_COLLATERAL_TRANSFER,
+        IncomeType.STRATEGY_UMFUTURES_TRANSFER,
+        IncomeType.COIN_SWAP_DEPOSIT,
+        IncomeType.COIN_SWAP_WITHDRAW,
+        IncomeType.AUTO_EXCHANGE,
+    }
+)
+
+
+def account_entry_id(income_type: IncomeType, tran_id: str) -> str:
+    """An entry's identity: the venue's ``tranId`` is unique only within one income type."""
+    return f"{income_type.value}:{tran_id}"
+
+
+class AccountEntry(Message):
+    """An amount the venue booked to the account that is not one of our fills: funding, a
+    transfer, other income (``IncomeType`` says which and how the ledger books it).
+
+    ``amount`` is signed as the venue states it (positive flows in) and exact, in ``asset``'s
+    own units: an amount in another asset than USDT is kept in that asset, never valued.
+    ``entry_id`` is ``account_entry_id(income_type, tranId)``, so reading the venue's income
+    again gives the same ids (the stream drops a repeat, the ledger counts one once).
+    """
+
+    KIND = "account_entry"
+    kind: Literal["account_entry"] = "account_entry"
+    entry_id: str = Field(min_length=1, max_length=128)
+    income_type: IncomeType
+    symbol: Symbol | None = None
+    asset: Asset
+    amount: Money
+    info: str = Field(default="", max_length=256)  # the venue's note (DEPOSIT, WITHDRAW, ...)
+    ts_ms: Millis
+
+    @model_validator(mode="after")
+    def _booked_here_and_nowhere_else(self) -> AccountEntry:
+        if self.income_type.carried_by_fills:
+            raise ValueError(f"{self.income_type.value} comes with the fills, not as an entry")
+        if self.income_type is IncomeType.FUNDING_FEE and self.symbol is None:
+            raise ValueError("a FUNDING_FEE entry names its symbol")
+        return self
+
+    @property
+    def category(self) -> EntryCategory:
+        return self.income_type.category
+
+    @property
+    def dedup_id(self) -> str:
+        return f"entry:{self.entry_id}"
+
+
 # --- portfolio --------------------------------------------------------------------------------
 
 
@@ -545,6 +659,7 @@ class PositionView(BaseModel):
     unrealized_pnl: Money
     realized_pnl: Money
     fees: NonNegativeMoney
+    funding: Money = Decimal(0)  # USDT funding booked on the symbol (snapshot version 3)
 
 
 class AssetAmount(BaseModel):
@@ -556,6 +671,15 @@ class AssetAmount(BaseModel):
     amount: NonNegativeMoney
 
 
+class SignedAssetAmount(BaseModel):
+    """A net amount of one asset that may be negative (transfers out), in its own units."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    asset: Asset
+    amount: Money
+
+
 class PortfolioSnapshot(Message):
     """The portfolio for display and for readers (execution's equity, the risk evaluators).
 
@@ -563,12 +687,19 @@ class PortfolioSnapshot(Message):
     ``fees_by_asset`` (every fee in its own asset) and ``unvalued_fees`` (fees with no known
     USDT value: ``equity`` leaves them out, so it is then incomplete, not invented). Version 1
     snapshots still decode, with those empty.
+
+    Version 3 added the account entries (``AccountEntry``): ``entries_applied``, ``funding``
+    (USDT, in total and per position), ``transfers`` (net USDT moved in) and ``other_income``
+    (USDT), all in ``equity``; ``transfers_by_asset`` (every transfer in its own asset) and
+    ``unvalued_income`` (funding and other income in another asset than USDT: ``equity`` leaves
+    it out and is incomplete). ``fills_through`` counts every FILLS message applied, entries
+    included. Versions 1 and 2 still decode, with those zero or empty.
     """
 
     KIND = "portfolio_snapshot"
-    SCHEMA_VERSION: ClassVar[int] = 2
-    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2})
-    schema_version: int = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
+    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2, 3})
+    schema_version: int = 3
     kind: Literal["portfolio_snapshot"] = "portfolio_snapshot"
     sequence: Count
     ts_ms: Millis
@@ -585,6 +716,12 @@ class PortfolioSnapshot(Message):
     fills_through: Count = 0
     fees_by_asset: tuple[AssetAmount, ...] = Field(default=(), max_length=64)
     unvalued_fees: tuple[AssetAmount, ...] = Field(default=(), max_length=64)
+    entries_applied: Count = 0
+    funding: Money = Decimal(0)
+    transfers: Money = Decimal(0)
+    other_income: Money = Decimal(0)
+    transfers_by_asset: tuple[SignedAssetAmount, ...] = Field(default=(), max_length=64)
+    unvalued_income: tuple[SignedAssetAmount, ...] = Field(default=(), max_length=64)
 
     @property
     def dedup_id(self) -> str:
@@ -596,8 +733,14 @@ class PortfolioSnapshot(Message):
 
     @property
     def equity_complete(self) -> bool:
-        """False while a fee has no USDT value: ``equity`` then leaves it out."""
-        return not self.unvalued_fees
+        """False while a fee or an income has no USDT value: ``equity`` then leaves it out."""
+        return not self.unvalued_fees and not self.unvalued_income
+
+    @property
+    def wallet(self) -> Decimal:
+        """The equity without unrealized PnL: capital, realized PnL, fees, funding, transfers
+        and other income (what the venue calls the wallet balance)."""
+        return self.equity - self.unrealized_pnl
 
 
 class CheckpointPosition(BaseModel):
@@ -610,6 +753,7 @@ class CheckpointPosition(BaseModel):
     cost: Money  # signed cost basis of the open quantity
     realized: Money
     fees: NonNegativeMoney  # in USDT, the valued ones
+    funding: Money = Decimal(0)  # in USDT (checkpoint version 2)
 
 
 class CheckpointMark(BaseModel):
@@ -629,21 +773,37 @@ class AppliedFill(BaseModel):
     digest: str = Field(pattern=r"^[0-9a-f]{16,64}$")
 
 
+class AppliedEntry(BaseModel):
+    """An account entry id the ledger applied and a digest of what it said."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    entry_id: str = Field(min_length=1, max_length=128)
+    digest: str = Field(pattern=r"^[0-9a-f]{16,64}$")
+
+
 # How many of the latest applied fill ids a checkpoint carries, to recognise a fill stored again
 # after it (a producer replaying past the stream's duplicate window); bounded so the message is.
 CHECKPOINT_RECENT_FILLS = 512
 
 
 class PortfolioCheckpoint(Message):
-    """The portfolio's exact ledger after every fill of FILLS through ``fills_through``.
+    """The portfolio's exact ledger after every message of FILLS through ``fills_through``.
 
     A restarted portfolio restores the newest one that decodes and replays FILLS after that
     sequence only: its start time is bounded, and FILLS' retention cannot lose a position.
     Every figure is the ledger's own (unrounded); positions and marks in the ledger's order, so
     sums add up in the same order as in the process that wrote it.
+
+    Version 2 added the account entries' figures (see ``PortfolioSnapshot`` version 3) and the
+    latest applied entry ids; a version 1 checkpoint (written before any entry) still decodes,
+    with those zero or empty.
     """
 
     KIND = "portfolio_checkpoint"
+    SCHEMA_VERSION: ClassVar[int] = 2
+    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2})
+    schema_version: int = 2
     kind: Literal["portfolio_checkpoint"] = "portfolio_checkpoint"
     source: str = Field(max_length=256)
     ts_ms: Millis
@@ -662,6 +822,13 @@ class PortfolioCheckpoint(Message):
     # Sequences of FILLS a person told the portfolio to pass over (``--skip-fill``): kept so
     # that every later start knows they were passed over on purpose.
     skipped: tuple[Count, ...] = Field(default=(), max_length=1024)
+    entries_applied: Count = 0
+    funding_usdt: Money = Decimal(0)
+    transfers_usdt: Money = Decimal(0)
+    other_income_usdt: Money = Decimal(0)
+    transfers_by_asset: tuple[SignedAssetAmount, ...] = Field(default=(), max_length=64)
+    unvalued_income: tuple[SignedAssetAmount, ...] = Field(default=(), max_length=64)
+    recent_entries: tuple[AppliedEntry, ...] = Field(default=(), max_length=CHECKPOINT_RECENT_FILLS)
 
     @property
     def dedup_id(self) -> str:
@@ -677,8 +844,8 @@ class RiskAlertKind(enum.StrEnum):
     STALE_MARKET_DATA = "stale_market_data"
     EXECUTION_ERROR_RATE = "execution_error_rate"
     EXCHANGE_BAN = "exchange_ban"
-    # The portfolio met a fill its ledger cannot apply and stopped following FILLS (no stop's
-    # trigger: it halts no trading by itself, a person must look).
+    # The portfolio met a fill (or an account entry) its ledger cannot apply and stopped
+    # following FILLS (no stop's trigger: it halts no trading by itself, a person must look).
     LEDGER = "ledger"
     # The venue's positions differ from the ledger's (a manual trade, a fill never published),
     # and kept differing: the figures are the venue's and the ledger's quantities.

@@ -70,7 +70,7 @@ from qtrader.exchange.filters import prepare_order
 from qtrader.exchange.limiter import LimiterConfig, RateLimiter
 from qtrader.exchange.limits import RequestCost, request_cost, rules_from_exchange_info
 from qtrader.exchange.user_stream import UserTrades, stream_base_of
-from qtrader.exchange.venue import VenueOrder, VenuePosition
+from qtrader.exchange.venue import VenueIncome, VenueOrder, VenuePosition
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo
 
@@ -155,6 +155,7 @@ _USER_TRADES = _Endpoint("GET", "/fapi/v1/userTrades", lambda c: c.futures_accou
 _TICKER_PRICE = _Endpoint("GET", "/fapi/v2/ticker/price", lambda c: c.futures_symbol_ticker)
 _POSITION_RISK = _Endpoint("GET", "/fapi/v3/positionRisk", lambda c: c.futures_position_information)
 _BALANCE = _Endpoint("GET", "/fapi/v3/balance", lambda c: c.futures_account_balance)
+_INCOME = _Endpoint("GET", "/fapi/v1/income", lambda c: c.futures_income_history)
 _LISTEN_KEY = _Endpoint("POST", "/fapi/v1/listenKey", lambda c: c.futures_stream_get_listen_key)
 _KEEP_LISTEN_KEY = _Endpoint("PUT", "/fapi/v1/listenKey", lambda c: c.futures_stream_keepalive)
 
@@ -311,6 +312,16 @@ class BinanceFutures:
         ]
         usdt = [Decimal(str(b["balance"])) for b in balances if b.get("asset") == "USDT"]
         return positions, (usdt[0] if usdt else Decimal(0))
+
+    async def income(self, *, start_ms: int, limit: int) -> list[VenueIncome]:
+        """The account's income history from ``start_ms`` (inclusive), oldest first, at most
+        ``limit`` (Binance: 1,000) entries; weight 30."""
+        params = {"startTime": start_ms, "limit": limit}
+        rows = await self._request(_INCOME, params, signed=True, safe=True)
+        try:
+            return [_income(row) for row in rows]
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            raise ExchangeError(f"{_INCOME.path}: an entry that does not read: {exc!r}") from exc
 
     async def open_orders(self, symbols: Sequence[str]) -> list[VenueOrder]:
         orders = []
@@ -656,6 +667,18 @@ def _fill(
 
 def _fee_asset(trade: Mapping[str, Any]) -> str:
     return str(trade.get("commissionAsset", SETTLEMENT_ASSET))
+
+
+def _income(row: Mapping[str, Any]) -> VenueIncome:
+    return VenueIncome(
+        tran_id=str(row["tranId"]),
+        income_type=str(row["incomeType"]),
+        amount=Decimal(str(row["income"])),
+        asset=str(row["asset"]),
+        symbol=str(row.get("symbol") or ""),
+        time_ms=int(row["time"]),
+        info=str(row.get("info") or ""),
+    )
 
 
 def _iso(epoch_s: float) -> str:

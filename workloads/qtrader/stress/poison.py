@@ -22,6 +22,7 @@ from typing import Any
 
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    AccountEntry,
     Candle,
     CandleSource,
     ControlHeartbeat,
@@ -32,6 +33,7 @@ from qtrader.contracts.messages import (
     HaltAck,
     HaltLatch,
     HealthStatus,
+    IncomeType,
     Message,
     OrderIntent,
     OrderStatus,
@@ -122,6 +124,14 @@ def sample_messages() -> list[Message]:
             fee=Decimal("0.04"),
             ts_ms=T0,
         ),
+        AccountEntry(
+            entry_id="FUNDING_FEE:1",
+            income_type=IncomeType.FUNDING_FEE,
+            symbol="BTCUSDT",
+            asset="USDT",
+            amount=Decimal("-0.0125"),
+            ts_ms=T0,
+        ),
         PortfolioSnapshot(
             sequence=1,
             ts_ms=T0,
@@ -201,6 +211,7 @@ def subject_of(message: Message, symbol: str = SAMPLE_SYMBOL) -> str:
         "order_intent": subjects.order_intent_subject(symbol),
         "order_update": subjects.order_update_subject(symbol),
         "fill": subjects.fill_subject(symbol),
+        "account_entry": subjects.ACCOUNT_ENTRY,
         "portfolio_snapshot": subjects.PORTFOLIO_SNAPSHOT,
         "risk_alert": subjects.risk_alert_subject(RiskAlertKind.FLASH_CRASH.value),
         "halt_latch": subjects.CONTROL_HALT,

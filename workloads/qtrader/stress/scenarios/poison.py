@@ -116,7 +116,7 @@ CONSUMERS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "portfolio": {
         "marks": (_ALL(subjects.CANDLE_PREFIX),),
-        "portfolio-fills": (_ALL(subjects.FILL_PREFIX),),
+        "portfolio-fills": (_ALL(subjects.FILL_PREFIX), subjects.ACCOUNT_ENTRY),
         "viewer": (  # the viewer feed it serves (qtrader.viewer.feed.VIEWED)
             subjects.CONTROL_HALT,
             subjects.CONTROL_ESS_STATUS,
