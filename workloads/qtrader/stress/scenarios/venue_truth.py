@@ -129,9 +129,9 @@ WS_MAX_AGE_MS = 4 * MINUTE_MS  # Binance's 24 h, in the venue's clock
 FULL_STEPS = 60
 MIN_STEPS = 14
 FUNDING_ROUNDS = 4
-FUNDING_RATE = Decimal("0.0001")
+FUNDING_RATE = Decimal("0.0005")
 BNB_DEPOSIT = Decimal(1)
-MANUAL_SYMBOL, MANUAL_SIDE, MANUAL_QTY = "ETHUSDT", "BUY", Decimal("0.05")
+MANUAL_SYMBOL, MANUAL_QTY = "ETHUSDT", Decimal("0.05")  # against our position: it realizes
 # Weight per minute: positions and wallet every second (10 a read), income every 2 s (30 a read):
 # about 1,500 of the venue's 2,400 a minute, shared with marketdata's backfills on one IP. At
 # 0.5 s for both (3,600 a minute) execution's limiter held every request back for half a minute.
@@ -140,7 +140,7 @@ RECONCILE_GRACE_S = 2.0
 INCOME_INTERVAL_S = 2.0
 DETECTION_BOUND_S = 10.0
 STEP_TIMEOUT_S = 45.0
-NUDGE_AFTER_S = 6.0  # no closed kline on MARKET by then: one more minute closes
+NUDGE_AFTER_S = 3.0  # no closed kline on MARKET by then: one more minute closes
 MAX_NUDGES = 6
 SETTLE_TIMEOUT_S = 30.0
 CENT = Decimal("0.01")
@@ -212,11 +212,14 @@ async def _run(options: StressOptions, result: ScenarioResult, url: str, admin: 
         options.say(f"venue-truth: stack up; {steps} steps")
         for step in range(steps):
             portfolio = await _step(rig, admin, url, plan, step, watch, portfolio, options)
-        # The last closes are the venue's prices from here on: the marks agree.
+        # New prices, away from the last fills' (an unrealized PnL to compare), then the last
+        # closes are the venue's prices from here on: the marks agree.
+        await _last_prices(admin, url)
         await _advance(rig, admin, url, MINUTE_MS, watch)
         fills_done = await _settled_portfolio(rig, admin)
         options.say("venue-truth: trading over; a manual trade on the venue")
-        manual, detection_s, early = await _manual_trade(rig, admin)
+        side = "SELL" if _long(steps - 1, MANUAL_SYMBOL) else "BUY"
+        manual, detection_s, early = await _manual_trade(rig, admin, side)
         evidence = await _evidence(rig, admin, url, fills_done)
         result.figures["execution health at the end"] = (await rig.health(execution)).get("status")
     _judge(result, evidence, manual, detection_s=detection_s, early=early, watch=watch)
@@ -307,6 +310,12 @@ async def _connections_of(url: str) -> list[dict[str, Any]]:
 
 def _conn_key(c: Mapping[str, Any]) -> tuple[Any, ...]:
     return (c["opened_ms"], tuple(c["streams"]), tuple(c["listen_keys"]))
+
+
+async def _last_prices(admin: SimAdmin, url: str) -> None:
+    minute = await asyncio.to_thread(_venue_now, url) // MINUTE_MS
+    for symbol in SYMBOLS:
+        await asyncio.to_thread(admin.price, symbol, _price(symbol, minute + 5))
 
 
 def _long(step: int, symbol: str) -> bool:
@@ -489,13 +498,13 @@ async def _risk_alerts(rig: Rig) -> list[RiskAlert]:
 
 
 async def _manual_trade(
-    rig: Rig, admin: SimAdmin
+    rig: Rig, admin: SimAdmin, side: str
 ) -> tuple[dict[str, Any], float | None, list[RiskAlert]]:
     """The manual trade; the wall-clock seconds until its reconciliation alert (None: none in
     time); and the reconciliation alerts there were before it."""
     early = await _risk_alerts(rig)
     sent = time.time()
-    order = await asyncio.to_thread(admin.manual_trade, KEY, MANUAL_SYMBOL, MANUAL_SIDE, MANUAL_QTY)
+    order = await asyncio.to_thread(admin.manual_trade, KEY, MANUAL_SYMBOL, side, MANUAL_QTY)
     found: list[RiskAlert] = []
 
     async def alerted() -> bool:
@@ -698,11 +707,15 @@ def _judge_account(
     income = _ours(evidence.income)
     funding: dict[str, Decimal] = dict.fromkeys(SYMBOLS, Decimal(0))
     signs: dict[str, set[int]] = {s: set() for s in SYMBOLS}
+    gross: dict[str, list[str]] = {s: [] for s in SYMBOLS}
     for entry in income:
         if entry["incomeType"] == "FUNDING_FEE":
             amount = Decimal(str(entry["income"]))
-            funding[str(entry["symbol"])] = funding.get(str(entry["symbol"]), Decimal(0)) + amount
-            signs[str(entry["symbol"])].add(1 if amount > 0 else -1)
+            symbol = str(entry["symbol"])
+            funding[symbol] = funding.get(symbol, Decimal(0)) + amount
+            signs.setdefault(symbol, set()).add(1 if amount > 0 else -1)
+            gross.setdefault(symbol, []).append(str(amount))
+    figures["funding charges per symbol (venue, in order)"] = gross
     by_symbol = {p.symbol: p for p in snapshot.positions}
     funding_wrong = [
         f"{s}: {by_symbol[s].funding if s in by_symbol else 0} != venue {funding[s]}"
