@@ -30,7 +30,6 @@ caller's global context.
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import (
@@ -60,6 +59,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.exchange.errors import NotSent, Rejected
 from qtrader.exchange.venue import VenueOrder
+from qtrader.execution.clock import SYSTEM_CLOCK, Clock
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo, Instrument
 
@@ -313,10 +313,12 @@ class PaperVenue:
         exchange_info: ExchangeInfo,
         *,
         history: Callable[[str], tuple[Fill, ...]] = lambda client_order_id: (),
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._paper = paper
         self._exchange_info = exchange_info
         self._history = history
+        self._clock = clock  # a backtest's: its orders fill at the candles' time
 
     @property
     def exchange_info(self) -> ExchangeInfo:
@@ -326,7 +328,7 @@ class PaperVenue:
         return []  # nothing outlives the process: MARKET and IOC orders never rest
 
     async def place(self, order: OrderIntent, *, not_after_ms: int | None = None) -> VenueOrder:
-        now_ms = int(time.time() * 1000)
+        now_ms = self._clock.wall_ms()
         if not_after_ms is not None and now_ms > not_after_ms:
             raise NotSent(
                 f"paper exchange: not sent, its deadline passed {now_ms - not_after_ms} ms ago"
