@@ -25,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -171,6 +171,16 @@ def _holds_lone_surrogate(document: object) -> bool:
             except UnicodeEncodeError:
                 return True
     return False
+
+
+class Build(Protocol):
+    """How a message is made: ``validated``, or ``trusted`` where its values are known valid."""
+
+    def __call__(self, message_type: type[M], /, **fields: Any) -> M: ...
+
+
+def validated(message_type: type[M], /, **fields: Any) -> M:
+    return message_type(**fields)
 
 
 def trusted(message_type: type[M], /, **fields: Any) -> M:

@@ -26,6 +26,7 @@ the worker would have sent for the same signals, retries, expiries and halt gate
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -33,7 +34,16 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderUpdate, Signal
+from qtrader.contracts.messages import (
+    Build,
+    Fill,
+    OrderIntent,
+    OrderStatus,
+    OrderUpdate,
+    Signal,
+    trusted,
+    validated,
+)
 from qtrader.contracts.policy import SignalThrottling, TradingPolicySpec
 from qtrader.exchange.errors import ExchangeError
 from qtrader.exchange.venue import Venue
@@ -87,6 +97,10 @@ class CoreSettings:
     # (no sender may send it past it; this covers a PENDING_NEW still on its way back).
     unsent_grace_ms: int = 5_000
     driver: DriverSettings = field(default_factory=DriverSettings)
+    # False where every signal and price is known valid and every fill comes from the paper
+    # exchange (a backtest's): the intents and order updates made of them are valid without
+    # validating them (``messages.trusted``), which is much of what an order costs there.
+    validate_messages: bool = True
 
 
 def intent_ttl_ms(spec: TradingPolicySpec) -> int:
@@ -116,8 +130,12 @@ class ExecutionCore:
         self._publish_fill_out = publish_fill
         self._worker_id = worker_id
         self._settings = settings or CoreSettings()
+        self._build: Build = validated if self._settings.validate_messages else trusted
         self._marks: dict[str, Decimal] = {}
         self._marked_at: dict[str, float] = {}
+        # No mark is older than this (a lower bound of ``_marked_at``): while it is fresh, all
+        # are, and the prices need no filtering (decisions and admissions ask for every one).
+        self._oldest_mark = math.inf
         self._intake: SignalIntake | None = None
         self._venue: Venue | None = None
         self._driver: OrderDriver | None = None
@@ -145,6 +163,7 @@ class ExecutionCore:
             on_error=on_error,
             settings=self._settings.driver,
             clock=self.clock,
+            validate_messages=self._settings.validate_messages,
         )
 
     @property
@@ -155,14 +174,24 @@ class ExecutionCore:
 
     def mark(self, symbol: str, price: Decimal) -> None:
         """The latest price of ``symbol``, trusted for ``max_price_age_s`` from now."""
+        now = self.clock.monotonic_s()
+        if symbol not in self._marks:
+            self._oldest_mark = min(self._oldest_mark, now)
         self._marks[symbol] = price
-        self._marked_at[symbol] = self.clock.monotonic_s()
+        self._marked_at[symbol] = now
 
-    def fresh_marks(self) -> dict[str, Decimal]:
+    def fresh_marks(self) -> Mapping[str, Decimal]:
+        """The prices marked within ``max_price_age_s`` (a view: read it before anything is
+        marked again)."""
         now = self.clock.monotonic_s()
         max_age = self._settings.max_price_age_s
+        if now - self._oldest_mark <= max_age:
+            return self._marks
         marked_at = self._marked_at
-        return {s: p for s, p in self._marks.items() if now - marked_at[s] <= max_age}
+        fresh = {s: p for s, p in self._marks.items() if now - marked_at[s] <= max_age}
+        if len(fresh) == len(self._marks):
+            self._oldest_mark = min(marked_at.values())
+        return fresh
 
     def fresh_mark(self, symbol: str) -> Decimal | None:
         return self.fresh_marks().get(symbol)
@@ -219,6 +248,7 @@ class ExecutionCore:
             policy_revision=policy.revision,
             now_ms=self.clock.wall_ms(),
             exchange=self._venue.exchange_info,
+            build=self._build,
         )
         if isinstance(outcome, Denial):
             return outcome

@@ -118,6 +118,7 @@ class Backlog:
 @dataclass
 class _Reservation:
     symbol: str
+    stem: str  # of its client order ids
     sign: int
     requested: Decimal  # absolute quantity this intent may still add, fills included
     filled: Decimal  # fills seen for it
@@ -141,6 +142,10 @@ def stem_of(client_order_id: str) -> str:
 
 @dataclass
 class ExposureBook:
+    # False for a book whose intents are each decided once and whose fills each come once (a
+    # backtest's): no fill ids or fills are kept, and an intent leaves no trace once it is
+    # settled, so the book holds what is in flight and nothing that grows with the run.
+    keep_history: bool = True
     _positions: dict[str, Decimal] = field(default_factory=dict)
     _reservations: dict[str, _Reservation] = field(default_factory=dict)  # by intent id
     _intent_of_stem: dict[str, str] = field(default_factory=dict)
@@ -226,6 +231,7 @@ class ExposureBook:
         filled = self._filled_by_stem.get(stem, _ZERO)
         self._reservations[intent_id] = _Reservation(
             symbol=symbol,
+            stem=stem,
             sign=1 if signed_quantity > 0 else -1,
             requested=abs(signed_quantity),
             filled=filled,
@@ -237,10 +243,11 @@ class ExposureBook:
     def apply_fill(self, fill: Fill) -> bool:
         """Add a fill to its position and take it off its intent's reservation, in one step.
         False for a fill already applied (fill ids are the venue's)."""
-        if fill.fill_id in self._seen_fills:
-            return False
-        self._seen_fills.add(fill.fill_id)
-        self._fills_by_order.setdefault(fill.client_order_id, []).append(fill)
+        if self.keep_history:
+            if fill.fill_id in self._seen_fills:
+                return False
+            self._seen_fills.add(fill.fill_id)
+            self._fills_by_order.setdefault(fill.client_order_id, []).append(fill)
         self._positions[fill.symbol] = self.position(fill.symbol) + fill.quantity * fill.side.sign
         stem = stem_of(fill.client_order_id)
         self._filled_by_stem[stem] = self._filled_by_stem.get(stem, _ZERO) + fill.quantity
@@ -274,8 +281,10 @@ class ExposureBook:
     def finish(self, intent_id: str, *, filled: Decimal) -> None:
         """The intent is final having filled ``filled``: the rest is released now; the filled
         part stays reserved until its fills are applied."""
-        self._finished.add(intent_id)
         reservation = self._reservations.get(intent_id)
+        if reservation is None and not self.keep_history:
+            return
+        self._finished.add(intent_id)
         if reservation is None:
             return
         reservation.final_filled = filled
@@ -332,8 +341,15 @@ class ExposureBook:
     # --- internals ----------------------------------------------------------------------------
 
     def _drop_if_settled(self, intent_id: str) -> None:
-        if self._reservations[intent_id].settled:
-            del self._reservations[intent_id]
+        reservation = self._reservations[intent_id]
+        if not reservation.settled:
+            return
+        del self._reservations[intent_id]
+        if not self.keep_history:
+            self._sent.discard(intent_id)
+            self._finished.discard(intent_id)
+            self._intent_of_stem.pop(reservation.stem, None)
+            self._filled_by_stem.pop(reservation.stem, None)
 
     def _worst(self, symbol: str, sign: int, excluding: str | None) -> Decimal:
         """The position if every other order in flight on ``sign``'s side fills."""
@@ -372,20 +388,25 @@ class ExposureBook:
         # How far the position may move on this side before |position| x price passes the cap.
         headroom = cap_usd / attempt.limit_price - attempt.side_sign * worst
         allowed = min(attempt.quantity, _floor(max(headroom, _ZERO), instrument.step_size))
-        detail = (
+        if allowed < instrument.min_qty:
+            reason = binding if allowed < attempt.quantity else ExposureReason.BELOW_MIN_QTY
+            return Refused(reason, self._size_detail(attempt, cap_usd))
+        if allowed * attempt.limit_price < instrument.min_notional:
+            reason = binding if allowed < attempt.quantity else ExposureReason.BELOW_MIN_NOTIONAL
+            return Refused(reason, self._size_detail(attempt, cap_usd))
+        if allowed < attempt.quantity:
+            detail = self._size_detail(attempt, cap_usd)
+            return Admitted(allowed, binding, f"cut to {allowed}: {detail}")
+        return Admitted(allowed)
+
+    def _size_detail(self, attempt: Attempt, cap_usd: Decimal) -> str:
+        """Why an attempt was cut or refused (made only then: it is most of an admission's
+        cost, and most attempts fit)."""
+        return (
             f"position {self.position(attempt.symbol)}, in flight "
             f"{self.in_flight(attempt.symbol, excluding=attempt.intent_id)}, order "
             f"{attempt.side_sign * attempt.quantity} at {attempt.limit_price}: cap {cap_usd:.2f}"
         )
-        if allowed < instrument.min_qty:
-            reason = binding if allowed < attempt.quantity else ExposureReason.BELOW_MIN_QTY
-            return Refused(reason, detail)
-        if allowed * attempt.limit_price < instrument.min_notional:
-            reason = binding if allowed < attempt.quantity else ExposureReason.BELOW_MIN_NOTIONAL
-            return Refused(reason, detail)
-        if allowed < attempt.quantity:
-            return Admitted(allowed, binding, f"cut to {allowed}: {detail}")
-        return Admitted(allowed)
 
     def _check_open_positions(self, attempt: Attempt, max_open: int) -> Refused | None:
         symbols = {s for s, q in self._positions.items() if q != 0}
@@ -403,12 +424,16 @@ class ExposureBook:
         )
 
     def _leverage_room(self, attempt: Attempt, limits: SendLimits) -> Decimal | Refused:
-        """What ``max_leverage x equity`` leaves for this symbol after the others' worst case."""
+        """What ``max_leverage x equity`` leaves for this symbol after the others' worst case
+        (each other symbol's position if all its buys in flight fill, or all its sells)."""
         assert limits.equity is not None  # checked by the caller
-        others = {s for s in self._positions} | {r.symbol for r in self._reservations.values()}
+        buys, sells = self._in_flight_by_side(excluding_symbol=attempt.symbol)
         gross = _ZERO
-        for symbol in sorted(others - {attempt.symbol}):
-            worst = max(abs(self._worst(symbol, 1, None)), abs(self._worst(symbol, -1, None)))
+        for symbol in sorted(
+            (self._positions.keys() | buys.keys() | sells.keys()) - {attempt.symbol}
+        ):
+            held = self.position(symbol)
+            worst = max(abs(held + buys.get(symbol, _ZERO)), abs(held - sells.get(symbol, _ZERO)))
             if worst == 0:
                 continue
             mark = limits.marks.get(symbol)
@@ -416,6 +441,19 @@ class ExposureBook:
                 return Refused(ExposureReason.NO_MARKET_PRICE, f"no price to value {symbol}")
             gross += worst * mark
         return limits.max_leverage * limits.equity - gross
+
+    def _in_flight_by_side(
+        self, *, excluding_symbol: str
+    ) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
+        """Per symbol, what its buys and its sells in flight add up to: ``_worst`` of every
+        symbol in one pass over the reservations (summed in the same order)."""
+        buys: dict[str, Decimal] = {}
+        sells: dict[str, Decimal] = {}
+        for r in self._reservations.values():
+            if r.symbol != excluding_symbol:
+                side = buys if r.sign > 0 else sells
+                side[r.symbol] = side.get(r.symbol, _ZERO) + r.outstanding
+        return buys, sells
 
     def _check_reduce(self, attempt: Attempt, instrument: Instrument) -> Admitted | Refused:
         position = self.position(attempt.symbol)
