@@ -20,7 +20,6 @@ was, its revision and why), a result the type checker makes every reader handle.
 from __future__ import annotations
 
 import enum
-import functools
 import json
 import re
 from dataclasses import dataclass
@@ -194,24 +193,27 @@ def trusted(message_type: type[M], /, **fields: Any) -> M:
     (aliases, extras, private attributes: our messages have none), which makes it slower than
     validating.
     """
-    template, required = _layout(message_type)
-    values = template.copy()
-    values.update(fields)  # keeps the fields' order: every name is in the template already
-    if len(values) != len(template) or not required <= fields.keys():
+    layout = _LAYOUTS.get(message_type)  # a dict read: cheaper than the cache's call
+    if layout is None:
+        layout = _LAYOUTS[message_type] = _layout(message_type)
+    template, required = layout
+    values = {**template, **fields}  # the fields' order: every name is in the template already
+    if len(values) != len(template) or not fields.keys() >= required:
         unknown, missing = sorted(values.keys() - template.keys()), sorted(required - fields.keys())
         raise TypeError(f"{message_type.__name__}: unknown {unknown}, missing {missing}")
     message = message_type.__new__(message_type)
-    object.__setattr__(message, "__dict__", values)
-    object.__setattr__(message, "__pydantic_fields_set__", set(fields))
-    object.__setattr__(message, "__pydantic_extra__", None)
-    object.__setattr__(message, "__pydantic_private__", None)
+    _set_slot(message, "__dict__", values)
+    _set_slot(message, "__pydantic_fields_set__", set(fields))
+    _set_slot(message, "__pydantic_extra__", None)
+    _set_slot(message, "__pydantic_private__", None)
     return message
 
 
+_set_slot = object.__setattr__  # frozen models refuse their own __setattr__
+_LAYOUTS: dict[type[Message], tuple[dict[str, Any], frozenset[str]]] = {}
 _REQUIRED = object()
 
 
-@functools.cache
 def _layout(message_type: type[Message]) -> tuple[dict[str, Any], frozenset[str]]:
     """Every field of ``message_type`` in order with its default (``_REQUIRED`` if none), and
     the required ones."""

@@ -27,7 +27,8 @@ every other *buy* in flight (a sell in flight may not fill), a SELL symmetricall
 attempt is admitted only up to what the actual position, less other reducing orders in flight,
 still lets it reduce; with nothing to reduce it is refused (a venue would answer -2022).
 Refusals and cuts are results with an ``ExposureReason`` (a bounded metric label), never
-exceptions.
+exceptions. The attempts and verdicts are named tuples: immutable, and made for every attempt
+sent (a backtest makes tens of thousands), where a frozen dataclass costs twice as much.
 
 ``PositionReconciler`` compares the book with the portfolio's snapshots: a difference that
 persists longer than a grace period (snapshots trail fills) is reported by symbol.
@@ -39,6 +40,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
+from typing import NamedTuple
 
 from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderUpdate
 from qtrader.instruments import Instrument
@@ -78,8 +80,7 @@ class SendLimits:
     instrument: Instrument
 
 
-@dataclass(frozen=True, kw_only=True)
-class Attempt:
+class Attempt(NamedTuple):
     """One order about to be sent: ``side_sign`` +1 buys; ``limit_price`` values it (the
     highest price it may fill at as far as the sender can tell: see ``admit_order``)."""
 
@@ -92,8 +93,7 @@ class Attempt:
     reduce_only: bool
 
 
-@dataclass(frozen=True)
-class Admitted:
+class Admitted(NamedTuple):
     """Send ``quantity``; ``cut_by`` says which limit made it smaller than asked, if any."""
 
     quantity: Decimal
@@ -101,18 +101,19 @@ class Admitted:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class Refused:
+class Refused(NamedTuple):
     reason: ExposureReason
     detail: str
 
 
-@dataclass(frozen=True)
-class Backlog:
+class Backlog(NamedTuple):
     """Intents this worker decided that are not final yet."""
 
     size: int
     oldest_created_ms: int | None
+
+
+_NO_BACKLOG = Backlog(size=0, oldest_created_ms=None)
 
 
 @dataclass
@@ -187,8 +188,11 @@ class ExposureBook:
                     low -= r.outstanding
         return low, high
 
-    def projected(self) -> dict[str, Decimal]:
-        """Position plus everything in flight, per symbol: what decisions size on."""
+    def projected(self) -> Mapping[str, Decimal]:
+        """Position plus everything in flight, per symbol: what decisions size on (read it at
+        once: with nothing in flight it is the positions themselves, not a copy)."""
+        if not self._reservations:
+            return self._positions
         projected = dict(self._positions)
         for r in self._reservations.values():
             projected[r.symbol] = projected.get(r.symbol, _ZERO) + r.sign * r.outstanding
@@ -202,6 +206,8 @@ class ExposureBook:
         return intent_id in self._sent
 
     def backlog(self) -> Backlog:
+        if not self._reservations:
+            return _NO_BACKLOG
         pending = [
             r.created_at_ms
             for r in self._reservations.values()
@@ -409,6 +415,12 @@ class ExposureBook:
         )
 
     def _check_open_positions(self, attempt: Attempt, max_open: int) -> Refused | None:
+        # Answered without gathering the symbols when it is certain: the attempt's symbol is
+        # open already, or there are fewer positions and intents than the limit.
+        if self.position(attempt.symbol) != 0:
+            return None
+        if len(self._positions) + len(self._reservations) < max_open:
+            return None
         symbols = {s for s, q in self._positions.items() if q != 0}
         symbols |= {
             r.symbol
@@ -456,22 +468,25 @@ class ExposureBook:
         return buys, sells
 
     def _check_reduce(self, attempt: Attempt, instrument: Instrument) -> Admitted | Refused:
-        position = self.position(attempt.symbol)
         # A SELL reduces a long by what the other sells in flight leave of it (BUY: mirrored);
         # on the wrong side of the position, or past it, there is nothing left to reduce.
         worst = self._worst(attempt.symbol, attempt.side_sign, attempt.intent_id)
         reducible = max(_ZERO, -attempt.side_sign * worst)
-        detail = f"position {position}, reduce-only {attempt.side_sign * attempt.quantity}"
         if reducible <= 0:
-            return Refused(ExposureReason.NOTHING_TO_REDUCE, detail)
+            return Refused(ExposureReason.NOTHING_TO_REDUCE, self._reduce_detail(attempt))
         allowed = min(attempt.quantity, _floor(reducible, instrument.step_size))
         if allowed < instrument.min_qty:
-            return Refused(ExposureReason.NOTHING_TO_REDUCE, detail)
+            return Refused(ExposureReason.NOTHING_TO_REDUCE, self._reduce_detail(attempt))
         if allowed < attempt.quantity:
+            detail = self._reduce_detail(attempt)
             return Admitted(
                 allowed, ExposureReason.NOTHING_TO_REDUCE, f"cut to {allowed}: {detail}"
             )
         return Admitted(allowed)
+
+    def _reduce_detail(self, attempt: Attempt) -> str:
+        position = self.position(attempt.symbol)
+        return f"position {position}, reduce-only {attempt.side_sign * attempt.quantity}"
 
 
 def _floor(value: Decimal, step: Decimal) -> Decimal:

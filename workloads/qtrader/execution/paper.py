@@ -89,14 +89,28 @@ class PaperRejectReason(enum.StrEnum):
 
 @dataclass(frozen=True)
 class PaperExecution:
-    """What one ``submit`` produced: the order's updates in order, and its fills (maybe none)."""
+    """What one ``submit`` produced: the order's final update and its fills (maybe none)."""
 
-    updates: tuple[OrderUpdate, ...]
+    final: OrderUpdate
     fills: tuple[Fill, ...]
 
     @property
-    def final(self) -> OrderUpdate:
-        return self.updates[-1]
+    def updates(self) -> tuple[OrderUpdate, ...]:
+        """The order's updates in order: NEW then the final one, or a rejection alone. The NEW
+        is made when asked for: the venue reports only the final state, and an order costs
+        less without it."""
+        final = self.final
+        if final.status is OrderStatus.REJECTED:
+            return (final,)
+        new = final.model_copy(
+            update={
+                "status": OrderStatus.NEW,
+                "filled_quantity": _ZERO,
+                "avg_price": _ZERO,
+                "reason": None,
+            }
+        )
+        return (new, final)
 
 
 class PaperExchange:
@@ -192,23 +206,22 @@ class PaperExchange:
     def _execute(self, intent: OrderIntent, now_ms: int) -> PaperExecution:
         reason = self._reject_reason(intent)
         if reason is not None:
-            return PaperExecution(updates=(_rejected(intent, reason, now_ms),), fills=())
+            return PaperExecution(final=_rejected(intent, reason, now_ms), fills=())
         instrument = self._exchange.instrument(intent.symbol)
         candle = self._closes[intent.symbol]
         price = _fill_price(candle.close, intent.side, self._slippage_bps, instrument)
         build = self._build
-        new = _update(build, intent, OrderStatus.NEW, now_ms)
         if not _within_limit(intent, price):
             expired = _update(
                 build, intent, OrderStatus.EXPIRED, now_ms, reason="price beyond the limit"
             )
-            return PaperExecution(updates=(new, expired), fills=())
+            return PaperExecution(final=expired, fills=())
         quantity = self._fillable(intent, candle, instrument)
         if quantity == 0:
             expired = _update(
                 build, intent, OrderStatus.EXPIRED, now_ms, reason="no liquidity left"
             )
-            return PaperExecution(updates=(new, expired), fills=())
+            return PaperExecution(final=expired, fills=())
         fill = build(
             Fill,
             fill_id=f"{EXCHANGE_NAME}-{intent.client_order_id}-1",
@@ -233,7 +246,7 @@ class PaperExchange:
             build, intent, status, now_ms,
             filled_quantity=quantity, avg_price=price, reason=why,
         )  # fmt: skip
-        return PaperExecution(updates=(new, done), fills=(fill,))
+        return PaperExecution(final=done, fills=(fill,))
 
     def _fillable(self, intent: OrderIntent, candle: Candle, instrument: Instrument) -> Decimal:
         """What of ``intent`` the candle's liquidity leaves (all of it without a limit), on the
