@@ -188,7 +188,10 @@ class _Run:
         self._schedule = schedule
         self._halt_on_drawdown = halt_on_drawdown
         self._maker = SignalMaker()
-        self._ledger = Ledger(initial_capital=spec.paper.initial_capital_usd, exchange=info)
+        # Fill ids never repeat in a run: the ledger need not remember them (memory bounded).
+        self._ledger = Ledger(
+            initial_capital=spec.paper.initial_capital_usd, exchange=info, keep_fill_ids=False
+        )
         self._drawdown = DrawdownEvaluator(spec.risk.max_drawdown_pct, source="backtest")
         self._marks: dict[str, Decimal] = {}
         self._candles: dict[str, Candle] = {}  # the step's candle per symbol

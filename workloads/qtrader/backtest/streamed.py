@@ -345,7 +345,10 @@ class _Trader:
         self._halt_on_drawdown = halt_on_drawdown
         self._on_signal = on_signal
         self._on_fill = on_fill
-        self._ledger = Ledger(initial_capital=spec.paper.initial_capital_usd, exchange=info)
+        # Fill ids never repeat in a run: the ledger need not remember them (memory bounded).
+        self._ledger = Ledger(
+            initial_capital=spec.paper.initial_capital_usd, exchange=info, keep_fill_ids=False
+        )
         self._drawdown = DrawdownEvaluator(spec.risk.max_drawdown_pct, source="backtest")
         self._near_limit = spec.risk.max_drawdown_pct - _HALF_PCT_STEP
         self._marks: dict[str, Decimal] = {}
