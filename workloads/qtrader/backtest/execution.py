@@ -34,7 +34,6 @@ from qtrader.contracts.messages import (
     Fill,
     HaltLatch,
     OrderIntent,
-    OrderStatus,
     OrderUpdate,
     Signal,
     TradingState,
@@ -66,7 +65,7 @@ class ExecutionCounts:
     """What the core did with the run's signals."""
 
     orders: int = 0  # intents decided
-    unfilled: int = 0  # intents that ended without filling in full
+    unfilled: int = 0  # intents that ended without a fill (the card's ``unfilled_orders``)
     denials: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
 
@@ -172,7 +171,7 @@ class BacktestExecution:
             self._on_intent(outcome)
         self._paper.on_candle(self._candle_of(outcome.symbol))
         final = drive(self.core.execute(outcome))
-        if final.status is not OrderStatus.FILLED:
+        if final.filled_quantity == 0:
             self.counts.unfilled += 1
 
     async def _publish_update(self, update: OrderUpdate) -> None:
