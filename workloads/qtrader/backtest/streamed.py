@@ -10,10 +10,14 @@ arrays (``bars.Bars``) and each chunk is handled in two parts:
    and the one decision rule (``decide_batch``). The inputs equal the live ``FeatureWindow``'s
    bit for bit: both call ``_window_features`` and ``_window_sequence`` on contiguous windows of
    one shape, and onnxruntime gives each row the same output whatever the batch around it (a
-   test holds both to it);
-2. sequential, in time order, step by step: marks, the step's signals through the execution
-   worker's ``SignalIntake`` and ``decide``, orders to the ``PaperExchange``, fills into the
-   ``Ledger``, the ``DrawdownEvaluator``: the objects ``run_backtest`` uses, in the same order.
+   test holds both to it). The next chunk is read and predicted in a thread while this one is
+   traded (``predicted_ahead``): the ensemble and numpy's larger operations release the GIL,
+   so with a second core free they run beside the trading;
+2. sequential, in time order, step by step: marks, the step's signals into the execution
+   worker's own core (``execution.BacktestExecution``: its intake, ``decide``, the order
+   driver's attempts on the paper exchange, retries of a remainder, admission, expiry and halt
+   gate), fills into the ``Ledger``, the ``DrawdownEvaluator``: what ``run_backtest`` uses, in
+   the same order.
 
 What makes the sequential part cheap without changing what it computes:
 
@@ -25,24 +29,19 @@ What makes the sequential part cheap without changing what it computes:
   (otherwise every signal goes through the intake, as in ``run_backtest``);
 * messages made of values known to be valid are built unvalidated (``messages.trusted``,
   equal to the validated ones): the signals (checked closes, a probability), the candles the
-  paper exchange gets (texts the reader checked) and the paper exchange's fills and updates
-  (``validate_messages=False``: made of intents ``decide`` validated); the intents themselves
-  are ``decide``'s own, validated;
-* the paper exchange keeps no record of executions (the client order ids never repeat), so
-  nothing the garbage collector walks grows with the run;
-* the ``DecisionContext`` is built once per step and again only after a fill changed the
-  positions or the equity, on the trader's marks and a copy of the positions made per fill;
+  paper exchange gets (texts the reader checked), the intents ``decide`` makes of them, and the
+  order updates, fills made of those (the core's ``validate_messages=False``);
+* neither the paper exchange nor the exposure book nor the ledger keeps a record of past
+  orders or fills (ids never repeat in a run), so nothing grows with the run;
 * a mark of a symbol without a position cannot move equity, peak or drawdown, so the ledger
   gets it only when that symbol is about to trade (or at the end); the paper exchange gets a
   symbol's candle only when an order for it is sent;
 * a portfolio snapshot for the drawdown rule is built only once the ledger's maximum drawdown
   is within rounding of the limit (the current drawdown is never above the maximum);
 * nothing grows with the run: counts, the running Sharpe ratio and, per symbol, the last
-  ``WINDOW - 1`` candles and the last ``label_horizon`` predictions (for the hit rate). Signals
-  and fills go to the optional ``on_signal`` / ``on_fill`` callbacks instead of a list.
-
-Per candle, a live worker would also retry an unfilled order and expire intents; the per-candle
-backtest does neither (it sends the first attempt only), and neither does this one.
+  ``WINDOW - 1`` candles and the last ``label_horizon`` predictions (for the hit rate). Signals,
+  order updates and fills go to the optional ``on_signal`` / ``on_update`` / ``on_fill``
+  callbacks instead of a list.
 """
 
 from __future__ import annotations

@@ -29,6 +29,11 @@ An intent that was never sent (no PENDING_NEW for it on the ORDERS stream, ``was
 that may not be sent now (halted, or past its time to live) is ended without asking the venue
 anything: a halt stops every request for queued intents. Look-ups of attempts already sent
 go on while halted (their fills must be known) and are counted.
+
+Time is the injected ``Clock``'s (``clock.py``): an intent's age, the grace period of the
+look-ups and the waits between them, the time updates are stamped with. Live it is the
+machine's; in a backtest a simulated clock, on which the waits move time on instead of sleeping,
+so the same driver runs there to its end without an event loop (``clock.drive``).
 """
 
 from __future__ import annotations

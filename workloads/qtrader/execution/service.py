@@ -25,6 +25,12 @@ the timeout means HALTED (``halt.HaltGate``); no portfolio equity means no decis
 mean no decision. A new latch revision, by the fast broadcast or the KV watch, is put in force,
 open orders are cancelled when it halts, and only then is it acknowledged on CONTROL_HALT_ACK.
 
+The rules and the state are the execution core's (``core.ExecutionCore``: the exposure book,
+the intake, the prices, ``decide``, the order driver), which a backtest drives too; this module
+is its shell: the named tasks that feed it from the streams and publish what it makes, the halt
+latch and its acknowledgements, the venue's dead-man's switch and reconciliation, the metrics
+and ``/health``. It runs on the machine's clock (``clock.SYSTEM_CLOCK``).
+
 Positions have one owner, the worker's ``exposure.ExposureBook``: the fills of the FILLS stream
 (every replica's, from the start) and the quantity each intent has in flight, changed in single
 steps (a fill and its intent's release together; an intent that ends with less than it asked
