@@ -10,9 +10,9 @@ arrays (``bars.Bars``) and each chunk is handled in two parts:
    and the one decision rule (``decide_batch``). The inputs equal the live ``FeatureWindow``'s
    bit for bit: both call ``_window_features`` and ``_window_sequence`` on contiguous windows of
    one shape, and onnxruntime gives each row the same output whatever the batch around it (a
-   test holds both to it). The next chunk is read and predicted in a thread while this one is
-   traded (``predicted_ahead``): the ensemble and numpy's larger operations release the GIL,
-   so with a second core free they run beside the trading;
+   test holds both to it). (Predicting the next chunk in a thread while one is traded was
+   tried: with a core free the ensemble's runs overlapped, but the thread's Python parts took
+   the GIL from the trading as often, and the wall time did not fall);
 2. sequential, in time order, step by step: marks, the step's signals into the execution
    worker's own core (``execution.BacktestExecution``: its intake, ``decide``, the order
    driver's attempts on the paper exchange, retries of a remainder, admission, expiry and halt
@@ -47,7 +47,6 @@ What makes the sequential part cheap without changing what it computes:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Context, Decimal, localcontext
 from typing import NamedTuple
@@ -130,34 +129,11 @@ def run_streamed_backtest(
         on_signal=on_signal, on_fill=on_fill, on_update=on_update,
         max_volume_share=max_volume_share,
     )  # fmt: skip
-    for block, predictions in predicted_ahead(aligned_blocks(bars), features, model):
+    for block in aligned_blocks(bars):
+        predictions = features.predict(block, model)
         labels.add(block, predictions)
         trader.trade(block, predictions)
     return trader.result(labels)
-
-
-def predicted_ahead(
-    blocks: Iterator[dict[str, Bars]], features: ChunkFeatures, model: Predictor
-) -> Iterator[tuple[dict[str, Bars], ChunkPredictions]]:
-    """Each block with its predictions, the next block read and predicted in a thread while
-    this one is traded.
-
-    Trading is Python that holds the GIL; the ensemble's ``session.run`` (most of the
-    vectorised part) and numpy's larger operations release it, so on a second core they run
-    beside the trading instead of before it. One block at a time is in the thread, in order,
-    so the predictions are the ones made in line; an error reading or predicting a block is
-    raised here when the trading reaches that block.
-    """
-
-    def next_predicted() -> tuple[dict[str, Bars], ChunkPredictions] | None:
-        block = next(blocks, None)
-        return None if block is None else (block, features.predict(block, model))
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backtest-predict") as pool:
-        pending = pool.submit(next_predicted)
-        while (done := pending.result()) is not None:
-            pending = pool.submit(next_predicted)
-            yield done
 
 
 # --- the chunks of several symbols, aligned in time ------------------------------------------
