@@ -114,6 +114,13 @@ def _positive_decimal(text: str) -> Decimal:
     return value
 
 
+def _volume_share(text: str) -> Decimal:
+    value = _positive_decimal(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be at most 1 (a candle's whole volume), got {text}")
+    return value
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -398,6 +405,13 @@ def _backtest_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "--model",
         type=_existing_file,
         help="model card NAME.json (or NAME.onnx; default: the packaged model)",
+    )
+    backtest.add_argument(
+        "--max-volume-share",
+        type=_volume_share,
+        metavar="SHARE",
+        help="the paper exchange fills at most this share of each candle's volume, in (0, 1]; "
+        "an order beyond it fills in part and its remainder is sent again (default: no limit)",
     )
     backtest.add_argument("--json", action="store_true", help="the figures as one JSON object")
 
