@@ -605,7 +605,8 @@ class Ledger:
 
     def _revalue(self, symbol: str, position: _Position) -> None:
         """Its fill or mark moved ``symbol``: its unrealized PnL, and so their total."""
-        unrealized = position.unrealized(self._marks[symbol])
+        # A symbol with funding only has no mark, and no quantity to value.
+        unrealized = position.unrealized(self._marks[symbol]) if position.quantity else 0
         self._unrealized_total += unrealized - self._unrealized.get(symbol, 0)
         self._unrealized[symbol] = unrealized
 
