@@ -335,7 +335,7 @@ class _Trader:
         )  # fmt: skip
         self._steps = 0
         self._sharpe = SharpeAccumulator()
-        self._sharpe.add(spec.paper.initial_capital_usd)
+        self._sharpe.add(float(spec.paper.initial_capital_usd))
         self._counts = _Counts()
         self._threshold = spec.risk.min_confidence
         # Below minConfidence a signal can only be denied, unless the intake could overflow.
@@ -403,7 +403,7 @@ class _Trader:
             execution.decide_all()
             self._steps += 1
             self._evaluate_risk(now_ms)
-            self._sharpe.add(self._ledger.equity)
+            self._sharpe.add(self._ledger.equity_float)
 
     def _mark_step(self, events: _Events, start: int, stop: int) -> None:
         """The step's closes: the core's marks (the decisions' and the orders'), the ledger's
@@ -417,7 +417,7 @@ class _Trader:
             marks[symbol] = close
             mark(symbol, close)
             candles[symbol] = (bars, row)
-            if ledger.quantity(symbol):
+            if ledger.holds(symbol):
                 ledger.mark(symbol, close)
             else:
                 self._unmarked[symbol] = close
