@@ -46,6 +46,7 @@ from qtrader.contracts.policy import API_GROUP, API_VERSION
 from qtrader.control.ess import TRIPPED_BY_ANNOTATION
 from qtrader.control.ess_conditions import status_conditions
 from qtrader.control.ess_status import EssMode, EssSpec, EssStatus, format_time
+from qtrader.control.policy_selector import PolicySelector
 
 ESS_KIND = "EmergencyStop"
 ESS_API_VERSION = f"{API_GROUP}/{API_VERSION}"
@@ -132,6 +133,8 @@ class EmergencyStopSpec(_Camel):
     triggers: EssTriggers | None = None
     flatten_on_trip: StrictBool = False
     ack_timeout_seconds: Annotated[StrictInt, Field(ge=1, le=300)] = 5
+    # None: the stop covers every TradingPolicy of its namespace (``policy_selector``).
+    policy_selector: PolicySelector | None = None
 
     @model_validator(mode="after")
     def _reason_when_tripped(self) -> EmergencyStopSpec:
