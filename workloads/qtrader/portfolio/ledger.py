@@ -397,6 +397,24 @@ class Ledger:
         return self._base
 
     @property
+    def usdt_wallet(self) -> Decimal:
+        """What the venue's USDT wallet holds by the ledger: ``wallet`` with only the fees paid
+        in USDT taken off (a fee paid in BNB leaves the BNB wallet, not this one), exact."""
+        usdt_fees = self._fees_by_asset.get(SETTLEMENT_ASSET, _ZERO)
+        wallet = _EXACT.subtract(_EXACT.add(self._initial_capital, self._realized), usdt_fees)
+        return _EXACT.add(wallet, self._booked)
+
+    def unrealized_at(self, marks: Mapping[str, Decimal]) -> Decimal:
+        """The unrealized PnL of the open positions at ``marks`` (another's, e.g. the venue's),
+        exact; a position without a mark there raises ``KeyError``."""
+        total = _ZERO
+        for symbol, position in self._positions.items():
+            if position.quantity:
+                value = _EXACT.multiply(position.quantity, marks[symbol])
+                total = _EXACT.add(total, _EXACT.subtract(value, position.cost))
+        return total
+
+    @property
     def unrealized_pnl(self) -> Decimal:
         # The context's own methods: the same arithmetic as operators inside localcontext,
         # without entering one.

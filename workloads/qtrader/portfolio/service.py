@@ -58,12 +58,14 @@ from qtrader.contracts.messages import (
     PortfolioSnapshot,
     RiskAlert,
     RiskAlertKind,
+    VenueAccount,
 )
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.health.contract import REFRESH_INTERVAL_S, DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.checkpoints import Start, start_from_checkpoint
 from qtrader.portfolio.ledger import BookingRefused, Ledger
+from qtrader.portfolio.wallet_check import WalletCheck
 from qtrader.risk.evaluators import DrawdownEvaluator
 from qtrader.runtime import Task, WorkerContext
 from qtrader.viewer.app import attach_viewer
@@ -144,6 +146,9 @@ class PortfolioConfig:
     checkpoint_interval_s: float = 5.0
     # FILLS sequences a person decided to pass over if the ledger refuses them (--skip-fill).
     skip_fills: frozenset[int] = frozenset()
+    # How long the wallet must keep differing from the venue's over settled reads before it is a
+    # wallet_reconciliation alert (``portfolio.wallet_check``); testnet and live only.
+    wallet_grace_s: float = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,6 +199,9 @@ class Portfolio:
         self._start_note = ""
         self._fell_back = False
         self._checkpoint_error = ""
+        self._wallet = WalletCheck(
+            grace_s=config.wallet_grace_s, source=f"portfolio/{context.options.worker_id}"
+        )
         self.viewers = FanoutHub()
         self._viewer_state = ViewerState()
         attach_viewer(
@@ -203,6 +211,7 @@ class Portfolio:
             allowed_origins=viewer_origins(os.environ.get(VIEWER_ORIGINS_ENV, "")),
         )
         context.monitor.add_check("ledger", self.check)
+        context.monitor.add_check("wallet", self.check_wallet)
         context.policy.add_listener(
             lambda revision: DRAWDOWN_LIMIT.set(float(revision.spec.risk.max_drawdown_pct) / 100)
         )
@@ -288,6 +297,9 @@ class Portfolio:
                 # positions at once, not at the next candle (its staleness is not judged here).
                 from_last=True,
             ),
+            bus.subscribe(
+                subjects.VENUE_ACCOUNT, VenueAccount, self._on_venue_account, label="wallet"
+            ),
             self._publish_loop(),
             self._checkpoint_loop(),
         )
@@ -343,6 +355,19 @@ class Portfolio:
         if applied:
             booking.applied.inc()
             self._dirty.set()
+        assert self._ledger is not None
+        self._raise(self._wallet.reached(self._ledger, sequence))
+
+    async def _on_venue_account(self, read: VenueAccount) -> None:
+        """A settled read of the venue's account: compared once the ledger is as of its FILLS
+        sequence (at once if it is already; never if it is past it or stuck before it)."""
+        if self._stuck is None:
+            self._raise(self._wallet.offer(read, self._ledger, self._fills_through))
+
+    def _raise(self, alert: RiskAlert | None) -> None:
+        if alert is not None:
+            self._pending_alerts.append(alert)
+            self._dirty.set()  # the publish loop sends it
 
     def _stop_at(self, booking: Booking, sequence: int, reason: str) -> None:
         self._stuck = StuckAt(what=str(booking), sequence=sequence, reason=reason)
@@ -466,6 +491,10 @@ class Portfolio:
             f"{ledger.fills_applied} fills and {ledger.entries_applied} account entries through "
             f"FILLS sequence {self._fills_through}, equity {ledger.equity:.2f}; {started}",
         )
+
+    async def check_wallet(self) -> DependencyHealth:
+        """DEGRADED while the venue's wallet differs from the ledger's beyond the grace."""
+        return self._wallet.health()
 
 
 def _ledger_health(status: Status, detail: str) -> DependencyHealth:
