@@ -88,6 +88,15 @@ UNREALIZED = Gauge("qtrader_portfolio_unrealized_pnl_usd", "Unrealized PnL at th
 FEES = Gauge("qtrader_portfolio_fees_usd", "Fees paid since the first fill.")
 FUNDING = Gauge("qtrader_portfolio_funding_usd", "Funding booked in USDT (positive: received).")
 TRANSFERS = Gauge("qtrader_portfolio_transfers_usd", "Net USDT transferred into the account.")
+OTHER_INCOME = Gauge(
+    "qtrader_portfolio_other_income_usd",
+    "Other USDT income the venue booked (rebates, bonuses; negative: costs).",
+)
+FEES_BY_ASSET = Gauge(
+    "qtrader_portfolio_fees_by_asset",
+    "Commissions paid, in the units of the asset they were paid in (USDT, BNB).",
+    ["asset"],
+)
 DRAWDOWN = Gauge("qtrader_portfolio_drawdown_ratio", "Current drawdown from the equity peak (0-1).")
 MAX_DRAWDOWN = Gauge("qtrader_portfolio_max_drawdown_ratio", "Worst peak-to-trough drawdown (0-1).")
 DRAWDOWN_LIMIT = Gauge(
@@ -508,6 +517,9 @@ def _export(ledger: Ledger) -> None:
     FEES.set(float(ledger.fees))
     FUNDING.set(float(ledger.funding))
     TRANSFERS.set(float(ledger.transfers))
+    OTHER_INCOME.set(float(ledger.other_income))
+    for asset, amount in ledger.fees_by_asset.items():
+        FEES_BY_ASSET.labels(asset).set(float(amount))
     DRAWDOWN.set(float(ledger.drawdown_pct) / 100)
     MAX_DRAWDOWN.set(float(ledger.max_drawdown_pct) / 100)
     OPEN_POSITIONS.set(ledger.open_positions)
