@@ -463,7 +463,7 @@ def _exchange_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--income-interval",
         type=_number("--income-interval", minimum=0),
-        default=None,
+        default=env("QTRADER_INCOME_INTERVAL"),
         help="seconds between reads of the venue's income history (funding, transfers) for "
         "the portfolio's ledger, weight 30 each (0: never; default: the reconcile interval, "
         "but at least 5)",
