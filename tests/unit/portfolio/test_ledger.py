@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
+from decimal import Context, Decimal, localcontext
 from fractions import Fraction
 
 import pytest
@@ -249,14 +249,15 @@ def test_max_drawdown_when_marks_and_fills_wander_then_equals_the_drawdown_of_ev
         else:
             ledger.mark("BTCUSDT", price)
         peak = max(peak, ledger.equity)
-        with localcontext(ledger_context()):
-            worst = max(worst, (peak - ledger.equity) / peak * 100)
+        worst = max(worst, to_80_places(Fraction(peak - ledger.equity) / Fraction(peak) * 100))
         assert (ledger.peak_equity, ledger.max_drawdown_pct) == (peak, worst)
     assert worst > 0
 
 
-def ledger_context() -> Context:
-    return Context(prec=60, rounding=ROUND_HALF_EVEN)
+def to_80_places(value: Fraction) -> Decimal:
+    """``value`` rounded half-even to 1e-80, as the ledger rounds its quotients."""
+    units = round(value * 10**80)  # Fraction rounds half to even
+    return Decimal(units).scaleb(-80, Context(prec=200))
 
 
 def test_snapshot_when_values_have_many_digits_then_rounds_only_the_output() -> None:
