@@ -371,6 +371,7 @@ async def _apply_workloads(
         redis_secret=config.redis_secret,
         binance_secret=config.binance_secret,
         exchange_url=config.exchange_url,
+        income_interval_s=config.income_interval_s,
         pod_defaults=config.pod_defaults,
     )
     versions = {

@@ -89,8 +89,8 @@ class EssTriggers(_Camel):
 def trigger_threshold(triggers: EssTriggers | None, kind: RiskAlertKind) -> Decimal | None:
     """The stop's threshold for one kind of risk alert; None when that automatic trip is off.
 
-    An exchange ban and a reconciliation alert have no threshold: they always trip (see
-    ``ALWAYS_TRIPS``).
+    An exchange ban and a reconciliation alert (positions or wallet) have no threshold: they
+    always trip (see ``ALWAYS_TRIPS``).
     """
     if triggers is None:
         return None
@@ -103,9 +103,18 @@ def trigger_threshold(triggers: EssTriggers | None, kind: RiskAlertKind) -> Deci
     return None if value is None else Decimal(str(value))
 
 
-# No threshold to set: a ban stops every order anyway, and a position the venue holds that the
-# book cannot explain makes every limit judged on a wrong position.
-ALWAYS_TRIPS = frozenset({RiskAlertKind.EXCHANGE_BAN, RiskAlertKind.RECONCILIATION})
+# No threshold to set: a ban stops every order anyway, a position the venue holds that the
+# book cannot explain makes every limit judged on a wrong position, and money in the wallet that
+# no fill and no income row explains makes the equity every order is sized on (and the drawdown
+# trigger watches) wrong by an unknown cause (qtrader.portfolio.wallet_check says why it only
+# trips on a difference that persists over settled reads).
+ALWAYS_TRIPS = frozenset(
+    {
+        RiskAlertKind.EXCHANGE_BAN,
+        RiskAlertKind.RECONCILIATION,
+        RiskAlertKind.WALLET_RECONCILIATION,
+    }
+)
 
 
 def alert_trips(alert: RiskAlert, triggers: EssTriggers | None) -> bool:
