@@ -297,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a person's decision: pass over the fill at this FILLS stream sequence if the "
         "ledger refuses it (the portfolio's /health names it when it stops there); repeatable",
     )
+    portfolio.add_argument(
+        "--wallet-grace",
+        type=_number("--wallet-grace", minimum=0),
+        default=60.0,
+        help="how long the venue's wallet may differ from the ledger's over settled reads "
+        "(testnet and live) before it is a wallet_reconciliation alert, which trips the "
+        "EmergencyStop (default %(default)s)",
+    )
 
     up = commands.add_parser("up", help="run the whole pipeline locally (paper mode)")
     up.add_argument("--policy", type=_existing_file, required=True, help="TradingPolicy YAML")
@@ -455,7 +463,7 @@ def _exchange_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--income-interval",
         type=_number("--income-interval", minimum=0),
-        default=None,
+        default=env("QTRADER_INCOME_INTERVAL"),
         help="seconds between reads of the venue's income history (funding, transfers) for "
         "the portfolio's ledger, weight 30 each (0: never; default: the reconcile interval, "
         "but at least 5)",
@@ -882,7 +890,9 @@ def _run_portfolio(args: argparse.Namespace) -> int:
     from qtrader.portfolio.service import Portfolio, PortfolioConfig
     from qtrader.runtime import run_worker
 
-    config = PortfolioConfig(skip_fills=frozenset(args.skip_fills))
+    config = PortfolioConfig(
+        skip_fills=frozenset(args.skip_fills), wallet_grace_s=args.wallet_grace
+    )
     return run_worker("portfolio", _options(args), lambda ctx: Portfolio(ctx, config))
 
 

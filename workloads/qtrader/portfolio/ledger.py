@@ -400,6 +400,23 @@ class Ledger:
         return _fine_decimal(self._wallet)
 
     @property
+    def usdt_wallet(self) -> Decimal:
+        """What the venue's USDT wallet holds by the ledger: ``wallet`` with only the fees paid
+        in USDT taken off (a fee paid in BNB leaves the BNB wallet, not this one), exact."""
+        usdt_fees = self._fees_by_asset.get(SETTLEMENT_ASSET, 0)
+        return _fine_decimal(self._wallet + self._fees - usdt_fees)
+
+    def unrealized_at(self, marks: Mapping[str, Decimal]) -> Decimal:
+        """The unrealized PnL of the open positions at ``marks`` (another's, e.g. the venue's),
+        exact; a position without a mark there raises ``KeyError``, a mark finer than the
+        ledger's units ``ValueError``."""
+        total = 0
+        for symbol, position in self._positions.items():
+            if position.quantity:
+                total += position.unrealized(_units(marks[symbol], _QUOTED))
+        return _fine_decimal(total)
+
+    @property
     def unrealized_pnl(self) -> Decimal:
         return _fine_decimal(self._unrealized_total)
 
