@@ -29,7 +29,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"control", "research"}),
     frozenset({"local", "backtest"}),
     frozenset({"training", "simulators", "benchmarks", "stress"}),
-    frozenset({"qtrader_operator", "cli", "__main__", "__init__"}),
+    frozenset({"qtrader_operator", "cli", "commands", "__main__", "__init__"}),
 )
 KNOWN_UPWARD: set[tuple[str, str]] = set()  # none left
 
