@@ -31,7 +31,7 @@ from qtrader.control.ess_resource import parse_emergency_stop
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
-from qtrader.stress.poison import published_poison
+from qtrader_tools.stress.poison import published_poison
 from support.workers import Worker, eventually, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration

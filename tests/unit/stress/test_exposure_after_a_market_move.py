@@ -41,8 +41,8 @@ from qtrader.execution.halt import HaltGate
 from qtrader.execution.orders import OrderDriver
 from qtrader.execution.paper import PaperExchange, PaperVenue
 from qtrader.instruments import paper_exchange_info
-from qtrader.stress.harness import policy_document
-from qtrader.stress.invariants import check_exposure, from_paper_fills, paper_limits
+from qtrader_tools.stress.harness import policy_document
+from qtrader_tools.stress.invariants import check_exposure, from_paper_fills, paper_limits
 
 INFO = paper_exchange_info()
 SYMBOL = "ETHUSDT"

@@ -21,16 +21,16 @@ from qtrader.contracts.messages import (
     Signal,
 )
 from qtrader.execution.decisions import attempt_client_order_id, client_order_id_for
-from qtrader.stress.exact import last_closes, ledger_mismatches
-from qtrader.stress.scenarios.broker_outage import recovered
-from qtrader.stress.scenarios.ess_lifecycle import (
+from qtrader_tools.stress.exact import last_closes, ledger_mismatches
+from qtrader_tools.stress.scenarios.broker_outage import recovered
+from qtrader_tools.stress.scenarios.ess_lifecycle import (
     Cycle,
     filled_after_ack,
     first_fill_after_rearm_s,
     p99,
     refused_by_gate,
 )
-from qtrader.stress.stream_audit import (
+from qtrader_tools.stress.stream_audit import (
     audit_candles,
     audit_orders,
     audit_signals,

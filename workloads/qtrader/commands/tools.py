@@ -12,7 +12,7 @@ _bench_duration = short_seconds("--duration")
 
 
 def add_stress(commands: Commands) -> None:
-    from qtrader.stress import runner
+    from qtrader_tools.stress import runner
 
     stress = commands.add_parser(
         "stress", help="run the stress scenarios; print and report each pass criterion"
@@ -182,39 +182,39 @@ def _suite_bench_commands(names: Commands) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     # argparse refused any other NAME; each benchmark is imported only when it runs.
     if args.bench_name == "limiter":
-        from qtrader.benchmarks import limiter
+        from qtrader_tools.benchmarks import limiter
 
         return limiter.run(requests=args.requests, duration_s=args.duration, json_path=args.json)
     if args.bench_name == "outbox":
-        from qtrader.benchmarks import outbox
+        from qtrader_tools.benchmarks import outbox
 
         return outbox.run(events=args.events, outage_s=args.outage, json_path=args.json)
     if args.bench_name in ("pipeline", "pnl", "inference", "backtest", "all"):
         return _run_suite_bench(args)
-    from qtrader.benchmarks import halt
+    from qtrader_tools.benchmarks import halt
 
     return halt.run(trips=args.trips, workers=args.workers, json_path=args.json)
 
 
 def _run_suite_bench(args: argparse.Namespace) -> int:
     if args.bench_name == "pipeline":
-        from qtrader.benchmarks import pipeline
+        from qtrader_tools.benchmarks import pipeline
 
         return pipeline.run(candles=args.candles, symbols=args.symbols, json_path=args.json)
     if args.bench_name == "pnl":
-        from qtrader.benchmarks import pnl
+        from qtrader_tools.benchmarks import pnl
 
         return pnl.run(fills=args.fills, seed=args.seed, json_path=args.json)
     if args.bench_name == "inference":
         try:
-            from qtrader.benchmarks import inference  # type: ignore[attr-defined,unused-ignore]
+            from qtrader_tools.benchmarks import inference  # type: ignore[attr-defined,unused-ignore]
         except ImportError as exc:
             print(f"qtrader bench inference: not available: {exc}", file=sys.stderr)
             return 1
         code: int = inference.run(samples=args.samples, batch=args.batch, json_path=args.json)
         return code
     if args.bench_name == "backtest":
-        from qtrader.benchmarks import backtest
+        from qtrader_tools.benchmarks import backtest
 
         return backtest.run(
             candles=args.candles,
@@ -223,13 +223,13 @@ def _run_suite_bench(args: argparse.Namespace) -> int:
             growth=not args.no_growth,
             json_path=args.json,
         )
-    from qtrader.benchmarks import suite
+    from qtrader_tools.benchmarks import suite
 
     return suite.run(json_path=args.json, quick=args.quick)
 
 
 def _run_stress(args: argparse.Namespace) -> int:
-    from qtrader.stress import runner
+    from qtrader_tools.stress import runner
 
     return runner.run(args)
 
