@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # Only ``bench`` or ``stress`` without the tooling takes arguments it does not know (it
+    # answers what to install); for every other command this is parse_args's own error.
+    if unknown and not getattr(args, "tool_missing", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return COMMANDS[args.command](args)
 
 
