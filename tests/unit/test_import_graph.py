@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = {"qtrader": ROOT / "workloads" / "qtrader", "qtrader_operator": ROOT / "operator"}
 
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"instruments", "contracts"}),
+    frozenset({"instruments", "contracts", "money"}),
     frozenset({"health", "bus"}),
     frozenset({"policy_watch", "runtime"}),
     frozenset({"exchange", "marketdata", "viewer"}),

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
+from decimal import Decimal, localcontext
 from fractions import Fraction
 
 import pytest
 
 from qtrader.contracts.messages import Fill, Side
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
+from qtrader.money import EXACT
 from qtrader.portfolio.ledger import FillRefused, Ledger
 
 EXCHANGE = paper_exchange_info()
@@ -249,14 +250,10 @@ def test_max_drawdown_when_marks_and_fills_wander_then_equals_the_drawdown_of_ev
         else:
             ledger.mark("BTCUSDT", price)
         peak = max(peak, ledger.equity)
-        with localcontext(ledger_context()):
+        with localcontext(EXACT):
             worst = max(worst, (peak - ledger.equity) / peak * 100)
         assert (ledger.peak_equity, ledger.max_drawdown_pct) == (peak, worst)
     assert worst > 0
-
-
-def ledger_context() -> Context:
-    return Context(prec=60, rounding=ROUND_HALF_EVEN)
 
 
 def test_snapshot_when_values_have_many_digits_then_rounds_only_the_output() -> None:

@@ -38,16 +38,7 @@ import hashlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import (
-    ROUND_HALF_EVEN,
-    ROUND_HALF_UP,
-    Context,
-    Decimal,
-    DivisionByZero,
-    InvalidOperation,
-    Overflow,
-    localcontext,
-)
+from decimal import Decimal, localcontext
 from types import MappingProxyType
 
 from qtrader.contracts.messages import (
@@ -63,12 +54,11 @@ from qtrader.contracts.messages import (
     PositionView,
 )
 from qtrader.instruments import ExchangeInfo
+from qtrader.money import EXACT as _EXACT
+from qtrader.money import PCT_STEP as _PCT
+from qtrader.money import USDT_STEP as _USDT
+from qtrader.money import published
 
-_EXACT = Context(
-    prec=60, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, DivisionByZero, Overflow]
-)
-_USDT = Decimal("1e-8")
-_PCT = Decimal("1e-6")
 _ZERO = Decimal(0)
 _HUNDRED = Decimal(100)
 
@@ -477,13 +467,8 @@ def _identity(value: Decimal) -> Decimal:
 
 
 def _money(value: Decimal) -> Decimal:
-    return _quantize(value, _USDT)
+    return published(value, _USDT)
 
 
 def _pct(value: Decimal) -> Decimal:
-    return _quantize(value, _PCT)
-
-
-def _quantize(value: Decimal, exponent: Decimal) -> Decimal:
-    rounded = value.quantize(exponent, rounding=ROUND_HALF_UP, context=_EXACT)
-    return rounded.copy_abs() if rounded.is_zero() else rounded  # no "-0E-8" on the wire
+    return published(value, _PCT)
