@@ -14,7 +14,7 @@ code's own rules (``qtrader_tools.stress``), never a second copy of them:
   and every fill belongs to an order update of its client order id
   (``qtrader_tools.stress.stream_audit``);
 * the portfolio's last snapshot equals an exact (Fraction) account of the fills it says it
-  applied (``qtrader_tools.stress.exact.ledger_mismatches``), once it has applied every fill stored
+  applied (``qtrader_tools.exact.ledger_mismatches``), once it has applied every fill stored
   (waited for, with a deadline). Its marks are the ones it shows, each of which must be a close
   the MARKET stream stored for the symbol (or its first fill's price, before any candle): a
   stack that still trades moves its marks between two reads, so no later close is required.
@@ -52,8 +52,8 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.instruments import ExchangeInfo
+from qtrader_tools.exact import ledger_mismatches
 from qtrader_tools.simulators.binance_futures import SimAdmin
-from qtrader_tools.stress.exact import ledger_mismatches
 from qtrader_tools.stress.invariants import (
     ExposureLimits,
     ExposureReport,

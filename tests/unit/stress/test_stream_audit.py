@@ -21,7 +21,7 @@ from qtrader.contracts.messages import (
     Signal,
 )
 from qtrader.execution.decisions import attempt_client_order_id, client_order_id_for
-from qtrader_tools.stress.exact import last_closes, ledger_mismatches
+from qtrader_tools.exact import last_closes, ledger_mismatches
 from qtrader_tools.stress.scenarios.broker_outage import recovered
 from qtrader_tools.stress.scenarios.ess_lifecycle import (
     Cycle,

@@ -37,7 +37,7 @@ Criteria, and why each:
   outage hit while the workers were producing; without it the zeros above prove nothing.
 * ``orders filled after NATS returned > 0``: trading resumed, from the FILLS stream.
 * ``portfolio vs exact account == 0`` mismatches: the final snapshot against an independent
-  ``Fraction`` account of the FILLS stream (``qtrader_tools.stress.exact``), marked at each symbol's
+  ``Fraction`` account of the FILLS stream (``qtrader_tools.exact``), marked at each symbol's
   last stored close: realized and unrealized PnL, fees and equity to the cent, positions
   exactly.
 * ``slowest recovery after a hang <= HANG_RECOVERY_S`` (``broker-hang``): from the SIGCONT
@@ -89,8 +89,8 @@ from qtrader.contracts.messages import (
 from qtrader.contracts.policy import TradingPolicy
 from qtrader.inference.features import WINDOW
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools.exact import last_closes, ledger_mismatches
 from qtrader_tools.processes import Child
-from qtrader_tools.stress.exact import last_closes, ledger_mismatches
 from qtrader_tools.stress.harness import Rig, ScenarioFailure, policy_document
 from qtrader_tools.stress.invariants import (
     check_exposure,

@@ -5,7 +5,7 @@ fixed seed as a random walk of prices and of positions that open, grow, partiall
 close and flip through zero, with maker or taker fees, are published to the FILLS stream through
 the Bus. A real ``qtrader portfolio`` process (the policy published first: it takes its capital
 from it) applies them. Then one final candle per symbol sets the marks. The scenario reads the
-FILLS stream back and computes the expected figures with ``qtrader_tools.stress.exact`` (Fractions,
+FILLS stream back and computes the expected figures with ``qtrader_tools.exact`` (Fractions,
 no code shared with the ledger), in the stream's order, which is the order the portfolio
 replays.
 
@@ -45,7 +45,7 @@ from fractions import Fraction
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Fill, PortfolioSnapshot, Side
 from qtrader.instruments import paper_exchange_info
-from qtrader_tools.stress.exact import ExactPortfolio, usdt
+from qtrader_tools.exact import ExactPortfolio, usdt
 from qtrader_tools.stress.flow_support import candle
 from qtrader_tools.stress.harness import Rig, policy_document
 from qtrader_tools.stress.result import ScenarioResult
