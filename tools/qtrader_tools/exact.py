@@ -56,6 +56,10 @@ class ExactPortfolio:
     fees: Fraction = Fraction(0)
     counts: TradeCounts = field(default_factory=TradeCounts)
     fills: int = 0
+    # The peak and drawdowns cost a valuation of every position after each event; a replay
+    # that needs only the final figures turns them off (the peak stays the capital, the
+    # drawdowns 0).
+    track_drawdown: bool = True
 
     def __post_init__(self) -> None:
         if self.capital <= 0:
@@ -66,14 +70,17 @@ class ExactPortfolio:
     # --- inputs -------------------------------------------------------------------------------
 
     def apply(self, fill: Fill) -> None:
-        symbol = fill.symbol
-        q = self.quantity.get(symbol, Fraction(0))
-        avg = self.average.get(symbol, Fraction(0))
-        delta = Fraction(fill.quantity) * fill.side.sign
-        price = Fraction(fill.price)
         # In USDT: a fee in another asset at its stated value; one with none stays out (the
         # portfolio reports its equity incomplete then, it does not guess).
-        self.fees += Fraction(fill.fee_value_usdt or 0)
+        fee = Fraction(fill.fee_value_usdt or 0)
+        delta = Fraction(fill.quantity) * fill.side.sign
+        self.trade(fill.symbol, delta, Fraction(fill.price), fee)
+
+    def trade(self, symbol: str, delta: Fraction, price: Fraction, fee: Fraction) -> None:
+        """A fill of signed quantity ``delta`` (positive buys) at ``price``, paying ``fee``."""
+        q = self.quantity.get(symbol, Fraction(0))
+        avg = self.average.get(symbol, Fraction(0))
+        self.fees += fee
         self.marks.setdefault(symbol, price)
         self.fills += 1
         if q == 0 or (q > 0) == (delta > 0):
@@ -133,6 +140,8 @@ class ExactPortfolio:
     # --- internals ----------------------------------------------------------------------------
 
     def _track(self) -> None:
+        if not self.track_drawdown:
+            return
         equity = self.equity
         if equity > self.peak:
             self.peak = equity

@@ -50,6 +50,7 @@ from typing import Any, NamedTuple, TextIO
 from qtrader.contracts.messages import Fill
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.ledger import Ledger
+from qtrader_tools.exact import ExactPortfolio
 
 SEED = 7
 CAPITAL = 1_000_000  # USDT
@@ -305,37 +306,22 @@ class ExactFigures:
 
 
 def fraction_account(fills: Sequence[dict[str, Any]], capital: Fraction) -> ExactFigures:
-    """Average-cost accounting in exact rationals, marked at each symbol's last fill price.
+    """The exact account (``qtrader_tools.exact``) of ``fills``, marked at each symbol's last
+    fill price.
 
-    Independent of the ledger's formulation (it keeps a cost basis, this an average price);
-    in exact arithmetic the two agree, so any difference is the ledger's rounding.
+    Independent of the ledger's formulation (it keeps a cost basis, the account an average
+    price); in exact arithmetic the two agree, so any difference is the ledger's rounding.
     """
-    quantity: dict[str, Fraction] = {}
-    average: dict[str, Fraction] = {}
-    marks: dict[str, Fraction] = {}
-    realized = fees = Fraction(0)
+    account = ExactPortfolio(capital=capital, track_drawdown=False)
+    last: dict[str, Fraction] = {}
     for fill in fills:
-        symbol = fill["symbol"]
-        q = quantity.get(symbol, Fraction(0))
-        avg = average.get(symbol, Fraction(0))
         price = Fraction(fill["price"])
         delta = Fraction(fill["quantity"]) * (1 if fill["side"] == "BUY" else -1)
-        fees += Fraction(fill["fee"])
-        marks[symbol] = price
-        if q == 0 or (q > 0) == (delta > 0):
-            average[symbol] = (abs(q) * avg + abs(delta) * price) / (abs(q) + abs(delta))
-            quantity[symbol] = q + delta
-            continue
-        closed = min(abs(q), abs(delta))
-        realized += closed * (price - avg) * (1 if q > 0 else -1)
-        remaining = q + delta
-        quantity[symbol] = remaining
-        if remaining != 0 and (remaining > 0) != (q > 0):
-            average[symbol] = price
-    unrealized = sum(
-        (q * (marks[s] - average[s]) for s, q in quantity.items() if q != 0), Fraction(0)
-    )
-    return ExactFigures(realized, fees, unrealized, capital + realized - fees + unrealized)
+        account.trade(fill["symbol"], delta, price, Fraction(fill["fee"]))
+        last[fill["symbol"]] = price
+    for symbol, price in last.items():
+        account.mark(symbol, price)
+    return ExactFigures(account.realized, account.fees, account.unrealized, account.equity)
 
 
 def round_published(value: Fraction | Decimal) -> Decimal:
