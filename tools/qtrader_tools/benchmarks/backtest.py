@@ -22,7 +22,6 @@ streamed backtest on 50k and on 200k candles of one symbol. The last line is one
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.inference.card import ModelCard
 from qtrader.inference.onnx_model import SignalModel, default_model_path
 from qtrader.instruments import paper_exchange_info
+from qtrader_tools.benchmarks.harness import publish
 
 SEED = 7
 _HEADER = (
@@ -203,11 +203,7 @@ def run(
                 str(n): peak_rss_mb(write_market(root / f"rss{n}", symbols=names[:1], candles=n)[0])
                 for n in (50_000, 200_000)
             }
-    print(_table(figures), file=out)
-    line = json.dumps(figures)
-    print(line, file=out)
-    if json_path is not None:
-        json_path.write_text(line + "\n")
+    publish(_table(figures), figures, json_path=json_path, out=out)
     return 0
 
 

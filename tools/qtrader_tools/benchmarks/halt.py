@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import signal
 import sys
@@ -70,6 +69,7 @@ from qtrader.contracts.policy import TradingPolicy, parse_policy
 from qtrader.control.halt_channel import publish_latch
 from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader.local.nats_server import EmbeddedNats, NatsServerError
+from qtrader_tools.benchmarks.harness import BenchFailure, ms, percentile, report
 from qtrader_tools.processes import Child, ChildExited, Children
 
 SYMBOL = "BTCUSDT"
@@ -83,10 +83,6 @@ START_TIMEOUT_S = 60.0
 ECHO_PING = f"{subjects.ROOT}.bench.echo.ping"
 ECHO_PONG = f"{subjects.ROOT}.bench.echo.pong"
 _PEER = "import sys; from qtrader_tools.benchmarks.halt import peer; sys.exit(peer(sys.argv[1:]))"
-
-
-class BenchFailure(Exception):
-    """The benchmark could not produce its figures (a process died, an answer never came)."""
 
 
 def _now_ms() -> int:
@@ -561,24 +557,11 @@ def _figures(
 # --- the report ---------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100), linear between the closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
-
-
 def _spread(values: Sequence[float]) -> dict[str, float]:
     return {
-        "p50_ms": _ms(percentile(values, 50)),
-        "p99_ms": _ms(percentile(values, 99)),
-        "max_ms": _ms(max(values)),
+        "p50_ms": ms(percentile(values, 50)),
+        "p99_ms": ms(percentile(values, 99)),
+        "max_ms": ms(max(values)),
     }
 
 
@@ -662,15 +645,7 @@ def run(
         print("qtrader bench halt: interrupted; everything it started was stopped", file=sys.stderr)
         return 130
     result = summary(figures, workers=workers, wall_s=time.monotonic() - started)
-    line = json.dumps(result)
-    if json_path is not None:
-        json_path.write_text(line + "\n")
-    out.write(render(result) + "\n" + line + "\n")
-    out.flush()
-    failure = _verdict(result)
-    if failure:
-        print(f"qtrader bench halt: {failure}", file=sys.stderr)
-    return 1 if failure else 0
+    return report("halt", result, render=render, verdict=_verdict, json_path=json_path, out=out)
 
 
 def _run_stack(*, trips: int, workers: int) -> Figures:

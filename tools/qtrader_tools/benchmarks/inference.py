@@ -25,7 +25,6 @@ torch is missing (the ``train`` extra). The last line of the output is one JSON 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,8 @@ from typing import Any, TextIO
 
 import numpy as np
 from numpy.typing import NDArray
+
+from qtrader_tools.benchmarks.harness import percentile, report
 
 TOLERANCE = 1e-5
 SEED = 11
@@ -81,18 +82,15 @@ def run(
         torch.set_num_threads(threads)
     result["wall_s"] = round(time.monotonic() - started, 3)
     result["torch_version"] = torch.__version__
-    line = json.dumps(result)
-    if json_path is not None:
-        json_path.write_text(line + "\n")
-    out.write(render(result) + "\n" + line + "\n")
-    out.flush()
-    if not result["parity_ok"]:
-        print(
-            f"qtrader bench inference: onnxruntime differs from torch by more than {TOLERANCE}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return report(
+        "inference", result, render=render, verdict=_verdict, json_path=json_path, out=out
+    )
+
+
+def _verdict(result: dict[str, Any]) -> str | None:
+    if result["parity_ok"]:
+        return None
+    return f"onnxruntime differs from torch by more than {TOLERANCE}"
 
 
 def _build(training: Any) -> tuple[list[Pair], Any]:
@@ -200,7 +198,7 @@ def _measure_pair(pair: Pair, rows: Any, *, samples: int, batch: int) -> dict[st
 
 
 def _percentile_us(values: list[int], q: float) -> float:
-    return round(float(np.percentile(np.array(values, dtype=np.float64), q)) / 1000, 2)
+    return round(percentile(values, q) / 1000, 2)
 
 
 def _throughput(predict: Predict, batch_rows: Any, repeats: int) -> float:

@@ -36,11 +36,16 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 from qtrader.exchange.limiter import LimiterConfig, LimiterMode, RateLimiter
 from qtrader.exchange.limits import LimitKind, RateLimitRule, RequestCost
+from qtrader_tools.benchmarks.harness import (
+    BenchFailure,
+    percentile,
+    report,
+    sigterm_as_interrupt,
+)
 from qtrader_tools.benchmarks.limiter_flood import SCALED_RULES, SIM_KEY, SIM_SECRET, sim_config
 from qtrader_tools.benchmarks.limiter_servers import (
     ServerError,
@@ -65,10 +70,6 @@ HIGH_RULES = (
 )
 
 
-class BenchFailure(Exception):
-    """The benchmark could not produce its figures."""
-
-
 # --- overhead -----------------------------------------------------------------------------------
 
 
@@ -88,14 +89,6 @@ def _rate(latencies: Sequence[float], elapsed_s: float) -> Rate:
         p50_ms=round(percentile(ordered, 50) * 1000, 4),
         p99_ms=round(percentile(ordered, 99) * 1000, 4),
     )
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of sorted values, linear between the closest ranks."""
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 async def acquire_rate(redis_url: str | None, duration_s: float) -> Rate:
@@ -337,16 +330,12 @@ def verdict(result: dict[str, Any]) -> str | None:
     return None
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def run(
     *, requests: int, duration_s: float, json_path: Path | None = None, out: TextIO = sys.stdout
 ) -> int:
     """Run the benchmark, print the table and the JSON line; the exit code of ``qtrader bench``."""
     # SIGTERM unwinds like Ctrl-C, so every process started here is stopped on the way out.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="qtrader-bench-", ignore_cleanup_errors=True) as d:
             result = measure(requests=requests, duration_s=duration_s, work_dir=Path(d))
@@ -358,12 +347,4 @@ def run(
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    line = json.dumps(result)
-    if json_path is not None:
-        json_path.write_text(line + "\n")
-    out.write(render(result) + "\n" + line + "\n")
-    out.flush()
-    failure = verdict(result)
-    if failure:
-        print(f"qtrader bench limiter: {failure}", file=sys.stderr)
-    return 1 if failure else 0
+    return report("limiter", result, render=render, verdict=verdict, json_path=json_path, out=out)

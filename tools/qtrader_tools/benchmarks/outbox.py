@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import signal
 import sqlite3
 import sys
@@ -54,6 +53,7 @@ from qtrader.bus.outbox import Outbox, Synchronous
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Candle, CandleSource
 from qtrader.local.nats_server import EmbeddedNats, NatsServerError
+from qtrader_tools.benchmarks.harness import BenchFailure, report
 
 START_MS = 1_700_000_000_000
 MINUTE_MS = 60_000
@@ -66,10 +66,6 @@ MODES: tuple[Synchronous, ...] = ("FULL", "NORMAL")
 RAW, PASS, E2E, PROBE = "BENCHRAW", "BENCHPASS", "BENCHE2E", "BENCHPROBE"
 BUFFERED: dict[Synchronous, str] = {"FULL": "BENCHFULL", "NORMAL": "BENCHNORMAL"}
 _INSERT = "INSERT INTO outbox (subject, msg_id, payload, created_at) VALUES (?, ?, ?, ?)"
-
-
-class BenchFailure(Exception):
-    """The benchmark could not produce its figures."""
 
 
 @dataclass(frozen=True)
@@ -620,15 +616,7 @@ def run(
         print("qtrader bench outbox: interrupted; what it started is stopped", file=sys.stderr)
         return 130
     result = summary(figures, events=events, outage_s=outage_s, wall_s=time.monotonic() - started)
-    line = json.dumps(result)
-    if json_path is not None:
-        json_path.write_text(line + "\n")
-    out.write(render(result) + "\n" + line + "\n")
-    out.flush()
-    failure = verdict(result)
-    if failure:
-        print(f"qtrader bench outbox: {failure}", file=sys.stderr)
-    return 1 if failure else 0
+    return report("outbox", result, render=render, verdict=verdict, json_path=json_path, out=out)
 
 
 def _run_stack(*, events: int, outage_s: float) -> Figures:

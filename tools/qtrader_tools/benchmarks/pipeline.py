@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import signal
 import sys
 import tempfile
@@ -84,7 +83,7 @@ from qtrader.local.control import heartbeat_forever, write_latch
 from qtrader.local.control import publish_policy as publish_policy_revision
 from qtrader.local.nats_server import EmbeddedNats, NatsServerError
 from qtrader.marketdata.synthetic import SyntheticConfig, SyntheticMarket
-from qtrader_tools.benchmarks.halt import percentile
+from qtrader_tools.benchmarks.harness import BenchFailure, ms, percentile, report
 from qtrader_tools.processes import Child, ChildExited, Children
 
 ISSUER = "qtrader bench"
@@ -102,10 +101,6 @@ RAW_SUBJECT = "bench.raw.candle"
 RAW_DURABLE = "bench-raw"
 EXECUTION = "execution"
 _ERRORS = (BusError, NatsServerError, ChildExited, nats.errors.Error, httpx.HTTPError, OSError)
-
-
-class BenchFailure(Exception):
-    """The benchmark could not produce its figures (a process died, nothing moved)."""
 
 
 class Interrupt:
@@ -667,14 +662,10 @@ async def _wait_snapshot(bus: Bus, children: Children) -> None:
 # --- the report ---------------------------------------------------------------------------------
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
-
-
 def _spread(values: Sequence[float]) -> dict[str, float | None]:
     if not values:
         return {"p50_ms": None, "p99_ms": None}
-    return {"p50_ms": _ms(percentile(values, 50)), "p99_ms": _ms(percentile(values, 99))}
+    return {"p50_ms": ms(percentile(values, 50)), "p99_ms": ms(percentile(values, 99))}
 
 
 def _ratio(figure: float, baseline: float) -> float:
@@ -868,15 +859,7 @@ def run(
         print("qtrader bench pipeline: interrupted; what it started is stopped", file=sys.stderr)
         return 130
     result = summary(figures, wall_s=time.monotonic() - started)
-    line = json.dumps(result)
-    if json_path is not None:
-        json_path.write_text(line + "\n")
-    out.write(render(result) + "\n" + line + "\n")
-    out.flush()
-    failure = verdict(result)
-    if failure:
-        print(f"qtrader bench pipeline: {failure}", file=sys.stderr)
-    return 1 if failure else 0
+    return report("pipeline", result, render=render, verdict=verdict, json_path=json_path, out=out)
 
 
 def _run_stack(symbols: Sequence[str], *, candles: int, latency_steps: int) -> Figures:

@@ -33,7 +33,6 @@ of the output is one JSON object with every figure.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import signal
@@ -44,12 +43,12 @@ from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from fractions import Fraction
 from pathlib import Path
-from types import FrameType
 from typing import Any, NamedTuple, TextIO
 
 from qtrader.contracts.messages import Fill
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.ledger import Ledger
+from qtrader_tools.benchmarks.harness import report, sigterm_as_interrupt
 from qtrader_tools.exact import ExactPortfolio
 
 SEED = 7
@@ -635,10 +634,6 @@ def verdict(result: dict[str, Any]) -> str | None:
     return None
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def run(
     *,
     fills: int = 1_000_000,
@@ -651,7 +646,7 @@ def run(
     if fills < 1 or check < 1:
         raise ValueError(f"fills and check must be >= 1, got {fills} and {check}")
     started = time.monotonic()
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops it like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # SIGTERM stops it like Ctrl-C
     try:
         figures = replay(fills, seed=seed, check=min(check, fills), progress=Progress())
     except KeyboardInterrupt:
@@ -660,12 +655,4 @@ def run(
     finally:
         signal.signal(signal.SIGTERM, previous)
     result = summary(figures, seed=seed, wall_s=time.monotonic() - started)
-    line = json.dumps(result)
-    if json_path is not None:
-        json_path.write_text(line + "\n")
-    out.write(render(result) + "\n" + line + "\n")
-    out.flush()
-    failure = verdict(result)
-    if failure:
-        print(f"qtrader bench pnl: {failure}", file=sys.stderr)
-    return 1 if failure else 0
+    return report("pnl", result, render=render, verdict=verdict, json_path=json_path, out=out)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from qtrader_tools.benchmarks.harness import publish
+
 INTERRUPTED = 130
 
 
@@ -205,11 +207,7 @@ def run_suite(
             if outcome.exit_code == INTERRUPTED:
                 break
     result = combined(outcomes)
-    line = json.dumps(result)
-    if json_path is not None:
-        json_path.write_text(line + "\n")
-    out.write(render(outcomes, quick=quick) + "\n" + line + "\n")
-    out.flush()
+    publish(render(outcomes, quick=quick), result, json_path=json_path, out=out)
     if outcomes and outcomes[-1].exit_code == INTERRUPTED:
         print("qtrader bench all: interrupted", file=sys.stderr)
         return INTERRUPTED

@@ -56,6 +56,7 @@ from qtrader.control.ess_status import EssState, parse_time
 from qtrader.local import ess_client
 from qtrader.local.control_plane import EssRecord
 from qtrader_tools.benchmarks.halt import spawn_peer
+from qtrader_tools.benchmarks.harness import percentile
 from qtrader_tools.processes import Child
 from qtrader_tools.stress.harness import Rig, ScenarioFailure, emergency_stop, policy_document
 from qtrader_tools.stress.probes import family_total, labelled
@@ -337,13 +338,7 @@ def first_fill_after_rearm_s(
 
 def p99(values: list[float]) -> float | None:
     """The 99th percentile, linear between closest ranks; None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * 0.99
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return percentile(values, 99) if values else None
 
 
 def _judge(
