@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from qtrader.local.nats_server import free_port
+from qtrader.local.stopping import stop_processes
 from support.invariants import settle_portfolio
 
 
@@ -64,13 +64,7 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, *, kill: bool = False) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_processes([self.process], grace_s=15, kill=kill)
 
 
 async def stop_pipeline(workers: Iterable[Worker], *, nats_url: str) -> None:

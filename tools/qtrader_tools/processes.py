@@ -8,16 +8,15 @@ log file, whose tail goes into the error when it exits early.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from qtrader.local.nats_server import free_port
+from qtrader.local.stopping import stop_processes
 
 STOP_GRACE_S = 5.0
 
@@ -124,16 +123,7 @@ class Children:
     def stop(self, names: Iterable[str], *, kill: bool = False) -> None:
         """SIGTERM (or SIGKILL), then SIGKILL whatever still runs after the grace period."""
         children = [self._children.pop(n) for n in names if n in self._children]
-        for child in children:
-            if child.running:
-                child.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in children:
-            try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+        stop_processes((child.process for child in children), grace_s=STOP_GRACE_S, kill=kill)
 
     def check_alive(self) -> None:
         for child in self._children.values():

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qtrader.local.nats_server import free_port
+from qtrader.local.stopping import stop_processes
 
 INSTALL_HINT = "redis-server is not installed (Debian/Ubuntu: apt-get install -y redis-server)"
 
@@ -87,16 +88,9 @@ class EmbeddedRedis:
             time.sleep(0.02)
 
     def stop(self, *, kill: bool = False, timeout_s: float = 10.0) -> None:
-        process = self._process
-        if process is None:
+        if self._process is None:
             return
-        if process.poll() is None:
-            process.kill() if kill else process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([self._process], grace_s=timeout_s, kill=kill)
         self._process = None
 
     def restart(self, *, timeout_s: float = 10.0) -> None:
@@ -107,11 +101,15 @@ class EmbeddedRedis:
 
 @contextmanager
 def running_redis(
-    work_dir: Path, *, binary: Path | None = None, port: int | None = None
+    work_dir: Path,
+    *,
+    binary: Path | None = None,
+    port: int | None = None,
+    timeout_s: float = 10.0,
 ) -> Iterator[EmbeddedRedis]:
-    """A started redis-server, stopped on exit."""
+    """A started redis-server (``timeout_s`` to answer PING), stopped on exit."""
     server = EmbeddedRedis(work_dir=work_dir, binary=binary or redis_server_binary(), port=port)
-    server.start()
+    server.start(timeout_s=timeout_s)
     try:
         yield server
     finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import statistics
 import sys
@@ -47,14 +48,10 @@ from qtrader_tools.benchmarks.harness import (
     sigterm_as_interrupt,
 )
 from qtrader_tools.benchmarks.limiter_flood import SCALED_RULES, SIM_KEY, SIM_SECRET, sim_config
-from qtrader_tools.benchmarks.limiter_servers import (
-    ServerError,
-    redis_server,
-    redis_server_binary,
-    run_floods,
-    simulator,
-)
+from qtrader_tools.benchmarks.limiter_servers import ServerError, run_floods
+from qtrader_tools.redis_server import RedisServerError, running_redis
 from qtrader_tools.simulators.binance_futures import SimAdmin, SimAdminError
+from qtrader_tools.simulators.binance_futures.process import SimProcessError, sim_process
 
 with warnings.catch_warnings():
     # python-binance imports websockets' legacy client, deprecated by websockets >= 14.
@@ -62,6 +59,7 @@ with warnings.catch_warnings():
     from binance.client import Client
 
 FLOOD_PROCESSES = 2
+REDIS_START_TIMEOUT_S = 30.0
 WARMUP = 200  # acquisitions (and baseline requests) before timing: script load, connections
 HIGH = 1_000_000_000  # a limit nothing reaches: pure overhead, never a wait
 HIGH_RULES = (
@@ -207,19 +205,21 @@ def _progress(began: float, text: str) -> None:
 def measure(*, requests: int, duration_s: float, work_dir: Path) -> dict[str, Any]:
     """Every figure, with the servers and processes it needs started and stopped here."""
     began = time.monotonic()
-    binary = redis_server_binary()
+    binary = shutil.which("redis-server")
     with contextlib.ExitStack() as stack:
         redis_url: str | None = None
         if binary is None:
             redis = "unavailable: redis-server is not on PATH (apt-get install redis-server)"
             _progress(began, f"{redis}; shared figures will be null")
         else:
-            redis_url = stack.enter_context(redis_server(binary, work_dir))
+            redis_url = stack.enter_context(
+                running_redis(work_dir, binary=Path(binary), timeout_s=REDIS_START_TIMEOUT_S)
+            ).url
             redis = f"redis-server at {redis_url}"
         local = asyncio.run(acquire_rate(None, duration_s))
         shared = asyncio.run(acquire_rate(redis_url, duration_s)) if redis_url else None
         _progress(began, "acquire overhead measured; starting the simulator")
-        url = stack.enter_context(simulator(sim_config(), work_dir))
+        url = stack.enter_context(sim_process(sim_config(), work_dir))
         admin = stack.enter_context(SimAdmin(url))
         admin.config(rate_limits=[rule.as_binance() for rule in HIGH_RULES])
         raw = raw_request_rate(url, duration_s)
@@ -339,7 +339,7 @@ def run(
     try:
         with tempfile.TemporaryDirectory(prefix="qtrader-bench-", ignore_cleanup_errors=True) as d:
             result = measure(requests=requests, duration_s=duration_s, work_dir=Path(d))
-    except (BenchFailure, ServerError, SimAdminError) as exc:
+    except (BenchFailure, ServerError, RedisServerError, SimProcessError, SimAdminError) as exc:
         print(f"qtrader bench limiter: failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from qtrader.local.stopping import stop_processes
+
 STOP_GRACE_S = 10.0
 
 
@@ -45,11 +47,6 @@ def sim_process(config: Mapping[str, Any], work_dir: Path) -> Iterator[str]:
 
 
 def _stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_processes([process], grace_s=STOP_GRACE_S)
     if process.stdout is not None:
         process.stdout.close()
