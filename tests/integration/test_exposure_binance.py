@@ -31,8 +31,6 @@ import pytest
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
-    Candle,
-    CandleSource,
     Direction,
     OrderIntent,
     OrderStatus,
@@ -44,6 +42,7 @@ from qtrader.exchange.limits import LimitKind, RateLimitRule
 from qtrader.instruments import ExchangeInfo
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools.candles import flat_candle
 from qtrader_tools.simulators.binance_futures import SimAdmin
 from qtrader_tools.stress.invariants import (
     ExposureLimits,
@@ -114,18 +113,7 @@ async def _feed(bus: Bus, *, rounds_per_s: float, stop: asyncio.Event, tag: str)
         for k, symbol in enumerate(SYMBOLS):
             price = PRICES[symbol]
             open_ms = 1_700_000_000_000 + index * 60_000
-            candle = Candle(
-                symbol=symbol,
-                interval="1m",
-                open_time_ms=open_ms,
-                close_time_ms=open_ms + 59_999,
-                open=price,
-                high=price,
-                low=price,
-                close=price,
-                volume=Decimal(1),
-                source=CandleSource.SYNTHETIC,
-            )
+            candle = flat_candle(symbol, price, open_time_ms=open_ms)
             await bus.publish(subjects.candle_subject(symbol), candle)
             signal = Signal(
                 signal_id=f"{tag}:{symbol}:{index}",

@@ -24,8 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
-    Candle,
-    CandleSource,
     HaltLatch,
     OrderStatus,
     PolicyRevision,
@@ -36,6 +34,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.instruments import ExchangeInfo
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools.candles import flat_candle
 from support.binance_sim import sim_in_thread
 from support.emulator import DEPLOYMENTS, NAMESPACE, POLICIES, SECRETS, STACK, STOPS, Cluster
 from support.emulator import eventually as _eventually
@@ -400,17 +399,11 @@ async def test_a_price_fall_beyond_the_stops_flash_crash_trigger_trips_it_by_its
         await bus.connect()
         try:
             for second, close in enumerate(["50000", "49000", "45000", "42400"]):  # -15.2%
-                candle = Candle(
-                    symbol="BTCUSDT",
-                    interval="1s",
+                candle = flat_candle(
+                    "BTCUSDT",
+                    close,
                     open_time_ms=1_700_000_000_000 + second * 1000,
-                    close_time_ms=1_700_000_000_999 + second * 1000,
-                    open=Decimal(close),
-                    high=Decimal(close),
-                    low=Decimal(close),
-                    close=Decimal(close),
-                    volume=Decimal(1),
-                    source=CandleSource.SYNTHETIC,
+                    interval="1s",
                 )
                 await bus.publish(subjects.candle_subject("BTCUSDT"), candle)
         finally:

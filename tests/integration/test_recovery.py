@@ -23,7 +23,6 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
-    CandleSource,
     Fill,
     OrderIntent,
     OrderStatus,
@@ -37,6 +36,7 @@ from qtrader.contracts.policy import parse_policy
 from qtrader.execution.decisions import client_order_id_for
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools.candles import flat_candle
 from support.flow import order_updates
 from support.ledger_check import cents, independent_portfolio, last_snapshot
 from support.streams import publish_raw, read_all
@@ -85,19 +85,7 @@ def fill_stream(seed: int = 3) -> list[Fill]:
 
 
 def mark_candle(symbol: str, price: Decimal, minute: int = 0) -> Candle:
-    open_time = 1_800_000_000_000 + minute * 60_000
-    return Candle(
-        symbol=symbol,
-        interval="1m",
-        open_time_ms=open_time,
-        close_time_ms=open_time + 59_999,
-        open=price,
-        high=price,
-        low=price,
-        close=price,
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+    return flat_candle(symbol, price, open_time_ms=1_800_000_000_000 + minute * 60_000)
 
 
 async def settled(

@@ -51,9 +51,10 @@ from qtrader.bus.errors import BusError
 from qtrader.bus.nats_bus import Bus
 from qtrader.bus.outbox import Outbox, Synchronous
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Candle, CandleSource
+from qtrader.contracts.messages import Candle
 from qtrader.local.nats_server import EmbeddedNats, NatsServerError
 from qtrader_tools.benchmarks.harness import BenchFailure, report
+from qtrader_tools.candles import flat_candle
 
 START_MS = 1_700_000_000_000
 MINUTE_MS = 60_000
@@ -102,19 +103,8 @@ def audit(indexes: Sequence[int], expected: int) -> Audit:
 
 
 def candle(symbol: str, index: int) -> Candle:
-    price = Decimal(30_000) + index % 7
-    open_time_ms = START_MS + index * MINUTE_MS
-    return Candle(
-        symbol=symbol,
-        interval="1m",
-        open_time_ms=open_time_ms,
-        close_time_ms=open_time_ms + MINUTE_MS - 1,
-        open=price,
-        high=price,
-        low=price,
-        close=price,
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
+    return flat_candle(
+        symbol, Decimal(30_000) + index % 7, open_time_ms=START_MS + index * MINUTE_MS
     )
 
 

@@ -17,7 +17,8 @@ from decimal import Decimal
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from qtrader.contracts.messages import Candle, CandleSource
+from qtrader.contracts.messages import Candle
+from qtrader_tools.candles import flat_candle
 from qtrader_tools.processes import Child
 from qtrader_tools.stress.harness import Rig
 
@@ -116,21 +117,9 @@ def overall_status(health: Mapping[str, object]) -> str:
     return str(health.get("status", "UNKNOWN"))
 
 
-def candle(symbol: str, price: Decimal, index: int, *, interval_ms: int = 60_000) -> Candle:
-    """The ``index``-th closed candle of a flat bar at ``price`` (open = high = low = close)."""
-    open_time_ms = CANDLE_EPOCH_MS + index * interval_ms
-    return Candle(
-        symbol=symbol,
-        interval="1m" if interval_ms == 60_000 else f"{interval_ms // 1000}s",
-        open_time_ms=open_time_ms,
-        close_time_ms=open_time_ms + interval_ms - 1,
-        open=price,
-        high=price,
-        low=price,
-        close=price,
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+def candle(symbol: str, price: Decimal, index: int) -> Candle:
+    """The ``index``-th closed 1m candle of a flat bar at ``price``."""
+    return flat_candle(symbol, price, open_time_ms=CANDLE_EPOCH_MS + index * 60_000)
 
 
 def now_ms() -> int:
