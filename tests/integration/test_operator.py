@@ -19,7 +19,6 @@ import httpx
 import kopf
 import nats.js.errors
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
@@ -34,6 +33,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.instruments import ExchangeInfo
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools import metrics
 from qtrader_tools.candles import flat_candle
 from support.binance_sim import sim_in_thread
 from support.emulator import DEPLOYMENTS, NAMESPACE, POLICIES, SECRETS, STACK, STOPS, Cluster
@@ -924,24 +924,18 @@ async def _until_filled(url: str, stack: str) -> None:
 # --- the operator's metrics (issue 15): readable while execution runs no replica ---------------
 
 
-async def _scrape(memo: kopf.Memo) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """The operator's /metrics over HTTP, as {(name, labels): value}."""
+async def _scrape(memo: kopf.Memo) -> list[metrics.Sample]:
+    """The operator's /metrics over HTTP."""
     runtime = await _eventually(lambda: getattr(memo, "runtime", None), timeout_s=10, what="up")
     port = runtime.metrics.port
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
     response.raise_for_status()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
+    return metrics.parse(response.text)
 
 
-def _sample(
-    scraped: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float | None:
-    return scraped.get((name, frozenset(labels.items())))
+def _sample(scraped: list[metrics.Sample], name: str, **labels: str) -> float | None:
+    return metrics.find(scraped, name, **labels)
 
 
 async def test_operator_metrics_show_the_stop_the_latch_and_the_policy_through_a_trip(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from decimal import Decimal
 from fractions import Fraction
@@ -269,7 +268,7 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
 
     def handled(worker: Worker) -> float:
         """Intents this worker drove to a final state (its own metric)."""
-        return _metric(worker, 'qtrader_orders_sent_total{exchange="paper"}')
+        return worker.metric("qtrader_orders_sent_total", exchange="paper")
 
     async def wait_handled(worker: Worker, count: int) -> None:
         await eventually(
@@ -283,7 +282,7 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
         await wait_handled(first, 1)
         await publish_raw(url, subject, intent.encode(), msg_id="again-1")
         await wait_handled(first, 2)
-        assert _metric(first, "qtrader_order_attempts_recovered_total") == 1
+        assert first.metric("qtrader_order_attempts_recovered_total") == 1
         first.stop(kill=True)
         second = start_worker("execution", nats_url=url, log_dir=tmp_path)
         try:
@@ -291,7 +290,7 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
             await publish_raw(url, subject, intent.encode(), msg_id="again-2")
             await wait_handled(second, 1)
             # Known from the fill history the restarted worker replayed: not sent again.
-            assert _metric(second, "qtrader_order_attempts_recovered_total") == 1
+            assert second.metric("qtrader_order_attempts_recovered_total") == 1
         finally:
             second.stop()
     finally:
@@ -329,12 +328,6 @@ def _trading(worker: Worker) -> bool:
     dependencies = worker.health().get("dependencies", [])
     assert isinstance(dependencies, list)
     return any(d["name"] == "halt-latch" and d["status"] == "OK" for d in dependencies)
-
-
-def _metric(worker: Worker, name: str) -> float:
-    text = worker.get("/metrics").text
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 @pytest.mark.invariants_exempt(

@@ -16,6 +16,7 @@ import httpx
 
 from qtrader.local.nats_server import free_port
 from qtrader.local.stopping import stop_processes
+from qtrader_tools import metrics
 from support.invariants import settle_portfolio
 
 
@@ -45,20 +46,12 @@ class Worker:
         found = [d for d in dependencies if d["name"] == name]
         return dict(found[0]) if found else {}
 
+    def samples(self) -> list[metrics.Sample]:
+        return metrics.parse(self.get("/metrics").text)
+
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample in /metrics (0.0 if the sample is not there yet)."""
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in self.get("/metrics").text.splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            sample, _, label_text = key.partition("{")
-            if sample != name:
-                continue
-            present = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
-            if present == wanted:
-                return float(value)
-        return 0.0
+        return metrics.value(self.samples(), name, **labels)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qtrader.contracts.messages import OrderIntent, OrderStatus, OrderUpdate, Side
-from qtrader_tools.stress.flow_support import EMPTY, Sample, histogram, total
+from qtrader_tools.metrics import EMPTY, Sample, histogram, total
 from qtrader_tools.stress.scenarios.exchange_instability import (
     audit_book,
     audit_intents,

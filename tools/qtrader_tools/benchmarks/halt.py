@@ -69,6 +69,7 @@ from qtrader.contracts.policy import TradingPolicy, parse_policy
 from qtrader.control.halt_channel import publish_latch
 from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader.local.nats_server import EmbeddedNats, NatsServerError
+from qtrader_tools import metrics
 from qtrader_tools.benchmarks.harness import BenchFailure, ms, percentile, report
 from qtrader_tools.processes import Child, ChildExited, Children
 
@@ -323,17 +324,15 @@ async def _echoes_ready(bus: Bus, receipts: Receipts, children: Children) -> Non
 # --- health, metrics and the order audit --------------------------------------------------------
 
 
-async def _metric(client: httpx.AsyncClient, child: Child, sample: str) -> float:
-    """One sample of a workload's /metrics, e.g. ``name{label="value"}``; 0.0 when absent."""
-    text = (await client.get(child.metrics_url)).text
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+async def _metric(client: httpx.AsyncClient, child: Child, name: str, **labels: str) -> float:
+    """One sample of a workload's /metrics, ``name`` with exactly ``labels``; 0.0 when absent."""
+    return metrics.value(metrics.parse((await client.get(child.metrics_url)).text), name, **labels)
 
 
-async def _metric_total(client: httpx.AsyncClient, workers: list[Child], sample: str) -> float:
-    values = await asyncio.gather(*(_metric(client, w, sample) for w in workers))
+async def _metric_total(
+    client: httpx.AsyncClient, workers: list[Child], name: str, **labels: str
+) -> float:
+    values = await asyncio.gather(*(_metric(client, w, name, **labels) for w in workers))
     return sum(values)
 
 
@@ -366,10 +365,12 @@ async def _wait_trading(
 ) -> None:
     """Until every worker has sent an order: policy, latch, heartbeat, equity, prices all there."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    sample = 'qtrader_orders_sent_total{exchange="paper"}'
+    sample = "qtrader_orders_sent_total"
     while True:
         children.check_alive()
-        sent = await asyncio.gather(*(_metric(client, w, sample) for w in workers))
+        sent = await asyncio.gather(
+            *(_metric(client, w, sample, exchange="paper") for w in workers)
+        )
         if all(s >= 1 for s in sent):
             return
         if time.monotonic() > deadline:
@@ -495,10 +496,10 @@ class HaltBench:
         spawn_peer(self._children, "feed", self._url, str(FEED_HZ), name="feed")
         await _wait_trading(self._client, self._executions, self._children)
         self._progress(f"orders flowing; {count} trips")
-        denied = 'qtrader_signals_denied_total{reason="halted"}'
-        before = await _metric_total(self._client, self._executions, denied)
+        denied = "qtrader_signals_denied_total"
+        before = await _metric_total(self._client, self._executions, denied, reason="halted")
         done = await _trips(self._bus, self.acks, self._latches, self._children, count)
-        after = await _metric_total(self._client, self._executions, denied)
+        after = await _metric_total(self._client, self._executions, denied, reason="halted")
         self._children.stop(["feed"])
         self._progress("trips done; reading the order updates back")
         return done, int(after - before)

@@ -64,7 +64,6 @@ import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
-from prometheus_client.parser import text_string_to_metric_families
 
 from qtrader.bus.errors import BusError
 from qtrader.bus.nats_bus import Bus
@@ -83,6 +82,7 @@ from qtrader.local.control import heartbeat_forever, write_latch
 from qtrader.local.control import publish_policy as publish_policy_revision
 from qtrader.local.nats_server import EmbeddedNats, NatsServerError
 from qtrader.marketdata.synthetic import SyntheticConfig, SyntheticMarket
+from qtrader_tools import metrics
 from qtrader_tools.benchmarks.harness import BenchFailure, ms, percentile, report
 from qtrader_tools.processes import Child, ChildExited, Children
 
@@ -241,11 +241,10 @@ class State:
 def metric_samples(text: str, name: str) -> dict[str, float]:
     """Samples of ``name`` in a /metrics page, by the value of their first label ("" if none)."""
     found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                label = next(iter(sample.labels.values()), "")
-                found[label] = found.get(label, 0.0) + sample.value
+    for sample in metrics.parse(text):
+        if sample.name == name:
+            label = next(iter(sample.labels.values()), "")
+            found[label] = found.get(label, 0.0) + sample.value
     return found
 
 

@@ -31,6 +31,7 @@ from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader.local.supervisor import Supervisor
+from qtrader_tools.metrics import Sample, parse, value
 from qtrader_tools.processes import Child, Children
 from qtrader_tools.stress.invariants import (
     check_exposure,
@@ -207,13 +208,13 @@ class Rig:
         body: dict[str, Any] = (await self.http.get(worker.base_url + "/health")).json()
         return body
 
-    async def metric(self, worker: Child, sample: str) -> float:
-        """One sample of a worker's /metrics, e.g. ``name{label="value"}``; 0.0 when absent."""
-        text = (await self.http.get(worker.metrics_url)).text
-        for line in text.splitlines():
-            if line.startswith(sample + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+    async def scrape(self, worker: Child) -> list[Sample]:
+        """Every sample of a worker's ``/metrics``."""
+        return parse((await self.http.get(worker.metrics_url)).text)
+
+    async def metric(self, worker: Child, name: str, **labels: str) -> float:
+        """One sample of a worker's /metrics, ``name`` with exactly ``labels``; 0.0 when absent."""
+        return value(await self.scrape(worker), name, **labels)
 
     async def until(
         self,

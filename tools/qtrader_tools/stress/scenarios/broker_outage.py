@@ -428,9 +428,7 @@ async def totals(rig: Rig, workers: list[Child], name: str) -> dict[str, float]:
 
 
 async def _published(rig: Rig, marketdata: Child, symbol: str) -> int:
-    return int(
-        await rig.metric(marketdata, f'qtrader_candles_published_total{{symbol="{symbol}"}}')
-    )
+    return int(await rig.metric(marketdata, "qtrader_candles_published_total", symbol=symbol))
 
 
 async def feed_steps(rig: Rig, marketdata: Child) -> int:
@@ -441,8 +439,7 @@ async def feed_steps(rig: Rig, marketdata: Child) -> int:
 
 
 async def _made(rig: Rig, marketdata: Child, symbol: str) -> int:
-    label = f'{{symbol="{symbol}"}}'
-    duplicates = await rig.metric(marketdata, f"qtrader_candles_duplicate_total{label}")
+    duplicates = await rig.metric(marketdata, "qtrader_candles_duplicate_total", symbol=symbol)
     return await _published(rig, marketdata, symbol) + int(duplicates)
 
 

@@ -78,8 +78,9 @@ ANSWER_TIMEOUT_S = 10.0  # for the control plane to observe a patch (the CLI's -
 START_TIMEOUT_S = 60.0
 TRADE_HOLD_S = (0.2, 0.8)  # trading after the fills resumed, before the next trip (seeded)
 _FILLING = (OrderStatus.FILLED, OrderStatus.PARTIALLY_FILLED)
-DENIED_HALTED = 'qtrader_signals_denied_total{reason="halted"}'
-FILLED_TOTAL = "qtrader_fills_total"
+# A sample, by name and labels; no labels: the whole family.
+DENIED_HALTED: tuple[str, dict[str, str]] = ("qtrader_signals_denied_total", {"reason": "halted"})
+FILLED_TOTAL: tuple[str, dict[str, str]] = ("qtrader_fills_total", {})
 
 
 def run(options: StressOptions, result: ScenarioResult) -> None:
@@ -168,7 +169,7 @@ async def _start(rig: Rig, options: StressOptions) -> list[Child]:
 
     async def both_trading() -> bool:
         sent = [
-            await rig.metric(w, 'qtrader_orders_sent_total{exchange="paper"}') for w in executions
+            await rig.metric(w, "qtrader_orders_sent_total", exchange="paper") for w in executions
         ]
         return all(s >= 1 for s in sent)
 
@@ -287,11 +288,13 @@ def _acknowledged(record: EssRecord, revision: int, state: TradingState) -> dict
     return acks
 
 
-async def _total(rig: Rig, workers: list[Child], sample: str) -> float:
-    """A sample (``name{labels}``) or, without labels, a whole family, summed over workers."""
-    if "{" in sample:
-        return sum([await rig.metric(w, sample) for w in workers])
-    return sum([await family_total(rig, w, sample) for w in workers])
+async def _total(rig: Rig, workers: list[Child], sample: tuple[str, dict[str, str]]) -> float:
+    """A sample (a name and its labels) or, without labels, a whole family, summed over
+    workers."""
+    name, labels = sample
+    if labels:
+        return sum([await rig.metric(w, name, **labels) for w in workers])
+    return sum([await family_total(rig, w, name) for w in workers])
 
 
 def _now_ms() -> int:

@@ -98,7 +98,7 @@ async def _run(options: StressOptions, result: ScenarioResult) -> None:
         await _until_tripped(rig, timeout_s=CRASH_AFTER_S / CANDLES_PER_SECOND + 60)
         options.say("flash-crash: tripped; letting signals come while halted")
         await asyncio.sleep(AFTER_TRIP_S)
-        denied = await rig.metric(execution, 'qtrader_signals_denied_total{reason="halted"}')
+        denied = await rig.metric(execution, "qtrader_signals_denied_total", reason="halted")
         await _measure(rig, result, arrivals, acks)
         result.figures["signals_denied_while_halted"] = denied
         result.check("signals that reached the halted worker", denied, ">=", 1)

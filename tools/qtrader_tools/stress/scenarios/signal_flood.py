@@ -56,16 +56,9 @@ from decimal import Decimal
 
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Direction, Signal
+from qtrader_tools.metrics import Histogram, Sample, histogram, total
 from qtrader_tools.processes import Child
-from qtrader_tools.stress.flow_support import (
-    Histogram,
-    Sample,
-    candle,
-    histogram,
-    now_ms,
-    scrape,
-    total,
-)
+from qtrader_tools.stress.flow_support import candle, now_ms
 from qtrader_tools.stress.harness import Rig, ScenarioFailure, policy_document
 from qtrader_tools.stress.result import ScenarioResult
 from qtrader_tools.stress.scenario import StressOptions
@@ -105,7 +98,7 @@ async def _run(options: StressOptions, result: ScenarioResult) -> None:
         feed = _Feed(rig)
         rig.spawn_task(feed.candles_forever(), "candles")
         await _warm_up(rig, execution, feed)
-        before = await scrape(rig, execution)
+        before = await rig.scrape(execution)
         options.say(f"signal-flood: flooding at {RATE_HZ:g}/s for {duration_s:g} s")
         sent, elapsed_s = await feed.flood(duration_s)
         result.figures["flood_signals_sent"] = sent
@@ -138,7 +131,7 @@ async def _warm_up(rig: Rig, execution: Child, feed: _Feed) -> None:
     venue are there (a signal sent earlier may expire while the worker is still starting)."""
 
     async def trading() -> bool:
-        samples = await scrape(rig, execution)
+        samples = await rig.scrape(execution)
         if total(samples, "qtrader_order_intents_total") >= 1:
             return True
         await feed.signal(confidence=WARMUP_CONFIDENCE, direction=Direction.LONG)
@@ -209,7 +202,7 @@ async def _drained(rig: Rig, execution: Child, published: int) -> list[Sample]:
     found: list[list[Sample]] = []
 
     async def accounted() -> bool:
-        samples = await scrape(rig, execution)
+        samples = await rig.scrape(execution)
         found.append(samples)
         done = _decided(samples) + _dropped(samples)
         return done >= published and total(samples, "qtrader_signal_queue_depth") == 0
