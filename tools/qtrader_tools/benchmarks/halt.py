@@ -70,7 +70,7 @@ from qtrader.control.halt_channel import publish_latch
 from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader.local.nats_server import EmbeddedNats, NatsServerError
 from qtrader_tools import metrics
-from qtrader_tools.benchmarks.harness import BenchFailure, ms, percentile, report
+from qtrader_tools.benchmarks.harness import BenchFailure, ms, percentile, report, wait_healthy
 from qtrader_tools.processes import Child, ChildExited, Children
 
 SYMBOL = "BTCUSDT"
@@ -336,30 +336,6 @@ async def _metric_total(
     return sum(values)
 
 
-async def _wait_healthy(
-    client: httpx.AsyncClient, workloads: list[Child], children: Children
-) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    waiting = list(workloads)
-    while waiting:
-        children.check_alive()
-        if time.monotonic() > deadline:
-            raise BenchFailure(
-                f"not healthy after {START_TIMEOUT_S:g}s: {[c.name for c in waiting]}"
-            )
-        waiting = [c for c in waiting if not await _healthy(client, c)]
-        if waiting:
-            await asyncio.sleep(0.1)
-
-
-async def _healthy(client: httpx.AsyncClient, child: Child) -> bool:
-    try:
-        response = await client.get(f"http://127.0.0.1:{child.port}/healthz")
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200
-
-
 async def _wait_trading(
     client: httpx.AsyncClient, workers: list[Child], children: Children
 ) -> None:
@@ -480,7 +456,12 @@ class HaltBench:
         portfolio = self._children.workload("portfolio", "portfolio", url)
         for echo in sorted(self._pongs.expected):
             spawn_peer(self._children, "echo", url, echo, name=echo)
-        await _wait_healthy(self._client, [*self._executions, portfolio], self._children)
+        await wait_healthy(
+            self._client,
+            [*self._executions, portfolio],
+            self._children,
+            timeout_s=START_TIMEOUT_S,
+        )
         self._progress(f"{len(self._executions)} execution workers and a portfolio are up")
 
     async def baseline(self, rounds: int) -> list[float]:

@@ -7,12 +7,18 @@ then, if a correctness figure does not hold, one line on stderr saying why and e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
+
+import httpx
+
+from qtrader_tools.processes import Child, Children
 
 Result = dict[str, Any]
 
@@ -66,3 +72,28 @@ def report(
     if failure:
         print(f"qtrader bench {name}: {failure}", file=sys.stderr)
     return 1 if failure else 0
+
+
+async def wait_healthy(
+    client: httpx.AsyncClient, workloads: Sequence[Child], children: Children, *, timeout_s: float
+) -> None:
+    """Until every workload answers ``/healthz``; ``BenchFailure`` after ``timeout_s``, and
+    ``ChildExited`` as soon as one of the benchmark's processes has died."""
+    deadline = time.monotonic() + timeout_s
+    waiting = list(workloads)
+    while waiting:
+        children.check_alive()
+        if time.monotonic() > deadline:
+            names = [c.name for c in waiting]
+            raise BenchFailure(f"not healthy after {timeout_s:g}s: {names}")
+        waiting = [c for c in waiting if not await _healthy(client, c)]
+        if waiting:
+            await asyncio.sleep(0.1)
+
+
+async def _healthy(client: httpx.AsyncClient, child: Child) -> bool:
+    try:
+        response = await client.get(f"{child.base_url}/healthz")
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200

@@ -83,7 +83,7 @@ from qtrader.local.control import publish_policy as publish_policy_revision
 from qtrader.local.nats_server import EmbeddedNats, NatsServerError
 from qtrader.marketdata.synthetic import SyntheticConfig, SyntheticMarket
 from qtrader_tools import metrics
-from qtrader_tools.benchmarks.harness import BenchFailure, ms, percentile, report
+from qtrader_tools.benchmarks.harness import BenchFailure, ms, percentile, report, wait_healthy
 from qtrader_tools.processes import Child, ChildExited, Children
 
 ISSUER = "qtrader bench"
@@ -515,14 +515,14 @@ class PipelineBench:
         ]
         portfolio = children.workload("portfolio", "portfolio", url)
         self._observer.portfolio = portfolio
-        await _wait_healthy(http, [portfolio], children)
+        await wait_healthy(http, [portfolio], children, timeout_s=START_TIMEOUT_S)
         await _wait_snapshot(bus, children)
         execution = children.workload(
             "execution", EXECUTION, url, "--worker-id", "bench-1", "--cycle", str(CYCLE_S)
         )
         self._observer.execution = execution
         inference = children.workload("inference", "inference", url)
-        await _wait_healthy(http, [execution, inference], children)
+        await wait_healthy(http, [execution, inference], children, timeout_s=START_TIMEOUT_S)
         self.progress("portfolio, inference and execution are up")
 
     async def stop_tasks(self) -> None:
@@ -620,29 +620,6 @@ class PipelineBench:
     def progress(self, text: str) -> None:
         elapsed = time.monotonic() - self._began
         print(f"qtrader bench pipeline: [{elapsed:5.1f}s] {text}", file=sys.stderr, flush=True)
-
-
-async def _wait_healthy(
-    http: httpx.AsyncClient, workloads: Sequence[Child], children: Children
-) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    waiting = list(workloads)
-    while waiting:
-        children.check_alive()
-        if time.monotonic() > deadline:
-            names = [c.name for c in waiting]
-            raise BenchFailure(f"not healthy after {START_TIMEOUT_S:g}s: {names}")
-        waiting = [c for c in waiting if not await _healthy(http, c)]
-        if waiting:
-            await asyncio.sleep(0.1)
-
-
-async def _healthy(http: httpx.AsyncClient, child: Child) -> bool:
-    try:
-        response = await http.get(f"http://127.0.0.1:{child.port}/healthz")
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200
 
 
 async def _wait_snapshot(bus: Bus, children: Children) -> None:
