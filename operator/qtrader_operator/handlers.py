@@ -50,7 +50,13 @@ import kopf
 from qtrader.bus.errors import BusUnavailable, TopologyError
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltLatch, PolicyRevision, RiskAlert, TradingState
+from qtrader.contracts.messages import (
+    EmergencyStopView,
+    HaltLatch,
+    PolicyRevision,
+    RiskAlert,
+    TradingState,
+)
 from qtrader.contracts.policy import (
     API_GROUP,
     API_VERSION,
@@ -556,6 +562,9 @@ class _KopfChannel:
     def held_by(self) -> Sequence[str]:
         latch = self._runtime.latch
         return latch.held_by if latch is not None else ()
+
+    async def announce(self, view: EmergencyStopView) -> None:
+        await self._runtime.stacks.announce_view(view)  # every stop covers every stack
 
 
 async def _scale_when_confirmed(

@@ -33,9 +33,15 @@ from typing import Any
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltAck, HaltLatch, RiskAlert, Undecodable
+from qtrader.contracts.messages import (
+    EmergencyStopView,
+    HaltAck,
+    HaltLatch,
+    RiskAlert,
+    Undecodable,
+)
 from qtrader.control.ess_resource import EssTriggers
-from qtrader.control.halt_channel import AckCollector, publish_latch
+from qtrader.control.halt_channel import AckCollector, announce_view, publish_latch
 from qtrader.control.halt_combination import StopView, combine, next_latch
 from qtrader.control.risk_monitor import RiskMonitor
 from qtrader.local.control import heartbeat_forever
@@ -188,6 +194,11 @@ class Stacks:
             if current != in_force:  # a new revision, or a stack that lacks the one in force
                 await publish_latch(bus, in_force)
         return in_force, latch is not None
+
+    async def announce_view(self, view: EmergencyStopView) -> None:
+        """Tell every stack's live viewers a stop's status (each stop covers every stack)."""
+        for served in list(self._served.values()):
+            await announce_view(served.bus, view)
 
     # --- per stack --------------------------------------------------------------------------
 

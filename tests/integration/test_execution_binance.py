@@ -9,6 +9,7 @@ order flow, makes /health CRITICAL and raises the exchange-ban risk alert.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -23,6 +24,7 @@ from qtrader.local.nats_server import EmbeddedNats
 from qtrader_tools.simulators.binance_futures import SimAdmin, SimConfig
 from support.binance_sim import KEY, SECRET, sim_in_thread
 from support.flow import flowing, order_updates
+from support.ledger_check import last_snapshot
 from support.streams import read_all
 from support.workers import Worker, eventually, start_worker, stop_pipeline
 
@@ -197,3 +199,116 @@ async def test_an_order_a_ban_left_unknown_is_resolved_once_the_ban_is_over(
         heartbeat.cancel()
         await stop_pipeline(workers, nats_url=url)
         await bus.close()
+
+
+async def test_commissions_paid_in_bnb_are_valued_at_the_venues_bnb_price_when_charged(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """A BNB-burn account: each fill keeps its fee in BNB as the venue charged it, valued in
+    USDT at the venue's BNBUSDT price when its trades were read; a later price values later
+    fees only. The portfolio's equity is then complete, its BNB fees the venue's to the unit."""
+    config = SimConfig.from_dict({"prices": {"BTCUSDT": "30000", "BNBUSDT": "612.5"}})
+    url = nats_server.url
+    with sim_in_thread(config) as exchange_url, SimAdmin(exchange_url) as exchange:
+        exchange.transfer(KEY, "BNB", "2")
+        exchange.fee_burn(KEY, True)
+        bus = Bus(url=url, client_name="test-control")
+        await bus.connect()
+        await bus.ensure_topology()
+        await publish_policy(bus, POLICY)
+        await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+        heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2))
+        workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
+        execution = _execution(url, exchange_url, tmp_path)
+        workers.append(execution)
+        try:
+            async with flowing(bus):
+                await _until_trades(exchange, 2, execution)
+                await _until_published(url, 2, execution)
+                before = {f.fill_id for f in await _fills(url)}
+                exchange.price("BNBUSDT", "640")
+                moved_at = int(time.time() * 1000)  # the venue clock runs unskewed
+                await _until_trades(exchange, len(exchange.trades()) + 2, execution)
+        finally:
+            heartbeat.cancel()
+            await stop_pipeline(workers, nats_url=url)
+            await bus.close()
+        trades = {f"binance-BTCUSDT-{t['id']}": t for t in exchange.trades()}
+        fills = await _fills(url)
+    assert {f.fill_id for f in fills} == set(trades)
+    for fill in fills:
+        trade = trades[fill.fill_id]
+        assert (fill.fee, fill.fee_asset) == (Decimal(trade["commission"]), "BNB")
+        # Valued when read: a trade booked before the move and read after it takes either.
+        if fill.fill_id in before:
+            assert fill.fee_usdt == fill.fee * Decimal("612.5"), fill
+        elif int(trade["time"]) > moved_at:
+            assert fill.fee_usdt == fill.fee * Decimal("640"), fill
+        assert fill.fee_usdt in (fill.fee * Decimal("612.5"), fill.fee * Decimal("640"))
+    snapshot = await last_snapshot(url)
+    assert snapshot is not None
+    assert snapshot.unvalued_fees == ()
+    spent = sum((Decimal(t["commission"]) for t in trades.values()), Decimal(0))
+    assert {a.asset: a.amount for a in snapshot.fees_by_asset} == {"BNB": spent}
+
+
+async def _until_trades(exchange: SimAdmin, count: int, worker: Worker) -> None:
+    await eventually(
+        lambda: len(exchange.trades()) >= count,
+        timeout_s=30,
+        what=f"{count} trades at the exchange",
+        worker=worker,
+    )
+
+
+async def _fills(url: str) -> list[Fill]:
+    return await read_all(url, stream="QT_FILLS", subject="qtrader.fill.*", message_type=Fill)
+
+
+async def _until_published(url: str, count: int, worker: Worker) -> None:
+    deadline = asyncio.get_running_loop().time() + 30
+    while len(await _fills(url)) < count:
+        assert asyncio.get_running_loop().time() < deadline, worker.log()[-3000:]
+        await asyncio.sleep(0.1)
+
+
+async def test_a_worker_stopped_with_an_order_at_the_venue_publishes_its_fill_before_it_exits(
+    nats_server: EmbeddedNats, exchange: SimAdmin, tmp_path: Path
+) -> None:
+    """SIGTERM (a scale-down, the kill switch scaling execution to 0, a rollout) while an
+    order is booked and its trades are still being read: the worker finishes that order, fill
+    and final update, before it exits; it takes no further intent."""
+    url = nats_server.url
+    bus = Bus(url=url, client_name="test-control")
+    await bus.connect()
+    await bus.ensure_topology()
+    await publish_policy(bus, POLICY)
+    await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+    heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2))
+    portfolio = start_worker("portfolio", nats_url=url, log_dir=tmp_path)  # execution's equity
+    # Trades over REST, and the read of the first order's trades slow: the stop lands in it.
+    execution = _execution(url, exchange.base_url, tmp_path, "--no-user-stream")
+    try:
+        exchange.faults(
+            [{"route": "GET /fapi/v1/userTrades", "kind": "latency_ms", "latency_ms": 3000,
+              "next": 1}]
+        )  # fmt: skip
+        async with flowing(bus):
+            await eventually(
+                lambda: bool(exchange.trades()),
+                timeout_s=30,
+                what="an order booked and filled at the exchange",
+                worker=execution,
+            )
+        await asyncio.to_thread(execution.stop)  # SIGTERM, mid-read of its trades
+    finally:
+        heartbeat.cancel()
+        await stop_pipeline([execution, portfolio], nats_url=url)
+        await bus.close()
+    trades = exchange.trades()
+    fills = await _fills(url)
+    assert {f.fill_id for f in fills} == {f"binance-BTCUSDT-{t['id']}" for t in trades}
+    updates = await order_updates(url)
+    final = {u.client_order_id[:32] for u in updates if u.status.is_final}
+    booked = {str(o["clientOrderId"])[:32] for o in exchange.orders()}
+    assert booked <= final, "every order booked has its final update"

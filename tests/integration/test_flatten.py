@@ -30,6 +30,7 @@ from qtrader.contracts.messages import (
     OrderIntent,
     OrderStatus,
     OrderUpdate,
+    RefusedBy,
     Signal,
 )
 from qtrader.contracts.policy import parse_policy
@@ -215,7 +216,11 @@ async def test_a_trip_that_flattens_closes_the_position_and_sends_nothing_else(
         if u.intent_id != flatten[0].intent_id and u.ts_ms > acked_at.get(u.worker_id, 0)
     ]
     assert after == []
-    refused = [u for u in updates if u.exchange == "halt-gate" and u.ts_ms > min(acked_at.values())]
+    refused = [
+        u
+        for u in updates
+        if u.refused_by is RefusedBy.HALT_GATE and u.ts_ms > min(acked_at.values())
+    ]
     denied = sum(w.metric("qtrader_signals_denied_total", reason="halted") for w in workers[:2])
     assert refused or denied > 0  # orders were still asked for, and refused
 

@@ -19,6 +19,7 @@ from qtrader.contracts.messages import (
     HaltAck,
     HaltLatch,
     OrderStatus,
+    RefusedBy,
     TradingState,
 )
 from qtrader.contracts.policy import parse_policy
@@ -102,7 +103,7 @@ async def test_trip_while_signals_flow_then_all_ack_and_no_order_after_any_ack(
                 assert update.ts_ms <= ack.ts_ms, f"{update.client_order_id} filled after its ack"
         denied = sum(w.metric("qtrader_signals_denied_total", reason="halted") for w in workers)
         assert denied > 0, "signals kept coming after the acknowledgements and were denied"
-        refused = [u for u in updates if u.exchange == "halt-gate"]
+        refused = [u for u in updates if u.refused_by is RefusedBy.HALT_GATE]
         assert all("HALTED" in (u.reason or "") for u in refused)
         assert all(a.revision == latch.revision for a in acks.values())
         for worker in workers[1:]:

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,43 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from support.local_up import QTRADER, cmdline, find_process
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-QTRADER = str(Path(sys.executable).parent / "qtrader")
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            found += [child, *_descendants(child)]
-    return found
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    except OSError:
-        return []
-
-
-def _find(up_pid: int, what: str, *, timeout_s: float = 30.0) -> int:
-    """The pid of the process under ``qtrader up`` whose command names ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for pid in _descendants(up_pid):
-            line = _cmdline(pid)
-            if any(Path(part).name == what for part in line) or (
-                "qtrader" in line and what in line
-            ):
-                return pid
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} process under qtrader up ({up_pid})")
 
 
 @contextmanager
@@ -77,8 +44,8 @@ def _up(tmp_path: Path, duration_s: int) -> Iterator[subprocess.Popen[str]]:
 
 def test_a_killed_broker_and_workload_are_restarted_and_reported(tmp_path: Path) -> None:
     with _up(tmp_path, duration_s=45) as up:
-        nats = _find(up.pid, "nats-server")
-        execution = _find(up.pid, "execution")
+        nats = find_process(up.pid, "nats-server")
+        execution = find_process(up.pid, "execution")
         time.sleep(8)  # trading
         os.kill(nats, signal.SIGKILL)
         time.sleep(5)
@@ -104,8 +71,8 @@ def test_a_killed_broker_and_workload_are_restarted_and_reported(tmp_path: Path)
 
 def test_a_workload_that_cannot_come_back_makes_up_exit_non_zero(tmp_path: Path) -> None:
     with _up(tmp_path, duration_s=25) as up:
-        execution = _find(up.pid, "execution")
-        line = _cmdline(execution)
+        execution = find_process(up.pid, "execution")
+        line = cmdline(execution)
         port = int(line[line.index("--health-port") + 1])
         time.sleep(5)
         with socket.socket() as squatter:  # its health port taken: every restart fails

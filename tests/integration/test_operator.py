@@ -23,6 +23,7 @@ import pytest
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    EmergencyStopView,
     HaltLatch,
     OrderStatus,
     PolicyRevision,
@@ -31,6 +32,7 @@ from qtrader.contracts.messages import (
     RiskAlertKind,
     TradingState,
 )
+from qtrader.control.ess_status import parse_time
 from qtrader.instruments import ExchangeInfo
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader_tools import metrics
@@ -813,6 +815,58 @@ async def test_two_policies_each_publish_to_their_own_stack_and_share_every_stop
         )
         await _until_latches(url, TradingState.HALTED, what="both halted by the other's alert")
         assert _stop_status(cluster)["trippedBy"] == "risk:exchange_ban"
+
+
+async def test_the_stops_view_reaches_the_viewers_of_every_stack_with_its_cooldown(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    views: dict[str, list[EmergencyStopView]] = {STACK: [], OTHER_STACK: []}
+    readers = [Bus(url=url, client_name=f"test-viewer-{stack}", stack=stack) for stack in views]
+    tasks = []
+    for reader, stack in zip(readers, views, strict=True):
+        await reader.connect()
+
+        async def seen(view: EmergencyStopView, stack: str = stack) -> None:
+            views[stack].append(view)
+
+        tasks.append(
+            asyncio.create_task(
+                reader.subscribe(subjects.CONTROL_ESS_STATUS, EmergencyStopView, seen, label="t")
+            )
+        )
+    try:
+        async with _operator(url):
+            await cluster.apply(STOPS, _stop(cooldownSeconds=60))
+            await cluster.apply(POLICIES, _policy())
+            await cluster.apply(POLICIES, _other_policy())
+
+            def in_both(state: str) -> bool:
+                return all(any(v.state == state for v in seen) for seen in views.values())
+
+            await _eventually(lambda: in_both("Armed"), timeout_s=15, what="Armed in both stacks")
+            await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "viewers"}})
+            await _eventually(lambda: in_both("Tripped"), timeout_s=10, what="Tripped in both")
+            # kopf patches the status once the handler that sent the view has returned.
+            status = await _eventually(
+                lambda: _stop_status(cluster).get("trippedAt") and _stop_status(cluster),
+                timeout_s=10,
+                what="the stop's status",
+            )
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for reader in readers:
+            await reader.close()
+    for seen in views.values():
+        view = next(v for v in seen if v.state == "Tripped")
+        assert (view.name, view.reason, view.tripped_by) == ("main", "viewers", "kubectl")
+        assert view.latch is TradingState.HALTED
+        assert view.cooldown_until_ms is not None
+        assert view.tripped_at_ms is not None
+        assert view.cooldown_until_ms - view.tripped_at_ms == 60_000
+        assert view.tripped_at_ms == round(parse_time(status["trippedAt"]).timestamp() * 1000)
 
 
 async def _kv_policy_unscoped(url: str) -> PolicyRevision | None:

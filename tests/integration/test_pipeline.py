@@ -19,13 +19,13 @@ import pytest
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
-    BOOK_NAME,
     Candle,
     CandleSource,
     Fill,
     OrderIntent,
     OrderStatus,
     OrderUpdate,
+    RefusedBy,
     Signal,
     TradingState,
 )
@@ -181,7 +181,7 @@ async def test_pipeline_when_candles_flow_then_portfolio_matches_the_fills(
             u
             for u in finals.values()
             if u.status not in _FILLED_OR_EXPIRED
-            and u.exchange != BOOK_NAME
+            and u.refused_by is not RefusedBy.EXPOSURE_BOOK
             and "reduce_only" not in (u.reason or "")
         ]
         assert others == [], [(u.status, u.reason) for u in others]

@@ -8,8 +8,9 @@ cap, NaN, wrong kinds, and each message type's valid body with one Decimal repla
 ``"1e999"``, ``"NaN"``, ``"Infinity"`` or ``"1e-999"`` and its timestamps pushed past year 9999.
 
 Then: every process is alive, none became CRITICAL, every consumer counted its rejections in
-``qtrader_messages_rejected_total``, no order was sent, the portfolio applied no fill and its
-equity is unchanged, and the EmergencyStop did not trip (the latch is the one written before).
+``qtrader_messages_rejected_total``, no order was sent, the portfolio applied no fill and no
+account entry and its equity is unchanged, and the EmergencyStop did not trip (the latch is the
+one written before).
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ async def test_poison_on_every_subject_crashes_nothing_changes_nothing_and_is_co
         assert execution.metric("qtrader_order_intents_total", side="BUY") == 0
         assert execution.metric("qtrader_order_intents_total", side="SELL") == 0
         assert portfolio.metric("qtrader_portfolio_fills_applied_total") == 0
+        assert portfolio.metric("qtrader_portfolio_entries_applied_total") == 0
         assert portfolio.metric("qtrader_portfolio_equity_usd") == equity_before
         assert inference.process.poll() is None
         kept = await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)

@@ -1,7 +1,9 @@
-"""The portfolio never skips a fill silently, and starts from its checkpoints.
+"""The portfolio never skips a fill or an account entry silently, and starts from its
+checkpoints.
 
-Real portfolio processes on a real nats-server; the test publishes the fills (it plays the
-venue) and reads back what the portfolio wrote: snapshots, checkpoints, risk alerts, /health.
+Real portfolio processes on a real nats-server; the test publishes the fills and the account
+entries (it plays the venue and execution's reading of its income) and reads back what the
+portfolio wrote: snapshots, checkpoints, risk alerts, /health.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import pytest
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    AccountEntry,
     Fill,
+    IncomeType,
     PortfolioCheckpoint,
     PortfolioSnapshot,
     RiskAlert,
     RiskAlertKind,
     Side,
+    account_entry_id,
 )
 from qtrader.contracts.policy import parse_policy
 from qtrader.local.control import publish_policy
@@ -67,9 +72,46 @@ def venue_fill(index: int, *, quantity: str | None = None) -> Fill:
     )
 
 
-async def publish(bus: Bus, fills: list[Fill]) -> None:
-    for fill in fills:
-        await bus.publish(subjects.fill_subject(fill.symbol), fill)
+# Every seventh message an account entry: funding of both signs, transfers in and out, in BNB
+# too (kept in BNB), and other income.
+ENTRY_KINDS = [
+    (IncomeType.FUNDING_FEE, "USDT", "-0.41250000"),
+    (IncomeType.FUNDING_FEE, "USDT", "0.12345678"),
+    (IncomeType.TRANSFER, "USDT", "250"),
+    (IncomeType.TRANSFER, "USDT", "-75.5"),
+    (IncomeType.TRANSFER, "BNB", "0.5"),
+    (IncomeType.FUNDING_FEE, "BNB", "-0.00001"),
+    (IncomeType.COMMISSION_REBATE, "USDT", "0.03"),
+]
+
+
+def venue_entry(index: int) -> AccountEntry:
+    kind, asset, amount = ENTRY_KINDS[index % len(ENTRY_KINDS)]
+    return AccountEntry(
+        entry_id=account_entry_id(kind, str(9_000 + index)),
+        income_type=kind,
+        symbol="BTCUSDT" if kind is IncomeType.FUNDING_FEE else None,
+        asset=asset,
+        amount=Decimal(amount),
+        ts_ms=1_700_000_000_000 + index,
+    )
+
+
+def with_entries(fills: list[Fill]) -> list[Fill | AccountEntry]:
+    stream: list[Fill | AccountEntry] = []
+    for index, fill in enumerate(fills, start=1):
+        stream.append(fill)
+        if index % 7 == 0:
+            stream.append(venue_entry(index // 7))
+    return stream
+
+
+async def publish(bus: Bus, messages: list[Fill] | list[Fill | AccountEntry]) -> None:
+    for message in messages:
+        if isinstance(message, Fill):
+            await bus.publish(subjects.fill_subject(message.symbol), message)
+        else:
+            await bus.publish(subjects.ACCOUNT_ENTRY, message)
 
 
 async def checkpoints(url: str) -> list[PortfolioCheckpoint]:
@@ -99,6 +141,18 @@ def source_of(worker: Worker) -> str:
     return f"portfolio/{socket.gethostname()}-{worker.process.pid}"
 
 
+async def started(worker: Worker) -> str:
+    """The ledger's /health detail once the worker has read the policy and its checkpoints
+    (its /healthz answers before it has connected to NATS)."""
+    await eventually(
+        lambda: worker.dependency("ledger").get("detail") != "waiting for policy",
+        timeout_s=15,
+        what="the portfolio started",
+        worker=worker,
+    )
+    return str(worker.dependency("ledger")["detail"])
+
+
 def exact(checkpoint: PortfolioCheckpoint) -> bytes:
     """Every figure of the ledger, as text (exponents included): only who and when left out."""
     return checkpoint.model_copy(update={"source": "", "ts_ms": 0}).encode()
@@ -120,7 +174,8 @@ async def test_restart_mid_burst_from_a_checkpoint_equals_a_full_replay_exactly(
 ) -> None:
     url = nats_server.url
     bus = await connect(url)
-    fills = [venue_fill(i) for i in range(1, 1_201)]
+    fills = with_entries([venue_fill(i) for i in range(1, 1_201)])
+    entries = sum(1 for m in fills if isinstance(m, AccountEntry))
     first = start_worker("portfolio", nats_url=url, log_dir=tmp_path)
     workers = [first]
     try:
@@ -134,7 +189,7 @@ async def test_restart_mid_burst_from_a_checkpoint_equals_a_full_replay_exactly(
 
         restarted = start_worker("portfolio", nats_url=url, log_dir=tmp_path)
         workers.append(restarted)
-        detail = str(restarted.dependency("ledger")["detail"])
+        detail = await started(restarted)
         assert "restored the checkpoint through FILLS sequence" in detail
         assert "through FILLS sequence 0" not in detail
         tail = await checkpoint_through(url, len(fills), source=source_of(restarted))
@@ -144,16 +199,20 @@ async def test_restart_mid_burst_from_a_checkpoint_equals_a_full_replay_exactly(
         await purge_stream(url, subjects.CHECKPOINTS.name)
         clean = start_worker("portfolio", nats_url=url, log_dir=tmp_path)
         workers.append(clean)
-        assert "no checkpoint yet" in str(clean.dependency("ledger")["detail"])
+        assert "no checkpoint yet" in await started(clean)
         full = await checkpoint_through(url, len(fills), source=source_of(clean))
         clean.stop()
     finally:
         for worker in workers:
             worker.stop()
         await bus.close()
-    assert tail.fills_applied == full.fills_applied == len(fills)
+    assert tail.fills_applied == full.fills_applied == len(fills) - entries
+    assert tail.entries_applied == full.entries_applied == entries
     assert exact(tail) == exact(full)
     assert {a.asset for a in full.unvalued_fees} == {"BNB"}  # some BNB fees have no USDT value
+    assert {a.asset for a in full.unvalued_income} == {"BNB"}  # BNB funding is not valued
+    assert full.funding_usdt != 0
+    assert full.transfers_usdt != 0
 
 
 @pytest.mark.invariants_exempt(
@@ -176,6 +235,7 @@ async def test_start_when_newest_checkpoint_does_not_decode_then_falls_back_and_
 
         second = start_worker("portfolio", nats_url=url, log_dir=tmp_path)
         workers.append(second)
+        await started(second)
         ledger = second.dependency("ledger")
         assert ledger["status"] == "DEGRADED", ledger
         assert "restored the checkpoint through FILLS sequence 60" in str(ledger["detail"])
@@ -282,3 +342,71 @@ async def test_fill_the_ledger_cannot_apply_stops_the_portfolio_loudly_until_a_p
         for worker in workers:
             worker.stop()
         await bus.close()
+
+
+@pytest.mark.invariants_exempt(
+    "exposure",
+    "orders",
+    "duplicates",
+    reason="the test plays the venue and stores one account entry id twice with other amounts",
+)
+async def test_entry_the_ledger_cannot_apply_stops_the_portfolio_as_a_fill_does(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    bus = await connect(url)
+    fills = [venue_fill(i) for i in range(1, 7)]
+    funding = venue_entry(0)
+    conflicting = funding.model_copy(update={"amount": Decimal("-99")})  # the same id, otherwise
+    worker = start_worker("portfolio", nats_url=url, log_dir=tmp_path)
+    workers = [worker]
+    try:
+        await publish(bus, [*fills[:3], funding])
+        await publish_raw(url, subjects.ACCOUNT_ENTRY, conflicting.encode(), msg_id="again")
+        await publish(bus, fills[3:])  # FILLS sequence 5 was the conflicting entry
+        await eventually(
+            lambda: worker.dependency("ledger")["status"] == "CRITICAL",
+            timeout_s=15,
+            what="ledger CRITICAL",
+            worker=worker,
+        )
+        detail = str(worker.dependency("ledger")["detail"])
+        assert f"FILLS sequence 5: account entry {funding.entry_id}" in detail
+        assert "other content" in detail
+        assert worker.metric("qtrader_portfolio_entries_refused_total") == 1
+        assert worker.metric("qtrader_portfolio_ledger_stuck") == 1
+        await asyncio.sleep(1.0)  # and nothing later is applied
+        snapshot = await last_snapshot(url)
+        assert snapshot is not None
+        assert (snapshot.fills_applied, snapshot.entries_applied) == (3, 1)
+        assert snapshot.funding == funding.amount
+        alerts = await read_all(
+            url,
+            stream=subjects.RISK.name,
+            subject=subjects.risk_alert_subject(RiskAlertKind.LEDGER.value),
+            message_type=RiskAlert,
+        )
+        assert [funding.entry_id in a.detail for a in alerts] == [True]
+        worker.stop()
+
+        decided = start_worker(
+            "portfolio", nats_url=url, log_dir=tmp_path, args=("--skip-fill", "5")
+        )
+        workers.append(decided)
+        final = await _applied_all(url, len(fills))
+        assert (final.entries_applied, final.funding) == (1, funding.amount)
+        assert decided.metric("qtrader_portfolio_fills_skipped_total") == 1
+    finally:
+        for one in workers:
+            one.stop()
+        await bus.close()
+
+
+async def _applied_all(url: str, fills: int) -> PortfolioSnapshot:
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        snapshot = await last_snapshot(url)
+        if snapshot is not None and snapshot.fills_applied >= fills:
+            return snapshot
+        assert asyncio.get_running_loop().time() < deadline, "fills not applied"
+        await asyncio.sleep(0.2)

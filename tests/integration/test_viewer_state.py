@@ -2,8 +2,10 @@
 
 The portfolio runs as a process on a real nats-server while the stop is HALTED; a websockets
 client connects and must learn that at once (the state message), the same risk alert published
-twice must reach it once, and a browser page of another origin must be refused. The keep-alive
-is checked on the viewer app served by uvicorn with a short interval.
+twice must reach it once, and a browser page of another origin must be refused. With the local
+control plane running in this process, a viewer learns each stop's status (who tripped it,
+why, its cooldown) and every worker's health, on connect and as they change. The keep-alive is
+checked on the viewer app served by uvicorn with a short interval.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +29,10 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import RiskAlert, RiskAlertKind, TradingState
 from qtrader.contracts.policy import parse_policy
+from qtrader.control.ess_resource import parse_emergency_stop
+from qtrader.local import ess_client
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
+from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader.viewer import FanoutHub, create_viewer_app
 from support.workers import Worker, eventually, start_worker
@@ -135,6 +141,99 @@ async def test_viewer_when_origin_is_foreign_then_refused_and_own_origin_served(
         assert (await _next(ws))["events"][0]["kind"] == "state"
     async with connect(url) as ws:  # no Origin: not a browser
         assert (await _next(ws))["seq"] == 0
+
+
+POLICY = {
+    "apiVersion": "qtrader.dev/v1alpha1",
+    "kind": "TradingPolicy",
+    "metadata": {"name": "viewer-test"},
+    "spec": {"mode": "paper", "symbols": ["BTCUSDT"]},
+}
+STOP = {
+    "apiVersion": "qtrader.dev/v1alpha1",
+    "kind": "EmergencyStop",
+    "metadata": {"name": "main"},
+    "spec": {"cooldownSeconds": 60, "requireManualReset": True},
+}
+
+
+@pytest.fixture
+async def controlled_portfolio(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> AsyncIterator[tuple[Worker, Bus]]:
+    """A portfolio worker under the local control plane (in this process), as ``qtrader up``
+    runs them."""
+    bus = Bus(url=nats_server.url, client_name="test-control")
+    await bus.connect()
+    await bus.ensure_topology()
+    await publish_policy(bus, parse_policy(POLICY))
+    control = LocalControlPlane(bus, resource=parse_emergency_stop(STOP))
+    await control.start()
+    tasks = [
+        asyncio.create_task(control.run()),
+        asyncio.create_task(heartbeat_forever(bus, issued_by="test")),
+    ]
+    worker = start_worker("portfolio", nats_url=nats_server.url, log_dir=tmp_path)
+    try:
+        yield worker, bus
+    finally:
+        worker.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await bus.close()
+
+
+async def _state_with_stop_and_health(port: int) -> dict[str, Any]:
+    """The state a viewer gets on connect, once the portfolio has heard the stop and itself."""
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        async with connect(f"ws://127.0.0.1:{port}/events") as ws:
+            state: dict[str, Any] = (await _next(ws))["events"][0]
+        if state["stops"] and state["workloads"]:
+            return state
+        assert asyncio.get_running_loop().time() < deadline, state
+        await asyncio.sleep(0.5)
+
+
+async def test_viewer_when_a_stop_trips_then_told_who_why_since_when_and_until_when(
+    controlled_portfolio: tuple[Worker, Bus],
+) -> None:
+    worker, bus = controlled_portfolio
+    state = await _state_with_stop_and_health(worker.port)
+    [stop] = state["stops"]
+    assert (stop["name"], stop["state"], stop["cooldown_until_ms"]) == ("main", "Armed", None)
+    [report] = state["workloads"]
+    assert (report["service"], report["interval_s"]) == ("portfolio", 2.0)
+    assert {d["name"] for d in report["dependencies"]} >= {"nats", "policy", "ledger"}
+    assert abs(state["now_ms"] - time.time() * 1000) < 5_000
+    async with connect(f"ws://127.0.0.1:{worker.port}/events") as ws:
+        await _next(ws)  # the state
+        await ess_client.trip(
+            bus, name="main", reason="viewer drill", mode=None, tripped_by="cli:t", timeout_s=3
+        )
+        view = await _next_of_kind(ws, "emergency_stop_view")
+        reports = [await _next_of_kind(ws, "workload_health") for _ in range(2)]
+    status = (await ess_client.read_record(bus, "main")).ess_status()
+    assert status.tripped_at is not None
+    assert (view["state"], view["tripped_by"], view["reason"]) == (
+        "Tripped",
+        "cli:t",
+        "viewer drill",
+    )
+    assert view["tripped_at_ms"] == round(status.tripped_at.timestamp() * 1000)
+    assert view["cooldown_until_ms"] - view["tripped_at_ms"] == 60_000
+    assert view["require_manual_reset"] is True
+    assert view["latch"] == "HALTED"
+    assert 1.0 < (reports[1]["ts_ms"] - reports[0]["ts_ms"]) / 1000 < 4.0  # every 2 s
+
+
+async def _next_of_kind(ws: ClientConnection, kind: str) -> dict[str, Any]:
+    while True:
+        batch = await _next(ws, timeout_s=10)
+        for event in batch["events"]:
+            if event["kind"] == kind:
+                return dict(event)
 
 
 class _InLoopServer(uvicorn.Server):

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -88,13 +89,62 @@ def test_alert_rules_when_broken_then_promtool_test_fails(tmp_path: Path) -> Non
     assert "QtraderOutboxStuck" in result.stdout + result.stderr
 
 
-def test_alert_rules_when_listed_then_every_required_alert_is_there() -> None:
+def _alerts() -> dict[str, dict[str, Any]]:
     groups = yaml.safe_load(ALERTS.read_text())["groups"]
-    alerts = {rule["alert"]: rule for group in groups for rule in group["rules"]}
+    return {rule["alert"]: rule for group in groups for rule in group["rules"]}
+
+
+def test_alert_rules_when_listed_then_every_required_alert_is_there() -> None:
+    alerts = _alerts()
     assert alerts.keys() >= REQUIRED_ALERTS
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
-        assert rule["annotations"]["summary"], name
+    expressions = [" ".join(rule["expr"].split()) for rule in alerts.values()]
+    assert len(set(expressions)) == len(expressions), "two alerts on one expression"
+
+
+def runbook_problems(rule: dict[str, Any]) -> list[str]:
+    """What keeps an alert from saying, in a line each, what it means (``summary``) and the
+    first thing to do (``runbook``, with the command to run in backticks)."""
+    annotations = rule.get("annotations", {})
+    problems = []
+    for key in ("summary", "runbook"):
+        text = str(annotations.get(key, "")).strip()
+        if not text:
+            problems.append(f"no {key}")
+        elif "\n" in text:
+            problems.append(f"a {key} of more than one line")
+    if annotations.get("runbook") and "`" not in annotations["runbook"]:
+        problems.append("no command in the runbook")
+    return problems
+
+
+def test_alert_rules_when_listed_then_each_has_a_one_line_summary_and_runbook() -> None:
+    """The PrometheusRule renders this file verbatim (tested below), so this holds for it too."""
+    alerts = _alerts()
+    problems = {name: found for name, rule in alerts.items() if (found := runbook_problems(rule))}
+    assert not problems, problems
+
+
+def test_runbook_problems_when_missing_multi_line_or_vague_then_found() -> None:
+    """The check can fail."""
+    assert runbook_problems({"annotations": {"summary": "Down"}}) == ["no runbook"]
+    two_lines = {"summary": "Down\nreally", "runbook": "Look at `kubectl get pods`."}
+    assert runbook_problems({"annotations": two_lines}) == ["a summary of more than one line"]
+    vague = {"summary": "Down", "runbook": "Check the pod."}
+    assert runbook_problems({"annotations": vague}) == ["no command in the runbook"]
+    concrete = {"summary": "Down", "runbook": "Run `qtrader health`."}
+    assert runbook_problems({"annotations": concrete}) == []
+
+
+def test_alert_cases_when_listed_then_each_alert_fires_in_one_and_stays_silent_in_another() -> None:
+    """alerts_test.yaml has, for every alert, a moment it must fire and one it must not."""
+    cases = yaml.safe_load((HERE / "alerts_test.yaml").read_text())
+    checks = [check for case in cases["tests"] for check in case["alert_rule_test"]]
+    fires = {check["alertname"] for check in checks if check.get("exp_alerts")}
+    silent = {check["alertname"] for check in checks if not check.get("exp_alerts")}
+    assert set(_alerts()) - fires == set(), "alerts without a case that fires"
+    assert set(_alerts()) - silent == set(), "alerts without a case that stays silent"
 
 
 def render(chart: Path, values: dict[str, object]) -> dict[str, str]:

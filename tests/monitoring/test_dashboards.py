@@ -169,3 +169,29 @@ def test_dashboard_queries_when_checked_by_promtool_then_parse(tmp_path: Path) -
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Panels of a quantity with a known limit or target draw it as a line, so the eye finds a
+# breach without reading a number: the rule's or the requirement's figure, not decoration.
+LIMIT_LINES = {
+    "exchange.json": {"Weight used (share of limit)": [0.8, 0.95]},
+    "ess.json": {
+        "Trading state per worker": [1, 2],  # REDUCING, HALTED
+        "Halt latency (issued to in force), p50 / p99": [0.5, 1],
+    },
+    "pipeline.json": {
+        "Signal decision latency": [0.25, 2],  # signal-flood's p50 and p99 bounds
+        "NATS connection": [1],
+        "Consumer lag": [100, 1000],  # 1000: the consumers' max ack pending
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(LIMIT_LINES))
+def test_panels_with_a_limit_when_loaded_then_draw_it(name: str) -> None:
+    panels = {p["title"]: p for p in json.loads((DASHBOARDS / name).read_text())["panels"]}
+    for title, limits in LIMIT_LINES[name].items():
+        defaults = panels[title]["fieldConfig"]["defaults"]
+        drawn = [s["value"] for s in defaults["thresholds"]["steps"] if s["value"] is not None]
+        assert drawn == limits, title
+        assert defaults["custom"]["thresholdsStyle"]["mode"] != "off", title

@@ -8,7 +8,8 @@ scraped. A family that exists but has no sample yet (a labelled counter nothing 
 still shows as ``# HELP``/``# TYPE`` lines, which count. Names of the operator's own metrics
 (``qtrader_operator_*``, the halt alert reads them while execution runs no replica) come from
 its collector with one stop, one policy and a latch (tests/integration/test_operator.py scrapes
-them from a running operator); ``up`` is Prometheus's own.
+them from a running operator); ``up`` and ``ALERTS`` (which the health alerts read to stay
+silent while an alert naming the cause fires) are Prometheus's own.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.integration
 
 ROLES = ("marketdata", "inference", "execution", "portfolio")
 DASHBOARD_FILES = {"trading-overview.json", "pipeline.json", "exchange.json", "ess.json"}
-PROMETHEUS_OWN = {"up"}  # a scrape's own series
+PROMETHEUS_OWN = {"up", "ALERTS"}  # a scrape's own series, and the rules' alerts
 
 
 def _operator_names() -> set[str]:
@@ -209,6 +210,12 @@ async def test_ess_metrics_when_halted_then_one_revision_ack_and_only_the_new_la
         in marketdata.get("/metrics").text
     )
     assert marketdata.metric("qtrader_market_data_last_candle_age_seconds", symbol="BTCUSDT") < 5
+    # Already there at 0: increase() counts only from a series' first sample, so one that
+    # appeared at 1 on the first HALTED acknowledgement showed no acknowledgement at all.
+    exposition = execution.get("/metrics").text
+    assert 'qtrader_halt_revision_acks_total{state="HALTED"} 0.0' in exposition
+    assert 'qtrader_halt_revision_acks_total{state="REDUCING"} 0.0' in exposition
+    assert "\nqtrader_halt_latch_state 0.0\n" in exposition  # the latch the control plane wrote
 
     await write_latch(control_plane, state=TradingState.HALTED, reason="test", issued_by="test")
     await eventually(
@@ -221,4 +228,5 @@ async def test_ess_metrics_when_halted_then_one_revision_ack_and_only_the_new_la
     assert execution.metric("qtrader_halt_revision_acks_total", state="HALTED") == 1
     assert execution.metric("qtrader_halt_revision_acks_total", state="ACTIVE") == 1
     assert execution.metric("qtrader_halt_apply_seconds_count") == 1
+    assert execution.metric("qtrader_halt_latch_state") == 2
     assert execution.metric("qtrader_halt_apply_seconds_sum") < 2.0

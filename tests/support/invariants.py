@@ -13,9 +13,10 @@ code's own rules (``qtrader_tools.stress``), never a second copy of them:
   repeat is a publish the server should have dropped), at most one final update per intent,
   and every fill belongs to an order update of its client order id
   (``qtrader_tools.stress.stream_audit``);
-* the portfolio's last snapshot equals an exact (Fraction) account of the fills it says it
-  applied (``qtrader_tools.exact.ledger_mismatches``), once it has applied every fill stored
-  (waited for, with a deadline). Its marks are the ones it shows, each of which must be a close
+* the portfolio's last snapshot equals an exact (Fraction) account of the fills and account
+  entries (funding, transfers) it says it applied (``qtrader_tools.exact.ledger_mismatches``),
+  once it has applied every fill and entry stored (waited for, with a deadline); no entry id is
+  stored twice either. Its marks are the ones it shows, each of which must be a close
   the MARKET stream stored for the symbol (or its first fill's price, before any candle): a
   stack that still trades moves its marks between two reads, so no later close is required.
 
@@ -41,6 +42,7 @@ import httpx
 
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    AccountEntry,
     Candle,
     Fill,
     MessageRejected,
@@ -67,7 +69,7 @@ from qtrader_tools.stress.invariants import (
 from qtrader_tools.stress.stream_audit import audit_orders, duplicates
 from support.streams import kv_get_raw, kv_keys, last_stored, read_decodable
 
-M = TypeVar("M", Fill, Candle, OrderIntent, OrderUpdate)
+M = TypeVar("M", Fill, AccountEntry, Candle, OrderIntent, OrderUpdate)
 
 SETTLE_S = 10.0  # how long the portfolio may take to apply the last fill stored
 POLL_S = 0.1
@@ -78,6 +80,7 @@ class Check(enum.StrEnum):
     DUPLICATES = "duplicates"  # no fill, update or intent stored twice
     ORDERS = "orders"  # one final update per intent; every fill of an updated order
     LEDGER = "ledger"  # the portfolio's snapshot against the exact account of FILLS
+    # (its fills and account entries)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +111,7 @@ class TradingRecords:
     closes: Mapping[str, frozenset[Decimal]]  # every close the MARKET stream stored, by symbol
     snapshot: PortfolioSnapshot | None  # the last one stored; None when no portfolio ran
     venues: Sequence[VenueRecords] = ()  # empty in paper mode: FILLS is the venue's record
+    entries: Sequence[AccountEntry] = ()  # the account entries on FILLS (testnet and live)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,6 +189,9 @@ def _stream_problems(records: TradingRecords) -> list[Problem]:
         (Check.DUPLICATES, "fills repeating a fill id on FILLS"): duplicates(
             f.fill_id for f in records.fills
         ),
+        (Check.DUPLICATES, "account entries repeating an entry id on FILLS"): duplicates(
+            e.entry_id for e in records.entries
+        ),
         (Check.DUPLICATES, "order updates repeating a dedup id"): duplicates(
             u.dedup_id for u in records.updates
         ),
@@ -208,16 +215,25 @@ def _ledger_problems(records: TradingRecords) -> tuple[list[Problem], list[str]]
     if snapshot is None:
         return [], ["no portfolio snapshot stored: the ledger was not checked"]
     applied = _first_of_each(records.fills)
-    if snapshot.fills_applied != len(applied):
-        behind = (
-            f"portfolio: the last snapshot applied {snapshot.fills_applied} fills, FILLS holds "
-            f"{len(applied)} distinct ones"
+    entries = _first_entries(records.entries)
+    behind = [
+        f"portfolio: the last snapshot applied {done} {what}, FILLS holds {stored} distinct ones"
+        for what, done, stored in (
+            ("fills", snapshot.fills_applied, len(applied)),
+            ("account entries", snapshot.entries_applied, len(entries)),
         )
-        return [Problem(check=Check.LEDGER, text=behind)], []
+        if done != stored
+    ]
+    if behind:
+        return [Problem(check=Check.LEDGER, text=text) for text in behind], []
     marks = {p.symbol: p.mark_price for p in snapshot.positions if p.quantity != 0}
     wrong = _mark_problems(marks, records.closes, applied)
     wrong += ledger_mismatches(
-        snapshot, applied, marks=marks, capital=records.spec.paper.initial_capital_usd
+        snapshot,
+        applied,
+        marks=marks,
+        capital=records.spec.paper.initial_capital_usd,
+        entries=entries,
     )
     return [
         Problem(check=Check.LEDGER, text=f"portfolio vs exact account of FILLS: {w}") for w in wrong
@@ -232,6 +248,17 @@ def _first_of_each(fills: Iterable[Fill]) -> list[Fill]:
         if fill.fill_id not in seen:
             seen.add(fill.fill_id)
             kept.append(fill)
+    return kept
+
+
+def _first_entries(entries: Iterable[AccountEntry]) -> list[AccountEntry]:
+    """The entries in stream order, each entry id once: what the ledger applies."""
+    seen: set[str] = set()
+    kept = []
+    for entry in entries:
+        if entry.entry_id not in seen:
+            seen.add(entry.entry_id)
+            kept.append(entry)
     return kept
 
 
@@ -323,11 +350,17 @@ async def read_records(
     settle_s: float = SETTLE_S,
 ) -> TradingRecords:
     fills = await _read(url, stack, subjects.FILLS, subjects.FILL_PREFIX, Fill)
-    snapshot = await _settled_snapshot(url, stack, len(_first_of_each(fills)), settle_s)
+    entries = await _read_entries(url, stack)
+    snapshot = await _settled_snapshot(
+        url, stack, (len(_first_of_each(fills)), len(_first_entries(entries))), settle_s
+    )
     if snapshot is not None and snapshot.fills_applied > len(fills):
         # Still trading: the snapshot saw fills stored after the first read.
         fills = await _read(url, stack, subjects.FILLS, subjects.FILL_PREFIX, Fill)
         fills = _first_of_each(fills)[: snapshot.fills_applied]
+    if snapshot is not None and snapshot.entries_applied > len(entries):
+        entries = await _read_entries(url, stack)  # booked at the venue after the first read
+        entries = _first_entries(entries)[: snapshot.entries_applied]
     candles = await _read(url, stack, subjects.MARKET, subjects.CANDLE_PREFIX, Candle)
     closes: dict[str, set[Decimal]] = defaultdict(set)
     for candle in candles:
@@ -340,7 +373,18 @@ async def read_records(
         closes={symbol: frozenset(c) for symbol, c in closes.items()},
         snapshot=snapshot,
         venues=venues,
+        entries=entries,
     )
+
+
+async def _read_entries(url: str, stack: str | None) -> list[AccountEntry]:
+    messages, _ = await read_decodable(
+        url,
+        stream=subjects.scoped_stream(stack, subjects.FILLS).name,
+        subject=subjects.scoped_subject(stack, subjects.ACCOUNT_ENTRY),
+        message_type=AccountEntry,
+    )
+    return messages
 
 
 async def _read(
@@ -356,16 +400,18 @@ async def _read(
 
 
 async def _settled_snapshot(
-    url: str, stack: str | None, fills: int, settle_s: float
+    url: str, stack: str | None, applied: tuple[int, int], settle_s: float
 ) -> PortfolioSnapshot | None:
-    """The last snapshot, once it has applied ``fills`` fills (or the last there is when the
-    deadline passes: the verdict then says how far behind it is)."""
+    """The last snapshot, once it has applied ``applied`` (fills, account entries), or the last
+    there is when the deadline passes: the verdict then says how far behind it is."""
     stream = subjects.scoped_stream(stack, subjects.PORTFOLIO).name
     subject = subjects.scoped_subject(stack, subjects.PORTFOLIO_SNAPSHOT)
     deadline = time.monotonic() + settle_s
     while True:
         snapshot = await _last_snapshot(url, stream, subject)
-        if snapshot is None or snapshot.fills_applied >= fills or time.monotonic() > deadline:
+        if snapshot is None or time.monotonic() > deadline:
+            return snapshot
+        if (snapshot.fills_applied, snapshot.entries_applied) >= applied:
             return snapshot
         await asyncio.sleep(POLL_S)
 
@@ -386,10 +432,13 @@ async def _last_snapshot(url: str, stream: str, subject: str) -> PortfolioSnapsh
 async def settle_portfolio(
     url: str, *, stack: str | None = None, timeout_s: float = SETTLE_S
 ) -> None:
-    """Wait (at most ``timeout_s``) for the portfolio to apply every fill stored: for a test
-    about to stop its workers, so the check after it finds the portfolio caught up."""
+    """Wait (at most ``timeout_s``) for the portfolio to apply every fill and account entry
+    stored: for a test about to stop its workers, so the check after it finds the portfolio
+    caught up."""
     fills = await _read(url, stack, subjects.FILLS, subjects.FILL_PREFIX, Fill)
-    await _settled_snapshot(url, stack, len(_first_of_each(fills)), timeout_s)
+    entries = await _read_entries(url, stack)
+    applied = (len(_first_of_each(fills)), len(_first_entries(entries)))
+    await _settled_snapshot(url, stack, applied, timeout_s)
 
 
 def read_venue(base_url: str) -> VenueRecords:

@@ -1,4 +1,5 @@
-"""An independent, exact account of a fill stream, to check the portfolio's ledger by.
+"""An independent, exact account of a fill stream and its account entries, to check the
+portfolio's ledger by.
 
 Everything is a ``Fraction``: no rounding anywhere, so what comes out is the mathematically exact
 figure, and the only rounding is the one a ``PortfolioSnapshot`` applies to its output (money to
@@ -12,7 +13,14 @@ The rules it implements (the ledger's contract, not its code):
   quantity-weighted mean; a fill against it realizes ``closed quantity x (price - average)``
   (sign by the position's side); a fill that crosses zero closes the position and opens the
   remainder on the other side at the fill price;
-* fees are summed as paid; equity is ``capital + realized - fees + unrealized``;
+* fees are summed as paid;
+* account entries (funding, transfers, other income) in USDT are summed by kind, funding also
+  per symbol; one in another asset is kept in that asset and counts in no USDT figure (it is
+  not valued); equity is ``capital + realized - fees + funding + transfers + other income +
+  unrealized``;
+* a transfer is capital moving, not a gain or a loss: the peak is scaled by the equity's ratio
+  after/before it when both are positive (the drawdown in percent stays what it was), else moved
+  by the amount;
 * a symbol is valued at its latest mark; one that has never had a mark is valued at the price of
   its first fill (the portfolio has no other price for it until a candle arrives);
 * the peak, the drawdown (``(peak - equity) / peak x 100`` below the peak, else 0) and the
@@ -26,7 +34,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 
-from qtrader.contracts.messages import Candle, Fill, PortfolioSnapshot
+from qtrader.contracts.messages import (
+    SETTLEMENT_ASSET,
+    AccountEntry,
+    Candle,
+    EntryCategory,
+    Fill,
+    PortfolioSnapshot,
+)
 
 USDT_STEP = Fraction(1, 10**8)  # a snapshot's money precision
 PCT_STEP = Fraction(1, 10**6)  # a snapshot's percentage precision
@@ -56,6 +71,12 @@ class ExactPortfolio:
     fees: Fraction = Fraction(0)
     counts: TradeCounts = field(default_factory=TradeCounts)
     fills: int = 0
+    # Account entries in USDT, by kind (funding also per symbol), and how many were booked.
+    funding: Fraction = Fraction(0)
+    funding_by_symbol: dict[str, Fraction] = field(default_factory=dict)
+    transfers: Fraction = Fraction(0)
+    other_income: Fraction = Fraction(0)
+    entries: int = 0
     # The peak and drawdowns cost a valuation of every position after each event; a replay
     # that needs only the final figures turns them off (the peak stays the capital, the
     # drawdowns 0).
@@ -97,6 +118,27 @@ class ExactPortfolio:
                 self.average[symbol] = price
         self._track()
 
+    def apply_entry(self, entry: AccountEntry) -> None:
+        self.entries += 1
+        if entry.asset != SETTLEMENT_ASSET:
+            return  # kept in its own asset: never valued, in no USDT figure
+        amount = Fraction(entry.amount)
+        if entry.category is EntryCategory.TRANSFER:
+            before = self.equity
+            self.transfers += amount
+            after = self.equity
+            scalable = before > 0 and after > 0
+            self.peak = self.peak * after / before if scalable else self.peak + amount
+        elif entry.category is EntryCategory.FUNDING:
+            assert entry.symbol is not None
+            self.funding += amount
+            self.funding_by_symbol[entry.symbol] = (
+                self.funding_by_symbol.get(entry.symbol, Fraction(0)) + amount
+            )
+        else:
+            self.other_income += amount
+        self._track()
+
     def mark(self, symbol: str, price: Decimal | Fraction) -> None:
         if price <= 0:
             raise ValueError(f"a mark must be positive: {symbol} {price}")
@@ -113,8 +155,13 @@ class ExactPortfolio:
         )
 
     @property
+    def wallet(self) -> Fraction:
+        booked = self.funding + self.transfers + self.other_income
+        return self.capital + self.realized - self.fees + booked
+
+    @property
     def equity(self) -> Fraction:
-        return self.capital + self.realized - self.fees + self.unrealized
+        return self.wallet + self.unrealized
 
     @property
     def drawdown_pct(self) -> Fraction:
@@ -131,6 +178,9 @@ class ExactPortfolio:
             "realized_pnl": usdt(self.realized),
             "unrealized_pnl": usdt(self.unrealized),
             "fees": usdt(self.fees),
+            "funding": usdt(self.funding),
+            "transfers": usdt(self.transfers),
+            "other_income": usdt(self.other_income),
             "equity": usdt(self.equity),
             "peak_equity": usdt(self.peak),
             "drawdown_pct": pct(self.drawdown_pct),
@@ -163,7 +213,8 @@ class ExactPortfolio:
 
 
 def _drawdown_pct(peak: Fraction, equity: Fraction) -> Fraction:
-    return (peak - equity) / peak * 100 if equity < peak else Fraction(0)
+    # A peak is not positive only once transfers took everything out: nothing left to fall.
+    return (peak - equity) / peak * 100 if equity < peak and peak > 0 else Fraction(0)
 
 
 def round_half_up(value: Fraction | Decimal, step: Fraction) -> Decimal:
@@ -212,15 +263,19 @@ def cents(value: Fraction | Decimal) -> Decimal:
 
 
 def replay(
-    fills: Iterable[Fill],
+    fills: Iterable[Fill | AccountEntry],
     *,
     capital: Fraction | Decimal,
     marks: Mapping[str, Decimal] | None = None,
 ) -> ExactPortfolio:
-    """The account after ``fills`` in order, then ``marks`` in their order."""
+    """The account after ``fills`` (and account entries among them) in order, then ``marks``
+    in their order."""
     account = ExactPortfolio(capital=Fraction(capital))
-    for fill in fills:
-        account.apply(fill)
+    for event in fills:
+        if isinstance(event, Fill):
+            account.apply(event)
+        else:
+            account.apply_entry(event)
     for symbol, price in (marks or {}).items():
         account.mark(symbol, price)
     return account
@@ -255,28 +310,46 @@ def ledger_mismatches(
     *,
     marks: Mapping[str, Decimal],
     capital: Decimal,
+    entries: Sequence[AccountEntry] = (),
 ) -> list[str]:
-    """What of the snapshot differs from the exact account of ``fills`` marked at ``marks``, to
-    the cent (quantities exactly). Shared by the stress scenarios and the integration tests'
-    invariant checker, so the rule is written once."""
+    """What of the snapshot differs from the exact account of ``fills`` and ``entries`` marked
+    at ``marks``, to the cent (quantities exactly). Shared by the stress scenarios and the
+    integration tests' invariant checker, so the rule is written once. The figures compared are
+    sums, so the entries may come after the fills here whatever their order on the stream."""
     if snapshot is None:
         return ["no portfolio snapshot"]
-    account = replay(fills, capital=capital, marks=marks)
+    account = replay([*fills, *entries], capital=capital, marks=marks)
     wrong = []
     if snapshot.fills_applied != len(fills):
         wrong.append(f"fills applied {snapshot.fills_applied} != {len(fills)} on FILLS")
+    if snapshot.entries_applied != len(entries):
+        wrong.append(f"entries applied {snapshot.entries_applied} != {len(entries)} on FILLS")
     for name, theirs, ours in (
         ("realized", snapshot.realized_pnl, account.realized),
         ("fees", snapshot.fees, account.fees),
+        ("funding", snapshot.funding, account.funding),
+        ("transfers", snapshot.transfers, account.transfers),
+        ("other income", snapshot.other_income, account.other_income),
         ("unrealized", snapshot.unrealized_pnl, account.unrealized),
         ("equity", snapshot.equity, account.equity),
     ):
         if cents(theirs) != cents(ours):
             wrong.append(f"{name} {cents(theirs)} != {cents(ours)}")
-    held = {p.symbol: Fraction(p.quantity) for p in snapshot.positions}
-    for symbol in sorted(set(held) | set(account.quantity)):
-        position = held.get(symbol, Fraction(0))
+    return wrong + _position_mismatches(snapshot, account)
+
+
+def _position_mismatches(snapshot: PortfolioSnapshot, account: ExactPortfolio) -> list[str]:
+    """Each symbol's quantity exactly, and its funding to the cent."""
+    wrong = []
+    held = {p.symbol: p for p in snapshot.positions}
+    for symbol in sorted(set(held) | set(account.quantity) | set(account.funding_by_symbol)):
+        view = held.get(symbol)
+        position = Fraction(view.quantity) if view else Fraction(0)
         expected = account.quantity.get(symbol, Fraction(0))
         if position != expected:
             wrong.append(f"{symbol} position {position} != {expected}")
+        funding = view.funding if view else Decimal(0)
+        expected_funding = account.funding_by_symbol.get(symbol, Fraction(0))
+        if cents(funding) != cents(expected_funding):
+            wrong.append(f"{symbol} funding {cents(funding)} != {cents(expected_funding)}")
     return wrong

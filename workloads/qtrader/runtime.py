@@ -8,27 +8,41 @@ the same way for all four roles:
 3. start the policy watcher and the role's tasks, each named, each guarded: a task that ends or
    fails stops the worker with a non-zero exit, so Kubernetes restarts it instead of leaving a
    half-alive process;
-4. on SIGTERM or SIGINT cancel everything and close the connection cleanly.
+4. on SIGTERM or SIGINT let a role that has work in flight finish it (``Draining``, at most
+   ``DRAIN_TIMEOUT_S``: execution's order at the venue), then cancel everything and close the
+   connection cleanly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from fastapi import FastAPI
 
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.bus.outbox import Outbox, OutboxUnwritable, open_outbox
-from qtrader.health.contract import DependencyHealth, HealthMonitor, Status, create_app, serve
+from qtrader.contracts import subjects
+from qtrader.health.contract import (
+    REFRESH_INTERVAL_S,
+    DependencyHealth,
+    HealthMonitor,
+    HealthReport,
+    Status,
+    create_app,
+    serve,
+)
 from qtrader.policy_watch import PolicyWatcher
 
 log = logging.getLogger(__name__)
@@ -68,7 +82,18 @@ class Role(Protocol):
     def tasks(self) -> dict[str, Task]: ...
 
 
+@runtime_checkable
+class Draining(Protocol):
+    """A role with work that must not be cut off by a stop (an order booked at the venue whose
+    fills are not yet published): ``drain`` returns once none is in flight, and the role takes
+    no more until its tasks are cancelled."""
+
+    async def drain(self) -> None: ...
+
+
 RoleFactory = Callable[[WorkerContext], Role]
+# Under Kubernetes' default 30 s grace period, with room for the rest of the shutdown.
+DRAIN_TIMEOUT_S = 10.0
 
 
 def configure_logging(service: str) -> None:
@@ -120,14 +145,19 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
             return 0
         coroutines = {
             "policy-watch": policy.run(),
-            "health-refresh": monitor.refresh_forever(),
+            "health-refresh": monitor.refresh_forever(
+                on_report=functools.partial(_announce_health, bus, worker_id=options.worker_id)
+            ),
             "outbox-replay": bus.replay_forever(),
         }
         coroutines.update(role.tasks())
         for name, coroutine in coroutines.items():
             tasks[name] = asyncio.create_task(coroutine, name=name)
         log.info("%s started (worker %s)", service, options.worker_id)
-        return await _supervise(tasks, stop)
+        code = await _supervise(tasks, stop)
+        if stop.is_set():
+            await _drain(role)
+        return code
     finally:
         for task in tasks.values():
             task.cancel()
@@ -184,6 +214,15 @@ async def _first_of(task: asyncio.Task[None], stop: asyncio.Event) -> None:
         task.result()
 
 
+async def _drain(role: Role) -> None:
+    if not isinstance(role, Draining):
+        return
+    try:
+        await asyncio.wait_for(role.drain(), DRAIN_TIMEOUT_S)
+    except TimeoutError:
+        log.error("work still in flight after %.0f s; stopping anyway", DRAIN_TIMEOUT_S)
+
+
 async def _supervise(tasks: dict[str, asyncio.Task[None]], stop: asyncio.Event) -> int:
     """Wait for a stop request or for any task to end; an ending task is a failure."""
     stopper = asyncio.create_task(stop.wait(), name="stop-wait")
@@ -199,6 +238,16 @@ async def _supervise(tasks: dict[str, asyncio.Task[None]], stop: asyncio.Event) 
         else:
             log.error("task %s ended unexpectedly", task.get_name())
     return 1
+
+
+async def _announce_health(bus: Bus, report: HealthReport, *, worker_id: str) -> None:
+    """Send ``report`` to whoever shows every workload's health (the portfolio's viewers)."""
+    message = report.to_message(
+        worker_id=worker_id, interval_s=REFRESH_INTERVAL_S, ts_ms=int(time.time() * 1000)
+    )
+    # A report lost while NATS is down costs nothing: /health says so, the next one follows.
+    with contextlib.suppress(BusUnavailable):
+        await bus.announce(subjects.health_report_subject(report.service), message)
 
 
 async def nats_health(bus: Bus) -> DependencyHealth:

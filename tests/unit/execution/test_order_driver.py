@@ -12,13 +12,12 @@ from decimal import Decimal
 from prometheus_client import REGISTRY
 
 from qtrader.contracts.messages import (
-    BOOK_NAME,
-    GATE_NAME,
     Fill,
     HaltLatch,
     OrderIntent,
     OrderStatus,
     OrderUpdate,
+    RefusedBy,
     Side,
     TradingState,
 )
@@ -144,7 +143,7 @@ async def test_an_order_beyond_the_limit_is_cut_and_the_rest_refused_with_the_re
     final = await rig.execute(_intent("b", "0.020"))
     assert final.status is OrderStatus.CANCELED  # 0.013 filled, the rest refused
     assert final.filled_quantity == Decimal("0.013")
-    assert final.exchange == BOOK_NAME
+    assert final.refused_by is RefusedBy.EXPOSURE_BOOK
     assert final.reason is not None
     assert final.reason.startswith("max_position_usd")
     assert rig.book.position("BTCUSDT") == Decimal("0.033")
@@ -156,7 +155,7 @@ async def test_an_order_with_too_little_room_left_is_rejected_unsent() -> None:
     assert (await rig.execute(_intent("a", "0.030"))).status is OrderStatus.FILLED
     final = await rig.execute(_intent("b", "0.010"))  # 0.003 fits, below the minimum notional
     assert final.status is OrderStatus.REJECTED
-    assert final.exchange == BOOK_NAME
+    assert final.refused_by is RefusedBy.EXPOSURE_BOOK
     assert [u.status for u in rig.updates[-1:]] == [OrderStatus.REJECTED]
     assert rig.book.position("BTCUSDT") == Decimal("0.030")
 
@@ -165,7 +164,7 @@ async def test_an_intent_past_its_ttl_ends_expired_with_its_age_and_nothing_is_a
     rig = Rig(TradingState.ACTIVE)
     final = await rig.execute(_intent("old", age_ms=TTL_MS + 2_000))
     assert final.status is OrderStatus.EXPIRED
-    assert final.exchange == BOOK_NAME
+    assert final.refused_by is RefusedBy.EXPOSURE_BOOK
     assert final.reason is not None
     assert "ms old, ttl 5000 ms" in final.reason
     assert rig.looked_up == []
@@ -177,7 +176,7 @@ async def test_while_halted_a_queued_intent_never_sent_is_ended_without_a_look_u
     before = _halted_lookups()
     final = await rig.execute(_intent("queued", age_ms=4_000))  # redelivered, maybe sent
     assert final.status is OrderStatus.REJECTED
-    assert final.exchange == GATE_NAME
+    assert final.refused_by is RefusedBy.HALT_GATE
     assert rig.looked_up == []
     assert _halted_lookups() == before
 

@@ -16,13 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qtrader.contracts.messages import (
-    BOOK_NAME,
-    GATE_NAME,
     Candle,
+    ErrorKind,
     Fill,
     OrderStatus,
     OrderUpdate,
     PortfolioSnapshot,
+    RefusedBy,
     RiskAlert,
     RiskAlertKind,
     Side,
@@ -73,7 +73,8 @@ def update(
     status: OrderStatus,
     *,
     ts_ms: int,
-    exchange: str = "paper",
+    refused_by: RefusedBy | None = None,
+    error_kind: ErrorKind | None = None,
     reason: str | None = None,
     client_order_id: str | None = None,
 ) -> OrderUpdate:
@@ -87,7 +88,9 @@ def update(
         quantity=Decimal("0.010"),
         filled_quantity=Decimal("0.010") if status is OrderStatus.FILLED else Decimal(0),
         avg_price=Decimal(60_000) if status is OrderStatus.FILLED else Decimal(0),
-        exchange=exchange,
+        exchange="paper",
+        refused_by=refused_by,
+        error_kind=error_kind,
         reason=reason,
         ts_ms=ts_ms,
     )
@@ -430,7 +433,9 @@ def test_error_rate_at_exactly_max_rate_then_no_alert() -> None:
 
 def test_error_rate_ignores_gate_refusals_non_finals_and_repeats() -> None:
     evaluator = ErrorRateEvaluator(0.5, 60 * SECOND, 2)
-    gated = update(OrderStatus.REJECTED, ts_ms=1, exchange=GATE_NAME, reason="trading is HALTED")
+    gated = update(
+        OrderStatus.REJECTED, ts_ms=1, refused_by=RefusedBy.HALT_GATE, reason="trading is HALTED"
+    )
     assert evaluator.on_update(gated) is None
     assert evaluator.on_update(update(OrderStatus.UNKNOWN, ts_ms=2)) is None
     assert evaluator.on_update(update(OrderStatus.PENDING_NEW, ts_ms=2)) is None
@@ -450,7 +455,7 @@ def test_error_rate_ignores_exposure_book_refusals() -> None:
             OrderStatus.REJECTED,
             ts_ms=i,
             client_order_id=f"c-book-{i}",
-            exchange=BOOK_NAME,
+            refused_by=RefusedBy.EXPOSURE_BOOK,
             reason="nothing_to_reduce: position 28.752, reduce-only -0.148",
         )
         assert evaluator.on_update(refused) is None
@@ -458,8 +463,8 @@ def test_error_rate_ignores_exposure_book_refusals() -> None:
 
 
 def test_error_rate_counts_canceled_after_exchange_error_but_not_slippage() -> None:
-    exchange_error = update(OrderStatus.CANCELED, ts_ms=1, reason="OutcomeUnknown (-1007): t/o")
-    banned = update(OrderStatus.CANCELED, ts_ms=1, reason="exchange ban (-1003): banned")
+    exchange_error = update(OrderStatus.CANCELED, ts_ms=1, error_kind=ErrorKind.OUTCOME_UNKNOWN)
+    banned = update(OrderStatus.CANCELED, ts_ms=1, error_kind=ErrorKind.BANNED)
     bound = update(OrderStatus.CANCELED, ts_ms=1, reason="price left the slippage bound 1")
     exhausted = update(OrderStatus.EXPIRED, ts_ms=1, reason="attempts exhausted")
     filled = update(OrderStatus.FILLED, ts_ms=1)
@@ -529,8 +534,8 @@ def test_error_rate_alerts_iff_recount_of_window_breaches(
         status = {"filled": OrderStatus.FILLED, "unknown": OrderStatus.UNKNOWN}.get(
             what, OrderStatus.REJECTED
         )
-        exchange = GATE_NAME if what == "gate" else "paper"
-        alert = evaluator.on_update(update(status, ts_ms=now, exchange=exchange))
+        refused_by = RefusedBy.HALT_GATE if what == "gate" else None
+        alert = evaluator.on_update(update(status, ts_ms=now, refused_by=refused_by))
         if what in ("gate", "unknown"):
             assert alert is None
             continue

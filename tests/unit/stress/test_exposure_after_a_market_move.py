@@ -16,12 +16,12 @@ import time
 from decimal import Decimal
 
 from qtrader.contracts.messages import (
-    BOOK_NAME,
     Fill,
     HaltLatch,
     OrderIntent,
     OrderStatus,
     OrderUpdate,
+    RefusedBy,
     Side,
     TradingState,
 )
@@ -149,7 +149,7 @@ async def test_a_reduction_after_the_market_rose_is_no_breach_and_adding_then_is
     # Adding now is valued with the whole position at the current price: refused.
     added = await worker.send("add", Side.BUY, "0.1", "43.04")
     assert added.status is OrderStatus.REJECTED
-    assert added.exchange == BOOK_NAME
+    assert added.refused_by is RefusedBy.EXPOSURE_BOOK
 
     report = check_exposure(trades=from_paper_fills(worker.fills), limits=paper_limits(SPEC))
     assert [(f.side, f.price) for f in worker.fills] == [

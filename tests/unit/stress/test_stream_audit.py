@@ -8,14 +8,17 @@ from decimal import Decimal
 import pytest
 
 from qtrader.contracts.messages import (
+    AccountEntry,
     Candle,
     Direction,
     Fill,
+    IncomeType,
     OrderIntent,
     OrderStatus,
     OrderUpdate,
     PortfolioSnapshot,
     PositionView,
+    RefusedBy,
     Side,
     Signal,
 )
@@ -123,7 +126,7 @@ def update(
     attempt: int | None = None,
     worker: str = "w1",
     ts_ms: int = T0,
-    exchange: str = "paper",
+    refused_by: RefusedBy | None = None,
 ) -> OrderUpdate:
     coid = order.client_order_id
     return OrderUpdate(
@@ -135,7 +138,8 @@ def update(
         quantity=order.quantity,
         filled_quantity=Decimal(filled),
         avg_price=Decimal(100) if Decimal(filled) else Decimal(0),
-        exchange=exchange,
+        exchange="paper",
+        refused_by=refused_by,
         worker_id=worker,
         ts_ms=ts_ms,
     )
@@ -177,7 +181,7 @@ def test_what_goes_wrong_with_orders_is_counted() -> None:
         update(filled, OrderStatus.FILLED, "0.010"),
         update(filled, OrderStatus.PENDING_NEW, attempt=0),  # repeated, and after the final
         update(open_, OrderStatus.PENDING_NEW, attempt=0),  # never finished
-        update(refused, OrderStatus.REJECTED, exchange="halt-gate"),
+        update(refused, OrderStatus.REJECTED, refused_by=RefusedBy.HALT_GATE),
         update(intent("ghost"), OrderStatus.REJECTED),  # of an intent not in the stream
     ]
     fills = [fill(open_, "0.010"), fill(intent("stranger"), "0.010")]
@@ -232,7 +236,7 @@ def test_a_fill_after_a_workers_ack_and_before_the_rearm_is_a_violation() -> Non
     assert filled_after_ack([before, rearmed], cycle) == 0
     assert filled_after_ack([before, after, rearmed], cycle) == 1
     assert filled_after_ack([other_worker], cycle) == 0  # w2 did not ack: not its window
-    gate = update(order, OrderStatus.REJECTED, ts_ms=T0 + 50, exchange="halt-gate")
+    gate = update(order, OrderStatus.REJECTED, ts_ms=T0 + 50, refused_by=RefusedBy.HALT_GATE)
     assert refused_by_gate([gate, before], cycle) == 1
     assert first_fill_after_rearm_s([before, after, rearmed], cycle, T0 + 9000) == 0.001
     assert first_fill_after_rearm_s([before], cycle, T0 + 9000) is None
@@ -291,6 +295,28 @@ def test_the_snapshot_is_held_against_an_exact_account_of_the_fills() -> None:
     problems = ledger_mismatches(wrong, fills, marks=marks, capital=Decimal(1000))
     assert len(problems) == 4  # fills applied, realized, equity, the position
     assert ledger_mismatches(None, fills, marks=marks, capital=Decimal(1000)) != []
+
+
+def test_the_snapshot_is_held_against_the_account_entries_too() -> None:
+    buy = intent("buy")
+    fills = [fill(buy, "0.010", price="100")]
+    funding = AccountEntry(
+        entry_id="FUNDING_FEE:1",
+        income_type=IncomeType.FUNDING_FEE,
+        symbol="BTCUSDT",
+        asset="USDT",
+        amount=Decimal("-0.25"),
+        ts_ms=T0,
+    )
+    marks = {"BTCUSDT": Decimal(100)}
+    left_out = snapshot(realized="0", fees="0.0004", quantity="0.010", mark="100", fills=1)
+    problems = ledger_mismatches(
+        left_out, fills, marks=marks, capital=Decimal(1000), entries=[funding]
+    )
+    assert any(p.startswith("entries applied 0 != 1") for p in problems), problems
+    assert any(p.startswith("funding 0.00 != -0.25") for p in problems), problems
+    assert any(p.startswith("equity") for p in problems), problems
+    assert any(p.startswith("BTCUSDT funding") for p in problems), problems
 
 
 def test_health_recovered_means_ok_again_or_as_before_the_outage() -> None:

@@ -62,6 +62,7 @@ from qtrader.contracts.messages import (
     HaltLatch,
     OrderStatus,
     OrderUpdate,
+    RefusedBy,
     Signal,
     TradingState,
 )
@@ -524,7 +525,7 @@ def _figures(
     started_ms = done[0].halt.issued_at_ms
     ended_ms = done[-1].rearm.issued_at_ms
     filled = [u for u in updates if u.status is OrderStatus.FILLED]
-    refused = [u for u in updates if u.exchange == "halt-gate" and u.ts_ms >= started_ms]
+    refused = [u for u in updates if u.refused_by is RefusedBy.HALT_GATE and u.ts_ms >= started_ms]
     return Figures(
         trips=done[WARMUP:],
         baseline_s=baseline,

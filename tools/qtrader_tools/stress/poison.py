@@ -22,13 +22,18 @@ from typing import Any
 
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    AccountEntry,
     Candle,
     CandleSource,
     ControlHeartbeat,
+    DependencyState,
     Direction,
+    EmergencyStopView,
     Fill,
     HaltAck,
     HaltLatch,
+    HealthStatus,
+    IncomeType,
     Message,
     OrderIntent,
     OrderStatus,
@@ -41,6 +46,7 @@ from qtrader.contracts.messages import (
     Side,
     Signal,
     TradingState,
+    WorkloadHealthReport,
 )
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.control.ess_resource import EmergencyStopSpec
@@ -118,6 +124,14 @@ def sample_messages() -> list[Message]:
             fee=Decimal("0.04"),
             ts_ms=T0,
         ),
+        AccountEntry(
+            entry_id="FUNDING_FEE:1",
+            income_type=IncomeType.FUNDING_FEE,
+            symbol="BTCUSDT",
+            asset="USDT",
+            amount=Decimal("-0.0125"),
+            ts_ms=T0,
+        ),
         PortfolioSnapshot(
             sequence=1,
             ts_ms=T0,
@@ -152,6 +166,34 @@ def sample_messages() -> list[Message]:
             spec=TradingPolicySpec(symbols=("BTCUSDT",)),
         ),
         EssRecord(name="main", generation=1, spec=EmergencyStopSpec()),
+        EmergencyStopView(
+            name="main",
+            state="Tripped",
+            latch=TradingState.HALTED,
+            latch_revision=2,
+            reason="drill",
+            tripped_by="cli:alice",
+            tripped_at_ms=T0,
+            cooldown_until_ms=T0 + 300_000,
+            require_manual_reset=True,
+            trip_count=1,
+            pending_workers=("w-1",),
+            held_by=("main",),
+            ts_ms=T0,
+        ),
+        WorkloadHealthReport(
+            service="portfolio",
+            worker_id="w-1",
+            status=HealthStatus.DEGRADED,
+            version="0.1.0",
+            uptime_s=12.5,
+            interval_s=2.0,
+            dependencies=(
+                DependencyState(name="nats", status=HealthStatus.OK, latency_ms=0.4),
+                DependencyState(name="policy", status=HealthStatus.DEGRADED, detail="stale"),
+            ),
+            ts_ms=T0,
+        ),
     ]
 
 
@@ -169,11 +211,14 @@ def subject_of(message: Message, symbol: str = SAMPLE_SYMBOL) -> str:
         "order_intent": subjects.order_intent_subject(symbol),
         "order_update": subjects.order_update_subject(symbol),
         "fill": subjects.fill_subject(symbol),
+        "account_entry": subjects.ACCOUNT_ENTRY,
         "portfolio_snapshot": subjects.PORTFOLIO_SNAPSHOT,
         "risk_alert": subjects.risk_alert_subject(RiskAlertKind.FLASH_CRASH.value),
         "halt_latch": subjects.CONTROL_HALT,
         "halt_ack": subjects.CONTROL_HALT_ACK,
         "control_heartbeat": subjects.CONTROL_HEARTBEAT,
+        "emergency_stop_view": subjects.CONTROL_ESS_STATUS,
+        "workload_health": subjects.health_report_subject("portfolio"),
     }
     return by_kind[message.KIND]
 

@@ -97,6 +97,11 @@ SCENARIOS: dict[str, ScenarioSpec] = {
         ScenarioSpec(
             "viewer-load", "500 events in 10 s to WebSocket viewers, one slow", "viewer_load"
         ),
+        ScenarioSpec(
+            "venue-truth",
+            "live stack on the local Binance server: the account equals the venue's",
+            "venue_truth",
+        ),
     )
 }
 

@@ -47,9 +47,9 @@ import copy
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import nats
 import nats.errors
@@ -137,6 +137,16 @@ _UNAVAILABLE = (
     asyncio.TimeoutError,
     OSError,
 )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route(Generic[M]):
+    """One subject (a wildcard too) of a stream read in stream order with others: the type its
+    messages decode as and their handler (``Bus.replay_after``)."""
+
+    subject: str
+    message_type: type[M]
+    handler: SequencedHandler[M]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -453,6 +463,17 @@ class Bus:
         _stop_if_cancelled()
         await self._round_trip(self._flush_timeout_s)
 
+    async def announce(self, subject: str, message: Message) -> None:
+        """A core NATS publish without the broadcast's round trip: for what only viewers read
+        (health reports, stop views), whose loss costs nothing and which must never add pings
+        to a stalled server or wait on one."""
+        subject = subjects.scoped_subject(self._stack, subject)
+        try:
+            await self._client.publish(subject, message.encode())
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"announce on {subject} failed: {exc!r}") from exc
+        _stop_if_cancelled()
+
     # --- consuming ---------------------------------------------------------------------------
 
     async def consume(
@@ -666,36 +687,46 @@ class Bus:
     async def replay_after(
         self,
         stream: subjects.StreamSpec,
-        filter_subject: str,
-        message_type: type[M],
-        handler: SequencedHandler[M],
+        routes: Sequence[Route[Any]],
         *,
         label: str,
         after_sequence: int = 0,
     ) -> None:
-        """``replay`` from the first message stored after stream sequence ``after_sequence``,
-        handing ``handler`` each message with its stream sequence: for a reader that restores a
-        checkpoint covering the stream through some sequence and reads on from there.
+        """``replay`` of the subjects of ``routes`` from the first message stored after stream
+        sequence ``after_sequence``, in stream order across all of them (one ordered consumer
+        filtering them all), handing each message with its stream sequence to its route's
+        handler: for a reader that restores a checkpoint covering the stream through some
+        sequence and reads on from there.
 
-        A message that does not decode is skipped and counted as ``replay`` does; what the
-        handler raises is counted and logged, so a handler that must not skip catches its own.
+        A message that does not decode as its route's type is skipped and counted as ``replay``
+        does; what a handler raises is counted and logged, so a handler that must not skip
+        catches its own.
         """
         stream = subjects.scoped_stream(self._stack, stream)
-        filter_subject = subjects.scoped_subject(self._stack, filter_subject)
+        scoped = [(subjects.scoped_subject(self._stack, r.subject), r) for r in routes]
 
         async def on_message(msg: Msg) -> None:
             sequence = int(msg.metadata.sequence.stream)
-            await _deliver(label, msg, message_type, lambda m: handler(m, sequence))
+            route = next((r for p, r in scoped if _subject_matches(msg.subject, p)), None)
+            if route is None:  # the consumer filters these subjects: a server's mistake
+                REJECTED.labels(label, RejectReason.WRONG_KIND.value).inc()
+                log.warning("%s skipped a message on %s: no route for it", label, msg.subject)
+                return
+            await _deliver(label, msg, route.message_type, lambda m: route.handler(m, sequence))
             CONSUMER_PENDING.labels(label).set(msg.metadata.num_pending)
 
-        start = ConsumerConfig(opt_start_seq=after_sequence + 1) if after_sequence else None
+        config = ConsumerConfig(
+            # One subject keeps the single filter every server knows; several need 2.10's list.
+            filter_subjects=[pattern for pattern, _ in scoped] if len(scoped) > 1 else None,
+            opt_start_seq=after_sequence + 1 if after_sequence else None,
+        )
         await _hold(
             await self._jetstream.subscribe(
-                filter_subject,
+                scoped[0][0],
                 stream=stream.name,
                 cb=on_message,
                 ordered_consumer=True,
-                config=start,
+                config=config,
                 deliver_policy=(
                     DeliverPolicy.BY_START_SEQUENCE if after_sequence else DeliverPolicy.ALL
                 ),
@@ -763,6 +794,45 @@ class Bus:
             except MessageRejected as rejected:
                 bad = Undecodable.of(rejected, source=subject, stored_revision=sequence - 1)
                 self._count_refused(f"read:{stream.name}", subject, sequence - 1, bad)
+        return found
+
+    async def read_stored(
+        self,
+        stream: subjects.StreamSpec,
+        subject: str,
+        message_type: type[M],
+        *,
+        label: str,
+        timeout_s: float = 60.0,
+    ) -> list[M]:
+        """Every message stored on ``subject`` now, oldest first; one that does not decode is
+        left out and counted, as ``replay`` does. An ordered consumer, so thousands take a
+        moment (``stored_messages`` asks once per message). Raises ``BusUnavailable`` when NATS
+        cannot answer within ``timeout_s``."""
+        found: list[M] = []
+        caught_up = asyncio.Event()
+
+        async def keep(message: M) -> None:
+            found.append(message)
+
+        reading = asyncio.create_task(
+            self.replay(stream, subject, message_type, keep, label=label, caught_up=caught_up)
+        )
+        waiting = asyncio.create_task(caught_up.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {reading, waiting}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if reading in done:
+                reading.result()  # it ended before catching up: what ended it
+            if not done:
+                raise BusUnavailable(f"{subject} not read within {timeout_s} s")
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot read {subject}: {exc!r}") from exc
+        finally:
+            for task in (reading, waiting):
+                task.cancel()
+            await asyncio.gather(reading, waiting, return_exceptions=True)
         return found
 
     async def _next_stored(self, stream: str, subject: str, sequence: int) -> RawStreamMsg | None:
@@ -977,6 +1047,17 @@ async def _hold(subscription: Subscription) -> None:
     finally:
         with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
             await subscription.unsubscribe()
+
+
+def _subject_matches(subject: str, pattern: str) -> bool:
+    """Whether ``subject`` is one of ``pattern``'s (NATS: ``*`` one token, ``>`` the rest)."""
+    tokens, wanted = subject.split("."), pattern.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or token not in ("*", tokens[index]):
+            return False
+    return len(tokens) == len(wanted)
 
 
 def _family(subject: str) -> str:

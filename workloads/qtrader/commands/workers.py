@@ -184,6 +184,14 @@ def _exchange_arguments(parser: argparse.ArgumentParser) -> None:
         "default %(default)s)",
     )
     group.add_argument(
+        "--income-interval",
+        type=number("--income-interval", minimum=0),
+        default=None,
+        help="seconds between reads of the venue's income history (funding, transfers) for "
+        "the portfolio's ledger, weight 30 each (0: never; default: the reconcile interval, "
+        "but at least 5)",
+    )
+    group.add_argument(
         "--reconcile-grace",
         type=number("--reconcile-grace", minimum=0),
         default=60.0,
@@ -288,6 +296,7 @@ def _run_execution(args: argparse.Namespace) -> int:
         exchange_factory=_binance_factory(args),
         venue_reconcile_s=args.reconcile_interval,
         venue_mismatch_grace_s=args.reconcile_grace,
+        income_read_s=args.income_interval,
     )
     return run_worker("execution", _options(args), lambda ctx: Execution(ctx, config))
 

@@ -396,15 +396,58 @@ _FINAL_STATUSES = frozenset(
 )
 
 
-# The ``exchange`` of an update for an order refused before any venue saw it: by the halt gate,
-# or by the exposure book (a limit, nothing to reduce, the intent expired).
-GATE_NAME = "halt-gate"
-BOOK_NAME = "exposure-book"
-_REFUSED_BEFORE_VENUE = frozenset({GATE_NAME, BOOK_NAME})
+class RefusedBy(enum.StrEnum):
+    """Our own check that ended an order before any venue saw it."""
+
+    HALT_GATE = "halt-gate"
+    EXPOSURE_BOOK = "exposure-book"
+
+
+class ErrorKind(enum.StrEnum):
+    """What kind of exchange error ended (or left unknown) an order; one per error type of
+    ``qtrader.exchange.errors`` (each names its kind), so readers decide on a field, not on
+    the wording of a reason."""
+
+    REJECTED = "rejected"
+    FILTER_VIOLATION = "filter_violation"
+    RATE_LIMITED = "rate_limited"
+    BANNED = "banned"
+    TRANSIENT = "transient"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    NOT_SENT = "not_sent"
+    CLOCK_SKEW = "clock_skew"
+    OTHER = "other"
+
+
+# Version 1 said both in strings: the refusing check as ``exchange``, the error type's class
+# name (or "exchange ban") at the start of ``reason``. Read only to upgrade a version 1 update.
+_V1_ERROR_PREFIXES: tuple[tuple[str, ErrorKind], ...] = (
+    ("exchange ban", ErrorKind.BANNED),
+    ("FilterViolation", ErrorKind.FILTER_VIOLATION),
+    ("Rejected", ErrorKind.REJECTED),
+    ("RateLimited", ErrorKind.RATE_LIMITED),
+    ("Banned", ErrorKind.BANNED),
+    ("Transient", ErrorKind.TRANSIENT),
+    ("OutcomeUnknown", ErrorKind.OUTCOME_UNKNOWN),
+    ("NotSent", ErrorKind.NOT_SENT),
+    ("ClockSkew", ErrorKind.CLOCK_SKEW),
+    ("ExchangeError", ErrorKind.OTHER),
+)
 
 
 class OrderUpdate(Message):
+    """An order's state as execution reports it on ORDERS.
+
+    Version 2 added typed decision fields: ``refused_by`` (the halt gate or the exposure book
+    ended it before any venue saw it; ``exchange`` is then the venue it would have gone to) and
+    ``error_kind`` (an exchange error ended it, or left it unknown). Version 1 updates still
+    decode: those fields are derived from what version 1 wrote as strings.
+    """
+
     KIND = "order_update"
+    SCHEMA_VERSION: ClassVar[int] = 2
+    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2})
+    schema_version: int = 2
     kind: Literal["order_update"] = "order_update"
     client_order_id: str
     intent_id: str
@@ -417,7 +460,24 @@ class OrderUpdate(Message):
     exchange: str
     reason: str | None = None
     worker_id: str = ""  # the execution worker that sent (or refused) the order
+    refused_by: RefusedBy | None = None
+    error_kind: ErrorKind | None = None
     ts_ms: Millis
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_version_1(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("schema_version") != 1:
+            return data
+        upgraded = dict(data)
+        exchange, reason = data.get("exchange"), data.get("reason")
+        if exchange in set(RefusedBy):
+            upgraded["refused_by"] = exchange
+        elif isinstance(reason, str):
+            upgraded["error_kind"] = next(
+                (kind for prefix, kind in _V1_ERROR_PREFIXES if reason.startswith(prefix)), None
+            )
+        return upgraded
 
     @property
     def dedup_id(self) -> str:
@@ -426,7 +486,7 @@ class OrderUpdate(Message):
     @property
     def refused_before_venue(self) -> bool:
         """Ended by our own checks (the halt gate, the exposure book): no venue saw it."""
-        return self.exchange in _REFUSED_BEFORE_VENUE
+        return self.refused_by is not None
 
 
 class Fill(Message):
@@ -472,6 +532,120 @@ class Fill(Message):
         return f"fill:{self.fill_id}"
 
 
+# --- account entries --------------------------------------------------------------------------
+
+
+class EntryCategory(enum.StrEnum):
+    """How the ledger books an account entry."""
+
+    FUNDING = "funding"  # a perpetual's funding payment, per symbol: performance
+    TRANSFER = "transfer"  # capital moved in or out (or between assets): not performance
+    INCOME = "income"  # any other gain or cost the venue books (rebates, bonuses, fees)
+
+
+class IncomeType(enum.StrEnum):
+    """Binance USD-M's documented income types (``GET /fapi/v1/income``) and how each is booked.
+
+    REALIZED_PNL and COMMISSION of our trades come with the fills (each ``Fill`` carries its
+    price and commission, and the ledger realizes the PnL itself): they are never an
+    ``AccountEntry``, or they would count twice. Those of a trade that is not ours (a manual
+    trade) are not booked either: the venue reconciliation alerts on the position instead.
+    FUNDING_FEE is funding, per symbol. The transfers move capital: in, out, or between the
+    account's assets (AUTO_EXCHANGE turns a negative balance of one asset into another).
+    Everything else is other income (a gain or a cost the venue books outside a trade).
+    """
+
+    REALIZED_PNL = "REALIZED_PNL"
+    COMMISSION = "COMMISSION"
+    FUNDING_FEE = "FUNDING_FEE"
+    TRANSFER = "TRANSFER"
+    INTERNAL_TRANSFER = "INTERNAL_TRANSFER"
+    CROSS_COLLATERAL_TRANSFER = "CROSS_COLLATERAL_TRANSFER"
+    STRATEGY_UMFUTURES_TRANSFER = "STRATEGY_UMFUTURES_TRANSFER"
+    COIN_SWAP_DEPOSIT = "COIN_SWAP_DEPOSIT"
+    COIN_SWAP_WITHDRAW = "COIN_SWAP_WITHDRAW"
+    AUTO_EXCHANGE = "AUTO_EXCHANGE"
+    WELCOME_BONUS = "WELCOME_BONUS"
+    INSURANCE_CLEAR = "INSURANCE_CLEAR"
+    REFERRAL_KICKBACK = "REFERRAL_KICKBACK"
+    COMMISSION_REBATE = "COMMISSION_REBATE"
+    API_REBATE = "API_REBATE"
+    CONTEST_REWARD = "CONTEST_REWARD"
+    OPTIONS_PREMIUM_FEE = "OPTIONS_PREMIUM_FEE"
+    OPTIONS_SETTLE_PROFIT = "OPTIONS_SETTLE_PROFIT"
+    DELIVERED_SETTELMENT = "DELIVERED_SETTELMENT"  # sic: the venue's spelling
+    POSITION_LIMIT_INCREASE_FEE = "POSITION_LIMIT_INCREASE_FEE"
+    FEE_RETURN = "FEE_RETURN"
+    BFUSD_REWARD = "BFUSD_REWARD"
+
+    @property
+    def carried_by_fills(self) -> bool:
+        """Booked from the fills: never an account entry."""
+        return self in _FROM_FILLS
+
+    @property
+    def category(self) -> EntryCategory:
+        if self is IncomeType.FUNDING_FEE:
+            return EntryCategory.FUNDING
+        return EntryCategory.TRANSFER if self in _TRANSFERS else EntryCategory.INCOME
+
+
+_FROM_FILLS = frozenset({IncomeType.REALIZED_PNL, IncomeType.COMMISSION})
+_TRANSFERS = frozenset(
+    {
+        IncomeType.TRANSFER,
+        IncomeType.INTERNAL_TRANSFER,
+        IncomeType.CROSS_COLLATERAL_TRANSFER,
+        IncomeType.STRATEGY_UMFUTURES_TRANSFER,
+        IncomeType.COIN_SWAP_DEPOSIT,
+        IncomeType.COIN_SWAP_WITHDRAW,
+        IncomeType.AUTO_EXCHANGE,
+    }
+)
+
+
+def account_entry_id(income_type: IncomeType, tran_id: str) -> str:
+    """An entry's identity: the venue's ``tranId`` is unique only within one income type."""
+    return f"{income_type.value}:{tran_id}"
+
+
+class AccountEntry(Message):
+    """An amount the venue booked to the account that is not one of our fills: funding, a
+    transfer, other income (``IncomeType`` says which and how the ledger books it).
+
+    ``amount`` is signed as the venue states it (positive flows in) and exact, in ``asset``'s
+    own units: an amount in another asset than USDT is kept in that asset, never valued.
+    ``entry_id`` is ``account_entry_id(income_type, tranId)``, so reading the venue's income
+    again gives the same ids (the stream drops a repeat, the ledger counts one once).
+    """
+
+    KIND = "account_entry"
+    kind: Literal["account_entry"] = "account_entry"
+    entry_id: str = Field(min_length=1, max_length=128)
+    income_type: IncomeType
+    symbol: Symbol | None = None
+    asset: Asset
+    amount: Money
+    info: str = Field(default="", max_length=256)  # the venue's note (DEPOSIT, WITHDRAW, ...)
+    ts_ms: Millis
+
+    @model_validator(mode="after")
+    def _booked_here_and_nowhere_else(self) -> AccountEntry:
+        if self.income_type.carried_by_fills:
+            raise ValueError(f"{self.income_type.value} comes with the fills, not as an entry")
+        if self.income_type is IncomeType.FUNDING_FEE and self.symbol is None:
+            raise ValueError("a FUNDING_FEE entry names its symbol")
+        return self
+
+    @property
+    def category(self) -> EntryCategory:
+        return self.income_type.category
+
+    @property
+    def dedup_id(self) -> str:
+        return f"entry:{self.entry_id}"
+
+
 # --- portfolio --------------------------------------------------------------------------------
 
 
@@ -485,6 +659,7 @@ class PositionView(BaseModel):
     unrealized_pnl: Money
     realized_pnl: Money
     fees: NonNegativeMoney
+    funding: Money = Decimal(0)  # USDT funding booked on the symbol (snapshot version 3)
 
 
 class AssetAmount(BaseModel):
@@ -496,6 +671,15 @@ class AssetAmount(BaseModel):
     amount: NonNegativeMoney
 
 
+class SignedAssetAmount(BaseModel):
+    """A net amount of one asset that may be negative (transfers out), in its own units."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    asset: Asset
+    amount: Money
+
+
 class PortfolioSnapshot(Message):
     """The portfolio for display and for readers (execution's equity, the risk evaluators).
 
@@ -503,12 +687,19 @@ class PortfolioSnapshot(Message):
     ``fees_by_asset`` (every fee in its own asset) and ``unvalued_fees`` (fees with no known
     USDT value: ``equity`` leaves them out, so it is then incomplete, not invented). Version 1
     snapshots still decode, with those empty.
+
+    Version 3 added the account entries (``AccountEntry``): ``entries_applied``, ``funding``
+    (USDT, in total and per position), ``transfers`` (net USDT moved in) and ``other_income``
+    (USDT), all in ``equity``; ``transfers_by_asset`` (every transfer in its own asset) and
+    ``unvalued_income`` (funding and other income in another asset than USDT: ``equity`` leaves
+    it out and is incomplete). ``fills_through`` counts every FILLS message applied, entries
+    included. Versions 1 and 2 still decode, with those zero or empty.
     """
 
     KIND = "portfolio_snapshot"
-    SCHEMA_VERSION: ClassVar[int] = 2
-    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2})
-    schema_version: int = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
+    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2, 3})
+    schema_version: int = 3
     kind: Literal["portfolio_snapshot"] = "portfolio_snapshot"
     sequence: Count
     ts_ms: Millis
@@ -525,6 +716,12 @@ class PortfolioSnapshot(Message):
     fills_through: Count = 0
     fees_by_asset: tuple[AssetAmount, ...] = Field(default=(), max_length=64)
     unvalued_fees: tuple[AssetAmount, ...] = Field(default=(), max_length=64)
+    entries_applied: Count = 0
+    funding: Money = Decimal(0)
+    transfers: Money = Decimal(0)
+    other_income: Money = Decimal(0)
+    transfers_by_asset: tuple[SignedAssetAmount, ...] = Field(default=(), max_length=64)
+    unvalued_income: tuple[SignedAssetAmount, ...] = Field(default=(), max_length=64)
 
     @property
     def dedup_id(self) -> str:
@@ -536,8 +733,14 @@ class PortfolioSnapshot(Message):
 
     @property
     def equity_complete(self) -> bool:
-        """False while a fee has no USDT value: ``equity`` then leaves it out."""
-        return not self.unvalued_fees
+        """False while a fee or an income has no USDT value: ``equity`` then leaves it out."""
+        return not self.unvalued_fees and not self.unvalued_income
+
+    @property
+    def wallet(self) -> Decimal:
+        """The equity without unrealized PnL: capital, realized PnL, fees, funding, transfers
+        and other income (what the venue calls the wallet balance)."""
+        return self.equity - self.unrealized_pnl
 
 
 class CheckpointPosition(BaseModel):
@@ -550,6 +753,7 @@ class CheckpointPosition(BaseModel):
     cost: Money  # signed cost basis of the open quantity
     realized: Money
     fees: NonNegativeMoney  # in USDT, the valued ones
+    funding: Money = Decimal(0)  # in USDT (checkpoint version 2)
 
 
 class CheckpointMark(BaseModel):
@@ -569,21 +773,37 @@ class AppliedFill(BaseModel):
     digest: str = Field(pattern=r"^[0-9a-f]{16,64}$")
 
 
+class AppliedEntry(BaseModel):
+    """An account entry id the ledger applied and a digest of what it said."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    entry_id: str = Field(min_length=1, max_length=128)
+    digest: str = Field(pattern=r"^[0-9a-f]{16,64}$")
+
+
 # How many of the latest applied fill ids a checkpoint carries, to recognise a fill stored again
 # after it (a producer replaying past the stream's duplicate window); bounded so the message is.
 CHECKPOINT_RECENT_FILLS = 512
 
 
 class PortfolioCheckpoint(Message):
-    """The portfolio's exact ledger after every fill of FILLS through ``fills_through``.
+    """The portfolio's exact ledger after every message of FILLS through ``fills_through``.
 
     A restarted portfolio restores the newest one that decodes and replays FILLS after that
     sequence only: its start time is bounded, and FILLS' retention cannot lose a position.
     Every figure is the ledger's own (unrounded); positions and marks in the ledger's order, so
     sums add up in the same order as in the process that wrote it.
+
+    Version 2 added the account entries' figures (see ``PortfolioSnapshot`` version 3) and the
+    latest applied entry ids; a version 1 checkpoint (written before any entry) still decodes,
+    with those zero or empty.
     """
 
     KIND = "portfolio_checkpoint"
+    SCHEMA_VERSION: ClassVar[int] = 2
+    ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2})
+    schema_version: int = 2
     kind: Literal["portfolio_checkpoint"] = "portfolio_checkpoint"
     source: str = Field(max_length=256)
     ts_ms: Millis
@@ -602,6 +822,13 @@ class PortfolioCheckpoint(Message):
     # Sequences of FILLS a person told the portfolio to pass over (``--skip-fill``): kept so
     # that every later start knows they were passed over on purpose.
     skipped: tuple[Count, ...] = Field(default=(), max_length=1024)
+    entries_applied: Count = 0
+    funding_usdt: Money = Decimal(0)
+    transfers_usdt: Money = Decimal(0)
+    other_income_usdt: Money = Decimal(0)
+    transfers_by_asset: tuple[SignedAssetAmount, ...] = Field(default=(), max_length=64)
+    unvalued_income: tuple[SignedAssetAmount, ...] = Field(default=(), max_length=64)
+    recent_entries: tuple[AppliedEntry, ...] = Field(default=(), max_length=CHECKPOINT_RECENT_FILLS)
 
     @property
     def dedup_id(self) -> str:
@@ -617,8 +844,8 @@ class RiskAlertKind(enum.StrEnum):
     STALE_MARKET_DATA = "stale_market_data"
     EXECUTION_ERROR_RATE = "execution_error_rate"
     EXCHANGE_BAN = "exchange_ban"
-    # The portfolio met a fill its ledger cannot apply and stopped following FILLS (no stop's
-    # trigger: it halts no trading by itself, a person must look).
+    # The portfolio met a fill (or an account entry) its ledger cannot apply and stopped
+    # following FILLS (no stop's trigger: it halts no trading by itself, a person must look).
     LEDGER = "ledger"
     # The venue's positions differ from the ledger's (a manual trade, a fill never published),
     # and kept differing: the figures are the venue's and the ledger's quantities.
@@ -718,6 +945,91 @@ class ControlHeartbeat(Message):
     @property
     def dedup_id(self) -> str:
         return f"heartbeat:{self.issued_by}:{self.ts_ms}"
+
+
+# The EmergencyStop's states as ``qtrader.control.ess_status.EssState`` names them (that module
+# sits above the contracts; a unit test keeps the two the same).
+EssStateName = Literal["Armed", "Tripped", "Reducing", "CoolingDown"]
+
+
+class EmergencyStopView(Message):
+    """One EmergencyStop as its control plane last decided it (sent on CONTROL_ESS_STATUS after
+    every reconcile round): what a live viewer needs beyond the latch. The latch says what
+    workers obey; this says who tripped which stop, why, since when, until when its cooldown
+    runs and whether a reset must then be asked for, and which workers have not acknowledged.
+    Informational: nothing trades or halts on it."""
+
+    KIND = "emergency_stop_view"
+    kind: Literal["emergency_stop_view"] = "emergency_stop_view"
+    name: str = Field(min_length=1, max_length=253)
+    state: EssStateName
+    latch: TradingState  # this stop's own latch; the one in force combines every stop
+    latch_revision: Count
+    reason: str = Field(default="", max_length=1024)
+    tripped_by: str = Field(default="", max_length=256)
+    tripped_at_ms: Millis | None = None  # the last trip, kept after a reset for the post-mortem
+    cooldown_until_ms: Millis | None = None  # None while Armed
+    require_manual_reset: bool
+    automatic: bool = False  # tripped by a risk alert (tripped_by "risk:...")
+    trip_count: Count = 0
+    reset_count: Count = 0
+    pending_workers: tuple[str, ...] = Field(default=(), max_length=256)
+    held_by: tuple[str, ...] = Field(default=(), max_length=256)
+    ts_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"ess-view:{self.name}:{self.ts_ms}"
+
+
+class HealthStatus(enum.StrEnum):
+    """A workload's or a dependency's health, as ``/health`` and the health reports say it."""
+
+    OK = "OK"
+    DEGRADED = "DEGRADED"
+    CRITICAL = "CRITICAL"
+
+    @property
+    def severity(self) -> int:
+        """0 OK, 1 DEGRADED, 2 CRITICAL: the worst wins; the health gauges show this number."""
+        return _SEVERITY[self]
+
+
+_SEVERITY = {HealthStatus.OK: 0, HealthStatus.DEGRADED: 1, HealthStatus.CRITICAL: 2}
+
+
+class DependencyState(BaseModel):
+    """One dependency of a health report."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    status: HealthStatus
+    detail: str = Field(default="", max_length=1024)
+    latency_ms: float | None = Field(default=None, ge=0, le=3_600_000, allow_inf_nan=False)
+
+
+class WorkloadHealthReport(Message):
+    """A worker's ``/health``, sent on ``health_report_subject(service)`` at every refresh.
+
+    So one place (the portfolio's live viewers) can show every workload's health in a cluster
+    too, where it cannot reach the others' ports. ``interval_s``: the next report is due within
+    it, so a reader can tell a silent worker from a quiet one."""
+
+    KIND = "workload_health"
+    kind: Literal["workload_health"] = "workload_health"
+    service: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    worker_id: str = Field(min_length=1, max_length=256)
+    status: HealthStatus
+    version: str = Field(max_length=64)
+    uptime_s: float = Field(ge=0, le=1e10, allow_inf_nan=False)
+    interval_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
+    dependencies: tuple[DependencyState, ...] = Field(default=(), max_length=64)
+    ts_ms: Millis
+
+    @property
+    def dedup_id(self) -> str:
+        return f"health:{self.worker_id}:{self.ts_ms}"
 
 
 class PolicyRevision(Message):

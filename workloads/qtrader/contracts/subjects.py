@@ -37,6 +37,10 @@ SIGNAL_PREFIX = f"{ROOT}.signal"
 ORDER_INTENT_PREFIX = f"{ROOT}.order.intent"
 ORDER_UPDATE_PREFIX = f"{ROOT}.order.update"
 FILL_PREFIX = f"{ROOT}.fill"
+# Amounts the venue booked that are not our fills (funding, transfers): one subject, stored in
+# the FILLS stream, so the portfolio reads fills and entries in one order and one checkpoint
+# sequence covers both. Not under FILL_PREFIX: every reader of ``fill.*`` expects a Fill.
+ACCOUNT_ENTRY = f"{ROOT}.account.entry"
 PORTFOLIO_SNAPSHOT = f"{ROOT}.portfolio.snapshot"
 PORTFOLIO_CHECKPOINT = f"{ROOT}.portfolio.checkpoint"
 RISK_ALERT_PREFIX = f"{ROOT}.risk.alert"
@@ -46,6 +50,10 @@ RISK_ALERT_PREFIX = f"{ROOT}.risk.alert"
 CONTROL_HALT = f"{ROOT}.control.halt"
 CONTROL_HALT_ACK = f"{ROOT}.control.halt.ack"
 CONTROL_HEARTBEAT = f"{ROOT}.control.heartbeat"
+# Core NATS, for the live viewers only (nothing trades or halts on them): each EmergencyStop's
+# view after every reconcile round, and every worker's health report at every refresh.
+CONTROL_ESS_STATUS = f"{ROOT}.control.ess.status"
+HEALTH_REPORT_PREFIX = f"{ROOT}.health.report"
 
 
 def candle_subject(symbol: str) -> str:
@@ -70,6 +78,10 @@ def fill_subject(symbol: str) -> str:
 
 def risk_alert_subject(kind: str) -> str:
     return f"{RISK_ALERT_PREFIX}.{kind}"
+
+
+def health_report_subject(service: str) -> str:
+    return f"{HEALTH_REPORT_PREFIX}.{service}"
 
 
 def all_of(prefix: str) -> str:
@@ -101,8 +113,11 @@ ORDERS = StreamSpec(
     subjects=(all_of(ORDER_INTENT_PREFIX), all_of(ORDER_UPDATE_PREFIX)),
     max_age_s=30 * DAY_S,
 )
-# Fills are the portfolio's source of truth (it rebuilds from them), so they are kept longest.
-FILLS = StreamSpec(name="QT_FILLS", subjects=(all_of(FILL_PREFIX),), max_age_s=365 * DAY_S)
+# Fills and account entries are the portfolio's source of truth (it rebuilds from them), so
+# they are kept longest.
+FILLS = StreamSpec(
+    name="QT_FILLS", subjects=(all_of(FILL_PREFIX), ACCOUNT_ENTRY), max_age_s=365 * DAY_S
+)
 PORTFOLIO = StreamSpec(
     name="QT_PORTFOLIO", subjects=(PORTFOLIO_SNAPSHOT,), max_age_s=DAY_S, max_msgs_per_subject=1000
 )
@@ -129,8 +144,9 @@ ALL_STREAMS: tuple[StreamSpec, ...] = (
 
 # --- durable consumers ------------------------------------------------------------------------
 # The portfolio has none on purpose: the FILLS stream is its durable state. At every start it
-# restores its latest checkpoint and replays FILLS after the sequence that covers (an ordered
-# consumer from there), so a restart cannot lose or double-count a fill.
+# restores its latest checkpoint and replays FILLS (fills and account entries) after the
+# sequence that covers (an ordered consumer from there), so a restart cannot lose or
+# double-count a fill or an entry.
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,10 @@ so each supplies two small adapters:
   record's ``status.events``), ``save_status`` (kopf: the changed keys into the patch; local:
   the record).
 * ``LatchChannel``: the halt latch. ``put`` puts the combination of every stop in force with
-  this one at the given status and returns the latch in force; ``held_by`` the stops holding it.
+  this one at the given status and returns the latch in force; ``held_by`` the stops holding it;
+  ``announce`` tells the live viewers the stop's status (``stop_view``) at the end of every
+  round: who tripped it, why, since when, its cooldown, the workers still pending. Every round,
+  not only on a change, so a viewer's server that starts later learns it within a round.
 
 Risk alerts become trips the same way in both (``alert_trip``: which stops an alert trips,
 and the patch, with the tripped-by annotation, that a shell merges into the resource).
@@ -28,11 +31,18 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from qtrader.contracts.messages import HaltLatch, RiskAlert, TradingState
+from qtrader.contracts.messages import (
+    EmergencyStopView,
+    EssStateName,
+    HaltLatch,
+    RiskAlert,
+    TradingState,
+)
 from qtrader.control.ess import (
     AutomaticTrip,
     EssEvent,
     EssEventReason,
+    EssState,
     EssStatus,
     EventType,
     SpecPatch,
@@ -72,6 +82,10 @@ class LatchChannel(Protocol):
     ) -> HaltLatch: ...
 
     def held_by(self) -> Sequence[str]: ...
+
+    async def announce(self, view: EmergencyStopView) -> None:
+        """Send ``view`` to the live viewers; never raises (nothing depends on it)."""
+        ...
 
 
 @dataclass
@@ -150,7 +164,49 @@ async def apply_once(
         held_by=channel.held_by(),
     )
     await store.save_status(document)
+    view = stop_view(stop, transition.status, pending=pending, held_by=channel.held_by(), now=now)
+    await channel.announce(view)
     return Applied(transition=transition, pending=pending, overdue=overdue)
+
+
+_STATE_NAMES: dict[EssState, EssStateName] = {
+    EssState.ARMED: "Armed",
+    EssState.TRIPPED: "Tripped",
+    EssState.REDUCING: "Reducing",
+    EssState.COOLING_DOWN: "CoolingDown",
+}
+
+
+def stop_view(
+    stop: StopInput,
+    status: EssStatus,
+    *,
+    pending: Sequence[str],
+    held_by: Sequence[str],
+    now: datetime,
+) -> EmergencyStopView:
+    """What the live viewers are told of one stop after a round (``EmergencyStopView``)."""
+    return EmergencyStopView(
+        name=stop.name,
+        state=_STATE_NAMES[status.state],
+        latch=status.latch,
+        latch_revision=status.latch_revision,
+        reason=status.reason,
+        tripped_by=status.tripped_by,
+        tripped_at_ms=_epoch_ms(status.tripped_at),
+        cooldown_until_ms=_epoch_ms(status.cooldown_until),
+        require_manual_reset=stop.spec.require_manual_reset,
+        automatic=status.automatic,
+        trip_count=status.trip_count,
+        reset_count=status.reset_count,
+        pending_workers=tuple(pending)[:256],
+        held_by=tuple(held_by)[:256],
+        ts_ms=round(now.timestamp() * 1000),
+    )
+
+
+def _epoch_ms(moment: datetime | None) -> int | None:
+    return None if moment is None else round(moment.timestamp() * 1000)
 
 
 async def _follow_acks(

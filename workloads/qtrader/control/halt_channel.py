@@ -21,15 +21,23 @@ worker is reported as overdue (``AckTimeout``) before it can drop out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltAck, HaltLatch, TradingState, Undecodable
+from qtrader.contracts.messages import (
+    EmergencyStopView,
+    HaltAck,
+    HaltLatch,
+    TradingState,
+    Undecodable,
+)
 from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_combination import StopView, combine, next_latch
 
@@ -104,6 +112,16 @@ class SingleStopChannel:
 
     def held_by(self) -> Sequence[str]:
         return self.latch.held_by if self.latch is not None else ()
+
+    async def announce(self, view: EmergencyStopView) -> None:
+        await announce_view(self._bus, view)
+
+
+async def announce_view(bus: Bus, view: EmergencyStopView) -> None:
+    """Tell ``bus``'s live viewers a stop's status; a view lost while NATS is down is replaced
+    by the next round's, so it is not worth a retry or a failed round."""
+    with contextlib.suppress(BusUnavailable):
+        await bus.announce(subjects.CONTROL_ESS_STATUS, view)
 
 
 ACK_LEASE_S = 60.0

@@ -45,7 +45,14 @@ with warnings.catch_warnings():
     from binance.client import Client
     from binance.exceptions import BinanceAPIException, BinanceRequestException
 
-from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderType, Side
+from qtrader.contracts.messages import (
+    SETTLEMENT_ASSET,
+    Fill,
+    OrderIntent,
+    OrderStatus,
+    OrderType,
+    Side,
+)
 from qtrader.exchange.backoff import full_jitter
 from qtrader.exchange.credentials import Credentials
 from qtrader.exchange.errors import (
@@ -63,7 +70,7 @@ from qtrader.exchange.filters import prepare_order
 from qtrader.exchange.limiter import LimiterConfig, RateLimiter
 from qtrader.exchange.limits import RequestCost, request_cost, rules_from_exchange_info
 from qtrader.exchange.user_stream import UserTrades, stream_base_of
-from qtrader.exchange.venue import VenueOrder, VenuePosition
+from qtrader.exchange.venue import VenueIncome, VenueOrder, VenuePosition
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo
 
@@ -145,8 +152,10 @@ _COUNTDOWN = _Endpoint(
     "POST", "/fapi/v1/countdownCancelAll", lambda c: c.futures_countdown_cancel_all
 )
 _USER_TRADES = _Endpoint("GET", "/fapi/v1/userTrades", lambda c: c.futures_account_trades)
+_TICKER_PRICE = _Endpoint("GET", "/fapi/v2/ticker/price", lambda c: c.futures_symbol_ticker)
 _POSITION_RISK = _Endpoint("GET", "/fapi/v3/positionRisk", lambda c: c.futures_position_information)
 _BALANCE = _Endpoint("GET", "/fapi/v3/balance", lambda c: c.futures_account_balance)
+_INCOME = _Endpoint("GET", "/fapi/v1/income", lambda c: c.futures_income_history)
 _LISTEN_KEY = _Endpoint("POST", "/fapi/v1/listenKey", lambda c: c.futures_stream_get_listen_key)
 _KEEP_LISTEN_KEY = _Endpoint("PUT", "/fapi/v1/listenKey", lambda c: c.futures_stream_keepalive)
 
@@ -303,6 +312,16 @@ class BinanceFutures:
         ]
         usdt = [Decimal(str(b["balance"])) for b in balances if b.get("asset") == "USDT"]
         return positions, (usdt[0] if usdt else Decimal(0))
+
+    async def income(self, *, start_ms: int, limit: int) -> list[VenueIncome]:
+        """The account's income history from ``start_ms`` (inclusive), oldest first, at most
+        ``limit`` (Binance: 1,000) entries; weight 30."""
+        params = {"startTime": start_ms, "limit": limit}
+        rows = await self._request(_INCOME, params, signed=True, safe=True)
+        try:
+            return [_income(row) for row in rows]
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            raise ExchangeError(f"{_INCOME.path}: an entry that does not read: {exc!r}") from exc
 
     async def open_orders(self, symbols: Sequence[str]) -> list[VenueOrder]:
         orders = []
@@ -495,7 +514,8 @@ class BinanceFutures:
         if order.executed_qty == 0:
             return order
         trades = await self._trades_of(order)
-        fills = tuple(_fill(t, order, side, reduce_only) for t in trades)
+        prices = await self._fee_prices(trades)
+        fills = tuple(_fill(t, order, side, reduce_only, prices) for t in trades)
         return VenueOrder(
             client_order_id=order.client_order_id,
             order_id=order.order_id,
@@ -520,6 +540,23 @@ class BinanceFutures:
             _USER_TRADES, params, signed=True, safe=True
         )
         return trades
+
+    async def _fee_prices(self, trades: Sequence[Mapping[str, Any]]) -> dict[str, Decimal]:
+        """The USDT price of each commission asset other than USDT (BNB, for an account that
+        pays fees in it), read as the trades are: a fee is valued at the venue's price when it
+        was charged, give or take the moment its trades took to read. A price that cannot be
+        read leaves the fee unvalued (kept in its own asset, the equity said incomplete),
+        never guessed."""
+        assets = sorted({_fee_asset(t) for t in trades} - {SETTLEMENT_ASSET})
+        prices: dict[str, Decimal] = {}
+        for asset in assets:
+            params = {"symbol": f"{asset}{SETTLEMENT_ASSET}"}
+            try:
+                answer = await self._request(_TICKER_PRICE, params, signed=False, safe=True)
+                prices[asset] = Decimal(str(answer["price"]))
+            except (ExchangeError, KeyError, TypeError, ArithmeticError) as exc:
+                log.warning("no %s price to value fees in %s: %s", SETTLEMENT_ASSET, asset, exc)
+        return prices
 
     def _refuse_while_banned(self) -> None:
         ban = self._ban
@@ -604,7 +641,15 @@ def _venue_order(raw: Mapping[str, Any]) -> VenueOrder:
     )
 
 
-def _fill(trade: Mapping[str, Any], order: VenueOrder, side: Side, reduce_only: bool) -> Fill:
+def _fill(
+    trade: Mapping[str, Any],
+    order: VenueOrder,
+    side: Side,
+    reduce_only: bool,
+    fee_prices: Mapping[str, Decimal],
+) -> Fill:
+    fee, asset = Decimal(str(trade["commission"])), _fee_asset(trade)
+    price = fee_prices.get(asset)
     return Fill(
         fill_id=f"binance-{order.symbol}-{trade['id']}",
         client_order_id=order.client_order_id,
@@ -612,10 +657,27 @@ def _fill(trade: Mapping[str, Any], order: VenueOrder, side: Side, reduce_only: 
         side=side,
         quantity=Decimal(str(trade["qty"])),
         price=Decimal(str(trade["price"])),
-        fee=Decimal(str(trade["commission"])),
-        fee_asset=str(trade.get("commissionAsset", "USDT")),
+        fee=fee,
+        fee_asset=asset,
+        fee_usdt=None if asset == SETTLEMENT_ASSET or price is None else fee * price,
         reduce_only=reduce_only,
         ts_ms=int(trade["time"]),
+    )
+
+
+def _fee_asset(trade: Mapping[str, Any]) -> str:
+    return str(trade.get("commissionAsset", SETTLEMENT_ASSET))
+
+
+def _income(row: Mapping[str, Any]) -> VenueIncome:
+    return VenueIncome(
+        tran_id=str(row["tranId"]),
+        income_type=str(row["incomeType"]),
+        amount=Decimal(str(row["income"])),
+        asset=str(row["asset"]),
+        symbol=str(row.get("symbol") or ""),
+        time_ms=int(row["time"]),
+        info=str(row.get("info") or ""),
     )
 
 

@@ -12,6 +12,9 @@ it waited for the rate limiter or a back-off is not sent at all.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
+
+from qtrader.contracts.messages import ErrorKind
 
 # Business errors: the request was understood and refused; sending it again changes nothing.
 REJECTION_CODES = frozenset(
@@ -49,6 +52,8 @@ _UNKNOWN_503 = "unknown error"  # Binance: the request reached the matching engi
 class ExchangeError(Exception):
     """A failed exchange request; ``code`` is Binance's error code when one was returned."""
 
+    kind: ClassVar[ErrorKind] = ErrorKind.OTHER
+
     def __init__(self, message: str, *, status: int | None = None, code: int | None = None):
         super().__init__(message)
         self.message = message
@@ -60,13 +65,19 @@ class ExchangeError(Exception):
 class Rejected(ExchangeError):
     """Refused for a business reason (filters, margin, reduce-only, ...): never retried."""
 
+    kind: ClassVar[ErrorKind] = ErrorKind.REJECTED
+
 
 class FilterViolation(Rejected):
     """Refused locally, before sending: the order breaks a symbol filter after rounding."""
 
+    kind: ClassVar[ErrorKind] = ErrorKind.FILTER_VIOLATION
+
 
 class RateLimited(ExchangeError):
     """429 / -1003 / -1015: no request at all until ``retry_at`` (epoch seconds)."""
+
+    kind: ClassVar[ErrorKind] = ErrorKind.RATE_LIMITED
 
     def __init__(self, message: str, *, retry_at: float, status: int | None, code: int | None):
         super().__init__(message, status=status, code=code)
@@ -76,24 +87,34 @@ class RateLimited(ExchangeError):
 class Banned(RateLimited):
     """418: the IP is banned until ``retry_at``; order flow stops and a risk alert is raised."""
 
+    kind: ClassVar[ErrorKind] = ErrorKind.BANNED
+
 
 class Transient(ExchangeError):
     """The request did not take effect (503 unavailable, internal error, 408, 502, network
     failure before sending): safe to send again, with backoff."""
+
+    kind: ClassVar[ErrorKind] = ErrorKind.TRANSIENT
 
 
 class OutcomeUnknown(ExchangeError):
     """The request may have taken effect (timeout, 503 "Unknown error", -1006/-1007, reset after
     sending): an order must be looked up by its client order id, never blindly re-sent."""
 
+    kind: ClassVar[ErrorKind] = ErrorKind.OUTCOME_UNKNOWN
+
 
 class NotSent(ExchangeError):
     """The order never left: its ``not_after_ms`` passed while it waited to be sent (rate
     limiter, back-off after a 429 or a transient failure). Nothing reached the exchange."""
 
+    kind: ClassVar[ErrorKind] = ErrorKind.NOT_SENT
+
 
 class ClockSkew(ExchangeError):
     """-1021: the timestamp is outside the receive window; resync the clock and retry once."""
+
+    kind: ClassVar[ErrorKind] = ErrorKind.CLOCK_SKEW
 
 
 def classify(

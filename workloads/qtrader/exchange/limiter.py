@@ -47,6 +47,11 @@ _MAX_SLEEP_S = 1.0
 _HEADER_VALUE = re.compile(r"\s*(\d+)\s*", re.ASCII)
 
 
+class CostNeverFits(ValueError):
+    """A request whose cost is larger than a limit itself: no wait admits it (the venue's limits
+    are lower than that request's weight)."""
+
+
 class LimiterMode(enum.StrEnum):
     SHARED = "shared"
     LOCAL = "local"
@@ -173,7 +178,9 @@ class SlidingLog:
             if units == 0:
                 continue  # a cost of 0 on a rule never waits for it
             if units > limit:
-                raise ValueError(f"a cost of {units} on {rule.key} can never fit its limit {limit}")
+                raise CostNeverFits(
+                    f"a cost of {units} on {rule.key} can never fit its limit {limit}"
+                )
             self._trim(rule, now)
             need = self._used[rule] + units - limit
             if need > 0:
@@ -360,7 +367,7 @@ class RateLimiter:
             raise ValueError(f"a request cost cannot be negative: {cost}")
         for rule, limit in self._shared_limits.items():
             if cost.against(rule) > limit:
-                raise ValueError(
+                raise CostNeverFits(
                     f"a cost of {cost.against(rule)} on {rule.key} can never fit its limit {limit}"
                 )
         started = self._clock()

@@ -123,6 +123,7 @@ _FIXED_COSTS: dict[tuple[str, str], RequestCost] = {
     ("GET", "/fapi/v2/account"): RequestCost(weight=5),
     ("GET", "/fapi/v2/positionRisk"): RequestCost(weight=5),
     ("GET", "/fapi/v1/ticker/price"): RequestCost(weight=1),
+    ("GET", "/fapi/v2/ticker/price"): RequestCost(weight=1),
     ("POST", "/fapi/v1/listenKey"): RequestCost(weight=1),
     ("PUT", "/fapi/v1/listenKey"): RequestCost(weight=1),
     ("DELETE", "/fapi/v1/listenKey"): RequestCost(weight=1),
@@ -145,6 +146,8 @@ def request_cost(method: str, path: str, params: Mapping[str, Any]) -> RequestCo
         return RequestCost(weight=1 if params.get("symbol") else 40)
     if (method, path) == ("GET", "/fapi/v1/depth"):
         return RequestCost(weight=_depth_weight(int(params.get("limit", 500))))
+    if (method, path) in (("GET", "/fapi/v1/ticker/price"), ("GET", "/fapi/v2/ticker/price")):
+        return RequestCost(weight=1 if params.get("symbol") else 2)
     if (method, path) == ("GET", "/fapi/v1/premiumIndex"):
         return RequestCost(weight=1 if params.get("symbol") else 10)
     if (method, path) == ("GET", "/fapi/v1/klines"):

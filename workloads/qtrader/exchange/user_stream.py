@@ -71,17 +71,20 @@ class UserTrades:
 
     async def run(self) -> None:
         """Keep a socket open for as long as the venue is used (cancel to stop)."""
-        failures = 0
+        failures = 0  # attempts since the last session that opened
         while True:
+            opened = False
             try:
                 await self._session()
-                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of the socket: REST serves meanwhile
                 log.warning("user-data stream: %r", exc)
             finally:
-                self.connected = False
+                opened, self.connected = self.connected, False
+            # A session that opened and then dropped is no failure to connect: back to the
+            # first wait (a dropped healthy session waited ever longer: 1, 2, 5, then 10 s).
+            failures = 0 if opened else failures
             wait = RECONNECT_S[min(failures, len(RECONNECT_S) - 1)]
             failures += 1
             await asyncio.sleep(wait)

@@ -41,6 +41,31 @@ class VenuePosition:
     unrealized_pnl: Decimal
 
 
+@dataclass(frozen=True, kw_only=True)
+class VenueIncome:
+    """One entry of the venue's income history (Binance's ``GET /fapi/v1/income``) as it
+    states it: every amount booked to the account, our trades' PnL and commissions included
+    (``qtrader.contracts.messages.IncomeType`` says how each type is booked)."""
+
+    tran_id: str  # unique within one income type (Binance: "tranId")
+    income_type: str
+    amount: Decimal  # signed: positive flows in
+    asset: str
+    symbol: str  # "" when the entry has none (a transfer)
+    time_ms: int
+    info: str = ""
+
+
+@runtime_checkable
+class IncomeReader(Protocol):
+    """A venue that keeps an income history (Binance; the paper exchange books no funding, no
+    transfers, nothing but its fills)."""
+
+    async def income(self, *, start_ms: int, limit: int) -> list[VenueIncome]:
+        """The first ``limit`` entries booked at ``start_ms`` or later, oldest first."""
+        ...
+
+
 @runtime_checkable
 class AccountReader(Protocol):
     """A venue that can say what the account holds (Binance; the paper exchange's only record

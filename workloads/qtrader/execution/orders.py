@@ -19,7 +19,7 @@ Under that lock, just before the venue call, the attempt is also admitted by the
 exposure book (``exposure.py``, through the ``admit`` callable): an intent past its time to live
 ends EXPIRED with its age; an attempt that would take the position, with what other intents
 have in flight, beyond a policy limit is cut to what fits or refused, and the intent ends with
-the reason (``exchange`` is ``BOOK_NAME``: nothing reached the venue). Its PENDING_NEW is
+the reason (``refused_by`` is the exposure book: nothing reached the venue). Its PENDING_NEW is
 published there too, with the quantity admitted, so a PENDING_NEW on the ORDERS stream means
 the attempt went to the venue (or was about to). The venue is given the intent's deadline (its
 creation plus its time to live): an order still waiting for the rate limiter or a back-off when
@@ -43,13 +43,12 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from prometheus_client import Counter
 
 from qtrader.contracts.messages import (
-    BOOK_NAME,
-    GATE_NAME,
     Fill,
     OrderIntent,
     OrderStatus,
     OrderType,
     OrderUpdate,
+    RefusedBy,
     Side,
 )
 from qtrader.exchange.errors import Banned, ExchangeError, NotSent, OutcomeUnknown
@@ -164,7 +163,9 @@ class OrderDriver:
             try:
                 first = await self._recover(intent, progress)
             except ExchangeError as exc:  # cannot tell what was sent: send nothing more
-                return await self._report(intent, progress, OrderStatus.UNKNOWN, _describe(exc))
+                return await self._report(
+                    intent, progress, OrderStatus.UNKNOWN, _describe(exc), error=exc
+                )
         for attempt in range(first, self._settings.max_attempts):
             remaining = intent.quantity - progress.filled
             if remaining <= 0:
@@ -177,13 +178,13 @@ class OrderDriver:
                 result = await self._attempt(order)
             except Halted as exc:
                 return await self._report(
-                    intent, progress, OrderStatus.REJECTED, str(exc), exchange=GATE_NAME
+                    intent, progress, OrderStatus.REJECTED, str(exc), refused_by=RefusedBy.HALT_GATE
                 )
             except ExchangeError as exc:
                 if self._on_error is not None:
                     await self._on_error(exc)
                 status = OrderStatus.REJECTED if progress.filled == 0 else OrderStatus.CANCELED
-                return await self._report(intent, progress, status, _describe(exc))
+                return await self._report(intent, progress, status, _describe(exc), error=exc)
             if isinstance(result, Refused):
                 return await self._report_refused(intent, progress, result)
             if result is None:
@@ -232,7 +233,7 @@ class OrderDriver:
         if not verdict.allowed:
             why = f"trading is {verdict.state.value}: {verdict.why}; never sent, not looked up"
             return await self._report(
-                intent, progress, OrderStatus.REJECTED, why, exchange=GATE_NAME
+                intent, progress, OrderStatus.REJECTED, why, refused_by=RefusedBy.HALT_GATE
             )
         expired = self._expiry(intent)
         if expired is not None:
@@ -250,7 +251,7 @@ class OrderDriver:
         else:
             status = OrderStatus.REJECTED
         why = f"{refused.reason.value}: {refused.detail}"
-        return await self._report(intent, progress, status, why, exchange=BOOK_NAME)
+        return await self._report(intent, progress, status, why, refused_by=RefusedBy.EXPOSURE_BOOK)
 
     # --- a redelivered intent ----------------------------------------------------------------
 
@@ -288,7 +289,9 @@ class OrderDriver:
                 order, exc = unknown.order, unknown.cause
                 log.warning("order %s: %s; looking it up", order.client_order_id, exc)
                 await self._publish_update(
-                    self._update(order, OrderStatus.UNKNOWN, order.quantity, reason=str(exc))
+                    self._update(
+                        order, OrderStatus.UNKNOWN, order.quantity, reason=str(exc), error=exc
+                    )
                 )
             found, absent = await self._look_up(order)
             if found is not None:
@@ -391,10 +394,17 @@ class OrderDriver:
         status: OrderStatus,
         reason: str | None,
         *,
-        exchange: str | None = None,
+        refused_by: RefusedBy | None = None,
+        error: ExchangeError | None = None,
     ) -> OrderUpdate:
         update = self._update(
-            intent, status, intent.quantity, progress=progress, reason=reason, exchange=exchange
+            intent,
+            status,
+            intent.quantity,
+            progress=progress,
+            reason=reason,
+            error=error,
+            refused_by=refused_by,
         )
         await self._publish_update(update)
         return update
@@ -407,7 +417,8 @@ class OrderDriver:
         *,
         progress: _Progress | None = None,
         reason: str | None = None,
-        exchange: str | None = None,
+        error: ExchangeError | None = None,
+        refused_by: RefusedBy | None = None,
     ) -> OrderUpdate:
         return OrderUpdate(
             client_order_id=order.client_order_id,
@@ -418,8 +429,10 @@ class OrderDriver:
             quantity=quantity,
             filled_quantity=progress.filled if progress else Decimal(0),
             avg_price=progress.avg_price if progress else Decimal(0),
-            exchange=exchange or self._venue.name,
+            exchange=self._venue.name,
             reason=reason[:256] if reason else None,
+            error_kind=None if error is None else error.kind,
+            refused_by=refused_by,
             worker_id=self._worker_id,
             ts_ms=_event_ms(status, progress),
         )

@@ -38,6 +38,11 @@ attempt another replica recorded (PENDING_NEW) counts in flight here the same wa
 exchange reads its positions from the book; the portfolio's snapshots are compared with it, and
 a difference that outlasts ``position_mismatch_grace_s`` makes ``/health`` DEGRADED.
 
+In testnet and live mode it also reads the venue's income history every ``income_read_s`` and
+publishes what the venue booked that no fill carries (funding, transfers, other income) as
+account entries on FILLS, for the portfolio's ledger (``account_entries``). The paper venue
+books no funding and no transfers: nothing to read there.
+
 Staleness is bounded: an intent older than the policy's ``signals.intentTtlSeconds`` is never
 sent (it ends EXPIRED with its age), and at most ``signals.maxIntentBacklog`` intents decided
 here may be short of final (beyond it decisions are denied as ``backlog_full``); ``/health`` is
@@ -58,8 +63,6 @@ from prometheus_client import Counter, Gauge, Histogram
 from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
-    BOOK_NAME,
-    GATE_NAME,
     Candle,
     ControlHeartbeat,
     Fill,
@@ -70,6 +73,7 @@ from qtrader.contracts.messages import (
     OrderType,
     OrderUpdate,
     PortfolioSnapshot,
+    RefusedBy,
     RiskAlert,
     RiskAlertKind,
     Side,
@@ -79,7 +83,9 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.policy import TradingMode, TradingPolicySpec
 from qtrader.exchange.errors import Banned, ExchangeError
-from qtrader.exchange.venue import AccountReader, Venue
+from qtrader.exchange.limiter import CostNeverFits
+from qtrader.exchange.venue import AccountReader, IncomeReader, Venue
+from qtrader.execution.account_entries import AccountEntries, IncomeSettings
 from qtrader.execution.decisions import (
     DecisionContext,
     Denial,
@@ -168,6 +174,13 @@ TRADING_STATE = Gauge(
     "qtrader_trading_state",
     "The halt latch as this worker obeys it: 0 ACTIVE, 1 REDUCING, 2 HALTED (or unreadable).",
 )
+# The halt alert must tell the EmergencyStop's halt from a worker failing safe on its own (no
+# heartbeat, a value that does not decode, no latch readable), which other alerts report.
+HALT_LATCH_STATE = Gauge(
+    "qtrader_halt_latch_state",
+    "The last valid halt latch this worker put in force, as the control plane wrote it: 0 ACTIVE, "
+    "1 REDUCING, 2 HALTED, -1 none (qtrader_trading_state is what orders obey).",
+)
 HALT_ACKS = Counter(
     "qtrader_halt_acks_total", "Answers on CONTROL_HALT_ACK (new latch revisions and presence)."
 )
@@ -223,6 +236,9 @@ POSITION_MISMATCH = Gauge(
     "for longer than the grace period.",
     ["symbol"],
 )
+# Each read of the venue's income costs 30 of the 2,400 weight a minute: at most one every 5 s
+# (6 a second) unless asked for explicitly (income_read_s), however often positions are read.
+MIN_INCOME_READ_S = 5.0
 HEARTBEAT_AGE = Gauge(
     "qtrader_control_heartbeat_age_seconds", "Seconds since the control plane's last heartbeat."
 )
@@ -249,6 +265,10 @@ class ExecutionConfig:
     # trade, a fill never published) is a reconciliation risk alert.
     venue_reconcile_s: float = 30.0
     venue_mismatch_grace_s: float = 60.0
+    # Testnet and live: the venue's income history (weight 30) is read this often for account
+    # entries; None: every venue_reconcile_s, but not more often than MIN_INCOME_READ_S. 0:
+    # never.
+    income_read_s: float | None = None
     driver: DriverSettings = field(default_factory=DriverSettings)
     # Builds the venue for testnet and live mode (Binance); None means paper mode only.
     exchange_factory: Callable[[TradingPolicySpec], Venue] | None = None
@@ -274,8 +294,11 @@ class Execution:
         self._venue_alerted: set[str] = set()  # symbols alerted in their current episode
         self._venue_read: str | None = None  # what the last read of the venue's account said
         self._venue_unreadable = False  # the last read failed
+        self._entries: AccountEntries | None = None  # testnet and live, once the venue is up
         # Intents this worker sent whose outcome stayed unknown: looked up again until settled.
         self._unresolved: dict[str, OrderIntent] = {}
+        # Held while an order is with the venue (sending, resolving), and by ``drain`` on a stop.
+        self._sending = asyncio.Lock()
         self._fills_caught_up = asyncio.Event()
         self._updates_caught_up = asyncio.Event()
         self._marks: dict[str, Decimal] = {}
@@ -283,14 +306,22 @@ class Execution:
         self._equity: Decimal | None = None
         TRADING_STATE.set_function(lambda: self._gate.state()[0].restriction)
         HEARTBEAT_AGE.set_function(lambda: self._gate.heartbeat_age_s() or 0.0)
+        HALT_LATCH_STATE.set_function(
+            lambda: -1 if self._gate.latch is None else self._gate.latch.state.restriction
+        )
         INTENT_BACKLOG.set_function(lambda: self._book.backlog().size)
         INTENT_BACKLOG_OLDEST.set_function(lambda: self._backlog_oldest_age_s() or 0.0)
+        # Every state's series from 0: increase() over a series that first appears at 1 is 0,
+        # so a worker's first acknowledgement of a state would never show on the ESS dashboard.
+        for state in TradingState:
+            HALT_REVISION_ACKS.labels(state.value)
         context.monitor.add_check("halt-latch", self.check_latch)
         context.monitor.add_check("intent-backlog", self.check_backlog)
         context.monitor.add_check("positions", self.check_positions)
         context.monitor.add_check("venue-positions", self.check_venue_positions)
         context.monitor.add_check("exchange", self.check_exchange)
         context.monitor.add_check("rate-limiter", self.check_limiter)
+        context.monitor.add_check("account-entries", self.check_account_entries)
 
     def tasks(self) -> dict[str, Task]:
         bus = self._context.bus
@@ -337,6 +368,7 @@ class Execution:
             "venue-refresh": self._refresh_loop(),
             "resolve-unknown": self._resolve_loop(),
             "venue-reconcile": self._venue_reconcile_loop(),
+            "account-entries": self._account_entries_loop(),
         }
 
     # --- inputs ------------------------------------------------------------------------------
@@ -753,15 +785,27 @@ class Execution:
             raise RuntimeError(f"mode {spec.mode.value} needs the Binance settings (see --help)")
         return self._config.exchange_factory(spec)
 
+    async def drain(self) -> None:
+        """On a stop: wait for the order in flight to end (its fills and final update
+        published: cut off, its fill would reach the portfolio only when an execution worker
+        runs again), then hold the lock, so the next intent waits unacknowledged until the
+        tasks are cancelled and is delivered to whichever worker runs next."""
+        await self._sending.acquire()
+        log.info("stopping with no order in flight")
+
     async def _on_intent(self, intent: OrderIntent) -> None:
+        async with self._sending:
+            await self._execute(intent)
+
+    async def _execute(self, intent: OrderIntent) -> None:
         driver, policy = self._driver, self._context.policy.current
         assert driver is not None  # set before the consumer starts
         assert policy is not None
         final = await driver.execute(intent, max_slippage_bps=policy.spec.risk.max_slippage_bps)
-        if final.exchange == GATE_NAME:
+        if final.refused_by is RefusedBy.HALT_GATE:
             ORDERS_BLOCKED.labels(self._gate.state()[0].value).inc()
             log.info("intent %s not sent: %s", intent.intent_id, final.reason)
-        elif final.exchange == BOOK_NAME:
+        elif final.refused_by is RefusedBy.EXPOSURE_BOOK:
             log.info("intent %s ended by the exposure book: %s", intent.intent_id, final.reason)
         else:
             ORDERS_SENT.labels(final.exchange).inc()
@@ -779,7 +823,8 @@ class Execution:
                 continue
             for intent_id, intent in list(self._unresolved.items()):
                 try:
-                    resolved = await driver.resolve(intent)
+                    async with self._sending:
+                        resolved = await driver.resolve(intent)
                 except BusUnavailable as exc:  # its fills could not be published: next round
                     log.warning("intent %s resolved, not published yet: %s", intent_id, exc)
                     continue
@@ -859,6 +904,56 @@ class Execution:
                 await self._raise_reconciliation_alert(mismatch)
                 self._venue_alerted.add(mismatch.symbol)
         self._venue_alerted &= set(differing)  # agreeing again ends the episode
+
+    def _income_read_s(self) -> float:
+        chosen = self._config.income_read_s
+        if chosen is not None:
+            return chosen
+        reconcile_s = self._config.venue_reconcile_s
+        return 0.0 if reconcile_s <= 0 else max(reconcile_s, MIN_INCOME_READ_S)
+
+    async def _account_entries_loop(self) -> None:
+        """Every ``income_read_s`` (first at start): the venue's income into account entries.
+        The paper venue books no funding and no transfers: nothing to read."""
+        await self._venue_ready.wait()
+        venue, interval_s = self._venue, self._income_read_s()
+        if not isinstance(venue, IncomeReader) or interval_s <= 0:
+            await asyncio.Event().wait()  # nothing to do; the task stays up with the others
+            return
+        entries = AccountEntries(self._context.bus, IncomeSettings(interval_s=interval_s))
+        while True:
+            try:
+                await entries.start()
+                break
+            except BusUnavailable as exc:
+                log.warning("account entries: FILLS not readable yet (%s), trying again", exc)
+                await asyncio.sleep(0.5)
+        self._entries = entries
+        while True:
+            await self._read_income_once(venue, entries)
+            await asyncio.sleep(interval_s)
+
+    async def _read_income_once(self, venue: IncomeReader, entries: AccountEntries) -> None:
+        try:
+            await entries.read_once(venue)
+        except ExchangeError as exc:
+            await self._on_exchange_error(exc)
+            entries.unreadable(f"the venue: {exc}")
+            log.warning("account entries: the venue's income not readable: %s", exc)
+        except BusUnavailable as exc:  # what is not published yet is read again next time
+            entries.unreadable(f"NATS: {exc}")
+            log.warning("account entries: not published yet: %s", exc)
+        except CostNeverFits as exc:  # the venue's weight limit is below one read's weight
+            entries.unreadable(f"the venue's limits admit no read of its income: {exc}")
+            log.error("account entries: the venue's income cannot be read: %s", exc)
+
+    async def check_account_entries(self) -> DependencyHealth:
+        entries = self._entries
+        if entries is not None:
+            return entries.health()
+        is_paper = isinstance(self._venue, PaperVenue)
+        detail = "the paper venue books no funding or transfers" if is_paper else "not started"
+        return DependencyHealth(name="account-entries", status=Status.OK, detail=detail)
 
     def _position_ranges(self) -> dict[str, tuple[Decimal, Decimal]]:
         policy = self._context.policy.current

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from pydantic import BaseModel
 
 from qtrader import __version__
+from qtrader.contracts.messages import DependencyState, HealthStatus, WorkloadHealthReport
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,10 @@ DEPENDENCY_STATUS = Gauge(
 )
 
 
-class Status(enum.StrEnum):
-    OK = "OK"
-    DEGRADED = "DEGRADED"
-    CRITICAL = "CRITICAL"
+REFRESH_INTERVAL_S = 2.0  # how often the gauges are refreshed and a report is sent
 
-    @property
-    def severity(self) -> int:
-        return _SEVERITY[self]
-
-
-_SEVERITY = {Status.OK: 0, Status.DEGRADED: 1, Status.CRITICAL: 2}
+# The wire contracts own the enum: a health report travels on NATS too (``WorkloadHealthReport``).
+Status = HealthStatus
 
 
 def worst(statuses: list[Status]) -> Status:
@@ -87,6 +80,31 @@ class HealthReport(BaseModel):
     @property
     def ready(self) -> bool:
         return all(d.status is not Status.CRITICAL for d in self.dependencies)
+
+    def to_message(self, *, worker_id: str, interval_s: float, ts_ms: int) -> WorkloadHealthReport:
+        """This report as it travels on NATS; long details are cut to the wire's bound."""
+        return WorkloadHealthReport(
+            service=self.service,
+            worker_id=worker_id[:256],
+            status=self.status,
+            version=self.version[:64],
+            uptime_s=self.uptime_s,
+            interval_s=interval_s,
+            dependencies=tuple(
+                DependencyState(
+                    name=d.name[:64],
+                    status=d.status,
+                    detail=_cut(d.detail, 1024),
+                    latency_ms=d.latency_ms,
+                )
+                for d in self.dependencies[:64]
+            ),
+            ts_ms=ts_ms,
+        )
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class HealthMonitor:
@@ -136,10 +154,18 @@ class HealthMonitor:
                 name=name, status=Status.CRITICAL, detail=f"check failed: {exc!r}"
             )
 
-    async def refresh_forever(self, interval_s: float = 2.0) -> None:
-        """Keep the health gauges current for Prometheus even when nobody calls /health."""
+    async def refresh_forever(
+        self,
+        interval_s: float = REFRESH_INTERVAL_S,
+        *,
+        on_report: Callable[[HealthReport], Awaitable[None]] | None = None,
+    ) -> None:
+        """Keep the health gauges current for Prometheus even when nobody calls /health, and
+        hand every report to ``on_report`` (the worker runtime sends it to the live viewers)."""
         while True:
-            await self.report()
+            report = await self.report()
+            if on_report is not None:
+                await on_report(report)
             await asyncio.sleep(interval_s)
 
 

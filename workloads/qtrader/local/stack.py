@@ -123,7 +123,10 @@ class LocalStack:
             )
             tasks += observer.tasks()
             mode = revision.spec.mode.value  # paper, testnet or live: the title must not lie
-            title = f"Quantum Trader ({mode}) policy {revision.name} rev {revision.revision}"
+            title = (
+                f"Quantum Trader ({mode}) policy {revision.name} rev {revision.revision}"
+                f"  console {self._console_url()}"
+            )
             view = _View(
                 observer=observer,
                 control=control,
@@ -174,6 +177,7 @@ class LocalStack:
             pid=os.getpid(),
             ess=self._config.ess.name,
             health={role: worker.health_url for role, worker in self.workers.items()},
+            console=self._console_url(),
         )
         other = up_state.claim(state, self._config.state_dir)
         if other is not None:
@@ -182,6 +186,10 @@ class LocalStack:
                 "`qtrader ess` and `qtrader policy` reach this one with "
                 f"--nats-url {self.nats.url}\n"
             )
+
+    def _console_url(self) -> str:
+        """The live console's page: the portfolio serves it beside the viewers' stream."""
+        return f"http://127.0.0.1:{self.workers['portfolio'].port}/console"
 
     def _start_workers(self) -> None:
         for role in ROLES:

@@ -1,11 +1,12 @@
 """Where the local stack is: ``.qtrader/up.json``, written by ``qtrader up`` in its directory.
 
 ``qtrader ess`` and ``qtrader policy`` run in another terminal and must reach the NATS server that
-``qtrader up`` started on a free port. ``up`` writes ``{"nats_url", "pid", "ess", "health"}`` to
-``.qtrader/up.json`` in the current directory and removes it when it exits; the commands read it
-unless ``--nats-url`` is given. A file whose process is gone (``up`` was killed) counts as no
-stack. A second ``up`` in the same directory leaves a live stack's file alone, so the commands
-keep talking to the stack that was there first.
+``qtrader up`` started on a free port. ``up`` writes ``{"nats_url", "pid", "ess", "health",
+"console"}`` (``console``: the live console's URL) to ``.qtrader/up.json`` in the current
+directory and removes it when it exits; the commands read it unless ``--nats-url`` is given.
+A file whose process is gone (``up`` was killed) counts as no stack. A second ``up`` in the same
+directory leaves a live stack's file alone, so the commands keep talking to the stack that was
+there first.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class UpState:
     pid: int
     ess: str = "main"
     health: dict[str, str] = field(default_factory=dict)  # role -> its /health URL
+    console: str = ""  # the live console's page
 
 
 def pid_alive(pid: int) -> bool:
@@ -48,6 +50,7 @@ def _load(path: Path) -> UpState | None:
             pid=int(raw["pid"]),
             ess=str(raw.get("ess", "main")),
             health={str(k): str(v) for k, v in dict(raw.get("health", {})).items()},
+            console=str(raw.get("console", "")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -99,11 +99,20 @@ class MarketDataConfig:
     start_price: Decimal = Decimal(100)
     candles_per_second: float = 5.0  # pacing of replay/synthetic steps; 0 means unpaced
     max_candles: int = 0  # stop producing after this many steps per symbol; 0 means never
-    stale_after_s: float = 10.0  # no candle for this long while producing: CRITICAL
+    stale_after_s: float = 10.0  # no candle for this long past when one is due: CRITICAL
     testnet: bool = False
     # Live: another venue with Binance's API (the local simulator); None: Binance, by testnet.
     rest_url: str | None = None
     stream_url: str | None = None
+
+    @property
+    def stale_limit_s(self) -> float:
+        """How long without a candle means the feed is stale. A live kline closes once per
+        interval, so a live feed is quiet for an interval between candles by design (a 1 m
+        feed judged on 10 s alone would be CRITICAL, and unready, most of every minute)."""
+        if self.source is Source.LIVE:
+            return INTERVAL_MS[self.interval] / 1000 + self.stale_after_s
+        return self.stale_after_s
 
 
 class MarketData:
@@ -292,7 +301,7 @@ class MarketData:
             )
         if self._resume_wait is not None:
             return self._resume_wait
-        status = Status.CRITICAL if age > self._config.stale_after_s else Status.OK
+        status = Status.CRITICAL if age > self._config.stale_limit_s else Status.OK
         gaps = self._recent_gaps()
         if gaps and status is Status.OK:
             return DependencyHealth(name="feed", status=Status.DEGRADED, detail=gaps)

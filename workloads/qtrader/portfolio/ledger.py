@@ -1,4 +1,5 @@
-"""The portfolio ledger: positions, exact PnL, fees, equity and drawdown, from fills and marks.
+"""The portfolio ledger: positions, exact PnL, fees, funding, transfers, equity and drawdown,
+from fills, account entries and marks.
 
 Everything is ``Decimal`` arithmetic in one private context (``_EXACT``: 60 significant digits,
 half-even rounding, errors trapped), never the thread's global context, so the same fills give
@@ -22,9 +23,20 @@ figures at its ``Fill.fee_value_usdt``, and a fee whose USDT value is unknown is
 (``unvalued_fees``) so that the equity is reported incomplete instead of resting on a guessed
 price.
 
-A repeated ``fill_id`` with the same content is normal (at-least-once delivery) and is ignored:
-``apply_fill`` returns False. What the ledger cannot apply raises ``FillRefused`` and changes
-nothing: the same ``fill_id`` with different content (two venues' truths, a person must choose),
+Account entries (``AccountEntry``: what the venue booked that is not one of our fills) are
+booked by their category. In USDT: funding per symbol and in total, transfers and other income
+in total, each in the wallet (``initial capital + realized - fees + funding + transfers + other
+income``) and so in the equity (``wallet + unrealized``). An entry in another asset is kept in
+that asset and never valued: a transfer in ``transfers_by_asset`` (as a USDT one is too),
+funding or other income in ``unvalued_income``, which makes the equity incomplete as an unvalued
+fee does. A transfer is no gain or loss: it scales the equity's peak by the equity's ratio
+after/before it (the drawdown in percent is the same just after it as just before), or, when the
+equity before or after is not positive, moves the peak by the amount.
+
+A repeated ``fill_id`` or ``entry_id`` with the same content is normal (at-least-once delivery,
+a venue's income read again) and is ignored: ``apply_fill``/``apply_entry`` return False. What
+the ledger cannot apply raises ``FillRefused``/``EntryRefused`` (both ``BookingRefused``) and
+changes nothing: the same id with different content (two venues' truths, a person must choose),
 or arithmetic beyond the exact context. The portfolio then stops following FILLS.
 
 ``checkpoint`` and ``Ledger.restore`` turn the exact state into a ``PortfolioCheckpoint`` and
@@ -44,14 +56,18 @@ from types import MappingProxyType
 from qtrader.contracts.messages import (
     CHECKPOINT_RECENT_FILLS,
     SETTLEMENT_ASSET,
+    AccountEntry,
+    AppliedEntry,
     AppliedFill,
     AssetAmount,
     CheckpointMark,
     CheckpointPosition,
+    EntryCategory,
     Fill,
     PortfolioCheckpoint,
     PortfolioSnapshot,
     PositionView,
+    SignedAssetAmount,
 )
 from qtrader.instruments import ExchangeInfo
 from qtrader.money import EXACT as _EXACT
@@ -62,16 +78,29 @@ from qtrader.money import published
 _ZERO = Decimal(0)
 _HUNDRED = Decimal(100)
 
-__all__ = ["SETTLEMENT_ASSET", "FillRefused", "Ledger"]
+__all__ = ["SETTLEMENT_ASSET", "BookingRefused", "EntryRefused", "FillRefused", "Ledger"]
 
 
-class FillRefused(Exception):
-    """A fill the ledger cannot apply; nothing of it was booked."""
+class BookingRefused(Exception):
+    """A fill or an account entry the ledger cannot apply; nothing of it was booked.
+    ``what`` names it (``fill <id>``, ``account entry <id>``)."""
 
-    def __init__(self, fill_id: str, reason: str) -> None:
-        super().__init__(f"fill {fill_id}: {reason}")
-        self.fill_id = fill_id
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what}: {reason}")
+        self.what = what
         self.reason = reason
+
+
+class FillRefused(BookingRefused):
+    def __init__(self, fill_id: str, reason: str) -> None:
+        super().__init__(f"fill {fill_id}", reason)
+        self.fill_id = fill_id
+
+
+class EntryRefused(BookingRefused):
+    def __init__(self, entry_id: str, reason: str) -> None:
+        super().__init__(f"account entry {entry_id}", reason)
+        self.entry_id = entry_id
 
 
 @dataclass
@@ -87,10 +116,11 @@ class _Position:
     cost: Decimal = _ZERO
     realized: Decimal = _ZERO
     fees: Decimal = _ZERO
+    funding: Decimal = _ZERO  # USDT funding booked on the symbol (account entries)
 
     def copy(self) -> _Position:
         # Not ``dataclasses.replace``: that costs more than the booking itself.
-        return _Position(self.quantity, self.cost, self.realized, self.fees)
+        return _Position(self.quantity, self.cost, self.realized, self.fees, self.funding)
 
     @property
     def avg_entry(self) -> Decimal:
@@ -120,6 +150,16 @@ class Ledger:
         self._fees = _ZERO  # in USDT: every fee with a known USDT value
         self._fees_by_asset: dict[str, Decimal] = {}  # every fee, in its own asset
         self._unvalued: dict[str, Decimal] = {}  # fees with no known USDT value
+        # Account entries: their ids and digests like the fills', and their USDT totals.
+        self._entry_ids: dict[str, str] = {}
+        self._recent_entries: deque[str] = deque(maxlen=CHECKPOINT_RECENT_FILLS)
+        self._entries_applied = 0
+        self._funding = _ZERO
+        self._transfers = _ZERO
+        self._other_income = _ZERO
+        self._booked = _ZERO  # funding + transfers + other income, from those totals
+        self._transfers_by_asset: dict[str, Decimal] = {}  # every transfer, in its own asset
+        self._unvalued_income: dict[str, Decimal] = {}  # funding and income in other assets
         self._peak_equity = initial_capital
         self._max_drawdown_pct = _ZERO
         # The lowest equity since the peak was set whose drawdown is in the maximum (None:
@@ -131,8 +171,9 @@ class Ledger:
         # equity (None once a fill or a mark moved it).
         self._unrealized: dict[str, Decimal | None] = {}
         self._equity: Decimal | None = initial_capital
-        # The equity without unrealized PnL: changed by fills only, needed by every mark.
-        self._base = _capital_less_fees(initial_capital, self._realized, self._fees)
+        # The wallet (the equity without unrealized PnL): changed by fills and entries only,
+        # needed by every mark.
+        self._base = self._wallet_of(realized=self._realized, fees=self._fees)
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -168,7 +209,7 @@ class Ledger:
         by_asset = self._fees_by_asset.get(fill.fee_asset, _ZERO) + fill.fee
         unvalued = self._unvalued.get(fill.fee_asset, _ZERO) + fill.fee
         total_realized = self._realized + realized
-        base = _capital_less_fees(self._initial_capital, total_realized, fees)
+        base = self._wallet_of(realized=total_realized, fees=fees)
         # Commit. What follows cannot raise: bounded inputs, no division by a possible zero.
         self._positions[fill.symbol] = position
         self._realized = total_realized
@@ -192,6 +233,86 @@ class Ledger:
             return  # values no open position: equity, peak and drawdown stay as they are
         self._revalue(symbol, position)
         self._update_drawdown()
+
+    def apply_entry(self, entry: AccountEntry) -> bool:
+        """Book ``entry``; False (and nothing changes) when its ``entry_id`` was booked before.
+
+        Raises ``EntryRefused`` (and nothing changes) for an entry it cannot apply.
+        """
+        digest = _entry_digest(entry)
+        known = self._entry_ids.get(entry.entry_id)
+        if known is not None:
+            if known != digest:
+                raise EntryRefused(entry.entry_id, "applied before with other content")
+            return False
+        try:
+            with localcontext(_EXACT):
+                self._book_entry(entry)
+        except ArithmeticError as exc:  # trapped: nothing was committed (see _book_entry)
+            raise EntryRefused(entry.entry_id, f"beyond exact arithmetic: {exc!r}") from exc
+        self._entry_ids[entry.entry_id] = digest
+        self._recent_entries.append(entry.entry_id)
+        self._entries_applied += 1
+        return True
+
+    def _book_entry(self, entry: AccountEntry) -> None:
+        if entry.asset != SETTLEMENT_ASSET:
+            self._keep_in_asset(entry)
+        else:
+            self._book_usdt_entry(entry)
+
+    def _keep_in_asset(self, entry: AccountEntry) -> None:
+        """An amount in another asset than USDT: kept in that asset, no USDT figure moves."""
+        kept = (
+            self._transfers_by_asset
+            if entry.category is EntryCategory.TRANSFER
+            else self._unvalued_income
+        )
+        kept[entry.asset] = kept.get(entry.asset, _ZERO) + entry.amount
+
+    def _book_usdt_entry(self, entry: AccountEntry) -> None:
+        """Compute everything first, then commit: a trapped error changes nothing."""
+        amount, category = entry.amount, entry.category
+        funding, transfers, other = self._funding, self._transfers, self._other_income
+        position: _Position | None = None
+        if category is EntryCategory.FUNDING:
+            assert entry.symbol is not None  # AccountEntry validates this
+            funding += amount
+            held = self._positions.get(entry.symbol)
+            position = _Position() if held is None else held.copy()
+            position.funding += amount
+        elif category is EntryCategory.TRANSFER:
+            transfers += amount
+        else:
+            other += amount
+        booked = _booked_of(funding, transfers, other)
+        base = self._wallet_of(realized=self._realized, fees=self._fees, booked=booked)
+        before, after = self.equity, _EXACT.add(base, self.unrealized_pnl)
+        peak, transferred = self._peak_equity, category is EntryCategory.TRANSFER
+        if transferred:
+            peak = _peak_after_transfer(peak, before=before, after=after, amount=amount)
+        by_asset = self._transfers_by_asset.get(SETTLEMENT_ASSET, _ZERO) + amount
+        # Commit. What follows cannot raise: bounded inputs, no division by a possible zero.
+        if position is not None:
+            assert entry.symbol is not None
+            self._positions[entry.symbol] = position
+        if transferred:
+            self._transfers_by_asset[SETTLEMENT_ASSET] = by_asset
+        self._funding, self._transfers, self._other_income = funding, transfers, other
+        self._booked, self._base = booked, base
+        self._equity = after
+        if peak != self._peak_equity:
+            self._peak_equity, self._trough = peak, None
+        self._update_drawdown()
+
+    def _wallet_of(
+        self, *, realized: Decimal, fees: Decimal, booked: Decimal | None = None
+    ) -> Decimal:
+        """capital + realized - fees + the entries' net (``_booked_of``), always added in this
+        order from the totals, never kept as a running sum, so a ledger restored from a
+        checkpoint holds the very same Decimal as the one that wrote it."""
+        wallet = _EXACT.subtract(_EXACT.add(self._initial_capital, realized), fees)
+        return _EXACT.add(wallet, self._booked if booked is None else booked)
 
     # --- exact figures ------------------------------------------------------------------------
 
@@ -220,7 +341,42 @@ class Ledger:
 
     @property
     def equity_complete(self) -> bool:
-        return not self._unvalued
+        """False while a fee or an income has no USDT value: ``equity`` leaves it out."""
+        return not self._unvalued and not self._unvalued_income
+
+    @property
+    def funding(self) -> Decimal:
+        """USDT funding booked (positive: received), every symbol."""
+        return self._funding
+
+    @property
+    def transfers(self) -> Decimal:
+        """Net USDT transferred in (negative: more went out)."""
+        return self._transfers
+
+    @property
+    def other_income(self) -> Decimal:
+        """Other USDT income the venue booked (rebates, bonuses; negative: costs)."""
+        return self._other_income
+
+    @property
+    def transfers_by_asset(self) -> Mapping[str, Decimal]:
+        """Every transfer's net in its own asset, sorted by asset (a read-only copy)."""
+        return MappingProxyType(dict(sorted(self._transfers_by_asset.items())))
+
+    @property
+    def unvalued_income(self) -> Mapping[str, Decimal]:
+        """Funding and other income in another asset than USDT: ``equity`` leaves it out."""
+        return MappingProxyType(dict(sorted(self._unvalued_income.items())))
+
+    @property
+    def entries_applied(self) -> int:
+        return self._entries_applied
+
+    @property
+    def wallet(self) -> Decimal:
+        """initial capital + realized PnL - fees + funding + transfers + other income, exact."""
+        return self._base
 
     @property
     def unrealized_pnl(self) -> Decimal:
@@ -234,7 +390,7 @@ class Ledger:
 
     @property
     def equity(self) -> Decimal:
-        """initial capital + realized PnL - fees + unrealized PnL, exact."""
+        """The wallet + unrealized PnL, exact."""
         if self._equity is None:
             self._equity = _EXACT.add(self._base, self.unrealized_pnl)
         return self._equity
@@ -300,6 +456,12 @@ class Ledger:
                 fees_by_asset=_amounts(self._fees_by_asset),
                 unvalued_fees=_amounts(self._unvalued),
                 fills_applied=self.fills_applied,
+                entries_applied=self._entries_applied,
+                funding=_money(self._funding),
+                transfers=_money(self._transfers),
+                other_income=_money(self._other_income),
+                transfers_by_asset=_signed_amounts(self._transfers_by_asset),
+                unvalued_income=_signed_amounts(self._unvalued_income),
                 initial_capital=_money(self._initial_capital),
                 realized_pnl=_money(self._realized),
                 unrealized_pnl=_money(self.unrealized_pnl),
@@ -316,7 +478,7 @@ class Ledger:
     def checkpoint(
         self, *, fills_through: int, ts_ms: int, source: str, skipped: tuple[int, ...] = ()
     ) -> PortfolioCheckpoint:
-        """The exact state after every fill of FILLS through ``fills_through``, unrounded."""
+        """The exact state after every message of FILLS through ``fills_through``, unrounded."""
         return PortfolioCheckpoint(
             source=source,
             ts_ms=ts_ms,
@@ -331,7 +493,12 @@ class Ledger:
             max_drawdown_pct=self._max_drawdown_pct,
             positions=tuple(
                 CheckpointPosition(
-                    symbol=s, quantity=p.quantity, cost=p.cost, realized=p.realized, fees=p.fees
+                    symbol=s,
+                    quantity=p.quantity,
+                    cost=p.cost,
+                    realized=p.realized,
+                    fees=p.fees,
+                    funding=p.funding,
                 )
                 for s, p in self._positions.items()  # the ledger's order: sums add the same
             ),
@@ -340,6 +507,15 @@ class Ledger:
                 AppliedFill(fill_id=f, digest=self._fill_ids[f]) for f in self._recent
             ),
             skipped=skipped,
+            entries_applied=self._entries_applied,
+            funding_usdt=self._funding,
+            transfers_usdt=self._transfers,
+            other_income_usdt=self._other_income,
+            transfers_by_asset=_signed_amounts(self._transfers_by_asset, exact=True),
+            unvalued_income=_signed_amounts(self._unvalued_income, exact=True),
+            recent_entries=tuple(
+                AppliedEntry(entry_id=e, digest=self._entry_ids[e]) for e in self._recent_entries
+            ),
         )
 
     @classmethod
@@ -348,7 +524,11 @@ class Ledger:
         ledger = cls(initial_capital=checkpoint.initial_capital, exchange=exchange)
         for held in checkpoint.positions:
             ledger._positions[held.symbol] = _Position(
-                quantity=held.quantity, cost=held.cost, realized=held.realized, fees=held.fees
+                quantity=held.quantity,
+                cost=held.cost,
+                realized=held.realized,
+                fees=held.fees,
+                funding=held.funding,
             )
         ledger._marks = {mark.symbol: mark.price for mark in checkpoint.marks}
         for applied in checkpoint.recent_fills:
@@ -357,19 +537,31 @@ class Ledger:
         ledger._fills_applied = checkpoint.fills_applied
         ledger._realized = checkpoint.realized_pnl
         ledger._fees = checkpoint.fees_usdt
-        ledger._base = _capital_less_fees(
-            checkpoint.initial_capital, checkpoint.realized_pnl, checkpoint.fees_usdt
-        )
         ledger._fees_by_asset = {a.asset: a.amount for a in checkpoint.fees_by_asset}
         ledger._unvalued = {a.asset: a.amount for a in checkpoint.unvalued_fees}
+        ledger._restore_entries(checkpoint)
+        ledger._base = ledger._wallet_of(realized=ledger._realized, fees=ledger._fees)
         ledger._peak_equity = checkpoint.peak_equity
         ledger._max_drawdown_pct = checkpoint.max_drawdown_pct
         ledger._trough = None
         for symbol, position in ledger._positions.items():
-            if symbol not in ledger._marks:
+            # A symbol with funding only (never traded here) has no mark and needs none.
+            if position.quantity and symbol not in ledger._marks:
                 raise ValueError(f"checkpoint holds {symbol} but no mark for it")
             ledger._revalue(symbol, position)
         return ledger
+
+    def _restore_entries(self, checkpoint: PortfolioCheckpoint) -> None:
+        for applied in checkpoint.recent_entries:
+            self._entry_ids[applied.entry_id] = applied.digest
+            self._recent_entries.append(applied.entry_id)
+        self._entries_applied = checkpoint.entries_applied
+        self._funding = checkpoint.funding_usdt
+        self._transfers = checkpoint.transfers_usdt
+        self._other_income = checkpoint.other_income_usdt
+        self._transfers_by_asset = {a.asset: a.amount for a in checkpoint.transfers_by_asset}
+        self._unvalued_income = {a.asset: a.amount for a in checkpoint.unvalued_income}
+        self._booked = _booked_of(self._funding, self._transfers, self._other_income)
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -411,6 +603,7 @@ class Ledger:
             unrealized_pnl=show(unrealized),
             realized_pnl=show(position.realized),
             fees=show(position.fees),
+            funding=show(position.funding),
         )
 
 
@@ -438,8 +631,20 @@ def _book(position: _Position, signed_qty: Decimal, price: Decimal) -> Decimal:
     return realized
 
 
-def _capital_less_fees(capital: Decimal, realized: Decimal, fees: Decimal) -> Decimal:
-    return _EXACT.subtract(_EXACT.add(capital, realized), fees)
+def _booked_of(funding: Decimal, transfers: Decimal, other_income: Decimal) -> Decimal:
+    """The account entries' net in USDT, added in one order wherever it is computed."""
+    return _EXACT.add(_EXACT.add(funding, transfers), other_income)
+
+
+def _peak_after_transfer(
+    peak: Decimal, *, before: Decimal, after: Decimal, amount: Decimal
+) -> Decimal:
+    """The peak once capital moved: scaled by the equity's ratio after/before, so the drawdown
+    in percent is what it was (a withdrawal is no loss); moved by the amount when the equity
+    before or after is not positive (no ratio to scale by). Inside ``_EXACT``."""
+    if before > 0 and after > 0:
+        return peak * after / before
+    return peak + amount
 
 
 def _digest(fill: Fill) -> str:
@@ -449,15 +654,29 @@ def _digest(fill: Fill) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _entry_digest(entry: AccountEntry) -> str:
+    """What an entry says about money, in 16 hex digits: a repeat of its id must say the same
+    (its time and note may be rendered differently by a second read without harm)."""
+    facts = (entry.income_type.value, entry.symbol or "", entry.asset, entry.amount)
+    return hashlib.sha256("|".join(str(part) for part in facts).encode()).hexdigest()[:16]
+
+
 def _amounts(by_asset: Mapping[str, Decimal], *, exact: bool = False) -> tuple[AssetAmount, ...]:
     show = _identity if exact else _money
     return tuple(AssetAmount(asset=a, amount=show(v)) for a, v in sorted(by_asset.items()))
 
 
+def _signed_amounts(
+    by_asset: Mapping[str, Decimal], *, exact: bool = False
+) -> tuple[SignedAssetAmount, ...]:
+    show = _identity if exact else _money
+    return tuple(SignedAssetAmount(asset=a, amount=show(v)) for a, v in sorted(by_asset.items()))
+
+
 def _drawdown_pct(peak: Decimal, equity: Decimal) -> Decimal:
-    # peak >= initial capital > 0, so the division is always defined. ``_EXACT``'s methods are
-    # the operators inside ``localcontext(_EXACT)``, without entering one.
-    if equity >= peak:
+    # ``_EXACT``'s methods are the operators inside ``localcontext(_EXACT)``, without entering
+    # one. A peak is positive unless transfers took every unit out (then nothing can fall).
+    if equity >= peak or peak <= 0:
         return _ZERO
     return _EXACT.multiply(_EXACT.divide(_EXACT.subtract(peak, equity), peak), _HUNDRED)
 

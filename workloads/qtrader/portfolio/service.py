@@ -1,19 +1,24 @@
-"""The portfolio role: fills and prices in, exact positions, PnL, equity and drawdown out.
+"""The portfolio role: fills, account entries and prices in; exact positions, PnL, funding,
+equity and drawdown out.
 
-Its state is derived from FILLS, and checkpointed: every ``checkpoint_interval_s`` (when fills
-moved it) it writes its exact ledger and the FILLS sequence that covers to the CHECKPOINTS
-stream; at start it restores the newest usable checkpoint (``portfolio.checkpoints``) and
-replays FILLS after that sequence only, so its start time is bounded and FILLS' retention never
-loses a position. The ledger ignores a fill id it has applied, so a redelivery counts once.
+Its state is derived from the FILLS stream: our fills and the account entries execution reads
+from the venue's income (funding, transfers, other income: ``AccountEntry``), both read by one
+ordered consumer in the stream's order. It is checkpointed: every ``checkpoint_interval_s``
+(when the stream moved it) it writes its exact ledger and the FILLS sequence that covers to the
+CHECKPOINTS stream; at start it restores the newest usable checkpoint
+(``portfolio.checkpoints``) and replays FILLS after that sequence only, so its start time is
+bounded and FILLS' retention never loses a position. The ledger ignores a fill id or an entry id
+it has applied, so a redelivery counts once.
 
-A fill the ledger cannot apply (``FillRefused``: its id applied before with other content) is
-never skipped: the portfolio stops there. ``/health`` goes CRITICAL naming the fill, its FILLS
-sequence and why; a ``ledger`` risk alert is published and ``qtrader_portfolio_ledger_stuck`` is
-1; no later fill is applied (their order matters) and no checkpoint goes past it, so a restart
-stops at the same fill. A person decides: fix the stream's producer, or restart the portfolio
-with ``--skip-fill SEQUENCE`` to pass over exactly that fill (only if the ledger refuses it;
-recorded in every later checkpoint). A message that does not decode at all is another matter:
-the bus refuses and counts it (``qtrader_messages_rejected_total``), as for every consumer.
+A fill or an entry the ledger cannot apply (``BookingRefused``: its id applied before with other
+content) is never skipped: the portfolio stops there. ``/health`` goes CRITICAL naming it, its
+FILLS sequence and why; a ``ledger`` risk alert is published and
+``qtrader_portfolio_ledger_stuck`` is 1; nothing later is applied (the order matters) and no
+checkpoint goes past it, so a restart stops at the same message. A person decides: fix the
+stream's producer, or restart the portfolio with ``--skip-fill SEQUENCE`` to pass over exactly
+that message (only if the ledger refuses it; recorded in every later checkpoint). A message that
+does not decode at all is another matter: the bus refuses and counts it
+(``qtrader_messages_rejected_total``), as for every consumer.
 
 Prices come from the candles the MARKET stream stores, followed from the
 worker's start on (an ordered consumer, not a subscription to the subject: a publish the stream
@@ -35,6 +40,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -43,8 +49,10 @@ from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
 from qtrader.bus.errors import BusUnavailable
+from qtrader.bus.nats_bus import Route
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    AccountEntry,
     Candle,
     Fill,
     PortfolioSnapshot,
@@ -52,10 +60,10 @@ from qtrader.contracts.messages import (
     RiskAlertKind,
 )
 from qtrader.contracts.policy import TradingPolicySpec
-from qtrader.health.contract import DependencyHealth, Status
+from qtrader.health.contract import REFRESH_INTERVAL_S, DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.checkpoints import Start, start_from_checkpoint
-from qtrader.portfolio.ledger import FillRefused, Ledger
+from qtrader.portfolio.ledger import BookingRefused, Ledger
 from qtrader.risk.evaluators import DrawdownEvaluator
 from qtrader.runtime import Task, WorkerContext
 from qtrader.viewer.app import attach_viewer
@@ -65,10 +73,19 @@ from qtrader.viewer.feed import ViewerState, feed_viewers
 log = logging.getLogger(__name__)
 
 FILLS_APPLIED = Counter("qtrader_portfolio_fills_applied_total", "Fills applied to the ledger.")
-EQUITY = Gauge("qtrader_portfolio_equity_usd", "Equity: capital + realized - fees + unrealized.")
+ENTRIES_APPLIED = Counter(
+    "qtrader_portfolio_entries_applied_total",
+    "Account entries (funding, transfers, other income the venue booked) applied to the ledger.",
+)
+EQUITY = Gauge(
+    "qtrader_portfolio_equity_usd",
+    "Equity: capital + realized - fees + funding + transfers + other income + unrealized.",
+)
 REALIZED = Gauge("qtrader_portfolio_realized_pnl_usd", "Realized PnL before fees.")
 UNREALIZED = Gauge("qtrader_portfolio_unrealized_pnl_usd", "Unrealized PnL at the latest marks.")
 FEES = Gauge("qtrader_portfolio_fees_usd", "Fees paid since the first fill.")
+FUNDING = Gauge("qtrader_portfolio_funding_usd", "Funding booked in USDT (positive: received).")
+TRANSFERS = Gauge("qtrader_portfolio_transfers_usd", "Net USDT transferred into the account.")
 DRAWDOWN = Gauge("qtrader_portfolio_drawdown_ratio", "Current drawdown from the equity peak (0-1).")
 MAX_DRAWDOWN = Gauge("qtrader_portfolio_max_drawdown_ratio", "Worst peak-to-trough drawdown (0-1).")
 DRAWDOWN_LIMIT = Gauge(
@@ -81,16 +98,26 @@ FILLS_REFUSED = Counter(
     "qtrader_portfolio_fills_refused_total",
     "Fills the ledger could not apply; the portfolio stops at the first (see ledger_stuck).",
 )
+ENTRIES_REFUSED = Counter(
+    "qtrader_portfolio_entries_refused_total",
+    "Account entries the ledger could not apply; the portfolio stops at the first.",
+)
 LEDGER_STUCK = Gauge(
     "qtrader_portfolio_ledger_stuck",
-    "1 while the portfolio is stopped at a fill its ledger cannot apply, until a person acts.",
+    "1 while the portfolio is stopped at a fill or an account entry its ledger cannot apply, "
+    "until a person acts.",
 )
 FILLS_SKIPPED = Counter(
-    "qtrader_portfolio_fills_skipped_total", "Refused fills passed over on a person's --skip-fill."
+    "qtrader_portfolio_fills_skipped_total",
+    "Refused fills or account entries passed over on a person's --skip-fill.",
 )
 UNVALUED_FEES = Gauge(
     "qtrader_portfolio_unvalued_fee_assets",
     "Assets holding fees of unknown USDT value (equity leaves them out: it is incomplete).",
+)
+UNVALUED_INCOME = Gauge(
+    "qtrader_portfolio_unvalued_income_assets",
+    "Assets holding funding or income of unknown USDT value (equity leaves them out).",
 )
 CHECKPOINTS_WRITTEN = Counter(
     "qtrader_portfolio_checkpoints_total", "Checkpoints of the exact ledger written."
@@ -120,17 +147,32 @@ class PortfolioConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StuckAt:
-    """The fill the portfolio stopped at."""
+class Booking:
+    """One message of FILLS for the ledger: a fill or an account entry, and how to apply it."""
 
-    fill_id: str
+    noun: str  # "fill", "account entry"
+    ident: str  # its fill id or entry id
+    symbol: str | None
+    apply: Callable[[], bool]  # the ledger's apply: False for a repeat; raises when refused
+    applied: Counter
+    refused: Counter
+
+    def __str__(self) -> str:
+        return f"{self.noun} {self.ident}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StuckAt:
+    """The fill or account entry the portfolio stopped at."""
+
+    what: str  # "fill <id>", "account entry <id>"
     sequence: int
     reason: str
 
     def __str__(self) -> str:
         return (
-            f"stopped at FILLS sequence {self.sequence}: fill {self.fill_id} cannot be applied "
-            f"({self.reason}); no later fill is applied until a person acts (fix the fill's "
+            f"stopped at FILLS sequence {self.sequence}: {self.what} cannot be applied "
+            f"({self.reason}); nothing later is applied until a person acts (fix its "
             f"producer, or restart the portfolio with --skip-fill {self.sequence})"
         )
 
@@ -186,9 +228,26 @@ class Portfolio:
                 await asyncio.sleep(0.5)
 
     async def _viewer_present(self) -> dict[str, Any]:
-        """What a viewer connecting now is told first: latch, portfolio and this health."""
+        """What a viewer connecting now is told first: latch, portfolio, stops, every worker's
+        health (this one's as of now), and the policy this stack runs."""
         report = await self._context.monitor.report()
-        return {**self._viewer_state.present(), "health": report.model_dump(mode="json")}
+        # This worker's own report as of now: just started, it may not have heard its own yet.
+        own = report.to_message(
+            worker_id=self._context.options.worker_id,
+            interval_s=REFRESH_INTERVAL_S,
+            ts_ms=int(time.time() * 1000),
+        )
+        self._viewer_state.note(own)
+        revision = self._context.policy.current
+        policy = None
+        if revision is not None:
+            mode = revision.spec.mode.value
+            policy = {"name": revision.name, "revision": revision.revision, "mode": mode}
+        return {
+            **self._viewer_state.present(),
+            "health": report.model_dump(mode="json"),
+            "policy": policy,
+        }
 
     async def _serve(self) -> None:
         policy = await self._context.policy.wait()
@@ -203,9 +262,18 @@ class Portfolio:
         await asyncio.gather(
             bus.replay_after(
                 subjects.FILLS,
-                subjects.all_of(subjects.FILL_PREFIX),
-                Fill,
-                self._on_fill,
+                [
+                    Route(
+                        subject=subjects.all_of(subjects.FILL_PREFIX),
+                        message_type=Fill,
+                        handler=self._on_fill,
+                    ),
+                    Route(
+                        subject=subjects.ACCOUNT_ENTRY,
+                        message_type=AccountEntry,
+                        handler=self._on_entry,
+                    ),
+                ],
                 label="portfolio-fills",
                 after_sequence=start.fills_through,
             ),
@@ -231,38 +299,63 @@ class Portfolio:
             self._drawdown = DrawdownEvaluator(limit, source=source)
 
     async def _on_fill(self, fill: Fill, sequence: int) -> None:
-        assert self._ledger is not None
+        ledger = self._ledger
+        assert ledger is not None
+        booking = Booking(
+            noun="fill",
+            ident=fill.fill_id,
+            symbol=fill.symbol,
+            apply=lambda: ledger.apply_fill(fill),
+            applied=FILLS_APPLIED,
+            refused=FILLS_REFUSED,
+        )
+        self._book(booking, sequence)
+
+    async def _on_entry(self, entry: AccountEntry, sequence: int) -> None:
+        ledger = self._ledger
+        assert ledger is not None
+        booking = Booking(
+            noun="account entry",
+            ident=entry.entry_id,
+            symbol=entry.symbol,
+            apply=lambda: ledger.apply_entry(entry),
+            applied=ENTRIES_APPLIED,
+            refused=ENTRIES_REFUSED,
+        )
+        self._book(booking, sequence)
+
+    def _book(self, booking: Booking, sequence: int) -> None:
         if self._stuck is not None:
-            return  # nothing after the stuck fill: fills apply in the stream's order or not at all
+            return  # nothing after the stuck one: FILLS applies in the stream's order or not at all
         try:
-            applied = self._ledger.apply_fill(fill)
-        except Exception as exc:  # FillRefused, or a bug: either way this fill is not booked
-            reason = exc.reason if isinstance(exc, FillRefused) else repr(exc)
+            applied = booking.apply()
+        except Exception as exc:  # BookingRefused, or a bug: either way it is not booked
+            reason = exc.reason if isinstance(exc, BookingRefused) else repr(exc)
             if sequence not in self._config.skip_fills:
-                self._stop_at(fill, sequence, reason)
+                self._stop_at(booking, sequence, reason)
                 return
-            log.warning("fill %s at FILLS sequence %d passed over (--skip-fill): %s",
-                        fill.fill_id, sequence, reason)  # fmt: skip
+            log.warning("%s at FILLS sequence %d passed over (--skip-fill): %s",
+                        booking, sequence, reason)  # fmt: skip
             FILLS_SKIPPED.inc()
             self._skipped = (*self._skipped, sequence)
             applied = False
         self._fills_through = sequence  # same step as the ledger: a checkpoint sees both or none
         if applied:
-            FILLS_APPLIED.inc()
+            booking.applied.inc()
             self._dirty.set()
 
-    def _stop_at(self, fill: Fill, sequence: int, reason: str) -> None:
-        self._stuck = StuckAt(fill_id=fill.fill_id, sequence=sequence, reason=reason)
-        FILLS_REFUSED.inc()
+    def _stop_at(self, booking: Booking, sequence: int, reason: str) -> None:
+        self._stuck = StuckAt(what=str(booking), sequence=sequence, reason=reason)
+        booking.refused.inc()
         LEDGER_STUCK.set(1)
         log.error("portfolio %s", self._stuck)
         source = f"portfolio/{self._context.options.worker_id}"
         self._pending_alerts.append(
             RiskAlert(
-                alert_id=f"ledger:{source}:{sequence}:{fill.fill_id}"[:128],
+                alert_id=f"ledger:{source}:{sequence}:{booking.ident}"[:128],
                 alert_kind=RiskAlertKind.LEDGER,
                 source=source,
-                symbol=fill.symbol,
+                symbol=booking.symbol,
                 value=Decimal(sequence),
                 threshold=Decimal(0),
                 detail=str(self._stuck)[:1024],
@@ -357,9 +450,12 @@ class Portfolio:
         if self._stuck is not None:
             return _ledger_health(Status.CRITICAL, str(self._stuck))
         problems = [p for p in (self._last_publish_error, self._checkpoint_error) if p]
-        if not ledger.equity_complete:
+        if ledger.unvalued_fees:
             unvalued = ", ".join(f"{a} {v}" for a, v in ledger.unvalued_fees.items())
             problems.append(f"equity incomplete: fees of unknown USDT value ({unvalued})")
+        if ledger.unvalued_income:
+            unvalued = ", ".join(f"{a} {v}" for a, v in ledger.unvalued_income.items())
+            problems.append(f"equity incomplete: income of unknown USDT value ({unvalued})")
         if self._fell_back:
             problems.append("a newer checkpoint could not be used (no checkpoint of its own yet)")
         started = f"start: {self._start_note}"
@@ -367,8 +463,8 @@ class Portfolio:
             return _ledger_health(Status.DEGRADED, "; ".join([*problems, started]))
         return _ledger_health(
             Status.OK,
-            f"{ledger.fills_applied} fills through FILLS sequence {self._fills_through}, "
-            f"equity {ledger.equity:.2f}; {started}",
+            f"{ledger.fills_applied} fills and {ledger.entries_applied} account entries through "
+            f"FILLS sequence {self._fills_through}, equity {ledger.equity:.2f}; {started}",
         )
 
 
@@ -381,7 +477,10 @@ def _export(ledger: Ledger) -> None:
     REALIZED.set(float(ledger.realized_pnl))
     UNREALIZED.set(float(ledger.unrealized_pnl))
     FEES.set(float(ledger.fees))
+    FUNDING.set(float(ledger.funding))
+    TRANSFERS.set(float(ledger.transfers))
     DRAWDOWN.set(float(ledger.drawdown_pct) / 100)
     MAX_DRAWDOWN.set(float(ledger.max_drawdown_pct) / 100)
     OPEN_POSITIONS.set(ledger.open_positions)
     UNVALUED_FEES.set(len(ledger.unvalued_fees))
+    UNVALUED_INCOME.set(len(ledger.unvalued_income))

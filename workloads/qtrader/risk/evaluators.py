@@ -31,7 +31,6 @@ from qtrader.contracts.messages import (
     RiskAlert,
     RiskAlertKind,
 )
-from qtrader.exchange.errors import ExchangeError
 from qtrader.money import EXACT as _EXACT
 
 DEFAULT_SOURCE = "risk-evaluator"
@@ -335,30 +334,13 @@ class StaleDataEvaluator:
 # --- execution error rate ---------------------------------------------------------------------
 
 
-def _exchange_error_kinds() -> tuple[str, ...]:
-    """How an order driver's reason starts when an exchange error ended the order: the error
-    type's name, or "exchange ban" (``qtrader.execution.orders._describe``)."""
-    names = {"exchange ban"}
-    pending: list[type[ExchangeError]] = [ExchangeError]
-    while pending:
-        kind = pending.pop()
-        names.add(kind.__name__)
-        pending.extend(kind.__subclasses__())
-    return tuple(sorted(names))
-
-
-_ERROR_KINDS = _exchange_error_kinds()
-
-
 def is_execution_error(update: OrderUpdate) -> bool:
     """Whether a final update counts as an error: the venue rejected the order, or an exchange
     error ended it. Refusals by the halt gate or the exposure book are not errors: no venue saw
     them, and a risk check doing its job must not trip the stop."""
     if update.refused_before_venue:
         return False
-    if update.status is OrderStatus.REJECTED:
-        return True
-    return update.reason is not None and update.reason.startswith(_ERROR_KINDS)
+    return update.status is OrderStatus.REJECTED or update.error_kind is not None
 
 
 class ErrorRateEvaluator:

@@ -6,7 +6,8 @@ a viewer that disconnects while nothing is published is detached at once, not at
 event). A sender blocked on a slow socket blocks only itself: the hub keeps queueing for that
 client (dropping its oldest events) and every other client's sender runs on.
 
-``attach_viewer(app, hub)`` adds both routes to an existing workload app (e.g. the health app of
+``attach_viewer(app, hub)`` adds both routes, and the live console's page that reads them
+(``qtrader.viewer.console``), to an existing workload app (e.g. the health app of
 ``qtrader.health.contract``); ``create_viewer_app(hub)`` is a standalone app with just these.
 
 Outside the batches (``seq`` 0, so a client counting gaps in ``seq`` ignores them): with a
@@ -35,6 +36,7 @@ from fastapi import APIRouter, FastAPI, WebSocket
 from pydantic import BaseModel
 from starlette.websockets import WebSocketDisconnect
 
+from qtrader.viewer.console import console_router
 from qtrader.viewer.fanout import ClientFeed, FanoutHub, FeedClosed, TooManyClients
 
 log = logging.getLogger(__name__)
@@ -111,10 +113,12 @@ def attach_viewer(
     allowed_origins: Collection[str] = (),
     keepalive_s: float = KEEPALIVE_S,
 ) -> None:
-    """Serve ``/events`` and ``/viewer/stats`` from ``app``, fed by ``hub``."""
+    """Serve ``/events``, ``/viewer/stats`` and the live console (``/console``) from ``app``,
+    fed by ``hub``."""
     app.include_router(
         viewer_router(hub, state=state, allowed_origins=allowed_origins, keepalive_s=keepalive_s)
     )
+    app.include_router(console_router())
 
 
 def create_viewer_app(

@@ -33,6 +33,9 @@ class WindowMode(enum.StrEnum):
     SLIDING = "sliding"  # the trailing window ending now
 
 
+BNB_SYMBOL = "BNBUSDT"
+
+
 @dataclass(frozen=True, kw_only=True)
 class SimConfig:
     """Fields (JSON names are the same; decimals may be strings or numbers):
@@ -147,7 +150,10 @@ class SimConfig:
         }
 
     def price_for(self, symbol: str) -> Decimal:
-        return self.prices.get(symbol, self.default_price)
+        """The start price; BNBUSDT's is ``bnb_price``, so BNB has one price on this venue: the
+        one its ticker quotes and its BNB commissions are converted at."""
+        fallback = self.bnb_price if symbol == BNB_SYMBOL else self.default_price
+        return self.prices.get(symbol, fallback)
 
 
 def _check(condition: bool, message: str) -> None:

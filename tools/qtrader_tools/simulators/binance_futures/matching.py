@@ -35,7 +35,7 @@ from typing import Any
 from qtrader.instruments import ExchangeInfo, Instrument
 
 from . import errors, events
-from .config import SimConfig
+from .config import BNB_SYMBOL, SimConfig
 from .decimals import plain, to_step
 from .klines import MarketHistory
 from .ledger import Income, IncomeType, Ledger
@@ -664,7 +664,7 @@ class Venue:
         """The fee and its asset: BNB at a 10% discount for a BNB-burn account that can pay."""
         fee = notional * (self.config.maker_fee if maker else self.config.taker_fee)
         if api_key in self.fee_burn:
-            in_bnb = to_step(fee * BNB_DISCOUNT / self.config.bnb_price)
+            in_bnb = to_step(fee * BNB_DISCOUNT / self.price(BNB_SYMBOL))
             if in_bnb <= self.wallet(api_key, "BNB"):
                 return in_bnb, "BNB"
         return to_step(fee), "USDT"

@@ -420,6 +420,8 @@ class BinanceFuturesSim:
             ("GET", "/api/v3/time"): _Route(self._time, public),
             ("GET", "/fapi/v1/exchangeInfo"): _Route(self._exchange_info, public),
             ("GET", "/fapi/v1/ticker/price"): _Route(self._ticker, public),
+            # python-binance's futures_symbol_ticker asks version 2 (the same answer).
+            ("GET", "/fapi/v2/ticker/price"): _Route(self._ticker, public),
             ("POST", "/fapi/v1/order"): _Route(self._new_order, signed),
             ("GET", "/fapi/v1/order"): _Route(self._query_order, signed),
             ("DELETE", "/fapi/v1/order"): _Route(self._cancel_order, signed),

@@ -51,7 +51,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import GATE_NAME, HaltLatch, OrderStatus, OrderUpdate, TradingState
+from qtrader.contracts.messages import (
+    HaltLatch,
+    OrderStatus,
+    OrderUpdate,
+    RefusedBy,
+    TradingState,
+)
 from qtrader.control.ess_status import EssState, parse_time
 from qtrader.local import ess_client
 from qtrader.local.control_plane import EssRecord
@@ -320,7 +326,9 @@ def filled_after_ack(updates: list[OrderUpdate], cycle: Cycle) -> int:
 def refused_by_gate(updates: list[OrderUpdate], cycle: Cycle) -> int:
     end = cycle.rearm_ms if cycle.rearm_ms is not None else math.inf
     return sum(
-        1 for u in updates if u.exchange == GATE_NAME and cycle.trip_requested_ms <= u.ts_ms <= end
+        1
+        for u in updates
+        if u.refused_by is RefusedBy.HALT_GATE and cycle.trip_requested_ms <= u.ts_ms <= end
     )
 
 

@@ -174,7 +174,7 @@ async def _run(
         feed.cancel()
         await asyncio.gather(feed, return_exceptions=True)
         options.say("exchange-instability: bursts over; waiting for every intent to settle")
-        intents, updates = await _settled(rig)
+        intents, updates = await _settled(rig, execution)
         status = await _health_after(rig, execution)
         fills = await rig.read_stream(subjects.FILLS, subjects.all_of(subjects.FILL_PREFIX), Fill)
         log = await asyncio.to_thread(admin.log)
@@ -362,19 +362,24 @@ async def _sleep_until(deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
-async def _settled(rig: Rig) -> tuple[list[OrderIntent], list[OrderUpdate]]:
-    """The ORDERS stream once every intent's latest update is final (or after the timeout)."""
+async def _settled(rig: Rig, execution: Child) -> tuple[list[OrderIntent], list[OrderUpdate]]:
+    """The ORDERS stream once the worker has no signal left to decide and every intent's
+    latest update is final, twice in a row with no new intent (or after the timeout). Signals
+    queued when the feed stopped are still decided, and their orders sent: judged before
+    they are, the exchange's trades would show orders the streams read back do not."""
     found: list[tuple[list[OrderIntent], list[OrderUpdate]]] = []
 
     async def settled() -> bool:
+        queued = await rig.metric(execution, "qtrader_signal_queue_depth")
         intents = await rig.read_stream(
             subjects.ORDERS, subjects.all_of(subjects.ORDER_INTENT_PREFIX), OrderIntent
         )
         updates = await rig.read_stream(
             subjects.ORDERS, subjects.all_of(subjects.ORDER_UPDATE_PREFIX), OrderUpdate
         )
+        same = bool(found) and len(found[-1][0]) == len(intents)
         found.append((intents, updates))
-        return audit_intents(intents, updates).not_final == 0
+        return queued == 0 and same and audit_intents(intents, updates).not_final == 0
 
     try:
         await rig.until(

@@ -30,11 +30,11 @@ from decimal import Decimal
 
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
-    GATE_NAME,
     Candle,
     HaltAck,
     OrderStatus,
     OrderUpdate,
+    RefusedBy,
     RiskAlert,
 )
 from qtrader.control.ess_status import EssState
@@ -164,7 +164,11 @@ async def _measure(
     halted_at_ms = halt_ack.ts_ms if halt_ack else None
     before = [u for u in filled if halted_at_ms is not None and u.ts_ms <= halted_at_ms]
     after = [u for u in filled if halted_at_ms is None or u.ts_ms > halted_at_ms]
-    refused = [u for u in updates if u.exchange == GATE_NAME and u.status is OrderStatus.REJECTED]
+    refused = [
+        u
+        for u in updates
+        if u.refused_by is RefusedBy.HALT_GATE and u.status is OrderStatus.REJECTED
+    ]
     time_to_trip = (
         halt_ack.ts_ms / 1000 - crossed_at if halt_ack and crossed_at is not None else None
     )

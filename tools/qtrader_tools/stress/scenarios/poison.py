@@ -116,13 +116,15 @@ CONSUMERS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "portfolio": {
         "marks": (_ALL(subjects.CANDLE_PREFIX),),
-        "portfolio-fills": (_ALL(subjects.FILL_PREFIX),),
+        "portfolio-fills": (_ALL(subjects.FILL_PREFIX), subjects.ACCOUNT_ENTRY),
         "viewer": (  # the viewer feed it serves (qtrader.viewer.feed.VIEWED)
             subjects.CONTROL_HALT,
+            subjects.CONTROL_ESS_STATUS,
             _ALL(subjects.ORDER_UPDATE_PREFIX),
             _ALL(subjects.FILL_PREFIX),
             _ALL(subjects.RISK_ALERT_PREFIX),
             subjects.PORTFOLIO_SNAPSHOT,
+            _ALL(subjects.HEALTH_REPORT_PREFIX),
         ),
     },
 }
