@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,31 @@ def test_backtest_when_synthetic_with_a_policy_then_runs_under_that_policy() -> 
     assert document["figures"] == expected.figures.model_dump(mode="json")
 
 
+def test_backtest_when_liquidity_is_limited_then_the_engines_figures_with_partial_fills() -> None:
+    result = backtest("--synthetic", "--candles", "400", "--max-volume-share", "0.5", "--json")
+    assert result.returncode == 0, result.stderr
+    document = last_json(result.stdout)
+    model = SignalModel.load(default_model_path())
+    card = model.card
+    assert isinstance(card, ModelCard)
+    series = synthetic_series(symbols=("BTCUSDT", "ETHUSDT", "SOLUSDT"), candles=400, seed=7)
+    expected = run_backtest(
+        series,
+        model,
+        policy_for(tuple(series), card.evaluation.policy),
+        label_horizon=card.training.label_horizon_candles,
+        max_volume_share=Decimal("0.5"),
+    )
+    unlimited = run_backtest(
+        series,
+        model,
+        policy_for(tuple(series), card.evaluation.policy),
+        label_horizon=card.training.label_horizon_candles,
+    )
+    assert document["figures"] == expected.figures.model_dump(mode="json")
+    assert expected.figures != unlimited.figures  # the liquidity changed what traded
+
+
 def test_backtest_when_model_given_then_that_model_trades(tmp_path: Path) -> None:
     source = default_model_path()
     for path in source.parent.glob(f"{source.stem}.*"):
@@ -139,6 +165,8 @@ def bad_policy(tmp_path: Path) -> Path:
         (lambda tmp: ["--csv", str(BTC), "--synthetic"], "not allowed with argument"),
         (lambda tmp: ["--csv", str(tmp / "absent.csv")], "no such file"),
         (lambda tmp: ["--synthetic", "--candles", "0"], "--candles: must be 1-1000000"),
+        (lambda tmp: ["--synthetic", "--max-volume-share", "0"], "must be a positive number"),
+        (lambda tmp: ["--synthetic", "--max-volume-share", "1.5"], "must be at most 1"),
         (lambda tmp: ["--synthetic", "--symbols", "btc"], "is not a symbol"),
         (
             lambda tmp: ["--csv", str(BTC), "--symbols", "BTCUSDT"],

@@ -28,6 +28,7 @@ from qtrader.contracts.messages import (
 from qtrader.exchange.binance import BinanceFutures, BinanceSettings
 from qtrader.exchange.credentials import Credentials
 from qtrader.exchange.errors import Banned, ClockSkew, FilterViolation, Rejected
+from qtrader.execution.clock import SYSTEM_CLOCK, Clock, SimulatedClock
 from qtrader.execution.decisions import client_order_id_for
 from qtrader.execution.exposure import Admitted, ExposureBook, Refused, SendLimits, admit_order
 from qtrader.execution.halt import HaltGate
@@ -112,7 +113,12 @@ def active_gate() -> HaltGate:
     return gate
 
 
-def driver_for(venue: BinanceFutures, exchange: Exchange, recorder: Recorder) -> OrderDriver:
+GRACE_S, LOOKUP_EVERY_S = 1.0, 0.1  # the drivers' look-ups of an unknown order
+
+
+def driver_for(
+    venue: BinanceFutures, exchange: Exchange, recorder: Recorder, clock: Clock = SYSTEM_CLOCK
+) -> OrderDriver:
     """A driver whose exposure limits are far away: these tests are about the venue."""
     limits = SendLimits(
         max_position_usd=Decimal(10**9),
@@ -137,7 +143,8 @@ def driver_for(venue: BinanceFutures, exchange: Exchange, recorder: Recorder) ->
         deadline=lambda intent: intent.created_at_ms + 3_600_000,
         was_sent=recorder.book.was_sent,
         worker_id="test",
-        settings=DriverSettings(unknown_grace_s=1.0, lookup_interval_s=0.1),
+        settings=DriverSettings(unknown_grace_s=GRACE_S, lookup_interval_s=LOOKUP_EVERY_S),
+        clock=clock,
     )
 
 
@@ -197,6 +204,30 @@ async def test_when_the_answer_to_an_order_fails_then_exactly_one_order_per_inte
     assert len({f.fill_id for f in recorder.fills}) == len(recorder.fills)
     assert (OrderStatus.UNKNOWN in [u.status for u in recorder.updates]) is unknown
     assert len(exchange.posts()) == posts
+
+
+async def test_when_the_driver_runs_on_a_simulated_clock_then_its_look_up_waits_are_its_time(
+    exchange: Exchange, venue: BinanceFutures
+) -> None:
+    """An order the venue never booked (its answer a 502) is looked up until the grace period
+    is over, then sent again. On a backtest's clock the waits between look-ups move that clock
+    instead of sleeping, and the grace is measured on it: the look-ups the venue saw are the
+    simulated time that passed, one per interval and one more."""
+    exchange.admin.faults([{"route": "POST /fapi/v1/order", "kind": "html_502", "next": 1}])
+    recorder = Recorder()
+    order = intent("simulated-waits")
+    clock = SimulatedClock(order.created_at_ms)
+
+    final = await driver_for(venue, exchange, recorder, clock).execute(order, max_slippage_bps=20)
+
+    assert final.status is OrderStatus.FILLED, final
+    waited_s = (clock.wall_ms() - order.created_at_ms) / 1000
+    assert GRACE_S <= waited_s < GRACE_S + LOOKUP_EVERY_S
+    lookups = [
+        e for e in exchange.admin.log() if (e["method"], e["path"]) == ("GET", "/fapi/v1/order")
+    ]
+    assert len(lookups) == round(waited_s / LOOKUP_EVERY_S) + 1
+    assert len(exchange.posts()) == 2
 
 
 async def test_when_the_trades_of_a_booked_order_cannot_be_read_then_it_is_looked_up(

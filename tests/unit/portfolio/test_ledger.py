@@ -367,6 +367,29 @@ def test_replay_when_same_fills_in_two_ledgers_then_snapshots_are_identical() ->
     assert snapshots[0] == snapshots[1]
 
 
+def test_replay_when_fill_ids_are_not_kept_then_the_same_figures_and_no_checkpoint() -> None:
+    """A backtest's ledger (each fill comes once) remembers no fill id: the same figures, and
+    it refuses a checkpoint, which must say which fills it holds."""
+    rng = random.Random(9)
+    fills = [
+        fill(
+            rng.choice([Side.BUY, Side.SELL]),
+            Decimal(rng.randint(1, 30)),
+            Decimal(rng.randint(10_000, 20_000)) / 100,
+            symbol="SOLUSDT",
+            fee=Decimal(rng.randint(0, 999)) / 10**6,
+        )
+        for _ in range(300)
+    ]
+    keeping = make_ledger()
+    forgetting = Ledger(initial_capital=CAPITAL, exchange=EXCHANGE, keep_fill_ids=False)
+    for f in fills:
+        assert keeping.apply_fill(f) is forgetting.apply_fill(f) is True
+    assert forgetting.snapshot(sequence=1, ts_ms=1) == keeping.snapshot(sequence=1, ts_ms=1)
+    with pytest.raises(ValueError, match="keeps no fill ids"):
+        forgetting.checkpoint(fills_through=300, ts_ms=1, source="backtest")
+
+
 def test_replay_when_caller_lowers_global_decimal_precision_then_figures_do_not_change() -> None:
     fills = [
         fill(Side.BUY, "1", "100", symbol="SOLUSDT"),

@@ -5,8 +5,9 @@ temporary folder, so every run reads files, as ``qtrader backtest --csv`` does; 
 not timed. Rows, each measured in the same run with interleaved repeats (median):
 
 * **streamed**: ``run_streamed_backtest`` on the files with the shipped model under the card's
-  evaluation policy: every candle's features, both ensemble members on every candle, decisions,
-  the paper exchange and the exact ledger;
+  evaluation policy: every candle's features, both ensemble members on every candle, and every
+  signal through the execution worker's own core (intake, decisions, the order driver's
+  attempts and retries on the paper exchange) and the exact ledger;
 * **floor**: the vectorised part alone: reading the files, the features and one ensemble call
   per chunk, with no trading: what the streamed run cannot go below;
 * **per-candle**: ``run_backtest`` (the live path in a loop) on the first ``per_candle`` candles

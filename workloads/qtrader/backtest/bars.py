@@ -259,13 +259,15 @@ def _checked_bars(
         return None
     columns = list(zip(*rows, strict=True))
     try:
-        times = np.array([list(map(int, columns[i])) for i in (_OPEN_TIME, _CLOSE_TIME, _COUNT)])
+        # numpy parses the texts itself (as ``int`` and ``float`` do, correctly rounded), about
+        # twice as fast as a Python call per cell; a text it cannot parse raises.
+        times = np.array([columns[i] for i in (_OPEN_TIME, _CLOSE_TIME, _COUNT)], dtype=np.int64)
         numbers = np.array(
-            [list(map(float, columns[i])) for i in (*_PRICE_COLUMNS, *_NON_NEGATIVE_COLUMNS)]
+            [columns[i] for i in (*_PRICE_COLUMNS, *_NON_NEGATIVE_COLUMNS)], dtype=np.float64
         )
     except (ValueError, OverflowError):
         return None
-    if times.dtype != np.int64 or np.any(times < 0):
+    if np.any(times < 0):
         return None
     times[:2][times[:2] >= _MICROSECONDS_FROM] //= 1000
     if not _numbers_ok(numbers) or not _times_ok(times, after=after):

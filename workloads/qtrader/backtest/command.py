@@ -19,6 +19,7 @@ import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
 
@@ -53,7 +54,13 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         model = _load_model(args.model)
         data = _load_data(args)
         spec = _policy(args.policy, model, tuple(data.bars))
-        result = run_streamed_backtest(data.bars, model, spec, label_horizon=_label_horizon(model))
+        result = run_streamed_backtest(
+            data.bars,
+            model,
+            spec,
+            label_horizon=_label_horizon(model),
+            max_volume_share=args.max_volume_share,
+        )
     except _InputError as exc:
         print(f"qtrader backtest: {exc}", file=err)
         return 2
@@ -62,10 +69,11 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         print(f"qtrader backtest: {exc}", file=err)
         return 2
     if args.json:
-        print(json.dumps(_document(result, model, spec, data.source)), file=out)
+        document = _document(result, model, spec, data.source, args.max_volume_share)
+        print(json.dumps(document), file=out)
     else:
         label = f"{data.source}, {data.interval} candles"
-        print(_table(result, model, spec, label), file=out)
+        print(_table(result, model, spec, label, args.max_volume_share), file=out)
     return 0
 
 
@@ -170,21 +178,34 @@ def _label_horizon(model: SignalModel) -> int:
 
 
 def _document(
-    result: StreamedResult, model: SignalModel, spec: TradingPolicySpec, source: str
+    result: StreamedResult,
+    model: SignalModel,
+    spec: TradingPolicySpec,
+    source: str,
+    volume_share: Decimal | None,
 ) -> dict[str, object]:
     return {
         "model_version": model.version,
         "data": source,
         "symbols": list(spec.symbols),
         "min_confidence": spec.risk.min_confidence,
+        "max_volume_share": None if volume_share is None else str(volume_share),
         "figures": result.figures.model_dump(mode="json"),
     }
 
 
-def _table(result: StreamedResult, model: SignalModel, spec: TradingPolicySpec, source: str) -> str:
+def _table(
+    result: StreamedResult,
+    model: SignalModel,
+    spec: TradingPolicySpec,
+    source: str,
+    volume_share: Decimal | None,
+) -> str:
+    liquidity = "unlimited" if volume_share is None else f"{volume_share} of each candle's volume"
     header = (
         f"qtrader backtest: model {model.version}, {source}\n"
         f"  symbols {', '.join(spec.symbols)}; paper exchange fee {spec.paper.fee_bps} bps, "
-        f"slippage {spec.paper.slippage_bps} bps; min confidence {spec.risk.min_confidence}"
+        f"slippage {spec.paper.slippage_bps} bps, liquidity {liquidity}; "
+        f"min confidence {spec.risk.min_confidence}"
     )
     return header + "\n" + format_rows(backtest_rows(result.figures))

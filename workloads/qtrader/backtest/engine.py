@@ -2,22 +2,25 @@
 
 For each candle close time (every symbol's candle of one open time, a *step*):
 
-1. marks: the paper exchange (``PaperExchange.on_candle``) and the ledger (``Ledger.mark``) take
-   the closes, as the execution and portfolio workloads do on the candle subjects;
+1. marks: the execution core (``ExecutionCore.mark``) and the ledger (``Ledger.mark``) take the
+   closes, as the execution and portfolio workloads do from the MARKET stream;
 2. signals: ``SignalMaker`` (the inference service's code) pushes each candle into its symbol's
    ``FeatureWindow`` and makes the step's signals with one batched call of the model;
-3. decisions: the signals pass the execution workload's bounded ``SignalIntake`` and every cycle
-   of at most ``maxPerCycle`` goes through ``decisions.decide`` with the ledger's positions and
-   equity and the latest closes, exactly the checks and sizing the live worker applies;
-4. orders: each intent is sent as the execution driver's first attempt (a LIMIT IOC at the
-   policy's slippage bound, ``orders.slippage_bound``) to the ``PaperExchange``, and its fills
-   are booked by the ``Ledger``;
-5. risk: the portfolio's ``DrawdownEvaluator`` sees a snapshot; a drawdown alert halts trading
-   for the rest of the run, as the operator trips the EmergencyStop on it (manual reset).
+3. decisions and orders: the execution worker's own core (``execution.BacktestExecution``): the
+   signals pass its bounded intake, every cycle of at most ``maxPerCycle`` goes through
+   ``decide`` on its exposure book and fresh prices with the ledger's equity, and each intent is
+   driven by the worker's order driver on the paper exchange (LIMIT IOC attempts at the
+   policy's slippage bound, a partly filled remainder sent again while the price is inside
+   it, the exposure book's admission, expiry, the halt gate); its fills are booked by the
+   ``Ledger``;
+4. risk: the portfolio's ``DrawdownEvaluator`` sees a snapshot; a drawdown alert halts trading
+   for the rest of the run, as the operator trips the EmergencyStop on it (manual reset): a
+   HALTED latch in the core's halt gate.
 
-Time is the data's: a step happens at its candles' close (``close_time_ms + 1``), which is the
-signals' ``created_at_ms`` and every decision's ``now_ms``; a signal is decided in the step that
-made it, as the live worker's cycles (every 0.25 s) do long before the next 1-minute candle.
+Time is the data's: a step happens at its candles' close (``close_time_ms + 1``), the core's
+simulated clock is set to it, and it is the signals' ``created_at_ms`` and every decision's and
+order's time; a signal is decided in the step that made it, as the live worker's cycles (every
+0.25 s) do long before the next 1-minute candle.
 
 No strategy logic lives here: direction and confidence, the intake, the checks and sizing, the
 fill prices and fees, the accounting and the drawdown rule are the workloads' own code. What is
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
@@ -36,19 +38,9 @@ from decimal import Decimal, localcontext
 import numpy as np
 
 from qtrader.backtest.data import interval_ms, series_interval
-from qtrader.contracts.messages import (
-    Candle,
-    Fill,
-    OrderIntent,
-    OrderStatus,
-    Signal,
-    TradingState,
-)
+from qtrader.backtest.execution import BacktestExecution
+from qtrader.contracts.messages import Candle, Fill, OrderIntent, Signal
 from qtrader.contracts.policy import TradingPolicySpec
-from qtrader.execution.decisions import DecisionContext, Denial, decide
-from qtrader.execution.intake import Dropped, SignalIntake
-from qtrader.execution.orders import attempt_order, slippage_bound
-from qtrader.execution.paper import PaperExchange, PaperExecution
 from qtrader.inference.card import BacktestFigures
 from qtrader.inference.onnx_model import CLASSES, Predictor
 from qtrader.inference.signals import SignalMaker
@@ -61,7 +53,6 @@ from qtrader.research.evaluation import hit_counts
 from qtrader.risk.evaluators import DrawdownEvaluator
 
 _YEAR_MS = 365 * 86_400_000
-_POLICY_REVISION = 0
 
 
 class BacktestError(ValueError):
@@ -121,9 +112,6 @@ class _Tally:
     intents: list[OrderIntent] = field(default_factory=list)
     fills: list[Fill] = field(default_factory=list)
     curve: list[EquityPoint] = field(default_factory=list)
-    denials: Counter[str] = field(default_factory=Counter)
-    dropped: Counter[str] = field(default_factory=Counter)
-    unfilled: int = 0
     reducing_trades: int = 0
     wins: int = 0
     halted_at_ms: int | None = None
@@ -137,18 +125,22 @@ def run_backtest(
     exchange: ExchangeInfo | None = None,
     label_horizon: int = LABEL_HORIZON,
     halt_on_drawdown: bool = True,
+    max_volume_share: Decimal | None = None,
 ) -> BacktestResult:
     """Trade ``candles_by_symbol`` (each symbol's candles in ascending open time) with
     ``model`` under ``spec``, on the paper exchange, from ``spec.paper.initialCapitalUsd``.
 
     ``label_horizon`` is the horizon of the labels the signals' hit rate is measured against
     (the model card's). ``halt_on_drawdown`` False lets a run continue past the policy's
-    ``maxDrawdownPct`` (the live system would halt).
+    ``maxDrawdownPct`` (the live system would halt). ``max_volume_share``: the paper exchange
+    fills at most this share of a candle's volume (None: unlimited liquidity).
     """
     info = exchange or paper_exchange_info()
     steps = _steps(candles_by_symbol, info)
     schedule = model if isinstance(model, ModelSchedule) else ModelSchedule(((0, model),))
-    run = _Run(spec, info, schedule, halt_on_drawdown=halt_on_drawdown)
+    run = _Run(
+        spec, info, schedule, halt_on_drawdown=halt_on_drawdown, max_volume_share=max_volume_share
+    )
     for group in steps:
         run.step(group)
     return run.result(candles_by_symbol, label_horizon=label_horizon)
@@ -189,27 +181,39 @@ class _Run:
         schedule: ModelSchedule,
         *,
         halt_on_drawdown: bool,
+        max_volume_share: Decimal | None,
     ) -> None:
         self._spec = spec
-        self._info = info
         self._schedule = schedule
         self._halt_on_drawdown = halt_on_drawdown
         self._maker = SignalMaker()
-        self._intake = SignalIntake.from_policy(spec.signals)
-        self._paper = PaperExchange(
-            exchange=info, fee_bps=spec.paper.fee_bps, slippage_bps=spec.paper.slippage_bps
+        # Fill ids never repeat in a run: the ledger need not remember them (memory bounded).
+        self._ledger = Ledger(
+            initial_capital=spec.paper.initial_capital_usd, exchange=info, keep_fill_ids=False
         )
-        self._ledger = Ledger(initial_capital=spec.paper.initial_capital_usd, exchange=info)
         self._drawdown = DrawdownEvaluator(spec.risk.max_drawdown_pct, source="backtest")
         self._marks: dict[str, Decimal] = {}
-        self._state = TradingState.ACTIVE
+        self._candles: dict[str, Candle] = {}  # the step's candle per symbol
         self._steps = 0
         self._tally = _Tally()
+        self._execution = BacktestExecution(
+            spec,
+            info,
+            equity=lambda: self._ledger.equity,
+            candle_of=self._candles.__getitem__,
+            on_fill=self._book,
+            on_intent=self._tally.intents.append,
+            max_volume_share=max_volume_share,
+        )
 
     def step(self, candles: list[Candle]) -> None:
         now_ms = max(c.close_time_ms for c in candles) + 1
+        execution = self._execution
+        execution.at(now_ms)
+        self._candles.clear()
         for candle in candles:
-            self._paper.on_candle(candle)
+            self._candles[candle.symbol] = candle
+            execution.mark(candle.symbol, candle.close)
             self._ledger.mark(candle.symbol, candle.close)
             self._marks[candle.symbol] = candle.close
             self._record(now_ms)
@@ -219,8 +223,8 @@ class _Run:
             batch = self._maker.make(ready, model, now_ms=now_ms)
             self._tally.signals.extend(batch.signals)
             for signal in batch.signals:
-                self._count_drops(self._intake.offer(signal, now_ms))
-        self._decide_all(now_ms)
+                execution.offer(signal)
+        execution.decide_all()
         self._steps += 1
         self._evaluate_risk(now_ms)
         last = self._tally.curve[-1]
@@ -228,42 +232,6 @@ class _Run:
 
     def _record(self, now_ms: int) -> None:
         self._tally.curve.append(EquityPoint(now_ms, self._ledger.equity))
-
-    def _decide_all(self, now_ms: int) -> None:
-        """Cycles of at most ``maxPerCycle`` signals until the intake is empty."""
-        while len(self._intake):
-            taken, dropped = self._intake.take(self._spec.signals.max_per_cycle, now_ms)
-            self._count_drops(dropped)
-            for signal in taken:
-                self._decide(signal, now_ms)
-
-    def _decide(self, signal: Signal, now_ms: int) -> None:
-        context = DecisionContext(
-            trading_state=self._state,
-            positions=dict(self._ledger.positions),
-            marks=dict(self._marks),
-            equity=self._ledger.equity,
-        )
-        outcome = decide(
-            signal=signal,
-            context=context,
-            policy=self._spec,
-            policy_revision=_POLICY_REVISION,
-            now_ms=now_ms,
-            exchange=self._info,
-        )
-        if isinstance(outcome, Denial):
-            self._tally.denials[outcome.reason.value] += 1
-            return
-        self._tally.intents.append(outcome)
-        self._execute(outcome, now_ms)
-
-    def _execute(self, intent: OrderIntent, now_ms: int) -> None:
-        execution = send_first_attempt(self._paper, intent, self._spec, now_ms=now_ms)
-        if execution.final.status is not OrderStatus.FILLED:
-            self._tally.unfilled += 1
-        for fill in execution.fills:
-            self._book(fill)
 
     def _book(self, fill: Fill) -> None:
         reducing, win = book_fill(self._ledger, fill)
@@ -273,21 +241,18 @@ class _Run:
         self._tally.wins += win
 
     def _evaluate_risk(self, now_ms: int) -> None:
-        if self._state is TradingState.HALTED or not self._halt_on_drawdown:
+        if self._execution.halted or not self._halt_on_drawdown:
             return
         snapshot = self._ledger.snapshot(sequence=self._steps, ts_ms=now_ms)
-        if self._drawdown.on_snapshot(snapshot) is not None:
-            self._state = TradingState.HALTED
+        alert = self._drawdown.on_snapshot(snapshot)
+        if alert is not None:
+            self._execution.halt(alert.detail)
             self._tally.halted_at_ms = now_ms
-
-    def _count_drops(self, dropped: list[Dropped]) -> None:
-        for drop in dropped:
-            self._tally.dropped[drop.reason.value] += 1
 
     def result(
         self, candles_by_symbol: Mapping[str, Sequence[Candle]], *, label_horizon: int
     ) -> BacktestResult:
-        tally, ledger = self._tally, self._ledger
+        tally, ledger, counts = self._tally, self._ledger, self._execution.counts
         snapshot = ledger.snapshot(sequence=self._steps, ts_ms=tally.curve[-1].ts_ms)
         interval = interval_ms(series_interval(candles_by_symbol))
         hits, directional = self._signal_hits(candles_by_symbol, label_horizon)
@@ -314,12 +279,12 @@ class _Run:
             signals=len(tally.signals),
             directional_signals=directional,
             signal_hit_rate=hits / directional if directional else None,
-            orders=len(tally.intents),
-            unfilled_orders=tally.unfilled,
+            orders=counts.orders,
+            unfilled_orders=counts.unfilled,
             trades=len(tally.fills),
             reducing_trades=tally.reducing_trades,
             win_rate=tally.wins / tally.reducing_trades if tally.reducing_trades else None,
-            denials=dict(sorted(tally.denials.items())),
+            denials=dict(sorted(counts.denials.items())),
             halted_at_ms=tally.halted_at_ms,
         )
         return BacktestResult(
@@ -330,7 +295,7 @@ class _Run:
             equity_curve=tuple(tally.curve),
             final_marks=dict(self._marks),
             final_positions=dict(ledger.positions),
-            dropped=dict(sorted(tally.dropped.items())),
+            dropped=dict(sorted(counts.dropped.items())),
         )
 
     def _signal_hits(
@@ -355,17 +320,6 @@ class _Run:
             return 0, 0
         choice, confidence, truth = (np.array(column) for column in zip(*judged, strict=True))
         return hit_counts(choice, confidence, truth, threshold=self._spec.risk.min_confidence)
-
-
-def send_first_attempt(
-    paper: PaperExchange, intent: OrderIntent, spec: TradingPolicySpec, *, now_ms: int
-) -> PaperExecution:
-    """The execution driver's first attempt (``attempt_order``): a LIMIT IOC at the policy's
-    slippage bound. A backtest sends no retry: the paper exchange answers at once, and an IOC
-    that finds no price within the bound expires as it would live."""
-    bound = slippage_bound(intent.reference_price, intent.side, spec.risk.max_slippage_bps)
-    order = attempt_order(intent, attempt=0, quantity=intent.quantity, bound=bound)
-    return paper.submit(order, now_ms=now_ms)
 
 
 def book_fill(ledger: Ledger, fill: Fill) -> tuple[bool, bool]:

@@ -10,10 +10,14 @@ arrays (``bars.Bars``) and each chunk is handled in two parts:
    and the one decision rule (``decide_batch``). The inputs equal the live ``FeatureWindow``'s
    bit for bit: both call ``_window_features`` and ``_window_sequence`` on contiguous windows of
    one shape, and onnxruntime gives each row the same output whatever the batch around it (a
-   test holds both to it);
-2. sequential, in time order, step by step: marks, the step's signals through the execution
-   worker's ``SignalIntake`` and ``decide``, orders to the ``PaperExchange``, fills into the
-   ``Ledger``, the ``DrawdownEvaluator``: the objects ``run_backtest`` uses, in the same order.
+   test holds both to it). (Predicting the next chunk in a thread while one is traded was
+   tried: with a core free the ensemble's runs overlapped, but the thread's Python parts took
+   the GIL from the trading as often, and the wall time did not fall);
+2. sequential, in time order, step by step: marks, the step's signals into the execution
+   worker's own core (``execution.BacktestExecution``: its intake, ``decide``, the order
+   driver's attempts on the paper exchange, retries of a remainder, admission, expiry and halt
+   gate), fills into the ``Ledger``, the ``DrawdownEvaluator``: what ``run_backtest`` uses, in
+   the same order.
 
 What makes the sequential part cheap without changing what it computes:
 
@@ -25,29 +29,23 @@ What makes the sequential part cheap without changing what it computes:
   (otherwise every signal goes through the intake, as in ``run_backtest``);
 * messages made of values known to be valid are built unvalidated (``messages.trusted``,
   equal to the validated ones): the signals (checked closes, a probability), the candles the
-  paper exchange gets (texts the reader checked) and the paper exchange's fills and updates
-  (``validate_messages=False``: made of intents ``decide`` validated); the intents themselves
-  are ``decide``'s own, validated;
-* the paper exchange keeps no record of executions (the client order ids never repeat), so
-  nothing the garbage collector walks grows with the run;
-* the ``DecisionContext`` is built once per step and again only after a fill changed the
-  positions or the equity, on the trader's marks and a copy of the positions made per fill;
+  paper exchange gets (texts the reader checked), the intents ``decide`` makes of them, and the
+  order updates, fills made of those (the core's ``validate_messages=False``);
+* neither the paper exchange nor the exposure book nor the ledger keeps a record of past
+  orders or fills (ids never repeat in a run), so nothing grows with the run;
 * a mark of a symbol without a position cannot move equity, peak or drawdown, so the ledger
   gets it only when that symbol is about to trade (or at the end); the paper exchange gets a
   symbol's candle only when an order for it is sent;
 * a portfolio snapshot for the drawdown rule is built only once the ledger's maximum drawdown
   is within rounding of the limit (the current drawdown is never above the maximum);
 * nothing grows with the run: counts, the running Sharpe ratio and, per symbol, the last
-  ``WINDOW - 1`` candles and the last ``label_horizon`` predictions (for the hit rate). Signals
-  and fills go to the optional ``on_signal`` / ``on_fill`` callbacks instead of a list.
-
-Per candle, a live worker would also retry an unfilled order and expire intents; the per-candle
-backtest does neither (it sends the first attempt only), and neither does this one.
+  ``WINDOW - 1`` candles and the last ``label_horizon`` predictions (for the hit rate). Signals,
+  order updates and fills go to the optional ``on_signal`` / ``on_update`` / ``on_fill``
+  callbacks instead of a list.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
@@ -58,17 +56,11 @@ from numpy.typing import NDArray
 
 from qtrader.backtest.bars import Bars
 from qtrader.backtest.data import interval_ms
-from qtrader.backtest.engine import (
-    BacktestError,
-    SharpeAccumulator,
-    book_fill,
-    send_first_attempt,
-)
-from qtrader.contracts.messages import Fill, OrderStatus, Signal, TradingState, trusted
+from qtrader.backtest.engine import BacktestError, SharpeAccumulator, book_fill
+from qtrader.backtest.execution import BacktestExecution
+from qtrader.contracts.messages import Candle, Fill, OrderUpdate, Signal, trusted
 from qtrader.contracts.policy import TradingPolicySpec
-from qtrader.execution.decisions import DecisionContext, Denial, DenialReason, decide
-from qtrader.execution.intake import Dropped, SignalIntake
-from qtrader.execution.paper import PaperExchange
+from qtrader.execution.decisions import DenialReason
 from qtrader.inference.card import BacktestFigures
 from qtrader.inference.features import WINDOW, ModelInputs, inputs_from_arrays
 from qtrader.inference.onnx_model import CLASSES, Predictor, decide_batch
@@ -83,7 +75,6 @@ from qtrader.risk.evaluators import DrawdownEvaluator
 
 _HALF_PCT_STEP = Decimal("0.0000005")  # snapshots round the drawdown half up to 1e-6
 _YEAR_MS = 365 * 86_400_000
-_POLICY_REVISION = 0
 _NO_SIGNAL = -1
 
 _Int64s = NDArray[np.int64]
@@ -117,9 +108,13 @@ def run_streamed_backtest(
     halt_on_drawdown: bool = True,
     on_signal: Callable[[Signal], None] | None = None,
     on_fill: Callable[[Fill], None] | None = None,
+    on_update: Callable[[OrderUpdate], None] | None = None,
+    max_volume_share: Decimal | None = None,
 ) -> StreamedResult:
     """Trade each symbol's chunks (ascending open time) as ``run_backtest`` trades the same
-    candles; the figures are equal to its figures."""
+    candles; the figures are equal to its figures. ``on_signal``, ``on_fill``, ``on_update``
+    see every signal, fill and order update the run makes; ``max_volume_share`` limits the
+    paper exchange's liquidity (see ``run_backtest``)."""
     info = exchange or paper_exchange_info()
     unlisted = sorted(symbol for symbol in bars if symbol not in info)
     if unlisted:
@@ -131,7 +126,8 @@ def run_streamed_backtest(
     )  # fmt: skip
     trader = _Trader(
         spec, info, model, symbols=tuple(bars), halt_on_drawdown=halt_on_drawdown,
-        on_signal=on_signal, on_fill=on_fill,
+        on_signal=on_signal, on_fill=on_fill, on_update=on_update,
+        max_volume_share=max_volume_share,
     )  # fmt: skip
     for block in aligned_blocks(bars):
         predictions = features.predict(block, model)
@@ -295,13 +291,9 @@ class _Labels:
 @dataclass
 class _Counts:
     signals: int = 0
-    orders: int = 0
     trades: int = 0
-    unfilled: int = 0
     reducing_trades: int = 0
     wins: int = 0
-    denials: Counter[str] = field(default_factory=Counter)
-    dropped: Counter[str] = field(default_factory=Counter)
     halted_at_ms: int | None = None
     start_ms: int | None = None
     end_ms: int = 0
@@ -321,28 +313,26 @@ class _Trader:
         halt_on_drawdown: bool,
         on_signal: Callable[[Signal], None] | None,
         on_fill: Callable[[Fill], None] | None,
+        on_update: Callable[[OrderUpdate], None] | None,
+        max_volume_share: Decimal | None,
     ) -> None:
-        self._spec = spec
-        self._info = info
         self._version = model.version
         self._halt_on_drawdown = halt_on_drawdown
         self._on_signal = on_signal
         self._on_fill = on_fill
-        self._intake = SignalIntake.from_policy(spec.signals)
-        # Client order ids derive from signal ids, one per symbol and candle: never repeated.
-        self._paper = PaperExchange(
-            exchange=info, fee_bps=spec.paper.fee_bps, slippage_bps=spec.paper.slippage_bps,
-            keep_executions=False, validate_messages=False,
-        )  # fmt: skip
-        self._ledger = Ledger(initial_capital=spec.paper.initial_capital_usd, exchange=info)
+        # Fill ids never repeat in a run: the ledger need not remember them (memory bounded).
+        self._ledger = Ledger(
+            initial_capital=spec.paper.initial_capital_usd, exchange=info, keep_fill_ids=False
+        )
         self._drawdown = DrawdownEvaluator(spec.risk.max_drawdown_pct, source="backtest")
         self._near_limit = spec.risk.max_drawdown_pct - _HALF_PCT_STEP
         self._marks: dict[str, Decimal] = {}
         self._unmarked: dict[str, Decimal] = {}  # marks the ledger has not needed yet
         self._candles: dict[str, tuple[Bars, int]] = {}  # the step's candle per symbol
-        self._context: DecisionContext | None = None
-        self._positions: dict[str, Decimal] = {}  # the ledger's, as of its last fill
-        self._state = TradingState.ACTIVE
+        self._execution = BacktestExecution(
+            spec, info, equity=lambda: self._ledger.equity, candle_of=self._candle_of,
+            on_fill=self._book, on_update=on_update, max_volume_share=max_volume_share,
+        )  # fmt: skip
         self._steps = 0
         self._sharpe = SharpeAccumulator()
         self._sharpe.add(spec.paper.initial_capital_usd)
@@ -394,34 +384,38 @@ class _Trader:
     def _steps_of(self, events: _Events, bounds: list[int], now: list[int]) -> None:
         built = iter([*events.built, bounds[-1]])  # the events whose signal is built, in order
         next_built = next(built)
+        execution = self._execution
+        denials = execution.counts.denials
         for k, now_ms in enumerate(now):
             stop = bounds[k + 1]
+            execution.at(now_ms)
             self._mark_step(events, bounds[k], stop)
             self._counts.signals += events.signals[k]
             if events.low[k]:
-                state = self._state is TradingState.HALTED
-                reason = DenialReason.HALTED if state else DenialReason.LOW_CONFIDENCE
-                self._counts.denials[reason.value] += events.low[k]
+                reason = DenialReason.HALTED if execution.halted else DenialReason.LOW_CONFIDENCE
+                denials[reason.value] += events.low[k]
             while next_built < stop:
                 bars, row = events.bars[events.which[next_built]], events.rows[next_built]
                 self._signal(
                     bars, row, events.choice[next_built], events.confidence[next_built], now_ms
                 )
                 next_built = next(built)
-            self._decide_all(now_ms)
+            execution.decide_all()
             self._steps += 1
             self._evaluate_risk(now_ms)
             self._sharpe.add(self._ledger.equity)
 
     def _mark_step(self, events: _Events, start: int, stop: int) -> None:
-        """The step's closes: the marks the decisions see, the ledger's where a position is."""
-        self._context = None
+        """The step's closes: the core's marks (the decisions' and the orders'), the ledger's
+        where a position is."""
         self._candles.clear()
         ledger, marks, candles = self._ledger, self._marks, self._candles
+        mark = self._execution.mark
         for e in range(start, stop):
             bars, row, close = events.bars[events.which[e]], events.rows[e], events.closes[e]
             symbol = bars.symbol
             marks[symbol] = close
+            mark(symbol, close)
             candles[symbol] = (bars, row)
             if ledger.quantity(symbol):
                 ledger.mark(symbol, close)
@@ -431,7 +425,7 @@ class _Trader:
     def _signal(self, bars: Bars, row: int, choice: int, confidence: float, now_ms: int) -> None:
         certain = self._certain_denial(confidence)
         if certain is not None and self._on_signal is None:
-            self._counts.denials[certain] += 1
+            self._execution.counts.denials[certain] += 1
             return
         open_time_ms = int(bars.open_time_ms[row])
         # Valid by construction: a checked close, a probability, an id of bounded parts.
@@ -449,9 +443,9 @@ class _Trader:
         if self._on_signal is not None:
             self._on_signal(signal)
         if certain is not None:
-            self._counts.denials[certain] += 1
+            self._execution.counts.denials[certain] += 1
         else:
-            self._count_drops(self._intake.offer(signal, now_ms))
+            self._execution.offer(signal)
 
     def _certain_denial(self, confidence: float) -> str | None:
         """What ``decide`` is bound to answer, without asking it: ``halted`` once halted (its
@@ -460,55 +454,22 @@ class _Trader:
         when the intake cannot overflow, or the signal's presence there could matter."""
         if not self._skip_certain:
             return None
-        if self._state is TradingState.HALTED:
+        if self._execution.halted:
             return DenialReason.HALTED.value
         if confidence < self._threshold:
             return DenialReason.LOW_CONFIDENCE.value
         return None
 
-    def _decide_all(self, now_ms: int) -> None:
-        while len(self._intake):
-            taken, dropped = self._intake.take(self._spec.signals.max_per_cycle, now_ms)
-            self._count_drops(dropped)
-            for signal in taken:
-                self._decide(signal, now_ms)
-
-    def _decide(self, signal: Signal, now_ms: int) -> None:
-        if self._context is None:
-            # Not copies: the context lives until the next mark or fill, which replace it.
-            self._context = DecisionContext(
-                trading_state=self._state,
-                positions=self._positions,
-                marks=self._marks,
-                equity=self._ledger.equity,
-            )
-        outcome = decide(
-            signal=signal,
-            context=self._context,
-            policy=self._spec,
-            policy_revision=_POLICY_REVISION,
-            now_ms=now_ms,
-            exchange=self._info,
-        )
-        if isinstance(outcome, Denial):
-            self._counts.denials[outcome.reason.value] += 1
-            return
-        self._counts.orders += 1
-        bars, row = self._candles[signal.symbol]
-        self._paper.on_candle(bars.candle(row))
-        execution = send_first_attempt(self._paper, outcome, self._spec, now_ms=now_ms)
-        if execution.final.status is not OrderStatus.FILLED:
-            self._counts.unfilled += 1
-        for fill in execution.fills:
-            self._book(fill)
+    def _candle_of(self, symbol: str) -> Candle:
+        """The step's candle of ``symbol``, built only when an order for it is sent."""
+        bars, row = self._candles[symbol]
+        return bars.candle(row)
 
     def _book(self, fill: Fill) -> None:
         pending = self._unmarked.pop(fill.symbol, None)
         if pending is not None:
             self._ledger.mark(fill.symbol, pending)
         reducing, win = book_fill(self._ledger, fill)
-        self._positions = dict(self._ledger.positions)
-        self._context = None  # positions and equity moved
         self._counts.trades += 1
         self._counts.reducing_trades += reducing
         self._counts.wins += win
@@ -516,22 +477,18 @@ class _Trader:
             self._on_fill(fill)
 
     def _evaluate_risk(self, now_ms: int) -> None:
-        if self._state is TradingState.HALTED or not self._halt_on_drawdown:
+        if self._execution.halted or not self._halt_on_drawdown:
             return
         if self._ledger.max_drawdown_pct < self._near_limit:
             return  # the snapshot's drawdown (<= the maximum, rounded) cannot reach the limit
         snapshot = self._ledger.snapshot(sequence=self._steps, ts_ms=now_ms)
-        if self._drawdown.on_snapshot(snapshot) is not None:
-            self._state = TradingState.HALTED
-            self._context = None
+        alert = self._drawdown.on_snapshot(snapshot)
+        if alert is not None:
+            self._execution.halt(alert.detail)
             self._counts.halted_at_ms = now_ms
 
-    def _count_drops(self, dropped: list[Dropped]) -> None:
-        for drop in dropped:
-            self._counts.dropped[drop.reason.value] += 1
-
     def result(self, labels: _Labels) -> StreamedResult:
-        counts, ledger = self._counts, self._ledger
+        counts, ledger, execution = self._counts, self._ledger, self._execution.counts
         if counts.start_ms is None:
             raise BacktestError("no candles to backtest")
         for symbol, close in self._unmarked.items():
@@ -559,19 +516,19 @@ class _Trader:
             signals=counts.signals,
             directional_signals=labels.directional,
             signal_hit_rate=labels.hits / labels.directional if labels.directional else None,
-            orders=counts.orders,
-            unfilled_orders=counts.unfilled,
+            orders=execution.orders,
+            unfilled_orders=execution.unfilled,
             trades=counts.trades,
             reducing_trades=counts.reducing_trades,
             win_rate=counts.wins / counts.reducing_trades if counts.reducing_trades else None,
-            denials=dict(sorted(counts.denials.items())),
+            denials=dict(sorted(execution.denials.items())),
             halted_at_ms=counts.halted_at_ms,
         )
         return StreamedResult(
             figures=figures,
             final_marks=dict(self._marks),
             final_positions=dict(ledger.positions),
-            dropped=dict(sorted(counts.dropped.items())),
+            dropped=dict(sorted(execution.dropped.items())),
         )
 
 

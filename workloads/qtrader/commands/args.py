@@ -58,6 +58,13 @@ def positive_decimal(text: str) -> Decimal:
     return value
 
 
+def volume_share(text: str) -> Decimal:
+    value = positive_decimal(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be at most 1 (a candle's whole volume), got {text}")
+    return value
+
+
 def existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from qtrader.commands.args import Commands, existing_file, integer, symbol, whole
+from qtrader.commands.args import Commands, existing_file, integer, symbol, volume_share, whole
 from qtrader.marketdata.synthetic import Regime
 
 
@@ -92,6 +92,13 @@ def _backtest_command(commands: Commands) -> None:
         "--model",
         type=existing_file,
         help="model card NAME.json (or NAME.onnx; default: the packaged model)",
+    )
+    backtest.add_argument(
+        "--max-volume-share",
+        type=volume_share,
+        metavar="SHARE",
+        help="the paper exchange fills at most this share of each candle's volume, in (0, 1]; "
+        "an order beyond it fills in part and its remainder is sent again (default: no limit)",
     )
     backtest.add_argument("--json", action="store_true", help="the figures as one JSON object")
 

@@ -20,12 +20,11 @@ was, its revision and why), a result the type checker makes every reader handle.
 from __future__ import annotations
 
 import enum
-import functools
 import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -173,6 +172,16 @@ def _holds_lone_surrogate(document: object) -> bool:
     return False
 
 
+class Build(Protocol):
+    """How a message is made: ``validated``, or ``trusted`` where its values are known valid."""
+
+    def __call__(self, message_type: type[M], /, **fields: Any) -> M: ...
+
+
+def validated(message_type: type[M], /, **fields: Any) -> M:
+    return message_type(**fields)
+
+
 def trusted(message_type: type[M], /, **fields: Any) -> M:
     """``message_type(**fields)`` without validating the values: for a loop that builds
     messages only from values known to be valid (a backtest: fields of messages validated
@@ -184,24 +193,27 @@ def trusted(message_type: type[M], /, **fields: Any) -> M:
     (aliases, extras, private attributes: our messages have none), which makes it slower than
     validating.
     """
-    template, required = _layout(message_type)
-    values = template.copy()
-    values.update(fields)  # keeps the fields' order: every name is in the template already
-    if len(values) != len(template) or not required <= fields.keys():
+    layout = _LAYOUTS.get(message_type)  # a dict read: cheaper than the cache's call
+    if layout is None:
+        layout = _LAYOUTS[message_type] = _layout(message_type)
+    template, required = layout
+    values = {**template, **fields}  # the fields' order: every name is in the template already
+    if len(values) != len(template) or not fields.keys() >= required:
         unknown, missing = sorted(values.keys() - template.keys()), sorted(required - fields.keys())
         raise TypeError(f"{message_type.__name__}: unknown {unknown}, missing {missing}")
     message = message_type.__new__(message_type)
-    object.__setattr__(message, "__dict__", values)
-    object.__setattr__(message, "__pydantic_fields_set__", set(fields))
-    object.__setattr__(message, "__pydantic_extra__", None)
-    object.__setattr__(message, "__pydantic_private__", None)
+    _set_slot(message, "__dict__", values)
+    _set_slot(message, "__pydantic_fields_set__", set(fields))
+    _set_slot(message, "__pydantic_extra__", None)
+    _set_slot(message, "__pydantic_private__", None)
     return message
 
 
+_set_slot = object.__setattr__  # frozen models refuse their own __setattr__
+_LAYOUTS: dict[type[Message], tuple[dict[str, Any], frozenset[str]]] = {}
 _REQUIRED = object()
 
 
-@functools.cache
 def _layout(message_type: type[Message]) -> tuple[dict[str, Any], frozenset[str]]:
     """Every field of ``message_type`` in order with its default (``_REQUIRED`` if none), and
     the required ones."""

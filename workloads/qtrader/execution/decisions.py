@@ -39,12 +39,14 @@ from decimal import ROUND_DOWN, Decimal, localcontext
 from typing import NamedTuple
 
 from qtrader.contracts.messages import (
+    Build,
     Direction,
     OrderIntent,
     OrderType,
     Side,
     Signal,
     TradingState,
+    validated,
 )
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.instruments import ExchangeInfo, Instrument
@@ -161,8 +163,13 @@ def decide(
     policy_revision: int,
     now_ms: int,
     exchange: ExchangeInfo,
+    build: Build = validated,
 ) -> OrderIntent | Denial:
-    """The order that moves the position toward ``signal``'s target, or why there is none."""
+    """The order that moves the position toward ``signal``'s target, or why there is none.
+
+    ``build`` makes the intent: validated, or ``messages.trusted`` where the signal and the
+    prices are known valid (a backtest's), since every value of it is then valid by
+    construction (a quantity on the step grid, a price of the market, ids of bounded parts)."""
     with localcontext(_EXACT):
         denial = _check_signal(signal, context, policy, now_ms, exchange)
         if denial is not None:
@@ -173,7 +180,7 @@ def decide(
         denial = _check_exposure(order, signal.symbol, context, policy)
         if denial is not None:
             return denial
-        return _intent(order, signal, policy_revision=policy_revision, now_ms=now_ms)
+        return _intent(order, signal, policy_revision=policy_revision, now_ms=now_ms, build=build)
 
 
 # --- the checks, in order ---------------------------------------------------------------------
@@ -355,9 +362,12 @@ def _reduces(current: Decimal, signed_qty: Decimal) -> bool:
     return current != 0 and (current > 0) != (signed_qty > 0)
 
 
-def _intent(order: _Order, signal: Signal, *, policy_revision: int, now_ms: int) -> OrderIntent:
+def _intent(
+    order: _Order, signal: Signal, *, policy_revision: int, now_ms: int, build: Build
+) -> OrderIntent:
     intent_id = intent_id_for(signal.signal_id)
-    return OrderIntent(
+    return build(
+        OrderIntent,
         intent_id=intent_id,
         client_order_id=client_order_id_for(intent_id),
         symbol=signal.symbol,

@@ -27,7 +27,8 @@ every other *buy* in flight (a sell in flight may not fill), a SELL symmetricall
 attempt is admitted only up to what the actual position, less other reducing orders in flight,
 still lets it reduce; with nothing to reduce it is refused (a venue would answer -2022).
 Refusals and cuts are results with an ``ExposureReason`` (a bounded metric label), never
-exceptions.
+exceptions. The attempts and verdicts are named tuples: immutable, and made for every attempt
+sent (a backtest makes tens of thousands), where a frozen dataclass costs twice as much.
 
 ``PositionReconciler`` compares the book with the portfolio's snapshots: a difference that
 persists longer than a grace period (snapshots trail fills) is reported by symbol.
@@ -39,6 +40,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
+from typing import NamedTuple
 
 from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderUpdate
 from qtrader.instruments import Instrument
@@ -78,8 +80,7 @@ class SendLimits:
     instrument: Instrument
 
 
-@dataclass(frozen=True, kw_only=True)
-class Attempt:
+class Attempt(NamedTuple):
     """One order about to be sent: ``side_sign`` +1 buys; ``limit_price`` values it (the
     highest price it may fill at as far as the sender can tell: see ``admit_order``)."""
 
@@ -92,8 +93,7 @@ class Attempt:
     reduce_only: bool
 
 
-@dataclass(frozen=True)
-class Admitted:
+class Admitted(NamedTuple):
     """Send ``quantity``; ``cut_by`` says which limit made it smaller than asked, if any."""
 
     quantity: Decimal
@@ -101,23 +101,25 @@ class Admitted:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class Refused:
+class Refused(NamedTuple):
     reason: ExposureReason
     detail: str
 
 
-@dataclass(frozen=True)
-class Backlog:
+class Backlog(NamedTuple):
     """Intents this worker decided that are not final yet."""
 
     size: int
     oldest_created_ms: int | None
 
 
+_NO_BACKLOG = Backlog(size=0, oldest_created_ms=None)
+
+
 @dataclass
 class _Reservation:
     symbol: str
+    stem: str  # of its client order ids
     sign: int
     requested: Decimal  # absolute quantity this intent may still add, fills included
     filled: Decimal  # fills seen for it
@@ -141,6 +143,10 @@ def stem_of(client_order_id: str) -> str:
 
 @dataclass
 class ExposureBook:
+    # False for a book whose intents are each decided once and whose fills each come once (a
+    # backtest's): no fill ids or fills are kept, and an intent leaves no trace once it is
+    # settled, so the book holds what is in flight and nothing that grows with the run.
+    keep_history: bool = True
     _positions: dict[str, Decimal] = field(default_factory=dict)
     _reservations: dict[str, _Reservation] = field(default_factory=dict)  # by intent id
     _intent_of_stem: dict[str, str] = field(default_factory=dict)
@@ -182,8 +188,11 @@ class ExposureBook:
                     low -= r.outstanding
         return low, high
 
-    def projected(self) -> dict[str, Decimal]:
-        """Position plus everything in flight, per symbol: what decisions size on."""
+    def projected(self) -> Mapping[str, Decimal]:
+        """Position plus everything in flight, per symbol: what decisions size on (read it at
+        once: with nothing in flight it is the positions themselves, not a copy)."""
+        if not self._reservations:
+            return self._positions
         projected = dict(self._positions)
         for r in self._reservations.values():
             projected[r.symbol] = projected.get(r.symbol, _ZERO) + r.sign * r.outstanding
@@ -197,6 +206,8 @@ class ExposureBook:
         return intent_id in self._sent
 
     def backlog(self) -> Backlog:
+        if not self._reservations:
+            return _NO_BACKLOG
         pending = [
             r.created_at_ms
             for r in self._reservations.values()
@@ -226,6 +237,7 @@ class ExposureBook:
         filled = self._filled_by_stem.get(stem, _ZERO)
         self._reservations[intent_id] = _Reservation(
             symbol=symbol,
+            stem=stem,
             sign=1 if signed_quantity > 0 else -1,
             requested=abs(signed_quantity),
             filled=filled,
@@ -237,10 +249,11 @@ class ExposureBook:
     def apply_fill(self, fill: Fill) -> bool:
         """Add a fill to its position and take it off its intent's reservation, in one step.
         False for a fill already applied (fill ids are the venue's)."""
-        if fill.fill_id in self._seen_fills:
-            return False
-        self._seen_fills.add(fill.fill_id)
-        self._fills_by_order.setdefault(fill.client_order_id, []).append(fill)
+        if self.keep_history:
+            if fill.fill_id in self._seen_fills:
+                return False
+            self._seen_fills.add(fill.fill_id)
+            self._fills_by_order.setdefault(fill.client_order_id, []).append(fill)
         self._positions[fill.symbol] = self.position(fill.symbol) + fill.quantity * fill.side.sign
         stem = stem_of(fill.client_order_id)
         self._filled_by_stem[stem] = self._filled_by_stem.get(stem, _ZERO) + fill.quantity
@@ -274,8 +287,10 @@ class ExposureBook:
     def finish(self, intent_id: str, *, filled: Decimal) -> None:
         """The intent is final having filled ``filled``: the rest is released now; the filled
         part stays reserved until its fills are applied."""
-        self._finished.add(intent_id)
         reservation = self._reservations.get(intent_id)
+        if reservation is None and not self.keep_history:
+            return
+        self._finished.add(intent_id)
         if reservation is None:
             return
         reservation.final_filled = filled
@@ -332,8 +347,15 @@ class ExposureBook:
     # --- internals ----------------------------------------------------------------------------
 
     def _drop_if_settled(self, intent_id: str) -> None:
-        if self._reservations[intent_id].settled:
-            del self._reservations[intent_id]
+        reservation = self._reservations[intent_id]
+        if not reservation.settled:
+            return
+        del self._reservations[intent_id]
+        if not self.keep_history:
+            self._sent.discard(intent_id)
+            self._finished.discard(intent_id)
+            self._intent_of_stem.pop(reservation.stem, None)
+            self._filled_by_stem.pop(reservation.stem, None)
 
     def _worst(self, symbol: str, sign: int, excluding: str | None) -> Decimal:
         """The position if every other order in flight on ``sign``'s side fills."""
@@ -372,22 +394,33 @@ class ExposureBook:
         # How far the position may move on this side before |position| x price passes the cap.
         headroom = cap_usd / attempt.limit_price - attempt.side_sign * worst
         allowed = min(attempt.quantity, _floor(max(headroom, _ZERO), instrument.step_size))
-        detail = (
+        if allowed < instrument.min_qty:
+            reason = binding if allowed < attempt.quantity else ExposureReason.BELOW_MIN_QTY
+            return Refused(reason, self._size_detail(attempt, cap_usd))
+        if allowed * attempt.limit_price < instrument.min_notional:
+            reason = binding if allowed < attempt.quantity else ExposureReason.BELOW_MIN_NOTIONAL
+            return Refused(reason, self._size_detail(attempt, cap_usd))
+        if allowed < attempt.quantity:
+            detail = self._size_detail(attempt, cap_usd)
+            return Admitted(allowed, binding, f"cut to {allowed}: {detail}")
+        return Admitted(allowed)
+
+    def _size_detail(self, attempt: Attempt, cap_usd: Decimal) -> str:
+        """Why an attempt was cut or refused (made only then: it is most of an admission's
+        cost, and most attempts fit)."""
+        return (
             f"position {self.position(attempt.symbol)}, in flight "
             f"{self.in_flight(attempt.symbol, excluding=attempt.intent_id)}, order "
             f"{attempt.side_sign * attempt.quantity} at {attempt.limit_price}: cap {cap_usd:.2f}"
         )
-        if allowed < instrument.min_qty:
-            reason = binding if allowed < attempt.quantity else ExposureReason.BELOW_MIN_QTY
-            return Refused(reason, detail)
-        if allowed * attempt.limit_price < instrument.min_notional:
-            reason = binding if allowed < attempt.quantity else ExposureReason.BELOW_MIN_NOTIONAL
-            return Refused(reason, detail)
-        if allowed < attempt.quantity:
-            return Admitted(allowed, binding, f"cut to {allowed}: {detail}")
-        return Admitted(allowed)
 
     def _check_open_positions(self, attempt: Attempt, max_open: int) -> Refused | None:
+        # Answered without gathering the symbols when it is certain: the attempt's symbol is
+        # open already, or there are fewer positions and intents than the limit.
+        if self.position(attempt.symbol) != 0:
+            return None
+        if len(self._positions) + len(self._reservations) < max_open:
+            return None
         symbols = {s for s, q in self._positions.items() if q != 0}
         symbols |= {
             r.symbol
@@ -403,12 +436,16 @@ class ExposureBook:
         )
 
     def _leverage_room(self, attempt: Attempt, limits: SendLimits) -> Decimal | Refused:
-        """What ``max_leverage x equity`` leaves for this symbol after the others' worst case."""
+        """What ``max_leverage x equity`` leaves for this symbol after the others' worst case
+        (each other symbol's position if all its buys in flight fill, or all its sells)."""
         assert limits.equity is not None  # checked by the caller
-        others = {s for s in self._positions} | {r.symbol for r in self._reservations.values()}
+        buys, sells = self._in_flight_by_side(excluding_symbol=attempt.symbol)
         gross = _ZERO
-        for symbol in sorted(others - {attempt.symbol}):
-            worst = max(abs(self._worst(symbol, 1, None)), abs(self._worst(symbol, -1, None)))
+        for symbol in sorted(
+            (self._positions.keys() | buys.keys() | sells.keys()) - {attempt.symbol}
+        ):
+            held = self.position(symbol)
+            worst = max(abs(held + buys.get(symbol, _ZERO)), abs(held - sells.get(symbol, _ZERO)))
             if worst == 0:
                 continue
             mark = limits.marks.get(symbol)
@@ -417,23 +454,39 @@ class ExposureBook:
             gross += worst * mark
         return limits.max_leverage * limits.equity - gross
 
+    def _in_flight_by_side(
+        self, *, excluding_symbol: str
+    ) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
+        """Per symbol, what its buys and its sells in flight add up to: ``_worst`` of every
+        symbol in one pass over the reservations (summed in the same order)."""
+        buys: dict[str, Decimal] = {}
+        sells: dict[str, Decimal] = {}
+        for r in self._reservations.values():
+            if r.symbol != excluding_symbol:
+                side = buys if r.sign > 0 else sells
+                side[r.symbol] = side.get(r.symbol, _ZERO) + r.outstanding
+        return buys, sells
+
     def _check_reduce(self, attempt: Attempt, instrument: Instrument) -> Admitted | Refused:
-        position = self.position(attempt.symbol)
         # A SELL reduces a long by what the other sells in flight leave of it (BUY: mirrored);
         # on the wrong side of the position, or past it, there is nothing left to reduce.
         worst = self._worst(attempt.symbol, attempt.side_sign, attempt.intent_id)
         reducible = max(_ZERO, -attempt.side_sign * worst)
-        detail = f"position {position}, reduce-only {attempt.side_sign * attempt.quantity}"
         if reducible <= 0:
-            return Refused(ExposureReason.NOTHING_TO_REDUCE, detail)
+            return Refused(ExposureReason.NOTHING_TO_REDUCE, self._reduce_detail(attempt))
         allowed = min(attempt.quantity, _floor(reducible, instrument.step_size))
         if allowed < instrument.min_qty:
-            return Refused(ExposureReason.NOTHING_TO_REDUCE, detail)
+            return Refused(ExposureReason.NOTHING_TO_REDUCE, self._reduce_detail(attempt))
         if allowed < attempt.quantity:
+            detail = self._reduce_detail(attempt)
             return Admitted(
                 allowed, ExposureReason.NOTHING_TO_REDUCE, f"cut to {allowed}: {detail}"
             )
         return Admitted(allowed)
+
+    def _reduce_detail(self, attempt: Attempt) -> str:
+        position = self.position(attempt.symbol)
+        return f"position {position}, reduce-only {attempt.side_sign * attempt.quantity}"
 
 
 def _floor(value: Decimal, step: Decimal) -> Decimal:

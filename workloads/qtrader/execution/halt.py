@@ -19,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from qtrader.contracts.messages import HaltLatch, OrderIntent, TradingState
 from qtrader.execution.decisions import flatten_intent_id
 
 
-@dataclass(frozen=True, kw_only=True)
-class GateVerdict:
+class GateVerdict(NamedTuple):
+    """Whether an order may be sent now (a named tuple: one is made for every check)."""
+
     allowed: bool
     state: TradingState
     why: str

@@ -29,13 +29,16 @@ An intent that was never sent (no PENDING_NEW for it on the ORDERS stream, ``was
 that may not be sent now (halted, or past its time to live) is ended without asking the venue
 anything: a halt stops every request for queued intents. Look-ups of attempts already sent
 go on while halted (their fills must be known) and are counted.
+
+Time is the injected ``Clock``'s (``clock.py``): an intent's age, the grace period of the
+look-ups and the waits between them, the time updates are stamped with. Live it is the
+machine's; in a backtest a simulated clock, on which the waits move time on instead of sleeping,
+so the same driver runs there to its end without an event loop (``clock.drive``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -43,6 +46,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from prometheus_client import Counter
 
 from qtrader.contracts.messages import (
+    Build,
     Fill,
     OrderIntent,
     OrderStatus,
@@ -50,9 +54,12 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     RefusedBy,
     Side,
+    trusted,
+    validated,
 )
 from qtrader.exchange.errors import Banned, ExchangeError, NotSent, OutcomeUnknown
 from qtrader.exchange.venue import Venue, VenueOrder
+from qtrader.execution.clock import SYSTEM_CLOCK, Clock
 from qtrader.execution.decisions import attempt_client_order_id
 from qtrader.execution.exposure import Admitted, ExposureReason, Refused
 from qtrader.execution.halt import HaltGate
@@ -134,7 +141,14 @@ class OrderDriver:
         was_sent: Callable[[str], bool],
         on_error: Callable[[ExchangeError], Awaitable[None]] | None = None,
         settings: DriverSettings | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        validate_messages: bool = True,
     ) -> None:
+        self._clock = clock
+        # Off in a backtest: an update is made of a validated intent, the venue's fills and
+        # sums of them, so it is valid, and validating it again is a large part of an order's
+        # cost there (``messages.trusted`` builds the same message).
+        self._build: Build = validated if validate_messages else trusted
         self._admit = admit
         self._expiry = expiry
         self._deadline = deadline
@@ -256,7 +270,7 @@ class OrderDriver:
     # --- a redelivered intent ----------------------------------------------------------------
 
     def _maybe_sent_before(self, intent: OrderIntent) -> bool:
-        age_s = time.time() - intent.created_at_ms / 1000
+        age_s = (self._clock.wall_ms() - intent.created_at_ms) / 1000
         return age_s > self._settings.recover_after_s
 
     async def _recover(self, intent: OrderIntent, progress: _Progress) -> int:
@@ -354,7 +368,8 @@ class OrderDriver:
         ``(None, False)`` when the last look failed: the venue could not tell, so sending again
         could book it twice.
         """
-        deadline = time.monotonic() + self._settings.unknown_grace_s
+        clock = self._clock
+        deadline = clock.monotonic_s() + self._settings.unknown_grace_s
         while True:
             absent = False
             try:
@@ -364,9 +379,9 @@ class OrderDriver:
             except ExchangeError as exc:
                 log.warning("lookup of %s failed: %s", order.client_order_id, exc)
                 found = None
-            if found is not None or time.monotonic() >= deadline:
+            if found is not None or clock.monotonic_s() >= deadline:
                 return found, absent
-            await asyncio.sleep(self._settings.lookup_interval_s)
+            await clock.sleep(self._settings.lookup_interval_s)
 
     def _count_halted_lookup(self, intent: OrderIntent) -> None:
         if not self._gate.verdict(intent).allowed:
@@ -420,7 +435,8 @@ class OrderDriver:
         error: ExchangeError | None = None,
         refused_by: RefusedBy | None = None,
     ) -> OrderUpdate:
-        return OrderUpdate(
+        return self._build(
+            OrderUpdate,
             client_order_id=order.client_order_id,
             intent_id=order.intent_id,
             symbol=order.symbol,
@@ -434,8 +450,17 @@ class OrderDriver:
             error_kind=None if error is None else error.kind,
             refused_by=refused_by,
             worker_id=self._worker_id,
-            ts_ms=_event_ms(status, progress),
+            ts_ms=self._event_ms(status, progress),
         )
+
+    def _event_ms(self, status: OrderStatus, progress: _Progress | None) -> int:
+        """When the change happened: a fill's time is the venue's (an order filled before a
+        halt must not look as if it filled after the acknowledgement because it was reported
+        later)."""
+        filling = status in (OrderStatus.FILLED, OrderStatus.PARTIALLY_FILLED)
+        if filling and progress is not None and progress.last_fill_ms is not None:
+            return progress.last_fill_ms
+        return self._clock.wall_ms()
 
 
 def attempt_order(
@@ -462,15 +487,6 @@ def slippage_bound(reference: Decimal, side: Side, max_slippage_bps: int) -> Dec
     bound = reference * factor
     rounding = ROUND_FLOOR if side is Side.BUY else ROUND_CEILING
     return bound.quantize(Decimal("1e-8"), rounding=rounding)
-
-
-def _event_ms(status: OrderStatus, progress: _Progress | None) -> int:
-    """When the change happened: a fill's time is the venue's (an order filled before a halt
-    must not look as if it filled after the acknowledgement because it was reported later)."""
-    filling = status in (OrderStatus.FILLED, OrderStatus.PARTIALLY_FILLED)
-    if filling and progress is not None and progress.last_fill_ms is not None:
-        return progress.last_fill_ms
-    return int(time.time() * 1000)
 
 
 def _describe(exc: ExchangeError) -> str:

@@ -10,7 +10,10 @@ Pricing, chosen to never flatter a strategy:
   the tick grid adversely (a BUY rounds up, a SELL rounds down), floored at one tick;
 * the fee is ``fill notional x fee_bps / 10_000``, rounded half up to 1e-8 USDT;
 * the minimum-notional check uses the latest close, as Binance uses the last price for MARKET
-  orders; reduce-only orders are exempt, as on Binance.
+  orders; reduce-only orders are exempt, as on Binance;
+* liquidity is unlimited unless ``max_volume_share`` is given: then the orders on one candle
+  fill at most that share of its volume together, and what an order finds no liquidity for
+  expires (an IOC filled in part ends EXPIRED with its executed quantity, as on Binance).
 
 Idempotency: a ``client_order_id`` is an order's identity. Submitting one that was seen before
 (filled or rejected) creates nothing and returns the original execution again, with the same
@@ -30,25 +33,25 @@ caller's global context.
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
-from typing import Any, Protocol
 
 from qtrader.contracts.messages import (
+    Build,
     Candle,
     Fill,
-    M,
     OrderIntent,
     OrderStatus,
     OrderType,
     OrderUpdate,
     Side,
     trusted,
+    validated,
 )
 from qtrader.exchange.errors import NotSent, Rejected
 from qtrader.exchange.venue import VenueOrder
+from qtrader.execution.clock import SYSTEM_CLOCK, Clock
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo, Instrument
 from qtrader.money import EXACT as _EXACT
@@ -73,14 +76,28 @@ class PaperRejectReason(enum.StrEnum):
 
 @dataclass(frozen=True)
 class PaperExecution:
-    """What one ``submit`` produced: the order's updates in order, and its fills (maybe none)."""
+    """What one ``submit`` produced: the order's final update and its fills (maybe none)."""
 
-    updates: tuple[OrderUpdate, ...]
+    final: OrderUpdate
     fills: tuple[Fill, ...]
 
     @property
-    def final(self) -> OrderUpdate:
-        return self.updates[-1]
+    def updates(self) -> tuple[OrderUpdate, ...]:
+        """The order's updates in order: NEW then the final one, or a rejection alone. The NEW
+        is made when asked for: the venue reports only the final state, and an order costs
+        less without it."""
+        final = self.final
+        if final.status is OrderStatus.REJECTED:
+            return (final,)
+        new = final.model_copy(
+            update={
+                "status": OrderStatus.NEW,
+                "filled_quantity": _ZERO,
+                "avg_price": _ZERO,
+                "reason": None,
+            }
+        )
+        return (new, final)
 
 
 class PaperExchange:
@@ -95,11 +112,19 @@ class PaperExchange:
         positions: Callable[[str], Decimal] | None = None,
         keep_executions: bool = True,
         validate_messages: bool = True,
+        max_volume_share: Decimal | None = None,
     ) -> None:
         if not fee_bps.is_finite() or fee_bps < 0:
             raise ValueError(f"fee_bps must be >= 0: {fee_bps}")
         if not slippage_bps.is_finite() or not 0 <= slippage_bps < _BPS:
             raise ValueError(f"slippage_bps must be in [0, 10000): {slippage_bps}")
+        if max_volume_share is not None and not 0 < max_volume_share <= 1:
+            raise ValueError(f"max_volume_share must be in (0, 1]: {max_volume_share}")
+        # The liquidity of a candle: at most this share of its volume fills, over all orders
+        # on it (None: no limit). What an order finds beyond it expires unfilled, as an IOC's
+        # remainder does on an exchange: a partial fill.
+        self._volume_share = max_volume_share
+        self._taken: dict[str, tuple[int, Decimal]] = {}  # (candle open time, quantity filled)
         self._exchange = exchange
         self._fee_bps = fee_bps
         self._slippage_bps = slippage_bps
@@ -112,7 +137,7 @@ class PaperExchange:
         self._keep_executions = keep_executions
         # Off in a backtest: its intents were validated by ``decide`` and its closes checked
         # when read, so the fills and updates made of them are valid (``messages.trusted``).
-        self._build: _Build = _validated
+        self._build: Build = validated
         if not validate_messages:
             self._build = trusted
 
@@ -168,39 +193,64 @@ class PaperExchange:
     def _execute(self, intent: OrderIntent, now_ms: int) -> PaperExecution:
         reason = self._reject_reason(intent)
         if reason is not None:
-            return PaperExecution(updates=(_rejected(intent, reason, now_ms),), fills=())
+            return PaperExecution(final=_rejected(intent, reason, now_ms), fills=())
         instrument = self._exchange.instrument(intent.symbol)
-        close = self._closes[intent.symbol].close
-        price = _fill_price(close, intent.side, self._slippage_bps, instrument)
+        candle = self._closes[intent.symbol]
+        price = _fill_price(candle.close, intent.side, self._slippage_bps, instrument)
         build = self._build
         if not _within_limit(intent, price):
             expired = _update(
                 build, intent, OrderStatus.EXPIRED, now_ms, reason="price beyond the limit"
             )
-            new = _update(build, intent, OrderStatus.NEW, now_ms)
-            return PaperExecution(updates=(new, expired), fills=())
+            return PaperExecution(final=expired, fills=())
+        quantity = self._fillable(intent, candle, instrument)
+        if quantity == 0:
+            expired = _update(
+                build, intent, OrderStatus.EXPIRED, now_ms, reason="no liquidity left"
+            )
+            return PaperExecution(final=expired, fills=())
         fill = build(
             Fill,
             fill_id=f"{EXCHANGE_NAME}-{intent.client_order_id}-1",
             client_order_id=intent.client_order_id,
             symbol=intent.symbol,
             side=intent.side,
-            quantity=intent.quantity,
+            quantity=quantity,
             price=price,
-            fee=_fee(intent.quantity * price, self._fee_bps),
+            fee=_fee(quantity * price, self._fee_bps),
             reduce_only=intent.reduce_only,
             ts_ms=now_ms,
         )
         if self._position_source is None:  # else the source learns of the fill from its caller
             self._positions[intent.symbol] = self.position(intent.symbol) + (
-                intent.side.sign * intent.quantity
+                intent.side.sign * quantity
             )
-        new = _update(build, intent, OrderStatus.NEW, now_ms)
-        filled = _update(
-            build, intent, OrderStatus.FILLED, now_ms,
-            filled_quantity=intent.quantity, avg_price=price,
+        # An IOC whose remainder found no liquidity: filled in part, the rest expired.
+        status, why = OrderStatus.FILLED, None
+        if quantity < intent.quantity:
+            status, why = OrderStatus.EXPIRED, "no liquidity left for the rest"
+        done = _update(
+            build, intent, status, now_ms,
+            filled_quantity=quantity, avg_price=price, reason=why,
         )  # fmt: skip
-        return PaperExecution(updates=(new, filled), fills=(fill,))
+        return PaperExecution(final=done, fills=(fill,))
+
+    def _fillable(self, intent: OrderIntent, candle: Candle, instrument: Instrument) -> Decimal:
+        """What of ``intent`` the candle's liquidity leaves (all of it without a limit), on the
+        step grid; taken from it."""
+        share = self._volume_share
+        if share is None:
+            return intent.quantity
+        opened, taken = self._taken.get(intent.symbol, (candle.open_time_ms, _ZERO))
+        if opened != candle.open_time_ms:  # a newer candle: its own liquidity
+            taken = _ZERO
+        left = candle.volume * share - taken
+        quantity = intent.quantity
+        if left < quantity:
+            step = instrument.step_size
+            quantity = ((left / step).to_integral_value(ROUND_FLOOR) * step).quantize(step)
+        self._taken[intent.symbol] = (candle.open_time_ms, taken + quantity)
+        return quantity
 
     def _reject_reason(self, intent: OrderIntent) -> PaperRejectReason | None:
         if intent.symbol not in self._exchange:
@@ -249,18 +299,8 @@ def _fee(notional: Decimal, fee_bps: Decimal) -> Decimal:
     return (notional * fee_bps / _BPS).quantize(_USDT, rounding=ROUND_HALF_UP)
 
 
-class _Build(Protocol):
-    """How the exchange makes its messages: validated, or ``messages.trusted``."""
-
-    def __call__(self, message_type: type[M], /, **fields: Any) -> M: ...
-
-
-def _validated(message_type: type[M], /, **fields: Any) -> M:
-    return message_type(**fields)
-
-
 def _update(
-    build: _Build,
+    build: Build,
     intent: OrderIntent,
     status: OrderStatus,
     now_ms: int,
@@ -286,7 +326,7 @@ def _update(
 
 
 def _rejected(intent: OrderIntent, reason: PaperRejectReason, now_ms: int) -> OrderUpdate:
-    return _update(_validated, intent, OrderStatus.REJECTED, now_ms, reason=reason.value)
+    return _update(validated, intent, OrderStatus.REJECTED, now_ms, reason=reason.value)
 
 
 class PaperVenue:
@@ -300,10 +340,12 @@ class PaperVenue:
         exchange_info: ExchangeInfo,
         *,
         history: Callable[[str], tuple[Fill, ...]] = lambda client_order_id: (),
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._paper = paper
         self._exchange_info = exchange_info
         self._history = history
+        self._clock = clock  # a backtest's: its orders fill at the candles' time
 
     @property
     def exchange_info(self) -> ExchangeInfo:
@@ -313,7 +355,7 @@ class PaperVenue:
         return []  # nothing outlives the process: MARKET and IOC orders never rest
 
     async def place(self, order: OrderIntent, *, not_after_ms: int | None = None) -> VenueOrder:
-        now_ms = int(time.time() * 1000)
+        now_ms = self._clock.wall_ms()
         if not_after_ms is not None and now_ms > not_after_ms:
             raise NotSent(
                 f"paper exchange: not sent, its deadline passed {now_ms - not_after_ms} ms ago"

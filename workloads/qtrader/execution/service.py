@@ -25,6 +25,12 @@ the timeout means HALTED (``halt.HaltGate``); no portfolio equity means no decis
 mean no decision. A new latch revision, by the fast broadcast or the KV watch, is put in force,
 open orders are cancelled when it halts, and only then is it acknowledged on CONTROL_HALT_ACK.
 
+The rules and the state are the execution core's (``core.ExecutionCore``: the exposure book,
+the intake, the prices, ``decide``, the order driver), which a backtest drives too; this module
+is its shell: the named tasks that feed it from the streams and publish what it makes, the halt
+latch and its acknowledgements, the venue's dead-man's switch and reconciliation, the metrics
+and ``/health``. It runs on the machine's clock (``clock.SYSTEM_CLOCK``).
+
 Positions have one owner, the worker's ``exposure.ExposureBook``: the fills of the FILLS stream
 (every replica's, from the start) and the quantity each intent has in flight, changed in single
 steps (a fill and its intent's release together; an intent that ends with less than it asked
@@ -53,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -86,28 +91,13 @@ from qtrader.exchange.errors import Banned, ExchangeError
 from qtrader.exchange.limiter import CostNeverFits
 from qtrader.exchange.venue import AccountReader, IncomeReader, Venue
 from qtrader.execution.account_entries import AccountEntries, IncomeSettings
-from qtrader.execution.decisions import (
-    DecisionContext,
-    Denial,
-    DenialReason,
-    client_order_id_for,
-    decide,
-    flatten_intent_id,
-)
-from qtrader.execution.exposure import (
-    Admitted,
-    ExposureBook,
-    Mismatch,
-    PositionReconciler,
-    Refused,
-    SendLimits,
-    admit_order,
-    intent_expired,
-    venue_differences,
-)
+from qtrader.execution.clock import SYSTEM_CLOCK
+from qtrader.execution.core import CoreSettings, ExecutionCore
+from qtrader.execution.decisions import Denial, client_order_id_for, flatten_intent_id
+from qtrader.execution.exposure import Mismatch, PositionReconciler, venue_differences
 from qtrader.execution.halt import HaltGate
-from qtrader.execution.intake import Dropped, SignalIntake, policy_ttl_ms
-from qtrader.execution.orders import DriverSettings, OrderDriver
+from qtrader.execution.intake import Dropped
+from qtrader.execution.orders import DriverSettings
 from qtrader.execution.paper import PaperExchange, PaperVenue
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
@@ -126,9 +116,6 @@ INTENTS_UNPUBLISHED = Counter(
 )
 ORDERS_SENT = Counter("qtrader_orders_sent_total", "Orders sent to the exchange.", ["exchange"])
 RESOLVE_EVERY_S = 5.0  # how often intents left UNKNOWN are looked up again
-# An intent decided here and never seen sent is released this long after its ttl (no sender
-# may send it past its ttl; this covers a PENDING_NEW still on its way back).
-UNSENT_GRACE_MS = 5_000
 UNRESOLVED = Gauge(
     "qtrader_orders_unknown",
     "Intents this worker sent whose outcome is still unknown (looked up every few seconds).",
@@ -202,16 +189,6 @@ LATCHES_REFUSED = Counter(
     "Halt latch values in the bucket that did not decode; each halted this worker until a "
     "valid one was written.",
 )
-ORDERS_REFUSED = Counter(
-    "qtrader_orders_refused_total",
-    "Order attempts the exposure book refused at send time (or intents expired), by reason.",
-    ["reason"],
-)
-ORDERS_CUT = Counter(
-    "qtrader_orders_cut_total",
-    "Order attempts the exposure book cut to what the limits leave, by the binding limit.",
-    ["reason"],
-)
 INTENT_BACKLOG = Gauge(
     "qtrader_intent_backlog", "Intents this worker decided that are not final yet."
 )
@@ -281,13 +258,27 @@ class Execution:
         self._venue: Venue | None = None
         self._paper: PaperExchange | None = None  # the venue in paper mode; fed prices
         self._venue_ready = asyncio.Event()
-        self._driver: OrderDriver | None = None
-        self._intake: SignalIntake | None = None
         self._ban_alerted_until = 0.0
-        self._gate = HaltGate(heartbeat_timeout_s=config.heartbeat_timeout_s)
+        self._clock = SYSTEM_CLOCK
+        self._gate = HaltGate(
+            heartbeat_timeout_s=config.heartbeat_timeout_s, clock=self._clock.monotonic_s
+        )
         self._acked_revision = -1
-        self._started_at_ms = int(time.time() * 1000)
-        self._book = ExposureBook()  # the one owner of positions and quantity in flight
+        self._started_at_ms = self._clock.wall_ms()
+        self._equity: Decimal | None = None
+        # The rules and the state: the exposure book (the one owner of positions and quantity
+        # in flight), the intake, the prices, the order driver. This class is its shell.
+        self._core = ExecutionCore(
+            gate=self._gate,
+            clock=self._clock,
+            policy=lambda: context.policy.current,
+            equity=lambda: self._equity,
+            publish_update=self._publish_update,
+            publish_fill=self._publish_fill,
+            worker_id=context.options.worker_id,
+            settings=CoreSettings(max_price_age_s=config.max_price_age_s, driver=config.driver),
+        )
+        self._book = self._core.book
         self._reconciler = PositionReconciler(grace_s=config.position_mismatch_grace_s)
         self._mismatch_reported: set[str] = set()
         self._venue_reconciler = PositionReconciler(grace_s=config.venue_mismatch_grace_s)
@@ -295,22 +286,17 @@ class Execution:
         self._venue_read: str | None = None  # what the last read of the venue's account said
         self._venue_unreadable = False  # the last read failed
         self._entries: AccountEntries | None = None  # testnet and live, once the venue is up
-        # Intents this worker sent whose outcome stayed unknown: looked up again until settled.
-        self._unresolved: dict[str, OrderIntent] = {}
         # Held while an order is with the venue (sending, resolving), and by ``drain`` on a stop.
         self._sending = asyncio.Lock()
         self._fills_caught_up = asyncio.Event()
         self._updates_caught_up = asyncio.Event()
-        self._marks: dict[str, Decimal] = {}
-        self._marked_at: dict[str, float] = {}
-        self._equity: Decimal | None = None
         TRADING_STATE.set_function(lambda: self._gate.state()[0].restriction)
         HEARTBEAT_AGE.set_function(lambda: self._gate.heartbeat_age_s() or 0.0)
         HALT_LATCH_STATE.set_function(
             lambda: -1 if self._gate.latch is None else self._gate.latch.state.restriction
         )
         INTENT_BACKLOG.set_function(lambda: self._book.backlog().size)
-        INTENT_BACKLOG_OLDEST.set_function(lambda: self._backlog_oldest_age_s() or 0.0)
+        INTENT_BACKLOG_OLDEST.set_function(lambda: self._core.backlog_oldest_age_s() or 0.0)
         # Every state's series from 0: increase() over a series that first appears at 1 is 0,
         # so a worker's first acknowledgement of a state would never show on the ESS dashboard.
         for state in TradingState:
@@ -423,7 +409,7 @@ class Execution:
         if changed and latch.issued_at_ms >= self._started_at_ms:
             # A latch issued before this worker started was not waiting for it: its age is
             # the worker's start-up, not how fast a halt takes effect.
-            HALT_APPLY_SECONDS.observe(max(0.0, time.time() - latch.issued_at_ms / 1000))
+            HALT_APPLY_SECONDS.observe(max(0, self._clock.wall_ms() - latch.issued_at_ms) / 1000)
         if changed:
             log.info("halt latch revision %d in force: %s", latch.revision, latch.state.value)
         if latch.revision > self._acked_revision or changed:
@@ -437,7 +423,7 @@ class Execution:
         replicas that all publish it leave one in the stream and one of them sends it (the
         halt gate lets exactly these through). Positions are the fills seen so far; a fill
         another replica has not yet published can leave a remainder, which the log names."""
-        age_s = time.time() - latch.issued_at_ms / 1000
+        age_s = (self._clock.wall_ms() - latch.issued_at_ms) / 1000
         if age_s > FLATTEN_WITHIN_S or not self._fills_caught_up.is_set():
             # A worker starting while an old flattening trip is in force does not flatten
             # again from positions it has not finished reading; the trip's live workers did.
@@ -448,13 +434,15 @@ class Execution:
             log.error("flatten asked by latch %d, but no policy is in force", latch.revision)
             return
         for symbol, quantity in sorted(self._book.positions().items()):
-            mark = self._marks.get(symbol)
+            mark = self._core.last_mark(symbol)
             if quantity == 0:
                 continue
             if mark is None:
                 log.error("flatten: no price for %s; its position %s stays", symbol, quantity)
                 continue
-            intent = _flatten_intent(latch, symbol, quantity, mark, policy.revision)
+            intent = _flatten_intent(
+                latch, symbol, quantity, mark, policy.revision, now_ms=self._clock.wall_ms()
+            )
             try:
                 await self._context.bus.publish(subjects.order_intent_subject(symbol), intent)
             except BusUnavailable as exc:
@@ -484,7 +472,7 @@ class Execution:
             # heartbeat halts it whatever its last latch was (the control plane shows this).
             state=self._gate.state()[0],
             open_orders_cancelled=cancelled,
-            ts_ms=int(time.time() * 1000),
+            ts_ms=self._clock.wall_ms(),
         )
         try:
             await self._context.bus.broadcast(subjects.CONTROL_HALT_ACK, ack)
@@ -520,8 +508,7 @@ class Execution:
             await self._apply_latch(latch)
 
     async def _on_candle(self, candle: Candle) -> None:
-        self._marks[candle.symbol] = candle.close
-        self._marked_at[candle.symbol] = time.monotonic()
+        self._core.mark(candle.symbol, candle.close)
         if self._paper is not None:
             self._paper.on_candle(candle)
 
@@ -555,14 +542,14 @@ class Execution:
         self._reconciler.observe(
             book=self._book.positions(),
             portfolio={p.symbol: p.quantity for p in snapshot.positions},
-            now_s=time.monotonic(),
+            now_s=self._clock.monotonic_s(),
         )
         self._show_mismatches()
 
     def _show_mismatches(self) -> list[Mismatch]:
         """The differences that outlasted the grace, also set on the gauge (every symbol
         ever reported is set, so one that agrees again reads 0)."""
-        mismatches = self._reconciler.persistent(time.monotonic())
+        mismatches = self._reconciler.persistent(self._clock.monotonic_s())
         persistent = {m.symbol for m in mismatches}
         for symbol in self._mismatch_reported | persistent:
             POSITION_MISMATCH.labels(symbol).set(int(symbol in persistent))
@@ -574,27 +561,22 @@ class Execution:
     async def _intake_loop(self) -> None:
         """Signals from the durable consumer into the bounded intake (acked once queued)."""
         policy = await self._context.policy.wait()
-        self._intake = SignalIntake.from_policy(policy.spec.signals)
+        intake = self._core.open_intake(policy.spec.signals)
         SIGNAL_QUEUE_CAPACITY.set(policy.spec.signals.queue_size)
         # Bound to the intake itself: a truth test would take an empty intake (it has a length)
         # for none, and show a high-water mark of 0 once the queue has drained.
-        intake = self._intake
         SIGNAL_QUEUE_DEPTH.set_function(lambda: len(intake))
         SIGNAL_QUEUE_HIGH_WATER.set_function(lambda: intake.high_water)
         self._context.policy.add_listener(lambda revision: self._resize_intake(revision.spec))
         await self._context.bus.consume(subjects.EXECUTION_SIGNALS, Signal, self._offer)
 
     async def _offer(self, signal: Signal) -> None:
-        assert self._intake is not None  # created before the consumer starts
-        self._count_drops(self._intake.offer(signal, _now_ms()))
+        self._count_drops(self._core.offer(signal))  # the intake is open before the consumer
 
     def _resize_intake(self, spec: TradingPolicySpec) -> None:
-        if self._intake is not None:
+        if self._core.intake is not None:
             SIGNAL_QUEUE_CAPACITY.set(spec.signals.queue_size)
-            dropped = self._intake.resize(
-                spec.signals.queue_size, policy_ttl_ms(spec.signals), _now_ms()
-            )
-            self._count_drops(dropped)
+            self._count_drops(self._core.resize_intake(spec.signals))
 
     @staticmethod
     def _count_drops(dropped: list[Dropped]) -> None:
@@ -607,82 +589,32 @@ class Execution:
         await self._context.policy.wait()
         while True:
             await asyncio.sleep(self._config.cycle_s)
-            policy = self._context.policy.current
-            if self._intake is None or policy is None:
+            if self._core.intake is None or self._context.policy.current is None:
                 continue
-            self._release_unsendable(policy.spec)
-            signals, dropped = self._intake.take(policy.spec.signals.max_per_cycle, _now_ms())
+            signals, dropped = self._core.take_cycle()
             self._count_drops(dropped)
             for signal in signals:
                 await self._decide(signal)
 
     async def _decide(self, signal: Signal) -> None:
-        policy = self._context.policy.current
-        assert policy is not None  # the loop starts after the first policy
         await self._venue_ready.wait()
-        assert self._venue is not None
-        now_ms = _now_ms()
-        outcome = decide(
-            signal=signal,
-            context=self._decision_context(policy.spec),
-            policy=policy.spec,
-            policy_revision=policy.revision,
-            now_ms=now_ms,
-            exchange=self._venue.exchange_info,
-        )
+        now_ms = self._clock.wall_ms()
+        outcome = self._core.decide(signal)  # an intent is in the book's flight already
         SIGNAL_DECISION_LATENCY.observe(max(0, now_ms - signal.created_at_ms) / 1000)
         SIGNAL_CONFIDENCE.labels("decided").observe(signal.confidence)
         if isinstance(outcome, Denial):
             SIGNALS_DENIED.labels(outcome.reason.value).inc()
             return
-        if self._book.knows(outcome.intent_id):
-            # Decided before (a redelivered signal): the stream keeps the first intent only,
-            # and the book already counts it.
-            SIGNALS_DENIED.labels(DenialReason.DUPLICATE_INTENT.value).inc()
-            return
-        self._book.reserve(
-            intent_id=outcome.intent_id,
-            client_order_id=outcome.client_order_id,
-            symbol=outcome.symbol,
-            signed_quantity=outcome.quantity * outcome.side.sign,
-            created_at_ms=outcome.created_at_ms,
-            local=True,
-        )
         try:
             await self._context.bus.publish(subjects.order_intent_subject(outcome.symbol), outcome)
         except BusUnavailable as exc:
             # NATS down and the outbox full or its disk failing: the intent is dropped, never
             # sent (it is not on the stream); a later signal decides again from the book.
-            self._book.forget(outcome.intent_id)
+            self._core.forget(outcome.intent_id)
             INTENTS_UNPUBLISHED.inc()
             log.warning("intent %s not published, dropped: %s", outcome.intent_id, exc)
             return
         INTENTS.labels(outcome.side.value).inc()
-
-    def _release_unsendable(self, spec: TradingPolicySpec) -> None:
-        released = self._book.release_unsendable(
-            now_ms=_now_ms(), ttl_ms=_intent_ttl_ms(spec), grace_ms=UNSENT_GRACE_MS
-        )
-        for intent_id in released:
-            log.warning("intent %s never seen sent and past its ttl: released", intent_id)
-
-    def _decision_context(self, spec: TradingPolicySpec) -> DecisionContext:
-        return DecisionContext(
-            trading_state=self._gate.state()[0],
-            positions=self._book.projected(),
-            marks=self._fresh_marks(),
-            equity=self._equity,
-            intent_backlog=self._book.backlog().size,
-            max_intent_backlog=spec.signals.max_intent_backlog,
-        )
-
-    def _fresh_marks(self) -> dict[str, Decimal]:
-        now = time.monotonic()
-        max_age = self._config.max_price_age_s
-        return {s: p for s, p in self._marks.items() if now - self._marked_at[s] <= max_age}
-
-    def _fresh_mark(self, symbol: str) -> Decimal | None:
-        return self._fresh_marks().get(symbol)
 
     # --- stage 2: send -----------------------------------------------------------------------
 
@@ -697,20 +629,7 @@ class Execution:
             log.warning("%d of our orders open at start: cancelling them", len(leftovers))
             await venue.cancel_all(sorted({order.symbol for order in leftovers}))
         self._venue = venue
-        self._driver = OrderDriver(
-            venue,
-            self._gate,
-            marks=self._fresh_mark,
-            publish_update=self._publish_update,
-            publish_fill=self._publish_fill,
-            admit=self._admit,
-            expiry=self._expiry,
-            deadline=lambda intent: intent.created_at_ms + _intent_ttl_ms(self._policy_spec()),
-            was_sent=self._book.was_sent,
-            worker_id=self._context.options.worker_id,
-            on_error=self._on_exchange_error,
-            settings=self._config.driver,
-        )
+        self._core.connect(venue, on_error=self._on_exchange_error)
         self._venue_ready.set()
         await self._gate_known()
         if self._gate.state()[0] is not TradingState.HALTED:  # armed before the first order
@@ -725,51 +644,11 @@ class Execution:
     async def _gate_known(self) -> None:
         """Wait (at most the heartbeat timeout) for a latch and a first heartbeat, so intents
         waiting at start are not all refused as halted merely because the worker just woke."""
-        deadline = time.monotonic() + self._config.heartbeat_timeout_s
+        deadline = self._clock.monotonic_s() + self._config.heartbeat_timeout_s
         while self._gate.latch is None or self._gate.heartbeat_age_s() is None:
-            if time.monotonic() >= deadline:
+            if self._clock.monotonic_s() >= deadline:
                 return
             await asyncio.sleep(0.05)
-
-    def _admit(self, order: OrderIntent) -> Admitted | Refused:
-        """The exposure book's send-time check of one attempt (under the gate's lock)."""
-        policy, venue = self._context.policy.current, self._venue
-        assert policy is not None  # sending starts after the policy and the venue
-        assert venue is not None
-        risk = policy.spec.risk
-        limits = SendLimits(
-            max_position_usd=risk.max_position_usd,
-            max_open_positions=risk.max_open_positions,
-            max_leverage=risk.max_leverage,
-            equity=self._equity,
-            marks=self._fresh_marks(),
-            instrument=venue.exchange_info.instrument(order.symbol),
-        )
-        verdict = admit_order(
-            self._book, order, limits=limits, now_ms=_now_ms(), ttl_ms=_intent_ttl_ms(policy.spec)
-        )
-        if isinstance(verdict, Refused):
-            ORDERS_REFUSED.labels(verdict.reason.value).inc()
-        elif verdict.cut_by is not None:
-            ORDERS_CUT.labels(verdict.cut_by.value).inc()
-        return verdict
-
-    def _policy_spec(self) -> TradingPolicySpec:
-        policy = self._context.policy.current
-        assert policy is not None  # sending starts after the first policy
-        return policy.spec
-
-    def _expiry(self, intent: OrderIntent) -> Refused | None:
-        policy = self._context.policy.current
-        assert policy is not None
-        expired = intent_expired(
-            created_at_ms=intent.created_at_ms,
-            now_ms=_now_ms(),
-            ttl_ms=_intent_ttl_ms(policy.spec),
-        )
-        if expired is not None:
-            ORDERS_REFUSED.labels(expired.reason.value).inc()
-        return expired
 
     def _make_venue(self, spec: TradingPolicySpec) -> Venue:
         if spec.mode is TradingMode.PAPER:
@@ -780,7 +659,7 @@ class Execution:
                 slippage_bps=spec.paper.slippage_bps,
                 positions=self._book.position,
             )
-            return PaperVenue(self._paper, info, history=self._book.fills_of)
+            return PaperVenue(self._paper, info, history=self._book.fills_of, clock=self._clock)
         if self._config.exchange_factory is None:
             raise RuntimeError(f"mode {spec.mode.value} needs the Binance settings (see --help)")
         return self._config.exchange_factory(spec)
@@ -798,10 +677,7 @@ class Execution:
             await self._execute(intent)
 
     async def _execute(self, intent: OrderIntent) -> None:
-        driver, policy = self._driver, self._context.policy.current
-        assert driver is not None  # set before the consumer starts
-        assert policy is not None
-        final = await driver.execute(intent, max_slippage_bps=policy.spec.risk.max_slippage_bps)
+        final = await self._core.execute(intent)  # connected before the consumer starts
         if final.refused_by is RefusedBy.HALT_GATE:
             ORDERS_BLOCKED.labels(self._gate.state()[0].value).inc()
             log.info("intent %s not sent: %s", intent.intent_id, final.reason)
@@ -810,38 +686,33 @@ class Execution:
         else:
             ORDERS_SENT.labels(final.exchange).inc()
         if final.status is OrderStatus.UNKNOWN:  # stays in flight in the book until resolved
-            self._unresolved[intent.intent_id] = intent
-            UNRESOLVED.set(len(self._unresolved))
+            UNRESOLVED.set(len(self._core.unresolved))
 
     async def _resolve_loop(self) -> None:
         """Look up the intents left UNKNOWN every RESOLVE_EVERY_S until the venue can say what
         became of them (after a ban, an outage); their fills then reach the portfolio."""
         while True:
             await asyncio.sleep(RESOLVE_EVERY_S)
-            driver = self._driver
-            if driver is None:
+            if self._core.venue is None:
                 continue
-            for intent_id, intent in list(self._unresolved.items()):
+            for intent_id, intent in list(self._core.unresolved.items()):
                 try:
                     async with self._sending:
-                        resolved = await driver.resolve(intent)
+                        resolved = await self._core.resolve(intent)
                 except BusUnavailable as exc:  # its fills could not be published: next round
                     log.warning("intent %s resolved, not published yet: %s", intent_id, exc)
                     continue
                 if resolved is not None:
-                    del self._unresolved[intent_id]
                     log.info("intent %s resolved by look-up", intent_id)
-            UNRESOLVED.set(len(self._unresolved))
+            UNRESOLVED.set(len(self._core.unresolved))
 
     async def _publish_update(self, update: OrderUpdate) -> None:
-        """Publish, then apply to the book at once (a final update releases what did not fill
-        now, not when the stream brings it back); the replay applies it again harmlessly."""
+        """The core's updates to the ORDERS stream (it applies each to the book next)."""
         await self._context.bus.publish(subjects.order_update_subject(update.symbol), update)
-        self._book.apply_update(update)
         ORDER_UPDATES.labels(update.status.value).inc()
 
     async def _publish_fill(self, fill: Fill) -> None:
-        self._book.apply_fill(fill)  # position and the intent's release, one step
+        """The core's fills (in its book already) to the FILLS stream."""
         await self._context.bus.publish(subjects.fill_subject(fill.symbol), fill)
         FILLS.labels(fill.symbol).inc()
 
@@ -852,7 +723,7 @@ class Execution:
 
     async def _raise_ban_alert(self, ban: Banned) -> None:
         """A 418 is an EmergencyStop trip input: the operator halts everything on it."""
-        now_ms = _now_ms()
+        now_ms = self._clock.wall_ms()
         alert = RiskAlert(
             alert_id=f"exchange-ban-{self._context.options.worker_id}-{int(ban.retry_at)}",
             alert_kind=RiskAlertKind.EXCHANGE_BAN,
@@ -894,7 +765,7 @@ class Execution:
             self._book.positions(),
             [before, self._position_ranges()],
         )
-        now_s = time.monotonic()
+        now_s = self._clock.monotonic_s()
         self._venue_reconciler.observe_differences(differing, now_s=now_s)
         VENUE_RECONCILIATIONS.labels("differs" if differing else "agrees").inc()
         self._venue_read = f"{len(positions)} positions, wallet {wallet} USDT"
@@ -961,7 +832,7 @@ class Execution:
         return {symbol: self._book.position_range(symbol) for symbol in symbols}
 
     def _show_venue_mismatches(self) -> list[Mismatch]:
-        mismatches = self._venue_reconciler.persistent(time.monotonic())
+        mismatches = self._venue_reconciler.persistent(self._clock.monotonic_s())
         persistent = {m.symbol for m in mismatches}
         for symbol in self._venue_alerted | persistent:
             VENUE_POSITION_MISMATCH.labels(symbol).set(int(symbol in persistent))
@@ -969,7 +840,7 @@ class Execution:
 
     async def _raise_reconciliation_alert(self, mismatch: Mismatch) -> None:
         """A position the book cannot explain: every limit was judged on a wrong position."""
-        now_ms = _now_ms()
+        now_ms = self._clock.wall_ms()
         worker = self._context.options.worker_id
         alert = RiskAlert(
             alert_id=f"reconciliation-{worker}-{mismatch.symbol}-{now_ms}",
@@ -1032,10 +903,10 @@ class Execution:
         while True:
             venue, policy = self._venue, self._context.policy.current
             trading = self._gate.state()[0] is not TradingState.HALTED
-            due = armed_at is None or time.monotonic() - armed_at >= refresh_s
+            due = armed_at is None or self._clock.monotonic_s() - armed_at >= refresh_s
             if venue is not None and policy is not None and trading and due:
                 if await self._arm_dead_man(venue, policy.spec.symbols):
-                    armed_at = time.monotonic()
+                    armed_at = self._clock.monotonic_s()
             elif not trading:
                 armed_at = None
             await asyncio.sleep(min(1.0, refresh_s))
@@ -1063,25 +934,22 @@ class Execution:
                 name="exchange", status=Status.DEGRADED, detail="not connected yet"
             )
         health = self._venue.health()
-        if self._unresolved and health.status is Status.OK:
+        unresolved = self._core.unresolved
+        if unresolved and health.status is Status.OK:
             return DependencyHealth(
                 name="exchange",
                 status=Status.DEGRADED,
-                detail=f"{len(self._unresolved)} orders with an unknown outcome, looked up "
+                detail=f"{len(unresolved)} orders with an unknown outcome, looked up "
                 f"every {RESOLVE_EVERY_S:g} s",
             )
         return health
-
-    def _backlog_oldest_age_s(self) -> float | None:
-        oldest = self._book.backlog().oldest_created_ms
-        return None if oldest is None else max(0, _now_ms() - oldest) / 1000
 
     async def check_backlog(self) -> DependencyHealth:
         """DEGRADED while the decided-not-final intents are at their bound or the oldest is
         past its time to live: sending is falling behind deciding."""
         policy = self._context.policy.current
         backlog = self._book.backlog()
-        age_s = self._backlog_oldest_age_s()
+        age_s = self._core.backlog_oldest_age_s()
         detail = f"{backlog.size} intents decided and not final" + (
             f", oldest {age_s:.1f} s" if age_s is not None else ""
         )
@@ -1131,16 +999,14 @@ class Execution:
         )
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _intent_ttl_ms(spec: TradingPolicySpec) -> int:
-    return max(1, int(spec.signals.intent_ttl_seconds * 1000))
-
-
 def _flatten_intent(
-    latch: HaltLatch, symbol: str, quantity: Decimal, mark: Decimal, policy_revision: int
+    latch: HaltLatch,
+    symbol: str,
+    quantity: Decimal,
+    mark: Decimal,
+    policy_revision: int,
+    *,
+    now_ms: int,
 ) -> OrderIntent:
     intent_id = flatten_intent_id(latch.revision, symbol)
     return OrderIntent(
@@ -1153,5 +1019,5 @@ def _flatten_intent(
         reduce_only=True,
         reference_price=mark,
         policy_revision=policy_revision,
-        created_at_ms=int(time.time() * 1000),
+        created_at_ms=now_ms,
     )

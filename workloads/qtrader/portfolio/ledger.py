@@ -134,9 +134,15 @@ class _Position:
 class Ledger:
     """Applies fills and marks; reads back exact figures or a rounded ``PortfolioSnapshot``."""
 
-    def __init__(self, *, initial_capital: Decimal, exchange: ExchangeInfo) -> None:
+    def __init__(
+        self, *, initial_capital: Decimal, exchange: ExchangeInfo, keep_fill_ids: bool = True
+    ) -> None:
+        """``keep_fill_ids`` False: for a caller whose fills each come once (a backtest), no
+        fill id is remembered, so memory does not grow with the fills; a repeat would then be
+        booked twice, and there is no checkpoint."""
         if not initial_capital.is_finite() or initial_capital <= 0:
             raise ValueError(f"initial_capital must be a positive amount: {initial_capital}")
+        self._keep_fill_ids = keep_fill_ids
         self._initial_capital = initial_capital
         self._exchange = exchange
         self._positions: dict[str, _Position] = {}
@@ -182,7 +188,8 @@ class Ledger:
 
         Raises ``FillRefused`` (and nothing changes) for a fill it cannot apply.
         """
-        digest = _digest(fill)
+        keep = self._keep_fill_ids
+        digest = _digest(fill) if keep else ""
         known = self._fill_ids.get(fill.fill_id)
         if known is not None:
             if known != digest:
@@ -193,8 +200,9 @@ class Ledger:
                 self._book_fill(fill)
         except ArithmeticError as exc:  # trapped: nothing was committed (see _book_fill)
             raise FillRefused(fill.fill_id, f"beyond exact arithmetic: {exc!r}") from exc
-        self._fill_ids[fill.fill_id] = digest
-        self._recent.append(fill.fill_id)
+        if keep:
+            self._fill_ids[fill.fill_id] = digest
+            self._recent.append(fill.fill_id)
         self._fills_applied += 1
         return True
 
@@ -479,6 +487,8 @@ class Ledger:
         self, *, fills_through: int, ts_ms: int, source: str, skipped: tuple[int, ...] = ()
     ) -> PortfolioCheckpoint:
         """The exact state after every message of FILLS through ``fills_through``, unrounded."""
+        if not self._keep_fill_ids:
+            raise ValueError("a ledger that keeps no fill ids cannot say which fills it holds")
         return PortfolioCheckpoint(
             source=source,
             ts_ms=ts_ms,
