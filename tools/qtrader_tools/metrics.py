@@ -45,6 +45,8 @@ def parse(text: str) -> list[Sample]:
 
 def find(samples: Iterable[Sample], name: str, **labels: str) -> float | None:
     """The sample ``name`` with exactly ``labels`` (no more, no fewer); None when absent."""
+    if "{" in name:  # the text form, 'name{label="x"}', would never match: say so, not 0.0
+        raise ValueError(f"a sample name without labels, the labels as keywords: {name!r}")
     for sample in samples:
         if sample.name == name and sample.labels == labels:
             return sample.value
