@@ -4,9 +4,9 @@
 #
 # No torch: the project is installed without the `train` extra; inference needs only
 # onnxruntime. No tooling either (tools/: the simulator, stress scenarios, benchmarks): it is a
-# distribution of its own, never installed here. The default model (card default.json and its members default.*.onnx) is baked in
-# (package data, and a copy in /models); a volume mounted at /models overrides it (policy
-# spec.model.ref: /models/<name>.json, or --model).
+# distribution of its own, never installed here. The default model (card default.json and its
+# members default.*.onnx) is baked in (package data, and a copy in /models); a volume mounted at
+# /models overrides it (policy spec.model.ref: /models/<name>.json, or --model).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
