@@ -4,6 +4,8 @@ A real ``qtrader`` process in which the tooling cannot be imported (``qtrader_to
 in ``sys.modules``, which is how Python answers for a package that is not there): the commands
 are still listed with the same help, and any use of them exits 2 with one line saying what to
 install. The suite itself runs with the tooling, so it is blocked here rather than uninstalled.
+A tooling that is installed but fails to import (one of its own modules blocked) is not
+reported as missing: the line names what failed.
 """
 
 from __future__ import annotations
@@ -17,16 +19,23 @@ from qtrader.commands.tools import INSTALL
 
 pytestmark = pytest.mark.integration
 
-WITHOUT_TOOLING = (
-    "import sys; sys.modules['qtrader_tools'] = None; "
+BLOCKING = (
+    "import sys; sys.modules[sys.argv.pop(1)] = None; "
     "from qtrader.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
 def qtrader(*args: str, tooling: bool) -> subprocess.CompletedProcess[str]:
-    command = ["-c", WITHOUT_TOOLING] if not tooling else ["-m", "qtrader"]
+    command = ["-c", BLOCKING, "qtrader_tools"] if not tooling else ["-m", "qtrader"]
     return subprocess.run(
         [sys.executable, *command, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def qtrader_blocking(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``qtrader ARGS`` in a process where ``module`` cannot be imported."""
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKING, module, *args], capture_output=True, text=True, timeout=60
     )
 
 
@@ -70,3 +79,25 @@ def test_with_the_tooling_the_commands_take_its_arguments() -> None:
     done = qtrader("stress", "--scenario", "meteor-strike", tooling=True)
     assert done.returncode == 2
     assert "invalid choice: 'meteor-strike'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "module"),
+    [
+        (["stress", "--scenario", "poison"], "qtrader_tools.stress.result"),
+        (["bench", "halt"], "qtrader_tools.benchmarks"),
+    ],
+)
+def test_a_tooling_that_does_not_import_is_reported_as_broken_not_as_missing(
+    args: list[str], module: str
+) -> None:
+    done = qtrader_blocking(module, *args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"qtrader {args[0]}: the tooling (quantum-trader-tools) is installed ")
+    assert module in line
+    assert "not installed here" not in line
+    listed = qtrader_blocking(module, "--help")
+    assert listed.returncode == 0
+    assert listed.stdout == qtrader("--help", tooling=True).stdout
