@@ -198,6 +198,20 @@ class Rig:
 
         await self.until(all_up, timeout_s=START_TIMEOUT_S, what=f"{path} of the workers")
 
+    async def wait_trading(
+        self, executions: list[Child], *, timeout_s: float = START_TIMEOUT_S
+    ) -> None:
+        """Until every execution worker trades: its ``halt-latch`` check OK (the latch in force
+        and a control-plane heartbeat heard). ``/healthz`` answers before that, and a signal
+        decided meanwhile is denied as halted: a scenario that counts on its first signals
+        becoming orders waits for this first."""
+
+        async def trading() -> bool:
+            checks = [await self.checks(w) for w in executions]
+            return all(c.get("halt-latch", ("", ""))[0] == "OK" for c in checks)
+
+        await self.until(trading, timeout_s=timeout_s, what="the execution workers trading")
+
     async def _answers(self, worker: Child, path: str) -> bool:
         try:
             return (await self.http.get(worker.base_url + path)).status_code == 200
@@ -207,6 +221,15 @@ class Rig:
     async def health(self, worker: Child) -> dict[str, Any]:
         body: dict[str, Any] = (await self.http.get(worker.base_url + "/health")).json()
         return body
+
+    async def checks(self, worker: Child) -> dict[str, tuple[str, str]]:
+        """Each dependency check of a worker's ``/health``: its status and detail, by name."""
+        body = await self.health(worker)
+        return {
+            str(d.get("name")): (str(d.get("status")), str(d.get("detail")))
+            for d in body.get("dependencies", [])
+            if isinstance(d, dict)
+        }
 
     async def scrape(self, worker: Child) -> list[Sample]:
         """Every sample of a worker's ``/metrics``."""

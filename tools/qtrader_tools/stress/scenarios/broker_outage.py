@@ -539,17 +539,8 @@ async def settled_snapshot(rig: Rig, back: ReadBack) -> ReadBack:
 Health = dict[str, tuple[str, str]]  # dependency -> (status, detail)
 
 
-async def _health(rig: Rig, worker: Child) -> Health:
-    body = await rig.health(worker)
-    return {
-        str(d.get("name")): (str(d.get("status")), str(d.get("detail")))
-        for d in body.get("dependencies", [])
-        if isinstance(d, dict)
-    }
-
-
 async def health_of(rig: Rig, workers: list[Child]) -> dict[str, Health]:
-    return {w.name: await _health(rig, w) for w in workers}
+    return {w.name: await rig.checks(w) for w in workers}
 
 
 def not_ok(health: dict[str, Health]) -> dict[str, dict[str, str]]:

@@ -270,6 +270,9 @@ async def _start(rig: Rig, url: str) -> tuple[Child, Child]:
         "marketdata", None, "--source", "live", "--market-url", url, "--interval", "1m"
     )
     await rig.wait_healthy([portfolio, execution, marketdata])
+    # Every signal must become an intent: one decided before execution's first heartbeat would
+    # be denied as halted, and the step would wait for an intent that never comes.
+    await rig.wait_trading([execution])
 
     async def streaming() -> bool:
         connections = await _connections_of(url)
