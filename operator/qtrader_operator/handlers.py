@@ -8,13 +8,15 @@
   Deployments and the conditions; the handler applies them and publishes the policy revision to
   the policy's own key in its stack. An invalid policy (or one whose name cannot name a stack)
   is marked Invalid and changes nothing.
-- Many EmergencyStops, one latch: every stop of the namespace covers every policy there. A
-  stop's reconcile decides its own status; the latch it writes is the combination of all stops
-  (``halt_combination``: most restrictive wins, ``held_by`` names them), under one lock, written
-  with one revision into every policy's stack (a new stack gets it at once), and a keeper task
-  re-establishes that combination every second (a deleted stop, a restart, any order of
-  events). Each stop's ``status.heldBy`` shows the stops holding the halt; policies
-  are scaled to the combined state, and a missing ``emergencyStopRef`` keeps a policy halted.
+- Many EmergencyStops, one latch per policy: a stop covers every policy of the namespace, or
+  those its ``policySelector`` selects, and always the policy naming it (``policy_selector``).
+  A stop's reconcile decides its own status; each stack's latch is the combination of the stops
+  covering its policy (``halt_combination``: most restrictive wins, ``held_by`` names them),
+  under one lock, written with one revision into every policy's stack (a new stack gets it at
+  once), and a keeper task re-establishes those combinations every second (a deleted stop, a
+  relabelled policy, a restart, any order of events). Each stop's ``status.heldBy`` shows the
+  stops holding a halt where it covers; policies are scaled to their combined state, and a
+  missing ``emergencyStopRef`` keeps a policy halted.
 - EmergencyStop (create, update, resume, and a timer for the cooldown and acknowledgements):
   the shared applier (``qtrader.control.ess_applier``, local mode's too) decides with
   ``reconcile`` and applies it through ``KopfStore`` (the handler's patch, Kubernetes events)
@@ -22,13 +24,13 @@
   every stack's workers, named ``<stack>/<worker>``) and the AckTimeout report, status. Once
   the known workers acknowledged a halt (or the ack
   timeout passed, which is reported) the handler scales every policy's workloads to the stops'
-  combined state (execution and inference to 0 while halted); once no stop holds a halt they
-  are restored from the policy.
-- Risk alerts from any stack's RISK stream (its risk monitor's too) become automatic trips:
-  the handler patches the EmergencyStop's spec (and the tripped-by annotation), so every trip is
-  visible in kubectl. The annotation is removed once the spec is no longer tripped, so it never
-  outlives its trip.
-- A reset is decided with the risk monitors' ``holding`` (every stack's): while one of the
+  combined state (execution and inference to 0 while halted); once no stop covering a policy
+  holds a halt its workloads are restored from the policy.
+- Risk alerts from any stack's RISK stream (its risk monitor's too) become automatic trips of
+  the stops covering that stack: the handler patches the EmergencyStop's spec (and the
+  tripped-by annotation), so every trip is visible in kubectl. The annotation is removed once
+  the spec is no longer tripped, so it never outlives its trip.
+- A reset is decided with the risk monitors' ``holding`` (of the stacks it covers): while one of the
   stop's trigger conditions still holds it is refused (spec set back, a ResetRefused event with
   the figure).
 
@@ -79,7 +81,8 @@ from qtrader.control.ess_resource import (
     parse_spec,
 )
 from qtrader.control.ess_status import format_time
-from qtrader.control.halt_combination import StopView, combine
+from qtrader.control.halt_combination import StopView, combine_for
+from qtrader.control.policy_selector import PolicyScope, PolicySelector, covers
 from qtrader.exchange.listing import ListingUnavailable
 from qtrader.local.control import publish_policy
 from qtrader_operator import policy_core
@@ -122,9 +125,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.scanning.disabled = True
     runtime: OperatorRuntime | None = None
 
-    async def on_alert(alert: RiskAlert) -> None:
+    async def on_alert(stack: str, alert: RiskAlert) -> None:
         assert runtime is not None  # stacks are served only once it is built
-        await trip_for_alert(runtime, alert)
+        await trip_for_alert(runtime, stack, alert)
 
     if config.peering is not None:
         settings.peering.lifetime = config.peering.lifetime_s
@@ -188,7 +191,7 @@ async def _serve_listed_policies(runtime: OperatorRuntime, *, drop_unlisted: boo
         try:
             stack = subjects.stack_id(namespace, name)
             listed.add(stack)
-            await runtime.stacks.add(stack)
+            await runtime.stacks.add(stack, _scope(item))
         except (subjects.InvalidStack, BusUnavailable, TopologyError) as exc:
             # Its policy's reconcile marks it Invalid or tries again.
             log.warning("policy %s: stack not served yet: %s", name, exc)
@@ -256,12 +259,13 @@ async def _reconcile_policy(
         )
         return
     stack = policy_core.stack_of(owner)
-    await _serve_stack(runtime, stack)
+    scope = PolicyScope(labels=dict(meta.get("labels") or {}), stop_ref=result.emergency_stop_ref)
+    await _serve_stack(runtime, stack, scope)
     revision = await _publish_if_changed(
         runtime.bus.for_stack(stack), body=body, name=owner.name, spec=result
     )
     async with runtime.scale_lock:
-        stop_state, flatten = await _stop_state(runtime, owner.namespace, result.emergency_stop_ref)
+        stop_state, flatten = await _stop_state(runtime, scope)
         stopped = _stopped_roles(stop_state, flatten=flatten)
         readiness = await _apply_workloads(runtime, owner=owner, spec=result, stopped=stopped)
         runtime.policies[owner.name] = PolicyView(
@@ -298,11 +302,12 @@ async def _validated(runtime: OperatorRuntime, spec: kopf.Spec) -> TradingPolicy
         raise kopf.TemporaryError(str(exc), delay=30) from exc
 
 
-async def _serve_stack(runtime: OperatorRuntime, stack: str) -> None:
-    """Serve the policy's stack; a new one gets the latch in force before its workloads start
-    (the keeper would bring it within a second; its workers stay halted without one)."""
+async def _serve_stack(runtime: OperatorRuntime, stack: str, scope: PolicyScope) -> None:
+    """Serve the policy's stack; a new one (or one whose policy changed its labels or its stop)
+    gets its latch before its workloads start (the keeper would bring it within a second; its
+    workers stay halted without one)."""
     try:
-        added = await runtime.stacks.add(stack)
+        added = await runtime.stacks.add(stack, scope)
     except (BusUnavailable, TopologyError) as exc:
         raise kopf.TemporaryError(f"stack {stack} not served yet: {exc}", delay=2) from exc
     if not added:
@@ -335,17 +340,20 @@ def _stopped_roles(stop_state: TradingState, *, flatten: bool) -> frozenset[str]
     return frozenset()
 
 
-async def _stop_state(
-    runtime: OperatorRuntime, namespace: str, name: str
-) -> tuple[TradingState, bool]:
-    """What a policy's workloads obey: the most restrictive state of every stop of the
-    namespace (``halt_combination``), and whether every halting stop flattens on trip. A
+async def _stop_state(runtime: OperatorRuntime, scope: PolicyScope) -> tuple[TradingState, bool]:
+    """What a policy's workloads obey: the most restrictive state of the stops covering it
+    (``halt_combination.combine_for``), and whether every halting stop flattens on trip. A
     missing ``emergencyStopRef`` halts (fail closed)."""
-    views = await _stop_views(runtime)
-    if name not in {v.name for v in views}:
-        return TradingState.HALTED, False
-    combined = combine(views)
+    combined = combine_for(await _stop_views(runtime), scope)
     return combined.state, combined.flatten_on_trip
+
+
+def _scope(item: Mapping[str, Any]) -> PolicyScope:
+    """A listed policy's scope, read from the object alone (a spec without a readable
+    ``emergencyStopRef`` names no stop, so its policy stays halted)."""
+    ref = (item.get("spec") or {}).get("emergencyStopRef")
+    labels = item.get("metadata", {}).get("labels") or {}
+    return PolicyScope(labels=dict(labels), stop_ref=ref if isinstance(ref, str) else None)
 
 
 async def _apply_workloads(
@@ -363,6 +371,7 @@ async def _apply_workloads(
         redis_secret=config.redis_secret,
         binance_secret=config.binance_secret,
         exchange_url=config.exchange_url,
+        income_interval_s=config.income_interval_s,
         pod_defaults=config.pod_defaults,
     )
     versions = {
@@ -468,7 +477,7 @@ async def _reconcile_stop(
     memory = runtime.memory(name)
     async with memory.lock:
         resource = _parse_stop(spec)
-        runtime.stacks.configure(name, resource.triggers)
+        runtime.stacks.configure(name, resource.triggers, resource.policy_selector)
         before = memory.status or EssStatus.from_dict(status)
         if memory.status is None:  # first sight since start: put the stops' combination in force
             before = await _put_latch(
@@ -560,11 +569,15 @@ class _KopfChannel:
         return self._runtime.latch
 
     def held_by(self) -> Sequence[str]:
+        """The stops holding a halt where this one covers (the namespace's, with no policy)."""
+        held = self._runtime.stacks.held_by(self._name)
+        if held is not None:
+            return held
         latch = self._runtime.latch
         return latch.held_by if latch is not None else ()
 
     async def announce(self, view: EmergencyStopView) -> None:
-        await self._runtime.stacks.announce_view(view)  # every stop covers every stack
+        await self._runtime.stacks.announce_view(view)  # to the stacks it covers
 
 
 async def _scale_when_confirmed(
@@ -612,7 +625,11 @@ async def _put_latch(
         views = await _views_for_write(runtime, name=name, status=status, decided=decided)
         try:
             latch, written = await runtime.stacks.put_latch(
-                views, known=runtime.latch, min_revision=min_revision, now=now, flatten=flatten
+                views,
+                known=runtime.latch,
+                min_revision=min_revision,
+                now=now,
+                flatten_by=name if flatten else None,
             )
         except NotLeading as exc:  # stepped down while deciding: the leader decides again
             raise kopf.TemporaryError(str(exc), delay=1) from exc
@@ -638,7 +655,10 @@ async def _views_for_write(
             raise
         log.warning("EmergencyStop %s: stops not listable; halting from what is known", name)
         known = {n: m.status for n, m in runtime.ess.items() if m.status is not None}
-        return [StopView(name=n, status=s) for n, s in {**known, name: status}.items()]
+        return [
+            StopView(name=n, status=s, selector=runtime.stacks.selector(n))
+            for n, s in {**known, name: status}.items()
+        ]
 
 
 async def _stop_views(
@@ -655,7 +675,8 @@ async def _stop_views(
         decided = overlay.get(name) or (memory.status if memory is not None else None)
         views[name] = _view(name, item, decided)
     for name, status in overlay.items():  # not listed yet: it still counts
-        views.setdefault(name, StopView(name=name, status=status))
+        selector = runtime.stacks.selector(name)
+        views.setdefault(name, StopView(name=name, status=status, selector=selector))
     return list(views.values())
 
 
@@ -664,7 +685,9 @@ def _view(name: str, item: dict[str, Any], decided: EssStatus | None) -> StopVie
     try:
         stored = decided or EssStatus.from_dict(item.get("status") or {})
         mode = EssMode(spec.get("mode") or EssMode.HALTED.value)
-    except ValueError:  # a status or mode that does not parse: fail closed, as a halt
+        selector = _selector(spec)
+    except ValueError:  # a status, mode or selector that does not parse: fail closed, a halt
+        # of every policy (no selector)
         return StopView(name=name, status=EssStatus.initial(), decided=False, spec_tripped=True)
     return StopView(
         name=name,
@@ -673,7 +696,14 @@ def _view(name: str, item: dict[str, Any], decided: EssStatus | None) -> StopVie
         spec_tripped=bool(spec.get("tripped")),
         spec_mode=mode,
         flatten_on_trip=bool(spec.get("flattenOnTrip")),
+        selector=selector,
     )
+
+
+def _selector(spec: Mapping[str, Any]) -> PolicySelector | None:
+    """A stop's ``policySelector`` (ValueError when it does not parse)."""
+    raw = spec.get("policySelector")
+    return None if raw is None else PolicySelector.model_validate(raw)
 
 
 async def keep_latch(runtime: OperatorRuntime) -> None:
@@ -722,7 +752,7 @@ async def _scale_obeying_policies_locked(runtime: OperatorRuntime, *, namespace:
         spec = policy_core.parse_spec(item.get("spec") or {})
         if isinstance(spec, str):
             continue
-        state, flatten = await _stop_state(runtime, namespace, spec.emergency_stop_ref)
+        state, flatten = await _stop_state(runtime, _scope(item))
         stopped = _stopped_roles(state, flatten=flatten)
         metadata = item["metadata"]
         owner = policy_core.Owner(
@@ -761,20 +791,22 @@ def _parse_stop(spec: Any) -> EmergencyStopSpec:
 # --- automatic trips ---------------------------------------------------------------------------
 
 
-async def trip_for_alert(runtime: OperatorRuntime, alert: RiskAlert) -> None:
-    """Trip every EmergencyStop whose trigger the alert breaches (``ess_applier``'s rule)."""
+async def trip_for_alert(runtime: OperatorRuntime, stack: str, alert: RiskAlert) -> None:
+    """Trip every EmergencyStop covering ``stack`` whose trigger the alert breaches
+    (``ess_applier``'s rule). An alert from a stack no longer served trips every stop whose
+    trigger it breaches: its policy's scope is not known, and a trip is the safe side."""
     namespace = runtime.config.namespace
+    scope = runtime.stacks.scope(stack)
     listing = await runtime.kube.get(custom_path("emergencystops", namespace))
     for item in listing.get("items", []):
+        name = item["metadata"]["name"]
         annotations = item["metadata"].get("annotations") or {}
-        trip = alert_trip(
-            alert,
-            spec=_parse_stop(item.get("spec") or {}),
-            tripped_by=annotations.get(TRIPPED_BY_ANNOTATION) or "",
-        )
+        spec = _parse_stop(item.get("spec") or {})
+        if scope is not None and not covers(stop=name, selector=spec.policy_selector, policy=scope):
+            continue
+        trip = alert_trip(alert, spec=spec, tripped_by=annotations.get(TRIPPED_BY_ANNOTATION) or "")
         if trip is None:
             continue
-        name = item["metadata"]["name"]
         body = {"metadata": {"annotations": trip.annotations}, "spec": trip.spec_patch}
         await runtime.kube.merge_patch(custom_path("emergencystops", namespace, name), body)
         log.warning("EmergencyStop %s tripped automatically by %s", name, trip.tripped_by)

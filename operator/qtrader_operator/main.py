@@ -52,6 +52,9 @@ def config_from_environment(environ: Mapping[str, str] = os.environ) -> Operator
         binance_secret=environ.get("QTRADER_BINANCE_SECRET_NAME") or None,
         metrics_port=_port(environ.get("QTRADER_METRICS_PORT")),
         exchange_url=environ.get("QTRADER_BINANCE_URL") or None,
+        income_interval_s=_seconds(
+            "QTRADER_INCOME_INTERVAL", environ.get("QTRADER_INCOME_INTERVAL")
+        ),
         pod_defaults=_pod_defaults(environ.get("QTRADER_WORKLOAD_POD_DEFAULTS")),
         peering=peering_from_environment(environ),
     )
@@ -103,6 +106,19 @@ def _port(value: str | None) -> int | None:
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise SystemExit(f"qtrader-operator: QTRADER_METRICS_PORT {value!r} is not a port")
     return int(value)
+
+
+def _seconds(name: str, value: str | None) -> float | None:
+    """A non-negative number of seconds, or None when unset; anything else stops the start."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise SystemExit(f"qtrader-operator: {name} {value!r} is not a number of seconds")
+    return seconds
 
 
 def _listed(value: str) -> list[str]:

@@ -104,7 +104,8 @@ def _latch_families(latch: HaltLatch | None) -> Iterator[GaugeMetricFamily]:
         return
     yield GaugeMetricFamily(
         "qtrader_operator_trading_state",
-        "The halt latch in force: 0 ACTIVE, 1 REDUCING, 2 HALTED (as qtrader_trading_state).",
+        "The most restrictive halt latch in force over the namespace's policies: 0 ACTIVE,"
+        " 1 REDUCING, 2 HALTED (as qtrader_trading_state).",
         value=latch.state.restriction,
     )
     yield GaugeMetricFamily(

@@ -74,6 +74,8 @@ class WorkloadSettings:
     redis_secret: SecretKey | None = None
     binance_secret: str | None = None
     exchange_url: str | None = None  # execution's Binance base URL (None: by the mode)
+    # Execution's reads of the venue's income history (None: execution's own default).
+    income_interval_s: float | None = None
     # Secret name -> its resourceVersion ("absent" when missing), for execution_secrets
     secret_versions: Mapping[str, str] = field(default_factory=dict)
     pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
@@ -398,6 +400,9 @@ def _add_exchange_access(
 ) -> None:
     if settings.exchange_url:
         container["env"].append({"name": "QTRADER_BINANCE_URL", "value": settings.exchange_url})
+    if settings.income_interval_s is not None:
+        value = f"{settings.income_interval_s:g}"
+        container["env"].append({"name": "QTRADER_INCOME_INTERVAL", "value": value})
     if settings.redis_secret is not None:
         reference = {"name": settings.redis_secret.name, "key": settings.redis_secret.key}
         container["env"].append(

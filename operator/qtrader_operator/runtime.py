@@ -46,6 +46,8 @@ class OperatorConfig:
     binance_secret: str | None = None
     # The Binance REST base URL for testnet and live (None: by the mode); execution uses it too.
     exchange_url: str | None = None
+    # Execution's reads of the venue's income (--income-interval; None: its own default).
+    income_interval_s: float | None = None
     pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
     # None: the in-cluster service account (the normal case); tests point it elsewhere.
     kube: KubeEndpoint | None = None

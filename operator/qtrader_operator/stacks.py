@@ -7,10 +7,14 @@ other's messages. The operator serves every known stack over its one connection
 subscription, the risk-alert consumer (its own durable) and a risk monitor reading that
 stack's market data, orders and snapshots.
 
-Every EmergencyStop of the namespace still covers every policy, so the halt latch is one
-decision written into every stack (``put_latch``), with the same revision everywhere: the
-acknowledgements of all stacks are then answers to one revision. A stack added later gets the
-latch in force at once (the caller writes it, see the handlers).
+Each stack's halt latch is the combination of the stops covering its policy (every stop of the
+namespace, or those whose ``policySelector`` selects the policy's labels, and always the stop
+the policy names: ``halt_combination.combine_for``). Whenever any stack's combination changes,
+every stack gets a new latch at one new revision (``put_latch``), each with its own content:
+the acknowledgements of all stacks are then answers to one revision, as a stop's status counts
+them. A stack added later gets the latch in force at once (the caller writes it, see the
+handlers). A stop's triggers are watched in every stack, but its alerts, its reset holds and
+its view count only in the stacks it covers.
 
 Acknowledgements go to one ``AckCollector``, each worker named ``<stack>/<worker id>``: worker
 ids are chosen per stack and may repeat across stacks.
@@ -38,17 +42,26 @@ from qtrader.contracts.messages import (
     HaltAck,
     HaltLatch,
     RiskAlert,
+    TradingState,
     Undecodable,
 )
 from qtrader.control.ess_resource import EssTriggers
 from qtrader.control.halt_channel import AckCollector, announce_view, publish_latch
-from qtrader.control.halt_combination import StopView, combine, next_latch
+from qtrader.control.halt_combination import (
+    Combined,
+    StopView,
+    combine,
+    combine_for,
+    most_restrictive,
+    next_latch,
+)
+from qtrader.control.policy_selector import PolicyScope, PolicySelector, covers
 from qtrader.control.risk_monitor import RiskMonitor
 from qtrader.local.control import heartbeat_forever
 
 log = logging.getLogger(__name__)
 
-AlertHandler = Callable[[RiskAlert], Awaitable[None]]
+AlertHandler = Callable[[str, RiskAlert], Awaitable[None]]  # (stack, alert)
 
 
 class NotLeading(RuntimeError):
@@ -59,6 +72,8 @@ class NotLeading(RuntimeError):
 class _Served:
     bus: Bus
     risk: RiskMonitor
+    scope: PolicyScope  # which stops cover the stack's policy
+    latch: HaltLatch | None = None  # the latch last read or put in force here
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # while served
     leading: list[asyncio.Task[None]] = field(default_factory=list)  # while this replica leads
 
@@ -82,6 +97,7 @@ class Stacks:
         self._source = source
         self._served: dict[str, _Served] = {}
         self._triggers: dict[str, EssTriggers | None] = {}
+        self._selectors: dict[str, PolicySelector | None] = {}
         self._leading = False
 
     @property
@@ -105,13 +121,17 @@ class Stacks:
             tasks, served.leading = served.leading, []
             await _cancel(tasks)
 
-    async def add(self, stack: str) -> bool:
-        """Serve ``stack``; False when it already is."""
-        if stack in self._served:
-            return False
+    async def add(self, stack: str, scope: PolicyScope) -> bool:
+        """Serve ``stack``, whose policy has ``scope``; False when it already is with that scope
+        (True also when its scope changed: the caller puts the latch in force again)."""
+        known = self._served.get(stack)
+        if known is not None:
+            changed = known.scope != scope
+            known.scope = scope
+            return changed
         view = self._bus.for_stack(stack)
         await view.ensure_topology()
-        served = _Served(bus=view, risk=self._monitor(view, stack))
+        served = _Served(bus=view, risk=self._monitor(view, stack), scope=scope)
         self._served[stack] = served
         served.tasks.append(_start(f"{stack}/halt-acks", self._collect_acks(view, stack)))
         if self._leading:
@@ -130,7 +150,7 @@ class Stacks:
         served.risk = self._monitor(served.bus, stack)
         served.leading = [
             _start(f"{stack}/heartbeat", self._heartbeat(served.bus)),
-            _start(f"{stack}/risk-alerts", self._consume_alerts(served.bus)),
+            _start(f"{stack}/risk-alerts", self._consume_alerts(served.bus, stack)),
             _start(f"{stack}/risk-monitor", served.risk.run()),
         ]
 
@@ -147,24 +167,59 @@ class Stacks:
 
     # --- the stops' triggers, on every stack ----------------------------------------------
 
-    def configure(self, name: str, triggers: EssTriggers | None) -> None:
+    def configure(
+        self, name: str, triggers: EssTriggers | None, selector: PolicySelector | None
+    ) -> None:
         self._triggers[name] = triggers
+        self._selectors[name] = selector
         for served in self._served.values():
             served.risk.configure(name, triggers)
 
     def forget(self, name: str) -> None:
         self._triggers.pop(name, None)
+        self._selectors.pop(name, None)
         for served in self._served.values():
             served.risk.forget(name)
 
+    def selector(self, name: str) -> PolicySelector | None:
+        """Stop ``name``'s selector as last configured (None: it covers every policy)."""
+        return self._selectors.get(name)
+
+    def covered_by(self, name: str) -> list[str]:
+        """The stacks stop ``name`` covers, sorted."""
+        selector = self._selectors.get(name)
+        return [
+            stack
+            for stack, served in sorted(self._served.items())
+            if covers(stop=name, selector=selector, policy=served.scope)
+        ]
+
+    def scope(self, stack: str) -> PolicyScope | None:
+        served = self._served.get(stack)
+        return None if served is None else served.scope
+
     def holding(self, name: str) -> str | None:
-        """What still holds stop ``name`` back in any stack, each figure named by its stack."""
+        """What still holds stop ``name`` back in the stacks it covers, each figure named by
+        its stack."""
         held = [
             f"{stack}: {figure}"
-            for stack, served in sorted(self._served.items())
-            if (figure := served.risk.holding(name)) is not None
+            for stack in self.covered_by(name)
+            if (figure := self._served[stack].risk.holding(name)) is not None
         ]
         return "; ".join(held) or None
+
+    def held_by(self, name: str) -> tuple[str, ...] | None:
+        """The stops holding a halt in the stacks stop ``name`` covers; None when no stack is
+        served (then the namespace's combination is all there is)."""
+        if not self._served:
+            return None
+        holders = {
+            holder
+            for stack in self.covered_by(name)
+            if (latch := self._served[stack].latch) is not None
+            for holder in latch.held_by
+        }
+        return tuple(sorted(holders))
 
     # --- the latch, in every stack --------------------------------------------------------
 
@@ -175,30 +230,63 @@ class Stacks:
         known: HaltLatch | None,
         min_revision: int,
         now: datetime,
-        flatten: bool = False,
+        flatten_by: str | None = None,
     ) -> tuple[HaltLatch, bool]:
-        """Put the combination of ``stops`` in force in every stack; returns the latch and
-        whether it is a new revision. ``known``: the latch this process last put in force
-        (it may be the only one when no stack is served yet). The caller serialises writers."""
-        buses = [served.bus for served in self._served.values()]
+        """Put each stack's combination of ``stops`` in force; returns the namespace's latch
+        (every stop's combination, at the revision in force) and whether a new revision was
+        written. ``known``: the latch this process last put in force (it may be the only one
+        when no stack is served yet). ``flatten_by``: the stop whose trip asked for this write
+        and flattens; only the stacks it covers flatten. The caller serialises writers."""
+        served = sorted(self._served.items())
         currents = [
-            await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch) for bus in buses
+            await s.bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+            for _, s in served
         ]
         reference, floor = _reference(known, currents)
-        latch = _next(
-            stops, reference, min_revision=min_revision, floor=floor, now=now, flatten=flatten
+        namespace = combine(stops)
+        if not served:  # no policy: only the namespace's view to keep
+            latch = _next(namespace, reference, min_revision=min_revision, floor=floor, now=now)
+            in_force = latch if latch is not None else reference
+            assert in_force is not None  # next_latch writes whenever there is no latch
+            return in_force, latch is not None
+        wanted = {stack: combine_for(stops, s.scope) for stack, s in served}
+        revision = reference.revision if reference is not None else 0
+        changed = (
+            revision == 0
+            or floor > revision
+            or any(
+                isinstance(current, HaltLatch) and not _says(current, wanted[stack])
+                for (stack, _), current in zip(served, currents, strict=True)
+            )
         )
-        in_force = latch if latch is not None else reference
-        assert in_force is not None  # next_latch writes whenever there is no latch
-        for bus, current in zip(buses, currents, strict=True):
-            if current != in_force:  # a new revision, or a stack that lacks the one in force
-                await publish_latch(bus, in_force)
-        return in_force, latch is not None
+        if changed:
+            revision = max(min_revision, floor, revision + 1)
+        flattening = set(self.covered_by(flatten_by)) if flatten_by is not None else set()
+        # One latch per meaning at this revision: stacks that mean the same hold the same latch
+        # (a stack catching up gets the very latch the others hold).
+        made: dict[tuple[TradingState, tuple[str, ...], bool], HaltLatch] = {}
+        if not changed:
+            for current in currents:
+                if isinstance(current, HaltLatch) and current.revision == revision:
+                    made[(current.state, tuple(current.held_by), current.flatten)] = current
+        for (stack, s), current in zip(served, currents, strict=True):
+            if not changed and isinstance(current, HaltLatch) and current.revision >= revision:
+                s.latch = current
+                continue
+            want = wanted[stack]
+            flatten = stack in flattening and want.state is not TradingState.ACTIVE
+            key = (want.state, want.held_by, flatten)
+            latch = made.setdefault(key, _latch(want, revision, now=now, flatten=flatten))
+            await publish_latch(s.bus, latch)  # a new revision, or a stack that lacks it
+            s.latch = latch
+        states = [s.latch.state for _, s in served if s.latch is not None]
+        summary = _latch(namespace, revision, now=now, flatten=False)
+        return summary.model_copy(update={"state": most_restrictive(states)}), changed
 
     async def announce_view(self, view: EmergencyStopView) -> None:
-        """Tell every stack's live viewers a stop's status (each stop covers every stack)."""
-        for served in list(self._served.values()):
-            await announce_view(served.bus, view)
+        """Tell the live viewers of every stack the stop covers its status."""
+        for stack in self.covered_by(view.name):
+            await announce_view(self._served[stack].bus, view)
 
     # --- per stack --------------------------------------------------------------------------
 
@@ -212,8 +300,11 @@ class Stacks:
 
         await bus.subscribe(subjects.CONTROL_HALT_ACK, HaltAck, on_ack, label="halt-acks")
 
-    async def _consume_alerts(self, bus: Bus) -> None:
-        await bus.consume(subjects.OPERATOR_RISK_ALERTS, RiskAlert, self._on_alert)
+    async def _consume_alerts(self, bus: Bus, stack: str) -> None:
+        async def on_alert(alert: RiskAlert) -> None:
+            await self._on_alert(stack, alert)
+
+        await bus.consume(subjects.OPERATOR_RISK_ALERTS, RiskAlert, on_alert)
 
 
 def _reference(
@@ -234,33 +325,39 @@ def _reference(
 
 
 def _next(
-    stops: Sequence[StopView],
+    combined: Combined,
     reference: HaltLatch | None,
     *,
     min_revision: int,
     floor: int,
     now: datetime,
-    flatten: bool,
 ) -> HaltLatch | None:
-    """The new latch to write, or None when ``reference`` says the combination already."""
+    """The namespace's new latch while no stack is served, or None when ``reference`` says
+    ``combined`` already (at a revision no undecodable latch may exceed)."""
     issued_at_ms = int(now.timestamp() * 1000)
-    combined = combine(stops)
-    latch = next_latch(
+    current = reference if reference is None or reference.revision >= floor else None
+    return next_latch(
         combined,
-        current=reference,
+        current=current,
         min_revision=max(min_revision, floor),
         issued_at_ms=issued_at_ms,
+    )
+
+
+def _says(latch: HaltLatch, combined: Combined) -> bool:
+    """Whether ``latch`` means ``combined`` (its state and the stops holding it)."""
+    return latch.state is combined.state and tuple(latch.held_by) == combined.held_by
+
+
+def _latch(combined: Combined, revision: int, *, now: datetime, flatten: bool) -> HaltLatch:
+    latch = next_latch(
+        combined,
+        current=None,
+        min_revision=revision,
+        issued_at_ms=int(now.timestamp() * 1000),
         flatten=flatten,
     )
-    if latch is None and reference is not None and reference.revision < floor:
-        # Same meaning, but a stack's undecodable latch may hold a revision above it.
-        latch = next_latch(
-            combined,
-            current=None,
-            min_revision=max(min_revision, floor),
-            issued_at_ms=issued_at_ms,
-            flatten=flatten,
-        )
+    assert latch is not None  # next_latch writes whenever there is no latch
     return latch
 
 

@@ -9,7 +9,9 @@ assert only on what helm printed: its exit code, its messages and the manifests 
 from __future__ import annotations
 
 import base64
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,10 @@ import kopf
 import pytest
 import yaml
 
+from qtrader.contracts.policy import parse_policy
+from qtrader_operator import policy_core
 from qtrader_operator.handlers import STOPS
-from qtrader_operator.main import refuse_early_reset
+from qtrader_operator.main import config_from_environment, refuse_early_reset
 from support.helm_cli import HelmCli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +94,10 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     # The removed nats subchart's switch: refused, not silently ignored.
     "nats-subchart": ({"nats": {"enabled": True}}, "nats"),
     "nats-url-scheme": ({"externalNats": {"url": "http://nats:4222"}}, "url"),
+    "income-interval-negative": (
+        {"binance": {"incomeIntervalSeconds": -1}},
+        "incomeIntervalSeconds",
+    ),
 }
 
 
@@ -328,3 +336,55 @@ def test_the_webhook_with_cert_manager_asks_it_for_the_certificate(helm_cli: Hel
     injected = config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
     assert injected == f"{NAMESPACE}/{certificate['metadata']['name']}"
     assert not [d for d in _of_kind(docs, "Secret") if d["metadata"]["name"].endswith("-tls")]
+
+
+# --- the venue's income interval, from values to the execution worker ----------------------------
+
+
+def _execution_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The execution container's env as the operator would make it from what helm rendered:
+    the operator reads its own Deployment's env, and builds the rendered policy's workloads."""
+    operator = next(d for d in docs if d["kind"] == "Deployment")
+    (container,) = operator["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    config = config_from_environment({**env, "QTRADER_NAMESPACE": NAMESPACE})
+    (policy,) = [parse_policy(d) for d in docs if d["kind"] == "TradingPolicy"]
+    settings = policy_core.WorkloadSettings(
+        image=config.workload_image,
+        nats_url=config.nats_url,
+        income_interval_s=config.income_interval_s,
+    )
+    owner = policy_core.Owner(name=policy.metadata.name, namespace=NAMESPACE, uid="u")
+    made = policy_core.desired_workloads(owner=owner, spec=policy.spec, settings=settings)
+    execution = next(d for d in made if d["metadata"]["name"].endswith("-execution"))
+    (worker,) = execution["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in worker["env"] if "value" in e}
+
+
+def _income_interval_read_by_execution(env: dict[str, str]) -> str:
+    """What execution's own command line makes of that env (a process of its own: the env is
+    the container's, not this test's)."""
+    code = "from qtrader.cli import build_parser; print(build_parser().parse_args("
+    code += "['execution']).income_interval)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""), **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize(("seconds", "read"), [(None, "None"), (120, "120.0"), (0, "0.0")])
+def test_income_interval_reaches_the_execution_worker_through_the_operator(
+    helm_cli: HelmCli, seconds: float | None, read: str
+) -> None:
+    values = VALUE_SETS["testnet-policy"]
+    binance = {**values["binance"], "incomeIntervalSeconds": seconds}
+    done = helm_cli.run(*template_args("testnet-policy"), values={**values, "binance": binance})
+    assert done.returncode == 0, failure(done)
+    env = _execution_env(parse_manifests(done.stdout))
+    assert ("QTRADER_INCOME_INTERVAL" in env) is (seconds is not None)
+    assert _income_interval_read_by_execution(env) == read

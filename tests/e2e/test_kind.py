@@ -19,7 +19,8 @@ import yaml
 
 from .tools import run
 
-pytestmark = pytest.mark.e2e
+# Building images and a kind cluster takes minutes: beyond the suite's per-test limit.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "qtrader-e2e"

@@ -44,7 +44,16 @@ from fastapi import FastAPI, WebSocket
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Fill, HaltLatch, PolicyRevision, PortfolioSnapshot, Side
+from qtrader.contracts.messages import (
+    AccountEntry,
+    Fill,
+    HaltLatch,
+    IncomeType,
+    PolicyRevision,
+    PortfolioSnapshot,
+    Side,
+    account_entry_id,
+)
 from qtrader.contracts.policy import parse_policy
 from qtrader.control.ess_status import parse_time
 from qtrader.local.control import publish_policy
@@ -86,6 +95,10 @@ RENDERED = """(() => {
     equityText: $('equity').textContent,
     snapshot: Number($('snapshot-seq').dataset.seq),
     fillsApplied: $('fills-applied').dataset.value,
+    income: Object.fromEntries(['fees-by-asset', 'funding', 'transfers', 'other-income'].map(
+      (id) => [id, {value: $(id).dataset.value, text: $(id).textContent}])),
+    positionFunding: Object.fromEntries([...document.querySelectorAll('#positions tr')].map(
+      (r) => [r.dataset.symbol, r.lastElementChild.textContent])),
     positions: Number($('positions-count').dataset.count),
     openPositions: Number($('positions-count').dataset.open),
     fillRows: Number($('fills').dataset.count),
@@ -312,6 +325,106 @@ async def test_console_when_120_positions_and_500_events_in_10_s_then_it_keeps_u
     assert shown["fillRows"] == KEPT_ROWS  # 500 fills came; the page kept the newest
     assert frames["max"] < 1000, f"the page froze for {frames['max']:.0f} ms"
     assert page.problems == []
+
+
+# --- 1b: what moved the account besides our trades, as the portfolio booked it ----------------
+
+
+def _income_stream() -> list[Fill | AccountEntry]:
+    """A long position, one fee paid in USDT and one in BNB; funding of both signs; transfers in
+    USDT and in BNB; a rebate (other income)."""
+    now_ms = int(time.time() * 1000)
+
+    def fill(n: int, fee: str, fee_asset: str, fee_usdt: Decimal | None) -> Fill:
+        return Fill(
+            fill_id=f"inc-{n}",
+            client_order_id=f"inc-{n}",
+            symbol="BTCUSDT",
+            side=Side.BUY,
+            quantity=Decimal("0.01"),
+            price=Decimal(30_000 + n),
+            fee=Decimal(fee),
+            fee_asset=fee_asset,
+            fee_usdt=fee_usdt,
+            ts_ms=now_ms + n,
+        )
+
+    def entry(n: int, kind: IncomeType, amount: str, asset: str = "USDT") -> AccountEntry:
+        symbol = "BTCUSDT" if kind is IncomeType.FUNDING_FEE else None
+        return AccountEntry(
+            entry_id=account_entry_id(kind, str(n)),
+            income_type=kind,
+            symbol=symbol,
+            asset=asset,
+            amount=Decimal(amount),
+            ts_ms=now_ms + n,
+        )
+
+    return [
+        fill(1, "0.12", "USDT", None),
+        fill(2, "0.00018", "BNB", Decimal("0.108")),
+        entry(3, IncomeType.FUNDING_FEE, "-0.0375"),
+        entry(4, IncomeType.FUNDING_FEE, "0.0125"),
+        entry(5, IncomeType.TRANSFER, "250"),
+        entry(6, IncomeType.TRANSFER, "-100.505"),
+        entry(7, IncomeType.TRANSFER, "0.5", "BNB"),
+        entry(8, IncomeType.COMMISSION_REBATE, "0.004"),
+    ]
+
+
+def _by_asset(amounts: Any) -> str:
+    return " ".join(f"{a.asset}:{a.amount}" for a in amounts)
+
+
+@pytest.mark.invariants_exempt(
+    reason="the test plays the venue: fills and account entries of its own show on the console"
+)
+async def test_console_shows_funding_commissions_by_asset_and_transfers(
+    chromium: Chromium, lone_portfolio: Worker, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    stream = _income_stream()
+    bus = Bus(url=nats_server.url, client_name="test-console-income")
+    await bus.connect()
+    try:
+        for message in stream:
+            subject = (
+                subjects.fill_subject(message.symbol)
+                if isinstance(message, Fill)
+                else subjects.ACCOUNT_ENTRY
+            )
+            await bus.publish(subject, message)
+    finally:
+        await bus.close()
+    async with opened(chromium, f"{lone_portfolio.base_url}/console") as page:
+        await page.wait_for(
+            "document.getElementById('connection').dataset.state === 'live'", timeout_s=15
+        )
+
+        async def all_booked() -> bool:
+            income = (await rendered(page))["income"]
+            return income["other-income"]["value"] not in ("", "0E-8", "0")
+
+        await eventually(all_booked, timeout_s=15, what="the entries on the page")
+        shown = await rendered(page)
+        snapshot = await stored_snapshot(nats_server.url, shown["snapshot"])
+        await keep_screenshot(page, "console-income.png", tmp_path)
+    assert snapshot.entries_applied == sum(isinstance(m, AccountEntry) for m in stream)
+    income = shown["income"]
+    assert income["fees-by-asset"]["value"] == _by_asset(snapshot.fees_by_asset)
+    fees = {a.asset: a.amount for a in snapshot.fees_by_asset}
+    assert (
+        income["fees-by-asset"]["text"] == f"{fees['BNB']:.8f} BNB, {as_shown(fees['USDT'])} USDT"
+    )
+    assert income["funding"]["value"] == str(snapshot.funding)
+    assert income["funding"]["text"] == as_shown(snapshot.funding)  # negative: its own sign
+    assert income["transfers"]["value"] == _by_asset(snapshot.transfers_by_asset)
+    moved = {a.asset: a.amount for a in snapshot.transfers_by_asset}
+    assert (
+        income["transfers"]["text"] == f"+{moved['BNB']:.8f} BNB, +{as_shown(moved['USDT'])} USDT"
+    )
+    assert income["other-income"]["value"] == str(snapshot.other_income)
+    (position,) = snapshot.positions
+    assert shown["positionFunding"] == {"BTCUSDT": as_shown(position.funding)}
 
 
 # --- 2: the page's own rules, on a crafted stream -------------------------------------------------

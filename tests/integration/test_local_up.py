@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,12 @@ def test_up_when_bounded_then_trades_prints_report_and_leaves_nothing_running(
     filled, canceled = report["orders"]["FILLED"], report["orders"].get("CANCELED", 0)
     assert filled <= report["fills"] <= 3 * (filled + canceled)
     assert report["portfolio"]["fills_applied"] == report["fills"]
+    # The income line: paper books no funding or transfers, its fees are all in USDT.
+    (income,) = [line for line in result.stdout.splitlines() if line.startswith("  funding ")]
+    fees = {a["asset"]: Decimal(a["amount"]) for a in report["portfolio"]["fees_by_asset"]}
+    usdt = fees["USDT"].quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)  # half away from 0
+    assert income.endswith(f"fees by asset {usdt:,.2f} USDT"), income
+    assert "transfers -" in income
     assert report["down"] == []
     assert set(report["restarts"].values()) == {0}
     assert {r: h["status"] for r, h in report["health"].items()} == dict.fromkeys(

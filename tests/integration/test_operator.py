@@ -814,7 +814,121 @@ async def test_two_policies_each_publish_to_their_own_stack_and_share_every_stop
             url, RiskAlertKind.EXCHANGE_BAN, value="1", alert_id="other-ban", stack=OTHER_STACK
         )
         await _until_latches(url, TradingState.HALTED, what="both halted by the other's alert")
-        assert _stop_status(cluster)["trippedBy"] == "risk:exchange_ban"
+        # The latch is written within the stop's round; its status only when the round ends.
+        await _eventually(
+            lambda: _stop_status(cluster).get("trippedBy") == "risk:exchange_ban",
+            timeout_s=10,
+            what="the stop's status naming the alert",
+        )
+
+
+def _labelled(document: dict[str, Any], **labels: str) -> dict[str, Any]:
+    document["metadata"] = {**document["metadata"], "labels": labels}
+    return document
+
+
+async def _until_states(
+    url: str, first: TradingState, second: TradingState, *, what: str
+) -> tuple[HaltLatch, HaltLatch]:
+    """Wait until the two stacks hold latches in these states, at one revision."""
+
+    async def reached() -> tuple[HaltLatch, HaltLatch] | None:
+        one, two = await _latches(url)
+        if one is None or two is None or one.revision != two.revision:
+            return None
+        return (one, two) if (one.state, two.state) == (first, second) else None
+
+    found: tuple[HaltLatch, HaltLatch] = await _eventually(reached, timeout_s=10, what=what)
+    return found
+
+
+async def test_a_stop_with_a_policy_selector_halts_only_the_policies_it_selects(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    """``main`` covers both policies; ``btc-desk`` only those labelled desk=btc. Its trip halts
+    the btc policy and leaves the other trading; relabelled, the other joins and leaves the
+    halt; an operator restart changes nothing; an alert in one stack trips only the stops that
+    cover it."""
+    url = nats_server.url
+    btc_desk = {"matchLabels": {"desk": "btc"}}
+    async with _latch_watch(url) as seen:  # the btc policy's stack
+        async with _operator(url):
+            await cluster.apply(STOPS, _named_stop("main", cooldownSeconds=1))
+            await cluster.apply(
+                STOPS, _named_stop("btc-desk", cooldownSeconds=1, policySelector=btc_desk)
+            )
+            await cluster.apply(POLICIES, _labelled(_policy(), desk="btc"))
+            await cluster.apply(POLICIES, _labelled(_other_policy(), desk="eth"))
+            await _eventually(
+                lambda: _published(cluster, "paper-demo") and _published(cluster, OTHER),
+                timeout_s=10,
+                what="both policies published",
+            )
+            await _until_latches(url, TradingState.ACTIVE, what="both stacks armed")
+
+            await cluster.patch(STOPS, "btc-desk", {"spec": {"tripped": True, "reason": "desk"}})
+            btc, eth = await _until_states(
+                url, TradingState.HALTED, TradingState.ACTIVE, what="only the btc policy halted"
+            )
+            assert (btc.held_by, eth.held_by) == (("btc-desk",), ())
+            await _eventually(
+                lambda: _replicas_of(cluster, "paper-demo", "execution") == 0,
+                timeout_s=10,
+                what="the btc policy's execution at 0",
+            )
+            await _eventually(
+                lambda: (
+                    _status_of(cluster, "btc-desk").get("heldBy") == ["btc-desk"]
+                    and _status_of(cluster, "main").get("heldBy") == ["btc-desk"]
+                ),
+                timeout_s=10,
+                what="both stops showing btc-desk's halt",
+            )
+            assert _replicas_of(cluster, OTHER, "execution") == 1
+
+            await cluster.patch(POLICIES, OTHER, {"metadata": {"labels": {"desk": "btc"}}})
+            btc, eth = await _until_states(
+                url, TradingState.HALTED, TradingState.HALTED, what="the relabelled one halted"
+            )
+            assert eth.held_by == ("btc-desk",)
+            await _eventually(
+                lambda: _replicas_of(cluster, OTHER, "execution") == 0,
+                timeout_s=15,
+                what="the relabelled policy's execution at 0",
+            )
+        async with _operator(url):  # restarted: the same latches, nothing lifted
+            await asyncio.sleep(2.0)  # the keeper and both stops' first rounds have run
+            assert await _latches(url) == (btc, eth)
+            await cluster.patch(POLICIES, OTHER, {"metadata": {"labels": {"desk": "eth"}}})
+            await _until_states(
+                url, TradingState.HALTED, TradingState.ACTIVE, what="relabelled back, out of it"
+            )
+            await _eventually(
+                lambda: _replicas_of(cluster, OTHER, "execution") == 1,
+                timeout_s=15,
+                what="the other policy's execution restored",
+            )
+            reset_at = len(seen)
+            await cluster.patch(STOPS, "btc-desk", {"spec": {"tripped": False}})
+            await _until_latches(url, TradingState.ACTIVE, what="btc-desk reset")
+
+            # An exchange ban always trips, but only the stops covering the stack it came from.
+            await _publish_alert(
+                url, RiskAlertKind.EXCHANGE_BAN, value="1", alert_id="eth-ban", stack=OTHER_STACK
+            )
+            await _until_latches(url, TradingState.HALTED, what="main tripped by the alert")
+            await _eventually(
+                lambda: _status_of(cluster, "main").get("state") == "Tripped",
+                timeout_s=10,
+                what="main's status Tripped",
+            )
+            # The alert's trips are patched one stop after the other, before any reconcile.
+            assert (cluster.get(STOPS, "btc-desk") or {})["spec"]["tripped"] is False
+            assert _status_of(cluster, "btc-desk")["state"] == "Armed"
+    held = seen[: max(reset_at, 1)]
+    first_halt = next(i for i, latch in enumerate(held) if latch.state is TradingState.HALTED)
+    assert {latch.state for latch in held[first_halt:]} == {TradingState.HALTED}, seen
+    assert [latch.revision for latch in seen] == sorted({latch.revision for latch in seen})
 
 
 async def test_the_stops_view_reaches_the_viewers_of_every_stack_with_its_cooldown(

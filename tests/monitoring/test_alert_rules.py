@@ -37,6 +37,7 @@ REQUIRED_ALERTS = {
     "QtraderMarketDataMissing",
     "QtraderMarketDataGap",
     "QtraderVenuePositionMismatch",
+    "QtraderWalletMismatch",
     "QtraderDrawdownLimitReached",
 }
 

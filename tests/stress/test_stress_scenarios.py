@@ -20,8 +20,11 @@ from qtrader_tools.stress.scenario import DEFAULT_SCALE, SCENARIOS, StressOption
 pytestmark = [pytest.mark.stress, pytest.mark.integration]
 
 SCALE = float(os.environ.get("QTRADER_STRESS_SCALE", DEFAULT_SCALE))
+# The suite's per-test limit (pyproject) fits the default scale; a longer run gets a longer one.
+TIMEOUT_S = max(300, round(3000 * SCALE))
 
 
+@pytest.mark.timeout(TIMEOUT_S)
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario(name: str, tmp_path: Path) -> None:
     progress = io.StringIO()

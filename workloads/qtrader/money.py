@@ -39,8 +39,8 @@ USDT_STEP = Decimal("1e-8")  # money in a snapshot: balances, PnL, fees, equity
 PCT_STEP = Decimal("1e-6")  # percentages in a snapshot: drawdowns, returns
 
 
-def published(value: Decimal, step: Decimal) -> Decimal:
+def published(value: Decimal, step: Decimal, *, context: Context = EXACT) -> Decimal:
     """``value`` as a snapshot publishes it: half up to ``step``, and a zero is plain 0 (never
-    "-0E-8" on the wire)."""
-    rounded = value.quantize(step, rounding=ROUND_HALF_UP, context=EXACT)
+    "-0E-8" on the wire). ``context`` bounds the digits (the ledger's amounts may be wider)."""
+    rounded = value.quantize(step, rounding=ROUND_HALF_UP, context=context)
     return rounded.copy_abs() if rounded.is_zero() else rounded

@@ -63,7 +63,11 @@ def test_without_its_trigger_no_alert_trips_but_a_ban_or_reconciliation_always_d
     assert trigger_threshold(None, kind) is None
     assert not alert_trips(_alert(kind, "100"), None)
     assert not alert_trips(_alert(kind, "100"), EssTriggers())
-    assert {RiskAlertKind.EXCHANGE_BAN, RiskAlertKind.RECONCILIATION} == ALWAYS_TRIPS
+    assert {
+        RiskAlertKind.EXCHANGE_BAN,
+        RiskAlertKind.RECONCILIATION,
+        RiskAlertKind.WALLET_RECONCILIATION,
+    } == ALWAYS_TRIPS
     for always in ALWAYS_TRIPS:
         assert alert_trips(_alert(always, "0"), None)
 

@@ -9,7 +9,14 @@ import pytest
 
 from qtrader.contracts.messages import HaltLatch, TradingState
 from qtrader.control.ess import EssMode, EssSpec, EssStatus, reconcile
-from qtrader.control.halt_combination import StopView, combine, most_restrictive, next_latch
+from qtrader.control.halt_combination import (
+    StopView,
+    combine,
+    combine_for,
+    most_restrictive,
+    next_latch,
+)
+from qtrader.control.policy_selector import PolicyScope, PolicySelector
 
 T0 = datetime(2025, 1, 6, 9, 0, tzinfo=UTC)
 
@@ -110,3 +117,39 @@ def test_next_latch_revision_when_a_stop_counts_higher_then_above_both() -> None
 def test_a_latch_written_before_held_by_existed_decodes_as_held_by_nobody() -> None:
     old = b'{"kind":"halt_latch","state":"HALTED","revision":3,"issued_at_ms":1}'
     assert HaltLatch.model_validate_json(old).held_by == ()
+
+
+# --- which stops cover which policy ----------------------------------------------------------
+
+BTC = PolicyScope(labels={"desk": "btc", "tier": "1"}, stop_ref="main")
+ETH = PolicyScope(labels={"desk": "eth"}, stop_ref="main")
+
+
+def _desk(desk: str) -> PolicySelector:
+    return PolicySelector.model_validate({"matchLabels": {"desk": desk}})
+
+
+def test_a_stop_with_a_selector_halts_only_the_policies_it_selects() -> None:
+    stops = [_view("main", None), _view("btc-desk", EssMode.HALTED, selector=_desk("btc"))]
+    assert combine_for(stops, BTC).state is TradingState.HALTED
+    assert combine_for(stops, BTC).held_by == ("btc-desk",)
+    assert combine_for(stops, ETH).state is TradingState.ACTIVE
+    assert combine_for(stops, ETH).held_by == ()
+
+
+def test_a_stop_without_a_selector_covers_every_policy() -> None:
+    stops = [_view("main", EssMode.REDUCING), _view("btc-desk", None, selector=_desk("btc"))]
+    assert [combine_for(stops, p).state for p in (BTC, ETH)] == [TradingState.REDUCING] * 2
+
+
+def test_the_stop_a_policy_names_covers_it_whatever_its_selector_says() -> None:
+    stops = [_view("main", EssMode.HALTED, selector=_desk("nobody"))]
+    assert combine_for(stops, ETH).state is TradingState.HALTED
+    assert combine_for(stops, ETH).held_by == ("main",)
+
+
+@pytest.mark.parametrize("ref", ["gone", None])
+def test_a_policy_whose_own_stop_does_not_exist_is_halted(ref: str | None) -> None:
+    combined = combine_for([_view("main", None)], PolicyScope(labels={}, stop_ref=ref))
+    assert combined.state is TradingState.HALTED
+    assert "does not exist" in combined.reason

@@ -359,6 +359,12 @@ CEL_RULES: Final[dict[str, CelRule]] = {
         "!self.tripped || size(self.reason) > 0",
         lambda s, _: not s["tripped"] or len(s["reason"]) > 0,
     ),
+    "In and NotIn need values; Exists and DoesNotExist take none": CelRule(
+        "EmergencyStop",
+        ("spec", "policySelector", "matchExpressions", "[]"),
+        "self.operator in ['In', 'NotIn'] ? size(self.values) > 0 : size(self.values) == 0",
+        lambda s, _: (len(s["values"]) > 0) == (s["operator"] in ("In", "NotIn")),
+    ),
     "triggers.drawdownPct must be greater than 0 and at most 100": CelRule(
         "EmergencyStop",
         ("spec", "triggers", "drawdownPct"),
@@ -1218,6 +1224,34 @@ STOP_COUNTER_EXAMPLES: Final = [
         "a reason is required when tripping",
     ),
     _stop("bad-mode", {"spec.mode": "Paused"}, "spec.mode", "enum"),
+    _stop(
+        "selector-in-without-values",
+        {"spec.policySelector": {"matchExpressions": [{"key": "desk", "operator": "In"}]}},
+        "spec.policySelector.matchExpressions.0",
+        "In and NotIn need values; Exists and DoesNotExist take none",
+    ),
+    _stop(
+        "selector-exists-with-values",
+        {
+            "spec.policySelector": {
+                "matchExpressions": [{"key": "desk", "operator": "Exists", "values": ["x"]}]
+            }
+        },
+        "spec.policySelector.matchExpressions.0",
+        "In and NotIn need values; Exists and DoesNotExist take none",
+    ),
+    _stop(
+        "selector-bad-operator",
+        {"spec.policySelector": {"matchExpressions": [{"key": "d", "operator": "Gt"}]}},
+        "spec.policySelector.matchExpressions.0.operator",
+        "enum",
+    ),
+    _stop(
+        "selector-typo",
+        {"spec.policySelector": {"matchLabel": {"desk": "btc"}}},
+        "spec.policySelector",
+        "additionalProperties",
+    ),
     _stop("cooldown-minus-one", {"spec.cooldownSeconds": -1}, "spec.cooldownSeconds", "minimum"),
     _stop(
         "cooldown-over-a-day", {"spec.cooldownSeconds": 86_401}, "spec.cooldownSeconds", "maximum"

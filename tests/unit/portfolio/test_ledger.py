@@ -8,14 +8,13 @@ cost in ``fractions.Fraction``, no code shared with the ledger) and requires bot
 from __future__ import annotations
 
 import random
-from decimal import Decimal, localcontext
+from decimal import Context, Decimal, localcontext
 from fractions import Fraction
 
 import pytest
 
 from qtrader.contracts.messages import Fill, Side
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
-from qtrader.money import EXACT
 from qtrader.portfolio.ledger import FillRefused, Ledger
 from qtrader_tools.exact import ExactPortfolio
 
@@ -251,10 +250,15 @@ def test_max_drawdown_when_marks_and_fills_wander_then_equals_the_drawdown_of_ev
         else:
             ledger.mark("BTCUSDT", price)
         peak = max(peak, ledger.equity)
-        with localcontext(EXACT):
-            worst = max(worst, (peak - ledger.equity) / peak * 100)
+        worst = max(worst, to_80_places(Fraction(peak - ledger.equity) / Fraction(peak) * 100))
         assert (ledger.peak_equity, ledger.max_drawdown_pct) == (peak, worst)
     assert worst > 0
+
+
+def to_80_places(value: Fraction) -> Decimal:
+    """``value`` rounded half-even to 1e-80, as the ledger rounds its quotients."""
+    units = round(value * 10**80)  # Fraction rounds half to even
+    return Decimal(units).scaleb(-80, Context(prec=200))
 
 
 def test_snapshot_when_values_have_many_digits_then_rounds_only_the_output() -> None:

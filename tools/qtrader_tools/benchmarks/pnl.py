@@ -1,4 +1,4 @@
-"""``qtrader bench pnl``: the exact Decimal ledger replaying N fills, beside the same in floats.
+"""``qtrader bench pnl``: the exact ledger replaying N fills, beside the same in floats.
 
 The fills come from a seeded tape (``FillTape``): five symbols of the paper exchange with their
 real tick and step sizes, prices on a random walk, and per symbol a mix of opens, increases,
@@ -8,8 +8,9 @@ partial closes (any share), full closes and flips through zero; every fill pays 
 
 * **Figure.** The live path: ``Fill.model_validate`` of those fields (the validated ``Fill``
   message the portfolio's ``decode`` builds once the JSON is parsed; the JSON parse itself is not
-  timed) and ``Ledger.apply_fill`` (``portfolio/ledger.py``, Decimal, 60 digits), timed apart
-  and together.
+  timed) and ``Ledger.apply_fill`` (``portfolio/ledger.py``: exact integers in fixed units,
+  ``Decimal`` at its edges), timed apart and together. The figures keep their ``decimal_`` names
+  from when the ledger computed in 60-digit ``Decimal``, so runs before and after compare.
 * **Baseline.** ``FloatLedger``, written here for this comparison only: the very same accounting
   (signed cost basis, one-way positions, partial closes, flips, fees, marks, peak equity and
   drawdown after every fill, duplicate fill ids ignored) in binary floats, from ``float()`` of
@@ -17,15 +18,15 @@ partial closes (any share), full closes and flips through zero; every fill pays 
   exactly, so it does not; the ledger does.
 * **The float's error.** At the end both are marked at each symbol's last fill price; realized
   PnL, fees, equity and the worst drawdown of each, with the float's absolute and relative
-  difference from the Decimal figure (computed exactly: ``Decimal(float)`` is exact).
-* **The Decimal ledger's own error.** A fresh ``Ledger`` fed the first ``check`` fills, against
-  an independent exact account in ``fractions.Fraction`` (average cost, not cost basis).
-  Whether they are exactly equal (a partial close of a third divides, and 60 digits round it),
-  the largest difference, and whether they agree at the precision the ledger publishes (1e-8
-  USDT, as ``Ledger.snapshot`` rounds).
+  difference from the ledger's figure (computed exactly: ``Decimal(float)`` is exact).
+* **The ledger's own error.** A fresh ``Ledger`` fed the first ``check`` fills, against an
+  independent exact account in ``fractions.Fraction`` (average cost, not cost basis), whose
+  speed is shown too. Whether they are exactly equal (a partial close of a third divides, and
+  the ledger rounds its share of the cost to 1e-80), the largest difference, and whether they
+  agree at the precision the ledger publishes (1e-8 USDT, as ``Ledger.snapshot`` rounds).
 
 Timed in chunks of ``CHUNK`` fills, the two sides one after the other on the same chunk, so a
-busy machine slows both alike. Exit 0 when the Decimal ledger agrees with the Fraction account
+busy machine slows both alike. Exit 0 when the ledger agrees with the Fraction account
 (at 1e-8, and within ``EXACT_BOUND`` unrounded: the ledger's claim that its one division stays
 far below a cent) and booked every fill once; 1 otherwise; 130 when interrupted. The last line
 of the output is one JSON object with every figure.
@@ -55,7 +56,7 @@ SEED = 7
 CAPITAL = 1_000_000  # USDT
 CHUNK = 10_000  # fills generated, then timed on both sides, at a time
 CHECK = 20_000  # fills checked against the Fraction account
-EXACT_BOUND = Decimal("1e-30")  # USDT: the Decimal ledger's largest tolerated unrounded error
+EXACT_BOUND = Decimal("1e-30")  # USDT: the ledger's largest tolerated unrounded error
 START_MS = 1_700_000_000_000
 FEE_BPS = (2, 4)  # maker, taker
 _WIDE = Context(prec=200)  # for exact differences of a float and a Decimal
@@ -337,6 +338,7 @@ class ExactCheck:
     exactly_equal: bool
     max_abs_diff: Decimal
     equal_published: bool
+    fraction_s: float  # the Fraction account's time for the same fills
 
 
 def check_ledger(fills: Sequence[dict[str, Any]]) -> ExactCheck:
@@ -349,7 +351,9 @@ def check_ledger(fills: Sequence[dict[str, Any]]) -> ExactCheck:
         last[fill.symbol] = fill.price
     for symbol, price in last.items():
         ledger.mark(symbol, price)
+    began = time.perf_counter()
     exact = fraction_account(fills, Fraction(CAPITAL))
+    fraction_s = time.perf_counter() - began
     pairs = [
         (ledger.realized_pnl, exact.realized),
         (ledger.fees, exact.fees),
@@ -363,6 +367,7 @@ def check_ledger(fills: Sequence[dict[str, Any]]) -> ExactCheck:
         exactly_equal=not any(diffs),
         max_abs_diff=Decimal(worst.numerator) / Decimal(worst.denominator),
         equal_published=all(round_published(d) == round_published(f) for d, f in pairs),
+        fraction_s=fraction_s,
     )
 
 
@@ -535,6 +540,7 @@ def summary(figures: Figures, *, seed: int, wall_s: float) -> dict[str, Any]:
         "fraction_exactly_equal": check.exactly_equal,
         "fraction_max_abs_diff": float(check.max_abs_diff),
         "fraction_equal_at_1e-8": check.equal_published,
+        "fraction_per_s": _per_s(check.fills, check.fraction_s),
         "float_flat_expected": figures.residues.flat,
         "float_flat_missed": figures.residues.missed,
         "float_flat_largest_residue": figures.residues.largest,
@@ -553,7 +559,7 @@ _ERROR_ROWS = (
 
 def _rate_rows(result: dict[str, Any]) -> list[str]:
     rows = (
-        ("Decimal: Fill + apply_fill", "decimal_per_s", "float: parse + apply", "float_per_s"),
+        ("exact: Fill + apply_fill", "decimal_per_s", "float: parse + apply", "float_per_s"),
         ("  apply_fill alone", "decimal_apply_per_s", "  apply alone", "float_apply_per_s"),
         ("  Fill.model_validate alone", "decimal_build_per_s", "", ""),
     )
@@ -569,7 +575,7 @@ def _rate_rows(result: dict[str, Any]) -> list[str]:
 
 def _error_rows(result: dict[str, Any]) -> list[str]:
     lines = [
-        f"{'float vs exact':<16}  {'Decimal (exact)':>26}  {'float':>24}  {'abs error':>9}  "
+        f"{'float vs exact':<16}  {'ledger (exact)':>26}  {'float':>24}  {'abs error':>9}  "
         f"{'rel error':>9}"
     ]
     for label, key in _ERROR_ROWS:
@@ -592,10 +598,11 @@ def render(result: dict[str, Any]) -> str:
     yes_no = {True: "yes", False: "no"}
     tape = ", ".join(f"{result[f'tape_{a}']:,} {a.replace('_', ' ')}" for a in ACTIONS)
     exact = (
-        f"Decimal ledger vs Fraction, first {result['fraction_fills']:,} fills: exactly equal "
+        f"ledger vs Fraction, first {result['fraction_fills']:,} fills: exactly equal "
         f"{yes_no[result['fraction_exactly_equal']]} (largest difference "
         f"{result['fraction_max_abs_diff']:.1e} USDT), equal at 1e-8 "
-        f"{yes_no[result['fraction_equal_at_1e-8']]}"
+        f"{yes_no[result['fraction_equal_at_1e-8']]}; the Fraction account "
+        f"{result['fraction_per_s']:,.0f} fills/s"
     )
     residues = (
         f"positions exactly flat after a fill of the first {result['fraction_fills']:,}: "
@@ -605,7 +612,7 @@ def render(result: dict[str, Any]) -> str:
     )
     title = (
         f"pnl: {result['fills']:,} fills ({result['symbols']} symbols, seed {result['seed']}) "
-        "through the Decimal ledger, beside the same accounting in floats"
+        "through the exact ledger, beside the same accounting in floats"
     )
     return "\n".join(
         [
@@ -623,10 +630,10 @@ def render(result: dict[str, Any]) -> str:
 def verdict(result: dict[str, Any]) -> str | None:
     """Why the run fails, or None."""
     if not result["fraction_equal_at_1e-8"]:
-        return "the Decimal ledger disagrees with the exact Fraction account at 1e-8 USDT"
+        return "the ledger disagrees with the exact Fraction account at 1e-8 USDT"
     if Decimal(repr(result["fraction_max_abs_diff"])) > EXACT_BOUND:
         return (
-            f"the Decimal ledger is {result['fraction_max_abs_diff']:.1e} USDT off the exact "
+            f"the ledger is {result['fraction_max_abs_diff']:.1e} USDT off the exact "
             f"Fraction account (more than {EXACT_BOUND})"
         )
     if result["decimal_fills_applied"] != result["fills"]:

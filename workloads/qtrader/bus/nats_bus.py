@@ -742,6 +742,16 @@ class Bus:
             raise BusUnavailable(f"cannot read {stream.name}'s state: {exc!r}") from exc
         return any((info.state.subjects or {}).values())
 
+    async def last_sequence(self, stream: subjects.StreamSpec) -> int:
+        """The sequence of the newest message ``stream`` holds (0 when it never held one): a
+        reader that has handled that sequence has seen everything stored until now."""
+        stream = subjects.scoped_stream(self._stack, stream)
+        try:
+            info = await self._jetstream.stream_info(stream.name)
+        except _UNAVAILABLE as exc:
+            raise BusUnavailable(f"cannot read {stream.name}'s state: {exc!r}") from exc
+        return int(info.state.last_seq)
+
     async def last_message(
         self, stream: subjects.StreamSpec, subject: str, message_type: type[M]
     ) -> M | Undecodable | None:

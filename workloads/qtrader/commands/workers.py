@@ -79,6 +79,14 @@ def add_commands(commands: Commands) -> None:
         help="a person's decision: pass over the fill at this FILLS stream sequence if the "
         "ledger refuses it (the portfolio's /health names it when it stops there); repeatable",
     )
+    portfolio.add_argument(
+        "--wallet-grace",
+        type=number("--wallet-grace", minimum=0),
+        default=60.0,
+        help="how long the venue's wallet may differ from the ledger's over settled reads "
+        "(testnet and live) before it is a wallet_reconciliation alert, which trips the "
+        "EmergencyStop (default %(default)s)",
+    )
 
 
 def _worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,7 +194,7 @@ def _exchange_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--income-interval",
         type=number("--income-interval", minimum=0),
-        default=None,
+        default=env("QTRADER_INCOME_INTERVAL"),
         help="seconds between reads of the venue's income history (funding, transfers) for "
         "the portfolio's ledger, weight 30 each (0: never; default: the reconcile interval, "
         "but at least 5)",
@@ -327,7 +335,9 @@ def _run_portfolio(args: argparse.Namespace) -> int:
     from qtrader.portfolio.service import Portfolio, PortfolioConfig
     from qtrader.runtime import run_worker
 
-    config = PortfolioConfig(skip_fills=frozenset(args.skip_fills))
+    config = PortfolioConfig(
+        skip_fills=frozenset(args.skip_fills), wallet_grace_s=args.wallet_grace
+    )
     return run_worker("portfolio", _options(args), lambda ctx: Portfolio(ctx, config))
 
 

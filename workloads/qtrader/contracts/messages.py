@@ -658,6 +658,42 @@ class AccountEntry(Message):
         return f"entry:{self.entry_id}"
 
 
+class VenueAccountPosition(BaseModel):
+    """One position as the venue reported it at a settled read (Binance's ``positionRisk``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    symbol: Symbol
+    quantity: SignedQuantity
+    mark_price: Price
+    unrealized_pnl: Money
+
+
+class VenueAccount(Message):
+    """What the venue's account held at a settled moment, for the portfolio to compare with
+    its ledger (core NATS, ``subjects.VENUE_ACCOUNT``: a lost one costs one comparison).
+
+    Execution publishes one only when the moment is settled: nothing in flight, no publish
+    waiting in its outbox, the venue's income read after the account was, and two reads of
+    the account around that income read equal. ``fills_through`` is the FILLS stream's last
+    sequence after that income read: the ledger as of exactly that sequence must hold the
+    same USDT ``wallet`` (the venue's walletBalance) and, at the venue's marks, the same
+    unrealized PnL.
+    """
+
+    KIND = "venue_account"
+    kind: Literal["venue_account"] = "venue_account"
+    source: str = Field(min_length=1, max_length=128)
+    ts_ms: Millis  # when the second account read answered
+    fills_through: Count
+    wallet: Money
+    positions: tuple[VenueAccountPosition, ...] = Field(default=(), max_length=1024)
+
+    @property
+    def dedup_id(self) -> str:
+        return f"venue-account:{self.source}:{self.ts_ms}"
+
+
 # --- portfolio --------------------------------------------------------------------------------
 
 
@@ -862,6 +898,10 @@ class RiskAlertKind(enum.StrEnum):
     # The venue's positions differ from the ledger's (a manual trade, a fill never published),
     # and kept differing: the figures are the venue's and the ledger's quantities.
     RECONCILIATION = "reconciliation"
+    # The venue's USDT wallet (or unrealized PnL) differs from the ledger's at settled reads
+    # and kept differing: money moved that no fill and no income row explains. The figures are
+    # the venue's and the ledger's amounts.
+    WALLET_RECONCILIATION = "wallet_reconciliation"
 
 
 class RiskAlert(Message):

@@ -53,6 +53,9 @@ CONTROL_HEARTBEAT = f"{ROOT}.control.heartbeat"
 # Core NATS, for the live viewers only (nothing trades or halts on them): each EmergencyStop's
 # view after every reconcile round, and every worker's health report at every refresh.
 CONTROL_ESS_STATUS = f"{ROOT}.control.ess.status"
+# Core NATS: execution's settled reads of the venue's account (``VenueAccount``), which the
+# portfolio compares with its ledger; a lost one only skips one comparison.
+VENUE_ACCOUNT = f"{ROOT}.account.venue"
 HEALTH_REPORT_PREFIX = f"{ROOT}.health.report"
 
 

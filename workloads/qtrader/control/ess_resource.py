@@ -46,6 +46,7 @@ from qtrader.contracts.policy import API_GROUP, API_VERSION
 from qtrader.control.ess import TRIPPED_BY_ANNOTATION
 from qtrader.control.ess_conditions import status_conditions
 from qtrader.control.ess_status import EssMode, EssSpec, EssStatus, format_time
+from qtrader.control.policy_selector import PolicySelector
 
 ESS_KIND = "EmergencyStop"
 ESS_API_VERSION = f"{API_GROUP}/{API_VERSION}"
@@ -88,8 +89,8 @@ class EssTriggers(_Camel):
 def trigger_threshold(triggers: EssTriggers | None, kind: RiskAlertKind) -> Decimal | None:
     """The stop's threshold for one kind of risk alert; None when that automatic trip is off.
 
-    An exchange ban and a reconciliation alert have no threshold: they always trip (see
-    ``ALWAYS_TRIPS``).
+    An exchange ban and a reconciliation alert (positions or wallet) have no threshold: they
+    always trip (see ``ALWAYS_TRIPS``).
     """
     if triggers is None:
         return None
@@ -102,9 +103,18 @@ def trigger_threshold(triggers: EssTriggers | None, kind: RiskAlertKind) -> Deci
     return None if value is None else Decimal(str(value))
 
 
-# No threshold to set: a ban stops every order anyway, and a position the venue holds that the
-# book cannot explain makes every limit judged on a wrong position.
-ALWAYS_TRIPS = frozenset({RiskAlertKind.EXCHANGE_BAN, RiskAlertKind.RECONCILIATION})
+# No threshold to set: a ban stops every order anyway, a position the venue holds that the
+# book cannot explain makes every limit judged on a wrong position, and money in the wallet that
+# no fill and no income row explains makes the equity every order is sized on (and the drawdown
+# trigger watches) wrong by an unknown cause (qtrader.portfolio.wallet_check says why it only
+# trips on a difference that persists over settled reads).
+ALWAYS_TRIPS = frozenset(
+    {
+        RiskAlertKind.EXCHANGE_BAN,
+        RiskAlertKind.RECONCILIATION,
+        RiskAlertKind.WALLET_RECONCILIATION,
+    }
+)
 
 
 def alert_trips(alert: RiskAlert, triggers: EssTriggers | None) -> bool:
@@ -132,6 +142,8 @@ class EmergencyStopSpec(_Camel):
     triggers: EssTriggers | None = None
     flatten_on_trip: StrictBool = False
     ack_timeout_seconds: Annotated[StrictInt, Field(ge=1, le=300)] = 5
+    # None: the stop covers every TradingPolicy of its namespace (``policy_selector``).
+    policy_selector: PolicySelector | None = None
 
     @model_validator(mode="after")
     def _reason_when_tripped(self) -> EmergencyStopSpec:

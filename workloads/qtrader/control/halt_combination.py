@@ -1,12 +1,14 @@
-"""Many EmergencyStops, one halt latch: the latch is a pure combination of every stop's state.
+"""Many EmergencyStops, one halt latch per policy: a pure combination of the stops covering it.
 
 Each EmergencyStop decides its own state (``qtrader.control.ess.reconcile``, kept in its own
-status). Workers obey one latch per namespace, so no stop may write its own state there: a
-second stop that is Armed would lift the halt the first one holds. Instead every writer puts the
-*combination* of all stops in force (``combine``): the most restrictive state wins (HALTED over
-REDUCING over ACTIVE) and ``held_by`` names every stop that is not Armed. A policy therefore
-trades only while every stop covering it is Armed, and creating, resetting or deleting one stop
-changes the latch only as far as the others allow.
+status). A policy's workers obey one latch, so no stop may write its own state there: a second
+stop that is Armed would lift the halt the first one holds. Instead every writer puts the
+*combination* of the stops covering the policy in force (``combine_for``; which stops cover
+which policy: ``policy_selector``): the most restrictive state wins (HALTED over REDUCING over
+ACTIVE) and ``held_by`` names every such stop that is not Armed. A policy therefore trades only
+while every stop covering it is Armed, and creating, resetting or deleting one stop changes the
+latch only as far as the others allow. A policy whose own stop (``emergencyStopRef``) does not
+exist is halted.
 
 Why it is safe in any order of events: the combination depends only on the stops that exist,
 not on who wrote last, so any writer (a stop's reconcile, the periodic keeper, a restart) reaches
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 from qtrader.contracts.messages import HaltLatch, TradingState
 from qtrader.control.ess_status import EssMode, EssStatus
+from qtrader.control.policy_selector import PolicyScope, PolicySelector, covers
 
 _MAX_REASON_CHARS = 1024  # HaltLatch.reason's limit
 _MAX_ISSUER_CHARS = 256  # HaltLatch.issued_by's limit
@@ -46,6 +49,7 @@ class StopView:
     spec_tripped: bool = False
     spec_mode: EssMode = EssMode.HALTED
     flatten_on_trip: bool = False
+    selector: PolicySelector | None = None  # None: it covers every policy of its namespace
 
     @property
     def state(self) -> TradingState:
@@ -94,6 +98,22 @@ def combine(stops: Iterable[StopView]) -> Combined:
         issued_by=", ".join(s.status.tripped_by or s.name for s in holding),
         flatten_on_trip=bool(halted) and all(s.flatten_on_trip for s in halted),
     )
+
+
+def combine_for(stops: Iterable[StopView], policy: PolicyScope) -> Combined:
+    """What ``policy``'s latch must say: the combination of the stops covering it, or HALTED
+    when its own stop does not exist (fail closed: nothing it names could stop it)."""
+    stops = list(stops)
+    if policy.stop_ref is None or policy.stop_ref not in {s.name for s in stops}:
+        named = "unknown" if policy.stop_ref is None else policy.stop_ref
+        return Combined(
+            state=TradingState.HALTED,
+            held_by=(),
+            reason=f"the policy's EmergencyStop ({named}) does not exist",
+            issued_by="emergency-stop",
+            flatten_on_trip=False,
+        )
+    return combine(s for s in stops if covers(stop=s.name, selector=s.selector, policy=policy))
 
 
 def next_latch(

@@ -305,6 +305,7 @@ class BinanceFutures:
                 symbol=str(row["symbol"]),
                 quantity=Decimal(str(row["positionAmt"])),
                 entry_price=Decimal(str(row["entryPrice"])),
+                mark_price=Decimal(str(row["markPrice"])),
                 unrealized_pnl=Decimal(str(row["unRealizedProfit"])),
             )
             for row in risk

@@ -38,7 +38,8 @@ class VenuePosition:
     symbol: str
     quantity: Decimal  # positive long, negative short (``positionAmt``)
     entry_price: Decimal
-    unrealized_pnl: Decimal
+    mark_price: Decimal
+    unrealized_pnl: Decimal  # at ``mark_price``
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,6 +23,7 @@ Pages of up to ``page`` rows (Binance: 1,000); a full page goes on from its last
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -143,6 +144,9 @@ class AccountEntries:
         self._unreadable: str | None = None
         self._refused: deque[str] = deque(maxlen=_REFUSED_SHOWN)
         self._refused_total = 0
+        # One read at a time: the periodic one and the one a settled wallet read asks for
+        # (``qtrader.execution.venue_account``) share the cursor.
+        self._reading = asyncio.Lock()
 
     async def start(self) -> None:
         """Where to read from, from what FILLS holds (raises ``BusUnavailable``)."""
@@ -181,6 +185,10 @@ class AccountEntries:
         Raises ``ExchangeError`` (the venue) or ``BusUnavailable`` (NATS): the rows handled
         until then stay handled, the rest are read next time.
         """
+        async with self._reading:
+            await self._read(venue)
+
+    async def _read(self, venue: IncomeReader) -> None:
         cursor = self._cursor
         assert cursor is not None, "start() first"
         start_ms = cursor.start_ms()

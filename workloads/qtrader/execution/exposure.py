@@ -175,6 +175,11 @@ class ExposureBook:
             _ZERO,
         )
 
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: no intent, this worker's or another's, may still fill."""
+        return not self._reservations
+
     def position_range(self, symbol: str) -> tuple[Decimal, Decimal]:
         """Where the venue's position in ``symbol`` may be now: the book's position, moved by
         any part of what is in flight (fills the venue made that FILLS has not brought yet),

@@ -89,7 +89,7 @@ from qtrader.contracts.messages import (
 from qtrader.contracts.policy import TradingMode, TradingPolicySpec
 from qtrader.exchange.errors import Banned, ExchangeError
 from qtrader.exchange.limiter import CostNeverFits
-from qtrader.exchange.venue import AccountReader, IncomeReader, Venue
+from qtrader.exchange.venue import AccountReader, IncomeReader, Venue, VenuePosition
 from qtrader.execution.account_entries import AccountEntries, IncomeSettings
 from qtrader.execution.clock import SYSTEM_CLOCK
 from qtrader.execution.core import CoreSettings, ExecutionCore
@@ -99,6 +99,7 @@ from qtrader.execution.halt import HaltGate
 from qtrader.execution.intake import Dropped
 from qtrader.execution.orders import DriverSettings
 from qtrader.execution.paper import PaperExchange, PaperVenue
+from qtrader.execution.venue_account import SettledReader, Unsettled
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
 from qtrader.runtime import Task, WorkerContext
@@ -195,6 +196,12 @@ INTENT_BACKLOG = Gauge(
 INTENT_BACKLOG_OLDEST = Gauge(
     "qtrader_intent_backlog_oldest_age_seconds",
     "Age of the oldest intent this worker decided that is not final yet (0 when none).",
+)
+WALLET_READS = Counter(
+    "qtrader_venue_account_reads_total",
+    "Reads of the venue's account for the wallet reconciliation, by outcome: settled (published "
+    "for the portfolio to compare) or unsettled (something in flight or moving: not compared).",
+    ["outcome"],
 )
 VENUE_POSITION_MISMATCH = Gauge(
     "qtrader_venue_position_mismatch",
@@ -753,6 +760,7 @@ class Execution:
 
     async def _reconcile_venue_once(self, venue: AccountReader) -> None:
         before = self._position_ranges()
+        busy = self._in_flight()
         try:
             positions, wallet = await venue.account()
         except ExchangeError as exc:
@@ -775,6 +783,37 @@ class Execution:
                 await self._raise_reconciliation_alert(mismatch)
                 self._venue_alerted.add(mismatch.symbol)
         self._venue_alerted &= set(differing)  # agreeing again ends the episode
+        await self._read_wallet(venue, (positions, wallet), busy)
+
+    def _in_flight(self) -> str | None:
+        """What may still move the venue's account without being on FILLS yet; None: nothing."""
+        if not self._book.idle or self._sending.locked():
+            return "orders in flight"
+        if self._core.unresolved:
+            return "orders with an unknown outcome"
+        if self._context.bus.outbox_depth():
+            return "messages waiting in the outbox"
+        return None
+
+    async def _read_wallet(
+        self, venue: AccountReader, first: tuple[list[VenuePosition], Decimal], busy: str | None
+    ) -> None:
+        """A settled read of the account for the portfolio's wallet reconciliation, when the
+        income is read here (it is what explains funding and transfers)."""
+        entries = self._entries
+        if entries is None:
+            return
+        reader = SettledReader(
+            bus=self._context.bus,
+            entries=entries,
+            quiet=self._in_flight,
+            source=f"execution/{self._context.options.worker_id}",
+            now_ms=self._clock.wall_ms,
+        )
+        read = Unsettled(why=busy) if busy is not None else await reader.publish(venue, first)
+        WALLET_READS.labels("unsettled" if isinstance(read, Unsettled) else "settled").inc()
+        if isinstance(read, Unsettled):
+            log.debug("venue account not settled: %s", read.why)
 
     def _income_read_s(self) -> float:
         chosen = self._config.income_read_s

@@ -20,7 +20,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import TypeVar
 
 import httpx
@@ -28,6 +28,8 @@ import httpx
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    SETTLEMENT_ASSET,
+    AssetAmount,
     Candle,
     Fill,
     Message,
@@ -35,6 +37,7 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     PortfolioSnapshot,
     Signal,
+    SignedAssetAmount,
 )
 
 M = TypeVar("M", bound=Message)
@@ -178,6 +181,36 @@ def _money(value: Decimal) -> str:
     return f"{value:,.2f}"
 
 
+def _rounded(value: Decimal, places: int) -> Decimal:
+    """Half away from zero, as the console rounds (format() alone rounds half to even)."""
+    return value.quantize(Decimal(10) ** -places, rounding=ROUND_HALF_UP)
+
+
+def _signed(value: Decimal, places: int = 2) -> str:
+    return f"{_rounded(value, places):+,.{places}f}"
+
+
+def _by_asset(amounts: tuple[AssetAmount | SignedAssetAmount, ...], *, sign: bool) -> str:
+    """USDT to the cent, another asset (BNB) to 8 places, each in its own units."""
+    shown = []
+    for a in amounts:
+        places = 2 if a.asset == SETTLEMENT_ASSET else 8
+        text = _signed(a.amount, places) if sign else f"{_rounded(a.amount, places):,.{places}f}"
+        shown.append(f"{text} {a.asset}")
+    return ", ".join(shown) or "-"
+
+
+def income_line(snapshot: PortfolioSnapshot) -> str:
+    """What moved the account besides our trades' PnL: funding, transfers, other income, and
+    the commissions by the asset they were paid in (testnet and live; 0 and - in paper)."""
+    return (
+        f"funding {_signed(snapshot.funding)}   transfers "
+        f"{_by_asset(snapshot.transfers_by_asset, sign=True)}   other income "
+        f"{_signed(snapshot.other_income)}   fees by asset "
+        f"{_by_asset(snapshot.fees_by_asset, sign=False)}"
+    )
+
+
 def render(observer: Observer, *, elapsed_s: float, title: str) -> str:
     counts = observer.counts
     lines = [
@@ -197,6 +230,7 @@ def render(observer: Observer, *, elapsed_s: float, title: str) -> str:
         lines += [
             f"equity {_money(snapshot.equity)}   realized {_money(snapshot.realized_pnl)}   "
             f"unrealized {_money(snapshot.unrealized_pnl)}   fees {_money(snapshot.fees)}",
+            income_line(snapshot),
             f"drawdown {snapshot.drawdown_pct:.3f}%   max drawdown "
             f"{snapshot.max_drawdown_pct:.3f}%   open positions {snapshot.open_positions}",
         ]

@@ -35,14 +35,14 @@ from typing import Any, TextIO
 import httpx
 
 from qtrader.bus.nats_bus import Bus
-from qtrader.contracts.messages import MessageRejected
+from qtrader.contracts.messages import MessageRejected, PortfolioSnapshot
 from qtrader.contracts.policy import TradingPolicy
 from qtrader.control.ess_resource import EmergencyStop
 from qtrader.local import control_plane, up_state
 from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats, free_port
-from qtrader.local.observer import Observer, WorkloadHealth, render
+from qtrader.local.observer import Observer, WorkloadHealth, income_line, render
 from qtrader.local.stopping import stop_processes
 from qtrader.local.supervisor import Supervisor
 
@@ -377,6 +377,7 @@ def _print_report(report: dict[str, Any], out: TextIO) -> None:
         lines += [
             f"  equity {portfolio['equity']}  realized {portfolio['realized_pnl']}  "
             f"unrealized {portfolio['unrealized_pnl']}  fees {portfolio['fees']}",
+            f"  {income_line(PortfolioSnapshot.model_validate(portfolio))}",
             f"  drawdown {portfolio['drawdown_pct']}%  "
             f"max drawdown {portfolio['max_drawdown_pct']}%",
         ]

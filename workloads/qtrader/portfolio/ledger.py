@@ -1,17 +1,23 @@
 """The portfolio ledger: positions, exact PnL, fees, funding, transfers, equity and drawdown,
 from fills, account entries and marks.
 
-Everything is ``Decimal`` arithmetic in one private context (``_EXACT``: 60 significant digits,
-half-even rounding, errors trapped), never the thread's global context, so the same fills give
-the same figures in every process, whatever else changed ``decimal.getcontext()``.
+The arithmetic is on Python integers, in fixed units: a quantity or a price in 1e-12 (the finest
+a quoted value may carry, ``QUOTED_PLACES``), money and percentages in 1e-80 (the finest a
+computed value may carry, ``COMPUTED_PLACES``). Every value a valid message can carry is a whole
+number of those units, so it is booked exactly, whatever the instrument's grid says, and every
+sum, difference and product is exact: no context, no precision, nothing the thread's global
+``decimal`` context can change. ``Decimal`` is only at the edges: the inputs are converted
+exactly (a value finer than the units is refused, never rounded), and the figures read back,
+snapshots and checkpoints are converted from the integers.
 
 Why a cost basis and no rounding: an average entry price is a division and often does not
 terminate (three fills at 1, 1 and 2 average 4/3). Rounding it to a display precision on every
 increase makes the error compound over thousands of fills. The ledger keeps each position's
-signed cost basis instead, which opening, increasing and fully closing change exactly; only a
-partial close divides (the closed share of the cost), and at 60 digits that error stays some 40
-orders of magnitude below a cent. Only ``snapshot`` rounds, and only its output: money to 1e-8
-USDT and percentages to 1e-6, half up. The internal state is never rounded.
+signed cost basis instead, which opening, increasing and fully closing change exactly. Three
+results are quotients, rounded half-even to 1e-80: the share of the cost basis a partial close
+takes (the cost leaves the position exactly, so a later full close cancels the rounding and the
+wallet never holds it), a drawdown in percent, and the peak scaled by a transfer. Only
+``snapshot`` rounds what it publishes: money to 1e-8 USDT and percentages to 1e-6, half up.
 
 Position mode is Binance's one-way mode: one signed quantity per symbol, a fill that crosses
 zero closes the position and opens the remainder on the other side at the fill price.
@@ -37,11 +43,13 @@ A repeated ``fill_id`` or ``entry_id`` with the same content is normal (at-least
 a venue's income read again) and is ignored: ``apply_fill``/``apply_entry`` return False. What
 the ledger cannot apply raises ``FillRefused``/``EntryRefused`` (both ``BookingRefused``) and
 changes nothing: the same id with different content (two venues' truths, a person must choose),
-or arithmetic beyond the exact context. The portfolio then stops following FILLS.
+or an amount finer than the ledger's units. The portfolio then stops following FILLS.
 
 ``checkpoint`` and ``Ledger.restore`` turn the exact state into a ``PortfolioCheckpoint`` and
 back, unrounded, so a restored ledger that applies the rest of the fills equals, Decimal for
-Decimal, one that applied them all.
+Decimal, one that applied them all. A checkpoint written before the ledger counted in integers
+(60-digit ``Decimal``) restores exactly too: each of its values is a valid ``Money``, at most 80
+decimal places.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ import hashlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal, localcontext
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from types import MappingProxyType
 
 from qtrader.contracts.messages import (
@@ -67,16 +75,26 @@ from qtrader.contracts.messages import (
     PortfolioCheckpoint,
     PortfolioSnapshot,
     PositionView,
+    Side,
     SignedAssetAmount,
 )
+from qtrader.contracts.numbers import COMPUTED_PLACES, QUOTED_PLACES
 from qtrader.instruments import ExchangeInfo
 from qtrader.money import EXACT as _EXACT
 from qtrader.money import PCT_STEP as _PCT
 from qtrader.money import USDT_STEP as _USDT
 from qtrader.money import published
 
+_QUOTED: int = 10**QUOTED_PLACES  # units of a quantity or a price per whole one
+_FINE: int = 10**COMPUTED_PLACES  # units of money (USDT or another asset) or of a percent per one
+# A quantity times a price is in 1e-24 USDT: this many money units each.
+_PRODUCT = _FINE // (_QUOTED * _QUOTED)
+# Divisions for the figures read back (an average price): qtrader.money's EXACT, 60 digits.
+# Integers to Decimal: wide enough for any valid amount (1e15 in 1e-80 is 96 digits); one past
+# that raises (Inexact is trapped) rather than come back rounded.
+_WIDE = Context(prec=120, traps=[Inexact, InvalidOperation, Overflow])
+_ROUNDING = Context(prec=120, traps=[InvalidOperation, Overflow])  # for the display's rounding
 _ZERO = Decimal(0)
-_HUNDRED = Decimal(100)
 
 __all__ = ["SETTLEMENT_ASSET", "BookingRefused", "EntryRefused", "FillRefused", "Ledger"]
 
@@ -103,32 +121,29 @@ class EntryRefused(BookingRefused):
         self.entry_id = entry_id
 
 
-@dataclass
+@dataclass(slots=True)
 class _Position:
-    """One symbol's mutable state.
+    """One symbol's mutable state: ``quantity`` in 1e-12 units, the rest in 1e-80 USDT.
 
     ``cost`` is the signed cost basis of the open quantity (sum of signed quantity x entry
     price), so the average entry price is ``cost / quantity``. Keeping the cost instead of the
     average keeps opening, increasing and fully closing exact; only a partial close divides.
     """
 
-    quantity: Decimal = _ZERO
-    cost: Decimal = _ZERO
-    realized: Decimal = _ZERO
-    fees: Decimal = _ZERO
-    funding: Decimal = _ZERO  # USDT funding booked on the symbol (account entries)
+    quantity: int = 0
+    cost: int = 0
+    realized: int = 0
+    fees: int = 0
+    funding: int = 0  # USDT funding booked on the symbol (account entries)
 
-    def copy(self) -> _Position:
-        # Not ``dataclasses.replace``: that costs more than the booking itself.
-        return _Position(self.quantity, self.cost, self.realized, self.fees, self.funding)
-
-    @property
-    def avg_entry(self) -> Decimal:
-        return self.cost / self.quantity if self.quantity else _ZERO
-
-    def unrealized(self, mark: Decimal) -> Decimal:
+    def unrealized(self, mark: int) -> int:
         # Signed quantity and cost make one formula right for both sides.
-        return self.quantity * mark - self.cost
+        return self.quantity * mark * _PRODUCT - self.cost if self.quantity else 0
+
+
+# What the ledger remembers of an applied fill id: the hash of the fill's facts when it was
+# applied in this process, or the digest a checkpoint listed for it (see ``_facts``).
+_Seen = int | str
 
 
 class Ledger:
@@ -144,42 +159,43 @@ class Ledger:
             raise ValueError(f"initial_capital must be a positive amount: {initial_capital}")
         self._keep_fill_ids = keep_fill_ids
         self._initial_capital = initial_capital
+        self._capital = _fine_units(initial_capital, "initial_capital")
         self._exchange = exchange
         self._positions: dict[str, _Position] = {}
-        self._marks: dict[str, Decimal] = {}
-        # Every applied fill id and the digest of what it said; the latest ones in order, for
-        # a checkpoint (which carries a bounded number of them).
-        self._fill_ids: dict[str, str] = {}
-        self._recent: deque[str] = deque(maxlen=CHECKPOINT_RECENT_FILLS)
+        self._marks: dict[str, int] = {}
+        self._mark_prices: dict[str, Decimal] = {}  # the same marks as given, for reading back
+        # Every applied fill id and what it said; the latest ones in order, each with its fill
+        # (or the digest a checkpoint gave), for a checkpoint, which carries a bounded number.
+        self._fill_ids: dict[str, _Seen] = {}
+        self._recent: deque[tuple[str, Fill | str]] = deque(maxlen=CHECKPOINT_RECENT_FILLS)
         self._fills_applied = 0
-        self._realized = _ZERO
-        self._fees = _ZERO  # in USDT: every fee with a known USDT value
-        self._fees_by_asset: dict[str, Decimal] = {}  # every fee, in its own asset
-        self._unvalued: dict[str, Decimal] = {}  # fees with no known USDT value
+        self._realized = 0
+        self._fees = 0  # in USDT: every fee with a known USDT value
+        self._fees_by_asset: dict[str, int] = {}  # every fee, in its own asset
+        self._unvalued: dict[str, int] = {}  # fees with no known USDT value
         # Account entries: their ids and digests like the fills', and their USDT totals.
         self._entry_ids: dict[str, str] = {}
         self._recent_entries: deque[str] = deque(maxlen=CHECKPOINT_RECENT_FILLS)
         self._entries_applied = 0
-        self._funding = _ZERO
-        self._transfers = _ZERO
-        self._other_income = _ZERO
-        self._booked = _ZERO  # funding + transfers + other income, from those totals
-        self._transfers_by_asset: dict[str, Decimal] = {}  # every transfer, in its own asset
-        self._unvalued_income: dict[str, Decimal] = {}  # funding and income in other assets
-        self._peak_equity = initial_capital
-        self._max_drawdown_pct = _ZERO
+        self._funding = 0
+        self._transfers = 0
+        self._other_income = 0
+        self._transfers_by_asset: dict[str, int] = {}  # every transfer, in its own asset
+        self._unvalued_income: dict[str, int] = {}  # funding and income in other assets
+        # The wallet (capital + realized - fees + entries) and the open positions' unrealized
+        # PnL, each symbol's and their total: running sums, exact, so their order is no matter.
+        self._wallet = self._capital
+        self._unrealized: dict[str, int] = {}
+        self._unrealized_total = 0
+        self._peak_equity = self._capital
+        self._max_drawdown = 0  # percent, in 1e-80
         # The lowest equity since the peak was set whose drawdown is in the maximum (None:
         # unknown): an equity at or above it cannot make the maximum deeper (see
         # ``_update_drawdown``), which spares a division on most marks.
-        self._trough: Decimal | None = initial_capital
-        # Caches for a ledger read after every candle: each symbol's unrealized PnL (None when
-        # flat; keyed in the order of ``_positions``, so sums add in the same order) and the
-        # equity (None once a fill or a mark moved it).
-        self._unrealized: dict[str, Decimal | None] = {}
-        self._equity: Decimal | None = initial_capital
-        # The wallet (the equity without unrealized PnL): changed by fills and entries only,
-        # needed by every mark.
-        self._base = self._wallet_of(realized=self._realized, fees=self._fees)
+        self._trough: int | None = self._capital
+        # The figures read after every candle or fill, and their Decimal.
+        self._shown_equity = (self._capital, initial_capital)
+        self._shown_realized = (0, _ZERO)
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -188,46 +204,49 @@ class Ledger:
 
         Raises ``FillRefused`` (and nothing changes) for a fill it cannot apply.
         """
-        keep = self._keep_fill_ids
-        digest = _digest(fill) if keep else ""
-        known = self._fill_ids.get(fill.fill_id)
-        if known is not None:
-            if known != digest:
-                raise FillRefused(fill.fill_id, "applied before with other content")
-            return False
         try:
-            with localcontext(_EXACT):
-                self._book_fill(fill)
-        except ArithmeticError as exc:  # trapped: nothing was committed (see _book_fill)
-            raise FillRefused(fill.fill_id, f"beyond exact arithmetic: {exc!r}") from exc
-        if keep:
-            self._fill_ids[fill.fill_id] = digest
-            self._recent.append(fill.fill_id)
+            quantity = _units(fill.quantity, _QUOTED)
+            price = _units(fill.price, _QUOTED)
+            fee = _units(fill.fee, _FINE)
+            value = _fee_value(fill, fee)
+        except _OffScale as exc:
+            raise FillRefused(fill.fill_id, str(exc)) from exc
+        if fill.side is Side.SELL:
+            quantity = -quantity
+        if self._keep_fill_ids:
+            known = self._fill_ids.get(fill.fill_id)
+            facts = hash((fill.symbol, quantity, price, fee, fill.fee_asset, fill.client_order_id))
+            if known is not None:
+                if known != (facts if isinstance(known, int) else _digest(fill)):
+                    raise FillRefused(fill.fill_id, "applied before with other content")
+                return False
+            self._fill_ids[fill.fill_id] = facts
+            self._recent.append((fill.fill_id, fill))
+        self._book_fill(fill, quantity, price, fee, value)
         self._fills_applied += 1
         return True
 
-    def _book_fill(self, fill: Fill) -> None:
-        """Compute everything on copies first, then commit: a trapped error changes nothing."""
-        held = self._positions.get(fill.symbol)
-        position = _Position() if held is None else held.copy()
-        realized = _book(position, fill.side.sign * fill.quantity, fill.price)
-        value = fill.fee_value_usdt
-        fees = self._fees + value if value is not None else self._fees
-        position.fees += value if value is not None else _ZERO
-        by_asset = self._fees_by_asset.get(fill.fee_asset, _ZERO) + fill.fee
-        unvalued = self._unvalued.get(fill.fee_asset, _ZERO) + fill.fee
-        total_realized = self._realized + realized
-        base = self._wallet_of(realized=total_realized, fees=fees)
-        # Commit. What follows cannot raise: bounded inputs, no division by a possible zero.
-        self._positions[fill.symbol] = position
-        self._realized = total_realized
-        self._fees = fees
-        self._base = base
-        self._fees_by_asset[fill.fee_asset] = by_asset
+    def _book_fill(
+        self, fill: Fill, quantity: int, price: int, fee: int, value: int | None
+    ) -> None:
+        """Integer arithmetic only: nothing here can fail half way."""
+        symbol, asset = fill.symbol, fill.fee_asset
+        position = self._positions.get(symbol)
+        if position is None:
+            position = self._positions[symbol] = _Position()
+        realized = _book(position, quantity, price)
+        self._realized += realized
+        self._wallet += realized
         if value is None:
-            self._unvalued[fill.fee_asset] = unvalued
-        self._marks.setdefault(fill.symbol, fill.price)
-        self._revalue(fill.symbol, position)
+            self._unvalued[asset] = self._unvalued.get(asset, 0) + fee
+        else:
+            position.fees += value
+            self._fees += value
+            self._wallet -= value
+        self._fees_by_asset[asset] = self._fees_by_asset.get(asset, 0) + fee
+        if symbol not in self._marks:
+            self._marks[symbol], self._mark_prices[symbol] = price, fill.price
+        self._revalue(symbol, position)
         self._update_drawdown()
 
     def mark(self, symbol: str, price: Decimal) -> None:
@@ -235,7 +254,11 @@ class Ledger:
         self._exchange.instrument(symbol)  # raises for a symbol the exchange does not list
         if not price.is_finite() or price <= 0:
             raise ValueError(f"mark price for {symbol} must be positive: {price}")
-        self._marks[symbol] = price
+        try:
+            units = _units(price, _QUOTED)
+        except _OffScale as exc:
+            raise ValueError(f"mark price for {symbol}: {exc}") from exc
+        self._marks[symbol], self._mark_prices[symbol] = units, price
         position = self._positions.get(symbol)
         if position is None or not position.quantity:
             return  # values no open position: equity, peak and drawdown stay as they are
@@ -254,73 +277,51 @@ class Ledger:
                 raise EntryRefused(entry.entry_id, "applied before with other content")
             return False
         try:
-            with localcontext(_EXACT):
-                self._book_entry(entry)
-        except ArithmeticError as exc:  # trapped: nothing was committed (see _book_entry)
-            raise EntryRefused(entry.entry_id, f"beyond exact arithmetic: {exc!r}") from exc
+            amount = _units(entry.amount, _FINE)
+        except _OffScale as exc:
+            raise EntryRefused(entry.entry_id, str(exc)) from exc
+        if entry.asset != SETTLEMENT_ASSET:
+            self._keep_in_asset(entry, amount)
+        else:
+            self._book_usdt_entry(entry, amount)
         self._entry_ids[entry.entry_id] = digest
         self._recent_entries.append(entry.entry_id)
         self._entries_applied += 1
         return True
 
-    def _book_entry(self, entry: AccountEntry) -> None:
-        if entry.asset != SETTLEMENT_ASSET:
-            self._keep_in_asset(entry)
-        else:
-            self._book_usdt_entry(entry)
-
-    def _keep_in_asset(self, entry: AccountEntry) -> None:
+    def _keep_in_asset(self, entry: AccountEntry, amount: int) -> None:
         """An amount in another asset than USDT: kept in that asset, no USDT figure moves."""
         kept = (
             self._transfers_by_asset
             if entry.category is EntryCategory.TRANSFER
             else self._unvalued_income
         )
-        kept[entry.asset] = kept.get(entry.asset, _ZERO) + entry.amount
+        kept[entry.asset] = kept.get(entry.asset, 0) + amount
 
-    def _book_usdt_entry(self, entry: AccountEntry) -> None:
-        """Compute everything first, then commit: a trapped error changes nothing."""
-        amount, category = entry.amount, entry.category
-        funding, transfers, other = self._funding, self._transfers, self._other_income
-        position: _Position | None = None
+    def _book_usdt_entry(self, entry: AccountEntry, amount: int) -> None:
+        category = entry.category
         if category is EntryCategory.FUNDING:
             assert entry.symbol is not None  # AccountEntry validates this
-            funding += amount
-            held = self._positions.get(entry.symbol)
-            position = _Position() if held is None else held.copy()
+            self._funding += amount
+            position = self._positions.get(entry.symbol)
+            if position is None:
+                position = self._positions[entry.symbol] = _Position()
             position.funding += amount
         elif category is EntryCategory.TRANSFER:
-            transfers += amount
+            self._transfers += amount
+            by_asset = self._transfers_by_asset
+            by_asset[SETTLEMENT_ASSET] = by_asset.get(SETTLEMENT_ASSET, 0) + amount
         else:
-            other += amount
-        booked = _booked_of(funding, transfers, other)
-        base = self._wallet_of(realized=self._realized, fees=self._fees, booked=booked)
-        before, after = self.equity, _EXACT.add(base, self.unrealized_pnl)
-        peak, transferred = self._peak_equity, category is EntryCategory.TRANSFER
-        if transferred:
-            peak = _peak_after_transfer(peak, before=before, after=after, amount=amount)
-        by_asset = self._transfers_by_asset.get(SETTLEMENT_ASSET, _ZERO) + amount
-        # Commit. What follows cannot raise: bounded inputs, no division by a possible zero.
-        if position is not None:
-            assert entry.symbol is not None
-            self._positions[entry.symbol] = position
-        if transferred:
-            self._transfers_by_asset[SETTLEMENT_ASSET] = by_asset
-        self._funding, self._transfers, self._other_income = funding, transfers, other
-        self._booked, self._base = booked, base
-        self._equity = after
-        if peak != self._peak_equity:
-            self._peak_equity, self._trough = peak, None
+            self._other_income += amount
+        before = self._equity_units
+        self._wallet += amount
+        if category is EntryCategory.TRANSFER:
+            peak = _peak_after_transfer(
+                self._peak_equity, before=before, after=self._equity_units, amount=amount
+            )
+            if peak != self._peak_equity:
+                self._peak_equity, self._trough = peak, None
         self._update_drawdown()
-
-    def _wallet_of(
-        self, *, realized: Decimal, fees: Decimal, booked: Decimal | None = None
-    ) -> Decimal:
-        """capital + realized - fees + the entries' net (``_booked_of``), always added in this
-        order from the totals, never kept as a running sum, so a ledger restored from a
-        checkpoint holds the very same Decimal as the one that wrote it."""
-        wallet = _EXACT.subtract(_EXACT.add(self._initial_capital, realized), fees)
-        return _EXACT.add(wallet, self._booked if booked is None else booked)
 
     # --- exact figures ------------------------------------------------------------------------
 
@@ -330,22 +331,24 @@ class Ledger:
 
     @property
     def realized_pnl(self) -> Decimal:
-        return self._realized
+        if self._realized != self._shown_realized[0]:  # read around every fill by a backtest
+            self._shown_realized = (self._realized, _fine_decimal(self._realized))
+        return self._shown_realized[1]
 
     @property
     def fees(self) -> Decimal:
         """Fees in USDT: those charged in USDT plus the others at their stated USDT value."""
-        return self._fees
+        return _fine_decimal(self._fees)
 
     @property
     def fees_by_asset(self) -> Mapping[str, Decimal]:
         """Every fee in its own asset (USDT, BNB, ...), sorted by asset (a read-only copy)."""
-        return MappingProxyType(dict(sorted(self._fees_by_asset.items())))
+        return _decimals(self._fees_by_asset)
 
     @property
     def unvalued_fees(self) -> Mapping[str, Decimal]:
         """Fees whose USDT value is unknown, by asset: ``equity`` leaves them out."""
-        return MappingProxyType(dict(sorted(self._unvalued.items())))
+        return _decimals(self._unvalued)
 
     @property
     def equity_complete(self) -> bool:
@@ -355,27 +358,27 @@ class Ledger:
     @property
     def funding(self) -> Decimal:
         """USDT funding booked (positive: received), every symbol."""
-        return self._funding
+        return _fine_decimal(self._funding)
 
     @property
     def transfers(self) -> Decimal:
         """Net USDT transferred in (negative: more went out)."""
-        return self._transfers
+        return _fine_decimal(self._transfers)
 
     @property
     def other_income(self) -> Decimal:
         """Other USDT income the venue booked (rebates, bonuses; negative: costs)."""
-        return self._other_income
+        return _fine_decimal(self._other_income)
 
     @property
     def transfers_by_asset(self) -> Mapping[str, Decimal]:
         """Every transfer's net in its own asset, sorted by asset (a read-only copy)."""
-        return MappingProxyType(dict(sorted(self._transfers_by_asset.items())))
+        return _decimals(self._transfers_by_asset)
 
     @property
     def unvalued_income(self) -> Mapping[str, Decimal]:
         """Funding and other income in another asset than USDT: ``equity`` leaves it out."""
-        return MappingProxyType(dict(sorted(self._unvalued_income.items())))
+        return _decimals(self._unvalued_income)
 
     @property
     def entries_applied(self) -> int:
@@ -384,39 +387,50 @@ class Ledger:
     @property
     def wallet(self) -> Decimal:
         """initial capital + realized PnL - fees + funding + transfers + other income, exact."""
-        return self._base
+        return _fine_decimal(self._wallet)
+
+    @property
+    def usdt_wallet(self) -> Decimal:
+        """What the venue's USDT wallet holds by the ledger: ``wallet`` with only the fees paid
+        in USDT taken off (a fee paid in BNB leaves the BNB wallet, not this one), exact."""
+        usdt_fees = self._fees_by_asset.get(SETTLEMENT_ASSET, 0)
+        return _fine_decimal(self._wallet + self._fees - usdt_fees)
+
+    def unrealized_at(self, marks: Mapping[str, Decimal]) -> Decimal:
+        """The unrealized PnL of the open positions at ``marks`` (another's, e.g. the venue's),
+        exact; a position without a mark there raises ``KeyError``, a mark finer than the
+        ledger's units ``ValueError``."""
+        total = 0
+        for symbol, position in self._positions.items():
+            if position.quantity:
+                total += position.unrealized(_units(marks[symbol], _QUOTED))
+        return _fine_decimal(total)
 
     @property
     def unrealized_pnl(self) -> Decimal:
-        # The context's own methods: the same arithmetic as operators inside localcontext,
-        # without entering one.
-        total = _ZERO
-        for value in self._unrealized.values():
-            if value is not None:
-                total = _EXACT.add(total, value)
-        return total
+        return _fine_decimal(self._unrealized_total)
 
     @property
     def equity(self) -> Decimal:
         """The wallet + unrealized PnL, exact."""
-        if self._equity is None:
-            self._equity = _EXACT.add(self._base, self.unrealized_pnl)
-        return self._equity
+        units = self._wallet + self._unrealized_total
+        if units != self._shown_equity[0]:  # read after every candle: converted once a change
+            self._shown_equity = (units, _fine_decimal(units))
+        return self._shown_equity[1]
 
     @property
     def peak_equity(self) -> Decimal:
-        return self._peak_equity
+        return _fine_decimal(self._peak_equity)
 
     @property
     def drawdown_pct(self) -> Decimal:
         """How far equity is below its peak now, in percent of the peak (0 at a new high)."""
-        with localcontext(_EXACT):
-            return _drawdown_pct(self._peak_equity, self.equity)
+        return _fine_decimal(_drawdown(self._peak_equity, self._equity_units))
 
     @property
     def max_drawdown_pct(self) -> Decimal:
         """The worst peak-to-trough fall seen after any fill or mark, in percent of its peak."""
-        return self._max_drawdown_pct
+        return _fine_decimal(self._max_drawdown)
 
     @property
     def fills_applied(self) -> int:
@@ -424,13 +438,12 @@ class Ledger:
 
     def position(self, symbol: str) -> PositionView:
         """``symbol``'s position with exact (unrounded) figures; all zero if never traded."""
-        with localcontext(_EXACT):
-            return self._view(symbol, self._positions.get(symbol, _Position()), exact=True)
+        return self._view(symbol, self._positions.get(symbol, _Position()), exact=True)
 
     def quantity(self, symbol: str) -> Decimal:
         """Signed position quantity: positive long, negative short, 0 when flat."""
         position = self._positions.get(symbol)
-        return position.quantity if position else _ZERO
+        return _quoted_decimal(position.quantity) if position else _ZERO
 
     @property
     def open_positions(self) -> int:
@@ -441,13 +454,17 @@ class Ledger:
     def positions(self) -> Mapping[str, Decimal]:
         """Signed quantity of every non-flat symbol, sorted by symbol (a read-only copy)."""
         return MappingProxyType(
-            {s: p.quantity for s, p in sorted(self._positions.items()) if p.quantity}
+            {
+                s: _quoted_decimal(p.quantity)
+                for s, p in sorted(self._positions.items())
+                if p.quantity
+            }
         )
 
     @property
     def marks(self) -> Mapping[str, Decimal]:
         """The latest mark price of every symbol that has one (a read-only copy)."""
-        return MappingProxyType(dict(self._marks))
+        return MappingProxyType(dict(self._mark_prices))
 
     # --- output -------------------------------------------------------------------------------
 
@@ -456,32 +473,31 @@ class Ledger:
 
         ``fills_through``: the FILLS stream sequence of the last fill applied, if known.
         """
-        with localcontext(_EXACT):
-            return PortfolioSnapshot(
-                sequence=sequence,
-                ts_ms=ts_ms,
-                fills_through=fills_through,
-                fees_by_asset=_amounts(self._fees_by_asset),
-                unvalued_fees=_amounts(self._unvalued),
-                fills_applied=self.fills_applied,
-                entries_applied=self._entries_applied,
-                funding=_money(self._funding),
-                transfers=_money(self._transfers),
-                other_income=_money(self._other_income),
-                transfers_by_asset=_signed_amounts(self._transfers_by_asset),
-                unvalued_income=_signed_amounts(self._unvalued_income),
-                initial_capital=_money(self._initial_capital),
-                realized_pnl=_money(self._realized),
-                unrealized_pnl=_money(self.unrealized_pnl),
-                fees=_money(self._fees),
-                equity=_money(self.equity),
-                peak_equity=_money(self._peak_equity),
-                drawdown_pct=_pct(self.drawdown_pct),
-                max_drawdown_pct=_pct(self._max_drawdown_pct),
-                positions=tuple(
-                    self._view(s, p, exact=False) for s, p in sorted(self._positions.items())
-                ),
-            )
+        return PortfolioSnapshot(
+            sequence=sequence,
+            ts_ms=ts_ms,
+            fills_through=fills_through,
+            fees_by_asset=_amounts(self._fees_by_asset),
+            unvalued_fees=_amounts(self._unvalued),
+            fills_applied=self.fills_applied,
+            entries_applied=self._entries_applied,
+            funding=_money(self._funding),
+            transfers=_money(self._transfers),
+            other_income=_money(self._other_income),
+            transfers_by_asset=_signed_amounts(self._transfers_by_asset),
+            unvalued_income=_signed_amounts(self._unvalued_income),
+            initial_capital=_money(self._capital),
+            realized_pnl=_money(self._realized),
+            unrealized_pnl=_money(self._unrealized_total),
+            fees=_money(self._fees),
+            equity=_money(self._equity_units),
+            peak_equity=_money(self._peak_equity),
+            drawdown_pct=_pct(_drawdown(self._peak_equity, self._equity_units)),
+            max_drawdown_pct=_pct(self._max_drawdown),
+            positions=tuple(
+                self._view(s, p, exact=False) for s, p in sorted(self._positions.items())
+            ),
+        )
 
     def checkpoint(
         self, *, fills_through: int, ts_ms: int, source: str, skipped: tuple[int, ...] = ()
@@ -495,32 +511,33 @@ class Ledger:
             fills_through=fills_through,
             fills_applied=self._fills_applied,
             initial_capital=self._initial_capital,
-            realized_pnl=self._realized,
-            fees_usdt=self._fees,
+            realized_pnl=_fine_decimal(self._realized),
+            fees_usdt=_fine_decimal(self._fees),
             fees_by_asset=_amounts(self._fees_by_asset, exact=True),
             unvalued_fees=_amounts(self._unvalued, exact=True),
-            peak_equity=self._peak_equity,
-            max_drawdown_pct=self._max_drawdown_pct,
+            peak_equity=_fine_decimal(self._peak_equity),
+            max_drawdown_pct=_fine_decimal(self._max_drawdown),
             positions=tuple(
                 CheckpointPosition(
                     symbol=s,
-                    quantity=p.quantity,
-                    cost=p.cost,
-                    realized=p.realized,
-                    fees=p.fees,
-                    funding=p.funding,
+                    quantity=_quoted_decimal(p.quantity),
+                    cost=_fine_decimal(p.cost),
+                    realized=_fine_decimal(p.realized),
+                    fees=_fine_decimal(p.fees),
+                    funding=_fine_decimal(p.funding),
                 )
-                for s, p in self._positions.items()  # the ledger's order: sums add the same
+                for s, p in self._positions.items()
             ),
-            marks=tuple(CheckpointMark(symbol=s, price=p) for s, p in self._marks.items()),
+            marks=tuple(CheckpointMark(symbol=s, price=p) for s, p in self._mark_prices.items()),
             recent_fills=tuple(
-                AppliedFill(fill_id=f, digest=self._fill_ids[f]) for f in self._recent
+                AppliedFill(fill_id=f, digest=_digest(said) if isinstance(said, Fill) else said)
+                for f, said in self._recent
             ),
             skipped=skipped,
             entries_applied=self._entries_applied,
-            funding_usdt=self._funding,
-            transfers_usdt=self._transfers,
-            other_income_usdt=self._other_income,
+            funding_usdt=_fine_decimal(self._funding),
+            transfers_usdt=_fine_decimal(self._transfers),
+            other_income_usdt=_fine_decimal(self._other_income),
             transfers_by_asset=_signed_amounts(self._transfers_by_asset, exact=True),
             unvalued_income=_signed_amounts(self._unvalued_income, exact=True),
             recent_entries=tuple(
@@ -530,29 +547,16 @@ class Ledger:
 
     @classmethod
     def restore(cls, checkpoint: PortfolioCheckpoint, *, exchange: ExchangeInfo) -> Ledger:
-        """The ledger ``checkpoint`` describes, exactly as the one that wrote it was."""
+        """The ledger ``checkpoint`` describes, exactly as the one that wrote it was.
+
+        Raises ``ValueError`` for a checkpoint it cannot hold exactly."""
         ledger = cls(initial_capital=checkpoint.initial_capital, exchange=exchange)
-        for held in checkpoint.positions:
-            ledger._positions[held.symbol] = _Position(
-                quantity=held.quantity,
-                cost=held.cost,
-                realized=held.realized,
-                fees=held.fees,
-                funding=held.funding,
-            )
-        ledger._marks = {mark.symbol: mark.price for mark in checkpoint.marks}
-        for applied in checkpoint.recent_fills:
-            ledger._fill_ids[applied.fill_id] = applied.digest
-            ledger._recent.append(applied.fill_id)
-        ledger._fills_applied = checkpoint.fills_applied
-        ledger._realized = checkpoint.realized_pnl
-        ledger._fees = checkpoint.fees_usdt
-        ledger._fees_by_asset = {a.asset: a.amount for a in checkpoint.fees_by_asset}
-        ledger._unvalued = {a.asset: a.amount for a in checkpoint.unvalued_fees}
-        ledger._restore_entries(checkpoint)
-        ledger._base = ledger._wallet_of(realized=ledger._realized, fees=ledger._fees)
-        ledger._peak_equity = checkpoint.peak_equity
-        ledger._max_drawdown_pct = checkpoint.max_drawdown_pct
+        try:
+            ledger._restore_fills(checkpoint)
+            ledger._restore_entries(checkpoint)
+        except _OffScale as exc:
+            raise ValueError(f"checkpoint: {exc}") from exc
+        ledger._wallet = ledger._capital + ledger._realized - ledger._fees + ledger._booked
         ledger._trough = None
         for symbol, position in ledger._positions.items():
             # A symbol with funding only (never traded here) has no mark and needs none.
@@ -561,104 +565,195 @@ class Ledger:
             ledger._revalue(symbol, position)
         return ledger
 
+    def _restore_fills(self, checkpoint: PortfolioCheckpoint) -> None:
+        for held in checkpoint.positions:
+            self._positions[held.symbol] = _Position(
+                quantity=_units(held.quantity, _QUOTED),
+                cost=_units(held.cost, _FINE),
+                realized=_units(held.realized, _FINE),
+                fees=_units(held.fees, _FINE),
+                funding=_units(held.funding, _FINE),
+            )
+        for mark in checkpoint.marks:
+            self._marks[mark.symbol] = _units(mark.price, _QUOTED)
+            self._mark_prices[mark.symbol] = mark.price
+        for applied in checkpoint.recent_fills:
+            self._fill_ids[applied.fill_id] = applied.digest
+            self._recent.append((applied.fill_id, applied.digest))
+        self._fills_applied = checkpoint.fills_applied
+        self._realized = _units(checkpoint.realized_pnl, _FINE)
+        self._fees = _units(checkpoint.fees_usdt, _FINE)
+        self._fees_by_asset = _all_units(checkpoint.fees_by_asset)
+        self._unvalued = _all_units(checkpoint.unvalued_fees)
+        self._peak_equity = _units(checkpoint.peak_equity, _FINE)
+        self._max_drawdown = _units(checkpoint.max_drawdown_pct, _FINE)
+
     def _restore_entries(self, checkpoint: PortfolioCheckpoint) -> None:
         for applied in checkpoint.recent_entries:
             self._entry_ids[applied.entry_id] = applied.digest
             self._recent_entries.append(applied.entry_id)
         self._entries_applied = checkpoint.entries_applied
-        self._funding = checkpoint.funding_usdt
-        self._transfers = checkpoint.transfers_usdt
-        self._other_income = checkpoint.other_income_usdt
-        self._transfers_by_asset = {a.asset: a.amount for a in checkpoint.transfers_by_asset}
-        self._unvalued_income = {a.asset: a.amount for a in checkpoint.unvalued_income}
-        self._booked = _booked_of(self._funding, self._transfers, self._other_income)
+        self._funding = _units(checkpoint.funding_usdt, _FINE)
+        self._transfers = _units(checkpoint.transfers_usdt, _FINE)
+        self._other_income = _units(checkpoint.other_income_usdt, _FINE)
+        self._transfers_by_asset = _all_units(checkpoint.transfers_by_asset)
+        self._unvalued_income = _all_units(checkpoint.unvalued_income)
 
     # --- internals ----------------------------------------------------------------------------
 
+    @property
+    def _booked(self) -> int:
+        """The account entries' net in USDT."""
+        return self._funding + self._transfers + self._other_income
+
+    @property
+    def _equity_units(self) -> int:
+        return self._wallet + self._unrealized_total
+
     def _revalue(self, symbol: str, position: _Position) -> None:
-        """Its fill or mark moved ``symbol``: its unrealized PnL, and so the equity."""
-        self._unrealized[symbol] = (
-            _EXACT.subtract(_EXACT.multiply(position.quantity, self._marks[symbol]), position.cost)
-            if position.quantity
-            else None
-        )
-        self._equity = None
+        """Its fill or mark moved ``symbol``: its unrealized PnL, and so their total."""
+        # A symbol with funding only has no mark, and no quantity to value.
+        unrealized = position.unrealized(self._marks[symbol]) if position.quantity else 0
+        self._unrealized_total += unrealized - self._unrealized.get(symbol, 0)
+        self._unrealized[symbol] = unrealized
 
     def _update_drawdown(self) -> None:
-        # Called for every mark: ``_EXACT``'s own methods, not a ``localcontext`` entered.
-        equity = self.equity
+        equity = self._wallet + self._unrealized_total
         if equity > self._peak_equity:
             self._peak_equity = equity  # a drawdown of 0
             self._trough = equity
             return
-        # The drawdown from a fixed peak only grows as equity falls, its rounded arithmetic
-        # too (each correctly rounded step is monotonic): above the trough it is no deeper.
+        # The drawdown from a fixed peak only grows as equity falls, its rounded quotient too
+        # (rounding is monotonic): above the trough it is no deeper.
         trough = self._trough
         if trough is not None and equity >= trough:
             return
-        drawdown = _drawdown_pct(self._peak_equity, equity)
-        if drawdown > self._max_drawdown_pct:
-            self._max_drawdown_pct = drawdown
+        drawdown = _drawdown(self._peak_equity, equity)
+        if drawdown > self._max_drawdown:
+            self._max_drawdown = drawdown
         self._trough = equity
 
     def _view(self, symbol: str, position: _Position, *, exact: bool) -> PositionView:
-        mark = self._marks.get(symbol, _ZERO)
-        unrealized = position.unrealized(mark) if position.quantity else _ZERO
-        show = _identity if exact else _money
+        mark = self._marks.get(symbol, 0)
+        quantity = _quoted_decimal(position.quantity)
+        average = (
+            _EXACT.divide(_fine_decimal(position.cost), quantity) if position.quantity else _ZERO
+        )
+        show = _fine_decimal if exact else _money
         return PositionView(
             symbol=symbol,
-            quantity=position.quantity,
-            avg_entry_price=show(position.avg_entry),
-            mark_price=mark,
-            unrealized_pnl=show(unrealized),
+            quantity=quantity,
+            avg_entry_price=average if exact else _quantize(average, _USDT),
+            mark_price=self._mark_prices.get(symbol, _ZERO),
+            unrealized_pnl=show(position.unrealized(mark)),
             realized_pnl=show(position.realized),
             fees=show(position.fees),
             funding=show(position.funding),
         )
 
 
-def _book(position: _Position, signed_qty: Decimal, price: Decimal) -> Decimal:
-    """Move ``position`` by ``signed_qty`` at ``price``; returns the PnL realized by the move.
-
-    Must run inside the ``_EXACT`` context.
-    """
+def _book(position: _Position, quantity: int, price: int) -> int:
+    """Move ``position`` by the signed ``quantity`` at ``price`` (both in 1e-12); returns the
+    PnL realized by the move, in 1e-80 USDT."""
     current = position.quantity
-    if current == 0 or (current > 0) == (signed_qty > 0):
-        position.quantity = current + signed_qty
-        position.cost += signed_qty * price
-        return _ZERO
-    closed = min(abs(signed_qty), abs(current))
+    if current == 0 or (current > 0) == (quantity > 0):
+        position.quantity = current + quantity
+        position.cost += quantity * price * _PRODUCT
+        return 0
+    held = abs(current)
+    closed = min(abs(quantity), held)
     # The share of the cost basis that leaves with the closed quantity (all of it when the
     # position closes, so a round trip is exact).
-    closed_cost = position.cost if closed == abs(current) else position.cost * closed / abs(current)
-    direction = 1 if current > 0 else -1
-    realized = direction * closed * price - closed_cost
+    closed_cost = position.cost if closed == held else _divide(position.cost * closed, held)
+    proceeds = closed * price * _PRODUCT
+    realized = (proceeds if current > 0 else -proceeds) - closed_cost
     position.realized += realized
-    position.quantity = current + signed_qty
+    position.quantity = current + quantity
     position.cost -= closed_cost
     if position.quantity != 0 and (position.quantity > 0) != (current > 0):
-        position.cost = position.quantity * price  # flipped: the remainder opened at the price
+        position.cost = position.quantity * price * _PRODUCT  # flipped: opened at the price
     return realized
 
 
-def _booked_of(funding: Decimal, transfers: Decimal, other_income: Decimal) -> Decimal:
-    """The account entries' net in USDT, added in one order wherever it is computed."""
-    return _EXACT.add(_EXACT.add(funding, transfers), other_income)
+def _divide(numerator: int, denominator: int) -> int:
+    """``numerator / denominator`` rounded half-even (``denominator`` > 0)."""
+    quotient, remainder = divmod(numerator, denominator)  # floor: 0 <= remainder < denominator
+    twice = 2 * remainder
+    if twice > denominator or (twice == denominator and quotient % 2):
+        quotient += 1
+    return quotient
 
 
-def _peak_after_transfer(
-    peak: Decimal, *, before: Decimal, after: Decimal, amount: Decimal
-) -> Decimal:
+def _drawdown(peak: int, equity: int) -> int:
+    """How far ``equity`` is below ``peak``, in percent of it, in 1e-80. A peak is positive
+    unless transfers took every unit out (then nothing can fall)."""
+    if equity >= peak or peak <= 0:
+        return 0
+    return _divide((peak - equity) * 100 * _FINE, peak)
+
+
+def _peak_after_transfer(peak: int, *, before: int, after: int, amount: int) -> int:
     """The peak once capital moved: scaled by the equity's ratio after/before, so the drawdown
     in percent is what it was (a withdrawal is no loss); moved by the amount when the equity
-    before or after is not positive (no ratio to scale by). Inside ``_EXACT``."""
+    before or after is not positive (no ratio to scale by)."""
     if before > 0 and after > 0:
-        return peak * after / before
+        return _divide(peak * after, before)
     return peak + amount
 
 
+class _OffScale(ValueError):
+    """A value finer than the ledger's units: refused, never rounded."""
+
+
+def _units(value: Decimal, per_one: int) -> int:
+    """``value`` in units of ``1 / per_one``, exactly; ``_OffScale`` if it is no whole number
+    of them. ``as_integer_ratio`` is exact and ignores every ``decimal`` context."""
+    numerator, denominator = value.as_integer_ratio()
+    scale, remainder = divmod(per_one, denominator)
+    if remainder:
+        raise _OffScale(f"{value} is finer than 1/{per_one}")
+    return numerator * scale
+
+
+def _fine_units(value: Decimal, name: str) -> int:
+    try:
+        return _units(value, _FINE)
+    except _OffScale as exc:
+        raise ValueError(f"{name}: {exc}") from exc
+
+
+def _fee_value(fill: Fill, fee: int) -> int | None:
+    """The fee in 1e-80 USDT: the fee itself in USDT, else its stated value (None: unknown)."""
+    if fill.fee_asset == SETTLEMENT_ASSET:
+        return fee
+    return None if fill.fee_usdt is None else _units(fill.fee_usdt, _FINE)
+
+
+def _all_units(amounts: tuple[AssetAmount, ...] | tuple[SignedAssetAmount, ...]) -> dict[str, int]:
+    return {a.asset: _units(a.amount, _FINE) for a in amounts}
+
+
+def _decimal(units: int, per_one: int, places: int) -> Decimal:
+    """``units / per_one`` (``per_one`` is 10**``places``) as a Decimal, exactly, in its
+    shortest form: no trailing zeros after the point, and no exponent for a whole number."""
+    whole, fraction = divmod(units, per_one)
+    if not fraction:
+        return Decimal(whole)
+    return _WIDE.scaleb(Decimal(units), -places).normalize(_WIDE)
+
+
+def _fine_decimal(units: int) -> Decimal:
+    return _decimal(units, _FINE, COMPUTED_PLACES)
+
+
+def _quoted_decimal(units: int) -> Decimal:
+    return _decimal(units, _QUOTED, QUOTED_PLACES)
+
+
 def _digest(fill: Fill) -> str:
-    """What a fill says, in 16 hex digits: a repeat of its id must say the same."""
+    """What a fill says, in 16 hex digits: a repeat of its id must say the same. A checkpoint
+    carries it for the latest fills; within one process the ledger compares a cheaper hash of
+    the same facts (``apply_fill``), the digest is computed when a checkpoint needs it."""
     facts = (fill.symbol, fill.side.value, fill.quantity, fill.price, fill.fee, fill.fee_asset)
     text = "|".join(str(part) for part in (*facts, fill.client_order_id))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -671,33 +766,32 @@ def _entry_digest(entry: AccountEntry) -> str:
     return hashlib.sha256("|".join(str(part) for part in facts).encode()).hexdigest()[:16]
 
 
-def _amounts(by_asset: Mapping[str, Decimal], *, exact: bool = False) -> tuple[AssetAmount, ...]:
-    show = _identity if exact else _money
+def _amounts(by_asset: Mapping[str, int], *, exact: bool = False) -> tuple[AssetAmount, ...]:
+    show = _fine_decimal if exact else _money
     return tuple(AssetAmount(asset=a, amount=show(v)) for a, v in sorted(by_asset.items()))
 
 
 def _signed_amounts(
-    by_asset: Mapping[str, Decimal], *, exact: bool = False
+    by_asset: Mapping[str, int], *, exact: bool = False
 ) -> tuple[SignedAssetAmount, ...]:
-    show = _identity if exact else _money
+    show = _fine_decimal if exact else _money
     return tuple(SignedAssetAmount(asset=a, amount=show(v)) for a, v in sorted(by_asset.items()))
 
 
-def _drawdown_pct(peak: Decimal, equity: Decimal) -> Decimal:
-    # ``_EXACT``'s methods are the operators inside ``localcontext(_EXACT)``, without entering
-    # one. A peak is positive unless transfers took every unit out (then nothing can fall).
-    if equity >= peak or peak <= 0:
-        return _ZERO
-    return _EXACT.multiply(_EXACT.divide(_EXACT.subtract(peak, equity), peak), _HUNDRED)
+def _decimals(by_asset: Mapping[str, int]) -> Mapping[str, Decimal]:
+    return MappingProxyType({a: _fine_decimal(v) for a, v in sorted(by_asset.items())})
 
 
-def _identity(value: Decimal) -> Decimal:
-    return value
+def _money(units: int) -> Decimal:
+    """Money for display: to 1e-8 USDT, half up."""
+    return _quantize(_fine_decimal(units), _USDT)
 
 
-def _money(value: Decimal) -> Decimal:
-    return published(value, _USDT)
+def _pct(units: int) -> Decimal:
+    """A percentage for display: to 1e-6, half up."""
+    return _quantize(_fine_decimal(units), _PCT)
 
 
-def _pct(value: Decimal) -> Decimal:
-    return published(value, _PCT)
+def _quantize(value: Decimal, step: Decimal) -> Decimal:
+    # In 120 digits: an amount this ledger holds may be wider than money's 60.
+    return published(value, step, context=_ROUNDING)

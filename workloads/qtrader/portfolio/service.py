@@ -58,12 +58,14 @@ from qtrader.contracts.messages import (
     PortfolioSnapshot,
     RiskAlert,
     RiskAlertKind,
+    VenueAccount,
 )
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.health.contract import REFRESH_INTERVAL_S, DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.checkpoints import Start, start_from_checkpoint
 from qtrader.portfolio.ledger import BookingRefused, Ledger
+from qtrader.portfolio.wallet_check import WalletCheck
 from qtrader.risk.evaluators import DrawdownEvaluator
 from qtrader.runtime import Task, WorkerContext
 from qtrader.viewer.app import attach_viewer
@@ -86,6 +88,15 @@ UNREALIZED = Gauge("qtrader_portfolio_unrealized_pnl_usd", "Unrealized PnL at th
 FEES = Gauge("qtrader_portfolio_fees_usd", "Fees paid since the first fill.")
 FUNDING = Gauge("qtrader_portfolio_funding_usd", "Funding booked in USDT (positive: received).")
 TRANSFERS = Gauge("qtrader_portfolio_transfers_usd", "Net USDT transferred into the account.")
+OTHER_INCOME = Gauge(
+    "qtrader_portfolio_other_income_usd",
+    "Other USDT income the venue booked (rebates, bonuses; negative: costs).",
+)
+FEES_BY_ASSET = Gauge(
+    "qtrader_portfolio_fees_by_asset",
+    "Commissions paid, in the units of the asset they were paid in (USDT, BNB).",
+    ["asset"],
+)
 DRAWDOWN = Gauge("qtrader_portfolio_drawdown_ratio", "Current drawdown from the equity peak (0-1).")
 MAX_DRAWDOWN = Gauge("qtrader_portfolio_max_drawdown_ratio", "Worst peak-to-trough drawdown (0-1).")
 DRAWDOWN_LIMIT = Gauge(
@@ -144,6 +155,9 @@ class PortfolioConfig:
     checkpoint_interval_s: float = 5.0
     # FILLS sequences a person decided to pass over if the ledger refuses them (--skip-fill).
     skip_fills: frozenset[int] = frozenset()
+    # How long the wallet must keep differing from the venue's over settled reads before it is a
+    # wallet_reconciliation alert (``portfolio.wallet_check``); testnet and live only.
+    wallet_grace_s: float = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,6 +208,9 @@ class Portfolio:
         self._start_note = ""
         self._fell_back = False
         self._checkpoint_error = ""
+        self._wallet = WalletCheck(
+            grace_s=config.wallet_grace_s, source=f"portfolio/{context.options.worker_id}"
+        )
         self.viewers = FanoutHub()
         self._viewer_state = ViewerState()
         attach_viewer(
@@ -203,6 +220,7 @@ class Portfolio:
             allowed_origins=viewer_origins(os.environ.get(VIEWER_ORIGINS_ENV, "")),
         )
         context.monitor.add_check("ledger", self.check)
+        context.monitor.add_check("wallet", self.check_wallet)
         context.policy.add_listener(
             lambda revision: DRAWDOWN_LIMIT.set(float(revision.spec.risk.max_drawdown_pct) / 100)
         )
@@ -288,6 +306,9 @@ class Portfolio:
                 # positions at once, not at the next candle (its staleness is not judged here).
                 from_last=True,
             ),
+            bus.subscribe(
+                subjects.VENUE_ACCOUNT, VenueAccount, self._on_venue_account, label="wallet"
+            ),
             self._publish_loop(),
             self._checkpoint_loop(),
         )
@@ -343,6 +364,19 @@ class Portfolio:
         if applied:
             booking.applied.inc()
             self._dirty.set()
+        assert self._ledger is not None
+        self._raise(self._wallet.reached(self._ledger, sequence))
+
+    async def _on_venue_account(self, read: VenueAccount) -> None:
+        """A settled read of the venue's account: compared once the ledger is as of its FILLS
+        sequence (at once if it is already; never if it is past it or stuck before it)."""
+        if self._stuck is None:
+            self._raise(self._wallet.offer(read, self._ledger, self._fills_through))
+
+    def _raise(self, alert: RiskAlert | None) -> None:
+        if alert is not None:
+            self._pending_alerts.append(alert)
+            self._dirty.set()  # the publish loop sends it
 
     def _stop_at(self, booking: Booking, sequence: int, reason: str) -> None:
         self._stuck = StuckAt(what=str(booking), sequence=sequence, reason=reason)
@@ -467,6 +501,10 @@ class Portfolio:
             f"FILLS sequence {self._fills_through}, equity {ledger.equity:.2f}; {started}",
         )
 
+    async def check_wallet(self) -> DependencyHealth:
+        """DEGRADED while the venue's wallet differs from the ledger's beyond the grace."""
+        return self._wallet.health()
+
 
 def _ledger_health(status: Status, detail: str) -> DependencyHealth:
     return DependencyHealth(name="ledger", status=status, detail=detail)
@@ -479,6 +517,9 @@ def _export(ledger: Ledger) -> None:
     FEES.set(float(ledger.fees))
     FUNDING.set(float(ledger.funding))
     TRANSFERS.set(float(ledger.transfers))
+    OTHER_INCOME.set(float(ledger.other_income))
+    for asset, amount in ledger.fees_by_asset.items():
+        FEES_BY_ASSET.labels(asset).set(float(amount))
     DRAWDOWN.set(float(ledger.drawdown_pct) / 100)
     MAX_DRAWDOWN.set(float(ledger.max_drawdown_pct) / 100)
     OPEN_POSITIONS.set(ledger.open_positions)

@@ -114,9 +114,14 @@ class SimAdmin:
         result: list[dict[str, Any]] = self._call("POST", "/_sim/funding/settle", body)
         return result
 
-    def transfer(self, api_key: str, asset: str, amount: Decimal | str) -> dict[str, Any]:
-        """Deposit (amount > 0) or withdraw USDT or BNB; returns the TRANSFER entry."""
-        body = {"api_key": api_key, "asset": asset, "amount": str(amount)}
+    def transfer(
+        self, api_key: str, asset: str, amount: Decimal | str, *, income_delay_ms: int = 0
+    ) -> dict[str, Any]:
+        """Deposit (amount > 0) or withdraw USDT or BNB; returns the TRANSFER entry, which the
+        income history shows ``income_delay_ms`` later (a lagging venue; far off: never)."""
+        body: dict[str, Any] = {"api_key": api_key, "asset": asset, "amount": str(amount)}
+        if income_delay_ms:
+            body["income_delay_ms"] = income_delay_ms
         result: dict[str, Any] = self._call("POST", "/_sim/transfer", body)
         return result
 

@@ -460,8 +460,11 @@ class Venue:
             _ZERO,
         )
 
-    def transfer(self, api_key: str, asset: str, amount: Decimal, now_ms: int) -> Income:
-        """An admin deposit (amount > 0) or withdrawal into the futures wallet."""
+    def transfer(
+        self, api_key: str, asset: str, amount: Decimal, now_ms: int, *, income_delay_ms: int = 0
+    ) -> Income:
+        """An admin deposit (amount > 0) or withdrawal into the futures wallet; its income row
+        shows ``income_delay_ms`` after it (0: at once)."""
         if api_key not in self.config.api_keys:
             raise ValueError(f"unknown api key {api_key!r}")
         if asset not in ("USDT", "BNB") or amount == 0:
@@ -475,6 +478,7 @@ class Venue:
             asset=asset,
             time_ms=now_ms,
             info="DEPOSIT" if amount > 0 else "WITHDRAW",
+            listed_from_ms=now_ms + income_delay_ms,
         )
         balance = events.balance(asset, self.wallet(api_key, asset), amount)
         self._account_event(api_key, entry.info, now_ms, [balance], [])

@@ -656,7 +656,11 @@ class BinanceFuturesSim:
     async def _admin_transfer(self, body: Any, query: Mapping[str, str]) -> Any:
         api_key, asset = _field(body, "api_key", str), _field(body, "asset", str)
         amount = _decimal_field(body, "amount")
-        return _income(self.venue.transfer(api_key, asset, amount, self.now_ms()))
+        delay = _field(body, "income_delay_ms", int) if "income_delay_ms" in body else 0
+        if delay < 0:
+            raise ValueError("income_delay_ms must not be negative")
+        entry = self.venue.transfer(api_key, asset, amount, self.now_ms(), income_delay_ms=delay)
+        return _income(entry)
 
     async def _admin_fee_burn(self, body: Any, query: Mapping[str, str]) -> Any:
         api_key, enabled = _field(body, "api_key", str), _field(body, "enabled", bool)

@@ -326,6 +326,13 @@
     setFigure("realized", "value", s.realized_pnl, signed(fixed(s.realized_pnl, 2)));
     setFigure("unrealized", "value", s.unrealized_pnl, signed(fixed(s.unrealized_pnl, 2)));
     setFigure("fees", "value", s.fees, fixed(s.fees, 2));
+    // What moved the account besides our trades' PnL, each asset in its own units (a BNB fee
+    // or transfer is never shown as USDT); the exact amounts in data-value.
+    setFigure("fees-by-asset", "value", exactByAsset(s.fees_by_asset), byAsset(s.fees_by_asset));
+    setFigure("funding", "value", s.funding, signed(fixed(s.funding, 2)));
+    const transfers = s.transfers_by_asset;
+    setFigure("transfers", "value", exactByAsset(transfers), byAsset(transfers, true));
+    setFigure("other-income", "value", s.other_income, signed(fixed(s.other_income, 2)));
     setFigure("drawdown", "value", s.drawdown_pct, `${fixed(s.drawdown_pct, 2)}%`);
     setFigure("max-drawdown", "value", s.max_drawdown_pct, `${fixed(s.max_drawdown_pct, 2)}%`);
     setFigure("fills-applied", "value", s.fills_applied, String(s.fills_applied));
@@ -382,8 +389,20 @@
       `<td class="num">${fixed(p.avg_entry_price, 4)}</td><td class="num">${fixed(p.mark_price, 4)}</td>` +
       `<td class="num ${tone(p.unrealized_pnl)}">${signed(fixed(p.unrealized_pnl, 2))}</td>` +
       `<td class="num ${tone(p.realized_pnl)}">${signed(fixed(p.realized_pnl, 2))}</td>` +
-      `<td class="num">${fixed(p.fees, 2)}</td></tr>`
+      `<td class="num">${fixed(p.fees, 2)}</td>` +
+      `<td class="num ${tone(p.funding)}">${signed(fixed(p.funding, 2))}</td></tr>`
     );
+  }
+
+  // "1.25 USDT, 0.00172000 BNB": USDT to the cent, another asset to 8 places; "-" for none.
+  function byAsset(amounts, withSign) {
+    if (!amounts || !amounts.length) return "-";
+    const shown = (a) => fixed(a.amount, a.asset === "USDT" ? 2 : 8);
+    return amounts.map((a) => `${withSign ? signed(shown(a)) : shown(a)} ${esc(a.asset)}`).join(", ");
+  }
+
+  function exactByAsset(amounts) {
+    return (amounts || []).map((a) => `${a.asset}:${a.amount}`).join(" ");
   }
 
   function renderHealth() {

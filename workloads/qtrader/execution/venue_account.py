@@ -1,0 +1,107 @@
+"""Settled reads of the venue's account: what the portfolio compares its ledger's wallet with.
+
+The ledger owns the wallet (every fill and account entry on FILLS); execution owns the venue
+connection, the orders in flight and the income reader. So execution says *when* the venue's
+account can be compared and what it held, as a ``VenueAccount`` message, and the portfolio
+compares it with its ledger as of the FILLS sequence the message names
+(``qtrader.portfolio.wallet_check``).
+
+A read is settled, and published, only when every amount the venue's wallet holds is on FILLS
+at or before ``fills_through``:
+1. nothing in flight before the first read of the account (no intent in the exposure book, no
+   order being sent or looked up, no outcome unknown, nothing waiting in the outbox): every
+   fill the venue made is on FILLS;
+2. the venue's income is read after that first read, so every funding fee, transfer and other
+   income the wallet held then is on FILLS (``AccountEntries.read_once``);
+3. FILLS' last sequence is read after that: ``fills_through``;
+4. the account is read again, and must equal the first read (wallet and positions) with still
+   nothing in flight: no money moved while 2 and 3 ran, so the income read cannot hold an
+   amount the wallet did not (a transfer landing between the reads), nor miss one it did.
+Anything else is an unsettled read: counted, not published, tried again next round.
+
+A venue whose income history lags its balance (an income row shown a while after the money
+moved) makes a settled read differ for a while; the portfolio's rule (the difference must
+persist over reads and time) is what tells that from money no row explains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+
+from qtrader.bus.errors import BusUnavailable
+from qtrader.bus.nats_bus import Bus
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import VenueAccount, VenueAccountPosition
+from qtrader.exchange.errors import ExchangeError
+from qtrader.exchange.venue import AccountReader, IncomeReader, VenuePosition
+from qtrader.execution.account_entries import AccountEntries
+
+Account = tuple[list[VenuePosition], Decimal]  # what ``AccountReader.account`` answers
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unsettled:
+    """Why no settled read came of this round."""
+
+    why: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SettledReader:
+    """Turns a read of the account taken while nothing was in flight into a settled one."""
+
+    bus: Bus
+    entries: AccountEntries
+    quiet: Callable[[], str | None]  # None when nothing is in flight, else what is
+    source: str
+    now_ms: Callable[[], int]
+
+    async def settle(self, venue: AccountReader, first: Account) -> VenueAccount | Unsettled:
+        """Steps 2-4 of the module's doc; ``first`` was read while ``quiet()`` said None.
+
+        Raises ``ExchangeError`` (the venue) or ``BusUnavailable`` (NATS).
+        """
+        assert isinstance(venue, IncomeReader), "a venue with an account has an income history"
+        await self.entries.read_once(venue)
+        through = await self.bus.last_sequence(subjects.FILLS)
+        second = await venue.account()
+        busy = self.quiet()
+        if busy is not None:
+            return Unsettled(why=f"{busy} during the read")
+        if _facts(first) != _facts(second):
+            return Unsettled(why="the account moved during the read")
+        positions, wallet = second
+        return VenueAccount(
+            source=self.source,
+            ts_ms=self.now_ms(),
+            fills_through=through,
+            wallet=wallet,
+            positions=tuple(
+                VenueAccountPosition(
+                    symbol=p.symbol,
+                    quantity=p.quantity,
+                    mark_price=p.mark_price,
+                    unrealized_pnl=p.unrealized_pnl,
+                )
+                for p in sorted(positions, key=lambda p: p.symbol)
+            ),
+        )
+
+    async def publish(self, venue: AccountReader, first: Account) -> VenueAccount | Unsettled:
+        """``settle``, and the settled read on its subject; a failure is an unsettled read."""
+        try:
+            read = await self.settle(venue, first)
+            if isinstance(read, VenueAccount):
+                await self.bus.announce(subjects.VENUE_ACCOUNT, read)
+        except (ExchangeError, BusUnavailable) as exc:
+            return Unsettled(why=f"not readable: {exc}"[:300])
+        return read
+
+
+def _facts(account: Account) -> tuple[Decimal, tuple[tuple[str, Decimal], ...]]:
+    """What must not move between the two reads: the wallet and every position's quantity
+    (the unrealized PnL moves with the mark, and is compared at the mark the venue states)."""
+    positions, wallet = account
+    return wallet, tuple(sorted((p.symbol, p.quantity) for p in positions))
