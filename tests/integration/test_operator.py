@@ -480,6 +480,57 @@ async def test_a_manual_trip_after_an_automatic_one_is_kubectls_and_never_resets
         assert latch.state is TradingState.HALTED
 
 
+async def test_a_reconciliation_alert_trips_to_reducing_and_the_reset_puts_the_mode_back(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _stop(cooldownSeconds=1))  # mode Halted
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(lambda: _published(cluster, "paper-demo"), timeout_s=10, what="policy")
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await _publish_alert(url, RiskAlertKind.RECONCILIATION, value="1", alert_id="recon-1")
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Reducing",
+            timeout_s=10,
+            what="the stop Reducing",
+        )
+        stop = cluster.get(STOPS, "main") or {}
+        assert stop["spec"]["mode"] == "Reducing"
+        assert stop["metadata"]["annotations"]["qtrader.dev/mode-before-trip"] == "Halted"
+        assert _stop_status(cluster)["trippedBy"] == "risk:reconciliation"
+        latch = await _kv_latch(url)
+        assert latch is not None
+        assert latch.state is TradingState.REDUCING
+        await _eventually(
+            lambda: _replicas(cluster, "execution") == 2 and _replicas(cluster, "inference") == 0,
+            timeout_s=10,
+            what="execution kept to reduce, inference at 0",
+        )
+
+        await asyncio.sleep(1.2)  # past the cooldown
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": False}})
+        await _eventually(
+            lambda: (
+                _stop_status(cluster).get("state") == "Armed"
+                and (cluster.get(STOPS, "main") or {})["spec"]["mode"] == "Halted"
+            ),
+            timeout_s=10,
+            what="reset, with the stop's own mode back",
+        )
+        annotations = (cluster.get(STOPS, "main") or {})["metadata"].get("annotations") or {}
+        assert "qtrader.dev/mode-before-trip" not in annotations
+        assert "qtrader.dev/tripped-by" not in annotations
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "by hand"}})
+        await _eventually(  # a person's next trip is in the stop's own mode again
+            lambda: _stop_status(cluster).get("state") == "Tripped",
+            timeout_s=10,
+            what="a person's trip halting",
+        )
+
+
 def _snapshot(drawdown: str, sequence: int) -> PortfolioSnapshot:
     equity = Decimal(10_000) * (1 - Decimal(drawdown) / 100)
     return PortfolioSnapshot(

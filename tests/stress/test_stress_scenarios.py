@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.stress, pytest.mark.integration]
 
 SCALE = float(os.environ.get("QTRADER_STRESS_SCALE", DEFAULT_SCALE))
 # The suite's per-test limit (pyproject) fits the default scale; a longer run gets a longer one.
-TIMEOUT_S = max(300, round(3000 * SCALE))
+TIMEOUT_S = max(900, round(3000 * SCALE))
 
 
 @pytest.mark.timeout(TIMEOUT_S)
