@@ -19,13 +19,10 @@ import httpx
 import kopf
 import nats.js.errors
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
-    Candle,
-    CandleSource,
     EmergencyStopView,
     HaltLatch,
     OrderStatus,
@@ -38,6 +35,8 @@ from qtrader.contracts.messages import (
 from qtrader.control.ess_status import parse_time
 from qtrader.instruments import ExchangeInfo
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools import metrics
+from qtrader_tools.candles import flat_candle
 from support.binance_sim import sim_in_thread
 from support.emulator import DEPLOYMENTS, NAMESPACE, POLICIES, SECRETS, STACK, STOPS, Cluster
 from support.emulator import eventually as _eventually
@@ -402,17 +401,11 @@ async def test_a_price_fall_beyond_the_stops_flash_crash_trigger_trips_it_by_its
         await bus.connect()
         try:
             for second, close in enumerate(["50000", "49000", "45000", "42400"]):  # -15.2%
-                candle = Candle(
-                    symbol="BTCUSDT",
-                    interval="1s",
+                candle = flat_candle(
+                    "BTCUSDT",
+                    close,
                     open_time_ms=1_700_000_000_000 + second * 1000,
-                    close_time_ms=1_700_000_000_999 + second * 1000,
-                    open=Decimal(close),
-                    high=Decimal(close),
-                    low=Decimal(close),
-                    close=Decimal(close),
-                    volume=Decimal(1),
-                    source=CandleSource.SYNTHETIC,
+                    interval="1s",
                 )
                 await bus.publish(subjects.candle_subject("BTCUSDT"), candle)
         finally:
@@ -1150,24 +1143,18 @@ async def _until_filled(url: str, stack: str) -> None:
 # --- the operator's metrics (issue 15): readable while execution runs no replica ---------------
 
 
-async def _scrape(memo: kopf.Memo) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """The operator's /metrics over HTTP, as {(name, labels): value}."""
+async def _scrape(memo: kopf.Memo) -> list[metrics.Sample]:
+    """The operator's /metrics over HTTP."""
     runtime = await _eventually(lambda: getattr(memo, "runtime", None), timeout_s=10, what="up")
     port = runtime.metrics.port
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
     response.raise_for_status()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
+    return metrics.parse(response.text)
 
 
-def _sample(
-    scraped: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float | None:
-    return scraped.get((name, frozenset(labels.items())))
+def _sample(scraped: list[metrics.Sample], name: str, **labels: str) -> float | None:
+    return metrics.find(scraped, name, **labels)
 
 
 async def test_operator_metrics_show_the_stop_the_latch_and_the_policy_through_a_trip(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qtrader.stress.scenario import DEFAULT_SCALE, SCENARIOS, StressOptions, run_scenario
+from qtrader_tools.stress.scenario import DEFAULT_SCALE, SCENARIOS, StressOptions, run_scenario
 
 pytestmark = [pytest.mark.stress, pytest.mark.integration]
 
