@@ -8,7 +8,8 @@ snapshots join the stream), risk alerts to RISK; 400 of them paced evenly, the l
 bursts of 25. Throughout, it polls the worker's ``/health``.
 
 Criteria (from what the viewers received and the worker's ``/viewer/stats``):
-- each fast viewer got each of the 500 events exactly once and in publish order, none dropped;
+- each fast viewer got each of the 500 events exactly once and, within each kind (order
+  updates, fills, alerts: one subscription each), in publish order, none dropped;
 - every viewer's batch numbers are contiguous (a gap would be a lost message);
 - every viewer can account for every event the server handed it: received plus reported
   dropped equals the server's own count for that viewer (sent plus dropped, nothing left
@@ -201,6 +202,16 @@ def _key(event: dict[str, Any]) -> str | None:
     return None
 
 
+def _by_kind(keys: list[str]) -> dict[str, list[str]]:
+    """Keys in arrival order, per kind of event. Order is promised within a kind, not across:
+    NATS orders what one subscription delivers, and the viewer feed subscribes once per kind
+    (order updates, fills, alerts come from different streams and, in a stack, processes)."""
+    kinds: dict[str, list[str]] = {}
+    for key in keys:
+        kinds.setdefault(key.split(":", 1)[0] if ":" in key else "order", []).append(key)
+    return kinds
+
+
 def _sent_key(message: Message) -> str:
     if isinstance(message, OrderUpdate):
         return message.client_order_id
@@ -337,9 +348,9 @@ def _judge(
     fills_booked: float,
     lags: Lags,
 ) -> None:
-    expected = [_sent_key(m) for m in sent]
+    expected = _by_kind([_sent_key(m) for m in sent])
     published = int(stats["published"]) - int(before["published"])
-    fast_exact = sum(v.keys == expected for v in views)
+    fast_exact = sum(_by_kind(v.keys) == expected for v in views)
     fast_dropped = sum(v.dropped for v in views)
     server_slow = _server_dropped(stats, len(views))
     seq_gaps = sum(_gaps(v.seqs) for v in [*views, slow])
@@ -366,7 +377,9 @@ def _judge(
             "fills_booked": fills_booked,
         }
     )
-    result.check("fast viewers with every event once, in order", fast_exact, "==", len(views))
+    result.check(
+        "fast viewers with every event once, in order within its kind", fast_exact, "==", len(views)
+    )
     result.check("events dropped for fast viewers", fast_dropped, "==", 0)
     result.check("batch number gaps (all viewers)", seq_gaps, "==", 0)
     result.check("events neither received nor reported dropped", unaccounted, "==", 0)
