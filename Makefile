@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml tools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,train]' -e ./tools
+	$(BIN)/pip install --quiet -e '.[dev,train,local]' -e ./tools
 	touch $@
 
 run: setup

