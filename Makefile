@@ -9,18 +9,20 @@ POLICY ?= examples/policy.yaml
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The runtime with its dev and train extras, and the tooling (tools/: the simulator, the stress
+# scenarios, the benchmarks) that the suite, `qtrader stress` and `qtrader bench` need.
+$(VENV)/.installed: pyproject.toml tools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,train]'
+	$(BIN)/pip install --quiet -e '.[dev,train,local]' -e ./tools
 	touch $@
 
 run: setup
 	$(BIN)/qtrader up --policy $(POLICY)
 
 lint: setup
-	$(BIN)/ruff check workloads operator tests bench
-	$(BIN)/ruff format --check workloads operator tests bench
+	$(BIN)/ruff check workloads operator tools tests bench
+	$(BIN)/ruff format --check workloads operator tools tests bench
 	$(BIN)/mypy
 
 unit: setup

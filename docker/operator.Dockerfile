@@ -14,11 +14,12 @@ COPY pyproject.toml README.md docker/constraints.txt ./
 COPY workloads ./workloads
 COPY operator ./operator
 # The operator imports qtrader (contracts, the ESS state machine, the bus): one project, no
-# `train` extra, so no torch.
+# `train` extra, so no torch, and no tooling (tools/ is a distribution of its own).
 # Pinned closure (docker/constraints.txt): the same packages on every build.
 RUN /opt/venv/bin/pip install -c constraints.txt . \
  && /opt/venv/bin/python -c "import qtrader_operator.main" \
- && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
+ && ! /opt/venv/bin/python -c "import torch" 2>/dev/null \
+ && ! /opt/venv/bin/python -c "import qtrader_tools" 2>/dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="quantum-trader-operator" \

@@ -3,9 +3,10 @@
 # Build from the repository root: docker build -f docker/workloads.Dockerfile -t quantum-trader-workloads:0.1.0 .
 #
 # No torch: the project is installed without the `train` extra; inference needs only
-# onnxruntime. The default model (card default.json and its members default.*.onnx) is baked in
-# (package data, and a copy in /models); a volume mounted at /models overrides it (policy
-# spec.model.ref: /models/<name>.json, or --model).
+# onnxruntime. No tooling either (tools/: the simulator, stress scenarios, benchmarks): it is a
+# distribution of its own, never installed here. The default model (card default.json and its
+# members default.*.onnx) is baked in (package data, and a copy in /models); a volume mounted at
+# /models overrides it (policy spec.model.ref: /models/<name>.json, or --model).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -20,7 +21,8 @@ COPY operator ./operator
 # Pinned closure (docker/constraints.txt): the same packages on every build.
 RUN /opt/venv/bin/pip install -c constraints.txt . \
  && /opt/venv/bin/python -c "import qtrader.inference.onnx_model as m; m.SignalModel.load(m.default_model_path())" \
- && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
+ && ! /opt/venv/bin/python -c "import torch" 2>/dev/null \
+ && ! /opt/venv/bin/python -c "import qtrader_tools" 2>/dev/null
 RUN mkdir -p /out/models \
  && cp workloads/qtrader/models/default.json workloads/qtrader/models/default.*.onnx /out/models/
 

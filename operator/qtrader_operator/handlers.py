@@ -68,6 +68,7 @@ from qtrader.contracts.policy import (
     TradingPolicySpec,
 )
 from qtrader.control.ess import (
+    MODE_BEFORE_TRIP_ANNOTATION,
     TRIPPED_BY_ANNOTATION,
     EssEvent,
     EssMode,
@@ -494,6 +495,7 @@ async def _reconcile_stop(
                 tripped_by=(meta.get("annotations") or {}).get(TRIPPED_BY_ANNOTATION) or "",
                 generation=meta.get("generation") or 0,
                 previous_conditions=list(status.get("conditions") or []),
+                mode_before_trip=_mode_before_trip(meta),
             ),
             status=before,
             store=KopfStore(body=body, patch=patch, status=status),
@@ -508,6 +510,17 @@ async def _reconcile_stop(
         await _scale_when_confirmed(
             runtime, namespace=meta["namespace"], name=name, applied=applied
         )
+
+
+def _mode_before_trip(meta: Mapping[str, Any]) -> EssMode | None:
+    """The mode-before-trip annotation; one that does not parse restores Halted, the most
+    restrictive mode (fail closed)."""
+    value = (meta.get("annotations") or {}).get(MODE_BEFORE_TRIP_ANNOTATION)
+    try:
+        return None if value is None else EssMode(value)
+    except ValueError:
+        log.warning("%s=%r is not a mode: Halted restored", MODE_BEFORE_TRIP_ANNOTATION, value)
+        return EssMode.HALTED
 
 
 class KopfStore:
@@ -531,6 +544,7 @@ class KopfStore:
         self._patch.spec.update(patch)
         if clear_tripped_by:
             self._patch.metadata.annotations[TRIPPED_BY_ANNOTATION] = None
+            self._patch.metadata.annotations[MODE_BEFORE_TRIP_ANNOTATION] = None
         return None  # the API server counts generations
 
     async def post_event(self, event: EssEvent, *, at: datetime) -> None:

@@ -33,15 +33,14 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     AccountEntry,
-    Candle,
-    CandleSource,
     PortfolioSnapshot,
     TradingState,
 )
 from qtrader.contracts.policy import parse_policy
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
-from qtrader.simulators.binance_futures import SimAdmin, SimConfig
+from qtrader_tools.candles import flat_candle
+from qtrader_tools.simulators.binance_futures import SimAdmin, SimConfig
 from support.binance_sim import KEY, SECRET, sim_in_thread
 from support.flow import flowing
 from support.invariants import settle_portfolio
@@ -151,15 +150,7 @@ async def _trade_into_a_position(url: str, bus: Bus, exchange: SimAdmin, executi
     # One price for both from here: the venue's mark and the portfolio's last candle.
     exchange.price(SYMBOL, MARK)
     start = int(time.time() * 1000) // 60_000 * 60_000
-    candle = Candle(
-        symbol=SYMBOL,
-        interval="1m",
-        open_time_ms=start,
-        close_time_ms=start + 59_999,
-        **dict.fromkeys(("open", "high", "low", "close"), MARK),
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+    candle = flat_candle(SYMBOL, MARK, open_time_ms=start)
     await bus.publish(subjects.candle_subject(SYMBOL), candle)
 
 

@@ -20,7 +20,6 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
-    CandleSource,
     HaltLatch,
     OrderStatus,
     OrderUpdate,
@@ -35,6 +34,7 @@ from qtrader.control.ess_status import EssState
 from qtrader.local.control import publish_policy
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools.candles import flat_candle
 from support.streams import read_all
 
 pytestmark = pytest.mark.integration
@@ -66,19 +66,7 @@ async def _policy(bus: Bus) -> None:
 
 
 def _candle(symbol: str, at_s: int, close: str) -> Candle:
-    price = Decimal(close)
-    return Candle(
-        symbol=symbol,
-        interval="1s",
-        open_time_ms=at_s * 1000,
-        close_time_ms=at_s * 1000 + 999,
-        open=price,
-        high=price,
-        low=price,
-        close=price,
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+    return flat_candle(symbol, close, open_time_ms=at_s * 1000, interval="1s")
 
 
 def _rejected(n: int) -> OrderUpdate:

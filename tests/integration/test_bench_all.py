@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qtrader.benchmarks import outbox, pnl
-from qtrader.benchmarks.suite import Bench, benches, run_suite
+from qtrader_tools.benchmarks import outbox, pnl
+from qtrader_tools.benchmarks.suite import Bench, benches, run_suite
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def small_outbox(path: Path) -> int:
 
 
 def missing(path: Path) -> int:
-    from qtrader.benchmarks import no_such_bench  # type: ignore[attr-defined]
+    from qtrader_tools.benchmarks import no_such_bench  # type: ignore[attr-defined]
 
     code: int = no_such_bench.run(json_path=path)
     return code

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qtrader.benchmarks import backtest
+from qtrader_tools.benchmarks import backtest
 
 pytestmark = pytest.mark.integration
 

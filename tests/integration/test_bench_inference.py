@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the inference benchmark needs the train extra (torch)")
 
-from qtrader.benchmarks import inference
+from qtrader_tools.benchmarks import inference
 
 FIGURES = ("ort_p50_us", "ort_p99_us", "torch_p50_us", "torch_p99_us")
 
@@ -44,7 +44,7 @@ def test_bench_when_run_small_then_table_json_and_parity(tmp_path: Path) -> None
 def test_bench_when_torch_is_missing_then_exit_1_naming_the_train_extra() -> None:
     probe = (
         "import sys; sys.modules['torch'] = None; "
-        "from qtrader.benchmarks import inference; sys.exit(inference.run(samples=10))"
+        "from qtrader_tools.benchmarks import inference; sys.exit(inference.run(samples=10))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from qtrader.benchmarks.pipeline import WARMUP_EXTRA
+from qtrader_tools.benchmarks.pipeline import WARMUP_EXTRA
 
 pytestmark = pytest.mark.integration
 

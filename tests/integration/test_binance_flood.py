@@ -1,11 +1,11 @@
 """The acceptance test of the shared rate limiter: "a flood of 10,000 mixed requests from two
 processes gets no 429 and no 418, and the server's log shows every window within the limits."
 
-Everything is real and separate: a redis-server, the Binance simulator in its own process, and
-two flood processes (``python -m qtrader.benchmarks.limiter_flood``) that share one budget through
-Redis (same egress id, same API key) and send orders that fill, order lookups, open orders, server
-time and dead-man countdowns through the real venue. Binance's limits are scaled down to 1 s and
-10 s strict fixed windows so the flood meets them within seconds: at about 3 weight a request,
+Everything is real and separate: a redis-server, the Binance simulator in its own process, and two
+flood processes (``python -m qtrader_tools.benchmarks.limiter_flood``) that share one budget
+through Redis (same egress id, same API key) and send orders that fill, order lookups, open orders,
+server time and dead-man countdowns through the real venue. Binance's limits are scaled down to 1 s
+and 10 s strict fixed windows so the flood meets them within seconds: at about 3 weight a request,
 10,000 requests need about 28 s of the weight budget, so the limiter, not the machine, sets the
 pace. Every verdict is read from the simulator (its request log and its ``/_sim/windows`` audit),
 never from the clients' view of themselves.
@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from qtrader.benchmarks.limiter_flood import sim_config
 from qtrader.exchange.limits import LimitKind, RateLimitRule
-from qtrader.simulators.binance_futures import SimAdmin
+from qtrader_tools.benchmarks.limiter_flood import sim_config
+from qtrader_tools.simulators.binance_futures import SimAdmin
 from support.binance_sim import sim_process
 from support.redis_server import running_redis
 
@@ -41,7 +41,7 @@ SEEDS = (1, 2)
 
 def start_flood(url: str, redis_url: str, seed: int, log_path: Path) -> subprocess.Popen[str]:
     command = [
-        sys.executable, "-m", "qtrader.benchmarks.limiter_flood",
+        sys.executable, "-m", "qtrader_tools.benchmarks.limiter_flood",
         "--url", url, "--redis-url", redis_url,
         "--requests", str(PER_PROCESS), "--seed", str(seed),
     ]  # fmt: skip

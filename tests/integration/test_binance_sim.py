@@ -34,7 +34,12 @@ with warnings.catch_warnings():
 
 from qtrader.exchange.limits import request_cost, rules_from_exchange_info
 from qtrader.instruments import ExchangeInfo
-from qtrader.simulators.binance_futures import BinanceFuturesSim, SimAdmin, SimAdminError, SimConfig
+from qtrader_tools.simulators.binance_futures import (
+    BinanceFuturesSim,
+    SimAdmin,
+    SimAdminError,
+    SimConfig,
+)
 from support.binance_sim import sim_in_thread
 
 pytestmark = pytest.mark.integration
@@ -754,7 +759,7 @@ def test_cli_prints_one_line_serves_and_stops_on_sigterm(tmp_path: Path) -> None
     command = [
         sys.executable,
         "-m",
-        "qtrader.simulators.binance_futures",
+        "qtrader_tools.simulators.binance_futures",
         "--port",
         "0",
         "--config",
@@ -783,7 +788,7 @@ def test_cli_prints_one_line_serves_and_stops_on_sigterm(tmp_path: Path) -> None
 )
 def test_cli_refuses_bad_arguments_clearly(args: list[str], message: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "qtrader.simulators.binance_futures", *args],
+        [sys.executable, "-m", "qtrader_tools.simulators.binance_futures", *args],
         capture_output=True,
         text=True,
         timeout=30,

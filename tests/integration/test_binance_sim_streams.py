@@ -26,7 +26,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", r"websockets\..* is deprecated", DeprecationWarning)
     from binance.exceptions import BinanceAPIException
 
-from qtrader.simulators.binance_futures import SimAdmin, SimConfig
+from qtrader_tools.simulators.binance_futures import SimAdmin, SimConfig
 from support.binance_sim import (
     KEY,
     SECRET,

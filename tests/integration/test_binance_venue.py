@@ -34,7 +34,7 @@ from qtrader.execution.exposure import Admitted, ExposureBook, Refused, SendLimi
 from qtrader.execution.halt import HaltGate
 from qtrader.execution.orders import DriverSettings, OrderDriver
 from qtrader.health.contract import Status
-from qtrader.simulators.binance_futures import SimAdmin, SimConfig
+from qtrader_tools.simulators.binance_futures import SimAdmin, SimConfig
 from support.binance_sim import KEY, SECRET, sim_in_thread
 
 pytestmark = pytest.mark.integration

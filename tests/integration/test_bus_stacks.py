@@ -15,7 +15,6 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
-    CandleSource,
     ControlHeartbeat,
     Direction,
     HaltLatch,
@@ -23,6 +22,7 @@ from qtrader.contracts.messages import (
     TradingState,
 )
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools.candles import flat_candle
 
 pytestmark = pytest.mark.integration
 
@@ -59,18 +59,7 @@ def _signal(signal_id: str) -> Signal:
 
 
 def _candle(close: str) -> Candle:
-    return Candle(
-        symbol="BTCUSDT",
-        interval="1m",
-        open_time_ms=0,
-        close_time_ms=59_999,
-        open=Decimal(close),
-        high=Decimal(close),
-        low=Decimal(close),
-        close=Decimal(close),
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+    return flat_candle("BTCUSDT", close, open_time_ms=0)
 
 
 async def _collect_consumer(bus: Bus, seconds: float) -> list[str]:

@@ -22,7 +22,7 @@ from qtrader.contracts.policy import parse_policy
 from qtrader.exchange.binance import CLOCK_SKEW_CRITICAL_AFTER
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
-from qtrader.simulators.binance_futures import SimAdmin
+from qtrader_tools.simulators.binance_futures import SimAdmin
 from support.binance_sim import KEY, SECRET, sim_process
 from support.flow import flowing
 from support.workers import Worker, eventually, start_worker, stop_pipeline

@@ -32,7 +32,7 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Candle, CandleSource, Fill, HaltLatch, TradingState, decode
 from qtrader.local.nats_server import EmbeddedNats
-from qtrader.simulators.binance_futures import SimAdmin
+from qtrader_tools.simulators.binance_futures import SimAdmin
 from support.binance_sim import KEY, SECRET, sim_in_thread
 from support.emulator import (
     CONFIGMAPS,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +22,7 @@ from qtrader.contracts.messages import Direction, Signal, TradingState
 from qtrader.contracts.policy import parse_policy
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
-from support.workers import Worker, eventually, start_worker
+from support.workers import eventually, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +38,6 @@ POLICY = parse_policy(
         },
     }
 )
-
-
-def _metric(worker: Worker, name: str, labels: str = "") -> float:
-    text = worker.get("/metrics").text
-    pattern = rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$"
-    found = re.search(pattern, text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 async def test_signal_flood_keeps_the_queue_within_its_bound(
@@ -77,15 +69,15 @@ async def test_signal_flood_keeps_the_queue_within_its_bound(
             await bus.publish(subjects.signal_subject("BTCUSDT"), signal)
 
         def accounted() -> bool:
-            decided = _metric(worker, "qtrader_signals_denied_total", '{reason="no_market_price"}')
-            dropped = _metric(worker, "qtrader_signals_dropped_total", '{reason="queue_full"}')
-            queued = _metric(worker, "qtrader_signal_queue_depth")
+            decided = worker.metric("qtrader_signals_denied_total", reason="no_market_price")
+            dropped = worker.metric("qtrader_signals_dropped_total", reason="queue_full")
+            queued = worker.metric("qtrader_signal_queue_depth")
             return decided + dropped + queued == FLOOD
 
         await eventually(accounted, timeout_s=30, what="every signal accounted for", worker=worker)
-        assert _metric(worker, "qtrader_signal_queue_high_water") == QUEUE
-        assert _metric(worker, "qtrader_signal_queue_depth") <= QUEUE
-        dropped = _metric(worker, "qtrader_signals_dropped_total", '{reason="queue_full"}')
+        assert worker.metric("qtrader_signal_queue_high_water") == QUEUE
+        assert worker.metric("qtrader_signal_queue_depth") <= QUEUE
+        dropped = worker.metric("qtrader_signals_dropped_total", reason="queue_full")
         assert dropped >= FLOOD - QUEUE - 10 * PER_CYCLE  # what a few cycles could take
     finally:
         heartbeat.cancel()

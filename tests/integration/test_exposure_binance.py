@@ -4,10 +4,10 @@ A real execution worker in testnet mode (python-binance over HTTP) and a real po
 real nats-server, trade three symbols on the local Binance-compatible server running in its own
 process. The test plays the control plane and the upstream pipeline (candles and signals that
 flip the target between LONG, SHORT and FLAT). Every verdict comes from the simulator's own
-records, through the shared exposure checker (``qtrader.stress.invariants``): no position beyond
-``maxPositionUsd`` at its trade price by more than one step, no more open positions than allowed,
-no reduce-only order rejected (-2022), and no order booked for an intent older than its time to
-live.
+records, through the shared exposure checker (``qtrader_tools.stress.invariants``): no position
+beyond ``maxPositionUsd`` at its trade price by more than one step, no more open positions than
+allowed, no reduce-only order rejected (-2022), and no order booked for an intent older than its
+time to live.
 
 The cases are the ones seen to break it: orders that end unfilled (an IOC that meets no
 liquidity, a price beyond the slippage bound, 408 and HTML 502 answers that were never booked),
@@ -31,8 +31,6 @@ import pytest
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
-    Candle,
-    CandleSource,
     Direction,
     OrderIntent,
     OrderStatus,
@@ -44,8 +42,9 @@ from qtrader.exchange.limits import LimitKind, RateLimitRule
 from qtrader.instruments import ExchangeInfo
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
-from qtrader.simulators.binance_futures import SimAdmin
-from qtrader.stress.invariants import (
+from qtrader_tools.candles import flat_candle
+from qtrader_tools.simulators.binance_futures import SimAdmin
+from qtrader_tools.stress.invariants import (
     ExposureLimits,
     ExposureReport,
     check_exposure,
@@ -114,18 +113,7 @@ async def _feed(bus: Bus, *, rounds_per_s: float, stop: asyncio.Event, tag: str)
         for k, symbol in enumerate(SYMBOLS):
             price = PRICES[symbol]
             open_ms = 1_700_000_000_000 + index * 60_000
-            candle = Candle(
-                symbol=symbol,
-                interval="1m",
-                open_time_ms=open_ms,
-                close_time_ms=open_ms + 59_999,
-                open=price,
-                high=price,
-                low=price,
-                close=price,
-                volume=Decimal(1),
-                source=CandleSource.SYNTHETIC,
-            )
+            candle = flat_candle(symbol, price, open_time_ms=open_ms)
             await bus.publish(subjects.candle_subject(symbol), candle)
             signal = Signal(
                 signal_id=f"{tag}:{symbol}:{index}",

@@ -26,7 +26,7 @@ from qtrader.contracts.messages import Candle, TradingState
 from qtrader.contracts.policy import parse_policy
 from qtrader.local.control import publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
-from qtrader.simulators.binance_futures import SimAdmin, SimConfig
+from qtrader_tools.simulators.binance_futures import SimAdmin, SimConfig
 from support.binance_sim import KEY, SECRET, sim_in_thread
 from support.streams import read_all
 from support.workers import Worker, eventually, start_worker

@@ -53,6 +53,7 @@ from qtrader.local import ess_client
 from qtrader.local.control import write_latch
 from qtrader.local.control_plane import EssRecord, LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools import metrics
 from support.streams import read_all
 
 pytestmark = pytest.mark.integration
@@ -151,12 +152,9 @@ class Stack:
     def health(self, role: str) -> str:
         return httpx.get(self.state["health"][role], timeout=2.0).text
 
-    def metric(self, role: str, sample: str) -> float:
+    def metric(self, role: str, name: str, **labels: str) -> float:
         url = str(self.state["health"][role]).replace("/health", "/metrics")
-        for line in httpx.get(url, timeout=2.0).text.splitlines():
-            if line.startswith(sample + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return metrics.value(metrics.parse(httpx.get(url, timeout=2.0).text), name, **labels)
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +261,10 @@ async def test_trip_while_orders_flow_then_tripped_halted_acked_and_nothing_fill
     filled = [u for u in await _order_updates(stack.url) if u.status is OrderStatus.FILLED]
     assert {u.worker_id for u in filled} == {ack["worker"]}, "the worker that acked traded"
     assert [u.client_order_id for u in filled if u.ts_ms > _ms(ack["at"])] == []
-    halted = 'qtrader_signals_denied_total{reason="halted"}'
-    assert stack.metric("execution", halted) > 0, "signals after the trip were denied"
+    denied = "qtrader_signals_denied_total"
+    assert stack.metric("execution", denied, reason="halted") > 0, (
+        "signals after the trip were denied"
+    )
 
 
 async def test_reset_inside_the_cooldown_then_refused_exit_1_and_the_trip_stays(
@@ -360,8 +360,8 @@ async def test_trip_with_a_frozen_worker_then_pending_exit_3_and_nothing_sent_af
 async def test_trip_in_reducing_mode_then_only_reduce_only_orders_are_sent(stack: Stack) -> None:
     await _ensure_armed(stack)
     await _wait_for_a_fill_after(stack, int(time.time() * 1000))  # trading, not just started
-    denied = 'qtrader_signals_denied_total{reason="reducing_only"}'
-    denied_before = stack.metric("execution", denied)
+    denied = "qtrader_signals_denied_total"
+    denied_before = stack.metric("execution", denied, reason="reducing_only")
     status = await _trip(stack, "--mode", "Reducing")
     assert status["state"] == "Reducing"
     ack = _the_execution_ack(status)
@@ -375,7 +375,7 @@ async def test_trip_in_reducing_mode_then_only_reduce_only_orders_are_sent(stack
         if u.refused_by is not RefusedBy.HALT_GATE and u.ts_ms > _ms(ack["at"])
     ]
     assert [u.client_order_id for u in sent if not intents[u.client_order_id].reduce_only] == []
-    exercised = stack.metric("execution", denied) > denied_before or sent
+    exercised = stack.metric("execution", denied, reason="reducing_only") > denied_before or sent
     assert exercised, "signals that would add exposure were denied, or reductions were sent"
 
 

@@ -19,13 +19,10 @@ import httpx
 import kopf
 import nats.js.errors
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
-    Candle,
-    CandleSource,
     EmergencyStopView,
     HaltLatch,
     OrderStatus,
@@ -38,6 +35,8 @@ from qtrader.contracts.messages import (
 from qtrader.control.ess_status import parse_time
 from qtrader.instruments import ExchangeInfo
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools import metrics
+from qtrader_tools.candles import flat_candle
 from support.binance_sim import sim_in_thread
 from support.emulator import DEPLOYMENTS, NAMESPACE, POLICIES, SECRETS, STACK, STOPS, Cluster
 from support.emulator import eventually as _eventually
@@ -402,17 +401,11 @@ async def test_a_price_fall_beyond_the_stops_flash_crash_trigger_trips_it_by_its
         await bus.connect()
         try:
             for second, close in enumerate(["50000", "49000", "45000", "42400"]):  # -15.2%
-                candle = Candle(
-                    symbol="BTCUSDT",
-                    interval="1s",
+                candle = flat_candle(
+                    "BTCUSDT",
+                    close,
                     open_time_ms=1_700_000_000_000 + second * 1000,
-                    close_time_ms=1_700_000_000_999 + second * 1000,
-                    open=Decimal(close),
-                    high=Decimal(close),
-                    low=Decimal(close),
-                    close=Decimal(close),
-                    volume=Decimal(1),
-                    source=CandleSource.SYNTHETIC,
+                    interval="1s",
                 )
                 await bus.publish(subjects.candle_subject("BTCUSDT"), candle)
         finally:
@@ -485,6 +478,57 @@ async def test_a_manual_trip_after_an_automatic_one_is_kubectls_and_never_resets
         latch = await _kv_latch(nats_server.url)
         assert latch is not None
         assert latch.state is TradingState.HALTED
+
+
+async def test_a_reconciliation_alert_trips_to_reducing_and_the_reset_puts_the_mode_back(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _stop(cooldownSeconds=1))  # mode Halted
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(lambda: _published(cluster, "paper-demo"), timeout_s=10, what="policy")
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        await _publish_alert(url, RiskAlertKind.RECONCILIATION, value="1", alert_id="recon-1")
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Reducing",
+            timeout_s=10,
+            what="the stop Reducing",
+        )
+        stop = cluster.get(STOPS, "main") or {}
+        assert stop["spec"]["mode"] == "Reducing"
+        assert stop["metadata"]["annotations"]["qtrader.dev/mode-before-trip"] == "Halted"
+        assert _stop_status(cluster)["trippedBy"] == "risk:reconciliation"
+        latch = await _kv_latch(url)
+        assert latch is not None
+        assert latch.state is TradingState.REDUCING
+        await _eventually(
+            lambda: _replicas(cluster, "execution") == 2 and _replicas(cluster, "inference") == 0,
+            timeout_s=10,
+            what="execution kept to reduce, inference at 0",
+        )
+
+        await asyncio.sleep(1.2)  # past the cooldown
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": False}})
+        await _eventually(
+            lambda: (
+                _stop_status(cluster).get("state") == "Armed"
+                and (cluster.get(STOPS, "main") or {})["spec"]["mode"] == "Halted"
+            ),
+            timeout_s=10,
+            what="reset, with the stop's own mode back",
+        )
+        annotations = (cluster.get(STOPS, "main") or {})["metadata"].get("annotations") or {}
+        assert "qtrader.dev/mode-before-trip" not in annotations
+        assert "qtrader.dev/tripped-by" not in annotations
+        await cluster.patch(STOPS, "main", {"spec": {"tripped": True, "reason": "by hand"}})
+        await _eventually(  # a person's next trip is in the stop's own mode again
+            lambda: _stop_status(cluster).get("state") == "Tripped",
+            timeout_s=10,
+            what="a person's trip halting",
+        )
 
 
 def _snapshot(drawdown: str, sequence: int) -> PortfolioSnapshot:
@@ -1099,24 +1143,18 @@ async def _until_filled(url: str, stack: str) -> None:
 # --- the operator's metrics (issue 15): readable while execution runs no replica ---------------
 
 
-async def _scrape(memo: kopf.Memo) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """The operator's /metrics over HTTP, as {(name, labels): value}."""
+async def _scrape(memo: kopf.Memo) -> list[metrics.Sample]:
+    """The operator's /metrics over HTTP."""
     runtime = await _eventually(lambda: getattr(memo, "runtime", None), timeout_s=10, what="up")
     port = runtime.metrics.port
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
     response.raise_for_status()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
+    return metrics.parse(response.text)
 
 
-def _sample(
-    scraped: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float | None:
-    return scraped.get((name, frozenset(labels.items())))
+def _sample(scraped: list[metrics.Sample], name: str, **labels: str) -> float | None:
+    return metrics.find(scraped, name, **labels)
 
 
 async def test_operator_metrics_show_the_stop_the_latch_and_the_policy_through_a_trip(

@@ -20,11 +20,12 @@ from qtrader.bus.errors import BusBackPressure
 from qtrader.bus.nats_bus import Bus
 from qtrader.bus.outbox import Outbox
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Candle, CandleSource
+from qtrader.contracts.messages import Candle
 from qtrader.contracts.policy import parse_policy
 from qtrader.health.contract import Status
 from qtrader.local.control import publish_policy
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools.candles import flat_candle
 from support.streams import read_all
 from support.workers import Worker, eventually, start_worker
 
@@ -44,20 +45,7 @@ POLICY = parse_policy(
 
 
 def candle(index: int) -> Candle:
-    price = Decimal(100) + index % 7
-    open_time = START_MS + index * 60_000
-    return Candle(
-        symbol="BTCUSDT",
-        interval="1m",
-        open_time_ms=open_time,
-        close_time_ms=open_time + 59_999,
-        open=price,
-        high=price,
-        low=price,
-        close=price,
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+    return flat_candle("BTCUSDT", Decimal(100) + index % 7, open_time_ms=START_MS + index * 60_000)
 
 
 async def test_events_published_across_an_outage_arrive_once_each_in_order(

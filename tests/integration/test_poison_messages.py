@@ -32,7 +32,8 @@ from qtrader.control.ess_resource import parse_emergency_stop
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
-from qtrader.stress.poison import published_poison
+from qtrader_tools import metrics
+from qtrader_tools.stress.poison import published_poison
 from support.workers import Worker, eventually, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
@@ -51,11 +52,7 @@ POLICY = parse_policy(
 
 def _rejected(worker: Worker) -> float:
     """The sum of ``qtrader_messages_rejected_total`` over all its labels."""
-    total = 0.0
-    for line in worker.get("/metrics").text.splitlines():
-        if line.startswith("qtrader_messages_rejected_total{"):
-            total += float(line.rpartition(" ")[2])
-    return total
+    return metrics.total(worker.samples(), "qtrader_messages_rejected_total")
 
 
 def _rejected_here() -> float:

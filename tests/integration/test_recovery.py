@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from decimal import Decimal
 from fractions import Fraction
@@ -23,7 +22,6 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
-    CandleSource,
     Fill,
     OrderIntent,
     OrderStatus,
@@ -37,6 +35,7 @@ from qtrader.contracts.policy import parse_policy
 from qtrader.execution.decisions import client_order_id_for
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools.candles import flat_candle
 from support.flow import order_updates
 from support.ledger_check import cents, independent_portfolio, last_snapshot
 from support.streams import publish_raw, read_all
@@ -85,19 +84,7 @@ def fill_stream(seed: int = 3) -> list[Fill]:
 
 
 def mark_candle(symbol: str, price: Decimal, minute: int = 0) -> Candle:
-    open_time = 1_800_000_000_000 + minute * 60_000
-    return Candle(
-        symbol=symbol,
-        interval="1m",
-        open_time_ms=open_time,
-        close_time_ms=open_time + 59_999,
-        open=price,
-        high=price,
-        low=price,
-        close=price,
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+    return flat_candle(symbol, price, open_time_ms=1_800_000_000_000 + minute * 60_000)
 
 
 async def settled(
@@ -281,7 +268,7 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
 
     def handled(worker: Worker) -> float:
         """Intents this worker drove to a final state (its own metric)."""
-        return _metric(worker, 'qtrader_orders_sent_total{exchange="paper"}')
+        return worker.metric("qtrader_orders_sent_total", exchange="paper")
 
     async def wait_handled(worker: Worker, count: int) -> None:
         await eventually(
@@ -295,7 +282,7 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
         await wait_handled(first, 1)
         await publish_raw(url, subject, intent.encode(), msg_id="again-1")
         await wait_handled(first, 2)
-        assert _metric(first, "qtrader_order_attempts_recovered_total") == 1
+        assert first.metric("qtrader_order_attempts_recovered_total") == 1
         first.stop(kill=True)
         second = start_worker("execution", nats_url=url, log_dir=tmp_path)
         try:
@@ -303,7 +290,7 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
             await publish_raw(url, subject, intent.encode(), msg_id="again-2")
             await wait_handled(second, 1)
             # Known from the fill history the restarted worker replayed: not sent again.
-            assert _metric(second, "qtrader_order_attempts_recovered_total") == 1
+            assert second.metric("qtrader_order_attempts_recovered_total") == 1
         finally:
             second.stop()
     finally:
@@ -341,12 +328,6 @@ def _trading(worker: Worker) -> bool:
     dependencies = worker.health().get("dependencies", [])
     assert isinstance(dependencies, list)
     return any(d["name"] == "halt-latch" and d["status"] == "OK" for d in dependencies)
-
-
-def _metric(worker: Worker, name: str) -> float:
-    text = worker.get("/metrics").text
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 @pytest.mark.invariants_exempt(

@@ -25,7 +25,6 @@ from qtrader.bus.outbox import Outbox
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
-    CandleSource,
     Fill,
     PortfolioSnapshot,
     Side,
@@ -41,6 +40,7 @@ from qtrader.local.nats_server import EmbeddedNats
 from qtrader.marketdata.csv_replay import read_klines
 from qtrader.marketdata.resume import read_stored
 from qtrader.marketdata.synthetic import Regime, SyntheticConfig, SyntheticMarket
+from qtrader_tools.candles import flat_candle
 from support.ledger_check import last_snapshot
 from support.streams import publish_raw, read_all
 from support.workers import Worker, eventually, start_worker
@@ -312,19 +312,7 @@ async def test_portfolio_when_a_duplicate_publish_carries_another_price_then_it_
 
 
 def _candle(symbol: str, price: Decimal, *, minute: int) -> Candle:
-    open_time = 1_800_000_000_000 + minute * 60_000
-    return Candle(
-        symbol=symbol,
-        interval="1m",
-        open_time_ms=open_time,
-        close_time_ms=open_time + 59_999,
-        open=price,
-        high=price,
-        low=price,
-        close=price,
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+    return flat_candle(symbol, price, open_time_ms=1_800_000_000_000 + minute * 60_000)
 
 
 # --- replay -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from qtrader.exchange.user_stream import RECONNECT_S, UserTrades, stream_base_of
-from qtrader.simulators.binance_futures import SimAdmin, SimConfig
+from qtrader_tools.simulators.binance_futures import SimAdmin, SimConfig
 from support.binance_sim import KEY, sim_in_thread
 
 pytestmark = pytest.mark.integration

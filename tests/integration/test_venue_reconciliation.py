@@ -23,7 +23,7 @@ from qtrader.contracts.messages import RiskAlert, RiskAlertKind, TradingState
 from qtrader.contracts.policy import parse_policy
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
-from qtrader.simulators.binance_futures import SimAdmin, SimConfig
+from qtrader_tools.simulators.binance_futures import SimAdmin, SimConfig
 from support.binance_sim import KEY, SECRET, sim_in_thread
 from support.flow import flowing
 from support.streams import read_all

@@ -36,8 +36,8 @@ from qtrader.contracts.policy import TradingPolicy, parse_policy
 from qtrader.control.ess_status import EssStatus
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
-from qtrader.simulators.binance_futures import SimConfig
 from qtrader_operator.metrics import OperatorMetrics, OperatorView, PolicyView, StopView
+from qtrader_tools.simulators.binance_futures import SimConfig
 from support.binance_sim import KEY, SECRET, sim_in_thread
 from support.workers import Worker, eventually, start_worker
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from qtrader.stress.scenario import DEFAULT_SCALE, SCENARIOS, StressOptions, run_scenario
+from qtrader_tools.stress.scenario import DEFAULT_SCALE, SCENARIOS, StressOptions, run_scenario
 
 pytestmark = [pytest.mark.stress, pytest.mark.integration]
 
 SCALE = float(os.environ.get("QTRADER_STRESS_SCALE", DEFAULT_SCALE))
 # The suite's per-test limit (pyproject) fits the default scale; a longer run gets a longer one.
-TIMEOUT_S = max(300, round(3000 * SCALE))
+TIMEOUT_S = max(900, round(3000 * SCALE))
 
 
 @pytest.mark.timeout(TIMEOUT_S)

@@ -2,7 +2,7 @@
 
 In a thread it has its own event loop, so a test may call the synchronous admin client (httpx)
 or python-binance from its own loop without blocking the server. As a process (the simulator's
-CLI, ``qtrader.simulators.binance_futures.process.sim_process``) it serves several worker or
+CLI, ``qtrader_tools.simulators.binance_futures.process.sim_process``) it serves several worker or
 flood processes at once.
 
 Each simulator started here is remembered for the test's invariant check (``venues_seen``):
@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
-from qtrader.simulators.binance_futures import BinanceFuturesSim, SimConfig
-from qtrader.simulators.binance_futures import process as sim_cli
-from qtrader.simulators.binance_futures.admin import SimAdminError
+from qtrader_tools.simulators.binance_futures import BinanceFuturesSim, SimConfig
+from qtrader_tools.simulators.binance_futures import process as sim_cli
+from qtrader_tools.simulators.binance_futures.admin import SimAdminError
 from support.invariants import VenueRecords, read_venue
 
 __all__ = [

@@ -2,19 +2,19 @@
 
 One checker for every test: it reads the streams back from the nats-server (and the venue's own
 records when the venue is the local Binance-compatible server) and judges, with the stress
-code's own rules (``qtrader.stress``), never a second copy of them:
+code's own rules (``qtrader_tools.stress``), never a second copy of them:
 
 * exposure, from the venue's records: the paper exchange keeps none but the FILLS stream, the
   Binance server its admin trades and refusals; no position beyond ``maxPositionUsd`` by more
   than one step, no more open positions than allowed, no reduce-only order rejected
-  (``qtrader.stress.invariants.check_exposure``);
+  (``qtrader_tools.stress.invariants.check_exposure``);
 * nothing duplicated: no fill id twice on FILLS, no order update or intent repeating its dedup
   id (``Nats-Msg-Id``: the streams keep 10 minutes of ids, longer than any test, so a stored
   repeat is a publish the server should have dropped), at most one final update per intent,
   and every fill belongs to an order update of its client order id
-  (``qtrader.stress.stream_audit``);
+  (``qtrader_tools.stress.stream_audit``);
 * the portfolio's last snapshot equals an exact (Fraction) account of the fills and account
-  entries (funding, transfers) it says it applied (``qtrader.stress.exact.ledger_mismatches``),
+  entries (funding, transfers) it says it applied (``qtrader_tools.exact.ledger_mismatches``),
   once it has applied every fill and entry stored (waited for, with a deadline); no entry id is
   stored twice either. Its marks are the ones it shows, each of which must be a close
   the MARKET stream stored for the symbol (or its first fill's price, before any candle): a
@@ -54,9 +54,9 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.instruments import ExchangeInfo
-from qtrader.simulators.binance_futures import SimAdmin
-from qtrader.stress.exact import ledger_mismatches
-from qtrader.stress.invariants import (
+from qtrader_tools.exact import ledger_mismatches
+from qtrader_tools.simulators.binance_futures import SimAdmin
+from qtrader_tools.stress.invariants import (
     ExposureLimits,
     ExposureReport,
     VenueRejection,
@@ -66,7 +66,7 @@ from qtrader.stress.invariants import (
     from_sim_records,
     paper_limits,
 )
-from qtrader.stress.stream_audit import audit_orders, duplicates
+from qtrader_tools.stress.stream_audit import audit_orders, duplicates
 from support.streams import kv_get_raw, kv_keys, last_stored, read_decodable
 
 M = TypeVar("M", Fill, AccountEntry, Candle, OrderIntent, OrderUpdate)

@@ -1,10 +1,10 @@
-"""The exact account of a fill stream (``qtrader.stress.exact``) and the last snapshot."""
+"""The exact account of a fill stream (``qtrader_tools.exact``) and the last snapshot."""
 
 from __future__ import annotations
 
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import PortfolioSnapshot
-from qtrader.stress.exact import cents, independent_portfolio
+from qtrader_tools.exact import cents, independent_portfolio
 from support.streams import read_all
 
 __all__ = ["cents", "independent_portfolio", "last_snapshot"]

@@ -1,5 +1,5 @@
-"""The sample messages live with the poison catalogue (``qtrader.stress.poison``)."""
+"""The sample messages live with the poison catalogue (``qtrader_tools.stress.poison``)."""
 
-from qtrader.stress.poison import sample_messages
+from qtrader_tools.stress.poison import sample_messages
 
 __all__ = ["sample_messages"]

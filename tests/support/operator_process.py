@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qtrader.local.nats_server import free_port
+from qtrader.local.stopping import stop_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,12 +38,7 @@ class OperatorProcess:
             self.process.wait()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_processes([self.process], grace_s=30)
 
 
 def write_kubeconfig(path: Path, server: str, namespace: str) -> Path:

@@ -1,4 +1,4 @@
-"""A real ``redis-server`` for tests (``qtrader.local.redis_server``), skipped or failed if absent.
+"""A real ``redis-server`` for tests (``qtrader_tools.redis_server``), skipped or failed if absent.
 
 ``require_redis_server()`` skips a test when the binary is missing on a developer's machine, but
 fails it when ``CI`` is set: CI must never pass by silently skipping the Redis tests (install the
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qtrader.local import redis_server
-from qtrader.local.redis_server import EmbeddedRedis, RedisServerError
+from qtrader_tools import redis_server
+from qtrader_tools.redis_server import EmbeddedRedis, RedisServerError
 
 __all__ = ["EmbeddedRedis", "in_ci", "require_redis_server", "running_redis"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 import httpx
 
 from qtrader.local.nats_server import free_port
+from qtrader.local.stopping import stop_processes
+from qtrader_tools import metrics
 from support.invariants import settle_portfolio
 
 
@@ -45,32 +46,18 @@ class Worker:
         found = [d for d in dependencies if d["name"] == name]
         return dict(found[0]) if found else {}
 
+    def samples(self) -> list[metrics.Sample]:
+        return metrics.parse(self.get("/metrics").text)
+
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample in /metrics (0.0 if the sample is not there yet)."""
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in self.get("/metrics").text.splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            sample, _, label_text = key.partition("{")
-            if sample != name:
-                continue
-            present = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
-            if present == wanted:
-                return float(value)
-        return 0.0
+        return metrics.value(self.samples(), name, **labels)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, *, kill: bool = False) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_processes([self.process], grace_s=15, kill=kill)
 
 
 async def stop_pipeline(workers: Iterable[Worker], *, nats_url: str) -> None:

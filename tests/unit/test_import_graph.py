@@ -4,9 +4,11 @@ its own layer or the layers below, and no two packages import each other.
 The layers, from the bottom: the wire contracts; the bus and the health contract; the worker
 runtime; the adapters (the exchange, market data, the viewer stream); the roles; the control
 plane and research (datasets, evaluation); the local stack and the backtest; training (which
-judges models with the backtest) and the tooling (simulators, benchmarks, stress); the
-operator and the command line. Read from the source with ``ast`` (imports inside functions
-count too), so a lazy import cannot hide an upward edge.
+judges models with the backtest); the operator and the command line. The tooling (simulators,
+benchmarks, stress: ``tools/qtrader_tools``) stands above all of it and ships apart: the
+runtime never imports it, not even by name (its commands find it through an entry point).
+Read from the source with ``ast`` (imports inside functions count too), so a lazy import cannot
+hide an upward edge.
 
 ``KNOWN_UPWARD`` lists the upward imports that exist today, each with why it is still there:
 the test fails on any other, and also when one of them is gone (so the list only shrinks).
@@ -21,15 +23,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = {"qtrader": ROOT / "workloads" / "qtrader", "qtrader_operator": ROOT / "operator"}
 
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"instruments", "contracts"}),
+    frozenset({"instruments", "contracts", "money"}),
     frozenset({"health", "bus"}),
     frozenset({"policy_watch", "runtime"}),
     frozenset({"exchange", "marketdata", "viewer"}),
     frozenset({"risk", "execution", "inference", "portfolio"}),
     frozenset({"control", "research"}),
     frozenset({"local", "backtest"}),
-    frozenset({"training", "simulators", "benchmarks", "stress"}),
-    frozenset({"qtrader_operator", "cli", "__main__", "__init__"}),
+    frozenset({"training"}),
+    frozenset({"qtrader_operator", "cli", "commands", "__main__", "__init__"}),
 )
 KNOWN_UPWARD: set[tuple[str, str]] = set()  # none left
 
@@ -93,3 +95,44 @@ def test_no_two_packages_import_each_other() -> None:
     edges = package_edges()
     mutual = {tuple(sorted((s, t))) for s, t in edges if (t, s) in edges}
     assert mutual - {tuple(sorted(known)) for known in KNOWN_UPWARD} == set(), mutual
+
+
+TOOLING = "qtrader_tools"
+
+
+def _tooling_references(tree: ast.AST) -> list[int]:
+    """Lines that import the tooling, or name one of its modules in a string (an import by
+    name through importlib would hide from the import statements alone)."""
+    lines = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = node.value.split()
+        if any(name == TOOLING or name.startswith(TOOLING + ".") for name in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_runtime_never_imports_the_tooling() -> None:
+    found = {}
+    for top, directory in SOURCES.items():
+        base = directory if top == "qtrader" else directory / "qtrader_operator"
+        for path in base.rglob("*.py"):
+            lines = _tooling_references(ast.parse(path.read_text(), filename=str(path)))
+            if lines:
+                found[str(path.relative_to(ROOT))] = lines
+    assert found == {}, "the runtime must not import qtrader_tools"
+
+
+def test_the_tooling_check_sees_an_import_and_a_name() -> None:
+    for source in (
+        "from qtrader_tools.stress import runner",
+        "import qtrader_tools",
+        "importlib.import_module('qtrader_tools.benchmarks.halt')",
+    ):
+        assert _tooling_references(ast.parse(source)) == [1], source
+    assert _tooling_references(ast.parse("import qtrader_toolsy, qtrader")) == []

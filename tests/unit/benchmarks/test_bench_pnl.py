@@ -16,7 +16,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from qtrader.benchmarks.pnl import (
+from qtrader_tools.benchmarks.pnl import (
     ACTIONS,
     CAPITAL,
     FillTape,

@@ -19,7 +19,7 @@ from qtrader.contracts.messages import (
     account_entry_id,
     decode,
 )
-from qtrader.simulators.binance_futures.ledger import KNOWN_TYPES
+from qtrader_tools.simulators.binance_futures.ledger import KNOWN_TYPES
 
 FUNDING = {
     "kind": "account_entry",

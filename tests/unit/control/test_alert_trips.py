@@ -7,6 +7,7 @@ from decimal import Decimal
 import pytest
 
 from qtrader.contracts.messages import RiskAlert, RiskAlertKind
+from qtrader.control.ess import EssMode, mode_restore
 from qtrader.control.ess_applier import alert_trip
 from qtrader.control.ess_resource import (
     ALWAYS_TRIPS,
@@ -85,3 +86,35 @@ def test_alert_trip_when_it_breaches_an_armed_stop_then_an_automatic_patch_with_
     tripped = spec.with_patch({"tripped": True, "reason": "by hand"})
     ban = _alert(RiskAlertKind.EXCHANGE_BAN, "0")
     assert alert_trip(ban, spec=tripped, tripped_by="") is None  # a person's trip stays theirs
+
+
+@pytest.mark.parametrize(
+    "kind", [RiskAlertKind.RECONCILIATION, RiskAlertKind.WALLET_RECONCILIATION]
+)
+def test_a_reconciliation_alert_trips_to_reducing_by_default_and_remembers_the_mode(
+    kind: RiskAlertKind,
+) -> None:
+    spec = EmergencyStopSpec()  # mode Halted, reconciliationMode Reducing: the defaults
+    trip = alert_trip(_alert(kind, "1"), spec=spec, tripped_by="")
+    assert trip is not None
+    assert trip.spec_patch["mode"] == "Reducing"
+    assert trip.mode_before is EssMode.HALTED
+    assert trip.annotations == {
+        "qtrader.dev/tripped-by": f"risk:{kind.value}",
+        "qtrader.dev/mode-before-trip": "Halted",
+    }
+    assert mode_restore(trip.mode_before) == {"mode": "Halted"}
+
+
+def test_a_trip_in_the_stops_own_mode_changes_no_mode() -> None:
+    halting = EmergencyStopSpec(reconciliation_mode=EssMode.HALTED)
+    trip = alert_trip(_alert(RiskAlertKind.RECONCILIATION, "1"), spec=halting, tripped_by="")
+    assert trip is not None
+    assert "mode" not in trip.spec_patch
+    assert trip.mode_before is None
+    ban = alert_trip(
+        _alert(RiskAlertKind.EXCHANGE_BAN, "1"), spec=EmergencyStopSpec(), tripped_by=""
+    )
+    assert ban is not None
+    assert "mode" not in ban.spec_patch  # every other kind trips in the stop's own mode
+    assert mode_restore(None) == {}

@@ -855,7 +855,8 @@ def test_a_minimal_emergency_stop_is_armed_halting_with_a_five_minute_cooldown()
         "requireManualReset": True,
         "flattenOnTrip": False,
         "ackTimeoutSeconds": 5,
-    }  # no triggers: every automatic trip is off
+        "reconciliationMode": "Reducing",
+    }  # no triggers: every automatic trip is off (but a ban's or a reconciliation's)
 
 
 # --- the spec mirrors policy.py: names, enums, patterns, bounds -------------------------------

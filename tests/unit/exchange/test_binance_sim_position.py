@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from qtrader.simulators.binance_futures.matching import Position
+from qtrader_tools.simulators.binance_futures.matching import Position
 
 
 def test_partial_closes_at_an_uneven_average_realize_exactly_the_round_trip() -> None:

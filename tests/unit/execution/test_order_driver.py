@@ -12,8 +12,6 @@ from decimal import Decimal
 from prometheus_client import REGISTRY
 
 from qtrader.contracts.messages import (
-    Candle,
-    CandleSource,
     Fill,
     HaltLatch,
     OrderIntent,
@@ -36,6 +34,7 @@ from qtrader.execution.halt import HaltGate
 from qtrader.execution.orders import OrderDriver
 from qtrader.execution.paper import PaperExchange, PaperVenue
 from qtrader.instruments import paper_exchange_info
+from qtrader_tools.candles import flat_candle
 
 INFO = paper_exchange_info()
 PRICE = Decimal(30_000)
@@ -63,20 +62,7 @@ class Rig:
         paper = PaperExchange(
             exchange=INFO, fee_bps=Decimal(0), slippage_bps=Decimal(0), positions=self.book.position
         )
-        paper.on_candle(
-            Candle(
-                symbol="BTCUSDT",
-                interval="1m",
-                open_time_ms=1_700_000_000_000,
-                close_time_ms=1_700_000_059_999,
-                open=PRICE,
-                high=PRICE,
-                low=PRICE,
-                close=PRICE,
-                volume=Decimal(1),
-                source=CandleSource.SYNTHETIC,
-            )
-        )
+        paper.on_candle(flat_candle("BTCUSDT", PRICE, open_time_ms=1_700_000_000_000))
         self.limits = SendLimits(
             max_position_usd=max_position_usd,
             max_open_positions=3,

@@ -9,7 +9,6 @@ import pytest
 
 from qtrader.contracts.messages import (
     Candle,
-    CandleSource,
     OrderIntent,
     OrderStatus,
     OrderType,
@@ -17,25 +16,14 @@ from qtrader.contracts.messages import (
 )
 from qtrader.execution.paper import PaperExchange, PaperExecution, PaperRejectReason
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
+from qtrader_tools.candles import flat_candle
 
 EXCHANGE = paper_exchange_info()
 NOW = 1_700_000_100_000
 
 
 def candle(symbol: str, close: str, *, open_time_ms: int = 1_700_000_000_000) -> Candle:
-    price = Decimal(close)
-    return Candle(
-        symbol=symbol,
-        interval="1m",
-        open_time_ms=open_time_ms,
-        close_time_ms=open_time_ms + 59_999,
-        open=price,
-        high=price,
-        low=price,
-        close=price,
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+    return flat_candle(symbol, close, open_time_ms=open_time_ms)
 
 
 def intent(

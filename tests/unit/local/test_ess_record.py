@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,15 @@ import jsonschema
 import pytest
 import yaml
 
-from qtrader.contracts.messages import MessageRejected, TradingState, decode
-from qtrader.control.ess import reconcile
+from qtrader.contracts.messages import (
+    MessageRejected,
+    RiskAlert,
+    RiskAlertKind,
+    TradingState,
+    decode,
+)
+from qtrader.control.ess import EssMode, reconcile
+from qtrader.control.ess_applier import alert_trip
 from qtrader.control.ess_resource import (
     Acknowledgement,
     load_emergency_stop_file,
@@ -119,3 +127,31 @@ def test_with_spec_when_the_spec_is_reset_then_who_tripped_it_is_dropped() -> No
     assert reset.tripped_by == ""
     retripped = reset.with_spec(reset.spec.with_patch({"tripped": True, "reason": "by hand"}))
     assert retripped.ess_spec().tripped_by == "kubectl"  # a person's, never automatic
+
+
+def test_with_spec_when_a_reconciliation_trip_is_reset_then_the_stops_mode_comes_back() -> None:
+    record = _record()
+    alert = RiskAlert(
+        alert_id="reconciliation:1",
+        alert_kind=RiskAlertKind.RECONCILIATION,
+        source="test",
+        value=Decimal(1),
+        threshold=Decimal(0),
+        detail="BTCUSDT: venue 0.1, ledger 0",
+        ts_ms=1,
+    )
+    trip = alert_trip(alert, spec=record.spec, tripped_by="")
+    assert trip is not None
+    tripped = record.with_spec(
+        record.spec.with_patch(trip.spec_patch),
+        tripped_by=trip.tripped_by,
+        mode_before_trip=trip.mode_before,
+    )
+    assert tripped.spec.mode is EssMode.REDUCING
+    assert tripped.to_resource()["metadata"]["annotations"]["qtrader.dev/mode-before-trip"] == (
+        "Halted"
+    )
+    reset = tripped.with_spec(tripped.spec.with_patch({"tripped": False}))
+    assert reset.spec.mode is EssMode.HALTED
+    assert reset.mode_before_trip is None
+    assert reset.to_resource()["metadata"]["annotations"] == {}

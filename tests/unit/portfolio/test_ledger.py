@@ -1,13 +1,13 @@
 """The ledger's accounting, checked by hand on small cases and against an independent model.
 
-The replay test re-implements position accounting with ``fractions.Fraction`` (exact rational
-arithmetic, no code shared with the ledger) and requires both to agree on 2,000 random trades.
+The replay test holds the ledger against the exact account (``qtrader_tools.exact``: average
+cost in ``fractions.Fraction``, no code shared with the ledger) and requires both to agree on
+2,000 random trades.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from decimal import Context, Decimal, localcontext
 from fractions import Fraction
 
@@ -16,6 +16,7 @@ import pytest
 from qtrader.contracts.messages import Fill, Side
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
 from qtrader.portfolio.ledger import FillRefused, Ledger
+from qtrader_tools.exact import ExactPortfolio
 
 EXCHANGE = paper_exchange_info()
 CAPITAL = Decimal(10_000)
@@ -292,71 +293,6 @@ def test_snapshot_when_position_closed_then_still_listed_with_its_realized_pnl()
 # --- the replay against an independent exact model --------------------------------------------
 
 
-@dataclass
-class RefPosition:
-    qty: Fraction = Fraction(0)
-    avg: Fraction = Fraction(0)
-
-
-@dataclass
-class Reference:
-    """Textbook average-cost accounting in exact rationals; shares no code with ``Ledger``."""
-
-    capital: Fraction
-    positions: dict[str, RefPosition] = field(default_factory=dict)
-    marks: dict[str, Fraction] = field(default_factory=dict)
-    realized: Fraction = Fraction(0)
-    fees: Fraction = Fraction(0)
-    peak: Fraction = Fraction(0)
-    max_dd: Fraction = Fraction(0)
-    flips: int = 0
-    partial_closes: int = 0
-
-    def __post_init__(self) -> None:
-        self.peak = self.capital
-
-    def trade(self, symbol: str, qty: Fraction, price: Fraction, fee: Fraction) -> None:
-        pos = self.positions.setdefault(symbol, RefPosition())
-        self.fees += fee
-        self.marks.setdefault(symbol, price)
-        if pos.qty == 0 or (pos.qty > 0) == (qty > 0):
-            pos.avg = (pos.qty * pos.avg + qty * price) / (pos.qty + qty)
-            pos.qty += qty
-        else:
-            closing = min(abs(qty), abs(pos.qty))
-            sign = 1 if pos.qty > 0 else -1
-            self.realized += closing * (price - pos.avg) * sign
-            remainder = pos.qty + qty
-            if remainder != 0 and (remainder > 0) != (pos.qty > 0):
-                self.flips += 1
-                pos.avg = price
-            elif remainder != 0:
-                self.partial_closes += 1
-            else:
-                pos.avg = Fraction(0)
-            pos.qty = remainder
-        self.track()
-
-    def mark(self, symbol: str, price: Fraction) -> None:
-        self.marks[symbol] = price
-        self.track()
-
-    @property
-    def unrealized(self) -> Fraction:
-        return sum(
-            (p.qty * (self.marks[s] - p.avg) for s, p in self.positions.items()), Fraction(0)
-        )
-
-    @property
-    def equity(self) -> Fraction:
-        return self.capital + self.realized - self.fees + self.unrealized
-
-    def track(self) -> None:
-        equity = self.equity
-        self.peak = max(self.peak, equity)
-        self.max_dd = max(self.max_dd, (self.peak - equity) / self.peak * 100)
-
-
 def _random_walk_start(rng: random.Random, exchange: ExchangeInfo) -> dict[str, int]:
     """A starting price per symbol, in ticks, at a magnitude where ticks matter."""
     return {symbol: rng.randint(2_000, 200_000) for symbol in exchange.instruments}
@@ -369,7 +305,7 @@ def _cents(value: Fraction) -> Fraction:
 def test_replay_when_2000_random_trades_then_matches_independent_fraction_model() -> None:
     rng = random.Random(20240611)
     ledger = make_ledger()
-    reference = Reference(capital=Fraction(CAPITAL))
+    reference = ExactPortfolio(capital=Fraction(CAPITAL))
     price_ticks = _random_walk_start(rng, EXCHANGE)
     symbols = sorted(EXCHANGE.instruments)
     for n in range(2_000):
@@ -399,19 +335,19 @@ def test_replay_when_2000_random_trades_then_matches_independent_fraction_model(
         assert applied
         reference.trade(symbol, side.sign * Fraction(quantity), Fraction(price), Fraction(fee))
 
-    assert reference.flips > 50
-    assert reference.partial_closes > 50
+    assert reference.counts.flips > 50
+    assert reference.counts.partial_closes > 50
     pairs = {
         "realized": (ledger.realized_pnl, reference.realized),
         "fees": (ledger.fees, reference.fees),
         "unrealized": (ledger.unrealized_pnl, reference.unrealized),
         "equity": (ledger.equity, reference.equity),
-        "max_drawdown_pct": (ledger.max_drawdown_pct, reference.max_dd),
+        "max_drawdown_pct": (ledger.max_drawdown_pct, reference.max_drawdown_pct),
     }
     for name, (ours, exact) in pairs.items():
         assert _cents(Fraction(ours)) == _cents(exact), name
         assert abs(Fraction(ours) - exact) < Fraction(1, 10**12), name
-    assert reference.max_dd > 0
+    assert reference.max_drawdown_pct > 0
 
 
 def test_replay_when_same_fills_in_two_ledgers_then_snapshots_are_identical() -> None:

@@ -1,5 +1,5 @@
 """Account entries in the ledger: funding, transfers and other income the venue booked, checked
-by hand on small cases and against the independent ``Fraction`` account of ``qtrader.stress``.
+by hand on small cases and against the independent ``Fraction`` account of ``qtrader_tools.stress``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.ledger import EntryRefused, Ledger
-from qtrader.stress.exact import ExactPortfolio, usdt
+from qtrader_tools.exact import ExactPortfolio, usdt
 
 EXCHANGE = paper_exchange_info()
 CAPITAL = Decimal(10_000)

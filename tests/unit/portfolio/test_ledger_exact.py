@@ -1,4 +1,4 @@
-"""The ledger against the independent ``Fraction`` account (``qtrader.stress.ExactPortfolio``),
+"""The ledger against the independent ``Fraction`` account (``qtrader_tools.exact.ExactPortfolio``),
 every figure, after every event of random tapes: fills off every grid (prices and quantities to
 1e-12), opens, increases, partial closes of any share, full closes and flips, commissions in
 USDT and in BNB (valued or not), funding, transfers and other income in USDT and BNB, marks.
@@ -30,7 +30,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.ledger import FillRefused, Ledger
-from qtrader.stress.exact import ExactPortfolio, usdt
+from qtrader_tools.exact import ExactPortfolio, usdt
 
 EXCHANGE = paper_exchange_info()
 CAPITAL = Decimal(100_000)

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from qtrader.contracts.messages import (
     Candle,
-    CandleSource,
     ErrorKind,
     Fill,
     OrderStatus,
@@ -37,26 +36,14 @@ from qtrader.risk import (
     StaleDataEvaluator,
     is_execution_error,
 )
+from qtrader_tools.candles import flat_candle
 
 SECOND = 1000
 
 
 def candle(at_s: float, close: str | Decimal, *, symbol: str = "BTCUSDT") -> Candle:
     """A 1 s candle that opens at ``at_s`` seconds (so it closes 999 ms later)."""
-    open_ms = int(at_s * SECOND)
-    price = Decimal(close)
-    return Candle(
-        symbol=symbol,
-        interval="1s",
-        open_time_ms=open_ms,
-        close_time_ms=open_ms + 999,
-        open=price,
-        high=price,
-        low=price,
-        close=price,
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+    return flat_candle(symbol, close, open_time_ms=int(at_s * SECOND), interval="1s")
 
 
 def snapshot(drawdown: str, *, ts_ms: int, sequence: int = 1) -> PortfolioSnapshot:

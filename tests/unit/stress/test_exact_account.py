@@ -12,7 +12,7 @@ import pytest
 from qtrader.contracts.messages import Fill, Side
 from qtrader.instruments import paper_exchange_info
 from qtrader.portfolio.ledger import Ledger
-from qtrader.stress.exact import (
+from qtrader_tools.exact import (
     ExactPortfolio,
     cents,
     independent_portfolio,

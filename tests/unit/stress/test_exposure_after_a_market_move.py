@@ -16,8 +16,6 @@ import time
 from decimal import Decimal
 
 from qtrader.contracts.messages import (
-    Candle,
-    CandleSource,
     Fill,
     HaltLatch,
     OrderIntent,
@@ -41,8 +39,9 @@ from qtrader.execution.halt import HaltGate
 from qtrader.execution.orders import OrderDriver
 from qtrader.execution.paper import PaperExchange, PaperVenue
 from qtrader.instruments import paper_exchange_info
-from qtrader.stress.harness import policy_document
-from qtrader.stress.invariants import check_exposure, from_paper_fills, paper_limits
+from qtrader_tools.candles import flat_candle
+from qtrader_tools.stress.harness import policy_document
+from qtrader_tools.stress.invariants import check_exposure, from_paper_fills, paper_limits
 
 INFO = paper_exchange_info()
 SYMBOL = "ETHUSDT"
@@ -97,18 +96,7 @@ class PaperWorker:
         """The next candle's close (the worker's ``_on_candle``)."""
         self._minute += 1
         price = Decimal(close)
-        candle = Candle(
-            symbol=SYMBOL,
-            interval="1m",
-            open_time_ms=1_700_000_000_000 + 60_000 * self._minute,
-            close_time_ms=1_700_000_059_999 + 60_000 * self._minute,
-            open=price,
-            high=price,
-            low=price,
-            close=price,
-            volume=Decimal(1),
-            source=CandleSource.SYNTHETIC,
-        )
+        candle = flat_candle(SYMBOL, price, open_time_ms=1_700_000_000_000 + 60_000 * self._minute)
         self.marks[SYMBOL] = price
         self.paper.on_candle(candle)
 

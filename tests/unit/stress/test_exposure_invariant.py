@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from decimal import Decimal
 
-from qtrader.stress.invariants import (
+from qtrader_tools.stress.invariants import (
     ExposureLimits,
     VenueRejection,
     VenueTrade,

@@ -6,11 +6,10 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from qtrader.contracts.messages import OrderIntent, OrderStatus, OrderUpdate, Side
-from qtrader.stress.flow_support import EMPTY, Sample, histogram, total
-from qtrader.stress.scenarios.exchange_instability import (
+from qtrader_tools.metrics import EMPTY, Sample, histogram, parse, total
+from qtrader_tools.stress.scenarios.exchange_instability import (
     audit_book,
     audit_intents,
     audit_pauses,
@@ -40,11 +39,7 @@ depth 3.0
 
 
 def _samples(text: str = METRICS) -> list[Sample]:
-    return [
-        Sample(s.name, dict(s.labels), float(s.value))
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    ]
+    return parse(text)
 
 
 def test_histogram_when_parsed_then_quantiles_are_bucket_upper_bounds() -> None:

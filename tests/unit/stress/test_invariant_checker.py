@@ -22,7 +22,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.execution.decisions import attempt_client_order_id, client_order_id_for
-from qtrader.stress.invariants import VenueRejection, VenueTrade
+from qtrader_tools.stress.invariants import VenueRejection, VenueTrade
 from support.invariants import Check, TradingRecords, VenueRecords, judge
 
 T0 = 1_700_000_000_000

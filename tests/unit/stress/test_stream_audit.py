@@ -10,7 +10,6 @@ import pytest
 from qtrader.contracts.messages import (
     AccountEntry,
     Candle,
-    CandleSource,
     Direction,
     Fill,
     IncomeType,
@@ -24,16 +23,17 @@ from qtrader.contracts.messages import (
     Signal,
 )
 from qtrader.execution.decisions import attempt_client_order_id, client_order_id_for
-from qtrader.stress.exact import last_closes, ledger_mismatches
-from qtrader.stress.scenarios.broker_outage import recovered
-from qtrader.stress.scenarios.ess_lifecycle import (
+from qtrader_tools.candles import flat_candle
+from qtrader_tools.exact import last_closes, ledger_mismatches
+from qtrader_tools.stress.scenarios.broker_outage import recovered
+from qtrader_tools.stress.scenarios.ess_lifecycle import (
     Cycle,
     filled_after_ack,
     first_fill_after_rearm_s,
     p99,
     refused_by_gate,
 )
-from qtrader.stress.stream_audit import (
+from qtrader_tools.stress.stream_audit import (
     audit_candles,
     audit_orders,
     audit_signals,
@@ -46,20 +46,7 @@ MINUTE = 60_000
 
 
 def candle(index: int, symbol: str = "BTCUSDT", close: str = "100") -> Candle:
-    open_time = T0 + index * MINUTE
-    price = Decimal(close)
-    return Candle(
-        symbol=symbol,
-        interval="1m",
-        open_time_ms=open_time,
-        close_time_ms=open_time + MINUTE - 1,
-        open=price,
-        high=price,
-        low=price,
-        close=price,
-        volume=Decimal(1),
-        source=CandleSource.SYNTHETIC,
-    )
+    return flat_candle(symbol, close, open_time_ms=T0 + index * MINUTE)
 
 
 def signal(index: int, symbol: str = "BTCUSDT") -> Signal:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qtrader.stress.result import Criterion, ScenarioResult, report_paths, write_report
+from qtrader_tools.stress.result import Criterion, ScenarioResult, report_paths, write_report
 
 
 @pytest.mark.parametrize(

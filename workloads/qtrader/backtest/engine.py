@@ -33,7 +33,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Context, Decimal, localcontext
+from decimal import Decimal, localcontext
 
 import numpy as np
 
@@ -45,14 +45,13 @@ from qtrader.inference.card import BacktestFigures
 from qtrader.inference.onnx_model import CLASSES, Predictor
 from qtrader.inference.signals import SignalMaker
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
+from qtrader.money import EXACT_HALF_UP as _EXACT
+from qtrader.money import PCT_STEP as _PCT
 from qtrader.portfolio.ledger import Ledger
 from qtrader.research.dataset import LABEL_HORIZON, label_future_returns, round_trip_cost_bps
 from qtrader.research.evaluation import hit_counts
 from qtrader.risk.evaluators import DrawdownEvaluator
 
-_EXACT = Context(prec=60, rounding=ROUND_HALF_UP)
-_USDT = Decimal("1e-8")
-_PCT = Decimal("1e-6")
 _YEAR_MS = 365 * 86_400_000
 
 

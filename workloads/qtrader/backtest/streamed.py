@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Context, Decimal, localcontext
+from decimal import Decimal, localcontext
 from typing import NamedTuple
 
 import numpy as np
@@ -66,13 +66,13 @@ from qtrader.inference.features import WINDOW, ModelInputs, inputs_from_arrays
 from qtrader.inference.onnx_model import CLASSES, Predictor, decide_batch
 from qtrader.inference.signals import signal_id
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
+from qtrader.money import EXACT_HALF_UP as _EXACT
+from qtrader.money import PCT_STEP as _PCT
 from qtrader.portfolio.ledger import Ledger
 from qtrader.research.dataset import LABEL_HORIZON, label_future_returns, round_trip_cost_bps
 from qtrader.research.evaluation import hit_counts
 from qtrader.risk.evaluators import DrawdownEvaluator
 
-_EXACT = Context(prec=60, rounding=ROUND_HALF_UP)
-_PCT = Decimal("1e-6")
 _HALF_PCT_STEP = Decimal("0.0000005")  # snapshots round the drawdown half up to 1e-6
 _YEAR_MS = 365 * 86_400_000
 _NO_SIGNAL = -1

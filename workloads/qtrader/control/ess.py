@@ -132,12 +132,16 @@ __all__ = [
     "automatic_trip_patch",
     "clear_tripped_by",
     "latch_message",
+    "mode_restore",
     "pending_acks",
     "reconcile",
     "trip_issuer",
 ]
 
 TRIPPED_BY_ANNOTATION = "qtrader.dev/tripped-by"
+# The stop's mode before an automatic trip changed it (a reconciliation trip's own mode); the
+# reset that ends that trip puts it back (``mode_restore``).
+MODE_BEFORE_TRIP_ANNOTATION = "qtrader.dev/mode-before-trip"
 MANUAL_TRIPPER = "kubectl"  # who a trip is by when no annotation names an automatic one
 _MAX_REASON_CHARS = 1024  # HaltLatch.reason's limit
 _MAX_ISSUER_CHARS = 256  # HaltLatch.issued_by's and the CRD's status.trippedBy limit
@@ -399,28 +403,48 @@ def _requeue_after(*, spec: EssSpec, status: EssStatus, now: datetime) -> float 
 
 @dataclass(frozen=True, kw_only=True)
 class AutomaticTrip:
-    """A risk alert's trip: merge ``spec_patch`` into the spec, ``annotations`` into metadata."""
+    """A risk alert's trip: merge ``spec_patch`` into the spec, ``annotations`` into metadata.
+    ``mode_before``: the stop's mode when the trip set another one (None when it did not)."""
 
     spec_patch: SpecPatch
     tripped_by: str
+    mode_before: EssMode | None = None
 
     @property
     def annotations(self) -> dict[str, str]:
-        return {TRIPPED_BY_ANNOTATION: self.tripped_by}
+        annotations = {TRIPPED_BY_ANNOTATION: self.tripped_by}
+        if self.mode_before is not None:
+            annotations[MODE_BEFORE_TRIP_ANNOTATION] = self.mode_before.value
+        return annotations
 
 
-def automatic_trip_patch(*, alert_kind: str, detail: str, spec: EssSpec) -> AutomaticTrip | None:
+def automatic_trip_patch(
+    *, alert_kind: str, detail: str, spec: EssSpec, mode: EssMode | None = None
+) -> AutomaticTrip | None:
     """The patch that trips the ESS for a risk alert, or None when the spec is tripped already.
+    ``mode``: the mode this kind of alert trips in, when it is not the stop's own: the spec
+    shows it while the trip lasts (a person may still change it), and the reset puts the
+    stop's own back (``mode_restore``).
 
     An alert never takes over a trip in force, so a person's trip keeps needing a person.
     """
     if spec.tripped:
         return None
     reason = f"auto: {alert_kind}: {detail}"[:_MAX_REASON_CHARS]
+    patch: SpecPatch = {"tripped": True, "reason": reason}
+    before = None
+    if mode is not None and mode is not spec.mode:
+        patch["mode"] = mode.value
+        before = spec.mode
     return AutomaticTrip(
-        spec_patch={"tripped": True, "reason": reason},
-        tripped_by=f"{AUTOMATIC_PREFIX}{alert_kind}",
+        spec_patch=patch, tripped_by=f"{AUTOMATIC_PREFIX}{alert_kind}", mode_before=before
     )
+
+
+def mode_restore(mode_before: EssMode | None) -> SpecPatch:
+    """What the reset of an automatic trip that changed the stop's mode adds to its spec patch
+    (nothing when it did not), so the next trip, a person's too, is in the stop's own mode."""
+    return {} if mode_before is None else {"mode": mode_before.value}
 
 
 def trip_issuer(annotation: str | None) -> str:

@@ -42,6 +42,7 @@ from qtrader.control.ess import (
     AutomaticTrip,
     EssEvent,
     EssEventReason,
+    EssMode,
     EssState,
     EssStatus,
     EventType,
@@ -50,6 +51,7 @@ from qtrader.control.ess import (
     ack_overdue,
     automatic_trip_patch,
     clear_tripped_by,
+    mode_restore,
     reconcile,
     trip_issuer,
 )
@@ -58,6 +60,7 @@ from qtrader.control.ess_resource import (
     EmergencyStopSpec,
     alert_trips,
     status_document,
+    trip_mode,
 )
 from qtrader.control.halt_channel import AckCollector, ack_lease_s
 
@@ -105,6 +108,7 @@ class StopInput:
     tripped_by: str  # the tripped-by annotation, "" when absent
     generation: int
     previous_conditions: Sequence[Mapping[str, Any]]
+    mode_before_trip: EssMode | None = None  # the mode-before-trip annotation
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +143,10 @@ async def apply_once(
     generation = stop.generation
     clear = clear_tripped_by(annotation=annotation, spec=ess_spec, spec_patch=transition.spec_patch)
     if transition.spec_patch or clear:
-        patched = await store.patch_spec(transition.spec_patch or {}, clear_tripped_by=clear)
+        # The trip that set its own mode is over: the stop's own mode comes back with it.
+        restore = mode_restore(stop.mode_before_trip) if clear else {}
+        patch = {**(transition.spec_patch or {}), **restore}
+        patched = await store.patch_spec(patch, clear_tripped_by=clear)
         generation = patched if patched is not None else generation
     if transition.latch_changed:
         decided = transition.status
@@ -268,4 +275,5 @@ def alert_trip(
         alert_kind=alert.alert_kind.value,
         detail=detail,
         spec=spec.to_ess_spec(tripped_by=trip_issuer(tripped_by or None)),
+        mode=trip_mode(alert, spec),
     )

@@ -117,6 +117,20 @@ ALWAYS_TRIPS = frozenset(
 )
 
 
+# The venue holds what the ledger cannot explain. Reducing by default: the book may be wrong, so
+# nothing may add to a position, but closing what is held stays possible (reduce-only orders
+# cannot open anything at the venue, whatever the book believes); ``reconciliationMode:
+# Halted`` stops everything instead.
+RECONCILIATION_KINDS = frozenset(
+    {RiskAlertKind.RECONCILIATION, RiskAlertKind.WALLET_RECONCILIATION}
+)
+
+
+def trip_mode(alert: RiskAlert, spec: EmergencyStopSpec) -> EssMode | None:
+    """The mode ``alert`` trips the stop in when that is not simply the stop's own."""
+    return spec.reconciliation_mode if alert.alert_kind in RECONCILIATION_KINDS else None
+
+
 def alert_trips(alert: RiskAlert, triggers: EssTriggers | None) -> bool:
     """Whether ``alert`` trips a stop with these triggers: a ban or a reconciliation always
     does; any other kind when the stop's trigger for it is set and the alert's figure reaches
@@ -144,6 +158,8 @@ class EmergencyStopSpec(_Camel):
     ack_timeout_seconds: Annotated[StrictInt, Field(ge=1, le=300)] = 5
     # None: the stop covers every TradingPolicy of its namespace (``policy_selector``).
     policy_selector: PolicySelector | None = None
+    # The mode a reconciliation alert trips the stop in (``RECONCILIATION_KINDS``).
+    reconciliation_mode: EssMode = EssMode.REDUCING
 
     @model_validator(mode="after")
     def _reason_when_tripped(self) -> EmergencyStopSpec:

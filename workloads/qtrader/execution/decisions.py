@@ -35,7 +35,7 @@ import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Context, Decimal, localcontext
+from decimal import ROUND_DOWN, Decimal, localcontext
 from typing import NamedTuple
 
 from qtrader.contracts.messages import (
@@ -50,9 +50,9 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.instruments import ExchangeInfo, Instrument
+from qtrader.money import EXACT as _EXACT
+from qtrader.money import EXACT_DOWN as _DOWN
 
-_EXACT = Context(prec=60, rounding=ROUND_HALF_EVEN)
-_DOWN = Context(prec=60, rounding=ROUND_DOWN)  # ``_EXACT`` rounding toward zero
 _ZERO = Decimal(0)
 _INTENT_ID_MAX = 128
 _CLIENT_ORDER_ID_PREFIX = "qt-"

@@ -34,18 +34,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from decimal import (
-    ROUND_CEILING,
-    ROUND_FLOOR,
-    ROUND_HALF_EVEN,
-    ROUND_HALF_UP,
-    Context,
-    Decimal,
-    DivisionByZero,
-    InvalidOperation,
-    Overflow,
-    localcontext,
-)
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
 from typing import NamedTuple
 
 from qtrader.contracts.messages import (
@@ -65,12 +54,10 @@ from qtrader.exchange.venue import VenueOrder
 from qtrader.execution.clock import SYSTEM_CLOCK, Clock
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import ExchangeInfo, Instrument
+from qtrader.money import EXACT as _EXACT
+from qtrader.money import USDT_STEP as _USDT
 
 EXCHANGE_NAME = "paper"
-_EXACT = Context(
-    prec=60, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, DivisionByZero, Overflow]
-)
-_USDT = Decimal("1e-8")
 _BPS = Decimal(10_000)
 _ZERO = Decimal(0)
 

@@ -89,7 +89,7 @@ from qtrader.contracts.messages import (
 from qtrader.contracts.policy import TradingMode, TradingPolicySpec
 from qtrader.exchange.errors import Banned, ExchangeError
 from qtrader.exchange.limiter import CostNeverFits
-from qtrader.exchange.venue import AccountReader, IncomeReader, Venue, VenuePosition
+from qtrader.exchange.venue import AccountReader, IncomeReader, Venue
 from qtrader.execution.account_entries import AccountEntries, IncomeSettings
 from qtrader.execution.clock import SYSTEM_CLOCK
 from qtrader.execution.core import CoreSettings, ExecutionCore
@@ -760,7 +760,6 @@ class Execution:
 
     async def _reconcile_venue_once(self, venue: AccountReader) -> None:
         before = self._position_ranges()
-        busy = self._in_flight()
         try:
             positions, wallet = await venue.account()
         except ExchangeError as exc:
@@ -783,7 +782,6 @@ class Execution:
                 await self._raise_reconciliation_alert(mismatch)
                 self._venue_alerted.add(mismatch.symbol)
         self._venue_alerted &= set(differing)  # agreeing again ends the episode
-        await self._read_wallet(venue, (positions, wallet), busy)
 
     def _in_flight(self) -> str | None:
         """What may still move the venue's account without being on FILLS yet; None: nothing."""
@@ -795,22 +793,33 @@ class Execution:
             return "messages waiting in the outbox"
         return None
 
-    async def _read_wallet(
-        self, venue: AccountReader, first: tuple[list[VenuePosition], Decimal], busy: str | None
-    ) -> None:
-        """A settled read of the account for the portfolio's wallet reconciliation, when the
-        income is read here (it is what explains funding and transfers)."""
-        entries = self._entries
-        if entries is None:
+    async def _income_round(self, venue: IncomeReader, entries: AccountEntries) -> None:
+        """One read of the venue's income and, when nothing is in flight, a settled read of
+        the account around it for the portfolio's wallet reconciliation (``venue_account``):
+        the income read both needs is made once, so the wallet costs two account reads (10
+        weight) per income interval, not another income read (30)."""
+        busy = self._in_flight()
+        first = None
+        if busy is None and isinstance(venue, AccountReader):
+            try:
+                first = await venue.account()
+            except ExchangeError as exc:
+                await self._on_exchange_error(exc)
+                busy = f"the account not readable: {exc}"
+        read_ok = await self._read_income_once(venue, entries)
+        if first is None or not read_ok:
+            why = busy or "the income not read"
+            WALLET_READS.labels("unsettled").inc()
+            log.debug("venue account not settled: %s", why)
             return
+        assert isinstance(venue, AccountReader)  # ``first`` was read from it
         reader = SettledReader(
             bus=self._context.bus,
-            entries=entries,
             quiet=self._in_flight,
             source=f"execution/{self._context.options.worker_id}",
             now_ms=self._clock.wall_ms,
         )
-        read = Unsettled(why=busy) if busy is not None else await reader.publish(venue, first)
+        read = await reader.publish(venue, first)
         WALLET_READS.labels("unsettled" if isinstance(read, Unsettled) else "settled").inc()
         if isinstance(read, Unsettled):
             log.debug("venue account not settled: %s", read.why)
@@ -840,12 +849,14 @@ class Execution:
                 await asyncio.sleep(0.5)
         self._entries = entries
         while True:
-            await self._read_income_once(venue, entries)
+            await self._income_round(venue, entries)
             await asyncio.sleep(interval_s)
 
-    async def _read_income_once(self, venue: IncomeReader, entries: AccountEntries) -> None:
+    async def _read_income_once(self, venue: IncomeReader, entries: AccountEntries) -> bool:
+        """The venue's income into account entries; False when it could not be read."""
         try:
             await entries.read_once(venue)
+            return True
         except ExchangeError as exc:
             await self._on_exchange_error(exc)
             entries.unreadable(f"the venue: {exc}")
@@ -856,6 +867,7 @@ class Execution:
         except CostNeverFits as exc:  # the venue's weight limit is below one read's weight
             entries.unreadable(f"the venue's limits admit no read of its income: {exc}")
             log.error("account entries: the venue's income cannot be read: %s", exc)
+        return False
 
     async def check_account_entries(self) -> DependencyHealth:
         entries = self._entries

@@ -12,7 +12,8 @@ at or before ``fills_through``:
    order being sent or looked up, no outcome unknown, nothing waiting in the outbox): every
    fill the venue made is on FILLS;
 2. the venue's income is read after that first read, so every funding fee, transfer and other
-   income the wallet held then is on FILLS (``AccountEntries.read_once``);
+   income the wallet held then is on FILLS (``AccountEntries.read_once``: the income loop's
+   own read, which the settled read is taken around, once per income interval);
 3. FILLS' last sequence is read after that: ``fills_through``;
 4. the account is read again, and must equal the first read (wallet and positions) with still
    nothing in flight: no money moved while 2 and 3 ran, so the income read cannot hold an
@@ -35,8 +36,7 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import VenueAccount, VenueAccountPosition
 from qtrader.exchange.errors import ExchangeError
-from qtrader.exchange.venue import AccountReader, IncomeReader, VenuePosition
-from qtrader.execution.account_entries import AccountEntries
+from qtrader.exchange.venue import AccountReader, VenuePosition
 
 Account = tuple[list[VenuePosition], Decimal]  # what ``AccountReader.account`` answers
 
@@ -53,18 +53,16 @@ class SettledReader:
     """Turns a read of the account taken while nothing was in flight into a settled one."""
 
     bus: Bus
-    entries: AccountEntries
     quiet: Callable[[], str | None]  # None when nothing is in flight, else what is
     source: str
     now_ms: Callable[[], int]
 
     async def settle(self, venue: AccountReader, first: Account) -> VenueAccount | Unsettled:
-        """Steps 2-4 of the module's doc; ``first`` was read while ``quiet()`` said None.
+        """Steps 3 and 4 of the module's doc: ``first`` was read while ``quiet()`` said None,
+        and the caller has read the income since (step 2, the income loop's own read).
 
         Raises ``ExchangeError`` (the venue) or ``BusUnavailable`` (NATS).
         """
-        assert isinstance(venue, IncomeReader), "a venue with an account has an income history"
-        await self.entries.read_once(venue)
         through = await self.bus.last_sequence(subjects.FILLS)
         second = await venue.account()
         busy = self.quiet()

@@ -53,14 +53,17 @@ from qtrader.contracts.messages import (
     Undecodable,
 )
 from qtrader.control.ess import (
+    MODE_BEFORE_TRIP_ANNOTATION,
     TRIPPED_BY_ANNOTATION,
     EssEvent,
+    EssMode,
     EssSpec,
     EssState,
     EssStatus,
     EventType,
     SpecPatch,
     Transition,
+    mode_restore,
     trip_issuer,
 )
 from qtrader.control.ess_applier import (
@@ -100,6 +103,7 @@ class EssRecord(Message):
     name: ResourceName
     generation: int = Field(ge=1)
     tripped_by: str = Field(default="", max_length=256)
+    mode_before_trip: EssMode | None = None  # as the operator's mode-before-trip annotation
     spec: EmergencyStopSpec
     status: dict[str, Any] = Field(default_factory=dict)
 
@@ -132,18 +136,32 @@ class EssRecord(Message):
         value = self.status.get(key)
         return list(value) if isinstance(value, list) else []
 
-    def with_spec(self, spec: EmergencyStopSpec, *, tripped_by: str | None = None) -> EssRecord:
+    def with_spec(
+        self,
+        spec: EmergencyStopSpec,
+        *,
+        tripped_by: str | None = None,
+        mode_before_trip: EssMode | None = None,
+    ) -> EssRecord:
         """The record after a spec change: the next generation, as the API server counts.
 
         Who tripped it belongs to one trip: a spec that is not tripped drops it (as the
-        operator removes the annotation), so a later trip is never taken for an automatic one.
+        operator removes the annotation), so a later trip is never taken for an automatic one;
+        and the stop's own mode, when that trip set another, comes back (``mode_restore``).
         """
         by = self.tripped_by if tripped_by is None else tripped_by
+        before = mode_before_trip or self.mode_before_trip
         if not spec.tripped:
             by = ""
-        return self.model_copy(
-            update={"spec": spec, "generation": self.generation + 1, "tripped_by": by}
-        )
+            spec = spec.with_patch(mode_restore(before))
+            before = None
+        update = {
+            "spec": spec,
+            "generation": self.generation + 1,
+            "tripped_by": by,
+            "mode_before_trip": before,
+        }
+        return self.model_copy(update=update)
 
     def with_status(self, status: dict[str, Any]) -> EssRecord:
         return self.model_copy(update={"status": status})
@@ -151,6 +169,8 @@ class EssRecord(Message):
     def to_resource(self) -> dict[str, Any]:
         """The record as ``kubectl get emergencystop NAME -o json`` would show the resource."""
         annotations = {TRIPPED_BY_ANNOTATION: self.tripped_by} if self.tripped_by else {}
+        if self.mode_before_trip is not None:
+            annotations[MODE_BEFORE_TRIP_ANNOTATION] = self.mode_before_trip.value
         return {
             "apiVersion": ESS_API_VERSION,
             "kind": ESS_KIND,
@@ -308,7 +328,9 @@ class LocalControlPlane:
         if trip is None:
             return  # below the trigger, or tripped already
         patched = record.with_spec(
-            record.spec.with_patch(trip.spec_patch), tripped_by=trip.tripped_by
+            record.spec.with_patch(trip.spec_patch),
+            tripped_by=trip.tripped_by,
+            mode_before_trip=trip.mode_before,
         )
         await self._put(patched)
         log.warning("EmergencyStop %s tripped automatically by %s", self.name, trip.tripped_by)

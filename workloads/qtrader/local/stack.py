@@ -43,6 +43,7 @@ from qtrader.local.control import heartbeat_forever, publish_policy
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats, free_port
 from qtrader.local.observer import Observer, WorkloadHealth, income_line, render
+from qtrader.local.stopping import stop_processes
 from qtrader.local.supervisor import Supervisor
 
 ROLES = ("marketdata", "inference", "execution", "portfolio")
@@ -324,16 +325,7 @@ class LocalStack:
         }
 
     def stop(self) -> None:
-        for worker in self.workers.values():
-            if worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for worker in self.workers.values():
-            try:
-                worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
+        stop_processes((w.process for w in self.workers.values()), grace_s=STOP_GRACE_S)
         self.nats.stop()
         if self._own_dir and not self._keep_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)

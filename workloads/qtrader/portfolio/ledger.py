@@ -58,16 +58,7 @@ import hashlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import (
-    ROUND_HALF_EVEN,
-    ROUND_HALF_UP,
-    Context,
-    Decimal,
-    DivisionByZero,
-    Inexact,
-    InvalidOperation,
-    Overflow,
-)
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from types import MappingProxyType
 
 from qtrader.contracts.messages import (
@@ -89,21 +80,20 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.numbers import COMPUTED_PLACES, QUOTED_PLACES
 from qtrader.instruments import ExchangeInfo
+from qtrader.money import EXACT as _EXACT
+from qtrader.money import PCT_STEP as _PCT
+from qtrader.money import USDT_STEP as _USDT
+from qtrader.money import published
 
 _QUOTED: int = 10**QUOTED_PLACES  # units of a quantity or a price per whole one
 _FINE: int = 10**COMPUTED_PLACES  # units of money (USDT or another asset) or of a percent per one
 # A quantity times a price is in 1e-24 USDT: this many money units each.
 _PRODUCT = _FINE // (_QUOTED * _QUOTED)
-# Divisions for the figures read back (an average price): 60 digits as before the integers.
-_EXACT = Context(
-    prec=60, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, DivisionByZero, Overflow]
-)
+# Divisions for the figures read back (an average price): qtrader.money's EXACT, 60 digits.
 # Integers to Decimal: wide enough for any valid amount (1e15 in 1e-80 is 96 digits); one past
 # that raises (Inexact is trapped) rather than come back rounded.
 _WIDE = Context(prec=120, traps=[Inexact, InvalidOperation, Overflow])
 _ROUNDING = Context(prec=120, traps=[InvalidOperation, Overflow])  # for the display's rounding
-_USDT = Decimal("1e-8")
-_PCT = Decimal("1e-6")
 _ZERO = Decimal(0)
 
 __all__ = ["SETTLEMENT_ASSET", "BookingRefused", "EntryRefused", "FillRefused", "Ledger"]
@@ -814,6 +804,6 @@ def _pct(units: int) -> Decimal:
     return _quantize(_fine_decimal(units), _PCT)
 
 
-def _quantize(value: Decimal, exponent: Decimal) -> Decimal:
-    rounded = value.quantize(exponent, rounding=ROUND_HALF_UP, context=_ROUNDING)
-    return rounded.copy_abs() if rounded.is_zero() else rounded  # no "-0E-8" on the wire
+def _quantize(value: Decimal, step: Decimal) -> Decimal:
+    # In 120 digits: an amount this ledger holds may be wider than money's 60.
+    return published(value, step, context=_ROUNDING)

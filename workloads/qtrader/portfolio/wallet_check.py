@@ -165,7 +165,10 @@ class WalletCheck:
         self._first_differing = first
         self._differing_reads += 1
         lasted = comparison.ts_ms - first.ts_ms
-        if self._alerted or self._differing_reads < 2 or lasted < self._grace_ms:
+        if self._alerted:
+            log.debug("wallet still differs from the venue (alerted): %s", comparison)
+            return None
+        if self._differing_reads < 2 or lasted < self._grace_ms:
             log.info("wallet differs from the venue (not yet persistent): %s", comparison)
             return None
         self._alerted = True

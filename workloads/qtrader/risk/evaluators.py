@@ -21,15 +21,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import (
-    ROUND_HALF_EVEN,
-    Context,
-    Decimal,
-    DivisionByZero,
-    InvalidOperation,
-    Overflow,
-    localcontext,
-)
+from decimal import Decimal, localcontext
 
 from qtrader.contracts.messages import (
     Candle,
@@ -39,13 +31,10 @@ from qtrader.contracts.messages import (
     RiskAlert,
     RiskAlertKind,
 )
+from qtrader.money import EXACT as _EXACT
 
 DEFAULT_SOURCE = "risk-evaluator"
 
-# Wide enough that products of prices and percentages are never rounded.
-_EXACT = Context(
-    prec=60, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, DivisionByZero, Overflow]
-)
 _HUNDRED = Decimal(100)
 _SHOWN = Decimal("1e-4")  # the precision of the figures an alert shows
 _DETAIL_MAX = 1024  # RiskAlert.detail's bound

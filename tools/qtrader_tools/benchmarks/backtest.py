@@ -1,0 +1,265 @@
+"""``qtrader bench backtest``: the streamed backtest in candles/s, beside what it stands on.
+
+The data is the seeded synthetic market written as Binance kline files (``SYMBOL-1m-*.csv``) in a
+temporary folder, so every run reads files, as ``qtrader backtest --csv`` does; writing them is
+not timed. Rows, each measured in the same run with interleaved repeats (median):
+
+* **streamed**: ``run_streamed_backtest`` on the files with the shipped model under the card's
+  evaluation policy: every candle's features, both ensemble members on every candle, and every
+  signal through the execution worker's own core (intake, decisions, the order driver's
+  attempts and retries on the paper exchange) and the exact ledger;
+* **floor**: the vectorised part alone: reading the files, the features and one ensemble call
+  per chunk, with no trading: what the streamed run cannot go below;
+* **per-candle**: ``run_backtest`` (the live path in a loop) on the first ``per_candle`` candles
+  of each symbol, the way ``qtrader backtest`` ran before the streamed engine;
+* **backtrader**, when it is installed (it is no dependency): its Cerebro engine on the same
+  files with a two-moving-average strategy that trades, as a reference for a Python
+  event-driven backtester.
+
+Then the growth: wall time and candles/s for 10k, 50k and 200k candles of one symbol, and for
+1, 4 and 16 symbols of 10k candles; and the peak resident memory of a fresh process running the
+streamed backtest on 50k and on 200k candles of one symbol. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from qtrader.backtest.bars import csv_bars
+from qtrader.backtest.data import synthetic_series
+from qtrader.backtest.engine import run_backtest
+from qtrader.backtest.policy import policy_for
+from qtrader.backtest.streamed import ChunkFeatures, aligned_blocks, run_streamed_backtest
+from qtrader.contracts.policy import TradingPolicySpec
+from qtrader.inference.card import ModelCard
+from qtrader.inference.onnx_model import SignalModel, default_model_path
+from qtrader.instruments import paper_exchange_info
+from qtrader_tools.benchmarks.harness import publish
+
+SEED = 7
+_HEADER = (
+    "open_time,open,high,low,close,volume,close_time,quote_volume,count,"
+    "taker_buy_volume,taker_buy_quote_volume,ignore\n"
+)
+
+
+def write_market(folder: Path, *, symbols: Sequence[str], candles: int) -> list[Path]:
+    """``candles`` synthetic candles per symbol as kline files in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series = synthetic_series(symbols=symbols, candles=candles, seed=SEED)
+    paths = []
+    for symbol, rows in series.items():
+        path = folder / f"{symbol}-1m-bench.csv"
+        with path.open("w") as out:
+            out.write(_HEADER)
+            out.writelines(
+                f"{c.open_time_ms},{c.open},{c.high},{c.low},{c.close},{c.volume},"
+                f"{c.close_time_ms},0,{c.trades},0,0,0\n"
+                for c in rows
+            )
+        paths.append(path)
+    return paths
+
+
+def _symbol(path: Path) -> str:
+    return path.name.split("-")[0]
+
+
+def _policy(model: SignalModel, symbols: Sequence[str]) -> TradingPolicySpec:
+    card = model.card
+    assert isinstance(card, ModelCard)  # the shipped model has a current card
+    return policy_for(symbols, card.evaluation.policy)
+
+
+def streamed_seconds(paths: Sequence[Path], model: SignalModel) -> tuple[float, int]:
+    """Wall seconds of the streamed backtest on ``paths``, and the candles it traded."""
+    spec = _policy(model, [_symbol(p) for p in paths])
+    bars = {_symbol(p): csv_bars(p, symbol=_symbol(p), interval="1m") for p in paths}
+    started = time.perf_counter()
+    result = run_streamed_backtest(bars, model, spec)
+    seconds = time.perf_counter() - started
+    return seconds, result.figures.steps * len(paths)
+
+
+def floor_seconds(paths: Sequence[Path], model: SignalModel) -> float:
+    """Reading, features and one ensemble call per chunk: no trading."""
+    bars = {_symbol(p): csv_bars(p, symbol=_symbol(p), interval="1m") for p in paths}
+    features = ChunkFeatures(tuple(sorted(bars)))
+    started = time.perf_counter()
+    for block in aligned_blocks(bars):
+        features.predict(block, model)
+    return time.perf_counter() - started
+
+
+def per_candle_seconds(paths: Sequence[Path], model: SignalModel, candles: int) -> float:
+    """``run_backtest`` on the first ``candles`` of each file (reading them not timed)."""
+    from qtrader.marketdata.csv_replay import read_klines
+
+    series = {}
+    for path in paths:
+        reader = read_klines(path, symbol=_symbol(path), interval="1m")
+        series[_symbol(path)] = [c for c, _ in zip(reader, range(candles), strict=False)]
+    spec = _policy(model, list(series))
+    started = time.perf_counter()
+    run_backtest(series, model, spec)
+    return time.perf_counter() - started
+
+
+def backtrader_seconds(paths: Sequence[Path]) -> float | None:
+    """backtrader's Cerebro over the same files (None when it is not installed)."""
+    try:
+        import backtrader as bt  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+
+    class Crossing(bt.Strategy):  # type: ignore[misc,name-defined,unused-ignore]
+        def __init__(self) -> None:
+            self.cross = [
+                bt.ind.CrossOver(bt.ind.SMA(d, period=5), bt.ind.SMA(d, period=20))
+                for d in self.datas
+            ]
+
+        def next(self) -> None:
+            for data, cross in zip(self.datas, self.cross, strict=True):
+                if cross[0] != 0:
+                    self.order_target_size(data=data, target=float(cross[0]))
+
+    cerebro = bt.Cerebro(stdstats=False)
+    for path in paths:
+        cerebro.adddata(
+            bt.feeds.GenericCSVData(
+                dataname=str(path),
+                dtformat=lambda ms: _utc(float(ms)),
+                datetime=0,
+                open=1,
+                high=2,
+                low=3,
+                close=4,
+                volume=5,
+                openinterest=-1,
+                timeframe=bt.TimeFrame.Minutes,
+                headers=True,
+            )
+        )
+    cerebro.addstrategy(Crossing)
+    started = time.perf_counter()
+    cerebro.run()
+    return time.perf_counter() - started
+
+
+def _utc(ms: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None)
+
+
+def peak_rss_mb(path: Path) -> float:
+    """Peak resident memory (MB) of a fresh process running the streamed backtest on ``path``."""
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
+    # fork and exec, so a child of a large parent reports the parent's peak.
+    code = (
+        "import sys; from pathlib import Path;"
+        "from qtrader_tools.benchmarks.backtest import streamed_seconds;"
+        "from qtrader.inference.onnx_model import SignalModel, default_model_path;"
+        "streamed_seconds([Path(sys.argv[1])], SignalModel.load(default_model_path()));"
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout.split()[-1]) / 1024
+
+
+def _streamed_median(paths: Sequence[Path], model: SignalModel, repeats: int = 2) -> float:
+    return statistics.median(streamed_seconds(paths, model)[0] for _ in range(repeats))
+
+
+def run(
+    *,
+    candles: int = 50_000,
+    symbols: int = 4,
+    repeats: int = 3,
+    per_candle: int = 2_000,
+    growth: bool = True,
+    json_path: Path | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    model = SignalModel.load(default_model_path())
+    names = list(paper_exchange_info().instruments)[:16]
+    figures: dict[str, Any] = {"candles_per_symbol": candles, "symbols": symbols}
+    with tempfile.TemporaryDirectory(prefix="qtrader-bench-backtest-") as tmp:
+        root = Path(tmp)
+        paths = write_market(root / "main", symbols=names[:symbols], candles=candles)
+        figures["rows"] = _main_rows(paths, model, repeats=repeats, per_candle=per_candle)
+        if growth:
+            figures["growth"] = _growth(root, names, model)
+            figures["peak_rss_mb"] = {
+                str(n): peak_rss_mb(write_market(root / f"rss{n}", symbols=names[:1], candles=n)[0])
+                for n in (50_000, 200_000)
+            }
+    publish(_table(figures), figures, json_path=json_path, out=out)
+    return 0
+
+
+def _main_rows(
+    paths: Sequence[Path], model: SignalModel, *, repeats: int, per_candle: int
+) -> dict[str, dict[str, float]]:
+    """Streamed, floor and per-candle interleaved, each repeat in turn; medians."""
+    streamed: list[float] = []
+    floor: list[float] = []
+    slow: list[float] = []
+    total = 0
+    for _ in range(repeats):
+        seconds, total = streamed_seconds(paths, model)
+        streamed.append(seconds)
+        floor.append(floor_seconds(paths, model))
+        slow.append(per_candle_seconds(paths, model, per_candle))
+    rows = {
+        "streamed": _row(statistics.median(streamed), total),
+        "floor (read + features + batched inference)": _row(statistics.median(floor), total),
+        f"per-candle run_backtest ({per_candle} per symbol)": _row(
+            statistics.median(slow), per_candle * len(paths)
+        ),
+    }
+    trader = backtrader_seconds(paths)
+    if trader is not None:
+        rows["backtrader (SMA crossover)"] = _row(trader, total)
+    return rows
+
+
+def _row(seconds: float, candles: int) -> dict[str, float]:
+    return {"seconds": round(seconds, 3), "candles": candles, "per_s": round(candles / seconds)}
+
+
+def _growth(root: Path, names: Sequence[str], model: SignalModel) -> dict[str, dict[str, float]]:
+    rows: dict[str, dict[str, float]] = {}
+    for count in (10_000, 50_000, 200_000):
+        paths = write_market(root / f"c{count}", symbols=names[:1], candles=count)
+        rows[f"1 symbol x {count}"] = _row(_streamed_median(paths, model), count)
+    for width in (1, 4, 16):
+        paths = write_market(root / f"s{width}", symbols=names[:width], candles=10_000)
+        rows[f"{width} symbols x 10000"] = _row(_streamed_median(paths, model), width * 10_000)
+    return rows
+
+
+def _table(figures: dict[str, Any]) -> str:
+    lines = [
+        f"qtrader bench backtest: {figures['symbols']} symbols x "
+        f"{figures['candles_per_symbol']} 1m candles from kline files (medians)",
+        f"  {'':<52}{'seconds':>9}{'candles/s':>12}",
+    ]
+    sections = [figures["rows"], figures.get("growth", {})]
+    for section in sections:
+        for label, row in section.items():
+            lines.append(f"  {label:<52}{row['seconds']:>9.3f}{row['per_s']:>12,.0f}")
+        lines.append("")
+    for count, mb in figures.get("peak_rss_mb", {}).items():
+        lines.append(f"  peak RSS, 1 symbol x {count}: {mb:.0f} MB")
+    return "\n".join(lines).rstrip()
