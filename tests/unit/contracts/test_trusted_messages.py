@@ -13,10 +13,13 @@ from qtrader.contracts.messages import (
     Direction,
     Fill,
     Message,
+    OrderIntent,
     OrderStatus,
+    OrderType,
     OrderUpdate,
     Side,
     Signal,
+    replaced,
     trusted,
 )
 
@@ -62,6 +65,21 @@ CASES: list[tuple[type[Message], dict[str, Any]]] = [
             "fee": Decimal("0.23995200"),
             "reduce_only": True,
             "ts_ms": 1_700_000_060_000,
+        },
+    ),
+    (
+        OrderIntent,
+        {
+            "intent_id": "sig-1",
+            "client_order_id": "qt-1",
+            "symbol": "BTCUSDT",
+            "side": Side.BUY,
+            "quantity": Decimal("0.010"),
+            "order_type": OrderType.MARKET,
+            "reference_price": Decimal("60000.10"),
+            "signal_id": "1",
+            "policy_revision": 3,
+            "created_at_ms": 1_700_000_060_000,
         },
     ),
     (
@@ -113,3 +131,36 @@ def test_trusted_when_a_field_is_missing_or_unknown_then_type_error() -> None:
         trusted(Signal, **fields)
     with pytest.raises(TypeError, match=r"unknown \[.colour.\]"):
         trusted(Signal, **CASES[0][1], colour="red")
+
+
+# What the order driver changes of an intent for an attempt, and of an update.
+UPDATES: dict[type[Message], dict[str, Any]] = {
+    OrderIntent: {
+        "client_order_id": "qt-1-r1",
+        "quantity": Decimal("0.004"),
+        "order_type": OrderType.LIMIT,
+        "limit_price": Decimal("60030.15"),
+    },
+    OrderUpdate: {"status": OrderStatus.NEW, "filled_quantity": Decimal(0), "reason": None},
+}
+
+
+@pytest.mark.parametrize(("message_type", "fields"), CASES, ids=lambda c: getattr(c, "KIND", ""))
+def test_replaced_when_fields_change_then_the_message_model_copy_gives(
+    message_type: type[Message], fields: dict[str, Any]
+) -> None:
+    original = message_type(**fields)
+    update = UPDATES.get(message_type, {"symbol": "SOLUSDT"})
+    copied = original.model_copy(update=update)
+    built = replaced(original, **update)
+    assert type(built) is message_type
+    assert built == copied
+    assert list(built.__dict__.items()) == list(copied.__dict__.items())
+    assert built.model_fields_set == copied.model_fields_set
+    assert built.encode() == copied.encode()
+    assert original == message_type(**fields)  # the original is untouched
+
+
+def test_replaced_when_a_field_is_unknown_then_type_error() -> None:
+    with pytest.raises(TypeError, match=r"unknown \[.colour.\]"):
+        replaced(Signal(**CASES[0][1]), colour="red")

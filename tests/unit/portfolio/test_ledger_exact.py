@@ -179,6 +179,9 @@ def exact_figures(ledger: Ledger, account: ExactPortfolio, kept: Kept) -> None:
     assert (ledger.funding, ledger.transfers) == (account.funding, account.transfers)
     assert ledger.other_income == account.other_income
     assert ledger.equity == account.equity
+    assert ledger.equity_float == float(account.equity)  # one float, correctly rounded
+    for symbol in SYMBOLS:
+        assert ledger.holds(symbol) is (account.open_positions.get(symbol, 0) != 0)
     for symbol, funding in account.funding_by_symbol.items():
         assert ledger.position(symbol).funding == funding
     # Each partial close rounds the share of the cost it takes, half-even to 1e-80.

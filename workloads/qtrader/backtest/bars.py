@@ -86,7 +86,7 @@ class Bars:
         """The row as the ``Candle`` the live path would have received."""
         if not isinstance(self.exact, _Texts):
             return self.exact[row]
-        o, h, low, c, v, count = (column[row] for column in self.exact.columns)
+        o, h, low, c, v, count = [column[row] for column in self.exact.columns]
         # The texts passed the reader's checks (plain decimals within the bounds and places).
         return trusted(
             Candle,

@@ -346,8 +346,8 @@ class SharpeAccumulator:
         self._mean = 0.0
         self._m2 = 0.0
 
-    def add(self, equity: Decimal) -> None:
-        value = float(equity)
+    def add(self, value: float) -> None:
+        """The next equity, as a float (``float(equity)``, or ``Ledger.equity_float``)."""
         if self._previous is not None:
             change = value / self._previous - 1.0
             self._count += 1
@@ -371,5 +371,5 @@ def sharpe_ratio(equity: Sequence[Decimal], periods_per_year: float) -> float | 
     None with fewer than two returns or when they never vary."""
     accumulator = SharpeAccumulator()
     for value in equity:
-        accumulator.add(value)
+        accumulator.add(float(value))
     return accumulator.ratio(periods_per_year)

@@ -335,7 +335,7 @@ class _Trader:
         )  # fmt: skip
         self._steps = 0
         self._sharpe = SharpeAccumulator()
-        self._sharpe.add(spec.paper.initial_capital_usd)
+        self._sharpe.add(float(spec.paper.initial_capital_usd))
         self._counts = _Counts()
         self._threshold = spec.risk.min_confidence
         # Below minConfidence a signal can only be denied, unless the intake could overflow.
@@ -364,6 +364,7 @@ class _Trader:
         if not self._skip_certain or self._on_signal is not None:
             low[:] = False
         bounds = starts.tolist()
+        built = made & ~low
         closes = [close for s in symbols for close in block[s].close_decimals()]
         self._steps_of(
             _Events(
@@ -371,7 +372,8 @@ class _Trader:
                 closes=[closes[i] for i in flat.tolist()],
                 which=which.tolist(),
                 rows=rows.tolist(),
-                built=np.flatnonzero(made & ~low).tolist(),
+                built=np.flatnonzero(built).tolist(),
+                built_in_step=np.add.reduceat(built.astype(np.int64), bounds[:-1]).tolist(),
                 choice=choice.tolist(),
                 confidence=confidence.tolist(),
                 signals=np.add.reduceat(made.astype(np.int64), bounds[:-1]).tolist(),
@@ -382,8 +384,7 @@ class _Trader:
         )
 
     def _steps_of(self, events: _Events, bounds: list[int], now: list[int]) -> None:
-        built = iter([*events.built, bounds[-1]])  # the events whose signal is built, in order
-        next_built = next(built)
+        built, b = events.built, 0  # the events whose signal is built, in order; the next one
         execution = self._execution
         denials = execution.counts.denials
         for k, now_ms in enumerate(now):
@@ -394,33 +395,42 @@ class _Trader:
             if events.low[k]:
                 reason = DenialReason.HALTED if execution.halted else DenialReason.LOW_CONFIDENCE
                 denials[reason.value] += events.low[k]
-            while next_built < stop:
-                bars, row = events.bars[events.which[next_built]], events.rows[next_built]
-                self._signal(
-                    bars, row, events.choice[next_built], events.confidence[next_built], now_ms
-                )
-                next_built = next(built)
+            count = events.built_in_step[k]
+            if count:
+                self._step_signals(events, built[b : b + count], now_ms)
+                b += count
             execution.decide_all()
             self._steps += 1
             self._evaluate_risk(now_ms)
-            self._sharpe.add(self._ledger.equity)
+            self._sharpe.add(self._ledger.equity_float)
 
     def _mark_step(self, events: _Events, start: int, stop: int) -> None:
         """The step's closes: the core's marks (the decisions' and the orders'), the ledger's
         where a position is."""
         self._candles.clear()
         ledger, marks, candles = self._ledger, self._marks, self._candles
-        mark = self._execution.mark
+        mark = self._execution.core.mark
         for e in range(start, stop):
             bars, row, close = events.bars[events.which[e]], events.rows[e], events.closes[e]
             symbol = bars.symbol
             marks[symbol] = close
             mark(symbol, close)
             candles[symbol] = (bars, row)
-            if ledger.quantity(symbol):
+            if ledger.holds(symbol):
                 ledger.mark(symbol, close)
             else:
                 self._unmarked[symbol] = close
+
+    def _step_signals(self, events: _Events, built: list[int], now_ms: int) -> None:
+        """The step's signals at or above minConfidence, each made and offered; once halted,
+        when nobody watches them, only counted: each is a certain ``halted`` denial (see
+        ``_certain_denial``), and after a halt most steps have some."""
+        if self._skip_certain and self._on_signal is None and self._execution.halted:
+            self._execution.counts.denials[DenialReason.HALTED.value] += len(built)
+            return
+        for e in built:
+            bars, row = events.bars[events.which[e]], events.rows[e]
+            self._signal(bars, row, events.choice[e], events.confidence[e], now_ms)
 
     def _signal(self, bars: Bars, row: int, choice: int, confidence: float, now_ms: int) -> None:
         certain = self._certain_denial(confidence)
@@ -536,14 +546,16 @@ class _Trader:
 class _Events:
     """One block's candles in step order, as lists for the step loop: per event, its symbol's
     bars (``bars[which[e]]``), row, exact close, model class and confidence; the events whose
-    signal is built (``built``); per step, its signals and how many of them are below
-    minConfidence and counted without being built (``low``)."""
+    signal is built (``built``); per step, how many of those it has (``built_in_step``), its
+    signals and how many of them are below minConfidence and counted without being built
+    (``low``)."""
 
     bars: list[Bars]
     closes: list[Decimal]
     which: list[int]
     rows: list[int]
     built: list[int]
+    built_in_step: list[int]
     choice: list[int]
     confidence: list[float]
     signals: list[int]

@@ -209,6 +209,22 @@ def trusted(message_type: type[M], /, **fields: Any) -> M:
     return message
 
 
+def replaced(message: M, /, **update: Any) -> M:
+    """``message.model_copy(update=update)`` for our messages (no extras, no private
+    attributes): the same values unvalidated, the same fields set, at a third of its cost (the
+    order driver makes one per attempt). An unknown field is an error, as in ``trusted``."""
+    message_type = type(message)
+    unknown = update.keys() - message.__dict__.keys()  # every field is in it
+    if unknown:
+        raise TypeError(f"{message_type.__name__}: unknown {sorted(unknown)}")
+    copied = message_type.__new__(message_type)
+    _set_slot(copied, "__dict__", {**message.__dict__, **update})
+    _set_slot(copied, "__pydantic_fields_set__", message.__pydantic_fields_set__.union(update))
+    _set_slot(copied, "__pydantic_extra__", None)
+    _set_slot(copied, "__pydantic_private__", None)
+    return copied
+
+
 _set_slot = object.__setattr__  # frozen models refuse their own __setattr__
 _LAYOUTS: dict[type[Message], tuple[dict[str, Any], frozenset[str]]] = {}
 _REQUIRED = object()

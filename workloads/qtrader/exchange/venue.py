@@ -11,16 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus
 from qtrader.health.contract import DependencyHealth
 from qtrader.instruments import ExchangeInfo
 
 
-@dataclass(frozen=True, kw_only=True)
-class VenueOrder:
-    """One order as the venue reports it, with the fills it has had so far (exact fees)."""
+class VenueOrder(NamedTuple):
+    """One order as the venue reports it, with the fills it has had so far (exact fees). A
+    named tuple: one is made for every attempt (a backtest makes tens of thousands)."""
 
     client_order_id: str
     order_id: str

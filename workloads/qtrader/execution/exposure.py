@@ -236,7 +236,7 @@ class ExposureBook:
 
         Fills of its stem already applied (another replica's fill can arrive before its
         PENDING_NEW: two streams) count against it: they are in the position already."""
-        if intent_id in self._reservations or intent_id in self._finished:
+        if self._reserved(intent_id):
             return
         stem = stem_of(client_order_id)
         filled = self._filled_by_stem.get(stem, _ZERO)
@@ -278,6 +278,8 @@ class ExposureBook:
         update, replayed at start) is not, and may be booked at the venue."""
         if update.status is OrderStatus.PENDING_NEW:
             self._sent.add(update.intent_id)
+            if self._reserved(update.intent_id):
+                return  # this worker's own attempt, reserved when it was decided or admitted
             self.reserve(
                 intent_id=update.intent_id,
                 client_order_id=update.client_order_id,
@@ -337,19 +339,25 @@ class ExposureBook:
         verdict = self._check(attempt, limits)
         if isinstance(verdict, Admitted):
             self._finished.discard(attempt.intent_id)  # a redelivered intent sending its rest
-            self.reserve(
-                intent_id=attempt.intent_id,
-                client_order_id=attempt.client_order_id,
-                symbol=attempt.symbol,
-                signed_quantity=attempt.side_sign * verdict.quantity,
-                created_at_ms=0,
-                local=False,
-            )
-            reservation = self._reservations[attempt.intent_id]
+            reservation = self._reservations.get(attempt.intent_id)
+            if reservation is None:  # not decided here, nor seen on ORDERS: reserved now
+                self.reserve(
+                    intent_id=attempt.intent_id,
+                    client_order_id=attempt.client_order_id,
+                    symbol=attempt.symbol,
+                    signed_quantity=attempt.side_sign * verdict.quantity,
+                    created_at_ms=0,
+                    local=False,
+                )
+                reservation = self._reservations[attempt.intent_id]
             reservation.requested = reservation.filled + verdict.quantity
         return verdict
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _reserved(self, intent_id: str) -> bool:
+        """Whether ``reserve`` would change nothing for this intent: in flight, or ended."""
+        return intent_id in self._reservations or intent_id in self._finished
 
     def _drop_if_settled(self, intent_id: str) -> None:
         reservation = self._reservations[intent_id]

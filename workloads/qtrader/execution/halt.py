@@ -94,9 +94,10 @@ class HaltGate:
             return self._refused
         if self._latch is None:
             return "no halt latch could be read"
-        age = self.heartbeat_age_s()
-        if age is None:
+        last = self._last_heartbeat  # ``heartbeat_age_s`` inline: asked before every send
+        if last is None:
             return "no control-plane heartbeat heard yet"
+        age = self._clock() - last
         if age > self._heartbeat_timeout_s:
             return f"control-plane heartbeat missing for {age:.1f}s"
         return None
@@ -108,7 +109,7 @@ class HaltGate:
             or (state is TradingState.REDUCING and intent.reduce_only)
             or self._flattens(intent)
         )
-        return GateVerdict(allowed=allowed, state=state, why=why)
+        return GateVerdict(allowed, state, why)
 
     def _flattens(self, intent: OrderIntent) -> bool:
         """The reduce-only order that closes a position for the trip in force, when that trip

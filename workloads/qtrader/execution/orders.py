@@ -54,6 +54,7 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     RefusedBy,
     Side,
+    replaced,
     trusted,
     validated,
 )
@@ -78,6 +79,7 @@ HALTED_LOOKUPS = Counter(
 )
 
 _BPS = Decimal(10_000)
+_BOUND_GRID = Decimal("1e-8")
 
 PublishUpdate = Callable[[OrderUpdate], Awaitable[None]]
 PublishFill = Callable[[Fill], Awaitable[None]]
@@ -347,7 +349,7 @@ class OrderDriver:
                     verdict.quantity,
                     verdict.detail,
                 )
-                order = order.model_copy(update={"quantity": verdict.quantity})
+                order = replaced(order, quantity=verdict.quantity)
             try:
                 return await self._venue.place(order, not_after_ms=self._deadline(order))
             except OutcomeUnknown as exc:
@@ -468,13 +470,12 @@ def attempt_order(
 ) -> OrderIntent:
     """What attempt ``attempt`` sends for ``intent``: a LIMIT IOC for ``quantity`` at the
     slippage ``bound``, with the attempt's client order id (the intent's own for the first)."""
-    return intent.model_copy(
-        update={
-            "client_order_id": attempt_client_order_id(intent.client_order_id, attempt),
-            "quantity": quantity,
-            "order_type": OrderType.LIMIT,
-            "limit_price": bound,
-        }
+    return replaced(
+        intent,
+        client_order_id=attempt_client_order_id(intent.client_order_id, attempt),
+        quantity=quantity,
+        order_type=OrderType.LIMIT,
+        limit_price=bound,
     )
 
 
@@ -486,7 +487,7 @@ def slippage_bound(reference: Decimal, side: Side, max_slippage_bps: int) -> Dec
     factor = (_BPS + side.sign * max_slippage_bps) / _BPS
     bound = reference * factor
     rounding = ROUND_FLOOR if side is Side.BUY else ROUND_CEILING
-    return bound.quantize(Decimal("1e-8"), rounding=rounding)
+    return bound.quantize(_BOUND_GRID, rounding=rounding)
 
 
 def _describe(exc: ExchangeError) -> str:

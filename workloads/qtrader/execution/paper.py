@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
+from typing import NamedTuple
 
 from qtrader.contracts.messages import (
     Build,
@@ -74,9 +74,9 @@ class PaperRejectReason(enum.StrEnum):
     BELOW_MIN_NOTIONAL = "below_min_notional"
 
 
-@dataclass(frozen=True)
-class PaperExecution:
-    """What one ``submit`` produced: the order's final update and its fills (maybe none)."""
+class PaperExecution(NamedTuple):
+    """What one ``submit`` produced: the order's final update and its fills (maybe none). A
+    named tuple: one is made for every order."""
 
     final: OrderUpdate
     fills: tuple[Fill, ...]

@@ -419,6 +419,13 @@ class Ledger:
         return self._shown_equity[1]
 
     @property
+    def equity_float(self) -> float:
+        """``float(equity)`` without making the Decimal: the same float, since both round the
+        same exact value to the nearest (an int quotient is correctly rounded, as is
+        ``float`` of a ``Decimal``). A backtest reads it after every step."""
+        return (self._wallet + self._unrealized_total) / _FINE
+
+    @property
     def peak_equity(self) -> Decimal:
         return _fine_decimal(self._peak_equity)
 
@@ -444,6 +451,11 @@ class Ledger:
         """Signed position quantity: positive long, negative short, 0 when flat."""
         position = self._positions.get(symbol)
         return _quoted_decimal(position.quantity) if position else _ZERO
+
+    def holds(self, symbol: str) -> bool:
+        """Whether ``symbol``'s position is open (``quantity`` is not 0), without the Decimal."""
+        position = self._positions.get(symbol)
+        return position is not None and position.quantity != 0
 
     @property
     def open_positions(self) -> int:
