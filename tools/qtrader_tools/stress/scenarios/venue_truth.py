@@ -683,14 +683,19 @@ class ManualEffect:
     bnb: Decimal
 
 
+def _order_key(record: Mapping[str, Any]) -> tuple[str, int]:
+    """An order's identity: Binance numbers orders per symbol, so the id alone is ambiguous."""
+    return str(record["symbol"]), int(record["orderId"])
+
+
 def manual_effect(
-    trades: Sequence[Mapping[str, Any]], order_id: int, marks: Mapping[str, Decimal]
+    trades: Sequence[Mapping[str, Any]], order: tuple[str, int], marks: Mapping[str, Decimal]
 ) -> ManualEffect | None:
     """From the server's trade records of the manual order, at the venue's marks."""
-    mine = [t for t in trades if int(t["orderId"]) == order_id]
+    mine = [t for t in trades if _order_key(t) == order]
     if not mine:
         return None
-    symbol = str(mine[0]["symbol"])
+    symbol = order[0]
     position = wallet = unrealized = bnb = Decimal(0)
     for trade in mine:
         q = Decimal(str(trade["qty"])) * (1 if trade["side"] == "BUY" else -1)
@@ -714,8 +719,8 @@ def _judge(
     watch: _Watch,
 ) -> None:
     figures = result.figures
-    manual_id = int(manual["orderId"])
-    ours = [t for t in evidence.trades if int(t["orderId"]) != manual_id]
+    manual_id = _order_key(manual)
+    ours = [t for t in evidence.trades if _order_key(t) != manual_id]
     marks = {str(p["symbol"]): Decimal(str(p["markPrice"])) for p in evidence.positions}
     effect = manual_effect(evidence.trades, manual_id, marks)
     figures["manual trade effect"] = (
