@@ -7,7 +7,9 @@ The verdict is the MARKET stream against the venue's own klines (``GET /fapi/v1/
 every minute from the first candle to the last, each once, each equal to the venue's, through
 a websocket outage (connections cut and refused while klines close), the venue's connection
 cut-off (Binance's 24 h, here 4 minutes of its clock), a SIGKILL and restart of the worker, and
-a backfill that REST cannot serve (an unfilled gap: counted, DEGRADED, said).
+a backfill that REST cannot serve (an unfilled gap: counted, DEGRADED, said). And the warm-up of
+a fresh stream: the venue's last closed klines first, which fill a real inference worker's
+window without making a signal, so it decides from the first live candle.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Candle, TradingState
+from qtrader.contracts.messages import Candle, CandleSource, Signal, TradingState
 from qtrader.contracts.policy import parse_policy
 from qtrader.local.control import publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
@@ -67,8 +69,9 @@ async def control(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
         await bus.close()
 
 
-def _marketdata(url: str, venue_url: str, log_dir: Path) -> Worker:
+def _marketdata(url: str, venue_url: str, log_dir: Path, *, warmup: int = 0) -> Worker:
     args = ("--source", "live", "--market-url", venue_url, "--interval", "1m")
+    args += ("--warmup-candles", str(warmup))
     return start_worker("marketdata", nats_url=url, log_dir=log_dir, args=args)
 
 
@@ -220,3 +223,51 @@ async def test_a_gap_rest_cannot_fill_is_counted_said_and_the_feed_goes_on(
         await _until_stored(url, 4, worker)
     finally:
         worker.stop()
+
+
+async def _signals(url: str) -> list[Signal]:
+    return await read_all(
+        url,
+        stream=subjects.SIGNALS.name,
+        subject=subjects.signal_subject(SYMBOL),
+        message_type=Signal,
+    )
+
+
+async def test_a_fresh_stream_is_warmed_up_and_inference_decides_from_the_first_live_candle(
+    nats_server: EmbeddedNats, control: Bus, venue: tuple[str, SimAdmin], tmp_path: Path
+) -> None:
+    url = nats_server.url
+    venue_url, admin = venue
+    for minute in range(40):  # history on the venue: 40 klines close before anything runs
+        admin.clock(advance_ms=MINUTE_MS)
+        admin.price(SYMBOL, Decimal(100) + Decimal(minute % 13) / 10)
+    forming_ms = _venue_now(venue_url) // MINUTE_MS * MINUTE_MS
+    inference = start_worker("inference", nats_url=url, log_dir=tmp_path)
+    worker = _marketdata(url, venue_url, tmp_path, warmup=32)
+    try:
+        await _connected(admin, worker, "the socket", timeout_s=20)
+        warm = await _until_stored(url, 32, worker)
+        # The last 32 closed klines, before any closes live, each once and equal to the venue's.
+        assert warm[-1].open_time_ms == forming_ms - MINUTE_MS
+        assert len(warm) == 32
+        assert {c.source for c in warm} == {CandleSource.WARMUP}
+        _check_against_venue(warm, venue_url)
+
+        await _minutes(admin, 1)
+        stored = await _until_stored(url, 33, worker)
+        assert stored[-1].source is CandleSource.LIVE
+        _check_against_venue(stored, venue_url)
+        found: list[Signal] = []
+
+        async def signalled() -> bool:
+            found[:] = await _signals(url)
+            return bool(found)
+
+        await eventually(signalled, timeout_s=30, what="a signal", worker=inference)
+        await asyncio.sleep(1.0)  # a signal of a warm-up candle would be here by now
+        # Only the live candle: the window was full at once, and no old candle was traded on.
+        assert [s.candle_open_time_ms for s in await _signals(url)] == [stored[-1].open_time_ms]
+    finally:
+        worker.stop()
+        inference.stop()

@@ -38,6 +38,17 @@ def test_maker_when_window_fills_then_accepts_from_the_window_th_candle() -> Non
     assert accepted == [False] * (WINDOW - 1) + [True] * 3
 
 
+def test_maker_when_candles_are_warm_up_then_they_fill_the_window_and_make_no_signal() -> None:
+    # A warm-up candle is old when it arrives and a signal is stamped when made: no TTL
+    # downstream would catch a signal of it, so none is made, even of a redelivered one.
+    maker = SignalMaker()
+    steps = [group[0] for group in market(WINDOW + 2)]
+    warm = [c.model_copy(update={"source": CandleSource.WARMUP}) for c in steps[: WINDOW + 1]]
+    assert [maker.accept(c) for c in warm] == [False] * (WINDOW + 1)
+    assert maker.accept(warm[-1]) is False
+    assert maker.accept(steps[WINDOW + 1]) is True  # the first live candle: the window is full
+
+
 def test_maker_when_newest_candle_redelivered_then_signals_again_and_older_not() -> None:
     maker = SignalMaker()
     steps = market(WINDOW + 2)
@@ -143,3 +154,9 @@ def test_batcher_when_newer_candle_arrives_then_pending_batch_completes_first() 
 def test_batcher_when_add_skips_complete_before_then_raises() -> None:
     with pytest.raises(ValueError, match="complete_before"):
         CandleBatcher().add(candle("BTCUSDT", 0))
+
+
+def test_the_live_feeds_default_warm_up_is_the_shipped_models_window() -> None:
+    from qtrader.commands.workers import WARMUP_CANDLES
+
+    assert WARMUP_CANDLES == WINDOW  # fewer: the first live candles make no signal

@@ -34,6 +34,9 @@ from qtrader.runtime import WorkerOptions
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_OUTBOX_DIR = Path(tempfile.gettempdir()) / "qtrader-outbox"
+# The shipped model's window (qtrader.inference.features.WINDOW, not imported: it loads numpy):
+# with that many warm-up candles a fresh live stack decides from its first live candle.
+WARMUP_CANDLES = 32
 
 
 def add_commands(commands: Commands) -> None:
@@ -162,6 +165,14 @@ def market_arguments(parser: argparse.ArgumentParser) -> None:
         help="live mode: the futures websocket base, e.g. wss://fstream.binance.com/ (env "
         "QTRADER_BINANCE_STREAM_URL; default: Binance's, or --market-url's host over ws)",
     )
+    group.add_argument(
+        "--warmup-candles",
+        type=integer(minimum=0, maximum=1500),
+        default=WARMUP_CANDLES,
+        help="live mode: the last N closed klines fetched over REST for a symbol the stream "
+        "holds none of, so inference decides from the first live candle; no signal is made of "
+        "them (0: none; default %(default)s, the shipped model's window)",
+    )
 
 
 def _exchange_arguments(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +287,7 @@ def _run_marketdata(args: argparse.Namespace) -> int:
         testnet=args.testnet,
         rest_url=args.market_url,
         stream_url=args.stream_url,
+        warmup_candles=args.warmup_candles,
     )
     return run_worker("marketdata", _options(args), lambda ctx: MarketData(ctx, config))
 

@@ -309,6 +309,10 @@ class CandleSource(enum.StrEnum):
     REPLAY = "replay"
     SYNTHETIC = "synthetic"
     LIVE = "live"
+    # History a live feed fetched over REST before its first candle, so a model's window is
+    # full from the first live candle on. Old when published: it fills windows, and inference
+    # makes no signal of it (a signal is stamped when made, so its TTL cannot tell).
+    WARMUP = "warmup"
 
 
 class Candle(Message):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from qtrader.contracts.messages import Candle, Signal
+from qtrader.contracts.messages import Candle, CandleSource, Signal
 from qtrader.inference.features import FeatureWindow, ModelInputs
 from qtrader.inference.onnx_model import CLASSES, Prediction, Predictor, decide_batch
 
@@ -59,7 +59,9 @@ class SignalMaker:
 
         A new candle makes one once its symbol's window is full. A redelivery of the newest
         candle (its signal's publish may have failed) makes the same signal again; an older
-        candle has nothing left to say and is ignored.
+        candle has nothing left to say and is ignored. A warm-up candle (``CandleSource.WARMUP``)
+        fills the window and makes none: it was old when published, and a signal is stamped
+        when it is made, so no signal or intent TTL downstream could tell it is stale.
         """
         window = self._windows.get(candle.symbol)
         if window is None:
@@ -67,7 +69,7 @@ class SignalMaker:
         accepted = window.push(candle)
         if not accepted and window.last_open_time_ms != candle.open_time_ms:
             return False
-        return window.ready
+        return window.ready and candle.source is not CandleSource.WARMUP
 
     def make(self, candles: Sequence[Candle], model: Predictor, *, now_ms: int) -> SignalBatch:
         """One signal per candle, from one model call over all of them.

@@ -28,6 +28,12 @@ Things about python-binance (1.0.37) that matter here:
   REST cannot give (the venue has no such kline, or keeps failing after 3 tries) is an unfilled
   gap: logged, counted, kept in ``unfilled_gaps`` (the worker's health is DEGRADED for an hour
   and an alert fires), and the feed goes on.
+* Warm-up: a symbol the stream holds no candle of starts with its last ``warmup_klines`` closed
+  klines, fetched over REST (``GET /fapi/v1/klines`` with ``endTime``) once the socket is open,
+  published in order as ``CandleSource.WARMUP``: a model's window is then full from the first
+  live candle on. They are old when published, so inference makes no signal of them. A warm-up
+  REST cannot serve is logged and tried again at the next socket; the window then fills from
+  live candles, as without a warm-up.
 * ``rest_url`` and ``stream_url`` point the client at another venue with Binance's API
   (``qtrader.exchange.async_binance``); None: Binance, by ``testnet``.
 """
@@ -176,6 +182,7 @@ class BinanceKlineFeed:
         interval: str,
         testnet: bool,
         last_open_ms: Mapping[str, int] | None = None,
+        warmup_klines: int = 0,
         rest_url: str | None = None,
         stream_url: str | None = None,
         max_queue_size: int = 1000,
@@ -187,6 +194,9 @@ class BinanceKlineFeed:
             raise ValueError(f"symbols must be upper-case letters and digits: {bad}")
         if interval not in INTERVAL_MS:
             raise ValueError(f"interval must be one of {sorted(INTERVAL_MS)}: {interval!r}")
+        if not 0 <= warmup_klines <= BACKFILL_LIMIT:
+            raise ValueError(f"warmup_klines must be 0 to {BACKFILL_LIMIT}: {warmup_klines}")
+        self._symbols = tuple(symbols)
         self._streams = [f"{symbol.lower()}@kline_{interval}" for symbol in symbols]
         self._interval = interval
         self._interval_ms = INTERVAL_MS[interval]
@@ -195,6 +205,8 @@ class BinanceKlineFeed:
         self._stream_url = stream_url
         self._max_queue_size = max_queue_size
         self._last_open = dict(last_open_ms or {})
+        self._warmup_klines = warmup_klines
+        self.warmed_up = 0
         self.malformed_events = 0
         self.backfilled = 0
         self.unfilled_gaps: list[Gap] = []
@@ -248,8 +260,10 @@ class BinanceKlineFeed:
 
     async def _catch_up(self, client: Any) -> list[Candle]:
         """Once the socket is open (what closes from now on, it brings): the klines closed
-        since each symbol's last candle, from REST, without waiting for the next close."""
-        if not self._last_open:
+        since each symbol's last candle, from REST, without waiting for the next close; for a
+        symbol without one, its warm-up."""
+        cold = [s for s in self._symbols if s not in self._last_open and self._warmup_klines]
+        if not self._last_open and not cold:
             return []
         try:
             now_ms = int((await client.futures_time())["serverTime"])
@@ -258,10 +272,31 @@ class BinanceKlineFeed:
             return []
         forming = now_ms // self._interval_ms * self._interval_ms
         missed: list[Candle] = []
+        for symbol in cold:
+            missed += await self._warm_up(client, symbol, forming)
         for symbol in list(self._last_open):
             # Nothing is a gap yet: what REST lacks now, the next closed kline asks for again.
             missed += await self._missed_before(client, symbol, forming, final=False)
         return missed
+
+    async def _warm_up(self, client: Any, symbol: str, forming_ms: int) -> list[Candle]:
+        """The symbol's last ``warmup_klines`` klines closed before ``forming_ms``, in order;
+        they become its last candles, so the stream goes on right after them."""
+        rows, reason = await self._page(
+            client, symbol, None, forming_ms - 1, limit=self._warmup_klines
+        )
+        if reason is not None:
+            _log.warning("%s: no warm-up now, the next socket tries again: %s", symbol, reason)
+            return []
+        page = [self._candle_from_row(symbol, row, CandleSource.WARMUP) for row in rows]
+        closed = sorted(
+            (c for c in page if c is not None and c.open_time_ms < forming_ms),
+            key=lambda c: c.open_time_ms,
+        )
+        taken = [c for c in closed if self._is_new(c)]
+        self.warmed_up += len(taken)
+        _log.info("%s: warmed up with %d closed klines over REST", symbol, len(taken))
+        return taken
 
     def _is_new(self, candle: Candle) -> bool:
         """After the symbol's last candle (then it is the last); else already given."""
@@ -313,17 +348,25 @@ class BinanceKlineFeed:
         return candles, None
 
     async def _page(
-        self, client: Any, symbol: str, start_ms: int, end_ms: int
+        self,
+        client: Any,
+        symbol: str,
+        start_ms: int | None,
+        end_ms: int,
+        *,
+        limit: int = BACKFILL_LIMIT,
     ) -> tuple[list[list[Any]], str | None]:
+        """One request's rows: from ``start_ms`` on, or without it the last ``limit`` up to
+        ``end_ms`` (Binance's selection); the reason when it failed every try."""
         reason = "not tried"
         for attempt in range(BACKFILL_TRIES):
             try:
                 rows = await client.futures_klines(
                     symbol=symbol,
                     interval=self._interval,
-                    startTime=start_ms,
+                    startTime=start_ms,  # python-binance leaves a None out
                     endTime=end_ms,
-                    limit=BACKFILL_LIMIT,
+                    limit=limit,
                 )
                 return list(rows), None
             except _BACKFILL_ERRORS as exc:
@@ -332,7 +375,9 @@ class BinanceKlineFeed:
                 await asyncio.sleep(1.0)
         return [], reason
 
-    def _candle_from_row(self, symbol: str, row: Any) -> Candle | None:
+    def _candle_from_row(
+        self, symbol: str, row: Any, source: CandleSource = CandleSource.LIVE
+    ) -> Candle | None:
         """A REST kline row (the archive's columns) as a candle; a malformed one is counted."""
         try:
             if not isinstance(row, list) or len(row) != len(KLINE_COLUMNS):
@@ -342,7 +387,7 @@ class BinanceKlineFeed:
                 fields,
                 symbol=symbol,
                 interval=self._interval,
-                source=CandleSource.LIVE,
+                source=source,
                 location=f"{symbol} REST kline",
             )
         except KlineFormatError as exc:

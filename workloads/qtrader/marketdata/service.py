@@ -104,6 +104,9 @@ class MarketDataConfig:
     # Live: another venue with Binance's API (the local simulator); None: Binance, by testnet.
     rest_url: str | None = None
     stream_url: str | None = None
+    # Live: closed klines fetched for a symbol the stream holds none of, before its first live
+    # candle (0: none); inference makes no signal of them (CandleSource.WARMUP).
+    warmup_candles: int = 0
 
     @property
     def stale_limit_s(self) -> float:
@@ -197,6 +200,7 @@ class MarketData:
             interval=self._config.interval,
             testnet=self._config.testnet,
             last_open_ms={symbol: span.last.open_time_ms for symbol, span in spans.items()},
+            warmup_klines=self._config.warmup_candles,
             rest_url=self._config.rest_url,
             stream_url=self._config.stream_url,
         )

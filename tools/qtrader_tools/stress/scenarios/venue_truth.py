@@ -3,25 +3,30 @@
 What runs: the local Binance-compatible server as its own process (``sim_process``), 3 symbols,
 its clock moved through its admin API, so a 1m kline closes at every step; the rig's
 nats-server; as real processes ``qtrader marketdata --source live`` on the server's combined
-kline stream (``--market-url`` for its REST backfill), ``qtrader execution`` in live mode
+kline stream (``--market-url`` for its REST backfill and warm-up), ``qtrader inference`` with
+the shipped model, ``qtrader execution`` in live mode
 (``--exchange-url`` to the server, the user-data stream on, positions reconciled every
 ``RECONCILE_INTERVAL_S`` with a grace of ``RECONCILE_GRACE_S``, income read every
 ``INCOME_INTERVAL_S``) and the portfolio, with an ACTIVE latch and heartbeats (no control
 plane: the reconciliation alert would trip the EmergencyStop to Reducing through it; here the
 alert on the RISK stream is what is judged).
 
-Signals are scripted, not the shipped model: the model needs a window of 32 closed candles per
-symbol before its first signal, and a candle here is one step (one minute of the venue's
-clock, about a second of wall time with a fill to wait for), so at scale 0.1 the model would
-not have traded at all. Each step: the venue's clock moves one minute (the step's klines close),
-every symbol gets a new price, the scenario waits for each closed candle on the MARKET stream
-(what marketdata published, not what the scenario planted), publishes one LONG or SHORT signal
-per symbol at the venue's price (each flips that position), and waits for every intent to be
-final. The account then moves by itself, at fixed steps:
+The signals are the shipped model's. It needs a window of ``WINDOW`` closed candles per symbol
+before its first signal, so the venue first makes ``HISTORY_MINUTES`` minutes of prices, and
+marketdata, finding the MARKET stream empty, warms it up with the last ``WINDOW`` closed klines
+over REST (``CandleSource.WARMUP``: they fill inference's windows and make no signal); the
+model then decides from the first step's candles. Each step: the venue's clock moves one minute
+(the step's klines close), the scenario waits for each closed candle on the MARKET stream (what
+marketdata published, not what the scenario planted), for the model's signal of it for every
+symbol, for execution to have decided every signal so far (an intent, a denial or a drop, by
+its metrics), and for every intent to be final; then every symbol gets a new price. The
+account then moves by itself, at fixed steps:
 
-* funding, ``FUNDING_ROUNDS`` times: a rate per symbol (``/_sim/funding/rate``), signs
-  alternating by round and symbol, so every symbol pays and receives, charged at once
-  (``/_sim/funding/settle``); the server's scheduled funding is centuries away;
+* funding, ``FUNDING_ROUNDS`` times: a rate per symbol (``/_sim/funding/rate``), charged at
+  once (``/_sim/funding/settle``); the server's scheduled funding is centuries away. The model
+  chooses the positions, so the rate's sign follows the venue's position (``positionRisk``) and
+  alternates by a symbol's charges (its first one pays, its second receives, ...); a symbol
+  that is flat when its round comes is charged at the next step it holds a position;
 * BNB commissions: 1 BNB transferred in at the start (a TRANSFER in BNB), fee burn switched on
   for the second quarter of the steps (``/_sim/fee_burn``), so part of the trades pay in BNB;
 * two injected websocket disconnects (``/_sim/ws/drop``: every socket aborted, marketdata's and
@@ -32,7 +37,8 @@ final. The account then moves by itself, at fixed steps:
   themselves too;
 * a portfolio restart: SIGTERM, then the same command again through the rig;
 * at the end, once trading has stopped and the last closes are the venue's prices: a manual
-  trade on the venue (``/_sim/manual_trade``, an order from its web page).
+  trade on the venue (``/_sim/manual_trade``, an order from its web page), against our
+  position in its symbol (so it realizes).
 
 The design flags a manual trade rather than adopting it: execution's reconciliation raises a
 ``reconciliation`` risk alert (which trips the EmergencyStop to Reducing by default) and the
@@ -63,14 +69,16 @@ streams, never from values the scenario chose:
 * the exposure invariant (``stress.invariants``) over our trades (the manual one left out);
 * our trades at the venue all on FILLS, and the portfolio equal to the exact account of FILLS
   (fills and account entries, ``stress.exact``);
-* funding of both signs booked on every symbol, BNB fees > 0, disconnects == 2, cut-offs >= 1.
+* funding of both signs booked on every symbol, BNB fees > 0, disconnects == 2, cut-offs >= 1;
+* no signal of a warm-up candle (their windows full, the model decides from the first step).
 
 Figures: funding per symbol, BNB fees, connections dropped, cut-offs, detection time, -1021
 answers (each clock step puts execution's timestamps a minute behind: it resyncs once).
 
 Scale: ``FULL_STEPS`` steps at full length, ``MIN_STEPS`` at least (14 at the default 0.1).
-Measured on the 2-core development machine: about 30 s at 0.1 (42 trades), 92 s at full length
-(180 trades, 35 connections cut off at their age).
+Measured on the 2-core development machine: about 30 s at 0.1 (22 to 28 trades of the model
+over 5 runs), and at full length 123 trades and 36 connections cut off at their age (one run,
+under 150 s; scripted signals made 180 trades in 92 s).
 
 What it found: with the positions and the income both read every 0.5 s (some 4,800 weight a
 minute against the venue's 2,400), execution sent nothing and logged nothing for 36 s after the
@@ -98,7 +106,7 @@ from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     AccountEntry,
     Candle,
-    Direction,
+    CandleSource,
     Fill,
     OrderIntent,
     OrderUpdate,
@@ -108,12 +116,12 @@ from qtrader.contracts.messages import (
     Signal,
 )
 from qtrader.exchange.credentials import KEY_VARIABLE, SECRET_VARIABLE
+from qtrader.inference.features import WINDOW
 from qtrader.instruments import paper_exchange_info
 from qtrader_tools.exact import last_closes, ledger_mismatches
 from qtrader_tools.processes import Child
 from qtrader_tools.simulators.binance_futures import SimAdmin
 from qtrader_tools.simulators.binance_futures.process import sim_process
-from qtrader_tools.stress.flow_support import now_ms
 from qtrader_tools.stress.harness import Rig, ScenarioFailure, policy_document
 from qtrader_tools.stress.invariants import (
     ExposureLimits,
@@ -121,6 +129,7 @@ from qtrader_tools.stress.invariants import (
     from_sim_records,
     judge_exposure,
 )
+from qtrader_tools.stress.probes import family_total
 from qtrader_tools.stress.result import ScenarioResult
 from qtrader_tools.stress.scenario import StressOptions
 
@@ -137,7 +146,16 @@ MIN_STEPS = 14
 FUNDING_ROUNDS = 4
 FUNDING_RATE = Decimal("0.0005")
 BNB_DEPOSIT = Decimal(1)
-MANUAL_SYMBOL, MANUAL_QTY = "ETHUSDT", Decimal("0.05")  # against our position: it realizes
+MANUAL_SYMBOL, MANUAL_QTY = "ETHUSDT", Decimal("0.05")
+HISTORY_MINUTES = WINDOW + 2  # klines the venue closes before the stack starts: a full warm-up
+# Each signal ends as one of these in execution's metrics: an intent (published or not), a
+# denial, a drop by the bounded intake.
+DECIDED_METRICS = (
+    "qtrader_order_intents_total",
+    "qtrader_order_intents_unpublished_total",
+    "qtrader_signals_denied_total",
+    "qtrader_signals_dropped_total",
+)
 # Weight per minute: positions and wallet every second (10 a read), income every 2 s (30 a read):
 # about 1,500 of the venue's 2,400 a minute, shared with marketdata's backfills on one IP. At
 # 0.5 s for both (about 4,800 a minute) execution went quiet for 36 s at a time.
@@ -201,6 +219,7 @@ class _Watch:
     known: dict[tuple[Any, ...], int] = field(default_factory=dict)  # connection -> opened_ms
     user_stream_back_s: list[float] = field(default_factory=list)
     nudges: int = 0  # extra minutes for a feed that reconnected by itself to backfill
+    funding_charges: Counter[str] = field(default_factory=Counter)  # per symbol
 
 
 async def _run(options: StressOptions, result: ScenarioResult, url: str, admin: SimAdmin) -> None:
@@ -209,6 +228,7 @@ async def _run(options: StressOptions, result: ScenarioResult, url: str, admin: 
     result.figures["steps"] = steps
     watch = _Watch()
     await asyncio.to_thread(_align_clock, admin, url)
+    await asyncio.to_thread(_history, admin, url)
     async with Rig(options.work_dir) as rig:
         execution, portfolio = await _start(rig, url)
         await asyncio.to_thread(admin.transfer, KEY, "BNB", BNB_DEPOSIT)
@@ -217,17 +237,21 @@ async def _run(options: StressOptions, result: ScenarioResult, url: str, admin: 
             raise ScenarioFailure("marketdata opened no kline stream")
         options.say(f"venue-truth: stack up; {steps} steps")
         for step in range(steps):
-            portfolio = await _step(rig, admin, url, plan, step, watch, portfolio, options)
+            portfolio = await _step(
+                rig, admin, url, plan, step, watch, options, execution, portfolio
+            )
         # New prices, away from the last fills' (an unrealized PnL to compare), then the last
         # closes are the venue's prices from here on: the marks agree.
         await _last_prices(admin, url)
         await _advance(rig, admin, url, MINUTE_MS, watch)
         fills_done = await _settled_portfolio(rig, admin)
         options.say("venue-truth: trading over; a manual trade on the venue")
-        side = "SELL" if _long(steps - 1, MANUAL_SYMBOL) else "BUY"
+        side = "SELL" if (await _venue_positions(url)).get(MANUAL_SYMBOL, 0) > 0 else "BUY"
         manual, detection_s, early = await _manual_trade(rig, admin, side)
         evidence = await _evidence(rig, admin, url, fills_done)
         result.figures["execution health at the end"] = (await rig.health(execution)).get("status")
+        decided = {name: await family_total(rig, execution, name) for name in DECIDED_METRICS}
+        result.figures["signals decided (execution)"] = decided
     _judge(result, evidence, manual, detection_s=detection_s, early=early, watch=watch)
 
 
@@ -235,6 +259,16 @@ def _align_clock(admin: SimAdmin, url: str) -> None:
     """One second into a venue minute, so the first step closes a whole kline."""
     now = _venue_now(url)
     admin.clock(advance_ms=MINUTE_MS - now % MINUTE_MS + 1000)
+
+
+def _history(admin: SimAdmin, url: str) -> None:
+    """``HISTORY_MINUTES`` klines close on the venue, each at a price of its own, before the
+    stack starts: what marketdata's warm-up fetches for the model's windows."""
+    for _ in range(HISTORY_MINUTES):
+        minute = _venue_now(url) // MINUTE_MS
+        for symbol in SYMBOLS:
+            admin.price(symbol, _price(symbol, minute))
+        admin.clock(advance_ms=MINUTE_MS)
 
 
 def _venue_now(url: str) -> int:
@@ -267,10 +301,14 @@ async def _start(rig: Rig, url: str) -> tuple[Child, Child]:
         *("--income-interval", str(INCOME_INTERVAL_S)),
         env=env,
     )
+    inference = rig.workload("inference")
     marketdata = rig.workload(
-        "marketdata", None, "--source", "live", "--market-url", url, "--interval", "1m"
+        "marketdata",
+        None,
+        *("--source", "live", "--market-url", url, "--interval", "1m"),
+        *("--warmup-candles", str(WINDOW)),
     )
-    await rig.wait_healthy([portfolio, execution, marketdata])
+    await rig.wait_healthy([portfolio, execution, inference, marketdata])
     # Every signal must become an intent: one decided before execution's first heartbeat would
     # be denied as halted, and the step would wait for an intent that never comes.
     await rig.wait_trading([execution])
@@ -328,11 +366,6 @@ async def _last_prices(admin: SimAdmin, url: str) -> None:
         await asyncio.to_thread(admin.price, symbol, _price(symbol, minute + 5))
 
 
-def _long(step: int, symbol: str) -> bool:
-    """The direction of step ``step``'s signal for ``symbol``: every step flips it."""
-    return (step + SYMBOLS.index(symbol)) % 2 == 0
-
-
 def _price(symbol: str, minute: int) -> Decimal:
     """A small deterministic wander, on the symbol's tick, well inside the slippage bound."""
     start = START_PRICES[symbol]
@@ -347,8 +380,9 @@ async def _step(
     plan: _Plan,
     step: int,
     watch: _Watch,
-    portfolio: Child,
     options: StressOptions,
+    execution: Child,
+    portfolio: Child,
 ) -> Child:
     rig.check()
     if step in plan.drops:
@@ -369,25 +403,15 @@ async def _step(
         await rig.wait_healthy([portfolio])
     jump = WS_MAX_AGE_MS if step == plan.cut_off else MINUTE_MS
     closed_open = await _advance(rig, admin, url, jump, watch)
-    minute = (closed_open + jump) // MINUTE_MS
-    prices = {s: _price(s, minute) for s in SYMBOLS}
-    for symbol, price in prices.items():
-        await asyncio.to_thread(admin.price, symbol, price)
-    if step in plan.funding:
-        await _funding(admin, plan.funding[step], step)
+    signals = await _signalled(rig, closed_open)
+    await _decided(rig, execution, signals)
+    await _intents_final(rig)
+    # The next kline's prices once this one's trades are done: each fills at its candle's close.
+    minute = closed_open // MINUTE_MS + 1  # the forming kline's
     for symbol in SYMBOLS:
-        signal = Signal(
-            signal_id=f"venue-truth-{step}-{symbol}",
-            symbol=symbol,
-            direction=Direction.LONG if _long(step, symbol) else Direction.SHORT,
-            confidence=0.9,
-            model_version="stress-venue-truth",
-            candle_open_time_ms=closed_open,
-            price=prices[symbol],
-            created_at_ms=now_ms(),
-        )
-        await rig.bus.publish(subjects.signal_subject(symbol), signal)
-    await _intents_final(rig, at_least=3 * (step + 1))
+        await asyncio.to_thread(admin.price, symbol, _price(symbol, minute))
+    due = sum(1 for at in plan.funding if at <= step)
+    await _funding(admin, url, due, watch)
     return portfolio
 
 
@@ -430,16 +454,58 @@ async def _advance(rig: Rig, admin: SimAdmin, url: str, jump_ms: int, watch: _Wa
     return closed_open
 
 
-async def _funding(admin: SimAdmin, round_: int, step: int) -> None:
-    """A rate per symbol, charged now. The positions flip every step (the signals'
-    directions), so the rate's sign follows the step's side and alternates by round: each
-    symbol pays in one round and receives in the next."""
-    for index, symbol in enumerate(SYMBOLS):
-        long = _long(step - 1, symbol)  # the side of the previous step's signal, still held
-        sign = (1 if long else -1) * (1 if round_ % 2 == 0 else -1)
-        rate = FUNDING_RATE * (index + 1) * sign
+async def _funding(admin: SimAdmin, url: str, due: int, watch: _Watch) -> None:
+    """Charge each symbol that holds a position and has had fewer than ``due`` charges. The
+    model chooses the positions, so the rate's sign follows the venue's position and
+    alternates by the symbol's charges: its first pays, its second receives, and so on."""
+    behind = [s for s in SYMBOLS if watch.funding_charges[s] < due]
+    if not behind:
+        return
+    positions = await _venue_positions(url)
+    for symbol in behind:
+        position = positions.get(symbol, Decimal(0))
+        if position == 0:
+            continue  # nothing to charge: the next step it holds one
+        pays = watch.funding_charges[symbol] % 2 == 0
+        sign = (1 if position > 0 else -1) * (1 if pays else -1)
+        rate = FUNDING_RATE * (SYMBOLS.index(symbol) + 1) * sign
         await asyncio.to_thread(admin.funding_rate, symbol, rate)
         await asyncio.to_thread(admin.settle_funding, symbol)
+        watch.funding_charges[symbol] += 1
+
+
+async def _venue_positions(url: str) -> dict[str, Decimal]:
+    """The venue's position per symbol (signed), from ``positionRisk``."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        rows = await _signed(http, "/fapi/v2/positionRisk")
+    return {str(r["symbol"]): Decimal(str(r["positionAmt"])) for r in rows}
+
+
+async def _signalled(rig: Rig, closed_open: int) -> list[Signal]:
+    """Until the model's signal of the kline opening at ``closed_open`` is on SIGNALS for every
+    symbol; returns every signal so far."""
+    found: list[Signal] = []
+
+    async def made() -> bool:
+        found[:] = await rig.read_stream(
+            subjects.SIGNALS, subjects.all_of(subjects.SIGNAL_PREFIX), Signal
+        )
+        done = {s.symbol for s in found if s.candle_open_time_ms == closed_open}
+        return done == set(SYMBOLS)
+
+    await rig.until(made, timeout_s=STEP_TIMEOUT_S, what="the model's signals", interval_s=0.1)
+    return found
+
+
+async def _decided(rig: Rig, execution: Child, signals: Sequence[Signal]) -> None:
+    """Until execution has decided as many signals as there are (each ends in one of
+    ``DECIDED_METRICS``): then every intent it will make of them is on ORDERS."""
+
+    async def decided() -> bool:
+        totals = [await family_total(rig, execution, name) for name in DECIDED_METRICS]
+        return sum(totals) >= len(signals)
+
+    await rig.until(decided, timeout_s=STEP_TIMEOUT_S, what="the signals decided", interval_s=0.1)
 
 
 async def _orders(rig: Rig) -> tuple[list[OrderIntent], list[OrderUpdate]]:
@@ -452,13 +518,13 @@ async def _orders(rig: Rig) -> tuple[list[OrderIntent], list[OrderUpdate]]:
     return intents, updates
 
 
-async def _intents_final(rig: Rig, *, at_least: int) -> None:
-    """Until ``at_least`` intents exist and every one has a final update."""
+async def _intents_final(rig: Rig) -> None:
+    """Until every intent made so far has a final update."""
 
     async def final() -> bool:
         intents, updates = await _orders(rig)
         done = {u.intent_id for u in updates if u.status.is_final}
-        return len(intents) >= at_least and all(i.intent_id in done for i in intents)
+        return all(i.intent_id in done for i in intents)
 
     await rig.until(final, timeout_s=STEP_TIMEOUT_S, what="every intent final", interval_s=0.1)
 
@@ -544,6 +610,7 @@ class _Evidence:
     fills: list[Fill]
     entries: list[AccountEntry]
     candles: list[Candle]
+    signals: list[Signal]
     trades: list[dict[str, Any]]
     orders: list[dict[str, Any]]
     log: list[dict[str, Any]]
@@ -578,6 +645,7 @@ async def _evidence(rig: Rig, admin: SimAdmin, url: str, fills_done: int) -> _Ev
         fills=await rig.read_stream(subjects.FILLS, every(subjects.FILL_PREFIX), Fill),
         entries=await rig.read_stream(subjects.FILLS, subjects.ACCOUNT_ENTRY, AccountEntry),
         candles=candles,
+        signals=await rig.read_stream(subjects.SIGNALS, every(subjects.SIGNAL_PREFIX), Signal),
         trades=await asyncio.to_thread(admin.trades),
         orders=await asyncio.to_thread(admin.orders),
         log=await asyncio.to_thread(admin.log),
@@ -616,14 +684,19 @@ class ManualEffect:
     bnb: Decimal
 
 
+def _order_key(record: Mapping[str, Any]) -> tuple[str, int]:
+    """An order's identity: Binance numbers orders per symbol, so the id alone is ambiguous."""
+    return str(record["symbol"]), int(record["orderId"])
+
+
 def manual_effect(
-    trades: Sequence[Mapping[str, Any]], order_id: int, marks: Mapping[str, Decimal]
+    trades: Sequence[Mapping[str, Any]], order: tuple[str, int], marks: Mapping[str, Decimal]
 ) -> ManualEffect | None:
     """From the server's trade records of the manual order, at the venue's marks."""
-    mine = [t for t in trades if int(t["orderId"]) == order_id]
+    mine = [t for t in trades if _order_key(t) == order]
     if not mine:
         return None
-    symbol = str(mine[0]["symbol"])
+    symbol = order[0]
     position = wallet = unrealized = bnb = Decimal(0)
     for trade in mine:
         q = Decimal(str(trade["qty"])) * (1 if trade["side"] == "BUY" else -1)
@@ -647,8 +720,8 @@ def _judge(
     watch: _Watch,
 ) -> None:
     figures = result.figures
-    manual_id = int(manual["orderId"])
-    ours = [t for t in evidence.trades if int(t["orderId"]) != manual_id]
+    manual_id = _order_key(manual)
+    ours = [t for t in evidence.trades if _order_key(t) != manual_id]
     marks = {str(p["symbol"]): Decimal(str(p["markPrice"])) for p in evidence.positions}
     effect = manual_effect(evidence.trades, manual_id, marks)
     figures["manual trade effect"] = (
@@ -847,6 +920,12 @@ def _judge_candles(result: ScenarioResult, evidence: _Evidence) -> None:
             ours = (candle.open, candle.high, candle.low, candle.close, candle.volume)
             unequal += theirs != ours
     result.figures["candles stored per symbol"] = stored
+    warm = {(c.symbol, c.open_time_ms) for c in evidence.candles if c.source is CandleSource.WARMUP}
+    result.figures["warm-up candles (per symbol)"] = len(warm) // len(SYMBOLS)
+    result.figures["signals of the model"] = len(evidence.signals)
+    of_warm = [s for s in evidence.signals if (s.symbol, s.candle_open_time_ms) in warm]
+    result.check("warm-up candles stored", len(warm), "==", WINDOW * len(SYMBOLS))
+    result.check("signals of a warm-up candle", len(of_warm), "==", 0)
     result.check("candles missing on MARKET (vs the venue's klines)", missing, "==", 0)
     result.check("candles duplicated on MARKET", duplicated, "==", 0)
     result.check("candles unequal to the venue's klines", unequal, "==", 0)
