@@ -87,6 +87,7 @@ from qtrader.control.policy_selector import PolicyScope, PolicySelector, covers
 from qtrader.exchange.listing import ListingUnavailable
 from qtrader.local.control import publish_policy
 from qtrader_operator import policy_core
+from qtrader_operator.cancelling import cancel_and_wait
 from qtrader_operator.kube import KubeError, KubeNotFound, custom_path, workload_path
 from qtrader_operator.metrics import PolicyView
 from qtrader_operator.runtime import OperatorConfig, OperatorRuntime
@@ -161,8 +162,7 @@ async def _stand_by(runtime: OperatorRuntime) -> None:
     """Another replica leads: stop writing (the keeper first, then the stacks' leader work)."""
     keeper, runtime.keeper = runtime.keeper, None
     if keeper is not None:
-        keeper.cancel()
-        await asyncio.gather(keeper, return_exceptions=True)
+        await cancel_and_wait([keeper])
     await runtime.stacks.follow()
     async with runtime.latch_lock:
         runtime.forget_decisions()

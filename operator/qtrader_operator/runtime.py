@@ -25,6 +25,7 @@ from qtrader.control.ess_applier import AckMemory
 from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_channel import AckCollector
 from qtrader.exchange.listing import VenueListings
+from qtrader_operator.cancelling import cancel_and_wait
 from qtrader_operator.kube import KubeApi, KubeEndpoint
 from qtrader_operator.leadership import Leadership, PeeringConfig
 from qtrader_operator.metrics import OperatorMetrics, OperatorView, PolicyView, StopView
@@ -169,9 +170,7 @@ class OperatorRuntime:
     async def stop(self) -> None:
         if self.keeper is not None:
             self.tasks.append(self.keeper)
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(self.tasks)
         await self.stacks.close()
         self.metrics.close()
         with contextlib.suppress(Exception):

@@ -58,6 +58,7 @@ from qtrader.control.halt_combination import (
 from qtrader.control.policy_selector import PolicyScope, PolicySelector, covers
 from qtrader.control.risk_monitor import RiskMonitor
 from qtrader.local.control import heartbeat_forever
+from qtrader_operator.cancelling import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class Stacks:
         self._leading = False
         for served in self._served.values():
             tasks, served.leading = served.leading, []
-            await _cancel(tasks)
+            await cancel_and_wait(tasks)
 
     async def add(self, stack: str, scope: PolicyScope) -> bool:
         """Serve ``stack``, whose policy has ``scope``; False when it already is with that scope
@@ -157,7 +158,7 @@ class Stacks:
     async def remove(self, stack: str) -> None:
         served = self._served.pop(stack, None)
         if served is not None:
-            await _cancel([*served.leading, *served.tasks])
+            await cancel_and_wait([*served.leading, *served.tasks])
             self._acks.forget(lambda worker: worker.startswith(f"{stack}/"))
             log.info("stack %s no longer served", stack)
 
@@ -365,22 +366,6 @@ def _start(name: str, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None
     task = asyncio.create_task(coroutine, name=name)
     task.add_done_callback(_report_end)
     return task
-
-
-CANCEL_TIMEOUT_S = 5.0
-
-
-async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:
-    """Cancel a stack's tasks; one that does not end within ``CANCEL_TIMEOUT_S`` is named
-    (with where it waits) and left behind, so stopping the operator never hangs on it."""
-    for task in tasks:
-        task.cancel()
-    if not tasks:
-        return
-    _, pending = await asyncio.wait(tasks, timeout=CANCEL_TIMEOUT_S)
-    for task in pending:
-        where = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno}" for f in task.get_stack())
-        log.error("stack task %s did not end when cancelled (at %s)", task.get_name(), where)
 
 
 def _report_end(task: asyncio.Task[None]) -> None:
