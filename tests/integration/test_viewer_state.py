@@ -27,7 +27,14 @@ from websockets.exceptions import InvalidStatus
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import RiskAlert, RiskAlertKind, TradingState
+from qtrader.contracts.messages import (
+    OrderStatus,
+    OrderUpdate,
+    RiskAlert,
+    RiskAlertKind,
+    Side,
+    TradingState,
+)
 from qtrader.contracts.policy import parse_policy
 from qtrader.control.ess_resource import parse_emergency_stop
 from qtrader.local import ess_client
@@ -58,11 +65,10 @@ async def halted_portfolio(
     heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test"))
     worker = start_worker("portfolio", nats_url=nats_server.url, log_dir=tmp_path)
     try:
+        # Serving, and the viewer feed's subscriptions confirmed by the server: an event
+        # published before then reaches no viewer.
         await eventually(
-            lambda: worker.get("/healthz").status_code == 200,
-            timeout_s=30,
-            what="the portfolio to serve",
-            worker=worker,
+            lambda: _fed(worker), timeout_s=30, what="the viewer feed to be fed", worker=worker
         )
         yield worker, bus
     finally:
@@ -70,6 +76,11 @@ async def halted_portfolio(
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
         await bus.close()
+
+
+def _fed(worker: Worker) -> bool:
+    response = worker.get("/viewer/stats")
+    return response.status_code == 200 and response.json()["fed"] is True
 
 
 async def _next(ws: ClientConnection, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -91,6 +102,44 @@ async def test_viewer_when_connecting_while_halted_then_first_message_says_halte
     assert state["latch"]["reason"] == "drill"
     assert state["health"]["service"] == "portfolio"
     assert "status" in state["health"]
+
+
+async def test_viewer_when_the_feed_is_fed_then_the_first_event_of_each_kind_arrives(
+    halted_portfolio: tuple[Worker, Bus],
+) -> None:
+    """Published the moment the stats say "fed" (one subscription per kind): none is lost."""
+    worker, bus = halted_portfolio
+    url = f"ws://127.0.0.1:{worker.port}/events"
+    update = OrderUpdate(
+        client_order_id="qt-first-1",
+        intent_id="first-1",
+        symbol="BTCUSDT",
+        side=Side.BUY,
+        status=OrderStatus.NEW,
+        quantity=Decimal("0.001"),
+        filled_quantity=Decimal(0),
+        avg_price=Decimal(0),
+        exchange="test",
+        ts_ms=1,
+    )
+    alert = RiskAlert(
+        alert_id="first:1",
+        alert_kind=RiskAlertKind.EXECUTION_ERROR_RATE,
+        source="test",
+        value=Decimal(0),
+        threshold=Decimal(1),
+        detail="the first event",
+        ts_ms=1,
+    )
+    async with connect(url) as ws:
+        await _next(ws)  # the state
+        await bus.publish(subjects.order_update_subject("BTCUSDT"), update)
+        await bus.publish(subjects.risk_alert_subject(alert.alert_kind.value), alert)
+        kinds: set[str] = set()
+        with contextlib.suppress(TimeoutError):
+            while not {"order_update", "risk_alert"} <= kinds:
+                kinds |= {e["kind"] for e in (await _next(ws))["events"]}
+    assert {"order_update", "risk_alert"} <= kinds
 
 
 async def test_viewer_when_the_same_alert_is_published_twice_then_it_arrives_once(

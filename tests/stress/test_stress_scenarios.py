@@ -32,6 +32,7 @@ def test_scenario(name: str, tmp_path: Path) -> None:
     detail = "\n".join(
         [
             *result.failures(),
+            *result.notes,
             f"figures: {json.dumps(result.figures, default=str)}",
             progress.getvalue()[-4000:],
         ]

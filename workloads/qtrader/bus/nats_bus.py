@@ -125,6 +125,7 @@ MAX_OUTSTANDING_PINGS = 2
 # More unanswered round trips than this means the broker has not answered for a long while: the
 # next caller is told at once instead of adding another PING.
 _MAX_UNANSWERED_ROUND_TRIPS = 64
+REGISTER_RETRY_S = 0.5  # between round trips confirming a subscription the server missed
 
 _UNAVAILABLE = (
     nats.errors.TimeoutError,
@@ -631,15 +632,39 @@ class Bus:
         CONSUMED.labels(consumer).inc()
 
     async def subscribe(
-        self, subject: str, message_type: type[M], handler: Handler[M], *, label: str
+        self,
+        subject: str,
+        message_type: type[M],
+        handler: Handler[M],
+        *,
+        label: str,
+        registered: asyncio.Event | None = None,
     ) -> None:
-        """A core NATS subscription (every replica gets every message) until cancelled."""
+        """A core NATS subscription (every replica gets every message) until cancelled.
+
+        A core subscription gets only what is published after the server has it, and nats-py
+        returns from ``subscribe`` before the SUB is even written: ``registered`` is set once a
+        round trip after it has come back (the server handles a connection's commands in order),
+        tried again every ``REGISTER_RETRY_S`` while the server cannot answer."""
 
         async def on_message(msg: Msg) -> None:
             await _deliver(label, msg, message_type, handler)
 
         subject = subjects.scoped_subject(self._stack, subject)
-        await _hold(await self._client.subscribe(subject, cb=on_message))
+        subscription = await self._client.subscribe(subject, cb=on_message)
+        confirm = None if registered is None else self._confirm(subject, registered)
+        await _hold(subscription, first=confirm)
+
+    async def _confirm(self, subject: str, registered: asyncio.Event) -> None:
+        """Set ``registered`` once a round trip has come back."""
+        while True:
+            try:
+                await self._round_trip(self._flush_timeout_s)
+                registered.set()
+                return
+            except BusUnavailable as exc:  # the SUB is sent again at the reconnect
+                log.warning("subscription to %s not confirmed yet: %s", subject, exc)
+                await asyncio.sleep(REGISTER_RETRY_S)
 
     async def replay(
         self,
@@ -1050,9 +1075,12 @@ async def _deliver(label: str, msg: Msg, message_type: type[M], handler: Handler
         log.exception("%s failed to handle %s", label, msg.subject)
 
 
-async def _hold(subscription: Subscription) -> None:
-    """Keep a callback subscription open until cancelled, then close it."""
+async def _hold(subscription: Subscription, *, first: Awaitable[None] | None = None) -> None:
+    """Keep a callback subscription open until cancelled (awaiting ``first`` meanwhile, if
+    given), then close it."""
     try:
+        if first is not None:
+            await first
         await asyncio.Event().wait()
     finally:
         with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):

@@ -60,6 +60,7 @@ class ClientStatsModel(BaseModel):
 
 
 class ViewerStats(BaseModel):
+    fed: bool  # every event published from now on reaches the viewers
     clients: int
     published: int
     dropped_total: int
@@ -86,6 +87,7 @@ def viewer_router(
     @router.get("/viewer/stats")
     async def viewer_stats() -> ViewerStats:
         return ViewerStats(
+            fed=hub.fed,
             clients=hub.clients,
             published=hub.published,
             dropped_total=hub.dropped_total,

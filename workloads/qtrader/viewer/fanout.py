@@ -226,6 +226,9 @@ class FanoutHub:
         self._ids = itertools.count(1)
         self.published = 0
         self._dropped_by_departed = 0
+        # Whether the events reach the hub: its feed sets it once the server has confirmed every
+        # subscription (an event published before then reaches no viewer).
+        self.fed = False
 
     def publish(self, event: Mapping[str, Any]) -> None:
         """Encode ``event`` once and queue it for every viewer. Synchronous: never awaits.

@@ -5,7 +5,9 @@ its reason and issuer), each EmergencyStop's status when it changes (``Emergency
 who tripped it, why, since when, its cooldown), order updates, fills, risk alerts, portfolio
 snapshots and every worker's health report, each as its wire message in JSON (``kind`` tells
 them apart). Core subscriptions: the viewers watch the present, as it is published; a viewer
-that wants history reads the streams. Handing an event to the hub never awaits, so no viewer
+that wants history reads the streams, and an event published before the server has the
+subscriptions reaches no viewer: the hub is ``fed`` (``/viewer/stats`` says so) once the server
+has confirmed every one of them. Handing an event to the hub never awaits, so no viewer
 can slow the workload that serves them.
 
 ``ViewerState`` keeps what a viewer connecting now must be told first: the latch in force (read
@@ -150,9 +152,19 @@ async def feed_viewers(bus: Bus, hub: FanoutHub, state: ViewerState | None = Non
         if state.note(message):
             hub.publish_message(message)
 
-    await asyncio.gather(
-        *(
-            bus.subscribe(subject, message_type, forward, label="viewer")
-            for subject, message_type in VIEWED
+    registered = [asyncio.Event() for _ in VIEWED]
+
+    async def mark_fed() -> None:
+        await asyncio.gather(*(event.wait() for event in registered))
+        hub.fed = True
+
+    try:
+        await asyncio.gather(
+            mark_fed(),
+            *(
+                bus.subscribe(subject, message_type, forward, label="viewer", registered=event)
+                for (subject, message_type), event in zip(VIEWED, registered, strict=True)
+            ),
         )
-    )
+    finally:
+        hub.fed = False

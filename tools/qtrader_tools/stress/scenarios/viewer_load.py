@@ -108,8 +108,13 @@ async def _run(options: StressOptions, result: ScenarioResult) -> None:
     async with Rig(options.work_dir) as rig:
         await rig.publish_policy(policy_document("viewer-load", symbols=["BTCUSDT"]))
         portfolio = rig.workload("portfolio")
-        # /viewer/stats answers once the portfolio role exists (its routes are added then).
+        # /viewer/stats answers once the portfolio role exists (its routes are added then), and
+        # says "fed" once the server has the feed's subscriptions (events before then reach no
+        # viewer: they watch the present).
         await rig.wait_healthy([portfolio], path="/viewer/stats")
+        await rig.until(
+            lambda: _fed(rig, portfolio), timeout_s=30, what="the viewer feed's subscriptions"
+        )
         url = portfolio.base_url.replace("http://", "ws://") + "/events"
         async with contextlib.AsyncExitStack() as stack:
             fast = [await stack.enter_async_context(connect(url)) for _ in range(FAST_VIEWERS)]
@@ -315,6 +320,10 @@ async def _drain(
         await asyncio.gather(*readers, return_exceptions=True)
 
 
+async def _fed(rig: Rig, worker: Child) -> bool:
+    return bool((await _stats(rig, worker))["fed"])
+
+
 async def _clients(rig: Rig, worker: Child, count: int) -> bool:
     return int((await _stats(rig, worker))["clients"]) >= count
 
@@ -380,6 +389,7 @@ def _judge(
     result.check(
         "fast viewers with every event once, in order within its kind", fast_exact, "==", len(views)
     )
+    result.notes += [f"{v.name}: {d}" for v in views if (d := _difference(expected, v.keys))]
     result.check("events dropped for fast viewers", fast_dropped, "==", 0)
     result.check("batch number gaps (all viewers)", seq_gaps, "==", 0)
     result.check("events neither received nor reported dropped", unaccounted, "==", 0)
@@ -402,6 +412,31 @@ def _judge(
     result.check("health polls", len(polls), ">=", int(PUBLISH_OVER_S * 2))
     result.check("health polls CRITICAL or unanswered", unhealthy, "==", 0)
     result.check("fills booked by the portfolio", fills_booked, "==", fills)
+
+
+def _difference(expected: dict[str, list[str]], keys: list[str]) -> str:
+    """What a viewer got that differs from what was sent, per kind: missing, unexpected,
+    duplicated keys or the first one out of order; "" when it got exactly what was sent."""
+    got = _by_kind(keys)
+    parts = []
+    for kind in sorted(set(expected) | set(got)):
+        want, have = expected.get(kind, []), got.get(kind, [])
+        if want == have:
+            continue
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        duplicated = len(have) - len(set(have))
+        first = next((i for i, (a, b) in enumerate(zip(want, have, strict=False)) if a != b), None)
+        where = (
+            ""
+            if first is None
+            else f", first out of order at {first}: {have[first - 1 : first + 2]}"
+        )
+        parts.append(
+            f"{kind}: {len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]},"
+            f" {duplicated} duplicated{where}"
+        )
+    return "; ".join(parts)
 
 
 def _unaccounted(views: list[Viewer], stats: dict[str, Any]) -> int | None:
