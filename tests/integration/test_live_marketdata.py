@@ -15,6 +15,7 @@ window without making a signal, so it decides from the first live candle.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -100,6 +101,13 @@ async def _minutes(admin: SimAdmin, count: int) -> None:
         minute = admin.clock(advance_ms=MINUTE_MS) // MINUTE_MS
         admin.price(SYMBOL, Decimal(100) + Decimal(minute % 17) / 10)
         await asyncio.sleep(0.3)
+
+
+def _history(admin: SimAdmin, count: int) -> None:
+    """``count`` klines close on the venue, each at a price of its own, before anything runs."""
+    for minute in range(count):
+        admin.clock(advance_ms=MINUTE_MS)
+        admin.price(SYMBOL, Decimal(100) + Decimal(minute % 13) / 10)
 
 
 def _venue_now(venue_url: str) -> int:
@@ -239,9 +247,7 @@ async def test_a_fresh_stream_is_warmed_up_and_inference_decides_from_the_first_
 ) -> None:
     url = nats_server.url
     venue_url, admin = venue
-    for minute in range(40):  # history on the venue: 40 klines close before anything runs
-        admin.clock(advance_ms=MINUTE_MS)
-        admin.price(SYMBOL, Decimal(100) + Decimal(minute % 13) / 10)
+    _history(admin, 40)
     forming_ms = _venue_now(venue_url) // MINUTE_MS * MINUTE_MS
     inference = start_worker("inference", nats_url=url, log_dir=tmp_path)
     worker = _marketdata(url, venue_url, tmp_path, warmup=32)
@@ -271,3 +277,68 @@ async def test_a_fresh_stream_is_warmed_up_and_inference_decides_from_the_first_
     finally:
         worker.stop()
         inference.stop()
+
+
+async def test_klines_that_come_late_make_signals_as_old_as_they_are_and_none_is_traded(
+    nats_server: EmbeddedNats, control: Bus, tmp_path: Path
+) -> None:
+    # The venue's clock 45 minutes behind ours: by our clock, every kline closed minutes ago
+    # when it arrives, the three the feed fetches over REST after an outage and the live one
+    # that made it fetch them. Their signals must say so (stamped at the kline's close), and
+    # execution must refuse each as expired (the policy's 30 s signal TTL), not trade minutes-old
+    # prices as news. (Before: stamped when inference made them, so they looked fresh.)
+    url = nats_server.url
+    config = SimConfig(
+        api_keys={KEY: SECRET},
+        kline_push_ms=20,
+        prices={SYMBOL: Decimal(100)},
+        start_skew_ms=-45 * MINUTE_MS,
+    )
+    with sim_in_thread(config) as venue_url, SimAdmin(venue_url) as admin:
+        admin.clock(advance_ms=MINUTE_MS - _venue_now(venue_url) % MINUTE_MS + 1000)
+        _history(admin, 34)
+        execution = start_worker("execution", nats_url=url, log_dir=tmp_path)
+        inference = start_worker("inference", nats_url=url, log_dir=tmp_path)
+        worker = _marketdata(url, venue_url, tmp_path, warmup=32)
+        try:
+            await _connected(admin, worker, "the socket", timeout_s=20)
+            await _until_stored(url, 32, worker)
+            admin.drop_websockets(refuse=True)
+            await _minutes(admin, 3)
+            ended_ms = _venue_now(venue_url)
+            admin.drop_websockets(refuse=False)
+            await _connected(admin, worker, "a new socket", timeout_s=45, since_ms=ended_ms)
+            await _minutes(admin, 1)
+            stored = await _until_stored(url, 36, worker)
+            late = {c.open_time_ms: c for c in stored[32:]}
+            assert {c.source for c in late.values()} == {CandleSource.LIVE}
+            assert worker.metric("qtrader_market_data_backfilled_total", symbol=SYMBOL) == 3
+
+            found: list[Signal] = []
+
+            async def signalled() -> bool:
+                found[:] = await _signals(url)
+                return len(found) == 4
+
+            await eventually(signalled, timeout_s=30, what="4 signals", worker=inference)
+            now_ms = int(time.time() * 1000)
+            for signal in found:
+                candle = late[signal.candle_open_time_ms]
+                assert signal.created_at_ms == candle.close_time_ms + 1, (signal, candle)
+                assert now_ms - signal.created_at_ms > 5 * MINUTE_MS
+
+            def refused() -> float:
+                return execution.metric(
+                    "qtrader_signals_dropped_total", reason="expired"
+                ) + execution.metric("qtrader_signals_denied_total", reason="signal_expired")
+
+            await eventually(
+                lambda: refused() == 4, timeout_s=30, what="4 expired", worker=execution
+            )
+            await asyncio.sleep(1.0)  # an intent would be out by now
+            assert execution.metric("qtrader_order_intents_total", side="BUY") == 0
+            assert execution.metric("qtrader_order_intents_total", side="SELL") == 0
+            assert refused() == 4
+        finally:
+            for process in (worker, inference, execution):
+                process.stop()

@@ -39,8 +39,8 @@ def test_maker_when_window_fills_then_accepts_from_the_window_th_candle() -> Non
 
 
 def test_maker_when_candles_are_warm_up_then_they_fill_the_window_and_make_no_signal() -> None:
-    # A warm-up candle is old when it arrives and a signal is stamped when made: no TTL
-    # downstream would catch a signal of it, so none is made, even of a redelivered one.
+    # A warm-up candle is history fetched to fill windows, not news: no signal is made of it,
+    # even of a redelivered one.
     maker = SignalMaker()
     steps = [group[0] for group in market(WINDOW + 2)]
     warm = [c.model_copy(update={"source": CandleSource.WARMUP}) for c in steps[: WINDOW + 1]]
@@ -80,6 +80,31 @@ def test_maker_when_batch_made_then_each_signal_equals_its_single_row_prediction
         assert signal.created_at_ms == 123
         assert signal.candle_open_time_ms == candle.open_time_ms
     np.testing.assert_allclose(batch.prediction.probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_live_candles_signal_is_as_old_as_the_candle_and_others_are_stamped_when_made(
+    model: SignalModel,
+) -> None:
+    # A live candle made into a signal late (back-filled after an outage, held in an outbox,
+    # read after a restart) must not look fresh to execution's TTL; a venue clock ahead of
+    # ours must not make a signal from the future. Synthetic and replayed times are not ours.
+    steps = market(WINDOW)
+    closes = steps[-1][0].close_time_ms + 1
+    for source, now_ms, stamped in [
+        (CandleSource.LIVE, closes + 180_000, closes),  # made 3 minutes after the close
+        (CandleSource.LIVE, closes + 40, closes),
+        (CandleSource.LIVE, closes - 5_000, closes - 5_000),  # the venue's clock is ahead
+        (CandleSource.SYNTHETIC, closes + 180_000, closes + 180_000),
+        (CandleSource.REPLAY, closes + 180_000, closes + 180_000),
+    ]:
+        maker = SignalMaker()
+        last = None
+        for group in steps:
+            last = group[0].model_copy(update={"source": source})
+            maker.accept(last)
+        assert last is not None
+        [signal] = maker.make([last], model, now_ms=now_ms).signals
+        assert signal.created_at_ms == stamped, (source, now_ms)
 
 
 def test_maker_when_candle_is_not_its_windows_newest_then_raises(model: SignalModel) -> None:

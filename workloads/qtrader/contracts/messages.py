@@ -311,7 +311,8 @@ class CandleSource(enum.StrEnum):
     LIVE = "live"
     # History a live feed fetched over REST before its first candle, so a model's window is
     # full from the first live candle on. Old when published: it fills windows, and inference
-    # makes no signal of it (a signal is stamped when made, so its TTL cannot tell).
+    # makes no signal of it. (A LIVE candle's signal is stamped at the candle's close, so the
+    # signal TTL refuses one made late; a warm-up candle makes none at all.)
     WARMUP = "warmup"
 
 

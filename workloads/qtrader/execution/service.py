@@ -139,7 +139,8 @@ SIGNAL_QUEUE_HIGH_WATER = Gauge(
 )
 SIGNAL_DECISION_LATENCY = Histogram(
     "qtrader_signal_decision_latency_seconds",
-    "From a signal's creation (its created_at_ms) to its decision here: an intent or a denial.",
+    "From a signal's created_at_ms (a live candle's close, else when it was made) to its decision "
+    "here: an intent or a denial.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0, 30.0),
 )
 SIGNAL_CONFIDENCE = Histogram(

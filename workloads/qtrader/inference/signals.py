@@ -2,8 +2,15 @@
 
 ``SignalMaker`` keeps one ``FeatureWindow`` per symbol, says which candle should make a signal
 (``accept``) and turns a batch of such candles into signals with one model call (``make``).
-Nothing here knows about NATS or the wall clock: the caller passes ``now_ms``, which becomes the
-signal's ``created_at_ms`` (the service passes the wall clock, the backtest the candle's close).
+Nothing here knows about NATS or the wall clock: the caller passes ``now_ms`` (the service the
+wall clock, the backtest the candle's close). A signal is stamped (``created_at_ms``) as old as
+what it knows: a live candle's signal at the candle's close, if that is earlier than ``now_ms``,
+so every TTL downstream counts from the market moment, not from when the candle reached the
+model. A candle the feed fetched over REST after an outage, one a broker outage held back in an
+outbox, or one an inference worker reads after a restart thus makes a signal that is already
+old, and execution's signal TTL refuses it (``SIGNAL_EXPIRED``, counted and said) instead of
+trading minutes-old prices as fresh. Other sources' times are simulated (a synthetic series
+starts in 2023, a replay is history): their signals are stamped ``now_ms``.
 
 ``CandleBatcher`` decides when a batch is complete: candles of several symbols for one open time
 arrive one after the other, and the batch goes to the model when every symbol of the previous
@@ -60,8 +67,8 @@ class SignalMaker:
         A new candle makes one once its symbol's window is full. A redelivery of the newest
         candle (its signal's publish may have failed) makes the same signal again; an older
         candle has nothing left to say and is ignored. A warm-up candle (``CandleSource.WARMUP``)
-        fills the window and makes none: it was old when published, and a signal is stamped
-        when it is made, so no signal or intent TTL downstream could tell it is stale.
+        fills the window and makes none: it is history the feed fetched to fill windows, not
+        news to trade on.
         """
         window = self._windows.get(candle.symbol)
         if window is None:
@@ -99,11 +106,20 @@ class SignalMaker:
                 model_version=model.version,
                 candle_open_time_ms=candle.open_time_ms,
                 price=candle.close,
-                created_at_ms=now_ms,
+                created_at_ms=stamp(candle, now_ms),
             )
             for candle, index, confidence in zip(candles, indices, confidences, strict=True)
         )
         return SignalBatch(signals=signals, prediction=prediction)
+
+
+def stamp(candle: Candle, now_ms: int) -> int:
+    """The ``created_at_ms`` of ``candle``'s signal made at ``now_ms`` (module docstring): a live
+    candle's close (``close_time_ms`` is its last millisecond), or ``now_ms`` if earlier (a
+    venue clock ahead of ours must not make a signal from the future)."""
+    if candle.source is CandleSource.LIVE:
+        return min(now_ms, candle.close_time_ms + 1)
+    return now_ms
 
 
 class CandleBatcher:

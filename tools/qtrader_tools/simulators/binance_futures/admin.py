@@ -38,7 +38,7 @@ class SimAdmin:
         self.close()
 
     def reset(self) -> None:
-        """Back to the start-up config with no orders, trades, log, faults, bans or skew."""
+        """Back to the start-up config and its clock skew: no orders, trades, log, faults, bans."""
         self._call("POST", "/_sim/reset")
 
     def get_config(self) -> dict[str, Any]:

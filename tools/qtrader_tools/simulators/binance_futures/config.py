@@ -45,7 +45,9 @@ class SimConfig:
     the first ban and the longest; ``taker_fee``/``maker_fee`` commission rates; ``balance`` the
     USDT wallet of every key; ``leverage`` for the margin check; ``check_signature``;
     ``recv_window_ms`` when a request sends none; ``client_ip_header`` honour X-Sim-Client-IP;
-    ``prices`` start prices per symbol, else ``default_price``; ``countdown_check_ms``.
+    ``prices`` start prices per symbol, else ``default_price``; ``countdown_check_ms``;
+    ``start_skew_ms`` the server clock's skew at start and after a reset (negative: the market,
+    and its klines, began that long before the wall clock's now).
 
     Streams and account: ``kline_push_ms`` how often forming klines are pushed (Binance: 250)
     and how often the housekeeping (kline closes, funding, listenKey expiry, connection age)
@@ -78,6 +80,7 @@ class SimConfig:
     bnb_balance: Decimal = Decimal(0)
     bnb_price: Decimal = Decimal(600)
     fee_burn: tuple[str, ...] = ()
+    start_skew_ms: int = 0
 
     def __post_init__(self) -> None:
         _check(bool(self.api_keys), "api_keys must name at least one key")
@@ -147,6 +150,7 @@ class SimConfig:
             "bnb_balance": str(self.bnb_balance),
             "bnb_price": str(self.bnb_price),
             "fee_burn": list(self.fee_burn),
+            "start_skew_ms": self.start_skew_ms,
         }
 
     def price_for(self, symbol: str) -> Decimal:
@@ -260,4 +264,5 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "bnb_balance": _decimal,
     "bnb_price": _decimal,
     "fee_burn": _keys,
+    "start_skew_ms": _integer,
 }

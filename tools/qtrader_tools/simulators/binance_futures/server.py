@@ -152,7 +152,7 @@ class BinanceFuturesSim:
         listen keys; websocket connections are dropped."""
         self.streams.drop()
         self.config = self._initial
-        self.clock_skew_ms = 0
+        self.clock_skew_ms = self.config.start_skew_ms
         self.reported_offset_ms = 0  # added to the time reported, not to the timestamp check
         self.accounting = Accounting(self.config)
         self.venue = Venue(
