@@ -373,6 +373,7 @@ async def _apply_workloads(
         binance_secret=config.binance_secret,
         exchange_url=config.exchange_url,
         income_interval_s=config.income_interval_s,
+        wallet_grace_s=config.wallet_grace_s,
         pod_defaults=config.pod_defaults,
     )
     versions = {

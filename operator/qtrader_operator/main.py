@@ -55,6 +55,7 @@ def config_from_environment(environ: Mapping[str, str] = os.environ) -> Operator
         income_interval_s=_seconds(
             "QTRADER_INCOME_INTERVAL", environ.get("QTRADER_INCOME_INTERVAL")
         ),
+        wallet_grace_s=_seconds("QTRADER_WALLET_GRACE", environ.get("QTRADER_WALLET_GRACE")),
         pod_defaults=_pod_defaults(environ.get("QTRADER_WORKLOAD_POD_DEFAULTS")),
         peering=peering_from_environment(environ),
     )

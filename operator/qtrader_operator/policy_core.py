@@ -76,6 +76,8 @@ class WorkloadSettings:
     exchange_url: str | None = None  # execution's Binance base URL (None: by the mode)
     # Execution's reads of the venue's income history (None: execution's own default).
     income_interval_s: float | None = None
+    # Portfolio only: how long the wallet may differ from the venue's (None: its own default).
+    wallet_grace_s: float | None = None
     # Secret name -> its resourceVersion ("absent" when missing), for execution_secrets
     secret_versions: Mapping[str, str] = field(default_factory=dict)
     pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
@@ -362,6 +364,9 @@ def _pod_spec(
     _add_scheduling(pod, settings.pod_defaults)
     if role == "execution":
         _add_exchange_access(pod, container, settings)
+    if role == "portfolio" and settings.wallet_grace_s is not None:
+        value = f"{settings.wallet_grace_s:g}"
+        container["env"].append({"name": "QTRADER_WALLET_GRACE", "value": value})
     if role == "marketdata" and mode is not TradingMode.PAPER and settings.exchange_url:
         # The live feed's venue (its streams on the same host) and its REST backfill.
         container["env"].append({"name": "QTRADER_BINANCE_URL", "value": settings.exchange_url})

@@ -49,6 +49,9 @@ class OperatorConfig:
     exchange_url: str | None = None
     # Execution's reads of the venue's income (--income-interval; None: its own default).
     income_interval_s: float | None = None
+    # How long the portfolio lets the wallet differ before alerting (--wallet-grace; None: its
+    # own default).
+    wallet_grace_s: float | None = None
     pod_defaults: PodDefaults = field(default_factory=lambda: PodDefaults())
     # None: the in-cluster service account (the normal case); tests point it elsewhere.
     kube: KubeEndpoint | None = None

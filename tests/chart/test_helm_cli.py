@@ -98,6 +98,7 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
         {"binance": {"incomeIntervalSeconds": -1}},
         "incomeIntervalSeconds",
     ),
+    "wallet-grace-text": ({"binance": {"walletGraceSeconds": "1m"}}, "walletGraceSeconds"),
 }
 
 
@@ -338,12 +339,12 @@ def test_the_webhook_with_cert_manager_asks_it_for_the_certificate(helm_cli: Hel
     assert not [d for d in _of_kind(docs, "Secret") if d["metadata"]["name"].endswith("-tls")]
 
 
-# --- the venue's income interval, from values to the execution worker ----------------------------
+# --- the venue's income interval and the wallet's grace, from values to the workers -------------
 
 
-def _execution_env(docs: list[dict[str, Any]]) -> dict[str, str]:
-    """The execution container's env as the operator would make it from what helm rendered:
-    the operator reads its own Deployment's env, and builds the rendered policy's workloads."""
+def _worker_env(docs: list[dict[str, Any]], role: str) -> dict[str, str]:
+    """A worker container's env as the operator would make it from what helm rendered: the
+    operator reads its own Deployment's env, and builds the rendered policy's workloads."""
     operator = next(d for d in docs if d["kind"] == "Deployment")
     (container,) = operator["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
@@ -353,19 +354,20 @@ def _execution_env(docs: list[dict[str, Any]]) -> dict[str, str]:
         image=config.workload_image,
         nats_url=config.nats_url,
         income_interval_s=config.income_interval_s,
+        wallet_grace_s=config.wallet_grace_s,
     )
     owner = policy_core.Owner(name=policy.metadata.name, namespace=NAMESPACE, uid="u")
     made = policy_core.desired_workloads(owner=owner, spec=policy.spec, settings=settings)
-    execution = next(d for d in made if d["metadata"]["name"].endswith("-execution"))
-    (worker,) = execution["spec"]["template"]["spec"]["containers"]
+    workload = next(d for d in made if d["metadata"]["name"].endswith(f"-{role}"))
+    (worker,) = workload["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e["value"] for e in worker["env"] if "value" in e}
 
 
-def _income_interval_read_by_execution(env: dict[str, str]) -> str:
-    """What execution's own command line makes of that env (a process of its own: the env is
+def _read_by_worker(role: str, option: str, env: dict[str, str]) -> str:
+    """What the worker's own command line makes of that env (a process of its own: the env is
     the container's, not this test's)."""
     code = "from qtrader.cli import build_parser; print(build_parser().parse_args("
-    code += "['execution']).income_interval)"
+    code += f"[{role!r}]).{option})"
     done = subprocess.run(
         [sys.executable, "-c", code],
         env={"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""), **env},
@@ -385,6 +387,19 @@ def test_income_interval_reaches_the_execution_worker_through_the_operator(
     binance = {**values["binance"], "incomeIntervalSeconds": seconds}
     done = helm_cli.run(*template_args("testnet-policy"), values={**values, "binance": binance})
     assert done.returncode == 0, failure(done)
-    env = _execution_env(parse_manifests(done.stdout))
+    env = _worker_env(parse_manifests(done.stdout), "execution")
     assert ("QTRADER_INCOME_INTERVAL" in env) is (seconds is not None)
-    assert _income_interval_read_by_execution(env) == read
+    assert _read_by_worker("execution", "income_interval", env) == read
+
+
+@pytest.mark.parametrize(("seconds", "read"), [(None, "60.0"), (300, "300.0"), (0, "0.0")])
+def test_wallet_grace_reaches_the_portfolio_worker_through_the_operator(
+    helm_cli: HelmCli, seconds: float | None, read: str
+) -> None:
+    values = VALUE_SETS["testnet-policy"]
+    binance = {**values["binance"], "walletGraceSeconds": seconds}
+    done = helm_cli.run(*template_args("testnet-policy"), values={**values, "binance": binance})
+    assert done.returncode == 0, failure(done)
+    env = _worker_env(parse_manifests(done.stdout), "portfolio")
+    assert ("QTRADER_WALLET_GRACE" in env) is (seconds is not None)
+    assert _read_by_worker("portfolio", "wallet_grace", env) == read

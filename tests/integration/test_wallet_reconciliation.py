@@ -155,6 +155,9 @@ async def test_wallet_when_trading_funding_transfers_and_bnb_fees_then_every_set
     wallet = stack.portfolio.dependency("wallet")
     assert wallet["status"] == "OK"
     assert "agrees with the venue" in str(wallet["detail"])
+    reads = stack.execution.dependency("venue-account")  # the wallet is being compared
+    assert reads["status"] == "OK", reads
+    assert "settled reads, the last" in str(reads["detail"]), reads
     settled = stack.execution.metric("qtrader_venue_account_reads_total", outcome="settled")
     unsettled = stack.execution.metric("qtrader_venue_account_reads_total", outcome="unsettled")
     print(

@@ -85,10 +85,10 @@ def add_commands(commands: Commands) -> None:
     portfolio.add_argument(
         "--wallet-grace",
         type=number("--wallet-grace", minimum=0),
-        default=60.0,
+        default=os.environ.get("QTRADER_WALLET_GRACE") or "60",
         help="how long the venue's wallet may differ from the ledger's over settled reads "
         "(testnet and live) before it is a wallet_reconciliation alert, which trips the "
-        "EmergencyStop (default %(default)s)",
+        "EmergencyStop (env QTRADER_WALLET_GRACE; default 60)",
     )
 
 

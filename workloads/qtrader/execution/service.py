@@ -99,7 +99,7 @@ from qtrader.execution.halt import HaltGate
 from qtrader.execution.intake import Dropped
 from qtrader.execution.orders import DriverSettings
 from qtrader.execution.paper import PaperExchange, PaperVenue
-from qtrader.execution.venue_account import SettledReader, Unsettled
+from qtrader.execution.venue_account import SettledReader, SettledReads, Unsettled
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
 from qtrader.runtime import Task, WorkerContext
@@ -294,6 +294,7 @@ class Execution:
         self._venue_read: str | None = None  # what the last read of the venue's account said
         self._venue_unreadable = False  # the last read failed
         self._entries: AccountEntries | None = None  # testnet and live, once the venue is up
+        self._settled_reads: SettledReads | None = None  # likewise, with the income loop
         # Held while an order is with the venue (sending, resolving), and by ``drain`` on a stop.
         self._sending = asyncio.Lock()
         self._fills_caught_up = asyncio.Event()
@@ -316,6 +317,7 @@ class Execution:
         context.monitor.add_check("exchange", self.check_exchange)
         context.monitor.add_check("rate-limiter", self.check_limiter)
         context.monitor.add_check("account-entries", self.check_account_entries)
+        context.monitor.add_check("venue-account", self.check_venue_account)
 
     def tasks(self) -> dict[str, Task]:
         bus = self._context.bus
@@ -809,9 +811,7 @@ class Execution:
                 busy = f"the account not readable: {exc}"
         read_ok = await self._read_income_once(venue, entries)
         if first is None or not read_ok:
-            why = busy or "the income not read"
-            WALLET_READS.labels("unsettled").inc()
-            log.debug("venue account not settled: %s", why)
+            self._unsettled(busy or "the income not read")
             return
         assert isinstance(venue, AccountReader)  # ``first`` was read from it
         reader = SettledReader(
@@ -821,9 +821,18 @@ class Execution:
             now_ms=self._clock.wall_ms,
         )
         read = await reader.publish(venue, first)
-        WALLET_READS.labels("unsettled" if isinstance(read, Unsettled) else "settled").inc()
         if isinstance(read, Unsettled):
-            log.debug("venue account not settled: %s", read.why)
+            self._unsettled(read.why)
+            return
+        WALLET_READS.labels("settled").inc()
+        if self._settled_reads is not None:
+            self._settled_reads.settled()
+
+    def _unsettled(self, why: str) -> None:
+        WALLET_READS.labels("unsettled").inc()
+        if self._settled_reads is not None:
+            self._settled_reads.unsettled(why)
+        log.debug("venue account not settled: %s", why)
 
     def _income_read_s(self) -> float:
         chosen = self._config.income_read_s
@@ -849,6 +858,7 @@ class Execution:
                 log.warning("account entries: FILLS not readable yet (%s), trying again", exc)
                 await asyncio.sleep(0.5)
         self._entries = entries
+        self._settled_reads = SettledReads()
         while True:
             await self._income_round(venue, entries)
             await asyncio.sleep(interval_s)
@@ -877,6 +887,20 @@ class Execution:
         is_paper = isinstance(self._venue, PaperVenue)
         detail = "the paper venue books no funding or transfers" if is_paper else "not started"
         return DependencyHealth(name="account-entries", status=Status.OK, detail=detail)
+
+    async def check_venue_account(self) -> DependencyHealth:
+        """Whether the wallet is being compared: DEGRADED after many rounds with no settled
+        read (``venue_account.SettledReads``)."""
+        reads = self._settled_reads
+        if reads is not None:
+            return reads.health()
+        if isinstance(self._venue, PaperVenue):
+            detail = "the paper venue has no account to compare"
+        elif self._income_read_s() <= 0:
+            detail = "income reads are off (--income-interval 0): the wallet is not compared"
+        else:
+            detail = "not started"
+        return DependencyHealth(name="venue-account", status=Status.OK, detail=detail)
 
     def _position_ranges(self) -> dict[str, tuple[Decimal, Decimal]]:
         policy = self._context.policy.current

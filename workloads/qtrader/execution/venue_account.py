@@ -23,10 +23,16 @@ Anything else is an unsettled read: counted, not published, tried again next rou
 A venue whose income history lags its balance (an income row shown a while after the money
 moved) makes a settled read differ for a while; the portfolio's rule (the difference must
 persist over reads and time) is what tells that from money no row explains.
+
+A stack never quiet at its income rounds is never compared, and that must not pass as "agrees":
+``SettledReads`` keeps when the last settled read was, and the worker's ``/health``
+(``venue-account``) is DEGRADED once none has been for ``UNSETTLED_ROUNDS`` rounds and at least
+``UNSETTLED_S``, naming the last reason.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -37,8 +43,14 @@ from qtrader.contracts import subjects
 from qtrader.contracts.messages import VenueAccount, VenueAccountPosition
 from qtrader.exchange.errors import ExchangeError
 from qtrader.exchange.venue import AccountReader, VenuePosition
+from qtrader.health.contract import DependencyHealth, Status
 
 Account = tuple[list[VenuePosition], Decimal]  # what ``AccountReader.account`` answers
+NAME = "venue-account"
+# No settled read for this many income rounds, and for at least this long: the wallet has gone
+# uncompared (a few busy rounds in a row are normal for a trading stack).
+UNSETTLED_ROUNDS = 10
+UNSETTLED_S = 600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,3 +115,35 @@ def _facts(account: Account) -> tuple[Decimal, tuple[tuple[str, Decimal], ...]]:
     (the unrealized PnL moves with the mark, and is compared at the mark the venue states)."""
     positions, wallet = account
     return wallet, tuple(sorted((p.symbol, p.quantity) for p in positions))
+
+
+class SettledReads:
+    """When the last settled read was and why the rounds since were not: ``/health``."""
+
+    def __init__(self, *, now_s: Callable[[], float] = time.monotonic) -> None:
+        self._now_s = now_s
+        self._since_s = now_s()  # the last settled read, else the start
+        self._settled = 0
+        self._unsettled_rounds = 0  # since the last settled read
+        self._why = ""
+
+    def settled(self) -> None:
+        self._since_s, self._settled, self._unsettled_rounds = self._now_s(), self._settled + 1, 0
+
+    def unsettled(self, why: str) -> None:
+        self._unsettled_rounds += 1
+        self._why = why
+
+    def health(self) -> DependencyHealth:
+        ago_s = self._now_s() - self._since_s
+        last = f"{self._settled} settled reads, the last {ago_s:.0f} s ago"
+        if not self._settled:
+            last = f"no settled read in {ago_s:.0f} s since the start"
+        if not self._unsettled_rounds:
+            return DependencyHealth(name=NAME, status=Status.OK, detail=last)
+        detail = f"{last}; {self._unsettled_rounds} rounds unsettled since, the last: {self._why}"
+        stale = self._unsettled_rounds >= UNSETTLED_ROUNDS and ago_s >= UNSETTLED_S
+        if stale:
+            detail = f"the wallet is not being compared with the ledger: {detail}"
+        status = Status.DEGRADED if stale else Status.OK
+        return DependencyHealth(name=NAME, status=status, detail=detail[:512])
