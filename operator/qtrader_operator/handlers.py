@@ -143,7 +143,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     async def on_change(leading: bool) -> None:
         await (_take_over(runtime) if leading else _stand_by(runtime))
 
-    runtime.spawn("leadership", runtime.leadership.run(runtime.kube, on_change))
+    if config.peering is not None:  # standalone, it leads for good: nothing to follow
+        runtime.spawn("leadership", runtime.leadership.run(runtime.kube, on_change))
 
 
 async def _take_over(runtime: OperatorRuntime) -> None:
@@ -224,7 +225,7 @@ async def reconcile_policy(
 ) -> None:
     runtime = _runtime(memo)
     _require_leading(runtime)
-    with runtime.metrics.counting_errors("tradingpolicy"):
+    with runtime.handler_runs.tracked(), runtime.metrics.counting_errors("tradingpolicy"):
         await _reconcile_policy(
             runtime, body=body, spec=spec, meta=meta, status=status, patch=patch
         )
@@ -462,7 +463,7 @@ async def reconcile_stop(
 ) -> None:
     runtime = _runtime(memo)
     _require_leading(runtime)
-    with runtime.metrics.counting_errors("emergencystop"):
+    with runtime.handler_runs.tracked(), runtime.metrics.counting_errors("emergencystop"):
         await _reconcile_stop(runtime, body=body, spec=spec, meta=meta, status=status, patch=patch)
 
 

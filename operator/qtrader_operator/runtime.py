@@ -25,7 +25,7 @@ from qtrader.control.ess_applier import AckMemory
 from qtrader.control.ess_status import EssStatus
 from qtrader.control.halt_channel import AckCollector
 from qtrader.exchange.listing import VenueListings
-from qtrader_operator.cancelling import cancel_and_wait
+from qtrader_operator.cancelling import HandlerRuns, cancel_and_wait
 from qtrader_operator.kube import KubeApi, KubeEndpoint
 from qtrader_operator.leadership import Leadership, PeeringConfig
 from qtrader_operator.metrics import OperatorMetrics, OperatorView, PolicyView, StopView
@@ -107,6 +107,7 @@ class OperatorRuntime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     leadership: Leadership = field(default_factory=lambda: Leadership(None, namespace=""))
     keeper: asyncio.Task[None] | None = None  # the latch keeper, while this replica leads
+    handler_runs: HandlerRuns = field(default_factory=HandlerRuns)  # reconciles in progress
     metrics: OperatorMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -171,6 +172,7 @@ class OperatorRuntime:
         self.policies.clear()  # the metrics of a standby show nothing it did not decide
 
     async def stop(self) -> None:
+        await self.handler_runs.stop_all()  # before their clients close (``HandlerRuns``)
         if self.keeper is not None:
             self.tasks.append(self.keeper)
         await cancel_and_wait(self.tasks)
