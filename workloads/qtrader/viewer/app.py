@@ -60,7 +60,9 @@ class ClientStatsModel(BaseModel):
 
 
 class ViewerStats(BaseModel):
-    fed: bool  # every event published from now on reaches the viewers
+    # The server confirmed the feed's subscriptions: what is published from then on reaches the
+    # viewers (while NATS stays connected: /health says whether it is).
+    fed: bool
     clients: int
     published: int
     dropped_total: int
