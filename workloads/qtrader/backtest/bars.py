@@ -77,9 +77,12 @@ class Bars:
         return self.exact[row].close
 
     def close_decimals(self) -> list[Decimal]:
-        """Every row's ``close_decimal``, made in one pass."""
+        """Every row's ``close_decimal``, made in one pass: one ``Decimal`` per distinct text,
+        so rows with the same close text share one object (a close often repeats the last)."""
         if isinstance(self.exact, _Texts):
-            return list(map(Decimal, self.exact.columns[3]))
+            texts = self.exact.columns[3]
+            made = {text: Decimal(text) for text in set(texts)}
+            return list(map(made.__getitem__, texts))
         return [candle.close for candle in self.exact]
 
     def candle(self, row: int) -> Candle:

@@ -328,6 +328,7 @@ class _Trader:
         self._near_limit = spec.risk.max_drawdown_pct - _HALF_PCT_STEP
         self._marks: dict[str, Decimal] = {}
         self._unmarked: dict[str, Decimal] = {}  # marks the ledger has not needed yet
+        self._ledger_marks: dict[str, Decimal] = {}  # the last mark given to the ledger
         self._candles: dict[str, tuple[Bars, int]] = {}  # the step's candle per symbol
         self._execution = BacktestExecution(
             spec, info, equity=lambda: self._ledger.equity, candle_of=self._candle_of,
@@ -417,9 +418,17 @@ class _Trader:
             mark(symbol, close)
             candles[symbol] = (bars, row)
             if ledger.holds(symbol):
-                ledger.mark(symbol, close)
+                self._mark_ledger(symbol, close)
             else:
                 self._unmarked[symbol] = close
+
+    def _mark_ledger(self, symbol: str, close: Decimal) -> None:
+        """Mark the ledger, unless with the very ``Decimal`` it was last marked with (rows with
+        one close text share one: ``Bars.close_decimals``): that mark would change nothing,
+        since only a mark moves the ledger's mark and every fill settles equity and drawdown."""
+        if close is not self._ledger_marks.get(symbol):
+            self._ledger.mark(symbol, close)
+            self._ledger_marks[symbol] = close
 
     def _step_signals(self, events: _Events, built: list[int], now_ms: int) -> None:
         """The step's signals at or above minConfidence, each made and offered; once halted,
@@ -478,7 +487,7 @@ class _Trader:
     def _book(self, fill: Fill) -> None:
         pending = self._unmarked.pop(fill.symbol, None)
         if pending is not None:
-            self._ledger.mark(fill.symbol, pending)
+            self._mark_ledger(fill.symbol, pending)
         reducing, win = book_fill(self._ledger, fill)
         self._counts.trades += 1
         self._counts.reducing_trades += reducing
@@ -502,7 +511,7 @@ class _Trader:
         if counts.start_ms is None:
             raise BacktestError("no candles to backtest")
         for symbol, close in self._unmarked.items():
-            ledger.mark(symbol, close)
+            self._mark_ledger(symbol, close)
         self._unmarked.clear()
         per_year = _YEAR_MS / interval_ms(counts.interval)
         snapshot = ledger.snapshot(sequence=self._steps, ts_ms=counts.end_ms)
