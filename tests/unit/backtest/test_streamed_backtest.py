@@ -230,6 +230,26 @@ def test_csv_bars_when_a_row_needs_the_strict_reader_then_it_takes_over_with_its
     )
 
 
+def test_csv_bars_when_a_cell_moved_to_the_row_before_then_the_strict_readers_verdict(
+    series: CandleSeries, tmp_path: Path
+) -> None:
+    """The next row's open time moved to the end of the row before: the chunk's cells, read
+    in order, are the right ones, but two rows do not have 12. The fast reader counts each
+    row's cells, so the strict reader refuses the file, as it would alone."""
+    candles = series["BTCUSDT"][:100]
+    path = write_klines(tmp_path, candles, header=False)
+    lines = path.read_text().splitlines(keepends=True)
+    open_time, rest = lines[41].split(",", 1)
+    lines[40] = f"{lines[40].rstrip()},{open_time}\n"
+    lines[41] = rest
+    path.write_text("".join(lines))
+    with pytest.raises(KlineFormatError) as strict:
+        list(read_klines(path, symbol="BTCUSDT", interval="1m"))
+    with pytest.raises(KlineFormatError) as fast:
+        all_candles(csv_bars(path, symbol="BTCUSDT", interval="1m", chunk_rows=64))
+    assert str(fast.value) == str(strict.value)
+
+
 def test_csv_bars_when_a_price_reads_as_the_bound_in_float_then_the_strict_reader_refuses_it(
     series: CandleSeries, tmp_path: Path
 ) -> None:

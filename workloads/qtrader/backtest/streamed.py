@@ -367,12 +367,16 @@ class _Trader:
         bounds = starts.tolist()
         built = made & ~low
         closes = [close for s in symbols for close in block[s].close_decimals()]
+        event_bars = [block[symbols[i]] for i in which.tolist()]
+        event_rows = rows.tolist()
+        event_closes = [closes[i] for i in flat.tolist()]
+        symbols_of = [b.symbol for b in event_bars]
+        marks = list(zip(symbols_of, event_bars, event_rows, event_closes, strict=True))
         self._steps_of(
             _Events(
-                bars=[block[s] for s in symbols],
-                closes=[closes[i] for i in flat.tolist()],
-                which=which.tolist(),
-                rows=rows.tolist(),
+                marks=marks,
+                bars=event_bars,
+                rows=event_rows,
                 built=np.flatnonzero(built).tolist(),
                 built_in_step=np.add.reduceat(built.astype(np.int64), bounds[:-1]).tolist(),
                 choice=choice.tolist(),
@@ -408,19 +412,17 @@ class _Trader:
     def _mark_step(self, events: _Events, start: int, stop: int) -> None:
         """The step's closes: the core's marks (the decisions' and the orders'), the ledger's
         where a position is."""
-        self._candles.clear()
-        ledger, marks, candles = self._ledger, self._marks, self._candles
-        mark = self._execution.core.mark
-        for e in range(start, stop):
-            bars, row, close = events.bars[events.which[e]], events.rows[e], events.closes[e]
-            symbol = bars.symbol
+        candles, marks, unmarked = self._candles, self._marks, self._unmarked
+        candles.clear()
+        mark, holds = self._execution.core.mark, self._ledger.holds
+        for symbol, bars, row, close in events.marks[start:stop]:
             marks[symbol] = close
             mark(symbol, close)
             candles[symbol] = (bars, row)
-            if ledger.holds(symbol):
+            if holds(symbol):
                 self._mark_ledger(symbol, close)
             else:
-                self._unmarked[symbol] = close
+                unmarked[symbol] = close
 
     def _mark_ledger(self, symbol: str, close: Decimal) -> None:
         """Mark the ledger, unless with the very ``Decimal`` it was last marked with (rows with
@@ -437,9 +439,9 @@ class _Trader:
         if self._skip_certain and self._on_signal is None and self._execution.halted:
             self._execution.counts.denials[DenialReason.HALTED.value] += len(built)
             return
+        bars, rows, choice, confidence = events.bars, events.rows, events.choice, events.confidence
         for e in built:
-            bars, row = events.bars[events.which[e]], events.rows[e]
-            self._signal(bars, row, events.choice[e], events.confidence[e], now_ms)
+            self._signal(bars[e], rows[e], choice[e], confidence[e], now_ms)
 
     def _signal(self, bars: Bars, row: int, choice: int, confidence: float, now_ms: int) -> None:
         certain = self._certain_denial(confidence)
@@ -553,15 +555,14 @@ class _Trader:
 
 @dataclass(frozen=True, kw_only=True)
 class _Events:
-    """One block's candles in step order, as lists for the step loop: per event, its symbol's
-    bars (``bars[which[e]]``), row, exact close, model class and confidence; the events whose
-    signal is built (``built``); per step, how many of those it has (``built_in_step``), its
-    signals and how many of them are below minConfidence and counted without being built
-    (``low``)."""
+    """One block's candles in step order, as lists for the step loop: per event, what marks
+    it (``marks``: symbol, bars, row, exact close), its symbol's bars, row, model class and
+    confidence; the events whose signal is built (``built``); per step, how many of those it
+    has (``built_in_step``), its signals and how many of them are below minConfidence and
+    counted without being built (``low``)."""
 
+    marks: list[tuple[str, Bars, int, Decimal]]
     bars: list[Bars]
-    closes: list[Decimal]
-    which: list[int]
     rows: list[int]
     built: list[int]
     built_in_step: list[int]
