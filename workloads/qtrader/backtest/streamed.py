@@ -36,12 +36,22 @@ What makes the sequential part cheap without changing what it computes:
 * a mark of a symbol without a position cannot move equity, peak or drawdown, so the ledger
   gets it only when that symbol is about to trade (or at the end); the paper exchange gets a
   symbol's candle only when an order for it is sent;
+* nor can a mark with the very ``Decimal`` the ledger was last marked with for that symbol
+  (only a mark moves the ledger's mark, and every fill settles equity and drawdown), and rows
+  with the same close text share one ``Decimal`` (``Bars.close_decimals``): a close that
+  repeats the last one (most of them once a price sits on its tick) is not marked again;
 * a portfolio snapshot for the drawdown rule is built only once the ledger's maximum drawdown
   is within rounding of the limit (the current drawdown is never above the maximum);
 * nothing grows with the run: counts, the running Sharpe ratio and, per symbol, the last
   ``WINDOW - 1`` candles and the last ``label_horizon`` predictions (for the hit rate). Signals,
   order updates and fills go to the optional ``on_signal`` / ``on_update`` / ``on_fill``
-  callbacks instead of a list.
+  callbacks instead of a list;
+* the objects made before the run (modules, the model) are frozen out of the garbage
+  collector's full collections while it runs (``gc.freeze``), which would otherwise walk them
+  again and again between the run's own short-lived objects;
+* the step loop reads each event's symbol, bars, row and close from one tuple, and in the
+  core a decision's context and an attempt's limits are named tuples, the intent ttl is
+  computed once per policy spec, and the open-positions count only for an order that opens.
 """
 
 from __future__ import annotations
