@@ -7,8 +7,10 @@ sizes here are small and odd so that windows, labels and steps straddle chunk bo
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -162,6 +164,61 @@ def test_streamed_when_read_from_kline_files_then_same_as_per_candle_on_those_fi
     assert_same_run(live, fast, signals, fills)
 
 
+def test_streamed_when_closes_repeat_then_same_as_per_candle_on_those_files(
+    series: CandleSeries, model: SignalModel, tmp_path: Path
+) -> None:
+    """Prices on a whole-dollar grid: most closes repeat the last one, and the streamed run
+    marks the ledger only when a close is not the very ``Decimal`` it marked last."""
+    coarse = {
+        symbol: [on_grid(c, Decimal(1)) for c in candles] for symbol, candles in series.items()
+    }
+    paths = [write_klines(tmp_path, candles) for candles in coarse.values()]
+    closes = [c.close for candles in coarse.values() for c in candles]
+    assert sum(a == b for a, b in pairwise(closes)) > len(closes) // 2
+    spec = evaluation_policy(SYMBOLS)
+    live = run_backtest(csv_series(paths), model, spec, label_horizon=HORIZON)
+    bars = {
+        path.name.split("-")[0]: csv_bars(
+            path, symbol=path.name.split("-")[0], interval="1m", chunk_rows=111
+        )
+        for path in paths
+    }
+    fast, signals, fills = streamed(bars, model, spec)
+    assert live.figures.trades > 20
+    assert_same_run(live, fast, signals, fills)
+
+
+def test_streamed_when_run_then_the_garbage_collectors_frozen_objects_are_as_before(
+    series: CandleSeries, model: SignalModel
+) -> None:
+    """The run freezes the objects older than it and thaws them after; objects the process
+    froze itself stay frozen."""
+    short = {symbol: candles[:80] for symbol, candles in series.items()}
+    spec = evaluation_policy(SYMBOLS)
+    gc.unfreeze()  # as a process that never froze anything
+    run_streamed_backtest({s: candle_bars(c) for s, c in short.items()}, model, spec)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        run_streamed_backtest({s: candle_bars(c) for s, c in short.items()}, model, spec)
+        # Still frozen (a frozen object that dies leaves the count: it only shrinks a little).
+        assert gc.get_freeze_count() > frozen // 2
+    finally:
+        gc.unfreeze()
+
+
+def on_grid(candle: Candle, step: Decimal) -> Candle:
+    """``candle`` with its prices rounded to ``step`` (at least one step): rounding keeps the
+    high above and the low below the open and the close."""
+
+    def rounded(price: Decimal) -> Decimal:
+        return max(step, (price / step).to_integral_value() * step)
+
+    prices = {name: rounded(getattr(candle, name)) for name in ("open", "high", "low", "close")}
+    return candle.model_copy(update=prices)
+
+
 def test_streamed_when_run_then_reads_the_input_only_a_chunk_or_two_ahead(
     series: CandleSeries, model: SignalModel
 ) -> None:
@@ -228,6 +285,26 @@ def test_csv_bars_when_a_row_needs_the_strict_reader_then_it_takes_over_with_its
     assert all_candles(csv_bars(path, symbol="BTCUSDT", interval="1m", chunk_rows=64)) == list(
         read_klines(path, symbol="BTCUSDT", interval="1m")
     )
+
+
+def test_csv_bars_when_a_cell_moved_to_the_row_before_then_the_strict_readers_verdict(
+    series: CandleSeries, tmp_path: Path
+) -> None:
+    """The next row's open time moved to the end of the row before: the chunk's cells, read
+    in order, are the right ones, but two rows do not have 12. The fast reader counts each
+    row's cells, so the strict reader refuses the file, as it would alone."""
+    candles = series["BTCUSDT"][:100]
+    path = write_klines(tmp_path, candles, header=False)
+    lines = path.read_text().splitlines(keepends=True)
+    open_time, rest = lines[41].split(",", 1)
+    lines[40] = f"{lines[40].rstrip()},{open_time}\n"
+    lines[41] = rest
+    path.write_text("".join(lines))
+    with pytest.raises(KlineFormatError) as strict:
+        list(read_klines(path, symbol="BTCUSDT", interval="1m"))
+    with pytest.raises(KlineFormatError) as fast:
+        all_candles(csv_bars(path, symbol="BTCUSDT", interval="1m", chunk_rows=64))
+    assert str(fast.value) == str(strict.value)
 
 
 def test_csv_bars_when_a_price_reads_as_the_bound_in_float_then_the_strict_reader_refuses_it(

@@ -243,7 +243,7 @@ def test_decide_when_gross_notional_would_exceed_leverage_then_max_leverage() ->
     ctx = context(positions={"ETHUSDT": Decimal("0.5")}, equity=Decimal(600))
     assert denied(run(signal(), ctx)) is DenialReason.MAX_LEVERAGE
     assert denied(run(signal(), context(equity=Decimal(-5)))) is DenialReason.MAX_LEVERAGE
-    assert isinstance(run(signal(), replace(ctx, equity=Decimal(700))), OrderIntent)
+    assert isinstance(run(signal(), ctx._replace(equity=Decimal(700))), OrderIntent)
 
 
 def test_decide_when_order_notional_below_exchange_minimum_then_below_min_notional() -> None:

@@ -235,14 +235,14 @@ def test_leverage_counts_the_other_symbols_worst_case() -> None:
     assert isinstance(verdict, Admitted)
     assert verdict.cut_by is ExposureReason.MAX_LEVERAGE
     assert verdict.quantity == Decimal("0.016")  # 500 of room at 30,000
-    poorer = SendLimits(**{**LIMITS.__dict__, "equity": Decimal(9_830)})
+    poorer = LIMITS._replace(equity=Decimal(9_830))
     verdict = book.admit(_attempt("c", "0.033"), poorer)
     assert isinstance(verdict, Refused)
 
 
 def test_unknown_equity_refuses_anything_that_adds_exposure() -> None:
     book = ExposureBook()
-    verdict = book.admit(_attempt("b", "0.01"), SendLimits(**{**LIMITS.__dict__, "equity": None}))
+    verdict = book.admit(_attempt("b", "0.01"), LIMITS._replace(equity=None))
     assert isinstance(verdict, Refused)
     assert verdict.reason is ExposureReason.NO_EQUITY
 

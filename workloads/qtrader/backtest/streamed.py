@@ -36,17 +36,29 @@ What makes the sequential part cheap without changing what it computes:
 * a mark of a symbol without a position cannot move equity, peak or drawdown, so the ledger
   gets it only when that symbol is about to trade (or at the end); the paper exchange gets a
   symbol's candle only when an order for it is sent;
+* nor can a mark with the very ``Decimal`` the ledger was last marked with for that symbol
+  (only a mark moves the ledger's mark, and every fill settles equity and drawdown), and rows
+  with the same close text share one ``Decimal`` (``Bars.close_decimals``): a close that
+  repeats the last one (most of them once a price sits on its tick) is not marked again;
 * a portfolio snapshot for the drawdown rule is built only once the ledger's maximum drawdown
   is within rounding of the limit (the current drawdown is never above the maximum);
 * nothing grows with the run: counts, the running Sharpe ratio and, per symbol, the last
   ``WINDOW - 1`` candles and the last ``label_horizon`` predictions (for the hit rate). Signals,
   order updates and fills go to the optional ``on_signal`` / ``on_update`` / ``on_fill``
-  callbacks instead of a list.
+  callbacks instead of a list;
+* the objects made before the run (modules, the model) are frozen out of the garbage
+  collector's full collections while it runs (``gc.freeze``), which would otherwise walk them
+  again and again between the run's own short-lived objects;
+* the step loop reads each event's symbol, bars, row and close from one tuple, and in the
+  core a decision's context and an attempt's limits are named tuples, the intent ttl is
+  computed once per policy spec, and the open-positions count only for an order that opens.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from typing import NamedTuple
@@ -129,11 +141,28 @@ def run_streamed_backtest(
         on_signal=on_signal, on_fill=on_fill, on_update=on_update,
         max_volume_share=max_volume_share,
     )  # fmt: skip
-    for block in aligned_blocks(bars):
-        predictions = features.predict(block, model)
-        labels.add(block, predictions)
-        trader.trade(block, predictions)
+    with _older_objects_frozen():
+        for block in aligned_blocks(bars):
+            predictions = features.predict(block, model)
+            labels.add(block, predictions)
+            trader.trade(block, predictions)
     return trader.result(labels)
+
+
+@contextmanager
+def _older_objects_frozen() -> Iterator[None]:
+    """The objects made before the run (modules, the model, the policy) left out of the
+    garbage collector's full collections while it runs (``gc.freeze``): the run makes objects
+    by the hundred thousand, and each full collection would walk them all again. Nothing is
+    done when the process froze objects itself: their thawing is its own."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 # --- the chunks of several symbols, aligned in time ------------------------------------------
@@ -328,6 +357,7 @@ class _Trader:
         self._near_limit = spec.risk.max_drawdown_pct - _HALF_PCT_STEP
         self._marks: dict[str, Decimal] = {}
         self._unmarked: dict[str, Decimal] = {}  # marks the ledger has not needed yet
+        self._ledger_marks: dict[str, Decimal] = {}  # the last mark given to the ledger
         self._candles: dict[str, tuple[Bars, int]] = {}  # the step's candle per symbol
         self._execution = BacktestExecution(
             spec, info, equity=lambda: self._ledger.equity, candle_of=self._candle_of,
@@ -366,12 +396,16 @@ class _Trader:
         bounds = starts.tolist()
         built = made & ~low
         closes = [close for s in symbols for close in block[s].close_decimals()]
+        event_bars = [block[symbols[i]] for i in which.tolist()]
+        event_rows = rows.tolist()
+        event_closes = [closes[i] for i in flat.tolist()]
+        symbols_of = [b.symbol for b in event_bars]
+        marks = list(zip(symbols_of, event_bars, event_rows, event_closes, strict=True))
         self._steps_of(
             _Events(
-                bars=[block[s] for s in symbols],
-                closes=[closes[i] for i in flat.tolist()],
-                which=which.tolist(),
-                rows=rows.tolist(),
+                marks=marks,
+                bars=event_bars,
+                rows=event_rows,
                 built=np.flatnonzero(built).tolist(),
                 built_in_step=np.add.reduceat(built.astype(np.int64), bounds[:-1]).tolist(),
                 choice=choice.tolist(),
@@ -407,19 +441,25 @@ class _Trader:
     def _mark_step(self, events: _Events, start: int, stop: int) -> None:
         """The step's closes: the core's marks (the decisions' and the orders'), the ledger's
         where a position is."""
-        self._candles.clear()
-        ledger, marks, candles = self._ledger, self._marks, self._candles
-        mark = self._execution.core.mark
-        for e in range(start, stop):
-            bars, row, close = events.bars[events.which[e]], events.rows[e], events.closes[e]
-            symbol = bars.symbol
+        candles, marks, unmarked = self._candles, self._marks, self._unmarked
+        candles.clear()
+        mark, holds = self._execution.core.mark, self._ledger.holds
+        for symbol, bars, row, close in events.marks[start:stop]:
             marks[symbol] = close
             mark(symbol, close)
             candles[symbol] = (bars, row)
-            if ledger.holds(symbol):
-                ledger.mark(symbol, close)
+            if holds(symbol):
+                self._mark_ledger(symbol, close)
             else:
-                self._unmarked[symbol] = close
+                unmarked[symbol] = close
+
+    def _mark_ledger(self, symbol: str, close: Decimal) -> None:
+        """Mark the ledger, unless with the very ``Decimal`` it was last marked with (rows with
+        one close text share one: ``Bars.close_decimals``): that mark would change nothing,
+        since only a mark moves the ledger's mark and every fill settles equity and drawdown."""
+        if close is not self._ledger_marks.get(symbol):
+            self._ledger.mark(symbol, close)
+            self._ledger_marks[symbol] = close
 
     def _step_signals(self, events: _Events, built: list[int], now_ms: int) -> None:
         """The step's signals at or above minConfidence, each made and offered; once halted,
@@ -428,9 +468,9 @@ class _Trader:
         if self._skip_certain and self._on_signal is None and self._execution.halted:
             self._execution.counts.denials[DenialReason.HALTED.value] += len(built)
             return
+        bars, rows, choice, confidence = events.bars, events.rows, events.choice, events.confidence
         for e in built:
-            bars, row = events.bars[events.which[e]], events.rows[e]
-            self._signal(bars, row, events.choice[e], events.confidence[e], now_ms)
+            self._signal(bars[e], rows[e], choice[e], confidence[e], now_ms)
 
     def _signal(self, bars: Bars, row: int, choice: int, confidence: float, now_ms: int) -> None:
         certain = self._certain_denial(confidence)
@@ -478,7 +518,7 @@ class _Trader:
     def _book(self, fill: Fill) -> None:
         pending = self._unmarked.pop(fill.symbol, None)
         if pending is not None:
-            self._ledger.mark(fill.symbol, pending)
+            self._mark_ledger(fill.symbol, pending)
         reducing, win = book_fill(self._ledger, fill)
         self._counts.trades += 1
         self._counts.reducing_trades += reducing
@@ -502,7 +542,7 @@ class _Trader:
         if counts.start_ms is None:
             raise BacktestError("no candles to backtest")
         for symbol, close in self._unmarked.items():
-            ledger.mark(symbol, close)
+            self._mark_ledger(symbol, close)
         self._unmarked.clear()
         per_year = _YEAR_MS / interval_ms(counts.interval)
         snapshot = ledger.snapshot(sequence=self._steps, ts_ms=counts.end_ms)
@@ -544,15 +584,14 @@ class _Trader:
 
 @dataclass(frozen=True, kw_only=True)
 class _Events:
-    """One block's candles in step order, as lists for the step loop: per event, its symbol's
-    bars (``bars[which[e]]``), row, exact close, model class and confidence; the events whose
-    signal is built (``built``); per step, how many of those it has (``built_in_step``), its
-    signals and how many of them are below minConfidence and counted without being built
-    (``low``)."""
+    """One block's candles in step order, as lists for the step loop: per event, what marks
+    it (``marks``: symbol, bars, row, exact close), its symbol's bars, row, model class and
+    confidence; the events whose signal is built (``built``); per step, how many of those it
+    has (``built_in_step``), its signals and how many of them are below minConfidence and
+    counted without being built (``low``)."""
 
+    marks: list[tuple[str, Bars, int, Decimal]]
     bars: list[Bars]
-    closes: list[Decimal]
-    which: list[int]
     rows: list[int]
     built: list[int]
     built_in_step: list[int]

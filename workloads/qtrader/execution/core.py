@@ -141,6 +141,8 @@ class ExecutionCore:
         self._driver: OrderDriver | None = None
         # Intents whose outcome stayed unknown after ``execute``: looked up by ``resolve``.
         self._unresolved: dict[str, OrderIntent] = {}
+        # The intent ttl of the policy spec last asked about (asked several times per order).
+        self._ttl_of: tuple[TradingPolicySpec | None, int] = (None, 0)
 
     # --- wiring -------------------------------------------------------------------------------
 
@@ -230,7 +232,7 @@ class ExecutionCore:
         spec = self._spec()
         now_ms = self.clock.wall_ms()
         released = self.book.release_unsendable(
-            now_ms=now_ms, ttl_ms=intent_ttl_ms(spec), grace_ms=self._settings.unsent_grace_ms
+            now_ms=now_ms, ttl_ms=self._intent_ttl_ms(spec), grace_ms=self._settings.unsent_grace_ms
         )
         for intent_id in released:
             log.warning("intent %s never seen sent and past its ttl: released", intent_id)
@@ -327,7 +329,7 @@ class ExecutionCore:
             order,
             limits=limits,
             now_ms=self.clock.wall_ms(),
-            ttl_ms=intent_ttl_ms(spec),
+            ttl_ms=self._intent_ttl_ms(spec),
         )
         if isinstance(verdict, Refused):
             ORDERS_REFUSED.labels(verdict.reason.value).inc()
@@ -339,7 +341,7 @@ class ExecutionCore:
         expired = intent_expired(
             created_at_ms=intent.created_at_ms,
             now_ms=self.clock.wall_ms(),
-            ttl_ms=intent_ttl_ms(self._spec()),
+            ttl_ms=self._intent_ttl_ms(self._spec()),
         )
         if expired is not None:
             ORDERS_REFUSED.labels(expired.reason.value).inc()
@@ -347,7 +349,7 @@ class ExecutionCore:
 
     def deadline(self, intent: OrderIntent) -> int:
         """The wall-clock time after which no order of ``intent`` may leave for the venue."""
-        return intent.created_at_ms + intent_ttl_ms(self._spec())
+        return intent.created_at_ms + self._intent_ttl_ms(self._spec())
 
     # --- settling -----------------------------------------------------------------------------
 
@@ -360,6 +362,14 @@ class ExecutionCore:
     async def _publish_fill(self, fill: Fill) -> None:
         self.book.apply_fill(fill)  # position and the intent's release, one step
         await self._publish_fill_out(fill)
+
+    def _intent_ttl_ms(self, spec: TradingPolicySpec) -> int:
+        """``intent_ttl_ms(spec)``, computed once per policy spec in force."""
+        cached, ttl_ms = self._ttl_of
+        if cached is not spec:
+            ttl_ms = intent_ttl_ms(spec)
+            self._ttl_of = (spec, ttl_ms)
+        return ttl_ms
 
     def _spec(self) -> TradingPolicySpec:
         policy = self._policy()

@@ -63,13 +63,12 @@ class ExposureReason(enum.StrEnum):
     BELOW_MIN_NOTIONAL = "below_min_notional"
 
 
-@dataclass(frozen=True, kw_only=True)
-class SendLimits:
+class SendLimits(NamedTuple):
     """The policy's limits and the world as the worker sees it at the moment of sending.
 
     ``marks`` value the other symbols' exposure for the leverage check; ``equity`` None means
     unknown (refused: fail closed). Buying power is ``max_leverage x equity``: the leverage
-    check is the buying-power check.
+    check is the buying-power check. A named tuple, as ``Attempt``: one is made per attempt.
     """
 
     max_position_usd: Decimal

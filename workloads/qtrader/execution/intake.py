@@ -219,17 +219,21 @@ class SignalIntake:
         return Dropped(signal, reason)
 
     def _compact(self) -> None:
-        """Rebuild any heap holding more stale entries than live ones."""
-        _drop_stale(self._evict_heap, self._live)
-        _drop_stale(self._take_heap, self._live)
-        _drop_stale(self._expiry_heap, self._live)
+        """Rebuild any heap holding more stale entries than live ones (checked here: it is
+        asked after every offer and take, and seldom has anything to do)."""
+        bound = 2 * len(self._live)
+        if len(self._evict_heap) > bound:
+            _drop_stale(self._evict_heap, self._live)
+        if len(self._take_heap) > bound:
+            _drop_stale(self._take_heap, self._live)
+        if len(self._expiry_heap) > bound:
+            _drop_stale(self._expiry_heap, self._live)
 
 
 def _drop_stale(heap: list[_Entry], live: Mapping[int, Signal]) -> None:
-    """Rebuild ``heap`` in place without stale entries once they outnumber the live ones."""
-    if len(heap) > 2 * len(live):
-        heap[:] = [entry for entry in heap if entry[-1] in live]
-        heapq.heapify(heap)
+    """Rebuild ``heap`` in place without its stale entries."""
+    heap[:] = [entry for entry in heap if entry[-1] in live]
+    heapq.heapify(heap)
 
 
 def _evict_key(signal: Signal, seq: int) -> _EvictKey:

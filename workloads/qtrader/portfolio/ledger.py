@@ -196,6 +196,7 @@ class Ledger:
         # The figures read after every candle or fill, and their Decimal.
         self._shown_equity = (self._capital, initial_capital)
         self._shown_realized = (0, _ZERO)
+        self._shown_max_drawdown = (0, _ZERO)  # a backtest reads it after every step
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -437,7 +438,10 @@ class Ledger:
     @property
     def max_drawdown_pct(self) -> Decimal:
         """The worst peak-to-trough fall seen after any fill or mark, in percent of its peak."""
-        return _fine_decimal(self._max_drawdown)
+        units = self._max_drawdown
+        if units != self._shown_max_drawdown[0]:  # converted once a change, as ``equity``
+            self._shown_max_drawdown = (units, _fine_decimal(units))
+        return self._shown_max_drawdown[1]
 
     @property
     def fills_applied(self) -> int:
