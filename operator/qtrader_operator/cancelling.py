@@ -45,6 +45,9 @@ class HandlerRuns:
 
     def __init__(self) -> None:
         self._running: set[asyncio.Task[Any]] = set()
+        # Set by ``stop_all``: kopf may start a timer again while its cleanup runs, and a run
+        # then has only closed clients to work with, so it does nothing.
+        self.stopping = False
 
     @contextlib.contextmanager
     def tracked(self) -> Iterator[None]:
@@ -59,5 +62,6 @@ class HandlerRuns:
 
     async def stop_all(self) -> None:
         """Cancel every run in progress but the caller's own, and wait until each has ended."""
+        self.stopping = True
         others = [task for task in self._running if task is not asyncio.current_task()]
         await cancel_and_wait(others)

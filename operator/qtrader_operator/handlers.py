@@ -224,6 +224,8 @@ async def reconcile_policy(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
+    if runtime.handler_runs.stopping:
+        return  # the operator is stopping: the next one reconciles
     _require_leading(runtime)
     with runtime.handler_runs.tracked(), runtime.metrics.counting_errors("tradingpolicy"):
         await _reconcile_policy(
@@ -389,8 +391,12 @@ async def _apply_workloads(
     plural = policy_core.workload_plural(settings.pod_defaults)
     for role, manifest in zip(policy_core.ROLES, manifests, strict=True):
         applied, created = await runtime.kube.apply_workload(plural, manifest)
-        if created:
+        name = manifest["metadata"]["name"]
+        # Also at the first reconcile of this process: a stop may have ended the one that
+        # created this kind before it deleted the other.
+        if created or name not in runtime.kinds_settled:
             await _delete_other_kind(runtime, settings.pod_defaults, manifest["metadata"])
+            runtime.kinds_settled.add(name)
         ready = int((applied.get("status") or {}).get("readyReplicas") or 0)
         readiness[role] = policy_core.WorkloadReadiness(
             desired=manifest["spec"]["replicas"], ready=ready
@@ -462,6 +468,8 @@ async def reconcile_stop(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
+    if runtime.handler_runs.stopping:
+        return  # the operator is stopping: the next one reconciles
     _require_leading(runtime)
     with runtime.handler_runs.tracked(), runtime.metrics.counting_errors("emergencystop"):
         await _reconcile_stop(runtime, body=body, spec=spec, meta=meta, status=status, patch=patch)

@@ -108,6 +108,8 @@ class OperatorRuntime:
     leadership: Leadership = field(default_factory=lambda: Leadership(None, namespace=""))
     keeper: asyncio.Task[None] | None = None  # the latch keeper, while this replica leads
     handler_runs: HandlerRuns = field(default_factory=HandlerRuns)  # reconciles in progress
+    # Workloads whose other kind (Deployment or StatefulSet) this process has made sure is gone.
+    kinds_settled: set[str] = field(default_factory=set)
     metrics: OperatorMetrics = field(init=False)
 
     def __post_init__(self) -> None:

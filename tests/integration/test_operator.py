@@ -35,10 +35,20 @@ from qtrader.contracts.messages import (
 from qtrader.control.ess_status import parse_time
 from qtrader.instruments import ExchangeInfo
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_operator.policy_core import OutboxStorage, PodDefaults
 from qtrader_tools import metrics
 from qtrader_tools.candles import flat_candle
 from support.binance_sim import sim_in_thread
-from support.emulator import DEPLOYMENTS, NAMESPACE, POLICIES, SECRETS, STACK, STOPS, Cluster
+from support.emulator import (
+    DEPLOYMENTS,
+    NAMESPACE,
+    POLICIES,
+    SECRETS,
+    STACK,
+    STATEFULSETS,
+    STOPS,
+    Cluster,
+)
 from support.emulator import eventually as _eventually
 from support.emulator import operator as _operator
 from support.emulator import policy as _policy
@@ -1349,3 +1359,35 @@ async def test_a_policy_reconcile_that_read_the_stops_before_a_trip_never_scales
 async def _kv_latch_is_halted(url: str) -> bool:
     latch = await _kv_latch(url)
     return latch is not None and latch.state is TradingState.HALTED
+
+
+async def test_a_workload_left_of_the_other_kind_is_removed_after_a_restart(
+    nats_server: EmbeddedNats, cluster: Cluster
+) -> None:
+    # The workloads' kind follows the outbox's storage (Deployments, or StatefulSets with a
+    # volume each). A reconcile ended between creating the new kind and deleting the old (a
+    # stop cancels the reconciles in progress) leaves both; the next operator must still
+    # remove the old one, or two sets of pods run, one of them never scaled by a trip.
+    defaults = PodDefaults(outbox_storage=OutboxStorage(size="1Gi"))
+    async with _operator(nats_server.url, pod_defaults=defaults):
+        await cluster.apply(STOPS, _stop())
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: cluster.names(STATEFULSETS) >= {f"paper-demo-{r}" for r in ROLES},
+            timeout_s=10,
+            what="four statefulsets",
+        )
+    leftover = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "paper-demo-execution", "namespace": NAMESPACE},
+        "spec": {"replicas": 2},
+    }
+    await cluster.apply(DEPLOYMENTS, leftover)
+    async with _operator(nats_server.url, pod_defaults=defaults):
+        await _eventually(
+            lambda: not cluster.get(DEPLOYMENTS, "paper-demo-execution"),  # deleted: empty
+            timeout_s=15,
+            what="the leftover Deployment removed",
+        )
+        assert cluster.names(STATEFULSETS) >= {f"paper-demo-{r}" for r in ROLES}

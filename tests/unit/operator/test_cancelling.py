@@ -42,9 +42,11 @@ async def test_a_handler_run_still_in_progress_at_the_stop_is_ended_before_the_c
 
     task = asyncio.create_task(reconcile())
     await started.wait()
+    assert not runs.stopping
     await runs.stop_all()
     assert ended.is_set()
     assert task.cancelled()
+    assert runs.stopping  # the handlers start no new run from now on
 
 
 async def test_the_stop_does_not_cancel_the_run_it_is_called_from() -> None:

@@ -322,6 +322,10 @@ class Bus:
         nats-py's ``flush`` without its cancellation (module docstring): the PONG's future is
         ours and is never cancelled, so a late PONG finds it pending; ``asyncio.wait`` gives up
         on it without touching it. The client forgets it at its next reconnect.
+
+        nats-py 2.16 writes a PING to the socket at once but leaves SUBs and PUBs queued for its
+        flusher task, so its PING overtakes them and the PONG proves nothing about them:
+        ``_write_pending`` first puts what is queued on the socket, in order.
         """
         client = self._client
         unanswered = sum(1 for pong in client._pongs if not pong.done())
@@ -329,6 +333,7 @@ class Bus:
             raise BusUnavailable(f"{unanswered} pings to NATS are unanswered")
         pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         try:
+            _write_pending(client)
             await client._send_ping(pong)
         except (*_UNAVAILABLE, AssertionError) as exc:  # asserts a transport: none mid-reconnect
             raise BusUnavailable(f"cannot ping NATS: {exc!r}") from exc
@@ -1085,6 +1090,19 @@ async def _hold(subscription: Subscription, *, first: Awaitable[None] | None = N
     finally:
         with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
             await subscription.unsubscribe()
+
+
+def _write_pending(client: Client) -> None:
+    """Write the commands nats-py queued for its flusher task now, as that task would (its
+    next turn then finds nothing): synchronous, so nothing can slip in between them and the
+    PING written next. Nothing while reconnecting: the reconnect sends them itself."""
+    transport = client._transport
+    if not client.is_connected or transport is None:
+        return
+    if client._pending:
+        transport.writelines(client._pending[:])
+    client._pending = []
+    client._pending_data_size = 0
 
 
 def _subject_matches(subject: str, pattern: str) -> bool:

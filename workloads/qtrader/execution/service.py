@@ -889,8 +889,8 @@ class Execution:
         return DependencyHealth(name="account-entries", status=Status.OK, detail=detail)
 
     async def check_venue_account(self) -> DependencyHealth:
-        """Whether the wallet is being compared: DEGRADED after many rounds with no settled
-        read (``venue_account.SettledReads``)."""
+        """Whether settled reads, which the portfolio compares its wallet with, are being made:
+        DEGRADED after many rounds without one (``venue_account.SettledReads``)."""
         reads = self._settled_reads
         if reads is not None:
             return reads.health()
