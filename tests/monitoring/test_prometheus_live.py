@@ -166,11 +166,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalUp, Pr
         yield up, server
 
 
-def test_normal_trading_then_dashboards_have_data_and_no_alert_is_active(
-    live: tuple[LocalUp, Prometheus],
-) -> None:
-    up, server = live
-
+def _all_targets_up(server: Prometheus) -> None:
     def down() -> list[str]:
         return [t["scrapeUrl"] for t in server.targets() if t["health"] != "up"]
 
@@ -179,6 +175,13 @@ def test_normal_trading_then_dashboards_have_data_and_no_alert_is_active(
         lambda: f"targets down: {down()}",
         timeout_s=DEADLINE_S,
     )
+
+
+def test_normal_trading_then_dashboards_have_data_and_no_alert_is_active(
+    live: tuple[LocalUp, Prometheus],
+) -> None:
+    up, server = live
+    _all_targets_up(server)
     queries = _queries()
     assert QUIET_IN_NORMAL_TRADING.keys() <= queries.keys()  # no stale entry
     expected = {
@@ -210,6 +213,9 @@ def test_a_killed_workload_then_its_down_alert_goes_pending_until_it_is_back(
     live: tuple[LocalUp, Prometheus],
 ) -> None:
     up, server = live
+    # Scraped before it is killed (this test may be a worker's first on the stack: pytest-xdist
+    # spreads a module's tests): an alert needs an answering target to go down.
+    _all_targets_up(server)
     os.kill(find_process(up.process.pid, KILLED), signal.SIGKILL)
     # qtrader up starts it again after 1-3 s (its back-off, then the start), more than one
     # scrape interval, so a scrape fails; the rule's history (ALERTS, in the TSDB) shows the
@@ -239,6 +245,7 @@ def test_ess_trip_then_halt_queries_have_data_and_the_halt_alert_fires_alone(
     live: tuple[LocalUp, Prometheus],
 ) -> None:
     up, server = live
+    _all_targets_up(server)  # scraped before the trip, so the trip is an increase to rate()
     result = up.cli("ess", "trip", "--reason", "prometheus test")
     assert result.returncode == 0, result.stdout + result.stderr
     queries = _queries()
