@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 
 from qtrader.bus.nats_bus import Bus
@@ -31,6 +30,7 @@ from support.emulator import policy as example_policy
 from support.emulator import stop as example_stop
 from support.flow import flowing, order_updates
 from support.operator_process import OperatorProcess, start_operator
+from support.streams import kv_history_raw
 from support.workers import Worker, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
@@ -100,13 +100,9 @@ async def _health_samples(worker: Worker) -> AsyncIterator[list[str]]:
 
 async def _latch_history(url: str) -> list[HaltLatch]:
     """Every latch value the stack's KV key still holds (the bucket keeps 16), oldest first."""
-    client = await nats.connect(url)
-    try:
-        bucket = await client.jetstream().key_value(subjects.HALT_BUCKET)
-        entries = await bucket.history(subjects.scoped_key(STACK, subjects.HALT_KEY))
-        return [HaltLatch.model_validate_json(entry.value) for entry in entries if entry.value]
-    finally:
-        await client.close()
+    key = subjects.scoped_key(STACK, subjects.HALT_KEY)
+    values = await kv_history_raw(url, subjects.HALT_BUCKET, key)
+    return [HaltLatch.model_validate_json(value) for value in values if value]
 
 
 def _peers(cluster: Cluster) -> dict[str, Any]:

@@ -114,13 +114,50 @@ async def kv_get_raw(url: str, bucket: str, key: str) -> bytes | None:
 
 
 async def kv_keys(url: str, bucket: str) -> list[str]:
-    """The keys a KV bucket holds now; none when the bucket does not exist."""
+    """The keys a KV bucket holds now (a deleted or purged key is not held); none when the
+    bucket does not exist. Read from the bucket's stream: nats-py's ``keys()`` watches, and
+    its watcher can say "no keys" while the first one is on its way to it (2.16: it trusts a
+    consumer's zero pending before it has counted what it received)."""
+    stream, prefix = _kv_stream(bucket)
     async with _connection(url) as connection:
+        js = connection.jetstream(timeout=15)
         try:
-            kv = await connection.jetstream(timeout=15).key_value(bucket)
-            return list(await kv.keys())
-        except (nats.js.errors.NotFoundError, nats.js.errors.NoKeysError):  # no bucket, no keys
+            info = await js.stream_info(stream, subjects_filter=f"{prefix}>")
+        except nats.js.errors.NotFoundError:
             return []
+        held = []
+        for subject in sorted(info.state.subjects or {}):
+            last = await js.get_last_msg(stream, subject)
+            if not _is_removal(last.headers):
+                held.append(subject.removeprefix(prefix))
+        return held
+
+
+async def kv_history_raw(url: str, bucket: str, key: str) -> list[bytes | None]:
+    """Every value the bucket still holds for ``key``, oldest first; None for a deletion or a
+    purge. Read from the stream, message by message (nats-py's ``history()`` watches, as
+    ``kv_keys`` explains, and may say "no keys found" of a key that has values)."""
+    stream, prefix = _kv_stream(bucket)
+    values: list[bytes | None] = []
+    async with _connection(url) as connection:
+        js = connection.jetstream(timeout=15)
+        sequence = 1
+        while True:
+            try:
+                found = await js.get_msg(stream, seq=sequence, subject=prefix + key, next=True)
+            except nats.js.errors.NotFoundError:  # no bucket, or nothing after ``sequence``
+                return values
+            values.append(None if _is_removal(found.headers) else found.data or b"")
+            sequence = int(found.seq or 0) + 1
+
+
+def _kv_stream(bucket: str) -> tuple[str, str]:
+    """A KV bucket's stream and the subject prefix of its keys (JetStream's KV layout)."""
+    return f"KV_{bucket}", f"$KV.{bucket}."
+
+
+def _is_removal(headers: dict[str, str] | None) -> bool:
+    return (headers or {}).get("KV-Operation") in ("DEL", "PURGE")
 
 
 async def kv_delete_raw(url: str, bucket: str, key: str) -> None:
