@@ -5,8 +5,8 @@ temporary store), the policy and an ACTIVE latch published, control heartbeats, 
 workload processes ``qtrader portfolio``, ``qtrader inference`` (the packaged ONNX model) and
 ``qtrader execution`` (paper mode), each with its own outbox as in a deployment. The benchmark
 itself plays marketdata: it publishes seeded synthetic candles (``SyntheticMarket``, one candle
-per symbol per step) through ``Bus.publish``, each awaiting its acknowledgement, as the
-marketdata worker does.
+per symbol per step) through ``Bus.publish_many``, a step's candles together, as the
+marketdata worker publishes a step.
 
 The policy opens the throttles so the figure is the pipeline's capacity, not the policy's limit:
 every signal acted on (``minConfidence`` 0), an intake of 10,000 signals with a 1 h ttl, up to
@@ -575,21 +575,31 @@ class PipelineBench:
 
     async def _publish(self, candles: Sequence[Candle]) -> Rate:
         began = time.perf_counter()
-        for candle in candles:
+        width = len(self._symbols)
+        for step in range(0, len(candles), width):
             self._interrupt.check()
-            await self._bus.publish(subjects.candle_subject(candle.symbol), candle)
+            await self._publish_step(candles[step : step + width])
         return Rate(len(candles), time.perf_counter() - began)
+
+    async def _publish_step(self, candles: Sequence[Candle]) -> None:
+        """A step's candles published together, as marketdata publishes a step."""
+        results = await self._bus.publish_many(
+            [(subjects.candle_subject(candle.symbol), candle) for candle in candles]
+        )
+        failed = [result for result in results if isinstance(result, BaseException)]
+        if failed:
+            raise failed[0]
 
     async def _latency_phase(self, candles: Sequence[Candle]) -> Phase:
         before = await self._observer.full_state()
         width = len(self._symbols)
         next_at = time.monotonic()
         for step in range(0, len(candles), width):
+            self._interrupt.check()
+            published = time.perf_counter()
             for candle in candles[step : step + width]:
-                self._interrupt.check()
-                key = (candle.symbol, candle.open_time_ms)
-                self._stamps.published[key] = time.perf_counter()
-                await self._bus.publish(subjects.candle_subject(candle.symbol), candle)
+                self._stamps.published[(candle.symbol, candle.open_time_ms)] = published
+            await self._publish_step(candles[step : step + width])
             next_at += 1 / LATENCY_HZ
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         await wait_settled(self._observer, self._children, self._interrupt)

@@ -217,15 +217,27 @@ class Inference:
         AGREEMENT.labels(self._model.version).set(sum(self._agreement) / len(self._agreement))
 
     async def _emit(self, signals: list[Signal]) -> None:
-        """Publish (earlier failures first); what fails stays for the next call to retry."""
+        """Publish (earlier failures first), together; what fails stays, in its order, for the
+        next call to retry, and what the stream took is never sent again."""
         async with self._publishing:
             self._unpublished.extend(signals)
-            while self._unpublished:
-                signal = self._unpublished[0]
-                await self._context.bus.publish(subjects.signal_subject(signal.symbol), signal)
-                self._unpublished.pop(0)
+            if not self._unpublished:
+                return
+            results = await self._context.bus.publish_many(
+                [(subjects.signal_subject(s.symbol), s) for s in self._unpublished]
+            )
+            failure: BusUnavailable | None = None
+            left: list[Signal] = []
+            for signal, result in zip(self._unpublished, results, strict=True):
+                if isinstance(result, BusUnavailable):
+                    failure = failure or result
+                    left.append(signal)
+                    continue
                 SIGNALS.labels(signal.direction.value).inc()
                 CONFIDENCE.observe(signal.confidence)
+            self._unpublished = left
+            if failure is not None:
+                raise failure
 
     async def check(self) -> DependencyHealth:
         return model_health(self._model, self._load_error, now=datetime.now(UTC))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge
 
 from qtrader.bus.errors import BusUnavailable
+from qtrader.bus.outbox_publisher import StreamAck
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Candle
 from qtrader.health.contract import DependencyHealth, Status
@@ -143,8 +145,8 @@ class MarketData:
         self._last_published = time.monotonic()
         for symbol in symbols:
             self._mark_published(symbol)
-        async for candle in self._candles(symbols, spans):
-            await self._publish(candle)
+        async for step in self._steps(symbols, spans):
+            await self._publish(step)
         self._finished = True
         log.info("market data source ended after %d candles", self._published)
         await asyncio.Event().wait()  # stay up and report the end in /health
@@ -177,16 +179,18 @@ class MarketData:
             log.warning("not resuming yet: %s", why)
         self._resume_wait = DependencyHealth(name="feed", status=status, detail=why)
 
-    async def _candles(
+    async def _steps(
         self, symbols: tuple[str, ...], spans: dict[str, StoredSpan]
-    ) -> AsyncIterator[Candle]:
+    ) -> AsyncIterator[list[Candle]]:
+        """The candles to publish, in groups published together: a replayed or synthetic step
+        (every symbol's candle of one open time), or a live kline as it comes."""
         if self._config.source is Source.LIVE:
             async for candle in self._live_candles(symbols, spans):
-                yield candle
+                yield [candle]
             return
         historical = after_stored(await self._historical(symbols, spans), spans)
-        async for candle in self._paced(historical):
-            yield candle
+        async for step in self._paced(historical):
+            yield step
 
     async def _live_candles(
         self, symbols: tuple[str, ...], spans: dict[str, StoredSpan]
@@ -235,30 +239,38 @@ class MarketData:
         # Rebuilding the stored path draws every step since the run began: not on the loop.
         return await asyncio.to_thread(synthetic_continuation, config, paper_exchange_info(), spans)
 
-    async def _paced(self, candles: Iterator[Candle]) -> AsyncIterator[Candle]:
+    async def _paced(self, candles: Iterator[Candle]) -> AsyncIterator[list[Candle]]:
         """One step (a candle of every symbol with the same open time) per pacing period."""
         period = 1 / self._config.candles_per_second if self._config.candles_per_second else 0
-        steps = 0
-        current_open: int | None = None
-        for candle in candles:
-            if candle.open_time_ms != current_open:
-                if current_open is not None:
-                    steps += 1
-                    if self._config.max_candles and steps >= self._config.max_candles:
-                        return
-                    await asyncio.sleep(period)
-                current_open = candle.open_time_ms
-            yield candle
+        by_open_time = itertools.groupby(candles, key=lambda candle: candle.open_time_ms)
+        for steps, (_, step) in enumerate(by_open_time, start=1):
+            if steps > 1:
+                await asyncio.sleep(period)
+            yield list(step)
+            if self._config.max_candles and steps >= self._config.max_candles:
+                return
 
-    async def _publish(self, candle: Candle) -> None:
-        subject = subjects.candle_subject(candle.symbol)
-        while True:
-            try:
-                ack = await self._context.bus.publish_acked(subject, candle)
-                break
-            except BusUnavailable as exc:
-                log.warning("candle %s not published yet: %s", candle.dedup_id, exc)
+    async def _publish(self, candles: list[Candle]) -> None:
+        """Publish the candles together; retry what the stream did not take, in its order."""
+        while candles:
+            results = await self._context.bus.publish_many(
+                [(subjects.candle_subject(candle.symbol), candle) for candle in candles]
+            )
+            left: list[Candle] = []
+            failure: BusUnavailable | None = None
+            for candle, result in zip(candles, results, strict=True):
+                if isinstance(result, BusUnavailable):
+                    left.append(candle)
+                    failure = failure or result
+                else:
+                    self._count(candle, result)
+            if failure is not None:
+                log.warning("candle %s not published yet: %s", left[0].dedup_id, failure)
                 await asyncio.sleep(0.5)
+            candles = left
+
+    def _count(self, candle: Candle, ack: StreamAck | None) -> None:
+        """A candle the stream took (None: kept in the outbox for it)."""
         if ack is not None and ack.duplicate:
             # Stored before: by another replica, or a resume that missed it. Not a new candle.
             self._duplicates += 1
