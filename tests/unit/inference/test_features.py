@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -17,9 +18,11 @@ from qtrader.inference.features import (
     WindowNotReadyError,
     features_from_arrays,
     inputs_from_arrays,
+    windows_inputs,
 )
 from qtrader.instruments import paper_exchange_info
 from qtrader.marketdata.synthetic import Regime, SyntheticConfig, SyntheticMarket
+from qtrader_tools.candles import flat_candle
 
 
 def synthetic_candles(count: int, *, symbol: str = "BTCUSDT") -> list[Candle]:
@@ -143,6 +146,36 @@ def test_feature_window_when_fed_candles_then_sequence_matches_batch_inputs() ->
     np.testing.assert_array_equal(stacked.sequence, batch.sequence)
     np.testing.assert_array_equal(stacked.features, batch.features)
     np.testing.assert_array_equal(window.sequence(), batch.sequence[-1])
+
+
+def test_windows_inputs_of_several_symbols_equal_each_window_alone_bit_for_bit() -> None:
+    """Inference computes a close time's windows in one pass; each row must be exactly what
+    the window alone gives (a flat window among them: its ratios take their defaults)."""
+    windows = []
+    for symbol, count in (("BTCUSDT", WINDOW + 7), ("ETHUSDT", WINDOW), ("SOLUSDT", WINDOW + 90)):
+        window = FeatureWindow()
+        for candle in synthetic_candles(count, symbol=symbol):
+            window.push(candle)
+        windows.append(window)
+    flat = FeatureWindow()
+    for index in range(WINDOW):
+        flat.push(flat_candle("XRPUSDT", Decimal("0.5"), open_time_ms=index * 60_000))
+    windows.append(flat)
+    together = windows_inputs(windows)
+    alone = ModelInputs.stack([window.inputs() for window in windows])
+    np.testing.assert_array_equal(together.features, alone.features)
+    np.testing.assert_array_equal(together.sequence, alone.sequence)
+    assert len({row.tobytes() for row in together.features}) == len(windows)  # four distinct
+
+
+def test_windows_inputs_when_one_window_is_not_full_then_raises() -> None:
+    full, short = FeatureWindow(), FeatureWindow()
+    for candle in synthetic_candles(WINDOW):
+        full.push(candle)
+    for candle in synthetic_candles(WINDOW - 1, symbol="ETHUSDT"):
+        short.push(candle)
+    with pytest.raises(WindowNotReadyError, match="ETHUSDT"):
+        windows_inputs([full, short])
 
 
 def test_sequence_when_inspected_then_each_column_is_what_its_name_says() -> None:

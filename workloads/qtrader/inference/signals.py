@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from qtrader.contracts.messages import Candle, CandleSource, Signal
-from qtrader.inference.features import FeatureWindow, ModelInputs
+from qtrader.inference.features import FeatureWindow, windows_inputs
 from qtrader.inference.onnx_model import CLASSES, Prediction, Predictor, decide_batch
 
 
@@ -87,15 +87,15 @@ class SignalMaker:
         symbols = [candle.symbol for candle in candles]
         if len(set(symbols)) != len(symbols):
             raise ValueError(f"one candle per symbol in a batch, got {symbols}")
-        rows = []
+        windows = []
         for candle in candles:
             window = self._windows.get(candle.symbol)
             if window is None or window.last_open_time_ms != candle.open_time_ms:
                 raise ValueError(
                     f"{candle.symbol} {candle.open_time_ms} is not the newest candle of its window"
                 )
-            rows.append(window.inputs())
-        prediction = model.predict(ModelInputs.stack(rows))
+            windows.append(window)
+        prediction = model.predict(windows_inputs(windows))
         indices, confidences = decide_batch(prediction.probabilities)
         signals = tuple(
             Signal(
