@@ -8,11 +8,15 @@ how the tests make an outage.
 
 from __future__ import annotations
 
+import itertools
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from qtrader.local.stopping import stop_processes
@@ -35,10 +39,46 @@ def nats_server_binary() -> Path:
     return Path(found)
 
 
+# Where the kernel takes the local ports of outgoing connections from (Linux); elsewhere IANA's
+# dynamic range, which macOS and Windows use.
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_IANA_DYNAMIC_FIRST = 49152
+_POOL = 10_000  # ports just below that range that free_port hands out
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing is bound to now, for a server about to be started on it.
+
+    Not from ``bind(0)``: that port is in the ephemeral range, where any outgoing connection
+    can take it before the server binds it (a worker's health server failed so, "address
+    already in use", in a full test run). Below that range only another caller of this
+    function can; each process walks the pool from its own random start, one port after the
+    other, so two processes meet only if one walks all the way to the other's position."""
+    for _ in range(_POOL):
+        with _CANDIDATES_LOCK:  # tests start servers from several threads
+            port = next(_CANDIDATES)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise NatsServerError(f"no free port on {host} among the {_POOL} below the ephemeral range")
+
+
+def _port_candidates() -> Iterator[int]:
+    try:
+        ephemeral_first = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_first = _IANA_DYNAMIC_FIRST
+    first = max(1024, ephemeral_first - _POOL)
+    size = ephemeral_first - first
+    for offset in itertools.count(random.SystemRandom().randrange(size)):
+        yield first + offset % size
+
+
+_CANDIDATES = _port_candidates()
+_CANDIDATES_LOCK = threading.Lock()
 
 
 def wait_for_port(host: str, port: int, *, timeout_s: float) -> None:
