@@ -677,7 +677,13 @@ async def test_two_stops_when_the_second_is_created_reset_and_deleted_across_a_r
                     timeout_s=10,
                     what="the worker halted by main",
                 )
-                halted_at = len(seen)
+                # The sampler polls every 50 ms: it may not have seen the trip's latch yet.
+                await _eventually(
+                    lambda: any(latch.state is TradingState.HALTED for latch in seen),
+                    timeout_s=10,
+                    what="the sampler seeing the trip",
+                )
+                halted_at = [latch.state for latch in seen].index(TradingState.HALTED)
                 await cluster.apply(STOPS, _named_stop("second", cooldownSeconds=1))
                 await _eventually(
                     lambda: _status_of(cluster, "second").get("heldBy") == ["main"],
@@ -706,7 +712,7 @@ async def test_two_stops_when_the_second_is_created_reset_and_deleted_across_a_r
                 await asyncio.sleep(2.0)  # the keeper has run since
                 assert _worker_state(cluster, "main", _in_stack("x-1")) == "HALTED"
                 assert _replicas(cluster, "execution") == 0
-        after_trip = seen[max(halted_at - 1, 0) :]
+        after_trip = seen[halted_at:]
         assert {latch.state for latch in after_trip} == {TradingState.HALTED}, seen
         assert seen[-1].held_by == ("main",)
         assert [latch.revision for latch in seen] == sorted({latch.revision for latch in seen})
