@@ -1,8 +1,10 @@
 """The marketdata role: publishes closed candles from a replay, the synthetic market or Binance.
 
 Every candle goes to ``qtrader.market.candle.<SYMBOL>`` with ``Nats-Msg-Id`` = its symbol,
-interval and open time. While NATS is unreachable the feed waits and retries the same candle (it
-never skips one); with the disk outbox (#5) the candle waits there instead.
+interval and open time. A replayed or synthetic step (every symbol's candle of one open time) is
+published together (``Bus.publish_many``: each symbol's candles stay in order); a live kline as
+it comes. While NATS is unreachable the feed waits and retries the candles not taken (it never
+skips one); with the disk outbox (#5) the candles wait there instead.
 
 A restart continues the market the stream holds (``resume``): once the outbox has sent what a
 previous run left in it, the last stored candle of each symbol is read, and the feed starts
