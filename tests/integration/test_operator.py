@@ -627,9 +627,10 @@ def _status_of(cluster: Cluster, name: str) -> dict[str, Any]:
 async def _latch_watch(url: str) -> AsyncIterator[list[HaltLatch]]:
     """Every latch in force, sampled every 50 ms, while the block runs."""
     seen: list[HaltLatch] = []
+    stop = asyncio.Event()
 
     async def sample() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 latch = await _kv_latch(url)
             except nats.js.errors.BucketNotFoundError:  # the stack's topology is not made yet
@@ -642,10 +643,13 @@ async def _latch_watch(url: str) -> AsyncIterator[list[HaltLatch]]:
     try:
         yield seen
     finally:
-        if task.done():  # a sampler that died would leave ``seen`` short: say why
-            task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        # Stopped by the event, not by cancelling: nats-py 2.16 swallows a cancellation that
+        # lands in its flush queue, and the sampler then went on forever (a test hung so in CI,
+        # its teardown waiting for this task).
+        stop.set()
+        await asyncio.wait({task}, timeout=30)
+        assert task.done(), "the latch sampler did not stop"
+        task.result()  # a sampler that died would leave ``seen`` short: say why
 
 
 def _worker_state(cluster: Cluster, stop: str, worker: str) -> str | None:
