@@ -10,6 +10,7 @@ counts the connections whose client closed them.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 
@@ -17,6 +18,8 @@ import pytest
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.cli import main
+from qtrader.contracts import subjects
+from qtrader.contracts.messages import HaltLatch, TradingState
 from qtrader.local.nats_server import EmbeddedNats
 from support.silent import SilentServer
 
@@ -89,3 +92,40 @@ async def test_close_when_the_client_is_reconnecting_then_closes_and_stops_recon
             assert server.accepted == accepted, "the closed bus kept reconnecting"
     finally:
         await bus.close()
+
+
+async def test_a_loop_connecting_reading_a_key_and_closing_ends_at_the_first_cancel(
+    nats_server: EmbeddedNats,
+) -> None:
+    """nats-py 2.16 swallows a cancellation that lands while its flush queue waits (in a
+    connect, a KV read, a close): such a loop went on after one cancel in three, and a test's
+    latch sampler hung a CI run so. Each loop here is cancelled once, at a random moment."""
+    writer = Bus(url=nats_server.url, client_name="test-writer")
+    await writer.connect()
+    await writer.ensure_topology()
+    latch = HaltLatch(state=TradingState.ACTIVE, revision=1, issued_at_ms=1)
+    await writer.kv_put(subjects.HALT_BUCKET, subjects.HALT_KEY, latch)
+    await writer.close()
+
+    async def read_forever() -> None:
+        while True:
+            bus = Bus(url=nats_server.url, client_name="test-reader")
+            await bus.connect()
+            try:
+                await bus.kv_get(subjects.HALT_BUCKET, subjects.HALT_KEY, HaltLatch)
+            finally:
+                await bus.close()
+
+    went_on = 0
+    chance = random.Random(5)
+    for _ in range(60):
+        task = asyncio.create_task(read_forever())
+        await asyncio.sleep(chance.uniform(0.0, 0.02))
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        if not done:
+            went_on += 1
+            while not task.done():  # end it all the same, so the test leaves nothing behind
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.2)
+    assert went_on == 0, f"{went_on} of 60 loops went on after their cancel"
