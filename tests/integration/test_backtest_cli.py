@@ -62,6 +62,16 @@ def test_backtest_when_csv_given_then_prints_the_figures_of_the_engine() -> None
     assert document["figures"] == expected.figures.model_dump(mode="json")
 
 
+def test_backtest_when_one_process_asked_then_the_same_figures_as_with_a_prediction_process() -> (
+    None
+):
+    """On this 2-core machine ``--csv`` reads and predicts in a second process by default."""
+    beside = backtest("--csv", str(BTC), str(ETH), "--json")
+    alone = backtest("--csv", str(BTC), str(ETH), "--json", "--one-process")
+    assert beside.returncode == alone.returncode == 0, beside.stderr + alone.stderr
+    assert last_json(beside.stdout) == last_json(alone.stdout)
+
+
 def test_backtest_when_table_asked_then_every_card_figure_is_printed() -> None:
     result = backtest("--csv", str(BTC))
     assert result.returncode == 0, result.stderr

@@ -273,6 +273,19 @@ def test_csv_bars_when_reading_the_sample_then_same_candles_and_floats_as_the_st
     assert exact == [c.close for c in strict]
 
 
+def test_csv_bars_when_a_first_chunk_size_given_then_chunks_grow_from_it_to_the_chunk_size(
+    series: CandleSeries, tmp_path: Path
+) -> None:
+    path = write_klines(tmp_path, series["BTCUSDT"])  # 700 rows after the header
+    chunks = list(
+        csv_bars(path, symbol="BTCUSDT", interval="1m", chunk_rows=200, first_chunk_rows=25)
+    )
+    # The header is a line of the first chunk.
+    assert [len(chunk) for chunk in chunks] == [24, 50, 100, 200, 200, 126]
+    strict = list(read_klines(path, symbol="BTCUSDT", interval="1m"))
+    assert [c for chunk in chunks for c in all_candles(iter([chunk]))] == strict
+
+
 def test_csv_bars_when_a_row_needs_the_strict_reader_then_it_takes_over_with_its_verdict(
     series: CandleSeries, tmp_path: Path
 ) -> None:

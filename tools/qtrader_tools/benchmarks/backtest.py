@@ -5,9 +5,13 @@ temporary folder, so every run reads files, as ``qtrader backtest --csv`` does; 
 not timed. Rows, each measured in the same run with interleaved repeats (median):
 
 * **streamed**: ``run_streamed_backtest`` on the files with the shipped model under the card's
-  evaluation policy: every candle's features, both ensemble members on every candle, and every
-  signal through the execution worker's own core (intake, decisions, the order driver's
-  attempts and retries on the paper exchange) and the exact ledger;
+  evaluation policy, as ``qtrader backtest --csv`` runs it: every candle's features, both
+  ensemble members on every candle (made by a prediction process beside the trading when the
+  machine has a second core), and every signal through the execution worker's own core (intake,
+  decisions, the order driver's attempts and retries on the paper exchange) and the exact
+  ledger; also its CPU seconds, both processes together;
+* **streamed, one process**: the same run with the reading and predicting in the trading
+  process (``--one-process``);
 * **floor**: the vectorised part alone: reading the files, the features and one ensemble call
   per chunk, with no trading: what the streamed run cannot go below;
 * **per-candle**: ``run_backtest`` (the live path in a loop) on the first ``per_candle`` candles
@@ -16,13 +20,17 @@ not timed. Rows, each measured in the same run with interleaved repeats (median)
   files with a two-moving-average strategy that trades, as a reference for a Python
   event-driven backtester.
 
-Then the growth: wall time and candles/s for 10k, 50k and 200k candles of one symbol, and for
-1, 4 and 16 symbols of 10k candles; and the peak resident memory of a fresh process running the
-streamed backtest on 50k and on 200k candles of one symbol. The last line is one JSON object.
+Then the growth, both ways: wall time and candles/s for 10k, 50k and 200k candles of one
+symbol, and for 1, 4 and 16 symbols of 10k candles; and the peak resident memory of a fresh
+process running the streamed backtest on 50k and on 200k candles of one symbol (one process;
+and with the prediction process, the trading process's and the child's). The last line is one
+JSON object.
 """
 
 from __future__ import annotations
 
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,13 +38,15 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from qtrader.backtest.bars import csv_bars
+from qtrader.backtest.blocks import ChunkFeatures, aligned_blocks
 from qtrader.backtest.data import synthetic_series
 from qtrader.backtest.engine import run_backtest
 from qtrader.backtest.policy import policy_for
-from qtrader.backtest.streamed import ChunkFeatures, aligned_blocks, run_streamed_backtest
+from qtrader.backtest.prediction_process import KlineFiles
+from qtrader.backtest.streamed import run_streamed_backtest
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.inference.card import ModelCard
 from qtrader.inference.onnx_model import SignalModel, default_model_path
@@ -78,14 +88,32 @@ def _policy(model: SignalModel, symbols: Sequence[str]) -> TradingPolicySpec:
     return policy_for(symbols, card.evaluation.policy)
 
 
-def streamed_seconds(paths: Sequence[Path], model: SignalModel) -> tuple[float, int]:
-    """Wall seconds of the streamed backtest on ``paths``, and the candles it traded."""
+class Timing(NamedTuple):
+    seconds: float  # wall
+    cpu_s: float  # this process's and its children's, user and system
+    candles: int
+
+
+def streamed_seconds(
+    paths: Sequence[Path], model: SignalModel, *, prediction_process: bool = True
+) -> Timing:
+    """The streamed backtest on ``paths``, timed; with a prediction process if asked and this
+    machine has a second core (as ``qtrader backtest --csv`` does)."""
     spec = _policy(model, [_symbol(p) for p in paths])
-    bars = {_symbol(p): csv_bars(p, symbol=_symbol(p), interval="1m") for p in paths}
-    started = time.perf_counter()
-    result = run_streamed_backtest(bars, model, spec)
+    files = KlineFiles({_symbol(p): (p,) for p in paths}, "1m")
+    beside = prediction_process and len(os.sched_getaffinity(0)) > 1
+    cpu, started = _cpu_s(), time.perf_counter()
+    result = run_streamed_backtest(files, model, spec, prediction_process=beside)
     seconds = time.perf_counter() - started
-    return seconds, result.figures.steps * len(paths)
+    return Timing(seconds, _cpu_s() - cpu, result.figures.steps * len(paths))
+
+
+def _cpu_s() -> float:
+    used = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        used += usage.ru_utime + usage.ru_stime
+    return used
 
 
 def floor_seconds(paths: Sequence[Path], model: SignalModel) -> float:
@@ -160,25 +188,42 @@ def _utc(ms: float) -> Any:
     return datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None)
 
 
-def peak_rss_mb(path: Path) -> float:
-    """Peak resident memory (MB) of a fresh process running the streamed backtest on ``path``."""
-    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
-    # fork and exec, so a child of a large parent reports the parent's peak.
+def peak_rss_mb(path: Path, *, prediction_process: bool) -> dict[str, float]:
+    """Peak resident memory (MB) of a fresh process running the streamed backtest on
+    ``path``; with a prediction process, also the child's."""
+    # VmHWM, not getrusage's ru_maxrss, for the process itself: Linux carries ru_maxrss over
+    # from the parent across fork and exec, so a child of a large parent reports the parent's
+    # peak. The prediction child's is its ru_maxrss (RUSAGE_CHILDREN): at most the larger of
+    # its own peak and the fresh process's size when it started it, an upper bound.
     code = (
-        "import sys; from pathlib import Path;"
+        "import resource, sys; from pathlib import Path;"
         "from qtrader_tools.benchmarks.backtest import streamed_seconds;"
         "from qtrader.inference.onnx_model import SignalModel, default_model_path;"
-        "streamed_seconds([Path(sys.argv[1])], SignalModel.load(default_model_path()));"
-        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+        "streamed_seconds([Path(sys.argv[1])], SignalModel.load(default_model_path()),"
+        " prediction_process=sys.argv[2] == '1');"
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1],"
+        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, str(path), str(int(prediction_process))],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    return int(done.stdout.split()[-1]) / 1024
+    trading_kb, child_kb = (int(kb) for kb in done.stdout.split()[-2:])
+    peak: dict[str, float] = {"trading": round(trading_kb / 1024)}
+    if prediction_process:
+        peak["prediction child, at most"] = round(child_kb / 1024)
+    return peak
 
 
-def _streamed_median(paths: Sequence[Path], model: SignalModel, repeats: int = 2) -> float:
-    return statistics.median(streamed_seconds(paths, model)[0] for _ in range(repeats))
+def _streamed_median(
+    paths: Sequence[Path], model: SignalModel, *, prediction_process: bool, repeats: int = 2
+) -> float:
+    return statistics.median(
+        streamed_seconds(paths, model, prediction_process=prediction_process).seconds
+        for _ in range(repeats)
+    )
 
 
 def run(
@@ -200,10 +245,7 @@ def run(
         figures["rows"] = _main_rows(paths, model, repeats=repeats, per_candle=per_candle)
         if growth:
             figures["growth"] = _growth(root, names, model)
-            figures["peak_rss_mb"] = {
-                str(n): peak_rss_mb(write_market(root / f"rss{n}", symbols=names[:1], candles=n)[0])
-                for n in (50_000, 200_000)
-            }
+            figures["peak_rss_mb"] = _peak_rss(root, names)
     publish(_table(figures), figures, json_path=json_path, out=out)
     return 0
 
@@ -211,18 +253,20 @@ def run(
 def _main_rows(
     paths: Sequence[Path], model: SignalModel, *, repeats: int, per_candle: int
 ) -> dict[str, dict[str, float]]:
-    """Streamed, floor and per-candle interleaved, each repeat in turn; medians."""
-    streamed: list[float] = []
+    """Streamed both ways, floor and per-candle interleaved, each repeat in turn; medians."""
+    beside: list[Timing] = []
+    alone: list[Timing] = []
     floor: list[float] = []
     slow: list[float] = []
-    total = 0
     for _ in range(repeats):
-        seconds, total = streamed_seconds(paths, model)
-        streamed.append(seconds)
+        beside.append(streamed_seconds(paths, model, prediction_process=True))
+        alone.append(streamed_seconds(paths, model, prediction_process=False))
         floor.append(floor_seconds(paths, model))
         slow.append(per_candle_seconds(paths, model, per_candle))
+    total = beside[0].candles
     rows = {
-        "streamed": _row(statistics.median(streamed), total),
+        "streamed": _timed_row(beside),
+        "streamed, one process": _timed_row(alone),
         "floor (read + features + batched inference)": _row(statistics.median(floor), total),
         f"per-candle run_backtest ({per_candle} per symbol)": _row(
             statistics.median(slow), per_candle * len(paths)
@@ -234,19 +278,37 @@ def _main_rows(
     return rows
 
 
+def _timed_row(timings: Sequence[Timing]) -> dict[str, float]:
+    row = _row(statistics.median(t.seconds for t in timings), timings[0].candles)
+    row["cpu_s"] = round(statistics.median(t.cpu_s for t in timings), 3)
+    return row
+
+
 def _row(seconds: float, candles: int) -> dict[str, float]:
     return {"seconds": round(seconds, 3), "candles": candles, "per_s": round(candles / seconds)}
 
 
 def _growth(root: Path, names: Sequence[str], model: SignalModel) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
-    for count in (10_000, 50_000, 200_000):
-        paths = write_market(root / f"c{count}", symbols=names[:1], candles=count)
-        rows[f"1 symbol x {count}"] = _row(_streamed_median(paths, model), count)
-    for width in (1, 4, 16):
-        paths = write_market(root / f"s{width}", symbols=names[:width], candles=10_000)
-        rows[f"{width} symbols x 10000"] = _row(_streamed_median(paths, model), width * 10_000)
+    for beside, way in ((True, ""), (False, ", one process")):
+        for count in (10_000, 50_000, 200_000):
+            paths = write_market(root / f"c{count}", symbols=names[:1], candles=count)
+            seconds = _streamed_median(paths, model, prediction_process=beside)
+            rows[f"1 symbol x {count}{way}"] = _row(seconds, count)
+        for width in (1, 4, 16):
+            paths = write_market(root / f"s{width}", symbols=names[:width], candles=10_000)
+            seconds = _streamed_median(paths, model, prediction_process=beside)
+            rows[f"{width} symbols x 10000{way}"] = _row(seconds, width * 10_000)
     return rows
+
+
+def _peak_rss(root: Path, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    peaks = {}
+    for count in (50_000, 200_000):
+        (path,) = write_market(root / f"rss{count}", symbols=names[:1], candles=count)
+        peaks[f"{count}, one process"] = peak_rss_mb(path, prediction_process=False)
+        peaks[str(count)] = peak_rss_mb(path, prediction_process=True)
+    return peaks
 
 
 def _table(figures: dict[str, Any]) -> str:
@@ -258,8 +320,10 @@ def _table(figures: dict[str, Any]) -> str:
     sections = [figures["rows"], figures.get("growth", {})]
     for section in sections:
         for label, row in section.items():
-            lines.append(f"  {label:<52}{row['seconds']:>9.3f}{row['per_s']:>12,.0f}")
+            cpu = f"  (CPU {row['cpu_s']:.3f} s)" if "cpu_s" in row else ""
+            lines.append(f"  {label:<52}{row['seconds']:>9.3f}{row['per_s']:>12,.0f}{cpu}")
         lines.append("")
-    for count, mb in figures.get("peak_rss_mb", {}).items():
-        lines.append(f"  peak RSS, 1 symbol x {count}: {mb:.0f} MB")
+    for run, peaks in figures.get("peak_rss_mb", {}).items():
+        said = ", ".join(f"{who} {mb:.0f} MB" for who, mb in peaks.items())
+        lines.append(f"  peak RSS, 1 symbol x {run}: {said}")
     return "\n".join(lines).rstrip()

@@ -186,25 +186,38 @@ def _bars_of_candles(candles: Sequence[Candle]) -> Bars:
 
 
 def csv_bars(
-    path: Path, *, symbol: str, interval: str, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    path: Path,
+    *,
+    symbol: str,
+    interval: str,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    first_chunk_rows: int | None = None,
 ) -> Iterator[Bars]:
-    """The candles of one kline file (``.csv``, or a ``.zip`` holding one) in chunks.
+    """The candles of one kline file (``.csv``, or a ``.zip`` holding one) in chunks of
+    ``chunk_rows``; if ``first_chunk_rows`` is given, the first chunks grow from it to
+    ``chunk_rows`` by doubling (a reader that others wait for hands out candles sooner).
 
     Raises ``KlineFormatError`` (file, line, problem) where the strict reader would; the rows
     before a bad one have been yielded by then.
     """
     # The strict reader checks the arguments, the suffix and that the file exists, eagerly.
     read_klines(path, symbol=symbol, interval=interval)
-    return _csv_chunks(path, symbol=symbol, interval=interval, chunk_rows=chunk_rows)
+    first = min(first_chunk_rows or chunk_rows, chunk_rows)
+    return _csv_chunks(path, symbol=symbol, interval=interval, chunk_rows=(first, chunk_rows))
 
 
-def _csv_chunks(path: Path, *, symbol: str, interval: str, chunk_rows: int) -> Iterator[Bars]:
+def _csv_chunks(
+    path: Path, *, symbol: str, interval: str, chunk_rows: tuple[int, int]
+) -> Iterator[Bars]:
+    """Chunks growing from ``chunk_rows[0]`` rows to ``chunk_rows[1]`` by doubling."""
     yielded, last_open = 0, -1
+    rows, most = chunk_rows
     try:
         with _open_text(path) as text:
             lines = iter(text)
             first = True
-            while chunk := list(itertools.islice(lines, chunk_rows)):
+            while chunk := list(itertools.islice(lines, rows)):
+                rows = min(2 * rows, most)
                 columns = _split(chunk, skip_header=first)
                 first = False
                 if columns == []:
@@ -222,7 +235,7 @@ def _csv_chunks(path: Path, *, symbol: str, interval: str, chunk_rows: int) -> I
     # A doubt: the strict reader goes over the file and raises where it is wrong, or, if the
     # doubt was groundless, gives the candles from the row reached.
     strict = read_klines(path, symbol=symbol, interval=interval)
-    yield from candle_bars(itertools.islice(strict, yielded, None), chunk_rows=chunk_rows)
+    yield from candle_bars(itertools.islice(strict, yielded, None), chunk_rows=chunk_rows[1])
 
 
 def _open_text(path: Path) -> TextIO:

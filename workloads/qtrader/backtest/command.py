@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
 
-from qtrader.backtest.bars import Bars, candle_bars, csv_bars
+from qtrader.backtest.bars import Bars, candle_bars
 from qtrader.backtest.data import series_interval, synthetic_series
-from qtrader.backtest.engine import BacktestError
+from qtrader.backtest.errors import BacktestError
 from qtrader.backtest.policy import evaluation_policy, policy_for
+from qtrader.backtest.prediction_process import KlineFiles
 from qtrader.backtest.report import backtest_rows, format_rows
 from qtrader.backtest.streamed import StreamedResult, run_streamed_backtest
 from qtrader.contracts.policy import (
@@ -53,13 +55,16 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     try:
         model = _load_model(args.model)
         data = _load_data(args)
-        spec = _policy(args.policy, model, tuple(data.bars))
+        spec = _policy(args.policy, model, data.symbols)
         result = run_streamed_backtest(
             data.bars,
             model,
             spec,
             label_horizon=_label_horizon(model),
             max_volume_share=args.max_volume_share,
+            prediction_process=isinstance(data.bars, KlineFiles)
+            and not args.one_process
+            and len(os.sched_getaffinity(0)) > 1,
         )
     except _InputError as exc:
         print(f"qtrader backtest: {exc}", file=err)
@@ -79,9 +84,13 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
 
 @dataclass(frozen=True)
 class _Data:
-    bars: dict[str, Iterable[Bars]]
+    bars: Mapping[str, Iterable[Bars]] | KlineFiles
     source: str
     interval: str
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        return tuple(self.bars.files if isinstance(self.bars, KlineFiles) else self.bars)
 
 
 def _load_model(path: Path | None) -> SignalModel:
@@ -103,10 +112,11 @@ def _load_data(args: argparse.Namespace) -> _Data:
         if given:
             raise _InputError(f"{', '.join(given)} apply to --synthetic data, not to --csv files")
         try:
-            bars, interval = _csv_data(args.csv)
+            files = _csv_data(args.csv)
         except (KlineFormatError, ValueError, OSError) as exc:
             raise _InputError(str(exc)) from None
-        return _Data(bars, "csv: " + ", ".join(path.name for path in args.csv), interval)
+        source = "csv: " + ", ".join(path.name for path in args.csv)
+        return _Data(files, source, files.interval)
     symbols: Sequence[str] = args.symbols or DEFAULT_SYMBOLS
     candles: int = args.candles or DEFAULT_CANDLES
     seed: int = DEFAULT_SEED if args.seed is None else args.seed
@@ -120,7 +130,7 @@ def _load_data(args: argparse.Namespace) -> _Data:
     return _Data(bars, source, series_interval(series))
 
 
-def _csv_data(paths: Sequence[Path]) -> tuple[dict[str, Iterable[Bars]], str]:
+def _csv_data(paths: Sequence[Path]) -> KlineFiles:
     """Each symbol's files (consecutive months, in name order) as one stream of chunks; the
     files are read as the backtest reaches them."""
     by_symbol: dict[str, list[Path]] = {}
@@ -133,16 +143,9 @@ def _csv_data(paths: Sequence[Path]) -> tuple[dict[str, Iterable[Bars]], str]:
     if len(intervals) > 1:
         raise ValueError(f"kline files of different intervals cannot be mixed: {intervals}")
     (interval,) = intervals
-    bars: dict[str, Iterable[Bars]] = {
-        symbol: _chained(sorted(files), symbol=symbol, interval=interval)
-        for symbol, files in by_symbol.items()
-    }
-    return bars, interval
-
-
-def _chained(paths: Sequence[Path], *, symbol: str, interval: str) -> Iterator[Bars]:
-    for path in paths:
-        yield from csv_bars(path, symbol=symbol, interval=interval)
+    return KlineFiles(
+        {symbol: tuple(sorted(files)) for symbol, files in by_symbol.items()}, interval
+    )
 
 
 def _policy(path: Path | None, model: SignalModel, symbols: tuple[str, ...]) -> TradingPolicySpec:

@@ -38,6 +38,7 @@ from decimal import Decimal, localcontext
 import numpy as np
 
 from qtrader.backtest.data import interval_ms, series_interval
+from qtrader.backtest.errors import BacktestError
 from qtrader.backtest.execution import BacktestExecution
 from qtrader.contracts.messages import Candle, Fill, OrderIntent, Signal
 from qtrader.contracts.policy import TradingPolicySpec
@@ -53,10 +54,6 @@ from qtrader.research.evaluation import hit_counts
 from qtrader.risk.evaluators import DrawdownEvaluator
 
 _YEAR_MS = 365 * 86_400_000
-
-
-class BacktestError(ValueError):
-    """Input a backtest cannot run on; the message says what is wrong."""
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ arrays (``bars.Bars``) and each chunk is handled in two parts:
    and the one decision rule (``decide_batch``). The inputs equal the live ``FeatureWindow``'s
    bit for bit: both call ``_window_features`` and ``_window_sequence`` on contiguous windows of
    one shape, and onnxruntime gives each row the same output whatever the batch around it (a
-   test holds both to it). (Predicting the next chunk in a thread while one is traded was
-   tried: with a core free the ensemble's runs overlapped, but the thread's Python parts took
-   the GIL from the trading as often, and the wall time did not fall);
+   test holds both to it). This part is ``blocks.predicted_blocks``; with
+   ``prediction_process`` it runs in a process of its own beside the trading
+   (``prediction_process``: a thread was tried, but the reading's and the features' Python
+   took the GIL from the trading, and the wall time did not fall);
 2. sequential, in time order, step by step: marks, the step's signals into the execution
    worker's own core (``execution.BacktestExecution``: its intake, ``decide``, the order
    driver's attempts on the paper exchange, retries of a remainder, admission, expiry and halt
@@ -67,15 +68,17 @@ import numpy as np
 from numpy.typing import NDArray
 
 from qtrader.backtest.bars import Bars
+from qtrader.backtest.blocks import NO_SIGNAL, Block, ChunkPredictions, predicted_blocks
 from qtrader.backtest.data import interval_ms
-from qtrader.backtest.engine import BacktestError, SharpeAccumulator, book_fill
+from qtrader.backtest.engine import SharpeAccumulator, book_fill
+from qtrader.backtest.errors import BacktestError
 from qtrader.backtest.execution import BacktestExecution
+from qtrader.backtest.prediction_process import KlineFiles, PredictionProcess
 from qtrader.contracts.messages import Candle, Fill, OrderUpdate, Signal, trusted
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.execution.decisions import DenialReason
 from qtrader.inference.card import BacktestFigures
-from qtrader.inference.features import WINDOW, ModelInputs, inputs_from_arrays
-from qtrader.inference.onnx_model import CLASSES, Predictor, decide_batch
+from qtrader.inference.onnx_model import CLASSES, Predictor, SignalModel
 from qtrader.inference.signals import signal_id
 from qtrader.instruments import ExchangeInfo, paper_exchange_info
 from qtrader.money import EXACT_HALF_UP as _EXACT
@@ -87,7 +90,6 @@ from qtrader.risk.evaluators import DrawdownEvaluator
 
 _HALF_PCT_STEP = Decimal("0.0000005")  # snapshots round the drawdown half up to 1e-6
 _YEAR_MS = 365 * 86_400_000
-_NO_SIGNAL = -1
 
 _Int64s = NDArray[np.int64]
 _Float64s = NDArray[np.float64]
@@ -101,17 +103,8 @@ class StreamedResult:
     dropped: Mapping[str, int]
 
 
-@dataclass(frozen=True, kw_only=True)
-class ChunkPredictions:
-    """One chunk's signals per symbol: row ``i`` of the symbol's bars made class
-    ``choice[i]`` (-1: its window was not full yet) with ``confidence[i]``."""
-
-    choice: Mapping[str, NDArray[np.intp]]
-    confidence: Mapping[str, _Float64s]
-
-
 def run_streamed_backtest(
-    bars: Mapping[str, Iterable[Bars]],
+    bars: Mapping[str, Iterable[Bars]] | KlineFiles,
     model: Predictor,
     spec: TradingPolicySpec,
     *,
@@ -122,31 +115,51 @@ def run_streamed_backtest(
     on_fill: Callable[[Fill], None] | None = None,
     on_update: Callable[[OrderUpdate], None] | None = None,
     max_volume_share: Decimal | None = None,
+    prediction_process: bool = False,
 ) -> StreamedResult:
     """Trade each symbol's chunks (ascending open time) as ``run_backtest`` trades the same
     candles; the figures are equal to its figures. ``on_signal``, ``on_fill``, ``on_update``
     see every signal, fill and order update the run makes; ``max_volume_share`` limits the
-    paper exchange's liquidity (see ``run_backtest``)."""
+    paper exchange's liquidity (see ``run_backtest``).
+
+    With ``prediction_process`` (kline files and a ``SignalModel`` only) part 1 runs in a
+    process of its own beside the trading (``prediction_process``); the results are the same.
+    """
+    symbols = tuple(bars.files if isinstance(bars, KlineFiles) else bars)
     info = exchange or paper_exchange_info()
-    unlisted = sorted(symbol for symbol in bars if symbol not in info)
+    unlisted = sorted(symbol for symbol in symbols if symbol not in info)
     if unlisted:
         raise BacktestError(f"not listed by the paper exchange: {', '.join(unlisted)}")
-    features = ChunkFeatures(tuple(sorted(bars)))
-    labels = _Labels(
-        tuple(bars), horizon=label_horizon, cost_bps=round_trip_cost_bps(spec.paper),
-        threshold=spec.risk.min_confidence,
-    )  # fmt: skip
-    trader = _Trader(
-        spec, info, model, symbols=tuple(bars), halt_on_drawdown=halt_on_drawdown,
-        on_signal=on_signal, on_fill=on_fill, on_update=on_update,
-        max_volume_share=max_volume_share,
-    )  # fmt: skip
-    with _older_objects_frozen():
-        for block in aligned_blocks(bars):
-            predictions = features.predict(block, model)
-            labels.add(block, predictions)
-            trader.trade(block, predictions)
+    with _predictions(bars, model, in_process=prediction_process) as blocks:
+        labels = _Labels(
+            symbols, horizon=label_horizon, cost_bps=round_trip_cost_bps(spec.paper),
+            threshold=spec.risk.min_confidence,
+        )  # fmt: skip
+        trader = _Trader(
+            spec, info, model, symbols=symbols, halt_on_drawdown=halt_on_drawdown,
+            on_signal=on_signal, on_fill=on_fill, on_update=on_update,
+            max_volume_share=max_volume_share,
+        )  # fmt: skip
+        with _older_objects_frozen():
+            for block, predictions in blocks:
+                labels.add(block, predictions)
+                trader.trade(block, predictions)
     return trader.result(labels)
+
+
+@contextmanager
+def _predictions(
+    bars: Mapping[str, Iterable[Bars]] | KlineFiles, model: Predictor, *, in_process: bool
+) -> Iterator[Iterator[tuple[Block, ChunkPredictions]]]:
+    """The blocks and their signals: made here, or by a prediction process started now (so
+    that it starts up while the trading is set up)."""
+    if not in_process:
+        yield predicted_blocks(bars.bars() if isinstance(bars, KlineFiles) else bars, model)
+        return
+    if not isinstance(bars, KlineFiles) or not isinstance(model, SignalModel):
+        raise TypeError("a prediction process needs kline files and a saved model")
+    with PredictionProcess(bars, model.path) as blocks:
+        yield blocks
 
 
 @contextmanager
@@ -163,118 +176,6 @@ def _older_objects_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
-
-
-# --- the chunks of several symbols, aligned in time ------------------------------------------
-
-
-def aligned_blocks(bars: Mapping[str, Iterable[Bars]]) -> Iterator[dict[str, Bars]]:
-    """Each symbol's chunks cut so that every block holds all candles up to one open time.
-
-    A block ends at the earliest last open time among the symbols still reading, so a later
-    block never holds a candle older than one already handed out. Each symbol holds at most
-    about two chunks at once.
-    """
-    sources = {symbol: iter(chunks) for symbol, chunks in bars.items()}
-    held: dict[str, Bars | None] = {symbol: None for symbol in sources}
-    interval: str | None = None
-    while sources or any(b is not None and len(b) for b in held.values()):
-        for symbol in list(sources):
-            pending = held[symbol]
-            if pending is None or len(pending) == 0:
-                chunk = next(sources[symbol], None)
-                if chunk is None:
-                    del sources[symbol]
-                    continue
-                interval = _check_chunk(chunk, symbol, interval, after=pending)
-                held[symbol] = chunk if pending is None else pending.then(chunk)
-        ends = [int(held_bars.open_time_ms[-1]) for s, held_bars in held.items()
-                if s in sources and held_bars is not None and len(held_bars)]  # fmt: skip
-        cut = min(ends) if ends else None
-        block: dict[str, Bars] = {}
-        for symbol, pending in held.items():
-            if pending is None or len(pending) == 0:
-                continue
-            stop = (
-                len(pending)
-                if cut is None
-                else int(np.searchsorted(pending.open_time_ms, cut, side="right"))
-            )
-            if stop:
-                block[symbol] = pending.take(0, stop)
-                held[symbol] = pending.take(stop, len(pending))
-        if block:
-            yield block
-
-
-def _check_chunk(chunk: Bars, symbol: str, interval: str | None, *, after: Bars | None) -> str:
-    if chunk.symbol != symbol:
-        raise BacktestError(f"a {chunk.symbol} candle is in the {symbol} series")
-    if interval is not None and chunk.interval != interval:
-        raise BacktestError(f"candles must share one interval, got {[interval, chunk.interval]}")
-    opens = chunk.open_time_ms
-    previous = None if after is None or len(after) == 0 else int(after.open_time_ms[-1])
-    if np.any(np.diff(opens) <= 0) or (previous is not None and int(opens[0]) <= previous):
-        raise BacktestError(f"{symbol}: candles must be in ascending open time")
-    return chunk.interval
-
-
-# --- part 1: features and the ensemble, one chunk at a time -----------------------------------
-
-
-class ChunkFeatures:
-    """Per symbol, the last ``WINDOW - 1`` candles carried into the next chunk's windows."""
-
-    def __init__(self, symbols: tuple[str, ...]) -> None:
-        self._symbols = symbols
-        self._carry: dict[str, tuple[_Float64s, ...]] = {}
-
-    def predict(self, block: Mapping[str, Bars], model: Predictor) -> ChunkPredictions:
-        inputs: list[ModelInputs] = []
-        missing: dict[str, int] = {}  # rows of the chunk without a full window
-        for symbol in self._symbols:
-            if symbol not in block:
-                continue
-            columns = self._columns(symbol, block[symbol])
-            rows = inputs_from_arrays(*columns)
-            missing[symbol] = len(block[symbol]) - rows.rows
-            inputs.append(rows)
-        stacked = ModelInputs.stack(inputs)
-        if stacked.rows:
-            choice, confidence = decide_batch(model.predict(stacked).probabilities)
-        else:
-            choice, confidence = np.empty(0, np.intp), np.empty(0, np.float64)
-        return self._split(block, missing, choice, confidence)
-
-    def _columns(self, symbol: str, bars: Bars) -> tuple[_Float64s, ...]:
-        fresh = (bars.open, bars.high, bars.low, bars.close, bars.volume)
-        carried = self._carry.get(symbol)
-        columns = fresh if carried is None else tuple(
-            np.concatenate([old, new]) for old, new in zip(carried, fresh, strict=True)
-        )  # fmt: skip
-        self._carry[symbol] = tuple(column[-(WINDOW - 1) :].copy() for column in columns)
-        return columns
-
-    def _split(
-        self,
-        block: Mapping[str, Bars],
-        missing: Mapping[str, int],
-        choice: NDArray[np.intp],
-        confidence: _Float64s,
-    ) -> ChunkPredictions:
-        choices: dict[str, NDArray[np.intp]] = {}
-        confidences: dict[str, _Float64s] = {}
-        start = 0
-        for symbol, skipped in missing.items():
-            made = len(block[symbol]) - skipped
-            choices[symbol] = np.concatenate(
-                [np.full(skipped, _NO_SIGNAL, np.intp), choice[start : start + made]]
-            )
-            confidences[symbol] = np.concatenate(
-                [np.zeros(skipped), confidence[start : start + made]]
-            )
-            start += made
-        return ChunkPredictions(choice=choices, confidence=confidences)
 
 
 # --- the hit rate, with the future each label needs carried between chunks -------------------
@@ -301,7 +202,7 @@ class _Labels:
                 np.concatenate([old, new]) for old, new in zip(waiting, fresh, strict=True)
             )  # fmt: skip
             truth = label_future_returns(close, horizon=self.horizon, cost_bps=self.cost_bps)
-            judged = choice[: truth.shape[0]] != _NO_SIGNAL
+            judged = choice[: truth.shape[0]] != NO_SIGNAL
             hits, directional = hit_counts(
                 choice[: truth.shape[0]][judged],
                 confidence[: truth.shape[0]][judged],
@@ -387,7 +288,7 @@ class _Trader:
         flat = offsets[which] + rows  # each event's row in the symbols' concatenated columns
         choice = np.concatenate([predictions.choice[s] for s in symbols])[flat]
         confidence = np.concatenate([predictions.confidence[s] for s in symbols])[flat]
-        made = choice != _NO_SIGNAL
+        made = choice != NO_SIGNAL
         # Below minConfidence a signal is counted per step, not built one by one (see
         # ``_certain_denial``); when it is to be shown (``on_signal``) each one is built.
         low = made & (confidence < self._threshold)

@@ -100,6 +100,12 @@ def _backtest_command(commands: Commands) -> None:
         help="the paper exchange fills at most this share of each candle's volume, in (0, 1]; "
         "an order beyond it fills in part and its remainder is sent again (default: no limit)",
     )
+    backtest.add_argument(
+        "--one-process",
+        action="store_true",
+        help="--csv: read and predict in the trading process too (default: in a second "
+        "process beside it when this machine has a second core; the results are the same)",
+    )
     backtest.add_argument("--json", action="store_true", help="the figures as one JSON object")
 
 
