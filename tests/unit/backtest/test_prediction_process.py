@@ -7,16 +7,18 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from qtrader.backtest.blocks import Block, ChunkPredictions, predicted_blocks
 from qtrader.backtest.data import synthetic_series
 from qtrader.backtest.errors import BacktestError
 from qtrader.backtest.policy import evaluation_policy
 from qtrader.backtest.prediction_process import KlineFiles, PredictionProcess
-from qtrader.backtest.streamed import StreamedResult, run_streamed_backtest
+from qtrader.backtest.streamed import StreamedResult, _handed_over, run_streamed_backtest
 from qtrader.contracts.messages import Fill, OrderUpdate, Signal
 from qtrader.inference.onnx_model import ModelLoadError, SignalModel, default_model_path
 from qtrader.marketdata.csv_replay import KlineFormatError
@@ -98,7 +100,8 @@ class Recorded:
 def test_a_prediction_process_makes_the_same_run_as_one_process(
     risk: dict[str, object], model: SignalModel, tmp_path: Path
 ) -> None:
-    source = write_market(tmp_path, 2_000)
+    # Long enough that the child takes over from the blocks made here while it starts.
+    source = write_market(tmp_path, 12_000)
     alone, beside = Recorded(), Recorded()
     one = alone.run(source, model, in_process=False, **risk)
     two = beside.run(source, model, in_process=True, **risk)
@@ -108,6 +111,39 @@ def test_a_prediction_process_makes_the_same_run_as_one_process(
     assert beside.signals == alone.signals  # direction and confidence bit for bit
     assert beside.updates == alone.updates
     assert beside.fills == alone.fills
+    assert children() == []
+
+
+def flat(frames: Iterable[tuple[Block, ChunkPredictions]]) -> list[tuple[object, ...]]:
+    """Every block's candles (times, prices, exact texts) and signals, comparable."""
+    return [
+        (
+            symbol,
+            bars.open_time_ms.tolist(),
+            bars.close.tolist(),
+            [bars.close_decimal(row) for row in range(len(bars))],
+            predictions.choice[symbol].tolist(),
+            predictions.confidence[symbol].tolist(),  # bit for bit
+        )
+        for block, predictions in frames
+        for symbol, bars in sorted(block.items())
+    ]
+
+
+def test_the_childs_blocks_are_the_blocks_made_here_and_either_can_take_over(
+    model: SignalModel, tmp_path: Path
+) -> None:
+    source = write_market(tmp_path, 3_000)
+    with PredictionProcess(source, model.path) as process:
+        here = flat(predicted_blocks(process.files.bars(), model))
+        assert len(here) > 10 * len(SYMBOLS)
+        assert flat(process.blocks()) == here
+    with PredictionProcess(source, model.path) as process:
+        while not process.ready():
+            time.sleep(0.01)
+        # The first block is made here, then the child's from the second on.
+        handed = flat(_handed_over(predicted_blocks(process.files.bars(), model), process))
+    assert handed == here
     assert children() == []
 
 
@@ -136,10 +172,10 @@ def test_a_model_that_does_not_load_in_the_child_is_raised_as_a_model_error(
 ) -> None:
     source = write_market(tmp_path, 100)
     with (
-        PredictionProcess(source, tmp_path / "absent.json") as blocks,
+        PredictionProcess(source, tmp_path / "absent.json") as process,
         pytest.raises(ModelLoadError, match=r"absent\.json"),
     ):
-        next(blocks)
+        next(process.blocks())
     assert children() == []
 
 
@@ -171,7 +207,8 @@ def test_a_hung_prediction_process_ends_the_read_after_the_stall_time(
     the wait ends after ``stall_s`` with a ``BacktestError``, and the stopped child is killed."""
     source = write_market(tmp_path, 30_000, symbols=("BTCUSDT",))
     received: list[object] = []
-    with PredictionProcess(source, model.path, stall_s=1.0) as blocks:
+    with PredictionProcess(source, model.path, stall_s=1.0) as process:
+        blocks = process.blocks()
         next(blocks)
         (pid,) = children()
         os.kill(pid, signal.SIGSTOP)

@@ -41,7 +41,8 @@ from qtrader.marketdata.csv_replay import KlineFormatError
 DEFAULT_STALL_S = 120.0
 _AHEAD = 4  # blocks made ahead of the trading, at most: what bounds the memory
 _FIRST_CHUNK_ROWS = 1024
-_LENGTH = struct.Struct("<Q")
+_HEADER = struct.Struct("<BQ")  # a frame's kind and length
+_BLOCK, _END, _ERROR = 0, 1, 2
 # The child's errors raised again here under their own type; any other ends the run as a
 # BacktestError carrying the child's message.
 _ERRORS: dict[str, type[Exception]] = {
@@ -92,12 +93,16 @@ class PredictionProcess:
     def __init__(
         self, files: KlineFiles, model_path: Path, *, stall_s: float = DEFAULT_STALL_S
     ) -> None:
-        self._job = _Job(files, model_path)
+        # The trading waits for the first block: a small first chunk makes it sooner.
+        first = min(_FIRST_CHUNK_ROWS, files.chunk_rows)
+        self.files = replace(files, first_chunk_rows=first)
+        """What the child reads, chunked as it chunks them: the same blocks, made here."""
+        self._job = _Job(self.files, model_path)
         self._stall_s = stall_s
         self._stderr: BinaryIO | None = None
         self._child: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Iterator[tuple[Block, ChunkPredictions]]:
+    def __enter__(self) -> PredictionProcess:
         self._stderr = tempfile.TemporaryFile()
         self._child = subprocess.Popen(
             [sys.executable, "-m", __name__],
@@ -108,7 +113,7 @@ class PredictionProcess:
         assert self._child.stdin is not None
         with self._child.stdin:
             self._child.stdin.write(pickle.dumps(self._job))
-        return self._frames(self._child, self._stderr)
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         child, stderr = self._child, self._stderr
@@ -121,29 +126,52 @@ class PredictionProcess:
         if stderr is not None:
             stderr.close()
 
-    def _frames(
-        self, child: subprocess.Popen[bytes], stderr: BinaryIO
-    ) -> Iterator[tuple[Block, ChunkPredictions]]:
-        while (frame := _read_frame(child, self._stall_s, stderr)) is not None:
-            yield frame
+    def ready(self) -> bool:
+        """The child has sent something (a block, the end, an error) or ended: reading the
+        next frame does not wait for it to start up."""
+        child = self._running()
+        assert child.stdout is not None
+        readable, _, _ = select.select([child.stdout.fileno()], [], [], 0)
+        return bool(readable)
+
+    def blocks(self, *, skip: int = 0) -> Iterator[tuple[Block, ChunkPredictions]]:
+        """The child's blocks in order, after its first ``skip`` (read and dropped unopened);
+        raises what the child reported, or that it died or stalled."""
+        child = self._running()
+        assert self._stderr is not None
+        reader = _FrameReader(child, self._stall_s, self._stderr)
+        while True:
+            kind, data = reader.next()
+            if kind == _BLOCK and skip:
+                skip -= 1
+                continue
+            if kind == _BLOCK:
+                block, predictions = pickle.loads(data)
+                yield block, predictions
+            elif kind == _END:
+                return
+            else:
+                name, message = pickle.loads(data)
+                raise _ERRORS.get(name, BacktestError)(message)
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        assert self._child is not None, "enter the PredictionProcess first"
+        return self._child
 
 
-def _read_frame(
-    child: subprocess.Popen[bytes], stall_s: float, stderr: BinaryIO
-) -> tuple[Block, ChunkPredictions] | None:
-    """The next block, None at the end; raises what the child reported, or that it died or
-    stalled."""
-    assert child.stdout is not None
-    header = _read_exactly(child, _LENGTH.size, stall_s, stderr)
-    (size,) = _LENGTH.unpack(header)
-    kind, *content = pickle.loads(_read_exactly(child, size, stall_s, stderr))
-    if kind == "block":
-        block, predictions = content
-        return block, predictions
-    if kind == "end":
-        return None
-    name, message = content
-    raise _ERRORS.get(name, BacktestError)(message)
+class _FrameReader:
+    def __init__(self, child: subprocess.Popen[bytes], stall_s: float, stderr: BinaryIO) -> None:
+        self._child = child
+        self._stall_s = stall_s
+        self._stderr = stderr
+
+    def next(self) -> tuple[int, bytes]:
+        """The next frame's kind and content."""
+        kind, size = _HEADER.unpack(self._read(_HEADER.size))
+        return kind, self._read(size)
+
+    def _read(self, size: int) -> bytes:
+        return _read_exactly(self._child, size, self._stall_s, self._stderr)
 
 
 def _read_exactly(
@@ -180,23 +208,21 @@ def _died(child: subprocess.Popen[bytes], stderr: BinaryIO) -> str:
 
 def _serve(job: _Job, frames: queue.Queue[bytes | None]) -> None:
     """Every block as a frame into ``frames``, then the end (or the error that stopped it)."""
-    # The trading waits for the first block: a small first chunk makes it sooner.
-    files = replace(job.files, first_chunk_rows=min(_FIRST_CHUNK_ROWS, job.files.chunk_rows))
     try:
         model = SignalModel.load(job.model_path)
-        for block, predictions in predicted_blocks(files.bars(), model):
-            frames.put(_frame(("block", block, predictions)))
+        for block, predictions in predicted_blocks(job.files.bars(), model):
+            frames.put(_frame(_BLOCK, (block, predictions)))
     except (BacktestError, KlineFormatError, ModelLoadError, OSError) as exc:
-        frames.put(_frame(("error", type(exc).__name__, str(exc))))
+        frames.put(_frame(_ERROR, (type(exc).__name__, str(exc))))
     else:
-        frames.put(_frame(("end",)))
+        frames.put(_frame(_END, ()))
     finally:
         frames.put(None)
 
 
-def _frame(content: tuple[Any, ...]) -> bytes:
+def _frame(kind: int, content: tuple[Any, ...]) -> bytes:
     data = pickle.dumps(content, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(data)) + data
+    return _HEADER.pack(kind, len(data)) + data
 
 
 def _write(frames: queue.Queue[bytes | None], out: BinaryIO) -> None:

@@ -151,15 +151,28 @@ def run_streamed_backtest(
 def _predictions(
     bars: Mapping[str, Iterable[Bars]] | KlineFiles, model: Predictor, *, in_process: bool
 ) -> Iterator[Iterator[tuple[Block, ChunkPredictions]]]:
-    """The blocks and their signals: made here, or by a prediction process started now (so
-    that it starts up while the trading is set up)."""
+    """The blocks and their signals: made here, or by a prediction process started now (the
+    first ones made here while it starts up)."""
     if not in_process:
         yield predicted_blocks(bars.bars() if isinstance(bars, KlineFiles) else bars, model)
         return
     if not isinstance(bars, KlineFiles) or not isinstance(model, SignalModel):
         raise TypeError("a prediction process needs kline files and a saved model")
-    with PredictionProcess(bars, model.path) as blocks:
-        yield blocks
+    with PredictionProcess(bars, model.path) as process:
+        yield _handed_over(predicted_blocks(process.files.bars(), model), process)
+
+
+def _handed_over(
+    here: Iterator[tuple[Block, ChunkPredictions]], process: PredictionProcess
+) -> Iterator[tuple[Block, ChunkPredictions]]:
+    """The blocks made here until the process has its first one ready (it takes a few tenths
+    of a second to start), then the process's, from the first one not made here: the same
+    blocks, since both read the same files chunked alike."""
+    for made, block in enumerate(here, start=1):
+        yield block
+        if process.ready():
+            yield from process.blocks(skip=made)
+            return
 
 
 @contextmanager
