@@ -224,10 +224,10 @@ class ExecutionCore:
             throttling.queue_size, policy_ttl_ms(throttling), self.clock.wall_ms()
         )
 
-    def take_cycle(self) -> tuple[list[Signal], list[Dropped]]:
-        """One decision cycle's signals (at most the policy's ``maxPerCycle``, highest
-        confidence first) and what expired meanwhile; first, intents lost on their way are
-        released (``ExposureBook.release_unsendable``)."""
+    def take_cycle(self, limit: int | None = None) -> tuple[list[Signal], list[Dropped]]:
+        """One decision cycle's signals (at most the policy's ``maxPerCycle``, and ``limit``,
+        highest confidence first) and what expired meanwhile; first, intents lost on their
+        way are released (``ExposureBook.release_unsendable``)."""
         assert self._intake is not None, "open_intake first"
         spec = self._spec()
         now_ms = self.clock.wall_ms()
@@ -236,7 +236,10 @@ class ExecutionCore:
         )
         for intent_id in released:
             log.warning("intent %s never seen sent and past its ttl: released", intent_id)
-        return self._intake.take(spec.signals.max_per_cycle, now_ms)
+        most = (
+            spec.signals.max_per_cycle if limit is None else min(limit, spec.signals.max_per_cycle)
+        )
+        return self._intake.take(most, now_ms)
 
     def decide(self, signal: Signal) -> OrderIntent | Denial:
         """Decide ``signal`` now; an intent is counted in flight in the book at once."""

@@ -58,6 +58,8 @@ DEGRADED while the backlog is at its bound or its oldest intent is past the time
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,6 +226,7 @@ POSITION_MISMATCH = Gauge(
 # Each read of the venue's income costs 30 of the 2,400 weight a minute: at most one every 5 s
 # (6 a second) unless asked for explicitly (income_read_s), however often positions are read.
 MIN_INCOME_READ_S = 5.0
+_INTENTS_TOGETHER = 64  # a cycle's intents published together, at most
 HEARTBEAT_AGE = Gauge(
     "qtrader_control_heartbeat_age_seconds", "Seconds since the control plane's last heartbeat."
 )
@@ -266,6 +269,7 @@ class Execution:
         self._venue: Venue | None = None
         self._paper: PaperExchange | None = None  # the venue in paper mode; fed prices
         self._venue_ready = asyncio.Event()
+        self._signals_arrived = asyncio.Event()  # set by the intake, cleared by the decide loop
         self._ban_alerted_until = 0.0
         self._clock = SYSTEM_CLOCK
         self._gate = HaltGate(
@@ -578,10 +582,16 @@ class Execution:
         SIGNAL_QUEUE_DEPTH.set_function(lambda: len(intake))
         SIGNAL_QUEUE_HIGH_WATER.set_function(lambda: intake.high_water)
         self._context.policy.add_listener(lambda revision: self._resize_intake(revision.spec))
-        await self._context.bus.consume(subjects.EXECUTION_SIGNALS, Signal, self._offer)
+        await self._context.bus.consume_batches(
+            subjects.EXECUTION_SIGNALS, Signal, self._offer_together
+        )
 
-    async def _offer(self, signal: Signal) -> None:
-        self._count_drops(self._core.offer(signal))  # the intake is open before the consumer
+    async def _offer_together(self, signals: list[Signal]) -> None:
+        """A fetch's signals into the intake, then the decide loop woken: signals that come
+        together (a step's, published at once) are ranked in one cycle."""
+        for signal in signals:
+            self._count_drops(self._core.offer(signal))  # the intake is open before the consumer
+        self._signals_arrived.set()
 
     def _resize_intake(self, spec: TradingPolicySpec) -> None:
         if self._core.intake is not None:
@@ -595,36 +605,78 @@ class Execution:
             SIGNAL_CONFIDENCE.labels(drop.reason.value).observe(drop.signal.confidence)
 
     async def _decide_loop(self) -> None:
-        """Each cycle, decide at most maxPerCycle signals, highest confidence first."""
+        """Cycles of signals, highest confidence first, at most the policy's maxPerCycle
+        decided in any ``cycle_s`` (what bounds the decisions a second). A cycle starts as
+        soon as signals arrive while that budget lasts, so a signal at a light pace waits for
+        no tick (nor does the part of a step that came in a later fetch); and at least every
+        ``cycle_s`` regardless, for what a cycle does besides (expiry, the book's release of
+        unsendable intents)."""
         await self._context.policy.wait()
+        # Signals waiting at start are not denied as halted merely because the worker just woke.
+        await self._gate_known()
+        budget = _DecisionBudget(self._config.cycle_s)
         while True:
-            await asyncio.sleep(self._config.cycle_s)
-            if self._core.intake is None or self._context.policy.current is None:
+            await self._next_cycle(budget)
+            policy = self._context.policy.current
+            if self._core.intake is None or policy is None:
                 continue
-            signals, dropped = self._core.take_cycle()
+            left = budget.left(policy.spec.signals.max_per_cycle, self._clock.monotonic_s())
+            signals, dropped = self._core.take_cycle(limit=left)
             self._count_drops(dropped)
-            for signal in signals:
-                await self._decide(signal)
+            budget.spend(len(signals), self._clock.monotonic_s())
+            await self._decide_cycle(signals)
 
-    async def _decide(self, signal: Signal) -> None:
+    async def _next_cycle(self, budget: _DecisionBudget) -> None:
+        """Wait for signals (unless some are queued already) or ``cycle_s``, whichever comes
+        first; then, if maxPerCycle were decided within the last ``cycle_s``, until the oldest
+        of them is ``cycle_s`` old."""
+        intake = self._core.intake
+        if intake is None or not len(intake):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._signals_arrived.wait(), self._config.cycle_s)
+        self._signals_arrived.clear()
+        policy = self._context.policy.current
+        if policy is not None:
+            now = self._clock.monotonic_s()
+            wait_s = budget.wait_s(policy.spec.signals.max_per_cycle, now)
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+
+    async def _decide_cycle(self, signals: list[Signal]) -> None:
+        """Decide a cycle's signals in order, and publish their intents together (one round
+        trip to the broker for all, not one each), ``_INTENTS_TOGETHER`` at a time so that the
+        first leave before a long cycle is decided to its end."""
         await self._venue_ready.wait()
+        for start in range(0, len(signals), _INTENTS_TOGETHER):
+            chunk = signals[start : start + _INTENTS_TOGETHER]
+            intents = [intent for intent in map(self._decision, chunk) if intent is not None]
+            if intents:
+                await self._publish_intents(intents)
+
+    def _decision(self, signal: Signal) -> OrderIntent | None:
+        """The intent ``signal`` makes (in the book's flight already), or None: denied."""
         now_ms = self._clock.wall_ms()
-        outcome = self._core.decide(signal)  # an intent is in the book's flight already
+        outcome = self._core.decide(signal)
         SIGNAL_DECISION_LATENCY.observe(max(0, now_ms - signal.created_at_ms) / 1000)
         SIGNAL_CONFIDENCE.labels("decided").observe(signal.confidence)
         if isinstance(outcome, Denial):
             SIGNALS_DENIED.labels(outcome.reason.value).inc()
-            return
-        try:
-            await self._context.bus.publish(subjects.order_intent_subject(outcome.symbol), outcome)
-        except BusUnavailable as exc:
-            # NATS down and the outbox full or its disk failing: the intent is dropped, never
-            # sent (it is not on the stream); a later signal decides again from the book.
-            self._core.forget(outcome.intent_id)
-            INTENTS_UNPUBLISHED.inc()
-            log.warning("intent %s not published, dropped: %s", outcome.intent_id, exc)
-            return
-        INTENTS.labels(outcome.side.value).inc()
+            return None
+        return outcome
+
+    async def _publish_intents(self, intents: list[OrderIntent]) -> None:
+        items = [(subjects.order_intent_subject(intent.symbol), intent) for intent in intents]
+        results = await self._context.bus.publish_many(items)
+        for intent, result in zip(intents, results, strict=True):
+            if isinstance(result, BusUnavailable):
+                # NATS down and the outbox full or its disk failing: the intent is dropped,
+                # never sent (it is not on the stream); a later signal decides again from the
+                # book.
+                self._core.forget(intent.intent_id)
+                INTENTS_UNPUBLISHED.inc()
+                log.warning("intent %s not published, dropped: %s", intent.intent_id, result)
+            else:
+                INTENTS.labels(intent.side.value).inc()
 
     # --- stage 2: send -----------------------------------------------------------------------
 
@@ -652,8 +704,9 @@ class Execution:
             await venue.close()
 
     async def _gate_known(self) -> None:
-        """Wait (at most the heartbeat timeout) for a latch and a first heartbeat, so intents
-        waiting at start are not all refused as halted merely because the worker just woke."""
+        """Wait (at most the heartbeat timeout) for a latch and a first heartbeat, so signals
+        and intents waiting at start are not all denied or refused as halted merely because the
+        worker just woke."""
         deadline = self._clock.monotonic_s() + self._config.heartbeat_timeout_s
         while self._gate.latch is None or self._gate.heartbeat_age_s() is None:
             if self._clock.monotonic_s() >= deadline:
@@ -1097,3 +1150,36 @@ def _flatten_intent(
         policy_revision=policy_revision,
         created_at_ms=now_ms,
     )
+
+
+class _DecisionBudget:
+    """The decisions of the last ``window_s``, as (when, how many) per cycle."""
+
+    def __init__(self, window_s: float) -> None:
+        self._window_s = window_s
+        self._spent: collections.deque[tuple[float, int]] = collections.deque()
+        self._total = 0
+
+    def left(self, most: int, now: float) -> int:
+        self._forget_before(now - self._window_s)
+        return max(0, most - self._total)
+
+    def spend(self, count: int, now: float) -> None:
+        if count:
+            self._spent.append((now, count))
+            self._total += count
+
+    def wait_s(self, most: int, now: float) -> float:
+        """How long until the budget has room again (0: it has)."""
+        if self.left(most, now) > 0:
+            return 0.0
+        freed = 0
+        for when, count in self._spent:  # the oldest first
+            freed += count
+            if self._total - freed < most:
+                return when + self._window_s - now
+        return 0.0
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self._spent and self._spent[0][0] <= cutoff:
+            self._total -= self._spent.popleft()[1]
