@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,7 +14,13 @@ from hypothesis import strategies as st
 
 from qtrader.contracts.messages import Direction, Signal
 from qtrader.contracts.policy import SignalThrottling
-from qtrader.execution.intake import Dropped, DropReason, SignalIntake, policy_ttl_ms
+from qtrader.execution.intake import (
+    DecisionBudget,
+    Dropped,
+    DropReason,
+    SignalIntake,
+    policy_ttl_ms,
+)
 
 NOW = 1_700_000_000_000
 TTL = 30_000
@@ -387,3 +394,45 @@ def test_a_flood_of_expiring_signals_keeps_memory_bounded() -> None:
     assert q.dropped[DropReason.QUEUE_FULL] > 0
     assert q.high_water == 100
     assert q.dropped[DropReason.EXPIRED] + q.dropped[DropReason.QUEUE_FULL] + len(q) == 100_000
+
+
+# --- the decision budget ------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    most=st.integers(min_value=1, max_value=5),
+    steps=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=300), st.integers(min_value=0, max_value=7)),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_decision_budget_never_lets_more_than_most_through_in_any_window(
+    most: int, steps: list[tuple[int, int]]
+) -> None:
+    """Cycles at arbitrary moments (ms apart) asking for arbitrary numbers: what the budget
+    grants never exceeds ``most`` in any window of its length, and when it has no room,
+    ``wait_s`` says exactly when it will."""
+    window_ms = 100
+    budget = DecisionBudget(window_ms / 1000)
+    granted: list[tuple[int, int]] = []
+    now_ms = 0
+    for gap_ms, asked in steps:
+        now_ms += gap_ms
+        now = now_ms / 1000
+        left = budget.left(most, now)
+        wait = budget.wait_s(most, now)
+        assert (wait > 0) == (left == 0)
+        if wait > 0:  # probed on copies: reading the budget at a later time forgets the past
+            assert copy.deepcopy(budget).left(most, now + wait - 1e-6) == 0
+            assert copy.deepcopy(budget).left(most, now + wait + 1e-9) > 0
+        take = min(asked, left)
+        budget.spend(take, now)
+        if take:
+            granted.append((now_ms, take))
+    for start_ms, _ in granted:
+        in_window = sum(n for t, n in granted if start_ms <= t < start_ms + window_ms)
+        assert in_window <= most
+    # With room left, everything asked within the bound is granted at once.
+    assert sum(n for _, n in granted) >= min(most, steps[0][1])

@@ -7,13 +7,14 @@ already made, so on a machine with a second core the run takes about as long as 
 (A thread cannot do this: the reading and the features are Python and hold the GIL.)
 
 The child opens the files and the model itself (``KlineFiles``, the model's path): nothing but
-their names crosses to it. Each block comes back as one frame on its stdout (an 8-byte length,
-then the pickled block and its predictions; the child is this package's own code, so its pickles
-are trusted). The pipe holds little, so a child ahead of the trading waits on its write: memory
-stays bounded. What the child cannot read (a bad row, a missing file, a model that does not
-load) comes back as an error frame and is raised here with the child's message, after the
-blocks before it, as in one process. A child that dies, or sends nothing for ``stall_s``, ends
-the run with a ``BacktestError`` saying so; the child never outlives the run.
+their names crosses to it. Each block comes back as one frame on its stdout (a kind byte and an
+8-byte length, then the pickled block and its predictions; the child is this package's own
+code, so its pickles are trusted). The child makes at most ``_AHEAD`` blocks ahead of what the
+trading has read, then waits: memory stays bounded. What the child cannot read (a bad row, a
+missing file, a model that does not load) comes back as an error frame and is raised here with
+the child's message, after the blocks before it, as in one process. A child that dies, or sends
+nothing for ``stall_s`` (a hung one), ends the run with a ``BacktestError`` saying so; the
+child never outlives the run.
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ class PredictionProcess:
 
 
 class _FrameReader:
+    """The child's frames, one at a time, each read within the stall time."""
+
     def __init__(self, child: subprocess.Popen[bytes], stall_s: float, stderr: BinaryIO) -> None:
         self._child = child
         self._stall_s = stall_s

@@ -25,6 +25,7 @@ unbounded memory, and the intent id derived from the signal guards the rest of t
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import math
@@ -245,3 +246,38 @@ def _validate(capacity: int, ttl_ms: int) -> None:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     if ttl_ms < 1:
         raise ValueError(f"ttl_ms must be >= 1, got {ttl_ms}")
+
+
+class DecisionBudget:
+    """At most ``most`` decisions in any ``window_s``: the decisions of the last ``window_s``,
+    as (when, how many) per cycle. Stricter than ``most`` per fixed tick (which lets up to twice
+    that through around a tick), and a cycle need not wait for a tick while room is left."""
+
+    def __init__(self, window_s: float) -> None:
+        self._window_s = window_s
+        self._spent: collections.deque[tuple[float, int]] = collections.deque()
+        self._total = 0
+
+    def left(self, most: int, now: float) -> int:
+        self._forget_before(now - self._window_s)
+        return max(0, most - self._total)
+
+    def spend(self, count: int, now: float) -> None:
+        if count:
+            self._spent.append((now, count))
+            self._total += count
+
+    def wait_s(self, most: int, now: float) -> float:
+        """How long until the budget has room again (0: it has)."""
+        if self.left(most, now) > 0:
+            return 0.0
+        freed = 0
+        for when, count in self._spent:  # the oldest first
+            freed += count
+            if self._total - freed < most:
+                return when + self._window_s - now
+        return 0.0
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self._spent and self._spent[0][0] <= cutoff:
+            self._total -= self._spent.popleft()[1]

@@ -58,7 +58,6 @@ DEGRADED while the backlog is at its bound or its oldest intent is past the time
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 from collections.abc import Callable
@@ -98,7 +97,7 @@ from qtrader.execution.core import CoreSettings, ExecutionCore
 from qtrader.execution.decisions import Denial, client_order_id_for, flatten_intent_id
 from qtrader.execution.exposure import Mismatch, PositionReconciler, venue_differences
 from qtrader.execution.halt import HaltGate
-from qtrader.execution.intake import Dropped
+from qtrader.execution.intake import DecisionBudget, Dropped
 from qtrader.execution.orders import DriverSettings
 from qtrader.execution.paper import PaperExchange, PaperVenue
 from qtrader.execution.venue_account import SettledReader, SettledReads, Unsettled
@@ -614,7 +613,7 @@ class Execution:
         await self._context.policy.wait()
         # Signals waiting at start are not denied as halted merely because the worker just woke.
         await self._gate_known()
-        budget = _DecisionBudget(self._config.cycle_s)
+        budget = DecisionBudget(self._config.cycle_s)
         while True:
             await self._next_cycle(budget)
             policy = self._context.policy.current
@@ -626,7 +625,7 @@ class Execution:
             budget.spend(len(signals), self._clock.monotonic_s())
             await self._decide_cycle(signals)
 
-    async def _next_cycle(self, budget: _DecisionBudget) -> None:
+    async def _next_cycle(self, budget: DecisionBudget) -> None:
         """Wait for signals (unless some are queued already) or ``cycle_s``, whichever comes
         first; then, if maxPerCycle were decided within the last ``cycle_s``, until the oldest
         of them is ``cycle_s`` old."""
@@ -1150,36 +1149,3 @@ def _flatten_intent(
         policy_revision=policy_revision,
         created_at_ms=now_ms,
     )
-
-
-class _DecisionBudget:
-    """The decisions of the last ``window_s``, as (when, how many) per cycle."""
-
-    def __init__(self, window_s: float) -> None:
-        self._window_s = window_s
-        self._spent: collections.deque[tuple[float, int]] = collections.deque()
-        self._total = 0
-
-    def left(self, most: int, now: float) -> int:
-        self._forget_before(now - self._window_s)
-        return max(0, most - self._total)
-
-    def spend(self, count: int, now: float) -> None:
-        if count:
-            self._spent.append((now, count))
-            self._total += count
-
-    def wait_s(self, most: int, now: float) -> float:
-        """How long until the budget has room again (0: it has)."""
-        if self.left(most, now) > 0:
-            return 0.0
-        freed = 0
-        for when, count in self._spent:  # the oldest first
-            freed += count
-            if self._total - freed < most:
-                return when + self._window_s - now
-        return 0.0
-
-    def _forget_before(self, cutoff: float) -> None:
-        while self._spent and self._spent[0][0] <= cutoff:
-            self._total -= self._spent.popleft()[1]
