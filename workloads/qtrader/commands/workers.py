@@ -245,7 +245,8 @@ def _exchange_arguments(parser: argparse.ArgumentParser) -> None:
         "--cycle",
         type=number("--cycle", minimum=0, inclusive=False),
         default=0.25,
-        help="seconds per intake cycle; each decides at most the policy's maxPerCycle",
+        help="the intake's cycle in seconds: at most the policy's maxPerCycle are decided in "
+        "any such span; signals are decided as they arrive while that budget lasts",
     )
     group.add_argument(
         "--dead-man-countdown",
