@@ -259,7 +259,7 @@ class DecisionBudget:
         self._total = 0
 
     def left(self, most: int, now: float) -> int:
-        self._forget_before(now - self._window_s)
+        self._forget_ended(now)
         return max(0, most - self._total)
 
     def spend(self, count: int, now: float) -> None:
@@ -278,6 +278,8 @@ class DecisionBudget:
                 return when + self._window_s - now
         return 0.0
 
-    def _forget_before(self, cutoff: float) -> None:
-        while self._spent and self._spent[0][0] <= cutoff:
+    def _forget_ended(self, now: float) -> None:
+        # ``when + window <= now``, the very sum ``wait_s`` counts down to (``now - window``
+        # may round the other way and leave a cycle in the window that ``wait_s`` says left).
+        while self._spent and self._spent[0][0] + self._window_s <= now:
             self._total -= self._spent.popleft()[1]
