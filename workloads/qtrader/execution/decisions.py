@@ -35,7 +35,7 @@ import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_DOWN, Decimal, localcontext
+from decimal import Decimal, localcontext
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -52,7 +52,6 @@ from qtrader.contracts.messages import (
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.instruments import ExchangeInfo, Instrument
 from qtrader.money import EXACT as _EXACT
-from qtrader.money import EXACT_DOWN as _DOWN
 
 _ZERO = Decimal(0)
 _INTENT_ID_MAX = 128
@@ -242,7 +241,7 @@ def _plan(
     target = _target_quantity(
         signal.direction, policy.risk.max_position_usd, worst_price, instrument
     )
-    signed_qty = _toward_zero(target - current, instrument.step_size)
+    signed_qty = instrument.round_quantity(target - current)
     if signed_qty == 0:
         return Denial(DenialReason.NO_CHANGE, f"position {current} is already at target {target}")
     if context.trading_state is TradingState.REDUCING:
@@ -339,7 +338,7 @@ def _target_quantity(
 ) -> Decimal:
     if direction is Direction.FLAT:
         return _ZERO
-    size = _toward_zero(max_position_usd / price, instrument.step_size)
+    size = instrument.round_quantity(max_position_usd / price)
     return size if direction is Direction.LONG else -size
 
 
@@ -349,18 +348,6 @@ def _ttl_ms(ttl_seconds: float) -> Decimal:
     value), once per value: a backtest asks for every signal."""
     with localcontext(_EXACT):
         return Decimal(repr(ttl_seconds)) * 1000
-
-
-def _toward_zero(value: Decimal, step: Decimal) -> Decimal:
-    """``value`` rounded toward zero to a multiple of ``step``, never across a step boundary.
-
-    The division runs with ROUND_DOWN, so a quotient like 16.99...9 (more digits than the
-    precision) cannot round up to 17 before it is truncated.
-    """
-    # ``_DOWN``'s own methods: the operators inside a ``localcontext`` of it, without entering
-    # one (twice per decision).
-    units = _DOWN.divide(value, step).to_integral_value(rounding=ROUND_DOWN, context=_DOWN)
-    return _DOWN.quantize(_DOWN.multiply(units, step), step)
 
 
 def _reduces(current: Decimal, signed_qty: Decimal) -> bool:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import ROUND_DOWN, Decimal
+from decimal import Decimal
 from typing import NamedTuple
 
 from qtrader.contracts.messages import Fill, OrderIntent, OrderStatus, OrderUpdate
@@ -405,7 +405,7 @@ class ExposureBook:
         worst = self._worst(attempt.symbol, attempt.side_sign, attempt.intent_id)
         # How far the position may move on this side before |position| x price passes the cap.
         headroom = cap_usd / attempt.limit_price - attempt.side_sign * worst
-        allowed = min(attempt.quantity, _floor(max(headroom, _ZERO), instrument.step_size))
+        allowed = min(attempt.quantity, instrument.round_quantity(max(headroom, _ZERO)))
         if allowed < instrument.min_qty:
             reason = binding if allowed < attempt.quantity else ExposureReason.BELOW_MIN_QTY
             return Refused(reason, self._size_detail(attempt, cap_usd))
@@ -486,7 +486,7 @@ class ExposureBook:
         reducible = max(_ZERO, -attempt.side_sign * worst)
         if reducible <= 0:
             return Refused(ExposureReason.NOTHING_TO_REDUCE, self._reduce_detail(attempt))
-        allowed = min(attempt.quantity, _floor(reducible, instrument.step_size))
+        allowed = min(attempt.quantity, instrument.round_quantity(reducible))
         if allowed < instrument.min_qty:
             return Refused(ExposureReason.NOTHING_TO_REDUCE, self._reduce_detail(attempt))
         if allowed < attempt.quantity:
@@ -499,11 +499,6 @@ class ExposureBook:
     def _reduce_detail(self, attempt: Attempt) -> str:
         position = self.position(attempt.symbol)
         return f"position {position}, reduce-only {attempt.side_sign * attempt.quantity}"
-
-
-def _floor(value: Decimal, step: Decimal) -> Decimal:
-    units = (value / step).to_integral_value(rounding=ROUND_DOWN)
-    return (units * step).quantize(step)
 
 
 def intent_expired(*, created_at_ms: int, now_ms: int, ttl_ms: int) -> Refused | None:

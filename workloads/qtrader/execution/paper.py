@@ -246,9 +246,8 @@ class PaperExchange:
             taken = _ZERO
         left = candle.volume * share - taken
         quantity = intent.quantity
-        if left < quantity:
-            step = instrument.step_size
-            quantity = ((left / step).to_integral_value(ROUND_FLOOR) * step).quantize(step)
+        if left < quantity:  # what is left is never negative: each take fits in it
+            quantity = instrument.round_quantity(left)
         self._taken[intent.symbol] = (candle.open_time_ms, taken + quantity)
         return quantity
 
