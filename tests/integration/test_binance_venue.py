@@ -386,6 +386,27 @@ async def test_when_exchange_price_already_beyond_bound_then_nothing_fills(
     ]
 
 
+async def test_when_an_attempt_fills_nothing_then_it_is_not_sent_again(
+    exchange: Exchange, venue: BinanceFutures
+) -> None:
+    """The venue's price is beyond the bound while ours still says inside it (our candles lag
+    the book): the IOC meets nothing, and sending it again at once, with no newer price, would
+    spend request weight for the same answer. The intent ends EXPIRED; the next signal decides
+    again with a newer price."""
+    exchange.admin.price("BTCUSDT", PRICE * Decimal("1.01"))
+    recorder = Recorder()
+    order = intent("nothing-filled")
+
+    final = await driver_for(venue, exchange, recorder).execute(order, max_slippage_bps=20)
+
+    assert final.status is OrderStatus.EXPIRED
+    assert "filled nothing" in (final.reason or "")
+    assert [o["status"] for o in exchange.orders_of(order)] == ["EXPIRED"]
+    assert len(exchange.posts()) == 1
+    assert [u.status for u in recorder.updates] == [OrderStatus.PENDING_NEW, OrderStatus.EXPIRED]
+    assert recorder.book.in_flight("BTCUSDT") == 0  # nothing left reserved
+
+
 # --- filters, business errors, limits ------------------------------------------------------
 
 

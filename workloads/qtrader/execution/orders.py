@@ -2,9 +2,11 @@
 
 An intent is sent as a limit IOC order priced at the policy's slippage bound around the price
 the decision saw (a BUY's cap, a SELL's floor), so no fill is ever worse than the bound. What
-an attempt leaves unfilled is sent again (a new attempt, its own client order id) only while
-the current price is still inside the bound and only up to ``max_attempts``: a remainder is
-never chased. When the bound is passed, the remainder is given up and the intent ends
+an attempt that filled part of it leaves is sent again (a new attempt, its own client order
+id) only while the current price is still inside the bound and only up to ``max_attempts``: a
+remainder is never chased. An attempt that filled nothing is not sent again: the venue had
+nothing inside the bound, and nothing newer says it has now (the next signal decides again on
+a newer price). When the bound is passed, the remainder is given up and the intent ends
 CANCELED (or EXPIRED when nothing filled) with the reason.
 
 Every attempt is recorded before it is sent (a PENDING_NEW update on the ORDERS stream, with
@@ -94,7 +96,7 @@ Deadline = Callable[[OrderIntent], int]
 
 @dataclass(frozen=True, kw_only=True)
 class DriverSettings:
-    max_attempts: int = 3  # the first send plus re-sends of an unfilled remainder
+    max_attempts: int = 3  # the first send plus re-sends of a partly filled remainder
     unknown_grace_s: float = 5.0  # look an unknown order up this long before sending it again
     lookup_interval_s: float = 0.25
     max_resends_unknown: int = 2  # sends of one attempt whose outcome stays unknown
@@ -212,11 +214,16 @@ class OrderDriver:
                 )
             filled_before = progress.filled
             await self._record_fills(result, progress)
-            # A partial fill is reported when an attempt filled something and left a remainder;
-            # an attempt that filled nothing changes nothing to report (the next attempt's
-            # PENDING_NEW shows the re-send), and a report per fill level keeps message ids
-            # (status and filled quantity) distinct.
-            if filled_before < progress.filled < intent.quantity:
+            if progress.filled == filled_before:
+                # The IOC met nothing inside the bound: the same order again at once, with no
+                # newer price, would spend request weight for the same answer. The next signal
+                # decides again on a newer price.
+                why = f"attempt {attempt + 1} filled nothing ({result.status.value}); not re-sent"
+                break
+            # A partial fill is reported when an attempt filled something and left a remainder
+            # (which the next attempt sends: the venue had liquidity at the price, and may have
+            # more); a report per fill level keeps message ids (status and quantity) distinct.
+            if progress.filled < intent.quantity:
                 detail = f"attempt {attempt + 1}: {result.status.value}"
                 await self._report(intent, progress, OrderStatus.PARTIALLY_FILLED, detail)
         if progress.filled >= intent.quantity:
