@@ -101,3 +101,32 @@ async def test_a_batch_is_acknowledged_after_its_handler_and_redelivered_whole_i
     expected = [f"batch-{n}" for n in range(5)]
     assert calls[0] == expected  # one fetch, one call: the five together
     assert sorted(i for c in calls[1:] for i in c) == expected  # all again, each once
+
+
+async def test_a_slow_batch_handler_keeps_every_message_of_its_batch(
+    nats_server: EmbeddedNats,
+) -> None:
+    """The batch shares one keep-alive: every message of it is told in progress, none is
+    redelivered while the handler works for three and a half ack waits."""
+    spec = dataclasses.replace(subjects.EXECUTION_SIGNALS, durable="slow-batch", ack_wait_s=1.0)
+    bus = Bus(url=nats_server.url, client_name="test-slow-batch")
+    await bus.connect()
+    await bus.ensure_topology()
+    await bus.ensure_consumer(spec)
+    calls: list[list[str]] = []
+
+    async def slow(signals: list[Signal]) -> None:
+        calls.append([s.signal_id for s in signals])
+        await asyncio.sleep(3.5)
+
+    for n in range(5):
+        await bus.publish(subjects.signal_subject("BTCUSDT"), _signal(n))
+    consumer = asyncio.create_task(bus.consume_batches(spec, Signal, slow))
+    try:
+        await asyncio.sleep(8.0)  # long enough for any redelivery to have been handled too
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        await bus.close()
+    assert calls == [[f"batch-{n}" for n in range(5)]]

@@ -608,11 +608,8 @@ class Bus:
         if not decoded:
             return
         try:
-            async with contextlib.AsyncExitStack() as working:
-                for msg, _ in decoded:
-                    await working.enter_async_context(
-                        _working_on(msg, interval_s=spec.ack_wait_s / 3)
-                    )
+            working = [msg for msg, _ in decoded]
+            async with _working_on(working, interval_s=spec.ack_wait_s / 3):
                 await handler([message for _, message in decoded])
         except asyncio.CancelledError:
             raise
@@ -656,7 +653,7 @@ class Bus:
             await _settle(msg.term())
             return
         try:
-            async with _working_on(msg, interval_s=ack_wait_s / 3):
+            async with _working_on((msg,), interval_s=ack_wait_s / 3):
                 await handler(message)
         except asyncio.CancelledError:
             raise
@@ -1067,21 +1064,24 @@ async def _close_quietly(client: Client) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _working_on(msg: Msg, *, interval_s: float) -> AsyncIterator[None]:
-    """Tell the server the message is still being handled (``+WPI``) every ``interval_s``
-    while the handler runs: a handler slower than the ack wait (an order whose outcome is being
-    looked up) must not have its message redelivered to another replica meanwhile.
+async def _working_on(msgs: Sequence[Msg], *, interval_s: float) -> AsyncIterator[None]:
+    """Tell the server the messages are still being handled (``+WPI``) every ``interval_s``
+    while their handler runs: a handler slower than the ack wait (an order whose outcome is
+    being looked up) must not have its messages redelivered to another replica meanwhile.
 
-    A timer, not a task per message: nearly every handler ends long before the first tick, and
-    a task would cost a turn of the event loop to start and another to cancel, for every message
-    of every consumer (a timer is about a quarter of its cost, and no turn)."""
+    One timer for all of them, not a task per message: nearly every handler ends long before
+    the first tick, and a task would cost a turn of the event loop to start and another to
+    cancel, for every message of every consumer (a timer is about a quarter of its cost, and no
+    turn); a batch of a fetch shares one (a timer and a context each cost as much as the rest of
+    a message's delivery)."""
     loop = asyncio.get_running_loop()
     telling: set[asyncio.Task[None]] = set()
     timer: asyncio.TimerHandle
 
     async def tell() -> None:
-        with contextlib.suppress(*_UNAVAILABLE):
-            await msg.in_progress()
+        for msg in msgs:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await msg.in_progress()
 
     def tick() -> None:
         nonlocal timer
