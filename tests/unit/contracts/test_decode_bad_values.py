@@ -44,6 +44,11 @@ BAD_VALUES: dict[str, tuple[bytes, RejectReason]] = {
     "1e999": (json.dumps({**VALID_LATCH, "revision": 1e999}).encode(), RejectReason.MALFORMED),
     "a JSON array": (b"[1, 2]", RejectReason.MALFORMED),
     "empty": (b"", RejectReason.MALFORMED),
+    "a byte order mark first": (
+        "\ufeff".encode() + json.dumps(VALID_LATCH).encode(),
+        RejectReason.MALFORMED,
+    ),
+    "Infinity": (b'{"revision": -Infinity}', RejectReason.MALFORMED),
     "state not a state": (
         json.dumps({**VALID_LATCH, "state": "MAYBE"}).encode(),
         RejectReason.INVALID_FIELDS,

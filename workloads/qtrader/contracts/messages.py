@@ -151,6 +151,10 @@ def _refuse_constant(name: str) -> object:
     raise ValueError(f"{name} is not a number any message carries")
 
 
+# One decoder for every message: ``json.loads`` with an argument makes a new one per call.
+_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -267,7 +271,7 @@ def _decode(data: bytes, message_type: type[M]) -> M:
     try:
         # Decoded here, strictly: ``json.loads`` of bytes lets UTF-8-encoded surrogates through.
         text = data.decode("utf-8")
-        raw = json.loads(text, parse_constant=_refuse_constant)
+        raw = _JSON.decode(text)
     except RecursionError as exc:
         raise MessageRejected(RejectReason.MALFORMED, "not JSON: nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, digit limits, NaN
