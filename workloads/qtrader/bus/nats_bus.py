@@ -732,10 +732,13 @@ class Bus:
         if caught_up is not None and not await self._holds_any(stream, filter_subject):
             caught_up.set()
 
+        pending = CONSUMER_PENDING.labels(label)  # looked up once, not per message
+
         async def on_message(msg: Msg) -> None:
             await _deliver(label, msg, message_type, handler)
-            CONSUMER_PENDING.labels(label).set(msg.metadata.num_pending)
-            if caught_up is not None and msg.metadata.num_pending == 0:
+            left = msg.metadata.num_pending
+            pending.set(left)
+            if caught_up is not None and left == 0:
                 caught_up.set()
 
         await _hold(
@@ -768,6 +771,7 @@ class Bus:
         """
         stream = subjects.scoped_stream(self._stack, stream)
         scoped = [(subjects.scoped_subject(self._stack, r.subject), r) for r in routes]
+        pending = CONSUMER_PENDING.labels(label)
 
         async def on_message(msg: Msg) -> None:
             sequence = int(msg.metadata.sequence.stream)
@@ -777,7 +781,7 @@ class Bus:
                 log.warning("%s skipped a message on %s: no route for it", label, msg.subject)
                 return
             await _deliver(label, msg, route.message_type, lambda m: route.handler(m, sequence))
-            CONSUMER_PENDING.labels(label).set(msg.metadata.num_pending)
+            pending.set(msg.metadata.num_pending)
 
         config = ConsumerConfig(
             # One subject keeps the single filter every server knows; several need 2.10's list.
