@@ -88,7 +88,10 @@ def _execution(url: str, exchange_url: str, tmp_path: Path) -> Worker:
     env = {"QTRADER_BINANCE_API_KEY": KEY, "QTRADER_BINANCE_API_SECRET": SECRET}
     args = (
         *("--worker-id", "exec-income", "--exchange-url", exchange_url),
-        *("--income-interval", "0.5"),
+        # A round (the income, weight 30, and two account reads, 5 each) every 2 s is 1,200 of
+        # the 2,400 weight a minute: every 0.5 s spent the minute's budget within about 40 s,
+        # and a read then waited for the next minute, past this test's 20 s waits.
+        *("--income-interval", "2"),
     )
     return start_worker("execution", nats_url=url, log_dir=tmp_path, args=args, env=env)
 
