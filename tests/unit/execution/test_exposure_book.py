@@ -428,3 +428,60 @@ def test_a_killed_predecessors_pending_new_replayed_at_start_counts_in_flight_un
     final = update.model_copy(update={"status": OrderStatus.EXPIRED})
     successor.apply_update(final)
     assert successor.in_flight("BTCUSDT") == 0
+
+
+_any_op = st.tuples(
+    st.sampled_from(["reserve", "admit", "fill", "finish", "forget", "release", "other"]),
+    st.integers(min_value=0, max_value=5),  # which intent
+    st.integers(min_value=1, max_value=80),  # quantity in steps
+    st.booleans(),  # side
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_any_op, max_size=60))
+def test_projected_read_after_every_change_is_the_position_plus_what_is_in_flight(
+    ops: list[tuple[str, int, int, bool]],
+) -> None:
+    """Decisions read ``projected()`` once per signal and the book keeps it until something
+    changes: read after every kind of change, in any order, it must equal what the position
+    and the reservations say now (summed by ``in_flight``, its own walk)."""
+    book = ExposureBook()
+    fills = 0
+    for op, n, steps, buy in ops:
+        intent_id, qty = f"i{n}", (1 if buy else -1) * steps * _STEP
+        if op == "reserve":
+            _reserve(book, intent_id, str(qty))
+        elif op == "admit":
+            book.admit(_attempt(intent_id, str(qty)), LIMITS)
+        elif op == "fill":
+            fills += 1
+            book.apply_fill(_fill(intent_id, str(qty), n=fills))
+        elif op == "finish":
+            book.finish(intent_id, filled=_filled(book, intent_id))
+        elif op == "forget":
+            book.forget(intent_id)
+        elif op == "release":
+            book.release_unsendable(now_ms=1_000 + steps * 100, ttl_ms=2_000, grace_ms=500)
+        else:  # another replica's attempt, seen on ORDERS
+            book.apply_update(_pending_new(f"o{n}", qty))
+        projected = book.projected()
+        assert projected.get("BTCUSDT", Decimal(0)) == book.position("BTCUSDT") + book.in_flight(
+            "BTCUSDT"
+        )
+
+
+def _pending_new(intent_id: str, quantity: Decimal) -> OrderUpdate:
+    return OrderUpdate(
+        intent_id=intent_id,
+        client_order_id=attempt_client_order_id(_cid(intent_id), 0),
+        symbol="BTCUSDT",
+        side=Side.BUY if quantity > 0 else Side.SELL,
+        quantity=abs(quantity),
+        status=OrderStatus.PENDING_NEW,
+        filled_quantity=Decimal(0),
+        avg_price=Decimal(0),
+        exchange="binance",
+        worker_id="other",
+        ts_ms=1_000,
+    )
