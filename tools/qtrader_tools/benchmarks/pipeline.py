@@ -28,7 +28,8 @@ Phases, in order:
   publish to the receipt of its signal, and to the receipt of the order intent made from that
   signal (only some signals change the position; the others are decided ``no_change`` and make
   no message, so the intent figures come from fewer candles). Receipts come from a core NATS
-  subscription in this process, stamped with ``perf_counter`` in the callback.
+  subscription in this process, stamped with ``perf_counter`` in the callback, held for this
+  phase only (in the throughput run it would take the workers' CPU).
 * **Throughput.** ``candles`` steps published back to back. From just before the first publish
   until the first poll (every ``POLL_S``) that finds the inference consumer drained (every candle
   handled and acknowledged, so every signal published): signals/s. Until the first poll that also
@@ -48,12 +49,13 @@ SIGTERM. The last line of the output is one JSON object with every figure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -493,26 +495,7 @@ class PipelineBench:
         await bus.ensure_topology()
         await publish_policy_revision(bus, _policy(self._symbols))
         await write_latch(bus, state=TradingState.ACTIVE, reason="bench armed", issued_by=ISSUER)
-        stamps = self._stamps
-        self._tasks += [
-            asyncio.create_task(heartbeat_forever(bus, issued_by=ISSUER)),
-            asyncio.create_task(
-                bus.subscribe(
-                    subjects.all_of(subjects.SIGNAL_PREFIX),
-                    Signal,
-                    stamps.on_signal,
-                    label="bench-signals",
-                )
-            ),
-            asyncio.create_task(
-                bus.subscribe(
-                    subjects.all_of(subjects.ORDER_INTENT_PREFIX),
-                    OrderIntent,
-                    stamps.on_intent,
-                    label="bench-intents",
-                )
-            ),
-        ]
+        self._tasks.append(asyncio.create_task(heartbeat_forever(bus, issued_by=ISSUER)))
         portfolio = children.workload("portfolio", "portfolio", url)
         self._observer.portfolio = portfolio
         await wait_healthy(http, [portfolio], children, timeout_s=START_TIMEOUT_S)
@@ -590,7 +573,46 @@ class PipelineBench:
         if failed:
             raise failed[0]
 
+    @contextlib.asynccontextmanager
+    async def _receipts(self) -> AsyncIterator[None]:
+        """Signals and intents stamped on receipt, for the latency phase only: during the
+        throughput run, receiving and decoding every signal here would take CPU from the
+        workers on the same cores (JetStream's counts measure that run)."""
+        stamps, registered = self._stamps, [asyncio.Event(), asyncio.Event()]
+        receipts = [
+            asyncio.create_task(
+                self._bus.subscribe(
+                    subjects.all_of(subjects.SIGNAL_PREFIX),
+                    Signal,
+                    stamps.on_signal,
+                    label="bench-signals",
+                    registered=registered[0],
+                )
+            ),
+            asyncio.create_task(
+                self._bus.subscribe(
+                    subjects.all_of(subjects.ORDER_INTENT_PREFIX),
+                    OrderIntent,
+                    stamps.on_intent,
+                    label="bench-intents",
+                    registered=registered[1],
+                )
+            ),
+        ]
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                await asyncio.gather(*(event.wait() for event in registered))
+            yield
+        finally:
+            for task in receipts:
+                task.cancel()
+            await asyncio.gather(*receipts, return_exceptions=True)
+
     async def _latency_phase(self, candles: Sequence[Candle]) -> Phase:
+        async with self._receipts():
+            return await self._paced(candles)
+
+    async def _paced(self, candles: Sequence[Candle]) -> Phase:
         before = await self._observer.full_state()
         width = len(self._symbols)
         next_at = time.monotonic()
