@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -25,6 +23,7 @@ from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import ControlHeartbeat, Direction, Signal
 from qtrader.local.nats_server import EmbeddedNats
+from support.hang import hang, resume
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +46,12 @@ async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
 async def stalled(server: EmbeddedNats, seconds: float) -> AsyncIterator[None]:
     """The broker hung (SIGSTOP) for ``seconds``, then resumed, whatever happens meanwhile."""
     assert server.pid is not None
-    os.kill(server.pid, signal.SIGSTOP)
+    hang(server.pid)
     try:
         yield
         await asyncio.sleep(seconds)
     finally:
-        os.kill(server.pid, signal.SIGCONT)
+        resume(server.pid)
 
 
 async def _keep_calling(call: Callable[[], Awaitable[object]], every_s: float) -> None:
