@@ -1,20 +1,23 @@
 """``Bus.publish_many`` sends a batch in waves, one message per subject in each: every message is
 stored once, each subject's in its order, also when the broker hangs mid-batch (SIGSTOP) with or
-without an outbox. Real nats-server; what it stores is read back from the server itself."""
+without an outbox. Each message gets its own answer: the stream's, an outage, or a refusal.
+Real nats-server; what it stores is read back from the server itself."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from decimal import Decimal
 from pathlib import Path
 
+import nats
 import pytest
+from nats.js.api import StreamConfig
+from prometheus_client import REGISTRY
 
-from qtrader.bus.errors import BusUnavailable
+from qtrader.bus.errors import BusError, BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.bus.outbox import Outbox
 from qtrader.bus.outbox_publisher import StreamAck
@@ -22,6 +25,7 @@ from qtrader.contracts import subjects
 from qtrader.contracts.messages import Candle
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader_tools.candles import flat_candle
+from support.hang import hang, resume
 from support.streams import read_all
 from support.workers import eventually
 
@@ -65,15 +69,21 @@ async def _bus(server: EmbeddedNats, outbox: Outbox | None = None) -> AsyncItera
         await bus.close()
 
 
-@asynccontextmanager
-async def _hung(server: EmbeddedNats) -> AsyncIterator[None]:
+@contextmanager
+def _hung_sync(server: EmbeddedNats) -> Iterator[None]:
     """The broker stopped by SIGSTOP (alive, silent), resumed on leaving."""
     assert server.pid is not None
-    os.kill(server.pid, signal.SIGSTOP)
+    hang(server.pid)
     try:
         yield
     finally:
-        os.kill(server.pid, signal.SIGCONT)
+        resume(server.pid)
+
+
+@asynccontextmanager
+async def _hung(server: EmbeddedNats) -> AsyncIterator[None]:
+    with _hung_sync(server):
+        yield
 
 
 async def test_every_message_is_stored_once_each_subject_in_its_order(
@@ -128,3 +138,62 @@ async def test_with_an_outbox_a_hung_broker_keeps_the_batch_and_replay_stores_it
             replay.cancel()
             await asyncio.gather(replay, return_exceptions=True)
     assert await _stored(nats_server.url) == {symbol: list(range(5)) for symbol in SYMBOLS}
+
+
+# --- what the stream answers ------------------------------------------------------------------
+
+
+def _failures(family: str) -> float:
+    return REGISTRY.get_sample_value("qtrader_publish_failures_total", {"family": family}) or 0.0
+
+
+async def test_a_subject_no_stream_stores_is_unavailable_at_once_and_counted(
+    nats_server: EmbeddedNats,
+) -> None:
+    """The server answers no-responders at once: the publish does not wait out its timeout."""
+    before = _failures("nowhere")
+    async with _bus(nats_server) as bus:
+        began = time.monotonic()
+        [answer] = await bus.publish_many([("qtrader.nowhere.x", _steps(1)[0][1])])
+        took = time.monotonic() - began
+        # The connection is as good as before.
+        assert all(isinstance(a, StreamAck) for a in await bus.publish_many(_steps(1)))
+    assert isinstance(answer, BusUnavailable), answer
+    assert "no stream stores it" in str(answer)
+    assert took < 0.5, took  # the publish timeout
+    assert _failures("nowhere") == before + 1
+
+
+async def test_a_message_the_stream_refuses_raises_a_bus_error_not_an_outage(
+    nats_server: EmbeddedNats,
+) -> None:
+    """A stream's refusal (here its size limit) is a fault of the set-up: ``BusError`` (no
+    nats-py exception leaves the bus), not ``BusUnavailable`` to be kept and replayed forever."""
+    raw = await nats.connect(nats_server.url)
+    try:
+        await raw.jetstream().add_stream(
+            StreamConfig(name="TINY", subjects=["qtrader.tiny.>"], max_msg_size=16)
+        )
+    finally:
+        await raw.close()
+    async with _bus(nats_server) as bus:
+        with pytest.raises(BusError, match="refused by the stream") as raised:
+            await bus.publish_acked("qtrader.tiny.x", _steps(1)[0][1])
+        assert not isinstance(raised.value, BusUnavailable)
+        assert all(isinstance(a, StreamAck) for a in await bus.publish_many(_steps(1)))
+
+
+async def test_a_publish_cancelled_while_the_broker_hangs_ends_at_once(
+    nats_server: EmbeddedNats,
+) -> None:
+    async with _bus(nats_server) as bus:
+        with _hung_sync(nats_server):
+            task = asyncio.create_task(bus.publish_many(_steps(2)))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            began = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert time.monotonic() - began < 0.2
+        # What was left waiting for answers is gone; the bus publishes as before.
+        assert all(isinstance(a, StreamAck) for a in await bus.publish_many(_steps(1, first=2)))

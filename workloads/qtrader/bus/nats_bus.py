@@ -72,7 +72,8 @@ from prometheus_client import Counter, Gauge
 
 from qtrader.bus.errors import BusUnavailable, TopologyError
 from qtrader.bus.outbox import Outbox
-from qtrader.bus.outbox_publisher import OutboxPublisher, StreamAck
+from qtrader.bus.outbox_publisher import Entry, OutboxPublisher, StreamAck
+from qtrader.bus.stream_acks import StreamAcks
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Message,
@@ -187,11 +188,12 @@ class Bus:
         self._timeout = request_timeout_s
         self._publish_timeout_s = publish_timeout_s or request_timeout_s
         # Without an outbox a failed publish raises BusUnavailable and the caller keeps the work.
-        self._outbox = None if outbox is None else OutboxPublisher(outbox, self._send)
+        self._outbox = None if outbox is None else OutboxPublisher(outbox, self._send_wave)
         # nats-py's flush takes whole seconds.
         self._flush_timeout_s = max(1, math.ceil(request_timeout_s))
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._acks: StreamAcks | None = None
         self._closing = False
         # Shared with the views of ``for_stack``: a loss of the one connection is theirs too.
         self._losses = _ConnectionLosses()
@@ -235,6 +237,7 @@ class Bus:
                     error_cb=self._on_error,
                 )
                 _stop_if_cancelled()  # the connection is closed below, not left behind
+                acks = await StreamAcks.open(client)
             except (nats.errors.NoServersError, *_UNAVAILABLE) as exc:
                 await _close_client(client)
                 log.warning("NATS at %s not reachable (%s); retrying", self._url, exc)
@@ -245,6 +248,7 @@ class Bus:
                 raise
             self._nc = client
             self._js = client.jetstream(timeout=self._timeout)
+            self._acks = acks
             BUS_CONNECTED.set(1)
             log.info("connected to NATS at %s as %s", self._url, self._client_name)
             return
@@ -426,14 +430,10 @@ class Bus:
         """``publish``, returning the stream's whole answer: ``duplicate`` says the stream held
         this ``dedup_id`` already and stored nothing new (a producer that counts what it added
         must not count it). None: kept in the outbox."""
-        payload = message.encode()
-        subject = subjects.scoped_subject(self._stack, subject)
-        if self._outbox is not None:
-            ack = await self._outbox.publish(subject, payload, message.dedup_id)
-        else:
-            ack = await self._send(subject, payload, message.dedup_id)
-        PUBLISHED.labels(message.KIND).inc()
-        return ack
+        [answer] = await self._publish_wave([(subject, message)])
+        if isinstance(answer, BusUnavailable):
+            raise answer
+        return answer
 
     async def publish_many(
         self, items: Sequence[tuple[str, Message]]
@@ -450,36 +450,44 @@ class Bus:
         (which, past the stream's duplicate window, would be stored twice)."""
         results: list[StreamAck | BusUnavailable | None] = []
         for wave in _waves(items):
-            answers = await asyncio.gather(
-                *(self.publish_acked(subject, message) for subject, message in wave),
-                return_exceptions=True,
-            )
-            failure: BusUnavailable | None = None
-            for answer in answers:
-                if isinstance(answer, BusUnavailable):
-                    failure = failure or answer
-                elif isinstance(answer, BaseException):
-                    raise answer
-                results.append(answer)
+            answers = await self._publish_wave(wave)
+            results += answers
+            failure = next((a for a in answers if isinstance(a, BusUnavailable)), None)
             if failure is not None:
                 unsent = BusUnavailable(f"not sent: an earlier message failed ({failure})")
                 results += [unsent] * (len(items) - len(results))
                 break
         return results
 
-    async def _send(self, subject: str, payload: bytes, msg_id: str) -> StreamAck:
-        try:
-            ack = await self._jetstream.publish(
-                subject,
-                payload,
-                timeout=self._publish_timeout_s,
-                headers={"Nats-Msg-Id": msg_id},
-            )
-        except _UNAVAILABLE as exc:
-            PUBLISH_FAILURES.labels(_family(subjects.unscoped_subject(self._stack, subject))).inc()
-            raise BusUnavailable(f"publish to {subject} not acknowledged: {exc!r}") from exc
+    async def _publish_wave(
+        self, wave: Sequence[tuple[str, Message]]
+    ) -> list[StreamAck | BusUnavailable | None]:
+        """Messages of distinct subjects sent together, through the outbox if there is one."""
+        entries = [
+            (subjects.scoped_subject(self._stack, subject), message.encode(), message.dedup_id)
+            for subject, message in wave
+        ]
+        answers: Sequence[StreamAck | BusUnavailable | None]
+        if self._outbox is not None:
+            answers = await self._outbox.publish_many(entries)
+        else:
+            answers = await self._send_wave(entries)
+        for (_, message), answer in zip(wave, answers, strict=True):
+            if not isinstance(answer, BusUnavailable):
+                PUBLISHED.labels(message.KIND).inc()
+        return list(answers)
+
+    async def _send_wave(self, entries: Sequence[Entry]) -> list[StreamAck | BusUnavailable]:
+        if self._acks is None:
+            raise BusUnavailable("the bus is not connected; call connect() first")
+        answers = await self._acks.send_wave(
+            entries, timeout_s=self._publish_timeout_s, failed=self._count_publish_failure
+        )
         _stop_if_cancelled()
-        return StreamAck(sequence=int(ack.seq), duplicate=bool(ack.duplicate))
+        return answers
+
+    def _count_publish_failure(self, subject: str) -> None:
+        PUBLISH_FAILURES.labels(_family(subjects.unscoped_subject(self._stack, subject))).inc()
 
     async def replay_forever(self) -> None:
         """Replay the outbox whenever it holds messages (a no-op without an outbox)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
@@ -43,7 +43,9 @@ class StreamAck:
     duplicate: bool
 
 
-Send = Callable[[str, bytes, str], Awaitable[StreamAck]]  # subject, payload, msg id -> the answer
+Entry = tuple[str, bytes, str]  # subject, payload, Nats-Msg-Id
+# Entries sent together -> each one's answer: the stream's, or why it got none.
+SendWave = Callable[[Sequence[Entry]], Awaitable[list[StreamAck | BusUnavailable]]]
 
 OUTBOX_DEPTH = Gauge("qtrader_outbox_depth", "Messages waiting in the disk outbox.")
 OUTBOX_OLDEST_AGE = Gauge(
@@ -67,7 +69,7 @@ _REPLAY_BATCH = 256
 
 
 class OutboxPublisher:
-    def __init__(self, outbox: Outbox, send: Send, *, retry_interval_s: float = 0.5) -> None:
+    def __init__(self, outbox: Outbox, send: SendWave, *, retry_interval_s: float = 0.5) -> None:
         self._outbox = outbox
         self._send = send
         self._retry_interval_s = retry_interval_s
@@ -85,13 +87,34 @@ class OutboxPublisher:
 
     async def publish(self, subject: str, payload: bytes, msg_id: str) -> StreamAck | None:
         """The stream's answer when sent now; None when kept in the outbox for replay."""
-        if not len(self._outbox):
+        [answer] = await self.publish_many([(subject, payload, msg_id)])
+        if isinstance(answer, BusBackPressure):
+            raise answer
+        return answer
+
+    async def publish_many(
+        self, entries: Sequence[Entry]
+    ) -> list[StreamAck | BusBackPressure | None]:
+        """``publish`` of entries sent together (each of a subject of its own): each one's
+        answer, None where it was kept, or the ``BusBackPressure`` that kept it from the
+        outbox too."""
+        sent: Sequence[StreamAck | BusUnavailable | None] = (
+            [None] * len(entries) if len(self._outbox) else await self._send(entries)
+        )
+        answers: list[StreamAck | BusBackPressure | None] = []
+        for entry, answer in zip(entries, sent, strict=True):
+            if isinstance(answer, StreamAck):
+                answers.append(answer)
+                continue
+            if answer is not None:
+                log.warning("%s: keeping it on disk", answer)
             try:
-                return await self._send(subject, payload, msg_id)
-            except BusUnavailable as exc:
-                log.warning("publish to %s not acknowledged (%s): keeping it on disk", subject, exc)
-        self._keep(subject, payload, msg_id)
-        return None
+                self._keep(*entry)
+            except BusBackPressure as exc:
+                answers.append(exc)
+                continue
+            answers.append(None)
+        return answers
 
     def _keep(self, subject: str, payload: bytes, msg_id: str) -> None:
         if self._disk_error is not None:
@@ -121,9 +144,8 @@ class OutboxPublisher:
         try:
             while entries := self._outbox.oldest(_REPLAY_BATCH, after=self._sent_through):
                 for entry in entries:
-                    try:
-                        await self._send(entry.subject, entry.payload, entry.msg_id)
-                    except BusUnavailable:
+                    [answer] = await self._send([(entry.subject, entry.payload, entry.msg_id)])
+                    if isinstance(answer, BusUnavailable):
                         return False
                     self._sent_through = entry.seq
                     OUTBOX_REPLAYED.inc()
