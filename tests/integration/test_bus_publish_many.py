@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 from prometheus_client import REGISTRY
 
@@ -197,3 +198,22 @@ async def test_a_publish_cancelled_while_the_broker_hangs_ends_at_once(
             assert time.monotonic() - began < 0.2
         # What was left waiting for answers is gone; the bus publishes as before.
         assert all(isinstance(a, StreamAck) for a in await bus.publish_many(_steps(1, first=2)))
+
+
+async def test_an_answer_that_is_no_ack_raises_a_bus_error(nats_server: EmbeddedNats) -> None:
+    """Something other than a stream answering on the subject (here a core subscriber replying
+    garbage): refused as a fault, never read as a stored message."""
+    raw = await nats.connect(nats_server.url)
+    try:
+
+        async def answer_garbage(msg: Msg) -> None:
+            await msg.respond(b"not an ack")
+
+        await raw.subscribe("qtrader.fake.>", cb=answer_garbage)
+        await raw.flush()
+        async with _bus(nats_server) as bus:
+            with pytest.raises(BusError, match="is no ack"):
+                await bus.publish_acked("qtrader.fake.x", _steps(1)[0][1])
+            assert all(isinstance(a, StreamAck) for a in await bus.publish_many(_steps(1)))
+    finally:
+        await raw.close()

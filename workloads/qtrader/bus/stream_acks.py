@@ -9,8 +9,9 @@ per message under one inbox subscription and waits for all the answers under one
 Each message's outcome is its own: the stream's ``StreamAck``, or ``BusUnavailable`` when it
 got no answer within the deadline, the connection refused it, nothing stores its subject (the
 server's no-responders status) or the stream answered that it is unavailable. Any other error
-the stream answers (a limit of the stream, a message too large) raises ``BusError``: a fault of
-the set-up, not an outage to wait out (an outbox replaying it would wait forever).
+the stream answers (a limit of the stream, a message too large), or an answer that is no ack,
+raises ``BusError``: a fault of the set-up, not an outage to wait out (an outbox replaying it
+would wait forever).
 """
 
 from __future__ import annotations
@@ -26,16 +27,14 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from qtrader.bus.errors import BusError, BusUnavailable
-from qtrader.bus.outbox_publisher import StreamAck
+from qtrader.bus.outbox_publisher import Entry, StreamAck
 
-# (subject, payload, Nats-Msg-Id)
-Entry = tuple[str, bytes, str]
 Answer = StreamAck | BusUnavailable
 
 _NO_RESPONDERS = "503"  # the status header's value when nothing stores the subject
 _UNAVAILABLE = 503  # the code of a stream's error answer when it is unavailable (no quorum)
 # What the connection raises for a publish it cannot take now (closed, or reconnecting with
-# its pending buffer full), and what the stream answers when it is unavailable.
+# its pending buffer full).
 _REFUSED = (
     nats.errors.ConnectionClosedError,
     nats.errors.OutboundBufferLimitError,
@@ -112,11 +111,14 @@ class StreamAcks:
         msg = future.result()
         if msg.headers and msg.headers.get(api.Header.STATUS) == _NO_RESPONDERS:
             return BusUnavailable(f"publish to {subject}: no stream stores it (no responders)")
-        answer = json.loads(msg.data)
-        error = answer.get("error")
-        if error is not None:
-            if error.get("code") == _UNAVAILABLE:
+        try:
+            answer = json.loads(msg.data)
+            error = answer.get("error")
+            ack = None if error is not None else api.PubAck.from_response(answer)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise BusError(f"publish to {subject}: the answer {msg.data!r} is no ack") from exc
+        if ack is None:
+            if isinstance(error, dict) and error.get("code") == _UNAVAILABLE:
                 return BusUnavailable(f"publish to {subject} not stored: {error}")
             raise BusError(f"publish to {subject} refused by the stream: {error}")
-        ack = api.PubAck.from_response(answer)
         return StreamAck(sequence=int(ack.seq), duplicate=bool(ack.duplicate))
