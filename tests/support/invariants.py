@@ -8,10 +8,11 @@ code's own rules (``qtrader_tools.stress``), never a second copy of them:
   Binance server its admin trades and refusals; no position beyond ``maxPositionUsd`` by more
   than one step, no more open positions than allowed, no reduce-only order rejected
   (``qtrader_tools.stress.invariants.check_exposure``);
-* nothing duplicated: no fill id twice on FILLS, no order update or intent repeating its dedup
-  id (``Nats-Msg-Id``: the streams keep 10 minutes of ids, longer than any test, so a stored
-  repeat is a publish the server should have dropped), at most one final update per intent,
-  and every fill belongs to an order update of its client order id
+* nothing duplicated or out of order: no fill id twice on FILLS, no order update or intent
+  repeating its dedup id (``Nats-Msg-Id``: the streams keep 10 minutes of ids, longer than any
+  test, so a stored repeat is a publish the server should have dropped), at most one final
+  update per intent, every fill belongs to an order update of its client order id, and each
+  worker's fills of a symbol are on FILLS in the order the Binance server made the trades
   (``qtrader_tools.stress.stream_audit``);
 * the portfolio's last snapshot equals an exact (Fraction) account of the fills and account
   entries (funding, transfers) it says it applied (``qtrader_tools.exact.ledger_mismatches``),
@@ -53,6 +54,7 @@ from qtrader.contracts.messages import (
     decode,
 )
 from qtrader.contracts.policy import TradingPolicySpec
+from qtrader.exchange.binance import binance_fill_id
 from qtrader.instruments import ExchangeInfo
 from qtrader_tools.exact import ledger_mismatches
 from qtrader_tools.simulators.binance_futures import SimAdmin
@@ -66,7 +68,11 @@ from qtrader_tools.stress.invariants import (
     from_sim_records,
     paper_limits,
 )
-from qtrader_tools.stress.stream_audit import audit_orders, duplicates
+from qtrader_tools.stress.stream_audit import (
+    audit_orders,
+    duplicates,
+    fills_out_of_venue_order,
+)
 from support.streams import kv_get_raw, kv_keys, last_stored, read_decodable
 
 M = TypeVar("M", Fill, AccountEntry, Candle, OrderIntent, OrderUpdate)
@@ -202,12 +208,23 @@ def _stream_problems(records: TradingRecords) -> list[Problem]:
         (Check.ORDERS, "fills without an order update of their client order id"): (
             audit.fills_without_update
         ),
+        (Check.ORDERS, "fills on FILLS after a later trade of their worker at the venue"): (
+            fills_out_of_venue_order(records.fills, records.updates, _trade_ids(records))
+        ),
     }
     return [
         Problem(check=check, text=f"{what}: {count}")
         for (check, what), count in counts.items()
         if count
     ]
+
+
+def _trade_ids(records: TradingRecords) -> dict[str, int]:
+    """The venue's trade id of each fill id it made; none with two venues, whose trade ids
+    may coincide (and in paper mode: FILLS is the only record)."""
+    if len(records.venues) != 1:
+        return {}
+    return {binance_fill_id(t.symbol, t.trade_id): t.trade_id for t in records.venues[0].trades}
 
 
 def _ledger_problems(records: TradingRecords) -> tuple[list[Problem], list[str]]:

@@ -21,6 +21,7 @@ from qtrader.contracts.messages import (
     Side,
 )
 from qtrader.contracts.policy import TradingPolicySpec
+from qtrader.exchange.binance import binance_fill_id
 from qtrader.execution.decisions import attempt_client_order_id, client_order_id_for
 from qtrader_tools.stress.invariants import VenueRejection, VenueTrade
 from support.invariants import Check, TradingRecords, VenueRecords, judge
@@ -202,6 +203,33 @@ def test_on_the_binance_server_its_own_trades_and_refusals_are_judged() -> None:
     summary = judge(records(venues=[venue])).summary()
     assert "max_position_usd" in summary
     assert "1 reduce-only rejections" in summary
+
+
+def test_on_the_binance_server_fills_out_of_its_order_fail() -> None:
+    """The worker's fills of the buy (trade 1) and the sell (trade 2) on FILLS the other way
+    round: positions the venue never held, and a ledger splitting PnL otherwise."""
+    made = [
+        f.model_copy(update={"fill_id": binance_fill_id("BTCUSDT", n)})
+        for n, f in enumerate(FILLS, start=1)
+    ]
+    trades = tuple(
+        VenueTrade(
+            trade_id=n,
+            symbol="BTCUSDT",
+            side=f.side.value,
+            quantity=f.quantity,
+            price=f.price,
+            time_ms=f.ts_ms,
+        )
+        for n, f in enumerate(made, start=1)
+    )
+    venue = VenueRecords(
+        base_url="http://sim", trades=trades, rejections=(), step_sizes={"BTCUSDT": Decimal(1)}
+    )
+    assert judge(records(fills=made, venues=[venue])).ok
+    report = judge(records(fills=made[::-1], venues=[venue]))
+    assert [p.check for p in report.problems] == [Check.ORDERS], report.summary()
+    assert "after a later trade of their worker at the venue: 1" in report.summary()
 
 
 def test_an_exempt_check_is_noted_and_not_judged() -> None:

@@ -37,6 +37,7 @@ from qtrader_tools.stress.stream_audit import (
     audit_candles,
     audit_orders,
     audit_signals,
+    fills_out_of_venue_order,
     interval_ms,
     legal_order,
 )
@@ -157,6 +158,24 @@ def fill(order: OrderIntent, quantity: str, *, attempt: int = 0, price: str = "1
         fee=Decimal("0.0004"),
         ts_ms=T0,
     )
+
+
+def test_fills_are_judged_in_the_venues_order_per_worker_and_symbol() -> None:
+    first, second, other = intent("first"), intent("second"), intent("other")
+    updates = [
+        update(first, OrderStatus.PENDING_NEW),
+        update(second, OrderStatus.PENDING_NEW),
+        update(other, OrderStatus.PENDING_NEW, worker="w2"),
+    ]
+    a, b, c = fill(first, "0.010"), fill(second, "0.010"), fill(other, "0.010")
+    trades = {a.fill_id: 1, b.fill_id: 2, c.fill_id: 3}
+    assert fills_out_of_venue_order([a, b], updates, trades) == 0
+    assert fills_out_of_venue_order([b, a], updates, trades) == 1
+    assert fills_out_of_venue_order([b, a, a, b], updates, trades) == 1  # copies: the first
+    # Another worker's trade may be recorded before an earlier one of this worker's; a fill
+    # the venue did not make (a paper fill, another venue's) is not judged.
+    assert fills_out_of_venue_order([c, a, b], updates, trades) == 0
+    assert fills_out_of_venue_order([b, a], updates, {b.fill_id: 2}) == 0
 
 
 def test_an_intent_filled_over_two_attempts_is_in_order_with_its_fills() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -205,3 +205,33 @@ def legal_order(updates: Sequence[OrderUpdate]) -> bool:
             return False
         previous = update.status
     return previous in _FINAL
+
+
+def fills_out_of_venue_order(
+    fills: Sequence[Fill], updates: Sequence[OrderUpdate], trade_ids: Mapping[str, int]
+) -> int:
+    """Fills that FILLS holds after a later trade of the same worker and symbol at the venue.
+
+    ``trade_ids`` is the venue's trade id of each fill id it made (fills it did not make are
+    not judged). A worker sends no order until the fills of the one before are recorded, so
+    each worker's fills of a symbol reach FILLS in the venue's order, which is the order a
+    ledger must apply them in to split realized and unrealized PnL as the venue does. Two
+    workers' fills may interleave: the worker is the one whose PENDING_NEW the order carries.
+    """
+    sender = {
+        u.client_order_id: u.worker_id for u in updates if u.status is OrderStatus.PENDING_NEW
+    }
+    latest: dict[tuple[str, str], int] = {}
+    seen: set[str] = set()
+    late = 0
+    for fill in fills:
+        trade_id = trade_ids.get(fill.fill_id)
+        if trade_id is None or fill.fill_id in seen:  # a copy: the first one counts
+            continue
+        seen.add(fill.fill_id)
+        key = (sender.get(fill.client_order_id, ""), fill.symbol)
+        if trade_id < latest.get(key, trade_id):
+            late += 1
+        else:
+            latest[key] = trade_id
+    return late

@@ -642,6 +642,11 @@ def _venue_order(raw: Mapping[str, Any]) -> VenueOrder:
     )
 
 
+def binance_fill_id(symbol: str, trade_id: object) -> str:
+    """A Binance trade's fill id: the venue's trade ids are unique per symbol."""
+    return f"binance-{symbol}-{trade_id}"
+
+
 def _fill(
     trade: Mapping[str, Any],
     order: VenueOrder,
@@ -652,7 +657,7 @@ def _fill(
     fee, asset = Decimal(str(trade["commission"])), _fee_asset(trade)
     price = fee_prices.get(asset)
     return Fill(
-        fill_id=f"binance-{order.symbol}-{trade['id']}",
+        fill_id=binance_fill_id(order.symbol, trade["id"]),
         client_order_id=order.client_order_id,
         symbol=order.symbol,
         side=side,

@@ -80,6 +80,7 @@ from qtrader.contracts.messages import (
     OrderUpdate,
     Signal,
 )
+from qtrader.exchange.binance import binance_fill_id
 from qtrader.exchange.credentials import KEY_VARIABLE, SECRET_VARIABLE
 from qtrader.execution.orders import DriverSettings
 from qtrader.instruments import paper_exchange_info
@@ -98,6 +99,7 @@ from qtrader_tools.stress.invariants import (
 )
 from qtrader_tools.stress.result import ScenarioResult
 from qtrader_tools.stress.scenario import StressOptions
+from qtrader_tools.stress.stream_audit import fills_out_of_venue_order
 
 SYMBOL = "BTCUSDT"
 START_PRICE = Decimal(30_000)
@@ -528,11 +530,11 @@ def _judge(result: ScenarioResult, evidence: _Evidence, *, planted: int) -> None
     intents = audit_intents(evidence.intents, evidence.updates)
     served = Counter(str(e["fault"]) for e in log if e.get("fault"))
     bans = sum(1 for e in log if e.get("status") == 418)
-    trade_ids = {f"binance-{t['symbol']}-{t['id']}" for t in evidence.trades}
-    missing_ids = trade_ids - {f.fill_id for f in evidence.fills}
+    venue_ids = {binance_fill_id(t["symbol"], t["id"]): int(t["id"]) for t in evidence.trades}
+    missing_ids = venue_ids.keys() - {f.fill_id for f in evidence.fills}
     missing = len(missing_ids)
     result.figures["trades_missing_from_fills"] = [
-        t for t in evidence.trades if f"binance-{t['symbol']}-{t['id']}" in missing_ids
+        t for t in evidence.trades if binance_fill_id(t["symbol"], t["id"]) in missing_ids
     ]
     after = sum(1 for t in evidence.trades if int(t["time"]) > evidence.bursts_ended_ms)
     result.figures.update(
@@ -576,6 +578,8 @@ def _judge(result: ScenarioResult, evidence: _Evidence, *, planted: int) -> None
     result.check(f"intents with more than {MAX_ATTEMPTS} attempts", book.over_max_attempts, "==", 0)
     result.check("fills after the last burst", after, ">", 0)
     result.check("exchange trades missing from FILLS", missing, "==", 0)
+    late = fills_out_of_venue_order(evidence.fills, evidence.updates, venue_ids)
+    result.check("fills on FILLS after a later trade of their worker", late, "==", 0)
     result.check("intents not final (UNKNOWN left included)", intents.not_final, "==", 0)
     result.check("/health CRITICAL at the end", int(evidence.health == "CRITICAL"), "==", 0)
     _judge_exposure(result, evidence)

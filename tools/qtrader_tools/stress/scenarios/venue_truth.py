@@ -115,6 +115,7 @@ from qtrader.contracts.messages import (
     RiskAlertKind,
     Signal,
 )
+from qtrader.exchange.binance import binance_fill_id
 from qtrader.exchange.credentials import KEY_VARIABLE, SECRET_VARIABLE
 from qtrader.inference.features import WINDOW
 from qtrader.instruments import paper_exchange_info
@@ -746,7 +747,7 @@ def _judge(
         "manual trade caught by a reconciliation alert (s)", detection_s, "<=", DETECTION_BOUND_S
     )
     fill_ids = {f.fill_id for f in evidence.fills}
-    missing = [t for t in ours if f"binance-{t['symbol']}-{t['id']}" not in fill_ids]
+    missing = [t for t in ours if binance_fill_id(t["symbol"], t["id"]) not in fill_ids]
     figures["trades"] = len(ours)
     figures["fills on FILLS"] = len(evidence.fills)
     result.check("our venue trades missing from FILLS", len(missing), "==", 0)
