@@ -12,20 +12,13 @@ goes on. The shared invariants are checked at the end (``conftest``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import re
-import signal as signals
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from qtrader.bus.errors import BusUnavailable
-from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Direction,
@@ -33,13 +26,12 @@ from qtrader.contracts.messages import (
     OrderIntent,
     OrderUpdate,
     Signal,
-    TradingState,
 )
 from qtrader.contracts.policy import parse_policy
 from qtrader.execution.decisions import client_order_id_for
-from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
-from qtrader_tools.candles import flat_candle
+from support.flow import control_plane
+from support.hang import hang, resume
 from support.streams import read_all
 from support.workers import Worker, eventually, start_worker, stop_pipeline
 
@@ -84,42 +76,11 @@ def _signal(index: int) -> Signal:
     )
 
 
-async def _candles_forever(bus: Bus) -> None:
-    """A fresh mark every half second (the worker trusts a price for 30 s); none while the
-    broker hangs."""
-    minute = int(time.time() // 60) * 60_000
-    for index in range(10**6):
-        candle = flat_candle("BTCUSDT", PRICE, open_time_ms=minute + index * 60_000)
-        with contextlib.suppress(BusUnavailable):
-            await bus.publish(subjects.candle_subject("BTCUSDT"), candle)
-        await asyncio.sleep(0.5)
-
-
-@contextlib.asynccontextmanager
-async def _control(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
-    bus = Bus(url=nats_server.url, client_name="test-intent-publication")
-    await bus.connect()
-    await bus.ensure_topology()
-    await publish_policy(bus, POLICY)
-    await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
-    tasks = [
-        asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2)),
-        asyncio.create_task(_candles_forever(bus)),
-    ]
-    try:
-        yield bus
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await bus.close()
-
-
 async def test_an_intent_the_outbox_cannot_take_is_dropped_whole_and_trading_goes_on(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
     url = nats_server.url
-    async with _control(nats_server) as bus:
+    async with control_plane(url, POLICY, price=PRICE, name="test-intent-publication") as bus:
         portfolio = start_worker("portfolio", nats_url=url, log_dir=tmp_path)
         execution = start_worker(
             "execution",
@@ -143,7 +104,7 @@ async def test_an_intent_the_outbox_cannot_take_is_dropped_whole_and_trading_goe
                 worker=execution,
             )
             assert nats_server.pid is not None
-            os.kill(nats_server.pid, signals.SIGSTOP)
+            hang(nats_server.pid)
             try:
                 await eventually(
                     lambda: execution.metric("qtrader_order_intents_unpublished_total") >= 1,
@@ -153,7 +114,7 @@ async def test_an_intent_the_outbox_cannot_take_is_dropped_whole_and_trading_goe
                 )
                 held = execution.metric("qtrader_outbox_depth")
             finally:
-                os.kill(nats_server.pid, signals.SIGCONT)
+                resume(nats_server.pid)
             await eventually(
                 lambda: _settled(execution),
                 timeout_s=60,

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
+from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Candle, CandleSource, Direction, OrderUpdate, Signal
+from qtrader.contracts.messages import (
+    Candle,
+    CandleSource,
+    Direction,
+    OrderUpdate,
+    Signal,
+    TradingState,
+)
+from qtrader.contracts.policy import TradingPolicy
+from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
+from qtrader_tools.candles import flat_candle
 from support.streams import read_all
 
 
@@ -65,3 +77,39 @@ async def order_updates(url: str, *, stack: str | None = None) -> list[OrderUpda
     stream = subjects.scoped_stream(stack, subjects.ORDERS)
     subject = subjects.scoped_subject(stack, "qtrader.order.update.*")
     return await read_all(url, stream=stream.name, subject=subject, message_type=OrderUpdate)
+
+
+async def marks_forever(bus: Bus, symbol: str, price: Decimal, *, every_s: float = 0.5) -> None:
+    """A flat candle of ``symbol`` at ``price`` every ``every_s`` (a fresh mark: the execution
+    worker trusts a price for 30 s); none while the broker cannot take it."""
+    minute = int(time.time() // 60) * 60_000
+    for index in itertools.count():
+        candle = flat_candle(symbol, price, open_time_ms=minute + index * 60_000)
+        with contextlib.suppress(BusUnavailable):
+            await bus.publish(subjects.candle_subject(symbol), candle)
+        await asyncio.sleep(every_s)
+
+
+@contextlib.asynccontextmanager
+async def control_plane(
+    url: str, policy: TradingPolicy, *, price: Decimal, name: str
+) -> AsyncIterator[Bus]:
+    """The control plane a worker test plays: the policy, an ACTIVE latch, a heartbeat every
+    0.2 s and fresh marks of the policy's first symbol at ``price`` (both stop while the broker
+    hangs); the bus, to publish signals on."""
+    bus = Bus(url=url, client_name=name)
+    await bus.connect()
+    await bus.ensure_topology()
+    await publish_policy(bus, policy)
+    await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+    tasks = [
+        asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2)),
+        asyncio.create_task(marks_forever(bus, policy.spec.symbols[0], price)),
+    ]
+    try:
+        yield bus
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await bus.close()

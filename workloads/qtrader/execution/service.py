@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,12 @@ INTENTS_UNPUBLISHED = Counter(
 )
 ORDERS_SENT = Counter("qtrader_orders_sent_total", "Orders sent to the exchange.", ["exchange"])
 RESOLVE_EVERY_S = 5.0  # how often intents left UNKNOWN are looked up again
+FILL_RETRY_S = 0.5  # how often a fill neither NATS nor the outbox took is tried again
+FILLS_UNRECORDED = Gauge(
+    "qtrader_fills_unrecorded",
+    "Fills made at the venue that are not yet on FILLS nor in the outbox: while one waits, no "
+    "order is sent.",
+)
 UNRESOLVED = Gauge(
     "qtrader_orders_unknown",
     "Intents this worker sent whose outcome is still unknown (looked up every few seconds).",
@@ -774,8 +781,35 @@ class Execution:
         ORDER_UPDATES.labels(update.status.value).inc()
 
     async def _publish_fill(self, fill: Fill) -> None:
-        """The core's fills (in its book already) to the FILLS stream."""
-        await self._context.bus.publish(subjects.fill_subject(fill.symbol), fill)
+        """The core's fills (in its book already) to the FILLS stream, tried again until they
+        are recorded there or in the outbox: nothing else is sent meanwhile (the send stage
+        holds its lock).
+
+        A fill is the venue's fact, not a wish that may be dropped. Handed back to the broker
+        with its intent (NATS unreachable and the outbox full), it would reach FILLS only when
+        the intent came again, after the fills of the orders sent meanwhile: FILLS, the paper
+        exchange's only record, would show positions the venue never held (three times the
+        limit, seen), and a ledger applying them in that order splits realized and unrealized
+        PnL otherwise than the venue."""
+        subject = subjects.fill_subject(fill.symbol)
+        FILLS_UNRECORDED.inc()
+        try:
+            for tries in itertools.count(1):
+                try:
+                    await self._context.bus.publish(subject, fill)
+                    break
+                except BusUnavailable as exc:
+                    if tries == 1:
+                        log.warning(
+                            "fill %s not recorded (%s): sending nothing until it is",
+                            fill.fill_id,
+                            exc,
+                        )
+                    await asyncio.sleep(FILL_RETRY_S)
+            if tries > 1:
+                log.info("fill %s recorded after %d tries", fill.fill_id, tries)
+        finally:
+            FILLS_UNRECORDED.dec()
         FILLS.labels(fill.symbol).inc()
 
     async def _on_exchange_error(self, exc: ExchangeError) -> None:
