@@ -12,8 +12,8 @@ code's own rules (``qtrader_tools.stress``), never a second copy of them:
   repeating its dedup id (``Nats-Msg-Id``: the streams keep 10 minutes of ids, longer than any
   test, so a stored repeat is a publish the server should have dropped), at most one final
   update per intent, every fill belongs to an order update of its client order id, and each
-  worker's fills of a symbol are on FILLS in the order the Binance server made the trades
-  (``qtrader_tools.stress.stream_audit``);
+  worker's fills of a symbol are on FILLS in the order the venue made them (the Binance
+  server's trade ids; a paper fill's time) (``qtrader_tools.stress.stream_audit``);
 * the portfolio's last snapshot equals an exact (Fraction) account of the fills and account
   entries (funding, transfers) it says it applied (``qtrader_tools.exact.ledger_mismatches``),
   once it has applied every fill and entry stored (waited for, with a deadline); no entry id is
@@ -208,8 +208,8 @@ def _stream_problems(records: TradingRecords) -> list[Problem]:
         (Check.ORDERS, "fills without an order update of their client order id"): (
             audit.fills_without_update
         ),
-        (Check.ORDERS, "fills on FILLS after a later trade of their worker at the venue"): (
-            fills_out_of_venue_order(records.fills, records.updates, _trade_ids(records))
+        (Check.ORDERS, "fills on FILLS after a later fill of their worker at the venue"): (
+            fills_out_of_venue_order(records.fills, records.updates, _venue_order(records))
         ),
     }
     return [
@@ -219,9 +219,12 @@ def _stream_problems(records: TradingRecords) -> list[Problem]:
     ]
 
 
-def _trade_ids(records: TradingRecords) -> dict[str, int]:
-    """The venue's trade id of each fill id it made; none with two venues, whose trade ids
-    may coincide (and in paper mode: FILLS is the only record)."""
+def _venue_order(records: TradingRecords) -> dict[str, int]:
+    """Each fill id's place in the order its venue made it: the Binance server's trade id, or
+    in paper mode the fill's time (the paper exchange stamps it with the worker's clock when it
+    fills). None with two Binance servers, whose trade ids may coincide."""
+    if not records.venues:
+        return {f.fill_id: f.ts_ms for f in records.fills}
     if len(records.venues) != 1:
         return {}
     return {binance_fill_id(t.symbol, t.trade_id): t.trade_id for t in records.venues[0].trades}

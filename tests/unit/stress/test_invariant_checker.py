@@ -229,7 +229,15 @@ def test_on_the_binance_server_fills_out_of_its_order_fail() -> None:
     assert judge(records(fills=made, venues=[venue])).ok
     report = judge(records(fills=made[::-1], venues=[venue]))
     assert [p.check for p in report.problems] == [Check.ORDERS], report.summary()
-    assert "after a later trade of their worker at the venue: 1" in report.summary()
+    assert "after a later fill of their worker at the venue: 1" in report.summary()
+
+
+def test_in_paper_mode_fills_out_of_their_time_order_fail() -> None:
+    """FILLS is the paper exchange's only record: its fills must be there in the order the
+    exchange made them, which their times give."""
+    report = judge(records(fills=FILLS[::-1]))
+    assert Check.ORDERS in {p.check for p in report.problems}, report.summary()
+    assert "after a later fill of their worker at the venue: 1" in report.summary()
 
 
 def test_an_exempt_check_is_noted_and_not_judged() -> None:

@@ -176,6 +176,10 @@ def test_fills_are_judged_in_the_venues_order_per_worker_and_symbol() -> None:
     # the venue did not make (a paper fill, another venue's) is not judged.
     assert fills_out_of_venue_order([c, a, b], updates, trades) == 0
     assert fills_out_of_venue_order([b, a], updates, {b.fill_id: 2}) == 0
+    # An order whose outcome was unknown (any attempt of its intent) is recorded when a
+    # look-up finds its fills.
+    looked_up = [*updates, update(first, OrderStatus.UNKNOWN)]
+    assert fills_out_of_venue_order([b, a], looked_up, trades) == 0
 
 
 def test_an_intent_filled_over_two_attempts_is_in_order_with_its_fills() -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from qtrader.contracts.messages import Candle, Fill, OrderIntent, OrderStatus, OrderUpdate, Signal
+from qtrader.execution.exposure import stem_of
 
 _UNIT_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _FINAL = frozenset(s for s in OrderStatus if s.is_final)
@@ -208,30 +209,34 @@ def legal_order(updates: Sequence[OrderUpdate]) -> bool:
 
 
 def fills_out_of_venue_order(
-    fills: Sequence[Fill], updates: Sequence[OrderUpdate], trade_ids: Mapping[str, int]
+    fills: Sequence[Fill], updates: Sequence[OrderUpdate], venue_order: Mapping[str, int]
 ) -> int:
-    """Fills that FILLS holds after a later trade of the same worker and symbol at the venue.
+    """Fills that FILLS holds after a later fill of the same worker and symbol at the venue.
 
-    ``trade_ids`` is the venue's trade id of each fill id it made (fills it did not make are
-    not judged). A worker sends no order until the fills of the one before are recorded, so
-    each worker's fills of a symbol reach FILLS in the venue's order, which is the order a
-    ledger must apply them in to split realized and unrealized PnL as the venue does. Two
-    workers' fills may interleave: the worker is the one whose PENDING_NEW the order carries.
+    ``venue_order`` places each fill id in the venue's order: a Binance trade id, a paper fill's
+    time (fills absent from it are not judged). A worker sends no order until the fills of the
+    one before are recorded, so each worker's fills of a symbol reach FILLS in the venue's
+    order, which is the order a ledger must apply them in to split realized and unrealized PnL
+    as the venue does. Two workers' fills may interleave: the worker is the one whose
+    PENDING_NEW the order carries. An order whose outcome was unknown (the venue could not say
+    whether it booked it) is not judged: the worker goes on trading, and its fills are recorded
+    when a look-up finds them, after those of the orders sent meanwhile.
     """
     sender = {
         u.client_order_id: u.worker_id for u in updates if u.status is OrderStatus.PENDING_NEW
     }
+    unknown = {stem_of(u.client_order_id) for u in updates if u.status is OrderStatus.UNKNOWN}
     latest: dict[tuple[str, str], int] = {}
     seen: set[str] = set()
     late = 0
     for fill in fills:
-        trade_id = trade_ids.get(fill.fill_id)
-        if trade_id is None or fill.fill_id in seen:  # a copy: the first one counts
-            continue
+        place = venue_order.get(fill.fill_id)
+        if place is None or fill.fill_id in seen or stem_of(fill.client_order_id) in unknown:
+            continue  # not judged; or a copy, where the first one counts
         seen.add(fill.fill_id)
         key = (sender.get(fill.client_order_id, ""), fill.symbol)
-        if trade_id < latest.get(key, trade_id):
+        if place < latest.get(key, place):
             late += 1
         else:
-            latest[key] = trade_id
+            latest[key] = place
     return late

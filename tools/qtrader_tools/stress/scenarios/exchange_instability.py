@@ -579,7 +579,7 @@ def _judge(result: ScenarioResult, evidence: _Evidence, *, planted: int) -> None
     result.check("fills after the last burst", after, ">", 0)
     result.check("exchange trades missing from FILLS", missing, "==", 0)
     late = fills_out_of_venue_order(evidence.fills, evidence.updates, venue_ids)
-    result.check("fills on FILLS after a later trade of their worker", late, "==", 0)
+    result.check("fills on FILLS after a later fill of their worker at the venue", late, "==", 0)
     result.check("intents not final (UNKNOWN left included)", intents.not_final, "==", 0)
     result.check("/health CRITICAL at the end", int(evidence.health == "CRITICAL"), "==", 0)
     _judge_exposure(result, evidence)
