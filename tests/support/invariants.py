@@ -72,6 +72,7 @@ from qtrader_tools.stress.stream_audit import (
     audit_orders,
     duplicates,
     fills_out_of_venue_order,
+    paper_fill_order,
 )
 from support.streams import kv_get_raw, kv_keys, last_stored, read_decodable
 
@@ -224,7 +225,7 @@ def _venue_order(records: TradingRecords) -> dict[str, int]:
     in paper mode the fill's time (the paper exchange stamps it with the worker's clock when it
     fills). None with two Binance servers, whose trade ids may coincide."""
     if not records.venues:
-        return {f.fill_id: f.ts_ms for f in records.fills}
+        return paper_fill_order(records.fills)
     if len(records.venues) != 1:
         return {}
     return {binance_fill_id(t.symbol, t.trade_id): t.trade_id for t in records.venues[0].trades}

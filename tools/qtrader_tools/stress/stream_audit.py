@@ -208,6 +208,12 @@ def legal_order(updates: Sequence[OrderUpdate]) -> bool:
     return previous in _FINAL
 
 
+def paper_fill_order(fills: Iterable[Fill]) -> dict[str, int]:
+    """The paper exchange's order of its fills: their times (it stamps each with the worker's
+    clock when it fills), for ``fills_out_of_venue_order``."""
+    return {f.fill_id: f.ts_ms for f in fills}
+
+
 def fills_out_of_venue_order(
     fills: Sequence[Fill], updates: Sequence[OrderUpdate], venue_order: Mapping[str, int]
 ) -> int:

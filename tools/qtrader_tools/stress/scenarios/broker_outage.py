@@ -30,7 +30,8 @@ Criteria, and why each:
   original ``Nats-Msg-Id``, so a message that reached the stream before its ack was lost must
   not be there twice.
 * ``out of order == 0``: per symbol, candle (and signal) times strictly increasing in stream
-  order; per intent, its updates in a legal state order. "Replayed in order" is the point.
+  order; per intent, its updates in a legal state order; per execution worker and symbol, its
+  fills in the order the paper exchange made them. "Replayed in order" is the point.
 * ``messages without their cause == 0``: signals for no candle, updates of no intent, fills of
   no order. A count that goes up on both sides would hide a loss.
 * ``outbox buffered during the outage > 0`` (``qtrader_outbox_buffered_total``): proves the
@@ -108,6 +109,8 @@ from qtrader_tools.stress.stream_audit import (
     audit_candles,
     audit_orders,
     audit_signals,
+    fills_out_of_venue_order,
+    paper_fill_order,
 )
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
@@ -617,9 +620,11 @@ def judge_pipeline(
     lost += orders.without_final + orders.fill_mismatches
     result.check("events lost", lost, "==", 0)
     result.check("duplicates", candles.duplicates + signals.duplicates + orders.duplicates, "==", 0)
+    late_fills = fills_out_of_venue_order(back.fills, back.updates, paper_fill_order(back.fills))
+    result.figures["fills on FILLS after a later fill of their worker"] = late_fills
     result.check(
         "out of order",
-        candles.out_of_order + signals.out_of_order + orders.illegal_order,
+        candles.out_of_order + signals.out_of_order + orders.illegal_order + late_fills,
         "==",
         0,
     )
