@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -792,24 +791,28 @@ class Execution:
         limit, seen), and a ledger applying them in that order splits realized and unrealized
         PnL otherwise than the venue."""
         subject = subjects.fill_subject(fill.symbol)
-        FILLS_UNRECORDED.inc()
+        waiting_since: float | None = None
         try:
-            for tries in itertools.count(1):
+            while True:
                 try:
                     await self._context.bus.publish(subject, fill)
                     break
                 except BusUnavailable as exc:
-                    if tries == 1:
+                    if waiting_since is None:
+                        waiting_since = self._clock.monotonic_s()
+                        FILLS_UNRECORDED.inc()
                         log.warning(
                             "fill %s not recorded (%s): sending nothing until it is",
                             fill.fill_id,
                             exc,
                         )
                     await asyncio.sleep(FILL_RETRY_S)
-            if tries > 1:
-                log.info("fill %s recorded after %d tries", fill.fill_id, tries)
         finally:
-            FILLS_UNRECORDED.dec()
+            if waiting_since is not None:
+                FILLS_UNRECORDED.dec()
+        if waiting_since is not None:
+            waited_s = self._clock.monotonic_s() - waiting_since
+            log.info("fill %s recorded after %.1f s", fill.fill_id, waited_s)
         FILLS.labels(fill.symbol).inc()
 
     async def _on_exchange_error(self, exc: ExchangeError) -> None:
