@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 
@@ -29,6 +31,9 @@ pytestmark = pytest.mark.integration
 
 STALL_S = 5.0
 RECOVER_WITHIN_S = 10.0
+# Long enough for the client to give up on the connection (two unanswered pings, 2 s apart) and
+# make several reconnect attempts (2 s each, 0.5 s apart).
+LONG_STALL_S = 12.0
 
 
 @pytest.fixture
@@ -146,3 +151,20 @@ async def _first_failed_ping(bus: Bus, *, tries: int) -> BusUnavailable | None:
             return exc
         await asyncio.sleep(0.5)
     return None
+
+
+async def test_reconnecting_to_a_hung_broker_leaves_no_socket_open(
+    nats_server: EmbeddedNats, bus: Bus
+) -> None:
+    """A hung broker's kernel still accepts connections: each reconnect attempt connects, then
+    waits for an INFO that never comes. nats-py opens the next attempt's socket over the last
+    one without closing it, leaving it to the collector (a ResourceWarning, the socket open
+    until then). The bus closes each failed attempt's socket itself."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with stalled(nats_server, LONG_STALL_S):
+            pass
+        await _recovers(bus)
+        gc.collect()
+    leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaked, f"sockets left to the collector: {leaked}"

@@ -302,6 +302,9 @@ class Bus:
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS client error: %s", exc)
+        client = self._nc
+        if client is not None and not (client.is_connected or client.is_closed):
+            _close_failed_attempt(client)
 
     @property
     def _jetstream(self) -> JetStreamContext:
@@ -1070,6 +1073,19 @@ def _deliver_policy(*, from_now: bool, from_last: bool) -> DeliverPolicy:
     if from_last:
         return DeliverPolicy.LAST_PER_SUBJECT
     return DeliverPolicy.NEW if from_now else DeliverPolicy.ALL
+
+
+def _close_failed_attempt(client: Client) -> None:
+    """Close the socket of a reconnect attempt nats-py has just reported failed.
+
+    A hung broker's kernel still accepts connections, so an attempt connects, then gives up
+    waiting for the INFO. nats-py 2.16 opens the next attempt's socket over that one without
+    closing it: it would stay open until the collector freed it (a ResourceWarning). Only
+    while not connected: an error reported on a live connection (a slow consumer) must not
+    close it. Closing a socket already closed does nothing."""
+    transport = getattr(client, "_transport", None)  # nats-py's; no public handle on it
+    if transport is not None:
+        transport.close()
 
 
 def _stop_if_cancelled() -> None:
