@@ -2,14 +2,15 @@
 
 A real execution and portfolio worker on a real nats-server, trading in testnet mode on the
 local Binance-compatible server, with a disk outbox of one message. The first order is booked
-and its trades are read slowly (the venue answers after seconds); meanwhile the broker hangs
-(SIGSTOP) and the next signal's intent takes the outbox's only place. When the trades come, their
-fill can be neither sent nor kept. It is a fact of the venue's, in the book already: the worker
-must not send the next order until it is recorded. Sent before it (the failed fill's intent
-handed back to the broker, the next intent taken meanwhile), FILLS would hold the second trade
-before the first: the paper exchange's only record would show a position the venue never held,
-and a ledger applying them in that order would split realized and unrealized PnL otherwise than
-the venue (seen in CI, in paper mode: a short of three times the limit on FILLS).
+and its trades are read slowly (the venue leaves the first reads unanswered); meanwhile the
+broker hangs (SIGSTOP) and the next signal's intent takes the outbox's only place. When the
+trades come, their fill can be neither sent nor kept. It is a fact of the venue's, in the book
+already: the worker must not send the next order until it is recorded. Sent before it (the
+failed fill's intent handed back to the broker, the next intent taken meanwhile), FILLS would
+hold the second trade before the first: the paper exchange's only record would show a position
+the venue never held, and a ledger applying them in that order would split realized and
+unrealized PnL otherwise than the venue (seen in CI, in paper mode: a short of three times the
+limit on FILLS).
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ from support.workers import Worker, eventually, start_worker, stop_pipeline
 pytestmark = pytest.mark.integration
 
 PRICE = Decimal(30_000)
-CYCLE_S = 3  # the second signal is decided this long after the first: during the hang
-TRADES_LATENCY_MS = 8_000  # the first order's trades come this long after its booking
+# The first order's trades: the venue leaves the first reads unanswered, and the client gives up
+# on each after its timeout (5 s), so they come more than TRADES_READS_LOST * 5 s after booking.
+TRADES_READS_LOST = 2
+# The second signal is decided this long after the first: after the broker hangs, before the
+# trades come. Wide margins both ways for a loaded machine (CI's two test processes and workers).
+CYCLE_S = 7
 POLICY = parse_policy(
     {
         "apiVersion": "qtrader.dev/v1alpha1",
@@ -101,24 +106,33 @@ async def test_a_fill_that_cannot_be_recorded_holds_the_next_order_until_it_is(
                 worker=execution,
             )
             exchange.faults(
-                [{"route": "GET /fapi/v1/userTrades", "kind": "latency_ms",
-                  "latency_ms": TRADES_LATENCY_MS, "next": 1}]
+                [{"route": "GET /fapi/v1/userTrades", "kind": "hang_before_booking",
+                  "hang_s": 30, "next": TRADES_READS_LOST}]
             )  # fmt: skip
             # Decided CYCLE_S apart: a long, then a short that reverses it (a sell of twice the
-            # long, sized on the long in flight).
-            for index, direction in enumerate((Direction.LONG, Direction.SHORT)):
-                await bus.publish(subjects.signal_subject("BTCUSDT"), _signal(index, direction))
+            # long, sized on the long in flight). The second is sent once the first is booked,
+            # and the broker hangs once the worker holds it: before its decision is due.
+            await bus.publish(subjects.signal_subject("BTCUSDT"), _signal(0, Direction.LONG))
             await eventually(
                 lambda: bool(exchange.trades()),
-                timeout_s=CYCLE_S - 1,
-                what="the first order booked at the venue before the second is decided",
+                timeout_s=30,
+                what="the first order booked at the venue",
                 worker=execution,
             )
+            booked = time.monotonic()
+            await bus.publish(subjects.signal_subject("BTCUSDT"), _signal(1, Direction.SHORT))
+            await eventually(
+                lambda: execution.metric("qtrader_signal_queue_depth") == 1,
+                timeout_s=CYCLE_S - 1,
+                what="the second signal waiting for its decision",
+                worker=execution,
+            )
+            held_s = time.monotonic() - booked
             hang(nats_server.pid)
             try:
                 await eventually(
                     lambda: execution.metric("qtrader_outbox_refused_total") >= 1,
-                    timeout_s=TRADES_LATENCY_MS / 1000 + 15,
+                    timeout_s=TRADES_READS_LOST * 5 + 15,
                     what="the first order's fill refused by the full outbox",
                     worker=execution,
                 )
@@ -137,6 +151,7 @@ async def test_a_fill_that_cannot_be_recorded_holds_the_next_order_until_it_is(
         finally:
             await stop_pipeline(workers, nats_url=url)
 
+    assert held_s < CYCLE_S - 1, f"the broker hung {held_s:.1f} s after the booking: too late"
     assert kept == 1, "the second intent waited in the outbox during the hang"
     assert waiting == 1, "the worker showed the fill it could not record"
     assert "not published, dropped" not in execution.log(), "the second intent was kept"
