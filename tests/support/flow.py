@@ -26,8 +26,9 @@ from qtrader_tools.candles import flat_candle
 from support.streams import read_all
 
 
-async def flow(bus: Bus, *, stop: asyncio.Event) -> int:
-    """Candles and alternating LONG/SHORT signals, 20 a second, until stopped."""
+async def flow(bus: Bus, *, stop: asyncio.Event, every_s: float = 0.05) -> int:
+    """Candles and alternating LONG/SHORT signals, one of each every ``every_s`` (20 a second by
+    default), until stopped."""
     index = 0
     while not stop.is_set():
         now_ms = int(time.time() * 1000)
@@ -57,14 +58,14 @@ async def flow(bus: Bus, *, stop: asyncio.Event) -> int:
         )
         await bus.publish(subjects.signal_subject("BTCUSDT"), signal)
         index += 1
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(every_s)
     return index
 
 
 @contextlib.asynccontextmanager
-async def flowing(bus: Bus) -> AsyncIterator[None]:
+async def flowing(bus: Bus, *, every_s: float = 0.05) -> AsyncIterator[None]:
     stop = asyncio.Event()
-    task = asyncio.create_task(flow(bus, stop=stop))
+    task = asyncio.create_task(flow(bus, stop=stop, every_s=every_s))
     try:
         yield
     finally:
