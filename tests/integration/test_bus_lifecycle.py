@@ -19,11 +19,13 @@ import pytest
 from qtrader.bus.nats_bus import Bus
 from qtrader.cli import main
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import HaltLatch, TradingState
+from qtrader.contracts.messages import AccountEntry, HaltLatch, TradingState
 from qtrader.local.nats_server import EmbeddedNats
 from support.silent import SilentServer
 
 pytestmark = pytest.mark.integration
+
+READS = 3000  # before the fix, one read in a few hundred hung: every one of six runs of this many
 
 
 async def _eventually(condition: Callable[[], bool], *, what: str, timeout_s: float = 15) -> None:
@@ -129,3 +131,33 @@ async def test_a_loop_connecting_reading_a_key_and_closing_ends_at_the_first_can
                 task.cancel()
                 await asyncio.wait({task}, timeout=0.2)
     assert went_on == 0, f"{went_on} of 60 loops went on after their cancel"
+
+
+async def test_reading_what_is_stored_on_an_empty_subject_always_returns(
+    nats_server: EmbeddedNats,
+) -> None:
+    """``read_stored`` answers at once when nothing is stored and cancels its replay, which is
+    then creating its consumer. On Python 3.11 ``asyncio.wait_for`` returns a result that
+    arrives as its task is cancelled and swallows the cancellation: the replay went on to hold
+    its subscription forever, and ``read_stored`` waited for it forever (one call in a few
+    hundred; an execution worker's income reader never started so, and no funding was booked)."""
+    bus = Bus(url=nats_server.url, client_name="test-read-stored")
+    await bus.connect()
+    await bus.ensure_topology()
+    hung = 0
+    try:
+        for _ in range(READS):
+            reading = asyncio.create_task(
+                bus.read_stored(subjects.FILLS, subjects.ACCOUNT_ENTRY, AccountEntry, label="t")
+            )
+            done, _ = await asyncio.wait({reading}, timeout=5.0)
+            if not done:
+                hung += 1
+                while not reading.done():  # end it all the same
+                    reading.cancel()
+                    await asyncio.wait({reading}, timeout=0.2)
+                break
+            assert reading.result() == []
+    finally:
+        await bus.close()
+    assert hung == 0, "read_stored hung on a subject with nothing stored"

@@ -542,6 +542,7 @@ class Bus:
         """Run a durable pull consumer until cancelled, acking each message after its handler."""
         subscription = await self._bind(spec)
         while True:
+            _stop_if_cancelled()
             try:
                 messages = await subscription.fetch(batch, timeout=fetch_timeout_s)
             except nats.errors.TimeoutError:
@@ -583,6 +584,7 @@ class Bus:
         subscription = await self._bind(spec)
         losses_seen = self._losses.count
         while True:
+            _stop_if_cancelled()
             try:
                 messages = await subscription.fetch(batch, timeout=fetch_timeout_s)
             except nats.errors.TimeoutError:
@@ -708,6 +710,7 @@ class Bus:
     async def _confirm(self, subject: str, registered: asyncio.Event) -> None:
         """Set ``registered`` once a round trip has come back."""
         while True:
+            _stop_if_cancelled()
             try:
                 await self._round_trip(self._flush_timeout_s)
                 registered.set()
@@ -819,6 +822,8 @@ class Bus:
             info = await self._jetstream.stream_info(stream.name, subjects_filter=filter_subject)
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read {stream.name}'s state: {exc!r}") from exc
+        finally:
+            _stop_if_cancelled()
         return any((info.state.subjects or {}).values())
 
     async def last_sequence(self, stream: subjects.StreamSpec) -> int:
@@ -829,6 +834,8 @@ class Bus:
             info = await self._jetstream.stream_info(stream.name)
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read {stream.name}'s state: {exc!r}") from exc
+        finally:
+            _stop_if_cancelled()
         return int(info.state.last_seq)
 
     async def last_message(
@@ -844,6 +851,8 @@ class Bus:
             return None
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read the last message of {subject}: {exc!r}") from exc
+        finally:
+            _stop_if_cancelled()
         try:
             return decode(raw.data or b"", message_type)
         except MessageRejected as rejected:
@@ -874,6 +883,7 @@ class Bus:
         found: list[M] = []
         sequence = max(1, from_sequence)
         while limit is None or len(found) < limit:
+            _stop_if_cancelled()
             raw = await self._next_stored(stream.name, subject, sequence)
             if raw is None or (to_sequence is not None and int(raw.seq or 0) > to_sequence):
                 break
@@ -932,6 +942,8 @@ class Bus:
             return None
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read {subject} from {stream}: {exc!r}") from exc
+        finally:
+            _stop_if_cancelled()
 
     async def consumer_position(self, spec: subjects.ConsumerSpec) -> ConsumerPosition:
         """Where the durable consumer stands in its stream; zeros when it does not exist yet."""
@@ -942,6 +954,8 @@ class Bus:
             return ConsumerPosition(acked_through=0, delivered_through=0)
         except _UNAVAILABLE as exc:
             raise BusUnavailable(f"cannot read consumer {spec.durable}: {exc!r}") from exc
+        finally:
+            _stop_if_cancelled()
         return ConsumerPosition(
             acked_through=0 if info.ack_floor is None else int(info.ack_floor.stream_seq),
             delivered_through=0 if info.delivered is None else int(info.delivered.stream_seq),
@@ -955,6 +969,7 @@ class Bus:
         handle = self._buckets.get(bucket)
         if handle is None:
             handle = await self._jetstream.key_value(bucket)
+            _stop_if_cancelled()
             self._buckets[bucket] = handle
         return handle
 
@@ -993,6 +1008,7 @@ class Bus:
         watcher = await kv.watch(key)
         try:
             while True:
+                _stop_if_cancelled()
                 try:
                     entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]  # untyped in nats-py
                 except nats.errors.TimeoutError:
@@ -1089,11 +1105,17 @@ def _close_failed_attempt(client: Client) -> None:
 
 
 def _stop_if_cancelled() -> None:
-    """Re-raise a cancellation nats-py swallowed: 2.16's ``_flush_pending`` ends in ``except
-    CancelledError: pass``, so a task cancelled while a publish, a request (a KV read or write)
-    or a connect's or close's flush waited in the flush queue would go on as if nothing happened
-    (a heartbeat loop that never stops; a loop connecting, reading a key and closing ignored
-    about one cancel in three)."""
+    """Re-raise a cancellation swallowed under a nats-py call, so the task ends as asked.
+
+    Two ways it is lost: nats-py 2.16's ``_flush_pending`` ends in ``except CancelledError:
+    pass``, so a task cancelled while a publish, a request (a KV read or write) or a connect's
+    or close's flush waited in the flush queue would go on as if nothing happened (a heartbeat
+    loop that never stops; a loop connecting, reading a key and closing ignored about one
+    cancel in three). And Python 3.11's ``asyncio.wait_for``, which nats-py's requests and
+    fetches await, returns a result that arrives as its task is cancelled and drops the
+    cancellation (a replay cancelled while creating its consumer held it forever, one time in
+    a few hundred). A loop around such calls checks at each turn; a wait that never ends by
+    itself checks before it starts."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
@@ -1205,10 +1227,13 @@ async def _deliver(label: str, msg: Msg, message_type: type[M], handler: Handler
 
 async def _hold(subscription: Subscription, *, first: Awaitable[None] | None = None) -> None:
     """Keep a callback subscription open until cancelled (awaiting ``first`` meanwhile, if
-    given), then close it."""
+    given), then close it. A cancellation swallowed while subscribing ends it at once: it
+    would otherwise hold the subscription, and whoever awaits its end, forever."""
     try:
+        _stop_if_cancelled()
         if first is not None:
             await first
+            _stop_if_cancelled()
         await asyncio.Event().wait()
     finally:
         with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
