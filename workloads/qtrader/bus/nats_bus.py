@@ -121,6 +121,10 @@ CONSUMER_PENDING = Gauge(
     ["consumer"],
 )
 
+# An ordered consumer (a replay) asks the server for a heartbeat this often while idle: nats-py
+# recreates one that missed two, which is how a replay finds out the broker restarted and forgot
+# it. nats-py's default (5 s) left replays blind for 10-20 s after a restart.
+REPLAY_HEARTBEAT_S = 1.0
 PING_INTERVAL_S = 2
 MAX_OUTSTANDING_PINGS = 2
 # More unanswered round trips than this means the broker has not answered for a long while: the
@@ -761,6 +765,7 @@ class Bus:
                 stream=stream.name,
                 cb=on_message,
                 ordered_consumer=True,
+                idle_heartbeat=REPLAY_HEARTBEAT_S,
                 deliver_policy=_deliver_policy(from_now=from_now, from_last=from_last),
             )
         )
@@ -808,6 +813,7 @@ class Bus:
                 stream=stream.name,
                 cb=on_message,
                 ordered_consumer=True,
+                idle_heartbeat=REPLAY_HEARTBEAT_S,
                 config=config,
                 deliver_policy=(
                     DeliverPolicy.BY_START_SEQUENCE if after_sequence else DeliverPolicy.ALL
