@@ -83,6 +83,7 @@ class Rig:
             ),
             deadline=lambda i: i.created_at_ms + TTL_MS,
             was_sent=self.book.was_sent,
+            ended=self.book.ended,
             worker_id="me",
         )
 
@@ -101,6 +102,11 @@ class Rig:
         self.book.apply_fill(fill)
 
     async def execute(self, intent: OrderIntent) -> OrderUpdate:
+        final = await self.redeliver(intent)
+        assert final is not None, "an intent not ended before ends now"
+        return final
+
+    async def redeliver(self, intent: OrderIntent) -> OrderUpdate | None:
         return await self.driver.execute(intent, max_slippage_bps=100)
 
 
@@ -157,6 +163,25 @@ async def test_an_order_with_too_little_room_left_is_rejected_unsent() -> None:
     assert final.status is OrderStatus.REJECTED
     assert final.refused_by is RefusedBy.EXPOSURE_BOOK
     assert [u.status for u in rig.updates[-1:]] == [OrderStatus.REJECTED]
+    assert rig.book.position("BTCUSDT") == Decimal("0.030")
+
+
+async def test_an_intent_redelivered_after_its_final_update_is_not_driven_again() -> None:
+    """Its acknowledgement lost (the broker hung as it went), an intent comes again after the
+    consumer's ack wait, past its time to live. Driven again, it got a second final update
+    (REJECTED, then EXPIRED: CI's broker-hang scenario), and a filled one would be looked up
+    and reported again."""
+    rig = Rig(TradingState.ACTIVE)
+    filled = _intent("a", "0.030")
+    assert (await rig.execute(filled)).status is OrderStatus.FILLED
+    refused = _intent("b", "0.010")
+    assert (await rig.execute(refused)).status is OrderStatus.REJECTED
+    updates = len(rig.updates)
+    for intent in (filled, refused):
+        late = intent.model_copy(update={"created_at_ms": intent.created_at_ms - 30_000})
+        assert await rig.redeliver(late) is None
+    assert len(rig.updates) == updates, "nothing published again"
+    assert rig.looked_up == [], "nothing asked of the venue"
     assert rig.book.position("BTCUSDT") == Decimal("0.030")
 
 

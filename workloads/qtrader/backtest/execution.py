@@ -171,6 +171,7 @@ class BacktestExecution:
             self._on_intent(outcome)
         self._paper.on_candle(self._candle_of(outcome.symbol))
         final = drive(self.core.execute(outcome))
+        assert final is not None, "a backtest drives each intent once"
         if final.filled_quantity == 0:
             self.counts.unfilled += 1
 

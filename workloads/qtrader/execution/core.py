@@ -161,6 +161,7 @@ class ExecutionCore:
             expiry=self.expiry,
             deadline=self.deadline,
             was_sent=self.book.was_sent,
+            ended=self.book.ended,
             worker_id=self._worker_id,
             on_error=on_error,
             settings=self._settings.driver,
@@ -291,13 +292,13 @@ class ExecutionCore:
 
     # --- stage 2: intents to orders -----------------------------------------------------------
 
-    async def execute(self, intent: OrderIntent) -> OrderUpdate:
-        """Drive ``intent`` to a final state on the venue; its final update. One left UNKNOWN
-        stays in flight in the book and is kept for ``resolve``."""
+    async def execute(self, intent: OrderIntent) -> OrderUpdate | None:
+        """Drive ``intent`` to a final state on the venue; its final update (None: it had one
+        already). One left UNKNOWN stays in flight in the book and is kept for ``resolve``."""
         assert self._driver is not None, "connect a venue first"
         spec = self._spec()
         final = await self._driver.execute(intent, max_slippage_bps=spec.risk.max_slippage_bps)
-        if final.status is OrderStatus.UNKNOWN:
+        if final is not None and final.status is OrderStatus.UNKNOWN:
             self._unresolved[intent.intent_id] = intent
         return final
 

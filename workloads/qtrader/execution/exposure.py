@@ -311,6 +311,11 @@ class ExposureBook:
         reservation.final_filled = filled
         self._drop_if_settled(intent_id)
 
+    def ended(self, intent_id: str) -> bool:
+        """Whether the intent has had its final update (this worker's, or another's replayed):
+        one that comes again (its acknowledgement lost) is not driven again."""
+        return intent_id in self._finished
+
     def knows(self, intent_id: str) -> bool:
         """Whether the intent is in flight, was sent, or ended: deciding it again adds nothing
         (the stream keeps one message per intent id)."""

@@ -143,6 +143,7 @@ class OrderDriver:
         expiry: Expiry,
         deadline: Deadline,
         was_sent: Callable[[str], bool],
+        ended: Callable[[str], bool],
         on_error: Callable[[ExchangeError], Awaitable[None]] | None = None,
         settings: DriverSettings | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -157,6 +158,7 @@ class OrderDriver:
         self._expiry = expiry
         self._deadline = deadline
         self._was_sent = was_sent
+        self._ended = ended
         self._on_error = on_error
         self._venue = venue
         self._gate = gate
@@ -166,8 +168,13 @@ class OrderDriver:
         self._worker_id = worker_id
         self._settings = settings or DriverSettings()
 
-    async def execute(self, intent: OrderIntent, *, max_slippage_bps: int) -> OrderUpdate:
-        """Drive ``intent`` to a final state and return its final (cumulative) update."""
+    async def execute(self, intent: OrderIntent, *, max_slippage_bps: int) -> OrderUpdate | None:
+        """Drive ``intent`` to a final state and return its final (cumulative) update; None,
+        publishing and asking nothing, for one that had its final update already (redelivered
+        because its acknowledgement was lost: driven again, it would end twice)."""
+        if self._ended(intent.intent_id):
+            log.info("intent %s came again after its final update: nothing to do", intent.intent_id)
+            return None
         bound = slippage_bound(intent.reference_price, intent.side, max_slippage_bps)
         progress = _Progress(filled=Decimal(0), notional=Decimal(0))
         why = ""

@@ -746,6 +746,8 @@ class Execution:
 
     async def _execute(self, intent: OrderIntent) -> None:
         final = await self._core.execute(intent)  # connected before the consumer starts
+        if final is None:  # it came again after its final update
+            return
         if final.refused_by is RefusedBy.HALT_GATE:
             ORDERS_BLOCKED.labels(self._gate.state()[0].value).inc()
             log.info("intent %s not sent: %s", intent.intent_id, final.reason)
