@@ -89,6 +89,7 @@ class PaperWorker:
             ),
             deadline=lambda i: i.created_at_ms + TTL_MS,
             was_sent=self.book.was_sent,
+            ended=self.book.ended,
             worker_id="me",
         )
 
@@ -115,7 +116,9 @@ class PaperWorker:
             policy_revision=1,
             created_at_ms=_now_ms(),
         )
-        return await self.driver.execute(intent, max_slippage_bps=MAX_SLIPPAGE_BPS)
+        final = await self.driver.execute(intent, max_slippage_bps=MAX_SLIPPAGE_BPS)
+        assert final is not None, "each intent is driven once here"
+        return final
 
     def _admit(self, order: OrderIntent) -> Admitted | Refused:
         limits = SendLimits(
