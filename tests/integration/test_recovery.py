@@ -260,8 +260,8 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
         reference_price=Decimal(30_000),
         policy_revision=1,
         # Within its time to live when first sent (an older intent is never sent: it ends
-        # EXPIRED); each redelivery is recognised by its PENDING_NEW on the ORDERS stream and
-        # looked up, whatever its age by then.
+        # EXPIRED); each redelivery is recognised by its final update on the ORDERS stream,
+        # whatever its age by then.
         created_at_ms=int(time.time() * 1000),
     )
     subject = subjects.order_intent_subject("BTCUSDT")
@@ -275,22 +275,34 @@ async def test_the_same_intent_delivered_again_makes_one_order_even_after_a_kill
             lambda: handled(worker) >= count, timeout_s=30, what="the intent", worker=worker
         )
 
+    async def wait_came_again(worker: Worker) -> None:
+        await eventually(
+            lambda: f"intent {intent_id} came again after its final update" in worker.log(),
+            timeout_s=30,
+            what="the intent delivered again",
+            worker=worker,
+        )
+
     first = start_worker("execution", nats_url=url, log_dir=tmp_path)
     try:
         await eventually(lambda: _trading(first), timeout_s=15, what="ACTIVE", worker=first)
         await bus.publish(subject, intent)
         await wait_handled(first, 1)
+        # Delivered again after its final update: acknowledged, nothing sent, looked up or
+        # published (driven again, it would end twice).
         await publish_raw(url, subject, intent.encode(), msg_id="again-1")
-        await wait_handled(first, 2)
-        assert first.metric("qtrader_order_attempts_recovered_total") == 1
+        await wait_came_again(first)
+        assert handled(first) == 1
+        assert first.metric("qtrader_order_attempts_recovered_total") == 0
         first.stop(kill=True)
         second = start_worker("execution", nats_url=url, log_dir=tmp_path)
         try:
             await eventually(lambda: _trading(second), timeout_s=15, what="ACTIVE", worker=second)
             await publish_raw(url, subject, intent.encode(), msg_id="again-2")
-            await wait_handled(second, 1)
-            # Known from the fill history the restarted worker replayed: not sent again.
-            assert second.metric("qtrader_order_attempts_recovered_total") == 1
+            # Known final from the ORDERS stream the restarted worker replayed.
+            await wait_came_again(second)
+            assert handled(second) == 0
+            assert second.metric("qtrader_order_attempts_recovered_total") == 0
         finally:
             second.stop()
     finally:
