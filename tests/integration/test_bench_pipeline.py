@@ -80,6 +80,11 @@ def test_bench_pipeline_when_run_small_then_every_candle_accounted_for(tmp_path:
     assert result["fills_applied"] == result["fills_stored"]
     for key in ("signals_per_s", "decisions_per_s", "raw_publish_per_s", "raw_consume_per_s"):
         assert result[key] > 0, key
+    # Where the cores went over the throughput run, read from /proc for each process.
+    cpu = result["cpu_s"]
+    assert set(cpu) == {"inference", "execution", "portfolio", "nats-server", "benchmark"}
+    assert all(isinstance(used, float) and used >= 0 for used in cpu.values()), cpu
+    assert result["cpu_us_per_signal"]["total"] > 0
     assert "raw pull-consume + ack" in completed.stdout  # the table precedes the JSON
 
 

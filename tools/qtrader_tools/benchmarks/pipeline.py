@@ -35,7 +35,9 @@ Phases, in order:
   handled and acknowledged, so every signal published): signals/s. Until the first poll that also
   finds the execution consumer drained, its intake empty, and its decisions (intents + denials,
   from its ``/metrics``) plus intake drops equal to the signals stored: decisions/s. The poll's
-  period bounds the timing error.
+  period bounds the timing error. Over the same span, the CPU seconds each process used (from
+  ``/proc``: the three workers, nats-server and this benchmark), per signal: where the two
+  cores go, steadier from run to run than a rate on a shared machine.
 
 Every candle is accounted for: after the warm-up each candle makes exactly one signal, so the
 measured phases must store as many signals as they published candles, every signal must be
@@ -51,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import signal
 import sys
 import tempfile
@@ -102,6 +105,7 @@ RAW_STREAM = "BENCH_RAW"
 RAW_SUBJECT = "bench.raw.candle"
 RAW_DURABLE = "bench-raw"
 EXECUTION = "execution"
+WORKERS = ("inference", EXECUTION, "portfolio")
 _ERRORS = (BusError, NatsServerError, ChildExited, nats.errors.Error, httpx.HTTPError, OSError)
 
 
@@ -460,7 +464,28 @@ class Figures:
     publish: Rate  # the benchmark's own candle publishing during the throughput phase
     signals_s: float
     decisions_s: float
+    cpu_s: dict[str, float | None]  # CPU seconds of each process over the throughput run
     final: State
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process ``pid`` has used, from ``/proc`` (None without it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_used(
+    after: dict[str, float | None], before: dict[str, float | None]
+) -> dict[str, float | None]:
+    used: dict[str, float | None] = {}
+    for name, end in after.items():
+        start = before.get(name)
+        used[name] = None if end is None or start is None else round(end - start, 3)
+    return used
 
 
 class PipelineBench:
@@ -475,8 +500,11 @@ class PipelineBench:
         observer: Observer,
         symbols: Sequence[str],
         interrupt: Interrupt,
+        *,
+        nats_pid: int | None,
     ) -> None:
         self._bus = bus
+        self._nats_pid = nats_pid
         self._interrupt = interrupt
         self._js = raw.jetstream(timeout=10.0)
         self._url = url
@@ -532,7 +560,7 @@ class PipelineBench:
         latency = await self._latency_phase(latency_candles)
         to_signal, to_intent = self._stamps.latencies(latency_candles)
         self.progress(f"latency: {len(latency_candles)} candles at {LATENCY_HZ:g} steps/s")
-        throughput, publish, signals_s, decisions_s = await self._throughput_phase(
+        throughput, publish, signals_s, decisions_s, cpu_s = await self._throughput_phase(
             throughput_candles
         )
         self.progress(
@@ -553,6 +581,7 @@ class PipelineBench:
             publish=publish,
             signals_s=signals_s,
             decisions_s=decisions_s,
+            cpu_s=cpu_s,
             final=final,
         )
 
@@ -629,15 +658,24 @@ class PipelineBench:
 
     async def _throughput_phase(
         self, candles: Sequence[Candle]
-    ) -> tuple[Phase, Rate, float, float]:
+    ) -> tuple[Phase, Rate, float, float, dict[str, float | None]]:
         before = await self._observer.full_state()
+        cpu_before = self._cpu()
         began = time.perf_counter()
         publishing = asyncio.create_task(self._publish(candles))
         settled = await wait_settled(self._observer, self._children, self._interrupt, publishing)
+        cpu_s = _cpu_used(self._cpu(), cpu_before)
         publish = publishing.result()
         after = await self._observer.full_state()
         phase = Phase(candles=len(candles), before=before, after=after)
-        return phase, publish, settled.signals_at - began, settled.decisions_at - began
+        return phase, publish, settled.signals_at - began, settled.decisions_at - began, cpu_s
+
+    def _cpu(self) -> dict[str, float | None]:
+        """CPU seconds used so far by each process of the pipeline, by name."""
+        pids: dict[str, int | None] = {name: self._children[name].process.pid for name in WORKERS}
+        pids["nats-server"] = self._nats_pid
+        pids["benchmark"] = os.getpid()
+        return {name: None if pid is None else cpu_seconds(pid) for name, pid in pids.items()}
 
     async def _portfolio_caught_up(self) -> State:
         """The final counts, once the portfolio has applied every fill stored (or timed out)."""
@@ -733,8 +771,23 @@ def summary(figures: Figures, *, wall_s: float) -> dict[str, Any]:
         "intents_stored": final.intents_stored,
         "fills_stored": final.fills_stored,
         "fills_applied": final.fills_applied,
+        "cpu_s": figures.cpu_s,
+        "cpu_us_per_signal": _per_signal(figures.cpu_s, phase.signals),
         "wall_s": round(wall_s, 1),
     }
+
+
+def _per_signal(cpu_s: dict[str, float | None], signals: int) -> dict[str, float | None]:
+    """Microseconds of CPU per signal of the throughput run, by process and in all."""
+    if not signals:
+        return {name: None for name in [*cpu_s, "total"]}
+    per_signal = {
+        name: None if used is None else round(used * 1e6 / signals, 1)
+        for name, used in cpu_s.items()
+    }
+    known = [used for used in cpu_s.values() if used is not None]
+    per_signal["total"] = round(sum(known) * 1e6 / signals, 1) if known else None
+    return per_signal
 
 
 def _rate_table(result: dict[str, Any]) -> list[str]:
@@ -755,6 +808,12 @@ def _rate_table(result: dict[str, Any]) -> list[str]:
             ratio = f"{result[key] / result[base_key]:.3f}"
         lines.append(f"{label:<30}  {figure}  {base_label:<22}  {result[base_key]:>8,.0f}  {ratio}")
     return lines
+
+
+def _cpu_text(per_signal: dict[str, float | None]) -> str:
+    return ", ".join(
+        f"{name} {'n/a' if used is None else f'{used:,.0f}'}" for name, used in per_signal.items()
+    )
 
 
 def _ms_text(value: float | None) -> str:
@@ -798,6 +857,7 @@ def render(result: dict[str, Any]) -> str:
             f"{result['intents_counted']:,} counted / {result['intents_stored']:,} stored; fills "
             f"{result['fills_stored']:,} stored / {result['fills_applied']:,} applied",
         ),
+        ("CPU per signal, µs", _cpu_text(result["cpu_us_per_signal"])),
         ("wall time", f"{result['wall_s']:.1f} s"),
     ]
     title = (
@@ -883,6 +943,7 @@ def _run_stack(symbols: Sequence[str], *, candles: int, latency_steps: int) -> F
                             nats_server.url,
                             children,
                             symbols,
+                            nats_pid=nats_server.pid,
                             candles=candles,
                             latency_steps=latency_steps,
                         )
@@ -898,7 +959,13 @@ def _run_stack(symbols: Sequence[str], *, candles: int, latency_steps: int) -> F
 
 
 async def _main(
-    url: str, children: Children, symbols: Sequence[str], *, candles: int, latency_steps: int
+    url: str,
+    children: Children,
+    symbols: Sequence[str],
+    *,
+    nats_pid: int | None,
+    candles: int,
+    latency_steps: int,
 ) -> Figures:
     """The measurement, cancelled by SIGTERM as asyncio.run cancels it on Ctrl-C."""
     main = asyncio.current_task()
@@ -911,7 +978,9 @@ async def _main(
         await bus.connect()
         async with httpx.AsyncClient(timeout=5.0) as http:
             observer = Observer(raw.jetstream(timeout=10.0), http)
-            bench = PipelineBench(bus, raw, url, children, observer, symbols, interrupt)
+            bench = PipelineBench(
+                bus, raw, url, children, observer, symbols, interrupt, nats_pid=nats_pid
+            )
             try:
                 await bench.start(http)
                 return await bench.measure(candles=candles, latency_steps=latency_steps)
