@@ -821,7 +821,9 @@ class Bus:
                 newest.clear()
                 for msg in turn:
                     await _deliver(label, msg, message_type, handler)
-                pending.set(stream_position(turn[-1]).pending)
+                # Only a gauge: a message without a stream position must not stop the prices.
+                with contextlib.suppress(nats.errors.Error, IndexError):
+                    pending.set(stream_position(turn[-1]).pending)
 
         subscription = await self._jetstream.subscribe(
             filter_subject,
