@@ -8,6 +8,7 @@ benchmark; a price replaced before its turn is worth nothing to them.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from decimal import Decimal
@@ -15,11 +16,12 @@ from decimal import Decimal
 import pytest
 from prometheus_client import REGISTRY
 
-from qtrader.bus.nats_bus import Bus
+from qtrader.bus.nats_bus import REPLAY_HEARTBEAT_S, Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Candle, RejectReason
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader_tools.candles import flat_candle
+from support.hang import hang, resume
 from support.streams import publish_raw
 
 pytestmark = pytest.mark.integration
@@ -203,3 +205,60 @@ async def test_a_newest_candle_that_does_not_decode_is_refused_and_the_reader_go
     assert seen == [_START_MS, _START_MS + 2 * _MINUTE_MS]
     assert _rejected(label) - rejected_before == 1
     assert _superseded(label) - superseded_before == 1
+
+
+# Two missed heartbeats, a check's period more, and the reconnect (as for a replay).
+RESUMED_WITHIN_S = 4 * REPLAY_HEARTBEAT_S + 3
+
+
+@pytest.mark.parametrize("fault", ["restart", "hang"])
+async def test_the_newest_candle_is_read_soon_after_the_broker_comes_back(
+    nats_server: EmbeddedNats, fault: str
+) -> None:
+    """A restarted broker forgot the reader's consumer; a hung one (SIGSTOP, 6 s) made the
+    client reconnect. Either way a price stored afterwards is read within the replay's bound,
+    and nothing stored before it comes back."""
+    label = f"test-latest-{fault}"
+    bus = Bus(url=nats_server.url, client_name=label)
+    await bus.connect()
+    await bus.ensure_topology()
+    seen: list[int] = []
+
+    async def mark(candle: Candle) -> None:
+        seen.append(candle.open_time_ms)
+
+    reader = asyncio.create_task(
+        bus.follow_latest(
+            subjects.MARKET,
+            subjects.all_of(subjects.CANDLE_PREFIX),
+            Candle,
+            mark,
+            label=label,
+        )
+    )
+    subject = subjects.candle_subject("BTCUSDT")
+    try:
+        await bus.publish(subject, _candle("BTCUSDT", 0))
+        await _until(lambda: seen == [_START_MS], what="the first candle")
+        if fault == "restart":
+            await asyncio.to_thread(nats_server.stop)
+            await asyncio.to_thread(nats_server.start)
+        else:
+            pid = nats_server.pid
+            assert pid is not None
+            hang(pid)
+            await asyncio.sleep(6)
+            resume(pid)
+        await _until(lambda: bus.connected, what="the bus connected", timeout_s=15)
+        await bus.publish(subject, _candle("BTCUSDT", 1))
+        published = time.monotonic()
+        await _until(
+            lambda: len(seen) == 2, what="the candle stored after", timeout_s=RESUMED_WITHIN_S
+        )
+        print(f"\n{fault}: read {time.monotonic() - published:.1f} s after its publish")
+        await asyncio.sleep(0.5)  # a candle read twice would come now
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await bus.close()
+    assert seen == [_START_MS, _START_MS + _MINUTE_MS]
