@@ -47,7 +47,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -113,12 +113,6 @@ REJECTED = Counter(
 HANDLER_ERRORS = Counter(
     "qtrader_handler_errors_total",
     "Messages whose handler failed; they are redelivered after a delay.",
-    ["consumer"],
-)
-SUPERSEDED = Counter(
-    "qtrader_messages_superseded_total",
-    "Messages a reader of only the newest of each subject skipped unread: a newer one of the "
-    "same subject came before their turn.",
     ["consumer"],
 )
 CONSUMER_PENDING = Gauge(
@@ -776,65 +770,6 @@ class Bus:
             )
         )
 
-    async def follow_latest(
-        self,
-        stream: subjects.StreamSpec,
-        filter_subject: str,
-        message_type: type[M],
-        handler: Handler[M],
-        *,
-        label: str,
-        from_now: bool = False,
-        from_last: bool = False,
-    ) -> None:
-        """``replay`` for a reader that wants only each subject's newest message (a price to
-        mark by), until cancelled.
-
-        Messages are delivered in stream order as ``replay``'s are, but only set aside, one per
-        subject, undecoded; the newest of each is decoded and handled when the handler is free.
-        One that a newer message of its subject replaced before its turn is never read (counted
-        in ``qtrader_messages_superseded_total``): a reader that falls behind skips to the
-        newest instead of decoding its whole backlog, and one that keeps up handles every
-        message. The newest of a subject that does not decode is counted and skipped as by
-        ``replay``, even when it replaced a good one.
-        """
-        stream = subjects.scoped_stream(self._stack, stream)
-        filter_subject = subjects.scoped_subject(self._stack, filter_subject)
-        newest: dict[str, Msg] = {}
-        arrived = asyncio.Event()
-        superseded = SUPERSEDED.labels(label)
-
-        async def set_aside(msg: Msg) -> None:
-            # Put back last: the last one set aside is the last delivered, whose pending count
-            # is the reader's lag.
-            if newest.pop(msg.subject, None) is not None:
-                superseded.inc()
-            newest[msg.subject] = msg
-            arrived.set()
-
-        async def handle_newest() -> None:
-            pending = CONSUMER_PENDING.labels(label)
-            while True:
-                await arrived.wait()
-                arrived.clear()
-                turn = list(newest.values())
-                newest.clear()
-                for msg in turn:
-                    await _deliver(label, msg, message_type, handler)
-                # Only a gauge: a message without a stream position must not stop the prices.
-                with contextlib.suppress(nats.errors.Error, IndexError):
-                    pending.set(stream_position(turn[-1]).pending)
-
-        subscription = await self._jetstream.subscribe(
-            filter_subject,
-            stream=stream.name,
-            cb=set_aside,
-            ordered_consumer=True,
-            idle_heartbeat=REPLAY_HEARTBEAT_S,
-            deliver_policy=_deliver_policy(from_now=from_now, from_last=from_last),
-        )
-        await _hold(subscription, first=handle_newest())
-
     async def replay_after(
         self,
         stream: subjects.StreamSpec,
@@ -1296,9 +1231,7 @@ async def _deliver(label: str, msg: Msg, message_type: type[M], handler: Handler
         log.exception("%s failed to handle %s", label, msg.subject)
 
 
-async def _hold(
-    subscription: Subscription, *, first: Coroutine[Any, Any, None] | None = None
-) -> None:
+async def _hold(subscription: Subscription, *, first: Awaitable[None] | None = None) -> None:
     """Keep a callback subscription open until cancelled (awaiting ``first`` meanwhile, if
     given), then close it. A cancellation swallowed while subscribing ends it at once: it
     would otherwise hold the subscription, and whoever awaits its end, forever."""
@@ -1309,8 +1242,6 @@ async def _hold(
             _stop_if_cancelled()
         await asyncio.Event().wait()
     finally:
-        if first is not None:
-            first.close()  # never started when cancelled at once: no "never awaited" warning
         with contextlib.suppress(*_UNAVAILABLE, nats.errors.BadSubscriptionError):
             await subscription.unsubscribe()
 

@@ -338,9 +338,8 @@ class Execution:
             "heartbeat": bus.subscribe(
                 subjects.CONTROL_HEARTBEAT, ControlHeartbeat, self._on_heartbeat, label="heartbeat"
             ),
-            # The stream, not the subject: a candle the stream did not store is no price. Only
-            # each symbol's newest: a backlog of prices is skipped, not decoded.
-            "prices": self._context.bus.follow_latest(
+            # The stream, not the subject: a candle the stream did not store is no price.
+            "prices": self._context.bus.replay(
                 subjects.MARKET,
                 subjects.all_of(subjects.CANDLE_PREFIX),
                 Candle,

@@ -22,9 +22,7 @@ does not decode at all is another matter: the bus refuses and counts it
 
 Prices come from the candles the MARKET stream stores, followed from the
 worker's start on (an ordered consumer, not a subscription to the subject: a publish the stream
-drops as a duplicate never becomes a mark, and a reconnect misses none). Only each symbol's
-newest candle is read (``Bus.follow_latest``): behind a backlog, the candles a newer one
-replaced are skipped unread, as prices nobody will mark by. A snapshot is
+drops as a duplicate never becomes a mark, and a reconnect misses none). A snapshot is
 published at start, after the fills it has not yet reported, and on price moves at most every
 ``snapshot_interval_s``.
 
@@ -297,9 +295,8 @@ class Portfolio:
                 label="portfolio-fills",
                 after_sequence=start.fills_through,
             ),
-            # The stream, not the subject: a candle the stream did not store is no price. Only
-            # each symbol's newest: a backlog of prices is skipped, not decoded.
-            bus.follow_latest(
+            # The stream, not the subject: a candle the stream did not store is no price.
+            bus.replay(
                 subjects.MARKET,
                 subjects.all_of(subjects.CANDLE_PREFIX),
                 Candle,
