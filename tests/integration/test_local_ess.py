@@ -368,11 +368,12 @@ async def test_trip_in_reducing_mode_then_only_reduce_only_orders_are_sent(stack
     assert ack["state"] == "REDUCING"
     assert (await stack.latch()).state is TradingState.REDUCING
     await asyncio.sleep(3.0)
+    # The updates first: an intent is stored before its order is sent, so every update read
+    # has its intent among those read after (reduce-only intents keep coming meanwhile).
+    updates = await _order_updates(stack.url)
     intents = await _intents(stack.url)
     sent = [
-        u
-        for u in await _order_updates(stack.url)
-        if u.refused_by is not RefusedBy.HALT_GATE and u.ts_ms > _ms(ack["at"])
+        u for u in updates if u.refused_by is not RefusedBy.HALT_GATE and u.ts_ms > _ms(ack["at"])
     ]
     assert [u.client_order_id for u in sent if not intents[u.client_order_id].reduce_only] == []
     exercised = stack.metric("execution", denied, reason="reducing_only") > denied_before or sent
