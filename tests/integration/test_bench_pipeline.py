@@ -85,6 +85,17 @@ def test_bench_pipeline_when_run_small_then_every_candle_accounted_for(tmp_path:
     assert set(cpu) == {"inference", "execution", "portfolio", "nats-server", "benchmark"}
     assert all(isinstance(used, float) and used >= 0 for used in cpu.values()), cpu
     assert result["cpu_us_per_signal"]["total"] > 0
+    # Messages per process, from nats-server's own counts: inference was delivered every
+    # candle and published every signal; execution was delivered every signal.
+    messages = result["messages"]
+    assert set(messages) == {"inference", "execution", "portfolio", "benchmark"}
+    assert messages["inference"]["received"] >= result["signals"]
+    assert messages["inference"]["sent"] >= result["signals"]
+    assert messages["execution"]["received"] >= result["signals"]
+    per_signal = result["messages_per_signal"]
+    assert per_signal["total"] == round(
+        sum(m["sent"] + m["received"] for m in messages.values()) / result["signals"], 2
+    )
     assert "raw pull-consume + ack" in completed.stdout  # the table precedes the JSON
 
 

@@ -38,6 +38,9 @@ Phases, in order:
   period bounds the timing error. Over the same span, the CPU seconds each process used (from
   ``/proc``: the three workers, nats-server and this benchmark), per signal: where the two
   cores go, steadier from run to run than a rate on a shared machine.
+  And the messages each process sent nats-server and was delivered by it (nats-server's own
+  counts per connection, from its monitoring port's ``/connz``), per signal: what the pipeline's
+  design costs in message operations, whatever the code around each costs.
 
 Every candle is accounted for: after the warm-up each candle makes exactly one signal, so the
 measured phases must store as many signals as they published candles, every signal must be
@@ -61,7 +64,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import httpx
 import nats
@@ -85,7 +88,7 @@ from qtrader.inference.features import WINDOW
 from qtrader.instruments import paper_exchange_info
 from qtrader.local.control import heartbeat_forever, write_latch
 from qtrader.local.control import publish_policy as publish_policy_revision
-from qtrader.local.nats_server import EmbeddedNats, NatsServerError
+from qtrader.local.nats_server import EmbeddedNats, NatsServerError, free_port
 from qtrader.marketdata.synthetic import SyntheticConfig, SyntheticMarket
 from qtrader_tools import metrics
 from qtrader_tools.benchmarks.harness import BenchFailure, ms, percentile, report, wait_healthy
@@ -254,6 +257,18 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
     return found
 
 
+class Messages(NamedTuple):
+    sent: int  # by the process to nats-server: publishes, acknowledgements, pull requests
+    received: int  # by the process from nats-server: deliveries, publish acknowledgements
+
+
+def _process_of(connection_name: str) -> str:
+    """``inference:vm-1`` -> ``inference``; this benchmark's own connections -> ``benchmark``."""
+    if connection_name.startswith("qtrader-bench-"):
+        return "benchmark"
+    return connection_name.partition(":")[0] or "unnamed"
+
+
 def _counts(samples: dict[str, float]) -> dict[str, int]:
     return {label: int(value) for label, value in sorted(samples.items()) if value}
 
@@ -261,11 +276,29 @@ def _counts(samples: dict[str, float]) -> dict[str, int]:
 class Observer:
     """Reads the pipeline's state: consumer and stream states, and the workers' /metrics."""
 
-    def __init__(self, js: JetStreamContext, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self, js: JetStreamContext, http: httpx.AsyncClient, monitor_url: str | None
+    ) -> None:
         self._js = js
         self._http = http
+        self._monitor_url = monitor_url
         self.execution: Child | None = None
         self.portfolio: Child | None = None
+
+    async def messages_by_process(self) -> dict[str, Messages] | None:
+        """What nats-server counted for each process's connections so far (its ``/connz``):
+        messages each sent it and it delivered to each. None without its monitoring port."""
+        if self._monitor_url is None:
+            return None
+        reply = await self._http.get(f"{self._monitor_url}/connz", params={"limit": 1024})
+        counts: dict[str, Messages] = {}
+        for connection in reply.json()["connections"]:
+            process = _process_of(str(connection.get("name", "")))
+            sent, received = counts.get(process, Messages(0, 0))
+            counts[process] = Messages(
+                sent + int(connection["in_msgs"]), received + int(connection["out_msgs"])
+            )
+        return counts
 
     async def backlog(self, spec: subjects.ConsumerSpec) -> int:
         info = await self._js.consumer_info(spec.stream.name, spec.durable)
@@ -465,6 +498,8 @@ class Figures:
     signals_s: float
     decisions_s: float
     cpu_s: dict[str, float | None]  # CPU seconds of each process over the throughput run
+    # Messages each process sent and received over the throughput run (None: not counted).
+    messages: dict[str, Messages] | None
     final: State
 
 
@@ -476,6 +511,20 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _messages_used(
+    after: dict[str, Messages] | None, before: dict[str, Messages] | None
+) -> dict[str, Messages] | None:
+    if after is None or before is None:
+        return None
+    return {
+        process: Messages(
+            end.sent - before.get(process, Messages(0, 0)).sent,
+            end.received - before.get(process, Messages(0, 0)).received,
+        )
+        for process, end in sorted(after.items())
+    }
 
 
 def _cpu_used(
@@ -560,7 +609,7 @@ class PipelineBench:
         latency = await self._latency_phase(latency_candles)
         to_signal, to_intent = self._stamps.latencies(latency_candles)
         self.progress(f"latency: {len(latency_candles)} candles at {LATENCY_HZ:g} steps/s")
-        throughput, publish, signals_s, decisions_s, cpu_s = await self._throughput_phase(
+        throughput, publish, signals_s, decisions_s, cpu_s, messages = await self._throughput_phase(
             throughput_candles
         )
         self.progress(
@@ -582,6 +631,7 @@ class PipelineBench:
             signals_s=signals_s,
             decisions_s=decisions_s,
             cpu_s=cpu_s,
+            messages=messages,
             final=final,
         )
 
@@ -658,17 +708,20 @@ class PipelineBench:
 
     async def _throughput_phase(
         self, candles: Sequence[Candle]
-    ) -> tuple[Phase, Rate, float, float, dict[str, float | None]]:
+    ) -> tuple[Phase, Rate, float, float, dict[str, float | None], dict[str, Messages] | None]:
         before = await self._observer.full_state()
+        messages_before = await self._observer.messages_by_process()
         cpu_before = self._cpu()
         began = time.perf_counter()
         publishing = asyncio.create_task(self._publish(candles))
         settled = await wait_settled(self._observer, self._children, self._interrupt, publishing)
         cpu_s = _cpu_used(self._cpu(), cpu_before)
+        messages = _messages_used(await self._observer.messages_by_process(), messages_before)
         publish = publishing.result()
         after = await self._observer.full_state()
         phase = Phase(candles=len(candles), before=before, after=after)
-        return phase, publish, settled.signals_at - began, settled.decisions_at - began, cpu_s
+        signals_s, decisions_s = settled.signals_at - began, settled.decisions_at - began
+        return phase, publish, signals_s, decisions_s, cpu_s, messages
 
     def _cpu(self) -> dict[str, float | None]:
         """CPU seconds used so far by each process of the pipeline, by name."""
@@ -773,6 +826,10 @@ def summary(figures: Figures, *, wall_s: float) -> dict[str, Any]:
         "fills_applied": final.fills_applied,
         "cpu_s": figures.cpu_s,
         "cpu_us_per_signal": _per_signal(figures.cpu_s, phase.signals),
+        "messages": None
+        if figures.messages is None
+        else {process: counts._asdict() for process, counts in figures.messages.items()},
+        "messages_per_signal": _messages_per_signal(figures.messages, phase.signals),
         "wall_s": round(wall_s, 1),
     }
 
@@ -787,6 +844,23 @@ def _per_signal(cpu_s: dict[str, float | None], signals: int) -> dict[str, float
     }
     known = [used for used in cpu_s.values() if used is not None]
     per_signal["total"] = round(sum(known) * 1e6 / signals, 1) if known else None
+    return per_signal
+
+
+def _messages_per_signal(
+    messages: dict[str, Messages] | None, signals: int
+) -> dict[str, float] | None:
+    """Messages per signal of the throughput run, sent and received, by process and in all
+    (each message a process sent or received is one; a message published by one process and
+    delivered to three counts four times: nats-server handles it four times)."""
+    if messages is None or not signals:
+        return None
+    per_signal = {
+        process: round((counts.sent + counts.received) / signals, 2)
+        for process, counts in messages.items()
+    }
+    total = sum(counts.sent + counts.received for counts in messages.values())
+    per_signal["total"] = round(total / signals, 2)
     return per_signal
 
 
@@ -814,6 +888,12 @@ def _cpu_text(per_signal: dict[str, float | None]) -> str:
     return ", ".join(
         f"{name} {'n/a' if used is None else f'{used:,.0f}'}" for name, used in per_signal.items()
     )
+
+
+def _messages_text(per_signal: dict[str, float] | None) -> str:
+    if per_signal is None:
+        return "n/a (nats-server's monitoring port did not answer)"
+    return ", ".join(f"{process} {count:.2f}" for process, count in per_signal.items())
 
 
 def _ms_text(value: float | None) -> str:
@@ -858,6 +938,7 @@ def render(result: dict[str, Any]) -> str:
             f"{result['fills_stored']:,} stored / {result['fills_applied']:,} applied",
         ),
         ("CPU per signal, µs", _cpu_text(result["cpu_us_per_signal"])),
+        ("messages per signal", _messages_text(result["messages_per_signal"])),
         ("wall time", f"{result['wall_s']:.1f} s"),
     ]
     title = (
@@ -933,7 +1014,7 @@ def run(
 def _run_stack(symbols: Sequence[str], *, candles: int, latency_steps: int) -> Figures:
     """nats-server and every process in a temporary directory, all gone when this returns."""
     with tempfile.TemporaryDirectory(prefix="qtrader-bench-", ignore_cleanup_errors=True) as tmp:
-        nats_server = EmbeddedNats(store_dir=Path(tmp) / "nats")
+        nats_server = EmbeddedNats(store_dir=Path(tmp) / "nats", monitor_port=free_port())
         try:
             with Children(Path(tmp)) as children:
                 nats_server.start()
@@ -941,6 +1022,7 @@ def _run_stack(symbols: Sequence[str], *, candles: int, latency_steps: int) -> F
                     return asyncio.run(
                         _main(
                             nats_server.url,
+                            nats_server.monitor_url,
                             children,
                             symbols,
                             nats_pid=nats_server.pid,
@@ -960,6 +1042,7 @@ def _run_stack(symbols: Sequence[str], *, candles: int, latency_steps: int) -> F
 
 async def _main(
     url: str,
+    monitor_url: str | None,
     children: Children,
     symbols: Sequence[str],
     *,
@@ -977,7 +1060,7 @@ async def _main(
     try:
         await bus.connect()
         async with httpx.AsyncClient(timeout=5.0) as http:
-            observer = Observer(raw.jetstream(timeout=10.0), http)
+            observer = Observer(raw.jetstream(timeout=10.0), http, monitor_url)
             bench = PipelineBench(
                 bus, raw, url, children, observer, symbols, interrupt, nats_pid=nats_pid
             )

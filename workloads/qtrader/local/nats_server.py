@@ -95,9 +95,18 @@ def wait_for_port(host: str, port: int, *, timeout_s: float) -> None:
 class EmbeddedNats:
     """One nats-server process on a loopback port with a JetStream store directory."""
 
-    def __init__(self, *, store_dir: Path, port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        *,
+        store_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        monitor_port: int | None = None,
+    ):
         self.host = host
         self.port = port or free_port(host)
+        # nats-server's HTTP monitoring (``/connz``, ``/varz``) on this port; off when None.
+        self.monitor_port = monitor_port
         self.store_dir = store_dir
         self._process: subprocess.Popen[bytes] | None = None
         self._log = store_dir / "nats-server.log"
@@ -105,6 +114,10 @@ class EmbeddedNats:
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str | None:
+        return None if self.monitor_port is None else f"http://{self.host}:{self.monitor_port}"
 
     @property
     def pid(self) -> int | None:
@@ -134,6 +147,8 @@ class EmbeddedNats:
             "-sd", str(self.store_dir),
             "-l", str(self._log),
         ]  # fmt: skip
+        if self.monitor_port is not None:
+            command += ["-m", str(self.monitor_port)]
         self._process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
