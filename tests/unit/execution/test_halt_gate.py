@@ -8,7 +8,11 @@ from decimal import Decimal
 import pytest
 
 from qtrader.contracts.messages import HaltLatch, OrderIntent, Side, TradingState
-from qtrader.execution.decisions import client_order_id_for, flatten_intent_id
+from qtrader.execution.decisions import (
+    FLATTEN_ROUNDS,
+    client_order_id_for,
+    flatten_intent_id,
+)
 from qtrader.execution.halt import HaltGate
 
 
@@ -65,6 +69,23 @@ FLATTEN = flatten_intent_id(2, "BTCUSDT")
         (TradingState.HALTED, True, FLATTEN, True, True),
         (TradingState.HALTED, True, FLATTEN, False, False),  # must be reduce-only
         (TradingState.HALTED, True, flatten_intent_id(1, "BTCUSDT"), True, False),  # old trip
+        # Each later round closes what the one before left, up to the last round.
+        (TradingState.HALTED, True, flatten_intent_id(2, "BTCUSDT", 1), True, True),
+        (
+            TradingState.HALTED,
+            True,
+            flatten_intent_id(2, "BTCUSDT", FLATTEN_ROUNDS - 1),
+            True,
+            True,
+        ),
+        (TradingState.HALTED, True, flatten_intent_id(2, "BTCUSDT", FLATTEN_ROUNDS), True, False),
+        (TradingState.HALTED, True, flatten_intent_id(1, "BTCUSDT", 1), True, False),  # old trip
+        (TradingState.HALTED, True, f"{FLATTEN}:01", True, False),  # one spelling per round
+        (TradingState.HALTED, True, f"{FLATTEN}:0", True, False),
+        (TradingState.HALTED, True, f"{FLATTEN}:-1", True, False),
+        (TradingState.HALTED, True, f"{FLATTEN}:²", True, False),
+        (TradingState.HALTED, True, f"{FLATTEN}:1:1", True, False),
+        (TradingState.HALTED, True, f"{FLATTEN}x", True, False),
         (TradingState.HALTED, True, "sig-1", True, False),  # any other reducing order
     ],
 )

@@ -142,10 +142,32 @@ def attempt_client_order_id(client_order_id: str, attempt: int) -> str:
     return f"{client_order_id[:32]}-r{attempt}"
 
 
-def flatten_intent_id(latch_revision: int, symbol: str) -> str:
-    """The intent that closes ``symbol``'s position for the trip of ``latch_revision``: the same
-    in every replica, so the stream keeps it once and one replica sends it."""
-    return f"flatten:{latch_revision}:{symbol}"
+# How many orders a trip that flattens sends at most per position: the first, then one for
+# what each left open (a thin book, a price past the slippage bound), see ``execution.flattening``.
+FLATTEN_ROUNDS = 10
+
+
+def flatten_intent_id(latch_revision: int, symbol: str, round_: int = 0) -> str:
+    """The intent that closes ``symbol``'s position for the trip of ``latch_revision`` (round 0)
+    or what the round before left open: the same in every replica, so the stream keeps it once
+    and one replica sends it."""
+    first = f"flatten:{latch_revision}:{symbol}"
+    return first if round_ == 0 else f"{first}:{round_}"
+
+
+def flatten_round(intent_id: str, latch_revision: int, symbol: str) -> int | None:
+    """Which round of the trip ``latch_revision``'s flattening of ``symbol`` ``intent_id`` is
+    (0 to ``FLATTEN_ROUNDS - 1``), or None when it is not one (one spelling per round)."""
+    first = flatten_intent_id(latch_revision, symbol)
+    if intent_id == first:
+        return 0
+    head, separator, tail = intent_id.rpartition(":")
+    if head != first or not separator or not (tail.isascii() and tail.isdigit()):
+        return None
+    round_ = int(tail)
+    if str(round_) != tail or not 1 <= round_ < FLATTEN_ROUNDS:
+        return None
+    return round_
 
 
 def intent_id_for(signal_id: str) -> str:

@@ -178,6 +178,10 @@ class ExposureBook:
             _ZERO,
         )
 
+    def busy(self, symbol: str) -> bool:
+        """Whether an intent for ``symbol`` may still fill or has fills the book has not had."""
+        return any(r.symbol == symbol for r in self._reservations.values())
+
     @property
     def idle(self) -> bool:
         """Nothing in flight: no intent, this worker's or another's, may still fill."""

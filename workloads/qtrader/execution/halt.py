@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from qtrader.contracts.messages import HaltLatch, OrderIntent, TradingState
-from qtrader.execution.decisions import flatten_intent_id
+from qtrader.execution.decisions import flatten_round
 
 
 class GateVerdict(NamedTuple):
@@ -120,5 +120,5 @@ class HaltGate:
             and latch.flatten
             and self._fail_safe() is None
             and intent.reduce_only
-            and intent.intent_id == flatten_intent_id(latch.revision, intent.symbol)
+            and flatten_round(intent.intent_id, latch.revision, intent.symbol) is not None
         )

@@ -76,13 +76,11 @@ from qtrader.contracts.messages import (
     HaltLatch,
     OrderIntent,
     OrderStatus,
-    OrderType,
     OrderUpdate,
     PortfolioSnapshot,
     RefusedBy,
     RiskAlert,
     RiskAlertKind,
-    Side,
     Signal,
     TradingState,
     Undecodable,
@@ -94,8 +92,15 @@ from qtrader.exchange.venue import AccountReader, IncomeReader, Venue
 from qtrader.execution.account_entries import AccountEntries, IncomeSettings
 from qtrader.execution.clock import SYSTEM_CLOCK
 from qtrader.execution.core import CoreSettings, ExecutionCore
-from qtrader.execution.decisions import Denial, client_order_id_for, flatten_intent_id
+from qtrader.execution.decisions import Denial
 from qtrader.execution.exposure import Mismatch, PositionReconciler, venue_differences
+from qtrader.execution.flattening import (
+    FLATTEN_ROUND_S,
+    FLATTEN_WITHIN_S,
+    Due,
+    Flattening,
+    flatten_intent,
+)
 from qtrader.execution.halt import HaltGate
 from qtrader.execution.intake import DecisionBudget, Dropped
 from qtrader.execution.orders import DriverSettings
@@ -128,10 +133,14 @@ UNRESOLVED = Gauge(
     "qtrader_orders_unknown",
     "Intents this worker sent whose outcome is still unknown (looked up every few seconds).",
 )
-FLATTEN_WITHIN_S = 60.0  # a flattening latch older than this is not acted on (see _flatten)
 FLATTEN_INTENTS = Counter(
     "qtrader_flatten_intents_total",
     "Reduce-only intents published to close a position on a trip that flattens.",
+)
+FLATTEN_UNFINISHED = Gauge(
+    "qtrader_flatten_unfinished_positions",
+    "Positions the flattening trip in force left open after its last order (or too old to "
+    "act on): the trip asked to close them and this worker could not.",
 )
 ORDERS_BLOCKED = Counter(
     "qtrader_orders_blocked_total", "Intents not sent because the latch forbade it.", ["state"]
@@ -296,6 +305,7 @@ class Execution:
             settings=CoreSettings(max_price_age_s=config.max_price_age_s, driver=config.driver),
         )
         self._book = self._core.book
+        self._flattening = Flattening(self._book)
         self._reconciler = PositionReconciler(grace_s=config.position_mismatch_grace_s)
         self._mismatch_reported: set[str] = set()
         self._venue_reconciler = PositionReconciler(grace_s=config.venue_mismatch_grace_s)
@@ -314,6 +324,7 @@ class Execution:
             lambda: -1 if self._gate.latch is None else self._gate.latch.state.restriction
         )
         INTENT_BACKLOG.set_function(lambda: self._book.backlog().size)
+        FLATTEN_UNFINISHED.set_function(lambda: len(self._flattening.unfinished))
         INTENT_BACKLOG_OLDEST.set_function(lambda: self._core.backlog_oldest_age_s() or 0.0)
         # Every state's series from 0: increase() over a series that first appears at 1 is 0,
         # so a worker's first acknowledgement of a state would never show on the ESS dashboard.
@@ -321,6 +332,7 @@ class Execution:
             HALT_REVISION_ACKS.labels(state.value)
         context.monitor.add_check("halt-latch", self.check_latch)
         context.monitor.add_check("intent-backlog", self.check_backlog)
+        context.monitor.add_check("flatten", self.check_flatten)
         context.monitor.add_check("positions", self.check_positions)
         context.monitor.add_check("venue-positions", self.check_venue_positions)
         context.monitor.add_check("exchange", self.check_exchange)
@@ -370,6 +382,7 @@ class Execution:
             "decide": self._decide_loop(),
             "send": self._send_loop(),
             "dead-man": self._dead_man_loop(),
+            "flatten": self._flatten_loop(),
             "venue-refresh": self._refresh_loop(),
             "resolve-unknown": self._resolve_loop(),
             "venue-reconcile": self._venue_reconcile_loop(),
@@ -438,37 +451,59 @@ class Execution:
 
     async def _flatten(self, latch: HaltLatch) -> None:
         """The trip asked to close every position: one reduce-only intent per open position,
-        priced from the last mark, with an id of the latch revision and the symbol, so the
-        replicas that all publish it leave one in the stream and one of them sends it (the
-        halt gate lets exactly these through). Positions are the fills seen so far; a fill
-        another replica has not yet published can leave a remainder, which the log names."""
+        priced from the last mark (round 0; what it leaves open, later rounds close, see
+        ``_flatten_loop``). Positions are the fills seen so far; one another replica has not
+        yet published is closed by a later round."""
         age_s = (self._clock.wall_ms() - latch.issued_at_ms) / 1000
         if age_s > FLATTEN_WITHIN_S or not self._fills_caught_up.is_set():
             # A worker starting while an old flattening trip is in force does not flatten
             # again from positions it has not finished reading; the trip's live workers did.
             log.info("flatten of latch %d left to the workers that saw the trip", latch.revision)
             return
+        await self._publish_flatten(latch, self._flattening.first_round(latch))
+
+    async def _flatten_loop(self) -> None:
+        """Every FLATTEN_ROUND_S while a trip that flattens is in force: an order for what the
+        one before left open, until every position is closed or its rounds are spent
+        (``execution.flattening``)."""
+        while True:
+            await asyncio.sleep(FLATTEN_ROUND_S)
+            latch = self._gate.latch
+            if latch is None or not latch.flatten or latch.state is not TradingState.HALTED:
+                self._flattening.clear()
+                continue
+            if not (self._fills_caught_up.is_set() and self._updates_caught_up.is_set()):
+                continue
+            now_ms = self._clock.wall_ms()
+            await self._publish_flatten(latch, self._flattening.next_rounds(latch, now_ms=now_ms))
+
+    async def _publish_flatten(self, latch: HaltLatch, due: list[Due]) -> None:
         policy = self._context.policy.current
-        if policy is None:
+        if due and policy is None:
             log.error("flatten asked by latch %d, but no policy is in force", latch.revision)
             return
-        for symbol, quantity in sorted(self._book.positions().items()):
-            mark = self._core.last_mark(symbol)
-            if quantity == 0:
+        for each in due:
+            mark = self._core.last_mark(each.symbol)
+            if mark is None or policy is None:
+                log.error("flatten: no price for %s; its position %s stays", *each[:2])
                 continue
-            if mark is None:
-                log.error("flatten: no price for %s; its position %s stays", symbol, quantity)
-                continue
-            intent = _flatten_intent(
-                latch, symbol, quantity, mark, policy.revision, now_ms=self._clock.wall_ms()
-            )
+            now_ms = self._clock.wall_ms()
+            intent = flatten_intent(latch, each, mark, policy.revision, now_ms=now_ms)
+            if not self._gate.verdict(intent).allowed:
+                continue  # failing safe (no heartbeat): sent, it would only spend its round
             try:
-                await self._context.bus.publish(subjects.order_intent_subject(symbol), intent)
+                await self._context.bus.publish(subjects.order_intent_subject(each.symbol), intent)
             except BusUnavailable as exc:
-                log.error("flatten: the %s intent was not published: %s", symbol, exc)
+                log.error("flatten: the %s intent was not published: %s", each.symbol, exc)
                 continue
             FLATTEN_INTENTS.inc()
-            log.warning("flatten: closing %s %s (latch %d)", symbol, quantity, latch.revision)
+            log.warning(
+                "flatten: closing %s %s (latch %d, round %d)",
+                each.symbol,
+                each.position,
+                latch.revision,
+                each.round_,
+            )
 
     async def _cancel_open_orders(self) -> int:
         """Cancel what rests on the venue; a failure is logged, the halt stands regardless
@@ -971,6 +1006,17 @@ class Execution:
             log.error("account entries: the venue's income cannot be read: %s", exc)
         return False
 
+    async def check_flatten(self) -> DependencyHealth:
+        """DEGRADED while the flattening trip in force has left a position open that this
+        worker can no longer close (its rounds spent, or the trip too old to act on)."""
+        unfinished = self._flattening.unfinished
+        latch = self._gate.latch
+        if unfinished and latch is not None:
+            left = ", ".join(f"{symbol} {quantity}" for symbol, quantity in unfinished.items())
+            detail = f"latch {latch.revision} asked to flatten; still open: {left}"
+            return DependencyHealth(name="flatten", status=Status.DEGRADED, detail=detail)
+        return DependencyHealth(name="flatten", status=Status.OK, detail="nothing left open")
+
     async def check_account_entries(self) -> DependencyHealth:
         entries = self._entries
         if entries is not None:
@@ -1164,27 +1210,3 @@ class Execution:
             status=Status.DEGRADED,
             detail=f"{revision}: {state.value}, not trading" + (f" ({why})" if why else ""),
         )
-
-
-def _flatten_intent(
-    latch: HaltLatch,
-    symbol: str,
-    quantity: Decimal,
-    mark: Decimal,
-    policy_revision: int,
-    *,
-    now_ms: int,
-) -> OrderIntent:
-    intent_id = flatten_intent_id(latch.revision, symbol)
-    return OrderIntent(
-        intent_id=intent_id,
-        client_order_id=client_order_id_for(intent_id),
-        symbol=symbol,
-        side=Side.SELL if quantity > 0 else Side.BUY,
-        quantity=abs(quantity),
-        order_type=OrderType.MARKET,
-        reduce_only=True,
-        reference_price=mark,
-        policy_revision=policy_revision,
-        created_at_ms=now_ms,
-    )
