@@ -469,7 +469,7 @@ class Execution:
         while True:
             await asyncio.sleep(FLATTEN_ROUND_S)
             latch = self._gate.latch
-            if latch is None or not latch.flatten or latch.state is not TradingState.HALTED:
+            if latch is None or not latch.flatten or latch.state is TradingState.ACTIVE:
                 self._flattening.clear()
                 continue
             if not (self._fills_caught_up.is_set() and self._updates_caught_up.is_set()):
