@@ -213,11 +213,15 @@ async def test_a_thin_book_leaves_part_of_the_position_and_the_next_round_closes
             assert len(intents) >= 2, sorted(intents)  # the first round left some open
             for worker in workers:
                 await eventually(
-                    lambda w=worker: w.dependency("flatten").get("status") == "OK",  # type: ignore[misc]
+                    lambda w=worker: (
+                        w.dependency("flatten").get("detail")  # type: ignore[misc]
+                        == f"latch {revision}: every position closed"
+                    ),
                     timeout_s=5,
-                    what="flatten OK",
+                    what="flatten: every position closed",
                     worker=worker,
                 )
+                assert worker.dependency("flatten")["status"] == "OK"
         updates = await read_all(
             nats_server.url,
             stream="QT_ORDERS",

@@ -1007,15 +1007,20 @@ class Execution:
         return False
 
     async def check_flatten(self) -> DependencyHealth:
-        """DEGRADED while the flattening trip in force has left a position open that this
-        worker can no longer close (its rounds spent, or the trip too old to act on)."""
-        unfinished = self._flattening.unfinished
+        """What a trip that flattens has closed: DEGRADED while it has left a position open
+        that this worker can no longer close (its rounds spent, or the trip too old to act on)."""
         latch = self._gate.latch
-        if unfinished and latch is not None:
-            left = ", ".join(f"{symbol} {quantity}" for symbol, quantity in unfinished.items())
-            detail = f"latch {latch.revision} asked to flatten; still open: {left}"
+        if latch is None or not latch.flatten or latch.state is TradingState.ACTIVE:
+            return DependencyHealth(name="flatten", status=Status.OK, detail="no trip to flatten")
+        unfinished = self._flattening.unfinished
+        if unfinished:
+            detail = f"latch {latch.revision} asked to flatten; still open: {_listed(unfinished)}"
             return DependencyHealth(name="flatten", status=Status.DEGRADED, detail=detail)
-        return DependencyHealth(name="flatten", status=Status.OK, detail="nothing left open")
+        open_now = self._book.positions()
+        detail = f"latch {latch.revision}: " + (
+            f"closing {_listed(open_now)}" if open_now else "every position closed"
+        )
+        return DependencyHealth(name="flatten", status=Status.OK, detail=detail)
 
     async def check_account_entries(self) -> DependencyHealth:
         entries = self._entries
@@ -1210,3 +1215,7 @@ class Execution:
             status=Status.DEGRADED,
             detail=f"{revision}: {state.value}, not trading" + (f" ({why})" if why else ""),
         )
+
+
+def _listed(positions: dict[str, Decimal]) -> str:
+    return ", ".join(f"{symbol} {quantity}" for symbol, quantity in sorted(positions.items()))
