@@ -17,6 +17,7 @@ still counts as alive, which bounds a takeover after a crash.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -26,11 +27,14 @@ from typing import Any
 
 import kopf
 
+from qtrader.startup_heap import freeze_startup_heap
 from qtrader_operator.admission import early_reset_refusal
 from qtrader_operator.handlers import STOPS, registry
 from qtrader_operator.leadership import PeeringConfig, priority_from_start
 from qtrader_operator.policy_core import OutboxStorage, PodDefaults, SecretKey
 from qtrader_operator.runtime import OperatorConfig
+
+log = logging.getLogger(__name__)
 
 
 def _required(environ: Mapping[str, str], *names: str) -> str:
@@ -189,6 +193,9 @@ def kopf_options(config: OperatorConfig) -> dict[str, Any]:
 def run(config: OperatorConfig) -> None:
     _register_admission(os.environ)
     kopf.configure(verbose=False)
+    # A trip waits on every full collection (``qtrader.startup_heap``): its imports are
+    # walked no more. (Not in the startup handler: tests run that inside their own process.)
+    log.info("start-up heap frozen: %d objects", freeze_startup_heap())
     kopf.run(
         liveness_endpoint=os.environ.get("QTRADER_LIVENESS_URL", "http://0.0.0.0:8081/healthz"),
         **kopf_options(config),

@@ -18,12 +18,13 @@ whose module-level metrics must not appear on its endpoint as if they were live.
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -140,6 +141,13 @@ class OperatorMetrics:
     def __init__(self, view: Callable[[], OperatorView], now: Callable[[], datetime]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(OperatorCollector(view, now))
+        frozen = Gauge(
+            "qtrader_gc_frozen_objects",
+            "Objects made while the operator started, kept out of the garbage collector's "
+            "walks (0 when it was not started as a process: qtrader_operator.main.run).",
+            registry=self.registry,
+        )
+        frozen.set_function(gc.get_freeze_count)
         self.reconcile_errors = Counter(
             "qtrader_operator_reconcile_errors_total",
             "Reconciles that ended in an error (kopf retries them), by resource kind.",

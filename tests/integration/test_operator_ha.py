@@ -5,7 +5,8 @@ peering from the environment) against kmock's emulator, with a real nats-server 
 portfolio and execution workers trading on paper. The leader is SIGKILLed while signals flow;
 the test measures the takeover (kill to the standby's first heartbeat) and the largest gap
 between heartbeats, and checks the worker never halted, the latch history only rose and never
-changed meaning, and a trip after the takeover still halts the worker.
+changed meaning, and a trip after the takeover still halts the worker. Each replica keeps its
+start-up heap out of the garbage collector's walks (``qtrader.startup_heap``), from its /metrics.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import ControlHeartbeat, HaltLatch, OrderStatus, TradingState
 from qtrader.local.nats_server import EmbeddedNats
+from qtrader_tools import metrics
 from support.emulator import NAMESPACE, PEERINGS, POLICIES, STACK, STOPS, Cluster, eventually
 from support.emulator import policy as example_policy
 from support.emulator import stop as example_stop
@@ -96,6 +99,15 @@ async def _health_samples(worker: Worker) -> AsyncIterator[list[str]]:
             task.result()  # a sampler that died would leave the list short: say why
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def _frozen_objects(replica: OperatorProcess) -> float:
+    """What the replica's start kept out of the garbage collector's walks (its /metrics)."""
+    try:
+        text = httpx.get(replica.metrics_url, timeout=3).text
+    except httpx.HTTPError:
+        return 0.0
+    return metrics.value(metrics.parse(text), "qtrader_gc_frozen_objects")
 
 
 async def _latch_history(url: str) -> list[HaltLatch]:
@@ -179,6 +191,12 @@ async def test_a_killed_leader_is_followed_within_the_heartbeat_timeout_and_trad
         await eventually(
             lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=30, what="Armed"
         )
+        for replica in (leader, standby):  # a trip waits on no walk of their start-up heap
+            await eventually(
+                lambda r=replica: _frozen_objects(r) >= 50_000,  # type: ignore[misc]
+                timeout_s=10,
+                what=f"{replica.identity}'s start-up heap frozen",
+            )
         workers = await _trading_worker(url, tmp_path)
         execution = workers[1]
         await bus.connect()

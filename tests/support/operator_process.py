@@ -27,6 +27,7 @@ class OperatorProcess:
     identity: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    metrics_url: str  # its Prometheus endpoint (``QTRADER_METRICS_PORT``)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -64,6 +65,7 @@ def start_operator(
 ) -> OperatorProcess:
     """Start a replica; it is up once its entry shows in the peering object (the caller waits)."""
     kubeconfig = write_kubeconfig(log_dir / "kubeconfig", kube_url, namespace)
+    metrics_port = free_port()
     paths = [str(ROOT / "workloads"), str(ROOT / "operator"), str(ROOT / "tests")]
     env = {
         **os.environ,
@@ -76,12 +78,16 @@ def start_operator(
         "QTRADER_PEERING_NAME": peering,
         "QTRADER_PEERING_PRIORITY": str(priority),
         "POD_NAME": identity,
+        "QTRADER_METRICS_PORT": str(metrics_port),
     }
     log_path = log_dir / f"operator-{identity}.log"
     command = [sys.executable, "-m", "support.operator_process"]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    return OperatorProcess(identity=identity, process=process, log_path=log_path)
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    return OperatorProcess(
+        identity=identity, process=process, log_path=log_path, metrics_url=metrics_url
+    )
 
 
 def main() -> None:

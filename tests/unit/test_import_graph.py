@@ -25,7 +25,7 @@ SOURCES = {"qtrader": ROOT / "workloads" / "qtrader", "qtrader_operator": ROOT /
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"instruments", "contracts", "money"}),
     frozenset({"health", "bus"}),
-    frozenset({"policy_watch", "runtime"}),
+    frozenset({"policy_watch", "runtime", "startup_heap"}),
     frozenset({"exchange", "marketdata", "viewer"}),
     frozenset({"risk", "execution", "inference", "portfolio"}),
     frozenset({"control", "research"}),

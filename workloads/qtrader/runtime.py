@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import os
 import signal
@@ -46,6 +45,7 @@ from qtrader.health.contract import (
     serve,
 )
 from qtrader.policy_watch import PolicyWatcher
+from qtrader.startup_heap import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 FROZEN_AT_START = Gauge(
@@ -117,18 +117,6 @@ def run_worker(service: str, options: WorkerOptions, factory: RoleFactory) -> in
     return asyncio.run(_run(service, options, factory))
 
 
-def _keep_startup_out_of_collections() -> None:
-    """Put everything made while starting (the modules, the app, the role) where the garbage
-    collector no longer walks it (``gc.freeze``), after collecting what is garbage already.
-
-    A full collection walked all of it: 75-170 ms in an execution worker, in which it
-    acknowledged no halt (the halt benchmark's p99 was 2-9x the raw fan-out's). What is made
-    later is collected as before."""
-    gc.collect()
-    gc.freeze()
-    FROZEN_AT_START.set(gc.get_freeze_count())
-
-
 async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -171,7 +159,7 @@ async def _run(service: str, options: WorkerOptions, factory: RoleFactory) -> in
         coroutines.update(role.tasks())
         for name, coroutine in coroutines.items():
             tasks[name] = asyncio.create_task(coroutine, name=name)
-        _keep_startup_out_of_collections()
+        FROZEN_AT_START.set(freeze_startup_heap())  # see startup_heap: halts wait on walks
         log.info("%s started (worker %s)", service, options.worker_id)
         code = await _supervise(tasks, stop)
         if stop.is_set():
