@@ -142,8 +142,9 @@ def attempt_client_order_id(client_order_id: str, attempt: int) -> str:
     return f"{client_order_id[:32]}-r{attempt}"
 
 
-# How many orders a trip that flattens sends at most per position: the first, then one for
-# what each left open (a thin book, a price past the slippage bound), see ``execution.flattening``.
+# How many intents (rounds) a trip that flattens sends at most per position: the first, then one
+# for what each left open (a thin book, a price past the slippage bound); each is driven like any
+# intent (a few IOC attempts). See ``execution.flattening``.
 FLATTEN_ROUNDS = 10
 
 
