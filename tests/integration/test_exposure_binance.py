@@ -25,7 +25,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from qtrader.bus.nats_bus import Bus
@@ -39,7 +38,6 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.policy import parse_policy
 from qtrader.exchange.limits import LimitKind, RateLimitRule
-from qtrader.instruments import ExchangeInfo
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
 from qtrader.local.nats_server import EmbeddedNats
 from qtrader_tools.candles import flat_candle
@@ -50,7 +48,7 @@ from qtrader_tools.stress.invariants import (
     check_exposure,
     from_sim_records,
 )
-from support.binance_sim import KEY, SECRET, sim_process
+from support.binance_sim import KEY, SECRET, sim_listing, sim_process
 from support.flow import order_updates
 from support.streams import read_all
 from support.workers import Worker, eventually, start_worker, stop_pipeline
@@ -97,11 +95,6 @@ def _exchange(tmp_path: Path, rules: tuple[RateLimitRule, ...] = ()) -> Iterator
         config["rate_limits"] = [rule.as_binance() for rule in rules]
     with sim_process(config, tmp_path / "sim") as url, SimAdmin(url) as admin:
         yield admin
-
-
-def _listing(admin: SimAdmin) -> ExchangeInfo:
-    document = httpx.get(f"{admin.base_url}/fapi/v1/exchangeInfo", timeout=10).json()
-    return ExchangeInfo.from_binance(document)
 
 
 async def _feed(bus: Bus, *, rounds_per_s: float, stop: asyncio.Event, tag: str) -> None:
@@ -186,7 +179,7 @@ async def _settled(worker: Worker, *, timeout_s: float) -> None:
 
 async def _judge(url: str, admin: SimAdmin) -> ExposureReport:
     """The exposure invariant and the time to live, from the venue's own records."""
-    listing = _listing(admin)
+    listing = sim_listing(admin)
     orders = admin.orders()
     trades, rejections = from_sim_records(trades=admin.trades(), orders=orders, log=admin.log())
     limits = ExposureLimits(

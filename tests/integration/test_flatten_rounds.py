@@ -40,7 +40,7 @@ from qtrader.local.nats_server import EmbeddedNats
 from qtrader_tools.candles import flat_candle
 from qtrader_tools.simulators.binance_futures import SimAdmin
 from qtrader_tools.stress.invariants import ExposureLimits, check_exposure, from_sim_records
-from support.binance_sim import KEY, SECRET, sim_process
+from support.binance_sim import KEY, SECRET, sim_listing, sim_process
 from support.streams import read_all
 from support.workers import Worker, eventually, start_worker, stop_pipeline
 
@@ -187,7 +187,7 @@ def _judge_exposure(admin: SimAdmin) -> None:
     limits = ExposureLimits(
         max_position_usd=MAX_POSITION_USD,
         max_open_positions=1,
-        step_sizes={SYMBOL: Decimal("0.001")},
+        step_sizes={SYMBOL: sim_listing(admin).instrument(SYMBOL).step_size},
     )
     report = check_exposure(trades=trades, rejections=rejections, limits=limits)
     assert report.ok, report.summary()

@@ -21,7 +21,8 @@ from typing import Any
 
 import httpx
 
-from qtrader_tools.simulators.binance_futures import BinanceFuturesSim, SimConfig
+from qtrader.instruments import ExchangeInfo
+from qtrader_tools.simulators.binance_futures import BinanceFuturesSim, SimAdmin, SimConfig
 from qtrader_tools.simulators.binance_futures import process as sim_cli
 from qtrader_tools.simulators.binance_futures.admin import SimAdminError
 from support.invariants import VenueRecords, read_venue
@@ -129,3 +130,9 @@ def sim_socket_manager(client: Any, url: str, **kwargs: Any) -> Any:
     manager = BinanceSocketManager(client, **kwargs)
     manager.FSTREAM_URL = stream_base(url)  # __init__ formats the class attribute; override after
     return manager
+
+
+def sim_listing(admin: SimAdmin) -> ExchangeInfo:
+    """The simulator's own exchange info (tick and step sizes), as the workers read it."""
+    document = httpx.get(f"{admin.base_url}/fapi/v1/exchangeInfo", timeout=10).json()
+    return ExchangeInfo.from_binance(document)
