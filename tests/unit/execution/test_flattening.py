@@ -116,6 +116,19 @@ def test_a_trip_too_old_to_act_on_sends_nothing_and_reports_what_is_open() -> No
     assert flattening.unfinished == {SYMBOL: Decimal("0.03")}
 
 
+def test_a_position_still_in_flight_when_the_trip_is_too_old_is_reported() -> None:
+    book = _long_book()
+    flattening = Flattening(book)
+    intent_id = flatten_intent_id(LATCH.revision, SYMBOL, 0)
+    book.apply_update(_update(intent_id, OrderStatus.PENDING_NEW, "0.03", "0"))
+    book.apply_update(_update(intent_id, OrderStatus.UNKNOWN, "0.03", "0"))  # its sender gone
+    assert flattening.next_rounds(LATCH, now_ms=ISSUED_MS) == []  # waits for it
+    assert flattening.unfinished == {}
+    too_late = ISSUED_MS + int(FLATTEN_WITHIN_S * 1000) + 1
+    assert flattening.next_rounds(LATCH, now_ms=too_late) == []
+    assert flattening.unfinished == {SYMBOL: Decimal("0.03")}
+
+
 def test_a_newer_trip_or_none_forgets_what_the_last_one_left() -> None:
     flattening = Flattening(_long_book())
     too_late = ISSUED_MS + int(FLATTEN_WITHIN_S * 1000) + 1

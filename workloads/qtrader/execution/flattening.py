@@ -62,10 +62,11 @@ class Flattening:
         too_old = now_ms - latch.issued_at_ms > FLATTEN_WITHIN_S * 1000
         due: list[Due] = []
         for symbol, position in sorted(self._book.positions().items()):
-            if self._book.busy(symbol):
+            if too_old:  # open, whatever is still in flight (an order left UNKNOWN, say)
+                self.unfinished[symbol] = position
+            elif self._book.busy(symbol):
                 continue  # what is in flight may still fill: the rest is known after it
-            round_ = self._next_round(latch.revision, symbol)
-            if too_old or round_ is None:
+            elif (round_ := self._next_round(latch.revision, symbol)) is None:
                 self.unfinished[symbol] = position
             else:
                 due.append(Due(symbol, position, round_))
