@@ -13,7 +13,9 @@ import time
 from decimal import Decimal
 
 import pytest
+from prometheus_client import REGISTRY
 
+from qtrader.bus.errors import NotYet
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import Direction, Signal
@@ -130,3 +132,44 @@ async def test_a_slow_batch_handler_keeps_every_message_of_its_batch(
             await consumer
         await bus.close()
     assert calls == [[f"batch-{n}" for n in range(5)]]
+
+
+async def test_a_handler_not_done_yet_gets_its_message_again_after_the_delay_it_asked(
+    nats_server: EmbeddedNats,
+) -> None:
+    """``NotYet``: the message stays on the server and comes again after the delay (to any
+    replica), while the ones after it go on; it is not a handler failure."""
+    spec = dataclasses.replace(subjects.EXECUTION_SIGNALS, durable="not-yet", ack_wait_s=30.0)
+    bus = Bus(url=nats_server.url, client_name="test-not-yet")
+    await bus.connect()
+    await bus.ensure_topology()
+    await bus.ensure_consumer(spec)
+    seen: list[tuple[str, float]] = []
+    started = time.monotonic()
+
+    async def later_for_the_first(signal: Signal) -> None:
+        seen.append((signal.signal_id, time.monotonic() - started))
+        if signal.signal_id == "batch-0" and len(seen) == 1:
+            raise NotYet("not known yet", delay_s=1.5)
+
+    for n in range(2):
+        await bus.publish(subjects.signal_subject("BTCUSDT"), _signal(n))
+    errors_before = _handler_errors("not-yet")
+    consumer = asyncio.create_task(bus.consume(spec, Signal, later_for_the_first))
+    try:
+        while len(seen) < 3 and time.monotonic() - started < 10:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)  # nothing more comes: the second delivery was acknowledged
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        await bus.close()
+    assert [signal_id for signal_id, _ in seen] == ["batch-0", "batch-1", "batch-0"]
+    assert seen[2][1] - seen[0][1] >= 1.4  # not before the delay it asked
+    assert _handler_errors("not-yet") == errors_before
+
+
+def _handler_errors(consumer: str) -> float:
+    value = REGISTRY.get_sample_value("qtrader_handler_errors_total", {"consumer": consumer})
+    return value or 0.0

@@ -312,3 +312,118 @@ async def test_a_worker_stopped_with_an_order_at_the_venue_publishes_its_fill_be
     final = {u.client_order_id[:32] for u in updates if u.status.is_final}
     booked = {str(o["clientOrderId"])[:32] for o in exchange.orders()}
     assert booked <= final, "every order booked has its final update"
+
+
+async def test_an_order_left_unknown_by_a_killed_worker_is_resolved_by_the_next(
+    nats_server: EmbeddedNats, exchange: SimAdmin, tmp_path: Path
+) -> None:
+    """The worker that left an order UNKNOWN is SIGKILLed before it can look it up again; a
+    worker with another id (a pod rescheduled under a new name) resolves it: its trade reaches
+    FILLS with a final update, and nothing more is sent. (Kept only in the memory of the worker
+    that sent it, it was never resolved: its fills never reached the portfolio, and its
+    reservation held the symbol in every replica's book.)"""
+    url = nats_server.url
+    bus = Bus(url=url, client_name="test-orphan")
+    await bus.connect()
+    await bus.ensure_topology()
+    await publish_policy(bus, POLICY)
+    await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+    heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2))
+    workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
+    first = _execution(url, exchange.base_url, tmp_path, "--no-user-stream")
+    try:
+        ban = {"route": "GET /fapi/v1/userTrades", "kind": "http_418", "next": 1}
+        exchange.faults([{**ban, "retry_after_s": 3}])
+        async with flowing(bus):
+            await eventually(
+                lambda: first.metric("qtrader_orders_unknown") == 1,
+                timeout_s=30,
+                what="an order left UNKNOWN by the ban",
+                worker=first,
+            )
+            first.stop(kill=True)
+        updates = await order_updates(url)
+        went_unknown = {u.intent_id for u in updates if u.status is OrderStatus.UNKNOWN}
+        assert went_unknown
+        second = _execution(
+            url, exchange.base_url, tmp_path, "--no-user-stream", "--worker-id", "exec-other"
+        )
+        workers.append(second)
+
+        async def every_unknown_ended() -> bool:
+            last = {u.intent_id: u for u in await order_updates(url)}
+            return all(last[i].status.is_final for i in went_unknown)
+
+        deadline = time.monotonic() + 60
+        while not await every_unknown_ended():
+            assert time.monotonic() < deadline, f"never resolved:\n{second.log()[-3000:]}"
+            await asyncio.sleep(0.5)
+        last = {u.intent_id: u for u in await order_updates(url)}
+        assert {last[i].worker_id for i in went_unknown} == {"exec-other"}
+        fills = await read_all(url, stream="QT_FILLS", subject="qtrader.fill.*", message_type=Fill)
+        trades = exchange.trades()
+        assert {f.fill_id for f in fills} == {f"binance-BTCUSDT-{t['id']}" for t in trades}
+        booked = [str(o["clientOrderId"]) for o in exchange.orders()]
+        for intent_id in went_unknown:  # booked once, and resolving sent nothing more
+            stem = last[intent_id].client_order_id[:32]
+            assert len([c for c in booked if c.startswith(stem)]) == 1
+        await eventually(
+            lambda: second.metric("qtrader_orders_unknown") == 0,
+            timeout_s=10,
+            what="no order left unknown",
+            worker=second,
+        )
+    finally:
+        heartbeat.cancel()
+        first.stop(kill=True)
+        await stop_pipeline(workers, nats_url=url)
+        await bus.close()
+
+
+async def test_a_worker_started_during_a_ban_waits_it_out_then_trades(
+    nats_server: EmbeddedNats, exchange: SimAdmin, tmp_path: Path
+) -> None:
+    """Started while the IP is banned (its first request is answered 418), the worker neither
+    exits nor asks again before the ban ends (on Binance a request in a ban lengthens it); its
+    /health says CRITICAL meanwhile. Then it starts and trades. (It exited: its orchestrator's
+    restarts asked during the ban, and an order it had left unknown waited for them.)"""
+    url = nats_server.url
+    bus = Bus(url=url, client_name="test-start-banned")
+    await bus.connect()
+    await bus.ensure_topology()
+    await publish_policy(bus, POLICY)
+    await write_latch(bus, state=TradingState.ACTIVE, reason="test", issued_by="test")
+    heartbeat = asyncio.create_task(heartbeat_forever(bus, issued_by="test", interval_s=0.2))
+    ban_s = 4
+    exchange.faults(
+        [
+            {
+                "route": "GET /fapi/v1/exchangeInfo",
+                "kind": "http_418",
+                "next": 1,
+                "retry_after_s": ban_s,
+            }
+        ]
+    )
+    workers = [start_worker("portfolio", nats_url=url, log_dir=tmp_path)]
+    execution = _execution(url, exchange.base_url, tmp_path, "--no-user-stream")
+    workers.append(execution)
+    try:
+        await eventually(
+            lambda: "banned" in str(execution.dependency("exchange").get("detail")),
+            timeout_s=10,
+            what="/health naming the ban",
+            worker=execution,
+        )
+        assert execution.dependency("exchange")["status"] == "CRITICAL"
+        async with flowing(bus):
+            await _until_filled_on_the_stream(url, timeout_s=30)
+        assert execution.process.poll() is None
+        requests = exchange.log()
+        banned_at = requests[0]["t_ms"]
+        during = [r for r in requests[1:] if r["t_ms"] < banned_at + ban_s * 1000]
+        assert during == [], f"asked during the ban: {during}"
+    finally:
+        heartbeat.cancel()
+        await stop_pipeline(workers, nats_url=url)
+        await bus.close()

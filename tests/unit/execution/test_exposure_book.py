@@ -485,3 +485,28 @@ def _pending_new(intent_id: str, quantity: Decimal) -> OrderUpdate:
         worker_id="other",
         ts_ms=1_000,
     )
+
+
+def test_an_intent_is_left_unknown_until_a_later_update_of_any_worker_says_more() -> None:
+    """What the worker an intent comes to asks: look it up (its latest update is UNKNOWN) or
+    drive it. A replay of an UNKNOWN after the final update (this worker's own updates are
+    applied at once, then again as the stream brings them back) leaves it ended."""
+    book = ExposureBook()
+    sent = _pending_new("i-1", Decimal("0.01"))
+    book.apply_update(sent)
+    assert not book.left_unknown("i-1")
+    unknown = sent.model_copy(update={"status": OrderStatus.UNKNOWN})
+    book.apply_update(unknown)
+    assert book.left_unknown("i-1") and book.unknown_count == 1
+    partial = sent.model_copy(
+        update={"status": OrderStatus.PARTIALLY_FILLED, "filled_quantity": Decimal("0.004")}
+    )
+    book.apply_update(partial)  # the venue answered after all: driven on by its sender
+    assert not book.left_unknown("i-1")
+    book.apply_update(unknown.model_copy(update={"filled_quantity": Decimal("0.004")}))
+    assert book.left_unknown("i-1")
+    final = partial.model_copy(update={"status": OrderStatus.CANCELED})
+    book.apply_update(final)
+    assert not book.left_unknown("i-1") and book.unknown_count == 0
+    book.apply_update(unknown)  # replayed after the final one
+    assert not book.left_unknown("i-1") and book.unknown_count == 0

@@ -70,7 +70,7 @@ from nats.js.api import (
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from prometheus_client import Counter, Gauge
 
-from qtrader.bus.errors import BusUnavailable, TopologyError
+from qtrader.bus.errors import BusUnavailable, NotYet, TopologyError
 from qtrader.bus.outbox import Outbox
 from qtrader.bus.outbox_publisher import Entry, OutboxPublisher, StreamAck
 from qtrader.bus.stream_acks import StreamAcks
@@ -674,6 +674,12 @@ class Bus:
                 await handler(message)
         except asyncio.CancelledError:
             raise
+        except NotYet as later:
+            log.info(
+                "%s takes %s up again in %g s: %s", consumer, msg.subject, later.delay_s, later
+            )
+            await _settle(msg.nak(delay=later.delay_s))
+            return
         except BusUnavailable as exc:  # its effect could not be published: try again later
             HANDLER_ERRORS.labels(consumer).inc()
             log.warning("%s could not publish for %s (%s); redelivered", consumer, msg.subject, exc)

@@ -38,7 +38,6 @@ from qtrader.contracts.messages import (
     Build,
     Fill,
     OrderIntent,
-    OrderStatus,
     OrderUpdate,
     Signal,
     trusted,
@@ -139,8 +138,6 @@ class ExecutionCore:
         self._intake: SignalIntake | None = None
         self._venue: Venue | None = None
         self._driver: OrderDriver | None = None
-        # Intents whose outcome stayed unknown after ``execute``: looked up by ``resolve``.
-        self._unresolved: dict[str, OrderIntent] = {}
         # The intent ttl of the policy spec last asked about (asked several times per order).
         self._ttl_of: tuple[TradingPolicySpec | None, int] = (None, 0)
 
@@ -294,26 +291,16 @@ class ExecutionCore:
 
     async def execute(self, intent: OrderIntent) -> OrderUpdate | None:
         """Drive ``intent`` to a final state on the venue; its final update (None: it had one
-        already). One left UNKNOWN stays in flight in the book and is kept for ``resolve``."""
+        already). One left UNKNOWN stays in flight in the book until ``resolve`` settles it."""
         assert self._driver is not None, "connect a venue first"
         spec = self._spec()
-        final = await self._driver.execute(intent, max_slippage_bps=spec.risk.max_slippage_bps)
-        if final is not None and final.status is OrderStatus.UNKNOWN:
-            self._unresolved[intent.intent_id] = intent
-        return final
-
-    @property
-    def unresolved(self) -> Mapping[str, OrderIntent]:
-        return self._unresolved
+        return await self._driver.execute(intent, max_slippage_bps=spec.risk.max_slippage_bps)
 
     async def resolve(self, intent: OrderIntent) -> OrderUpdate | None:
-        """Look an UNKNOWN intent up again (nothing is sent); its final update once the venue
-        can tell, else None. Publishing its fills may raise: it stays unresolved then."""
+        """Look an intent left UNKNOWN (``book.left_unknown``) up again, sending nothing; its
+        final update once the venue can tell, else None. Publishing its fills may raise."""
         assert self._driver is not None, "connect a venue first"
-        resolved = await self._driver.resolve(intent)
-        if resolved is not None:
-            del self._unresolved[intent.intent_id]
-        return resolved
+        return await self._driver.resolve(intent)
 
     def admit(self, order: OrderIntent) -> Admitted | Refused:
         """The exposure book's send-time check of one attempt (under the gate's lock)."""

@@ -154,6 +154,9 @@ class ExposureBook:
     _seen_fills: set[str] = field(default_factory=set)
     _sent: set[str] = field(default_factory=set)  # intents with a PENDING_NEW on ORDERS
     _finished: set[str] = field(default_factory=set)  # intents whose final update was seen
+    # Intents whose latest update is UNKNOWN, any worker's: the venue has not said yet what
+    # became of them (their reservations stay whole meanwhile).
+    _unknown: set[str] = field(default_factory=set)
     # ``projected()`` as last computed; None once a position or a reservation changed. Every
     # decision reads it, and most change nothing (a denial), where computing it afresh walks
     # every reservation: at a full backlog that was a tenth of the execution worker's time.
@@ -301,6 +304,10 @@ class ExposureBook:
             )
         elif update.status.is_final:
             self.finish(update.intent_id, filled=update.filled_quantity)
+        if update.status is OrderStatus.UNKNOWN and update.intent_id not in self._finished:
+            self._unknown.add(update.intent_id)
+        elif update.status is not OrderStatus.UNKNOWN:
+            self._unknown.discard(update.intent_id)
 
     def finish(self, intent_id: str, *, filled: Decimal) -> None:
         """The intent is final having filled ``filled``: the rest is released now; the filled
@@ -314,6 +321,16 @@ class ExposureBook:
         self._changed()
         reservation.final_filled = filled
         self._drop_if_settled(intent_id)
+
+    def left_unknown(self, intent_id: str) -> bool:
+        """Whether the intent's latest update (any worker's) left its outcome UNKNOWN: it is
+        to be looked up at the venue, never sent again."""
+        return intent_id in self._unknown
+
+    @property
+    def unknown_count(self) -> int:
+        """How many intents the venue has not yet said the outcome of."""
+        return len(self._unknown)
 
     def ended(self, intent_id: str) -> bool:
         """Whether the intent has had its final update (this worker's, or another's replayed):

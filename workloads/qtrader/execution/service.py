@@ -60,13 +60,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from qtrader.bus.errors import BusUnavailable
+from qtrader.bus.errors import BusUnavailable, NotYet
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
@@ -88,7 +89,7 @@ from qtrader.contracts.messages import (
 from qtrader.contracts.policy import TradingMode, TradingPolicySpec
 from qtrader.exchange.errors import Banned, ExchangeError
 from qtrader.exchange.limiter import CostNeverFits
-from qtrader.exchange.venue import AccountReader, IncomeReader, Venue
+from qtrader.exchange.venue import AccountReader, IncomeReader, Venue, VenueOrder
 from qtrader.execution.account_entries import AccountEntries, IncomeSettings
 from qtrader.execution.clock import SYSTEM_CLOCK
 from qtrader.execution.core import CoreSettings, ExecutionCore
@@ -122,7 +123,8 @@ INTENTS_UNPUBLISHED = Counter(
     "outbox full or failing).",
 )
 ORDERS_SENT = Counter("qtrader_orders_sent_total", "Orders sent to the exchange.", ["exchange"])
-RESOLVE_EVERY_S = 5.0  # how often intents left UNKNOWN are looked up again
+VENUE_START_RETRY_S = 5.0  # how soon a venue that could not start is asked again
+RESOLVE_EVERY_S = 5.0  # how soon an intent left UNKNOWN comes again to be looked up
 FILL_RETRY_S = 0.5  # how often a fill neither NATS nor the outbox took is tried again
 FILLS_UNRECORDED = Gauge(
     "qtrader_fills_unrecorded",
@@ -131,7 +133,8 @@ FILLS_UNRECORDED = Gauge(
 )
 UNRESOLVED = Gauge(
     "qtrader_orders_unknown",
-    "Intents this worker sent whose outcome is still unknown (looked up every few seconds).",
+    "Intents whose outcome is still unknown, any worker's (each looked up again every few "
+    "seconds by the worker it comes to).",
 )
 FLATTEN_INTENTS = Counter(
     "qtrader_flatten_intents_total",
@@ -281,6 +284,8 @@ class Execution:
         self._context = context
         self._config = config
         self._venue: Venue | None = None
+        # Why the venue has not started yet (its last answer at start); None: not tried yet.
+        self._venue_start_error: ExchangeError | None = None
         self._paper: PaperExchange | None = None  # the venue in paper mode; fed prices
         self._venue_ready = asyncio.Event()
         self._signals_arrived = asyncio.Event()  # set by the intake, cleared by the decide loop
@@ -325,6 +330,7 @@ class Execution:
         )
         INTENT_BACKLOG.set_function(lambda: self._book.backlog().size)
         FLATTEN_UNFINISHED.set_function(lambda: len(self._flattening.unfinished))
+        UNRESOLVED.set_function(lambda: self._book.unknown_count)
         INTENT_BACKLOG_OLDEST.set_function(lambda: self._core.backlog_oldest_age_s() or 0.0)
         # Every state's series from 0: increase() over a series that first appears at 1 is 0,
         # so a worker's first acknowledgement of a state would never show on the ESS dashboard.
@@ -384,7 +390,6 @@ class Execution:
             "dead-man": self._dead_man_loop(),
             "flatten": self._flatten_loop(),
             "venue-refresh": self._refresh_loop(),
-            "resolve-unknown": self._resolve_loop(),
             "venue-reconcile": self._venue_reconcile_loop(),
             "account-entries": self._account_entries_loop(),
         }
@@ -726,7 +731,7 @@ class Execution:
         await self._fills_caught_up.wait()
         await self._updates_caught_up.wait()
         venue = self._make_venue(policy.spec)
-        leftovers = await venue.start(policy.spec.symbols)
+        leftovers = await self._start_venue(venue, policy.spec.symbols)
         if leftovers:
             log.warning("%d of our orders open at start: cancelling them", len(leftovers))
             await venue.cancel_all(sorted({order.symbol for order in leftovers}))
@@ -742,6 +747,23 @@ class Execution:
             )
         finally:
             await venue.close()
+
+    async def _start_venue(self, venue: Venue, symbols: Sequence[str]) -> list[VenueOrder]:
+        """``venue.start`` until it answers. Banned, nothing is asked before the ban ends (on
+        Binance a request during a ban lengthens it), and the ban is a trip input as at any
+        time; unreachable, it is asked again every VENUE_START_RETRY_S. Meanwhile /health says
+        why. Exiting instead would leave it to restarts, which ask at once, ban or not."""
+        while True:
+            try:
+                return await venue.start(symbols)
+            except ExchangeError as exc:
+                self._venue_start_error = exc
+                await self._on_exchange_error(exc)
+                wait_s = VENUE_START_RETRY_S
+                if isinstance(exc, Banned):
+                    wait_s = max(wait_s, exc.retry_at - self._clock.wall_ms() / 1000)
+                log.warning("the venue cannot start (%s): asking again in %.1f s", exc, wait_s)
+                await asyncio.sleep(wait_s)
 
     async def _gate_known(self) -> None:
         """Wait (at most the heartbeat timeout) for a latch and a first heartbeat, so signals
@@ -776,13 +798,26 @@ class Execution:
         log.info("stopping with no order in flight")
 
     async def _on_intent(self, intent: OrderIntent) -> None:
+        """Drive an intent to its end, or, if its outcome was left UNKNOWN (by this worker or
+        any other: a killed one, one stopped for good), look it up again. Until the venue tells,
+        the intent stays unacknowledged on the server and comes again in RESOLVE_EVERY_S, to
+        whichever worker runs then: nothing depends on the memory of the one that sent it."""
         async with self._sending:
-            await self._execute(intent)
+            if self._book.left_unknown(intent.intent_id):
+                final = await self._core.resolve(intent)
+                if final is not None:
+                    log.info("intent %s resolved by look-up: %s", intent.intent_id, final.status)
+            else:
+                final = await self._execute(intent)
+                if final is None:  # it came again after its final update
+                    return
+        if final is None or final.status is OrderStatus.UNKNOWN:
+            raise NotYet(f"intent {intent.intent_id}: outcome unknown", delay_s=RESOLVE_EVERY_S)
 
-    async def _execute(self, intent: OrderIntent) -> None:
+    async def _execute(self, intent: OrderIntent) -> OrderUpdate | None:
         final = await self._core.execute(intent)  # connected before the consumer starts
         if final is None:  # it came again after its final update
-            return
+            return None
         if final.refused_by is RefusedBy.HALT_GATE:
             ORDERS_BLOCKED.labels(self._gate.state()[0].value).inc()
             log.info("intent %s not sent: %s", intent.intent_id, final.reason)
@@ -790,26 +825,7 @@ class Execution:
             log.info("intent %s ended by the exposure book: %s", intent.intent_id, final.reason)
         else:
             ORDERS_SENT.labels(final.exchange).inc()
-        if final.status is OrderStatus.UNKNOWN:  # stays in flight in the book until resolved
-            UNRESOLVED.set(len(self._core.unresolved))
-
-    async def _resolve_loop(self) -> None:
-        """Look up the intents left UNKNOWN every RESOLVE_EVERY_S until the venue can say what
-        became of them (after a ban, an outage); their fills then reach the portfolio."""
-        while True:
-            await asyncio.sleep(RESOLVE_EVERY_S)
-            if self._core.venue is None:
-                continue
-            for intent_id, intent in list(self._core.unresolved.items()):
-                try:
-                    async with self._sending:
-                        resolved = await self._core.resolve(intent)
-                except BusUnavailable as exc:  # its fills could not be published: next round
-                    log.warning("intent %s resolved, not published yet: %s", intent_id, exc)
-                    continue
-                if resolved is not None:
-                    log.info("intent %s resolved by look-up", intent_id)
-            UNRESOLVED.set(len(self._core.unresolved))
+        return final
 
     async def _publish_update(self, update: OrderUpdate) -> None:
         """The core's updates to the ORDERS stream (it applies each to the book next)."""
@@ -916,7 +932,7 @@ class Execution:
         """What may still move the venue's account without being on FILLS yet; None: nothing."""
         if not self._book.idle or self._sending.locked():
             return "orders in flight"
-        if self._core.unresolved:
+        if self._book.unknown_count:
             return "orders with an unknown outcome"
         if self._context.bus.outbox_depth():
             return "messages waiting in the outbox"
@@ -1148,19 +1164,30 @@ class Execution:
 
     async def check_exchange(self) -> DependencyHealth:
         if self._venue is None:
-            return DependencyHealth(
-                name="exchange", status=Status.DEGRADED, detail="not connected yet"
-            )
+            return self._venue_not_started()
         health = self._venue.health()
-        unresolved = self._core.unresolved
+        unresolved = self._book.unknown_count
         if unresolved and health.status is Status.OK:
             return DependencyHealth(
                 name="exchange",
                 status=Status.DEGRADED,
-                detail=f"{len(unresolved)} orders with an unknown outcome, looked up "
+                detail=f"{unresolved} orders with an unknown outcome, looked up "
                 f"every {RESOLVE_EVERY_S:g} s",
             )
         return health
+
+    def _venue_not_started(self) -> DependencyHealth:
+        failed = self._venue_start_error
+        if failed is None:
+            return DependencyHealth(
+                name="exchange", status=Status.DEGRADED, detail="not connected yet"
+            )
+        if isinstance(failed, Banned):
+            until = datetime.fromtimestamp(failed.retry_at, UTC).isoformat(timespec="seconds")
+            detail = f"not started: banned until {until}, nothing asked before: {failed}"
+        else:
+            detail = f"not started: {failed}; asked again every {VENUE_START_RETRY_S:g} s"
+        return DependencyHealth(name="exchange", status=Status.CRITICAL, detail=detail[:300])
 
     async def check_backlog(self) -> DependencyHealth:
         """DEGRADED while the decided-not-final intents are at their bound or the oldest is
