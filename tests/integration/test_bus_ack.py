@@ -145,10 +145,13 @@ async def test_a_handler_not_done_yet_gets_its_message_again_after_the_delay_it_
     await bus.ensure_topology()
     await bus.ensure_consumer(spec)
     seen: list[tuple[str, float]] = []
+    third = asyncio.Event()
     started = time.monotonic()
 
     async def later_for_the_first(signal: Signal) -> None:
         seen.append((signal.signal_id, time.monotonic() - started))
+        if len(seen) == 3:
+            third.set()
         if signal.signal_id == "batch-0" and len(seen) == 1:
             raise NotYet("not known yet", delay_s=1.5)
 
@@ -157,8 +160,7 @@ async def test_a_handler_not_done_yet_gets_its_message_again_after_the_delay_it_
     errors_before = _handler_errors("not-yet")
     consumer = asyncio.create_task(bus.consume(spec, Signal, later_for_the_first))
     try:
-        while len(seen) < 3 and time.monotonic() - started < 10:
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(third.wait(), timeout=10)
         await asyncio.sleep(2.0)  # nothing more comes: the second delivery was acknowledged
     finally:
         consumer.cancel()

@@ -8,6 +8,8 @@ code's own rules (``qtrader_tools.stress``), never a second copy of them:
   Binance server its admin trades and refusals; no position beyond ``maxPositionUsd`` by more
   than one step, no more open positions than allowed, no reduce-only order rejected
   (``qtrader_tools.stress.invariants.check_exposure``);
+* nothing lost between the venue and FILLS: every trade the Binance server made for an order of
+  ours (its client order id) is on FILLS;
 * nothing duplicated or out of order: no fill id twice on FILLS, no order update or intent
   repeating its dedup id (``Nats-Msg-Id``: the streams keep 10 minutes of ids, longer than any
   test, so a stored repeat is a publish the server should have dropped), at most one final
@@ -55,6 +57,7 @@ from qtrader.contracts.messages import (
 )
 from qtrader.contracts.policy import TradingPolicySpec
 from qtrader.exchange.binance import binance_fill_id
+from qtrader.execution.decisions import CLIENT_ORDER_ID_PREFIX
 from qtrader.instruments import ExchangeInfo
 from qtrader_tools.exact import ledger_mismatches
 from qtrader_tools.simulators.binance_futures import SimAdmin
@@ -212,11 +215,28 @@ def _stream_problems(records: TradingRecords) -> list[Problem]:
         (Check.ORDERS, "fills on FILLS after a later fill of their worker at the venue"): (
             fills_out_of_venue_order(records.fills, records.updates, _venue_order(records))
         ),
+        (Check.ORDERS, "trades of our orders at the venue missing from FILLS"): len(
+            _trades_not_on_fills(records)
+        ),
     }
     return [
         Problem(check=check, text=f"{what}: {count}")
         for (check, what), count in counts.items()
         if count
+    ]
+
+
+def _trades_not_on_fills(records: TradingRecords) -> list[VenueTrade]:
+    """The Binance server's trades of orders this system sent (its client order ids) whose
+    fill is not on FILLS: a fill the venue made and the portfolio never had. (A trade of an
+    order placed by hand is not a fill of ours.)"""
+    on_fills = {f.fill_id for f in records.fills}
+    return [
+        t
+        for venue in records.venues
+        for t in venue.trades
+        if t.client_order_id.startswith(CLIENT_ORDER_ID_PREFIX)
+        and binance_fill_id(t.symbol, t.trade_id) not in on_fills
     ]
 
 

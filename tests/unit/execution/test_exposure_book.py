@@ -497,7 +497,8 @@ def test_an_intent_is_left_unknown_until_a_later_update_of_any_worker_says_more(
     assert not book.left_unknown("i-1")
     unknown = sent.model_copy(update={"status": OrderStatus.UNKNOWN})
     book.apply_update(unknown)
-    assert book.left_unknown("i-1") and book.unknown_count == 1
+    assert book.left_unknown("i-1")
+    assert book.unknown_count == 1
     partial = sent.model_copy(
         update={"status": OrderStatus.PARTIALLY_FILLED, "filled_quantity": Decimal("0.004")}
     )
@@ -507,6 +508,8 @@ def test_an_intent_is_left_unknown_until_a_later_update_of_any_worker_says_more(
     assert book.left_unknown("i-1")
     final = partial.model_copy(update={"status": OrderStatus.CANCELED})
     book.apply_update(final)
-    assert not book.left_unknown("i-1") and book.unknown_count == 0
+    assert not book.left_unknown("i-1")
+    assert book.unknown_count == 0
     book.apply_update(unknown)  # replayed after the final one
-    assert not book.left_unknown("i-1") and book.unknown_count == 0
+    assert not book.left_unknown("i-1")
+    assert book.unknown_count == 0

@@ -9,6 +9,7 @@ close 30,100 over an average of 30,000: unrealized 1.00, equity 10,001.6396.
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 from qtrader.contracts.messages import (
@@ -244,3 +245,36 @@ def test_an_exempt_check_is_noted_and_not_judged() -> None:
     report = judge(records(fills=[*FILLS, FILLS[1]]), skip=frozenset({Check.DUPLICATES}))
     assert report.ok, report.summary()
     assert "note: duplicates not judged (exempt)" in report.summary()
+
+
+def test_on_the_binance_server_a_trade_of_ours_missing_from_fills_fails() -> None:
+    """A fill the venue made that never reached FILLS (an order left unknown by a worker that
+    was killed, never resolved): the portfolio never had it. A trade of an order placed by
+    hand (no client order id of ours) is not one."""
+    made = [
+        f.model_copy(update={"fill_id": binance_fill_id("BTCUSDT", n)})
+        for n, f in enumerate(FILLS, start=1)
+    ]
+    trades = tuple(
+        VenueTrade(
+            trade_id=n,
+            symbol="BTCUSDT",
+            side=f.side.value,
+            quantity=f.quantity,
+            price=f.price,
+            time_ms=f.ts_ms,
+            client_order_id=f.client_order_id,
+        )
+        for n, f in enumerate(made, start=1)
+    )
+    by_hand = dataclasses.replace(trades[0], trade_id=99, client_order_id="web_a1b2c3")
+    venue = VenueRecords(
+        base_url="http://sim",
+        trades=(*trades, by_hand),
+        rejections=(),
+        step_sizes={"BTCUSDT": Decimal(1)},
+    )
+    assert judge(records(fills=made, venues=[venue])).ok
+    report = judge(records(fills=made[:1], venues=[venue]), skip=frozenset({Check.LEDGER}))
+    assert [p.check for p in report.problems] == [Check.ORDERS], report.summary()
+    assert "trades of our orders at the venue missing from FILLS: 1" in report.summary()

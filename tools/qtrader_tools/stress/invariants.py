@@ -63,6 +63,7 @@ class VenueTrade:
     price: Decimal
     time_ms: int
     reduce_only: bool = False
+    client_order_id: str = ""  # of the order it filled; "" when the venue did not say
 
     @property
     def signed_quantity(self) -> Decimal:
@@ -210,6 +211,7 @@ def from_sim_records(
 ) -> tuple[list[VenueTrade], list[VenueRejection]]:
     """The trades and refusals in the shapes of ``SimAdmin.trades()/orders()/log()``."""
     reduce_only = {int(o["orderId"]): bool(o.get("reduceOnly", False)) for o in orders}
+    client_order_ids = {int(o["orderId"]): str(o.get("clientOrderId", "")) for o in orders}
     venue_trades = [
         VenueTrade(
             trade_id=int(t["id"]),
@@ -219,6 +221,7 @@ def from_sim_records(
             price=Decimal(str(t["price"])),
             time_ms=int(t["time"]),
             reduce_only=reduce_only.get(int(t["orderId"]), False),
+            client_order_id=client_order_ids.get(int(t["orderId"]), ""),
         )
         for t in trades
     ]

@@ -55,7 +55,8 @@ from qtrader.money import EXACT as _EXACT
 
 _ZERO = Decimal(0)
 _INTENT_ID_MAX = 128
-_CLIENT_ORDER_ID_PREFIX = "qt-"
+# Every client order id this system sends begins with it: what is ours at a venue.
+CLIENT_ORDER_ID_PREFIX = "qt-"
 _BPS = Decimal(10_000)
 _NOTHING: Mapping[str, Decimal] = MappingProxyType({})
 
@@ -131,7 +132,7 @@ class _Order(NamedTuple):
 
 def client_order_id_for(intent_id: str) -> str:
     """The Binance ``newClientOrderId`` of an intent: deterministic, 35 chars of [a-z0-9-]."""
-    return _CLIENT_ORDER_ID_PREFIX + hashlib.sha256(intent_id.encode()).hexdigest()[:32]
+    return CLIENT_ORDER_ID_PREFIX + hashlib.sha256(intent_id.encode()).hexdigest()[:32]
 
 
 def attempt_client_order_id(client_order_id: str, attempt: int) -> str:
