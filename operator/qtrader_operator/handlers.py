@@ -506,6 +506,7 @@ async def _reconcile_stop(
                 generation=meta.get("generation") or 0,
                 previous_conditions=list(status.get("conditions") or []),
                 mode_before_trip=_mode_before_trip(meta),
+                positions=runtime.stacks.positions_of(name),
             ),
             status=before,
             store=KopfStore(body=body, patch=patch, status=status),

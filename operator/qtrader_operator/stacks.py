@@ -55,6 +55,7 @@ from qtrader.control.halt_combination import (
     most_restrictive,
     next_latch,
 )
+from qtrader.control.open_positions import OpenPositions, PositionsSeen
 from qtrader.control.policy_selector import PolicyScope, PolicySelector, covers
 from qtrader.control.risk_monitor import RiskMonitor
 from qtrader.local.control import heartbeat_forever
@@ -97,6 +98,7 @@ class Stacks:
         self._heartbeat_interval_s = heartbeat_interval_s
         self._source = source
         self._served: dict[str, _Served] = {}
+        self._positions = OpenPositions()
         self._triggers: dict[str, EssTriggers | None] = {}
         self._selectors: dict[str, PolicySelector | None] = {}
         self._leading = False
@@ -135,6 +137,7 @@ class Stacks:
         served = _Served(bus=view, risk=self._monitor(view, stack), scope=scope)
         self._served[stack] = served
         served.tasks.append(_start(f"{stack}/halt-acks", self._collect_acks(view, stack)))
+        served.tasks.append(_start(f"{stack}/positions", self._positions.follow(view, stack)))
         if self._leading:
             self._start_leading(stack, served)
         log.info("serving stack %s", stack)
@@ -160,6 +163,7 @@ class Stacks:
         if served is not None:
             await cancel_and_wait([*served.leading, *served.tasks])
             self._acks.forget(lambda worker: worker.startswith(f"{stack}/"))
+            self._positions.forget(stack)
             log.info("stack %s no longer served", stack)
 
     async def close(self) -> None:
@@ -194,6 +198,10 @@ class Stacks:
             for stack, served in sorted(self._served.items())
             if covers(stop=name, selector=selector, policy=served.scope)
         ]
+
+    def positions_of(self, name: str) -> PositionsSeen:
+        """The open positions of the stacks stop ``name`` covers."""
+        return self._positions.seen(self.covered_by(name))
 
     def scope(self, stack: str) -> PolicyScope | None:
         served = self._served.get(stack)

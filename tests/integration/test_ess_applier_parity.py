@@ -29,6 +29,7 @@ from qtrader.control.ess import EssEvent, EssStatus
 from qtrader.control.ess_applier import AckMemory, StopInput, apply_once
 from qtrader.control.ess_resource import parse_emergency_stop, parse_spec
 from qtrader.control.halt_channel import AckCollector, SingleStopChannel
+from qtrader.control.open_positions import LOCAL_STACK, OpenPositions
 from qtrader.local import ess_client
 from qtrader.local.control_plane import LocalControlPlane
 from qtrader.local.nats_server import EmbeddedNats
@@ -108,6 +109,8 @@ class KopfSide:
                 tripped_by=metadata["annotations"].get("qtrader.dev/tripped-by", ""),
                 generation=metadata["generation"],
                 previous_conditions=self.resource["status"].get("conditions") or [],
+                # No portfolio runs: neither side has a snapshot.
+                positions=OpenPositions().seen([LOCAL_STACK]),
             ),
             status=self.status,
             store=store,

@@ -265,6 +265,26 @@ async def test_trip_while_orders_flow_then_tripped_halted_acked_and_nothing_fill
     assert stack.metric("execution", denied, reason="halted") > 0, (
         "signals after the trip were denied"
     )
+    await _positions_shown_as_the_portfolio_holds_them(stack)
+
+
+async def _positions_shown_as_the_portfolio_holds_them(stack: Stack) -> None:
+    """``qtrader ess status`` shows the portfolio's open positions (no flatten here: the trip
+    leaves them open), each with the quantity of the portfolio's last snapshot."""
+    snapshots = await read_all(
+        stack.url,
+        stream=subjects.PORTFOLIO.name,
+        subject=subjects.PORTFOLIO_SNAPSHOT,
+        message_type=PortfolioSnapshot,
+    )
+    held = [f"{p.symbol} {p.quantity}" for p in snapshots[-1].positions if p.quantity]
+    expected = f"Open: {'; '.join(held)}" if held else "Flat: no open position"
+
+    async def shown() -> bool:
+        result = await stack.cli("ess", "status")
+        return f"  positions   {expected}" in result.output
+
+    await _eventually(shown, timeout_s=10, what=f"qtrader ess status showing {expected}")
 
 
 async def test_reset_inside_the_cooldown_then_refused_exit_1_and_the_trip_stays(

@@ -54,6 +54,7 @@ from support.emulator import operator as _operator
 from support.emulator import policy as _policy
 from support.emulator import stop as _stop
 from support.flow import flowing, order_updates
+from support.streams import read_all
 from support.workers import Worker, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
@@ -1401,3 +1402,55 @@ async def test_a_workload_left_of_the_other_kind_is_removed_after_a_restart(
             what="the leftover Deployment removed",
         )
         assert cluster.names(STATEFULSETS) >= {f"paper-demo-{r}" for r in ROLES}
+
+
+async def test_a_trip_that_flattens_shows_the_open_positions_until_they_are_closed(
+    nats_server: EmbeddedNats, cluster: Cluster, tmp_path: Path
+) -> None:
+    """The stop's PositionsOpen condition (and Positions column) tells what the portfolio holds:
+    Open with each position while trading, Flat once the trip's flatten closed them all."""
+    url = nats_server.url
+    async with _operator(url):
+        await cluster.apply(STOPS, _stop(flattenOnTrip=True))
+        await cluster.apply(POLICIES, _policy())
+        await _eventually(
+            lambda: _stop_status(cluster).get("state") == "Armed", timeout_s=10, what="Armed"
+        )
+        workers = await _start_pipeline(url, tmp_path)
+        bus = Bus(url=url, client_name="test-flow", stack=STACK)
+        await bus.connect()
+        try:
+            async with flowing(bus):
+                await _wait_for_fills(url, workers=("exec-1", "exec-2"))
+                opened = await _eventually(
+                    lambda: _positions_condition(cluster, reason="Open"),
+                    timeout_s=10,
+                    what="PositionsOpen: Open",
+                )
+                assert opened["status"] == "True"
+                await cluster.patch(
+                    STOPS, "main", {"spec": {"tripped": True, "reason": "flatten test"}}
+                )
+                flat = await _eventually(
+                    lambda: _positions_condition(cluster, reason="Flat"),
+                    timeout_s=30,
+                    what="PositionsOpen: Flat",
+                )
+            assert flat["status"] == "False"
+            snapshots = await read_all(
+                url,
+                stream=subjects.scoped_stream(STACK, subjects.PORTFOLIO).name,
+                subject=subjects.scoped_subject(STACK, subjects.PORTFOLIO_SNAPSHOT),
+                message_type=PortfolioSnapshot,
+            )
+            assert [p for p in snapshots[-1].positions if p.quantity] == []
+            symbols = {s for s in opened["message"].split() if s.endswith("USDT")}
+            assert symbols, opened
+        finally:
+            await bus.close()
+            await stop_pipeline(workers, nats_url=url)
+
+
+def _positions_condition(cluster: Cluster, *, reason: str) -> dict[str, Any] | None:
+    found = _condition(cluster.get(STOPS, "main"), "PositionsOpen")
+    return found if found is not None and found["reason"] == reason else None

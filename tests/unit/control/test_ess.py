@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from qtrader.control.ess import (
     trip_issuer,
 )
 from qtrader.control.ess_conditions import status_conditions
+from qtrader.control.open_positions import PositionsSeen, StackPositions
 
 T0 = datetime(2025, 1, 6, 9, 0, tzinfo=UTC)
 COOLDOWN_S = 300
@@ -673,6 +675,7 @@ def test_status_conditions_when_armed_then_only_ready_is_true() -> None:
         "Reducing": "False",
         "ResetRefused": "False",
         "AckTimeout": "False",
+        "PositionsOpen": "Unknown",  # not followed: none given
     }
     assert all(c["observedGeneration"] == 1 for c in conditions)
     assert all(c["lastTransitionTime"] == "2025-01-06T09:00:00Z" for c in conditions)
@@ -698,6 +701,7 @@ def test_status_conditions_when_halt_in_force_then_ready_false_and_mode_conditio
     assert {t: c["status"] for t, c in conditions.items()} == {
         "Ready": "False",
         "AckTimeout": "False",
+        "PositionsOpen": "Unknown",
         **expected,
     }
     if reset:
@@ -726,7 +730,7 @@ def test_status_conditions_when_status_unchanged_then_last_transition_time_is_ke
     first = status_conditions(status, generation=1, now=at(5), previous=[])
     reworded = replace(status, reason="second")
     again = status_conditions(reworded, generation=2, now=at(60), previous=first)
-    assert [c["lastTransitionTime"] for c in again] == ["2025-01-06T09:00:05Z"] * 5
+    assert [c["lastTransitionTime"] for c in again] == ["2025-01-06T09:00:05Z"] * 6
     assert all(c["observedGeneration"] == 2 for c in again)
     assert "second" in by_type(again)["Halted"]["message"]
     reset = reconcile(spec=make_spec(), status=status, now=at(COOLDOWN_S)).status
@@ -811,3 +815,45 @@ def test_status_conditions_when_workers_are_overdue_then_ack_timeout_names_them(
         f"exec-1, exec-2 did not acknowledge latch revision {status.latch_revision}"
         in (ack["message"])
     )
+
+
+# --- the positions the portfolio holds ----------------------------------------------------------
+
+
+def _seen(*positions: tuple[str, str], missing: tuple[str, ...] = ()) -> PositionsSeen:
+    held = tuple((symbol, Decimal(quantity)) for symbol, quantity in positions)
+    known = (StackPositions(stack="ns.demo", positions=held, as_of_ms=1),)
+    return PositionsSeen(known=known, missing=missing)
+
+
+def _positions_open(status: EssStatus, seen: PositionsSeen, *, now: datetime) -> dict[str, Any]:
+    conditions = status_conditions(
+        status, generation=1, now=now, previous=[], positions=seen, flattens=True
+    )
+    return by_type(conditions)["PositionsOpen"]
+
+
+def test_positions_open_names_each_position_and_says_how_a_flattening_trip_stands() -> None:
+    """A trip that flattens: Flattening in its first 60 s, FlattenUnfinished after them while
+    anything is still open, Flat once nothing is; Open while trading."""
+    status = tripped_status(make_spec(flatten_on_trip=True))
+    held = _seen(("BTCUSDT", "0.033"), ("ETHUSDT", "-1.5"))
+    early = _positions_open(status, held, now=at(10))
+    assert (early["status"], early["reason"]) == ("True", "Flattening")
+    assert early["message"] == "ns.demo BTCUSDT 0.033; ns.demo ETHUSDT -1.5"
+    late = _positions_open(status, held, now=at(61))
+    assert (late["status"], late["reason"]) == ("True", "FlattenUnfinished")
+    flat = _positions_open(status, _seen(), now=at(61))
+    assert (flat["status"], flat["reason"]) == ("False", "Flat")
+    trading = _positions_open(EssStatus.initial(), held, now=at(61))
+    assert (trading["status"], trading["reason"]) == ("True", "Open")
+
+
+def test_positions_open_is_unknown_while_a_covered_stack_has_no_snapshot() -> None:
+    status = tripped_status(make_spec())
+    unknown = _positions_open(status, _seen(missing=("ns.other",)), now=at(1))
+    assert (unknown["status"], unknown["reason"]) == ("Unknown", "NoSnapshot")
+    assert "ns.other" in unknown["message"]
+    partly = _positions_open(status, _seen(("BTCUSDT", "1"), missing=("ns.other",)), now=at(1))
+    assert (partly["status"], partly["reason"]) == ("True", "Flattening")
+    assert partly["message"] == "ns.demo BTCUSDT 1; no snapshot yet of ns.other"

@@ -511,6 +511,7 @@ EXPECTED_COLUMNS: Final = {
         ("State", 0),
         ("Tripped", 0),
         ("Reason", 0),
+        ("Positions", 0),
         ("Cooldown-Until", 1),
         ("Trips", 1),
         ("Age", 0),

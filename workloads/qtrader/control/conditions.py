@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 Condition = dict[str, str | int]
-# (type, status, reason, message): what a resource's own evaluation says about one condition.
-Evaluated = tuple[str, bool, str, str]
+# (type, status, reason, message): what a resource's own evaluation says about one condition;
+# a status of None is "Unknown" (the evaluation lacks what it would need to say).
+Evaluated = tuple[str, bool | None, str, str]
+_STATUS = {True: "True", False: "False", None: "Unknown"}
 
 
 def build_conditions(
@@ -25,7 +27,7 @@ def build_conditions(
     earlier = {c.get("type"): c for c in previous}
     conditions: list[Condition] = []
     for kind, true, reason, message in evaluated:
-        flag = "True" if true else "False"
+        flag = _STATUS[true]
         before = earlier.get(kind, {})
         since = before.get("lastTransitionTime") if before.get("status") == flag else None
         condition: Condition = {

@@ -63,6 +63,7 @@ from qtrader.control.ess_resource import (
     trip_mode,
 )
 from qtrader.control.halt_channel import AckCollector, ack_lease_s
+from qtrader.control.open_positions import PositionsSeen
 
 
 class EssStore(Protocol):
@@ -109,6 +110,8 @@ class StopInput:
     generation: int
     previous_conditions: Sequence[Mapping[str, Any]]
     mode_before_trip: EssMode | None = None  # the mode-before-trip annotation
+    # The open positions of the stacks it covers (``PositionsOpen``); None: not followed.
+    positions: PositionsSeen | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +172,8 @@ async def apply_once(
         pending_workers=pending,
         overdue_workers=overdue,
         held_by=channel.held_by(),
+        positions=stop.positions,
+        flattens=stop.spec.flatten_on_trip,
     )
     await store.save_status(document)
     view = stop_view(stop, transition.status, pending=pending, held_by=channel.held_by(), now=now)

@@ -1,6 +1,6 @@
 """The EmergencyStop's status conditions, shaped like ``metav1.Condition``, for kubectl and alerts.
 
-Five conditions, always all present so a missing one never has to be interpreted:
+Six conditions, always all present so a missing one never has to be interpreted:
 
 * ``Ready``: True when Armed (trading allowed).
 * ``Halted``: True while the latch says HALTED (Tripped, or CoolingDown after a Halted trip).
@@ -11,6 +11,11 @@ Five conditions, always all present so a missing one never has to be interpreted
 * ``AckTimeout``: True while workers the control plane knows have not acknowledged the latch in
   force within ``ackTimeoutSeconds`` (the message names them); a frozen worker stays here until
   it answers or its lease lapses (``qtrader.control.halt_channel``).
+* ``PositionsOpen``: True while the portfolio of a stack the stop covers holds a position (the
+  message names each, with its quantity); reason ``Flattening`` in the first 60 s of a trip
+  that flattens, ``FlattenUnfinished`` after them (what the flatten could not close), ``Open``
+  otherwise; False (``Flat``) when none is open; Unknown (``NoSnapshot``) while a covered
+  stack's portfolio has published no snapshot (``qtrader.control.open_positions``).
 
 ``lastTransitionTime`` moves only when a condition's status flips (``conditions``).
 ``reconcile``'s ``requeue_after`` covers the moment ``ResetRefused`` turns False by itself.
@@ -25,6 +30,8 @@ from typing import Any
 from qtrader.contracts.messages import TradingState
 from qtrader.control.conditions import Condition, Evaluated, build_conditions
 from qtrader.control.ess_status import EssState, EssStatus, as_utc, format_time
+from qtrader.control.open_positions import PositionsSeen
+from qtrader.execution.flattening import FLATTEN_WITHIN_S
 
 
 def status_conditions(
@@ -34,11 +41,18 @@ def status_conditions(
     now: datetime,
     previous: Sequence[Mapping[str, Any]],
     overdue_workers: Sequence[str] = (),
+    positions: PositionsSeen | None = None,
+    flattens: bool = False,
 ) -> list[Condition]:
     """The ``status.conditions`` list for ``status`` at ``now``, observed at ``generation``;
-    ``overdue_workers``: those that did not acknowledge the latch in force in time."""
+    ``overdue_workers``: those that did not acknowledge the latch in force in time;
+    ``positions``: those of the stacks the stop covers; ``flattens``: its trips flatten."""
     now = as_utc(now, "now")
-    evaluated = [*_evaluate(status, now=now), _ack_timeout(status, overdue_workers)]
+    evaluated = [
+        *_evaluate(status, now=now),
+        _ack_timeout(status, overdue_workers),
+        _positions_open(status, positions, flattens=flattens, now=now),
+    ]
     return build_conditions(
         evaluated, generation=generation, now=format_time(now), previous=previous
     )
@@ -52,6 +66,32 @@ def _ack_timeout(status: EssStatus, overdue: Sequence[str]) -> Evaluated:
         f" {status.latch_revision} in time"
     )
     return ("AckTimeout", True, "AckTimeout", message)
+
+
+def _positions_open(
+    status: EssStatus, seen: PositionsSeen | None, *, flattens: bool, now: datetime
+) -> Evaluated:
+    """No time and no price in the message: it changes only when a position does, so the
+    status is not rewritten at every snapshot. ``seen`` None: positions are not followed."""
+    if seen is None:
+        return ("PositionsOpen", None, "NotFollowed", "positions are not followed here")
+    missing = ", ".join(s or "the portfolio" for s in seen.missing)
+    if not seen.open_count:
+        if missing:
+            return ("PositionsOpen", None, "NoSnapshot", f"no snapshot yet of {missing}")
+        return ("PositionsOpen", False, "Flat", "no open position")
+    reason = "Open"
+    if flattens and status.latch is not TradingState.ACTIVE and status.tripped_at is not None:
+        within = (now - status.tripped_at).total_seconds() < FLATTEN_WITHIN_S
+        reason = "Flattening" if within else "FlattenUnfinished"
+    held = "; ".join(
+        f"{stack.stack + ' ' if stack.stack else ''}{symbol} {quantity}"
+        for stack in seen.known
+        for symbol, quantity in stack.positions
+    )
+    if missing:
+        held += f"; no snapshot yet of {missing}"
+    return ("PositionsOpen", True, reason, held[:1024])
 
 
 def _evaluate(status: EssStatus, *, now: datetime) -> list[Evaluated]:

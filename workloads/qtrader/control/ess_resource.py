@@ -46,6 +46,7 @@ from qtrader.contracts.policy import API_GROUP, API_VERSION
 from qtrader.control.ess import TRIPPED_BY_ANNOTATION
 from qtrader.control.ess_conditions import status_conditions
 from qtrader.control.ess_status import EssMode, EssSpec, EssStatus, format_time
+from qtrader.control.open_positions import PositionsSeen
 from qtrader.control.policy_selector import PolicySelector
 
 ESS_KIND = "EmergencyStop"
@@ -301,10 +302,13 @@ def status_document(
     pending_workers: Sequence[str],
     overdue_workers: Sequence[str] = (),
     held_by: Sequence[str] = (),
+    positions: PositionsSeen | None = None,
+    flattens: bool = False,
 ) -> dict[str, Any]:
     """The CRD ``status``: the state machine's fields (``None`` where absent, which a merge patch
     deletes), conditions, each known worker's acknowledgement, the workers still pending and
-    the stops holding the halt in force (``heldBy``)."""
+    the stops holding the halt in force (``heldBy``). ``positions``: the open positions of the
+    stacks the stop covers (``PositionsOpen``; None: not followed)."""
     return {
         **status.to_dict(),
         "observedGeneration": generation,
@@ -314,6 +318,8 @@ def status_document(
             now=now,
             previous=previous_conditions,
             overdue_workers=overdue_workers,
+            positions=positions,
+            flattens=flattens,
         ),
         "acknowledgements": [a.to_dict() for a in sorted(acknowledgements, key=lambda a: a.worker)],
         "pendingWorkers": sorted(pending_workers),

@@ -232,7 +232,15 @@ def _summary_lines(record: EssRecord, *, latch: HaltLatch | Undecodable | None) 
     else:
         in_bucket = f"; in the bucket: revision {latch.revision} {latch.state}" if latch else ""
     lines.append(f"  latch       revision {status.latch_revision} {status.latch}{in_bucket}")
-    return lines + _ack_lines(record)
+    return lines + _positions_lines(record) + _ack_lines(record)
+
+
+def _positions_lines(record: EssRecord) -> list[str]:
+    """The ``PositionsOpen`` condition as the control plane last wrote it."""
+    for condition in record.list_in_status("conditions"):
+        if condition.get("type") == "PositionsOpen":
+            return [f"  positions   {condition.get('reason')}: {condition.get('message')}"]
+    return []
 
 
 def _ack_lines(record: EssRecord) -> list[str]:

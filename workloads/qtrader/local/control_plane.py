@@ -84,6 +84,7 @@ from qtrader.control.ess_resource import (
 )
 from qtrader.control.ess_status import format_time
 from qtrader.control.halt_channel import AckCollector, SingleStopChannel, ack_lease_s
+from qtrader.control.open_positions import LOCAL_STACK, OpenPositions
 from qtrader.control.risk_monitor import RiskMonitor
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,7 @@ class LocalControlPlane:
         self._interval_s = interval_s
         self._clock = clock
         self.acks = AckCollector(presence_timeout_s=presence_timeout_s)
+        self.positions = OpenPositions()  # local mode runs one stack, under the logical names
         self._status = EssStatus.initial()
         self._document: dict[str, Any] = {}  # the status as last written
         self._events: list[dict[str, Any]] = []
@@ -301,6 +303,7 @@ class LocalControlPlane:
         evaluate the stop's triggers and trip it on the risk alerts that breach them."""
         await asyncio.gather(
             self._follow_acks(),
+            self.positions.follow(self._bus, LOCAL_STACK),
             self._watch(),
             self._loop(),
             self.risk.run(),
@@ -391,6 +394,7 @@ class LocalControlPlane:
                 tripped_by=record.tripped_by,
                 generation=record.generation,
                 previous_conditions=self._document.get("conditions") or [],
+                positions=self.positions.seen([LOCAL_STACK]),
             ),
             status=self._status,
             store=store,
@@ -432,6 +436,8 @@ class LocalControlPlane:
             acknowledgements=acknowledgements(self.acks, lease_s=lease_s),
             pending_workers=self.acks.pending(status.latch_revision, lease_s=lease_s),
             held_by=self._held_by(),
+            positions=self.positions.seen([LOCAL_STACK]),
+            flattens=record.spec.flatten_on_trip,
         )
         await self._save(document, record=record, new=[])
         self._status = status
