@@ -9,6 +9,8 @@ order flow, makes /health CRITICAL and raises the exchange-ban risk alert.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -314,14 +316,16 @@ async def test_a_worker_stopped_with_an_order_at_the_venue_publishes_its_fill_be
     assert booked <= final, "every order booked has its final update"
 
 
-async def test_an_order_left_unknown_by_a_killed_worker_is_resolved_by_the_next(
-    nats_server: EmbeddedNats, exchange: SimAdmin, tmp_path: Path
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+async def test_an_order_left_unknown_by_a_dead_or_hung_worker_is_resolved_by_the_next(
+    nats_server: EmbeddedNats, exchange: SimAdmin, tmp_path: Path, fault: signal.Signals
 ) -> None:
-    """The worker that left an order UNKNOWN is SIGKILLed before it can look it up again; a
-    worker with another id (a pod rescheduled under a new name) resolves it: its trade reaches
-    FILLS with a final update, and nothing more is sent. (Kept only in the memory of the worker
-    that sent it, it was never resolved: its fills never reached the portfolio, and its
-    reservation held the symbol in every replica's book.)"""
+    """The worker that left an order UNKNOWN is SIGKILLed, or SIGSTOPped (hung, its connection
+    open), before it can look it up again; a worker with another id (a pod rescheduled under a
+    new name) resolves it: its trade reaches FILLS with a final update, and nothing more is
+    sent. (Kept only in the memory of the worker that sent it, it was never resolved: its fills
+    never reached the portfolio, and its reservation held the symbol in every replica's
+    book.)"""
     url = nats_server.url
     bus = Bus(url=url, client_name="test-orphan")
     await bus.connect()
@@ -341,7 +345,7 @@ async def test_an_order_left_unknown_by_a_killed_worker_is_resolved_by_the_next(
                 what="an order left UNKNOWN by the ban",
                 worker=first,
             )
-            first.stop(kill=True)
+            os.kill(first.process.pid, fault)
         updates = await order_updates(url)
         went_unknown = {u.intent_id for u in updates if u.status is OrderStatus.UNKNOWN}
         assert went_unknown
@@ -416,6 +420,12 @@ async def test_a_worker_started_during_a_ban_waits_it_out_then_trades(
             worker=execution,
         )
         assert execution.dependency("exchange")["status"] == "CRITICAL"
+        for reader in ("account-entries", "venue-account"):  # nothing of the venue is read yet
+            waiting = execution.dependency(reader)
+            assert (waiting["status"], waiting["detail"]) == (
+                "DEGRADED",
+                "waiting for the venue to start",
+            ), reader
         async with flowing(bus):
             await _until_filled_on_the_stream(url, timeout_s=30)
         assert execution.process.poll() is None

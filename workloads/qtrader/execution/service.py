@@ -1042,9 +1042,19 @@ class Execution:
         entries = self._entries
         if entries is not None:
             return entries.health()
-        is_paper = isinstance(self._venue, PaperVenue)
-        detail = "the paper venue books no funding or transfers" if is_paper else "not started"
+        if isinstance(self._venue, PaperVenue):
+            detail = "the paper venue books no funding or transfers"
+        elif self._income_read_s() <= 0:
+            detail = "income reads are off (--income-interval 0): funding is not booked"
+        else:
+            return self._not_reading_yet("account-entries")
         return DependencyHealth(name="account-entries", status=Status.OK, detail=detail)
+
+    def _not_reading_yet(self, name: str) -> DependencyHealth:
+        """A reader of the venue's account that has not begun: nothing it would book or compare
+        is (a venue banned at start can keep it so for minutes)."""
+        detail = "waiting for the venue to start" if self._venue is None else "starting"
+        return DependencyHealth(name=name, status=Status.DEGRADED, detail=detail)
 
     async def check_venue_account(self) -> DependencyHealth:
         """Whether settled reads, which the portfolio compares its wallet with, are being made:
@@ -1057,7 +1067,7 @@ class Execution:
         elif self._income_read_s() <= 0:
             detail = "income reads are off (--income-interval 0): the wallet is not compared"
         else:
-            detail = "not started"
+            return self._not_reading_yet("venue-account")
         return DependencyHealth(name="venue-account", status=Status.OK, detail=detail)
 
     def _position_ranges(self) -> dict[str, tuple[Decimal, Decimal]]:
