@@ -157,7 +157,8 @@ async def test_a_handler_not_done_yet_gets_its_message_again_after_the_delay_it_
 
     for n in range(2):
         await bus.publish(subjects.signal_subject("BTCUSDT"), _signal(n))
-    errors_before = _handler_errors("not-yet")
+    errors_before = _counted("qtrader_handler_errors_total", "not-yet")
+    deferred_before = _counted("qtrader_messages_deferred_total", "not-yet")
     consumer = asyncio.create_task(bus.consume(spec, Signal, later_for_the_first))
     try:
         await asyncio.wait_for(third.wait(), timeout=10)
@@ -169,9 +170,10 @@ async def test_a_handler_not_done_yet_gets_its_message_again_after_the_delay_it_
         await bus.close()
     assert [signal_id for signal_id, _ in seen] == ["batch-0", "batch-1", "batch-0"]
     assert seen[2][1] - seen[0][1] >= 1.4  # not before the delay it asked
-    assert _handler_errors("not-yet") == errors_before
+    assert _counted("qtrader_handler_errors_total", "not-yet") == errors_before
+    assert _counted("qtrader_messages_deferred_total", "not-yet") == deferred_before + 1
 
 
-def _handler_errors(consumer: str) -> float:
-    value = REGISTRY.get_sample_value("qtrader_handler_errors_total", {"consumer": consumer})
+def _counted(counter: str, consumer: str) -> float:
+    value = REGISTRY.get_sample_value(counter, {"consumer": consumer})
     return value or 0.0

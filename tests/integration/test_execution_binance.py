@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from qtrader.bus.nats_bus import Bus
+from qtrader.contracts import subjects
 from qtrader.contracts.messages import Fill, OrderStatus, RiskAlert, RiskAlertKind, TradingState
 from qtrader.contracts.policy import parse_policy
 from qtrader.local.control import heartbeat_forever, publish_policy, write_latch
@@ -31,6 +32,8 @@ from support.streams import read_all
 from support.workers import Worker, eventually, start_worker, stop_pipeline
 
 pytestmark = pytest.mark.integration
+
+INTENTS = subjects.EXECUTION_INTENTS.durable  # the intent consumer, as its metrics name it
 
 POLICY = parse_policy(
     {
@@ -339,12 +342,15 @@ async def test_an_order_left_unknown_by_a_dead_or_hung_worker_is_resolved_by_the
         ban = {"route": "GET /fapi/v1/userTrades", "kind": "http_418", "next": 1}
         exchange.faults([{**ban, "retry_after_s": 3}])
         async with flowing(bus):
+            # Left UNKNOWN, its intent handed back to the server (to come again in 5 s): from
+            # here on only the server holds it; the worker that sent it remembered it alone.
             await eventually(
-                lambda: first.metric("qtrader_orders_unknown") == 1,
+                lambda: first.metric("qtrader_messages_deferred_total", consumer=INTENTS) >= 1,
                 timeout_s=30,
-                what="an order left UNKNOWN by the ban",
+                what="an order left UNKNOWN by the ban, its intent handed back",
                 worker=first,
             )
+            assert first.metric("qtrader_orders_unknown") == 1
             os.kill(first.process.pid, fault)
         updates = await order_updates(url)
         went_unknown = {u.intent_id for u in updates if u.status is OrderStatus.UNKNOWN}

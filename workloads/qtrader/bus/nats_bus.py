@@ -115,6 +115,12 @@ HANDLER_ERRORS = Counter(
     "Messages whose handler failed; they are redelivered after a delay.",
     ["consumer"],
 )
+DEFERRED = Counter(
+    "qtrader_messages_deferred_total",
+    "Messages a handler asked for again later (not finished yet: an order whose outcome the "
+    "venue cannot tell); they stay unacknowledged and come again after the delay.",
+    ["consumer"],
+)
 CONSUMER_PENDING = Gauge(
     "qtrader_consumer_pending_messages",
     "Messages in the stream not yet delivered to this durable consumer (its lag).",
@@ -679,6 +685,7 @@ class Bus:
                 "%s takes %s up again in %g s: %s", consumer, msg.subject, later.delay_s, later
             )
             await _settle(msg.nak(delay=later.delay_s))
+            DEFERRED.labels(consumer).inc()
             return
         except BusUnavailable as exc:  # its effect could not be published: try again later
             HANDLER_ERRORS.labels(consumer).inc()
