@@ -31,6 +31,7 @@ from qtrader.contracts.messages import (
     Signal,
     TradingState,
     decode,
+    decode_all,
 )
 from qtrader.contracts.policy import TradingPolicy, parse_policy
 from qtrader.inference.warmup import read_warmup
@@ -247,10 +248,12 @@ async def test_synthetic_marketdata_when_killed_with_candles_in_its_outbox_then_
 
 
 def _outbox_depth(directory: Path) -> int:
+    """The candles held in the outbox (a step's pack holds several)."""
     (path,) = directory.glob("marketdata-*.db")
     outbox = Outbox(path)
     try:
-        return len(outbox)
+        entries = outbox.oldest(len(outbox))
+        return sum(len(decode_all(entry.payload, Candle).messages) for entry in entries)
     finally:
         outbox.close()
 

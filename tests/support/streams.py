@@ -13,30 +13,38 @@ from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
-from qtrader.contracts.messages import Message, MessageRejected, decode
+from qtrader.contracts.messages import Message, MessageRejected, decode, decode_all
 
 M = TypeVar("M", bound=Message)
 
 
 async def read_all(url: str, *, stream: str, subject: str, message_type: type[M]) -> list[M]:
     """Every message stored on ``subject`` in ``stream``, oldest first."""
-    return [
-        decode(data, message_type) for data in await read_raw(url, stream=stream, subject=subject)
-    ]
+    messages: list[M] = []
+    for data in await read_raw(url, stream=stream, subject=subject):
+        decoded = decode_all(data, message_type)  # one message, or a pack's items
+        if decoded.refused:
+            raise decoded.refused[0]
+        messages += decoded.messages
+    return messages
 
 
 async def read_decodable(
     url: str, *, stream: str, subject: str, message_type: type[M]
 ) -> tuple[list[M], int]:
-    """What ``read_all`` reads, leaving out (and counting) what does not decode, as the
-    consumers do: a poison message a test put on a stream is not the pipeline's output."""
+    """What ``read_all`` reads, leaving out (and counting) what does not decode (a message, or
+    an item of a pack), as the consumers do: a poison message a test put on a stream is not the
+    pipeline's output."""
     messages: list[M] = []
     skipped = 0
     for data in await read_raw(url, stream=stream, subject=subject):
         try:
-            messages.append(decode(data, message_type))
+            decoded = decode_all(data, message_type)
         except MessageRejected:
             skipped += 1
+            continue
+        messages += decoded.messages
+        skipped += len(decoded.refused)
     return messages, skipped
 
 

@@ -79,6 +79,7 @@ from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
     OrderIntent,
+    Pack,
     PortfolioSnapshot,
     Signal,
     TradingState,
@@ -644,10 +645,8 @@ class PipelineBench:
         return Rate(len(candles), time.perf_counter() - began)
 
     async def _publish_step(self, candles: Sequence[Candle]) -> None:
-        """A step's candles published together, as marketdata publishes a step."""
-        results = await self._bus.publish_many(
-            [(subjects.candle_subject(candle.symbol), candle) for candle in candles]
-        )
+        """A step's candles in one pack, as marketdata publishes a step."""
+        results = await self._bus.publish_many([(subjects.CANDLE_STEP, Pack(tuple(candles)))])
         failed = [result for result in results if isinstance(result, BaseException)]
         if failed:
             raise failed[0]

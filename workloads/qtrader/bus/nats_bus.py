@@ -76,17 +76,22 @@ from qtrader.bus.outbox_publisher import Entry, OutboxPublisher, StreamAck
 from qtrader.bus.stream_acks import StreamAcks
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    Decoded,
     Message,
     MessageRejected,
+    Pack,
     RejectReason,
     Undecodable,
     decode,
+    decode_all,
 )
 from qtrader.health.contract import DependencyHealth, Status
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
+# What is published: a message, or a pack of messages of one packable kind (one wire message).
+Outgoing = Message | Pack[Any]
 Handler = Callable[[M], Awaitable[None]]
 BatchHandler = Callable[[list[M]], Awaitable[None]]
 # A handler told each message's stream sequence too (to remember how far it has read).
@@ -449,7 +454,7 @@ class Bus:
         return answer
 
     async def publish_many(
-        self, items: Sequence[tuple[str, Message]]
+        self, items: Sequence[tuple[str, Outgoing]]
     ) -> list[StreamAck | BusUnavailable | None]:
         """``publish_acked`` of every (subject, message), sent together instead of one
         acknowledgement at a time: one round trip per wave rather than per message.
@@ -473,7 +478,7 @@ class Bus:
         return results
 
     async def _publish_wave(
-        self, wave: Sequence[tuple[str, Message]]
+        self, wave: Sequence[tuple[str, Outgoing]]
     ) -> list[StreamAck | BusUnavailable | None]:
         """Messages of distinct subjects sent together, through the outbox if there is one."""
         entries = [
@@ -487,7 +492,9 @@ class Bus:
             answers = await self._send_wave(entries)
         for (_, message), answer in zip(wave, answers, strict=True):
             if not isinstance(answer, BusUnavailable):
-                PUBLISHED.labels(message.KIND).inc()
+                PUBLISHED.labels(message.KIND).inc(
+                    len(message.items) if isinstance(message, Pack) else 1
+                )
         return list(answers)
 
     async def _send_wave(self, entries: Sequence[Entry]) -> list[StreamAck | BusUnavailable]:
@@ -621,19 +628,19 @@ class Bus:
         message_type: type[M],
         handler: BatchHandler[M],
     ) -> None:
-        decoded: list[tuple[Msg, M]] = []
+        decoded: list[tuple[Msg, list[M]]] = []
         for msg in messages:
-            message = _decode_counted(spec.durable, msg, message_type)
-            if message is None:
+            carried = _decode_counted(spec.durable, msg, message_type)
+            if not carried:
                 await _settle(msg.term())
             else:
-                decoded.append((msg, message))
+                decoded.append((msg, carried))
         if not decoded:
             return
         try:
             working = [msg for msg, _ in decoded]
             async with _working_on(working, interval_s=spec.ack_wait_s / 3):
-                await handler([message for _, message in decoded])
+                await handler([message for _, carried in decoded for message in carried])
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -671,13 +678,14 @@ class Bus:
         *,
         ack_wait_s: float,
     ) -> None:
-        message = _decode_counted(consumer, msg, message_type)
-        if message is None:
+        carried = _decode_counted(consumer, msg, message_type)
+        if not carried:
             await _settle(msg.term())
             return
         try:
             async with _working_on((msg,), interval_s=ack_wait_s / 3):
-                await handler(message)
+                for message in carried:  # a pack's items in order; all again if one fails
+                    await handler(message)
         except asyncio.CancelledError:
             raise
         except NotYet as later:
@@ -908,11 +916,14 @@ class Bus:
                 break
             sequence = int(raw.seq or 0) + 1
             try:
-                found.append(decode(raw.data or b"", message_type))
-            except MessageRejected as rejected:
+                decoded = decode_all(raw.data or b"", message_type)
+            except MessageRejected as whole:
+                decoded = Decoded(messages=[], refused=[whole])
+            for rejected in decoded.refused:
                 bad = Undecodable.of(rejected, source=subject, stored_revision=sequence - 1)
                 self._count_refused(f"read:{stream.name}", subject, sequence - 1, bad)
-        return found
+            found += decoded.messages
+        return found[:limit]
 
     async def read_stored(
         self,
@@ -1063,9 +1074,9 @@ class Bus:
             log.warning("%s", found)
 
 
-def _waves(items: Sequence[tuple[str, Message]]) -> list[list[tuple[str, Message]]]:
+def _waves(items: Sequence[tuple[str, Outgoing]]) -> list[list[tuple[str, Outgoing]]]:
     """``items`` cut, in order, into runs with no subject twice and at most ``_WAVE_LIMIT``."""
-    waves: list[list[tuple[str, Message]]] = [[]]
+    waves: list[list[tuple[str, Outgoing]]] = [[]]
     subjects_in_wave: set[str] = set()
     for subject, message in items:
         if subject in subjects_in_wave or len(waves[-1]) >= _WAVE_LIMIT:
@@ -1218,30 +1229,32 @@ async def _settle(acknowledgement: Awaitable[Any]) -> None:
         await acknowledgement
 
 
-def _decode_counted(label: str, msg: Msg, message_type: type[M]) -> M | None:
-    """The decoded message, or None after one log line and a count of the reason."""
+def _decode_counted(label: str, msg: Msg, message_type: type[M]) -> list[M]:
+    """The messages ``msg`` carries (one, or a pack's good items); each refused one, or the
+    whole when it is refused, costs one log line and a count of the reason."""
     try:
-        return decode(msg.data, message_type)
-    except MessageRejected as rejected:
-        REJECTED.labels(label, rejected.reason.value).inc()
-        log.warning("%s skipped a message on %s: %s", label, msg.subject, rejected)
-        return None
+        decoded = decode_all(msg.data, message_type)
+    except MessageRejected as whole:
+        decoded = Decoded(messages=[], refused=[whole])
     except Exception:  # decode raises nothing else; if it ever does, the input is still skipped
         REJECTED.labels(label, RejectReason.MALFORMED.value).inc()
         log.exception("%s skipped a message on %s: decoding failed", label, msg.subject)
-        return None
+        return []
+    for rejected in decoded.refused:
+        REJECTED.labels(label, rejected.reason.value).inc()
+        log.warning("%s skipped a message on %s: %s", label, msg.subject, rejected)
+    return decoded.messages
 
 
 async def _deliver(label: str, msg: Msg, message_type: type[M], handler: Handler[M]) -> None:
-    """Decode and handle one message of a subscription that has no acks to give."""
-    message = _decode_counted(label, msg, message_type)
-    if message is None:
-        return
-    try:
-        await handler(message)
-    except Exception:
-        HANDLER_ERRORS.labels(label).inc()
-        log.exception("%s failed to handle %s", label, msg.subject)
+    """Decode and handle what one message of a subscription that has no acks to give
+    carries (a pack's items one by one)."""
+    for message in _decode_counted(label, msg, message_type):
+        try:
+            await handler(message)
+        except Exception:
+            HANDLER_ERRORS.labels(label).inc()
+            log.exception("%s failed to handle %s", label, msg.subject)
 
 
 async def _hold(subscription: Subscription, *, first: Awaitable[None] | None = None) -> None:

@@ -11,6 +11,15 @@ nothing else for any input, so a consumer never crashes on input.
 Versioning rule: a change that old readers cannot ignore bumps ``SCHEMA_VERSION`` of that kind;
 readers accept exactly the versions they know (``ACCEPTED_VERSIONS``).
 
+Packs. A kind marked ``PACKABLE`` (candles) may also travel as a ``Pack``: one wire message
+holding several messages of that kind (``{"kind": "pack", "of": "candle", "items": [...]}``), so
+a step of 16 symbols costs the broker and every reader one message instead of 16. A pack is a
+way of carrying messages, not a message of its own: ``decode_all`` hands its items over one by
+one, each checked by exactly the rules of a message sent alone, and refuses a bad item on its
+own (the others are delivered); a pack of a kind that is not packable, or whose items are of
+another kind, is refused whole. Its ``dedup_id`` is made of its items' ids, so the same items
+packed again are dropped by the stream as a repeat.
+
 Control data (the halt latch, the policy, a stored EmergencyStop) is read from KV keys, where a
 value that does not decode cannot simply be skipped: the reader must decide (the latch halts,
 the policy keeps the last good one). The bus hands such a value over as ``Undecodable`` (where it
@@ -20,11 +29,13 @@ was, its revision and why), a result the type checker makes every reader handle.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -62,6 +73,8 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     KIND: ClassVar[str]
+    # Whether this kind may also travel in a ``Pack`` (only where the contract says so).
+    PACKABLE: ClassVar[bool] = False
     SCHEMA_VERSION: ClassVar[int] = 1
     ACCEPTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1})
 
@@ -144,6 +157,7 @@ class Undecodable:
 
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 def _refuse_constant(name: str) -> object:
@@ -253,8 +267,43 @@ def decode(data: bytes, message_type: type[M]) -> M:
     rejected like any other malformed input, and so is whatever else a parser or validator
     might raise (a bug there must cost one message, not the consumer).
     """
+    return _guarded(message_type, lambda: _validate(_parse(data), message_type))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decoded(Generic[M]):
+    """What one wire message carried: its messages (one, or a pack's good items, in order) and
+    the pack items refused one by one."""
+
+    messages: list[M]
+    refused: list[MessageRejected]
+
+
+def decode_all(data: bytes, message_type: type[M]) -> Decoded[M]:
+    """``decode`` for a reader that also takes packs of ``message_type``: a message alone, or a
+    pack's items each decoded by the same rules. Raises ``MessageRejected`` (and nothing else)
+    only when the whole wire message is refused."""
+    raw = _guarded(message_type, lambda: _parse(data))
+    if not (message_type.PACKABLE and isinstance(raw, dict) and raw.get("kind") == PACK_KIND):
+        return Decoded(messages=[decode_parsed(raw, message_type)], refused=[])
+    items = _guarded(message_type, lambda: _pack_items(raw, message_type))
+    decoded: Decoded[M] = Decoded(messages=[], refused=[])
+    for item in items:
+        try:
+            decoded.messages.append(decode_parsed(item, message_type))
+        except MessageRejected as rejected:
+            decoded.refused.append(rejected)
+    return decoded
+
+
+def decode_parsed(raw: object, message_type: type[M]) -> M:
+    return _guarded(message_type, lambda: _validate(raw, message_type))
+
+
+def _guarded(message_type: type[Message], step: Callable[[], T]) -> T:
+    """``step()``, with anything it raises but ``MessageRejected`` turned into one."""
     try:
-        return _decode(data, message_type)
+        return step()
     except MessageRejected:
         raise
     except Exception as exc:
@@ -263,7 +312,7 @@ def decode(data: bytes, message_type: type[M]) -> M:
         ) from exc
 
 
-def _decode(data: bytes, message_type: type[M]) -> M:
+def _parse(data: bytes) -> object:
     if len(data) > MAX_MESSAGE_BYTES:
         raise MessageRejected(
             RejectReason.TOO_LARGE, f"{len(data)} bytes, more than {MAX_MESSAGE_BYTES}"
@@ -280,6 +329,10 @@ def _decode(data: bytes, message_type: type[M]) -> M:
         # A "\udcff" escape parses to a str that can never be encoded again: the reader would
         # fail later, re-publishing or logging it, far from the input.
         raise MessageRejected(RejectReason.MALFORMED, "a string holds a lone UTF-16 surrogate")
+    return raw
+
+
+def _validate(raw: object, message_type: type[M]) -> M:
     if not isinstance(raw, dict):
         raise MessageRejected(RejectReason.MALFORMED, "not a JSON object")
     kind = raw.get("kind")
@@ -306,6 +359,71 @@ def _decode(data: bytes, message_type: type[M]) -> M:
         ) from exc
 
 
+# --- packs ------------------------------------------------------------------------------------
+
+PACK_KIND = "pack"
+PACK_VERSION = 1
+# Enough for a step of every symbol a policy may name; few enough that a pack of candles stays
+# far below MAX_MESSAGE_BYTES (a candle is about 250 bytes).
+MAX_PACK_ITEMS = 256
+_PACK_FIELDS = frozenset({"kind", "schema_version", "of", "items"})
+
+
+@dataclass(frozen=True)
+class Pack(Generic[M]):
+    """Messages of one packable kind sent as one wire message (see the module's docstring)."""
+
+    items: tuple[M, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.items) <= MAX_PACK_ITEMS:
+            raise ValueError(f"a pack holds 1 to {MAX_PACK_ITEMS} messages, not {len(self.items)}")
+        kinds = {type(item) for item in self.items}
+        if len(kinds) != 1 or not self.items[0].PACKABLE:
+            raise ValueError(f"a pack holds messages of one packable kind, not {kinds}")
+
+    @property
+    def KIND(self) -> str:  # read like a message's kind by the publisher
+        return self.items[0].KIND
+
+    def encode(self) -> bytes:
+        head = (
+            f'{{"kind":"{PACK_KIND}","schema_version":{PACK_VERSION},"of":"{self.KIND}","items":['
+        )
+        return head.encode() + b",".join(item.encode() for item in self.items) + b"]}"
+
+    @property
+    def dedup_id(self) -> str:
+        """The same items packed again are the same pack (and the same items only)."""
+        ids = "\n".join(item.dedup_id for item in self.items).encode()
+        return f"{PACK_KIND}:{self.KIND}:{len(self.items)}:{hashlib.sha256(ids).hexdigest()}"
+
+
+def _pack_items(raw: dict[str, Any], message_type: type[Message]) -> list[object]:
+    """The items of a pack of ``message_type``; refuses the pack whole when it is not one."""
+    unknown = raw.keys() - _PACK_FIELDS
+    if unknown:
+        raise MessageRejected(
+            RejectReason.INVALID_FIELDS, f"pack: unknown fields {sorted(unknown)}"
+        )
+    version = raw.get("schema_version")
+    if type(version) is not int or version != PACK_VERSION:
+        raise MessageRejected(
+            RejectReason.UNKNOWN_VERSION, f"pack schema_version {version!r} not in [{PACK_VERSION}]"
+        )
+    if raw.get("of") != message_type.KIND:
+        raise MessageRejected(
+            RejectReason.WRONG_KIND,
+            f"expected a pack of {message_type.KIND!r}, got one of {raw.get('of')!r}",
+        )
+    items = raw.get("items")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_PACK_ITEMS:
+        raise MessageRejected(
+            RejectReason.INVALID_FIELDS, f"pack.items: not a list of 1 to {MAX_PACK_ITEMS} messages"
+        )
+    return items
+
+
 # --- market data ------------------------------------------------------------------------------
 
 
@@ -324,6 +442,7 @@ class Candle(Message):
     """One closed kline, as Binance's 12-column format describes it."""
 
     KIND = "candle"
+    PACKABLE = True  # a step's candles of every symbol travel together (``Pack``)
     kind: Literal["candle"] = "candle"
     symbol: Symbol
     interval: str = Field(pattern=r"^\d+[smhdw]$")

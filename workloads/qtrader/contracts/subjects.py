@@ -33,6 +33,10 @@ ROOT = "qtrader"
 # --- subjects -------------------------------------------------------------------------------
 
 CANDLE_PREFIX = f"{ROOT}.market.candle"
+# A step's candles of every symbol in one ``Pack`` (market data replaying or simulating steps).
+# Its last token is lowercase, so no symbol ever names it, and every reader of ``candle.*``
+# (each consumer and replay of the MARKET stream) reads the packs with the single candles.
+CANDLE_STEP = f"{CANDLE_PREFIX}.step"
 SIGNAL_PREFIX = f"{ROOT}.signal"
 ORDER_INTENT_PREFIX = f"{ROOT}.order.intent"
 ORDER_UPDATE_PREFIX = f"{ROOT}.order.update"

@@ -15,13 +15,14 @@ handled first; when the consumer redelivers them later they are old and make not
 A running worker whose connection died is in the same place: what the server handed out as
 the connection went never arrived. It reads them (``read_in_flight``) before it goes on.
 
-The stream interleaves every symbol, so the last ``WINDOW`` of one symbol lie somewhere before
-the ack floor: the search reads backwards in growing steps until it has them or reaches the
-stream's start. Each read asks the server for that symbol's messages only.
+The stream interleaves every symbol (a step's candles in one pack, or one by one), so the last
+``WINDOW`` of a symbol lie somewhere before the ack floor: the search reads the consumer's
+subjects backwards in growing spans until every symbol has them or it reaches the stream's start.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -44,14 +45,11 @@ async def read_warmup(
     """What ``consumer`` (on the MARKET stream) had acknowledged and had in flight."""
     position = await bus.consumer_position(consumer)
     through = position.acked_through
-    symbols = tuple(symbols)
     past: list[Candle] = []
     if through:
-        for symbol in symbols:
-            lookback = 2 * window * len(symbols)
-            past += await _last_stored(
-                bus, symbol, through=through, count=window, lookback=lookback
-            )
+        past = await _last_stored(
+            bus, consumer.filter_subject, tuple(symbols), through=through, count=window
+        )
     return Warmup(window=past, in_flight=await _handed_out(bus, consumer, position))
 
 
@@ -75,15 +73,27 @@ async def _handed_out(
 
 
 async def _last_stored(
-    bus: Bus, symbol: str, *, through: int, count: int, lookback: int
+    bus: Bus, subject: str, symbols: tuple[str, ...], *, through: int, count: int
 ) -> list[Candle]:
-    """The last ``count`` candles of ``symbol`` with a stream sequence up to ``through``."""
-    subject = subjects.candle_subject(symbol)
+    """The last ``count`` candles of each of ``symbols`` stored on ``subject`` with a stream
+    sequence up to ``through``, each symbol's oldest first.
+
+    Read backwards in growing spans, each span once: a step in one pack holds every symbol, so
+    ``count`` messages usually do; candles stored one by one need ``count`` per symbol."""
+    found: list[Candle] = []
+    end, span = through, count
     while True:
-        start = max(1, through - lookback + 1)
-        found = await bus.stored_messages(
-            subjects.MARKET, subject, Candle, from_sequence=start, to_sequence=through
+        start = max(1, end - span + 1)
+        found[:0] = await bus.stored_messages(
+            subjects.MARKET, subject, Candle, from_sequence=start, to_sequence=end
         )
-        if len(found) >= count or start == 1:
-            return found[-count:]
-        lookback *= _GROWTH
+        held = Counter(candle.symbol for candle in found)
+        if start == 1 or all(held[symbol] >= count for symbol in symbols):
+            break
+        end, span = start - 1, span * _GROWTH
+    wanted = set(symbols)
+    kept: dict[str, list[Candle]] = {symbol: [] for symbol in symbols}
+    for candle in found:
+        if candle.symbol in wanted:
+            kept[candle.symbol].append(candle)
+    return [candle for symbol in symbols for candle in kept[symbol][-count:]]

@@ -1,8 +1,9 @@
 """Where a restarted marketdata resumes: right after the last candle the MARKET stream stores.
 
 The stream is the only memory marketdata has, so at every start it reads, per symbol, the first
-and the last candle stored (``read_stored``; a message stored last that is no candle is passed
-over) and continues after the last:
+and the last candle stored (``read_stored``: the candle subjects read from either end of the
+stream until every symbol is found, a step's pack or a lone candle alike; a message that is no
+candle is passed over and counted) and continues after the last:
 
 * replay and live (``after_stored``): every candle at or before a symbol's last stored open
   time is dropped, so a replay goes on at the next row of its file and never stores a row twice;
@@ -27,11 +28,14 @@ from dataclasses import dataclass, replace
 
 from qtrader.bus.nats_bus import Bus
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Candle, CandleSource, Undecodable
+from qtrader.contracts.messages import Candle, CandleSource
 from qtrader.instruments import ExchangeInfo
 from qtrader.marketdata.synthetic import INTERVAL_MS, SyntheticConfig, SyntheticMarket
 
 log = logging.getLogger(__name__)
+
+_FIRST_SPAN = 64  # stream messages read first from either end: a step or a few of them
+_GROWTH = 4  # each further span this many times longer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,23 +48,53 @@ class StoredSpan:
 
 async def read_stored(bus: Bus, symbols: Iterable[str]) -> dict[str, StoredSpan]:
     """Each symbol's stored span; a symbol with nothing stored is left out."""
-    spans: dict[str, StoredSpan] = {}
-    for symbol in symbols:
-        subject = subjects.candle_subject(symbol)
-        last = await bus.last_message(subjects.MARKET, subject, Candle)
-        if isinstance(last, Undecodable):
-            # Something that is no candle was stored last (poison on the subject): the last
-            # candle is further back. Reading the symbol's whole history is slow only for
-            # second candles (a day of them is 86,400 reads), and poison last is rare.
-            log.warning("the last stored %s message is no candle (%s): reading back", symbol, last)
-            every = await bus.stored_messages(subjects.MARKET, subject, Candle)
-            if every:
-                spans[symbol] = StoredSpan(first=every[0], last=every[-1])
-            continue
-        if last is not None:
-            first = await bus.stored_messages(subjects.MARKET, subject, Candle, limit=1)
-            spans[symbol] = StoredSpan(first=first[0] if first else last, last=last)
-    return spans
+    wanted = set(symbols)
+    last = await _newest(bus, wanted)
+    first = await _oldest(bus, set(last))
+    return {
+        symbol: StoredSpan(first=first.get(symbol, last[symbol]), last=last[symbol])
+        for symbol in sorted(last)
+    }
+
+
+async def _newest(bus: Bus, symbols: set[str]) -> dict[str, Candle]:
+    """The last candle stored of each of ``symbols`` that has one: read backwards from the
+    stream's end in growing spans (a step's pack holds every symbol, so usually one message;
+    something that is no candle, poison, is passed over and counted)."""
+    newest: dict[str, Candle] = {}
+    end = await bus.last_sequence(subjects.MARKET)
+    span = _FIRST_SPAN
+    while end >= 1 and newest.keys() < symbols:
+        start = max(1, end - span + 1)
+        for candle in await _stored(bus, start, end):
+            if candle.symbol in symbols:
+                newest[candle.symbol] = candle  # oldest first: the last one wins
+        end, span = start - 1, span * _GROWTH
+    return newest
+
+
+async def _oldest(bus: Bus, symbols: set[str]) -> dict[str, Candle]:
+    """The first candle stored of each of ``symbols``: read forwards from the stream's start
+    in growing spans until every one is found (usually the first step)."""
+    oldest: dict[str, Candle] = {}
+    start, span = 1, _FIRST_SPAN
+    last = await bus.last_sequence(subjects.MARKET)
+    while start <= last and oldest.keys() < symbols:
+        end = start + span - 1
+        for candle in await _stored(bus, start, end):
+            oldest.setdefault(candle.symbol, candle)
+        start, span = end + 1, span * _GROWTH
+    return oldest
+
+
+async def _stored(bus: Bus, start: int, end: int) -> list[Candle]:
+    return await bus.stored_messages(
+        subjects.MARKET,
+        subjects.all_of(subjects.CANDLE_PREFIX),
+        Candle,
+        from_sequence=start,
+        to_sequence=end,
+    )
 
 
 def is_after_stored(candle: Candle, spans: Mapping[str, StoredSpan]) -> bool:

@@ -1,10 +1,11 @@
 """The marketdata role: publishes closed candles from a replay, the synthetic market or Binance.
 
-Every candle goes to ``qtrader.market.candle.<SYMBOL>`` with ``Nats-Msg-Id`` = its symbol,
-interval and open time. A replayed or synthetic step (every symbol's candle of one open time) is
-published together (``Bus.publish_many``: each symbol's candles stay in order); a live kline as
-it comes. While NATS is unreachable the feed waits and retries the candles not taken (it never
-skips one); with the disk outbox (#5) the candles wait there instead.
+A replayed or synthetic step (every symbol's candle of one open time) goes to
+``qtrader.market.candle.step`` as one ``Pack`` (its ``Nats-Msg-Id`` made of the candles' ids), so
+the broker and every reader handle one message per step, not one per symbol; a live kline goes
+alone, as it comes, to ``qtrader.market.candle.<SYMBOL>`` with ``Nats-Msg-Id`` = its symbol,
+interval and open time. While NATS is unreachable the feed waits and retries the candles not
+taken (it never skips one); with the disk outbox (#5) the candles wait there instead.
 
 A restart continues the market the stream holds (``resume``): once the outbox has sent what a
 previous run left in it, the last stored candle of each symbol is read, and the feed starts
@@ -40,7 +41,7 @@ from prometheus_client import Counter, Gauge
 from qtrader.bus.errors import BusUnavailable
 from qtrader.bus.outbox_publisher import StreamAck
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Candle
+from qtrader.contracts.messages import MAX_PACK_ITEMS, Candle, Pack
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.instruments import paper_exchange_info
 from qtrader.marketdata.csv_replay import infer_symbol_interval, merge_replays, read_klines
@@ -253,23 +254,24 @@ class MarketData:
                 return
 
     async def _publish(self, candles: list[Candle]) -> None:
-        """Publish the candles together; retry what the stream did not take, in its order."""
-        while candles:
-            results = await self._context.bus.publish_many(
-                [(subjects.candle_subject(candle.symbol), candle) for candle in candles]
-            )
-            left: list[Candle] = []
+        """Publish a step as packs (a live kline alone); retry what the stream did not take, in
+        its order."""
+        parts = _wire_parts(candles)
+        while parts:
+            results = await self._context.bus.publish_many(parts)
+            left: list[tuple[str, Candle | Pack[Candle]]] = []
             failure: BusUnavailable | None = None
-            for candle, result in zip(candles, results, strict=True):
+            for part, result in zip(parts, results, strict=True):
                 if isinstance(result, BusUnavailable):
-                    left.append(candle)
+                    left.append(part)
                     failure = failure or result
-                else:
+                    continue
+                for candle in _carried(part[1]):
                     self._count(candle, result)
             if failure is not None:
-                log.warning("candle %s not published yet: %s", left[0].dedup_id, failure)
+                log.warning("candle %s not published yet: %s", left[0][1].dedup_id, failure)
                 await asyncio.sleep(0.5)
-            candles = left
+            parts = left
 
     def _count(self, candle: Candle, ack: StreamAck | None) -> None:
         """A candle the stream took (None: kept in the outbox for it)."""
@@ -340,3 +342,18 @@ def _count_feed(feed: BinanceKlineFeed, counted: tuple[int, int], symbol: str) -
     for gap in feed.unfilled_gaps[gaps:]:
         KLINES_UNFILLED.labels(gap.symbol).inc(gap.klines)
     return feed.backfilled, len(feed.unfilled_gaps)
+
+
+def _wire_parts(candles: list[Candle]) -> list[tuple[str, Candle | Pack[Candle]]]:
+    """How a step travels: packs of at most ``MAX_PACK_ITEMS`` candles on the step subject, a
+    lone candle (a live kline) on its symbol's subject."""
+    if len(candles) == 1:
+        return [(subjects.candle_subject(candles[0].symbol), candles[0])]
+    return [
+        (subjects.CANDLE_STEP, Pack(tuple(candles[start : start + MAX_PACK_ITEMS])))
+        for start in range(0, len(candles), MAX_PACK_ITEMS)
+    ]
+
+
+def _carried(sent: Candle | Pack[Candle]) -> tuple[Candle, ...]:
+    return sent.items if isinstance(sent, Pack) else (sent,)
