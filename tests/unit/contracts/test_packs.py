@@ -20,6 +20,7 @@ from qtrader.contracts.messages import (
     Candle,
     CandleSource,
     MessageRejected,
+    OrderIntent,
     Pack,
     RejectReason,
     Signal,
@@ -102,17 +103,17 @@ def test_a_pack_that_is_not_one_of_candles_is_refused_whole(
 
 
 def test_a_kind_that_is_not_packable_refuses_every_pack() -> None:
-    """Signals, orders and fills travel one by one: each its own Nats-Msg-Id, which the
-    stream deduplicates on. A pack of them on their subjects is poison."""
-    signal = next(m for m in sample_messages() if isinstance(m, Signal))
+    """Orders and fills travel one by one: each its own Nats-Msg-Id, which the stream
+    deduplicates on. A pack of them on their subjects is poison."""
+    intent = next(m for m in sample_messages() if isinstance(m, OrderIntent))
     document = {
         "kind": "pack",
         "schema_version": 1,
-        "of": "signal",
-        "items": [json.loads(signal.encode())],
+        "of": "order_intent",
+        "items": [json.loads(intent.encode())],
     }
     with pytest.raises(MessageRejected) as refused:
-        decode_all(json.dumps(document).encode(), Signal)
+        decode_all(json.dumps(document).encode(), OrderIntent)
     assert refused.value.reason is RejectReason.WRONG_KIND
     with pytest.raises(MessageRejected):
         decode(Pack(_step()).encode(), Candle)  # a reader of lone messages takes no pack
@@ -128,9 +129,12 @@ def test_the_same_candles_make_the_same_pack_id_and_other_candles_another() -> N
 
 
 def test_a_pack_is_made_of_one_packable_kind_and_at_most_max_items() -> None:
+    intent = next(m for m in sample_messages() if isinstance(m, OrderIntent))
+    with pytest.raises(ValueError, match="one packable kind"):
+        Pack((intent,))  # type: ignore[type-var]  # what the type checker refuses too
     signal = next(m for m in sample_messages() if isinstance(m, Signal))
     with pytest.raises(ValueError, match="one packable kind"):
-        Pack((signal,))
+        Pack((_candle("BTCUSDT"), signal))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="1 to"):
         Pack(())
     with pytest.raises(ValueError, match="1 to"):

@@ -83,6 +83,7 @@ from qtrader.contracts.messages import (
     PortfolioSnapshot,
     Signal,
     TradingState,
+    decode_all,
 )
 from qtrader.contracts.policy import TradingPolicy, parse_policy
 from qtrader.inference.features import WINDOW
@@ -222,7 +223,7 @@ class Stamps:
 class State:
     """The pipeline's counts: JetStream's own, and the execution's and portfolio's metrics."""
 
-    signals: int = 0  # stored in QT_SIGNALS
+    signals: int = 0  # stored in QT_SIGNALS (a pack's signals each)
     inference_backlog: int = 0  # candles not yet delivered or not yet acknowledged
     execution_backlog: int = 0  # signals likewise
     intents: int = 0  # the execution's count of intents published
@@ -285,6 +286,9 @@ class Observer:
         self._monitor_url = monitor_url
         self.execution: Child | None = None
         self.portfolio: Child | None = None
+        self._signals = _StoredCount(
+            js, subjects.SIGNALS.name, subjects.all_of(subjects.SIGNAL_PREFIX)
+        )
 
     async def messages_by_process(self) -> dict[str, Messages] | None:
         """What nats-server counted for each process's connections so far (its ``/connz``):
@@ -330,7 +334,7 @@ class Observer:
         text = await self.metrics(self.execution)
         return replace(
             state,
-            signals=await self.messages(subjects.SIGNALS.name),
+            signals=await self._signals.count(),
             intents=int(sum(metric_samples(text, "qtrader_order_intents_total").values())),
             denied=_counts(metric_samples(text, "qtrader_signals_denied_total")),
             dropped=_counts(metric_samples(text, "qtrader_signals_dropped_total")),
@@ -355,6 +359,42 @@ class Observer:
             fills_stored=await self.messages(subjects.FILLS.name),
             fills_applied=int(sum(applied.values())),
         )
+
+
+class _StoredCount:
+    """The messages of a kind a stream stores, a pack's items each: what its consumers are
+    handed. Read on from where the last count stopped, so each stored message is read once."""
+
+    def __init__(self, js: JetStreamContext, stream: str, subject: str) -> None:
+        self._js, self._stream, self._subject = js, stream, subject
+        self._through = 0  # the last stream sequence counted
+        self._count = 0
+
+    async def count(self) -> int:
+        last = int((await self._js.stream_info(self._stream)).state.last_seq)
+        if last <= self._through:
+            return self._count
+        reader = await self._js.pull_subscribe(
+            self._subject,
+            stream=self._stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=self._through + 1,
+            ),
+        )
+        try:
+            while self._through < last:
+                try:
+                    batch = await reader.fetch(1024, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    break  # the rest of the range is other subjects' messages
+                for msg in batch:
+                    self._count += len(decode_all(msg.data, Signal).messages)
+                    self._through = max(self._through, msg.metadata.sequence.stream)
+        finally:
+            await reader.unsubscribe()
+        return self._count
 
 
 @dataclass(frozen=True)

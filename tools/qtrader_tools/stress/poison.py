@@ -8,6 +8,10 @@ wrong schema version, and the valid body with one Decimal replaced by ``"1e999"`
 where each kind travels. The poison test (tests/integration/test_poison_messages.py) and the
 ``poison`` stress scenario both publish this catalogue, so it lives here, once.
 
+``pack_poison_for`` is the same for the subjects where a kind travels in packs (candles and
+signals of a step): each spoiled message alone and as a pack's one item, and packs that are no
+packs of that kind.
+
 ``bad_values`` are the same spoilings for a KV value (policy, halt latch): what is stored under
 a key any workload reads.
 """
@@ -22,6 +26,7 @@ from typing import Any
 
 from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
+    MAX_PACK_ITEMS,
     AccountEntry,
     Candle,
     CandleSource,
@@ -276,6 +281,44 @@ def poison_for(message: Message, other: Message) -> list[bytes]:
     return payloads
 
 
+# Where the packs of each packable kind travel.
+PACK_SUBJECTS = {"candle": subjects.CANDLE_STEP, "signal": subjects.SIGNAL_STEP}
+
+
+def pack_poison_for(message: Message, other: Message) -> list[bytes]:
+    """Bytes no reader of ``message``'s pack subject may act on, each refused exactly once:
+    ``poison_for``'s payloads as they are and, where they are JSON objects, as the one item of
+    a pack (the item refused on its own); then packs refused whole (another kind of items, a
+    version nobody reads, an unknown field, no items, too many, items that are no list)."""
+    document = json.loads(message.encode())
+    spoiled = poison_for(message, other)
+    as_items = []
+    for payload in spoiled:
+        try:
+            item = json.loads(payload)
+        except (ValueError, RecursionError):  # not JSON: sent as it is only
+            continue
+        if isinstance(item, dict):
+            as_items.append(_pack([item], of=message.KIND))
+    return [
+        *spoiled,
+        *as_items,
+        _pack([json.loads(other.encode())], of=other.KIND),
+        _pack([document], of=message.KIND, schema_version=2),
+        _pack([document], of=message.KIND, padding="x"),
+        _pack([], of=message.KIND),
+        _pack([document] * (MAX_PACK_ITEMS + 1), of=message.KIND),
+        json.dumps(
+            {"kind": "pack", "schema_version": 1, "of": message.KIND, "items": document}
+        ).encode(),
+    ]
+
+
+def _pack(items: list[Any], *, of: str, schema_version: int = 1, **extra: object) -> bytes:
+    pack = {"kind": "pack", "schema_version": schema_version, "of": of, "items": items, **extra}
+    return json.dumps(pack).encode()
+
+
 def bad_values(message: Message, other: Message) -> list[bytes]:
     """Values no reader of ``message``'s KV key may take: the kinds of ``poison_for`` without
     the one for each Decimal (a handful per kind is enough for a key read whole), plus the
@@ -294,9 +337,16 @@ def bad_values(message: Message, other: Message) -> list[bytes]:
 def published_poison() -> list[tuple[str, bytes]]:
     """The whole catalogue for the subjects: (subject, payload) for every kind published."""
     samples = sample_messages()
-    return [
+    lone = [
         (subject_of(message), payload)
         for index, message in enumerate(samples)
         if message.KIND not in KV_KINDS
         for payload in poison_for(message, samples[(index + 1) % len(samples)])
     ]
+    packed = [
+        (PACK_SUBJECTS[message.KIND], payload)
+        for index, message in enumerate(samples)
+        if message.PACKABLE
+        for payload in pack_poison_for(message, samples[(index + 1) % len(samples)])
+    ]
+    return lone + packed

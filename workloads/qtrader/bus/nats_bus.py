@@ -94,6 +94,8 @@ M = TypeVar("M", bound=Message)
 Outgoing = Message | Pack[Any]
 Handler = Callable[[M], Awaitable[None]]
 BatchHandler = Callable[[list[M]], Awaitable[None]]
+# A batch handler told what each wire message carried: one message, or a pack's items.
+GroupHandler = Callable[[list[list[M]]], Awaitable[None]]
 # A handler told each message's stream sequence too (to remember how far it has read).
 SequencedHandler = Callable[[M, int], Awaitable[None]]
 
@@ -584,14 +586,33 @@ class Bus:
         *,
         batch: int = 64,
         fetch_timeout_s: float = 1.0,
+    ) -> None:
+        """Like ``consume``, but ``handler`` gets every decodable message of a fetch at once
+        (a pack's items in its place), and they are all acknowledged after it returns (all
+        redelivered if it raises): for a consumer that combines what arrives together without
+        acknowledging a message whose effect is still to come."""
+
+        async def flattened(groups: list[list[M]]) -> None:
+            await handler([message for group in groups for message in group])
+
+        await self.consume_groups(
+            spec, message_type, flattened, batch=batch, fetch_timeout_s=fetch_timeout_s
+        )
+
+    async def consume_groups(
+        self,
+        spec: subjects.ConsumerSpec,
+        message_type: type[M],
+        handler: GroupHandler[M],
+        *,
+        batch: int = 64,
+        fetch_timeout_s: float = 1.0,
         after_connection_loss: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Like ``consume``, but ``handler`` gets every decodable message of a fetch at once,
-        and they are all acknowledged after it returns (all redelivered if it raises).
-
-        For a consumer that combines what arrives together (inference predicts the candles of
-        one close time in one model call) without acknowledging a message whose effect is
-        still to come.
+        """``consume_batches`` telling the handler what each wire message carried (one message,
+        or a pack's items), in stream order: for a consumer whose output must be grouped the
+        same way at every delivery (inference packs the signals of a candle pack, so a pack
+        delivered again makes the very same signal pack, which the stream drops as a repeat).
 
         ``after_connection_loss`` runs once after each lost connection, before the next fetched
         messages are handled (they are handed out again later when it fails): what the server
@@ -626,7 +647,7 @@ class Bus:
         spec: subjects.ConsumerSpec,
         messages: list[Msg],
         message_type: type[M],
-        handler: BatchHandler[M],
+        handler: GroupHandler[M],
     ) -> None:
         decoded: list[tuple[Msg, list[M]]] = []
         for msg in messages:
@@ -640,7 +661,7 @@ class Bus:
         try:
             working = [msg for msg, _ in decoded]
             async with _working_on(working, interval_s=spec.ack_wait_s / 3):
-                await handler([message for _, carried in decoded for message in carried])
+                await handler([carried for _, carried in decoded])
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -899,31 +920,70 @@ class Bus:
         limit: int | None = None,
     ) -> list[M]:
         """The messages stored on ``subject`` (a wildcard too) with a stream sequence from
-        ``from_sequence`` through ``to_sequence``, oldest first, at most ``limit``.
+        ``from_sequence`` through ``to_sequence``, oldest first (a pack's items in its place),
+        at most ``limit``.
 
-        One request per message: for reading a few at start (a resume point, a window to
+        One request per stored message: for reading a few at start (a resume point, a window to
         warm), not for following a stream. One that does not decode is left out, as consumers
         skip it, and logged and counted once.
         """
+        found: list[M] = []
+        async for group in self._stored(
+            stream, subject, message_type, from_sequence=from_sequence, to_sequence=to_sequence
+        ):
+            found += group
+            if limit is not None and len(found) >= limit:
+                return found[:limit]
+        return found
+
+    async def stored_groups(
+        self,
+        stream: subjects.StreamSpec,
+        subject: str,
+        message_type: type[M],
+        *,
+        from_sequence: int = 1,
+        to_sequence: int,
+    ) -> list[list[M]]:
+        """``stored_messages`` telling what each stored message carried (one message, or a
+        pack's items), as ``consume_groups`` hands them over."""
+        return [
+            group
+            async for group in self._stored(
+                stream, subject, message_type, from_sequence=from_sequence, to_sequence=to_sequence
+            )
+        ]
+
+    async def _stored(
+        self,
+        stream: subjects.StreamSpec,
+        subject: str,
+        message_type: type[M],
+        *,
+        from_sequence: int,
+        to_sequence: int | None,
+    ) -> AsyncIterator[list[M]]:
         stream = subjects.scoped_stream(self._stack, stream)
         subject = subjects.scoped_subject(self._stack, subject)
-        found: list[M] = []
         sequence = max(1, from_sequence)
-        while limit is None or len(found) < limit:
+        while True:
             _stop_if_cancelled()
             raw = await self._next_stored(stream.name, subject, sequence)
             if raw is None or (to_sequence is not None and int(raw.seq or 0) > to_sequence):
-                break
-            sequence = int(raw.seq or 0) + 1
+                return
+            stored_at = int(raw.seq or 0)
+            sequence = stored_at + 1
             try:
                 decoded = decode_all(raw.data or b"", message_type)
             except MessageRejected as whole:
                 decoded = Decoded(messages=[], refused=[whole])
-            for rejected in decoded.refused:
-                bad = Undecodable.of(rejected, source=subject, stored_revision=sequence - 1)
-                self._count_refused(f"read:{stream.name}", subject, sequence - 1, bad)
-            found += decoded.messages
-        return found[:limit]
+            refused = [
+                Undecodable.of(rejected, source=subject, stored_revision=stored_at)
+                for rejected in decoded.refused
+            ]
+            self._count_refused(f"read:{stream.name}", subject, stored_at, *refused)
+            if decoded.messages:
+                yield decoded.messages
 
     async def read_stored(
         self,
@@ -1066,12 +1126,14 @@ class Bus:
             self._count_refused(f"kv:{bucket}", key, revision, found)
             return found
 
-    def _count_refused(self, label: str, key: str, revision: int, found: Undecodable) -> None:
-        """Log and count a stored value that does not decode, once per revision of its key."""
-        if revision > self._refused.get((label, key), -1):
+    def _count_refused(self, label: str, key: str, revision: int, *found: Undecodable) -> None:
+        """Log and count a stored value that does not decode (or the refused items of a pack),
+        once per revision of its key."""
+        if found and revision > self._refused.get((label, key), -1):
             self._refused[(label, key)] = revision
-            REJECTED.labels(label, found.reason.value).inc()
-            log.warning("%s", found)
+            for each in found:
+                REJECTED.labels(label, each.reason.value).inc()
+                log.warning("%s", each)
 
 
 def _waves(items: Sequence[tuple[str, Outgoing]]) -> list[list[tuple[str, Outgoing]]]:

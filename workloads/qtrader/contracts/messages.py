@@ -474,6 +474,9 @@ class Direction(enum.StrEnum):
 
 class Signal(Message):
     KIND = "signal"
+    # The signals of a candle pack travel together (``Pack``): one message per step, not per
+    # symbol. Made from one candle pack, so a pack delivered again makes the very same one.
+    PACKABLE = True
     kind: Literal["signal"] = "signal"
     signal_id: str = Field(min_length=1, max_length=128)
     symbol: Symbol

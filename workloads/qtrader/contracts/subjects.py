@@ -38,6 +38,8 @@ CANDLE_PREFIX = f"{ROOT}.market.candle"
 # (each consumer and replay of the MARKET stream) reads the packs with the single candles.
 CANDLE_STEP = f"{CANDLE_PREFIX}.step"
 SIGNAL_PREFIX = f"{ROOT}.signal"
+# The signals made from one candle pack, in one ``Pack`` (read with the others by ``signal.*``).
+SIGNAL_STEP = f"{SIGNAL_PREFIX}.step"
 ORDER_INTENT_PREFIX = f"{ROOT}.order.intent"
 ORDER_UPDATE_PREFIX = f"{ROOT}.order.update"
 FILL_PREFIX = f"{ROOT}.fill"

@@ -6,9 +6,12 @@ model version, symbol and candle time, so a redelivered candle produces the same
 JetStream drops the repeat.
 
 Batching across symbols: the consumer hands over every candle of a fetch at once
-(``Bus.consume_batches``), and the candles of one close time go through the model in one call
-(``signals.CandleBatcher``). Candles are acknowledged only after the signals of every candle in
-the fetch are published, so a crash loses no signal: the candles come again. At start, before
+(``Bus.consume_groups``), and the candles of one close time go through the model in one call
+(``signals.CandleBatcher``). The signals made from one candle pack (a step of every symbol) are
+published as one signal pack, the signal of a lone candle alone: the grouping follows what the
+stream stores, so a candle pack delivered again makes the very same signal pack and the stream
+drops it as a repeat. Candles are acknowledged only after the signals of every candle in the
+fetch are published, so a crash loses no signal: the candles come again. At start, before
 consuming, each symbol's window is warmed with the last ``WINDOW`` candles the consumer had
 acknowledged, read back from the MARKET stream, and the candles a dead worker had in flight are
 read and handled first (``warmup``), so every candle after the ack floor makes the very signal
@@ -42,7 +45,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from qtrader.bus.errors import BusUnavailable
 from qtrader.contracts import subjects
-from qtrader.contracts.messages import Candle, Signal
+from qtrader.contracts.messages import Candle, Pack, Signal
 from qtrader.health.contract import DependencyHealth, Status
 from qtrader.inference.features import WINDOW
 from qtrader.inference.onnx_model import ModelLoadError, SignalModel, default_model_path
@@ -109,7 +112,7 @@ class Inference:
         self._load_error = "model not loaded yet"
         self._maker = SignalMaker()
         self._batcher = CandleBatcher()
-        self._unpublished: list[Signal] = []
+        self._unpublished: list[tuple[str, Signal | Pack[Signal]]] = []
         self._publishing = asyncio.Lock()
         self._agreement: deque[bool] = deque(maxlen=_AGREEMENT_WINDOW)
         context.monitor.add_check("model", self.check)
@@ -130,7 +133,7 @@ class Inference:
         _export_model(self._model)
         log.info("serving model %s from %s", self._model.version, self._model.path)
         await self._warm(policy.spec.symbols)
-        await self._context.bus.consume_batches(
+        await self._context.bus.consume_groups(
             subjects.INFERENCE_CANDLES,
             Candle,
             self._on_candles,
@@ -147,7 +150,7 @@ class Inference:
             log.info(
                 "feature windows warmed with %d stored candles; %d were in flight",
                 len(warmup.window),
-                len(warmup.in_flight),
+                sum(map(len, warmup.in_flight)),
             )
         made = False
         while True:
@@ -165,7 +168,9 @@ class Inference:
         again only after newer ones; handle them first (the ones already handled are old to
         the windows and make nothing)."""
         in_flight = await read_in_flight(self._context.bus, subjects.INFERENCE_CANDLES)
-        log.info("after a lost connection: %d candles were in flight", len(in_flight))
+        log.info(
+            "after a lost connection: %d candles were in flight", sum(map(len, in_flight))
+        )
         await self._on_candles(in_flight)
 
     async def _read_warmup(self, symbols: tuple[str, ...]) -> Warmup:
@@ -178,17 +183,18 @@ class Inference:
                 log.warning("cannot read the candles to warm the windows yet: %s", exc)
                 await asyncio.sleep(0.5)
 
-    async def _on_candles(self, candles: list[Candle]) -> None:
-        """The signals of every candle fetched together, one model call per close time."""
+    async def _on_candles(self, groups: list[list[Candle]]) -> None:
+        """The signals of every candle fetched together (each group what one stored message
+        carried), one model call per close time, published grouped as the candles were."""
         signals: list[Signal] = []
-        for candle in candles:
+        for candle in (candle for group in groups for candle in group):
             # The pending batch of an older close time is predicted before this candle moves
             # its symbol's window.
             signals += self._make(self._batcher.complete_before(candle))
             if self._maker.accept(candle):
                 signals += self._make(self._batcher.add(candle))
         signals += self._make(self._batcher.due())  # the rest of this fetch, not a later one
-        await self._emit(signals)
+        await self._emit(_grouped_as_candles(groups, signals))
 
     def _make(self, candles: Sequence[Candle]) -> list[Signal]:
         """The batch's signals, made now (synchronously: no window moves meanwhile)."""
@@ -216,31 +222,48 @@ class Inference:
         assert self._model is not None
         AGREEMENT.labels(self._model.version).set(sum(self._agreement) / len(self._agreement))
 
-    async def _emit(self, signals: list[Signal]) -> None:
+    async def _emit(self, outgoing: list[tuple[str, Signal | Pack[Signal]]]) -> None:
         """Publish (earlier failures first), together; what fails stays, in its order, for the
         next call to retry, and what the stream took is never sent again."""
         async with self._publishing:
-            self._unpublished.extend(signals)
+            self._unpublished.extend(outgoing)
             if not self._unpublished:
                 return
-            results = await self._context.bus.publish_many(
-                [(subjects.signal_subject(s.symbol), s) for s in self._unpublished]
-            )
+            results = await self._context.bus.publish_many(self._unpublished)
             failure: BusUnavailable | None = None
-            left: list[Signal] = []
-            for signal, result in zip(self._unpublished, results, strict=True):
+            left: list[tuple[str, Signal | Pack[Signal]]] = []
+            for sent, result in zip(self._unpublished, results, strict=True):
                 if isinstance(result, BusUnavailable):
                     failure = failure or result
-                    left.append(signal)
+                    left.append(sent)
                     continue
-                SIGNALS.labels(signal.direction.value).inc()
-                CONFIDENCE.observe(signal.confidence)
+                for signal in sent[1].items if isinstance(sent[1], Pack) else (sent[1],):
+                    SIGNALS.labels(signal.direction.value).inc()
+                    CONFIDENCE.observe(signal.confidence)
             self._unpublished = left
             if failure is not None:
                 raise failure
 
     async def check(self) -> DependencyHealth:
         return model_health(self._model, self._load_error, now=datetime.now(UTC))
+
+
+def _grouped_as_candles(
+    groups: list[list[Candle]], signals: list[Signal]
+) -> list[tuple[str, Signal | Pack[Signal]]]:
+    """The signals as they go out: those of one candle group (a stored message) in one pack,
+    in the group's order, a lone one alone; groups in stream order."""
+    made = {(s.symbol, s.candle_open_time_ms): s for s in signals}
+    outgoing: list[tuple[str, Signal | Pack[Signal]]] = []
+    for group in groups:
+        found = [made.pop((c.symbol, c.open_time_ms), None) for c in group]
+        of_group = [signal for signal in found if signal is not None]
+        if len(of_group) == 1:
+            outgoing.append((subjects.signal_subject(of_group[0].symbol), of_group[0]))
+        elif of_group:
+            outgoing.append((subjects.SIGNAL_STEP, Pack(tuple(of_group))))
+    assert not made, f"signals of no candle fetched: {sorted(made)}"
+    return outgoing
 
 
 def model_health(model: SignalModel | None, load_error: str, *, now: datetime) -> DependencyHealth:

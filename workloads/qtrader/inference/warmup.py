@@ -36,7 +36,8 @@ _GROWTH = 4  # each miss looks this many times further back
 @dataclass(frozen=True, kw_only=True)
 class Warmup:
     window: list[Candle]  # each symbol's last candles through the ack floor, oldest first
-    in_flight: list[Candle]  # handed out after the ack floor, in stream order
+    # Handed out after the ack floor, in stream order, as stored (a pack's candles together).
+    in_flight: list[list[Candle]]
 
 
 async def read_warmup(
@@ -53,17 +54,17 @@ async def read_warmup(
     return Warmup(window=past, in_flight=await _handed_out(bus, consumer, position))
 
 
-async def read_in_flight(bus: Bus, consumer: subjects.ConsumerSpec) -> list[Candle]:
+async def read_in_flight(bus: Bus, consumer: subjects.ConsumerSpec) -> list[list[Candle]]:
     """The candles ``consumer`` handed out and has not had acknowledged, in stream order."""
     return await _handed_out(bus, consumer, await bus.consumer_position(consumer))
 
 
 async def _handed_out(
     bus: Bus, consumer: subjects.ConsumerSpec, position: ConsumerPosition
-) -> list[Candle]:
+) -> list[list[Candle]]:
     if position.delivered_through <= position.acked_through:
         return []
-    return await bus.stored_messages(
+    return await bus.stored_groups(
         subjects.MARKET,
         consumer.filter_subject,
         Candle,
