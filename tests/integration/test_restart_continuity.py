@@ -26,11 +26,11 @@ from qtrader.contracts import subjects
 from qtrader.contracts.messages import (
     Candle,
     Fill,
+    Pack,
     PortfolioSnapshot,
     Side,
     Signal,
     TradingState,
-    decode,
     decode_all,
 )
 from qtrader.contracts.policy import TradingPolicy, parse_policy
@@ -43,7 +43,7 @@ from qtrader.marketdata.resume import read_stored
 from qtrader.marketdata.synthetic import Regime, SyntheticConfig, SyntheticMarket
 from qtrader_tools.candles import flat_candle
 from support.ledger_check import last_snapshot
-from support.streams import publish_raw, read_all
+from support.streams import publish_raw, read_all, read_raw
 from support.workers import Worker, eventually, start_worker
 
 pytestmark = pytest.mark.integration
@@ -189,6 +189,10 @@ async def test_synthetic_marketdata_when_killed_and_restarted_then_the_seeded_pa
             assert _published(second, symbol) == len(stored[symbol]) - before[symbol] > 0
         assert _duplicates(second) == 0
         assert "resuming BTCUSDT after its stored candle" in second.log()
+        # Each step stored as one pack of both symbols' candles, none alone.
+        packs = await read_raw(url, stream="QT_MARKET", subject=subjects.CANDLE_STEP)
+        carried = [decode_all(pack, Candle).messages for pack in packs]
+        assert [[c.symbol for c in step] for step in carried] == [list(PAIR)] * steps
 
         # The portfolio marks at the last stored close, never at a price the stream refused.
         last_close = {symbol: stored[symbol][-1].close for symbol in PAIR}
@@ -382,13 +386,29 @@ def _market(steps: int) -> list[Candle]:
     return list(itertools.islice(market.candles(), steps * len(TRIO)))
 
 
-async def _publish_all(bus: Bus, candles: list[Candle]) -> None:
-    for candle in candles:
-        await bus.publish(subjects.candle_subject(candle.symbol), candle)
+async def _publish_all(bus: Bus, candles: list[Candle], *, packed: bool = False) -> None:
+    """Each candle alone on its symbol's subject, or each step's in one pack, as marketdata
+    publishes a replayed or synthetic step."""
+    if not packed:
+        for candle in candles:
+            await bus.publish(subjects.candle_subject(candle.symbol), candle)
+        return
+    for _, step in itertools.groupby(candles, key=lambda candle: candle.open_time_ms):
+        await bus.publish(subjects.CANDLE_STEP, Pack(tuple(step)))
 
 
+async def _signal_packs(url: str) -> list[list[Signal]]:
+    """What each message on the signal packs' subject carried."""
+    payloads = await read_raw(url, stream="QT_SIGNALS", subject=subjects.SIGNAL_STEP)
+    return [decode_all(payload, Signal).messages for payload in payloads]
+
+
+PACKED = pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
+
+
+@PACKED
 async def test_inference_when_killed_and_restarted_then_signals_equal_an_uninterrupted_run(
-    nats_server: EmbeddedNats, tmp_path: Path
+    nats_server: EmbeddedNats, tmp_path: Path, packed: bool
 ) -> None:
     candles = _market(steps=100)
     half = 60 * len(TRIO)
@@ -401,7 +421,7 @@ async def test_inference_when_killed_and_restarted_then_signals_equal_an_uninter
     whole_bus = await _control(whole_server.url, TRIO)
     whole = start_worker("inference", nats_url=whole_server.url, log_dir=tmp_path / "whole")
     try:
-        await _publish_all(whole_bus, candles)
+        await _publish_all(whole_bus, candles, packed=packed)
         uninterrupted = await _until_signals(whole_server.url, expected, whole)
     finally:
         whole.stop()
@@ -413,17 +433,18 @@ async def test_inference_when_killed_and_restarted_then_signals_equal_an_uninter
     first = start_worker("inference", nats_url=url, log_dir=tmp_path)
     second: Worker | None = None
     try:
-        await _publish_all(bus, candles[:half])
+        await _publish_all(bus, candles[:half], packed=packed)
         await _until_signals(url, len(TRIO) * (60 - (WINDOW - 1)) - 6, first)
         first.stop(kill=True)
-        await _publish_all(bus, candles[half:])
+        await _publish_all(bus, candles[half:], packed=packed)
         # A worker killed in the middle of a batch: it took candles and acknowledged none. The
         # consumer hands them out again only after their ack wait (30 s), after newer ones.
-        in_flight = await _take_without_ack(url, 30)
+        in_flight = await _take_without_ack(url, 30 // len(TRIO) if packed else 30)
         second = start_worker("inference", nats_url=url, log_dir=tmp_path)
         restarted = await _until_signals(url, expected, second, timeout_s=20)
         assert "were in flight" in second.log()
         assert in_flight == candles[half : half + 30]
+        packs = await _signal_packs(url)
     finally:
         for worker in (first, second):
             if worker is not None:
@@ -431,6 +452,14 @@ async def test_inference_when_killed_and_restarted_then_signals_equal_an_uninter
         await bus.close()
 
     assert len(restarted) == len(uninterrupted) == expected
+    if packed:  # each step's signals in one pack, each pack once: made alike after the kill
+        assert len(packs) == 100 - (WINDOW - 1)
+        assert all(len({s.candle_open_time_ms for s in pack}) == 1 for pack in packs)
+        assert sorted(s.signal_id for pack in packs for s in pack) == sorted(
+            s.signal_id for s in restarted
+        )
+    else:
+        assert packs == []
     want = {s.signal_id: s for s in uninterrupted}
     assert {s.signal_id for s in restarted} == set(want)
     for signal in restarted:
@@ -441,8 +470,9 @@ async def test_inference_when_killed_and_restarted_then_signals_equal_an_uninter
         assert signal.confidence == pytest.approx(want[signal.signal_id].confidence, abs=1e-6)
 
 
+@PACKED
 async def test_inference_when_a_delivery_is_lost_with_the_connection_then_its_signals_are_made(
-    tmp_path: Path,
+    tmp_path: Path, packed: bool
 ) -> None:
     """Candles the consumer handed out that never reached the worker (the connection died
     with them on the wire) come again only after their ack wait (30 s), after newer ones: the
@@ -456,20 +486,20 @@ async def test_inference_when_a_delivery_is_lost_with_the_connection_then_its_si
     bus = await _control(server.url, TRIO)
     inference = start_worker("inference", nats_url=server.url, log_dir=tmp_path)
     try:
-        await _publish_all(bus, candles[:half])
+        await _publish_all(bus, candles[:half], packed=packed)
         await _until_signals(server.url, len(TRIO) * (60 - (WINDOW - 1)), inference)
         inference.process.send_signal(unix_signal.SIGSTOP)
         await asyncio.sleep(2.0)  # its last pull request (1 s) has expired: none is waiting
-        await _publish_all(bus, candles[half : half + 30])
+        await _publish_all(bus, candles[half : half + 30], packed=packed)
         # Delivered, never received: what the wire lost when the broker went away.
-        lost = await _take_without_ack(server.url, 30)
+        lost = await _take_without_ack(server.url, 30 // len(TRIO) if packed else 30)
         await bus.close()
         server.stop()
         server.start()
         inference.process.send_signal(unix_signal.SIGCONT)
         bus = Bus(url=server.url, client_name="test-continuity")
         await bus.connect()
-        await _publish_all(bus, candles[half + 30 :])
+        await _publish_all(bus, candles[half + 30 :], packed=packed)
         signals = await _until_signals(server.url, expected, inference, timeout_s=20)
     finally:
         inference.process.send_signal(unix_signal.SIGCONT)
@@ -543,7 +573,8 @@ async def _eventually_acked(bus: Bus, sequence: int) -> None:
 
 
 async def _take_without_ack(url: str, count: int) -> list[Candle]:
-    """Fetch ``count`` candles from inference's durable consumer and never acknowledge them."""
+    """Fetch ``count`` messages (candles alone or packs) from inference's durable consumer and
+    never acknowledge them; the candles they carry."""
     client = Client()
     await client.connect(url)
     try:
@@ -553,7 +584,7 @@ async def _take_without_ack(url: str, count: int) -> list[Candle]:
             durable=consumer.durable, stream=consumer.stream.name
         )
         messages = await subscription.fetch(count, timeout=5)
-        return [decode(m.data, Candle) for m in messages]
+        return [candle for m in messages for candle in decode_all(m.data, Candle).messages]
     finally:
         await client.close()
 

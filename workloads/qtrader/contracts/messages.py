@@ -289,10 +289,16 @@ def decode_all(data: bytes, message_type: type[M]) -> Decoded[M]:
     items = _guarded(message_type, lambda: _pack_items(raw, message_type))
     decoded: Decoded[M] = Decoded(messages=[], refused=[])
     for item in items:
-        try:
-            decoded.messages.append(decode_parsed(item, message_type))
+        try:  # ``decode_parsed`` inlined: a closure per item is a fifth of a candle's decoding
+            decoded.messages.append(_validate(item, message_type))
         except MessageRejected as rejected:
             decoded.refused.append(rejected)
+        except Exception as exc:
+            decoded.refused.append(
+                MessageRejected(
+                    RejectReason.MALFORMED, f"{message_type.KIND}: decoding failed: {exc!r}"
+                )
+            )
     return decoded
 
 
