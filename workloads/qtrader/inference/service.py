@@ -168,9 +168,7 @@ class Inference:
         again only after newer ones; handle them first (the ones already handled are old to
         the windows and make nothing)."""
         in_flight = await read_in_flight(self._context.bus, subjects.INFERENCE_CANDLES)
-        log.info(
-            "after a lost connection: %d candles were in flight", sum(map(len, in_flight))
-        )
+        log.info("after a lost connection: %d candles were in flight", sum(map(len, in_flight)))
         await self._on_candles(in_flight)
 
     async def _read_warmup(self, symbols: tuple[str, ...]) -> Warmup:
@@ -252,18 +250,21 @@ def _grouped_as_candles(
     groups: list[list[Candle]], signals: list[Signal]
 ) -> list[tuple[str, Signal | Pack[Signal]]]:
     """The signals as they go out: those of one candle group (a stored message) in one pack,
-    in the group's order, a lone one alone; groups in stream order."""
+    in the group's order, a lone one alone; groups in stream order. A signal of no group
+    (a candle of a fetch whose handling failed after its window took it) goes alone, first."""
     made = {(s.symbol, s.candle_open_time_ms): s for s in signals}
-    outgoing: list[tuple[str, Signal | Pack[Signal]]] = []
+    packed: list[tuple[str, Signal | Pack[Signal]]] = []
     for group in groups:
         found = [made.pop((c.symbol, c.open_time_ms), None) for c in group]
         of_group = [signal for signal in found if signal is not None]
         if len(of_group) == 1:
-            outgoing.append((subjects.signal_subject(of_group[0].symbol), of_group[0]))
+            packed.append((subjects.signal_subject(of_group[0].symbol), of_group[0]))
         elif of_group:
-            outgoing.append((subjects.SIGNAL_STEP, Pack(tuple(of_group))))
-    assert not made, f"signals of no candle fetched: {sorted(made)}"
-    return outgoing
+            packed.append((subjects.SIGNAL_STEP, Pack(tuple(of_group))))
+    alone: list[tuple[str, Signal | Pack[Signal]]] = [
+        (subjects.signal_subject(s.symbol), s) for s in made.values()
+    ]
+    return [*alone, *packed]
 
 
 def model_health(model: SignalModel | None, load_error: str, *, now: datetime) -> DependencyHealth:
